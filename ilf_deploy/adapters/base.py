@@ -1,0 +1,119 @@
+"""The adapter interface: one diffusion transformer forward, cut at block boundaries.
+
+A forward is `final(blocks(embed(latents)), cond)`, where `cond` (per-timestep conditioning)
+is computed separately so that ILF can condition the blocks after the feedback on `t_post`.
+Conditioning is a flat dict of tensors so that every segment can be exported as-is.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Cond = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LatentShape:
+    channels: int
+    height: int
+    width: int
+
+
+class Adapter(ABC):
+    """Wraps a diffusers transformer; architecture differences live only in subclasses."""
+
+    architecture: str
+    #: inputs that carry the prompt (PixArt) or the class (DiT); see `context()`
+    context_inputs: tuple[str, ...]
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self.transformer = transformer
+
+    # -- shape facts -----------------------------------------------------------------------
+    @property
+    def config(self):  # diffusers FrozenDict
+        return self.transformer.config
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.transformer_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.in_channels)
+
+    @property
+    def learned_sigma(self) -> bool:
+        return int(self.transformer.out_channels) == 2 * self.latent_channels
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.config.patch_size)
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.config.sample_size)
+
+    # -- the cut forward -------------------------------------------------------------------
+    def embed(self, latents: torch.Tensor) -> torch.Tensor:
+        """Patchify + positional embedding: (B, C, H, W) -> tokens (B, N, D). Time-independent."""
+        return self.transformer.pos_embed(latents)
+
+    @abstractmethod
+    def context(self, inputs: Cond) -> Cond:
+        """Time-independent conditioning shared by every block (projected caption, class labels...)."""
+
+    @abstractmethod
+    def time_cond(self, timestep: torch.Tensor, context: Cond) -> Cond:
+        """Per-timestep conditioning; computed once for `t` and once for `t_post`."""
+
+    @abstractmethod
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """One transformer block (a backbone block or the feedback block)."""
+
+    @abstractmethod
+    def final(self, hidden: torch.Tensor, cond: Cond, height: int, width: int) -> torch.Tensor:
+        """Final norm + projection + unpatchify -> model output (B, C_out, height, width)."""
+
+    def block(self, index: int, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.run_block(self.blocks[index], hidden, cond)
+
+    def conditioning(self, timestep: torch.Tensor, context: Cond) -> Cond:
+        """Everything a block or the final layer needs at `timestep`."""
+        return {**context, **self.time_cond(timestep, context)}
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: Cond) -> torch.Tensor:
+        """The plain forward, composed from the pieces (equal to the diffusers forward)."""
+        cond = self.conditioning(timestep, self.context(inputs))
+        hidden = self.embed(latents)
+        for index in range(self.num_blocks):
+            hidden = self.block(index, hidden, cond)
+        return self.final(hidden, cond, latents.shape[-2], latents.shape[-1])
+
+    def make_feedback_block(self) -> nn.Module:
+        """A new block of the backbone's class and config (the ILF feedback module's body)."""
+        block = copy.deepcopy(self.blocks[0])
+        for module in block.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            else:  # e.g. PixArt's scale_shift_table: re-draw as diffusers initialises it
+                for param in module.parameters(recurse=False):
+                    nn.init.normal_(param, std=param.shape[-1] ** -0.5)
+        return block
+
+    # -- helpers for subclasses ------------------------------------------------------------
+    def unpatchify(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        p, c = self.patch_size, int(self.transformer.out_channels)
+        h, w = height // p, width // p
+        x = tokens.reshape(-1, h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(-1, c, h * p, w * p)

@@ -1,0 +1,44 @@
+"""DiT (`DiTTransformer2DModel`): class-conditional, adaLN-Zero embeddings inside every block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Adapter, Cond
+
+
+class DiTAdapter(Adapter):
+    """Mirrors `DiTTransformer2DModel.forward`, cut at block boundaries.
+
+    Each DiT block embeds (timestep, class) itself (adaLN-Zero), so the per-timestep conditioning is
+    the raw timestep; the final layer reuses block 0's embedding, as diffusers does.
+    Inputs: `class_labels` (B,) int64; the null class for guidance is `num_classes`.
+    """
+
+    architecture = "dit"
+    context_inputs = ("class_labels",)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.num_embeds_ada_norm)
+
+    def context(self, inputs: Cond) -> Cond:
+        return {"class_labels": inputs["class_labels"].long()}
+
+    def time_cond(self, timestep: torch.Tensor, context: Cond) -> Cond:
+        batch = context["class_labels"].shape[0]
+        return {"timestep": timestep.reshape(-1).expand(batch)}
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return block(hidden, timestep=cond["timestep"], class_labels=cond["class_labels"])
+
+    def final(self, hidden: torch.Tensor, cond: Cond, height: int, width: int) -> torch.Tensor:
+        t = self.transformer
+        emb = t.transformer_blocks[0].norm1.emb(
+            cond["timestep"], cond["class_labels"], hidden_dtype=hidden.dtype
+        )
+        shift, scale = t.proj_out_1(F.silu(emb)).chunk(2, dim=1)
+        hidden = t.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
+        return self.unpatchify(t.proj_out_2(hidden), height, width)

@@ -1,0 +1,111 @@
+"""The Inner Loop Feedback module (ILF paper §3.1, eqs. 2–3).
+
+The feedback module is one new block of the backbone's class and config plus one learnable scale per
+inner-loop block, zero-initialised so that an untrained module changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapters import Adapter, Cond
+from .errors import ModelLoadError
+from .plan import validate_loop
+
+FEEDBACK_DIR = "feedback"
+CONFIG_FILE = "ilf_config.json"
+WEIGHTS_FILE = "feedback.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    architecture: str
+    num_blocks: int
+    loop_start: int
+    loop_end: int
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def loop(self) -> tuple[int, int]:
+        return self.loop_start, self.loop_end
+
+    @property
+    def loop_size(self) -> int:
+        return self.loop_end - self.loop_start + 1
+
+
+class FeedbackModule(nn.Module):
+    """f_feed = B_feed(f_{e,t}); inner block i then sees h + s_i * f_feed."""
+
+    def __init__(self, block: nn.Module, config: FeedbackConfig) -> None:
+        super().__init__()
+        validate_loop(config.loop_start, config.loop_end, config.num_blocks)
+        self.config = config
+        self.block = block
+        self.scales = nn.Parameter(torch.zeros(config.loop_size))
+
+    @classmethod
+    def create(cls, adapter: Adapter, loop: tuple[int, int]) -> FeedbackModule:
+        validate_loop(*loop, adapter.num_blocks)
+        config = FeedbackConfig(adapter.architecture, adapter.num_blocks, *loop)
+        return cls(adapter.make_feedback_block(), config)
+
+    @property
+    def loop(self) -> tuple[int, int]:
+        return self.config.loop
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, directory / WEIGHTS_FILE)
+
+    @classmethod
+    def load(cls, directory: Path, adapter: Adapter) -> FeedbackModule:
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise ModelLoadError(f"no ILF feedback config at {config_path}")
+        raw = json.loads(config_path.read_text())
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ModelLoadError(f"{config_path}: unsupported feedback format {raw.get('format_version')!r}")
+        config = FeedbackConfig(**raw)
+        if config.num_blocks != adapter.num_blocks:
+            raise ModelLoadError(
+                f"feedback was made for a {config.num_blocks}-block model, this one has {adapter.num_blocks}"
+            )
+        module = cls(adapter.make_feedback_block(), config)
+        module.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        dtype = next(adapter.transformer.parameters()).dtype
+        return module.to(dtype)
+
+
+def run_blocks(adapter: Adapter, start: int, end: int, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
+    for index in range(start, end + 1):
+        hidden = adapter.block(index, hidden, cond)
+    return hidden
+
+
+def inner_loop(
+    adapter: Adapter,
+    feedback: FeedbackModule,
+    hidden: torch.Tensor,
+    cond: Cond,
+    cond_post: Cond,
+) -> torch.Tensor:
+    """Blocks b..e with feedback: `hidden` is f_{b-1,t}; returns f_{e,t-r} (eqs. 2–3).
+
+    First pass at t, the feedback block reads f_{e,t} at t, then the second pass adds s_i * f_feed
+    before every inner block i, conditioned on t_post (eqs. 4–5).
+    """
+    start, end = feedback.loop
+    f_feed = adapter.run_block(feedback.block, run_blocks(adapter, start, end, hidden, cond), cond)
+    for index, scale in zip(range(start, end + 1), feedback.scales):
+        hidden = adapter.block(index, hidden + scale * f_feed, cond_post)
+    return hidden

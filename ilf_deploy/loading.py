@@ -1,0 +1,149 @@
+"""Load a diffusion transformer (+ ILF feedback) from a diffusers directory or a hub id."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import PIPELINE_ARCHITECTURES, TRANSFORMER_ARCHITECTURES, Adapter, make_adapter
+from .errors import ModelLoadError
+from .ilf import FEEDBACK_DIR, FeedbackModule
+from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a pipeline needs from a hub repo: configs, tokenizer files and safetensors weights.
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "feedback/*"]
+
+
+@dataclass
+class LoadedModel:
+    architecture: str
+    source: str
+    adapter: Adapter
+    scheduler_config: dict[str, Any]
+    feedback: FeedbackModule | None = None
+    tokenizer: Any | None = None
+    text_encoder: nn.Module | None = None
+    vae: nn.Module | None = None
+    path: Path | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 8
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_image_size(self) -> int:
+        return self.adapter.sample_size * self.vae_scale_factor
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local directory, or a hub id downloaded to the local cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{source} is a file; expected a diffusers pipeline or transformer directory"
+            )
+        return path
+    text = str(source)
+    if not HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model directory {source} does not exist")
+    return download(text)
+
+
+def download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # network, auth, missing repo: all the user can act on is the message
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(
+            f"could not fetch {repo_id!r} from the hub ({reason}); pass a local directory"
+        ) from None
+
+
+def detect_architecture(path: Path) -> tuple[str, bool]:
+    """(architecture, is_pipeline_dir) for a pipeline directory or a bare transformer directory."""
+    if (path / "model_index.json").is_file():
+        name = _read_json(path / "model_index.json").get("_class_name", "")
+        if name not in PIPELINE_ARCHITECTURES:
+            known = ", ".join(PIPELINE_ARCHITECTURES)
+            raise ModelLoadError(f"unknown architecture: pipeline {name!r} in {path} (supported: {known})")
+        return PIPELINE_ARCHITECTURES[name], True
+    if (path / "config.json").is_file():
+        name = _read_json(path / "config.json").get("_class_name", "")
+        if name not in TRANSFORMER_ARCHITECTURES:
+            known = ", ".join(TRANSFORMER_ARCHITECTURES)
+            raise ModelLoadError(f"unknown architecture: model {name!r} in {path} (supported: {known})")
+        return TRANSFORMER_ARCHITECTURES[name], False
+    raise ModelLoadError(f"{path} is not a diffusers directory (no model_index.json or config.json)")
+
+
+def load_model(
+    source: str | Path, *, dtype: torch.dtype = torch.float32, with_pipeline: bool = True
+) -> LoadedModel:
+    """Load transformer, feedback and (for pipeline directories) tokenizer, text encoder and VAE."""
+    path = resolve_source(source)
+    architecture, is_pipeline = detect_architecture(path)
+    transformer_dir = path / "transformer" if is_pipeline else path
+    try:
+        transformer = _load_transformer(architecture, transformer_dir, dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load the transformer from {transformer_dir}: {exc}") from None
+    transformer.eval().requires_grad_(False)
+    adapter = make_adapter(architecture, transformer)
+    default_scheduler = DIT_SCHEDULER_CONFIG if architecture == "dit" else PIXART_SCHEDULER_CONFIG
+    scheduler_path = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else dict(default_scheduler)
+    model = LoadedModel(architecture, str(source), adapter, scheduler_config, path=path)
+    feedback_dir = path / FEEDBACK_DIR
+    if feedback_dir.is_dir():
+        model.feedback = FeedbackModule.load(feedback_dir, adapter).eval().requires_grad_(False)
+    if is_pipeline and with_pipeline:
+        _load_pipeline_parts(model, path, dtype)
+    return model
+
+
+def _load_transformer(architecture: str, directory: Path, dtype: torch.dtype) -> nn.Module:
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+
+    cls = DiTTransformer2DModel if architecture == "dit" else PixArtTransformer2DModel
+    return cls.from_pretrained(directory, torch_dtype=dtype)
+
+
+def _load_pipeline_parts(model: LoadedModel, path: Path, dtype: torch.dtype) -> None:
+    from diffusers import AutoencoderKL
+
+    try:
+        if (path / "vae").is_dir():
+            model.vae = (
+                AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype).eval().requires_grad_(False)
+            )
+        if model.architecture != "dit":
+            from transformers import AutoTokenizer, T5EncoderModel
+
+            model.tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+            encoder = T5EncoderModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
+            model.text_encoder = encoder.eval().requires_grad_(False)
+        else:
+            index = _read_json(path / "model_index.json")
+            model.extras["id2label"] = index.get("id2label") or {}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the pipeline parts of {path}: {exc}") from None

@@ -1,0 +1,1 @@
+"""Plan execution. Must not import diffusers or transformers: bundles run without them."""

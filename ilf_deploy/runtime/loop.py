@@ -1,0 +1,108 @@
+"""The denoising loop over a step plan, shared by every backend (torch, ONNX Runtime, ...).
+
+A backend supplies `Segments`: the model cut into pieces. The loop itself is only segment calls,
+classifier-free guidance and the plan's precomputed scheduler coefficients. Arrays may be torch
+tensors or numpy arrays: the loop uses only slicing, +, -, * and the backend's `concat`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..errors import ConfigError
+from ..plan import Step, StepPlan
+
+Array = Any
+Cond = Any
+
+
+class Segments(Protocol):
+    latent_channels: int
+    num_blocks: int
+    loop: tuple[int, int] | None  # the inner loop the feedback module was trained for, if any
+
+    def context(self, inputs: dict[str, Array]) -> Cond: ...
+    def conditioning(self, timestep: float, context: Cond) -> Cond: ...
+    def embed(self, latents: Array) -> Array: ...
+    def blocks(self, start: int, end: int, hidden: Array, cond: Cond) -> Array: ...
+    def inner_loop(self, hidden: Array, cond: Cond, cond_post: Cond) -> Array: ...
+    def final(self, hidden: Array, cond: Cond, height: int, width: int) -> Array: ...
+    def concat(self, arrays: list[Array]) -> Array: ...
+
+
+def check_plan(plan: StepPlan, segments: Segments) -> None:
+    if plan.num_blocks != segments.num_blocks:
+        raise ConfigError(
+            f"plan {plan.name!r} is for {plan.num_blocks} blocks; the model has {segments.num_blocks}"
+        )
+    if plan.feedback_steps:
+        if segments.loop is None:
+            raise ConfigError(f"plan {plan.name!r} uses ILF feedback but the model has no feedback module")
+        if plan.loop != segments.loop:
+            raise ConfigError(
+                f"plan {plan.name!r} loops over blocks {plan.loop}; "
+                f"the feedback was trained for {segments.loop}"
+            )
+
+
+def model_output(
+    seg: Segments,
+    step: Step,
+    x: Array,
+    context: Cond,
+    guided: bool,
+    deltas: dict[str, Array],
+) -> Array:
+    """One network evaluation as the plan says: the (unguided) epsilon for [uncond; cond].
+
+    `deltas` is the request's Δ-cache: refreshed ranges store what they add, reused ones add it back.
+    """
+    cond = seg.conditioning(step.timestep, context)
+    cond_post = seg.conditioning(step.t_post, context) if step.t_post is not None else cond
+    h = seg.embed(seg.concat([x, x]) if guided else x)
+    for op in step.ops:
+        c = cond_post if op.time == "t_post" else cond
+        if op.kind == "blocks":
+            h = seg.blocks(op.start, op.end, h, c)
+        elif op.kind == "ilf":  # eqs. 2–3: feedback from f_{e,t}, second pass at t_post (eqs. 4–5)
+            h = seg.inner_loop(h, cond, cond_post)
+        elif op.kind == "cache_refresh":
+            out = seg.blocks(op.start, op.end, h, c)
+            deltas[op.key], h = out - h, out
+        else:  # cache_reuse
+            h = h + deltas[op.key]
+    final_cond = cond_post if step.final_time == "t_post" else cond
+    out = seg.final(h, final_cond, x.shape[-2], x.shape[-1])
+    return out[:, : seg.latent_channels]  # drop learned-sigma channels
+
+
+def denoise(
+    seg: Segments,
+    plan: StepPlan,
+    latents: Array,
+    inputs: dict[str, Array],
+    guidance_scale: float,
+    on_step: Callable[[int], None] | None = None,
+) -> Array:
+    """Run every step of `plan` from `latents`; `inputs` are batched [uncond; cond] when guiding."""
+    check_plan(plan, seg)
+    guided = guidance_scale > 1.0
+    context = seg.context(inputs)
+    x, x0_history, deltas = latents, [], {}
+    for step in plan.steps:
+        eps = model_output(seg, step, x, context, guided, deltas)
+        if guided:
+            n = x.shape[0]
+            uncond, text = eps[:n], eps[n:]
+            eps = uncond + guidance_scale * (text - uncond)
+        k = step.coefficients
+        x0 = k.x0_x * x + k.x0_eps * eps  # the solver's data prediction, kept for multistep updates
+        x_next = k.x * x + k.eps * eps
+        for coef, past in zip(k.history, reversed(x0_history)):
+            x_next = x_next + coef * past
+        x0_history.append(x0)
+        x = x_next
+        if on_step is not None:
+            on_step(step.index)
+    return x
