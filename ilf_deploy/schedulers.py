@@ -37,7 +37,6 @@ from ilf_deploy.errors import ConfigError
 # ships the same.
 PIXART_SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "DPMSolverMultistepScheduler",
-    "_diffusers_version": "0.22.0.dev0",
     "algorithm_type": "dpmsolver++",
     "beta_end": 0.02,
     "beta_schedule": "linear",
