@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random-weight pipelines, written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ilf_deploy.loading import LoadedModel, load_model
+from ilf_deploy.tiny import make_tiny_pipeline
+
+# (architecture, resolution conditions): PixArt-α 512, PixArt-α 1024-style, PixArt-Σ, DiT
+VARIANTS = {
+    "pixart-alpha": ("pixart-alpha", False),
+    "pixart-alpha-1024": ("pixart-alpha", True),
+    "pixart-sigma": ("pixart-sigma", False),
+    "dit": ("dit", False),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        name: make_tiny_pipeline(arch, root / name, seed=7, num_layers=6, resolution_conditions=sizes)
+        for name, (arch, sizes) in VARIANTS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs) -> dict[str, LoadedModel]:
+    return {name: load_model(path) for name, path in tiny_dirs.items()}
