@@ -102,6 +102,7 @@ def load_model(
     """Load transformer, feedback and (for pipeline directories) tokenizer, text encoder and VAE."""
     path = resolve_source(source)
     architecture, is_pipeline = detect_architecture(path)
+    quiet_huggingface()
     transformer_dir = path / "transformer" if is_pipeline else path
     try:
         transformer = _load_transformer(architecture, transformer_dir, dtype)
@@ -119,6 +120,17 @@ def load_model(
     if is_pipeline and with_pipeline:
         _load_pipeline_parts(model, path, dtype)
     return model
+
+
+def quiet_huggingface() -> None:
+    """Our own progress and errors replace the libraries' per-file bars and warnings."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _load_transformer(architecture: str, directory: Path, dtype: torch.dtype) -> nn.Module:

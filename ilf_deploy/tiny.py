@@ -18,6 +18,7 @@ import torch
 from .adapters import make_adapter
 from .errors import ConfigError
 from .ilf import FEEDBACK_DIR, FeedbackModule
+from .loading import quiet_huggingface
 from .plan import default_loop, validate_loop
 
 TINY_ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit")
@@ -122,6 +123,7 @@ def make_tiny_pipeline(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output directory {out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
+    quiet_huggingface()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         # fork_rng: seed locally without disturbing the caller's global RNG.

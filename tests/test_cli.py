@@ -1,0 +1,127 @@
+"""The CLI: plan tables and JSON, generate, make-tiny, and one-line errors (exit 2) on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ilf_deploy.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text
+    assert len(text.splitlines()) == 1, text
+    assert fragment in text
+
+
+def test_plan_table_and_json():
+    result = invoke("plan", "--steps", "10", "--loop", "8:19", "--feedback", "first2,last2")
+    assert result.exit_code == 0, result.output
+    assert "332 block forwards" in result.output and "1.69x" in result.output
+    result = invoke("plan", "--steps", "10", "--loop", "8:19", "--feedback", "first2,last2", "--json")
+    data = json.loads(result.output)
+    assert data["block_forwards"] == 332 and len(data["steps"]) == 10
+    result = invoke("plan", "--steps", "20", "--cache", "5:22", "--refresh-every", "3", "--json")
+    assert json.loads(result.output)["block_forwards"] == 326
+    assert json.loads(invoke("plan", "--steps", "12", "--json").output)["block_forwards"] == 336
+
+
+def test_plan_from_model_reads_depth_and_loop(tiny_dirs, tmp_path):
+    out = tmp_path / "plan.json"
+    result = invoke("plan", "--model", tiny_dirs["dit"], "--steps", "6", "--feedback", "all", "--out", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["num_blocks"] == 6 and data["scheduler"] == "DDIMScheduler"
+    assert data["block_forwards"] == 6 * (6 + 2 * (data["loop"][1] - data["loop"][0] + 1) + 1) - 6 * (
+        data["loop"][1] - data["loop"][0] + 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("plan", "--steps", "10", "--loop", "20:30"), "out of range"),
+        (("plan", "--steps", "10", "--loop", "9:8"), "starts after"),
+        (("plan", "--steps", "10", "--loop", "8-19"), "not of the form"),
+        (("plan", "--steps", "3", "--loop", "8:19", "--feedback", "first2,last2"), "only 3"),
+        (("plan", "--steps", "10", "--loop", "8:19", "--t-post", "sideways"), "t_post"),
+        (("plan", "--steps", "10", "--cache", "5:22", "--loop", "8:19"), "not both"),
+        (("plan", "--steps", "0"), "steps"),
+        (("plan", "--model", "/nonexistent/model"), "does not exist"),
+        (("make-tiny", "sdxl", "/tmp/never-written"), "unknown tiny architecture"),
+        (("generate", "/nonexistent/model", "--prompt", "x"), "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, fragment):
+    assert_one_line_error(invoke(*args), fragment)
+
+
+def test_generate_errors(tiny_dirs, tmp_path):
+    assert_one_line_error(invoke("generate", tiny_dirs["dit"], "--plan", "base-2"), "--class-label")
+    assert_one_line_error(invoke("generate", tiny_dirs["pixart-alpha"], "--plan", "base-2"), "--prompt")
+    assert_one_line_error(
+        invoke("generate", tiny_dirs["pixart-alpha"], "--plan", "fast-2", "--prompt", "x"), "unknown plan"
+    )
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((1, 4, 3, 3), dtype=np.float32))
+    result = invoke(
+        "generate", tiny_dirs["pixart-alpha"], "--plan", "base-2", "--prompt", "x", "--latents-in", bad
+    )
+    assert_one_line_error(result, "latents must have shape")
+    result = invoke("generate", tiny_dirs["dit"], "--class-label", "1", "--out", tmp_path / "no" / "x.png")
+    assert_one_line_error(result, "does not exist")
+
+
+def test_generate_round_trip_with_latents(tiny_dirs, tmp_path):
+    first, image = tmp_path / "a.npy", tmp_path / "a.png"
+    args = (
+        "generate",
+        tiny_dirs["pixart-sigma"],
+        "--plan",
+        "ilf-4",
+        "--prompt",
+        "a red circle",
+        "--seed",
+        "4",
+    )
+    result = invoke(*args, "--latents-out", first, "--out", image)
+    assert result.exit_code == 0, result.output
+    assert Image.open(image).size == (32, 32)
+    latents = np.load(first)
+    assert latents.shape == (1, 4, 8, 8) and np.isfinite(latents).all()
+    # The same seed gives the same latents; starting from given latents is honoured.
+    again = tmp_path / "b.npy"
+    assert invoke(*args, "--latents-out", again).exit_code == 0
+    np.testing.assert_array_equal(np.load(again), latents)
+    start = tmp_path / "start.npy"
+    np.save(start, np.zeros((1, 4, 8, 8), dtype=np.float32))
+    third = tmp_path / "c.npy"
+    assert invoke(*args, "--latents-in", start, "--latents-out", third).exit_code == 0
+    assert not np.array_equal(np.load(third), latents)
+
+
+def test_make_tiny_and_help(tmp_path):
+    result = invoke("make-tiny", "dit", tmp_path / "dit", "--layers", "4", "--loop", "1:2")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "dit" / "feedback" / "ilf_config.json").read_text())
+    assert (config["loop_start"], config["loop_end"], config["num_blocks"]) == (1, 2, 4)
+    assert_one_line_error(invoke("make-tiny", "dit", tmp_path / "dit"), "not empty")
+    assert_one_line_error(
+        invoke("make-tiny", "dit", tmp_path / "x", "--layers", "4", "--loop", "1:9"), "out of range"
+    )
+    assert not (tmp_path / "x").exists()
+    for command in ("plan", "generate", "make-tiny"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
