@@ -59,10 +59,25 @@ def test_conditioning_depends_on_timestep(tiny_models, variant):
     adapter = tiny_models[variant].adapter
     _, inputs, _ = adapter_inputs(tiny_models[variant])
     context = adapter.context(inputs)
-    a = adapter.time_cond(torch.tensor([900.0]), context)
-    b = adapter.time_cond(torch.tensor([500.0]), context)
-    assert a.keys() == b.keys()
-    assert any(not torch.equal(a[k], b[k]) for k in a)
+    a = adapter.conditioning(torch.tensor([900.0]), context)
+    b = adapter.conditioning(torch.tensor([500.0]), context)
+    assert set(a) == set(adapter.context_outputs) | set(adapter.time_outputs)
+    assert set(adapter.block_inputs) | set(adapter.final_inputs) <= set(a)
+    assert all(not torch.equal(a[k], b[k]) for k in adapter.time_outputs)
+    assert all(torch.equal(a[k], b[k]) for k in adapter.context_outputs)
+
+
+@pytest.mark.parametrize(
+    ("variant", "shape"),
+    [("pixart-alpha", (8, 8)), ("pixart-alpha", (12, 16)), ("pixart-sigma", (16, 16)), ("dit", (16, 16))],
+)
+def test_embed_with_explicit_positions_matches_patch_embed(tiny_models, variant, shape):
+    adapter = tiny_models[variant].adapter
+    latents = torch.randn(2, 4, *shape)
+    with torch.no_grad():
+        expected = adapter.transformer.pos_embed(latents)
+        got = adapter.embed_tokens(latents, adapter.pos_embed(*shape))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", ["pixart-alpha", "dit"])

@@ -28,8 +28,13 @@ class Adapter(ABC):
     """Wraps a diffusers transformer; architecture differences live only in subclasses."""
 
     architecture: str
-    #: inputs that carry the prompt (PixArt) or the class (DiT); see `context()`
-    context_inputs: tuple[str, ...]
+    # Names of the conditioning tensors, in a fixed order: they become the ONNX segments' I/O names.
+    context_inputs: tuple[str, ...]  # what carries the prompt (PixArt) or the class (DiT)
+    context_outputs: tuple[str, ...]  # what `context()` returns
+    time_context_inputs: tuple[str, ...]  # context entries that `time_cond()` reads
+    time_outputs: tuple[str, ...]  # what `time_cond()` returns
+    block_inputs: tuple[str, ...]  # conditioning a block reads
+    final_inputs: tuple[str, ...]  # conditioning the final layer reads
 
     def __init__(self, transformer: nn.Module) -> None:
         self.transformer = transformer
@@ -46,6 +51,10 @@ class Adapter(ABC):
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
 
     @property
     def latent_channels(self) -> int:
@@ -66,7 +75,32 @@ class Adapter(ABC):
     # -- the cut forward -------------------------------------------------------------------
     def embed(self, latents: torch.Tensor) -> torch.Tensor:
         """Patchify + positional embedding: (B, C, H, W) -> tokens (B, N, D). Time-independent."""
-        return self.transformer.pos_embed(latents)
+        return self.embed_tokens(latents, self.pos_embed(latents.shape[-2], latents.shape[-1]))
+
+    def embed_tokens(self, latents: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        """The patch projection with the positional embedding given: exports with any resolution."""
+        patch = self.transformer.pos_embed
+        tokens = patch.proj(latents).flatten(2).transpose(1, 2)
+        if patch.layer_norm:
+            tokens = patch.norm(tokens)
+        return (tokens + pos_embed).to(tokens.dtype)
+
+    def pos_embed(self, height: int, width: int) -> torch.Tensor:
+        """(1, N, D) sin-cos positions for a latent of height x width, as diffusers' PatchEmbed."""
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+        patch = self.transformer.pos_embed
+        h, w = height // self.patch_size, width // self.patch_size
+        if (patch.height, patch.width) == (h, w):
+            return patch.pos_embed
+        pos = get_2d_sincos_pos_embed(
+            embed_dim=patch.pos_embed.shape[-1],
+            grid_size=(h, w),
+            base_size=patch.base_size,
+            interpolation_scale=patch.interpolation_scale,
+            output_type="pt",
+        )
+        return pos.float().unsqueeze(0)
 
     @abstractmethod
     def context(self, inputs: Cond) -> Cond:
@@ -88,8 +122,9 @@ class Adapter(ABC):
         return self.run_block(self.blocks[index], hidden, cond)
 
     def conditioning(self, timestep: torch.Tensor, context: Cond) -> Cond:
-        """Everything a block or the final layer needs at `timestep`."""
-        return {**context, **self.time_cond(timestep, context)}
+        """Everything a block or the final layer needs at `timestep` (a scalar or (1,) tensor)."""
+        batch = context[self.context_outputs[0]].shape[0]
+        return {**context, **self.time_cond(timestep.reshape(-1).expand(batch), context)}
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: Cond) -> torch.Tensor:
         """The plain forward, composed from the pieces (equal to the diffusers forward)."""

@@ -19,6 +19,11 @@ class DiTAdapter(Adapter):
 
     architecture = "dit"
     context_inputs = ("class_labels",)
+    context_outputs = ("class_labels",)
+    time_context_inputs = ()
+    time_outputs = ("timestep",)
+    block_inputs = ("timestep", "class_labels")
+    final_inputs = ("timestep", "class_labels")
 
     @property
     def num_classes(self) -> int:
@@ -28,8 +33,7 @@ class DiTAdapter(Adapter):
         return {"class_labels": inputs["class_labels"].long()}
 
     def time_cond(self, timestep: torch.Tensor, context: Cond) -> Cond:
-        batch = context["class_labels"].shape[0]
-        return {"timestep": timestep.reshape(-1).expand(batch)}
+        return {"timestep": timestep}
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
         return block(hidden, timestep=cond["timestep"], class_labels=cond["class_labels"])

@@ -18,6 +18,9 @@ class PixArtAdapter(Adapter):
 
     architecture = "pixart"
     context_inputs = ("prompt_embeds", "prompt_mask")
+    block_inputs = ("context", "context_bias", "temb")
+    final_inputs = ("temb_final",)
+    time_outputs = ("temb", "temb_final")
 
     def __init__(self, transformer: nn.Module, architecture: str = "pixart-alpha") -> None:
         super().__init__(transformer)
@@ -26,6 +29,14 @@ class PixArtAdapter(Adapter):
     @property
     def uses_size_conditions(self) -> bool:
         return bool(self.transformer.use_additional_conditions)
+
+    @property
+    def context_outputs(self) -> tuple[str, ...]:
+        return ("context", "context_bias", *self.time_context_inputs)
+
+    @property
+    def time_context_inputs(self) -> tuple[str, ...]:
+        return ("resolution", "aspect_ratio") if self.uses_size_conditions else ()
 
     @property
     def max_sequence_length(self) -> int:
@@ -47,14 +58,9 @@ class PixArtAdapter(Adapter):
     def time_cond(self, timestep: torch.Tensor, context: Cond) -> Cond:
         sizes = None
         if self.uses_size_conditions:
-            sizes = {
-                "resolution": context["resolution"],
-                "aspect_ratio": context["aspect_ratio"],
-            }
-        batch = context["context"].shape[0]
-        timestep = timestep.reshape(-1).expand(batch)
+            sizes = {"resolution": context["resolution"], "aspect_ratio": context["aspect_ratio"]}
         temb, embedded = self.transformer.adaln_single(
-            timestep, sizes, batch_size=batch, hidden_dtype=context["context"].dtype
+            timestep, sizes, batch_size=timestep.shape[0], hidden_dtype=self.dtype
         )
         return {"temb": temb, "temb_final": embedded}
 
