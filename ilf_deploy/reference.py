@@ -6,9 +6,6 @@ own pipelines (tests/test_pipeline_parity.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -17,7 +14,7 @@ from .errors import ConfigError
 from .ilf import FeedbackModule, inner_loop, run_blocks
 from .loading import LoadedModel
 from .plan import StepPlan
-from .runtime.loop import denoise
+from .runtime.generator import Generator, ModelFacts, Request
 
 
 class TorchSegments:
@@ -54,51 +51,40 @@ class TorchSegments:
         return torch.cat(arrays)
 
 
-@dataclass
-class Request:
-    prompt: str = ""
-    negative_prompt: str = ""
-    class_label: int | None = None
-    guidance_scale: float = 4.5
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-
-
-class TorchGenerator:
+class TorchGenerator(Generator):
     """Prompt -> conditioning -> plan -> latents -> image, all in PyTorch."""
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.segments = TorchSegments(model.adapter, model.feedback)
+        adapter = model.adapter
+        self.facts = ModelFacts(
+            architecture=model.architecture,
+            latent_channels=adapter.latent_channels,
+            patch_size=adapter.patch_size,
+            vae_scale_factor=model.vae_scale_factor,
+            default_image_size=model.default_image_size,
+            num_classes=getattr(adapter, "num_classes", 0),
+            uses_size_conditions=getattr(adapter, "uses_size_conditions", False),
+        )
 
     @property
     def adapter(self) -> Adapter:
         return self.model.adapter
 
-    def latent_size(self, request: Request) -> tuple[int, int]:
-        size = self.model.default_image_size
-        height, width = request.height or size, request.width or size
-        factor = self.model.vae_scale_factor * self.adapter.patch_size
-        if height % factor or width % factor:
-            raise ConfigError(f"height and width must be multiples of {factor}, got {height}x{width}")
-        if self.model.architecture == "dit" and height != width:
-            raise ConfigError("DiT generates square images only")
-        return height // self.model.vae_scale_factor, width // self.model.vae_scale_factor
+    def array(self, value: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(value)
+        return tensor.to(self.segments.dtype) if tensor.is_floating_point() else tensor
 
-    def initial_latents(self, request: Request) -> torch.Tensor:
-        h, w = self.latent_size(request)
-        generator = torch.Generator().manual_seed(request.seed)
-        shape = (1, self.adapter.latent_channels, h, w)
-        return torch.randn(shape, generator=generator, dtype=self.segments.dtype)
+    def concat(self, arrays: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(arrays)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 embeddings as the PixArt pipelines compute them (lower-cased, padded to max length)."""
         if self.model.tokenizer is None or self.model.text_encoder is None:
             raise ConfigError(f"{self.model.source} has no tokenizer/text encoder; pass a pipeline directory")
         tokens = self.model.tokenizer(
-            prompt.lower().strip(),
+            prompt.lower().strip(),  # as the PixArt pipelines' _text_preprocessing without clean_caption
             padding="max_length",
             max_length=self.adapter.max_sequence_length,  # type: ignore[attr-defined]
             truncation=True,
@@ -108,53 +94,18 @@ class TorchGenerator:
         embeds = self.model.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
         return embeds.to(self.segments.dtype), tokens.attention_mask
 
-    def inputs(self, request: Request, guided: bool, latent_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """The adapter's inputs, batched [uncond; cond] when guiding."""
-        if self.model.architecture == "dit":
-            if request.class_label is None:
-                raise ConfigError("DiT models need --class-label")
-            null = self.adapter.num_classes  # type: ignore[attr-defined]
-            if not 0 <= request.class_label < null:
-                raise ConfigError(f"class label must be in 0..{null - 1}, got {request.class_label}")
-            labels = [null, request.class_label] if guided else [request.class_label]
-            return {"class_labels": torch.tensor(labels)}
-        embeds, mask = self.encode_prompt(request.prompt)
-        if guided:
-            neg_embeds, neg_mask = self.encode_prompt(request.negative_prompt)
-            embeds, mask = torch.cat([neg_embeds, embeds]), torch.cat([neg_mask, mask])
-        out = {"prompt_embeds": embeds, "prompt_mask": mask}
-        if self.adapter.uses_size_conditions:  # type: ignore[attr-defined]
-            height, width = (v * self.model.vae_scale_factor for v in latent_hw)
-            batch = embeds.shape[0]
-            out["resolution"] = torch.tensor([[height, width]], dtype=torch.float32).repeat(batch, 1)
-            out["aspect_ratio"] = torch.tensor([[height / width]], dtype=torch.float32).repeat(batch, 1)
-        return out
+    @torch.no_grad()
+    def generate_latents(self, plan, request, latents=None, on_step=None) -> torch.Tensor:
+        if isinstance(latents, torch.Tensor):
+            latents = latents.detach().float().numpy()
+        return super().generate_latents(plan, request, latents, on_step)
 
     @torch.no_grad()
-    def generate_latents(
-        self,
-        plan: StepPlan,
-        request: Request,
-        latents: torch.Tensor | None = None,
-        on_step: Callable[[int], None] | None = None,
-    ) -> torch.Tensor:
-        if latents is None:
-            latents = self.initial_latents(request)
-        else:
-            expected = (1, self.adapter.latent_channels, *self.latent_size(request))
-            if tuple(latents.shape) != expected:
-                raise ConfigError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
-            latents = latents.to(self.segments.dtype)
-        guided = request.guidance_scale > 1.0
-        inputs = self.inputs(request, guided, tuple(latents.shape[-2:]))  # type: ignore[arg-type]
-        return denoise(self.segments, plan, latents, inputs, request.guidance_scale, on_step)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> uint8 images (B, H, W, 3)."""
+    def decode(self, latents) -> np.ndarray:
         if self.model.vae is None:
             raise ConfigError(f"{self.model.source} has no VAE; pass a pipeline directory")
         vae = self.model.vae
+        latents = torch.as_tensor(latents)
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
         return (images * 255).round().astype(np.uint8)

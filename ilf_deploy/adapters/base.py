@@ -115,8 +115,12 @@ class Adapter(ABC):
         """One transformer block (a backbone block or the feedback block)."""
 
     @abstractmethod
+    def final_tokens(self, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Final norm + projection -> patch tokens (B, N, p·p·C_out)."""
+
     def final(self, hidden: torch.Tensor, cond: Cond, height: int, width: int) -> torch.Tensor:
-        """Final norm + projection + unpatchify -> model output (B, C_out, height, width)."""
+        """Final layer + unpatchify -> model output (B, C_out, height, width)."""
+        return self.unpatchify(self.final_tokens(hidden, cond), height, width)
 
     def block(self, index: int, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.run_block(self.blocks[index], hidden, cond)

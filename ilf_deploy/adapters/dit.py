@@ -38,11 +38,11 @@ class DiTAdapter(Adapter):
     def run_block(self, block: nn.Module, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
         return block(hidden, timestep=cond["timestep"], class_labels=cond["class_labels"])
 
-    def final(self, hidden: torch.Tensor, cond: Cond, height: int, width: int) -> torch.Tensor:
+    def final_tokens(self, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
         t = self.transformer
         emb = t.transformer_blocks[0].norm1.emb(
             cond["timestep"], cond["class_labels"], hidden_dtype=hidden.dtype
         )
         shift, scale = t.proj_out_1(F.silu(emb)).chunk(2, dim=1)
         hidden = t.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
-        return self.unpatchify(t.proj_out_2(hidden), height, width)
+        return t.proj_out_2(hidden)

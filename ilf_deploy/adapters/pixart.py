@@ -72,8 +72,7 @@ class PixArtAdapter(Adapter):
             timestep=cond["temb"],
         )
 
-    def final(self, hidden: torch.Tensor, cond: Cond, height: int, width: int) -> torch.Tensor:
+    def final_tokens(self, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
         t = self.transformer
         shift, scale = (t.scale_shift_table[None] + cond["temb_final"][:, None]).chunk(2, dim=1)
-        hidden = t.norm_out(hidden) * (1 + scale) + shift
-        return self.unpatchify(t.proj_out(hidden), height, width)
+        return t.proj_out(t.norm_out(hidden) * (1 + scale) + shift)

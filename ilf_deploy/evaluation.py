@@ -1,0 +1,354 @@
+"""Quality of step plans on the shapes dataset: prompt adherence, a Fréchet distance and fidelity.
+
+- An attribute classifier (small CNN, trained on `ilf_deploy.data`) reads shape, colour, size,
+  position and background off each generated image; accuracy against the prompt's attributes is
+  the prompt-adherence score.
+- The Fréchet distance between the classifier's penultimate features of generated and real images
+  (an FID computed with our own feature extractor; only comparable between runs with the same n).
+- Fidelity to the baseline (`reference`, base-20 by default) from the same seeds: image PSNR and
+  latent RMSE / relative L2.
+
+Generation goes through `EvalBackend` (plan spec -> StepPlan, and (plan, prompt, seed) -> images), so
+an ONNX Runtime bundle can be measured the same way as the PyTorch reference runner.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ATTRIBUTES, EVAL_SEED, Sample, make_batch, to_tensor_range
+from .errors import ConfigError, ModelLoadError
+from .plan import StepPlan
+
+CLASSIFIER_DIR = Path(__file__).parent / "default_model" / "classifier"
+CLASSIFIER_WEIGHTS, CLASSIFIER_CONFIG = "classifier.safetensors", "classifier.json"
+
+
+# -- the attribute classifier ------------------------------------------------------------------
+
+
+class AttributeClassifier(nn.Module):
+    """4 stride-2 convs (64 -> 4 px) + an MLP to `feature_dim` features + one head per attribute.
+
+    No global pooling: position is one of the attributes.
+    """
+
+    def __init__(self, width: int = 32, feature_dim: int = 64) -> None:
+        super().__init__()
+        chans = [3, width, 2 * width, 2 * width, 4 * width]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans, chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
+        self.convs = nn.Sequential(*layers)
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 16, feature_dim), nn.SiLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, len(v)) for name, v in ATTRIBUTES.items()})
+        self.config = {"width": width, "feature_dim": feature_dim}
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """images (B, 3, 64, 64) in [-1, 1] -> (features, {attribute: logits})."""
+        feats = self.features(self.convs(images))
+        return feats, {name: head(feats) for name, head in self.heads.items()}
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / CLASSIFIER_WEIGHTS)
+        (directory / CLASSIFIER_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path = CLASSIFIER_DIR) -> AttributeClassifier:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / CLASSIFIER_WEIGHTS).is_file():
+            raise ModelLoadError(f"no attribute classifier at {directory}")
+        model = cls(**json.loads((directory / CLASSIFIER_CONFIG).read_text()))
+        model.load_state_dict(load_file(directory / CLASSIFIER_WEIGHTS))
+        return model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """uint8 (B, 64, 64, 3) -> (features (B, F), {attribute: predicted class (B,)})."""
+        feats, preds = [], {name: [] for name in ATTRIBUTES}
+        for start in range(0, len(images), chunk):
+            f, logits = self(to_tensor_range(images[start : start + chunk]))
+            feats.append(f.numpy())
+            for name in ATTRIBUTES:
+                preds[name].append(logits[name].argmax(1).numpy())
+        return np.concatenate(feats), {k: np.concatenate(v) for k, v in preds.items()}
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Blur + noise, so that the classifier also reads the softer edges of VAE-decoded samples."""
+    blur = torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5
+    soft = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    x = torch.where(blur, soft, x)
+    return x + 0.05 * torch.rand(len(x), 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+
+
+def train_classifier(
+    *,
+    count: int = 20000,
+    steps: int = 1500,
+    batch: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> AttributeClassifier:
+    """Train on `count` images of the training split (seed 0), fresh augmentation every step."""
+    torch.manual_seed(seed)
+    data = make_batch(range(count), seed=0)
+    images = to_tensor_range(data.images)
+    labels = {k: torch.from_numpy(v) for k, v in data.labels.items()}
+    model = AttributeClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(count, (batch,), generator=gen)
+        _, logits = model(_augment(images[idx], gen))
+        loss = sum(nn.functional.cross_entropy(logits[k], labels[k][idx]) for k in ATTRIBUTES)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+        sched.step()
+        if log is not None and step % 100 == 0:
+            log(f"classifier step {step} loss {float(loss):.4f}")
+    return model.eval().requires_grad_(False)
+
+
+def attribute_accuracy(preds: dict[str, np.ndarray], samples: Sequence[Sample]) -> dict[str, float]:
+    """Per-attribute accuracy plus `all` (every attribute right) and `mean` (of the attributes)."""
+    truth = {name: np.array([s.labels()[name] for s in samples]) for name in ATTRIBUTES}
+    right = {name: preds[name] == truth[name] for name in ATTRIBUTES}
+    out = {name: float(r.mean()) for name, r in right.items()}
+    out["all"] = float(np.logical_and.reduce(list(right.values())).mean())
+    out["mean"] = float(np.mean([out[name] for name in ATTRIBUTES]))
+    return out
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||μa - μb||² + Tr(Σa + Σb - 2 (Σa Σb)^½) between two feature sets (rows = samples)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # Tr((Σa Σb)^½) = Σ sqrt(eig(Σa Σb)); the eigenvalues are real and >= 0 up to rounding.
+    eig = np.linalg.eigvals(cov_a @ cov_b)
+    tr_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+# -- generation backends -----------------------------------------------------------------------
+
+
+@dataclass
+class Generated:
+    image: np.ndarray  # uint8 (H, W, 3)
+    latents: np.ndarray | None = None  # final latents (C, h, w), for latent fidelity
+
+
+@dataclass
+class EvalBackend:
+    """What the evaluator needs from a runtime: plans by name, and one sample per call."""
+
+    name: str
+    resolve: Callable[[str], StepPlan]
+    generate: Callable[[StepPlan, str, int], Generated]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def torch_backend(model_dir: str | Path, guidance_scale: float = 4.5, negative_prompt: str = "") -> EvalBackend:
+    """The PyTorch reference runner as an `EvalBackend`."""
+    from .loading import load_model
+    from .plan import resolve_plan
+    from .reference import Request, TorchGenerator
+
+    model = load_model(model_dir)
+    if model.architecture == "dit":
+        raise ConfigError("eval needs a text-to-image (PixArt) model: the shapes prompts are text")
+    gen = TorchGenerator(model)
+    loop = model.feedback.loop if model.feedback is not None else None
+
+    def resolve(spec: str) -> StepPlan:
+        return resolve_plan(spec, model.adapter.num_blocks, model.scheduler_config, loop)
+
+    def generate(plan: StepPlan, prompt: str, seed: int) -> Generated:
+        request = Request(prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, seed=seed)
+        latents = gen.generate_latents(plan, request)
+        return Generated(gen.decode(latents)[0], latents[0].float().numpy())
+
+    info = {"model": str(model_dir), "guidance_scale": guidance_scale, "num_blocks": model.adapter.num_blocks}
+    return EvalBackend("torch", resolve, generate, info)
+
+
+# -- the evaluation ------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanResult:
+    plan: str
+    block_forwards: int
+    speedup: float
+    seconds_per_image: float
+    accuracy: dict[str, float]
+    frechet: float
+    psnr: float | None = None
+    latent_rmse: float | None = None
+    latent_rel_l2: float | None = None
+
+
+@dataclass
+class EvalReport:
+    results: list[PlanResult]
+    n: int
+    reference: str
+    real_frechet: float  # real vs real (another split): the floor of the Fréchet distance at this n
+    real_accuracy: float  # classifier `all` accuracy on real eval images
+    info: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "reference": self.reference,
+            "real_frechet": self.real_frechet,
+            "real_accuracy": self.real_accuracy,
+            "info": self.info,
+            "results": [r.__dict__ for r in self.results],
+        }
+
+
+def eval_prompts(n: int, seed: int = EVAL_SEED) -> list[Sample]:
+    return make_batch(range(n), seed).samples
+
+
+def evaluate(
+    backend: EvalBackend,
+    plans: Sequence[str],
+    *,
+    n: int = 64,
+    reference: str = "base-20",
+    classifier: AttributeClassifier | None = None,
+    real_count: int = 2000,
+    on_sample: Callable[[str, int], None] | None = None,
+) -> EvalReport:
+    """Generate one image per (plan, prompt i, seed i) for the first `n` eval-split prompts."""
+    if n < 2:
+        raise ConfigError(f"--n must be >= 2 (the Fréchet distance needs a covariance), got {n}")
+    if not plans:
+        raise ConfigError("no plans to evaluate")
+    classifier = classifier or AttributeClassifier.load()
+    plan_objs = {spec: backend.resolve(spec) for spec in dict.fromkeys([reference, *plans])}
+    samples = eval_prompts(n)
+    prompts = [s.caption(0) for s in samples]
+    # Real statistics from a split the prompts do not come from, plus a real-vs-real floor.
+    real = make_batch(range(real_count), EVAL_SEED + 1)
+    real_feats, real_preds = classifier.predict(real.images)
+    held = make_batch(range(n), EVAL_SEED)
+    held_feats, held_preds = classifier.predict(held.images)
+    base_forwards = plan_objs[reference].block_forwards
+    outputs: dict[str, list[Generated]] = {}
+    seconds: dict[str, float] = {}
+    for spec, plan in plan_objs.items():
+        start = time.perf_counter()
+        outputs[spec] = []
+        for i, prompt in enumerate(prompts):
+            outputs[spec].append(backend.generate(plan, prompt, i))
+            if on_sample is not None:
+                on_sample(spec, i)
+        seconds[spec] = (time.perf_counter() - start) / n
+    results = []
+    ref = outputs[reference]
+    for spec in plans:
+        images = np.stack([g.image for g in outputs[spec]])
+        feats, preds = classifier.predict(images)
+        result = PlanResult(
+            plan=spec,
+            block_forwards=plan_objs[spec].block_forwards,
+            speedup=base_forwards / plan_objs[spec].block_forwards,
+            seconds_per_image=seconds[spec],
+            accuracy=attribute_accuracy(preds, samples),
+            frechet=frechet_distance(feats, real_feats),
+        )
+        if spec != reference:
+            result.psnr = float(np.mean([psnr(g.image, r.image) for g, r in zip(outputs[spec], ref)]))
+            pairs = [(g.latents, r.latents) for g, r in zip(outputs[spec], ref) if g.latents is not None]
+            if pairs:
+                result.latent_rmse = float(np.mean([np.sqrt(((a - b) ** 2).mean()) for a, b in pairs]))
+                result.latent_rel_l2 = float(
+                    np.mean([np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12) for a, b in pairs])
+                )
+        results.append(result)
+    return EvalReport(
+        results=results,
+        n=n,
+        reference=reference,
+        real_frechet=frechet_distance(held_feats, real_feats),
+        real_accuracy=attribute_accuracy(held_preds, samples)["all"],
+        info={**backend.info, "backend": backend.name, "prompts": prompts[:4]},
+        images={spec: np.stack([g.image for g in outputs[spec]]) for spec in plans},
+    )
+
+
+def format_table(report: EvalReport) -> list[list[str]]:
+    """Rows (header first) for printing: one per plan."""
+    header = ["plan", "block fwd", "speedup", "s/img", "acc all", "acc mean", "Fréchet", "PSNR", "latent rel L2"]
+    rows = [header]
+    for r in report.results:
+        rows.append(
+            [
+                r.plan,
+                str(r.block_forwards),
+                f"{r.speedup:.2f}x",
+                f"{r.seconds_per_image:.2f}",
+                f"{r.accuracy['all']:.3f}",
+                f"{r.accuracy['mean']:.3f}",
+                f"{r.frechet:.2f}",
+                "-" if r.psnr is None else f"{r.psnr:.2f}",
+                "-" if r.latent_rel_l2 is None else f"{r.latent_rel_l2:.3f}",
+            ]
+        )
+    return rows
+
+
+def save_json(report: EvalReport, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+def save_grid(report: EvalReport, path: Path, columns: int = 8) -> None:
+    """One row of the first `columns` samples per plan (same prompts and seeds down each column)."""
+    from PIL import Image, ImageDraw
+
+    label_w, pad = 72, 2
+    rows = []
+    for spec, images in report.images.items():
+        tiles = list(images[:columns])
+        h, w = tiles[0].shape[:2]
+        row = np.full((h, label_w + len(tiles) * (w + pad), 3), 255, np.uint8)
+        for j, tile in enumerate(tiles):
+            x = label_w + j * (w + pad)
+            row[:, x : x + w] = tile
+        img = Image.fromarray(row)
+        ImageDraw.Draw(img).text((4, h // 2 - 6), spec, fill=(0, 0, 0))
+        rows.append(np.asarray(img))
+    width = max(r.shape[1] for r in rows)
+    grid = np.concatenate(
+        [np.pad(r, ((0, pad), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)

@@ -1,0 +1,1 @@
+"""Segment export to ONNX and bundle building."""

@@ -1,0 +1,95 @@
+"""Export segments to ONNX (TorchScript exporter, opset 17), then check and shape-infer them."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+OPSET = 17
+TWO_GB = 2**31 - 1
+
+# Dynamic axes by tensor name: batch (guidance doubles it), image tokens, text tokens, pixels.
+_AXES: dict[str, dict[int, str]] = {
+    "latents": {0: "batch", 2: "latent_height", 3: "latent_width"},
+    "pos_embed": {1: "tokens"},
+    "hidden": {0: "batch", 1: "tokens"},
+    "hidden_out": {0: "batch", 1: "tokens"},
+    "feed": {0: "batch", 1: "tokens"},
+    "tokens": {0: "batch", 1: "tokens"},
+    "prompt_embeds": {0: "batch", 1: "text_tokens"},
+    "prompt_mask": {0: "batch", 1: "text_tokens"},
+    "context": {0: "batch", 1: "text_tokens"},
+    "context_bias": {0: "batch", 2: "text_tokens"},
+    "input_ids": {0: "batch", 1: "text_tokens"},
+    "attention_mask": {0: "batch", 1: "text_tokens"},
+    "images": {0: "batch", 2: "height", 3: "width"},
+}
+
+
+def dynamic_axes(names: Sequence[str]) -> dict[str, dict[int, str]]:
+    """Every tensor is dynamic in batch; token and pixel axes as `_AXES` says."""
+    return {name: _AXES.get(name, {0: "batch"}) for name in names}
+
+
+def export_segment(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+) -> None:
+    """Write `module(*args)` to `path`; weights go to `path.data` when the model passes 2 GB."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python-int shapes are expected here
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes=dynamic_axes([*inputs, *outputs]),
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    if size > TWO_GB // 2:  # protobuf's 2 GB limit: move weights to one external file beside it
+        model = onnx.load(str(path))
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+        )
+    onnx.checker.check_model(str(path))
+    onnx.shape_inference.infer_shapes_path(str(path))
+
+
+def onnx_io(path: Path) -> tuple[list[dict], list[dict]]:
+    """(inputs, outputs) as [{name, shape, dtype}] with symbolic dims as strings."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> list[dict]:
+        out = []
+        for value in values:
+            tensor = value.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+            out.append({"name": value.name, "shape": dims, "dtype": dtype})
+        return out
+
+    initializers = {i.name for i in model.graph.initializer}
+    return describe([v for v in model.graph.input if v.name not in initializers]), describe(
+        model.graph.output
+    )

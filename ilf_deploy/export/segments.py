@@ -1,0 +1,125 @@
+"""Exportable torch modules, one per bundle segment, with fixed positional I/O.
+
+Every segment takes and returns plain tensors named by the adapter (`Adapter.block_inputs`, ...),
+so that the ONNX graphs, the manifest and the runtime agree on names without per-model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter
+from ..ilf import FeedbackModule
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """What the exporter needs: the module, its input/output names, example inputs, dynamic axes."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    blocks: tuple[int, int] | None = None  # inclusive block range for block segments
+
+
+class EmbedSegment(nn.Module):
+    def __init__(self, adapter: Adapter) -> None:
+        super().__init__()
+        self.adapter, self.transformer = adapter, adapter.transformer
+
+    def forward(self, latents: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        return self.adapter.embed_tokens(latents, pos_embed)
+
+
+class ContextSegment(nn.Module):
+    def __init__(self, adapter: Adapter) -> None:
+        super().__init__()
+        self.adapter, self.transformer = adapter, adapter.transformer
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.adapter.context(dict(zip(self.adapter.context_inputs, inputs, strict=True)))
+        return tuple(out[name] for name in self.adapter.context_outputs)
+
+
+class TimeSegment(nn.Module):
+    def __init__(self, adapter: Adapter) -> None:
+        super().__init__()
+        self.adapter, self.transformer = adapter, adapter.transformer
+
+    def forward(self, timestep: torch.Tensor, *context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.adapter.time_cond(
+            timestep, dict(zip(self.adapter.time_context_inputs, context, strict=True))
+        )
+        return tuple(out[name] for name in self.adapter.time_outputs)
+
+
+class BlocksSegment(nn.Module):
+    """Blocks start..end. Inside the ILF loop it also takes `feed`: block i sees h + s_i * feed
+    (eqs. 2–3), and feed = 0 gives the plain first pass, so one graph serves both passes."""
+
+    def __init__(self, adapter: Adapter, start: int, end: int, feedback: FeedbackModule | None) -> None:
+        super().__init__()
+        self.adapter, self.start, self.end = adapter, start, end
+        self.blocks = nn.ModuleList(adapter.blocks[start : end + 1])
+        self.scales = None
+        if feedback is not None:
+            b, _ = feedback.loop
+            self.scales = nn.Parameter(feedback.scales.detach()[start - b : end - b + 1].clone())
+
+    def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        if self.scales is not None:
+            feed, args = args[0], args[1:]
+        cond = dict(zip(self.adapter.block_inputs, args, strict=True))
+        for i, block in enumerate(self.blocks):
+            if self.scales is not None:
+                hidden = hidden + self.scales[i] * feed
+            hidden = self.adapter.run_block(block, hidden, cond)
+        return hidden
+
+
+class FeedbackSegment(nn.Module):
+    def __init__(self, adapter: Adapter, feedback: FeedbackModule) -> None:
+        super().__init__()
+        self.adapter, self.block = adapter, feedback.block
+
+    def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        return self.adapter.run_block(
+            self.block, hidden, dict(zip(self.adapter.block_inputs, args, strict=True))
+        )
+
+
+class FinalSegment(nn.Module):
+    """Final norm + projection to patch tokens (B, N, p·p·C); the runtime unpatchifies (a reshape)."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        super().__init__()
+        self.adapter, self.transformer = adapter, adapter.transformer
+
+    def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        return self.adapter.final_tokens(hidden, dict(zip(self.adapter.final_inputs, args, strict=True)))
+
+
+class TextEncoderSegment(nn.Module):
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+class VaeDecoderSegment(nn.Module):
+    """Scaled latents -> images in [0, 1] (B, 3, H, W)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(latents / self.scaling).sample
+        return (images / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,135 @@
+"""The ONNX Runtime backend: a bundle's segments as `Segments` over numpy arrays."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from ..errors import ConfigError
+from .bundle import Bundle, BundleError
+
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it, else the CPU execution provider."""
+    available = available_providers()
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available
+        else ["CPUExecutionProvider"]
+    )
+
+
+class OrtSession:
+    """One segment's InferenceSession: casts inputs to the graph's dtypes, returns outputs by name."""
+
+    def __init__(self, path, providers: list[str], threads: int | None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for bad graphs/providers
+            raise BundleError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+        self.inputs = {i.name: _NP_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cast = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self.inputs.items()}
+        return dict(zip(self.outputs, self.session.run(self.outputs, cast), strict=True))
+
+
+class OrtSegments:
+    """Implements runtime.loop.Segments with one ONNX Runtime session per bundle segment."""
+
+    def __init__(
+        self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None
+    ) -> None:
+        self.bundle = bundle
+        self.providers = providers or default_providers()
+        self.threads = threads
+        model = bundle.model
+        self.latent_channels = int(model["latent_channels"])
+        self.num_blocks = int(model["num_blocks"])
+        self.patch_size = int(model["patch_size"])
+        self.out_channels = int(model["out_channels"])
+        self.loop = bundle.loop
+        self._sessions: dict[str, OrtSession] = {}
+        # (start, end, name, takes feed) for every block segment, in order
+        self.block_segments = sorted(
+            (spec["blocks"][0], spec["blocks"][1], name, "feed" in [i["name"] for i in spec["inputs"]])
+            for name, spec in bundle.manifest["segments"].items()
+            if spec.get("blocks")
+        )
+        self.timings: dict[str, list[float]] = defaultdict(list)  # seconds per call, by segment
+
+    def session(self, name: str) -> OrtSession:
+        if name not in self._sessions:
+            if name not in self.bundle.manifest["segments"]:
+                raise BundleError(f"the bundle has no {name!r} segment")
+            self._sessions[name] = OrtSession(self.bundle.segment_path(name), self.providers, self.threads)
+        return self._sessions[name]
+
+    def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.session(name)
+        start = time.perf_counter()
+        out = session(feeds)
+        self.timings[name].append(time.perf_counter() - start)
+        return out
+
+    # -- Segments ------------------------------------------------------------------------------
+    def context(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.run("context", inputs)
+
+    def conditioning(self, timestep: float, context: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = next(iter(context.values())).shape[0]
+        feeds = {**context, "timestep": np.full((batch,), timestep, dtype=np.float32)}
+        return {**context, **self.run("time", feeds)}
+
+    def embed(self, latents: np.ndarray) -> np.ndarray:
+        positions = self.bundle.positions(latents.shape[-2], latents.shape[-1])
+        return self.run("embed", {"latents": latents, "pos_embed": positions})["hidden"]
+
+    def blocks(
+        self, start: int, end: int, hidden: np.ndarray, cond, feed: np.ndarray | None = None
+    ) -> np.ndarray:
+        position = start
+        for first, last, name, feedable in self.block_segments:
+            if first < start or last > end:
+                continue
+            if first != position:
+                break
+            feeds = {**cond, "hidden": hidden}
+            if feedable:
+                feeds["feed"] = feed if feed is not None else np.zeros_like(hidden)
+            hidden = self.run(name, feeds)["hidden_out"]
+            position = last + 1
+        if position != end + 1:
+            raise ConfigError(f"the bundle has no segments covering blocks {start}-{end} exactly")
+        return hidden
+
+    def inner_loop(self, hidden: np.ndarray, cond, cond_post) -> np.ndarray:
+        start, end = self.loop  # type: ignore[misc]  # check_plan guarantees a loop
+        f_feed = self.run("feedback", {**cond, "hidden": self.blocks(start, end, hidden, cond)})["feed"]
+        return self.blocks(start, end, hidden, cond_post, feed=f_feed)
+
+    def final(self, hidden: np.ndarray, cond, height: int, width: int) -> np.ndarray:
+        tokens = self.run("final", {**cond, "hidden": hidden})["tokens"]
+        p, c = self.patch_size, self.out_channels
+        x = tokens.reshape(tokens.shape[0], height // p, width // p, p, p, c)
+        return x.transpose(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], c, height, width)
+
+    def concat(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(arrays)

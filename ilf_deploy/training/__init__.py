@@ -1,0 +1,1 @@
+"""Training: the default model (VAE + text-to-image PixArt on the shapes dataset) and ILF feedback."""

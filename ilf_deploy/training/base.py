@@ -1,0 +1,313 @@
+"""Train the default model from scratch on CPU: a tiny VAE, a frozen random T5, a small PixArt-α.
+
+Stages (each resumable from its checkpoint in `work_dir`):
+  vae          AutoencoderKL 64×64×3 -> 4×16×16 (L1 + MSE + a small KL)
+  latents      encode the training images once (posterior means × scaling factor)
+  transformer  PixArt-α epsilon prediction, 10% caption dropout to "" (for guidance), EMA weights
+  save         a diffusers `PixArtAlphaPipeline` directory (real `save_pretrained`)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import IMAGE_SIZE, TRAIN_SEED, make_batch, to_tensor_range
+from ..schedulers import PIXART_SCHEDULER_CONFIG
+from .common import (
+    Deadline,
+    add_noise,
+    alphas_cumprod,
+    cosine_lr,
+    ema_update,
+    load_checkpoint,
+    log_line,
+    save_checkpoint,
+    warmup_lr,
+)
+
+MAX_LENGTH = 120  # PixArt-α's T5 length: what `TorchGenerator.encode_prompt` pads to
+TRAIN_TEXT_LENGTH = 32  # captions are < 32 tokens; masked padding changes nothing (see encode_text)
+VAE_CHANNELS = (16, 32, 64)  # 3 levels -> 64 px / 4 = 16×16 latents
+T5_CONFIG: dict[str, Any] = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    num_attention_heads=3,
+    attention_head_dim=64,
+    in_channels=4,
+    out_channels=4,  # no learned sigma: plain epsilon prediction
+    num_layers=12,
+    sample_size=IMAGE_SIZE // 4,
+    patch_size=2,
+    norm_type="ada_norm_single",
+    norm_eps=1e-6,
+    norm_elementwise_affine=False,
+    cross_attention_dim=192,
+    caption_channels=T5_CONFIG["d_model"],
+    attention_bias=True,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000,
+    interpolation_scale=1,
+    use_additional_conditions=False,
+)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=1.0,  # replaced by 1/std of the training latents after VAE training
+    )
+
+
+def build_text(seed: int = 0):
+    """(tokenizer, frozen random-init T5 encoder): PixArt freezes its T5 as well."""
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from ..tokenizer import EOS, PAD, UNK, build_word_tokenizer
+
+    tok = build_word_tokenizer()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=MAX_LENGTH
+    )
+    config = T5Config(
+        vocab_size=tok.get_vocab_size(),
+        **T5_CONFIG,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = T5EncoderModel(config)
+    return tokenizer, encoder.eval().requires_grad_(False)
+
+
+def build_transformer(seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return PixArtTransformer2DModel(**TRANSFORMER_CONFIG)
+
+
+@torch.no_grad()
+def encode_text(tokenizer, encoder, captions: list[str], length: int = TRAIN_TEXT_LENGTH):
+    """T5 embeddings as `TorchGenerator.encode_prompt` computes them, but padded to `length`.
+
+    The encoder's attention masks padding out and the transformer's cross-attention adds -10000 to
+    it, so the embeddings of the real tokens are the same as at the full 120 and padding is inert.
+    """
+    tokens = tokenizer(
+        [c.lower().strip() for c in captions],
+        padding="max_length",
+        max_length=length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
+    embeds = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+    return embeds, tokens.attention_mask
+
+
+# -- VAE ---------------------------------------------------------------------------------------
+
+
+def train_vae(work: Path, *, steps: int, batch: int, lr: float, minutes: float | None, log: Path | None):
+    ckpt = work / "vae.pt"
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    start = 0
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    deadline = Deadline(minutes)
+    vae.train()
+    step = start
+    for step in range(start, steps):
+        if deadline.passed():
+            break
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, 50)
+        # Fresh images every step (index space is disjoint from nothing: the generator is infinite).
+        x = to_tensor_range(make_batch(range(step * batch, (step + 1) * batch), TRAIN_SEED + 100).images)
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample()).sample
+        l1, mse = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+        kl = dist.kl().mean() / dist.mean[0].numel()
+        loss = l1 + mse + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            psnr = 10 * torch.log10(4.0 / mse.detach())
+            log_line(log, f"vae step {step} loss {loss.item():.4f} psnr {psnr.item():.2f} kl {kl.item():.3f}")
+        if (step + 1) % 100 == 0:
+            save_checkpoint(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    save_checkpoint(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    return vae.eval()
+
+
+def load_vae(work: Path):
+    vae = build_vae()
+    vae.load_state_dict(load_checkpoint(work / "vae.pt")["model"])
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(work: Path, *, count: int, log: Path | None, chunk: int = 256) -> None:
+    """Posterior means of `count` training images; sets the VAE scaling factor to 1/std."""
+    vae = load_vae(work)
+    latents, captions = [], []
+    for start in range(0, count, chunk):
+        b = make_batch(range(start, min(start + chunk, count)), TRAIN_SEED)
+        latents.append(vae.encode(to_tensor_range(b.images)).latent_dist.mean)
+        captions += b.captions
+        log_line(log, f"latents {start + len(b.captions)}/{count}")
+    z = torch.cat(latents)
+    scale = float(1.0 / z.std())
+    torch.save({"latents": z * scale, "captions": captions, "scaling_factor": scale}, work / "latents.pt")
+    log_line(log, f"latents std {z.std().item():.4f} mean {z.mean().item():.4f} -> scaling {scale:.5f}")
+
+
+# -- transformer --------------------------------------------------------------------------------
+
+
+def train_transformer(
+    work: Path,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    minutes: float | None,
+    log: Path | None,
+    caption_dropout: float = 0.1,
+    seed: int = 0,
+):
+    data = torch.load(work / "latents.pt", weights_only=False)
+    latents, captions = data["latents"], data["captions"]
+    tokenizer, encoder = build_text(seed)
+    null_embeds, null_mask = encode_text(tokenizer, encoder, [""])
+    model = build_transformer(seed)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    ckpt = work / "transformer.pt"
+    start = 0
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    ac = alphas_cumprod()
+    gen = torch.Generator().manual_seed(seed + start)  # resumed runs continue with fresh draws
+    deadline = Deadline(minutes)
+    model.train()
+    step = start
+    for step in range(start, steps):
+        if deadline.passed():
+            break
+        for group in opt.param_groups:
+            group["lr"] = warmup_lr(step, lr, 200)
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        x0 = latents[idx]
+        embeds, mask = encode_text(tokenizer, encoder, [captions[i] for i in idx.tolist()])
+        drop = torch.rand(batch, generator=gen) < caption_dropout
+        embeds = torch.where(drop[:, None, None], null_embeds.expand_as(embeds), embeds)
+        mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        xt = add_noise(x0, noise, t.float(), ac)
+        pred = model(
+            xt,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=mask,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, model, step)
+        if step % 20 == 0:
+            log_line(log, f"transformer step {step} loss {loss.item():.4f}")
+        if (step + 1) % 100 == 0:
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+            save_checkpoint(ckpt, {**state, "step": step + 1})
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+    save_checkpoint(ckpt, {**state, "step": step + 1})
+    return ema.eval()
+
+
+# -- save ---------------------------------------------------------------------------------------
+
+
+def save_pipeline(work: Path, out_dir: Path, *, seed: int = 0, use_ema: bool = True) -> Path:
+    """Write the trained parts as a `PixArtAlphaPipeline` directory (keeps an existing feedback/)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    from ..tiny import _portable_tokenizer
+
+    vae = load_vae(work)
+    vae.register_to_config(
+        scaling_factor=torch.load(work / "latents.pt", weights_only=False)["scaling_factor"]
+    )
+    tokenizer, encoder = build_text(seed)
+    transformer = build_transformer(seed)
+    transformer.load_state_dict(load_checkpoint(work / "transformer.pt")["ema" if use_ema else "model"])
+    scheduler_config = {k: v for k, v in PIXART_SCHEDULER_CONFIG.items() if not k.startswith("_")}
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        vae=vae,
+        transformer=transformer.eval(),
+        scheduler=DPMSolverMultistepScheduler(**scheduler_config),
+    )
+    out_dir = Path(out_dir)
+    keep = out_dir / "feedback"
+    saved_feedback = None
+    if keep.is_dir():  # a re-save of the base model must not drop a trained feedback
+        saved_feedback = work / "feedback.keep"
+        shutil.rmtree(saved_feedback, ignore_errors=True)
+        shutil.copytree(keep, saved_feedback)
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    _portable_tokenizer(out_dir, MAX_LENGTH)
+    if saved_feedback is not None and not keep.is_dir():
+        shutil.copytree(saved_feedback, keep)
+    (out_dir / "training.json").write_text(
+        json.dumps(
+            {
+                "dataset": "ilf_deploy.data (captioned shapes, 64x64)",
+                "vae": {"block_out_channels": list(VAE_CHANNELS)},
+                "text_encoder": {"random_init_frozen_seed": seed, **T5_CONFIG},
+                "transformer_params": sum(p.numel() for p in transformer.parameters()),
+                "steps": load_checkpoint(work / "transformer.pt")["step"],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return out_dir
