@@ -30,3 +30,16 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dirs) -> dict[str, LoadedModel]:
     return {name: load_model(path) for name, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
+    """fp32 bundles of the tiny models with a plain, an ILF and a caching plan."""
+    from ilf_deploy.export.build import BuildOptions, build_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    options = BuildOptions(plans=("base-4", "ilf-4", "cache-6"))
+    return {
+        name: build_bundle(tiny_dirs[name], root / name, options)
+        for name in ("pixart-alpha", "pixart-alpha-1024", "pixart-sigma", "dit")
+    }

@@ -125,3 +125,59 @@ def test_make_tiny_and_help(tmp_path):
     for command in ("plan", "generate", "make-tiny"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_bundle_commands(tiny_dirs, tmp_path):
+    bundle = tmp_path / "bundle"
+    result = invoke("build", tiny_dirs["dit"], "--out", bundle, "--plans", "base-4,ilf-4")
+    assert result.exit_code == 0, result.output
+    result = invoke("inspect", bundle)
+    assert result.exit_code == 0 and "blocks_" in result.output and "ilf-4" in result.output
+    assert json.loads(invoke("inspect", bundle, "--json").output)["architecture"] == "dit"
+    report = tmp_path / "verify.json"
+    result = invoke("verify", bundle, "--json", report)
+    assert result.exit_code == 0, result.output
+    assert all(check["ok"] for check in json.loads(report.read_text()))
+    bench_json, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = invoke("bench", bundle, "--runs", "1", "--json", bench_json, "--plot", chart)
+    assert result.exit_code == 0, result.output
+    rows = {row["plan"]: row for row in json.loads(bench_json.read_text())["plans"]}
+    assert rows["ilf-4"]["block_forwards"] > rows["base-4"]["block_forwards"]  # every step has feedback
+    assert rows["ilf-4"]["predicted_speedup"] == pytest.approx(
+        rows["base-4"]["block_forwards"] / rows["ilf-4"]["block_forwards"]
+    )
+    assert "blocks_" in " ".join(rows["ilf-4"]["stages"]) and Image.open(chart).size[0] > 0
+    image = tmp_path / "x.png"
+    result = invoke("generate", bundle, "--plan", "ilf-4", "--class-label", "2", "--out", image)
+    assert result.exit_code == 0, result.output
+    assert Image.open(image).size == (32, 32)
+    result = invoke(
+        "generate", bundle, "--plan", "ilf-4", "--class-label", "2", "--backend", "torch", "--out", image
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_bundle_command_errors(tiny_dirs, tmp_path):
+    bundle = tmp_path / "bundle"
+    assert invoke("build", tiny_dirs["dit"], "--out", bundle, "--plans", "base-2").exit_code == 0
+    assert_one_line_error(invoke("build", tiny_dirs["dit"], "--out", bundle), "--force")
+    assert_one_line_error(
+        invoke("build", tiny_dirs["dit"], "--out", tmp_path / "x", "--precision", "int2"), "precision"
+    )
+    assert_one_line_error(
+        invoke("build", tiny_dirs["dit"], "--out", tmp_path / "x", "--resolutions", "big"), "HxW"
+    )
+    assert_one_line_error(invoke("inspect", tmp_path), "not a bundle")
+    assert_one_line_error(
+        invoke("generate", bundle, "--plan", "ilf-4", "--class-label", "1"), "not in this bundle"
+    )
+    assert_one_line_error(
+        invoke("generate", bundle, "--plan", "base-2", "--class-label", "1", "--backend", "tensorrt"),
+        "backend",
+    )
+    assert_one_line_error(
+        invoke("generate", tiny_dirs["dit"], "--class-label", "1", "--backend", "onnxruntime"), "not a bundle"
+    )
+    assert_one_line_error(invoke("bench", bundle, "--runs", "0"), "--runs")
+    (bundle / "plans" / "base-2.json").write_text("{}")
+    assert_one_line_error(invoke("verify", bundle), "sha256")

@@ -19,30 +19,29 @@ class DiTAdapter(Adapter):
 
     architecture = "dit"
     context_inputs = ("class_labels",)
-    context_outputs = ("class_labels",)
+    # Not named like the inputs: an ONNX graph cannot have an input and an output of one name.
+    context_outputs = ("labels",)
     time_context_inputs = ()
-    time_outputs = ("timestep",)
-    block_inputs = ("timestep", "class_labels")
-    final_inputs = ("timestep", "class_labels")
+    time_outputs = ("timesteps",)
+    block_inputs = ("timesteps", "labels")
+    final_inputs = ("timesteps", "labels")
 
     @property
     def num_classes(self) -> int:
         return int(self.config.num_embeds_ada_norm)
 
     def context(self, inputs: Cond) -> Cond:
-        return {"class_labels": inputs["class_labels"].long()}
+        return {"labels": inputs["class_labels"].long()}
 
     def time_cond(self, timestep: torch.Tensor, context: Cond) -> Cond:
-        return {"timestep": timestep}
+        return {"timesteps": timestep}
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return block(hidden, timestep=cond["timestep"], class_labels=cond["class_labels"])
+        return block(hidden, timestep=cond["timesteps"], class_labels=cond["labels"])
 
     def final_tokens(self, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
         t = self.transformer
-        emb = t.transformer_blocks[0].norm1.emb(
-            cond["timestep"], cond["class_labels"], hidden_dtype=hidden.dtype
-        )
+        emb = t.transformer_blocks[0].norm1.emb(cond["timesteps"], cond["labels"], hidden_dtype=hidden.dtype)
         shift, scale = t.proj_out_1(F.silu(emb)).chunk(2, dim=1)
         hidden = t.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
         return t.proj_out_2(hidden)

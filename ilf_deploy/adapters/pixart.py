@@ -17,7 +17,6 @@ class PixArtAdapter(Adapter):
     """
 
     architecture = "pixart"
-    context_inputs = ("prompt_embeds", "prompt_mask")
     block_inputs = ("context", "context_bias", "temb")
     final_inputs = ("temb_final",)
     time_outputs = ("temb", "temb_final")
@@ -31,8 +30,11 @@ class PixArtAdapter(Adapter):
         return bool(self.transformer.use_additional_conditions)
 
     @property
-    def context_outputs(self) -> tuple[str, ...]:
-        return ("context", "context_bias", *self.time_context_inputs)
+    def context_inputs(self) -> tuple[str, ...]:
+        return ("prompt_embeds", "prompt_mask", *self.time_context_inputs)
+
+    # (`context()` also passes the size conditions through, but they are inputs, not outputs.)
+    context_outputs = ("context", "context_bias")
 
     @property
     def time_context_inputs(self) -> tuple[str, ...]:
@@ -50,9 +52,8 @@ class PixArtAdapter(Adapter):
         # The same bias the diffusers forward builds from a (B, L) mask: 0 keep, -10000 drop.
         bias = ((1 - mask.to(context.dtype)) * -10000.0).unsqueeze(1)
         out = {"context": context, "context_bias": bias}
-        if self.uses_size_conditions:
-            out["resolution"] = inputs["resolution"].to(context.dtype)
-            out["aspect_ratio"] = inputs["aspect_ratio"].to(context.dtype)
+        for name in self.time_context_inputs:  # size conditions pass through to the time embedding
+            out[name] = inputs[name].to(context.dtype)
         return out
 
     def time_cond(self, timestep: torch.Tensor, context: Cond) -> Cond:

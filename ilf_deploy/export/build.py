@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import copy
 import json
 import shutil
 import tempfile
@@ -18,16 +18,7 @@ from ..loading import LoadedModel, load_model
 from ..plan import resolve_plan
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file, tool_versions
 from .onnx import export_segment, onnx_io
-from .segments import (
-    BlocksSegment,
-    ContextSegment,
-    EmbedSegment,
-    FeedbackSegment,
-    FinalSegment,
-    TextEncoderSegment,
-    TimeSegment,
-    VaeDecoderSegment,
-)
+from .segments import segment_specs
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_PLANS = ("base-20", "ilf-10", "cache-20")
@@ -41,11 +32,6 @@ class BuildOptions:
     resolutions: Sequence[tuple[int, int]] = ()  # (height, width) in pixels; default: the model's
     copy_model: bool = True  # keep the source pipeline inside, for the torch backend and `verify`
     force: bool = False
-
-
-def block_ranges(cut_points: Sequence[int]) -> list[tuple[int, int]]:
-    """Cut points [0, 8, 20, 28] -> inclusive block ranges [(0, 7), (8, 19), (20, 27)]."""
-    return [(a, b - 1) for a, b in itertools.pairwise(cut_points)]
 
 
 def build_bundle(
@@ -121,71 +107,30 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
     dtype = PRECISIONS[options.precision]
     cut_points = sorted({p for plan in plans for p in plan.cut_points})
     loop = feedback.loop if feedback else None
-    examples = _example_tensors(model, resolutions[0])
+    examples = example_tensors(model, resolutions[0])
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if t.is_floating_point() else t
 
-    # (name, module, input names, output names, blocks, keep fp32)
-    specs: list[
-        tuple[str, torch.nn.Module, tuple[str, ...], tuple[str, ...], tuple[int, int] | None, bool]
-    ] = [
-        ("embed", EmbedSegment(adapter), ("latents", "pos_embed"), ("hidden",), None, False),
-        ("context", ContextSegment(adapter), adapter.context_inputs, adapter.context_outputs, None, False),
-        (
-            "time",
-            TimeSegment(adapter),
-            ("timestep", *adapter.time_context_inputs),
-            adapter.time_outputs,
-            None,
-            False,
-        ),
-    ]
-    for start, end in block_ranges(cut_points):
-        inside = loop is not None and loop[0] <= start and end <= loop[1]
-        module = BlocksSegment(adapter, start, end, feedback if inside else None)
-        names = ("hidden", "feed", *adapter.block_inputs) if inside else ("hidden", *adapter.block_inputs)
-        specs.append((f"blocks_{start:02d}_{end:02d}", module, names, ("hidden_out",), (start, end), False))
-    if feedback is not None and any(plan.feedback_steps for plan in plans):
-        specs.append(
-            (
-                "feedback",
-                FeedbackSegment(adapter, feedback),
-                ("hidden", *adapter.block_inputs),
-                ("feed",),
-                None,
-                False,
-            )
-        )
-    specs.append(
-        ("final", FinalSegment(adapter), ("hidden", *adapter.final_inputs), ("tokens",), None, False)
-    )
-    if model.text_encoder is not None:
-        # T5 overflows in fp16, so the text encoder always stays fp32 (as PixArt deployments do).
-        specs.append(
-            (
-                "text_encoder",
-                TextEncoderSegment(model.text_encoder),
-                ("input_ids", "attention_mask"),
-                ("prompt_embeds",),
-                None,
-                True,
-            )
-        )
-    specs.append(("vae_decoder", VaeDecoderSegment(model.vae), ("latents",), ("images",), None, True))
-
+    with_feedback = feedback is not None and any(plan.feedback_steps for plan in plans)
+    specs = segment_specs(model, cut_points, with_feedback)
     segments = {}
-    for index, (name, module, inputs, outputs, blocks, keep_fp32) in enumerate(specs):
+    for index, spec in enumerate(specs):
         if progress:
-            progress(name, index, len(specs))
-        seg_dtype = torch.float32 if keep_fp32 else dtype
-        module = module.to(seg_dtype)
-        args = tuple(examples[n] if keep_fp32 else cast(examples[n]) for n in inputs)
-        path = root / "onnx" / f"{name}.onnx"
-        export_segment(module, args, path, inputs, outputs)
-        module.to(torch.float32)
+            progress(spec.name, index, len(specs))
+        low = dtype != torch.float32 and not spec.keep_fp32
+        # A copy for lower precision: the segments share (and must not round) the model's weights.
+        module = copy.deepcopy(spec.module).to(dtype) if low else spec.module
+        args = tuple(cast(examples[n]) if low else examples[n] for n in spec.inputs)
+        path = root / "onnx" / f"{spec.name}.onnx"
+        export_segment(module, args, path, spec.inputs, spec.outputs)
         io_in, io_out = onnx_io(path)
-        segments[name] = {"file": f"onnx/{name}.onnx", "inputs": io_in, "outputs": io_out, "blocks": blocks}
+        segments[spec.name] = {
+            "file": f"onnx/{spec.name}.onnx",
+            "inputs": io_in,
+            "outputs": io_out,
+            "blocks": spec.blocks,
+        }
     if progress:
         progress("plans", len(specs), len(specs))
 
@@ -230,7 +175,7 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
     }
 
 
-def _example_tensors(model: LoadedModel, resolution: tuple[int, int]) -> dict[str, torch.Tensor]:
+def example_tensors(model: LoadedModel, resolution: tuple[int, int]) -> dict[str, torch.Tensor]:
     """One consistent set of example inputs (batch 2, as with guidance) for tracing every segment."""
     adapter = model.adapter
     gen = torch.Generator().manual_seed(0)

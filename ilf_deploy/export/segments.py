@@ -7,6 +7,8 @@ so that the ONNX graphs, the manifest and the runtime agree on names without per
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,16 +16,20 @@ from torch import nn
 from ..adapters import Adapter
 from ..ilf import FeedbackModule
 
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
+
 
 @dataclass(frozen=True)
 class SegmentSpec:
-    """What the exporter needs: the module, its input/output names, example inputs, dynamic axes."""
+    """One bundle segment: its module and the names of its inputs and outputs."""
 
     name: str
     module: nn.Module
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    blocks: tuple[int, int] | None = None  # inclusive block range for block segments
+    blocks: tuple[int, int] | None = None  # inclusive block range of block segments
+    keep_fp32: bool = False  # exported in fp32 whatever the bundle's precision
 
 
 class EmbedSegment(nn.Module):
@@ -123,3 +129,41 @@ class VaeDecoderSegment(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode(latents / self.scaling).sample
         return (images / 2 + 0.5).clamp(0, 1)
+
+
+def block_ranges(cut_points: list[int]) -> list[tuple[int, int]]:
+    """Cut points [0, 8, 20, 28] -> inclusive block ranges [(0, 7), (8, 19), (20, 27)]."""
+    return [(a, b - 1) for a, b in pairwise(cut_points)]
+
+
+def segment_specs(model: LoadedModel, cut_points: list[int], with_feedback: bool) -> list[SegmentSpec]:
+    """Every segment of a bundle cut at `cut_points`, in export order."""
+    adapter, feedback = model.adapter, model.feedback if with_feedback else None
+    loop = feedback.loop if feedback else None
+    specs = [
+        SegmentSpec("embed", EmbedSegment(adapter), ("latents", "pos_embed"), ("hidden",)),
+        SegmentSpec("context", ContextSegment(adapter), adapter.context_inputs, adapter.context_outputs),
+        SegmentSpec(
+            "time", TimeSegment(adapter), ("timestep", *adapter.time_context_inputs), adapter.time_outputs
+        ),
+    ]
+    for start, end in block_ranges(cut_points):
+        inside = loop is not None and loop[0] <= start and end <= loop[1]
+        module = BlocksSegment(adapter, start, end, feedback if inside else None)
+        names = ("hidden", "feed", *adapter.block_inputs) if inside else ("hidden", *adapter.block_inputs)
+        specs.append(
+            SegmentSpec(f"blocks_{start:02d}_{end:02d}", module, names, ("hidden_out",), (start, end))
+        )
+    if feedback is not None:
+        inputs = ("hidden", *adapter.block_inputs)
+        specs.append(SegmentSpec("feedback", FeedbackSegment(adapter, feedback), inputs, ("feed",)))
+    specs.append(SegmentSpec("final", FinalSegment(adapter), ("hidden", *adapter.final_inputs), ("tokens",)))
+    if model.text_encoder is not None:
+        # T5 overflows in fp16, so the text encoder always stays fp32 (as PixArt deployments do).
+        module = TextEncoderSegment(model.text_encoder)
+        inputs = ("input_ids", "attention_mask")
+        specs.append(SegmentSpec("text_encoder", module, inputs, ("prompt_embeds",), keep_fp32=True))
+    if model.vae is not None:
+        decoder = VaeDecoderSegment(model.vae)
+        specs.append(SegmentSpec("vae_decoder", decoder, ("latents",), ("images",), keep_fp32=True))
+    return specs

@@ -77,20 +77,28 @@ class Generator(ABC):
         return np.random.default_rng(request.seed).standard_normal(shape, dtype=np.float32)
 
     def inputs(self, request: Request, guided: bool, latent_hw: tuple[int, int]) -> dict[str, Array]:
-        """The model's conditioning inputs, batched [uncond; cond] when guiding."""
+        """One request's conditioning inputs, as [uncond, cond] rows when guiding."""
+        return self.batch_inputs([request], guided, latent_hw)
+
+    def batch_inputs(
+        self, requests: list[Request], guided: bool, latent_hw: tuple[int, int]
+    ) -> dict[str, Array]:
+        """Conditioning for a batch, ordered [uncond_1..n; cond_1..n] when guiding (the loop's layout)."""
         if self.facts.architecture == "dit":
             null = self.facts.num_classes
-            if request.class_label is None:
-                raise ConfigError("DiT models need --class-label")
-            if not 0 <= request.class_label < null:
-                raise ConfigError(f"class label must be in 0..{null - 1}, got {request.class_label}")
-            labels = [null, request.class_label] if guided else [request.class_label]
+            for request in requests:
+                if request.class_label is None:
+                    raise ConfigError("DiT models need --class-label")
+                if not 0 <= request.class_label < null:
+                    raise ConfigError(f"class label must be in 0..{null - 1}, got {request.class_label}")
+            labels = [r.class_label for r in requests]
+            labels = [null] * len(labels) + labels if guided else labels
             return {"class_labels": self.array(np.array(labels, dtype=np.int64))}
-        embeds, mask = self.encode_prompt(request.prompt)
+        encoded = [self.encode_prompt(r.prompt) for r in requests]
         if guided:
-            neg_embeds, neg_mask = self.encode_prompt(request.negative_prompt)
-            embeds, mask = self.concat([neg_embeds, embeds]), self.concat([neg_mask, mask])
-        out = {"prompt_embeds": embeds, "prompt_mask": mask}
+            encoded = [self.encode_prompt(r.negative_prompt) for r in requests] + encoded
+        embeds = self.concat([e for e, _ in encoded])
+        out = {"prompt_embeds": embeds, "prompt_mask": self.concat([m for _, m in encoded])}
         if self.facts.uses_size_conditions:
             height, width = (v * self.facts.vae_scale_factor for v in latent_hw)
             batch = embeds.shape[0]
@@ -105,12 +113,35 @@ class Generator(ABC):
         latents: np.ndarray | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> Array:
+        """One image's final latents (1, C, h, w)."""
+        return self.generate_batch(plan, [request], None if latents is None else [latents], on_step)
+
+    def generate_batch(
+        self,
+        plan: StepPlan,
+        requests: list[Request],
+        latents: list[np.ndarray] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> Array:
+        """Several requests of one size in one batch: every segment call serves them all."""
+        if not requests:
+            raise ConfigError("no requests to generate")
+        shape = (1, self.facts.latent_channels, *self.latent_size(requests[0]))
+        if any(self.latent_size(r) != shape[2:] for r in requests[1:]):
+            raise ConfigError("a batch must share one image size")
         if latents is None:
-            latents = self.initial_latents(request)
-        expected = (1, self.facts.latent_channels, *self.latent_size(request))
-        if tuple(latents.shape) != expected:
-            raise ConfigError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
-        guided = request.guidance_scale > 1.0
-        inputs = self.inputs(request, guided, expected[2:])
-        x = self.array(np.asarray(latents, dtype=np.float32))
-        return denoise(self.segments, plan, x, inputs, request.guidance_scale, on_step)
+            latents = [self.initial_latents(r) for r in requests]
+        for array in latents:
+            if tuple(array.shape) != shape:
+                raise ConfigError(f"latents must have shape {shape}, got {tuple(array.shape)}")
+        guided = any(r.guidance_scale > 1.0 for r in requests)
+        inputs = self.batch_inputs(requests, guided, shape[2:])
+        x = self.array(np.concatenate([np.asarray(a, dtype=np.float32) for a in latents]))
+        scales = [max(r.guidance_scale, 1.0) for r in requests]
+        # One scale for the batch when all agree (a float); else per-image scales broadcast over (C, h, w).
+        guidance = (
+            scales[0]
+            if len(set(scales)) == 1
+            else self.array(np.array(scales, np.float32)[:, None, None, None])
+        )
+        return denoise(self.segments, plan, x, inputs, guidance if guided else 1.0, on_step)

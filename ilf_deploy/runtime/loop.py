@@ -82,12 +82,14 @@ def denoise(
     plan: StepPlan,
     latents: Array,
     inputs: dict[str, Array],
-    guidance_scale: float,
+    guidance_scale: float | Array,
     on_step: Callable[[int], None] | None = None,
 ) -> Array:
-    """Run every step of `plan` from `latents`; `inputs` are batched [uncond; cond] when guiding."""
+    """Run every step of `plan` from `latents`; `inputs` are batched [uncond; cond] when guiding.
+
+    `guidance_scale` is one number, or one per image shaped to broadcast over (B, C, h, w)."""
     check_plan(plan, seg)
-    guided = guidance_scale > 1.0
+    guided = not isinstance(guidance_scale, (int, float)) or guidance_scale > 1.0
     context = seg.context(inputs)
     x, x0_history, deltas = latents, [], {}
     for step in plan.steps:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +37,7 @@ class OrtSession:
     def __init__(self, path, providers: list[str], threads: int | None) -> None:
         import onnxruntime as ort
 
+        self.path = Path(path)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -47,6 +50,9 @@ class OrtSession:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in self.inputs if name not in feeds]
+        if missing:
+            raise BundleError(f"segment {self.path.name} needs inputs {missing} the runtime did not give")
         cast = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self.inputs.items()}
         return dict(zip(self.outputs, self.session.run(self.outputs, cast), strict=True))
 
@@ -74,6 +80,7 @@ class OrtSegments:
             if spec.get("blocks")
         )
         self.timings: dict[str, list[float]] = defaultdict(list)  # seconds per call, by segment
+        self.recorder: Callable[[str, dict[str, np.ndarray]], None] | None = None  # sees every call's feeds
 
     def session(self, name: str) -> OrtSession:
         if name not in self._sessions:
@@ -84,6 +91,8 @@ class OrtSegments:
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.session(name)
+        if self.recorder is not None:
+            self.recorder(name, feeds)
         start = time.perf_counter()
         out = session(feeds)
         self.timings[name].append(time.perf_counter() - start)
@@ -91,7 +100,8 @@ class OrtSegments:
 
     # -- Segments ------------------------------------------------------------------------------
     def context(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.run("context", inputs)
+        # Inputs stay visible: the time segment reads the size conditions from them.
+        return {**inputs, **self.run("context", inputs)}
 
     def conditioning(self, timestep: float, context: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = next(iter(context.values())).shape[0]

@@ -1,0 +1,118 @@
+"""`bench`: per-stage latency of a bundle's plans, and measured against predicted speedup."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .plan import StepPlan
+from .runtime.generator import Generator, Request
+
+
+@dataclass
+class PlanResult:
+    plan: str
+    steps: int
+    block_forwards: int
+    latencies: list[float]  # seconds, end to end (text encoder .. VAE decode), one per measured run
+    stages: dict[str, tuple[int, float]] = field(default_factory=dict)  # stage -> (calls, median seconds)
+
+    @property
+    def latency(self) -> float:
+        return statistics.median(self.latencies)
+
+    def to_dict(self) -> dict:
+        return {
+            "plan": self.plan,
+            "steps": self.steps,
+            "block_forwards": self.block_forwards,
+            "latency_s": self.latency,
+            "latencies_s": self.latencies,
+            "images_per_s": 1.0 / self.latency,
+            "stages": {k: {"calls": c, "seconds": s} for k, (c, s) in self.stages.items()},
+        }
+
+
+def bench_plans(
+    generator: Generator,
+    plans: list[StepPlan],
+    request: Request,
+    runs: int = 3,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> list[PlanResult]:
+    """Median of `runs` runs after `warmup` for each plan; stages from the segments' own timers."""
+    timings = getattr(generator.segments, "timings", None)  # ONNX Runtime records per-segment times
+    results = []
+    for plan in plans:
+        latencies: list[float] = []
+        per_run: list[dict[str, tuple[int, float]]] = []
+        for index in range(warmup + runs):
+            if progress:
+                progress(f"{plan.name} run {index + 1}/{warmup + runs}")
+            if timings is not None:
+                timings.clear()
+            start = time.perf_counter()
+            latents = generator.generate_latents(plan, request)
+            generated = time.perf_counter()
+            generator.decode(latents)
+            end = time.perf_counter()
+            if index < warmup:
+                continue
+            latencies.append(end - start)
+            stages: dict[str, tuple[int, float]] = {}
+            if timings is not None:
+                stages = {name: (len(calls), sum(calls)) for name, calls in timings.items()}
+                in_loop = sum(s for name, (_, s) in stages.items() if name != "vae_decoder")
+                stages["scheduler + glue"] = (plan.num_steps, (generated - start) - in_loop)
+            per_run.append(stages)
+        names = per_run[0].keys() if per_run else []
+        stages = {n: (per_run[0][n][0], statistics.median(r[n][1] for r in per_run)) for n in names}
+        results.append(PlanResult(plan.name, plan.num_steps, plan.block_forwards, latencies, stages))
+    return results
+
+
+def baseline_of(results: list[PlanResult]) -> PlanResult | None:
+    """The plain plan with the most steps is what speedups are measured against."""
+    plain = [r for r in results if r.plan.startswith("base-")]
+    return max(plain, key=lambda r: r.steps) if plain else None
+
+
+def summary(results: list[PlanResult]) -> list[dict]:
+    base = baseline_of(results)
+    rows = []
+    for r in results:
+        row = {**r.to_dict()}
+        if base is not None:
+            measured = base.latency / r.latency
+            predicted = base.block_forwards / r.block_forwards
+            row.update(
+                baseline=base.plan,
+                measured_speedup=measured,
+                predicted_speedup=predicted,
+                speedup_ratio=measured / predicted,
+            )
+        rows.append(row)
+    return rows
+
+
+def plot(results: list[PlanResult], path: Path) -> None:
+    """A horizontal bar per plan (median latency), drawn with Pillow to avoid a plotting dependency."""
+    from PIL import Image, ImageDraw
+
+    width, bar, pad, label = 720, 28, 12, 150
+    height = pad * 2 + len(results) * (bar + pad)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    longest = max(r.latency for r in results)
+    for i, r in enumerate(results):
+        top = pad + i * (bar + pad)
+        length = int((width - label - 2 * pad - 120) * r.latency / longest)
+        draw.text((pad, top + 8), r.plan, fill="black")
+        draw.rectangle([label, top, label + length, top + bar], fill=(70, 110, 190))
+        text = f"{r.latency * 1000:.0f} ms, {r.block_forwards} blk"
+        draw.text((label + length + 6, top + 8), text, fill="black")
+    image.save(path)
