@@ -154,14 +154,14 @@ def plan_command(
 # -- generate --------------------------------------------------------------------------------
 
 
-def _open(source: str, backend: str | None):
+def _open(source: str, backend: str | None, variant: str | None = None):
     """(generator, plan resolver, architecture) for a bundle or a model directory / hub id."""
     from .runtime.bundle import Bundle, is_bundle
 
     if is_bundle(source):
         from .runtime.pipeline import open_generator
 
-        generator = open_generator(source, backend or "onnxruntime")
+        generator = open_generator(source, backend or "onnxruntime", variant=variant)
         bundle = Bundle.load(source, verify_hashes=False)  # open_generator has checked the hashes
         return generator, bundle.plan, bundle.architecture
     if backend not in (None, "torch"):
@@ -183,6 +183,7 @@ def _open(source: str, backend: str | None):
 
 
 BACKEND_HELP = "onnxruntime or torch (default: onnxruntime for bundles, torch for model directories)."
+VARIANT_HELP = "A precision variant added to the bundle after the build (e.g. quantized segments)."
 
 
 @command()
@@ -214,6 +215,7 @@ def generate(
         Path | None, typer.Option("--out", "-o", help="Write the image here (.png).")
     ] = None,
     backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None,
+    variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
 ) -> None:
     """Generate an image by running a step plan (ONNX Runtime for bundles, PyTorch for models)."""
     import numpy as np
@@ -222,7 +224,7 @@ def generate(
     for path in (latents_out, image_out):
         if path is not None and not path.parent.exists():
             raise ConfigError(f"output directory {path.parent} does not exist")
-    generator, resolve, architecture = _open(model, backend)
+    generator, resolve, architecture = _open(model, backend, variant)
     if architecture == "dit" and class_label is None:
         raise ConfigError("DiT models need --class-label")
     if architecture != "dit" and not prompt:
@@ -401,6 +403,7 @@ def bench(
     runs: Annotated[int, typer.Option(help="Measured runs per plan (the median is reported).")] = 3,
     warmup: Annotated[int, typer.Option(help="Unmeasured runs first.")] = 1,
     backend: Annotated[str, typer.Option(help="onnxruntime or torch.")] = "onnxruntime",
+    variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
     prompt: Annotated[str, typer.Option(help="Prompt (PixArt).")] = "a small red circle on a blue background",
     class_label: Annotated[int, typer.Option(help="Class (DiT).")] = 1,
     as_json: Annotated[Path | None, typer.Option("--json", help="Write results as JSON here.")] = None,
@@ -415,7 +418,7 @@ def bench(
     loaded = Bundle.load(bundle)
     names = _split_list(plans) if plans else loaded.plan_names
     step_plans = [loaded.plan(name) for name in names]
-    generator, _, _ = _open(bundle, backend)
+    generator, _, _ = _open(bundle, backend, variant)
     request = Request(prompt=prompt, class_label=class_label)
     with progress() as bar:
         task = bar.add_task("bench", total=None)

@@ -117,8 +117,27 @@ class Bundle:
             )
         return plan
 
-    def segment_path(self, name: str) -> Path:
-        return self.path / self.manifest["segments"][name]["file"]
+    @property
+    def variants(self) -> list[str]:
+        """Extra precisions added after the build (e.g. quantized segments), by name."""
+        return list(self.manifest.get("variants", {}))
+
+    def segment_spec(self, name: str, variant: str | None = None) -> dict[str, Any]:
+        """A segment's manifest entry; a variant overrides the segments it has replaced."""
+        if variant is not None:
+            if variant not in self.manifest.get("variants", {}):
+                raise BundleError(
+                    f"the bundle has no variant {variant!r} (it has: {', '.join(self.variants) or 'none'})"
+                )
+            spec = self.manifest["variants"][variant]["segments"].get(name)
+            if spec is not None:
+                return spec
+        if name not in self.manifest["segments"]:
+            raise BundleError(f"the bundle has no {name!r} segment")
+        return self.manifest["segments"][name]
+
+    def segment_path(self, name: str, variant: str | None = None) -> Path:
+        return self.path / self.segment_spec(name, variant)["file"]
 
     def positions(self, latent_height: int, latent_width: int) -> np.ndarray:
         path = self.path / "positions" / f"{latent_height}x{latent_width}.npy"

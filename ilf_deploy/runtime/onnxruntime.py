@@ -84,9 +84,8 @@ class OrtSegments:
 
     def session(self, name: str) -> OrtSession:
         if name not in self._sessions:
-            if name not in self.bundle.manifest["segments"]:
-                raise BundleError(f"the bundle has no {name!r} segment")
-            self._sessions[name] = OrtSession(self.bundle.segment_path(name), self.providers, self.threads)
+            path = self.bundle.segment_path(name, self.variant)
+            self._sessions[name] = OrtSession(path, self.providers, self.threads)
         return self._sessions[name]
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

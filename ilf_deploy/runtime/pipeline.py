@@ -95,13 +95,19 @@ class BundleGenerator(Generator):
         return (images.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def open_generator(source: str | Path, backend: str = "onnxruntime", verify_hashes: bool = True) -> Generator:
-    """A generator for a bundle (ONNX Runtime or the torch model inside it)."""
+def open_generator(
+    source: str | Path, backend: str = "onnxruntime", verify_hashes: bool = True, variant: str | None = None
+) -> Generator:
+    """A generator for a bundle (ONNX Runtime, optionally a precision variant, or its torch model)."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     bundle = Bundle.load(source, verify_hashes)
+    if variant is not None:
+        bundle.segment_spec("embed", variant)  # fails early with the list of variants
+        if backend != "onnxruntime":
+            raise ConfigError(f"variant {variant!r} runs on onnxruntime, not {backend}")
     if backend == "onnxruntime":
-        return BundleGenerator(bundle)
+        return BundleGenerator(bundle, variant=variant)
     if not bundle.manifest.get("torch_model"):
         raise BundleError(
             "this bundle was built without its torch model (--no-copy-model); use --backend onnxruntime"
