@@ -61,9 +61,14 @@ class OrtSegments:
     """Implements runtime.loop.Segments with one ONNX Runtime session per bundle segment."""
 
     def __init__(
-        self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None
+        self,
+        bundle: Bundle,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        variant: str | None = None,
     ) -> None:
         self.bundle = bundle
+        self.variant = variant
         self.providers = providers or default_providers()
         self.threads = threads
         model = bundle.model

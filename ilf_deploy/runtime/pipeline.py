@@ -35,11 +35,15 @@ class BundleGenerator(Generator):
     """Runs a bundle's plans with ONNX Runtime: text encoder, segments, VAE decoder."""
 
     def __init__(
-        self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None
+        self,
+        bundle: Bundle,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        variant: str | None = None,
     ) -> None:
         self.bundle = bundle
         self.facts = facts_from_manifest(bundle)
-        self.segments = OrtSegments(bundle, providers, threads)
+        self.segments = OrtSegments(bundle, providers, threads, variant)
         self._tokenizer = None
 
     def latent_size(self, request: Request) -> tuple[int, int]:
