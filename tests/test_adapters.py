@@ -61,7 +61,7 @@ def test_conditioning_depends_on_timestep(tiny_models, variant):
     context = adapter.context(inputs)
     a = adapter.conditioning(torch.tensor([900.0]), context)
     b = adapter.conditioning(torch.tensor([500.0]), context)
-    assert set(a) == set(adapter.context_outputs) | set(adapter.time_outputs)
+    assert set(a) == {*adapter.context_outputs, *adapter.time_outputs, *adapter.time_context_inputs}
     assert set(adapter.block_inputs) | set(adapter.final_inputs) <= set(a)
     assert all(not torch.equal(a[k], b[k]) for k in adapter.time_outputs)
     assert all(torch.equal(a[k], b[k]) for k in adapter.context_outputs)
