@@ -24,13 +24,18 @@ lint: setup
 	$(BIN)/ruff check ilf_deploy tests
 	$(BIN)/ruff format --check ilf_deploy tests
 
-# The main job: a model, its step plans, and images from the baseline and ILF plans.
+PROMPT ?= a small red circle on a blue background
+
+# The main job: a model -> a bundle (ONNX) -> verified against PyTorch -> images from each plan.
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/ilf-deploy make-tiny pixart-alpha $(DEMO)/model
 	$(BIN)/ilf-deploy plan --model $(DEMO)/model --steps 10 --feedback first2,last2
-	$(BIN)/ilf-deploy generate $(DEMO)/model --plan base-20 --prompt "a small red circle on a blue background" --out $(DEMO)/base-20.png
-	$(BIN)/ilf-deploy generate $(DEMO)/model --plan ilf-10 --prompt "a small red circle on a blue background" --out $(DEMO)/ilf-10.png
+	$(BIN)/ilf-deploy build $(DEMO)/model --out $(DEMO)/bundle --plans base-20,ilf-10,cache-20
+	$(BIN)/ilf-deploy verify $(DEMO)/bundle
+	for plan in base-20 ilf-10 cache-20; do \
+	  $(BIN)/ilf-deploy generate $(DEMO)/bundle --plan $$plan --prompt "$(PROMPT)" --out $(DEMO)/$$plan.png || exit 1; \
+	done
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

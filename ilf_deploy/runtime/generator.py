@@ -59,6 +59,15 @@ class Generator(ABC):
     @abstractmethod
     def concat(self, arrays: list[Array]) -> Array: ...
 
+    def encode_cached(self, prompt: str) -> tuple[Array, Array]:
+        """`encode_prompt` with a small cache: the empty negative prompt recurs in every request."""
+        cache: dict[str, tuple[Array, Array]] = self.__dict__.setdefault("_prompt_cache", {})
+        if prompt not in cache:
+            if len(cache) >= 256:
+                cache.pop(next(iter(cache)))  # oldest first
+            cache[prompt] = self.encode_prompt(prompt)
+        return cache[prompt]
+
     def latent_size(self, request: Request) -> tuple[int, int]:
         size = self.facts.default_image_size
         height, width = request.height or size, request.width or size
@@ -94,9 +103,9 @@ class Generator(ABC):
             labels = [r.class_label for r in requests]
             labels = [null] * len(labels) + labels if guided else labels
             return {"class_labels": self.array(np.array(labels, dtype=np.int64))}
-        encoded = [self.encode_prompt(r.prompt) for r in requests]
+        encoded = [self.encode_cached(r.prompt) for r in requests]
         if guided:
-            encoded = [self.encode_prompt(r.negative_prompt) for r in requests] + encoded
+            encoded = [self.encode_cached(r.negative_prompt) for r in requests] + encoded
         embeds = self.concat([e for e, _ in encoded])
         out = {"prompt_embeds": embeds, "prompt_mask": self.concat([m for _, m in encoded])}
         if self.facts.uses_size_conditions:
