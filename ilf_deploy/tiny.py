@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .ilf import FEEDBACK_DIR, FeedbackModule
 from .loading import quiet_huggingface
 from .plan import default_loop, validate_loop
+from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
 
 TINY_ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit")
 
@@ -34,41 +35,9 @@ TINY_MS_IMAGE_SIZE = _MS_LATENT_SIZE * VAE_SCALE_FACTOR  # pixart-alpha, resolut
 _MAX_LENGTH = {"pixart-alpha": 120, "pixart-sigma": 300}
 _VAE_SCALING = {"pixart-alpha": 0.18215, "pixart-sigma": 0.13025, "dit": 0.18215}
 
-# PixArt-alpha/PixArt-XL-2-512x512 scheduler (PixArt-Sigma uses the same values).
-PIXART_SCHEDULER: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    trained_betas=None,
-    solver_order=2,
-    prediction_type="epsilon",
-    thresholding=False,
-    dynamic_thresholding_ratio=0.995,
-    sample_max_value=1.0,
-    algorithm_type="dpmsolver++",
-    solver_type="midpoint",
-    lower_order_final=True,
-    euler_at_final=False,
-    use_karras_sigmas=False,
-    use_lu_lambdas=False,
-    lambda_min_clipped=-float("inf"),
-    variance_type=None,
-    timestep_spacing="linspace",
-    steps_offset=0,
-)
-# facebook/DiT-XL-2-256 scheduler_config.json (no timestep_spacing there -> diffusers' "leading").
-DIT_SCHEDULER: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    trained_betas=None,
-    clip_sample=False,
-    set_alpha_to_one=True,
-    steps_offset=0,
-    prediction_type="epsilon",
-)
+# The schedulers' constructor arguments (the configs without diffusers' `_class_name`).
+PIXART_SCHEDULER: dict[str, Any] = {k: v for k, v in PIXART_SCHEDULER_CONFIG.items() if k != "_class_name"}
+DIT_SCHEDULER: dict[str, Any] = {k: v for k, v in DIT_SCHEDULER_CONFIG.items() if k != "_class_name"}
 DIT_ID2LABEL = {
     0: "tench, Tinca tinca",
     1: "goldfish, Carassius auratus",
