@@ -183,3 +183,26 @@ def test_runtime_generates_without_diffusers_or_transformers(tiny_bundles):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_builds_are_deterministic(tiny_dirs, tiny_bundles, tmp_path):
+    again = build_bundle(
+        tiny_dirs["dit"], tmp_path / "again", BuildOptions(plans=("base-4", "ilf-4", "cache-6"))
+    )
+    first = Bundle.load(tiny_bundles["dit"]).manifest["files"]
+    second = Bundle.load(again).manifest["files"]
+    assert {k: v for k, v in first.items() if k.startswith("onnx/")} == {
+        k: v for k, v in second.items() if k.startswith("onnx/")
+    }
+
+
+def test_large_segments_use_external_data(tiny_dirs, tmp_path, monkeypatch):
+    from ilf_deploy.export import onnx as onnx_module
+
+    monkeypatch.setattr(onnx_module, "TWO_GB", 2 * 1024)  # treat anything over 1 KiB as "large"
+    path = build_bundle(tiny_dirs["dit"], tmp_path / "ext", BuildOptions(plans=("base-2",)))
+    files = Bundle.load(path).manifest["files"]
+    assert "onnx/blocks_00_05.onnx.data" in files  # weights beside the graph, hashed like any file
+    generator = open_generator(path)
+    latents = generator.generate_latents(generator.bundle.plan("base-2"), Request(class_label=1))
+    assert np.isfinite(latents).all()
