@@ -1,0 +1,68 @@
+"""`ilf-deploy`: a thin command-line skin over the library.
+
+The app and its error handling live here; each module below registers its commands on import.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import IlfError
+
+app = typer.Typer(
+    help="Deploy diffusion transformers accelerated with Inner Loop Feedback (ILF).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
+
+
+def command(name: str | None = None):
+    """`app.command` that turns an IlfError into a one-line message and exit code 2."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except IlfError as exc:
+                console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+
+        return app.command(name)(wrapper)
+
+    return decorate
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
+
+
+# Each module registers its commands on import (they need `app` and `command` from above).
+from . import bundles, generate, plans  # noqa: E402, F401

@@ -1,0 +1,236 @@
+"""`build`, `inspect`, `verify` and `bench`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import ConfigError
+from ..runtime.generator import Request
+from . import command, console, out, progress
+from .generate import VARIANT_HELP, open_source
+
+# -- bundles ---------------------------------------------------------------------------------
+
+
+def _split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _parse_resolutions(text: str | None, height: int | None, width: int | None) -> list[tuple[int, int]]:
+    sizes = []
+    for part in _split_list(text or ""):
+        try:
+            h, w = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"resolution {part!r} is not HxW (e.g. 512x512)") from None
+        sizes.append((h, w))
+    if height or width:
+        sizes.insert(0, (height or width, width or height))  # type: ignore[arg-type]
+    return sizes
+
+
+@command()
+def build(
+    model: Annotated[str, typer.Argument(help="Diffusers pipeline directory (+ feedback/) or hub id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")],
+    plans: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated plans to bundle (presets or JSON files); they decide the segments."
+        ),
+    ] = "base-20,ilf-10,cache-20",
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 for the transformer segments.")] = "fp32",
+    max_batch: Annotated[
+        int, typer.Option(help="Most images per engine call (guidance doubles the batch).")
+    ] = 1,
+    height: Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")] = None,
+    resolutions: Annotated[str | None, typer.Option(help="More sizes, e.g. 256x256,512x384.")] = None,
+    copy_model: Annotated[
+        bool, typer.Option(help="Keep the PyTorch model inside (needed by `verify` and --backend torch).")
+    ] = True,
+    force: Annotated[bool, typer.Option(help="Replace an existing bundle (atomically).")] = False,
+) -> None:
+    """Export every segment the plans need, the text encoder and the VAE decoder to ONNX, as a bundle."""
+    from ..export.build import BuildOptions, build_bundle
+
+    options = BuildOptions(
+        plans=_split_list(plans),
+        precision=precision,
+        max_batch=max_batch,
+        resolutions=_parse_resolutions(resolutions, height, width),
+        copy_model=copy_model,
+        force=force,
+    )
+    with progress() as bar:
+        task = bar.add_task("export", total=None)
+
+        def report(name: str, index: int, total: int) -> None:
+            bar.update(task, description=f"export {name}", completed=index, total=total)
+
+        path = build_bundle(model, out, options, report)
+    console.print(f"bundle → {path}")
+
+
+@command()
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
+) -> None:
+    """Show a bundle's model, plans, segments and their I/O."""
+    from ..runtime.bundle import Bundle
+
+    loaded = Bundle.load(bundle)
+    m = loaded.manifest
+    if as_json:
+        print(json.dumps(m, indent=2))
+        return
+    sizes = ", ".join(f"{h}x{w}" for h, w in m["resolutions"])
+    out.print(
+        f"{loaded.path}: {m['architecture']}, {m['model']['num_blocks']} blocks, precision {m['precision']}, "
+        f"sizes {sizes}, max batch {m['max_batch']}, feedback loop {loaded.loop}, "
+        f"cut points {m['cut_points']}"
+    )
+    plans = Table(title="plans", title_justify="left")
+    for column in ("plan", "steps", "block fwd", "feedback steps"):
+        plans.add_column(column)
+    for name in loaded.plan_names:
+        plan = loaded.plan(name)
+        plans.add_row(name, str(plan.num_steps), str(plan.block_forwards), str(plan.feedback_steps or "-"))
+    out.print(plans)
+    segments = Table(title="segments", title_justify="left")
+    for column in ("segment", "blocks", "inputs", "outputs", "MB"):
+        segments.add_column(column)
+    for name, spec in m["segments"].items():
+        size = sum(v for f, v in _file_sizes(loaded.path).items() if f.startswith(spec["file"]))
+        io = lambda vs: ", ".join(f"{v['name']}{v['shape']}:{v['dtype']}" for v in vs)  # noqa: E731
+        blocks = "-" if not spec["blocks"] else f"{spec['blocks'][0]}-{spec['blocks'][1]}"
+        segments.add_row(name, blocks, io(spec["inputs"]), io(spec["outputs"]), f"{size / 1e6:.1f}")
+    out.print(segments)
+
+
+def _file_sizes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+@command()
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (built with its torch model).")],
+    as_json: Annotated[
+        Path | None, typer.Option("--json", help="Also write the checks as JSON here.")
+    ] = None,
+    prompt: Annotated[str, typer.Option(help="Prompt of the recorded trajectory.")] = "a small red circle",
+    class_label: Annotated[int, typer.Option(help="Class of the recorded trajectory (DiT).")] = 1,
+) -> None:
+    """Check every ONNX segment against PyTorch (random and trajectory inputs), then every plan end to end."""
+    from ..runtime.bundle import Bundle
+    from ..verify import TOLERANCES, verify_bundle
+
+    loaded = Bundle.load(bundle)
+    with progress() as bar:
+        task = bar.add_task("verify", total=None)
+        checks = verify_bundle(
+            loaded,
+            Request(prompt=prompt, class_label=class_label),
+            lambda what: bar.update(task, description=what),
+        )
+    seg_tol, e2e_tol = TOLERANCES[loaded.manifest["precision"]]
+    table = Table(
+        title=f"{bundle}: ONNX Runtime vs PyTorch ({loaded.manifest['precision']}; tolerance: segments "
+        f"{seg_tol:g}, end-to-end {e2e_tol:g} relative L2)",
+        title_justify="left",
+    )
+    for column in ("check", "name", "rel L2", "max abs", "ok"):
+        table.add_column(column)
+    for c in checks:
+        table.add_row(
+            c.kind, c.name, f"{c.rel_l2:.2e}", f"{c.max_abs:.2e}", "ok" if c.ok else "[red]FAIL[/red]"
+        )
+    out.print(table)
+    if as_json is not None:
+        as_json.write_text(json.dumps([c.to_dict() for c in checks], indent=2) + "\n")
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        console.print(f"[red]{len(failed)} check(s) beyond tolerance[/red]")
+        raise typer.Exit(1)
+    console.print(f"all {len(checks)} checks within tolerance")
+
+
+@command()
+def bench(
+    bundle: Annotated[str, typer.Argument(help="Bundle directory.")],
+    plans: Annotated[str | None, typer.Option(help="Comma-separated bundled plans (default: all).")] = None,
+    runs: Annotated[int, typer.Option(help="Measured runs per plan (the median is reported).")] = 3,
+    warmup: Annotated[int, typer.Option(help="Unmeasured runs first.")] = 1,
+    backend: Annotated[str, typer.Option(help="onnxruntime or torch.")] = "onnxruntime",
+    variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
+    prompt: Annotated[str, typer.Option(help="Prompt (PixArt).")] = "a small red circle on a blue background",
+    class_label: Annotated[int, typer.Option(help="Class (DiT).")] = 1,
+    as_json: Annotated[Path | None, typer.Option("--json", help="Write results as JSON here.")] = None,
+    plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a latency chart (PNG) here.")] = None,
+) -> None:
+    """Per-stage latency of each plan, block forwards, measured vs predicted speedup, images/s."""
+    from ..bench import bench_plans, plot, summary
+    from ..runtime.bundle import Bundle
+
+    if runs < 1 or warmup < 0:
+        raise ConfigError("--runs must be >= 1 and --warmup >= 0")
+    loaded = Bundle.load(bundle)
+    names = _split_list(plans) if plans else loaded.plan_names
+    step_plans = [loaded.plan(name) for name in names]
+    generator, _, _ = open_source(bundle, backend, variant)
+    request = Request(prompt=prompt, class_label=class_label)
+    with progress() as bar:
+        task = bar.add_task("bench", total=None)
+        results = bench_plans(
+            generator, step_plans, request, runs, warmup, lambda s: bar.update(task, description=s)
+        )
+    rows = summary(results)
+    for result in results:
+        if not result.stages:
+            continue
+        table = Table(title=f"{result.plan}: median of {runs} runs", title_justify="left")
+        for column in ("stage", "calls", "ms", "share"):
+            table.add_column(column, justify="left" if column == "stage" else "right")
+        for stage, (calls, seconds) in sorted(result.stages.items(), key=lambda kv: -kv[1][1]):
+            share = f"{100 * seconds / result.latency:.1f}%"
+            table.add_row(stage, str(calls), f"{seconds * 1000:.1f}", share)
+        out.print(table)
+    table = Table(title=f"{bundle} on {backend}", title_justify="left")
+    for column in (
+        "plan",
+        "steps",
+        "block fwd",
+        "ms",
+        "images/s",
+        "speedup",
+        "predicted",
+        "measured/predicted",
+    ):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    for row in rows:
+        extra = (
+            [f"{row[k]:.2f}x" for k in ("measured_speedup", "predicted_speedup")]
+            if "baseline" in row
+            else ["-", "-"]
+        )
+        ratio = f"{row['speedup_ratio']:.3f}" if "baseline" in row else "-"
+        table.add_row(
+            row["plan"],
+            str(row["steps"]),
+            str(row["block_forwards"]),
+            f"{row['latency_s'] * 1000:.0f}",
+            f"{row['images_per_s']:.2f}",
+            *extra,
+            ratio,
+        )
+    out.print(table)
+    if as_json is not None:
+        as_json.write_text(json.dumps({"backend": backend, "runs": runs, "plans": rows}, indent=2) + "\n")
+    if plot_out is not None:
+        plot(results, plot_out)

@@ -1,0 +1,119 @@
+"""`generate`, from a bundle or a model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import ConfigError
+from ..plan import PRESET_HELP
+from ..runtime.generator import Request
+from . import command, console, progress
+
+# -- generate --------------------------------------------------------------------------------
+
+
+def open_source(source: str, backend: str | None, variant: str | None = None):
+    """(generator, plan resolver, architecture) for a bundle or a model directory / hub id."""
+    from ..runtime.bundle import Bundle, is_bundle
+
+    if is_bundle(source):
+        from ..runtime.pipeline import open_generator
+
+        generator = open_generator(source, backend or "onnxruntime", variant=variant)
+        bundle = Bundle.load(source, verify_hashes=False)  # open_generator has checked the hashes
+        return generator, bundle.plan, bundle.architecture
+    if backend not in (None, "torch"):
+        raise ConfigError(
+            f"{source} is a model, not a bundle: build one with `ilf-deploy build` for {backend}"
+        )
+    from ..loading import load_model
+    from ..plan import resolve_plan
+    from ..reference import TorchGenerator
+
+    with console.status("loading model"):
+        loaded = load_model(source)
+    loop = loaded.feedback.loop if loaded.feedback else None
+
+    def resolve(spec: str):
+        return resolve_plan(spec, loaded.adapter.num_blocks, loaded.scheduler_config, loop)
+
+    return TorchGenerator(loaded), resolve, loaded.architecture
+
+
+BACKEND_HELP = "onnxruntime or torch (default: onnxruntime for bundles, torch for model directories)."
+VARIANT_HELP = "A precision variant added to the bundle after the build (e.g. quantized segments)."
+
+
+@command()
+def generate(
+    model: Annotated[
+        str, typer.Argument(help="A bundle, a diffusers pipeline directory (+ feedback/), or a hub id.")
+    ],
+    plan: Annotated[
+        str,
+        typer.Option(
+            "--plan", "-p", help=PRESET_HELP[0].upper() + PRESET_HELP[1:] + " For bundles: a bundled plan."
+        ),
+    ] = "ilf-10",
+    prompt: Annotated[str, typer.Option(help="Text prompt (PixArt).")] = "",
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (PixArt).")] = "",
+    class_label: Annotated[int | None, typer.Option(help="ImageNet class id (DiT).")] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(help="Classifier-free guidance (default 4.5 PixArt, 4.0 DiT; <=1 disables)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    height: Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")] = None,
+    latents_in: Annotated[
+        Path | None, typer.Option(help="Start from these latents (.npy) instead of noise.")
+    ] = None,
+    latents_out: Annotated[Path | None, typer.Option(help="Write the final latents here (.npy).")] = None,
+    image_out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the image here (.png).")
+    ] = None,
+    backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None,
+    variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
+) -> None:
+    """Generate an image by running a step plan (ONNX Runtime for bundles, PyTorch for models)."""
+    import numpy as np
+
+    initial = _read_latents(latents_in) if latents_in is not None else None
+    for path in (latents_out, image_out):
+        if path is not None and not path.parent.exists():
+            raise ConfigError(f"output directory {path.parent} does not exist")
+    generator, resolve, architecture = open_source(model, backend, variant)
+    if architecture == "dit" and class_label is None:
+        raise ConfigError("DiT models need --class-label")
+    if architecture != "dit" and not prompt:
+        raise ConfigError("PixArt models need --prompt")
+    step_plan = resolve(plan)
+    scale = guidance_scale if guidance_scale is not None else (4.0 if architecture == "dit" else 4.5)
+    request = Request(prompt, negative_prompt, class_label, scale, seed, height, width)
+    with progress() as bar:
+        task = bar.add_task(f"{step_plan.name}", total=step_plan.num_steps)
+        latents = generator.generate_latents(
+            step_plan, request, initial, on_step=lambda _i: bar.advance(task)
+        )
+    if latents_out is not None:
+        np.save(latents_out, np.asarray(latents, dtype=np.float32))
+        console.print(f"latents → {latents_out}")
+    if image_out is not None or latents_out is None:
+        image_out = image_out or Path("image.png")
+        from PIL import Image
+
+        Image.fromarray(generator.decode(latents)[0]).save(image_out)
+        console.print(f"image → {image_out}")
+    console.print(f"{step_plan.name}: {step_plan.block_forwards} block forwards, seed {seed}")
+
+
+def _read_latents(path: Path):
+    import numpy as np
+
+    try:
+        return np.load(path).astype(np.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read latents {path}: {exc}") from None
