@@ -1,0 +1,266 @@
+"""Micro-batching in front of one engine thread.
+
+Images wait in per-key queues, a key being (plan, height, width, guided): only images that agree
+on all four can share an engine call (guided batches carry an unconditional row per image, so an
+unguided image would pay for guidance it did not ask for). The scheduler picks the key whose
+oldest image waited longest, waits for the batch to fill up to `max_wait_s` after that image
+arrived, then runs up to `max_batch` images as one `generate_batch` + one `decode`. While the
+engine is busy new images pile up, so under load batches fill without any waiting.
+
+Cancellation: a request that times out or whose client disconnects marks its images cancelled.
+Queued images are removed at once. In a running batch the rows cannot be cut out mid-denoise
+(the loop owns the arrays), so the batch runs on for the others and skips decoding the cancelled
+rows; when *every* image of the running batch is cancelled, `on_step` raises and the batch stops
+before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ..plan import StepPlan
+from ..runtime.generator import Generator, Request
+from .metrics import ServerMetrics
+
+log = logging.getLogger("ilf_deploy.serve")
+
+
+class BatchKey(NamedTuple):
+    plan: str
+    height: int
+    width: int
+    guided: bool
+
+
+@dataclass(eq=False)
+class Job:
+    """One image of one HTTP request."""
+
+    key: BatchKey
+    request: Request
+    future: asyncio.Future
+    enqueued: float
+    state: str = "queued"  # queued -> running -> done
+    cancelled: str | None = None  # why: "disconnect", "timeout", "shutdown"
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class EngineError(Exception):
+    """A batch failed inside the engine (a bug or a broken bundle, not the request)."""
+
+
+class Unavailable(EngineError):
+    """The engine is not running (not started, or shutting down)."""
+
+
+class _Abort(Exception):
+    """Raised from on_step: no one is waiting for this batch any more."""
+
+
+class Batcher:
+    def __init__(
+        self,
+        generator: Generator,
+        plans: dict[str, StepPlan],
+        metrics: ServerMetrics,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        engine_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
+        self.generator, self.plans, self.metrics = generator, plans, metrics
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self.engine_context = engine_context  # e.g. torch.inference_mode for the torch backend
+        self.ready = False
+        self.warmup_error: str | None = None
+        self._groups: dict[BatchKey, deque[Job]] = {}
+        self._queued = 0
+        self._batch_seconds = 1.0  # running mean, for Retry-After
+        self._closing = False
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._running: list[Job] = []  # the batch in the engine now
+
+    # -- lifecycle (event loop) ------------------------------------------------------------------
+    def start(self, warmup: tuple[str, Request] | None) -> None:
+        """Start the scheduler (in the running event loop); it warms the engine up first."""
+        self._closing, self.ready, self.warmup_error = False, False, None
+        # One engine thread: segments are not called concurrently, and batching replaces concurrency.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ilf-engine")
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(warmup), name="ilf-batcher")
+
+    async def close(self) -> None:
+        self._closing = True  # a running batch stops at its next step
+        for job in [*self._running, *(job for group in self._groups.values() for job in group)]:
+            job.cancelled = "shutdown"
+            if not job.future.done():
+                job.future.set_exception(Unavailable("the server is shutting down"))
+        self._groups.clear()
+        self._set_queued(0)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- requests (event loop) -------------------------------------------------------------------
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue all of a request's images or none of them."""
+        if self._closing or self._wakeup is None:
+            raise Unavailable("the server is shutting down" if self._closing else "the engine is not running")
+        if self._queued + len(jobs) > self.max_queue:
+            self.metrics.rejected.inc(len(jobs))
+            raise QueueFull(self.retry_after())
+        for job in jobs:
+            self._groups.setdefault(job.key, deque()).append(job)
+        self._set_queued(self._queued + len(jobs))
+        self._wakeup.set()
+
+    def cancel(self, jobs: list[Job], reason: str) -> None:
+        for job in jobs:
+            if job.state == "done" or job.cancelled:
+                continue
+            job.cancelled = reason
+            self.metrics.cancelled.inc(reason=reason)
+            if job.state == "queued":
+                group = self._groups.get(job.key)
+                if group is not None and job in group:
+                    group.remove(job)
+                    self._set_queued(self._queued - 1)
+            job.future.cancel()
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has drained enough for a new request, roughly."""
+        return max(1, math.ceil((self._queued / self.max_batch + 1) * self._batch_seconds))
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def _set_queued(self, value: int) -> None:
+        self._queued = value
+        self.metrics.queue_depth.set(value)
+
+    # -- scheduling (event loop) -----------------------------------------------------------------
+    async def _run(self, warmup: tuple[str, Request] | None) -> None:
+        loop = asyncio.get_running_loop()
+        if warmup is not None:
+            try:
+                await loop.run_in_executor(self._executor, self._warmup, *warmup)
+                self.ready = True
+            except Exception as exc:  # stay up, not ready: /readyz reports why
+                log.error("warm-up generation failed: %s", exc)
+                self.warmup_error = f"{type(exc).__name__}: {exc}"
+        else:
+            self.ready = True
+        self.metrics.ready.set(1 if self.ready else 0)
+        while True:
+            key, self._running = await self._next_batch()
+            started = time.perf_counter()
+            results = await loop.run_in_executor(self._executor, self._run_batch, key, self._running)
+            self._running = []
+            elapsed = time.perf_counter() - started
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            for job, result in results:
+                job.state = "done"
+                if job.future.done():  # cancelled meanwhile
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+    async def _next_batch(self) -> tuple[BatchKey, list[Job]]:
+        assert self._wakeup is not None
+        while True:
+            for key in [k for k, group in self._groups.items() if not group]:
+                del self._groups[key]
+            if not self._groups:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            key, group = min(self._groups.items(), key=lambda item: item[1][0].enqueued)
+            remaining = group[0].enqueued + self.max_wait_s - time.monotonic()
+            if len(group) < self.max_batch and remaining > 0:
+                self._wakeup.clear()  # woken by a new job (maybe filling this batch) or the deadline
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                continue
+            jobs = [group.popleft() for _ in range(min(self.max_batch, len(group)))]
+            self._set_queued(self._queued - len(jobs))
+            now = time.monotonic()
+            for job in jobs:
+                job.state = "running"
+                self.metrics.queue_wait.observe(now - job.enqueued)
+            return key, jobs
+
+    # -- the engine thread -----------------------------------------------------------------------
+    def _warmup(self, plan: str, request: Request) -> None:
+        with self.engine_context():
+            self.generator.decode(self.generator.generate_batch(self.plans[plan], [request]))
+            segments = self.generator.segments
+            session = getattr(segments, "session", None)  # ORT: open every segment's session now
+            if session is not None:
+                for name in segments.bundle.manifest["segments"]:  # type: ignore[attr-defined]
+                    session(name)
+        self._drain_timings()
+
+    def _run_batch(self, key: BatchKey, jobs: list[Job]) -> list[tuple[Job, Any]]:
+        live = [job for job in jobs if job.cancelled is None]
+        if not live:
+            return []
+
+        def on_step(_index: int) -> None:
+            if self._closing or all(job.cancelled for job in live):
+                raise _Abort
+
+        started = time.perf_counter()
+        try:
+            with self.engine_context():
+                requests = [job.request for job in live]
+                latents = self.generator.generate_batch(self.plans[key.plan], requests, None, on_step)
+                keep = [i for i, job in enumerate(live) if job.cancelled is None]
+                if not keep:
+                    raise _Abort
+                images = self.generator.decode(latents if len(keep) == len(live) else latents[keep])
+        except _Abort:
+            self.metrics.aborted.inc()
+            return []
+        except Exception as exc:
+            log.exception("batch of %d images (%s) failed", len(live), key.plan)
+            self.metrics.engine_errors.inc()
+            error = EngineError(f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
+            return [(job, error) for job in live]
+        finally:
+            self._drain_timings()
+        self.metrics.batch_size.observe(len(live))
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.images.inc(len(keep), plan=key.plan)
+        return [(live[i], images[row]) for row, i in enumerate(keep)]
+
+    def _drain_timings(self) -> None:
+        """Move the segments' per-call durations into counters (the lists would grow forever)."""
+        timings: dict[str, list[float]] | None = getattr(self.generator.segments, "timings", None)
+        for name, calls in (timings or {}).items():
+            count = len(calls)
+            if count:
+                self.metrics.stage_seconds.inc(sum(calls[:count]), stage=name)
+                self.metrics.stage_calls.inc(count, stage=name)
+                del calls[:count]
