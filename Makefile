@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= out/demo
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint typecheck-trt demo bench gpu-check clean
 
 setup: $(BIN)/ilf-deploy
 
@@ -39,6 +39,33 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# mypy over the TensorRT backend against tensorrt-stubs (no TensorRT needed: the stubs are installed
+# without their dependency, TensorRT itself; ilf_deploy.backends.stubs repairs them for mypy).
+typecheck-trt: setup
+	$(BIN)/python -m pip install --quiet --no-deps "tensorrt-stubs==10.13.0.35.1" "polygraphy>=0.49"
+	$(BIN)/python -m ilf_deploy.backends.stubs .mypy-stubs
+	MYPYPATH=.mypy-stubs $(BIN)/mypy --config-file .mypy-stubs/mypy.ini ilf_deploy/backends/tensorrt.py
+
+# On an NVIDIA GPU with TensorRT 10/11 (README: "TensorRT on H100"). Never run in CI. The default
+# model is PixArt-XL-2 with random weights (benchmarks/backbone.py); GPU_MODEL=... for a real one.
+GPU_OUT   ?= out/gpu
+GPU_MODEL ?= $(GPU_OUT)/model
+gpu-check: setup
+	$(BIN)/python -c "import torch, tensorrt; assert torch.cuda.is_available(), 'no CUDA GPU'; print('TensorRT', tensorrt.__version__, 'on', torch.cuda.get_device_name())"
+	$(BIN)/python -m pytest -q -rs -m gpu tests/test_tensorrt_gpu.py
+	test -f $(GPU_MODEL)/model_index.json || $(BIN)/python -c "from pathlib import Path; from benchmarks.backbone import Size, build_model_dir; build_model_dir(Path('$(GPU_MODEL)'), Size())"
+	rm -rf $(GPU_OUT)/bundle
+	$(BIN)/ilf-deploy build $(GPU_MODEL) --out $(GPU_OUT)/bundle --plans base-20,ilf-10 --no-copy-model
+	printf 'a small red circle on a blue background\na photograph of a cat on a wooden table\na city street at night, neon lights\n' > $(GPU_OUT)/prompts.txt
+	$(BIN)/ilf-deploy calibrate $(GPU_OUT)/bundle --prompts $(GPU_OUT)/prompts.txt --max-samples 8
+	$(BIN)/ilf-deploy quantize $(GPU_OUT)/bundle --mode int8-qdq
+	$(BIN)/ilf-deploy quantize $(GPU_OUT)/bundle --mode fp8-qdq
+	for v in "" "--variant int8_qdq" "--variant fp8_qdq"; do \
+	  $(BIN)/ilf-deploy build-engines $(GPU_OUT)/bundle $$v && \
+	  $(BIN)/ilf-deploy verify-engines $(GPU_OUT)/bundle $$v && \
+	  $(BIN)/ilf-deploy bench $(GPU_OUT)/bundle --backend tensorrt $$v --runs 5 || exit 1; \
+	done
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache

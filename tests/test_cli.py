@@ -173,7 +173,11 @@ def test_bundle_command_errors(tiny_dirs, tmp_path):
     )
     assert_one_line_error(
         invoke("generate", bundle, "--plan", "base-2", "--class-label", "1", "--backend", "tensorrt"),
-        "backend",
+        "TensorRT",  # a known backend; without TensorRT (CI) it says so in one line
+    )
+    assert_one_line_error(
+        invoke("generate", bundle, "--plan", "base-2", "--class-label", "1", "--backend", "bogus"),
+        "unknown backend",
     )
     assert_one_line_error(
         invoke("generate", tiny_dirs["dit"], "--class-label", "1", "--backend", "onnxruntime"), "not a bundle"

@@ -55,9 +55,19 @@ def build(
         bool, typer.Option(help="Keep the PyTorch model inside (needed by `verify` and --backend torch).")
     ] = True,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle (atomically).")] = False,
+    backend: Annotated[
+        str, typer.Option(help="onnxruntime, or tensorrt to also build TensorRT engines (NVIDIA GPU).")
+    ] = "onnxruntime",
 ) -> None:
     """Export every segment the plans need, the text encoder and the VAE decoder to ONNX, as a bundle."""
     from ..export.build import BuildOptions, build_bundle
+
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise ConfigError(f"--backend must be onnxruntime or tensorrt, got {backend!r}")
+    if backend == "tensorrt":  # fail before the export, not after it
+        from ..backends.tensorrt import current_environment
+
+        current_environment()
 
     options = BuildOptions(
         plans=_split_list(plans),
@@ -74,6 +84,13 @@ def build(
             bar.update(task, description=f"export {name}", completed=index, total=total)
 
         path = build_bundle(model, out, options, report)
+        if backend == "tensorrt":
+            from ..backends.tensorrt import build_engines
+
+            def engines(name: str, index: int, total: int) -> None:
+                bar.update(task, description=f"engine {name}", completed=index, total=total)
+
+            build_engines(path, progress=engines)
     console.print(f"bundle → {path}")
 
 
@@ -126,10 +143,21 @@ def verify(
     ] = None,
     prompt: Annotated[str, typer.Option(help="Prompt of the recorded trajectory.")] = "a small red circle",
     class_label: Annotated[int, typer.Option(help="Class of the recorded trajectory (DiT).")] = 1,
+    backend: Annotated[
+        str, typer.Option(help="onnxruntime (vs PyTorch), or tensorrt (engines vs ONNX Runtime).")
+    ] = "onnxruntime",
+    variant: Annotated[str | None, typer.Option(help="With --backend tensorrt: a variant's engines.")] = None,
 ) -> None:
     """Check every ONNX segment against PyTorch (random and trajectory inputs), then every plan end to end."""
     from ..runtime.bundle import Bundle
     from ..verify import TOLERANCES, verify_bundle
+
+    if backend == "tensorrt":
+        from ..tensorrt_commands import verify_tensorrt
+
+        return verify_tensorrt(bundle, variant, None, False, as_json)
+    if backend != "onnxruntime" or variant is not None:
+        raise ConfigError("verify checks onnxruntime (no variant) or tensorrt; for variants: verify-variant")
 
     loaded = Bundle.load(bundle)
     with progress() as bar:
@@ -167,7 +195,7 @@ def bench(
     plans: Annotated[str | None, typer.Option(help="Comma-separated bundled plans (default: all).")] = None,
     runs: Annotated[int, typer.Option(help="Measured runs per plan (the median is reported).")] = 3,
     warmup: Annotated[int, typer.Option(help="Unmeasured runs first.")] = 1,
-    backend: Annotated[str, typer.Option(help="onnxruntime or torch.")] = "onnxruntime",
+    backend: Annotated[str, typer.Option(help="onnxruntime, torch or tensorrt.")] = "onnxruntime",
     variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
     prompt: Annotated[str, typer.Option(help="Prompt (PixArt).")] = "a small red circle on a blue background",
     class_label: Annotated[int, typer.Option(help="Class (DiT).")] = 1,

@@ -43,7 +43,10 @@ def open_source(source: str, backend: str | None, variant: str | None = None):
     return TorchGenerator(loaded), resolve, loaded.architecture
 
 
-BACKEND_HELP = "onnxruntime or torch (default: onnxruntime for bundles, torch for model directories)."
+BACKEND_HELP = (
+    "onnxruntime, torch or tensorrt (default: onnxruntime for bundles, torch for model directories; "
+    "tensorrt needs `ilf-deploy build-engines` and an NVIDIA GPU)."
+)
 VARIANT_HELP = "A precision variant added to the bundle after the build (e.g. quantized segments)."
 
 

@@ -34,7 +34,9 @@ def default_providers() -> list[str]:
 class OrtSession:
     """One segment's InferenceSession: casts inputs to the graph's dtypes, returns outputs by name."""
 
-    def __init__(self, path, providers: list[str], threads: int | None) -> None:
+    def __init__(
+        self, path, providers: list[str], threads: int | None, config: dict[str, str] | None = None
+    ) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -42,6 +44,8 @@ class OrtSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (config or {}).items():  # e.g. FP8 variants: session.disable_quant_qdq
+            options.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for bad graphs/providers
@@ -90,7 +94,9 @@ class OrtSegments:
     def session(self, name: str) -> OrtSession:
         if name not in self._sessions:
             path = self.bundle.segment_path(name, self.variant)
-            self._sessions[name] = OrtSession(path, self.providers, self.threads)
+            variant = self.bundle.manifest.get("variants", {}).get(self.variant or "", {})
+            config = variant.get("ort_session_config") if name in variant.get("segments", {}) else None
+            self._sessions[name] = OrtSession(path, self.providers, self.threads, config)
         return self._sessions[name]
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from .bundle import Bundle, BundleError
 from .generator import Generator, ModelFacts, Request
 from .onnxruntime import OrtSegments
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 def facts_from_manifest(bundle: Bundle) -> ModelFacts:
@@ -108,8 +108,12 @@ def open_generator(
     bundle = Bundle.load(source, verify_hashes)
     if variant is not None:
         bundle.segment_spec("embed", variant)  # fails early with the list of variants
-        if backend != "onnxruntime":
-            raise ConfigError(f"variant {variant!r} runs on onnxruntime, not {backend}")
+        if backend == "torch":
+            raise ConfigError(f"variant {variant!r} runs on onnxruntime or tensorrt, not torch")
+    if backend == "tensorrt":  # engines built by `ilf-deploy build-engines`; needs a GPU + TensorRT
+        from ..backends.tensorrt import open_trt_generator
+
+        return open_trt_generator(bundle, variant)
     if backend == "onnxruntime":
         return BundleGenerator(bundle, variant=variant)
     if not bundle.manifest.get("torch_model"):

@@ -1,0 +1,1 @@
+"""Accelerator backends beyond ONNX Runtime (TensorRT). Each imports its SDK only when used."""

@@ -1,0 +1,678 @@
+"""TensorRT engines for a bundle (built with Polygraphy's Python API) and a `Segments` over them.
+
+NEVER RUN IN THIS PROJECT'S CI: TensorRT is not installable on our CPU machines. What is tested on
+CPU is the pure logic here (optimization profiles from the manifest, engine-record checks); the
+rest is type-checked with mypy against `tensorrt-stubs` and exercised by tests/test_tensorrt_gpu.py
+(`make gpu-check`) wherever an NVIDIA GPU and TensorRT exist.
+
+Build: one engine per segment (and per precision variant), from the segment's ONNX parsed as a
+*strongly typed* network: precision comes from the ONNX itself (fp16 export, Q/DQ nodes for
+int8/fp8), never from builder precision flags (TensorRT 11 removed them). One optimization profile
+per engine covers batch 1..2·max_batch (guidance doubles it), the bundle's image-token counts and
+latent sizes, and text tokens up to the tokenizer's max length. A timing cache in `engines/` is
+shared by all builds. The manifest records the TensorRT version, GPU name and compute capability;
+engines built elsewhere are refused at load with a message to rebuild.
+
+Run: `TrtSegments` keeps torch CUDA tensors end to end (segment outputs feed the next engine
+without host copies), gives every execution context one shared device-memory allocation (segments
+run one after another on one stream), and can replay each (segment, input shapes) call as a CUDA
+graph, falling back to plain enqueue when capture fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..runtime.bundle import Bundle, BundleError
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+    import torch
+
+ENGINES_DIR = "engines"
+TIMING_CACHE = f"{ENGINES_DIR}/timing.cache"
+BASE = "base"  # engine set of the bundle's own segments; variants use their name
+DEFAULT_OPT_LEVEL = 3  # TensorRT's default; 5 searches longest
+DEFAULT_WORKSPACE_GB = 8.0
+Range = tuple[int, int, int]  # (min, opt, max)
+Shape = tuple[int, ...]
+
+
+class EngineMismatch(BundleError):
+    """Engines built by another TensorRT version or for another GPU."""
+
+
+# -- pure logic (no tensorrt import; tested on CPU) ------------------------------------------------
+
+
+def dim_ranges(manifest: dict[str, Any], max_batch: int | None = None) -> dict[str, Range]:
+    """(min, opt, max) of every symbolic dimension the exporter uses (export/onnx.py `_AXES`).
+
+    batch: 1 (unguided, one image) .. 2·max_batch (guided full batch), tuned for the full batch.
+    tokens / latent size / pixels: the bundle's resolutions, tuned for the first (the default).
+    text_tokens: the runtime pads every prompt to the tokenizer's max length, so that is opt and max.
+    """
+    batch = 2 * int(max_batch or manifest["max_batch"])
+    patch = int(manifest["model"]["patch_size"])
+    scale = int(manifest["model"]["vae_scale_factor"])
+    sizes = [(int(h), int(w)) for h, w in manifest["latent_sizes"]]
+    tokens = [(h // patch) * (w // patch) for h, w in sizes]
+
+    def span(values: list[int]) -> Range:
+        return min(values), values[0], max(values)
+
+    heights, widths = span([h for h, _ in sizes]), span([w for _, w in sizes])
+    ranges = {
+        "batch": (1, batch, batch),
+        "tokens": span(tokens),
+        "latent_height": heights,
+        "latent_width": widths,
+        "height": (heights[0] * scale, heights[1] * scale, heights[2] * scale),
+        "width": (widths[0] * scale, widths[1] * scale, widths[2] * scale),
+    }
+    tokenizer = manifest.get("tokenizer")
+    if tokenizer:
+        length = int(tokenizer["max_length"])
+        ranges["text_tokens"] = (1, length, length)
+    return ranges
+
+
+def input_profile(
+    manifest: dict[str, Any], spec: dict[str, Any], max_batch: int | None = None
+) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """Per input of a segment: (min, opt, max) shapes for one TensorRT optimization profile."""
+    ranges = dim_ranges(manifest, max_batch)
+    profile = {}
+    for value in spec["inputs"]:
+        lows, opts, highs = [], [], []
+        for dim in value["shape"]:
+            if isinstance(dim, int) and dim > 0:
+                low = opt = high = dim
+            elif isinstance(dim, str) and dim in ranges:
+                low, opt, high = ranges[dim]
+            else:
+                raise BundleError(
+                    f"input {value['name']!r} has dimension {dim!r} that no profile rule covers; "
+                    "the bundle was exported by an incompatible version"
+                )
+            lows.append(low)
+            opts.append(opt)
+            highs.append(high)
+        profile[value["name"]] = (tuple(lows), tuple(opts), tuple(highs))
+    return profile
+
+
+def engine_key(variant: str | None) -> str:
+    return variant or BASE
+
+
+def engine_file(key: str, segment: str) -> str:
+    return f"{ENGINES_DIR}/{key}/{segment}.plan"
+
+
+def environment_record(trt_version: str, gpu_name: str, capability: tuple[int, int]) -> dict[str, str]:
+    return {
+        "tensorrt": trt_version,
+        "gpu": gpu_name,
+        "compute_capability": f"{capability[0]}.{capability[1]}",
+    }
+
+
+def check_engine_record(record: dict[str, Any], current: dict[str, str], bundle: str, key: str) -> None:
+    """Refuse engines whose TensorRT version, GPU or compute capability differ from this machine's.
+
+    TensorRT plans are not portable across TensorRT versions or GPU architectures (we build without
+    hardware/version compatibility modes, which cost speed); a different GPU model of the same
+    architecture may load but was tuned for another chip, so it is refused too.
+    """
+    for field, what in (
+        ("tensorrt", "TensorRT"),
+        ("compute_capability", "compute capability"),
+        ("gpu", "GPU"),
+    ):
+        if str(record.get(field)) != str(current[field]):
+            raise EngineMismatch(
+                f"{bundle}: the {key!r} engines were built with {what} {record.get(field)}, this machine "
+                f"has {current[field]}; rebuild them with `ilf-deploy build-engines {bundle}"
+                f"{'' if key == BASE else ' --variant ' + key} --force`"
+            )
+
+
+def engine_set(manifest: dict[str, Any], variant: str | None) -> dict[str, Any]:
+    key = engine_key(variant)
+    engines = manifest.get("engines", {}).get(key)
+    if not engines:
+        hint = "" if variant is None else f" --variant {variant}"
+        raise BundleError(
+            f"the bundle has no TensorRT engines for {key!r}; run `ilf-deploy build-engines BUNDLE{hint}`"
+        )
+    return engines
+
+
+# -- TensorRT (imported lazily) --------------------------------------------------------------------
+
+
+def tensorrt_available() -> bool:
+    """True when the real TensorRT bindings import (the stubs alone make a namespace package)."""
+    try:
+        import tensorrt as trt_module
+    except ImportError:
+        return False
+    return hasattr(trt_module, "Builder") and hasattr(trt_module, "__version__")
+
+
+def _trt() -> Any:
+    if not tensorrt_available():
+        raise ConfigError(
+            "TensorRT is not installed; on an NVIDIA machine install the project's `tensorrt` extra "
+            "(TensorRT 10/11 and Polygraphy; see README, 'TensorRT on H100')"
+        )
+    import tensorrt as trt_module
+
+    return trt_module
+
+
+def current_environment() -> dict[str, str]:
+    import torch
+
+    trt_module = _trt()
+    if not torch.cuda.is_available():
+        raise ConfigError("TensorRT needs a CUDA GPU and a CUDA build of PyTorch; none is available")
+    device = torch.cuda.current_device()
+    return environment_record(
+        str(trt_module.__version__),
+        torch.cuda.get_device_name(device),
+        torch.cuda.get_device_capability(device),
+    )
+
+
+def build_engines(
+    bundle_path: str | Path,
+    variant: str | None = None,
+    segments: list[str] | None = None,
+    opt_level: int = DEFAULT_OPT_LEVEL,
+    workspace_gb: float = DEFAULT_WORKSPACE_GB,
+    max_batch: int | None = None,
+    tf32: bool = True,
+    force: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Build (or rebuild) the engine set of the bundle or of a variant; returns its manifest entry."""
+    from polygraphy.backend.trt import (  # type: ignore[import-untyped]
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        Profile,
+        SaveEngine,
+    )
+
+    from ..calibration import rewrite_manifest
+
+    trt_module = _trt()
+    bundle = Bundle.load(bundle_path)
+    if variant is not None:
+        bundle.segment_spec("embed", variant)  # unknown variant -> error listing the variants
+    if not 0 <= opt_level <= 5:
+        raise ConfigError(f"builder optimization level must be 0..5, got {opt_level}")
+    key = engine_key(variant)
+    if key in bundle.manifest.get("engines", {}) and not force:
+        raise ConfigError(f"the bundle already has {key!r} engines; pass --force to rebuild them")
+    names = segments or list(bundle.manifest["segments"])
+    unknown = sorted(set(names) - set(bundle.manifest["segments"]))
+    if unknown:
+        raise ConfigError(f"unknown segment(s) {', '.join(unknown)}")
+    environment = current_environment()
+    root = bundle.path
+    cache = root / TIMING_CACHE
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # TensorRT 10 asks for strongly typed networks with a flag; in 11 every network is strongly typed.
+    strongly_typed = True if hasattr(trt_module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") else None
+    built: dict[str, Any] = {}
+    for index, name in enumerate(names):
+        if progress:
+            progress(name, index, len(names))
+        spec = bundle.segment_spec(name, variant)
+        shapes = input_profile(bundle.manifest, spec, max_batch)
+        profile = Profile()
+        for tensor, (low, opt, high) in shapes.items():
+            profile.add(tensor, min=low, opt=opt, max=high)
+        config = CreateConfig(
+            profiles=[profile],
+            builder_optimization_level=opt_level,
+            memory_pool_limits={trt_module.MemoryPoolType.WORKSPACE: int(workspace_gb * 2**30)},
+            load_timing_cache=str(cache) if cache.is_file() else None,
+            tf32=tf32,  # lets fp32 layers use TF32 tensor cores; not a precision flag (allowed when typed)
+        )
+        network = NetworkFromOnnxPath(str(root / spec["file"]), strongly_typed=strongly_typed)
+        target = root / engine_file(key, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        start = time.perf_counter()
+        SaveEngine(EngineFromNetwork(network, config, save_timing_cache=str(cache)), path=str(tmp))()
+        os.replace(tmp, target)
+        built[name] = {
+            "file": engine_file(key, name),
+            "onnx": spec["file"],
+            "profile": {t: [list(s) for s in r] for t, r in shapes.items()},
+            "build_s": round(time.perf_counter() - start, 1),
+        }
+    entry = {
+        **environment,
+        "variant": variant,
+        "builder_optimization_level": opt_level,
+        "workspace_bytes": int(workspace_gb * 2**30),
+        "max_batch": int(max_batch or bundle.manifest["max_batch"]),
+        "tf32": tf32,
+        "timing_cache": TIMING_CACHE,
+        "segments": built,
+    }
+
+    def mutate(manifest: dict[str, Any]) -> None:
+        engines = manifest.setdefault("engines", {})
+        for old in engines.get(key, {}).get("segments", {}).values():
+            manifest["files"].pop(old["file"], None)
+        engines[key] = entry
+        manifest["files"].update({spec["file"]: "" for spec in built.values()})
+        manifest["files"][TIMING_CACHE] = ""
+
+    rewrite_manifest(root, mutate)
+    return entry
+
+
+def remove_engines(bundle_path: str | Path, variant: str | None = None) -> None:
+    from ..calibration import rewrite_manifest
+
+    key = engine_key(variant)
+
+    def mutate(manifest: dict[str, Any]) -> None:
+        for spec in manifest.get("engines", {}).pop(key, {}).get("segments", {}).values():
+            manifest["files"].pop(spec["file"], None)
+
+    rewrite_manifest(Path(bundle_path), mutate)
+    shutil.rmtree(Path(bundle_path) / ENGINES_DIR / key, ignore_errors=True)
+
+
+# -- runtime ---------------------------------------------------------------------------------------
+
+
+def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
+    import tensorrt as trt_module
+    import torch
+
+    table = {
+        trt_module.DataType.FLOAT: torch.float32,
+        trt_module.DataType.HALF: torch.float16,
+        trt_module.DataType.BF16: torch.bfloat16,
+        trt_module.DataType.INT32: torch.int32,
+        trt_module.DataType.INT64: torch.int64,
+        trt_module.DataType.BOOL: torch.bool,
+        trt_module.DataType.INT8: torch.int8,
+    }
+    if dtype not in table:
+        raise BundleError(f"engine I/O type {dtype} has no torch equivalent")
+    return table[dtype]
+
+
+class TrtEngine:
+    """One engine and its execution context; I/O as torch CUDA tensors, enqueued on `stream`.
+
+    Everything (torch ops and engines) runs on the caller's current stream, so no cross-stream
+    synchronisation or tensor lifetime bookkeeping is needed; TrtGenerator makes a non-default
+    stream current for a whole generation (enqueueV3 on the legacy default stream adds syncs)."""
+
+    def __init__(self, path: Path, runtime: trt.Runtime, memory: SharedMemory) -> None:
+        import tensorrt as trt_module
+
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise BundleError(f"cannot deserialize {path}; rebuild the engines")
+        self.path, self.engine = path, engine
+        # USER_MANAGED: the context uses the one buffer SharedMemory hands every context.
+        self.context = engine.create_execution_context(
+            trt_module.ExecutionContextAllocationStrategy.USER_MANAGED
+        )
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt_module.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt_module.TensorIOMode.OUTPUT]
+        self.dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in names}
+        size = (
+            engine.device_memory_size_v2
+            if hasattr(engine, "device_memory_size_v2")
+            else engine.device_memory_size
+        )
+        self.memory, self.memory_size = memory, int(size)
+        memory.reserve(self.memory_size)
+
+    def __call__(self, feeds: dict[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
+        import torch
+
+        ctx = self.context
+        kept = []  # cast inputs must live until the enqueued work has read them
+        for name in self.inputs:
+            if name not in feeds:
+                raise BundleError(f"engine {self.path.name} needs input {name!r} the runtime did not give")
+            tensor = feeds[name].to(device="cuda", dtype=self.dtypes[name]).contiguous()
+            kept.append(tensor)
+            ctx.set_input_shape(name, tuple(tensor.shape))
+            ctx.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self.outputs:
+            dims = ctx.get_tensor_shape(name)
+            shape = tuple(int(dims[i]) for i in range(len(dims)))
+            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
+            ctx.set_tensor_address(name, outputs[name].data_ptr())
+        pointer, size = self.memory.pointer()
+        if hasattr(ctx, "set_device_memory"):  # TensorRT >= 10.1
+            ctx.set_device_memory(pointer, size)
+        else:
+            ctx.device_memory = pointer  # type: ignore[attr-defined]  # TensorRT 10.0, not in 10.13 stubs
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise BundleError(f"TensorRT failed to run {self.path.name}")
+        del kept  # safe: freed blocks are reused only by later work on this same stream
+        return outputs
+
+
+class SharedMemory:
+    """One device allocation, as large as the largest context needs, shared by every context."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.buffer: torch.Tensor | None = None
+
+    def reserve(self, size: int) -> None:
+        if self.buffer is not None and size > self.size:
+            raise BundleError("engines must all be loaded before the first call (shared memory is fixed)")
+        self.size = max(self.size, size)
+
+    def pointer(self) -> tuple[int, int]:
+        import torch
+
+        if self.buffer is None:
+            self.buffer = torch.empty(max(self.size, 1), dtype=torch.uint8, device="cuda")
+        return self.buffer.data_ptr(), self.size
+
+
+class _Graph:
+    """A captured call: static inputs are copied in, the graph replays, outputs are cloned out."""
+
+    def __init__(
+        self, graph: torch.cuda.CUDAGraph, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
+    ):
+        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, static in self.inputs.items():
+            static.copy_(feeds[name])
+        self.graph.replay()
+        return {name: value.clone() for name, value in self.outputs.items()}
+
+
+class TrtSegments:
+    """runtime.loop.Segments over TensorRT engines, with torch CUDA tensors as arrays."""
+
+    def __init__(
+        self, bundle: Bundle, variant: str | None = None, cuda_graphs: bool = False, profile: bool = False
+    ):
+        _trt()  # a clear error when TensorRT is missing, before importing it for the types
+        import tensorrt as trt_module
+        import torch
+
+        self.bundle, self.variant = bundle, variant
+        self.engines_spec = engine_set(bundle.manifest, variant)
+        check_engine_record(self.engines_spec, current_environment(), str(bundle.path), engine_key(variant))
+        model = bundle.model
+        self.latent_channels = int(model["latent_channels"])
+        self.num_blocks = int(model["num_blocks"])
+        self.patch_size = int(model["patch_size"])
+        self.out_channels = int(model["out_channels"])
+        self.loop = bundle.loop
+        self.block_segments = sorted(
+            (spec["blocks"][0], spec["blocks"][1], name, "feed" in [i["name"] for i in spec["inputs"]])
+            for name, spec in bundle.manifest["segments"].items()
+            if spec.get("blocks")
+        )
+        self.stream = torch.cuda.Stream()  # made current by TrtGenerator for a whole generation
+        self.memory = SharedMemory()
+        self.logger = trt_module.Logger(trt_module.Logger.WARNING)
+        self.runtime = trt_module.Runtime(self.logger)
+        # Every engine now: the shared allocation must have its final size before any call or
+        # capture (a captured graph keeps the pointer it was captured with).
+        self._engines = {
+            name: TrtEngine(self.bundle.path / spec["file"], self.runtime, self.memory)
+            for name, spec in self.engines_spec["segments"].items()
+        }
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: capture failed, run eagerly
+        self.graph_failures: list[str] = []
+        self.profile = profile  # per-segment times need a sync per call: off unless asked for
+        self.timings: dict[str, list[float]] = defaultdict(list)
+        self.recorder: Callable[[str, dict[str, Any]], None] | None = None
+        self._positions: dict[tuple[int, int], torch.Tensor] = {}
+
+    def engine(self, name: str) -> TrtEngine:
+        if name not in self._engines:
+            raise BundleError(f"the {engine_key(self.variant)!r} engine set has no {name!r} engine")
+        return self._engines[name]
+
+    def run(self, name: str, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
+        import torch
+
+        engine = self.engine(name)
+        tensors = {k: _as_cuda(v) for k, v in feeds.items() if k in engine.inputs}
+        if self.recorder is not None:
+            self.recorder(name, tensors)
+        start = time.perf_counter()
+        stream = torch.cuda.current_stream()
+        out = self._graph_call(name, engine, tensors) if self.cuda_graphs else engine(tensors, stream)
+        if self.profile:
+            torch.cuda.synchronize()
+            self.timings[name].append(time.perf_counter() - start)
+        return out
+
+    def _graph_call(
+        self, name: str, engine: TrtEngine, feeds: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        import torch
+
+        key = (name, *((k, tuple(v.shape), v.dtype) for k, v in sorted(feeds.items())))
+        if key not in self._graphs:
+            statics = {k: v.to(engine.dtypes[k]).clone() for k, v in feeds.items()}
+            try:
+                engine(statics, torch.cuda.current_stream())  # TRT's lazy setup must not be captured
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # captures on its own side stream, current inside
+                    outputs = engine(statics, torch.cuda.current_stream())
+                self._graphs[key] = _Graph(graph, statics, outputs)
+            except (RuntimeError, BundleError) as exc:  # capture unsupported (a plugin, a sync, ...)
+                self.graph_failures.append(f"{name}: {str(exc).splitlines()[0]}")
+                self._graphs[key] = None
+        captured = self._graphs[key]
+        return captured(feeds) if captured is not None else engine(feeds, torch.cuda.current_stream())
+
+    # -- Segments ----------------------------------------------------------------------------------
+    def context(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {**inputs, **self.run("context", inputs)}
+
+    def conditioning(self, timestep: float, context: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        batch = next(iter(context.values())).shape[0]
+        feeds = {**context, "timestep": torch.full((batch,), timestep, dtype=torch.float32, device="cuda")}
+        return {**context, **self.run("time", feeds)}
+
+    def embed(self, latents: torch.Tensor) -> torch.Tensor:
+        size = (int(latents.shape[-2]), int(latents.shape[-1]))
+        if size not in self._positions:
+            self._positions[size] = _as_cuda(self.bundle.positions(*size))
+        return self.run("embed", {"latents": latents, "pos_embed": self._positions[size]})["hidden"]
+
+    def blocks(
+        self, start: int, end: int, hidden: torch.Tensor, cond: dict[str, Any], feed: Any = None
+    ) -> Any:
+        import torch
+
+        position = start
+        for first, last, name, feedable in self.block_segments:
+            if first < start or last > end:
+                continue
+            if first != position:
+                break
+            feeds = {**cond, "hidden": hidden}
+            if feedable:
+                feeds["feed"] = feed if feed is not None else torch.zeros_like(hidden)
+            hidden = self.run(name, feeds)["hidden_out"]
+            position = last + 1
+        if position != end + 1:
+            raise ConfigError(f"the bundle has no segments covering blocks {start}-{end} exactly")
+        return hidden
+
+    def inner_loop(self, hidden: torch.Tensor, cond: dict[str, Any], cond_post: dict[str, Any]) -> Any:
+        start, end = self.loop  # type: ignore[misc]  # check_plan guarantees a loop
+        f_feed = self.run("feedback", {**cond, "hidden": self.blocks(start, end, hidden, cond)})["feed"]
+        return self.blocks(start, end, hidden, cond_post, feed=f_feed)
+
+    def final(self, hidden: torch.Tensor, cond: dict[str, Any], height: int, width: int) -> torch.Tensor:
+        tokens = self.run("final", {**cond, "hidden": hidden})["tokens"]
+        p, c = self.patch_size, self.out_channels
+        x = tokens.reshape(tokens.shape[0], height // p, width // p, p, p, c)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], c, height, width)
+
+    def concat(self, arrays: list[Any]) -> Any:
+        import torch
+
+        return torch.cat([_as_cuda(a) for a in arrays])
+
+
+def _as_cuda(value: Any) -> torch.Tensor:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value if value.is_cuda else value.cuda(non_blocking=True)
+    return torch.from_numpy(np.ascontiguousarray(value)).cuda()
+
+
+def open_trt_generator(
+    bundle: Bundle, variant: str | None = None, cuda_graphs: bool = False, profile: bool = False
+) -> Any:
+    """A Generator whose every segment (text encoder and VAE included when built) runs on TensorRT."""
+    from ..runtime.pipeline import BundleGenerator
+
+    class TrtGenerator(BundleGenerator):
+        def __init__(self) -> None:
+            super().__init__(bundle, ["CPUExecutionProvider"], None, variant)  # tokenizer, facts, sizes
+            self.trt = TrtSegments(bundle, variant, cuda_graphs, profile)
+            self.segments = self.trt
+
+        def array(self, value: np.ndarray) -> Any:
+            return _as_cuda(value)
+
+        def generate_batch(self, *args: Any, **kwargs: Any) -> Any:
+            import torch
+
+            with torch.cuda.stream(self.trt.stream):  # not the legacy default stream (see TrtEngine)
+                latents = super().generate_batch(*args, **kwargs)
+            self.trt.stream.synchronize()  # the result is then safe on any stream
+            return latents
+
+        def concat(self, arrays: list[Any]) -> Any:
+            return self.trt.concat(arrays)
+
+        def encode_prompt(self, prompt: str) -> tuple[Any, Any]:
+            encoding = self.tokenizer.encode(prompt.lower().strip())
+            ids = _as_cuda(np.array([encoding.ids], dtype=np.int64))
+            mask = _as_cuda(np.array([encoding.attention_mask], dtype=np.int64))
+            embeds = self.trt.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
+            return embeds["prompt_embeds"], mask
+
+        def decode(self, latents: Any) -> np.ndarray:
+            import torch
+
+            with torch.cuda.stream(self.trt.stream):
+                images = self.trt.run("vae_decoder", {"latents": _as_cuda(latents).float()})["images"]
+                array = images.float().permute(0, 2, 3, 1).cpu().numpy()  # .cpu() waits for the stream
+            return (array * 255).round().clip(0, 255).astype(np.uint8)
+
+    return TrtGenerator()
+
+
+def engine_summary(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per engine set: key, TensorRT, GPU, segments (for `inspect`-like output)."""
+    return [
+        {
+            "engines": key,
+            "tensorrt": e["tensorrt"],
+            "gpu": e["gpu"],
+            "compute_capability": e["compute_capability"],
+            "segments": len(e["segments"]),
+        }
+        for key, e in manifest.get("engines", {}).items()
+    ]
+
+
+def describe_profile(profile: dict[str, tuple[Shape, Shape, Shape]]) -> str:
+    return "; ".join(f"{n}: {list(lo)}..{list(hi)} (opt {list(op)})" for n, (lo, op, hi) in profile.items())
+
+
+# -- verification ----------------------------------------------------------------------------------
+
+# (per segment SNR dB at least, end-to-end latents relative L2 at most) vs ONNX Runtime fp32.
+# fp32 engines may use TF32; quantized variants inherit the budgets of ilf_deploy.quantize.
+TRT_BUDGETS = {"fp32": (40.0, 1e-2), "fp16": (30.0, 5e-2), "int8-dynamic": (30.0, 0.05)}
+TRT_BUDGETS.update({"int8-qdq": (30.0, 0.05), "fp8-qdq": (25.0, 0.10)})
+
+
+def verify_engines(
+    bundle: Bundle,
+    variant: str | None = None,
+    plan: str | None = None,
+    cuda_graphs: bool = False,
+    request: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[Any]:
+    """TensorRT against ONNX Runtime fp32 (CPU): each engine on one held-out trajectory's recorded
+    feeds (both `t` and `t_post`), then the plan's final latents. Returns quantize.Fidelity rows."""
+    from ..calibration import TrajectoryRecorder
+    from ..quantize import VERIFY_PROMPT, Fidelity, fidelity, variant_generator
+    from ..runtime.generator import Request
+
+    mode = str(bundle.manifest["variants"][variant].get("mode")) if variant else bundle.manifest["precision"]
+    seg_snr, e2e_rel = TRT_BUDGETS.get(mode, TRT_BUDGETS["fp16"])
+    plan_name = plan or next((p for p in bundle.plan_names if p.startswith("ilf")), bundle.plan_names[0])
+    step_plan = bundle.plan(plan_name)
+    request = request or Request(prompt=VERIFY_PROMPT, class_label=3, seed=123)
+    reference = variant_generator(bundle, None)
+    recorder = TrajectoryRecorder(bundle, max_samples=2)
+    reference.segments.recorder = recorder
+    if progress:
+        progress(f"onnxruntime {plan_name}")
+    want = reference.generate_latents(step_plan, request)
+    trt_generator = open_trt_generator(bundle, variant, cuda_graphs)
+    if progress:
+        progress(f"tensorrt {plan_name}")
+    got = trt_generator.generate_latents(step_plan, request).float().cpu().numpy()
+    rows = []
+    for segment in engine_set(bundle.manifest, variant)["segments"]:
+        feeds = [s for (n, _), kept in recorder.samples.items() if n == segment for s in kept]
+        if not feeds:
+            continue
+        scores = []
+        for sample in feeds:
+            ours = trt_generator.trt.run(segment, sample)
+            theirs = reference.segments.session(segment)(sample)
+            name = next(iter(theirs))
+            scores.append(fidelity(ours[name].float().cpu().numpy(), theirs[name]))
+        snr, cosine, rel = min(s[0] for s in scores), min(s[1] for s in scores), max(s[2] for s in scores)
+        rows.append(Fidelity("segment", segment, snr, cosine, rel, len(scores), bool(snr >= seg_snr)))
+    snr, cosine, rel = fidelity(got, want)
+    rows.append(Fidelity("end-to-end", plan_name, snr, cosine, rel, 1, bool(rel <= e2e_rel)))
+    return rows

@@ -1,0 +1,399 @@
+"""INT8 / FP8 precision variants of a bundle's transformer blocks, and their fidelity report.
+
+Modes (all quantize only the attention and feed-forward MatMul/Gemm with constant weights inside
+block and feedback segments; patch embedding, timestep/adaLN embedding, caption projection and the
+final norm/projection stay in the bundle's precision, as PixArt/DiT INT8/FP8 deployments do):
+
+- `int8-dynamic`: ONNX Runtime dynamic quantization (per-channel int8 weights, activations
+  quantized per call, u8), after ORT's FastGelu/LayerNorm fusions. The fast path on ORT CPU; no
+  calibration needed. ORT-only graph (com.microsoft ops): not for TensorRT.
+- `int8-qdq`: static Q/DQ with *symmetric* int8 activations (zero points 0, as TensorRT requires)
+  and per-channel symmetric int8 weights (DequantizeLinear `axis` = output channels), calibrated on
+  the bundle's recorded trajectories (`ilf-deploy calibrate`). The TensorRT INT8 path; it also runs
+  on ORT CPU (slowly: ORT CPU gains little from symmetric static Q/DQ).
+- `fp8-qdq`: static Q/DQ with FP8 E4M3 activations and per-channel weights (opset 19), for H100
+  TensorRT. ORT CPU cannot fuse FP8 Q/DQ into a quantized MatMul, so the variant records an ORT
+  session option that disables QDQ fusion: on CPU it then runs *emulated* (Q→DQ→fp32 MatMul),
+  which checks the numerics but is not faster. Its speed on an H100 was never measured here.
+
+Variant files go to `onnx/<variant>/<segment>.onnx`; `manifest["variants"][variant]` says which
+segments they replace, and `manifest["files"]` is re-hashed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibration import load_calibration, rewrite_manifest
+from .errors import ConfigError
+from .runtime.bundle import Bundle, BundleError, tool_versions
+from .runtime.generator import Request
+from .runtime.onnxruntime import OrtSegments, OrtSession
+
+MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# Linear layers of attention (attn1 self, attn2 cross) and feed-forward: `/blocks.3/attn1/to_q/MatMul`.
+# adaLN-Zero (DiT `norm1.linear`, `norm1.emb`) and attention BMMs (no constant weight) are left alone.
+LINEAR_NODE = re.compile(r"/(attn\d*|ff)/")
+# Static modes also keep PixArt's cross-attention query in float: it reads the un-normalised residual
+# stream, whose range grows ~100x over a trajectory (measured on the tiny model), so one static
+# per-tensor scale cannot span it (1 dB SNR). Dynamic quantization scales per call and keeps it.
+STATIC_EXCLUDE = re.compile(r"/attn2/to_q/")
+# Fidelity budgets per mode: (per segment SNR dB at least, end-to-end latents relative L2 at most).
+BUDGETS = {"int8-dynamic": (30.0, 0.05), "int8-qdq": (30.0, 0.05), "fp8-qdq": (25.0, 0.10)}
+# ORT session config: no QDQ fusion (ORT CPU has no FP8 QLinearMatMul), so FP8 runs emulated.
+FP8_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
+
+
+def default_variant_name(mode: str) -> str:
+    return mode.replace("-", "_")
+
+
+def quantizable_segments(manifest: dict[str, Any]) -> list[str]:
+    """The block segments and the feedback block: where nearly all FLOPs are."""
+    return [name for name, spec in manifest["segments"].items() if spec.get("blocks") or name == "feedback"]
+
+
+def linear_nodes(model: Any, static: bool = False) -> list[str]:
+    """MatMul/Gemm nodes of attention and feed-forward layers whose weight is an initializer."""
+    weights = {i.name for i in model.graph.initializer}
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type in ("MatMul", "Gemm")
+        and len(node.input) > 1
+        and node.input[1] in weights
+        and LINEAR_NODE.search(node.name)
+        and not (static and STATIC_EXCLUDE.search(node.name))
+    ]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ORT's quantizer prints progress and warns about pre-processing through `logging` and print."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _reader(samples: list[dict[str, np.ndarray]]) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(samples)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    return Reader()
+
+
+def _external(path: Path) -> bool:
+    """Whether to write `path`'s rewrite with external weights (protobuf stops at 2 GB)."""
+    size = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return size + (data.stat().st_size if data.is_file() else 0) > 2**30
+
+
+def fuse_for_cpu(source: Path, target: Path, external: bool = False) -> None:
+    """ORT's transformer fusions that keep the math: tanh-GELU -> FastGelu, LayerNormalization.
+
+    The exporter writes the tanh GELU as ~8 elementwise ops over the 4x-wide FF hidden; after the
+    linear layers run in int8 those were ~20 % of a block on ORT CPU. The fused op is ORT-only
+    (com.microsoft), which is why only the ORT `int8-dynamic` variant gets it."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    for flag in ("attention", "skip_layer_norm", "embed_layer_norm", "bias_skip_layer_norm"):
+        setattr(options, f"enable_{flag}", False)  # diffusers attention does not match these patterns
+    model = optimize_model(
+        str(source), model_type="bert", num_heads=0, hidden_size=0, optimization_options=options, opt_level=0
+    )
+    model.save_model_to_file(str(target), use_external_data_format=external)
+
+
+def quantize_segment(
+    source: Path,
+    target: Path,
+    mode: str,
+    samples: list[dict[str, np.ndarray]] | None = None,
+    calibrate: str = "minmax",
+) -> int:
+    """Write the quantized `source` to `target`; returns how many linear layers were quantized."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    nodes = linear_nodes(onnx.load(str(source), load_external_data=False), static=mode != "int8-dynamic")
+    if not nodes:
+        shutil.copyfile(source, target)  # nothing to quantize (e.g. an empty block range)
+        return 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    external = _external(source)  # the > 2 GB path was never exercised here (our models are small)
+    common: dict[str, Any] = dict(
+        op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_quantize=nodes,
+        per_channel=True,
+        use_external_data_format=external,
+    )
+    with _quiet():
+        if mode == "int8-dynamic":
+            fused = target.with_name(f".{target.stem}.fused.onnx")
+            fuse_for_cpu(source, fused, external)
+            quantize_dynamic(
+                fused,
+                target,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+                **common,
+            )
+            for leftover in fused.parent.glob(f"{fused.name}*"):  # and its external data
+                leftover.unlink()
+        else:
+            if not samples:
+                raise ConfigError(f"{mode} needs calibration samples")
+            fp8 = mode == "fp8-qdq"
+            qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
+            method = {
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy,
+            }[calibrate]
+            quantize_static(
+                source,
+                target,
+                _reader(samples),
+                quant_format=QuantFormat.QDQ,
+                activation_type=qtype,
+                weight_type=qtype,
+                # ORT supports only its distribution calibration for float8 (zero points are 0 anyway).
+                calibrate_method=CalibrationMethod.Distribution if fp8 else method,
+                extra_options={
+                    "ActivationSymmetric": True,  # TensorRT: activation zero points must be 0
+                    "WeightSymmetric": True,
+                    "MatMulConstBOnly": True,
+                    # A Q/DQ pair per consumer: the residual stream that also feeds a quantized
+                    # MatMul must stay unquantized (sharing the pair rounds the residual too).
+                    "DedicatedQDQPair": True,
+                    "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],  # inputs only, as TRT wants
+                    # MatMul weights are (in, out): one scale per output channel. Gemm has transB=1.
+                    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0},
+                },
+                **common,
+            )
+    onnx.checker.check_model(str(target))
+    return len(nodes)
+
+
+def quantize_bundle(
+    bundle_path: str | Path,
+    mode: str,
+    name: str | None = None,
+    calibrate: str = "minmax",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Add (or replace) the precision variant `name`; returns its manifest entry."""
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if calibrate not in CALIBRATION_METHODS:
+        raise ConfigError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}")
+    bundle = Bundle.load(bundle_path)
+    name = name or default_variant_name(mode)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"variant name {name!r} may use letters, digits, '_', '-' and '.' only")
+    if bundle.manifest["precision"] != "fp32":
+        raise ConfigError(
+            f"quantize an fp32 bundle (this one is {bundle.manifest['precision']}): ORT's quantizer "
+            "calibrates and rewrites fp32 graphs"
+        )
+    if mode != "int8-dynamic" and not bundle.manifest.get("calibration"):
+        raise BundleError(f"{mode} needs calibration data; run `ilf-deploy calibrate {bundle.path}` first")
+    root = bundle.path
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root / "onnx"))
+    segments: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    try:
+        for segment in quantizable_segments(bundle.manifest):
+            if progress:
+                progress(f"{mode} {segment}")
+            samples = None if mode == "int8-dynamic" else load_calibration(bundle, segment)
+            counts[segment] = quantize_segment(
+                bundle.segment_path(segment), tmp / f"{segment}.onnx", mode, samples, calibrate
+            )
+            base = bundle.manifest["segments"][segment]
+            segments[segment] = {**base, "file": f"onnx/{name}/{segment}.onnx"}
+        final = root / "onnx" / name
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    entry: dict[str, Any] = {
+        "mode": mode,
+        "segments": segments,
+        "quantized_layers": counts,
+        "calibration": None
+        if mode == "int8-dynamic"
+        else {**bundle.manifest["calibration"], "method": calibrate},
+        "tools": tool_versions(),
+    }
+    if mode == "fp8-qdq":
+        entry["ort_session_config"] = FP8_ORT_CONFIG
+
+    def mutate(manifest: dict[str, Any]) -> None:
+        variants = manifest.setdefault("variants", {})
+        for listed in [f for f in manifest["files"] if f.startswith(f"onnx/{name}/")]:
+            manifest["files"].pop(listed)
+        variants[name] = entry
+        # every file of the variant, external weight files included
+        manifest["files"].update({str(p.relative_to(root)): "" for p in (root / "onnx" / name).iterdir()})
+
+    rewrite_manifest(root, mutate)
+    return entry
+
+
+# -- running variants -----------------------------------------------------------------------------
+
+
+class VariantSegments(OrtSegments):
+    """OrtSegments that also applies a variant's `ort_session_config` (FP8 needs QDQ fusion off)."""
+
+    def session(self, name: str) -> OrtSession:
+        if name not in self._sessions:
+            config = {}
+            if (
+                self.variant is not None
+                and name in self.bundle.manifest["variants"][self.variant]["segments"]
+            ):
+                config = self.bundle.manifest["variants"][self.variant].get("ort_session_config") or {}
+            self._sessions[name] = _session(self.bundle.segment_path(name, self.variant), self, config)
+        return self._sessions[name]
+
+
+def _session(path: Path, segments: OrtSegments, config: dict[str, str]) -> OrtSession:
+    if not config:
+        return OrtSession(path, segments.providers, segments.threads)
+    import onnxruntime as ort
+
+    session = OrtSession.__new__(OrtSession)  # OrtSession's own __init__ takes no session config
+    options = ort.SessionOptions()
+    if segments.threads:
+        options.intra_op_num_threads = segments.threads
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    session.path = Path(path)
+    session.session = ort.InferenceSession(str(path), options, providers=segments.providers)
+    session.inputs = {
+        i.name: {"tensor(float16)": np.float16, "tensor(int64)": np.int64}.get(i.type, np.float32)
+        for i in session.session.get_inputs()
+    }
+    session.outputs = [o.name for o in session.session.get_outputs()]
+    return session
+
+
+def variant_generator(bundle: Bundle, variant: str | None, threads: int | None = None) -> Any:
+    """A BundleGenerator on ORT CPU whose segments honour the variant's session config."""
+    from .runtime.pipeline import BundleGenerator
+
+    generator = BundleGenerator(bundle, ["CPUExecutionProvider"], threads, variant)
+    generator.segments = VariantSegments(bundle, ["CPUExecutionProvider"], threads, variant)
+    return generator
+
+
+# -- fidelity --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fidelity:
+    kind: str  # "segment" or "end-to-end"
+    name: str
+    snr_db: float  # 10 log10(|ref|² / |got - ref|²), worst sample
+    cosine: float  # worst sample
+    rel_l2: float  # worst sample
+    samples: int
+    ok: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fidelity(got: np.ndarray, want: np.ndarray) -> tuple[float, float, float]:
+    """(SNR dB, cosine, relative L2) of `got` against `want`."""
+    g, w = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
+    err, ref = float(np.sum((g - w) ** 2)), float(np.sum(w**2))
+    snr = float("inf") if err == 0 else float(10 * np.log10(max(ref, 1e-30) / err))
+    cosine = float(g @ w / max(np.linalg.norm(g) * np.linalg.norm(w), 1e-30))
+    return snr, cosine, float(np.sqrt(err / max(ref, 1e-30)))
+
+
+VERIFY_PROMPT = "a lighthouse on a cliff above a stormy sea"  # not one of the calibration prompts
+
+
+def verify_variant(
+    bundle: Bundle,
+    variant: str,
+    plan: str | None = None,
+    request: Request | None = None,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[Fidelity]:
+    """Each replaced segment on a held-out trajectory's feeds, then the plan's final latents, vs fp32."""
+    from .calibration import TrajectoryRecorder
+
+    entry = bundle.manifest.get("variants", {}).get(variant)
+    if entry is None:
+        bundle.segment_spec("embed", variant)  # raises with the list of variants
+    assert entry is not None
+    seg_snr, e2e_rel = BUDGETS.get(entry.get("mode", ""), (10.0, 0.35))
+    plan_name = plan or next((p for p in bundle.plan_names if p.startswith("ilf")), bundle.plan_names[0])
+    step_plan = bundle.plan(plan_name)
+    request = request or Request(prompt=VERIFY_PROMPT, class_label=3, seed=123)
+    base, quant = variant_generator(bundle, None, threads), variant_generator(bundle, variant, threads)
+    recorder = TrajectoryRecorder(bundle, max_samples=4)
+    base.segments.recorder = recorder
+    if progress:
+        progress(f"fp32 {plan_name}")
+    want = base.generate_latents(step_plan, request)
+    base.segments.recorder = None
+    if progress:
+        progress(f"{variant} {plan_name}")
+    got = quant.generate_latents(step_plan, request)
+    results = []
+    for segment in entry["segments"]:
+        feeds = [s for (n, _), kept in recorder.samples.items() if n == segment for s in kept]
+        if not feeds:
+            continue
+        if progress:
+            progress(f"segment {segment}")
+        scores = []
+        for sample in feeds:
+            a, b = quant.segments.session(segment)(sample), base.segments.session(segment)(sample)
+            scores.append(fidelity(a[next(iter(a))], b[next(iter(b))]))
+        snr, cosine, rel = (min(s[0] for s in scores), min(s[1] for s in scores), max(s[2] for s in scores))
+        results.append(Fidelity("segment", segment, snr, cosine, rel, len(scores), bool(snr >= seg_snr)))
+    snr, cosine, rel = fidelity(got, want)
+    results.append(Fidelity("end-to-end", plan_name, snr, cosine, rel, 1, bool(rel <= e2e_rel)))
+    return results

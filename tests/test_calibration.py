@@ -1,0 +1,114 @@
+"""Calibration: trajectory samples of every transformer segment, saved into the bundle."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from ilf_deploy.calibration import collect_calibration, load_calibration
+from ilf_deploy.errors import ConfigError, IlfError
+from ilf_deploy.runtime.bundle import Bundle, BundleError
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_bundles, tmp_path_factory):
+    path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path_factory.mktemp("calib") / "bundle")
+    record = collect_calibration(path, "ilf-4", ["a red circle", "a blue square"], max_samples=3)
+    return path, record
+
+
+def test_every_transformer_segment_is_recorded_and_hashed(calibrated):
+    path, record = calibrated
+    bundle = Bundle.load(path)  # verifies every hash, the new files included
+    assert bundle.manifest["calibration"] == record
+    assert record["plan"] == "ilf-4" and record["requests"] == 2
+    expected = set(bundle.manifest["segments"]) - {"text_encoder", "vae_decoder", "context"}
+    assert set(record["segments"]) == expected
+    for name, entry in record["segments"].items():
+        assert entry["file"] in bundle.manifest["files"], name
+        samples = load_calibration(bundle, name)
+        assert len(samples) == entry["samples"] <= 2 * 3  # at most 3 per conditioning kind
+        inputs = {i["name"] for i in bundle.manifest["segments"][name]["inputs"]}
+        assert all(set(s) == inputs for s in samples), name
+        for sample in samples:
+            for value in bundle.manifest["segments"][name]["inputs"]:
+                assert sample[value["name"]].ndim == len(value["shape"])
+
+
+def test_samples_cover_steps_and_both_conditionings(calibrated):
+    path, record = calibrated
+    segments = Bundle.load(path).manifest["segments"]
+    loop_segment = next(n for n, s in segments.items() if "feed" in [i["name"] for i in s["inputs"]])
+    with np.load(path / record["segments"][loop_segment]["file"]) as data:
+        t_post, steps, timesteps = data["_t_post"], data["_step"], data["_timestep"]
+    assert t_post.any() and (~t_post).any()  # the ILF second pass runs at t_post
+    assert len(set(steps.tolist())) > 1  # not only the first step
+    assert np.all(timesteps[t_post] < 1000) and np.isfinite(timesteps).all()
+    assert record["segments"][loop_segment]["calls"] > record["segments"][loop_segment]["samples"]
+
+
+def test_recalibration_replaces_the_old_samples(calibrated, tmp_path):
+    path = shutil.copytree(calibrated[0], tmp_path / "again")
+    record = collect_calibration(path, "base-4", ["a cat"], max_samples=2)
+    bundle = Bundle.load(path)
+    assert bundle.manifest["calibration"]["plan"] == "base-4"
+    listed = {f for f in bundle.manifest["files"] if f.startswith("calibration/")}
+    assert listed == {e["file"] for e in record["segments"].values()}
+    assert {p.name for p in (path / "calibration").iterdir()} == {f.split("/")[1] for f in listed}
+
+
+def test_dit_calibrates_on_class_labels(tiny_bundles, tmp_path):
+    path = shutil.copytree(tiny_bundles["dit"], tmp_path / "dit")
+    record = collect_calibration(path, class_labels=[1, 2], max_samples=2)
+    assert record["requests"] == 2 and "final" in record["segments"]
+    Bundle.load(path)
+
+
+def test_calibration_errors(calibrated, tiny_bundles):
+    with pytest.raises(BundleError, match="not in this bundle"):
+        collect_calibration(calibrated[0], "base-99")
+    with pytest.raises(ConfigError, match="non-empty"):
+        collect_calibration(calibrated[0], prompts=["  "])
+    with pytest.raises(BundleError, match="ilf-deploy calibrate"):
+        load_calibration(Bundle.load(tiny_bundles["dit"]), "final")
+
+
+def _app() -> typer.Typer:
+    """The commands on their own app, with cli.py's IlfError -> exit 2 wrapper."""
+    from ilf_deploy.tensorrt_commands import register
+
+    app = typer.Typer()
+
+    def command(name=None):
+        def decorate(fn):
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                try:
+                    return fn(*args, **kwargs)
+                except IlfError as exc:
+                    print(f"error: {exc}")
+                    raise typer.Exit(2) from None
+
+            return app.command(name)(wrapper)
+
+        return decorate
+
+    register(command)
+    return app
+
+
+def test_calibrate_command(tiny_bundles, tmp_path):
+    path = shutil.copytree(tiny_bundles["pixart-sigma"], tmp_path / "b")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na green tree\n")
+    runner = CliRunner()
+    result = runner.invoke(_app(), ["calibrate", str(path), "--prompts", str(prompts), "--max-samples", "2"])
+    assert result.exit_code == 0, result.output
+    assert Bundle.load(path).manifest["calibration"]["requests"] == 2
+    result = runner.invoke(_app(), ["calibrate", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "not a bundle" in result.output

@@ -1,0 +1,125 @@
+"""The TensorRT backend's pure logic, on CPU: optimization profiles and engine-record checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ilf_deploy.backends.tensorrt import (
+    EngineMismatch,
+    check_engine_record,
+    dim_ranges,
+    engine_set,
+    environment_record,
+    input_profile,
+    tensorrt_available,
+)
+from ilf_deploy.errors import ConfigError
+from ilf_deploy.runtime.bundle import Bundle, BundleError
+
+
+def _manifest(tiny_bundles, name: str) -> dict:
+    return Bundle.load(tiny_bundles[name], verify_hashes=False).manifest
+
+
+def test_dim_ranges_from_the_manifest(tiny_bundles):
+    m = _manifest(tiny_bundles, "pixart-alpha")
+    (h, w), patch = m["latent_sizes"][0], m["model"]["patch_size"]
+    ranges = dim_ranges(m)
+    assert ranges["batch"] == (1, 2, 2)  # max_batch 1, doubled by guidance
+    tokens = (h // patch) * (w // patch)
+    assert ranges["tokens"] == (tokens, tokens, tokens)
+    assert ranges["latent_height"] == (h, h, h)
+    assert ranges["height"][1] == h * m["model"]["vae_scale_factor"]
+    assert ranges["text_tokens"] == (1, 120, 120)  # prompts are padded to the tokenizer's max length
+    assert dim_ranges(m, max_batch=4)["batch"] == (1, 8, 8)
+    assert "text_tokens" not in dim_ranges(_manifest(tiny_bundles, "dit"))  # class-conditional
+
+
+def test_several_resolutions_span_one_profile(tiny_bundles):
+    m = copy.deepcopy(_manifest(tiny_bundles, "pixart-alpha"))
+    m["latent_sizes"] = [[32, 32], [16, 24], [64, 48]]
+    m["max_batch"] = 3
+    ranges = dim_ranges(m)
+    assert ranges["tokens"] == (8 * 12, 16 * 16, 32 * 24)  # min, the default size, max
+    assert ranges["latent_height"] == (16, 32, 64) and ranges["latent_width"] == (24, 32, 48)
+    assert ranges["batch"] == (1, 6, 6)
+
+
+@pytest.mark.parametrize("name", ["pixart-alpha", "pixart-alpha-1024", "pixart-sigma", "dit"])
+def test_every_segment_input_gets_a_profile(tiny_bundles, name):
+    m = _manifest(tiny_bundles, name)
+    for segment, spec in m["segments"].items():
+        profile = input_profile(m, spec)
+        assert set(profile) == {i["name"] for i in spec["inputs"]}, segment
+        for tensor, (low, opt, high) in profile.items():
+            assert len(low) == len(opt) == len(high)
+            assert all(0 < a <= b <= c for a, b, c in zip(low, opt, high)), (segment, tensor)
+    hidden = input_profile(m, m["segments"]["final"])["hidden"]
+    assert hidden[0][0] == 1 and hidden[2][0] == 2 * m["max_batch"]
+    width = m["segments"]["final"]["inputs"][0]["shape"][2]
+    assert hidden[0][2] == hidden[2][2] == width  # static dims stay static
+
+
+def test_unknown_dimensions_are_refused(tiny_bundles):
+    m = _manifest(tiny_bundles, "dit")
+    spec = {"inputs": [{"name": "x", "shape": ["batch", "mystery"], "dtype": "float32"}]}
+    with pytest.raises(BundleError, match="mystery"):
+        input_profile(m, spec)
+
+
+HERE = environment_record("10.13.0.35", "NVIDIA H100 80GB HBM3", (9, 0))
+
+
+def test_matching_engines_load():
+    check_engine_record({**HERE, "segments": {}}, HERE, "bundle", "base")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "what"),
+    [
+        ("tensorrt", "11.0.0.1", "TensorRT"),
+        ("compute_capability", "8.0", "compute capability"),
+        ("gpu", "NVIDIA A100-SXM4-80GB", "GPU"),
+    ],
+)
+def test_mismatched_engines_are_refused_with_a_rebuild_hint(field, value, what):
+    record = {**HERE, field: value}
+    with pytest.raises(EngineMismatch, match=what) as info:
+        check_engine_record(record, HERE, "out/b", "int8_qdq")
+    message = str(info.value)
+    assert value in message and "rebuild" in message
+    assert "ilf-deploy build-engines out/b --variant int8_qdq --force" in message
+    assert isinstance(info.value, BundleError)  # the CLI prints it as one line, exit 2
+
+
+def test_bundles_without_engines_say_how_to_build_them(tiny_bundles):
+    with pytest.raises(BundleError, match="build-engines"):
+        engine_set(_manifest(tiny_bundles, "dit"), None)
+    with pytest.raises(BundleError, match="--variant int8_qdq"):
+        engine_set(_manifest(tiny_bundles, "dit"), "int8_qdq")
+
+
+def test_without_tensorrt_the_backend_says_so(tiny_bundles):
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here")
+    from ilf_deploy.backends.tensorrt import build_engines, open_trt_generator
+
+    with pytest.raises(ConfigError, match="TensorRT is not installed"):
+        build_engines(tiny_bundles["dit"])
+    with pytest.raises(ConfigError, match="TensorRT is not installed"):
+        open_trt_generator(Bundle.load(tiny_bundles["dit"]))
+
+
+def test_importing_the_backend_needs_neither_tensorrt_nor_polygraphy():
+    code = (
+        "import sys, json\n"
+        "import ilf_deploy.backends.tensorrt\n"
+        "print(json.dumps([m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'polygraphy')]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == []
