@@ -14,6 +14,7 @@ an ONNX Runtime bundle can be measured the same way as the PyTorch reference run
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ class AttributeClassifier(nn.Module):
         super().__init__()
         chans = [3, width, 2 * width, 2 * width, 4 * width]
         layers: list[nn.Module] = []
-        for cin, cout in zip(chans, chans[1:]):
+        for cin, cout in itertools.pairwise(chans):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
         self.convs = nn.Sequential(*layers)
         self.features = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 16, feature_dim), nn.SiLU())
@@ -171,7 +172,9 @@ class EvalBackend:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def torch_backend(model_dir: str | Path, guidance_scale: float = 4.5, negative_prompt: str = "") -> EvalBackend:
+def torch_backend(
+    model_dir: str | Path, guidance_scale: float = 4.5, negative_prompt: str = ""
+) -> EvalBackend:
     """The PyTorch reference runner as an `EvalBackend`."""
     from .loading import load_model
     from .plan import resolve_plan
@@ -187,12 +190,36 @@ def torch_backend(model_dir: str | Path, guidance_scale: float = 4.5, negative_p
         return resolve_plan(spec, model.adapter.num_blocks, model.scheduler_config, loop)
 
     def generate(plan: StepPlan, prompt: str, seed: int) -> Generated:
-        request = Request(prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, seed=seed)
+        request = Request(
+            prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, seed=seed
+        )
         latents = gen.generate_latents(plan, request)
         return Generated(gen.decode(latents)[0], latents[0].float().numpy())
 
     info = {"model": str(model_dir), "guidance_scale": guidance_scale, "num_blocks": model.adapter.num_blocks}
     return EvalBackend("torch", resolve, generate, info)
+
+
+def bundle_backend(
+    bundle_dir: str | Path, guidance_scale: float = 4.5, negative_prompt: str = ""
+) -> EvalBackend:
+    """A bundle on ONNX Runtime as an `EvalBackend` (its bundled plans only)."""
+    from .runtime.generator import Request
+    from .runtime.pipeline import open_generator
+
+    gen = open_generator(bundle_dir)
+    if gen.facts.architecture == "dit":
+        raise ConfigError("eval needs a text-to-image (PixArt) model: the shapes prompts are text")
+
+    def generate(plan: StepPlan, prompt: str, seed: int) -> Generated:
+        request = Request(
+            prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, seed=seed
+        )
+        latents = gen.generate_latents(plan, request)
+        return Generated(gen.decode(latents)[0], np.asarray(latents[0]))
+
+    info = {"bundle": str(bundle_dir), "guidance_scale": guidance_scale}
+    return EvalBackend("onnxruntime", gen.bundle.plan, generate, info)  # type: ignore[attr-defined]
 
 
 # -- the evaluation ------------------------------------------------------------------------------
@@ -257,7 +284,7 @@ def evaluate(
     prompts = [s.caption(0) for s in samples]
     # Real statistics from a split the prompts do not come from, plus a real-vs-real floor.
     real = make_batch(range(real_count), EVAL_SEED + 1)
-    real_feats, real_preds = classifier.predict(real.images)
+    real_feats, _real_preds = classifier.predict(real.images)
     held = make_batch(range(n), EVAL_SEED)
     held_feats, held_preds = classifier.predict(held.images)
     base_forwards = plan_objs[reference].block_forwards
@@ -306,7 +333,17 @@ def evaluate(
 
 def format_table(report: EvalReport) -> list[list[str]]:
     """Rows (header first) for printing: one per plan."""
-    header = ["plan", "block fwd", "speedup", "s/img", "acc all", "acc mean", "Fréchet", "PSNR", "latent rel L2"]
+    header = [
+        "plan",
+        "block fwd",
+        "speedup",
+        "s/img",
+        "acc all",
+        "acc mean",
+        "Fréchet",
+        "PSNR",
+        "latent rel L2",
+    ]
     rows = [header]
     for r in report.results:
         rows.append(

@@ -1,0 +1,323 @@
+"""Train an ILF feedback module with Fast Approximate Distillation (ILF paper §3.2).
+
+For a clean latent x0 and noise ε:
+  student = backbone + feedback on x_t at t (blocks after the feedback and the final layer at t_post)
+  teacher = backbone alone on x_{t/2} = the same x0 and ε noised to t/2 (one teacher forward)
+  loss    = MSE(student, teacher) + MSE(student, ε)
+Only the feedback block and its zero-initialised scales learn; the backbone is frozen.
+
+Which `t_post` the student sees: inference runs the blocks after the feedback at the plan's `t_post`
+(eq. 4, `t - gap·n/m` for the rescale rule), so training uses that same rule. With
+`timesteps="plan"` (default) the (t, t_post) pairs are those of the feedback steps of the ilf plans
+the module is for (ilf-10 and ilf-12: first 2 and last 2 steps), t jittered by up to ±¼ of the step
+gap; with `timesteps="uniform"`, t is uniform in [0, 1000) and t_post = the rule with the gap of a
+randomly chosen plan step count. Training on any other t_post (e.g. t/2) would teach the blocks after
+the feedback a conditioning they never get at inference.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..adapters import Adapter, Cond
+from ..data import TRAIN_SEED, make_batch, to_tensor_range
+from ..errors import ConfigError
+from ..ilf import FEEDBACK_DIR, FeedbackModule, inner_loop, run_blocks
+from ..loading import LoadedModel
+from ..plan import T_POST_MODES, ilf_plan, post_timestep, validate_loop
+from .common import add_noise, alphas_cumprod, load_checkpoint, save_checkpoint, warmup_lr
+
+CHECKPOINT = "fad_checkpoint.pt"
+TEXT_LENGTH = 32  # shapes captions are shorter; masked padding is inert (see training.base.encode_text)
+
+
+@dataclass
+class FeedbackTrainConfig:
+    loop: tuple[int, int]
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 5e-4
+    plan_steps: tuple[int, ...] = (10, 12)  # the ilf-N plans whose feedback steps we train for
+    feedback: str = "first2,last2"
+    t_post: str = "rescale"
+    timesteps: str = "plan"  # "plan" or "uniform", see the module docstring
+    distill_weight: float = 1.0
+    recon_weight: float = 1.0
+    caption_dropout: float = 0.1  # guidance runs the feedback on the unconditional branch too
+    pool: int = 1024  # clean latents encoded once up front
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def validate(self, num_blocks: int) -> None:
+        validate_loop(*self.loop, num_blocks)
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        if self.t_post not in T_POST_MODES:
+            raise ConfigError(f"unknown t_post mode {self.t_post!r}; choose from {', '.join(T_POST_MODES)}")
+        if self.timesteps not in ("plan", "uniform"):
+            raise ConfigError(f"unknown timestep sampling {self.timesteps!r}; choose plan or uniform")
+        if not self.plan_steps or min(self.plan_steps) < 1:
+            raise ConfigError(f"plan steps must be >= 1, got {self.plan_steps}")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)  # total loss per step
+    distill: list[float] = field(default_factory=list)
+    recon: list[float] = field(default_factory=list)
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+class FeedbackData:
+    """Clean latents (the shapes dataset through the model's VAE) and the adapter's inputs."""
+
+    def __init__(self, model: LoadedModel, pool: int, seed: int) -> None:
+        self.model = model
+        adapter = model.adapter
+        self.text = adapter.architecture != "dit"
+        if self.text and (model.tokenizer is None or model.text_encoder is None):
+            raise ConfigError(
+                f"{model.source}: feedback training needs a pipeline directory with its text encoder"
+            )
+        batch = make_batch(range(pool), TRAIN_SEED + 7)  # a fixed pool: each x0 gets fresh noise and t
+        self.captions = batch.captions
+        shape = (adapter.latent_channels, adapter.sample_size, adapter.sample_size)
+        if model.vae is not None:
+            self.latents = self._encode(batch.images, model.default_image_size)
+        else:  # a bare transformer directory: no VAE to make real latents with
+            self.latents = torch.randn((pool, *shape), generator=torch.Generator().manual_seed(seed))
+        if tuple(self.latents.shape[1:]) != shape:
+            raise ConfigError(
+                f"latents of shape {tuple(self.latents.shape[1:])} do not fit the model's {shape}"
+            )
+        self.null = self._encode_text([""]) if self.text else None
+
+    @torch.no_grad()
+    def _encode(self, images: np.ndarray, size: int, chunk: int = 128) -> torch.Tensor:
+        vae = self.model.vae
+        dtype = next(vae.parameters()).dtype
+        out = []
+        for start in range(0, len(images), chunk):
+            x = to_tensor_range(images[start : start + chunk])
+            if x.shape[-1] != size:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            out.append(vae.encode(x.to(dtype)).latent_dist.mean.float() * vae.config.scaling_factor)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.model.tokenizer(
+            [c.lower().strip() for c in captions],
+            padding="max_length",
+            max_length=TEXT_LENGTH,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        embeds = self.model.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        return embeds, tokens.attention_mask
+
+    def sample(self, batch: int, gen: torch.Generator, dropout: float) -> tuple[torch.Tensor, Cond]:
+        idx = torch.randint(len(self.latents), (batch,), generator=gen)
+        x0 = self.latents[idx]
+        drop = torch.rand(batch, generator=gen) < dropout
+        dtype = next(self.model.adapter.transformer.parameters()).dtype
+        if not self.text:
+            null = self.model.adapter.num_classes  # type: ignore[attr-defined]
+            labels = torch.randint(null, (batch,), generator=gen)
+            return x0.to(dtype), {"class_labels": torch.where(drop, torch.full_like(labels, null), labels)}
+        embeds, mask = self._encode_text([self.captions[i] for i in idx.tolist()])
+        null_embeds, null_mask = self.null  # type: ignore[misc]
+        embeds = torch.where(drop[:, None, None], null_embeds.expand_as(embeds), embeds)
+        mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
+        inputs = {"prompt_embeds": embeds.to(dtype), "prompt_mask": mask}
+        if self.model.adapter.uses_size_conditions:  # type: ignore[attr-defined]
+            px = float(self.model.default_image_size)
+            inputs["resolution"] = torch.tensor([[px, px]]).repeat(batch, 1)
+            inputs["aspect_ratio"] = torch.ones(batch, 1)
+        return x0.to(dtype), inputs
+
+
+# -- timesteps ---------------------------------------------------------------------------------
+
+
+def plan_timesteps(model: LoadedModel, config: FeedbackTrainConfig) -> list[tuple[float, float, float]]:
+    """(t, t_post, gap) of every feedback step of the ilf plans we train for, exactly as planned."""
+    out = []
+    for steps in config.plan_steps:
+        feedback = config.feedback if steps >= 4 else "all"
+        plan = ilf_plan(
+            steps, model.adapter.num_blocks, config.loop, feedback, config.t_post, model.scheduler_config
+        )
+        for step in plan.steps:
+            if step.t_post is not None:
+                gap = step.timestep - step.coefficients.prev_timestep
+                out.append((step.timestep, step.t_post, max(gap, 1.0)))
+    return out
+
+
+def draw_timesteps(
+    model: LoadedModel, config: FeedbackTrainConfig, batch: int, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (t, t_post) following `config.timesteps` (see the module docstring)."""
+    n, m = model.adapter.num_blocks, config.loop[1] - config.loop[0] + 1
+    num_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    ts, posts = [], []
+    table = plan_timesteps(model, config) if config.timesteps == "plan" else []
+    for _ in range(batch):
+        if table:
+            t0, tp0, gap = rng.choice(table)
+            shift = rng.uniform(-gap / 4, gap / 4)
+            t = min(max(t0 + shift, 0.0), num_train - 1.0)
+            tp = min(max(tp0 + shift, 0.0), t)
+        else:
+            t = rng.uniform(0, num_train - 1)
+            gap = (num_train - 1) / rng.choice(config.plan_steps)
+            tp = post_timestep(config.t_post, t, max(t - gap, 0.0), n, m, False, num_train)
+        ts.append(t)
+        posts.append(tp)
+    return torch.tensor(ts), torch.tensor(posts)
+
+
+# -- the two forwards --------------------------------------------------------------------------
+
+
+def student_forward(
+    adapter: Adapter,
+    feedback: FeedbackModule,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    t_post: torch.Tensor,
+    inputs: Cond,
+) -> torch.Tensor:
+    """One ILF step's network evaluation, as `runtime.loop.model_output` runs an ilf op."""
+    context = adapter.context(inputs)
+    cond, cond_post = adapter.conditioning(t, context), adapter.conditioning(t_post, context)
+    start, end = feedback.loop
+    h = adapter.embed(x)
+    if start > 0:
+        h = run_blocks(adapter, 0, start - 1, h, cond)
+    h = inner_loop(adapter, feedback, h, cond, cond_post)
+    if end < adapter.num_blocks - 1:
+        h = run_blocks(adapter, end + 1, adapter.num_blocks - 1, h, cond_post)
+    return adapter.final(h, cond_post, x.shape[-2], x.shape[-1])[:, : adapter.latent_channels]
+
+
+def teacher_forward(adapter: Adapter, x: torch.Tensor, t: torch.Tensor, inputs: Cond) -> torch.Tensor:
+    with torch.no_grad():
+        return adapter.forward(x, t, inputs)[:, : adapter.latent_channels]
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def train_feedback(
+    model: LoadedModel,
+    config: FeedbackTrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+    data: FeedbackData | None = None,
+) -> tuple[FeedbackModule, TrainState]:
+    """Train (or resume) and save the module to `out_dir` (ilf_config.json + safetensors)."""
+    adapter = model.adapter
+    config.validate(adapter.num_blocks)
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    adapter.transformer.eval().requires_grad_(False)
+    torch.manual_seed(config.seed)
+    feedback = FeedbackModule.create(adapter, config.loop)
+    dtype = next(adapter.transformer.parameters()).dtype
+    feedback = feedback.to(dtype).train()
+    opt = torch.optim.AdamW(feedback.parameters(), lr=config.lr, weight_decay=0.0)
+    state = TrainState()
+    rng = random.Random(config.seed)
+    if resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+        saved = load_checkpoint(ckpt_path)
+        if tuple(saved["config"]["loop"]) != tuple(config.loop):
+            raise ConfigError(
+                f"--resume: the checkpoint is for loop {saved['config']['loop']}, not {config.loop}"
+            )
+        feedback.load_state_dict(saved["feedback"])
+        opt.load_state_dict(saved["opt"])
+        state = TrainState(**saved["state"])
+        rng.setstate(saved["rng"])
+    gen = torch.Generator().manual_seed(config.seed * 1000003 + state.step)
+    data = data or FeedbackData(model, config.pool, config.seed)
+    ac = alphas_cumprod(int(model.scheduler_config.get("num_train_timesteps", 1000))).to(dtype)
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "feedback": feedback.state_dict(),
+                "opt": opt.state_dict(),
+                "state": asdict(state),
+                "rng": rng.getstate(),
+                "config": asdict(config),
+            },
+        )
+
+    while state.step < config.steps:
+        for group in opt.param_groups:
+            group["lr"] = warmup_lr(state.step, config.lr, 20)
+        x0, inputs = data.sample(config.batch_size, gen, config.caption_dropout)
+        noise = torch.randn(x0.shape, generator=gen).to(dtype)
+        t, t_post = draw_timesteps(model, config, config.batch_size, rng)
+        t_teacher = (t / 2).floor()
+        target = teacher_forward(adapter, add_noise(x0, noise, t_teacher, ac), t_teacher, inputs)
+        pred = student_forward(adapter, feedback, add_noise(x0, noise, t, ac), t, t_post, inputs)
+        distill, recon = F.mse_loss(pred, target), F.mse_loss(pred, noise)
+        loss = config.distill_weight * distill + config.recon_weight * recon
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(feedback.parameters(), 1.0)
+        opt.step()
+        state.step += 1
+        state.losses.append(loss.item())
+        state.distill.append(distill.item())
+        state.recon.append(recon.item())
+        if on_step is not None:
+            on_step(state.step, state.losses[-1])
+        if state.step % config.checkpoint_every == 0 or state.step == config.steps:
+            checkpoint()
+    feedback.eval().requires_grad_(False)
+    feedback.save(out_dir)
+    return feedback, state
+
+
+def default_out_dir(model: LoadedModel) -> Path:
+    if model.path is None:
+        raise ConfigError("pass --out: the model has no local directory")
+    return model.path / FEEDBACK_DIR
+
+
+def summary(state: TrainState, window: int = 20) -> dict[str, Any]:
+    def mean(xs: list[float]) -> float:
+        return float(np.mean(xs)) if xs else float("nan")
+
+    return {
+        "steps": state.step,
+        "loss_first": mean(state.losses[:window]),
+        "loss_last": mean(state.losses[-window:]),
+        "distill_last": mean(state.distill[-window:]),
+        "recon_last": mean(state.recon[-window:]),
+    }
