@@ -44,13 +44,15 @@ def bench_plans(
     warmup: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> list[PlanResult]:
-    """Median of `runs` runs after `warmup` for each plan; stages from the segments' own timers."""
+    """Median of `runs` runs after `warmup` for each plan; stages from the segments' own timers.
+
+    Plans take turns run by run (ABAB...), so that a change in machine load hits every plan alike.
+    """
     timings = getattr(generator.segments, "timings", None)  # ONNX Runtime records per-segment times
-    results = []
-    for plan in plans:
-        latencies: list[float] = []
-        per_run: list[dict[str, tuple[int, float]]] = []
-        for index in range(warmup + runs):
+    latencies: dict[str, list[float]] = {plan.name: [] for plan in plans}
+    per_run: dict[str, list[dict[str, tuple[int, float]]]] = {plan.name: [] for plan in plans}
+    for index in range(warmup + runs):
+        for plan in plans:
             if progress:
                 progress(f"{plan.name} run {index + 1}/{warmup + runs}")
             if timings is not None:
@@ -62,16 +64,21 @@ def bench_plans(
             end = time.perf_counter()
             if index < warmup:
                 continue
-            latencies.append(end - start)
+            latencies[plan.name].append(end - start)
             stages: dict[str, tuple[int, float]] = {}
             if timings is not None:
                 stages = {name: (len(calls), sum(calls)) for name, calls in timings.items()}
                 in_loop = sum(s for name, (_, s) in stages.items() if name != "vae_decoder")
                 stages["scheduler + glue"] = (plan.num_steps, (generated - start) - in_loop)
-            per_run.append(stages)
-        names = per_run[0].keys() if per_run else []
-        stages = {n: (per_run[0][n][0], statistics.median(r[n][1] for r in per_run)) for n in names}
-        results.append(PlanResult(plan.name, plan.num_steps, plan.block_forwards, latencies, stages))
+            per_run[plan.name].append(stages)
+    results = []
+    for plan in plans:
+        runs_stages = per_run[plan.name]
+        names = runs_stages[0].keys() if runs_stages else []
+        stages = {n: (runs_stages[0][n][0], statistics.median(r[n][1] for r in runs_stages)) for n in names}
+        results.append(
+            PlanResult(plan.name, plan.num_steps, plan.block_forwards, latencies[plan.name], stages)
+        )
     return results
 
 

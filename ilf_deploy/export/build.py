@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..adapters import make_adapter
 from ..errors import ConfigError
 from ..loading import LoadedModel, load_model
 from ..plan import resolve_plan
@@ -114,13 +116,14 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
 
     with_feedback = feedback is not None and any(plan.feedback_steps for plan in plans)
     specs = segment_specs(model, cut_points, with_feedback)
+    if dtype != torch.float32:  # one low-precision copy of the backbone; the model stays fp32
+        low_specs = {s.name: s for s in segment_specs(_cast(model, dtype), cut_points, with_feedback)}
     segments = {}
     for index, spec in enumerate(specs):
         if progress:
             progress(spec.name, index, len(specs))
         low = dtype != torch.float32 and not spec.keep_fp32
-        # A copy for lower precision: the segments share (and must not round) the model's weights.
-        module = copy.deepcopy(spec.module).to(dtype) if low else spec.module
+        module = low_specs[spec.name].module if low else spec.module
         args = tuple(cast(examples[n]) if low else examples[n] for n in spec.inputs)
         path = root / "onnx" / f"{spec.name}.onnx"
         export_segment(module, args, path, spec.inputs, spec.outputs)
@@ -204,6 +207,14 @@ def example_tensors(model: LoadedModel, resolution: tuple[int, int]) -> dict[str
         ex["hidden"] = adapter.embed_tokens(ex["latents"], ex["pos_embed"])
         ex["feed"] = torch.randn(ex["hidden"].shape, generator=gen)
     return ex
+
+
+def _cast(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
+    """The backbone and feedback in `dtype` (copies); text encoder and VAE are not exported from it."""
+    transformer = copy.deepcopy(model.adapter.transformer).to(dtype)
+    feedback = copy.deepcopy(model.feedback).to(dtype) if model.feedback is not None else None
+    adapter = make_adapter(model.architecture, transformer)
+    return dataclasses.replace(model, adapter=adapter, feedback=feedback)
 
 
 def _config_hash(model: LoadedModel) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,34 +43,42 @@ def export_segment(
     inputs: Sequence[str],
     outputs: Sequence[str],
 ) -> None:
-    """Write `module(*args)` to `path`; weights go to `path.data` when the model passes 2 GB."""
+    """Write `module(*args)` to `path`; weights go to one `path.data` file when they pass 1 GB.
+
+    The exporter writes into a scratch directory first: for graphs over protobuf's 2 GB limit it
+    leaves one file per tensor, which must not end up in (and be hashed into) the bundle.
+    """
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
-    size = sum(p.numel() * p.element_size() for p in module.parameters())
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about python-int shapes are expected here
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            input_names=list(inputs),
-            output_names=list(outputs),
-            dynamic_axes=dynamic_axes([*inputs, *outputs]),
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    if size > TWO_GB // 2:  # protobuf's 2 GB limit: move weights to one external file beside it
-        model = onnx.load(str(path))
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=path.name + ".data",
-        )
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
+        raw = Path(scratch) / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python-int shapes are expected here
+            torch.onnx.export(
+                module,
+                args,
+                str(raw),
+                input_names=list(inputs),
+                output_names=list(outputs),
+                dynamic_axes=dynamic_axes([*inputs, *outputs]),
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        model = onnx.load(str(raw))  # also reads any per-tensor files the exporter wrote
+        weights = sum(len(t.raw_data) for t in model.graph.initializer)
+        data = path.with_name(path.name + ".data")
+        if weights > TWO_GB // 2:  # keep well clear of protobuf's 2 GB limit
+            onnx.save_model(
+                model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name
+            )
+        else:
+            onnx.save_model(model, str(path))
+    for file in (path, data):
+        if file.exists():
+            file.chmod(0o644)  # readable by a server running as another user
     onnx.checker.check_model(str(path))
     onnx.shape_inference.infer_shapes_path(str(path))
 

@@ -44,6 +44,8 @@ class OrtSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        # One thread pool per segment: spinning pools steal the CPU from the segment that runs next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for key, value in (config or {}).items():  # e.g. FP8 variants: session.disable_quant_qdq
             options.add_session_config_entry(key, value)
         try:
