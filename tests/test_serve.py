@@ -495,7 +495,8 @@ def test_serve_command_reports_bad_input_in_one_line(bundle, tmp_path):
         ([str(bundle), "--max-queue", "0"], "--max-queue"),
         ([str(bundle), "--max-n", "100"], "--max-n"),
         ([str(bundle), "--default-plan", "base-20"], "base-20"),
-        ([str(bundle), "--backend", "tensorrt"], "unknown backend"),
+        ([str(bundle), "--backend", "bogus"], "unknown backend"),
+        ([str(bundle), "--backend", "tensorrt"], "TensorRT is not installed"),
         ([str(bundle), "--port", "70000"], "--port"),
     ]:
         result = runner.invoke(app, ["serve", *args])
