@@ -16,6 +16,7 @@ from .errors import ModelLoadError
 from .ilf import FEEDBACK_DIR, FeedbackModule
 from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
 
+DEFAULT_MODEL = Path(__file__).parent / "default_model"  # the embedded model, trained by scripts/
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a pipeline needs from a hub repo: configs, tokenizer files and safetensors weights.
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "feedback/*"]
@@ -53,7 +54,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def resolve_source(source: str | Path) -> Path:
-    """A local directory, or a hub id downloaded to the local cache."""
+    """A local directory, `default` (the embedded model), or a hub id downloaded to the local cache."""
+    if str(source) == "default" and not Path("default").exists():
+        source = DEFAULT_MODEL
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
