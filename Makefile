@@ -26,16 +26,17 @@ lint: setup
 
 PROMPT ?= a small red circle on a blue background
 
-# The main job: a model -> a bundle (ONNX) -> verified against PyTorch -> images from each plan.
+# The main job, on the embedded default model (ilf_deploy/default_model, named `default`):
+# plan -> bundle (ONNX) -> verified against PyTorch -> an image per plan -> eval table + grid.
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(BIN)/ilf-deploy make-tiny pixart-alpha $(DEMO)/model
-	$(BIN)/ilf-deploy plan --model $(DEMO)/model --steps 10 --feedback first2,last2
-	$(BIN)/ilf-deploy build $(DEMO)/model --out $(DEMO)/bundle --plans base-20,ilf-10,cache-20
+	$(BIN)/ilf-deploy plan --model default --steps 10 --feedback first2,last2
+	$(BIN)/ilf-deploy build default --out $(DEMO)/bundle --plans base-20,ilf-10,cache-20
 	$(BIN)/ilf-deploy verify $(DEMO)/bundle
 	for plan in base-20 ilf-10 cache-20; do \
 	  $(BIN)/ilf-deploy generate $(DEMO)/bundle --plan $$plan --prompt "$(PROMPT)" --out $(DEMO)/$$plan.png || exit 1; \
 	done
+	$(BIN)/ilf-deploy eval $(DEMO)/bundle --plans base-20,ilf-10,cache-20 --n 16 --grid $(DEMO)/grid.png --json $(DEMO)/eval.json
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ATTRIBUTES, EVAL_SEED, Sample, make_batch, to_tensor_range
+from .data import ATTRIBUTES, EVAL_SEED, IMAGE_SIZE, Sample, make_batch, to_tensor_range
 from .errors import ConfigError, ModelLoadError
 from .plan import StepPlan
 
@@ -82,7 +82,10 @@ class AttributeClassifier(nn.Module):
         """uint8 (B, 64, 64, 3) -> (features (B, F), {attribute: predicted class (B,)})."""
         feats, preds = [], {name: [] for name in ATTRIBUTES}
         for start in range(0, len(images), chunk):
-            f, logits = self(to_tensor_range(images[start : start + chunk]))
+            x = to_tensor_range(images[start : start + chunk])
+            if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):  # e.g. the 32 px tiny test models
+                x = nn.functional.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear")
+            f, logits = self(x)
             feats.append(f.numpy())
             for name in ATTRIBUTES:
                 preds[name].append(logits[name].argmax(1).numpy())
@@ -124,7 +127,7 @@ def train_classifier(
         opt.step()
         sched.step()
         if log is not None and step % 100 == 0:
-            log(f"classifier step {step} loss {float(loss):.4f}")
+            log(f"classifier step {step} loss {loss.item():.4f}")  # type: ignore[union-attr]
     return model.eval().requires_grad_(False)
 
 

@@ -1,36 +1,54 @@
-"""The shapes dataset: deterministic, captions agree with labels, every word is in the vocabulary."""
+"""The shapes dataset: determinism, label/caption consistency, tokenizer coverage."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ilf_deploy.data import ATTRIBUTES, IMAGE_SIZE, RGB, make_batch, make_item, vocabulary
-from ilf_deploy.tokenizer import DEFAULT_VOCAB
+from ilf_deploy.data import ATTRIBUTES, RGB, TEMPLATES, make_batch, make_item, vocabulary, where
+from ilf_deploy.tokenizer import DEFAULT_VOCAB, build_word_tokenizer
 
 
-def test_items_are_deterministic_and_seeds_differ():
-    a, b = make_item(5, seed=0), make_item(5, seed=0)
-    assert np.array_equal(a[0], b[0]) and a[1:] == b[1:]
-    assert not np.array_equal(make_item(5, seed=1)[0], a[0]) or make_item(5, seed=1)[1] != a[1]
-    batch = make_batch(range(16))
-    assert batch.images.shape == (16, IMAGE_SIZE, IMAGE_SIZE, 3) and batch.images.dtype == np.uint8
-    assert len(set(batch.captions)) > 8
+def test_items_are_deterministic_and_seed_dependent():
+    a, b = make_batch(range(16)), make_batch(range(16))
+    assert np.array_equal(a.images, b.images) and a.captions == b.captions
+    image, sample, caption = make_item(5)  # one item alone equals its place in a batch
+    assert np.array_equal(image, a.images[5]) and caption == a.captions[5] and sample == a.samples[5]
+    other = make_batch(range(16), seed=1)
+    assert not np.array_equal(a.images, other.images)
 
 
-def test_captions_and_pixels_agree_with_the_labels():
-    batch = make_batch(range(200))
-    for image, caption, sample in zip(batch.images, batch.captions, batch.samples, strict=True):
-        for name in ("shape", "color", "size", "background"):
-            assert getattr(sample, name) in caption, (name, caption)
-        # Both colours are really drawn (anti-aliasing adds blends between them).
-        colours = {tuple(p) for p in image.reshape(-1, 3)}
-        assert tuple(RGB[sample.color]) in colours and tuple(RGB[sample.background]) in colours
-        assert sample.color != sample.background
+def test_captions_and_labels_agree_with_the_pixels():
+    batch = make_batch(range(64))
+    assert batch.images.shape == (64, 64, 64, 3) and batch.images.dtype == np.uint8
+    for i, (s, caption) in enumerate(zip(batch.samples, batch.captions)):
+        for name, names in ATTRIBUTES.items():
+            assert names[batch.labels[name][i]] == getattr(s, name)
+        for word in (s.shape, s.color, s.size, s.background, where(s.position)):
+            assert word in caption
+        assert s.color != s.background
+        img = batch.images[i].reshape(-1, 3).astype(int)
+        corner_colours = {tuple(batch.images[i][y, x]) for y, x in ((0, 0), (0, 63), (63, 0), (63, 63))}
+        # The background colour fills most pixels; the shape colour exists.
+        bg = np.all(img == RGB[s.background], axis=1).mean()
+        fg = np.all(img == RGB[s.color], axis=1).sum()
+        assert bg > 0.5 and fg > 20, (caption, bg, fg)
+        assert RGB[s.background] in corner_colours or s.size == "large"
+        # The shape's centre of mass is in the named third of the image.
+        ys, xs = np.nonzero(np.all(batch.images[i] == RGB[s.color], axis=2))
+        col, row = ATTRIBUTES["position"].index(s.position) % 3, ATTRIBUTES["position"].index(s.position) // 3
+        assert int(xs.mean() // (64 / 3)) == col and int(ys.mean() // (64 / 3)) == row, caption
+
+
+def test_every_caption_word_is_in_the_tokenizer():
+    vocab = set(DEFAULT_VOCAB)
+    assert set(vocabulary()) <= vocab
+    tok = build_word_tokenizer()
+    for caption in make_batch(range(32)).captions:
+        assert 2 not in tok.encode(caption).ids  # no <unk>
+    assert len(TEMPLATES) >= 2
+
+
+def test_every_class_occurs():
+    batch = make_batch(range(300))
     for name, values in ATTRIBUTES.items():
-        seen = set(batch.labels[name].tolist())
-        assert seen == set(range(len(values))), name  # every class occurs in 200 items
-
-
-def test_vocabulary_is_covered_by_the_word_tokenizer():
-    missing = [w for w in vocabulary() if w not in DEFAULT_VOCAB]
-    assert not missing
+        assert set(batch.labels[name].tolist()) == set(range(len(values))), name

@@ -1,32 +1,92 @@
-"""Fast Approximate Distillation: only the feedback learns, the loss falls, training resumes."""
+"""Fast Approximate Distillation on the tiny presets: learns, touches only the feedback, resumes."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 
+from ilf_deploy.errors import ConfigError
 from ilf_deploy.ilf import FeedbackModule
 from ilf_deploy.loading import load_model
-from ilf_deploy.training.feedback import FeedbackTrainConfig, summary, train_feedback
+from ilf_deploy.plan import default_loop
+from ilf_deploy.training.common import add_noise, alphas_cumprod
+from ilf_deploy.training.feedback import (
+    FeedbackData,
+    FeedbackTrainConfig,
+    draw_timesteps,
+    plan_timesteps,
+    student_forward,
+    teacher_forward,
+    train_feedback,
+)
 
 
-def test_fad_trains_only_the_feedback_and_lowers_the_loss(tiny_dirs, tmp_path):
-    model = load_model(tiny_dirs["pixart-alpha"])
-    before = {k: v.clone() for k, v in model.adapter.transformer.state_dict().items()}
-    config = FeedbackTrainConfig(loop=(2, 4), steps=40, batch_size=8, lr=2e-3, pool=64, checkpoint_every=20)
-    feedback, state = train_feedback(model, config, tmp_path / "fb")
-    after = model.adapter.transformer.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # the backbone is frozen
-    assert torch.count_nonzero(feedback.scales) > 0  # the zero-initialised scales learned
-    stats = summary(state, window=10)
-    assert stats["steps"] == 40 and stats["loss_last"] < stats["loss_first"]
+def _fixed_loss(model, feedback, data, seed: int = 123) -> float:
+    """The FAD loss on a fixed batch (same x0, noise, t)."""
+    gen = torch.Generator().manual_seed(seed)
+    x0, inputs = data.sample(16, gen, 0.0)
+    noise = torch.randn(x0.shape, generator=gen)
+    cfg = FeedbackTrainConfig(loop=feedback.loop)
+    t, tp = draw_timesteps(model, cfg, 16, random.Random(seed))
+    ac = alphas_cumprod()
+    with torch.no_grad():
+        target = teacher_forward(
+            model.adapter, add_noise(x0, noise, (t / 2).floor(), ac), (t / 2).floor(), inputs
+        )
+        pred = student_forward(model.adapter, feedback, add_noise(x0, noise, t, ac), t, tp, inputs)
+    return float(((pred - target) ** 2).mean() + ((pred - noise) ** 2).mean())
+
+
+@pytest.mark.parametrize("name", ["pixart-alpha", "pixart-sigma", "dit"])
+def test_fad_lowers_the_loss_and_changes_only_the_feedback(name, tiny_dirs, tmp_path):
+    model = load_model(tiny_dirs[name])
+    backbone = {k: v.clone() for k, v in model.adapter.transformer.state_dict().items()}
+    loop = default_loop(model.adapter.num_blocks)
+    config = FeedbackTrainConfig(loop=loop, steps=25, batch_size=8, lr=2e-3, pool=32, caption_dropout=0.0)
+    data = FeedbackData(model, config.pool, 0)
+    untrained = FeedbackModule.create(model.adapter, loop)  # zero scales: the plain backbone
+    before = _fixed_loss(model, untrained, data)
+    feedback, state = train_feedback(model, config, tmp_path / "fb", data=data)
+    after = _fixed_loss(model, feedback, data)
+    assert after < before, (before, after)
+    assert state.step == 25 and len(state.losses) == 25
+    assert feedback.scales.abs().sum() > 0  # the zero-initialised scales learned
+    for key, value in model.adapter.transformer.state_dict().items():
+        assert torch.equal(value, backbone[key]), key  # bit-identical backbone
     loaded = FeedbackModule.load(tmp_path / "fb", model.adapter)
-    assert loaded.loop == (2, 4) and torch.equal(loaded.scales, feedback.scales)
+    assert loaded.loop == loop and torch.equal(loaded.scales, feedback.scales)
 
 
-def test_fad_resumes_from_its_checkpoint(tiny_dirs, tmp_path):
-    model = load_model(tiny_dirs["dit"])
-    first = FeedbackTrainConfig(loop=(1, 3), steps=10, batch_size=4, pool=16, checkpoint_every=5)
-    train_feedback(model, first, tmp_path / "fb")
-    longer = FeedbackTrainConfig(loop=(1, 3), steps=14, batch_size=4, pool=16, checkpoint_every=5)
-    _, state = train_feedback(model, longer, tmp_path / "fb", resume=True)
-    assert state.step == 14 and len(state.losses) == 14  # 10 restored + 4 new
+def test_checkpoint_resume_equals_one_run(tiny_dirs, tmp_path):
+    model = load_model(tiny_dirs["pixart-alpha"])
+    loop = default_loop(model.adapter.num_blocks)
+
+    def cfg(steps: int) -> FeedbackTrainConfig:
+        return FeedbackTrainConfig(loop=loop, steps=steps, batch_size=4, lr=1e-3, pool=16, checkpoint_every=3)
+
+    data = FeedbackData(model, 16, 0)
+    full, full_state = train_feedback(model, cfg(6), tmp_path / "full", data=data)
+    train_feedback(model, cfg(3), tmp_path / "part", data=data)
+    resumed, state = train_feedback(model, cfg(6), tmp_path / "part", resume=True, data=data)
+    assert state.step == 6 and state.losses[:3] == full_state.losses[:3]
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train_feedback(model, cfg(6), tmp_path / "none", resume=True, data=data)
+
+
+def test_training_timesteps_follow_the_plan_rule(tiny_models):
+    model = tiny_models["pixart-alpha"]
+    loop = default_loop(model.adapter.num_blocks)
+    config = FeedbackTrainConfig(loop=loop)
+    table = plan_timesteps(model, config)
+    assert len(table) == 8  # first 2 + last 2 feedback steps of ilf-10 and of ilf-12
+    n, m = model.adapter.num_blocks, loop[1] - loop[0] + 1
+    for t, tp, gap in table:
+        assert tp == pytest.approx(max(t - gap * n / m, 0.0), abs=1e-3)
+    t, tp = draw_timesteps(model, config, 64, random.Random(0))
+    assert torch.all(tp <= t) and torch.all(tp >= 0) and torch.all(t < 1000)
+    with pytest.raises(ConfigError, match="out of range"):
+        FeedbackTrainConfig(loop=(0, 99)).validate(model.adapter.num_blocks)

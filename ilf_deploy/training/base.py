@@ -41,7 +41,7 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
     attention_head_dim=64,
     in_channels=4,
     out_channels=4,  # no learned sigma: plain epsilon prediction
-    num_layers=12,
+    num_layers=8,
     sample_size=IMAGE_SIZE // 4,
     patch_size=2,
     norm_type="ada_norm_single",
@@ -227,7 +227,7 @@ def train_transformer(
         if deadline.passed():
             break
         for group in opt.param_groups:
-            group["lr"] = warmup_lr(step, lr, 200)
+            group["lr"] = warmup_lr(step, lr, 100)
         idx = torch.randint(len(latents), (batch,), generator=gen)
         x0 = latents[idx]
         embeds, mask = encode_text(tokenizer, encoder, [captions[i] for i in idx.tolist()])

@@ -1,4 +1,4 @@
-"""`train-feedback` and `eval`."""
+"""`train-feedback`, `train-base` and `eval`."""
 
 from __future__ import annotations
 
@@ -70,6 +70,36 @@ def register(command) -> None:
             f"feedback for loop {chosen[0]}:{chosen[1]} → {target} "
             f"(loss {stats['loss_first']:.4f} → {stats['loss_last']:.4f} over {stats['steps']} steps)"
         )
+
+    @command("train-base")
+    def train_base_command(
+        stage: Annotated[str, typer.Argument(help="vae, latents, transformer, save or all.")] = "all",
+        work: Annotated[Path, typer.Option(help="Checkpoint directory (each stage resumes).")] = Path(
+            "/tmp/ilf_train"
+        ),
+        out_dir: Annotated[Path, typer.Option("--out", help="Pipeline directory to write.")] = Path(
+            "default_model"
+        ),
+        steps: Annotated[int, typer.Option(help="Transformer steps.")] = 3000,
+        minutes: Annotated[float | None, typer.Option(help="Stop the transformer stage after this.")] = None,
+    ) -> None:
+        """Train the shapes text-to-image PixArt (VAE, frozen T5, transformer) from scratch on CPU."""
+        from . import base
+
+        stages = ("vae", "latents", "transformer", "save")
+        if stage not in (*stages, "all"):
+            raise ConfigError(f"unknown stage {stage!r}; choose from {', '.join(stages)}, all")
+        work.mkdir(parents=True, exist_ok=True)
+        log = work / "train.log"
+        run = stages if stage == "all" else (stage,)
+        if "vae" in run:
+            base.train_vae(work, steps=600, batch=32, lr=2e-3, minutes=None, log=log)
+        if "latents" in run:
+            base.encode_latents(work, count=8000, log=log)
+        if "transformer" in run:
+            base.train_transformer(work, steps=steps, batch=48, lr=1e-3, minutes=minutes, log=log)
+        if "save" in run:
+            console.print(f"saved {base.save_pipeline(work, out_dir)}")
 
     @command("eval")
     def eval_command(

@@ -260,7 +260,9 @@ def train_feedback(
         opt.load_state_dict(saved["opt"])
         state = TrainState(**saved["state"])
         rng.setstate(saved["rng"])
-    gen = torch.Generator().manual_seed(config.seed * 1000003 + state.step)
+    gen = torch.Generator().manual_seed(config.seed)
+    if resume:  # the exact random stream of an uninterrupted run
+        gen.set_state(saved["gen"])
     data = data or FeedbackData(model, config.pool, config.seed)
     ac = alphas_cumprod(int(model.scheduler_config.get("num_train_timesteps", 1000))).to(dtype)
 
@@ -272,6 +274,7 @@ def train_feedback(
                 "opt": opt.state_dict(),
                 "state": asdict(state),
                 "rng": rng.getstate(),
+                "gen": gen.get_state(),
                 "config": asdict(config),
             },
         )
