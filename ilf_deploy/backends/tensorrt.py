@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle, BundleError
+from ..runtime.chain import SegmentChain
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -416,7 +417,7 @@ class _Graph:
         return {name: value.clone() for name, value in self.outputs.items()}
 
 
-class TrtSegments:
+class TrtSegments(SegmentChain):
     """runtime.loop.Segments over TensorRT engines, with torch CUDA tensors as arrays."""
 
     def __init__(
@@ -429,17 +430,7 @@ class TrtSegments:
         self.bundle, self.variant = bundle, variant
         self.engines_spec = engine_set(bundle.manifest, variant)
         check_engine_record(self.engines_spec, current_environment(), str(bundle.path), engine_key(variant))
-        model = bundle.model
-        self.latent_channels = int(model["latent_channels"])
-        self.num_blocks = int(model["num_blocks"])
-        self.patch_size = int(model["patch_size"])
-        self.out_channels = int(model["out_channels"])
-        self.loop = bundle.loop
-        self.block_segments = sorted(
-            (spec["blocks"][0], spec["blocks"][1], name, "feed" in [i["name"] for i in spec["inputs"]])
-            for name, spec in bundle.manifest["segments"].items()
-            if spec.get("blocks")
-        )
+        self.init_chain(bundle)
         self.stream = torch.cuda.Stream()  # made current by TrtGenerator for a whole generation
         self.memory = SharedMemory()
         self.logger = trt_module.Logger(trt_module.Logger.WARNING)
@@ -516,30 +507,10 @@ class TrtSegments:
             self._positions[size] = _as_cuda(self.bundle.positions(*size))
         return self.run("embed", {"latents": latents, "pos_embed": self._positions[size]})["hidden"]
 
-    def blocks(
-        self, start: int, end: int, hidden: torch.Tensor, cond: dict[str, Any], feed: Any = None
-    ) -> Any:
+    def zeros_like(self, array: torch.Tensor) -> torch.Tensor:
         import torch
 
-        position = start
-        for first, last, name, feedable in self.block_segments:
-            if first < start or last > end:
-                continue
-            if first != position:
-                break
-            feeds = {**cond, "hidden": hidden}
-            if feedable:
-                feeds["feed"] = feed if feed is not None else torch.zeros_like(hidden)
-            hidden = self.run(name, feeds)["hidden_out"]
-            position = last + 1
-        if position != end + 1:
-            raise ConfigError(f"the bundle has no segments covering blocks {start}-{end} exactly")
-        return hidden
-
-    def inner_loop(self, hidden: torch.Tensor, cond: dict[str, Any], cond_post: dict[str, Any]) -> Any:
-        start, end = self.loop  # type: ignore[misc]  # check_plan guarantees a loop
-        f_feed = self.run("feedback", {**cond, "hidden": self.blocks(start, end, hidden, cond)})["feed"]
-        return self.blocks(start, end, hidden, cond_post, feed=f_feed)
+        return torch.zeros_like(array)
 
     def final(self, hidden: torch.Tensor, cond: dict[str, Any], height: int, width: int) -> torch.Tensor:
         tokens = self.run("final", {**cond, "hidden": hidden})["tokens"]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
 from .bundle import Bundle, BundleError
+from .chain import SegmentChain
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -63,7 +63,7 @@ class OrtSession:
         return dict(zip(self.outputs, self.session.run(self.outputs, cast), strict=True))
 
 
-class OrtSegments:
+class OrtSegments(SegmentChain):
     """Implements runtime.loop.Segments with one ONNX Runtime session per bundle segment."""
 
     def __init__(
@@ -77,19 +77,8 @@ class OrtSegments:
         self.variant = variant
         self.providers = providers or default_providers()
         self.threads = threads
-        model = bundle.model
-        self.latent_channels = int(model["latent_channels"])
-        self.num_blocks = int(model["num_blocks"])
-        self.patch_size = int(model["patch_size"])
-        self.out_channels = int(model["out_channels"])
-        self.loop = bundle.loop
+        self.init_chain(bundle)
         self._sessions: dict[str, OrtSession] = {}
-        # (start, end, name, takes feed) for every block segment, in order
-        self.block_segments = sorted(
-            (spec["blocks"][0], spec["blocks"][1], name, "feed" in [i["name"] for i in spec["inputs"]])
-            for name, spec in bundle.manifest["segments"].items()
-            if spec.get("blocks")
-        )
         self.timings: dict[str, list[float]] = defaultdict(list)  # seconds per call, by segment
         self.recorder: Callable[[str, dict[str, np.ndarray]], None] | None = None  # sees every call's feeds
 
@@ -124,28 +113,8 @@ class OrtSegments:
         positions = self.bundle.positions(latents.shape[-2], latents.shape[-1])
         return self.run("embed", {"latents": latents, "pos_embed": positions})["hidden"]
 
-    def blocks(
-        self, start: int, end: int, hidden: np.ndarray, cond, feed: np.ndarray | None = None
-    ) -> np.ndarray:
-        position = start
-        for first, last, name, feedable in self.block_segments:
-            if first < start or last > end:
-                continue
-            if first != position:
-                break
-            feeds = {**cond, "hidden": hidden}
-            if feedable:
-                feeds["feed"] = feed if feed is not None else np.zeros_like(hidden)
-            hidden = self.run(name, feeds)["hidden_out"]
-            position = last + 1
-        if position != end + 1:
-            raise ConfigError(f"the bundle has no segments covering blocks {start}-{end} exactly")
-        return hidden
-
-    def inner_loop(self, hidden: np.ndarray, cond, cond_post) -> np.ndarray:
-        start, end = self.loop  # type: ignore[misc]  # check_plan guarantees a loop
-        f_feed = self.run("feedback", {**cond, "hidden": self.blocks(start, end, hidden, cond)})["feed"]
-        return self.blocks(start, end, hidden, cond_post, feed=f_feed)
+    def zeros_like(self, array: np.ndarray) -> np.ndarray:
+        return np.zeros_like(array)
 
     def final(self, hidden: np.ndarray, cond, height: int, width: int) -> np.ndarray:
         tokens = self.run("final", {**cond, "hidden": hidden})["tokens"]
