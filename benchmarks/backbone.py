@@ -75,34 +75,19 @@ def build_model_dir(out: Path, size: Size, seed: int = 0) -> Path:
         PixArtAlphaPipeline,
         PixArtTransformer2DModel,
     )
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
     from ilf_deploy.adapters import make_adapter
     from ilf_deploy.ilf import FEEDBACK_DIR, FeedbackModule
     from ilf_deploy.loading import quiet_huggingface
     from ilf_deploy.plan import default_loop
-    from ilf_deploy.tiny import _MAX_LENGTH, _T5, PIXART_SCHEDULER, _portable_tokenizer
-    from ilf_deploy.tokenizer import EOS, PAD, UNK, build_word_tokenizer
+    from ilf_deploy.tiny import _MAX_LENGTH, _T5, PIXART_SCHEDULER, _portable_tokenizer, word_text_encoder
 
     quiet_huggingface()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tok = build_word_tokenizer()
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=120
-        )
-        t5 = T5Config(
-            vocab_size=tok.get_vocab_size(),
-            **{**_T5, "d_model": size.caption_channels},
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            dropout_rate=0.0,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
+        tokenizer, text_encoder = word_text_encoder({**_T5, "d_model": size.caption_channels}, 120)
         vae = AutoencoderKL(  # 4 levels -> downsampling factor 8, as the real SD VAE
             in_channels=3,
             out_channels=3,
@@ -137,7 +122,7 @@ def build_model_dir(out: Path, size: Size, seed: int = 0) -> Path:
         )
         pipe = PixArtAlphaPipeline(
             tokenizer=tokenizer,
-            text_encoder=T5EncoderModel(t5).eval(),
+            text_encoder=text_encoder,
             vae=vae,
             transformer=transformer,
             scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER),

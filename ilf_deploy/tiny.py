@@ -135,6 +135,30 @@ def _portable_tokenizer(pipe_dir: Path, max_length: int) -> None:
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")  # diffusers' format
 
 
+def word_text_encoder(t5: dict[str, Any], max_length: int):
+    """(tokenizer, T5 encoder): the word-level tokenizer and a random-init T5 v1.1-flavoured encoder
+    (gated-gelu FFN, untied embeddings) over its vocabulary. The caller seeds torch."""
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from .tokenizer import EOS, PAD, UNK, build_word_tokenizer
+
+    tok = build_word_tokenizer()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=max_length
+    )
+    config = T5Config(
+        vocab_size=tok.get_vocab_size(),
+        **t5,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return tokenizer, T5EncoderModel(config).eval()
+
+
 def _vae(arch: str):
     from diffusers import AutoencoderKL
 
@@ -178,27 +202,8 @@ def _build_pixart(arch: str, num_layers: int, resolution_conditions: bool):
         PixArtSigmaPipeline,
         PixArtTransformer2DModel,
     )
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-    from ilf_deploy.tokenizer import EOS, PAD, UNK, build_word_tokenizer
-
-    max_length = _MAX_LENGTH[arch]
-    tok = build_word_tokenizer()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=max_length
-    )
-    # T5 v1.1 (t5-v1_1-xxl) flavour: gated-gelu FFN, untied embeddings.
-    t5 = T5Config(
-        vocab_size=tok.get_vocab_size(),
-        **_T5,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    text_encoder = T5EncoderModel(t5).eval()
+    tokenizer, text_encoder = word_text_encoder(_T5, _MAX_LENGTH[arch])
     extra: dict[str, Any]
     if resolution_conditions:  # PixArt-XL-2-1024-MS: sample_size 128; patch 8 keeps it to 16x16 tokens
         # The size/aspect-ratio embedding splits the inner dim in 3 parts: 2 heads x 12 = 24.
@@ -218,7 +223,7 @@ def _build_pixart(arch: str, num_layers: int, resolution_conditions: bool):
         norm_type="ada_norm_single",
         norm_eps=1e-6,
         cross_attention_dim=cfg["num_attention_heads"] * cfg["attention_head_dim"],
-        caption_channels=t5.d_model,
+        caption_channels=text_encoder.config.d_model,
     )
     cls = PixArtAlphaPipeline if arch == "pixart-alpha" else PixArtSigmaPipeline
     return cls(

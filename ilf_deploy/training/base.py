@@ -76,27 +76,11 @@ def build_vae():
 
 def build_text(seed: int = 0):
     """(tokenizer, frozen random-init T5 encoder): PixArt freezes its T5 as well."""
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from ..tiny import word_text_encoder
 
-    from ..tokenizer import EOS, PAD, UNK, build_word_tokenizer
-
-    tok = build_word_tokenizer()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=MAX_LENGTH
-    )
-    config = T5Config(
-        vocab_size=tok.get_vocab_size(),
-        **T5_CONFIG,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = T5EncoderModel(config)
+        tokenizer, encoder = word_text_encoder(T5_CONFIG, MAX_LENGTH)
     return tokenizer, encoder.eval().requires_grad_(False)
 
 
