@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import shutil
 
 import numpy as np
@@ -11,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from ilf_deploy.calibration import collect_calibration, load_calibration
-from ilf_deploy.errors import ConfigError, IlfError
+from ilf_deploy.errors import ConfigError
 from ilf_deploy.runtime.bundle import Bundle, BundleError
 
 
@@ -80,23 +79,12 @@ def test_calibration_errors(calibrated, tiny_bundles):
 
 def _app() -> typer.Typer:
     """The commands on their own app, with cli.py's IlfError -> exit 2 wrapper."""
+    from ilf_deploy.cli import command_for
     from ilf_deploy.tensorrt_commands import register
 
     app = typer.Typer()
 
-    def command(name=None):
-        def decorate(fn):
-            @functools.wraps(fn)
-            def wrapper(*args, **kwargs):
-                try:
-                    return fn(*args, **kwargs)
-                except IlfError as exc:
-                    print(f"error: {exc}")
-                    raise typer.Exit(2) from None
-
-            return app.command(name)(wrapper)
-
-        return decorate
+    command = command_for(app)  # the same IlfError -> one line, exit 2 wrapper as the real CLI
 
     register(command)
     return app

@@ -462,29 +462,16 @@ def test_openapi_fuzz_never_gets_a_server_error(bundle, generator):
 
 # -- the CLI command -----------------------------------------------------------------------------------
 def test_serve_command_reports_bad_input_in_one_line(bundle, tmp_path):
-    import functools
 
     import typer
     from typer.testing import CliRunner
 
-    from ilf_deploy.errors import IlfError
+    from ilf_deploy.cli import command_for
     from ilf_deploy.serve.commands import register
 
     app = typer.Typer()
 
-    def command(name=None):  # the contract of ilf_deploy.cli.command
-        def decorate(fn):
-            @functools.wraps(fn)
-            def wrapper(*args, **kwargs):
-                try:
-                    return fn(*args, **kwargs)
-                except IlfError as exc:
-                    typer.echo(f"error: {exc}", err=True)
-                    raise typer.Exit(2) from None
-
-            return app.command(name)(wrapper)
-
-        return decorate
+    command = command_for(app)  # the same IlfError -> one line, exit 2 wrapper as the real CLI
 
     register(command)
     app.command("noop")(lambda: None)  # two commands, so `serve` is addressed by name

@@ -24,21 +24,27 @@ console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
 
 
-def command(name: str | None = None):
-    """`app.command` that turns an IlfError into a one-line message and exit code 2."""
+def command_for(target: typer.Typer):
+    """A `target.command` that turns an IlfError into a one-line message and exit code 2."""
 
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except IlfError as exc:
-                console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-                raise typer.Exit(2) from None
+    def command(name: str | None = None):
+        def decorate(fn):
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                try:
+                    return fn(*args, **kwargs)
+                except IlfError as exc:
+                    console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+                    raise typer.Exit(2) from None
 
-        return app.command(name)(wrapper)
+            return target.command(name)(wrapper)
 
-    return decorate
+        return decorate
+
+    return command
+
+
+command = command_for(app)
 
 
 def progress() -> Progress:
