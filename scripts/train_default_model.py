@@ -25,8 +25,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/ilf_train"))
     p.add_argument("--out", type=Path, default=Path("ilf_deploy/default_model"))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--vae-steps", type=int, default=600)
-    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-minutes", type=float, default=None)
     p.add_argument("--latents", type=int, default=20000)
     p.add_argument("--steps", type=int, default=2400)
@@ -40,7 +41,12 @@ def main() -> None:
     stages = STAGES if args.stage == "all" else (args.stage,)
     if "vae" in stages:
         base.train_vae(
-            args.work, steps=args.vae_steps, batch=args.vae_batch, lr=2e-3, minutes=args.vae_minutes, log=log
+            args.work,
+            steps=args.vae_steps,
+            batch=args.vae_batch,
+            lr=args.vae_lr,
+            minutes=args.vae_minutes,
+            log=log,
         )
     if "latents" in stages:
         base.encode_latents(args.work, count=args.latents, log=log)
