@@ -204,13 +204,16 @@ def torch_backend(
 
 
 def bundle_backend(
-    bundle_dir: str | Path, guidance_scale: float = 4.5, negative_prompt: str = ""
+    bundle_dir: str | Path,
+    guidance_scale: float = 4.5,
+    negative_prompt: str = "",
+    variant: str | None = None,
 ) -> EvalBackend:
-    """A bundle on ONNX Runtime as an `EvalBackend` (its bundled plans only)."""
+    """A bundle on ONNX Runtime as an `EvalBackend` (its bundled plans only), optionally a variant."""
     from .runtime.generator import Request
     from .runtime.pipeline import open_generator
 
-    gen = open_generator(bundle_dir)
+    gen = open_generator(bundle_dir, variant=variant)
     if gen.facts.architecture == "dit":
         raise ConfigError("eval needs a text-to-image (PixArt) model: the shapes prompts are text")
 
@@ -221,7 +224,7 @@ def bundle_backend(
         latents = gen.generate_latents(plan, request)
         return Generated(gen.decode(latents)[0], np.asarray(latents[0]))
 
-    info = {"bundle": str(bundle_dir), "guidance_scale": guidance_scale}
+    info = {"bundle": str(bundle_dir), "guidance_scale": guidance_scale, "variant": variant}
     return EvalBackend("onnxruntime", gen.bundle.plan, generate, info)  # type: ignore[attr-defined]
 
 

@@ -1,5 +1,8 @@
 """Train the default model from scratch on CPU: a tiny VAE, a frozen random T5, a small PixArt-α.
 
+`ilf-deploy train-base` runs these stages; `BaseRecipe` holds the settings the embedded model was
+trained with, and `training.json` in the saved directory records them.
+
 Stages (each resumable from its checkpoint in `work_dir`):
   vae          AutoencoderKL 64×64×3 -> 4×16×16 (L1 + MSE + a small KL)
   latents      encode the training images once (posterior means × scaling factor)
@@ -12,6 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from .common import (
     log_line,
     save_checkpoint,
 )
+from .recipe import RECIPE, BaseRecipe
 
 MAX_LENGTH = 120  # PixArt-α's T5 length: what `TorchGenerator.encode_prompt` pads to
 TRAIN_TEXT_LENGTH = 32  # captions are < 32 tokens; masked padding changes nothing (see encode_text)
@@ -54,6 +60,9 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
     interpolation_scale=1,
     use_additional_conditions=False,
 )
+
+
+OnStep = Callable[[int, float], None]  # (steps done, loss)
 
 
 def build_vae():
@@ -113,7 +122,16 @@ def encode_text(tokenizer, encoder, captions: list[str], length: int = TRAIN_TEX
 # -- VAE ---------------------------------------------------------------------------------------
 
 
-def train_vae(work: Path, *, steps: int, batch: int, lr: float, minutes: float | None, log: Path | None):
+def train_vae(
+    work: Path,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    minutes: float | None,
+    log: Path | None,
+    on_step: OnStep | None = None,
+):
     ckpt = work / "vae.pt"
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -145,6 +163,8 @@ def train_vae(work: Path, *, steps: int, batch: int, lr: float, minutes: float |
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        if on_step is not None:
+            on_step(step + 1, loss.item())
         if step % 20 == 0:
             psnr = 10 * torch.log10(4.0 / mse.detach())
             log_line(log, f"vae step {step} loss {loss.item():.4f} psnr {psnr.item():.2f} kl {kl.item():.3f}")
@@ -189,6 +209,7 @@ def train_transformer(
     log: Path | None,
     caption_dropout: float = 0.1,
     seed: int = 0,
+    on_step: OnStep | None = None,
 ):
     data = torch.load(work / "latents.pt", weights_only=False)
     latents, captions = data["latents"], data["captions"]
@@ -237,6 +258,8 @@ def train_transformer(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema_update(ema, model, step)
+        if on_step is not None:
+            on_step(step + 1, loss.item())
         if step % 20 == 0:
             log_line(log, f"transformer step {step} loss {loss.item():.4f}")
         if (step + 1) % 100 == 0:
@@ -250,7 +273,9 @@ def train_transformer(
 # -- save ---------------------------------------------------------------------------------------
 
 
-def save_pipeline(work: Path, out_dir: Path, *, seed: int = 0, use_ema: bool = True) -> Path:
+def save_pipeline(
+    work: Path, out_dir: Path, *, recipe: BaseRecipe = RECIPE, seed: int = 0, use_ema: bool = True
+) -> Path:
     """Write the trained parts as a `PixArtAlphaPipeline` directory (keeps an existing feedback/)."""
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
@@ -291,6 +316,8 @@ def save_pipeline(work: Path, out_dir: Path, *, seed: int = 0, use_ema: bool = T
                 "vae": {"block_out_channels": list(VAE_CHANNELS)},
                 "text_encoder": {"random_init_frozen_seed": seed, **T5_CONFIG},
                 "transformer_params": sum(p.numel() for p in transformer.parameters()),
+                "recipe": asdict(recipe),
+                "vae_steps_done": load_checkpoint(work / "vae.pt")["step"],
                 "steps": load_checkpoint(work / "transformer.pt")["step"],
             },
             indent=2,

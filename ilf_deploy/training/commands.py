@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError
+from .recipe import RECIPE
 
 DEFAULT_EVAL_PLANS = "base-20,base-12,base-10,cache-20,ilf-10,ilf-12"
 
@@ -74,32 +75,73 @@ def register(command) -> None:
     @command("train-base")
     def train_base_command(
         stage: Annotated[str, typer.Argument(help="vae, latents, transformer, save or all.")] = "all",
-        work: Annotated[Path, typer.Option(help="Checkpoint directory (each stage resumes).")] = Path(
-            "/tmp/ilf_train"
+        work: Annotated[Path, typer.Option(help="Checkpoint directory: each stage resumes from it.")] = Path(
+            "out/train-base"
         ),
-        out_dir: Annotated[Path, typer.Option("--out", help="Pipeline directory to write.")] = Path(
-            "default_model"
-        ),
-        steps: Annotated[int, typer.Option(help="Transformer steps.")] = 3000,
-        minutes: Annotated[float | None, typer.Option(help="Stop the transformer stage after this.")] = None,
+        out_dir: Annotated[
+            Path, typer.Option("--out", help="Pipeline directory the save stage writes.")
+        ] = Path("out/default_model"),
+        vae_steps: Annotated[int, typer.Option(help="VAE optimizer steps.")] = RECIPE.vae_steps,
+        latents: Annotated[int, typer.Option(help="Training images encoded to latents.")] = RECIPE.latents,
+        steps: Annotated[int, typer.Option(help="Transformer optimizer steps.")] = RECIPE.steps,
+        batch_size: Annotated[int, typer.Option(help="Transformer latents per step.")] = RECIPE.batch,
+        lr: Annotated[float, typer.Option(help="Transformer peak learning rate (cosine decay).")] = RECIPE.lr,
+        minutes: Annotated[
+            float | None, typer.Option(help="Stop a training stage after this long (it checkpoints).")
+        ] = None,
     ) -> None:
-        """Train the shapes text-to-image PixArt (VAE, frozen T5, transformer) from scratch on CPU."""
+        """Train the shapes text-to-image PixArt (VAE, frozen T5, transformer) from scratch on CPU.
+
+        The defaults are the embedded default model's recipe (about 95 minutes on 2 CPU cores).
+        """
+        from dataclasses import replace
+
         from . import base
 
         stages = ("vae", "latents", "transformer", "save")
         if stage not in (*stages, "all"):
             raise ConfigError(f"unknown stage {stage!r}; choose from {', '.join(stages)}, all")
+        for name, value in (("vae-steps", vae_steps), ("latents", latents), ("steps", steps)):
+            if value < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {value}")
+        if batch_size < 1 or not lr > 0:
+            raise ConfigError("--batch-size must be >= 1 and --lr > 0")
+        recipe = replace(RECIPE, vae_steps=vae_steps, latents=latents, steps=steps, batch=batch_size, lr=lr)
         work.mkdir(parents=True, exist_ok=True)
         log = work / "train.log"
         run = stages if stage == "all" else (stage,)
-        if "vae" in run:
-            base.train_vae(work, steps=600, batch=32, lr=2e-3, minutes=None, log=log)
-        if "latents" in run:
-            base.encode_latents(work, count=8000, log=log)
-        if "transformer" in run:
-            base.train_transformer(work, steps=steps, batch=48, lr=1e-3, minutes=minutes, log=log)
+        with progress() as bar:
+
+            def reporter(name: str, total: int):
+                task = bar.add_task(name, total=total)
+                return lambda done, loss: bar.update(
+                    task, completed=done, description=f"{name} loss {loss:.4f}"
+                )
+
+            if "vae" in run:
+                base.train_vae(
+                    work,
+                    steps=recipe.vae_steps,
+                    batch=recipe.vae_batch,
+                    lr=recipe.vae_lr,
+                    minutes=minutes,
+                    log=log,
+                    on_step=reporter("vae", recipe.vae_steps),
+                )
+            if "latents" in run:
+                base.encode_latents(work, count=recipe.latents, log=log)
+            if "transformer" in run:
+                base.train_transformer(
+                    work,
+                    steps=recipe.steps,
+                    batch=recipe.batch,
+                    lr=recipe.lr,
+                    minutes=minutes,
+                    log=log,
+                    on_step=reporter("transformer", recipe.steps),
+                )
         if "save" in run:
-            console.print(f"saved {base.save_pipeline(work, out_dir)}")
+            console.print(f"saved {base.save_pipeline(work, out_dir, recipe=recipe)}")
 
     @command("eval")
     def eval_command(
@@ -112,6 +154,9 @@ def register(command) -> None:
         guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 4.5,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
         grid: Annotated[Path | None, typer.Option(help="Write a PNG grid of samples per plan.")] = None,
+        variant: Annotated[
+            str | None, typer.Option(help="A bundle's precision variant (e.g. int8_dynamic) to run.")
+        ] = None,
     ) -> None:
         """Prompt adherence (attribute classifier), Fréchet distance and fidelity of each plan."""
         from ..evaluation import bundle_backend, evaluate, format_table, save_grid, save_json, torch_backend
@@ -121,7 +166,12 @@ def register(command) -> None:
         if not names:
             raise ConfigError("no plans to evaluate")
         with console.status("loading model"):
-            backend = (bundle_backend if is_bundle(model) else torch_backend)(model, guidance_scale)
+            if is_bundle(model):
+                backend = bundle_backend(model, guidance_scale, variant=variant)
+            elif variant is not None:
+                raise ConfigError("--variant needs a bundle (ilf-deploy build, then quantize)")
+            else:
+                backend = torch_backend(model, guidance_scale)
         with progress() as bar:
             task = bar.add_task("eval", total=n * len(dict.fromkeys([reference, *names])))
             report = evaluate(
@@ -129,8 +179,8 @@ def register(command) -> None:
             )
         rows = format_table(report)
         table = Table(
-            title=f"{model}: n={n}, reference {reference}; real images: accuracy "
-            f"{report.real_accuracy:.3f}, Fréchet floor {report.real_frechet:.2f}",
+            title=f"{model}{f' ({variant})' if variant else ''}: n={n}, reference {reference}; "
+            f"real images: accuracy {report.real_accuracy:.3f}, Fréchet floor {report.real_frechet:.2f}",
             title_justify="left",
         )
         for column in rows[0]:
