@@ -90,3 +90,36 @@ def test_training_timesteps_follow_the_plan_rule(tiny_models):
     assert torch.all(tp <= t) and torch.all(tp >= 0) and torch.all(t < 1000)
     with pytest.raises(ConfigError, match="out of range"):
         FeedbackTrainConfig(loop=(0, 99)).validate(model.adapter.num_blocks)
+
+
+def test_device_is_checked_before_training(tiny_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from ilf_deploy.cli import app
+
+    loop = default_loop(6)
+    with pytest.raises(ConfigError, match="unknown device"):
+        FeedbackTrainConfig(loop=loop, device="tpu7").validate(6)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            FeedbackTrainConfig(loop=loop, device="cuda").validate(6)
+    result = CliRunner().invoke(
+        app, ["train-feedback", str(tiny_dirs["pixart-alpha"]), "--device", "tpu7", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (never run in this project's CI)")
+def test_fad_on_cuda_matches_cpu(tiny_dirs, tmp_path):
+    """Same random stream on either device: the first losses agree to float tolerance."""
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = load_model(tiny_dirs["pixart-alpha"])
+        config = FeedbackTrainConfig(loop=default_loop(6), steps=3, batch_size=4, pool=16, device=device)
+        feedback, state = train_feedback(model, config, tmp_path / device)
+        runs[device] = state.losses
+        saved = FeedbackModule.load(tmp_path / device, load_model(tiny_dirs["pixart-alpha"]).adapter)
+        assert torch.equal(saved.scales, feedback.scales.cpu())
+    assert runs["cuda"] == pytest.approx(runs["cpu"], rel=1e-3)

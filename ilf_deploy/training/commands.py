@@ -39,8 +39,13 @@ def register(command) -> None:
         ] = None,
         resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
         seed: Annotated[int, typer.Option(help="Seed of data, noise and timesteps.")] = 0,
+        device: Annotated[
+            str, typer.Option(help="Where to train: cpu, cuda, cuda:N (default: cuda if present).")
+        ] = "auto",
     ) -> None:
         """Fast Approximate Distillation: the student (backbone + ILF) at t vs the frozen teacher at t/2."""
+        import torch
+
         from ..loading import load_model
         from ..plan import default_loop, parse_range
         from .feedback import FeedbackTrainConfig, default_out_dir, summary, train_feedback
@@ -56,6 +61,7 @@ def register(command) -> None:
             t_post=t_post,
             timesteps=timesteps,
             seed=seed,
+            device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
         )
         config.validate(loaded.adapter.num_blocks)
         target = out_dir or default_out_dir(loaded)

@@ -55,6 +55,7 @@ class FeedbackTrainConfig:
     pool: int = 1024  # clean latents encoded once up front
     seed: int = 0
     checkpoint_every: int = 50
+    device: str = "cpu"  # "cuda" on a GPU machine (random draws stay on the CPU: same stream)
 
     def validate(self, num_blocks: int) -> None:
         validate_loop(*self.loop, num_blocks)
@@ -70,6 +71,12 @@ class FeedbackTrainConfig:
             raise ConfigError(f"unknown timestep sampling {self.timesteps!r}; choose plan or uniform")
         if not self.plan_steps or min(self.plan_steps) < 1:
             raise ConfigError(f"plan steps must be >= 1, got {self.plan_steps}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"unknown device {self.device!r}; e.g. cpu, cuda, cuda:1") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r}: this PyTorch sees no CUDA GPU")
 
 
 @dataclass
@@ -86,8 +93,9 @@ class TrainState:
 class FeedbackData:
     """Clean latents (the shapes dataset through the model's VAE) and the adapter's inputs."""
 
-    def __init__(self, model: LoadedModel, pool: int, seed: int) -> None:
+    def __init__(self, model: LoadedModel, pool: int, seed: int, device: str = "cpu") -> None:
         self.model = model
+        self.device = torch.device(device)
         adapter = model.adapter
         self.text = adapter.architecture != "dit"
         if self.text and (model.tokenizer is None or model.text_encoder is None):
@@ -97,10 +105,14 @@ class FeedbackData:
         batch = make_batch(range(pool), TRAIN_SEED + 7)  # a fixed pool: each x0 gets fresh noise and t
         self.captions = batch.captions
         shape = (adapter.latent_channels, adapter.sample_size, adapter.sample_size)
+        for part in (model.vae, model.text_encoder):
+            if part is not None:
+                part.to(self.device)
         if model.vae is not None:
             self.latents = self._encode(batch.images, model.default_image_size)
         else:  # a bare transformer directory: no VAE to make real latents with
-            self.latents = torch.randn((pool, *shape), generator=torch.Generator().manual_seed(seed))
+            gen = torch.Generator().manual_seed(seed)
+            self.latents = torch.randn((pool, *shape), generator=gen).to(self.device)
         if tuple(self.latents.shape[1:]) != shape:
             raise ConfigError(
                 f"latents of shape {tuple(self.latents.shape[1:])} do not fit the model's {shape}"
@@ -113,7 +125,7 @@ class FeedbackData:
         dtype = next(vae.parameters()).dtype
         out = []
         for start in range(0, len(images), chunk):
-            x = to_tensor_range(images[start : start + chunk])
+            x = to_tensor_range(images[start : start + chunk]).to(self.device)
             if x.shape[-1] != size:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
             out.append(vae.encode(x.to(dtype)).latent_dist.mean.float() * vae.config.scaling_factor)
@@ -129,17 +141,17 @@ class FeedbackData:
             add_special_tokens=True,
             return_tensors="pt",
         )
-        embeds = self.model.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
-        return embeds, tokens.attention_mask
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        return self.model.text_encoder(ids, attention_mask=mask)[0], mask
 
     def sample(self, batch: int, gen: torch.Generator, dropout: float) -> tuple[torch.Tensor, Cond]:
         idx = torch.randint(len(self.latents), (batch,), generator=gen)
-        x0 = self.latents[idx]
-        drop = torch.rand(batch, generator=gen) < dropout
+        x0 = self.latents[idx.to(self.device)]
+        drop = (torch.rand(batch, generator=gen) < dropout).to(self.device)
         dtype = next(self.model.adapter.transformer.parameters()).dtype
         if not self.text:
             null = self.model.adapter.num_classes  # type: ignore[attr-defined]
-            labels = torch.randint(null, (batch,), generator=gen)
+            labels = torch.randint(null, (batch,), generator=gen).to(self.device)
             return x0.to(dtype), {"class_labels": torch.where(drop, torch.full_like(labels, null), labels)}
         embeds, mask = self._encode_text([self.captions[i] for i in idx.tolist()])
         null_embeds, null_mask = self.null  # type: ignore[misc]
@@ -148,8 +160,8 @@ class FeedbackData:
         inputs = {"prompt_embeds": embeds.to(dtype), "prompt_mask": mask}
         if self.model.adapter.uses_size_conditions:  # type: ignore[attr-defined]
             px = float(self.model.default_image_size)
-            inputs["resolution"] = torch.tensor([[px, px]]).repeat(batch, 1)
-            inputs["aspect_ratio"] = torch.ones(batch, 1)
+            inputs["resolution"] = torch.tensor([[px, px]], device=self.device).repeat(batch, 1)
+            inputs["aspect_ratio"] = torch.ones(batch, 1, device=self.device)
         return x0.to(dtype), inputs
 
 
@@ -240,18 +252,19 @@ def train_feedback(
     config.validate(adapter.num_blocks)
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    adapter.transformer.eval().requires_grad_(False)
+    device = torch.device(config.device)
+    adapter.transformer.to(device).eval().requires_grad_(False)
     torch.manual_seed(config.seed)
     feedback = FeedbackModule.create(adapter, config.loop)
     dtype = next(adapter.transformer.parameters()).dtype
-    feedback = feedback.to(dtype).train()
+    feedback = feedback.to(device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(feedback.parameters(), lr=config.lr, weight_decay=0.0)
     state = TrainState()
     rng = random.Random(config.seed)
     if resume:
         if not ckpt_path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-        saved = load_checkpoint(ckpt_path)
+        saved = load_checkpoint(ckpt_path)  # on the CPU; load_state_dict copies to the device
         if tuple(saved["config"]["loop"]) != tuple(config.loop):
             raise ConfigError(
                 f"--resume: the checkpoint is for loop {saved['config']['loop']}, not {config.loop}"
@@ -263,8 +276,9 @@ def train_feedback(
     gen = torch.Generator().manual_seed(config.seed)
     if resume:  # the exact random stream of an uninterrupted run
         gen.set_state(saved["gen"])
-    data = data or FeedbackData(model, config.pool, config.seed)
-    ac = alphas_cumprod(int(model.scheduler_config.get("num_train_timesteps", 1000))).to(dtype)
+    data = data or FeedbackData(model, config.pool, config.seed, config.device)
+    num_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    ac = alphas_cumprod(num_train).to(device=device, dtype=dtype)
 
     def checkpoint() -> None:
         save_checkpoint(
@@ -283,8 +297,8 @@ def train_feedback(
         for group in opt.param_groups:
             group["lr"] = warmup_lr(state.step, config.lr, 20)
         x0, inputs = data.sample(config.batch_size, gen, config.caption_dropout)
-        noise = torch.randn(x0.shape, generator=gen).to(dtype)
-        t, t_post = draw_timesteps(model, config, config.batch_size, rng)
+        noise = torch.randn(x0.shape, generator=gen).to(device=device, dtype=dtype)
+        t, t_post = (v.to(device) for v in draw_timesteps(model, config, config.batch_size, rng))
         t_teacher = (t / 2).floor()
         target = teacher_forward(adapter, add_noise(x0, noise, t_teacher, ac), t_teacher, inputs)
         pred = student_forward(adapter, feedback, add_noise(x0, noise, t, ac), t, t_post, inputs)
