@@ -124,14 +124,13 @@ def encode_text(tokenizer, encoder, captions: list[str], length: int = TRAIN_TEX
 
 def train_vae(
     work: Path,
+    recipe: BaseRecipe = RECIPE,
     *,
-    steps: int,
-    batch: int,
-    lr: float,
-    minutes: float | None,
-    log: Path | None,
+    minutes: float | None = None,
+    log: Path | None = None,
     on_step: OnStep | None = None,
 ):
+    steps, batch, lr = recipe.vae_steps, recipe.vae_batch, recipe.vae_lr
     ckpt = work / "vae.pt"
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -201,16 +200,15 @@ def encode_latents(work: Path, *, count: int, log: Path | None, chunk: int = 256
 
 def train_transformer(
     work: Path,
+    recipe: BaseRecipe = RECIPE,
     *,
-    steps: int,
-    batch: int,
-    lr: float,
-    minutes: float | None,
-    log: Path | None,
+    minutes: float | None = None,
+    log: Path | None = None,
+    on_step: OnStep | None = None,
     caption_dropout: float = 0.1,
     seed: int = 0,
-    on_step: OnStep | None = None,
 ):
+    steps, batch, lr = recipe.steps, recipe.batch, recipe.lr
     data = torch.load(work / "latents.pt", weights_only=False)
     latents, captions = data["latents"], data["captions"]
     tokenizer, encoder = build_text(seed)

@@ -125,27 +125,12 @@ def register(command) -> None:
                 )
 
             if "vae" in run:
-                base.train_vae(
-                    work,
-                    steps=recipe.vae_steps,
-                    batch=recipe.vae_batch,
-                    lr=recipe.vae_lr,
-                    minutes=minutes,
-                    log=log,
-                    on_step=reporter("vae", recipe.vae_steps),
-                )
+                base.train_vae(work, recipe, minutes=minutes, log=log, on_step=reporter("vae", vae_steps))
             if "latents" in run:
                 base.encode_latents(work, count=recipe.latents, log=log)
             if "transformer" in run:
-                base.train_transformer(
-                    work,
-                    steps=recipe.steps,
-                    batch=recipe.batch,
-                    lr=recipe.lr,
-                    minutes=minutes,
-                    log=log,
-                    on_step=reporter("transformer", recipe.steps),
-                )
+                on_step = reporter("transformer", steps)
+                base.train_transformer(work, recipe, minutes=minutes, log=log, on_step=on_step)
         if "save" in run:
             console.print(f"saved {base.save_pipeline(work, out_dir, recipe=recipe)}")
 
