@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= out/demo
 
-.PHONY: setup test lint typecheck-trt demo bench gpu-check clean
+.PHONY: setup test lint typecheck-trt demo default-model bench gpu-check clean
 
 setup: $(BIN)/ilf-deploy
 
@@ -37,6 +37,15 @@ demo: setup
 	  $(BIN)/ilf-deploy generate $(DEMO)/bundle --plan $$plan --prompt "$(PROMPT)" --out $(DEMO)/$$plan.png || exit 1; \
 	done
 	$(BIN)/ilf-deploy eval $(DEMO)/bundle --plans base-20,ilf-10,cache-20 --n 16 --grid $(DEMO)/grid.png --json $(DEMO)/eval.json
+
+# Retrain the embedded default model from scratch (about 2 hours on 2 CPU cores; README:
+# "Embedded default model"). Each stage resumes from its checkpoint in $(TRAIN_WORK).
+TRAIN_WORK ?= out/train-base
+DEFAULT_MODEL := ilf_deploy/default_model
+default-model: setup
+	$(BIN)/ilf-deploy train-base all --work $(TRAIN_WORK) --out $(DEFAULT_MODEL)
+	$(BIN)/ilf-deploy train-feedback $(DEFAULT_MODEL) $(FEEDBACK_RECIPE)
+	rm -f $(DEFAULT_MODEL)/feedback/fad_checkpoint.pt
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

@@ -180,17 +180,12 @@ def torch_backend(
 ) -> EvalBackend:
     """The PyTorch reference runner as an `EvalBackend`."""
     from .loading import load_model
-    from .plan import resolve_plan
     from .reference import Request, TorchGenerator
 
     model = load_model(model_dir)
     if model.architecture == "dit":
         raise ConfigError("eval needs a text-to-image (PixArt) model: the shapes prompts are text")
     gen = TorchGenerator(model)
-    loop = model.feedback.loop if model.feedback is not None else None
-
-    def resolve(spec: str) -> StepPlan:
-        return resolve_plan(spec, model.adapter.num_blocks, model.scheduler_config, loop)
 
     def generate(plan: StepPlan, prompt: str, seed: int) -> Generated:
         request = Request(
@@ -200,7 +195,7 @@ def torch_backend(
         return Generated(gen.decode(latents)[0], latents[0].float().numpy())
 
     info = {"model": str(model_dir), "guidance_scale": guidance_scale, "num_blocks": model.adapter.num_blocks}
-    return EvalBackend("torch", resolve, generate, info)
+    return EvalBackend("torch", model.resolve_plan, generate, info)
 
 
 def bundle_backend(

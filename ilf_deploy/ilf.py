@@ -31,6 +31,9 @@ class FeedbackConfig:
     loop_start: int
     loop_end: int
     format_version: int = FORMAT_VERSION
+    # The t_post rule the module was trained with: ilf-N presets run the blocks after it the same way
+    # (files written before this field existed were all trained with "rescale").
+    t_post: str = "rescale"
 
     @property
     def loop(self) -> tuple[int, int]:
@@ -52,9 +55,9 @@ class FeedbackModule(nn.Module):
         self.scales = nn.Parameter(torch.zeros(config.loop_size))
 
     @classmethod
-    def create(cls, adapter: Adapter, loop: tuple[int, int]) -> FeedbackModule:
+    def create(cls, adapter: Adapter, loop: tuple[int, int], t_post: str = "rescale") -> FeedbackModule:
         validate_loop(*loop, adapter.num_blocks)
-        config = FeedbackConfig(adapter.architecture, adapter.num_blocks, *loop)
+        config = FeedbackConfig(adapter.architecture, adapter.num_blocks, *loop, t_post=t_post)
         return cls(adapter.make_feedback_block(), config)
 
     @property

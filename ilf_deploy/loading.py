@@ -14,6 +14,7 @@ from torch import nn
 from .adapters import PIPELINE_ARCHITECTURES, TRANSFORMER_ARCHITECTURES, Adapter, make_adapter
 from .errors import ModelLoadError
 from .ilf import FEEDBACK_DIR, FeedbackModule
+from .plan import StepPlan, resolve_plan
 from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"  # the embedded model, trained by scripts/
@@ -44,6 +45,12 @@ class LoadedModel:
     @property
     def default_image_size(self) -> int:
         return self.adapter.sample_size * self.vae_scale_factor
+
+    def resolve_plan(self, spec: str) -> StepPlan:
+        """A plan file or preset for this model: depth, scheduler, and the feedback's loop and t_post."""
+        fb = self.feedback.config if self.feedback is not None else None
+        loop, t_post = (fb.loop, fb.t_post) if fb is not None else (None, "rescale")
+        return resolve_plan(spec, self.adapter.num_blocks, self.scheduler_config, loop, t_post)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -565,8 +565,9 @@ def _merge_blocks(ops: Sequence[Op]) -> list[Op]:
 # -- named presets -----------------------------------------------------------------------------
 
 PRESET_HELP = (
-    "a plan JSON file, or a preset: base-N (plain N steps), ilf-N (loop 8-19 scaled to the model, "
-    "feedback on the first 2 and last 2 steps, rescaled t_post), cache-N (inner blocks Δ-cached, "
+    "a plan JSON file, or a preset: base-N (plain N steps), ilf-N (the trained feedback's loop, else "
+    "8-19 scaled to the model; feedback on the first 2 and last 2 steps; the feedback's t_post rule, "
+    "else rescaled), cache-N (inner blocks Δ-cached, "
     "refreshed every 3rd step)"
 )
 
@@ -576,8 +577,11 @@ def resolve_plan(
     num_blocks: int = 28,
     scheduler_config: dict[str, Any] | None = None,
     loop: tuple[int, int] | None = None,
+    t_post: str = "rescale",
 ) -> StepPlan:
-    """A plan from a JSON file path or a preset name (see PRESET_HELP)."""
+    """A plan from a JSON file path or a preset name (see PRESET_HELP).
+
+    `loop` and `t_post` are a trained feedback's own (ilf-N presets follow them)."""
     path = Path(spec)
     if spec.endswith(".json") or path.is_file():
         if not path.is_file():
@@ -594,7 +598,7 @@ def resolve_plan(
         return baseline_plan(steps, num_blocks, scheduler_config)
     if kind == "ilf":
         feedback = "first2,last2" if steps >= 4 else "all"
-        return ilf_plan(steps, num_blocks, loop, feedback, "rescale", scheduler_config)
+        return ilf_plan(steps, num_blocks, loop, feedback, t_post, scheduler_config)
     return cache_plan(steps, num_blocks, None, 3, scheduler_config)
 
 

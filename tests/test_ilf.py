@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -92,9 +94,29 @@ def test_save_load_round_trip(tiny_models, tmp_path):
     module.save(tmp_path / "fb")
     assert sorted(p.name for p in (tmp_path / "fb").iterdir()) == ["feedback.safetensors", "ilf_config.json"]
     loaded = FeedbackModule.load(tmp_path / "fb", adapter)
-    assert loaded.loop == (1, 3)
+    assert loaded.loop == (1, 3) and loaded.config.t_post == "rescale"
     for (name, a), (_, b) in zip(module.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_feedback_remembers_its_t_post_rule(tiny_models, tmp_path):
+    """ilf-N presets run a feedback with the t_post rule it was trained for; old files mean rescale."""
+    import json
+
+    model = tiny_models["pixart-alpha"]
+    FeedbackModule.create(model.adapter, (1, 3), t_post="uniform").save(tmp_path / "fb")
+    loaded = FeedbackModule.load(tmp_path / "fb", model.adapter)
+    assert loaded.config.t_post == "uniform"
+    with_feedback = dataclasses.replace(model, feedback=loaded)
+    plan = with_feedback.resolve_plan("ilf-10")
+    step = plan.steps[0]
+    assert plan.loop == (1, 3) and step.t_post == pytest.approx(
+        step.timestep - 0.5 * (step.timestep - step.coefficients.prev_timestep)
+    )
+    config = json.loads((tmp_path / "fb" / "ilf_config.json").read_text())
+    del config["t_post"]  # as written before the field existed
+    (tmp_path / "fb" / "ilf_config.json").write_text(json.dumps(config))
+    assert FeedbackModule.load(tmp_path / "fb", model.adapter).config.t_post == "rescale"
 
 
 def test_load_refuses_a_feedback_for_another_depth(tiny_models, tmp_path):

@@ -30,17 +30,11 @@ def open_source(source: str, backend: str | None, variant: str | None = None):
             f"{source} is a model, not a bundle: build one with `ilf-deploy build` for {backend}"
         )
     from ..loading import load_model
-    from ..plan import resolve_plan
     from ..reference import TorchGenerator
 
     with console.status("loading model"):
         loaded = load_model(source)
-    loop = loaded.feedback.loop if loaded.feedback else None
-
-    def resolve(spec: str):
-        return resolve_plan(spec, loaded.adapter.num_blocks, loaded.scheduler_config, loop)
-
-    return TorchGenerator(loaded), resolve, loaded.architecture
+    return TorchGenerator(loaded), loaded.resolve_plan, loaded.architecture
 
 
 BACKEND_HELP = (

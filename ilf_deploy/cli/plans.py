@@ -15,8 +15,8 @@ from . import command, console, out
 # -- plan ------------------------------------------------------------------------------------
 
 
-def _model_facts(model: Path) -> tuple[int, dict[str, Any], tuple[int, int] | None]:
-    """(num_blocks, scheduler config, feedback loop) from a model directory's JSON files only."""
+def _model_facts(model: Path) -> tuple[int, dict[str, Any], tuple[int, int] | None, str | None]:
+    """(num_blocks, scheduler config, feedback loop and t_post) from a model directory's JSON only."""
     from ..loading import detect_architecture, resolve_source
     from ..schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
 
@@ -27,11 +27,11 @@ def _model_facts(model: Path) -> tuple[int, dict[str, Any], tuple[int, int] | No
     default = DIT_SCHEDULER_CONFIG if architecture == "dit" else PIXART_SCHEDULER_CONFIG
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else dict(default)
     feedback_file = path / "feedback" / "ilf_config.json"
-    loop = None
+    loop, t_post = None, None
     if feedback_file.is_file():
         fb = json.loads(feedback_file.read_text())
-        loop = (int(fb["loop_start"]), int(fb["loop_end"]))
-    return int(config["num_layers"]), scheduler, loop
+        loop, t_post = (int(fb["loop_start"]), int(fb["loop_end"])), fb.get("t_post", "rescale")
+    return int(config["num_layers"]), scheduler, loop, t_post
 
 
 def plan_table(plan, baseline_steps: int) -> Table:
@@ -63,11 +63,13 @@ def plan_command(
         typer.Option(help="Steps that run the feedback: first2,last2 | all | none | indices like 0,1,8,9."),
     ] = None,
     t_post: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--t-post", help="Post-feedback timestep: none, uniform, rescale (eq. 4), anneal (eq. 5)."
+            "--t-post",
+            help="Post-feedback timestep: none, uniform, rescale (eq. 4), anneal (eq. 5) "
+            "(default: the --model feedback's own rule, else rescale).",
         ),
-    ] = "rescale",
+    ] = None,
     cache: Annotated[str | None, typer.Option(help="Δ-cache this block range B:E (a caching plan).")] = None,
     refresh_every: Annotated[int, typer.Option(help="Refresh the Δ-cache every n-th step.")] = 3,
     blocks: Annotated[
@@ -83,9 +85,9 @@ def plan_command(
     """Build a step plan and print its per-step table, block forwards and predicted speedup."""
     from ..plan import baseline_plan, cache_plan, ilf_plan, parse_range
 
-    num_blocks, scheduler, model_loop = 28, None, None
+    num_blocks, scheduler, model_loop, model_t_post = 28, None, None, None
     if model is not None:
-        num_blocks, scheduler, model_loop = _model_facts(model)
+        num_blocks, scheduler, model_loop, model_t_post = _model_facts(model)
     num_blocks = blocks or num_blocks
     if num_blocks < 1:
         raise ConfigError(f"--blocks must be >= 1, got {num_blocks}")
@@ -97,7 +99,8 @@ def plan_command(
         plan = cache_plan(steps, num_blocks, parse_range(cache, "cache range"), refresh_every, scheduler)
     elif loop or feedback:
         ilf_loop = parse_range(loop) if loop else model_loop
-        plan = ilf_plan(steps, num_blocks, ilf_loop, feedback or "first2,last2", t_post, scheduler)
+        rule = t_post or model_t_post or "rescale"
+        plan = ilf_plan(steps, num_blocks, ilf_loop, feedback or "first2,last2", rule, scheduler)
     else:
         plan = baseline_plan(steps, num_blocks, scheduler)
     if save is not None:

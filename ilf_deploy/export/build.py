@@ -17,7 +17,6 @@ import torch
 from ..adapters import make_adapter
 from ..errors import ConfigError
 from ..loading import LoadedModel, load_model
-from ..plan import resolve_plan
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file, tool_versions
 from .onnx import export_segment, onnx_io
 from .segments import segment_specs
@@ -58,7 +57,7 @@ def build_bundle(
             f"{source} is not a full pipeline directory (a bundle needs the text encoder and VAE)"
         )
     loop = model.feedback.loop if model.feedback else None
-    plans = [resolve_plan(p, model.adapter.num_blocks, model.scheduler_config, loop) for p in options.plans]
+    plans = [model.resolve_plan(p) for p in options.plans]
     if len({p.name for p in plans}) != len(plans):
         raise ConfigError("two plans have the same name")
     for plan in plans:

@@ -255,7 +255,7 @@ def train_feedback(
     device = torch.device(config.device)
     adapter.transformer.to(device).eval().requires_grad_(False)
     torch.manual_seed(config.seed)
-    feedback = FeedbackModule.create(adapter, config.loop)
+    feedback = FeedbackModule.create(adapter, config.loop, config.t_post)
     dtype = next(adapter.transformer.parameters()).dtype
     feedback = feedback.to(device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(feedback.parameters(), lr=config.lr, weight_decay=0.0)
