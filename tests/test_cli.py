@@ -49,6 +49,20 @@ def test_plan_from_model_reads_depth_and_loop(tiny_dirs, tmp_path):
     )
 
 
+def test_plan_follows_the_default_models_feedback():
+    from ilf_deploy.loading import load_model
+
+    feedback = load_model("default").feedback.config
+    data = json.loads(
+        invoke("plan", "--model", "default", "--steps", "10", "--feedback", "first2", "--json").output
+    )
+    assert tuple(data["loop"]) == feedback.loop and data["settings"]["t_post"] == feedback.t_post
+    forced = invoke(
+        "plan", "--model", "default", "--steps", "10", "--feedback", "first2", "--t-post", "none", "--json"
+    )
+    assert json.loads(forced.output)["steps"][0]["t_post"] == 999
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
