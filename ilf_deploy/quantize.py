@@ -23,6 +23,7 @@ segments they replace, and `manifest["files"]` is re-hashed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -54,6 +55,19 @@ STATIC_EXCLUDE = re.compile(r"/attn2/to_q/")
 BUDGETS = {"int8-dynamic": (30.0, 0.05), "int8-qdq": (30.0, 0.05), "fp8-qdq": (25.0, 0.10)}
 # ORT session config: no QDQ fusion (ORT CPU has no FP8 QLinearMatMul), so FP8 runs emulated.
 FP8_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
+# CPU flags with 8-bit dot products. Without them (AVX2 only, e.g. the AMD EPYC CI runs on) ORT's
+# fused int8 kernels saturate 16-bit pair sums: int8-qdq segments fell to ~29 dB SNR, so there the
+# variant runs emulated like FP8 (same Q/DQ numerics, which is what TensorRT computes).
+_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+
+
+@functools.cache
+def cpu_has_int8_dot() -> bool:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True  # not Linux: trust ORT's kernels
+    return any(flag in flags for flag in _INT8_DOT_FLAGS)
 
 
 def default_variant_name(mode: str) -> str:
@@ -167,6 +181,9 @@ def quantize_segment(
                 fused,
                 target,
                 weight_type=QuantType.QInt8,
+                # 7-bit weights: ORT's u8s8 GEMM on AVX2 CPUs without VNNI (e.g. AMD EPYC here) can
+                # saturate 16-bit pair sums with full-range weights (segment SNR fell to ~27 dB).
+                reduce_range=True,
                 extra_options={"MatMulConstBOnly": True},
                 **common,
             )
@@ -288,7 +305,10 @@ class VariantSegments(OrtSegments):
                 self.variant is not None
                 and name in self.bundle.manifest["variants"][self.variant]["segments"]
             ):
-                config = self.bundle.manifest["variants"][self.variant].get("ort_session_config") or {}
+                entry = self.bundle.manifest["variants"][self.variant]
+                config = entry.get("ort_session_config") or {}
+                if entry["mode"] == "int8-qdq" and not cpu_has_int8_dot():
+                    config = {**config, **FP8_ORT_CONFIG}
             self._sessions[name] = _session(self.bundle.segment_path(name, self.variant), self, config)
         return self._sessions[name]
 
