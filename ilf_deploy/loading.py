@@ -17,7 +17,7 @@ from .ilf import FEEDBACK_DIR, FeedbackModule
 from .plan import StepPlan, resolve_plan
 from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
 
-DEFAULT_MODEL = Path(__file__).parent / "default_model"  # the embedded model, trained by scripts/
+DEFAULT_MODEL = Path(__file__).parent / "default_model"  # the embedded model; `make default-model` retrains
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a pipeline needs from a hub repo: configs, tokenizer files and safetensors weights.
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "feedback/*"]
