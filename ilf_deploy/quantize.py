@@ -53,8 +53,8 @@ LINEAR_NODE = re.compile(r"/(attn\d*|ff)/")
 STATIC_EXCLUDE = re.compile(r"/attn2/to_q/")
 # Fidelity budgets per mode: (per segment SNR dB at least, end-to-end latents relative L2 at most).
 BUDGETS = {"int8-dynamic": (30.0, 0.05), "int8-qdq": (30.0, 0.05), "fp8-qdq": (25.0, 0.10)}
-# ORT session config: no QDQ fusion (ORT CPU has no FP8 QLinearMatMul), so FP8 runs emulated.
-FP8_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
+# ORT session config: no QDQ fusion, so Q/DQ runs emulated (ORT CPU has no FP8 QLinearMatMul).
+EMULATED_QDQ_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
 # CPU flags with 8-bit dot products. Without them (AVX2 only, e.g. the AMD EPYC CI runs on) ORT's
 # fused int8 kernels saturate 16-bit pair sums: int8-qdq segments fell to ~29 dB SNR, so there the
 # variant runs emulated like FP8 (same Q/DQ numerics, which is what TensorRT computes).
@@ -278,7 +278,7 @@ def quantize_bundle(
         "tools": tool_versions(),
     }
     if mode == "fp8-qdq":
-        entry["ort_session_config"] = FP8_ORT_CONFIG
+        entry["ort_session_config"] = EMULATED_QDQ_ORT_CONFIG
 
     def mutate(manifest: dict[str, Any]) -> None:
         variants = manifest.setdefault("variants", {})
@@ -308,7 +308,7 @@ class VariantSegments(OrtSegments):
                 entry = self.bundle.manifest["variants"][self.variant]
                 config = entry.get("ort_session_config") or {}
                 if entry["mode"] == "int8-qdq" and not cpu_has_int8_dot():
-                    config = {**config, **FP8_ORT_CONFIG}
+                    config = {**config, **EMULATED_QDQ_ORT_CONFIG}
             self._sessions[name] = _session(self.bundle.segment_path(name, self.variant), self, config)
         return self._sessions[name]
 
