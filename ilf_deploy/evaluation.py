@@ -136,7 +136,10 @@ def attribute_accuracy(preds: dict[str, np.ndarray], samples: Sequence[Sample]) 
     truth = {name: np.array([s.labels()[name] for s in samples]) for name in ATTRIBUTES}
     right = {name: preds[name] == truth[name] for name in ATTRIBUTES}
     out = {name: float(r.mean()) for name, r in right.items()}
-    out["all"] = float(np.logical_and.reduce(list(right.values())).mean())
+    every = np.logical_and.reduce(list(right.values()))
+    out["all"] = float(every.mean())
+    # Standard error of `all` (a proportion over independent prompts): what a difference must beat.
+    out["all_se"] = float(every.std(ddof=1) / np.sqrt(len(every))) if len(every) > 1 else float("nan")
     out["mean"] = float(np.mean([out[name] for name in ATTRIBUTES]))
     return out
 
@@ -167,11 +170,13 @@ class Generated:
 
 @dataclass
 class EvalBackend:
-    """What the evaluator needs from a runtime: plans by name, and one sample per call."""
+    """What the evaluator needs from a runtime: plans by name, and samples for (prompts, seeds).
+
+    A batch must give what one request at a time gives (each image starts from its own seeded noise)."""
 
     name: str
     resolve: Callable[[str], StepPlan]
-    generate: Callable[[StepPlan, str, int], Generated]
+    generate: Callable[[StepPlan, list[str], list[int]], list[Generated]]
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -187,12 +192,13 @@ def torch_backend(
         raise ConfigError("eval needs a text-to-image (PixArt) model: the shapes prompts are text")
     gen = TorchGenerator(model)
 
-    def generate(plan: StepPlan, prompt: str, seed: int) -> Generated:
-        request = Request(
-            prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, seed=seed
-        )
-        latents = gen.generate_latents(plan, request)
-        return Generated(gen.decode(latents)[0], latents[0].float().numpy())
+    def generate(plan: StepPlan, prompts: list[str], seeds: list[int]) -> list[Generated]:
+        requests = [
+            Request(prompt=p, negative_prompt=negative_prompt, guidance_scale=guidance_scale, seed=s)
+            for p, s in zip(prompts, seeds)
+        ]
+        latents = gen.generate_batch(plan, requests)
+        return [Generated(image, lat.float().numpy()) for image, lat in zip(gen.decode(latents), latents)]
 
     info = {"model": str(model_dir), "guidance_scale": guidance_scale, "num_blocks": model.adapter.num_blocks}
     return EvalBackend("torch", model.resolve_plan, generate, info)
@@ -212,12 +218,13 @@ def bundle_backend(
     if gen.facts.architecture == "dit":
         raise ConfigError("eval needs a text-to-image (PixArt) model: the shapes prompts are text")
 
-    def generate(plan: StepPlan, prompt: str, seed: int) -> Generated:
-        request = Request(
-            prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, seed=seed
-        )
-        latents = gen.generate_latents(plan, request)
-        return Generated(gen.decode(latents)[0], np.asarray(latents[0]))
+    def generate(plan: StepPlan, prompts: list[str], seeds: list[int]) -> list[Generated]:
+        requests = [
+            Request(prompt=p, negative_prompt=negative_prompt, guidance_scale=guidance_scale, seed=s)
+            for p, s in zip(prompts, seeds)
+        ]
+        latents = gen.generate_batch(plan, requests)
+        return [Generated(image, np.asarray(lat)) for image, lat in zip(gen.decode(latents), latents)]
 
     info = {"bundle": str(bundle_dir), "guidance_scale": guidance_scale, "variant": variant}
     return EvalBackend("onnxruntime", gen.bundle.plan, generate, info)  # type: ignore[attr-defined]
@@ -246,12 +253,14 @@ class EvalReport:
     reference: str
     real_frechet: float  # real vs real (another split): the floor of the Fréchet distance at this n
     real_accuracy: float  # classifier `all` accuracy on real eval images
+    offset: int = 0  # first prompt index (= seed) of the split
     info: dict[str, Any] = field(default_factory=dict)
     images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "n": self.n,
+            "offset": self.offset,
             "reference": self.reference,
             "real_frechet": self.real_frechet,
             "real_accuracy": self.real_accuracy,
@@ -260,8 +269,9 @@ class EvalReport:
         }
 
 
-def eval_prompts(n: int, seed: int = EVAL_SEED) -> list[Sample]:
-    return make_batch(range(n), seed).samples
+def eval_prompts(n: int, offset: int = 0, seed: int = EVAL_SEED) -> list[Sample]:
+    """Eval-split prompts `offset`..`offset + n - 1` (disjoint from the training split's seed)."""
+    return make_batch(range(offset, offset + n), seed).samples
 
 
 def evaluate(
@@ -272,21 +282,30 @@ def evaluate(
     reference: str = "base-20",
     classifier: AttributeClassifier | None = None,
     real_count: int = 2000,
-    on_sample: Callable[[str, int], None] | None = None,
+    offset: int = 0,
+    batch_size: int = 16,
+    on_samples: Callable[[str, int], None] | None = None,  # (plan, how many just finished)
 ) -> EvalReport:
-    """Generate one image per (plan, prompt i, seed i) for the first `n` eval-split prompts."""
+    """Generate one image per (plan, prompt i, seed i) for eval-split prompts offset..offset+n-1.
+
+    A different `offset` gives prompts and seeds no earlier run saw: tune on one range, report on
+    another."""
     if n < 2:
         raise ConfigError(f"--n must be >= 2 (the Fréchet distance needs a covariance), got {n}")
+    if offset < 0:
+        raise ConfigError(f"--offset must be >= 0, got {offset}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if not plans:
         raise ConfigError("no plans to evaluate")
     classifier = classifier or AttributeClassifier.load()
     plan_objs = {spec: backend.resolve(spec) for spec in dict.fromkeys([reference, *plans])}
-    samples = eval_prompts(n)
+    samples = eval_prompts(n, offset)
     prompts = [s.caption(0) for s in samples]
     # Real statistics from a split the prompts do not come from, plus a real-vs-real floor.
     real = make_batch(range(real_count), EVAL_SEED + 1)
     real_feats, _real_preds = classifier.predict(real.images)
-    held = make_batch(range(n), EVAL_SEED)
+    held = make_batch(range(offset, offset + n), EVAL_SEED)
     held_feats, held_preds = classifier.predict(held.images)
     base_forwards = plan_objs[reference].block_forwards
     outputs: dict[str, list[Generated]] = {}
@@ -294,10 +313,12 @@ def evaluate(
     for spec, plan in plan_objs.items():
         start = time.perf_counter()
         outputs[spec] = []
-        for i, prompt in enumerate(prompts):
-            outputs[spec].append(backend.generate(plan, prompt, i))
-            if on_sample is not None:
-                on_sample(spec, i)
+        for first in range(0, n, batch_size):  # batched: CPU GEMMs are far faster on many rows
+            chunk = prompts[first : first + batch_size]
+            seeds = list(range(offset + first, offset + first + len(chunk)))
+            outputs[spec] += backend.generate(plan, chunk, seeds)
+            if on_samples is not None:
+                on_samples(spec, len(chunk))
         seconds[spec] = (time.perf_counter() - start) / n
     results = []
     ref = outputs[reference]
@@ -324,6 +345,7 @@ def evaluate(
     return EvalReport(
         results=results,
         n=n,
+        offset=offset,
         reference=reference,
         real_frechet=frechet_distance(held_feats, real_feats),
         real_accuracy=attribute_accuracy(held_preds, samples)["all"],
@@ -353,7 +375,7 @@ def format_table(report: EvalReport) -> list[list[str]]:
                 str(r.block_forwards),
                 f"{r.speedup:.2f}x",
                 f"{r.seconds_per_image:.2f}",
-                f"{r.accuracy['all']:.3f}",
+                f"{r.accuracy['all']:.3f} ± {r.accuracy['all_se']:.3f}",
                 f"{r.accuracy['mean']:.3f}",
                 f"{r.frechet:.2f}",
                 "-" if r.psnr is None else f"{r.psnr:.2f}",

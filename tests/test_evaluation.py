@@ -14,7 +14,10 @@ from ilf_deploy.errors import ConfigError
 from ilf_deploy.evaluation import (
     CLASSIFIER_DIR,
     AttributeClassifier,
+    EvalBackend,
+    Generated,
     attribute_accuracy,
+    eval_prompts,
     evaluate,
     format_table,
     frechet_distance,
@@ -63,6 +66,55 @@ def test_eval_on_a_tiny_model_writes_table_json_and_grid(tiny_dirs, tmp_path):
         evaluate(backend, plans, n=1, classifier=classifier)
 
 
+def test_offset_picks_later_prompts_and_their_seeds(tiny_dirs):
+    tiny = torch_backend(tiny_dirs["pixart-alpha"])
+    seen: list[tuple[str, int]] = []
+
+    def generate(plan, prompts, seeds):
+        seen.extend(zip(prompts, seeds))
+        return [Generated(np.zeros((64, 64, 3), np.uint8)) for _ in prompts]
+
+    backend = EvalBackend("recording", tiny.resolve, generate)
+    report = evaluate(
+        backend,
+        ["base-4"],
+        n=3,
+        reference="base-4",
+        classifier=AttributeClassifier(),
+        real_count=20,
+        offset=5,
+        batch_size=2,
+    )
+    expected = [s.caption(0) for s in eval_prompts(8)[5:]]
+    assert seen == list(zip(expected, [5, 6, 7])) and report.offset == 5
+    assert report.to_dict()["offset"] == 5
+    with pytest.raises(ConfigError, match="--offset"):
+        evaluate(backend, ["base-4"], n=3, classifier=AttributeClassifier(), offset=-1)
+
+
+def test_batched_samples_are_the_one_at_a_time_samples(tiny_dirs):
+    backend = torch_backend(tiny_dirs["pixart-alpha"])
+    plan = backend.resolve("ilf-4")
+    prompts = [s.caption(0) for s in eval_prompts(3)]
+    together = backend.generate(plan, prompts, [0, 1, 2])
+    alone = [backend.generate(plan, [p], [i])[0] for i, p in enumerate(prompts)]
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(a.latents, b.latents, rtol=1e-4, atol=1e-3)  # float sums reorder
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
+    assert not np.allclose(together[0].latents, together[1].latents)  # different seeds and prompts
+
+
+def test_accuracy_standard_error_is_that_of_a_proportion():
+    samples = make_batch(range(4), EVAL_SEED).samples
+    truth = {name: np.array([s.labels()[name] for s in samples]) for name in samples[0].labels()}
+    preds = {name: v.copy() for name, v in truth.items()}
+    name = next(iter(preds))
+    preds[name][2:] = preds[name][2:] + 1  # samples 2 and 3 wrong: `all` = 0.5
+    acc = attribute_accuracy(preds, samples)
+    assert acc["all"] == 0.5
+    assert acc["all_se"] == pytest.approx(math.sqrt(4 * 0.25 / 3) / 2)  # sample std (ddof 1) / sqrt(n)
+
+
 def test_default_model_loads_and_classifier_reads_real_data():
     from ilf_deploy.loading import load_model
 
@@ -82,3 +134,21 @@ def test_default_model_draws_what_the_prompt_says():
     for result in report.results:
         assert result.accuracy["mean"] > 0.6, (result.plan, result.accuracy)
     assert report.results[1].psnr > 20  # ILF-10 stays close to the 20-step images
+
+
+def test_eval_command_on_a_bundle(tiny_bundles, tmp_path):
+    from typer.testing import CliRunner
+
+    from ilf_deploy.cli import app
+
+    report, grid = tmp_path / "eval.json", tmp_path / "grid.png"
+    args = ["eval", str(tiny_bundles["pixart-alpha"]), "--plans", "base-4,ilf-4", "--reference", "base-4"]
+    args += ["--n", "3", "--offset", "7", "--batch-size", "2", "--json", str(report), "--grid", str(grid)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "from prompt 7" in result.output and "±" in result.output
+    data = json.loads(report.read_text())
+    assert data["n"] == 3 and data["offset"] == 7 and data["info"]["backend"] == "onnxruntime"
+    assert [r["plan"] for r in data["results"]] == ["base-4", "ilf-4"] and grid.is_file()
+    bad = CliRunner().invoke(app, [*args[:2], "--n", "3", "--batch-size", "0"])
+    assert bad.exit_code == 2 and "--batch-size" in bad.output and "Traceback" not in bad.output

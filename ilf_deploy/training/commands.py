@@ -139,6 +139,13 @@ def register(command) -> None:
         model: Annotated[str, typer.Argument(help="A PixArt pipeline directory or a bundle of one.")],
         plans: Annotated[str, typer.Option(help="Comma-separated plans to compare.")] = DEFAULT_EVAL_PLANS,
         n: Annotated[int, typer.Option(help="Prompts (one image each, seed = prompt index).")] = 64,
+        offset: Annotated[
+            int,
+            typer.Option(help="First prompt index: tune on one range, report on another (e.g. 100000)."),
+        ] = 0,
+        batch_size: Annotated[
+            int, typer.Option(help="Prompts generated together (same images as one at a time).")
+        ] = 16,
         reference: Annotated[
             str, typer.Option(help="Plan the fidelity (PSNR, latents) is measured against.")
         ] = "base-20",
@@ -166,11 +173,18 @@ def register(command) -> None:
         with progress() as bar:
             task = bar.add_task("eval", total=n * len(dict.fromkeys([reference, *names])))
             report = evaluate(
-                backend, names, n=n, reference=reference, on_sample=lambda spec, i: bar.advance(task)
+                backend,
+                names,
+                n=n,
+                reference=reference,
+                offset=offset,
+                batch_size=batch_size,
+                on_samples=lambda spec, count: bar.advance(task, count),
             )
         rows = format_table(report)
         table = Table(
-            title=f"{model}{f' ({variant})' if variant else ''}: n={n}, reference {reference}; "
+            title=f"{model}{f' ({variant})' if variant else ''}: n={n}"
+            f"{f' from prompt {offset}' if offset else ''}, reference {reference}; "
             f"real images: accuracy {report.real_accuracy:.3f}, Fréchet floor {report.real_frechet:.2f}",
             title_justify="left",
         )
