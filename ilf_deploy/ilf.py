@@ -74,7 +74,10 @@ class FeedbackModule(nn.Module):
     def load(cls, directory: Path, adapter: Adapter) -> FeedbackModule:
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
-            raise ModelLoadError(f"no ILF feedback config at {config_path}")
+            hint = ""
+            if any(directory.glob("*checkpoint*")):
+                hint = " (only an unfinished training checkpoint: finish it with train-feedback --resume)"
+            raise ModelLoadError(f"no ILF feedback config at {config_path}{hint}")
         raw = json.loads(config_path.read_text())
         if raw.get("format_version") != FORMAT_VERSION:
             raise ModelLoadError(f"{config_path}: unsupported feedback format {raw.get('format_version')!r}")

@@ -107,9 +107,15 @@ def detect_architecture(path: Path) -> tuple[str, bool]:
 
 
 def load_model(
-    source: str | Path, *, dtype: torch.dtype = torch.float32, with_pipeline: bool = True
+    source: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    with_pipeline: bool = True,
+    with_feedback: bool = True,
 ) -> LoadedModel:
-    """Load transformer, feedback and (for pipeline directories) tokenizer, text encoder and VAE."""
+    """Load transformer, feedback and (for pipeline directories) tokenizer, text encoder and VAE.
+
+    `with_feedback=False` ignores `feedback/` (training a new one: it may hold only a checkpoint)."""
     path = resolve_source(source)
     architecture, is_pipeline = detect_architecture(path)
     quiet_huggingface()
@@ -125,7 +131,7 @@ def load_model(
     scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else dict(default_scheduler)
     model = LoadedModel(architecture, str(source), adapter, scheduler_config, path=path)
     feedback_dir = path / FEEDBACK_DIR
-    if feedback_dir.is_dir():
+    if with_feedback and feedback_dir.is_dir():
         model.feedback = FeedbackModule.load(feedback_dir, adapter).eval().requires_grad_(False)
     if is_pipeline and with_pipeline:
         _load_pipeline_parts(model, path, dtype)

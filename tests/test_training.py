@@ -110,6 +110,31 @@ def test_device_is_checked_before_training(tiny_dirs, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_an_interrupted_run_resumes_from_the_cli(tiny_dirs, tmp_path):
+    """The default --out is MODEL/feedback: after an interruption it holds only the checkpoint."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ilf_deploy.cli import app
+    from ilf_deploy.ilf import CONFIG_FILE
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["pixart-alpha"], model)
+    args = ["train-feedback", str(model), "--batch-size", "2", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    for leftover in (model / "feedback").iterdir():  # what a run killed after its first checkpoint leaves
+        if leftover.name != "fad_checkpoint.pt":
+            leftover.unlink()
+    result = CliRunner().invoke(app, ["generate", str(model), "--plan", "ilf-4", "--prompt", "x"])
+    assert result.exit_code == 2 and "--resume" in result.output, result.output
+    result = CliRunner().invoke(app, [*args, "--steps", "3", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (model / "feedback" / CONFIG_FILE).is_file()
+    assert load_model(model).feedback is not None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (never run in this project's CI)")
 def test_fad_on_cuda_matches_cpu(tiny_dirs, tmp_path):

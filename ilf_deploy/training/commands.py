@@ -51,7 +51,7 @@ def register(command) -> None:
         from .feedback import FeedbackTrainConfig, default_out_dir, summary, train_feedback
 
         with console.status("loading model"):
-            loaded = load_model(model)
+            loaded = load_model(model, with_feedback=False)  # MODEL/feedback may be our own checkpoint
         chosen = parse_range(loop) if loop else default_loop(loaded.adapter.num_blocks)
         config = FeedbackTrainConfig(
             loop=chosen,
