@@ -131,10 +131,27 @@ def train_classifier(
     return model.eval().requires_grad_(False)
 
 
+def _right(preds: dict[str, np.ndarray], samples: Sequence[Sample]) -> dict[str, np.ndarray]:
+    truth = {name: np.array([s.labels()[name] for s in samples]) for name in ATTRIBUTES}
+    return {name: preds[name] == truth[name] for name in ATTRIBUTES}
+
+
+def all_right(preds: dict[str, np.ndarray], samples: Sequence[Sample]) -> np.ndarray:
+    """Per sample: is every attribute right?"""
+    return np.logical_and.reduce(list(_right(preds, samples).values()))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """mean(a - b) and its standard error over paired samples (same prompt and seed): far tighter
+    than the two accuracies' own errors, because most prompts come out alike under both plans."""
+    diff = a.astype(np.float64) - b.astype(np.float64)
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return float(diff.mean()), se
+
+
 def attribute_accuracy(preds: dict[str, np.ndarray], samples: Sequence[Sample]) -> dict[str, float]:
     """Per-attribute accuracy plus `all` (every attribute right) and `mean` (of the attributes)."""
-    truth = {name: np.array([s.labels()[name] for s in samples]) for name in ATTRIBUTES}
-    right = {name: preds[name] == truth[name] for name in ATTRIBUTES}
+    right = _right(preds, samples)
     out = {name: float(r.mean()) for name, r in right.items()}
     every = np.logical_and.reduce(list(right.values()))
     out["all"] = float(every.mean())
@@ -244,6 +261,9 @@ class PlanResult:
     psnr: float | None = None
     latent_rmse: float | None = None
     latent_rel_l2: float | None = None
+    all_right: list[int] = field(default_factory=list, repr=False)  # per prompt, for paired statistics
+    delta_all: float | None = None  # `all` accuracy minus the paired plan's, same prompts and seeds
+    delta_all_se: float | None = None
 
 
 @dataclass
@@ -254,6 +274,7 @@ class EvalReport:
     real_frechet: float  # real vs real (another split): the floor of the Fréchet distance at this n
     real_accuracy: float  # classifier `all` accuracy on real eval images
     offset: int = 0  # first prompt index (= seed) of the split
+    paired_with: str = ""  # the plan `delta_all` is measured against
     info: dict[str, Any] = field(default_factory=dict)
     images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -261,6 +282,7 @@ class EvalReport:
         return {
             "n": self.n,
             "offset": self.offset,
+            "paired_with": self.paired_with,
             "reference": self.reference,
             "real_frechet": self.real_frechet,
             "real_accuracy": self.real_accuracy,
@@ -284,6 +306,7 @@ def evaluate(
     real_count: int = 2000,
     offset: int = 0,
     batch_size: int = 16,
+    paired_with: str | None = None,
     on_samples: Callable[[str, int], None] | None = None,  # (plan, how many just finished)
 ) -> EvalReport:
     """Generate one image per (plan, prompt i, seed i) for eval-split prompts offset..offset+n-1.
@@ -299,7 +322,8 @@ def evaluate(
     if not plans:
         raise ConfigError("no plans to evaluate")
     classifier = classifier or AttributeClassifier.load()
-    plan_objs = {spec: backend.resolve(spec) for spec in dict.fromkeys([reference, *plans])}
+    paired_with = paired_with or reference
+    plan_objs = {spec: backend.resolve(spec) for spec in dict.fromkeys([reference, paired_with, *plans])}
     samples = eval_prompts(n, offset)
     prompts = [s.caption(0) for s in samples]
     # Real statistics from a split the prompts do not come from, plus a real-vs-real floor.
@@ -322,9 +346,10 @@ def evaluate(
         seconds[spec] = (time.perf_counter() - start) / n
     results = []
     ref = outputs[reference]
+    scored = {spec: classifier.predict(np.stack([g.image for g in outputs[spec]])) for spec in plan_objs}
+    paired = all_right(scored[paired_with][1], samples)
     for spec in plans:
-        images = np.stack([g.image for g in outputs[spec]])
-        feats, preds = classifier.predict(images)
+        feats, preds = scored[spec]
         result = PlanResult(
             plan=spec,
             block_forwards=plan_objs[spec].block_forwards,
@@ -332,7 +357,10 @@ def evaluate(
             seconds_per_image=seconds[spec],
             accuracy=attribute_accuracy(preds, samples),
             frechet=frechet_distance(feats, real_feats),
+            all_right=all_right(preds, samples).astype(int).tolist(),
         )
+        if spec != paired_with:
+            result.delta_all, result.delta_all_se = paired_difference(all_right(preds, samples), paired)
         if spec != reference:
             result.psnr = float(np.mean([psnr(g.image, r.image) for g, r in zip(outputs[spec], ref)]))
             pairs = [(g.latents, r.latents) for g, r in zip(outputs[spec], ref) if g.latents is not None]
@@ -347,6 +375,7 @@ def evaluate(
         n=n,
         offset=offset,
         reference=reference,
+        paired_with=paired_with,
         real_frechet=frechet_distance(held_feats, real_feats),
         real_accuracy=attribute_accuracy(held_preds, samples)["all"],
         info={**backend.info, "backend": backend.name, "prompts": prompts[:4]},
@@ -362,6 +391,7 @@ def format_table(report: EvalReport) -> list[list[str]]:
         "speedup",
         "s/img",
         "acc all",
+        f"Δ acc all vs {report.paired_with}",
         "acc mean",
         "Fréchet",
         "PSNR",
@@ -376,6 +406,7 @@ def format_table(report: EvalReport) -> list[list[str]]:
                 f"{r.speedup:.2f}x",
                 f"{r.seconds_per_image:.2f}",
                 f"{r.accuracy['all']:.3f} ± {r.accuracy['all_se']:.3f}",
+                "-" if r.delta_all is None else f"{r.delta_all:+.3f} ± {r.delta_all_se:.3f}",
                 f"{r.accuracy['mean']:.3f}",
                 f"{r.frechet:.2f}",
                 "-" if r.psnr is None else f"{r.psnr:.2f}",

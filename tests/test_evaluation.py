@@ -19,6 +19,7 @@ from ilf_deploy.evaluation import (
     attribute_accuracy,
     eval_prompts,
     evaluate,
+    paired_difference,
     format_table,
     frechet_distance,
     psnr,
@@ -113,6 +114,8 @@ def test_accuracy_standard_error_is_that_of_a_proportion():
     acc = attribute_accuracy(preds, samples)
     assert acc["all"] == 0.5
     assert acc["all_se"] == pytest.approx(math.sqrt(4 * 0.25 / 3) / 2)  # sample std (ddof 1) / sqrt(n)
+    delta, se = paired_difference(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0]))
+    assert delta == 0.25 and se == pytest.approx(0.5 / 2)  # std of [0, 1, 0, 0] (ddof 1) / sqrt(4)
 
 
 def test_default_model_loads_and_classifier_reads_real_data():
@@ -150,5 +153,9 @@ def test_eval_command_on_a_bundle(tiny_bundles, tmp_path):
     data = json.loads(report.read_text())
     assert data["n"] == 3 and data["offset"] == 7 and data["info"]["backend"] == "onnxruntime"
     assert [r["plan"] for r in data["results"]] == ["base-4", "ilf-4"] and grid.is_file()
+    assert "Δ acc all vs base-4" in result.output
+    base, ilf = data["results"]
+    assert base["delta_all"] is None and len(ilf["all_right"]) == 3
+    assert ilf["delta_all"] == pytest.approx(np.mean(ilf["all_right"]) - np.mean(base["all_right"]))
     bad = CliRunner().invoke(app, [*args[:2], "--n", "3", "--batch-size", "0"])
     assert bad.exit_code == 2 and "--batch-size" in bad.output and "Traceback" not in bad.output

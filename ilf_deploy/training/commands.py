@@ -149,6 +149,10 @@ def register(command) -> None:
         reference: Annotated[
             str, typer.Option(help="Plan the fidelity (PSNR, latents) is measured against.")
         ] = "base-20",
+        paired_with: Annotated[
+            str | None,
+            typer.Option(help="Plan the paired accuracy difference is taken against (default: --reference)."),
+        ] = None,
         guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 4.5,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
         grid: Annotated[Path | None, typer.Option(help="Write a PNG grid of samples per plan.")] = None,
@@ -171,7 +175,9 @@ def register(command) -> None:
             else:
                 backend = torch_backend(model, guidance_scale)
         with progress() as bar:
-            task = bar.add_task("eval", total=n * len(dict.fromkeys([reference, *names])))
+            task = bar.add_task(
+                "eval", total=n * len(dict.fromkeys([reference, paired_with or reference, *names]))
+            )
             report = evaluate(
                 backend,
                 names,
@@ -179,6 +185,7 @@ def register(command) -> None:
                 reference=reference,
                 offset=offset,
                 batch_size=batch_size,
+                paired_with=paired_with,
                 on_samples=lambda spec, count: bar.advance(task, count),
             )
         rows = format_table(report)
