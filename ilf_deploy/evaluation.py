@@ -142,7 +142,7 @@ def all_right(preds: dict[str, np.ndarray], samples: Sequence[Sample]) -> np.nda
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """mean(a - b) and its standard error over paired samples (same prompt and seed): far tighter
+    """mean(a - b) and its standard error over paired samples (same prompt and seed): tighter
     than the two accuracies' own errors, because most prompts come out alike under both plans."""
     diff = a.astype(np.float64) - b.astype(np.float64)
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
