@@ -350,6 +350,7 @@ def evaluate(
     paired = all_right(scored[paired_with][1], samples)
     for spec in plans:
         feats, preds = scored[spec]
+        right = all_right(preds, samples)
         result = PlanResult(
             plan=spec,
             block_forwards=plan_objs[spec].block_forwards,
@@ -357,10 +358,10 @@ def evaluate(
             seconds_per_image=seconds[spec],
             accuracy=attribute_accuracy(preds, samples),
             frechet=frechet_distance(feats, real_feats),
-            all_right=all_right(preds, samples).astype(int).tolist(),
+            all_right=right.astype(int).tolist(),
         )
         if spec != paired_with:
-            result.delta_all, result.delta_all_se = paired_difference(all_right(preds, samples), paired)
+            result.delta_all, result.delta_all_se = paired_difference(right, paired)
         if spec != reference:
             result.psnr = float(np.mean([psnr(g.image, r.image) for g, r in zip(outputs[spec], ref)]))
             pairs = [(g.latents, r.latents) for g, r in zip(outputs[spec], ref) if g.latents is not None]

@@ -17,6 +17,7 @@ from . import command, console, out
 
 def _model_facts(model: Path) -> tuple[int, dict[str, Any], tuple[int, int] | None, str | None]:
     """(num_blocks, scheduler config, feedback loop and t_post) from a model directory's JSON only."""
+    from ..ilf import CONFIG_FILE, FEEDBACK_DIR, FeedbackConfig
     from ..loading import detect_architecture, resolve_source
     from ..schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
 
@@ -26,12 +27,11 @@ def _model_facts(model: Path) -> tuple[int, dict[str, Any], tuple[int, int] | No
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     default = DIT_SCHEDULER_CONFIG if architecture == "dit" else PIXART_SCHEDULER_CONFIG
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else dict(default)
-    feedback_file = path / "feedback" / "ilf_config.json"
-    loop, t_post = None, None
-    if feedback_file.is_file():
-        fb = json.loads(feedback_file.read_text())
-        loop, t_post = (int(fb["loop_start"]), int(fb["loop_end"])), fb.get("t_post", "rescale")
-    return int(config["num_layers"]), scheduler, loop, t_post
+    feedback_file = path / FEEDBACK_DIR / CONFIG_FILE
+    if not feedback_file.is_file():
+        return int(config["num_layers"]), scheduler, None, None
+    fb = FeedbackConfig(**json.loads(feedback_file.read_text()))  # its defaults cover older files
+    return int(config["num_layers"]), scheduler, fb.loop, fb.t_post
 
 
 def plan_table(plan, baseline_steps: int) -> Table:
