@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from torch import nn
 from .data import ATTRIBUTES, EVAL_SEED, IMAGE_SIZE, Sample, make_batch, to_tensor_range
 from .errors import ConfigError, ModelLoadError
 from .plan import StepPlan
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
 
 CLASSIFIER_DIR = Path(__file__).parent / "default_model" / "classifier"
 CLASSIFIER_WEIGHTS, CLASSIFIER_CONFIG = "classifier.safetensors", "classifier.json"
@@ -198,16 +201,19 @@ class EvalBackend:
 
 
 def torch_backend(
-    model_dir: str | Path, guidance_scale: float = 4.5, negative_prompt: str = ""
+    model_dir: str | Path | LoadedModel,
+    guidance_scale: float = 4.5,
+    negative_prompt: str = "",
+    device: str = "cpu",
 ) -> EvalBackend:
-    """The PyTorch reference runner as an `EvalBackend`."""
-    from .loading import load_model
+    """The PyTorch reference runner (a model directory, or a model already loaded) as an `EvalBackend`."""
+    from .loading import LoadedModel, load_model
     from .reference import Request, TorchGenerator
 
-    model = load_model(model_dir)
+    model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir)
     if model.architecture == "dit":
         raise ConfigError("eval needs a text-to-image (PixArt) model: the shapes prompts are text")
-    gen = TorchGenerator(model)
+    gen = TorchGenerator(model, device)
 
     def generate(plan: StepPlan, prompts: list[str], seeds: list[int]) -> list[Generated]:
         requests = [
@@ -215,9 +221,15 @@ def torch_backend(
             for p, s in zip(prompts, seeds)
         ]
         latents = gen.generate_batch(plan, requests)
-        return [Generated(image, lat.float().numpy()) for image, lat in zip(gen.decode(latents), latents)]
+        images = gen.decode(latents)
+        return [Generated(image, lat.float().cpu().numpy()) for image, lat in zip(images, latents)]
 
-    info = {"model": str(model_dir), "guidance_scale": guidance_scale, "num_blocks": model.adapter.num_blocks}
+    info = {
+        "model": str(model.source),
+        "guidance_scale": guidance_scale,
+        "num_blocks": model.adapter.num_blocks,
+        "device": device,
+    }
     return EvalBackend("torch", model.resolve_plan, generate, info)
 
 
@@ -405,7 +417,7 @@ def format_table(report: EvalReport) -> list[list[str]]:
                 r.plan,
                 str(r.block_forwards),
                 f"{r.speedup:.2f}x",
-                f"{r.seconds_per_image:.2f}",
+                f"{r.seconds_per_image:.3g}",  # GPUs take milliseconds
                 f"{r.accuracy['all']:.3f} ± {r.accuracy['all_se']:.3f}",
                 "-" if r.delta_all is None else f"{r.delta_all:+.3f} ± {r.delta_all_se:.3f}",
                 f"{r.accuracy['mean']:.3f}",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .adapters import PIPELINE_ARCHITECTURES, TRANSFORMER_ARCHITECTURES, Adapter, make_adapter
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 from .ilf import FEEDBACK_DIR, FeedbackModule
 from .plan import StepPlan, resolve_plan
 from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
@@ -21,6 +21,25 @@ DEFAULT_MODEL = Path(__file__).parent / "default_model"  # the embedded model; `
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a pipeline needs from a hub repo: configs, tokenizer files and safetensors weights.
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "feedback/*"]
+
+
+def torch_device(name: str | torch.device) -> torch.device:
+    """`name` as a torch device this machine has (cpu, cuda, cuda:N), else a one-line ConfigError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {str(name)!r}; e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(name)!r}: this PyTorch sees no CUDA GPU")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"device {str(name)!r}: this machine has {count} CUDA GPU(s), cuda:0..{count - 1}"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"device {str(name)!r}: only cpu and cuda are supported")
+    return device
 
 
 @dataclass
@@ -45,6 +64,13 @@ class LoadedModel:
     @property
     def default_image_size(self) -> int:
         return self.adapter.sample_size * self.vae_scale_factor
+
+    def to(self, device: str | torch.device) -> LoadedModel:
+        """Move every torch part (transformer, feedback, text encoder, VAE) to `device`."""
+        for part in (self.adapter.transformer, self.feedback, self.text_encoder, self.vae):
+            if part is not None:
+                part.to(device)
+        return self
 
     def resolve_plan(self, spec: str) -> StepPlan:
         """A plan file or preset for this model: depth, scheduler, and the feedback's loop and t_post."""

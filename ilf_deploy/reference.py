@@ -12,7 +12,7 @@ import torch
 from .adapters import Adapter, Cond
 from .errors import ConfigError
 from .ilf import FeedbackModule, inner_loop, run_blocks
-from .loading import LoadedModel
+from .loading import LoadedModel, torch_device
 from .plan import StepPlan
 from .runtime.generator import Generator, ModelFacts, Request
 
@@ -20,8 +20,11 @@ from .runtime.generator import Generator, ModelFacts, Request
 class TorchSegments:
     """The `Segments` of runtime.loop, backed by the torch modules."""
 
-    def __init__(self, adapter: Adapter, feedback: FeedbackModule | None = None) -> None:
+    def __init__(
+        self, adapter: Adapter, feedback: FeedbackModule | None = None, device: torch.device | None = None
+    ) -> None:
         self.adapter = adapter
+        self.device = device or torch.device("cpu")
         self.feedback = feedback
         self.latent_channels = adapter.latent_channels
         self.num_blocks = adapter.num_blocks
@@ -32,7 +35,9 @@ class TorchSegments:
         return self.adapter.context(inputs)
 
     def conditioning(self, timestep: float, context: Cond) -> Cond:
-        return self.adapter.conditioning(torch.tensor([timestep], dtype=torch.float32), context)
+        return self.adapter.conditioning(
+            torch.tensor([timestep], dtype=torch.float32, device=self.device), context
+        )
 
     def embed(self, latents: torch.Tensor) -> torch.Tensor:
         return self.adapter.embed(latents)
@@ -52,11 +57,14 @@ class TorchSegments:
 
 
 class TorchGenerator(Generator):
-    """Prompt -> conditioning -> plan -> latents -> image, all in PyTorch."""
+    """Prompt -> conditioning -> plan -> latents -> image, all in PyTorch, on `device` (cpu, cuda...).
 
-    def __init__(self, model: LoadedModel) -> None:
-        self.model = model
-        self.segments = TorchSegments(model.adapter, model.feedback)
+    The initial noise is drawn with numpy on the host, so every device starts from the same latents."""
+
+    def __init__(self, model: LoadedModel, device: str | torch.device = "cpu") -> None:
+        self.device = torch_device(device)
+        self.model = model.to(self.device)
+        self.segments = TorchSegments(model.adapter, model.feedback, self.device)
         adapter = model.adapter
         self.facts = ModelFacts(
             architecture=model.architecture,
@@ -73,7 +81,7 @@ class TorchGenerator(Generator):
         return self.model.adapter
 
     def array(self, value: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(value)
+        tensor = torch.from_numpy(value).to(self.device)
         return tensor.to(self.segments.dtype) if tensor.is_floating_point() else tensor
 
     def concat(self, arrays: list[torch.Tensor]) -> torch.Tensor:
@@ -91,13 +99,14 @@ class TorchGenerator(Generator):
             add_special_tokens=True,
             return_tensors="pt",
         )
-        embeds = self.model.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
-        return embeds.to(self.segments.dtype), tokens.attention_mask
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        embeds = self.model.text_encoder(ids, attention_mask=mask)[0]
+        return embeds.to(self.segments.dtype), mask
 
     @torch.no_grad()
     def generate_latents(self, plan, request, latents=None, on_step=None) -> torch.Tensor:
         if isinstance(latents, torch.Tensor):
-            latents = latents.detach().float().numpy()
+            latents = latents.detach().float().cpu().numpy()
         return super().generate_latents(plan, request, latents, on_step)
 
     @torch.no_grad()
@@ -105,9 +114,9 @@ class TorchGenerator(Generator):
         if self.model.vae is None:
             raise ConfigError(f"{self.model.source} has no VAE; pass a pipeline directory")
         vae = self.model.vae
-        latents = torch.as_tensor(latents)
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
+        latents = torch.as_tensor(latents).to(device=self.device, dtype=vae.dtype)
+        images = vae.decode(latents / vae.config.scaling_factor).sample
+        images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (images * 255).round().astype(np.uint8)
 
 

@@ -199,3 +199,28 @@ def test_bundle_command_errors(tiny_dirs, tmp_path):
     assert_one_line_error(invoke("bench", bundle, "--runs", "0"), "--runs")
     (bundle / "plans" / "base-2.json").write_text("{}")
     assert_one_line_error(invoke("verify", bundle), "sha256")
+
+
+def test_the_cli_starts_without_the_serve_extra(tmp_path):
+    """fastapi/uvicorn are optional: every other command works without them; serve says what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('fastapi', 'uvicorn'):\n"
+        "    sys.modules[name] = None  # as if not installed: importing them raises ImportError\n"
+        "from ilf_deploy.cli import main\n"
+        "main()\n"
+    )
+    plan = subprocess.run(
+        [sys.executable, "-c", code, "plan", "--steps", "4"], capture_output=True, text=True
+    )
+    assert plan.returncode == 0 and "Traceback" not in plan.stderr, plan.stderr
+    assert "base" in plan.stdout or "step" in plan.stdout.lower(), plan.stdout
+    serve = subprocess.run(
+        [sys.executable, "-c", code, "serve", str(tmp_path)], capture_output=True, text=True
+    )
+    text = (serve.stdout + serve.stderr).strip()
+    assert serve.returncode == 2 and "Traceback" not in text, text
+    assert "pip install 'ilf-deploy[serve]'" in text, text

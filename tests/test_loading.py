@@ -74,3 +74,18 @@ def test_corrupt_weights_give_a_clear_error(tmp_path, tiny_dirs):
     (copy / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ModelLoadError, match="cannot load the transformer"):
         load_model(copy)
+
+
+def test_torch_device_names_are_checked():
+    import torch
+
+    from ilf_deploy.errors import ConfigError
+    from ilf_deploy.loading import torch_device
+
+    assert torch_device("cpu") == torch.device("cpu")
+    for name, message in (("gpu0", "unknown device"), ("meta", "only cpu and cuda")):
+        with pytest.raises(ConfigError, match=message):
+            torch_device(name)
+    # No GPU: "sees no CUDA GPU"; a GPU machine (make gpu-check): the ordinal is out of range.
+    with pytest.raises(ConfigError, match=r"no CUDA GPU|CUDA GPU\(s\)"):
+        torch_device("cuda:99")

@@ -10,6 +10,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import IlfError
@@ -34,7 +35,8 @@ def command_for(target: typer.Typer):
                 try:
                     return fn(*args, **kwargs)
                 except IlfError as exc:
-                    console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+                    # escape: messages hold brackets ("ilf-deploy[serve]", lists) that are not markup
+                    console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
                     raise typer.Exit(2) from None
 
             return target.command(name)(wrapper)

@@ -159,6 +159,9 @@ def register(command) -> None:
         variant: Annotated[
             str | None, typer.Option(help="A bundle's precision variant (e.g. int8_dynamic) to run.")
         ] = None,
+        device: Annotated[
+            str, typer.Option(help="cpu, cuda, cuda:N: where a model directory runs (bundles: ORT on CPU).")
+        ] = "cpu",
     ) -> None:
         """Prompt adherence (attribute classifier), Fréchet distance and fidelity of each plan."""
         from ..evaluation import bundle_backend, evaluate, format_table, save_grid, save_json, torch_backend
@@ -169,11 +172,13 @@ def register(command) -> None:
             raise ConfigError("no plans to evaluate")
         with console.status("loading model"):
             if is_bundle(model):
+                if device != "cpu":
+                    raise ConfigError("--device is for model directories; a bundle runs on ONNX Runtime")
                 backend = bundle_backend(model, guidance_scale, variant=variant)
             elif variant is not None:
                 raise ConfigError("--variant needs a bundle (ilf-deploy build, then quantize)")
             else:
-                backend = torch_backend(model, guidance_scale)
+                backend = torch_backend(model, guidance_scale, device=device)
         with progress() as bar:
             task = bar.add_task(
                 "eval", total=n * len(dict.fromkeys([reference, paired_with or reference, *names]))

@@ -31,7 +31,7 @@ from ..adapters import Adapter, Cond
 from ..data import TRAIN_SEED, make_batch, to_tensor_range
 from ..errors import ConfigError
 from ..ilf import FEEDBACK_DIR, FeedbackModule, inner_loop, run_blocks
-from ..loading import LoadedModel
+from ..loading import LoadedModel, torch_device
 from ..plan import T_POST_MODES, ilf_plan, post_timestep, validate_loop
 from .common import add_noise, alphas_cumprod, load_checkpoint, save_checkpoint, warmup_lr
 
@@ -52,6 +52,9 @@ class FeedbackTrainConfig:
     distill_weight: float = 1.0
     recon_weight: float = 1.0
     caption_dropout: float = 0.1  # guidance runs the feedback on the unconditional branch too
+    # > 1: distil the classifier-free-guided output (uncond + w·(cond − uncond)) of student and teacher,
+    # which is what sampling uses; each sample then runs with its caption and with the empty one.
+    guidance: float = 0.0
     pool: int = 1024  # clean latents encoded once up front
     seed: int = 0
     checkpoint_every: int = 50
@@ -69,14 +72,11 @@ class FeedbackTrainConfig:
             raise ConfigError(f"unknown t_post mode {self.t_post!r}; choose from {', '.join(T_POST_MODES)}")
         if self.timesteps not in ("plan", "uniform"):
             raise ConfigError(f"unknown timestep sampling {self.timesteps!r}; choose plan or uniform")
+        if self.guidance < 0:
+            raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
         if not self.plan_steps or min(self.plan_steps) < 1:
             raise ConfigError(f"plan steps must be >= 1, got {self.plan_steps}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"unknown device {self.device!r}; e.g. cpu, cuda, cuda:1") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {self.device!r}: this PyTorch sees no CUDA GPU")
+        torch_device(self.device)
 
 
 @dataclass
@@ -143,6 +143,19 @@ class FeedbackData:
         )
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         return self.model.text_encoder(ids, attention_mask=mask)[0], mask
+
+    def unconditional(self, inputs: Cond) -> Cond:
+        """The same batch's inputs with every caption (or class) replaced by the null one."""
+        if not self.text:
+            labels = inputs["class_labels"]
+            return {"class_labels": torch.full_like(labels, self.model.adapter.num_classes)}  # type: ignore[attr-defined]
+        null_embeds, null_mask = self.null  # type: ignore[misc]
+        embeds = inputs["prompt_embeds"]
+        return {
+            **inputs,
+            "prompt_embeds": null_embeds.to(embeds.dtype).expand_as(embeds),
+            "prompt_mask": null_mask.expand_as(inputs["prompt_mask"]),
+        }
 
     def sample(self, batch: int, gen: torch.Generator, dropout: float) -> tuple[torch.Tensor, Cond]:
         idx = torch.randint(len(self.latents), (batch,), generator=gen)
@@ -300,9 +313,17 @@ def train_feedback(
         noise = torch.randn(x0.shape, generator=gen).to(device=device, dtype=dtype)
         t, t_post = (v.to(device) for v in draw_timesteps(model, config, config.batch_size, rng))
         t_teacher = (t / 2).floor()
-        target = teacher_forward(adapter, add_noise(x0, noise, t_teacher, ac), t_teacher, inputs)
-        pred = student_forward(adapter, feedback, add_noise(x0, noise, t, ac), t, t_post, inputs)
+        x_teacher, x_student = add_noise(x0, noise, t_teacher, ac), add_noise(x0, noise, t, ac)
+        target = teacher_forward(adapter, x_teacher, t_teacher, inputs)
+        pred = student_forward(adapter, feedback, x_student, t, t_post, inputs)
         distill, recon = F.mse_loss(pred, target), F.mse_loss(pred, noise)
+        if config.guidance > 1:  # distil what sampling combines: uncond + w·(cond − uncond)
+            null = data.unconditional(inputs)
+            target_u = teacher_forward(adapter, x_teacher, t_teacher, null)
+            pred_u = student_forward(adapter, feedback, x_student, t, t_post, null)
+            w = config.guidance
+            distill = F.mse_loss(pred_u + w * (pred - pred_u), target_u + w * (target - target_u))
+            recon = (recon + F.mse_loss(pred_u, noise)) / 2
         loss = config.distill_weight * distill + config.recon_weight * recon
         opt.zero_grad(set_to_none=True)
         loss.backward()
