@@ -21,8 +21,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check ilf_deploy tests
-	$(BIN)/ruff format --check ilf_deploy tests
+	$(BIN)/ruff check ilf_deploy tests experiments
+	$(BIN)/ruff format --check ilf_deploy tests experiments
 
 PROMPT ?= a small red circle on a blue background
 

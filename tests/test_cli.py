@@ -201,26 +201,32 @@ def test_bundle_command_errors(tiny_dirs, tmp_path):
     assert_one_line_error(invoke("verify", bundle), "sha256")
 
 
-def test_the_cli_starts_without_the_serve_extra(tmp_path):
-    """fastapi/uvicorn are optional: every other command works without them; serve says what to install."""
+def test_the_cli_starts_without_the_optional_extras(tmp_path):
+    """onnx/onnxruntime and fastapi/uvicorn are extras: commands that need them say what to install
+    in one line (exit 2, nothing written); the others work."""
     import subprocess
     import sys
 
     code = (
         "import sys\n"
-        "for name in ('fastapi', 'uvicorn'):\n"
+        "for name in ('fastapi', 'uvicorn', 'onnx', 'onnxruntime'):\n"
         "    sys.modules[name] = None  # as if not installed: importing them raises ImportError\n"
         "from ilf_deploy.cli import main\n"
         "main()\n"
     )
-    plan = subprocess.run(
-        [sys.executable, "-c", code, "plan", "--steps", "4"], capture_output=True, text=True
-    )
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+
+    plan = cli("plan", "--steps", "4")
     assert plan.returncode == 0 and "Traceback" not in plan.stderr, plan.stderr
-    assert "base" in plan.stdout or "step" in plan.stdout.lower(), plan.stdout
-    serve = subprocess.run(
-        [sys.executable, "-c", code, "serve", str(tmp_path)], capture_output=True, text=True
-    )
-    text = (serve.stdout + serve.stderr).strip()
-    assert serve.returncode == 2 and "Traceback" not in text, text
-    assert "pip install 'ilf-deploy[serve]'" in text, text
+    assert "749" in plan.stdout, plan.stdout  # the second timestep of 4 DPM-Solver steps
+    for args, extra in (
+        (("serve", tmp_path), "pip install 'ilf-deploy[serve]'"),
+        (("build", "default", "--out", tmp_path / "bundle"), "pip install 'ilf-deploy[onnx]'"),
+    ):
+        result = cli(*args)
+        text = (result.stdout + result.stderr).strip()
+        assert result.returncode == 2 and "Traceback" not in text, text
+        assert extra in text and len(text.splitlines()) == 1, text
+    assert not (tmp_path / "bundle").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -21,8 +22,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+# Optional dependencies -> the extra that installs them (pyproject.toml), for a one-line error.
+EXTRAS = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "polygraphy": "tensorrt",
+    "tensorrt": "tensorrt",
+}
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr, exit code 2."""
+    # escape: messages hold brackets ("ilf-deploy[serve]", lists) that are not markup
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def command_for(target: typer.Typer):
@@ -35,9 +52,12 @@ def command_for(target: typer.Typer):
                 try:
                     return fn(*args, **kwargs)
                 except IlfError as exc:
-                    # escape: messages hold brackets ("ilf-deploy[serve]", lists) that are not markup
-                    console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-                    raise typer.Exit(2) from None
+                    fail(str(exc))
+                except ModuleNotFoundError as exc:
+                    extra = EXTRAS.get((exc.name or "").split(".")[0])
+                    if extra is None:
+                        raise
+                    fail(f"{name or fn.__name__} needs {exc.name}: pip install 'ilf-deploy[{extra}]'")
 
             return target.command(name)(wrapper)
 

@@ -34,6 +34,10 @@ def register(command) -> None:
         timesteps: Annotated[
             str, typer.Option(help="plan: the ilf plans' feedback steps; uniform.")
         ] = "plan",
+        guidance: Annotated[
+            float,
+            typer.Option(help="> 1: distil the guided output at this scale (cond and null captions)."),
+        ] = 0.0,
         out_dir: Annotated[
             Path | None, typer.Option("--out", help="Where to save (default: MODEL/feedback).")
         ] = None,
@@ -60,6 +64,7 @@ def register(command) -> None:
             lr=lr,
             t_post=t_post,
             timesteps=timesteps,
+            guidance=guidance,
             seed=seed,
             device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
         )
