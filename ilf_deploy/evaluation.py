@@ -28,6 +28,7 @@ from torch import nn
 
 from .data import ATTRIBUTES, EVAL_SEED, IMAGE_SIZE, Sample, make_batch, to_tensor_range
 from .errors import ConfigError, ModelLoadError
+from .files import make_readable
 from .plan import StepPlan
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class AttributeClassifier(nn.Module):
 
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / CLASSIFIER_WEIGHTS)
+        make_readable(directory / CLASSIFIER_WEIGHTS)
         (directory / CLASSIFIER_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
 
     @classmethod

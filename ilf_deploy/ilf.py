@@ -16,6 +16,7 @@ from torch import nn
 
 from .adapters import Adapter, Cond
 from .errors import ModelLoadError
+from .files import make_readable
 from .plan import validate_loop
 
 FEEDBACK_DIR = "feedback"
@@ -69,6 +70,7 @@ class FeedbackModule(nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, directory / WEIGHTS_FILE)
+        make_readable(directory / WEIGHTS_FILE)
 
     @classmethod
     def load(cls, directory: Path, adapter: Adapter) -> FeedbackModule:

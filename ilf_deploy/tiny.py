@@ -17,6 +17,7 @@ import torch
 
 from .adapters import make_adapter
 from .errors import ConfigError
+from .files import make_readable
 from .ilf import FEEDBACK_DIR, FeedbackModule
 from .loading import quiet_huggingface
 from .plan import default_loop, validate_loop
@@ -109,6 +110,7 @@ def make_tiny_pipeline(
             module.save(tmp / FEEDBACK_DIR)
         if arch in _MAX_LENGTH:
             _portable_tokenizer(tmp, _MAX_LENGTH[arch])
+        make_readable(tmp)  # safetensors writes 0600
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         if out.exists():
             out.rmdir()  # empty, checked above

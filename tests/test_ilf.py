@@ -93,6 +93,9 @@ def test_save_load_round_trip(tiny_models, tmp_path):
     torch.nn.init.normal_(module.scales)
     module.save(tmp_path / "fb")
     assert sorted(p.name for p in (tmp_path / "fb").iterdir()) == ["feedback.safetensors", "ilf_config.json"]
+    # readable like any written file (safetensors alone writes 0600): bundles copy it, servers read it
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "fb").iterdir()}
+    assert modes["feedback.safetensors"] == modes["ilf_config.json"], modes
     loaded = FeedbackModule.load(tmp_path / "fb", adapter)
     assert loaded.loop == (1, 3) and loaded.config.t_post == "rescale"
     for (name, a), (_, b) in zip(module.state_dict().items(), loaded.state_dict().items(), strict=True):

@@ -123,6 +123,8 @@ def test_tiny_pipeline_deterministic(tmp_path: Path, arch: str) -> None:
     assert a == b
     weights = "transformer/diffusion_pytorch_model.safetensors"
     assert any(k.endswith(".safetensors") for k in a) and a[weights] != c[weights]
+    modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert len(modes) == 1, modes  # safetensors files as readable as the JSON beside them
 
 
 def test_tiny_pipeline_errors(tmp_path: Path) -> None:

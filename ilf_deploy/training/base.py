@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IMAGE_SIZE, TRAIN_SEED, make_batch, to_tensor_range
+from ..files import make_readable
 from ..schedulers import PIXART_SCHEDULER_CONFIG
 from .common import (
     Deadline,
@@ -304,6 +305,7 @@ def save_pipeline(
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    make_readable(out_dir)  # safetensors writes 0600
     _portable_tokenizer(out_dir, MAX_LENGTH)
     if saved_feedback is not None and not keep.is_dir():
         shutil.copytree(saved_feedback, keep)
