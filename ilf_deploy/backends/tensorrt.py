@@ -208,6 +208,7 @@ def build_engines(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Build (or rebuild) the engine set of the bundle or of a variant; returns its manifest entry."""
+    trt_module = _trt()  # "TensorRT is not installed" first: without it Polygraphy is no help
     from polygraphy.backend.trt import (  # type: ignore[import-untyped]
         CreateConfig,
         EngineFromNetwork,
@@ -218,7 +219,6 @@ def build_engines(
 
     from ..calibration import rewrite_manifest
 
-    trt_module = _trt()
     bundle = Bundle.load(bundle_path)
     if variant is not None:
         bundle.segment_spec("embed", variant)  # unknown variant -> error listing the variants
