@@ -96,6 +96,13 @@ def test_generate_errors(tiny_dirs, tmp_path):
     assert_one_line_error(result, "latents must have shape")
     result = invoke("generate", tiny_dirs["dit"], "--class-label", "1", "--out", tmp_path / "no" / "x.png")
     assert_one_line_error(result, "does not exist")
+    result = invoke("generate", tiny_dirs["dit"], "--class-label", "1", "--device", "tpu")
+    assert_one_line_error(result, "unknown device")
+
+
+def test_generate_device_is_for_the_torch_backend(tiny_bundles):
+    args = ("generate", tiny_bundles["dit"], "--plan", "base-4", "--class-label", "1", "--device", "cuda")
+    assert_one_line_error(invoke(*args), "for the torch backend")
 
 
 def test_generate_round_trip_with_latents(tiny_dirs, tmp_path):

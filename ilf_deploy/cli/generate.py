@@ -15,14 +15,14 @@ from . import command, console, progress
 # -- generate --------------------------------------------------------------------------------
 
 
-def open_source(source: str, backend: str | None, variant: str | None = None):
+def open_source(source: str, backend: str | None, variant: str | None = None, device: str = "cpu"):
     """(generator, plan resolver, architecture) for a bundle or a model directory / hub id."""
     from ..runtime.bundle import Bundle, is_bundle
 
     if is_bundle(source):
         from ..runtime.pipeline import open_generator
 
-        generator = open_generator(source, backend or "onnxruntime", variant=variant)
+        generator = open_generator(source, backend or "onnxruntime", variant=variant, device=device)
         bundle = Bundle.load(source, verify_hashes=False)  # open_generator has checked the hashes
         return generator, bundle.plan, bundle.architecture
     if backend not in (None, "torch"):
@@ -34,13 +34,14 @@ def open_source(source: str, backend: str | None, variant: str | None = None):
 
     with console.status("loading model"):
         loaded = load_model(source)
-    return TorchGenerator(loaded), loaded.resolve_plan, loaded.architecture
+    return TorchGenerator(loaded, device), loaded.resolve_plan, loaded.architecture
 
 
 BACKEND_HELP = (
     "onnxruntime, torch or tensorrt (default: onnxruntime for bundles, torch for model directories; "
     "tensorrt needs `ilf-deploy build-engines` and an NVIDIA GPU)."
 )
+DEVICE_HELP = "Where the torch backend runs: cpu, cuda, cuda:N (ONNX Runtime: CPU; TensorRT: the GPU)."
 VARIANT_HELP = "A precision variant added to the bundle after the build (e.g. quantized segments)."
 
 
@@ -74,6 +75,7 @@ def generate(
     ] = None,
     backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None,
     variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Generate an image by running a step plan (ONNX Runtime for bundles, PyTorch for models)."""
     import numpy as np
@@ -82,7 +84,7 @@ def generate(
     for path in (latents_out, image_out):
         if path is not None and not path.parent.exists():
             raise ConfigError(f"output directory {path.parent} does not exist")
-    generator, resolve, architecture = open_source(model, backend, variant)
+    generator, resolve, architecture = open_source(model, backend, variant, device)
     if architecture == "dit" and class_label is None:
         raise ConfigError("DiT models need --class-label")
     if architecture != "dit" and not prompt:
@@ -96,7 +98,9 @@ def generate(
             step_plan, request, initial, on_step=lambda _i: bar.advance(task)
         )
     if latents_out is not None:
-        np.save(latents_out, np.asarray(latents, dtype=np.float32))
+        # torch tensors (torch on any device, TensorRT on the GPU) come to the host first
+        host = latents.detach().float().cpu() if hasattr(latents, "cpu") else latents
+        np.save(latents_out, np.asarray(host, dtype=np.float32))
         console.print(f"latents → {latents_out}")
     if image_out is not None or latents_out is None:
         image_out = image_out or Path("image.png")

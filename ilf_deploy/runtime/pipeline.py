@@ -100,11 +100,19 @@ class BundleGenerator(Generator):
 
 
 def open_generator(
-    source: str | Path, backend: str = "onnxruntime", verify_hashes: bool = True, variant: str | None = None
+    source: str | Path,
+    backend: str = "onnxruntime",
+    verify_hashes: bool = True,
+    variant: str | None = None,
+    device: str = "cpu",
 ) -> Generator:
-    """A generator for a bundle (ONNX Runtime, optionally a precision variant, or its torch model)."""
+    """A generator for a bundle (ONNX Runtime, optionally a precision variant, or its torch model).
+
+    `device` is where the torch backend runs; ONNX Runtime runs here on the CPU, TensorRT on the GPU."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if device != "cpu" and backend != "torch":
+        raise ConfigError(f"--device {device} is for the torch backend; {backend} chooses its own")
     bundle = Bundle.load(source, verify_hashes)
     if variant is not None:
         bundle.segment_spec("embed", variant)  # fails early with the list of variants
@@ -123,4 +131,4 @@ def open_generator(
     from ..loading import load_model
     from ..reference import TorchGenerator
 
-    return TorchGenerator(load_model(bundle.path / bundle.manifest["torch_model"]))
+    return TorchGenerator(load_model(bundle.path / bundle.manifest["torch_model"]), device)
