@@ -419,7 +419,7 @@ def format_table(report: EvalReport) -> list[list[str]]:
                 r.plan,
                 str(r.block_forwards),
                 f"{r.speedup:.2f}x",
-                f"{r.seconds_per_image:.3g}",  # GPUs take milliseconds
+                f"{r.seconds_per_image:#.3g}",  # 3 significant digits: GPUs take milliseconds
                 f"{r.accuracy['all']:.3f} ± {r.accuracy['all_se']:.3f}",
                 "-" if r.delta_all is None else f"{r.delta_all:+.3f} ± {r.delta_all_se:.3f}",
                 f"{r.accuracy['mean']:.3f}",
