@@ -59,7 +59,8 @@ class TorchSegments:
 class TorchGenerator(Generator):
     """Prompt -> conditioning -> plan -> latents -> image, all in PyTorch, on `device` (cpu, cuda...).
 
-    The initial noise is drawn with numpy on the host, so every device starts from the same latents."""
+    Moves `model` to `device`. The initial noise is drawn with numpy on the host, so every device
+    starts from the same latents."""
 
     def __init__(self, model: LoadedModel, device: str | torch.device = "cpu") -> None:
         self.device = torch_device(device)
