@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ilf_deploy.data import EVAL_SEED, make_batch, to_tensor_range
-from ilf_deploy.evaluation import AttributeClassifier, attribute_accuracy, eval_prompts
+from ilf_deploy.evaluation import AttributeClassifier, attribute_accuracy
 from ilf_deploy.loading import load_model
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     model = load_model(args.model, with_feedback=False)
     classifier = AttributeClassifier.load()
     real = make_batch(range(args.offset, args.offset + args.n), EVAL_SEED)  # the eval split's images
-    samples = eval_prompts(args.n, args.offset)
+    samples = real.samples  # the prompts eval_prompts(n, offset) gives
     for name, images in (("real", real.images), ("vae reconstruction", reconstruct(model.vae, real.images))):
         accuracy = attribute_accuracy(classifier.predict(images)[1], samples)
         print(f"{name:>18}: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))

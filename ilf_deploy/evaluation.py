@@ -141,27 +141,35 @@ def _right(preds: dict[str, np.ndarray], samples: Sequence[Sample]) -> dict[str,
     return {name: preds[name] == truth[name] for name in ATTRIBUTES}
 
 
+def _every(right: dict[str, np.ndarray]) -> np.ndarray:
+    return np.logical_and.reduce(list(right.values()))
+
+
 def all_right(preds: dict[str, np.ndarray], samples: Sequence[Sample]) -> np.ndarray:
     """Per sample: is every attribute right?"""
-    return np.logical_and.reduce(list(_right(preds, samples).values()))
+    return _every(_right(preds, samples))
+
+
+def _standard_error(x: np.ndarray) -> float:
+    """Of the mean of `x` over independent samples (prompts)."""
+    x = x.astype(np.float64)
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """mean(a - b) and its standard error over paired samples (same prompt and seed): tighter
     than the two accuracies' own errors, because most prompts come out alike under both plans."""
     diff = a.astype(np.float64) - b.astype(np.float64)
-    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-    return float(diff.mean()), se
+    return float(diff.mean()), _standard_error(diff)
 
 
 def attribute_accuracy(preds: dict[str, np.ndarray], samples: Sequence[Sample]) -> dict[str, float]:
     """Per-attribute accuracy plus `all` (every attribute right) and `mean` (of the attributes)."""
     right = _right(preds, samples)
     out = {name: float(r.mean()) for name, r in right.items()}
-    every = np.logical_and.reduce(list(right.values()))
+    every = _every(right)
     out["all"] = float(every.mean())
-    # Standard error of `all` (a proportion over independent prompts): what a difference must beat.
-    out["all_se"] = float(every.std(ddof=1) / np.sqrt(len(every))) if len(every) > 1 else float("nan")
+    out["all_se"] = _standard_error(every)  # what a difference between plans must beat
     out["mean"] = float(np.mean([out[name] for name in ATTRIBUTES]))
     return out
 
@@ -203,7 +211,7 @@ class EvalBackend:
 
 
 def torch_backend(
-    model_dir: str | Path | LoadedModel,
+    source: str | Path | LoadedModel,
     guidance_scale: float = 4.5,
     negative_prompt: str = "",
     device: str = "cpu",
@@ -212,7 +220,7 @@ def torch_backend(
     from .loading import LoadedModel, load_model
     from .reference import Request, TorchGenerator
 
-    model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir)
+    model = source if isinstance(source, LoadedModel) else load_model(source)
     if model.architecture == "dit":
         raise ConfigError("eval needs a text-to-image (PixArt) model: the shapes prompts are text")
     gen = TorchGenerator(model, device)
@@ -240,12 +248,13 @@ def bundle_backend(
     guidance_scale: float = 4.5,
     negative_prompt: str = "",
     variant: str | None = None,
+    device: str = "cpu",  # anything else is refused: a bundle runs on ONNX Runtime
 ) -> EvalBackend:
     """A bundle on ONNX Runtime as an `EvalBackend` (its bundled plans only), optionally a variant."""
     from .runtime.generator import Request
     from .runtime.pipeline import open_generator
 
-    gen = open_generator(bundle_dir, variant=variant)
+    gen = open_generator(bundle_dir, variant=variant, device=device)
     if gen.facts.architecture == "dit":
         raise ConfigError("eval needs a text-to-image (PixArt) model: the shapes prompts are text")
 
@@ -338,12 +347,12 @@ def evaluate(
     classifier = classifier or AttributeClassifier.load()
     paired_with = paired_with or reference
     plan_objs = {spec: backend.resolve(spec) for spec in dict.fromkeys([reference, paired_with, *plans])}
-    samples = eval_prompts(n, offset)
+    held = make_batch(range(offset, offset + n), EVAL_SEED)  # = eval_prompts(n, offset), with images
+    samples = held.samples
     prompts = [s.caption(0) for s in samples]
     # Real statistics from a split the prompts do not come from, plus a real-vs-real floor.
     real = make_batch(range(real_count), EVAL_SEED + 1)
     real_feats, _real_preds = classifier.predict(real.images)
-    held = make_batch(range(offset, offset + n), EVAL_SEED)
     held_feats, held_preds = classifier.predict(held.images)
     base_forwards = plan_objs[reference].block_forwards
     outputs: dict[str, list[Generated]] = {}

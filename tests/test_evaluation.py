@@ -159,3 +159,5 @@ def test_eval_command_on_a_bundle(tiny_bundles, tmp_path):
     assert ilf["delta_all"] == pytest.approx(np.mean(ilf["all_right"]) - np.mean(base["all_right"]))
     bad = CliRunner().invoke(app, [*args[:2], "--n", "3", "--batch-size", "0"])
     assert bad.exit_code == 2 and "--batch-size" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(app, [*args[:2], "--n", "3", "--device", "cuda"])
+    assert bad.exit_code == 2 and "for the torch backend" in bad.output and "Traceback" not in bad.output

@@ -177,9 +177,7 @@ def register(command) -> None:
             raise ConfigError("no plans to evaluate")
         with console.status("loading model"):
             if is_bundle(model):
-                if device != "cpu":
-                    raise ConfigError("--device is for model directories; a bundle runs on ONNX Runtime")
-                backend = bundle_backend(model, guidance_scale, variant=variant)
+                backend = bundle_backend(model, guidance_scale, variant=variant, device=device)
             elif variant is not None:
                 raise ConfigError("--variant needs a bundle (ilf-deploy build, then quantize)")
             else:
