@@ -313,7 +313,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def ort_session(path: Path, threads: int) -> Any:
-    from ilf_deploy.runtime.onnxruntime import OrtSession
+    from ilf_deploy.backends.onnxruntime import OrtSession
 
     return OrtSession(path, ["CPUExecutionProvider"], threads)
 
@@ -576,10 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()  # the torch model (2.4 GB at full size) is not needed by P1/P2
 
     if parts & {"p1", "p2"}:
-        from ilf_deploy.runtime.bundle import Bundle
-        from ilf_deploy.runtime.pipeline import BundleGenerator
+        from ilf_deploy.backends import open_generator
 
-        generator = BundleGenerator(Bundle.load(prep["bundle"]), ["CPUExecutionProvider"], args.threads)
+        generator = open_generator(prep["bundle"], providers=["CPUExecutionProvider"], threads=args.threads)
         if "p2" in parts:
             log("P2: segmented step vs the monolithic backbone")
             p2 = result["p2"] = run_p2(generator, prep["monolith"], args.threads, p2_runs)

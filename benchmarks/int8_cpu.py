@@ -2,7 +2,7 @@
 
 The model is PixArt-XL-2's block shape (1152 wide, 16 heads, real caption width) with random
 weights and fewer layers (8 by default), at 256 px (256 tokens) and batch 2 (guidance), built by
-`benchmarks.backbone.build_model_dir`. Variants are made with `ilf_deploy.quantize` exactly as
+`benchmarks.backbone.build_model_dir`. Variants are made with `ilf_deploy.quantization.quantize` exactly as
 `ilf-deploy quantize` makes them:
 
 - int8-dynamic (the CPU path; target: one full step ≥ 2.0× faster than fp32)
@@ -60,8 +60,8 @@ def prepare(work: Path, layers: int, heads: int, rebuild: bool) -> Path:
 
 
 def ensure_variant(bundle_dir: Path, mode: str, prompts: int, requantize: bool) -> str:
-    from ilf_deploy.calibration import DEFAULT_PROMPTS, collect_calibration
-    from ilf_deploy.quantize import default_variant_name, quantize_bundle
+    from ilf_deploy.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
+    from ilf_deploy.quantization.quantize import default_variant_name, quantize_bundle
     from ilf_deploy.runtime.bundle import Bundle
 
     name = default_variant_name(mode)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
     from benchmarks.backbone import interleaved, med, step_inputs
-    from ilf_deploy.quantize import fidelity, variant_generator
+    from ilf_deploy.quantization.quantize import fidelity, variant_generator
     from ilf_deploy.runtime.bundle import Bundle
     from ilf_deploy.runtime.generator import Request
 

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.requests < args.clients:
         parser.error("--clients must be >= 1 and --requests >= --clients")
 
-    from ilf_deploy.runtime.pipeline import open_generator
+    from ilf_deploy.backends import open_generator
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or tiny_bundle(Path(tmp))

@@ -48,7 +48,7 @@ def bench_plans(
 
     Plans take turns run by run (ABAB...), so that a change in machine load hits every plan alike.
     """
-    timings = getattr(generator.segments, "timings", None)  # ONNX Runtime records per-segment times
+    timings = getattr(generator.segments, "timings", None)  # every backend records its stage times
     latencies: dict[str, list[float]] = {plan.name: [] for plan in plans}
     per_run: dict[str, list[dict[str, tuple[int, float]]]] = {plan.name: [] for plan in plans}
     for index in range(warmup + runs):

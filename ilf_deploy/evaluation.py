@@ -30,6 +30,7 @@ from .data import ATTRIBUTES, EVAL_SEED, IMAGE_SIZE, Sample, make_batch, to_tens
 from .errors import ConfigError, ModelLoadError
 from .files import make_readable
 from .plan import StepPlan
+from .runtime.bundle import Bundle
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -217,8 +218,9 @@ def torch_backend(
     device: str = "cpu",
 ) -> EvalBackend:
     """The PyTorch reference runner (a model directory, or a model already loaded) as an `EvalBackend`."""
+    from .backends.pytorch import TorchGenerator
     from .loading import LoadedModel, load_model
-    from .reference import Request, TorchGenerator
+    from .runtime.generator import Request
 
     model = source if isinstance(source, LoadedModel) else load_model(source)
     if model.architecture == "dit":
@@ -232,7 +234,7 @@ def torch_backend(
         ]
         latents = gen.generate_batch(plan, requests)
         images = gen.decode(latents)
-        return [Generated(image, lat.float().cpu().numpy()) for image, lat in zip(images, latents)]
+        return [Generated(image, lat) for image, lat in zip(images, gen.latents_to_numpy(latents))]
 
     info = {
         "model": str(model.source),
@@ -248,13 +250,15 @@ def bundle_backend(
     guidance_scale: float = 4.5,
     negative_prompt: str = "",
     variant: str | None = None,
-    device: str = "cpu",  # anything else is refused: a bundle runs on ONNX Runtime
+    device: str = "cpu",  # the torch backend's; the others choose their own
+    backend: str = "onnxruntime",
 ) -> EvalBackend:
-    """A bundle on ONNX Runtime as an `EvalBackend` (its bundled plans only), optionally a variant."""
+    """A bundle on any registered backend as an `EvalBackend` (its bundled plans only), optionally a
+    precision variant."""
+    from .backends import open_generator
     from .runtime.generator import Request
-    from .runtime.pipeline import open_generator
 
-    gen = open_generator(bundle_dir, variant=variant, device=device)
+    gen = open_generator(bundle_dir, backend, variant=variant, device=device)
     if gen.facts.architecture == "dit":
         raise ConfigError("eval needs a text-to-image (PixArt) model: the shapes prompts are text")
 
@@ -264,10 +268,12 @@ def bundle_backend(
             for p, s in zip(prompts, seeds)
         ]
         latents = gen.generate_batch(plan, requests)
-        return [Generated(image, np.asarray(lat)) for image, lat in zip(gen.decode(latents), latents)]
+        host = gen.latents_to_numpy(latents)
+        return [Generated(image, lat) for image, lat in zip(gen.decode(latents), host)]
 
     info = {"bundle": str(bundle_dir), "guidance_scale": guidance_scale, "variant": variant}
-    return EvalBackend("onnxruntime", gen.bundle.plan, generate, info)  # type: ignore[attr-defined]
+    plans = Bundle.load(bundle_dir, verify_hashes=False).plan  # open_generator checked the hashes
+    return EvalBackend(backend, plans, generate, info)
 
 
 # -- the evaluation ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -60,6 +61,12 @@ class LoadedModel:
         if self.vae is None:
             return 8
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the transformer's config: a bundle records it, `verify --model` compares it."""
+        config = json.dumps(dict(self.adapter.config), sort_keys=True, default=str)
+        return hashlib.sha256(config.encode()).hexdigest()
 
     @property
     def default_image_size(self) -> int:

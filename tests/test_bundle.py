@@ -10,14 +10,15 @@ import sys
 import numpy as np
 import pytest
 
+from ilf_deploy.backends import open_generator
 from ilf_deploy.errors import ConfigError
 from ilf_deploy.export import build as build_module
 from ilf_deploy.export.build import BuildOptions, build_bundle
 from ilf_deploy.plan import baseline_plan
 from ilf_deploy.runtime.bundle import Bundle, BundleError
 from ilf_deploy.runtime.generator import Request
-from ilf_deploy.runtime.pipeline import BundleGenerator, open_generator
-from ilf_deploy.verify import verify_bundle
+from ilf_deploy.runtime.pipeline import BundleGenerator
+from ilf_deploy.verify.bundle import verify_bundle
 
 VARIANTS = ["pixart-alpha", "pixart-alpha-1024", "pixart-sigma", "dit"]
 REQUEST = Request(prompt="a red circle at the top left", negative_prompt="blurry", class_label=5, seed=2)
@@ -173,7 +174,7 @@ def test_plans_and_sizes_outside_the_bundle_are_refused(tiny_bundles, tmp_path):
 def test_runtime_generates_without_diffusers_or_transformers(tiny_bundles):
     code = (
         "import sys\n"
-        "from ilf_deploy.runtime.pipeline import open_generator\n"
+        "from ilf_deploy.backends import open_generator\n"
         "from ilf_deploy.runtime.generator import Request\n"
         f"g = open_generator({str(tiny_bundles['pixart-alpha'])!r})\n"
         "g.decode(g.generate_latents(g.bundle.plan('ilf-4'), Request(prompt='a cat')))\n"

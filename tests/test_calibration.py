@@ -9,8 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ilf_deploy.calibration import collect_calibration, load_calibration
 from ilf_deploy.errors import ConfigError
+from ilf_deploy.quantization.calibration import collect_calibration, load_calibration
 from ilf_deploy.runtime.bundle import Bundle, BundleError
 
 
@@ -79,8 +79,9 @@ def test_calibration_errors(calibrated, tiny_bundles):
 
 def _app() -> typer.Typer:
     """The commands on their own app, with cli.py's IlfError -> exit 2 wrapper."""
-    from ilf_deploy.cli import command_for
     from ilf_deploy.tensorrt_commands import register
+
+    from ilf_deploy.cli import command_for
 
     app = typer.Typer()
 

@@ -10,13 +10,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from ilf_deploy.calibration import collect_calibration
+from ilf_deploy.backends import open_generator
 from ilf_deploy.errors import ConfigError
 from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.quantize import BUDGETS, LINEAR_NODE, quantize_bundle, verify_variant
+from ilf_deploy.quantization.calibration import collect_calibration
+from ilf_deploy.quantization.quantize import BUDGETS, LINEAR_NODE, quantize_bundle, verify_variant
 from ilf_deploy.runtime.bundle import Bundle, BundleError
 from ilf_deploy.runtime.generator import Request
-from ilf_deploy.runtime.pipeline import open_generator
 
 MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq")
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from ilf_deploy.backends.pytorch import Request, TorchGenerator, TorchSegments, profile_block_changes
 from ilf_deploy.errors import ConfigError
 from ilf_deploy.ilf import FeedbackModule
 from ilf_deploy.plan import (
@@ -18,7 +19,6 @@ from ilf_deploy.plan import (
     ilf_plan,
     resolve_plan,
 )
-from ilf_deploy.reference import Request, TorchGenerator, TorchSegments, profile_block_changes
 
 PROMPT = Request(prompt="a green square on a white background", guidance_scale=4.5, seed=3)
 

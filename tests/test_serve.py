@@ -20,10 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from ilf_deploy.backends import open_generator
 from ilf_deploy.export.build import BuildOptions, build_bundle
 from ilf_deploy.runtime.bundle import Bundle
 from ilf_deploy.runtime.generator import Request
-from ilf_deploy.runtime.pipeline import open_generator
 from ilf_deploy.serve import ServeOptions, create_app
 from ilf_deploy.serve.background import background_server
 from ilf_deploy.tiny import make_tiny_pipeline
@@ -464,10 +464,10 @@ def test_openapi_fuzz_never_gets_a_server_error(bundle, generator):
 def test_serve_command_reports_bad_input_in_one_line(bundle, tmp_path):
 
     import typer
+    from ilf_deploy.serve.commands import register
     from typer.testing import CliRunner
 
     from ilf_deploy.cli import command_for
-    from ilf_deploy.serve.commands import register
 
     app = typer.Typer()
 

@@ -2,7 +2,7 @@
 
 Skipped without an NVIDIA GPU and TensorRT (i.e. always in this project's CI, which has neither:
 NEVER RUN HERE). Run with `make gpu-check` on an H100 (or any GPU; FP8 needs compute capability
->= 8.9). Budgets: ilf_deploy.backends.tensorrt.TRT_BUDGETS (vs ONNX Runtime fp32 on CPU).
+>= 8.9). Budgets: ilf_deploy.verify.engines.TRT_BUDGETS (vs ONNX Runtime fp32 on CPU).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def _capability() -> tuple[int, int]:
 def engine_bundles(tiny_bundles, tiny_dirs, tmp_path_factory):
     """fp32 (base + int8/fp8 variants) and fp16 bundles of the tiny PixArt-α, with engines."""
     from ilf_deploy.backends.tensorrt import build_engines
-    from ilf_deploy.calibration import collect_calibration
     from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.quantize import quantize_bundle
+    from ilf_deploy.quantization.calibration import collect_calibration
+    from ilf_deploy.quantization.quantize import quantize_bundle
 
     root = tmp_path_factory.mktemp("trt")
     fp32 = shutil.copytree(tiny_bundles["pixart-alpha"], root / "fp32")
@@ -81,8 +81,8 @@ def test_engines_are_recorded_with_their_environment(engine_bundles):
     [("fp32", None), ("fp16", None), ("dit", None), ("fp32", "int8_qdq"), ("fp32", "fp8_qdq")],
 )
 def test_tensorrt_matches_onnxruntime_per_segment_and_end_to_end(engine_bundles, bundle, variant):
-    from ilf_deploy.backends.tensorrt import verify_engines
     from ilf_deploy.runtime.bundle import Bundle
+    from ilf_deploy.verify.engines import verify_engines
 
     if variant == "fp8_qdq" and _capability() < (8, 9):
         pytest.skip("FP8 needs compute capability >= 8.9 (Ada, Hopper)")
@@ -94,7 +94,7 @@ def test_tensorrt_matches_onnxruntime_per_segment_and_end_to_end(engine_bundles,
 
 
 def test_cuda_graph_replay_equals_eager(engine_bundles):
-    from ilf_deploy.backends.tensorrt import open_trt_generator
+    from ilf_deploy.backends.tensorrt import open_generator as open_trt_generator
     from ilf_deploy.runtime.bundle import Bundle
     from ilf_deploy.runtime.generator import Request
 
@@ -111,9 +111,9 @@ def test_cuda_graph_replay_equals_eager(engine_bundles):
 
 
 def test_engines_from_another_environment_are_refused(engine_bundles, tmp_path):
-    from ilf_deploy.backends.tensorrt import EngineMismatch, open_trt_generator
-    from ilf_deploy.calibration import rewrite_manifest
-    from ilf_deploy.runtime.bundle import Bundle
+    from ilf_deploy.backends.tensorrt import EngineMismatch
+    from ilf_deploy.backends.tensorrt import open_generator as open_trt_generator
+    from ilf_deploy.runtime.bundle import Bundle, rewrite_manifest
 
     path = shutil.copytree(engine_bundles["dit"], tmp_path / "moved")
 
@@ -127,11 +127,11 @@ def test_engines_from_another_environment_are_refused(engine_bundles, tmp_path):
 
 def test_bench_table(engine_bundles, capsys):
     """Prints the per-plan latency table for TensorRT (eager and CUDA graphs) and ONNX Runtime."""
-    from ilf_deploy.backends.tensorrt import open_trt_generator
+    from ilf_deploy.backends import open_generator
+    from ilf_deploy.backends.tensorrt import open_generator as open_trt_generator
     from ilf_deploy.bench import bench_plans, summary
     from ilf_deploy.runtime.bundle import Bundle
     from ilf_deploy.runtime.generator import Request
-    from ilf_deploy.runtime.pipeline import open_generator
 
     bundle = Bundle.load(engine_bundles["fp32"])
     plans = [bundle.plan(p) for p in bundle.plan_names]

@@ -107,7 +107,8 @@ def test_bundles_without_engines_say_how_to_build_them(tiny_bundles):
 def test_without_tensorrt_the_backend_says_so(tiny_bundles):
     if tensorrt_available():
         pytest.skip("TensorRT is installed here")
-    from ilf_deploy.backends.tensorrt import build_engines, open_trt_generator
+    from ilf_deploy.backends.tensorrt import build_engines
+    from ilf_deploy.backends.tensorrt import open_generator as open_trt_generator
 
     with pytest.raises(ConfigError, match="TensorRT is not installed"):
         build_engines(tiny_bundles["dit"])

@@ -21,19 +21,20 @@ graph, falling back to plain enqueue when capture fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError
-from ..runtime.bundle import Bundle, BundleError
-from ..runtime.chain import SegmentChain
+from ..runtime.bundle import Bundle, BundleError, rewrite_manifest
+from ..runtime.pipeline import BundleGenerator
+from ..runtime.runner import SegmentRunner
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -217,8 +218,6 @@ def build_engines(
         SaveEngine,
     )
 
-    from ..calibration import rewrite_manifest
-
     bundle = Bundle.load(bundle_path)
     if variant is not None:
         bundle.segment_spec("embed", variant)  # unknown variant -> error listing the variants
@@ -290,8 +289,6 @@ def build_engines(
 
 
 def remove_engines(bundle_path: str | Path, variant: str | None = None) -> None:
-    from ..calibration import rewrite_manifest
-
     key = engine_key(variant)
 
     def mutate(manifest: dict[str, Any]) -> None:
@@ -417,8 +414,10 @@ class _Graph:
         return {name: value.clone() for name, value in self.outputs.items()}
 
 
-class TrtSegments(SegmentChain):
-    """runtime.loop.Segments over TensorRT engines, with torch CUDA tensors as arrays."""
+class TrtSegments(SegmentRunner):
+    """The bundle's engines (or a variant's), with torch CUDA tensors as arrays."""
+
+    backend = "tensorrt"
 
     def __init__(
         self, bundle: Bundle, variant: str | None = None, cuda_graphs: bool = False, profile: bool = False
@@ -427,11 +426,10 @@ class TrtSegments(SegmentChain):
         import tensorrt as trt_module
         import torch
 
-        self.bundle, self.variant = bundle, variant
+        super().__init__(bundle, variant)
         self.engines_spec = engine_set(bundle.manifest, variant)
         check_engine_record(self.engines_spec, current_environment(), str(bundle.path), engine_key(variant))
-        self.init_chain(bundle)
-        self.stream = torch.cuda.Stream()  # made current by TrtGenerator for a whole generation
+        self.stream = torch.cuda.Stream()  # made current by `activate` for a whole generation
         self.memory = SharedMemory()
         self.logger = trt_module.Logger(trt_module.Logger.WARNING)
         self.runtime = trt_module.Runtime(self.logger)
@@ -444,29 +442,30 @@ class TrtSegments(SegmentChain):
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: capture failed, run eagerly
         self.graph_failures: list[str] = []
-        self.profile = profile  # per-segment times need a sync per call: off unless asked for
-        self.timings: dict[str, list[float]] = defaultdict(list)
-        self.recorder: Callable[[str, dict[str, Any]], None] | None = None
-        self._positions: dict[tuple[int, int], torch.Tensor] = {}
+        self.timed = profile  # per-segment times need a sync per call: off unless asked for
 
     def engine(self, name: str) -> TrtEngine:
         if name not in self._engines:
             raise BundleError(f"the {engine_key(self.variant)!r} engine set has no {name!r} engine")
         return self._engines[name]
 
-    def run(self, name: str, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[TrtSegments]:
+        import torch
+
+        with torch.cuda.stream(self.stream):  # not the legacy default stream (see TrtEngine)
+            yield self
+        self.stream.synchronize()  # the result is then safe on any stream
+
+    def infer_impl(self, name: str, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
         import torch
 
         engine = self.engine(name)
         tensors = {k: _as_cuda(v) for k, v in feeds.items() if k in engine.inputs}
-        if self.recorder is not None:
-            self.recorder(name, tensors)
-        start = time.perf_counter()
         stream = torch.cuda.current_stream()
         out = self._graph_call(name, engine, tensors) if self.cuda_graphs else engine(tensors, stream)
-        if self.profile:
+        if self.timed:
             torch.cuda.synchronize()
-            self.timings[name].append(time.perf_counter() - start)
         return out
 
     def _graph_call(
@@ -490,33 +489,20 @@ class TrtSegments(SegmentChain):
         captured = self._graphs[key]
         return captured(feeds) if captured is not None else engine(feeds, torch.cuda.current_stream())
 
-    # -- Segments ----------------------------------------------------------------------------------
-    def context(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return {**inputs, **self.run("context", inputs)}
+    # -- array operations on torch CUDA tensors ----------------------------------------------------
+    def array(self, value: Any) -> torch.Tensor:
+        return _as_cuda(value)
 
-    def conditioning(self, timestep: float, context: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        batch = next(iter(context.values())).shape[0]
-        feeds = {**context, "timestep": torch.full((batch,), timestep, dtype=torch.float32, device="cuda")}
-        return {**context, **self.run("time", feeds)}
-
-    def embed(self, latents: torch.Tensor) -> torch.Tensor:
-        size = (int(latents.shape[-2]), int(latents.shape[-1]))
-        if size not in self._positions:
-            self._positions[size] = _as_cuda(self.bundle.positions(*size))
-        return self.run("embed", {"latents": latents, "pos_embed": self._positions[size]})["hidden"]
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return value.float().cpu().numpy()  # .cpu() waits for the stream
 
     def zeros_like(self, array: torch.Tensor) -> torch.Tensor:
         import torch
 
         return torch.zeros_like(array)
 
-    def final(self, hidden: torch.Tensor, cond: dict[str, Any], height: int, width: int) -> torch.Tensor:
-        tokens = self.run("final", {**cond, "hidden": hidden})["tokens"]
-        p, c = self.patch_size, self.out_channels
-        x = tokens.reshape(tokens.shape[0], height // p, width // p, p, p, c)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], c, height, width)
+    def permute(self, array: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+        return array.permute(*axes)
 
     def concat(self, arrays: list[Any]) -> Any:
         import torch
@@ -532,48 +518,16 @@ def _as_cuda(value: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value)).cuda()
 
 
-def open_trt_generator(
-    bundle: Bundle, variant: str | None = None, cuda_graphs: bool = False, profile: bool = False
-) -> Any:
-    """A Generator whose every segment (text encoder and VAE included when built) runs on TensorRT."""
-    from ..runtime.pipeline import BundleGenerator
-
-    class TrtGenerator(BundleGenerator):
-        def __init__(self) -> None:
-            super().__init__(bundle, ["CPUExecutionProvider"], None, variant)  # tokenizer, facts, sizes
-            self.trt = TrtSegments(bundle, variant, cuda_graphs, profile)
-            self.segments = self.trt
-
-        def array(self, value: np.ndarray) -> Any:
-            return _as_cuda(value)
-
-        def generate_batch(self, *args: Any, **kwargs: Any) -> Any:
-            import torch
-
-            with torch.cuda.stream(self.trt.stream):  # not the legacy default stream (see TrtEngine)
-                latents = super().generate_batch(*args, **kwargs)
-            self.trt.stream.synchronize()  # the result is then safe on any stream
-            return latents
-
-        def concat(self, arrays: list[Any]) -> Any:
-            return self.trt.concat(arrays)
-
-        def encode_prompt(self, prompt: str) -> tuple[Any, Any]:
-            encoding = self.tokenizer.encode(prompt.lower().strip())
-            ids = _as_cuda(np.array([encoding.ids], dtype=np.int64))
-            mask = _as_cuda(np.array([encoding.attention_mask], dtype=np.int64))
-            embeds = self.trt.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
-            return embeds["prompt_embeds"], mask
-
-        def decode(self, latents: Any) -> np.ndarray:
-            import torch
-
-            with torch.cuda.stream(self.trt.stream):
-                images = self.trt.run("vae_decoder", {"latents": _as_cuda(latents).float()})["images"]
-                array = images.float().permute(0, 2, 3, 1).cpu().numpy()  # .cpu() waits for the stream
-            return (array * 255).round().clip(0, 255).astype(np.uint8)
-
-    return TrtGenerator()
+def open_generator(
+    bundle: Bundle,
+    variant: str | None = None,
+    device: str = "cpu",
+    cuda_graphs: bool = False,
+    profile: bool = False,
+) -> BundleGenerator:
+    """The registry's entry: every segment (text encoder and VAE included when built) on TensorRT,
+    on the current CUDA device (`device` is the torch backend's option; TensorRT ignores it)."""
+    return BundleGenerator(bundle, TrtSegments(bundle, variant, cuda_graphs, profile))
 
 
 def engine_summary(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -592,58 +546,3 @@ def engine_summary(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 def describe_profile(profile: dict[str, tuple[Shape, Shape, Shape]]) -> str:
     return "; ".join(f"{n}: {list(lo)}..{list(hi)} (opt {list(op)})" for n, (lo, op, hi) in profile.items())
-
-
-# -- verification ----------------------------------------------------------------------------------
-
-# (per segment SNR dB at least, end-to-end latents relative L2 at most) vs ONNX Runtime fp32.
-# fp32 engines may use TF32; quantized variants inherit the budgets of ilf_deploy.quantize.
-TRT_BUDGETS = {"fp32": (40.0, 1e-2), "fp16": (30.0, 5e-2), "int8-dynamic": (30.0, 0.05)}
-TRT_BUDGETS.update({"int8-qdq": (30.0, 0.05), "fp8-qdq": (25.0, 0.10)})
-
-
-def verify_engines(
-    bundle: Bundle,
-    variant: str | None = None,
-    plan: str | None = None,
-    cuda_graphs: bool = False,
-    request: Any = None,
-    progress: Callable[[str], None] | None = None,
-) -> list[Any]:
-    """TensorRT against ONNX Runtime fp32 (CPU): each engine on one held-out trajectory's recorded
-    feeds (both `t` and `t_post`), then the plan's final latents. Returns quantize.Fidelity rows."""
-    from ..calibration import TrajectoryRecorder
-    from ..quantize import VERIFY_PROMPT, Fidelity, fidelity, variant_generator
-    from ..runtime.generator import Request
-
-    mode = str(bundle.manifest["variants"][variant].get("mode")) if variant else bundle.manifest["precision"]
-    seg_snr, e2e_rel = TRT_BUDGETS.get(mode, TRT_BUDGETS["fp16"])
-    plan_name = plan or next((p for p in bundle.plan_names if p.startswith("ilf")), bundle.plan_names[0])
-    step_plan = bundle.plan(plan_name)
-    request = request or Request(prompt=VERIFY_PROMPT, class_label=3, seed=123)
-    reference = variant_generator(bundle, None)
-    recorder = TrajectoryRecorder(bundle, max_samples=2)
-    reference.segments.recorder = recorder
-    if progress:
-        progress(f"onnxruntime {plan_name}")
-    want = reference.generate_latents(step_plan, request)
-    trt_generator = open_trt_generator(bundle, variant, cuda_graphs)
-    if progress:
-        progress(f"tensorrt {plan_name}")
-    got = trt_generator.generate_latents(step_plan, request).float().cpu().numpy()
-    rows = []
-    for segment in engine_set(bundle.manifest, variant)["segments"]:
-        feeds = [s for (n, _), kept in recorder.samples.items() if n == segment for s in kept]
-        if not feeds:
-            continue
-        scores = []
-        for sample in feeds:
-            ours = trt_generator.trt.run(segment, sample)
-            theirs = reference.segments.session(segment)(sample)
-            name = next(iter(theirs))
-            scores.append(fidelity(ours[name].float().cpu().numpy(), theirs[name]))
-        snr, cosine, rel = min(s[0] for s in scores), min(s[1] for s in scores), max(s[2] for s in scores)
-        rows.append(Fidelity("segment", segment, snr, cosine, rel, len(scores), bool(snr >= seg_snr)))
-    snr, cosine, rel = fidelity(got, want)
-    rows.append(Fidelity("end-to-end", plan_name, snr, cosine, rel, 1, bool(rel <= e2e_rel)))
-    return rows

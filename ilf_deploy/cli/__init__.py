@@ -93,10 +93,10 @@ if __name__ == "__main__":
 
 
 # Each module registers its commands on import (they need `app` and `command` from above).
-from ..serve.commands import register as _register_serve  # noqa: E402
-from ..tensorrt_commands import register as _register_tensorrt  # noqa: E402
-from ..training.commands import register as _register_training  # noqa: E402
 from . import bundles, generate, plans  # noqa: E402, F401
+from .engines import register as _register_tensorrt  # noqa: E402
+from .serve import register as _register_serve  # noqa: E402
+from .training import register as _register_training  # noqa: E402
 
 _register_serve(command)
 _register_tensorrt(command)

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from ..runtime.generator import Request
 from . import command, console, out, progress
-from .generate import VARIANT_HELP, open_source
+from .generate import VARIANT_HELP, backend_help, open_source
 
 # -- bundles ---------------------------------------------------------------------------------
 
@@ -144,20 +144,36 @@ def verify(
     prompt: Annotated[str, typer.Option(help="Prompt of the recorded trajectory.")] = "a small red circle",
     class_label: Annotated[int, typer.Option(help="Class of the recorded trajectory (DiT).")] = 1,
     backend: Annotated[
-        str, typer.Option(help="onnxruntime (vs PyTorch), or tensorrt (engines vs ONNX Runtime).")
+        str,
+        typer.Option(
+            help="The engine to check against PyTorch (any bundle backend), or tensorrt (engines vs "
+            "ONNX Runtime)."
+        ),
     ] = "onnxruntime",
     variant: Annotated[str | None, typer.Option(help="With --backend tensorrt: a variant's engines.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="The model directory to check against, for a bundle built with --no-copy-model "
+            "(refused unless its config hash is the bundle's)."
+        ),
+    ] = None,
 ) -> None:
-    """Check every ONNX segment against PyTorch (random and trajectory inputs), then every plan end to end."""
+    """Check every segment against PyTorch (random and trajectory inputs), then every plan end to end,
+    at every resolution the bundle was built for."""
+    from ..backends import get_backend
     from ..runtime.bundle import Bundle
-    from ..verify import TOLERANCES, verify_bundle
+    from ..verify.bundle import TOLERANCES, verify_bundle
 
     if backend == "tensorrt":
-        from ..tensorrt_commands import verify_tensorrt
+        from .engines import verify_tensorrt
 
         return verify_tensorrt(bundle, variant, None, False, as_json)
-    if backend != "onnxruntime" or variant is not None:
-        raise ConfigError("verify checks onnxruntime (no variant) or tensorrt; for variants: verify-variant")
+    if backend == "torch" or variant is not None:
+        raise ConfigError(
+            "verify checks a bundle engine (no variant) or tensorrt; for variants: verify-variant"
+        )
+    get_backend(backend)  # an unknown name fails before the work
 
     loaded = Bundle.load(bundle)
     with progress() as bar:
@@ -166,10 +182,12 @@ def verify(
             loaded,
             Request(prompt=prompt, class_label=class_label),
             lambda what: bar.update(task, description=what),
+            model=model,
+            backend=backend,
         )
     seg_tol, e2e_tol = TOLERANCES[loaded.manifest["precision"]]
     table = Table(
-        title=f"{bundle}: ONNX Runtime vs PyTorch ({loaded.manifest['precision']}; tolerance: segments "
+        title=f"{bundle}: {backend} vs PyTorch ({loaded.manifest['precision']}; tolerance: segments "
         f"{seg_tol:g}, end-to-end {e2e_tol:g} relative L2)",
         title_justify="left",
     )
@@ -195,7 +213,7 @@ def bench(
     plans: Annotated[str | None, typer.Option(help="Comma-separated bundled plans (default: all).")] = None,
     runs: Annotated[int, typer.Option(help="Measured runs per plan (the median is reported).")] = 3,
     warmup: Annotated[int, typer.Option(help="Unmeasured runs first.")] = 1,
-    backend: Annotated[str, typer.Option(help="onnxruntime, torch or tensorrt.")] = "onnxruntime",
+    backend: Annotated[str, typer.Option(help=backend_help("onnxruntime"))] = "onnxruntime",
     variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
     prompt: Annotated[str, typer.Option(help="Prompt (PixArt).")] = "a small red circle on a blue background",
     class_label: Annotated[int, typer.Option(help="Class (DiT).")] = 1,

@@ -20,7 +20,7 @@ def open_source(source: str, backend: str | None, variant: str | None = None, de
     from ..runtime.bundle import Bundle, is_bundle
 
     if is_bundle(source):
-        from ..runtime.pipeline import open_generator
+        from ..backends import open_generator
 
         generator = open_generator(source, backend or "onnxruntime", variant=variant, device=device)
         bundle = Bundle.load(source, verify_hashes=False)  # open_generator has checked the hashes
@@ -29,18 +29,23 @@ def open_source(source: str, backend: str | None, variant: str | None = None, de
         raise ConfigError(
             f"{source} is a model, not a bundle: build one with `ilf-deploy build` for {backend}"
         )
+    from ..backends.pytorch import TorchGenerator
     from ..loading import load_model
-    from ..reference import TorchGenerator
 
     with console.status("loading model"):
         loaded = load_model(source)
     return TorchGenerator(loaded, device), loaded.resolve_plan, loaded.architecture
 
 
-BACKEND_HELP = (
-    "onnxruntime, torch or tensorrt (default: onnxruntime for bundles, torch for model directories; "
-    "tensorrt needs `ilf-deploy build-engines` and an NVIDIA GPU)."
-)
+def backend_help(default: str = "onnxruntime for bundles, torch for model directories") -> str:
+    """The registry's backends, for --backend's help (a new backend shows up by itself)."""
+    from ..backends import REGISTRY
+
+    names = ", ".join(f"{b.name} ({b.summary})" for b in REGISTRY.values())
+    return f"One of: {names}. Default: {default}."
+
+
+BACKEND_HELP = backend_help()
 DEVICE_HELP = "Where the torch backend runs: cpu, cuda, cuda:N (ONNX Runtime: CPU; TensorRT: the GPU)."
 VARIANT_HELP = "A precision variant added to the bundle after the build (e.g. quantized segments)."
 
@@ -90,8 +95,8 @@ def generate(
     if architecture != "dit" and not prompt:
         raise ConfigError("PixArt models need --prompt")
     step_plan = resolve(plan)
-    scale = guidance_scale if guidance_scale is not None else (4.0 if architecture == "dit" else 4.5)
-    request = Request(prompt, negative_prompt, class_label, scale, seed, height, width)
+    # Unset size and guidance are the generator's to decide (Generator.resolve), for every backend.
+    request = Request(prompt, negative_prompt, class_label, guidance_scale, seed, height, width)
     with progress() as bar:
         task = bar.add_task(f"{step_plan.name}", total=step_plan.num_steps)
         latents = generator.generate_latents(
@@ -99,8 +104,7 @@ def generate(
         )
     if latents_out is not None:
         # torch tensors (torch on any device, TensorRT on the GPU) come to the host first
-        host = latents.detach().float().cpu() if hasattr(latents, "cpu") else latents
-        np.save(latents_out, np.asarray(host, dtype=np.float32))
+        np.save(latents_out, generator.latents_to_numpy(latents))
         console.print(f"latents → {latents_out}")
     if image_out is not None or latents_out is None:
         image_out = image_out or Path("image.png")

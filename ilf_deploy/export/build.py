@@ -160,7 +160,7 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
     return {
         "schema_version": SCHEMA_VERSION,
         "architecture": model.architecture,
-        "config_hash": _config_hash(model),
+        "config_hash": model.config_hash,
         "model": _model_facts(model),
         "feedback": {"loop": list(loop)} if loop else None,
         "precision": options.precision,
@@ -214,13 +214,6 @@ def _cast(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
     feedback = copy.deepcopy(model.feedback).to(dtype) if model.feedback is not None else None
     adapter = make_adapter(model.architecture, transformer)
     return dataclasses.replace(model, adapter=adapter, feedback=feedback)
-
-
-def _config_hash(model: LoadedModel) -> str:
-    import hashlib
-
-    config = json.dumps(dict(model.adapter.config), sort_keys=True, default=str)
-    return hashlib.sha256(config.encode()).hexdigest()
 
 
 def _model_facts(model: LoadedModel) -> dict:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -45,6 +48,38 @@ def tool_versions() -> dict[str, str]:
 
 def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def rewrite_manifest(bundle_path: Path, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply `mutate` to the manifest, hash the files it (re)listed, write it atomically.
+
+    `mutate` lists new or rewritten files in `manifest["files"]` with an empty digest (they are
+    hashed here; the others keep theirs, so multi-GB bundles are not re-read) and removes the
+    entries of files it deleted.
+    """
+    root = Path(bundle_path)
+    path = root / MANIFEST
+    manifest = json.loads(path.read_text())
+    mutate(manifest)
+    manifest["files"] = {
+        name: digest or sha256_file(root / name) for name, digest in sorted(manifest["files"].items())
+    }
+    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass

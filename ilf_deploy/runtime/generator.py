@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -16,12 +16,22 @@ from .loop import Segments, denoise
 Array = Any  # a torch tensor or a numpy array, whichever the backend computes with
 
 
+DEFAULT_GUIDANCE = {"dit": 4.0}  # else 4.5: the diffusers pipelines' defaults (PixArt 4.5, DiT 4.0)
+
+
+def default_guidance(architecture: str) -> float:
+    return DEFAULT_GUIDANCE.get(architecture, 4.5)
+
+
 @dataclass
 class Request:
+    """One image's request. Fields left None are filled by `Generator.resolve`, in one place, from
+    the bundle (or model): every backend then sees the same resolved request."""
+
     prompt: str = ""
     negative_prompt: str = ""
     class_label: int | None = None
-    guidance_scale: float = 4.5
+    guidance_scale: float | None = None
     seed: int = 0
     height: int | None = None
     width: int | None = None
@@ -35,14 +45,19 @@ class ModelFacts:
     latent_channels: int
     patch_size: int
     vae_scale_factor: int
-    default_image_size: int
+    default_size: tuple[int, int]  # (height, width) in pixels when a request names none
     num_classes: int = 0
     uses_size_conditions: bool = False
+    resolutions: tuple[tuple[int, int], ...] = ()  # the sizes a bundle was built for; () = any
 
 
 class Generator(ABC):
+    """Request -> image on one backend. `segments` is what the loop runs; its `timings` (seconds
+    per call, by stage) feed `bench`'s per-stage table and `serve`'s stage metrics."""
+
     facts: ModelFacts
     segments: Segments
+    backend: str = ""  # the registry name it was opened with
 
     @abstractmethod
     def encode_prompt(self, prompt: str) -> tuple[Array, Array]:
@@ -59,6 +74,12 @@ class Generator(ABC):
     @abstractmethod
     def concat(self, arrays: list[Array]) -> Array: ...
 
+    def latents_to_numpy(self, latents: Array) -> np.ndarray:
+        """Final latents on the host (torch tensors, on any device, included)."""
+        if hasattr(latents, "detach"):
+            latents = latents.detach().float().cpu().numpy()
+        return np.asarray(latents, dtype=np.float32)
+
     def encode_cached(self, prompt: str) -> tuple[Array, Array]:
         """`encode_prompt` with a small cache: the empty negative prompt recurs in every request."""
         cache: dict[str, tuple[Array, Array]] = self.__dict__.setdefault("_prompt_cache", {})
@@ -68,9 +89,27 @@ class Generator(ABC):
             cache[prompt] = self.encode_prompt(prompt)
         return cache[prompt]
 
+    def resolve(self, request: Request) -> Request:
+        """The request with every default decided: size and guidance."""
+        height, width = self.facts.default_size
+        guidance = request.guidance_scale
+        return replace(
+            request,
+            height=request.height or height,
+            width=request.width or width,
+            guidance_scale=default_guidance(self.facts.architecture) if guidance is None else guidance,
+        )
+
     def latent_size(self, request: Request) -> tuple[int, int]:
-        size = self.facts.default_image_size
-        height, width = request.height or size, request.width or size
+        request = self.resolve(request)
+        height, width = request.height, request.width
+        assert height is not None and width is not None
+        sizes = self.facts.resolutions
+        if sizes and (height, width) not in sizes:
+            built = ", ".join(f"{h}x{w}" for h, w in sizes)
+            raise ConfigError(
+                f"the bundle was built for {built}, not {height}x{width}; rebuild with --resolutions"
+            )
         factor = self.facts.vae_scale_factor * self.facts.patch_size
         if height <= 0 or width <= 0 or height % factor or width % factor:
             raise ConfigError(
@@ -135,6 +174,7 @@ class Generator(ABC):
         """Several requests of one size in one batch: every segment call serves them all."""
         if not requests:
             raise ConfigError("no requests to generate")
+        requests = [self.resolve(r) for r in requests]
         shape = (1, self.facts.latent_channels, *self.latent_size(requests[0]))
         if any(self.latent_size(r) != shape[2:] for r in requests[1:]):
             raise ConfigError("a batch must share one image size")
@@ -143,10 +183,10 @@ class Generator(ABC):
         for array in latents:
             if tuple(array.shape) != shape:
                 raise ConfigError(f"latents must have shape {shape}, got {tuple(array.shape)}")
-        guided = any(r.guidance_scale > 1.0 for r in requests)
+        scales = [max(float(r.guidance_scale or 0.0), 1.0) for r in requests]
+        guided = any(scale > 1.0 for scale in scales)
         inputs = self.batch_inputs(requests, guided, shape[2:])
         x = self.array(np.concatenate([np.asarray(a, dtype=np.float32) for a in latents]))
-        scales = [max(r.guidance_scale, 1.0) for r in requests]
         # One scale for the batch when all agree (a float); else per-image scales broadcast over (C, h, w).
         guidance = (
             scales[0]

@@ -21,6 +21,7 @@ class Segments(Protocol):
     latent_channels: int
     num_blocks: int
     loop: tuple[int, int] | None  # the inner loop the feedback module was trained for, if any
+    timings: dict[str, list[float]]  # seconds per call, by stage (bench, serve metrics)
 
     def context(self, inputs: dict[str, Array]) -> Cond: ...
     def conditioning(self, timestep: float, context: Cond) -> Cond: ...

@@ -1,66 +1,56 @@
-"""Generation from a bundle, on ONNX Runtime (default) or the PyTorch reference inside the bundle.
+"""Generation from a bundle on any engine: tokenizer, text encoder, the plan loop, VAE decoder.
 
-Nothing here imports diffusers or transformers: prompts are tokenised with the `tokenizers`
-library from the bundle's tokenizer.json; the torch backend is imported only when asked for.
+Nothing here imports diffusers, transformers or an engine's SDK: prompts are tokenised with the
+`tokenizers` library from the bundle's tokenizer.json, and every segment call goes through the
+backend's `SegmentRunner` (ilf_deploy.backends picks it by name).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
-from .bundle import Bundle, BundleError
+from ..plan import StepPlan
+from .bundle import Bundle
 from .generator import Generator, ModelFacts, Request
-from .onnxruntime import OrtSegments
-
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+from .runner import SegmentRunner
 
 
 def facts_from_manifest(bundle: Bundle) -> ModelFacts:
+    """The model facts every backend opened on `bundle` shares: its first resolution is the default."""
     model = bundle.model
+    resolutions = tuple((int(h), int(w)) for h, w in bundle.manifest["resolutions"])
     return ModelFacts(
         architecture=bundle.architecture,
         latent_channels=int(model["latent_channels"]),
         patch_size=int(model["patch_size"]),
         vae_scale_factor=int(model["vae_scale_factor"]),
-        default_image_size=int(bundle.manifest["resolutions"][0][0]),
+        default_size=resolutions[0],
         num_classes=int(model.get("num_classes", 0)),
         uses_size_conditions=bool(model.get("uses_size_conditions", False)),
+        resolutions=resolutions,
     )
 
 
 class BundleGenerator(Generator):
-    """Runs a bundle's plans with ONNX Runtime: text encoder, segments, VAE decoder."""
+    """Runs a bundle's plans on one engine's segments: text encoder, segments, VAE decoder."""
 
-    def __init__(
-        self,
-        bundle: Bundle,
-        providers: list[str] | None = None,
-        threads: int | None = None,
-        variant: str | None = None,
-    ) -> None:
+    def __init__(self, bundle: Bundle, runner: SegmentRunner) -> None:
         self.bundle = bundle
         self.facts = facts_from_manifest(bundle)
-        self.segments = OrtSegments(bundle, providers, threads, variant)
+        self.segments = runner
+        self.backend = runner.backend
+        self.variant = runner.variant
         self._tokenizer = None
 
-    def latent_size(self, request: Request) -> tuple[int, int]:
-        height = request.height or self.bundle.manifest["resolutions"][0][0]
-        width = request.width or self.bundle.manifest["resolutions"][0][1]
-        if [height, width] not in self.bundle.manifest["resolutions"]:
-            sizes = ", ".join(f"{h}x{w}" for h, w in self.bundle.manifest["resolutions"])
-            raise ConfigError(
-                f"the bundle was built for {sizes}, not {height}x{width}; rebuild with --height/--width"
-            )
-        return super().latent_size(Request(height=height, width=width))
+    def array(self, value: np.ndarray) -> Any:
+        return self.segments.array(value)
 
-    def array(self, value: np.ndarray) -> np.ndarray:
-        return value
-
-    def concat(self, arrays: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(arrays)
+    def concat(self, arrays: list[Any]) -> Any:
+        return self.segments.concat(arrays)
 
     @property
     def tokenizer(self):
@@ -83,52 +73,29 @@ class BundleGenerator(Generator):
             self._tokenizer = tokenizer
         return self._tokenizer
 
-    def encode_prompt(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    def encode_prompt(self, prompt: str) -> tuple[Any, Any]:
         encoding = self.tokenizer.encode(prompt.lower().strip())  # as the PixArt pipelines preprocess
-        ids = np.array([encoding.ids], dtype=np.int64)
-        mask = np.array([encoding.attention_mask], dtype=np.int64)
-        embeds = self.segments.run("text_encoder", {"input_ids": ids, "attention_mask": mask})[
-            "prompt_embeds"
-        ]
-        return embeds, mask
+        ids = self.array(np.array([encoding.ids], dtype=np.int64))
+        mask = self.array(np.array([encoding.attention_mask], dtype=np.int64))
+        with self.segments.activate():
+            embeds = self.segments.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
+        return embeds["prompt_embeds"], mask
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        images = self.segments.run("vae_decoder", {"latents": np.asarray(latents, dtype=np.float32)})[
-            "images"
-        ]
-        return (images.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
+    def generate_batch(
+        self,
+        plan: StepPlan,
+        requests: list[Request],
+        latents: list[np.ndarray] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> Any:
+        with self.segments.activate():
+            return super().generate_batch(plan, requests, latents, on_step)
 
+    def decode(self, latents: Any) -> np.ndarray:
+        with self.segments.activate():
+            images = self.segments.run("vae_decoder", {"latents": self.array(latents)})["images"]
+            array = self.segments.to_numpy(images).astype(np.float32)
+        return (array.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
 
-def open_generator(
-    source: str | Path,
-    backend: str = "onnxruntime",
-    verify_hashes: bool = True,
-    variant: str | None = None,
-    device: str = "cpu",
-) -> Generator:
-    """A generator for a bundle (ONNX Runtime, optionally a precision variant, or its torch model).
-
-    `device` is where the torch backend runs; ONNX Runtime runs here on the CPU, TensorRT on the GPU."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if device != "cpu" and backend != "torch":
-        raise ConfigError(f"--device {device} is for the torch backend; {backend} chooses its own")
-    bundle = Bundle.load(source, verify_hashes)
-    if variant is not None:
-        bundle.segment_spec("embed", variant)  # fails early with the list of variants
-        if backend == "torch":
-            raise ConfigError(f"variant {variant!r} runs on onnxruntime or tensorrt, not torch")
-    if backend == "tensorrt":  # engines built by `ilf-deploy build-engines`; needs a GPU + TensorRT
-        from ..backends.tensorrt import open_trt_generator
-
-        return open_trt_generator(bundle, variant)
-    if backend == "onnxruntime":
-        return BundleGenerator(bundle, variant=variant)
-    if not bundle.manifest.get("torch_model"):
-        raise BundleError(
-            "this bundle was built without its torch model (--no-copy-model); use --backend onnxruntime"
-        )
-    from ..loading import load_model
-    from ..reference import TorchGenerator
-
-    return TorchGenerator(load_model(bundle.path / bundle.manifest["torch_model"]), device)
+    def latents_to_numpy(self, latents: Any) -> np.ndarray:
+        return self.segments.to_numpy(latents).astype(np.float32)

@@ -138,7 +138,7 @@ def create_app(
     options.check()
     engine_context: Callable[[], AbstractContextManager] = nullcontext
     if generator is None:
-        from ..runtime.pipeline import open_generator
+        from ..backends import open_generator
 
         generator = open_generator(bundle_path, options.backend)  # checks the files' hashes
         if options.backend == "torch":

@@ -15,12 +15,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..runtime.bundle import Bundle
-from ..runtime.generator import Request
+from ..runtime.generator import DEFAULT_GUIDANCE, Request
 
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000  # a cheap bound before tokenizing; the token limit is the real one
-DEFAULT_GUIDANCE = {"dit": 4.0}  # PixArt: 4.5, as `ilf-deploy generate`
 
 
 class ApiError(Exception):

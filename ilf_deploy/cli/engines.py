@@ -16,7 +16,7 @@ import typer
 
 
 def _ui() -> tuple[Any, Any, Callable[[], Any]]:
-    from .cli import console, out, progress  # imported late: the cli package imports this module
+    from . import console, out, progress  # imported late: the cli package imports this module
 
     return console, out, progress
 
@@ -66,8 +66,8 @@ def register(command: Callable[..., Any]) -> None:
         ] = 32,
     ) -> None:
         """Record every transformer segment's inputs along real trajectories (for int8/fp8 Q/DQ)."""
-        from .calibration import collect_calibration
-        from .errors import ConfigError
+        from ..errors import ConfigError
+        from ..quantization.calibration import collect_calibration
 
         console, _, progress = _ui()
         texts = None
@@ -111,7 +111,7 @@ def register(command: Callable[..., Any]) -> None:
         ] = "minmax",
     ) -> None:
         """Add a precision variant: the attention/FF linear layers of every block segment quantized."""
-        from .quantize import default_variant_name, quantize_bundle
+        from ..quantization.quantize import default_variant_name, quantize_bundle
 
         console, _, progress = _ui()
         with progress() as bar:
@@ -138,8 +138,8 @@ def register(command: Callable[..., Any]) -> None:
         """Per-segment SNR/cosine on a held-out trajectory and end-to-end latents vs fp32 (ORT CPU).
 
         Exits 1 when a check is beyond the mode's budget (quantize.BUDGETS)."""
-        from .quantize import BUDGETS, verify_variant
-        from .runtime.bundle import Bundle
+        from ..quantization.quantize import BUDGETS, verify_variant
+        from ..runtime.bundle import Bundle
 
         _, out, progress = _ui()
         loaded = Bundle.load(bundle)
@@ -173,7 +173,7 @@ def register(command: Callable[..., Any]) -> None:
         """Build TensorRT engines (strongly typed, one profile from the manifest) into BUNDLE/engines/.
 
         Needs an NVIDIA GPU, TensorRT 10/11 and Polygraphy (the `tensorrt` extra). Never run in CI."""
-        from .backends.tensorrt import build_engines
+        from ..backends.tensorrt import build_engines
 
         console, _, progress = _ui()
         names = [s.strip() for s in segments.split(",") if s.strip()] if segments else None
@@ -211,8 +211,8 @@ def verify_tensorrt(
     bundle: Path, variant: str | None, plan: str | None, cuda_graphs: bool, as_json: Path | None
 ) -> None:
     """`verify-engines` (and `verify --backend tensorrt`): print the table, exit 1 beyond budget."""
-    from .backends.tensorrt import TRT_BUDGETS, verify_engines
-    from .runtime.bundle import Bundle
+    from ..runtime.bundle import Bundle
+    from ..verify.engines import TRT_BUDGETS, verify_engines
 
     _, out, progress = _ui()
     loaded = Bundle.load(bundle)

@@ -23,7 +23,6 @@ segments they replace, and `manifest["files"]` is re-hashed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import re
@@ -36,11 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import load_calibration, rewrite_manifest
-from .errors import ConfigError
-from .runtime.bundle import Bundle, BundleError, tool_versions
-from .runtime.generator import Request
-from .runtime.onnxruntime import OrtSegments, OrtSession
+from ..backends.onnxruntime import EMULATED_QDQ_ORT_CONFIG, open_generator
+from ..errors import ConfigError
+from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, tool_versions
+from ..runtime.generator import Request
+from ..runtime.pipeline import BundleGenerator
+from .calibration import load_calibration
 
 MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -53,21 +53,6 @@ LINEAR_NODE = re.compile(r"/(attn\d*|ff)/")
 STATIC_EXCLUDE = re.compile(r"/attn2/to_q/")
 # Fidelity budgets per mode: (per segment SNR dB at least, end-to-end latents relative L2 at most).
 BUDGETS = {"int8-dynamic": (30.0, 0.05), "int8-qdq": (30.0, 0.05), "fp8-qdq": (25.0, 0.10)}
-# ORT session config: no QDQ fusion, so Q/DQ runs emulated (ORT CPU has no FP8 QLinearMatMul).
-EMULATED_QDQ_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
-# CPU flags with 8-bit dot products. Without them (AVX2 only, e.g. the AMD EPYC CI runs on) ORT's
-# fused int8 kernels saturate 16-bit pair sums: int8-qdq segments fell to ~29 dB SNR, so there the
-# variant runs emulated like FP8 (same Q/DQ numerics, which is what TensorRT computes).
-_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
-
-
-@functools.cache
-def cpu_has_int8_dot() -> bool:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return True  # not Linux: trust ORT's kernels
-    return any(flag in flags for flag in _INT8_DOT_FLAGS)
 
 
 def default_variant_name(mode: str) -> str:
@@ -295,52 +280,9 @@ def quantize_bundle(
 # -- running variants -----------------------------------------------------------------------------
 
 
-class VariantSegments(OrtSegments):
-    """OrtSegments that also applies a variant's `ort_session_config` (FP8 needs QDQ fusion off)."""
-
-    def session(self, name: str) -> OrtSession:
-        if name not in self._sessions:
-            config = {}
-            if (
-                self.variant is not None
-                and name in self.bundle.manifest["variants"][self.variant]["segments"]
-            ):
-                entry = self.bundle.manifest["variants"][self.variant]
-                config = entry.get("ort_session_config") or {}
-                if entry["mode"] == "int8-qdq" and not cpu_has_int8_dot():
-                    config = {**config, **EMULATED_QDQ_ORT_CONFIG}
-            self._sessions[name] = _session(self.bundle.segment_path(name, self.variant), self, config)
-        return self._sessions[name]
-
-
-def _session(path: Path, segments: OrtSegments, config: dict[str, str]) -> OrtSession:
-    if not config:
-        return OrtSession(path, segments.providers, segments.threads)
-    import onnxruntime as ort
-
-    session = OrtSession.__new__(OrtSession)  # OrtSession's own __init__ takes no session config
-    options = ort.SessionOptions()
-    if segments.threads:
-        options.intra_op_num_threads = segments.threads
-    for key, value in config.items():
-        options.add_session_config_entry(key, value)
-    session.path = Path(path)
-    session.session = ort.InferenceSession(str(path), options, providers=segments.providers)
-    session.inputs = {
-        i.name: {"tensor(float16)": np.float16, "tensor(int64)": np.int64}.get(i.type, np.float32)
-        for i in session.session.get_inputs()
-    }
-    session.outputs = [o.name for o in session.session.get_outputs()]
-    return session
-
-
-def variant_generator(bundle: Bundle, variant: str | None, threads: int | None = None) -> Any:
-    """A BundleGenerator on ORT CPU whose segments honour the variant's session config."""
-    from .runtime.pipeline import BundleGenerator
-
-    generator = BundleGenerator(bundle, ["CPUExecutionProvider"], threads, variant)
-    generator.segments = VariantSegments(bundle, ["CPUExecutionProvider"], threads, variant)
-    return generator
+def variant_generator(bundle: Bundle, variant: str | None, threads: int | None = None) -> BundleGenerator:
+    """The bundle (or a variant) on ONNX Runtime's CPU provider: what fidelity is measured on."""
+    return open_generator(bundle, variant, threads=threads, providers=["CPUExecutionProvider"])
 
 
 # -- fidelity --------------------------------------------------------------------------------------
@@ -410,7 +352,7 @@ def verify_variant(
             progress(f"segment {segment}")
         scores = []
         for sample in feeds:
-            a, b = quant.segments.session(segment)(sample), base.segments.session(segment)(sample)
+            a, b = quant.segments.run(segment, sample), base.segments.run(segment, sample)
             scores.append(fidelity(a[next(iter(a))], b[next(iter(b))]))
         snr, cosine, rel = (min(s[0] for s in scores), min(s[1] for s in scores), max(s[2] for s in scores))
         results.append(Fidelity("segment", segment, snr, cosine, rel, len(scores), bool(snr >= seg_snr)))

@@ -1,20 +1,26 @@
-"""The PyTorch reference runner: executes any step plan with an adapter + ILF module.
+"""The PyTorch backend, and the reference runner: executes any step plan with an adapter + ILF module.
 
 Every other backend is checked against this one, and this one is checked against diffusers'
-own pipelines (tests/test_pipeline_parity.py).
+own pipelines (tests/test_pipeline_parity.py). It runs a model directory, or the model a bundle
+carries (or the one `verify --model` names) with the bundle's request defaults.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from .adapters import Adapter, Cond
-from .errors import ConfigError
-from .ilf import FeedbackModule, inner_loop, run_blocks
-from .loading import LoadedModel, torch_device
-from .plan import StepPlan
-from .runtime.generator import Generator, ModelFacts, Request
+from ..adapters import Adapter, Cond
+from ..errors import ConfigError
+from ..ilf import FeedbackModule, inner_loop, run_blocks
+from ..loading import LoadedModel, load_model, torch_device
+from ..plan import StepPlan
+from ..runtime.bundle import Bundle, BundleError
+from ..runtime.generator import Generator, ModelFacts, Request
+from ..runtime.pipeline import facts_from_manifest
+from ..runtime.runner import Timings
 
 
 class TorchSegments:
@@ -30,27 +36,35 @@ class TorchSegments:
         self.num_blocks = adapter.num_blocks
         self.loop = feedback.loop if feedback is not None else None
         self.dtype = next(adapter.transformer.parameters()).dtype
+        # Stage times as the bundle backends name them. On CUDA they are launch times (no sync).
+        self.timings = Timings()
 
     def context(self, inputs: dict[str, torch.Tensor]) -> Cond:
-        return self.adapter.context(inputs)
+        with self.timings.measure("context"):
+            return self.adapter.context(inputs)
 
     def conditioning(self, timestep: float, context: Cond) -> Cond:
-        return self.adapter.conditioning(
-            torch.tensor([timestep], dtype=torch.float32, device=self.device), context
-        )
+        with self.timings.measure("time"):
+            return self.adapter.conditioning(
+                torch.tensor([timestep], dtype=torch.float32, device=self.device), context
+            )
 
     def embed(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.adapter.embed(latents)
+        with self.timings.measure("embed"):
+            return self.adapter.embed(latents)
 
     def blocks(self, start: int, end: int, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return run_blocks(self.adapter, start, end, hidden, cond)
+        with self.timings.measure(f"blocks_{start:02d}_{end:02d}"):
+            return run_blocks(self.adapter, start, end, hidden, cond)
 
     def inner_loop(self, hidden: torch.Tensor, cond: Cond, cond_post: Cond) -> torch.Tensor:
         assert self.feedback is not None  # check_plan refuses feedback plans without a module
-        return inner_loop(self.adapter, self.feedback, hidden, cond, cond_post)
+        with self.timings.measure("inner loop + feedback"):
+            return inner_loop(self.adapter, self.feedback, hidden, cond, cond_post)
 
     def final(self, hidden: torch.Tensor, cond: Cond, height: int, width: int) -> torch.Tensor:
-        return self.adapter.final(hidden, cond, height, width)
+        with self.timings.measure("final"):
+            return self.adapter.final(hidden, cond, height, width)
 
     def concat(self, arrays: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(arrays)
@@ -60,19 +74,25 @@ class TorchGenerator(Generator):
     """Prompt -> conditioning -> plan -> latents -> image, all in PyTorch, on `device` (cpu, cuda...).
 
     Moves `model` to `device`. The initial noise is drawn with numpy on the host, so every device
-    starts from the same latents."""
+    starts from the same latents. `facts` (from a bundle's manifest) replace the model's own, so a
+    bundle's torch model resolves a request exactly as the bundle's engines do."""
 
-    def __init__(self, model: LoadedModel, device: str | torch.device = "cpu") -> None:
+    backend = "torch"
+
+    def __init__(
+        self, model: LoadedModel, device: str | torch.device = "cpu", facts: ModelFacts | None = None
+    ) -> None:
         self.device = torch_device(device)
         self.model = model.to(self.device)
         self.segments = TorchSegments(model.adapter, model.feedback, self.device)
         adapter = model.adapter
-        self.facts = ModelFacts(
+        size = model.default_image_size
+        self.facts = facts or ModelFacts(
             architecture=model.architecture,
             latent_channels=adapter.latent_channels,
             patch_size=adapter.patch_size,
             vae_scale_factor=model.vae_scale_factor,
-            default_image_size=model.default_image_size,
+            default_size=(size, size),
             num_classes=getattr(adapter, "num_classes", 0),
             uses_size_conditions=getattr(adapter, "uses_size_conditions", False),
         )
@@ -101,7 +121,8 @@ class TorchGenerator(Generator):
             return_tensors="pt",
         )
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        embeds = self.model.text_encoder(ids, attention_mask=mask)[0]
+        with self.segments.timings.measure("text_encoder"):
+            embeds = self.model.text_encoder(ids, attention_mask=mask)[0]
         return embeds.to(self.segments.dtype), mask
 
     @torch.no_grad()
@@ -116,9 +137,39 @@ class TorchGenerator(Generator):
             raise ConfigError(f"{self.model.source} has no VAE; pass a pipeline directory")
         vae = self.model.vae
         latents = torch.as_tensor(latents).to(device=self.device, dtype=vae.dtype)
-        images = vae.decode(latents / vae.config.scaling_factor).sample
+        with self.segments.timings.measure("vae_decoder"):
+            images = vae.decode(latents / vae.config.scaling_factor).sample
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (images * 255).round().astype(np.uint8)
+
+
+def bundle_model(bundle: Bundle, model: str | Path | None = None) -> LoadedModel:
+    """The PyTorch model of a bundle: the copy inside it, or `model` (a directory) when given; a
+    model whose config hash differs from the manifest's is refused."""
+    if model is None:
+        if not bundle.manifest.get("torch_model"):
+            raise BundleError(
+                "this bundle was built without its torch model (--no-copy-model); "
+                "pass the model directory with --model"
+            )
+        return load_model(bundle.path / bundle.manifest["torch_model"])
+    loaded = load_model(model)
+    want, got = bundle.manifest.get("config_hash"), loaded.config_hash
+    if want != got:
+        raise BundleError(
+            f"{model} is not the model this bundle was built from (config hash {got[:12]}, "
+            f"the bundle's {str(want)[:12]})"
+        )
+    return loaded
+
+
+def open_generator(
+    bundle: Bundle, variant: str | None = None, device: str = "cpu", model: str | Path | None = None
+) -> TorchGenerator:
+    """The registry's entry: the bundle's torch model (or `model`), with the bundle's defaults."""
+    if variant is not None:
+        raise ConfigError(f"variant {variant!r} runs on a bundle engine (e.g. onnxruntime), not torch")
+    return TorchGenerator(bundle_model(bundle, model), device, facts_from_manifest(bundle))
 
 
 def profile_block_changes(generator: TorchGenerator, plan: StepPlan, requests: list[Request]) -> np.ndarray:

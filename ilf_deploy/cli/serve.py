@@ -1,4 +1,4 @@
-"""`ilf-deploy serve`: registered on the CLI by `register(command)` (see ilf_deploy/cli.py)."""
+"""`ilf-deploy serve`: registered on the CLI by `register(command)` (see ilf_deploy/cli/__init__.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from .generate import backend_help
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -18,7 +20,7 @@ def register(command) -> None:
         bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `ilf-deploy build`).")],
         host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-        backend: Annotated[str, typer.Option(help="onnxruntime or torch.")] = "onnxruntime",
+        backend: Annotated[str, typer.Option(help=backend_help("onnxruntime"))] = "onnxruntime",
         max_batch: Annotated[
             int | None, typer.Option(help="Images per engine call (default: the bundle's, at least 8).")
         ] = None,
@@ -39,7 +41,7 @@ def register(command) -> None:
         try:
             import uvicorn
 
-            from .app import ServeOptions, create_app
+            from ..serve.app import ServeOptions, create_app
         except ImportError as exc:  # the serve extra is optional
             raise ConfigError(f"serving needs {exc.name}: pip install 'ilf-deploy[serve]'") from None
 

@@ -1,18 +1,35 @@
-"""The ONNX Runtime backend: a bundle's segments as `Segments` over numpy arrays."""
+"""The ONNX Runtime backend: one InferenceSession per bundle segment, numpy arrays."""
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from collections.abc import Callable
+import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
-from .chain import SegmentChain
+from ..errors import ConfigError
+from ..runtime.bundle import Bundle, BundleError
+from ..runtime.pipeline import BundleGenerator
+from ..runtime.runner import SegmentRunner
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+# ORT session config: no QDQ fusion, so Q/DQ runs emulated (ORT CPU has no FP8 QLinearMatMul).
+EMULATED_QDQ_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
+# CPU flags with 8-bit dot products. Without them (AVX2 only, e.g. the AMD EPYC CI runs on) ORT's
+# fused int8 kernels saturate 16-bit pair sums: int8-qdq segments fell to ~29 dB SNR, so there the
+# variant runs emulated like FP8 (same Q/DQ numerics, which is what TensorRT computes).
+_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+
+
+@functools.cache
+def cpu_has_int8_dot() -> bool:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True  # not Linux: trust ORT's kernels
+    return any(flag in flags for flag in _INT8_DOT_FLAGS)
 
 
 def available_providers() -> list[str]:
@@ -63,8 +80,10 @@ class OrtSession:
         return dict(zip(self.outputs, self.session.run(self.outputs, cast), strict=True))
 
 
-class OrtSegments(SegmentChain):
-    """Implements runtime.loop.Segments with one ONNX Runtime session per bundle segment."""
+class OrtSegments(SegmentRunner):
+    """The bundle's segments (or a precision variant's) as ONNX Runtime sessions, opened lazily."""
+
+    backend = "onnxruntime"
 
     def __init__(
         self,
@@ -73,54 +92,46 @@ class OrtSegments(SegmentChain):
         threads: int | None = None,
         variant: str | None = None,
     ) -> None:
-        self.bundle = bundle
-        self.variant = variant
+        super().__init__(bundle, variant)
         self.providers = providers or default_providers()
         self.threads = threads
-        self.init_chain(bundle)
         self._sessions: dict[str, OrtSession] = {}
-        self.timings: dict[str, list[float]] = defaultdict(list)  # seconds per call, by segment
-        self.recorder: Callable[[str, dict[str, np.ndarray]], None] | None = None  # sees every call's feeds
+
+    def session_config(self, name: str) -> dict[str, str]:
+        """A variant's session config for the segments it replaced (FP8: QDQ fusion off; int8-qdq
+        on a CPU without int8 dot products: the same, emulated)."""
+        entry = self.bundle.manifest.get("variants", {}).get(self.variant or "", {})
+        if name not in entry.get("segments", {}):
+            return {}
+        config = dict(entry.get("ort_session_config") or {})
+        if entry.get("mode") == "int8-qdq" and not cpu_has_int8_dot():
+            config.update(EMULATED_QDQ_ORT_CONFIG)
+        return config
 
     def session(self, name: str) -> OrtSession:
         if name not in self._sessions:
             path = self.bundle.segment_path(name, self.variant)
-            variant = self.bundle.manifest.get("variants", {}).get(self.variant or "", {})
-            config = variant.get("ort_session_config") if name in variant.get("segments", {}) else None
-            self._sessions[name] = OrtSession(path, self.providers, self.threads, config)
+            self._sessions[name] = OrtSession(path, self.providers, self.threads, self.session_config(name))
         return self._sessions[name]
 
-    def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self.session(name)
-        if self.recorder is not None:
-            self.recorder(name, feeds)
-        start = time.perf_counter()
-        out = session(feeds)
-        self.timings[name].append(time.perf_counter() - start)
-        return out
+    def infer_impl(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.session(name)(feeds)
 
-    # -- Segments ------------------------------------------------------------------------------
-    def context(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Inputs stay visible: the time segment reads the size conditions from them.
-        return {**inputs, **self.run("context", inputs)}
+    def array(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
 
-    def conditioning(self, timestep: float, context: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = next(iter(context.values())).shape[0]
-        feeds = {**context, "timestep": np.full((batch,), timestep, dtype=np.float32)}
-        return {**context, **self.run("time", feeds)}
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
 
-    def embed(self, latents: np.ndarray) -> np.ndarray:
-        positions = self.bundle.positions(latents.shape[-2], latents.shape[-1])
-        return self.run("embed", {"latents": latents, "pos_embed": positions})["hidden"]
 
-    def zeros_like(self, array: np.ndarray) -> np.ndarray:
-        return np.zeros_like(array)
-
-    def final(self, hidden: np.ndarray, cond, height: int, width: int) -> np.ndarray:
-        tokens = self.run("final", {**cond, "hidden": hidden})["tokens"]
-        p, c = self.patch_size, self.out_channels
-        x = tokens.reshape(tokens.shape[0], height // p, width // p, p, p, c)
-        return x.transpose(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], c, height, width)
-
-    def concat(self, arrays: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(arrays)
+def open_generator(
+    bundle: Bundle,
+    variant: str | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    providers: list[str] | None = None,
+) -> BundleGenerator:
+    """The registry's entry: ONNX Runtime picks its own execution provider (CUDA when built in)."""
+    if device != "cpu":
+        raise ConfigError(f"--device {device} is for the torch backend; onnxruntime chooses its own")
+    return BundleGenerator(bundle, OrtSegments(bundle, providers, threads, variant))

@@ -9,13 +9,14 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError
-from .recipe import RECIPE
+from ..training.recipe import RECIPE
+from .generate import backend_help
 
 DEFAULT_EVAL_PLANS = "base-20,base-12,base-10,cache-20,ilf-10,ilf-12"
 
 
 def register(command) -> None:
-    from ..cli import console, out, progress
+    from . import console, out, progress
 
     @command("train-feedback")
     def train_feedback_command(
@@ -52,7 +53,7 @@ def register(command) -> None:
 
         from ..loading import load_model
         from ..plan import default_loop, parse_range
-        from .feedback import FeedbackTrainConfig, default_out_dir, summary, train_feedback
+        from ..training.feedback import FeedbackTrainConfig, default_out_dir, summary, train_feedback
 
         with console.status("loading model"):
             loaded = load_model(model, with_feedback=False)  # MODEL/feedback may be our own checkpoint
@@ -107,7 +108,7 @@ def register(command) -> None:
         """
         from dataclasses import replace
 
-        from . import base
+        from ..training import base
 
         stages = ("vae", "latents", "transformer", "save")
         if stage not in (*stages, "all"):
@@ -165,8 +166,11 @@ def register(command) -> None:
             str | None, typer.Option(help="A bundle's precision variant (e.g. int8_dynamic) to run.")
         ] = None,
         device: Annotated[
-            str, typer.Option(help="cpu, cuda, cuda:N: where a model directory runs (bundles: ORT on CPU).")
+            str, typer.Option(help="cpu, cuda, cuda:N: where the torch backend runs (a model directory).")
         ] = "cpu",
+        backend: Annotated[
+            str, typer.Option(help=backend_help("onnxruntime for bundles, torch for model directories"))
+        ] = "onnxruntime",
     ) -> None:
         """Prompt adherence (attribute classifier), Fréchet distance and fidelity of each plan."""
         from ..evaluation import bundle_backend, evaluate, format_table, save_grid, save_json, torch_backend
@@ -177,17 +181,21 @@ def register(command) -> None:
             raise ConfigError("no plans to evaluate")
         with console.status("loading model"):
             if is_bundle(model):
-                backend = bundle_backend(model, guidance_scale, variant=variant, device=device)
+                runner = bundle_backend(
+                    model, guidance_scale, variant=variant, device=device, backend=backend
+                )
             elif variant is not None:
                 raise ConfigError("--variant needs a bundle (ilf-deploy build, then quantize)")
+            elif backend not in ("onnxruntime", "torch"):
+                raise ConfigError(f"{model} is a model, not a bundle: build one with `ilf-deploy build`")
             else:
-                backend = torch_backend(model, guidance_scale, device=device)
+                runner = torch_backend(model, guidance_scale, device=device)
         with progress() as bar:
             task = bar.add_task(
                 "eval", total=n * len(dict.fromkeys([reference, paired_with or reference, *names]))
             )
             report = evaluate(
-                backend,
+                runner,
                 names,
                 n=n,
                 reference=reference,

@@ -1,7 +1,7 @@
 """Calibration data: every transformer segment's inputs along real step-plan trajectories.
 
 `collect_calibration` runs a bundle plan on ONNX Runtime (fp32, the bundle's own segments) for a
-list of prompts (or DiT class labels) and records, through `OrtSegments.recorder`, the feeds of
+list of prompts (or DiT class labels) and records, through the segment runner's `recorder`, the feeds of
 every call of the embed / time / block / feedback / final segments: all steps, and both `t` and
 `t_post` conditioning where the plan has a `t_post` (each sample is tagged with the timestep its
 conditioning was computed for). The samples go into the bundle as `calibration/<segment>.npz`
@@ -10,7 +10,6 @@ conditioning was computed for). The samples go into the bundle as `calibration/<
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -19,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
-from .runtime.bundle import MANIFEST, Bundle, BundleError, sha256_file
-from .runtime.generator import Request
+from ..backends.onnxruntime import open_generator
+from ..errors import ConfigError
+from ..runtime.bundle import Bundle, BundleError, rewrite_manifest
+from ..runtime.generator import Request
 
 CALIBRATION_DIR = "calibration"
 # Short, varied prompts in the PixArt style: the activations' range depends on the text conditioning.
@@ -38,38 +38,6 @@ DEFAULT_PROMPTS = (
 DEFAULT_CLASS_LABELS = (1, 207, 360, 387, 974, 88, 979, 417)  # DiT (ImageNet ids, clipped to the model)
 SKIP = ("text_encoder", "vae_decoder", "context")  # never quantized: no calibration needed
 DEFAULT_MAX_SAMPLES = 32  # per segment and conditioning kind (t, t_post): a uniform sample of the calls
-
-
-def rewrite_manifest(bundle_path: Path, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Apply `mutate` to the manifest, hash the files it (re)listed, write it atomically.
-
-    `mutate` lists new or rewritten files in `manifest["files"]` with an empty digest (they are
-    hashed here; the others keep theirs, so multi-GB bundles are not re-read) and removes the
-    entries of files it deleted.
-    """
-    root = Path(bundle_path)
-    path = root / MANIFEST
-    manifest = json.loads(path.read_text())
-    mutate(manifest)
-    manifest["files"] = {
-        name: digest or sha256_file(root / name) for name, digest in sorted(manifest["files"].items())
-    }
-    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class TrajectoryRecorder:
@@ -178,7 +146,6 @@ def collect_calibration(
     The default plan is the bundle's first ILF plan (it exercises both `t` and `t_post`), else its
     first plan. Runs on the fp32 base segments whatever variants the bundle has.
     """
-    from .runtime.pipeline import BundleGenerator
 
     bundle = Bundle.load(bundle_path)
     plan_name = plan or next((p for p in bundle.plan_names if p.startswith("ilf")), bundle.plan_names[0])
@@ -195,7 +162,7 @@ def collect_calibration(
             raise ConfigError("calibration prompts must be non-empty")
         requests = [Request(prompt=t, seed=i, guidance_scale=guidance_scale) for i, t in enumerate(texts)]
 
-    generator = BundleGenerator(bundle)
+    generator = open_generator(bundle)
     segments = generator.segments
     recorder = TrajectoryRecorder(bundle, max_samples)
     time_outputs = [o["name"] for o in bundle.manifest["segments"]["time"]["outputs"]]

@@ -1,0 +1,166 @@
+"""The contract of every engine backend: a bundle's segments, run by name.
+
+Modelled on Polygraphy's runners (polygraphy/backend/base/runner.py): `run` checks a call's feeds
+against the segment's declared inputs, shows them to a recorder, times the call and hands it to the
+backend's `infer_impl`; activation is a context manager. A backend also supplies its array type's
+few operations (numpy for ONNX Runtime and OpenVINO, torch CUDA tensors for TensorRT).
+
+On top of `run`, this class is the denoising loop's `Segments`: conditioning, embedding, block
+ranges over the bundle's block segments, the ILF inner loop (eqs. 2–3) and the final layer. A new
+engine implements `infer_impl` and the array operations, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from .bundle import Bundle, BundleError
+
+Array = Any  # the backend's array type
+Feeds = dict[str, Array]
+Recorder = Callable[[str, Feeds], None]
+
+
+class Timings(defaultdict[str, list[float]]):
+    """Seconds per call, by stage name; `bench` and `serve` read them for every backend."""
+
+    def __init__(self) -> None:
+        super().__init__(list)
+
+    @contextlib.contextmanager
+    def measure(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name].append(time.perf_counter() - start)
+
+
+class SegmentRunner(ABC):
+    """A bundle's segments (optionally a precision variant's) on one engine."""
+
+    backend = ""  # the registry name, e.g. "onnxruntime"
+    timed = True  # False where a per-call time would need a device sync (TensorRT without profiling)
+
+    def __init__(self, bundle: Bundle, variant: str | None = None) -> None:
+        if variant is not None:
+            bundle.segment_spec("embed", variant)  # an unknown variant fails here, listing the known ones
+        self.bundle, self.variant = bundle, variant
+        model = bundle.model
+        self.latent_channels = int(model["latent_channels"])
+        self.num_blocks = int(model["num_blocks"])
+        self.patch_size = int(model["patch_size"])
+        self.out_channels = int(model["out_channels"])
+        self.loop = bundle.loop
+        # (start, end, name, takes feed) for every block segment, in order
+        self.block_segments = sorted(
+            (spec["blocks"][0], spec["blocks"][1], name, "feed" in [i["name"] for i in spec["inputs"]])
+            for name, spec in bundle.manifest["segments"].items()
+            if spec.get("blocks")
+        )
+        self.timings = Timings()
+        self.recorder: Recorder | None = None  # sees every call's feeds (verify, calibration)
+        self._input_names: dict[str, list[str]] = {}
+        self._positions: dict[tuple[int, int], Array] = {}
+
+    # -- what a backend implements ------------------------------------------------------------
+    @abstractmethod
+    def infer_impl(self, name: str, feeds: Feeds) -> Feeds:
+        """Run segment `name` on exactly its declared inputs; outputs by name."""
+
+    @abstractmethod
+    def array(self, value: Any) -> Array:
+        """A numpy array (or an array of this backend) as this backend's array."""
+
+    @abstractmethod
+    def to_numpy(self, value: Array) -> np.ndarray:
+        """This backend's array on the host, as numpy."""
+
+    def concat(self, arrays: list[Array]) -> Array:
+        return np.concatenate(arrays)
+
+    def zeros_like(self, array: Array) -> Array:
+        return np.zeros_like(array)
+
+    def permute(self, array: Array, axes: tuple[int, ...]) -> Array:
+        return array.transpose(axes)
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[SegmentRunner]:
+        """The scope of one generation (TensorRT: its CUDA stream, synchronised at the end)."""
+        yield self
+
+    # -- the contract's common part -----------------------------------------------------------
+    def input_names(self, name: str) -> list[str]:
+        if name not in self._input_names:
+            spec = self.bundle.segment_spec(name, self.variant)
+            self._input_names[name] = [i["name"] for i in spec["inputs"]]
+        return self._input_names[name]
+
+    def run(self, name: str, feeds: Feeds) -> Feeds:
+        """Segment `name` on the feeds it declares (others, e.g. the rest of a conditioning dict,
+        are ignored); a missing input is an error that names it."""
+        names = self.input_names(name)
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise BundleError(f"segment {name} needs inputs {missing} the runtime did not give")
+        selected = {n: feeds[n] for n in names}
+        if self.recorder is not None:
+            self.recorder(name, selected)
+        if not self.timed:
+            return self.infer_impl(name, selected)
+        with self.timings.measure(name):
+            return self.infer_impl(name, selected)
+
+    # -- runtime.loop.Segments ----------------------------------------------------------------
+    def context(self, inputs: Feeds) -> Feeds:
+        # Inputs stay visible: the time segment reads the size conditions from them.
+        return {**inputs, **self.run("context", inputs)}
+
+    def conditioning(self, timestep: float, context: Feeds) -> Feeds:
+        batch = next(iter(context.values())).shape[0]
+        feeds = {**context, "timestep": self.array(np.full((batch,), timestep, dtype=np.float32))}
+        return {**context, **self.run("time", feeds)}
+
+    def embed(self, latents: Array) -> Array:
+        size = (int(latents.shape[-2]), int(latents.shape[-1]))
+        if size not in self._positions:
+            self._positions[size] = self.array(self.bundle.positions(*size))
+        return self.run("embed", {"latents": latents, "pos_embed": self._positions[size]})["hidden"]
+
+    def blocks(self, start: int, end: int, hidden: Array, cond: Feeds, feed: Array = None) -> Array:
+        """Blocks start..end through the segments that cover them; inside the loop, `feed` is added
+        before every block (eqs. 2–3) and zero on the first pass."""
+        position = start
+        for first, last, name, feedable in self.block_segments:
+            if first < start or last > end:
+                continue
+            if first != position:
+                break
+            feeds = {**cond, "hidden": hidden}
+            if feedable:
+                feeds["feed"] = feed if feed is not None else self.zeros_like(hidden)
+            hidden = self.run(name, feeds)["hidden_out"]
+            position = last + 1
+        if position != end + 1:
+            raise ConfigError(f"the bundle has no segments covering blocks {start}-{end} exactly")
+        return hidden
+
+    def inner_loop(self, hidden: Array, cond: Feeds, cond_post: Feeds) -> Array:
+        start, end = self.loop  # type: ignore[misc]  # check_plan guarantees a loop
+        f_feed = self.run("feedback", {**cond, "hidden": self.blocks(start, end, hidden, cond)})["feed"]
+        return self.blocks(start, end, hidden, cond_post, feed=f_feed)
+
+    def final(self, hidden: Array, cond: Feeds, height: int, width: int) -> Array:
+        tokens = self.run("final", {**cond, "hidden": hidden})["tokens"]
+        p, c = self.patch_size, self.out_channels
+        x = tokens.reshape(tokens.shape[0], height // p, width // p, p, p, c)
+        return self.permute(x, (0, 5, 1, 3, 2, 4)).reshape(tokens.shape[0], c, height, width)
