@@ -21,8 +21,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check ilf_deploy tests experiments
-	$(BIN)/ruff format --check ilf_deploy tests experiments
+	$(BIN)/ruff check ilf_deploy tests experiments benchmarks
+	$(BIN)/ruff format --check ilf_deploy tests experiments benchmarks
+	# the layer contracts in pyproject.toml: no upward import, no import circle
+	$(BIN)/lint-imports
 
 PROMPT ?= a small red circle on a blue background
 
