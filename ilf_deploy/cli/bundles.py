@@ -191,12 +191,11 @@ def verify(
         f"{seg_tol:g}, end-to-end {e2e_tol:g} relative L2)",
         title_justify="left",
     )
-    for column in ("check", "name", "rel L2", "max abs", "ok"):
+    for column in ("check", "name", "size", "rel L2", "max abs", "ok"):
         table.add_column(column)
     for c in checks:
-        table.add_row(
-            c.kind, c.name, f"{c.rel_l2:.2e}", f"{c.max_abs:.2e}", "ok" if c.ok else "[red]FAIL[/red]"
-        )
+        ok = "ok" if c.ok else "[red]FAIL[/red]"
+        table.add_row(c.kind, c.name, c.size, f"{c.rel_l2:.2e}", f"{c.max_abs:.2e}", ok)
     out.print(table)
     if as_json is not None:
         as_json.write_text(json.dumps([c.to_dict() for c in checks], indent=2) + "\n")

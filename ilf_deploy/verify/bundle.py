@@ -35,6 +35,7 @@ class Check:
     rel_l2: float
     max_abs: float
     tolerance: float
+    size: str = ""  # the resolution checked, HxW
 
     @property
     def ok(self) -> bool:
@@ -101,7 +102,7 @@ def verify_bundle(
             if progress:
                 progress(f"segment {name} ({size})")
             checks.append(
-                _check_segment(f"segment (random, {size})", specs[name], generator, random_inputs, seg_tol)
+                _check_segment("segment (random)", specs[name], generator, random_inputs, seg_tol, size)
             )
         recorder = _Recorder(generator.segments.to_numpy)
         generator.segments.recorder = recorder
@@ -112,16 +113,18 @@ def verify_bundle(
             got = generator.latents_to_numpy(generator.generate_latents(plan, sized))
             generator.decode(got)  # so the VAE decoder is checked on real latents too
             want = reference.latents_to_numpy(reference.generate_latents(plan, sized))
-            checks.append(compare(f"end-to-end ({size})", plan_name, got, want, e2e_tol))
+            checks.append(replace(compare("end-to-end", plan_name, got, want, e2e_tol), size=size))
         generator.segments.recorder = None
         for name, feeds in recorder.feeds.items():
             checks.append(
-                _check_segment(f"segment (trajectory, {size})", specs[name], generator, feeds, seg_tol)
+                _check_segment("segment (trajectory)", specs[name], generator, feeds, seg_tol, size)
             )
     return checks
 
 
-def _check_segment(kind, spec, generator: Generator, values: dict[str, np.ndarray], tolerance) -> Check:
+def _check_segment(
+    kind, spec, generator: Generator, values: dict[str, np.ndarray], tolerance: float, size: str
+) -> Check:
     runner = generator.segments
     feeds = {n: values[n] for n in spec.inputs}
     got = runner.run(spec.name, {n: runner.array(v) for n, v in feeds.items()})
@@ -133,6 +136,7 @@ def _check_segment(kind, spec, generator: Generator, values: dict[str, np.ndarra
     worst = None
     for out_name, tensor in zip(spec.outputs, want, strict=True):
         check = compare(kind, spec.name, runner.to_numpy(got[out_name]), tensor.float().numpy(), tolerance)
+        check.size = size
         worst = check if worst is None or check.rel_l2 > worst.rel_l2 else worst
     assert worst is not None
     return worst
