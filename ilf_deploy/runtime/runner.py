@@ -53,6 +53,9 @@ class SegmentRunner(ABC):
     def __init__(self, bundle: Bundle, variant: str | None = None) -> None:
         if variant is not None:
             bundle.segment_spec("embed", variant)  # an unknown variant fails here, listing the known ones
+            engine = bundle.manifest["variants"][variant].get("engine")  # e.g. int8-ov: OpenVINO IR
+            if engine and engine != self.backend:
+                raise ConfigError(f"variant {variant!r} runs on --backend {engine}, not {self.backend}")
         self.bundle, self.variant = bundle, variant
         model = bundle.model
         self.latent_channels = int(model["latent_channels"])
@@ -112,9 +115,9 @@ class SegmentRunner(ABC):
         missing = [n for n in names if n not in feeds]
         if missing:
             raise BundleError(f"segment {name} needs inputs {missing} the runtime did not give")
+        if self.recorder is not None:  # all of them: a reference may take inputs the graph dropped
+            self.recorder(name, feeds)
         selected = {n: feeds[n] for n in names}
-        if self.recorder is not None:
-            self.recorder(name, selected)
         if not self.timed:
             return self.infer_impl(name, selected)
         with self.timings.measure(name):
