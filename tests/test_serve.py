@@ -462,12 +462,11 @@ def test_openapi_fuzz_never_gets_a_server_error(bundle, generator):
 
 # -- the CLI command -----------------------------------------------------------------------------------
 def test_serve_command_reports_bad_input_in_one_line(bundle, tmp_path):
-
     import typer
-    from ilf_deploy.serve.commands import register
     from typer.testing import CliRunner
 
     from ilf_deploy.cli import command_for
+    from ilf_deploy.cli.serve import register
 
     app = typer.Typer()
 
