@@ -104,8 +104,8 @@ def test_cuda_graph_replay_equals_eager(engine_bundles):
     graphed = open_trt_generator(bundle, cuda_graphs=True)
     first = graphed.generate_latents(plan, request).cpu().numpy()  # captures
     second = graphed.generate_latents(plan, request).cpu().numpy()  # replays
-    assert graphed.trt.graph_failures == []
-    assert sum(g is not None for g in graphed.trt._graphs.values()) > 0
+    assert graphed.segments.graph_failures == []
+    assert sum(g is not None for g in graphed.segments._graphs.values()) > 0
     np.testing.assert_allclose(first, eager, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(second, first)
 
