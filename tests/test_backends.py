@@ -202,3 +202,17 @@ def test_a_missing_segment_input_is_named(tiny_bundles):
     generator = open_generator(tiny_bundles["dit"])
     with pytest.raises(BundleError, match=r"segment embed needs inputs \['pos_embed'\]"):
         generator.segments.run("embed", {"latents": np.zeros((1, 4, 4, 4), np.float32)})
+
+
+def test_backends_command_lists_the_registry():
+    import json
+
+    result = CliRunner().invoke(app, ["backends", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    assert list(rows) == backend_names()
+    assert rows["onnxruntime"]["installed"] is True
+    assert rows["onnxruntime"]["install"] == "pip install 'ilf-deploy[onnx]'"
+    from ilf_deploy.backends.tensorrt import tensorrt_available
+
+    assert rows["tensorrt"]["installed"] is tensorrt_available()  # the stubs alone do not count

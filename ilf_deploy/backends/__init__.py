@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle
 from ..runtime.generator import Generator
+from .auto import AUTO, choose, fallback
 
 ENTRY_POINT_GROUP = "ilf_deploy.backends"
 
@@ -31,23 +32,28 @@ class Backend:
     summary: str
     extra: str | None = None  # `pip install 'ilf-deploy[EXTRA]'` brings what it needs
     requires: tuple[str, ...] = ()  # top-level modules it imports (checked before opening)
+    probe: str | None = None  # "module:function" -> bool, where importing is not proof enough
     variants: bool = True  # runs the bundle's precision variants
     devices: tuple[str, ...] = ("cpu",)  # what `--device` may say ("*": any torch device)
     options: dict[str, Any] = field(default_factory=dict)  # default keyword options
 
-    def missing(self) -> str | None:
-        """The first required module that does not import, or None."""
+    def missing(self, probe: bool = True) -> str | None:
+        """The first required module that does not import (or fails the probe), or None."""
         for name in self.requires:
             try:
                 importlib.import_module(name)
             except ImportError:
                 return name
+        if probe and self.probe is not None:
+            module, function = self.probe.split(":")
+            if not getattr(importlib.import_module(module), function)():
+                return self.requires[0] if self.requires else self.name
         return None
 
     def open(
         self, bundle: Bundle, variant: str | None = None, device: str = "cpu", **options: Any
     ) -> Generator:
-        missing = self.missing()
+        missing = self.missing(probe=False)  # a failed probe: the module's own open says more
         if missing is not None:
             hint = f": pip install 'ilf-deploy[{self.extra}]'" if self.extra else ""
             raise ConfigError(f"the {self.name} backend needs {missing}{hint}")
@@ -91,10 +97,22 @@ register(
 )
 register(
     Backend(
+        "openvino",
+        "ilf_deploy.backends.openvino",
+        "OpenVINO (CPU; --variant bf16 or an int8-ov variant; Intel GPU/NPU passed through, untested)",
+        extra="openvino",
+        requires=("openvino",),
+        devices=("*",),  # OpenVINO's device names (CPU, GPU, NPU): checked by the backend
+    )
+)
+register(
+    Backend(
         "tensorrt",
         "ilf_deploy.backends.tensorrt",
         "TensorRT engines from `ilf-deploy build-engines` (NVIDIA GPU)",
         extra="tensorrt",
+        # not `requires`: tensorrt-stubs alone import as a namespace package; ask for the real bindings
+        probe="ilf_deploy.backends.tensorrt:tensorrt_available",
     )
 )
 
@@ -116,7 +134,7 @@ def backend_names() -> list[str]:
 
 def get_backend(name: str) -> Backend:
     if name not in REGISTRY:
-        raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(REGISTRY)}")
+        raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(REGISTRY)} or {AUTO}")
     return REGISTRY[name]
 
 
@@ -127,8 +145,21 @@ def open_bundle_generator(
     device: str = "cpu",
     **options: Any,
 ) -> Generator:
-    """A generator for a loaded bundle on the named backend."""
-    return get_backend(backend).open(bundle, variant, device, **options)
+    """A generator for a loaded bundle on the named backend. `auto` (backends/auto.py): the engine
+    `ilf-deploy tune` chose on this machine, else ONNX Runtime fp32; `generator.choice` says which
+    and why, in one line."""
+    if backend != AUTO:
+        return get_backend(backend).open(bundle, variant, device, **options)
+    choice = choose(bundle, variant, device)
+    try:
+        generator = get_backend(choice.backend).open(bundle, choice.variant, device, **options)
+    except ConfigError as exc:  # e.g. the tuned engine's extra was uninstalled since
+        if not choice.tuned:
+            raise
+        choice = fallback(f"{choice.label} from tuning.json did not open: {exc}")
+        generator = get_backend(choice.backend).open(bundle, None, device, **options)
+    generator.choice = choice.reason
+    return generator
 
 
 def open_generator(
@@ -143,5 +174,6 @@ def open_generator(
 
     `device` is where the torch backend runs; the others choose their own. Options go to the
     backend (e.g. `model=` for torch on a `--no-copy-model` bundle, `cuda_graphs=` for TensorRT)."""
-    spec = get_backend(backend)  # an unknown name fails before the hashes are read
-    return spec.open(Bundle.load(source, verify_hashes), variant, device, **options)
+    if backend != AUTO:
+        get_backend(backend)  # an unknown name fails before the hashes are read
+    return open_bundle_generator(Bundle.load(source, verify_hashes), backend, variant, device, **options)

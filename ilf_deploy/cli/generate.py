@@ -21,8 +21,10 @@ def open_source(source: str, backend: str | None, variant: str | None = None, de
 
     if is_bundle(source):
         from ..backends import open_generator
+        from ..backends.auto import AUTO
 
-        generator = open_generator(source, backend or "onnxruntime", variant=variant, device=device)
+        generator = open_generator(source, backend or AUTO, variant=variant, device=device)
+        announce(generator.choice, source, backend)
         bundle = Bundle.load(source, verify_hashes=False)  # open_generator has checked the hashes
         return generator, bundle.plan, bundle.architecture
     if backend not in (None, "torch"):
@@ -37,15 +39,64 @@ def open_source(source: str, backend: str | None, variant: str | None = None, de
     return TorchGenerator(loaded, device), loaded.resolve_plan, loaded.architecture
 
 
-def backend_help(default: str = "onnxruntime for bundles, torch for model directories") -> str:
+def announce(choice: str | None, source: str | Path, backend: str | None) -> None:
+    """`--backend auto`'s choice, one line on stderr: always when asked for by name, and for the
+    default only where the bundle has a tuning.json (without one it is ONNX Runtime fp32, as before)."""
+    from ..backends.auto import TUNING_FILE
+
+    if choice and (backend is not None or (Path(source) / TUNING_FILE).is_file()):
+        console.print(choice, highlight=False, markup=False)
+
+
+def backend_help(default: str = "auto for bundles, torch for model directories") -> str:
     """The registry's backends, for --backend's help (a new backend shows up by itself)."""
     from ..backends import REGISTRY
 
     names = ", ".join(f"{b.name} ({b.summary})" for b in REGISTRY.values())
-    return f"One of: {names}. Default: {default}."
+    return (
+        f"One of: {names}, auto (the engine `ilf-deploy tune` chose on this machine, else "
+        f"onnxruntime fp32). Default: {default}."
+    )
 
 
 BACKEND_HELP = backend_help()
+
+
+@command()
+def backends(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """The registered engines (--backend), whether this machine can run them, and what installs them."""
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..backends import REGISTRY
+    from . import out
+
+    rows = []
+    for backend in REGISTRY.values():
+        missing = backend.missing()
+        rows.append(
+            {
+                "name": backend.name,
+                "summary": backend.summary,
+                "installed": missing is None,
+                "install": f"pip install 'ilf-deploy[{backend.extra}]'" if backend.extra else "",
+                "variants": backend.variants,
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="backends", title_justify="left")
+    for column in ("backend", "what", "installed", "install"):
+        table.add_column(column)
+    for row in rows:
+        installed = "yes" if row["installed"] else "no"
+        table.add_row(row["name"], escape(row["summary"]), installed, escape(row["install"]))
+    out.print(table)
+
+
 DEVICE_HELP = "Where the torch backend runs: cpu, cuda, cuda:N (ONNX Runtime: CPU; TensorRT: the GPU)."
 VARIANT_HELP = "A precision variant added to the bundle after the build (e.g. quantized segments)."
 
