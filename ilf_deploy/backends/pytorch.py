@@ -101,6 +101,9 @@ class TorchGenerator(Generator):
     def adapter(self) -> Adapter:
         return self.model.adapter
 
+    def inference_context(self) -> torch.inference_mode:
+        return torch.inference_mode()
+
     def array(self, value: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(value).to(self.device)
         return tensor.to(self.segments.dtype) if tensor.is_floating_point() else tensor

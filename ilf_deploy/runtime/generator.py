@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -58,6 +59,8 @@ class Generator(ABC):
     facts: ModelFacts
     segments: Segments
     backend: str = ""  # the registry name it was opened with
+    variant: str | None = None  # its precision variant (or an engine precision, e.g. OpenVINO bf16)
+    choice: str | None = None  # `--backend auto`: which engine it chose and why (one line)
 
     @abstractmethod
     def encode_prompt(self, prompt: str) -> tuple[Array, Array]:
@@ -73,6 +76,10 @@ class Generator(ABC):
 
     @abstractmethod
     def concat(self, arrays: list[Array]) -> Array: ...
+
+    def inference_context(self) -> contextlib.AbstractContextManager:
+        """The scope a server runs engine work in (the torch backend: inference mode)."""
+        return contextlib.nullcontext()
 
     def latents_to_numpy(self, latents: Array) -> np.ndarray:
         """Final latents on the host (torch tensors, on any device, included)."""
