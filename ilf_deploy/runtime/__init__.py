@@ -1,1 +1,3 @@
-"""Plan execution. Must not import diffusers or transformers: bundles run without them."""
+"""Plan execution: bundles, the denoising loop, the generator and the contract engines implement
+(`runner.SegmentRunner`). Knows no engine by name and imports neither diffusers, transformers nor
+torch (`lint-imports` holds this): ilf_deploy.backends plugs the engines in."""
