@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +36,26 @@ def register(command) -> None:
             str | None, typer.Option(help="Plan for requests without one (default: first ILF plan).")
         ] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+        log_format: Annotated[
+            str, typer.Option(help="human, or json: one JSON object per log line (access lines, batches).")
+        ] = "human",
+        api_key_file: Annotated[
+            Path | None,
+            typer.Option(
+                help="API keys, one per line (`NAME:KEY` names it in metrics and logs); also read from "
+                "the ILF_API_KEYS environment variable. Clients send `Authorization: Bearer KEY`."
+            ),
+        ] = None,
+        require_auth: Annotated[
+            bool, typer.Option("--require-auth", help="Refuse to start without API keys.")
+        ] = False,
+        max_inflight_per_key: Annotated[
+            int | None, typer.Option(help="Images one key may have queued or running (beyond: 429).")
+        ] = None,
+        ssl_keyfile: Annotated[
+            Path | None, typer.Option(help="TLS private key (PEM), to serve HTTPS with uvicorn.")
+        ] = None,
+        ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM).")] = None,
     ) -> None:
         """Serve a bundle over HTTP: OpenAI-style /v1/images/generations with micro-batching."""
         from ..errors import ConfigError
@@ -49,6 +71,19 @@ def register(command) -> None:
             raise ConfigError(f"--port must be in 0..65535, got {port}")
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        from ..serve.auth import ENV_VAR, check_exposure, load_keys
+        from ..serve.logs import LOG_FORMATS, configure_logging
+
+        if log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+        api_keys = load_keys(api_key_file, os.environ.get(ENV_VAR))  # never from argv: `ps` shows it
+        if (ssl_keyfile is None) != (ssl_certfile is None):
+            raise ConfigError("--ssl-keyfile and --ssl-certfile go together")
+        for flag, path in (("--ssl-keyfile", ssl_keyfile), ("--ssl-certfile", ssl_certfile)):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{flag} {path}: no such file")
+        tls = ssl_keyfile is not None
+        warning = check_exposure(host, api_keys, require_auth, tls)  # --require-auth, no keys: an error
         options = ServeOptions(
             backend=backend,
             max_batch=max_batch,
@@ -57,6 +92,21 @@ def register(command) -> None:
             timeout_s=timeout_s,
             max_n=max_n,
             default_plan=default_plan,
+            api_keys=api_keys,
+            max_inflight_per_key=max_inflight_per_key,
         )
         app = create_app(bundle, options)  # bundle and option errors surface before listening
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+        configure_logging(log_format, uvicorn.config.LOG_LEVELS[log_level])
+        if warning:
+            logging.getLogger("ilf_deploy.serve").warning(warning)
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            log_config=None,  # keep configure_logging's handlers
+            access_log=False,  # the server logs each request itself, with its id and key name
+            timeout_graceful_shutdown=10,
+            ssl_keyfile=str(ssl_keyfile) if tls else None,
+            ssl_certfile=str(ssl_certfile) if tls else None,
+        )

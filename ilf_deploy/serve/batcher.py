@@ -32,6 +32,7 @@ from ..runtime.generator import Generator, Request
 from .metrics import ServerMetrics
 
 log = logging.getLogger("ilf_deploy.serve")
+batch_log = logging.getLogger("ilf_deploy.serve.batch")  # one line per engine call
 
 
 class BatchKey(NamedTuple):
@@ -51,6 +52,11 @@ class Job:
     enqueued: float
     state: str = "queued"  # queued -> running -> done
     cancelled: str | None = None  # why: "disconnect", "timeout", "shutdown"
+    request_id: str = ""  # for the batch's log line
+    key_name: str | None = None  # the API key's name (None: no keys configured)
+    started: float | None = None  # when its batch started (monotonic)
+    batch: int = 0  # which batch ran it (1, 2, ...)
+    engine_s: float = 0.0  # that batch's engine time
 
 
 class QueueFull(Exception):
@@ -95,6 +101,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running: list[Job] = []  # the batch in the engine now
+        self._batches = 0
 
     # -- lifecycle (event loop) ------------------------------------------------------------------
     def start(self, warmup: tuple[str, Request] | None) -> None:
@@ -126,7 +133,8 @@ class Batcher:
         if self._closing or self._wakeup is None:
             raise Unavailable("the server is shutting down" if self._closing else "the engine is not running")
         if self._queued + len(jobs) > self.max_queue:
-            self.metrics.rejected.inc(len(jobs))
+            key_name = jobs[0].key_name
+            self.metrics.rejected.inc(len(jobs), **({"key": key_name} if key_name else {}))
             raise QueueFull(self.retry_after())
         for job in jobs:
             self._groups.setdefault(job.key, deque()).append(job)
@@ -163,8 +171,11 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if warmup is not None:
             try:
+                started = time.perf_counter()
                 await loop.run_in_executor(self._executor, self._warmup, *warmup)
                 self.ready = True
+                elapsed = round(time.perf_counter() - started, 4)
+                log.info("ready: warm-up generation done", extra={"fields": {"engine_s": elapsed}})
             except Exception as exc:  # stay up, not ready: /readyz reports why
                 log.error("warm-up generation failed: %s", exc)
                 self.warmup_error = f"{type(exc).__name__}: {exc}"
@@ -206,8 +217,9 @@ class Batcher:
             jobs = [group.popleft() for _ in range(min(self.max_batch, len(group)))]
             self._set_queued(self._queued - len(jobs))
             now = time.monotonic()
+            self._batches += 1
             for job in jobs:
-                job.state = "running"
+                job.state, job.started, job.batch = "running", now, self._batches
                 self.metrics.queue_wait.observe(now - job.enqueued)
             return key, jobs
 
@@ -242,18 +254,45 @@ class Batcher:
                 images = self.generator.decode(latents if len(keep) == len(live) else latents[keep])
         except _Abort:
             self.metrics.aborted.inc()
+            self._log_batch(key, live, started, "aborted")
             return []
         except Exception as exc:
-            log.exception("batch of %d images (%s) failed", len(live), key.plan)
             self.metrics.engine_errors.inc()
+            self._log_batch(key, live, started, "error", exc)
             error = EngineError(f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
             return [(job, error) for job in live]
         finally:
             self._drain_timings()
         self.metrics.batch_size.observe(len(live))
-        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_seconds.observe(self._log_batch(key, live, started, "ok"))
         self.metrics.images.inc(len(keep), plan=key.plan)
         return [(live[i], images[row]) for row, i in enumerate(keep)]
+
+    def _log_batch(
+        self, key: BatchKey, jobs: list[Job], started: float, status: str, error: Exception | None = None
+    ) -> float:
+        """One log line per batch (the requests' ids and key names, never keys); returns its engine time."""
+        elapsed = time.perf_counter() - started
+        for job in jobs:
+            job.engine_s = elapsed
+        waits = [job.started - job.enqueued for job in jobs if job.started is not None]
+        fields = {
+            "request_ids": list(dict.fromkeys(job.request_id for job in jobs)),
+            "keys": list(dict.fromkeys(job.key_name for job in jobs if job.key_name)),
+            "plan": key.plan,
+            "size": f"{key.width}x{key.height}",
+            "guided": key.guided,
+            "n": len(jobs),
+            "queue_wait_s": round(max(waits, default=0.0), 4),
+            "engine_s": round(elapsed, 4),
+            "status": status,
+        }
+        if error is None:
+            batch_log.info("batch %s", status, extra={"fields": fields})
+        else:
+            fields["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            batch_log.error("batch %s", status, extra={"fields": fields}, exc_info=error)
+        return elapsed
 
     def _drain_timings(self) -> None:
         """Move the segments' per-call durations into counters (the lists would grow forever)."""

@@ -120,7 +120,11 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = r = Registry()
-        self.requests = Counter(r, "ilf_requests_total", "HTTP requests by endpoint and status code.")
+        self.requests = Counter(
+            r,
+            "ilf_requests_total",
+            "HTTP requests by endpoint, status code and API key name (no key label: no valid key).",
+        )
         self.latency = Histogram(
             r, "ilf_request_duration_seconds", "HTTP request latency by endpoint.", LATENCY_BUCKETS
         )
@@ -133,7 +137,11 @@ class ServerMetrics:
             r, "ilf_batch_duration_seconds", "Engine time per batch (denoise + decode).", LATENCY_BUCKETS
         )
         self.images = Counter(r, "ilf_images_total", "Images generated and returned, by plan.")
-        self.rejected = Counter(r, "ilf_rejected_images_total", "Images refused because the queue was full.")
+        self.rejected = Counter(
+            r,
+            "ilf_rejected_images_total",
+            "Images refused with 429 (queue full, or the key's in-flight limit), by API key name.",
+        )
         self.cancelled = Counter(
             r,
             "ilf_cancelled_images_total",

@@ -23,7 +23,7 @@ MAX_PROMPT_CHARS = 4000  # a cheap bound before tokenizing; the token limit is t
 
 
 class ApiError(Exception):
-    """An error answered as OpenAI does: `{"error": {"message", "type", "param"}}`."""
+    """An error answered as OpenAI does: `{"error": {"message", "type", "param"[, "code"]}}`."""
 
     def __init__(
         self,
@@ -32,13 +32,17 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
-        self.headers = headers or {}
+        self.headers, self.code = headers or {}, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param}}
+        error = {"message": self.message, "type": self.type, "param": self.param}
+        if self.code is not None:  # OpenAI's machine-readable reason, e.g. "invalid_api_key"
+            error["code"] = self.code
+        return {"error": error}
 
 
 # -- responses (for the OpenAPI schema) ----------------------------------------------------------
@@ -46,6 +50,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):
