@@ -175,7 +175,14 @@ def test_every_route_without_a_key_with_a_wrong_key_and_with_the_right_key(clien
                 "code": "missing_api_key",
             }
         }
-        for wrong in (bearer(WRONG), {"Authorization": f"Basic {ALICE}"}, bearer(ALICE[:-1])):
+        wrongs = (
+            bearer(WRONG),
+            {"Authorization": f"Basic {ALICE}"},
+            bearer(ALICE[:-1]),
+            {"Authorization": f"Bearer {ALICE[:-1]}é".encode()},  # not ASCII: refused, not a crash
+            bearer("x" * 5000),
+        )
+        for wrong in wrongs:
             refused = client.request(method, path, json=json_body, headers=wrong)
             assert refused.status_code == 401, (path, wrong)
             assert refused.headers["www-authenticate"].startswith("Bearer")

@@ -37,7 +37,8 @@ class ApiKey:
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("ascii", "surrogateescape")).digest()
+    # Any str hashes (a header decoded as latin-1 may hold anything); valid keys are ASCII anyway.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 @dataclass(frozen=True)
