@@ -218,15 +218,14 @@ def create_app(
 ) -> FastAPI:
     """The server for one bundle; `generator` replaces the bundle's own engine (tests, wrappers)."""
     options.check()
-    engine_context: Callable[[], AbstractContextManager] = nullcontext
     if generator is None:
         from ..backends import open_generator
 
         generator = open_generator(bundle_path, options.backend)  # checks the files' hashes
-        if options.backend == "torch":
-            import torch
-
-            engine_context = torch.inference_mode
+    # the backend's own scope for engine work (torch: inference mode); test doubles may have none
+    engine_context: Callable[[], AbstractContextManager] = getattr(
+        generator, "inference_context", nullcontext
+    )
     bundle = Bundle.load(bundle_path, verify_hashes=False)
     if options.default_plan is not None and options.default_plan not in bundle.plan_names:
         raise ConfigError(
