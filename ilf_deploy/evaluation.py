@@ -271,9 +271,11 @@ def bundle_backend(
         host = gen.latents_to_numpy(latents)
         return [Generated(image, lat) for image, lat in zip(gen.decode(latents), host)]
 
-    info = {"bundle": str(bundle_dir), "guidance_scale": guidance_scale, "variant": variant}
+    info = {"bundle": str(bundle_dir), "guidance_scale": guidance_scale, "variant": gen.variant}
+    if gen.choice:  # `--backend auto`: which engine it chose, and why
+        info["engine_choice"] = gen.choice
     plans = Bundle.load(bundle_dir, verify_hashes=False).plan  # open_generator checked the hashes
-    return EvalBackend(backend, plans, generate, info)
+    return EvalBackend(gen.backend, plans, generate, info)
 
 
 # -- the evaluation ------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ EXTRAS = {
     "uvicorn": "serve",
     "polygraphy": "tensorrt",
     "tensorrt": "tensorrt",
+    "openvino": "openvino",
+    "nncf": "openvino",
 }
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
@@ -94,6 +96,7 @@ if __name__ == "__main__":
 
 # Each module registers its commands on import (they need `app` and `command` from above).
 from . import bundles, generate, plans  # noqa: E402, F401
+from . import tune as _tune  # noqa: E402, F401
 from .engines import register as _register_tensorrt  # noqa: E402
 from .serve import register as _register_serve  # noqa: E402
 from .training import register as _register_training  # noqa: E402

@@ -212,7 +212,7 @@ def bench(
     plans: Annotated[str | None, typer.Option(help="Comma-separated bundled plans (default: all).")] = None,
     runs: Annotated[int, typer.Option(help="Measured runs per plan (the median is reported).")] = 3,
     warmup: Annotated[int, typer.Option(help="Unmeasured runs first.")] = 1,
-    backend: Annotated[str, typer.Option(help=backend_help("onnxruntime"))] = "onnxruntime",
+    backend: Annotated[str | None, typer.Option(help=backend_help("auto"))] = None,
     variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
     prompt: Annotated[str, typer.Option(help="Prompt (PixArt).")] = "a small red circle on a blue background",
     class_label: Annotated[int, typer.Option(help="Class (DiT).")] = 1,
@@ -229,6 +229,7 @@ def bench(
     names = _split_list(plans) if plans else loaded.plan_names
     step_plans = [loaded.plan(name) for name in names]
     generator, _, _ = open_source(bundle, backend, variant)
+    engine = generator.backend + (f" {generator.variant}" if generator.variant else "")
     request = Request(prompt=prompt, class_label=class_label)
     with progress() as bar:
         task = bar.add_task("bench", total=None)
@@ -246,7 +247,7 @@ def bench(
             share = f"{100 * seconds / result.latency:.1f}%"
             table.add_row(stage, str(calls), f"{seconds * 1000:.1f}", share)
         out.print(table)
-    table = Table(title=f"{bundle} on {backend}", title_justify="left")
+    table = Table(title=f"{bundle} on {engine}", title_justify="left")
     for column in (
         "plan",
         "steps",
@@ -276,6 +277,7 @@ def bench(
         )
     out.print(table)
     if as_json is not None:
-        as_json.write_text(json.dumps({"backend": backend, "runs": runs, "plans": rows}, indent=2) + "\n")
+        report = {"backend": generator.backend, "variant": generator.variant, "runs": runs, "plans": rows}
+        as_json.write_text(json.dumps(report, indent=2) + "\n")
     if plot_out is not None:
         plot(results, plot_out)

@@ -100,7 +100,8 @@ def register(command: Callable[..., Any]) -> None:
             str,
             typer.Option(
                 help="int8-dynamic (ORT CPU's fast path), int8-qdq (symmetric Q/DQ for TensorRT), "
-                "fp8-qdq (E4M3 Q/DQ for H100 TensorRT; emulated on ORT CPU)."
+                "fp8-qdq (E4M3 Q/DQ for H100 TensorRT; emulated on ORT CPU), int8-ov (NNCF, for "
+                "--backend openvino)."
             ),
         ],
         name: Annotated[
@@ -138,7 +139,7 @@ def register(command: Callable[..., Any]) -> None:
         """Per-segment SNR/cosine on a held-out trajectory and end-to-end latents vs fp32 (ORT CPU).
 
         Exits 1 when a check is beyond the mode's budget (quantize.BUDGETS)."""
-        from ..quantization.quantize import BUDGETS, verify_variant
+        from ..quantization.quantize import BUDGETS, variant_engine, verify_variant
         from ..runtime.bundle import Bundle
 
         _, out, progress = _ui()
@@ -149,7 +150,8 @@ def register(command: Callable[..., Any]) -> None:
         mode = loaded.manifest["variants"][variant].get("mode", "?")
         snr, rel = BUDGETS.get(mode, (float("nan"), float("nan")))
         title = (
-            f"{bundle}: variant {variant} ({mode}) vs fp32 on ONNX Runtime CPU; budget: segments SNR ≥ "
+            f"{bundle}: variant {variant} ({mode}, on {variant_engine(loaded, variant)}) vs fp32 on ONNX "
+            f"Runtime CPU; budget: segments SNR ≥ "
             f"{snr:g} dB, end-to-end latents rel L2 ≤ {rel:g}"
         )
         out.print(_fidelity_table(title, rows))

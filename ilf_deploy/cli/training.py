@@ -169,8 +169,8 @@ def register(command) -> None:
             str, typer.Option(help="cpu, cuda, cuda:N: where the torch backend runs (a model directory).")
         ] = "cpu",
         backend: Annotated[
-            str, typer.Option(help=backend_help("onnxruntime for bundles, torch for model directories"))
-        ] = "onnxruntime",
+            str | None, typer.Option(help=backend_help("auto for bundles, torch for model directories"))
+        ] = None,
     ) -> None:
         """Prompt adherence (attribute classifier), Fréchet distance and fidelity of each plan."""
         from ..evaluation import bundle_backend, evaluate, format_table, save_grid, save_json, torch_backend
@@ -181,12 +181,16 @@ def register(command) -> None:
             raise ConfigError("no plans to evaluate")
         with console.status("loading model"):
             if is_bundle(model):
+                from ..backends.auto import AUTO
+                from .generate import announce
+
                 runner = bundle_backend(
-                    model, guidance_scale, variant=variant, device=device, backend=backend
+                    model, guidance_scale, variant=variant, device=device, backend=backend or AUTO
                 )
+                announce(runner.info.get("engine_choice"), model, backend)
             elif variant is not None:
                 raise ConfigError("--variant needs a bundle (ilf-deploy build, then quantize)")
-            elif backend not in ("onnxruntime", "torch"):
+            elif backend not in (None, "onnxruntime", "torch"):
                 raise ConfigError(f"{model} is a model, not a bundle: build one with `ilf-deploy build`")
             else:
                 runner = torch_backend(model, guidance_scale, device=device)

@@ -15,6 +15,9 @@ final norm/projection stay in the bundle's precision, as PixArt/DiT INT8/FP8 dep
   TensorRT. ORT CPU cannot fuse FP8 Q/DQ into a quantized MatMul, so the variant records an ORT
   session option that disables QDQ fusion: on CPU it then runs *emulated* (Q→DQ→fp32 MatMul),
   which checks the numerics but is not faster. Its speed on an H100 was never measured here.
+- `int8-ov`: NNCF post-training quantization for OpenVINO (quantization/openvino.py): the same
+  layers as the static modes, calibrated on the same trajectories, written as OpenVINO IR
+  (`.xml` + `.bin`); the variant records `"engine": "openvino"` and runs only there.
 
 Variant files go to `onnx/<variant>/<segment>.onnx`; `manifest["variants"][variant]` says which
 segments they replace, and `manifest["files"]` is re-hashed.
@@ -35,14 +38,14 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import open_bundle_generator
 from ..backends.onnxruntime import EMULATED_QDQ_ORT_CONFIG, open_generator
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, tool_versions
-from ..runtime.generator import Request
-from ..runtime.pipeline import BundleGenerator
+from ..runtime.generator import Generator, Request
 from .calibration import load_calibration
 
-MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq")
+MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq", "int8-ov")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 # Linear layers of attention (attn1 self, attn2 cross) and feed-forward: `/blocks.3/attn1/to_q/MatMul`.
 # adaLN-Zero (DiT `norm1.linear`, `norm1.emb`) and attention BMMs (no constant weight) are left alone.
@@ -52,7 +55,15 @@ LINEAR_NODE = re.compile(r"/(attn\d*|ff)/")
 # per-tensor scale cannot span it (1 dB SNR). Dynamic quantization scales per call and keeps it.
 STATIC_EXCLUDE = re.compile(r"/attn2/to_q/")
 # Fidelity budgets per mode: (per segment SNR dB at least, end-to-end latents relative L2 at most).
-BUDGETS = {"int8-dynamic": (30.0, 0.05), "int8-qdq": (30.0, 0.05), "fp8-qdq": (25.0, 0.10)}
+BUDGETS = {
+    "int8-dynamic": (30.0, 0.05),
+    "int8-qdq": (30.0, 0.05),
+    "fp8-qdq": (25.0, 0.10),
+    "int8-ov": (30.0, 0.05),
+    "bf16": (30.0, 0.05),  # an engine's bf16 precision (OpenVINO's hint), checked by `tune`
+}
+# Variants that only one engine runs (anything else: ONNX Runtime, and TensorRT for Q/DQ).
+ENGINES = {"int8-ov": "openvino"}
 
 
 def default_variant_name(mode: str) -> str:
@@ -147,6 +158,12 @@ def quantize_segment(
     )
 
     nodes = linear_nodes(onnx.load(str(source), load_external_data=False), static=mode != "int8-dynamic")
+    if mode == "int8-ov":
+        from .openvino import quantize_segment_openvino
+
+        if not samples:
+            raise ConfigError(f"{mode} needs calibration samples")
+        return quantize_segment_openvino(source, target, samples, nodes)
     if not nodes:
         shutil.copyfile(source, target)  # nothing to quantize (e.g. an empty block range)
         return 0
@@ -234,6 +251,7 @@ def quantize_bundle(
     if mode != "int8-dynamic" and not bundle.manifest.get("calibration"):
         raise BundleError(f"{mode} needs calibration data; run `ilf-deploy calibrate {bundle.path}` first")
     root = bundle.path
+    suffix = ".xml" if mode == "int8-ov" else ".onnx"  # OpenVINO IR (weights in the .bin beside it)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root / "onnx"))
     segments: dict[str, Any] = {}
     counts: dict[str, int] = {}
@@ -243,10 +261,10 @@ def quantize_bundle(
                 progress(f"{mode} {segment}")
             samples = None if mode == "int8-dynamic" else load_calibration(bundle, segment)
             counts[segment] = quantize_segment(
-                bundle.segment_path(segment), tmp / f"{segment}.onnx", mode, samples, calibrate
+                bundle.segment_path(segment), tmp / f"{segment}{suffix}", mode, samples, calibrate
             )
             base = bundle.manifest["segments"][segment]
-            segments[segment] = {**base, "file": f"onnx/{name}/{segment}.onnx"}
+            segments[segment] = {**base, "file": f"onnx/{name}/{segment}{suffix}"}
         final = root / "onnx" / name
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -264,6 +282,9 @@ def quantize_bundle(
     }
     if mode == "fp8-qdq":
         entry["ort_session_config"] = EMULATED_QDQ_ORT_CONFIG
+    if mode in ENGINES:
+        entry["engine"] = ENGINES[mode]
+        entry["tools"].update(_versions("openvino", "nncf"))
 
     def mutate(manifest: dict[str, Any]) -> None:
         variants = manifest.setdefault("variants", {})
@@ -277,11 +298,31 @@ def quantize_bundle(
     return entry
 
 
+def _versions(*packages: str) -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for package in packages:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    return found
+
+
 # -- running variants -----------------------------------------------------------------------------
 
 
-def variant_generator(bundle: Bundle, variant: str | None, threads: int | None = None) -> BundleGenerator:
-    """The bundle (or a variant) on ONNX Runtime's CPU provider: what fidelity is measured on."""
+def variant_engine(bundle: Bundle, variant: str | None) -> str:
+    """The backend a variant runs on: its `engine` (int8-ov: openvino), else ONNX Runtime."""
+    entry = bundle.manifest.get("variants", {}).get(variant or "") or {}
+    return str(entry.get("engine", "onnxruntime"))
+
+
+def variant_generator(bundle: Bundle, variant: str | None, threads: int | None = None) -> Generator:
+    """The bundle (or a variant) on the CPU: ONNX Runtime's CPU provider (what fidelity is measured
+    against), or the variant's own engine."""
+    engine = variant_engine(bundle, variant)
+    if engine != "onnxruntime":
+        return open_bundle_generator(bundle, engine, variant, threads=threads)
     return open_generator(bundle, variant, threads=threads, providers=["CPUExecutionProvider"])
 
 
@@ -322,29 +363,78 @@ def verify_variant(
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[Fidelity]:
-    """Each replaced segment on a held-out trajectory's feeds, then the plan's final latents, vs fp32."""
-    from .calibration import TrajectoryRecorder
-
+    """Each replaced segment on a held-out trajectory's feeds, then the plan's final latents, vs fp32
+    (ONNX Runtime CPU); the variant runs on its engine (ONNX Runtime, or OpenVINO for int8-ov)."""
     entry = bundle.manifest.get("variants", {}).get(variant)
     if entry is None:
         bundle.segment_spec("embed", variant)  # raises with the list of variants
     assert entry is not None
-    seg_snr, e2e_rel = BUDGETS.get(entry.get("mode", ""), (10.0, 0.35))
+    budget = BUDGETS.get(entry.get("mode", ""), (10.0, 0.35))
+    quant = variant_generator(bundle, variant, threads)
+    return verify_generator(bundle, quant, list(entry["segments"]), budget, plan, request, threads, progress)
+
+
+@dataclass
+class Reference:
+    """ONNX Runtime fp32 on one plan and request: the final latents and the segment feeds it saw
+    (what `verify_generator` compares against; computed once for many candidates)."""
+
+    plan: str
+    request: Request
+    base: Generator
+    latents: np.ndarray
+    recorder: Any  # calibration.TrajectoryRecorder
+
+
+def reference_run(
+    bundle: Bundle,
+    plan: str | None = None,
+    request: Request | None = None,
+    threads: int | None = None,
+    base: Generator | None = None,
+) -> Reference:
+    from .calibration import TrajectoryRecorder
+
     plan_name = plan or next((p for p in bundle.plan_names if p.startswith("ilf")), bundle.plan_names[0])
     step_plan = bundle.plan(plan_name)
     request = request or Request(prompt=VERIFY_PROMPT, class_label=3, seed=123)
-    base, quant = variant_generator(bundle, None, threads), variant_generator(bundle, variant, threads)
+    base = base or variant_generator(bundle, None, threads)
     recorder = TrajectoryRecorder(bundle, max_samples=4)
     base.segments.recorder = recorder
+    try:
+        want = base.latents_to_numpy(base.generate_latents(step_plan, request))
+    finally:
+        base.segments.recorder = None
+    return Reference(plan_name, request, base, want, recorder)
+
+
+def verify_generator(
+    bundle: Bundle,
+    quant: Generator,
+    segments: list[str],
+    budget: tuple[float, float],
+    plan: str | None = None,
+    request: Request | None = None,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    reference: Reference | None = None,
+) -> list[Fidelity]:
+    """`verify_variant` for any generator on the bundle (an engine's precision, e.g. OpenVINO bf16):
+    `segments` (those it runs differently; none for engines without segment calls, e.g. torch) on a
+    held-out trajectory's feeds, then the plan's final latents, against ONNX Runtime fp32
+    (`reference`: one already run). `budget`: (segment SNR dB at least, end-to-end rel. L2 at most)."""
+    seg_snr, e2e_rel = budget
+    if reference is None:
+        if progress:
+            progress(f"fp32 {plan or 'plan'}")
+        reference = reference_run(bundle, plan, request, threads)
+    plan_name, base, want = reference.plan, reference.base, reference.latents
     if progress:
-        progress(f"fp32 {plan_name}")
-    want = base.generate_latents(step_plan, request)
-    base.segments.recorder = None
-    if progress:
-        progress(f"{variant} {plan_name}")
-    got = quant.generate_latents(step_plan, request)
+        progress(f"{quant.variant or quant.backend} {plan_name}")
+    got = quant.latents_to_numpy(quant.generate_latents(bundle.plan(plan_name), reference.request))
+    recorder = reference.recorder
     results = []
-    for segment in entry["segments"]:
+    for segment in segments:
         feeds = [s for (n, _), kept in recorder.samples.items() if n == segment for s in kept]
         if not feeds:
             continue
@@ -353,7 +443,8 @@ def verify_variant(
         scores = []
         for sample in feeds:
             a, b = quant.segments.run(segment, sample), base.segments.run(segment, sample)
-            scores.append(fidelity(a[next(iter(a))], b[next(iter(b))]))
+            key = next(iter(b))  # the first declared output, by name
+            scores.append(fidelity(quant.segments.to_numpy(a[key]), b[key]))
         snr, cosine, rel = (min(s[0] for s in scores), min(s[1] for s in scores), max(s[2] for s in scores))
         results.append(Fidelity("segment", segment, snr, cosine, rel, len(scores), bool(snr >= seg_snr)))
     snr, cosine, rel = fidelity(got, want)

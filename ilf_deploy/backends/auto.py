@@ -1,0 +1,101 @@
+"""`--backend auto`: the engine `ilf-deploy tune` measured fastest on this machine, within budget.
+
+`tune` (ilf_deploy/tuning.py) writes `BUNDLE/tuning.json`: this machine's fingerprint, every
+candidate engine x precision with its speed and fidelity, and the winner. `choose` reads it and
+uses the winner only when the fingerprint is this machine's (CPU, flags, cores, library versions)
+and the bundle's files are the ones that were tuned; otherwise, or without a tuning.json, it
+falls back to ONNX Runtime fp32, the engine every bundle runs on. The `reason` says which it chose
+and why, in one line (the CLI prints it on stderr).
+
+tuning.json is not one of the manifest's hashed files: it describes a machine, not the bundle, and
+`tune` may rewrite it on any machine without invalidating the bundle's hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+from ..runtime.bundle import Bundle
+from .machine import fingerprint, fingerprint_difference
+
+AUTO = "auto"
+TUNING_FILE = "tuning.json"
+TUNING_SCHEMA = 1
+FALLBACK_BACKEND = "onnxruntime"
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    variant: str | None
+    reason: str  # one line: what runs, and why
+    tuned: bool  # False: the ONNX Runtime fp32 fallback
+
+    @property
+    def label(self) -> str:
+        return engine_label(self.backend, self.variant)
+
+
+def engine_label(backend: str, variant: str | None) -> str:
+    return f"{backend} {variant or 'fp32'}"
+
+
+def bundle_digest(bundle: Bundle) -> str:
+    """The bundle's listed files (names and sha256): a variant re-quantized after `tune` changes it."""
+    return hashlib.sha256(json.dumps(bundle.manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
+def fallback(why: str) -> Choice:
+    return Choice(FALLBACK_BACKEND, None, f"auto: {FALLBACK_BACKEND} fp32 ({why})", False)
+
+
+def read_tuning(bundle: Bundle) -> dict[str, Any] | None:
+    path = bundle.path / TUNING_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def choose(bundle: Bundle, variant: str | None = None, device: str = "cpu") -> Choice:
+    """The engine `auto` means for `bundle` on this machine (never raises for a bad tuning.json)."""
+    if variant is not None:
+        raise ConfigError(
+            f"--variant {variant} names a precision on one backend; --backend auto picks its own "
+            "(name the backend, or drop --variant)"
+        )
+    if device != "cpu":  # tune measures CPU engines; ONNX Runtime then says what --device is for
+        return fallback(f"--device {device}: auto chooses among CPU engines only")
+    data = read_tuning(bundle)
+    if data is None:
+        return fallback(f"no {TUNING_FILE}; `ilf-deploy tune {bundle.path}` finds the fastest engine here")
+    rerun = f"rerun `ilf-deploy tune {bundle.path}`"
+    winner = data.get("winner")
+    if data.get("schema") != TUNING_SCHEMA or not isinstance(winner, dict) or "fingerprint" not in data:
+        return fallback(f"{TUNING_FILE} is unreadable or from another version; {rerun}")
+    difference = fingerprint_difference(data["fingerprint"], fingerprint())
+    if difference is not None:
+        return fallback(f"{TUNING_FILE} was measured on another machine or setup ({difference}); {rerun}")
+    if data.get("bundle_digest") != bundle_digest(bundle):
+        return fallback(f"the bundle's files changed since {TUNING_FILE} was written; {rerun}")
+    backend, chosen = winner.get("backend"), winner.get("variant")
+    record = next(
+        (c for c in data.get("candidates", []) if (c.get("backend"), c.get("variant")) == (backend, chosen)),
+        None,
+    )
+    if record is None or not record.get("ok"):  # tune never picks one; a hand-edited file might
+        return fallback(f"the {TUNING_FILE} winner is not a candidate within its fidelity budget; {rerun}")
+    speed = ""
+    if record.get("speedup"):
+        speed = f", {record['speedup']:.2f}x {engine_label(FALLBACK_BACKEND, None)}"
+    ms = record.get("ms_per_step")
+    measured = f"{ms:.1f} ms/step{speed}" if isinstance(ms, (int, float)) else "tuned"
+    where = f"{measured} on {data.get('plan', '?')}, from {TUNING_FILE}"
+    return Choice(str(backend), chosen, f"auto: {engine_label(str(backend), chosen)} ({where})", True)

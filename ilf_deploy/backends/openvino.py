@@ -1,0 +1,204 @@
+"""The OpenVINO backend: the bundle's ONNX segments (or an OpenVINO int8 variant's IR) compiled by
+OpenVINO, numpy arrays in and out.
+
+Precisions: `f32`; `bf16` (`INFERENCE_PRECISION_HINT=bf16`: bf16 matmuls where the CPU has
+AVX512_BF16 or AMX, refused elsewhere, where OpenVINO would emulate them); int8 through a precision
+variant (`ilf-deploy quantize --mode int8-ov`: NNCF post-training quantization of the block and
+feedback linear layers, an IR this backend runs). `--variant bf16` (or `f32`) picks the precision;
+any other `--variant` is a bundle variant OpenVINO can read (int8-ov, int8-qdq's Q/DQ ONNX).
+
+Devices: `cpu`/`CPU` here; `GPU`, `NPU`, `AUTO`... are passed to OpenVINO unchanged (Intel iGPU/NPU
+machines; never run in this project).
+
+Compiled models are cached in the bundle, in `openvino_cache/`, so a second start skips
+compilation. The cache is written with `export_model` and `runtime.bundle.write_atomic` rather than
+OpenVINO's own `CACHE_DIR`, which writes its blobs in place: a crash must never leave half a blob
+that the next start reads. Blobs are keyed on the segment's sha256 (from the manifest), the device,
+the compile config, OpenVINO's version and this machine's fingerprint; they are not manifest files
+(machine-specific, so not hashed): deleting `openvino_cache/` only costs a recompile, and a
+read-only bundle simply is not cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..runtime.bundle import Bundle, BundleError, write_atomic
+from ..runtime.pipeline import BundleGenerator
+from ..runtime.runner import SegmentRunner
+from .machine import fingerprint, has_any_flag
+
+PRECISIONS = ("f32", "bf16")  # INFERENCE_PRECISION_HINT values, also accepted as --variant names
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CACHE_DIR = "openvino_cache"
+# Variant modes OpenVINO cannot read: com.microsoft ops (int8-dynamic), FP8 Q/DQ.
+ORT_ONLY_MODES = ("int8-dynamic", "fp8-qdq")
+_DEVICE_FAMILIES = ("CPU", "GPU", "NPU", "AUTO", "HETERO", "MULTI", "BATCH")
+
+
+@functools.cache
+def core() -> Any:
+    import openvino as ov
+
+    return ov.Core()
+
+
+def cpu_has_bf16() -> bool:
+    return has_any_flag(*BF16_FLAGS)
+
+
+def ov_device(device: str) -> str:
+    """`cpu` -> `CPU`; OpenVINO's device names (GPU, GPU.1, NPU, AUTO:GPU,CPU...) pass through."""
+    name = device.upper()
+    family = name.split(":")[0].split(".")[0]
+    if family not in _DEVICE_FAMILIES:
+        raise ConfigError(
+            f"--device {device} is not an OpenVINO device; use cpu, GPU, GPU.N, NPU or AUTO "
+            "(GPU/NPU were never tested by this project)"
+        )
+    if family in ("CPU", "GPU", "NPU") and not any(d.startswith(family) for d in core().available_devices):
+        raise ConfigError(
+            f"OpenVINO sees no {family} here (it has: {', '.join(core().available_devices) or 'none'})"
+        )
+    return name
+
+
+class OvSegments(SegmentRunner):
+    """The bundle's segments (or a variant's) compiled by OpenVINO on first use."""
+
+    backend = "openvino"
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        variant: str | None = None,
+        device: str = "CPU",
+        precision: str = "f32",
+        threads: int | None = None,
+        cache: bool = True,
+    ) -> None:
+        super().__init__(bundle, variant)
+        self.device, self.precision, self.cache = device, precision, cache
+        self.config: dict[str, str] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = str(threads)
+        self._compiled: dict[str, Any] = {}
+        self._ports: dict[str, Any] = {}
+        self._machine = fingerprint() if cache else None
+        self._local = threading.local()  # an infer request is not thread-safe: one per thread
+        self._lock = threading.Lock()
+
+    def cache_path(self, name: str) -> Any:
+        """Where segment `name`'s compiled blob lives: keyed on everything that changes it."""
+        import openvino as ov
+
+        rel = str(self.bundle.segment_path(name, self.variant).relative_to(self.bundle.path))
+        stem = rel.rsplit(".", 1)[0]
+        files = self.bundle.manifest["files"]
+        digests = {
+            f: d for f, d in files.items() if f == rel or f.startswith(rel + ".") or f == stem + ".bin"
+        }
+        key = json.dumps(
+            [digests, self.device, self.config, ov.__version__, self._machine], sort_keys=True, default=str
+        )
+        return self.bundle.path / CACHE_DIR / f"{name}.{hashlib.sha256(key.encode()).hexdigest()[:20]}.blob"
+
+    def compiled(self, name: str) -> Any:
+        with self._lock:
+            if name not in self._compiled:
+                self._compiled[name] = self._compile(name)
+            return self._compiled[name]
+
+    def _compile(self, name: str) -> Any:
+        path = self.bundle.segment_path(name, self.variant)
+        blob = self.cache_path(name) if self.cache else None
+        if blob is not None and blob.is_file():
+            with contextlib.suppress(Exception):  # unreadable or stale: compile again, replace it
+                return core().import_model(blob.read_bytes(), self.device, self.config)
+        try:
+            compiled = core().compile_model(core().read_model(str(path)), self.device, self.config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses for graphs and devices
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BundleError(f"OpenVINO cannot compile {path} for {self.device}: {message}") from None
+        if blob is not None:
+            # a read-only bundle, or a device without export: run uncached
+            with contextlib.suppress(Exception):
+                write_atomic(blob, compiled.export_model().getvalue())
+        return compiled
+
+    def _request(self, name: str) -> Any:
+        requests = self._local.__dict__.setdefault("requests", {})
+        if name not in requests:
+            requests[name] = self.compiled(name).create_infer_request()
+        return requests[name]
+
+    def ports(self, name: str) -> tuple[Any, list[tuple[str, Any, np.dtype]], list[tuple[str, Any]]]:
+        """The compiled segment, its inputs (name, port, dtype) and outputs (name, port), named as the
+        manifest declares them (a compiled port can carry several tensor names)."""
+        if name not in self._ports:
+            compiled = self.compiled(name)
+            spec = self.bundle.segment_spec(name, self.variant)
+            declared = [i["name"] for i in spec["inputs"]] + [o["name"] for o in spec["outputs"]]
+
+            def named(port: Any) -> str:
+                names = port.get_names()
+                return next((n for n in declared if n in names), port.get_any_name())
+
+            inputs = [(named(p), p, p.get_element_type().to_dtype()) for p in compiled.inputs]
+            self._ports[name] = (compiled, inputs, [(named(p), p) for p in compiled.outputs])
+        return self._ports[name]
+
+    def infer_impl(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _, inputs, outputs = self.ports(name)
+        cast = {port: np.ascontiguousarray(feeds[key], dtype=dtype) for key, port, dtype in inputs}
+        result = self._request(name).infer(cast)  # outputs are copies (share_outputs=False)
+        return {key: result[port] for key, port in outputs}
+
+    def array(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+
+def open_generator(
+    bundle: Bundle,
+    variant: str | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    precision: str | None = None,
+    cache: bool = True,
+) -> BundleGenerator:
+    """The registry's entry. `variant` may name a precision (`bf16`, `f32`) or a bundle variant."""
+    if variant in PRECISIONS and variant not in bundle.variants:
+        if precision not in (None, variant):
+            raise ConfigError(f"variant {variant!r} and precision {precision!r} disagree")
+        precision, variant = variant, None
+    precision = precision or "f32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if variant is not None:
+        bundle.segment_spec("embed", variant)  # an unknown variant fails here, listing the known ones
+        mode = bundle.manifest["variants"][variant].get("mode")
+        if mode in ORT_ONLY_MODES:
+            raise ConfigError(
+                f"variant {variant!r} ({mode}) has operators only ONNX Runtime runs; "
+                "use --backend onnxruntime, or an OpenVINO variant (ilf-deploy quantize --mode int8-ov)"
+            )
+    name = ov_device(device)
+    if precision == "bf16" and name.startswith("CPU") and not cpu_has_bf16():
+        raise ConfigError(
+            "bf16 on the OpenVINO CPU needs AVX512_BF16 or AMX (this CPU has neither): "
+            "use f32 or an int8 variant"
+        )
+    generator = BundleGenerator(bundle, OvSegments(bundle, variant, name, precision, threads, cache))
+    generator.variant = variant or (precision if precision != "f32" else None)
+    return generator

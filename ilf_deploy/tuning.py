@@ -1,0 +1,212 @@
+"""`ilf-deploy tune`: the fastest engine x precision on this machine whose output stays within budget.
+
+Candidates: every installed CPU backend with every precision it can run on the bundle: ONNX
+Runtime fp32 (the reference) and the bundle's ORT variants (int8-dynamic, int8-qdq, fp8-qdq);
+OpenVINO f32, bf16 (only where the CPU has AVX512_BF16 or AMX), the bundle's int8-ov variants and
+its int8-qdq (Q/DQ ONNX that OpenVINO also reads); the bundle's PyTorch model in fp32 when the
+bundle carries it. TensorRT is a GPU engine: not a candidate here.
+
+Each candidate is checked against ONNX Runtime fp32 exactly as `verify-variant` checks a variant
+(per segment SNR on a held-out trajectory, end-to-end latents relative L2; the budgets of
+quantize.BUDGETS, or verify's fp32 tolerances for fp32 engines); one that fails is timed and
+recorded, never chosen. Every candidate that opens is timed on one denoising step (the plan's
+steps up to its first feedback step: an ILF step with the inner loop), round-robin so that a
+machine's slow moments hit every candidate alike; the fastest median within budget wins. The
+result goes to `BUNDLE/tuning.json` with this machine's fingerprint; `--backend auto`
+(backends/auto.py) reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .backends import REGISTRY, open_bundle_generator
+from .backends.auto import (
+    FALLBACK_BACKEND,
+    TUNING_FILE,
+    TUNING_SCHEMA,
+    bundle_digest,
+    engine_label,
+)
+from .backends.machine import fingerprint
+from .errors import ConfigError, IlfError
+from .plan import StepPlan
+from .quantization.quantize import BUDGETS, Fidelity, reference_run, variant_engine, verify_generator
+from .runtime.bundle import Bundle, write_atomic
+from .runtime.generator import Generator, Request
+
+# fp32 engines against ONNX Runtime fp32: verify's fp32 tolerances (segments rel. L2 1e-4 = 80 dB
+# SNR; end-to-end latents rel. L2 1e-3).
+FP32_BUDGET = (80.0, 1e-3)
+TUNE_PROMPT = "a lighthouse on a cliff above a stormy sea"  # as verify-variant: not a calibration prompt
+MAX_ROUNDS = 7
+
+
+@dataclass
+class Candidate:
+    backend: str
+    variant: str | None  # a bundle variant, or an engine precision (OpenVINO "bf16")
+    budget: tuple[float, float] | None  # None: the reference itself
+    segments: list[str] = field(default_factory=list)  # compared segment by segment
+    fidelity: list[Fidelity] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # seconds per step, one per round
+    error: str | None = None  # why it was not measured (not installed, did not open...)
+
+    @property
+    def label(self) -> str:
+        return engine_label(self.backend, self.variant)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(f.ok for f in self.fidelity)
+
+    @property
+    def ms_per_step(self) -> float | None:
+        return 1000 * statistics.median(self.times) if self.times else None
+
+    def to_dict(self, reference_ms: float | None) -> dict[str, Any]:
+        ms = self.ms_per_step
+        return {
+            "backend": self.backend,
+            "variant": self.variant,
+            "label": self.label,
+            "ms_per_step": ms,
+            "speedup": reference_ms / ms if ms and reference_ms else None,
+            "rounds": len(self.times),
+            "budget": {"segment_snr_db": self.budget[0], "end_to_end_rel_l2": self.budget[1]}
+            if self.budget
+            else None,
+            "fidelity": [f.to_dict() for f in self.fidelity],
+            "ok": self.ok,
+            "error": self.error,
+        }
+
+
+def candidates(bundle: Bundle) -> list[Candidate]:
+    """Every backend x precision that could run `bundle` here (uninstalled ones carry an error)."""
+    all_segments = list(bundle.manifest["segments"])
+    variants = bundle.manifest.get("variants", {})
+
+    def budget(variant: str) -> tuple[float, float]:
+        return BUDGETS.get(variants[variant].get("mode", ""), (10.0, 0.35))
+
+    found = [Candidate(FALLBACK_BACKEND, None, None)]
+    for name in variants:
+        if variant_engine(bundle, name) == "onnxruntime":
+            found.append(Candidate("onnxruntime", name, budget(name), list(variants[name]["segments"])))
+    if "openvino" in REGISTRY:
+        missing = REGISTRY["openvino"].missing()
+        ov = [Candidate("openvino", None, FP32_BUDGET, all_segments)]
+        if missing is None:
+            from .backends.openvino import cpu_has_bf16
+
+            if cpu_has_bf16():
+                ov.append(Candidate("openvino", "bf16", BUDGETS["bf16"], all_segments))
+        for name, entry in variants.items():
+            if variant_engine(bundle, name) == "openvino" or entry.get("mode") == "int8-qdq":
+                ov.append(Candidate("openvino", name, budget(name), list(entry["segments"])))
+        for candidate in ov:
+            if missing is not None:
+                candidate.error = f"not installed: pip install 'ilf-deploy[{REGISTRY['openvino'].extra}]'"
+        found += ov
+    if bundle.manifest.get("torch_model") and "torch" in REGISTRY:
+        found.append(Candidate("torch", None, FP32_BUDGET))  # no segment calls: end to end only
+    return found
+
+
+def pick_winner(found: list[Candidate]) -> Candidate:
+    """The fastest timed candidate within its budget (the reference always is: it is fp32 itself)."""
+    return min((c for c in found if c.ok and c.times), key=lambda c: c.ms_per_step or float("inf"))
+
+
+def timing_plan(plan: StepPlan) -> StepPlan:
+    """The plan's steps up to its first feedback step (all of them for a plan without one)."""
+    first = next((i for i, step in enumerate(plan.steps) if step.feedback), len(plan.steps) - 1)
+    return dataclasses.replace(plan, name=f"{plan.name}[:{first + 1}]", steps=plan.steps[: first + 1])
+
+
+def tune(
+    bundle_path: str | Path,
+    plan: str | None = None,
+    budget_s: float = 300.0,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    include: Callable[[Candidate], bool] | None = None,
+) -> dict[str, Any]:
+    """Check and time every candidate, write BUNDLE/tuning.json; returns what it wrote.
+
+    `budget_s` bounds the timing rounds (at least one round always runs, after the fidelity
+    runs, which also warm every engine up); `include` filters the candidates (tests, benchmarks)."""
+    if budget_s <= 0:
+        raise ConfigError(f"--budget-s must be > 0, got {budget_s:g}")
+    started = time.perf_counter()
+    bundle = Bundle.load(bundle_path)
+    plan_name = plan or next((p for p in bundle.plan_names if p.startswith("ilf")), bundle.plan_names[0])
+    step_plan = bundle.plan(plan_name)
+    request = Request(prompt=TUNE_PROMPT, class_label=3, seed=123)
+    found = [c for c in candidates(bundle) if include is None or include(c) or c.budget is None]
+    options = {"threads": threads} if threads else {}
+
+    if progress:
+        progress(f"{engine_label(FALLBACK_BACKEND, None)} {plan_name} (the reference)")
+    base = open_bundle_generator(bundle, FALLBACK_BACKEND, None, **options)
+    reference = reference_run(bundle, plan_name, request, base=base)
+    generators: dict[int, Generator] = {0: base}
+    for index, candidate in enumerate(found):
+        if candidate.budget is None or candidate.error is not None:
+            continue
+        if progress:
+            progress(f"{candidate.label}: fidelity on {plan_name}")
+        try:
+            generator = open_bundle_generator(
+                bundle,
+                candidate.backend,
+                candidate.variant,
+                **(options if candidate.backend != "torch" else {}),
+            )
+            candidate.fidelity = verify_generator(
+                bundle, generator, candidate.segments, candidate.budget, reference=reference
+            )
+        except IlfError as exc:  # e.g. a variant OpenVINO cannot read
+            candidate.error = str(exc)
+            continue
+        generators[index] = generator  # timed even beyond budget: the table shows what it would gain
+
+    timed = timing_plan(step_plan)
+    for rounds in range(MAX_ROUNDS):
+        if rounds and time.perf_counter() - started > budget_s:
+            break
+        order = list(generators)
+        order = order[rounds % len(order) :] + order[: rounds % len(order)]  # rotate who goes first
+        for index in order:
+            if progress:
+                progress(f"timing round {rounds + 1}: {found[index].label}")
+            generator = generators[index]
+            start = time.perf_counter()
+            generator.latents_to_numpy(generator.generate_latents(timed, request))
+            found[index].times.append((time.perf_counter() - start) / timed.num_steps)
+
+    reference_ms = found[0].ms_per_step
+    winner = pick_winner(found)
+    report = {
+        "schema": TUNING_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint(),
+        "bundle_digest": bundle_digest(bundle),
+        "plan": plan_name,
+        "timed": {"plan": timed.name, "steps": timed.num_steps, "threads": threads},
+        "request": dataclasses.asdict(request),
+        "candidates": [c.to_dict(reference_ms) for c in found],
+        "winner": {"backend": winner.backend, "variant": winner.variant, "label": winner.label},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_atomic(bundle.path / TUNING_FILE, (json.dumps(report, indent=2) + "\n").encode())
+    return report

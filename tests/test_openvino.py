@@ -1,0 +1,227 @@
+"""The OpenVINO backend: parity with ONNX Runtime fp32, the int8-ov variant, bf16 gating, the
+compiled-model cache, the CLI commands on it, and the one-line error without the extra."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("openvino")
+
+from ilf_deploy.backends import open_generator
+from ilf_deploy.backends.openvino import CACHE_DIR, cpu_has_bf16
+from ilf_deploy.cli import app
+from ilf_deploy.errors import ConfigError
+from ilf_deploy.quantization.calibration import collect_calibration
+from ilf_deploy.quantization.quantize import BUDGETS, verify_generator, verify_variant
+from ilf_deploy.runtime.bundle import Bundle
+from ilf_deploy.runtime.generator import Request
+
+PROMPT = Request(prompt="a green triangle", seed=5)
+SEGMENT_TOLERANCE, END_TO_END_TOLERANCE = 1e-4, 1e-3  # verify's fp32 budgets (rel. L2)
+
+
+@pytest.fixture(scope="module")
+def ov_bundle(tiny_bundles, tmp_path_factory):
+    """The tiny PixArt-α bundle, calibrated on 2 prompts (4 samples per segment), with an int8-ov variant."""
+    from ilf_deploy.quantization.quantize import quantize_bundle
+
+    path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path_factory.mktemp("ov") / "bundle")
+    collect_calibration(path, "ilf-4", ["a red circle", "a blue square on grass"], max_samples=4)
+    quantize_bundle(path, "int8-ov")
+    return path
+
+
+def rel_l2(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
+
+
+class FirstFeeds:
+    def __init__(self) -> None:
+        self.feeds: dict[str, dict] = {}
+
+    def __call__(self, name, feeds) -> None:
+        self.feeds.setdefault(name, {k: np.array(v) for k, v in feeds.items()})
+
+
+def test_f32_segments_match_onnxruntime_within_the_segment_budget(ov_bundle):
+    ort = open_generator(ov_bundle, "onnxruntime")
+    ov = open_generator(ov_bundle, "openvino", cache=False)
+    assert (ov.backend, ov.variant) == ("openvino", None)
+    plan = ort.bundle.plan("ilf-4")
+    recorder = FirstFeeds()
+    ort.segments.recorder = recorder
+    want = ort.generate_latents(plan, PROMPT)
+    want_images = ort.decode(want)
+    ort.segments.recorder = None
+    recorder.feeds["vae_decoder"] = {"latents": np.asarray(want)}
+    assert set(recorder.feeds) == set(ort.bundle.manifest["segments"])  # every segment, on real feeds
+    for name, feeds in recorder.feeds.items():
+        a, b = ov.segments.run(name, feeds), ort.segments.run(name, feeds)
+        assert set(a) == set(b), name
+        for key in b:
+            assert a[key].shape == b[key].shape, (name, key)
+            assert rel_l2(a[key], b[key]) <= SEGMENT_TOLERANCE, (name, key, rel_l2(a[key], b[key]))
+    got = ov.generate_latents(plan, PROMPT)
+    assert rel_l2(got, want) <= END_TO_END_TOLERANCE
+    assert np.abs(ov.decode(got).astype(int) - want_images).max() <= 2
+    assert ov.segments.timings["feedback"], "stage times for bench/serve"
+
+
+def test_int8_variant_is_within_its_budget_and_runs_only_on_openvino(ov_bundle):
+    import openvino as ov
+
+    bundle = Bundle.load(ov_bundle)  # the variant's .xml/.bin are hashed like any variant's files
+    entry = bundle.manifest["variants"]["int8_ov"]
+    assert entry["mode"] == "int8-ov" and entry["engine"] == "openvino" and "nncf" in entry["tools"]
+    assert set(entry["segments"]) == {
+        n for n, s in bundle.manifest["segments"].items() if s.get("blocks") or n == "feedback"
+    }
+    for name, spec in entry["segments"].items():
+        assert spec["file"].endswith(".xml") and spec["file"] in bundle.manifest["files"]
+        assert spec["file"][:-4] + ".bin" in bundle.manifest["files"]
+        ops = [op.get_type_name() for op in ov.Core().read_model(str(bundle.path / spec["file"])).get_ops()]
+        assert ops.count("FakeQuantize") > 0 and entry["quantized_layers"][name] > 0, name
+    rows = verify_variant(bundle, "int8_ov")
+    snr, rel = BUDGETS["int8-ov"]
+    assert all(r.ok for r in rows), rows
+    segments = [r for r in rows if r.kind == "segment"]
+    assert {r.name for r in segments} == set(entry["segments"])
+    assert all(r.snr_db >= snr for r in segments)
+    end_to_end = rows[-1]
+    # quantized for real: not fp32's output, but within budget
+    assert end_to_end.kind == "end-to-end" and 1e-5 < end_to_end.rel_l2 <= rel
+    with pytest.raises(ConfigError, match="runs on --backend openvino"):
+        open_generator(ov_bundle, "onnxruntime", variant="int8_ov")
+    result = CliRunner().invoke(app, ["verify-variant", str(ov_bundle), "--variant", "int8_ov"])
+    assert result.exit_code == 0, result.output
+    assert "int8-ov, on openvino" in " ".join(result.output.split())  # the title, however wrapped
+
+
+def test_ort_only_variants_are_refused_with_one_line(ov_bundle, tmp_path):
+    path = shutil.copytree(ov_bundle, tmp_path / "bundle")
+    from ilf_deploy.quantization.quantize import quantize_bundle
+
+    quantize_bundle(path, "int8-dynamic")
+    with pytest.raises(ConfigError, match="only ONNX Runtime runs"):
+        open_generator(path, "openvino", variant="int8_dynamic")
+
+
+@pytest.mark.skipif(cpu_has_bf16(), reason="this CPU has bf16: the budget test below runs instead")
+def test_bf16_is_refused_on_a_cpu_without_bf16(ov_bundle):
+    with pytest.raises(ConfigError, match="AVX512_BF16 or AMX"):
+        open_generator(ov_bundle, "openvino", variant="bf16")
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="needs AVX512_BF16 or AMX (OpenVINO bf16)")
+def test_bf16_is_within_the_variant_budget(ov_bundle):
+    bundle = Bundle.load(ov_bundle)
+    generator = open_generator(ov_bundle, "openvino", variant="bf16")
+    assert generator.variant == "bf16"
+    rows = verify_generator(bundle, generator, list(bundle.manifest["segments"]), BUDGETS["bf16"])
+    assert all(r.ok for r in rows), rows
+
+
+def test_compiled_models_are_cached_in_the_bundle_outside_its_manifest(ov_bundle, tmp_path, monkeypatch):
+    from ilf_deploy.backends import openvino as backend
+
+    path = shutil.copytree(ov_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(CACHE_DIR))
+    plan = Bundle.load(path).plan("ilf-4")
+    first = open_generator(path, "openvino").generate_latents(plan, PROMPT)
+    cache = path / CACHE_DIR
+    blobs = sorted(cache.iterdir())
+    names = {b.name.split(".")[0] for b in blobs}
+    assert names == {"text_encoder", "context", "time", "embed", "feedback", "final"} | {
+        n for n in Bundle.load(path).manifest["segments"] if n.startswith("blocks_")
+    }
+    assert not any(b.name.startswith(".") for b in blobs)  # no temporary file left behind
+    assert not any(f.startswith(CACHE_DIR) for f in Bundle.load(path).manifest["files"])
+    Bundle.load(path)  # its sha256 check still passes
+
+    # A second start imports every blob: compiling is never needed.
+    compile_model = backend.core().compile_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled although a cached blob exists")
+
+    monkeypatch.setattr(type(backend.core()), "compile_model", refuse)
+    again = open_generator(path, "openvino").generate_latents(plan, PROMPT)
+    np.testing.assert_array_equal(again, first)
+    monkeypatch.setattr(type(backend.core()), "compile_model", compile_model.__func__)
+
+    # Half a blob (a crash while some other tool wrote it) is recompiled and replaced.
+    broken = next(b for b in blobs if b.name.startswith("feedback."))
+    broken.write_bytes(broken.read_bytes()[:100])
+    repaired = open_generator(path, "openvino").generate_latents(plan, PROMPT)
+    np.testing.assert_array_equal(repaired, first)
+    assert broken.stat().st_size > 100
+
+    # f32 and int8 are separate blobs; turning the cache off writes none.
+    open_generator(path, "openvino", variant="int8_ov").generate_latents(plan, PROMPT)
+    assert len(list(cache.iterdir())) > len(blobs)
+    shutil.rmtree(cache)
+    open_generator(path, "openvino", cache=False).generate_latents(plan, PROMPT)
+    assert not cache.exists()
+
+
+def test_generate_bench_verify_and_eval_run_on_openvino(ov_bundle, tmp_path):
+    runner = CliRunner()
+    image = tmp_path / "x.png"
+    args = ["generate", str(ov_bundle), "--backend", "openvino", "--plan", "ilf-4", "--prompt", "a cat"]
+    result = runner.invoke(app, [*args, "--out", str(image)])
+    assert result.exit_code == 0 and image.is_file(), result.output
+    report = tmp_path / "bench.json"
+    args = ["bench", str(ov_bundle), "--backend", "openvino", "--variant", "int8_ov", "--plans", "ilf-4"]
+    result = runner.invoke(app, [*args, "--runs", "1", "--warmup", "0", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert (data["backend"], data["variant"]) == ("openvino", "int8_ov")
+    assert "on openvino int8_ov" in result.output and "feedback" in result.output  # per-stage times
+    result = runner.invoke(app, ["verify", str(ov_bundle), "--backend", "openvino"])
+    assert result.exit_code == 0, result.output
+
+    from ilf_deploy.evaluation import bundle_backend
+
+    evaluated = bundle_backend(ov_bundle, backend="openvino")
+    assert evaluated.name == "openvino"
+    samples = evaluated.generate(Bundle.load(ov_bundle).plan("ilf-4"), ["a red circle"], [0])
+    assert samples[0].image.shape[-1] == 3
+
+
+def test_openvino_device_names(ov_bundle):
+    with pytest.raises(ConfigError, match="not an OpenVINO device"):
+        open_generator(ov_bundle, "openvino", device="cuda")
+    generator = open_generator(ov_bundle, "openvino", device="CPU")
+    assert generator.segments.device == "CPU"
+
+
+def test_missing_openvino_is_a_one_line_error_naming_the_extra(ov_bundle, tmp_path):
+    code = (
+        "import sys\n"
+        "for name in ('openvino', 'nncf'):\n"
+        "    sys.modules[name] = None  # as if not installed: importing them raises ImportError\n"
+        "from ilf_deploy.cli import main\n"
+        "main()\n"
+    )
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+
+    copy = shutil.copytree(ov_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(CACHE_DIR))
+    for args in (
+        ("generate", copy, "--backend", "openvino", "--plan", "ilf-4", "--prompt", "x"),
+        ("quantize", copy, "--mode", "int8-ov", "--name", "again"),
+    ):
+        result = cli(*args)
+        text = (result.stdout + result.stderr).strip()
+        assert result.returncode == 2 and "Traceback" not in text, text
+        assert "pip install 'ilf-deploy[openvino]'" in text and len(text.splitlines()) == 1, text
+    assert not (copy / "onnx" / "again").exists() and "again" not in Bundle.load(copy).variants
+    assert not list((copy / "onnx").glob(".again*"))  # no half-written variant either

@@ -1,0 +1,218 @@
+"""`ilf-deploy tune` and `--backend auto`: a valid tuning.json, a failing variant never chosen, the
+winner used only on the machine that measured it, ONNX Runtime fp32 (with a message) otherwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from typer.testing import CliRunner
+
+from ilf_deploy.backends import open_generator
+from ilf_deploy.backends.auto import TUNING_FILE, choose
+from ilf_deploy.backends.machine import fingerprint
+from ilf_deploy.cli import app
+from ilf_deploy.errors import ConfigError
+from ilf_deploy.quantization.quantize import Fidelity
+from ilf_deploy.runtime.bundle import Bundle, rewrite_manifest
+from ilf_deploy.runtime.generator import Request
+from ilf_deploy.tuning import Candidate, candidates, pick_winner, timing_plan, tune
+
+BROKEN = "broken"
+
+
+def add_broken_variant(path) -> None:
+    """A deliberately wrong and fast variant: every block segment returns its input (no block runs),
+    registered as an int8-qdq variant (so OpenVINO, which reads Q/DQ ONNX, gets it too)."""
+    bundle = Bundle.load(path)
+    segments = {}
+    (path / "onnx" / BROKEN).mkdir()
+    for name, spec in bundle.manifest["segments"].items():
+        if not spec.get("blocks"):
+            continue
+        model = onnx.load(str(bundle.segment_path(name)))
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["hidden"], ["hidden_out"])],
+            name,
+            list(model.graph.input),
+            list(model.graph.output),
+        )
+        skipped = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+        onnx.save(skipped, str(path / "onnx" / BROKEN / f"{name}.onnx"))
+        segments[name] = {**spec, "file": f"onnx/{BROKEN}/{name}.onnx"}
+
+    def mutate(manifest):
+        manifest.setdefault("variants", {})[BROKEN] = {"mode": "int8-qdq", "segments": segments}
+        manifest["files"].update({s["file"]: "" for s in segments.values()})
+
+    rewrite_manifest(path, mutate)
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_bundles, tmp_path_factory):
+    """The tiny PixArt-α bundle with a broken variant, tuned (torch left out: it is slow and fp32)."""
+    path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path_factory.mktemp("tune") / "bundle")
+    add_broken_variant(path)
+    report = tune(path, "ilf-4", budget_s=2, include=lambda c: c.backend != "torch")
+    return path, report
+
+
+def test_tune_writes_a_valid_tuning_json(tuned):
+    path, report = tuned
+    data = json.loads((path / TUNING_FILE).read_text())
+    assert data == json.loads(json.dumps(report))
+    assert data["schema"] == 1 and data["plan"] == "ilf-4" and data["fingerprint"] == fingerprint()
+    assert data["fingerprint"]["cores"] >= 1 and data["fingerprint"]["versions"]["onnxruntime"]
+    labels = [c["label"] for c in data["candidates"]]
+    assert labels[0] == "onnxruntime fp32" and f"onnxruntime {BROKEN}" in labels
+    for candidate in data["candidates"]:
+        if candidate["error"] is None:
+            assert candidate["ms_per_step"] > 0 and candidate["rounds"] >= 1, candidate
+    reference = data["candidates"][0]
+    assert reference["speedup"] == pytest.approx(1.0) and reference["ok"]
+    winner = next(c for c in data["candidates"] if c["label"] == data["winner"]["label"])
+    assert winner["ok"] and winner["ms_per_step"] == min(
+        c["ms_per_step"] for c in data["candidates"] if c["ok"] and c["ms_per_step"]
+    )
+    # tuning.json describes this machine, not the bundle: not hashed, the bundle still verifies
+    bundle = Bundle.load(path)
+    assert TUNING_FILE not in bundle.manifest["files"]
+    assert not list(path.glob(f".{TUNING_FILE}*"))  # written atomically: no temporary left
+
+
+def test_tune_never_picks_a_variant_beyond_its_budget(tuned):
+    _, report = tuned
+    broken = [c for c in report["candidates"] if c["variant"] == BROKEN]
+    assert broken and all(not c["ok"] for c in broken)
+    for candidate in broken:
+        if candidate["error"] is None:  # timed all the same (the table shows what it would gain)
+            assert candidate["ms_per_step"] > 0
+            assert any(not f["ok"] and f["kind"] == "end-to-end" for f in candidate["fidelity"])
+    assert report["winner"]["variant"] != BROKEN
+
+
+def test_the_winner_is_the_fastest_within_budget():
+    fidelity = [Fidelity("end-to-end", "ilf-4", 5.0, 0.9, 0.5, 1, False)]
+    found = [
+        Candidate("onnxruntime", None, None, times=[0.010, 0.012]),
+        Candidate("onnxruntime", BROKEN, (30.0, 0.05), fidelity=fidelity, times=[0.001]),  # fastest
+        Candidate("openvino", None, (80.0, 1e-3), times=[0.008, 0.009, 0.020]),
+        Candidate("openvino", "int8_ov", (30.0, 0.05), error="did not open"),
+    ]
+    assert pick_winner(found).label == "openvino fp32"  # median 9 ms; broken 1 ms is out of budget
+    found[2].times = [0.05]
+    assert pick_winner(found).label == "onnxruntime fp32"
+
+
+def test_timing_plan_is_the_first_steps_up_to_a_feedback_step(tiny_bundles):
+    plan = Bundle.load(tiny_bundles["pixart-alpha"]).plan("ilf-4")
+    timed = timing_plan(plan)
+    assert timed.steps[-1].feedback and not any(s.feedback for s in timed.steps[:-1])
+    assert timed.steps == plan.steps[: timed.num_steps]
+
+
+def test_candidates_cover_the_installed_engines(tuned):
+    path, _ = tuned
+    found = {(c.backend, c.variant): c for c in candidates(Bundle.load(path))}
+    assert ("onnxruntime", None) in found and ("onnxruntime", BROKEN) in found
+    assert ("torch", None) in found  # the bundle carries its torch model
+    if ("openvino", None) in found and found[("openvino", None)].error is None:
+        assert ("openvino", BROKEN) in found  # Q/DQ ONNX: OpenVINO reads it too
+
+
+def write(path, data) -> None:
+    (path / TUNING_FILE).write_text(json.dumps(data))
+
+
+def test_auto_uses_the_winner_here_and_falls_back_elsewhere(tuned, tmp_path):
+    source, report = tuned
+    path = shutil.copytree(source, tmp_path / "bundle")
+    ok = [c for c in report["candidates"] if c["ok"] and c["ms_per_step"]]
+    pick = ok[-1]  # any candidate within budget (the last is not the reference where there are more)
+    write(path, {**report, "winner": {"backend": pick["backend"], "variant": pick["variant"]}})
+    generator = open_generator(path, "auto")
+    assert (generator.backend, generator.variant) == (pick["backend"], pick["variant"])
+    assert generator.choice.startswith(f"auto: {pick['label']} (")
+
+    elsewhere = {**report["fingerprint"], "cpu": "Some Other CPU", "cores": 96}
+    write(path, {**report, "fingerprint": elsewhere, "winner": {"backend": pick["backend"]}})
+    generator = open_generator(path, "auto")
+    assert (generator.backend, generator.variant) == ("onnxruntime", None)
+    assert "another machine" in generator.choice and "Some Other CPU" in generator.choice
+
+    newer = {**report["fingerprint"], "versions": {**report["fingerprint"]["versions"], "onnxruntime": "0.1"}}
+    write(path, {**report, "fingerprint": newer})
+    assert "onnxruntime 0.1 there" in choose(Bundle.load(path)).reason
+
+    # a hand-edited winner that failed its budget is not used either
+    write(path, {**report, "winner": {"backend": "onnxruntime", "variant": BROKEN}})
+    assert open_generator(path, "auto").variant is None
+
+    (path / TUNING_FILE).write_text("{not json")
+    assert "unreadable" in choose(Bundle.load(path)).reason
+    (path / TUNING_FILE).unlink()
+    generator = open_generator(path, "auto")
+    assert generator.backend == "onnxruntime" and "no tuning.json" in generator.choice
+    with pytest.raises(ConfigError, match="auto picks its own"):
+        open_generator(path, "auto", variant=BROKEN)
+
+
+def test_auto_notices_a_bundle_changed_since_tune(tuned, tmp_path):
+    source, report = tuned
+    path = shutil.copytree(source, tmp_path / "bundle")
+    ok = [c for c in report["candidates"] if c["ok"]]
+    write(path, {**report, "winner": {"backend": ok[-1]["backend"], "variant": ok[-1]["variant"]}})
+    assert choose(Bundle.load(path)).tuned
+    rewrite_manifest(path, lambda m: m["files"].update({"plans/base-4.json": ""}))  # re-hashed: same
+    assert choose(Bundle.load(path)).tuned
+    (path / "plans" / "base-4.json").write_text((path / "plans" / "base-4.json").read_text() + " ")
+    rewrite_manifest(path, lambda m: m["files"].update({"plans/base-4.json": ""}))
+    assert "changed since" in choose(Bundle.load(path)).reason
+
+
+def test_cli_tune_and_auto(tuned, tmp_path):
+    source, _ = tuned
+    path = shutil.copytree(source, tmp_path / "bundle")
+    (path / TUNING_FILE).unlink()
+    runner = CliRunner()
+    args = ["generate", str(path), "--plan", "ilf-4", "--prompt", "a cat", "--latents-out"]
+    # the default is auto; without a tuning.json it runs ONNX Runtime fp32 and says nothing new
+    result = runner.invoke(app, [*args, str(tmp_path / "a.npy")])
+    assert result.exit_code == 0 and "auto:" not in result.output, result.output
+    explicit = runner.invoke(app, [*args, str(tmp_path / "b.npy"), "--backend", "onnxruntime"])
+    assert explicit.exit_code == 0, explicit.output
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+    result = runner.invoke(app, ["tune", str(path), "--plans", "ilf-4", "--budget-s", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed == json.loads((path / TUNING_FILE).read_text())
+    assert printed["winner"]["variant"] != BROKEN
+    result = runner.invoke(app, ["tune", str(path), "--plans", "ilf-4", "--budget-s", "1"])
+    assert result.exit_code == 0 and "beyond budget" in result.output and "winner" in result.output
+
+    data = json.loads((path / TUNING_FILE).read_text())
+    write(path, {**data, "fingerprint": {**data["fingerprint"], "cpu": "Some Other CPU"}})
+    result = runner.invoke(app, [*args, str(tmp_path / "c.npy"), "--backend", "auto"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("auto:")]
+    assert len(lines) == 1 and "onnxruntime fp32" in lines[0] and "another machine" in lines[0]
+    # the default says so too once a tuning.json exists
+    result = runner.invoke(app, [*args, str(tmp_path / "d.npy")])
+    assert result.exit_code == 0 and "auto: onnxruntime fp32" in result.output
+    result = runner.invoke(app, ["tune", str(path), "--budget-s", "0"])
+    assert result.exit_code == 2 and "--budget-s" in result.output
+
+
+def test_timed_generation_is_deterministic_per_request(tiny_bundles):
+    """tune times generate_latents on one request: the same request gives the same latents."""
+    generator = open_generator(tiny_bundles["pixart-alpha"])
+    plan = timing_plan(generator.bundle.plan("ilf-4"))
+    request = Request(prompt="x", seed=1)
+    np.testing.assert_array_equal(
+        generator.generate_latents(plan, request), generator.generate_latents(plan, request)
+    )
