@@ -7,14 +7,20 @@ DEMO   ?= out/demo
 
 .PHONY: setup test lint typecheck-trt demo default-model bench gpu-check clean
 
-setup: $(BIN)/ilf-deploy
+setup: $(BIN)/ilf-deploy $(VENV)/triton/ilf-triton.json
 
 $(BIN)/ilf-deploy: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The CPU build first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[onnx,serve,openvino,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[onnx,serve,openvino,triton,dev]"
+	touch $@
+
+# tritonserver and its Python backend, unpacked from the nvidia-pytriton wheel into $(VENV)/triton
+# (the wheel is not installed: it pins numpy<2); README "Triton Inference Server".
+$(VENV)/triton/ilf-triton.json: $(BIN)/ilf-deploy
+	$(BIN)/ilf-deploy install-triton
 	touch $@
 
 test: setup

@@ -30,6 +30,7 @@ EXTRAS = {
     "uvicorn": "serve",
     "polygraphy": "tensorrt",
     "tensorrt": "tensorrt",
+    "tritonclient": "triton",
     "openvino": "openvino",
     "nncf": "openvino",
 }
@@ -100,7 +101,9 @@ from . import tune as _tune  # noqa: E402, F401
 from .engines import register as _register_tensorrt  # noqa: E402
 from .serve import register as _register_serve  # noqa: E402
 from .training import register as _register_training  # noqa: E402
+from .triton import register as _register_triton  # noqa: E402
 
 _register_serve(command)
 _register_tensorrt(command)
 _register_training(command)
+_register_triton(command)

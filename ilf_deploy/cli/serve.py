@@ -56,9 +56,26 @@ def register(command) -> None:
             Path | None, typer.Option(help="TLS private key (PEM), to serve HTTPS with uvicorn.")
         ] = None,
         ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM).")] = None,
+        server: Annotated[
+            str, typer.Option(help="ilf (this FastAPI server) or triton (tritonserver, KServe v2 API).")
+        ] = "ilf",
+        http_port: Annotated[int | None, typer.Option(help="Triton's HTTP port (default --port).")] = None,
+        grpc_port: Annotated[int, typer.Option(help="Triton's gRPC port.")] = 8001,
+        metrics_port: Annotated[int, typer.Option(help="Triton's Prometheus metrics port.")] = 8002,
     ) -> None:
         """Serve a bundle over HTTP: OpenAI-style /v1/images/generations with micro-batching."""
         from ..errors import ConfigError
+
+        if server == "triton":  # the same bundle on NVIDIA Triton Inference Server (cli/triton.py)
+            from .triton import run_triton
+
+            code = run_triton(
+                bundle, backend, host, http_port or port, grpc_port, metrics_port, max_batch, max_wait_ms,
+                max_queue, default_plan,
+            )  # fmt: skip
+            raise typer.Exit(code)
+        if server != "ilf":
+            raise ConfigError(f"--server must be ilf or triton, got {server!r}")
 
         try:
             import uvicorn

