@@ -263,6 +263,8 @@ def test_bad_requests_get_one_line_errors_and_the_model_stays_up(server, extra, 
             client.infer("tiny", inputs(module, **{"seed": 1, **extra}))
         assert message in error.value.message(), error.value.message()
         assert "\n" not in error.value.message()
+        if module.__name__ == "tritonclient.http":
+            assert error.value.status() == "400"  # the client's error, not the server's
         assert client.is_model_ready("tiny")
         assert client.infer("tiny", inputs(module, seed=2)).as_numpy("image").shape == (1, 32, 32, 3)
 
