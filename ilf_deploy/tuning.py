@@ -186,9 +186,9 @@ def tune(
             break
         order = list(generators)
         order = order[rounds % len(order) :] + order[: rounds % len(order)]  # rotate who goes first
+        if progress:
+            progress(f"timing round {rounds + 1} of at most {MAX_ROUNDS}")
         for index in order:
-            if progress:
-                progress(f"timing round {rounds + 1}: {found[index].label}")
             generator = generators[index]
             start = time.perf_counter()
             generator.latents_to_numpy(generator.generate_latents(timed, request))
