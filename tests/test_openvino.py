@@ -225,3 +225,16 @@ def test_missing_openvino_is_a_one_line_error_naming_the_extra(ov_bundle, tmp_pa
         assert "pip install 'ilf-deploy[openvino]'" in text and len(text.splitlines()) == 1, text
     assert not (copy / "onnx" / "again").exists() and "again" not in Bundle.load(copy).variants
     assert not list((copy / "onnx").glob(".again*"))  # no half-written variant either
+
+
+def test_serve_runs_openvino_and_auto(ov_bundle, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from ilf_deploy.serve import ServeOptions, create_app
+
+    for backend in ("openvino", "auto"):
+        with TestClient(create_app(ov_bundle, ServeOptions(backend=backend, max_n=2))) as client:
+            response = client.post("/v1/images/generations", json={"prompt": "a blue square", "n": 2})
+            assert response.status_code == 200, response.text
+            assert len(response.json()["data"]) == 2
