@@ -71,8 +71,16 @@ def bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repository(bundle, tmp_path_factory) -> Path:
+def dit_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("triton-dit")
+    model = make_tiny_pipeline("dit", root / "model", num_layers=2)
+    return build_bundle(model, root / "bundle", BuildOptions(plans=("base-2",), copy_model=False))
+
+
+@pytest.fixture(scope="module")
+def repository(bundle, dit_bundle, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
+    export_repository(dit_bundle, repo, ExportOptions(name="dit"))
     # a 100 ms batching window: 16 requests sent together are sure to meet in Triton's queue
     export_repository(bundle, repo, ExportOptions(name="tiny", max_batch=8, max_queue_delay_us=100_000))
     # one image at a time and one waiting: the 3rd concurrent request finds the queue full
@@ -135,9 +143,10 @@ def server(repository, tmp_path_factory) -> Iterator[Server]:
     ports = (free_port(), free_port(), free_port())
     log = tmp_path_factory.mktemp("log") / "tritonserver.log"
     # explicit model control: the broken model is loaded by its test, through the repository API
-    extra = ("--model-control-mode=explicit", "--load-model=tiny", "--load-model=tiny_q")
+    models = ["tiny", "tiny_q", "dit"]
+    extra = ("--model-control-mode=explicit", *(f"--load-model={m}" for m in models))
     command = SERVER.command(repository, *ports, host="127.0.0.1", extra=extra)
-    started = start_server(command, SERVER.environment(), log, ["tiny", "tiny_q"], ports)
+    started = start_server(command, SERVER.environment(), log, models, ports)
     yield started
     for client in started.clients:
         client.close()
@@ -201,6 +210,49 @@ def test_http_and_grpc_images_equal_ilf_deploy_generate(server, bundle, tmp_path
         image = result.as_numpy("image")
         assert image.dtype == np.uint8 and image.shape == (1, *expected.shape)
         np.testing.assert_array_equal(image[0], expected)  # the PNG's pixels, bit for bit
+
+
+@needs_server
+def test_dit_class_labels_equal_ilf_deploy_generate(server, dit_bundle, tmp_path):
+    from tritonclient.utils import InferenceServerException
+
+    out = tmp_path / "dit.png"
+    result = invoke("generate", dit_bundle, "--plan", "base-2", "--class-label", 3, "--seed", 6, "--out", out)
+    assert result.exit_code == 0, result.output
+    expected = np.asarray(Image.open(out))
+    for module, client in (http_client(server), grpc_client(server)):
+        tensors = []
+        for name, value in (("class_label", 3), ("seed", 6)):
+            tensor = module.InferInput(name, [1, 1], "INT64")
+            tensor.set_data_from_numpy(np.array([[value]], dtype=np.int64))
+            tensors.append(tensor)
+        np.testing.assert_array_equal(client.infer("dit", tensors).as_numpy("image")[0], expected)
+        tensors[0].set_data_from_numpy(np.array([[1000]], dtype=np.int64))
+        with pytest.raises(InferenceServerException, match=r"class_label must be in 0\.\.\d+, got 1000"):
+            client.infer("dit", tensors)
+        with pytest.raises(InferenceServerException, match="class_label is required"):
+            client.infer("dit", tensors[1:])
+
+
+@needs_server
+def test_a_request_of_several_rows_gets_one_image_per_row(server, bundle, tmp_path):
+    from tritonclient.utils import InferenceServerException
+
+    http, client = http_client(server)
+    prompts = http.InferInput("prompt", [2, 1], "BYTES")
+    prompts.set_data_from_numpy(np.array([[PROMPT.encode()], [PROMPT.encode()]], dtype=object))
+    seeds = http.InferInput("seed", [2, 1], "INT64")
+    seeds.set_data_from_numpy(np.array([[11], [12]], dtype=np.int64))
+    images = client.infer("tiny", [prompts, seeds]).as_numpy("image")
+    assert images.shape == (2, 32, 32, 3)
+    for image, seed in zip(images, (11, 12)):  # one batch of two: equal up to float rounding
+        expected = generate_png(bundle, "ilf-4", seed, tmp_path / f"{seed}.png")
+        assert np.abs(image.astype(int) - expected.astype(int)).mean() < 0.5
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 5  # two seeds, two images
+    seeds = http.InferInput("seed", [1, 1], "INT64")
+    seeds.set_data_from_numpy(np.array([[11]], dtype=np.int64))
+    with pytest.raises(InferenceServerException, match="'prompt' batch size does not match other inputs"):
+        client.infer("tiny", [prompts, seeds])
 
 
 @needs_server
@@ -417,6 +469,25 @@ def test_export_refuses_a_corrupted_bundle_in_one_line(bundle, tmp_path):
     ]:
         result = invoke("export-triton", bundle, "--out", tmp_path / "repo2", *args)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_install_triton_refuses_what_is_not_the_server_wheel(tmp_path, monkeypatch):
+    import zipfile
+
+    monkeypatch.setenv("ILF_TRITON_HOME", str(tmp_path / "home"))
+
+    not_a_wheel = tmp_path / "x.whl"
+    not_a_wheel.write_text("no")
+    result = invoke("install-triton", "--wheel", not_a_wheel)
+    assert result.exit_code == 2 and "is not a wheel" in result.output
+    other = tmp_path / "other-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("pytriton/tritonserver/README", "no binary")
+    from ilf_deploy.triton.server import install_server
+
+    with pytest.raises(ConfigError, match="holds no tritonserver"):
+        install_server(tmp_path / "home", wheel=other)
+    assert not (tmp_path / "home").exists()
 
 
 # -- the BLS layout, with a fake Triton Python backend ---------------------------------------------
