@@ -130,9 +130,14 @@ def linear_peak(
 
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
-    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="/blocks.0/ff/net.2/MatMul")  # a linear layer
+    # named like an exported linear layer; the Identity keeps OpenVINO from naming the MatMul "y"
+    name = "/blocks.0/ff/net.2/MatMul"
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], [f"{name}_output_0"], name=name),
+        helper.make_node("Identity", [f"{name}_output_0"], ["y"], name="/out/Identity"),
+    ]
     graph = helper.make_graph(
-        [node],
+        nodes,
         "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
