@@ -95,13 +95,9 @@ class Engine:
             self._tokenizer.no_padding()
             self.max_tokens = int(spec["max_length"])
 
-    def warm_up(self) -> None:
-        """One guided image at the default size, and every segment opened, before Triton calls the
-        model ready (as `serve` does): the first request does not pay for session creation."""
-        request = Request(
-            prompt="warm up", class_label=0 if self.is_dit else None, guidance_scale=self.default_guidance
-        )
-        self.generator.decode(self.generator.generate_batch(self.plans[self.default_plan], [request]))
+    def open_segments(self) -> None:
+        """Every segment's session opened now, not by the first request of a plan that uses it
+        (Triton's model_warmup, in the config, then runs one image through `execute`)."""
         session = getattr(self.generator.segments, "session", None)  # ONNX Runtime: lazily opened
         if session is not None:
             for name in self.bundle.manifest["segments"]:
@@ -246,8 +242,7 @@ class _PythonModel:
             bundle = Bundle.load(_bundle_path(params["bundle"], args))  # hashes checked
             generator = self.open_generator(bundle, params, args)
             self.engine = Engine(generator, bundle, params.get("default_plan") or None)
-            if params.get("warmup", "true") == "true":
-                self.engine.warm_up()
+            self.engine.open_segments()
         except IlfError as exc:
             # One line in Triton's log; the exception makes the load fail and the model not ready.
             pb_utils.Logger.log_error(f"ilf-deploy: {args.get('model_name', '')}: {exc}")

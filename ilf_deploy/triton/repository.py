@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ LAYOUTS = ("python", "bls")
 KINDS = ("cpu", "gpu")
 MAX_QUEUE_DELAY_US = 10_000  # as `serve --max-wait-ms 10`
 MAX_QUEUE = 64  # as `serve --max-queue`
+WARMUP_PROMPT_FILE = "prompt"  # in NAME/warmup/, where Triton looks for model_warmup's input files
 BUNDLE_DIR = "bundle"  # --copy-bundle: the bundle's place inside the version directory
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TYPES = {
@@ -141,6 +143,19 @@ def generation_config(bundle: Bundle, options: ExportOptions, parameters: dict[s
         f"  default_queue_policy {{ timeout_action: REJECT max_queue_size: {options.max_queue} }}\n"
         "}\n" + _parameters(parameters)
     )
+    if options.warmup:  # one guided image at the default size before Triton calls the model ready
+        first = (
+            '    inputs { key: "class_label" value { data_type: TYPE_INT64 dims: [ 1 ] zero_data: true } }\n'
+            if bundle.architecture == "dit"
+            else f'    inputs {{ key: "prompt" value {{ data_type: TYPE_STRING dims: [ 1 ] '
+            f"input_data_file: {quote(WARMUP_PROMPT_FILE)} }} }}\n"
+        )
+        text += (
+            'model_warmup [\n  {\n    name: "one image"\n    batch_size: 1\n'
+            + first
+            + '    inputs { key: "seed" value { data_type: TYPE_INT64 dims: [ 1 ] zero_data: true } }\n'
+            "  }\n]\n"
+        )
     return text
 
 
@@ -221,13 +236,7 @@ def _write_generation_model(bundle: Bundle, directory: Path, options: ExportOpti
         location = BUNDLE_DIR  # relative: resolved against the version directory at load time
     else:
         location = str(bundle.path.resolve())
-    # warmup: one guided image at the default size in `initialize`, before the model reports ready
-    # (not Triton's model_warmup: with a BYTES input file it crashed the wheel's Python backend stub)
-    parameters = {
-        "bundle": location,
-        "layout": options.layout,
-        "warmup": "true" if options.warmup else "false",
-    }
+    parameters = {"bundle": location, "layout": options.layout}
     if options.layout == "python":
         parameters["backend"] = options.backend
     if options.variant:
@@ -237,6 +246,10 @@ def _write_generation_model(bundle: Bundle, directory: Path, options: ExportOpti
     (directory / "config.pbtxt").write_text(generation_config(bundle, options, parameters))
     cls = "BlsPythonModel" if options.layout == "bls" else "IlfPythonModel"
     (version / "model.py").write_text(MODEL_PY.format(layout=options.layout, cls=cls))
+    if options.warmup and bundle.architecture != "dit":
+        (directory / "warmup").mkdir()
+        prompt = b"warm up"  # Triton's file format for a BYTES element: a 4-byte length, then the bytes
+        (directory / "warmup" / WARMUP_PROMPT_FILE).write_bytes(struct.pack("<I", len(prompt)) + prompt)
 
 
 def _segment_sources(bundle: Bundle, options: ExportOptions) -> dict[str, tuple[dict[str, Any], Path, str]]:

@@ -5,8 +5,9 @@ with stubs for Python 3.8–3.13. We need only those files, not the `pytriton` p
 `install_server` unpacks them into `sys.prefix/triton` (the virtualenv) without installing the wheel.
 
 The stubs do not work under numpy 2: with our numpy 2.x a BYTES input reached the model as its
-first byte repeated and the server aborted (our guess: they are built against numpy 1.x's C API,
-which numpy 2 changed; pytriton pins numpy<2). So the stub gets a Python environment of its own,
+first byte repeated and the server aborted, and a numeric output failed Triton's shape check; the
+same models work under numpy 1.26 (our guess: the stubs are built against numpy 1.x's C API, which
+numpy 2 changed; pytriton pins numpy<2). So the stub gets a Python environment of its own,
 `HOME/python`: numpy<2, this environment's onnxruntime and tokenizers versions (the numerics of
 `ilf-deploy generate`) and a link to this ilf_deploy package. Our own environment keeps numpy 2.
 
