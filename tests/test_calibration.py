@@ -79,9 +79,8 @@ def test_calibration_errors(calibrated, tiny_bundles):
 
 def _app() -> typer.Typer:
     """The commands on their own app, with cli.py's IlfError -> exit 2 wrapper."""
-    from ilf_deploy.cli.engines import register
-
     from ilf_deploy.cli import command_for
+    from ilf_deploy.cli.engines import register
 
     app = typer.Typer()
 
