@@ -445,3 +445,25 @@ def test_serve_command_keys_warning_and_errors(cli, bundle, tmp_path):
     help_text = cli("--help")[0].output
     assert "--api-key-file" in help_text and "--require-auth" in help_text
     assert not re.search(r"--api-key(?![-\w])", help_text)  # no key on the command line, where `ps` shows it
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--api-key-file", "keys.txt"], {}, "--api-key-file"),
+        (["--require-auth"], {}, "--require-auth"),
+        ([], {"ILF_API_KEYS": "k" * 20}, "ILF_API_KEYS"),
+        (["--max-inflight-per-key", "8"], {}, "--max-inflight-per-key"),
+    ],
+)
+def test_triton_server_refuses_security_options_it_cannot_honour(bundle, tmp_path, args, env, named):
+    from typer.testing import CliRunner
+
+    from ilf_deploy.cli import app
+
+    (tmp_path / "keys.txt").write_text("alice:" + "a" * 24 + "\n")
+    args = [a if a != "keys.txt" else str(tmp_path / "keys.txt") for a in args]
+    result = CliRunner().invoke(app, ["serve", str(bundle), "--server", "triton", *args], env=env)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and named in lines[0] and "no API keys" in lines[0], result.output

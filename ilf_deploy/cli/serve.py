@@ -67,7 +67,30 @@ def register(command) -> None:
         from ..errors import ConfigError
 
         if server == "triton":  # the same bundle on NVIDIA Triton Inference Server (cli/triton.py)
+            from ..serve.auth import ENV_VAR, ApiKeys, check_exposure
             from .triton import run_triton
+
+            # Triton answers without our keys, TLS or per-key limits: never ignore them silently.
+            ours = {
+                "--api-key-file": api_key_file is not None,
+                ENV_VAR: bool(os.environ.get(ENV_VAR)),
+                "--require-auth": require_auth,
+                "--max-inflight-per-key": max_inflight_per_key is not None,
+                "--ssl-keyfile/--ssl-certfile": ssl_keyfile is not None or ssl_certfile is not None,
+            }
+            if any(ours.values()):
+                used = ", ".join(name for name, given in ours.items() if given)
+                raise ConfigError(
+                    f"{used}: --server triton has no API keys, TLS or per-key limits; keep it on a "
+                    "loopback or private address behind an authenticating TLS proxy (README, Triton)"
+                )
+            warning = check_exposure(host, ApiKeys(), require_auth=False)
+            if warning:
+                from rich.markup import escape
+
+                from . import console
+
+                console.print(f"[yellow]warning:[/yellow] {escape(warning.split(' (give')[0])}")
 
             code = run_triton(
                 bundle, backend, host, http_port or port, grpc_port, metrics_port, max_batch, max_wait_ms,
