@@ -149,7 +149,7 @@ def tune(
         raise ConfigError(f"--budget-s must be > 0, got {budget_s:g}")
     started = time.perf_counter()
     bundle = Bundle.load(bundle_path)
-    plan_name = plan or next((p for p in bundle.plan_names if p.startswith("ilf")), bundle.plan_names[0])
+    plan_name = plan or bundle.default_plan
     step_plan = bundle.plan(plan_name)
     request = Request(prompt=TUNE_PROMPT, class_label=3, seed=123)
     found = [c for c in candidates(bundle) if include is None or include(c) or c.budget is None]

@@ -148,7 +148,7 @@ def collect_calibration(
     """
 
     bundle = Bundle.load(bundle_path)
-    plan_name = plan or next((p for p in bundle.plan_names if p.startswith("ilf")), bundle.plan_names[0])
+    plan_name = plan or bundle.default_plan
     step_plan = bundle.plan(plan_name)
     if bundle.architecture == "dit":
         classes = int(bundle.model.get("num_classes", 1000))

@@ -395,7 +395,7 @@ def reference_run(
 ) -> Reference:
     from .calibration import TrajectoryRecorder
 
-    plan_name = plan or next((p for p in bundle.plan_names if p.startswith("ilf")), bundle.plan_names[0])
+    plan_name = plan or bundle.default_plan
     step_plan = bundle.plan(plan_name)
     request = request or Request(prompt=VERIFY_PROMPT, class_label=3, seed=123)
     base = base or variant_generator(bundle, None, threads)

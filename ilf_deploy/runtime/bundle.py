@@ -136,6 +136,12 @@ class Bundle:
     def plan_names(self) -> list[str]:
         return list(self.manifest["plans"])
 
+    @property
+    def default_plan(self) -> str:
+        """The plan a request without one gets: the first ILF plan (what this toolchain is for),
+        else the first plan. The one place every command and server takes it from."""
+        return next((p for p in self.plan_names if p.startswith("ilf")), self.plan_names[0])
+
     def plan(self, spec: str) -> StepPlan:
         """A bundled plan by name, or a plan JSON file whose segments the bundle has."""
         if spec in self.manifest["plans"]:

@@ -83,8 +83,7 @@ class Limits:
     @classmethod
     def from_bundle(cls, bundle: Bundle, max_n: int, default_plan: str | None = None) -> Limits:
         plans = tuple(bundle.plan_names)
-        if default_plan is None:  # the first ILF plan: what this toolchain is for
-            default_plan = next((p for p in plans if p.startswith("ilf")), plans[0])
+        default_plan = default_plan or bundle.default_plan
         tokenizer = bundle.manifest.get("tokenizer")
         return cls(
             model_id=bundle.path.resolve().name,

@@ -77,9 +77,7 @@ class Engine:
         self.plans = {name: bundle.plan(name) for name in bundle.plan_names}
         if default_plan is not None and default_plan not in self.plans:
             raise ConfigError(f"default plan {default_plan!r} is not in the bundle")
-        self.default_plan = default_plan or next(
-            (p for p in self.plans if p.startswith("ilf")), bundle.plan_names[0]
-        )
+        self.default_plan = default_plan or bundle.default_plan
         self.is_dit = bundle.architecture == "dit"
         self.default_guidance = default_guidance(bundle.architecture)
         self.height, self.width = (int(v) for v in bundle.manifest["resolutions"][0])

@@ -30,7 +30,7 @@ def verify_engines(
     feeds (both `t` and `t_post`), then the plan's final latents. Returns quantize.Fidelity rows."""
     mode = str(bundle.manifest["variants"][variant].get("mode")) if variant else bundle.manifest["precision"]
     seg_snr, e2e_rel = TRT_BUDGETS.get(mode, TRT_BUDGETS["fp16"])
-    plan_name = plan or next((p for p in bundle.plan_names if p.startswith("ilf")), bundle.plan_names[0])
+    plan_name = plan or bundle.default_plan
     step_plan = bundle.plan(plan_name)
     request = request or Request(prompt=VERIFY_PROMPT, class_label=3, seed=123)
     reference = variant_generator(bundle, None)
