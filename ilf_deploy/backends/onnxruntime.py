@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -116,12 +115,6 @@ class OrtSegments(SegmentRunner):
 
     def infer_impl(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.session(name)(feeds)
-
-    def array(self, value: Any) -> np.ndarray:
-        return np.asarray(value)
-
-    def to_numpy(self, value: Any) -> np.ndarray:
-        return np.asarray(value)
 
 
 def open_generator(

@@ -2,12 +2,12 @@
 
 Modelled on Polygraphy's runners (polygraphy/backend/base/runner.py): `run` checks a call's feeds
 against the segment's declared inputs, shows them to a recorder, times the call and hands it to the
-backend's `infer_impl`; activation is a context manager. A backend also supplies its array type's
-few operations (numpy for ONNX Runtime and OpenVINO, torch CUDA tensors for TensorRT).
+backend's `infer_impl`; activation is a context manager. Arrays are numpy unless a backend overrides
+the few array operations (TensorRT: torch CUDA tensors).
 
 On top of `run`, this class is the denoising loop's `Segments`: conditioning, embedding, block
 ranges over the bundle's block segments, the ILF inner loop (eqs. 2–3) and the final layer. A new
-engine implements `infer_impl` and the array operations, nothing else.
+engine implements `infer_impl` (and, if its arrays are not numpy, the array operations).
 """
 
 from __future__ import annotations
@@ -79,13 +79,14 @@ class SegmentRunner(ABC):
     def infer_impl(self, name: str, feeds: Feeds) -> Feeds:
         """Run segment `name` on exactly its declared inputs; outputs by name."""
 
-    @abstractmethod
+    # Array operations: numpy by default (ONNX Runtime, OpenVINO); TensorRT overrides them for torch.
     def array(self, value: Any) -> Array:
         """A numpy array (or an array of this backend) as this backend's array."""
+        return np.asarray(value)
 
-    @abstractmethod
     def to_numpy(self, value: Array) -> np.ndarray:
         """This backend's array on the host, as numpy."""
+        return np.asarray(value)
 
     def concat(self, arrays: list[Array]) -> Array:
         return np.concatenate(arrays)
