@@ -17,6 +17,7 @@ quantized and run exactly like the winner's variant).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -177,6 +178,23 @@ def linear_peak(
     return 2 * n**3 / best
 
 
+def measure_peaks() -> int:
+    """fp32 GEMM (torch/numpy) and the int8 linear layer of each engine's int8 variant, 2048³."""
+    import torch
+
+    from benchmarks.backbone import gemm_peak
+
+    peaks = {k: v / 1e9 for k, v in gemm_peak(torch.get_num_threads()).items()}
+    for backend, mode in (("onnxruntime", "int8-dynamic"), ("openvino", "int8-ov"), ("openvino", None)):
+        with contextlib.suppress(ImportError):
+            peaks[f"{backend} {mode or 'f32'}"] = linear_peak(backend, mode) / 1e9
+    for name, value in peaks.items():
+        print(f"  {name:<28}{value:>8.0f} GFLOP/s")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "peer_peaks.json").write_text(json.dumps({"gflops": peaks}, indent=2) + "\n")
+    return 0
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -191,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="int8-dynamic,int8-ov", help="variants to build before tune")
     parser.add_argument("--no-bf16", action="store_true", help="skip diffusers bf16 (slow without bf16 hw)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the model, bundle and variants")
+    parser.add_argument("--peaks", action="store_true", help="only measure the GEMM peaks of each dtype")
     args = parser.parse_args(argv)
+    if args.peaks:
+        return measure_peaks()
     runs = args.runs or (2 if args.quick else 3)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
@@ -286,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine": f"{auto.backend} {auto.variant or 'fp32'}",
             "block_flops_per_forward": block_flops(size),
             "block_forwards": plan.block_forwards,
+            "text_encoder_s": text_s,
             "achieved_gflops": achieved / 1e9,
             "peak_gflops": peak / 1e9,
             "peak_kind": peak_kind,

@@ -143,8 +143,8 @@ def tune(
 ) -> dict[str, Any]:
     """Check and time every candidate, write BUNDLE/tuning.json; returns what it wrote.
 
-    `budget_s` bounds the timing rounds (at least one round always runs, after the fidelity
-    runs, which also warm every engine up); `include` filters the candidates (tests, benchmarks)."""
+    `budget_s` bounds the timing rounds (at least one round always runs), which start after the
+    fidelity runs (those also warm every engine up); `include` filters the candidates (tests, benchmarks)."""
     if budget_s <= 0:
         raise ConfigError(f"--budget-s must be > 0, got {budget_s:g}")
     started = time.perf_counter()
@@ -181,8 +181,9 @@ def tune(
         generators[index] = generator  # timed even beyond budget: the table shows what it would gain
 
     timed = timing_plan(step_plan)
+    timing_started = time.perf_counter()  # the budget is the timing's: fidelity runs always finish
     for rounds in range(MAX_ROUNDS):
-        if rounds and time.perf_counter() - started > budget_s:
+        if rounds and time.perf_counter() - timing_started > budget_s:
             break
         order = list(generators)
         order = order[rounds % len(order) :] + order[: rounds % len(order)]  # rotate who goes first
