@@ -209,6 +209,7 @@ class EvalBackend:
     resolve: Callable[[str], StepPlan]
     generate: Callable[[StepPlan, list[str], list[int]], list[Generated]]
     info: dict[str, Any] = field(default_factory=dict)
+    choice: str | None = None  # `--backend auto`: which engine it chose, and why (one line)
 
 
 def torch_backend(
@@ -272,10 +273,8 @@ def bundle_backend(
         return [Generated(image, lat) for image, lat in zip(gen.decode(latents), host)]
 
     info = {"bundle": str(bundle_dir), "guidance_scale": guidance_scale, "variant": gen.variant}
-    if gen.choice:  # `--backend auto`: which engine it chose, and why
-        info["engine_choice"] = gen.choice
     plans = Bundle.load(bundle_dir, verify_hashes=False).plan  # open_generator checked the hashes
-    return EvalBackend(gen.backend, plans, generate, info)
+    return EvalBackend(gen.backend, plans, generate, info, gen.choice)
 
 
 # -- the evaluation ------------------------------------------------------------------------------

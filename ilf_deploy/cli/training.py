@@ -187,7 +187,7 @@ def register(command) -> None:
                 runner = bundle_backend(
                     model, guidance_scale, variant=variant, device=device, backend=backend or AUTO
                 )
-                announce(runner.info.get("engine_choice"), model, backend)
+                announce(runner.choice, model, backend)
             elif variant is not None:
                 raise ConfigError("--variant needs a bundle (ilf-deploy build, then quantize)")
             elif backend not in (None, "onnxruntime", "torch"):
