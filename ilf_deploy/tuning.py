@@ -3,8 +3,8 @@
 Candidates: every installed CPU backend with every precision it can run on the bundle: ONNX
 Runtime fp32 (the reference) and the bundle's ORT variants (int8-dynamic, int8-qdq, fp8-qdq);
 OpenVINO f32, bf16 (only where the CPU has AVX512_BF16 or AMX), the bundle's int8-ov variants and
-its int8-qdq (Q/DQ ONNX that OpenVINO also reads); the bundle's PyTorch model in fp32 when the
-bundle carries it. TensorRT is a GPU engine: not a candidate here.
+its int8-qdq (Q/DQ ONNX that OpenVINO also reads); the bundle's PyTorch model in fp32 and bf16 when
+the bundle carries it. TensorRT is a GPU engine: not a candidate here.
 
 Each candidate is checked against ONNX Runtime fp32 exactly as `verify-variant` checks a variant
 (per segment SNR on a held-out trajectory, end-to-end latents relative L2; the budgets of
@@ -59,10 +59,11 @@ class Candidate:
     fidelity: list[Fidelity] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # seconds per step, one per round
     error: str | None = None  # why it was not measured (not installed, did not open...)
+    options: dict[str, Any] = field(default_factory=dict)  # the backend's (torch: dtype)
 
     @property
     def label(self) -> str:
-        return engine_label(self.backend, self.variant)
+        return engine_label(self.backend, self.variant, self.options)
 
     @property
     def ok(self) -> bool:
@@ -77,6 +78,7 @@ class Candidate:
         return {
             "backend": self.backend,
             "variant": self.variant,
+            "options": self.options,
             "label": self.label,
             "ms_per_step": ms,
             "speedup": reference_ms / ms if ms and reference_ms else None,
@@ -117,8 +119,9 @@ def candidates(bundle: Bundle) -> list[Candidate]:
             if missing is not None:
                 candidate.error = f"not installed: pip install 'ilf-deploy[{REGISTRY['openvino'].extra}]'"
         found += ov
-    if bundle.manifest.get("torch_model") and "torch" in REGISTRY:
-        found.append(Candidate("torch", None, FP32_BUDGET))  # no segment calls: end to end only
+    if bundle.manifest.get("torch_model") and "torch" in REGISTRY:  # no segment calls: end to end only
+        found.append(Candidate("torch", None, FP32_BUDGET))
+        found.append(Candidate("torch", None, BUDGETS["bf16"], options={"dtype": "bf16"}))
     return found
 
 
@@ -166,12 +169,8 @@ def tune(
         if progress:
             progress(f"{candidate.label}: fidelity on {plan_name}")
         try:
-            generator = open_bundle_generator(
-                bundle,
-                candidate.backend,
-                candidate.variant,
-                **(options if candidate.backend != "torch" else {}),
-            )
+            engine_options = {**candidate.options, **(options if candidate.backend != "torch" else {})}
+            generator = open_bundle_generator(bundle, candidate.backend, candidate.variant, **engine_options)
             candidate.fidelity = verify_generator(
                 bundle, generator, candidate.segments, candidate.budget, reference=reference
             )
@@ -206,7 +205,12 @@ def tune(
         "timed": {"plan": timed.name, "steps": timed.num_steps, "threads": threads},
         "request": dataclasses.asdict(request),
         "candidates": [c.to_dict(reference_ms) for c in found],
-        "winner": {"backend": winner.backend, "variant": winner.variant, "label": winner.label},
+        "winner": {
+            "backend": winner.backend,
+            "variant": winner.variant,
+            "options": winner.options,
+            "label": winner.label,
+        },
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_atomic(bundle.path / TUNING_FILE, (json.dumps(report, indent=2) + "\n").encode())

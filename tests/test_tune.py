@@ -117,9 +117,11 @@ def test_timing_plan_is_the_first_steps_up_to_a_feedback_step(tiny_bundles):
 
 def test_candidates_cover_the_installed_engines(tuned):
     path, _ = tuned
+    found = {c.label: c for c in candidates(Bundle.load(path))}
+    assert "onnxruntime fp32" in found and f"onnxruntime {BROKEN}" in found
+    assert {"torch fp32", "torch bf16"} <= set(found)  # the bundle carries its torch model
+    assert found["torch bf16"].options == {"dtype": "bf16"}
     found = {(c.backend, c.variant): c for c in candidates(Bundle.load(path))}
-    assert ("onnxruntime", None) in found and ("onnxruntime", BROKEN) in found
-    assert ("torch", None) in found  # the bundle carries its torch model
     if ("openvino", None) in found and found[("openvino", None)].error is None:
         assert ("openvino", BROKEN) in found  # Q/DQ ONNX: OpenVINO reads it too
 
@@ -151,6 +153,20 @@ def test_auto_uses_the_winner_here_and_falls_back_elsewhere(tuned, tmp_path):
     # a hand-edited winner that failed its budget is not used either
     write(path, {**report, "winner": {"backend": "onnxruntime", "variant": BROKEN}})
     assert open_generator(path, "auto").variant is None
+
+    # options travel with the winner: torch bf16 (a candidate record within budget, as tune writes it)
+    torch_bf16 = {
+        "backend": "torch",
+        "variant": None,
+        "options": {"dtype": "bf16"},
+        "label": "torch bf16",
+        "ms_per_step": 1.0,
+        "ok": True,
+    }
+    write(path, {**report, "candidates": [*report["candidates"], torch_bf16], "winner": torch_bf16})
+    generator = open_generator(path, "auto")
+    assert generator.backend == "torch" and str(generator.segments.dtype) == "torch.bfloat16"
+    assert generator.choice.startswith("auto: torch bf16 (")
 
     (path / TUNING_FILE).write_text("{not json")
     assert "unreadable" in choose(Bundle.load(path)).reason
@@ -192,6 +208,8 @@ def test_cli_tune_and_auto(tuned, tmp_path):
     printed = json.loads(result.stdout)
     assert printed == json.loads((path / TUNING_FILE).read_text())
     assert printed["winner"]["variant"] != BROKEN
+    torch_bf16 = next(c for c in printed["candidates"] if c["label"] == "torch bf16")
+    assert torch_bf16["ms_per_step"] and torch_bf16["fidelity"][-1]["kind"] == "end-to-end"
     result = runner.invoke(app, ["tune", str(path), "--plans", "ilf-4", "--budget-s", "1"])
     assert result.exit_code == 0 and "beyond budget" in result.output and "winner" in result.output
 

@@ -152,7 +152,9 @@ def open_bundle_generator(
         return get_backend(backend).open(bundle, variant, device, **options)
     choice = choose(bundle, variant, device)
     try:
-        generator = get_backend(choice.backend).open(bundle, choice.variant, device, **options)
+        generator = get_backend(choice.backend).open(
+            bundle, choice.variant, device, **{**choice.options, **options}
+        )
     except ConfigError as exc:  # e.g. the tuned engine's extra was uninstalled since
         if not choice.tuned:
             raise

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
@@ -34,14 +34,15 @@ class Choice:
     variant: str | None
     reason: str  # one line: what runs, and why
     tuned: bool  # False: the ONNX Runtime fp32 fallback
+    options: dict[str, Any] = field(default_factory=dict)  # the backend's, e.g. torch's dtype
 
     @property
     def label(self) -> str:
-        return engine_label(self.backend, self.variant)
+        return engine_label(self.backend, self.variant, self.options)
 
 
-def engine_label(backend: str, variant: str | None) -> str:
-    return f"{backend} {variant or 'fp32'}"
+def engine_label(backend: str, variant: str | None, options: dict[str, Any] | None = None) -> str:
+    return f"{backend} {variant or (options or {}).get('dtype') or 'fp32'}"
 
 
 def bundle_digest(bundle: Bundle) -> str:
@@ -85,9 +86,13 @@ def choose(bundle: Bundle, variant: str | None = None, device: str = "cpu") -> C
         return fallback(f"{TUNING_FILE} was measured on another machine or setup ({difference}); {rerun}")
     if data.get("bundle_digest") != bundle_digest(bundle):
         return fallback(f"the bundle's files changed since {TUNING_FILE} was written; {rerun}")
-    backend, chosen = winner.get("backend"), winner.get("variant")
+    backend, chosen, options = winner.get("backend"), winner.get("variant"), winner.get("options") or {}
     record = next(
-        (c for c in data.get("candidates", []) if (c.get("backend"), c.get("variant")) == (backend, chosen)),
+        (
+            c
+            for c in data.get("candidates", [])
+            if (c.get("backend"), c.get("variant"), c.get("options") or {}) == (backend, chosen, options)
+        ),
         None,
     )
     if record is None or not record.get("ok"):  # tune never picks one; a hand-edited file might
@@ -98,4 +103,5 @@ def choose(bundle: Bundle, variant: str | None = None, device: str = "cpu") -> C
     ms = record.get("ms_per_step")
     measured = f"{ms:.1f} ms/step{speed}" if isinstance(ms, (int, float)) else "tuned"
     where = f"{measured} on {data.get('plan', '?')}, from {TUNING_FILE}"
-    return Choice(str(backend), chosen, f"auto: {engine_label(str(backend), chosen)} ({where})", True)
+    label = engine_label(str(backend), chosen, options)
+    return Choice(str(backend), chosen, f"auto: {label} ({where})", True, dict(options))

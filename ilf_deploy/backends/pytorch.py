@@ -167,12 +167,25 @@ def bundle_model(bundle: Bundle, model: str | Path | None = None) -> LoadedModel
 
 
 def open_generator(
-    bundle: Bundle, variant: str | None = None, device: str = "cpu", model: str | Path | None = None
+    bundle: Bundle,
+    variant: str | None = None,
+    device: str = "cpu",
+    model: str | Path | None = None,
+    dtype: str | None = None,
 ) -> TorchGenerator:
-    """The registry's entry: the bundle's torch model (or `model`), with the bundle's defaults."""
+    """The registry's entry: the bundle's torch model (or `model`), with the bundle's defaults.
+    `dtype="bf16"` runs the transformer and feedback in bfloat16 (`tune`'s torch bf16 candidate;
+    the text encoder stays fp32, as in diffusers' bf16 pipelines the latents follow the model)."""
     if variant is not None:
         raise ConfigError(f"variant {variant!r} runs on a bundle engine (e.g. onnxruntime), not torch")
-    return TorchGenerator(bundle_model(bundle, model), device, facts_from_manifest(bundle))
+    if dtype not in (None, "fp32", "bf16"):
+        raise ConfigError(f"the torch backend's dtype is fp32 or bf16, got {dtype!r}")
+    loaded = bundle_model(bundle, model)
+    if dtype == "bf16":
+        loaded.adapter.transformer.to(torch.bfloat16)
+        if loaded.feedback is not None:
+            loaded.feedback.to(torch.bfloat16)
+    return TorchGenerator(loaded, device, facts_from_manifest(bundle))
 
 
 def profile_block_changes(generator: TorchGenerator, plan: StepPlan, requests: list[Request]) -> np.ndarray:
