@@ -162,12 +162,6 @@ class OvSegments(SegmentRunner):
         result = self._request(name).infer(cast)  # outputs are copies (share_outputs=False)
         return {key: result[port] for key, port in outputs}
 
-    def array(self, value: Any) -> np.ndarray:
-        return np.asarray(value)
-
-    def to_numpy(self, value: Any) -> np.ndarray:
-        return np.asarray(value)
-
 
 def open_generator(
     bundle: Bundle,
