@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .generate import backend_help
+from .generate import announce, backend_help
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -22,7 +22,10 @@ def register(command) -> None:
         bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `ilf-deploy build`).")],
         host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-        backend: Annotated[str, typer.Option(help=backend_help("onnxruntime"))] = "onnxruntime",
+        backend: Annotated[
+            str | None,
+            typer.Option(help=backend_help("auto (tune's winner here, else onnxruntime)")),
+        ] = None,
         max_batch: Annotated[
             int | None, typer.Option(help="Images per engine call (default: the bundle's, at least 8).")
         ] = None,
@@ -93,8 +96,8 @@ def register(command) -> None:
                 console.print(f"[yellow]warning:[/yellow] {escape(warning.split(' (give')[0])}")
 
             code = run_triton(
-                bundle, backend, host, http_port or port, grpc_port, metrics_port, max_batch, max_wait_ms,
-                max_queue, default_plan,
+                bundle, backend or "auto", host, http_port or port, grpc_port, metrics_port, max_batch,
+                max_wait_ms, max_queue, default_plan,
             )  # fmt: skip
             raise typer.Exit(code)
         if server != "ilf":
@@ -125,7 +128,7 @@ def register(command) -> None:
         tls = ssl_keyfile is not None
         warning = check_exposure(host, api_keys, require_auth, tls)  # --require-auth, no keys: an error
         options = ServeOptions(
-            backend=backend,
+            backend=backend or "auto",
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
@@ -136,6 +139,7 @@ def register(command) -> None:
             max_inflight_per_key=max_inflight_per_key,
         )
         app = create_app(bundle, options)  # bundle and option errors surface before listening
+        announce(getattr(app.state.batcher.generator, "choice", None), bundle, backend)
         configure_logging(log_format, uvicorn.config.LOG_LEVELS[log_level])
         if warning:
             logging.getLogger("ilf_deploy.serve").warning(warning)

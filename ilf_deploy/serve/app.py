@@ -52,7 +52,7 @@ ERROR_TYPES = {413: "invalid_request_error", 429: "rate_limit_error", 503: "serv
 
 @dataclass(frozen=True)
 class ServeOptions:
-    backend: str = "onnxruntime"
+    backend: str = "auto"  # `ilf-deploy tune`'s winner on this machine, else ONNX Runtime fp32
     max_batch: int | None = None  # images per engine call; None: the bundle's max_batch, at least 8
     max_wait_ms: float = 10.0  # how long the first image of a batch waits for company
     max_queue: int = 64  # images waiting (all requests); beyond it: 429
