@@ -164,6 +164,24 @@ MONO_INPUTS = ("latents", "pos_embed", "timestep", "context", "context_bias")
 PROBE_BLOCKS = 4
 
 
+def model_and_bundle(work: Path, size: Size, plans: tuple[str, ...]) -> tuple[Path, Path]:
+    """`work/model` (the config at `size`, random weights) and its fp32 bundle of `plans` at
+    RESOLUTION px without the torch model, each written once and reused by later runs."""
+    from ilf_deploy.export.build import BuildOptions, build_bundle
+
+    model_dir, bundle_dir = work / "model", work / "bundle"
+    if not (model_dir / "model_index.json").is_file():
+        log(f"writing {model_dir} ({size.tag})")
+        build_model_dir(model_dir, size)
+    if not (bundle_dir / "manifest.json").is_file():
+        log(f"exporting {bundle_dir}")
+        options = BuildOptions(
+            plans=plans, resolutions=[(RESOLUTION, RESOLUTION)], force=True, copy_model=False
+        )
+        build_bundle(model_dir, bundle_dir, options)
+    return model_dir, bundle_dir
+
+
 def probe_inputs(adapter: Any, seed: int = 0) -> dict[str, torch.Tensor]:
     """Batch-2 inputs at 256 px with 120 text tokens, computed by the model's own context/time paths."""
     gen = torch.Generator().manual_seed(seed)

@@ -37,8 +37,7 @@ def log(message: str) -> None:
 
 def prepare(work: Path, layers: int, heads: int, rebuild: bool) -> Path:
     """Model directory and fp32 bundle (base-10, ilf-10 at 256 px), reused when present."""
-    from benchmarks.backbone import RESOLUTION, Size, build_model_dir
-    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from benchmarks.backbone import Size, model_and_bundle
 
     size = Size(layers=layers, heads=heads)
     stamp = work / "size.json"
@@ -46,17 +45,7 @@ def prepare(work: Path, layers: int, heads: int, rebuild: bool) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps({"layers": layers, "heads": heads}) + "\n")
-    model_dir, bundle_dir = work / "model", work / "bundle"
-    if not (model_dir / "model_index.json").is_file():
-        log(f"writing {model_dir} ({size.tag})")
-        build_model_dir(model_dir, size)
-    if not (bundle_dir / "manifest.json").is_file():
-        log(f"exporting {bundle_dir}")
-        options = BuildOptions(
-            plans=("base-10", PLAN), resolutions=[(RESOLUTION, RESOLUTION)], force=True, copy_model=False
-        )
-        build_bundle(model_dir, bundle_dir, options)
-    return bundle_dir
+    return model_and_bundle(work, size, ("base-10", PLAN))[1]
 
 
 def ensure_variant(bundle_dir: Path, mode: str, prompts: int, requantize: bool) -> str:

@@ -42,8 +42,7 @@ def log(message: str) -> None:
 
 def prepare(work: Path, quick: bool, rebuild: bool, modes: list[str]) -> tuple[Path, Path, Any]:
     """Model directory, bundle (base-20 + ilf-10 at 256 px, fp32) and its variants; reused."""
-    from benchmarks.backbone import QUICK, RESOLUTION, Size, build_model_dir
-    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from benchmarks.backbone import QUICK, Size, model_and_bundle
     from ilf_deploy.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
     from ilf_deploy.quantization.quantize import default_variant_name, quantize_bundle
     from ilf_deploy.runtime.bundle import Bundle
@@ -52,16 +51,7 @@ def prepare(work: Path, quick: bool, rebuild: bool, modes: list[str]) -> tuple[P
     if rebuild:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir, bundle_dir = work / "model", work / "bundle"
-    if not (model_dir / "model_index.json").is_file():
-        log(f"writing {model_dir} ({size.tag})")
-        build_model_dir(model_dir, size)
-    if not (bundle_dir / "manifest.json").is_file():
-        log(f"exporting {bundle_dir}")
-        options = BuildOptions(
-            plans=("base-20", OURS_PLAN), resolutions=[(RESOLUTION, RESOLUTION)], force=True, copy_model=False
-        )
-        build_bundle(model_dir, bundle_dir, options)
+    model_dir, bundle_dir = model_and_bundle(work, size, ("base-20", OURS_PLAN))
     for mode in modes:
         name = default_variant_name(mode)
         bundle = Bundle.load(bundle_dir, verify_hashes=False)

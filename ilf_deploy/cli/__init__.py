@@ -6,7 +6,9 @@ The app and its error handling live here; each module below registers its comman
 from __future__ import annotations
 
 import functools
+import json
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -70,6 +72,18 @@ def command_for(target: typer.Typer):
 
 
 command = command_for(app)
+
+
+def finish_checks(checks: list, as_json: Path | None, limit: str = "budget") -> None:
+    """The end of every check command: the rows as JSON if asked, then exit 1 if any is beyond its
+    `limit` (a budget or a tolerance)."""
+    if as_json is not None:
+        as_json.write_text(json.dumps([c.to_dict() for c in checks], indent=2) + "\n")
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        console.print(f"[red]{len(failed)} check(s) beyond {limit}[/red]")
+        raise typer.Exit(1)
+    console.print(f"all {len(checks)} checks within {limit}")
 
 
 def progress() -> Progress:

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from ..runtime.generator import Request
-from . import command, console, out, progress
+from . import command, console, finish_checks, out, progress
 from .generate import VARIANT_HELP, backend_help, open_source
 
 # -- bundles ---------------------------------------------------------------------------------
@@ -197,13 +197,7 @@ def verify(
         ok = "ok" if c.ok else "[red]FAIL[/red]"
         table.add_row(c.kind, c.name, c.size, f"{c.rel_l2:.2e}", f"{c.max_abs:.2e}", ok)
     out.print(table)
-    if as_json is not None:
-        as_json.write_text(json.dumps([c.to_dict() for c in checks], indent=2) + "\n")
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        console.print(f"[red]{len(failed)} check(s) beyond tolerance[/red]")
-        raise typer.Exit(1)
-    console.print(f"all {len(checks)} checks within tolerance")
+    finish_checks(checks, as_json, "tolerance")
 
 
 @command()

@@ -7,12 +7,13 @@ verify-engines) were never run in this project's CI: it has no GPU.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from . import finish_checks  # defined before the cli package imports this module
 
 
 def _ui() -> tuple[Any, Any, Callable[[], Any]]:
@@ -38,17 +39,6 @@ def _fidelity_table(title: str, rows: list[Any]) -> Any:
             "ok" if r.ok else "[red]FAIL[/red]",
         )
     return table
-
-
-def _finish(rows: list[Any], as_json: Path | None) -> None:
-    console, _, _ = _ui()
-    if as_json is not None:
-        as_json.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
-    failed = [r for r in rows if not r.ok]
-    if failed:
-        console.print(f"[red]{len(failed)} check(s) beyond budget[/red]")
-        raise typer.Exit(1)
-    console.print(f"all {len(rows)} checks within budget")
 
 
 def register(command: Callable[..., Any]) -> None:
@@ -155,7 +145,7 @@ def register(command: Callable[..., Any]) -> None:
             f"{snr:g} dB, end-to-end latents rel L2 ≤ {rel:g}"
         )
         out.print(_fidelity_table(title, rows))
-        _finish(rows, as_json)
+        finish_checks(rows, as_json)
 
     @command("build-engines")
     def build_engines_command(
@@ -229,7 +219,7 @@ def verify_tensorrt(
         f"≥ {snr:g} dB, end-to-end rel L2 ≤ {rel:g}"
     )
     out.print(_fidelity_table(title, rows))
-    _finish(rows, as_json)
+    finish_checks(rows, as_json)
 
 
 def _engine_precision(bundle: Any, variant: str | None) -> str:
