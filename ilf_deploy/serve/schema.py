@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from ..errors import ConfigError
 from ..runtime.bundle import Bundle
 from ..runtime.generator import DEFAULT_GUIDANCE, Request
+from ..runtime.prompts import PromptLimit
 
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
@@ -171,32 +172,18 @@ class Validator:
 
     def __init__(self, bundle: Bundle, limits: Limits) -> None:
         self.limits = limits
-        self._tokenizer: Any = None
-        spec = bundle.manifest.get("tokenizer")
-        if spec:
-            from tokenizers import Tokenizer
-
-            # A copy without truncation or padding: the count must see what truncation would drop.
-            self._tokenizer = Tokenizer.from_file(str(Path(bundle.path) / spec["file"]))
-            self._tokenizer.no_truncation()
-            self._tokenizer.no_padding()
+        self.prompts = PromptLimit(bundle)
 
     def check_text(self, text: str, param: str) -> None:
-        """Refuse text longer than the model reads (the runtime would truncate it silently)."""
-        if self._tokenizer is None:
-            return
+        """Refuse text that is not UTF-8, or longer than the model reads."""
         try:
             text.encode("utf-8")  # lone surrogates ("\ud800" in JSON) are not text
         except UnicodeEncodeError:
             raise ApiError(400, f"{param} is not valid UTF-8 text", param=param) from None
-        tokens = len(self._tokenizer.encode(text.lower().strip()).ids)  # as BundleGenerator encodes
-        if tokens > self.limits.max_tokens:
-            raise ApiError(
-                400,
-                f"{param} is {tokens} tokens long; this model reads at most {self.limits.max_tokens} "
-                "(longer prompts are refused, not truncated)",
-                param=param,
-            )
+        try:
+            self.prompts.check(text, param)
+        except ConfigError as exc:
+            raise ApiError(400, str(exc), param=param) from None
 
     def generation(self, body: BaseModel) -> Generation:
         data = body.model_dump()

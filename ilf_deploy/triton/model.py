@@ -26,6 +26,7 @@ from ..errors import ConfigError, IlfError
 from ..runtime.bundle import Bundle, BundleError
 from ..runtime.generator import Generator, Request, default_guidance
 from ..runtime.pipeline import BundleGenerator
+from ..runtime.prompts import PromptLimit
 from ..runtime.runner import SegmentRunner
 
 MAX_GUIDANCE = 30.0  # as the HTTP API (serve/schema.py)
@@ -81,17 +82,7 @@ class Engine:
         self.is_dit = bundle.architecture == "dit"
         self.default_guidance = default_guidance(bundle.architecture)
         self.height, self.width = (int(v) for v in bundle.manifest["resolutions"][0])
-        self._tokenizer: Any = None
-        self.max_tokens = 0
-        spec = bundle.manifest.get("tokenizer")
-        if spec:
-            from tokenizers import Tokenizer
-
-            # Without truncation or padding: the count must see what truncation would drop.
-            self._tokenizer = Tokenizer.from_file(str(bundle.path / spec["file"]))
-            self._tokenizer.no_truncation()
-            self._tokenizer.no_padding()
-            self.max_tokens = int(spec["max_length"])
+        self.prompts = PromptLimit(bundle)
 
     def open_segments(self) -> None:
         """Every segment's session opened now, not by the first request of a plan that uses it
@@ -103,15 +94,10 @@ class Engine:
 
     # -- one request's rows ------------------------------------------------------------------------
     def check_text(self, text: str, name: str) -> None:
-        """Refuse text longer than the model reads (the runtime would truncate it silently)."""
-        if self._tokenizer is None:
-            return
-        tokens = len(self._tokenizer.encode(text.lower().strip()).ids)  # as BundleGenerator encodes
-        if tokens > self.max_tokens:
-            raise RowError(
-                f"{name} is {tokens} tokens long; this model reads at most {self.max_tokens} "
-                "(longer prompts are refused, not truncated)"
-            )
+        try:
+            self.prompts.check(text, name)
+        except ConfigError as exc:
+            raise RowError(str(exc)) from None
 
     def rows(self, index: int, inputs: dict[str, np.ndarray | None]) -> list[Row]:
         """A request's inputs -> one Row per batch row, every value checked."""
