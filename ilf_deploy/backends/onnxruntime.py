@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from ..errors import ConfigError
 from ..runtime.bundle import Bundle, BundleError
 from ..runtime.pipeline import BundleGenerator
 from ..runtime.runner import SegmentRunner
+from .machine import cpu_flags, has_any_flag
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -22,13 +22,10 @@ EMULATED_QDQ_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
 _INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
-@functools.cache
 def cpu_has_int8_dot() -> bool:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return True  # not Linux: trust ORT's kernels
-    return any(flag in flags for flag in _INT8_DOT_FLAGS)
+    if not cpu_flags():
+        return True  # no /proc/cpuinfo (not Linux): trust ORT's kernels
+    return has_any_flag(*_INT8_DOT_FLAGS)
 
 
 def available_providers() -> list[str]:
