@@ -487,7 +487,7 @@ def run_p1(generator: Any, runs: int) -> dict[str, Any]:
 
     # Warm every session (loading, first-run arena growth) with a 2-step plan that has feedback on
     # both steps, rather than with a full warmup run of each plan: that would double P1's runtime.
-    warm = resolve_plan("ilf-2", base.num_blocks, bundle.manifest["scheduler"], bundle.loop)
+    warm = resolve_plan("ilf-2", base.num_blocks, dict(bundle.manifest.scheduler), bundle.loop)
     generator.generate_latents(warm, request)
     cpu: dict[str, list[float]] = {}
     times = interleaved({base.name: variant(base), ilf.name: variant(ilf)}, runs, warmup=0, cpu=cpu)

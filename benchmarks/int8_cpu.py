@@ -57,7 +57,7 @@ def ensure_variant(bundle_dir: Path, mode: str, prompts: int, requantize: bool) 
     bundle = Bundle.load(bundle_dir, verify_hashes=False)
     if name in bundle.variants and not requantize:
         return name
-    if mode != "int8-dynamic" and not bundle.manifest.get("calibration"):
+    if mode != "int8-dynamic" and bundle.manifest.calibration is None:
         log(f"calibrating on {prompts} {PLAN} trajectories")
         collect_calibration(bundle_dir, PLAN, DEFAULT_PROMPTS[:prompts], max_samples=8)
     log(f"quantizing: {mode}")

@@ -57,7 +57,7 @@ def prepare(work: Path, quick: bool, rebuild: bool, modes: list[str]) -> tuple[P
         bundle = Bundle.load(bundle_dir, verify_hashes=False)
         if name in bundle.variants:
             continue
-        if mode != "int8-dynamic" and not bundle.manifest.get("calibration"):
+        if mode != "int8-dynamic" and bundle.manifest.calibration is None:
             log(f"calibrating on 2 {OURS_PLAN} trajectories")
             collect_calibration(bundle_dir, OURS_PLAN, DEFAULT_PROMPTS[:2], max_samples=8)
         log(f"quantizing: {mode}")
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     # Achieved block GEMM throughput of the winner vs its dtype's peak (measured now).
     winner_mode = None
     if auto.variant in bundle.variants:
-        winner_mode = bundle.manifest["variants"][auto.variant].get("mode")
+        winner_mode = bundle.variant_spec(auto.variant).mode
     text_s = statistics.median(auto.segments.timings.get("text_encoder", [0.0])) * 2  # prompt + negative
     denoise_s = max(seconds[auto_name] - text_s, 1e-9)
     achieved = block_flops(size) * plan.block_forwards / denoise_s

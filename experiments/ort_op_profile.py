@@ -17,15 +17,16 @@ import numpy as np
 import onnxruntime as ort
 
 from ilf_deploy.runtime.bundle import Bundle
+from ilf_deploy.runtime.manifest import SegmentSpec
 
 
-def dummy_feeds(spec: dict, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+def dummy_feeds(spec: SegmentSpec, sizes: dict[str, int]) -> dict[str, np.ndarray]:
     """Random inputs for the segment's declared I/O, symbolic dims from `sizes`."""
     rng = np.random.default_rng(0)
     feeds = {}
-    for item in spec["inputs"]:
-        shape = [d if isinstance(d, int) else sizes[d] for d in item["shape"]]
-        feeds[item["name"]] = rng.standard_normal(shape).astype(item["dtype"])
+    for item in spec.inputs:
+        shape = [d if isinstance(d, int) else sizes[d] for d in item.shape]
+        feeds[item.name] = rng.standard_normal(shape).astype(item.dtype)
     return feeds
 
 
@@ -61,11 +62,11 @@ def main() -> None:
     args = parser.parse_args()
     bundle = Bundle.load(args.bundle, verify_hashes=False)
     sizes = {"batch": args.batch, "tokens": args.tokens, "text_tokens": args.text_tokens}
-    feeds = dummy_feeds(bundle.manifest["segments"][args.segment], sizes)
+    feeds = dummy_feeds(bundle.segment_spec(args.segment), sizes)
     variants = [None] + ([args.variant] if args.variant else [])
     for variant in variants:
         spec = bundle.segment_spec(args.segment, variant)
-        per_op = profile(bundle.path / spec["file"], feeds, args.runs, args.threads)
+        per_op = profile(bundle.path / spec.file, feeds, args.runs, args.threads)
         total = sum(per_op.values())
         print(f"{variant or 'fp32'}: {total:.0f} ms per run (kernel time)")
         for op, ms in per_op.most_common(8):

@@ -39,7 +39,7 @@ from .backends.auto import (
 from .backends.machine import fingerprint
 from .errors import ConfigError, IlfError
 from .plan import StepPlan
-from .quantization.quantize import BUDGETS, Fidelity, reference_run, variant_engine, verify_generator
+from .quantization.quantize import BUDGETS, Fidelity, reference_run, verify_generator
 from .runtime.bundle import Bundle, write_atomic
 from .runtime.generator import Generator, Request
 
@@ -94,16 +94,16 @@ class Candidate:
 
 def candidates(bundle: Bundle) -> list[Candidate]:
     """Every backend x precision that could run `bundle` here (uninstalled ones carry an error)."""
-    all_segments = list(bundle.manifest["segments"])
-    variants = bundle.manifest.get("variants", {})
+    all_segments = list(bundle.manifest.segments)
+    variants = bundle.manifest.variants
 
     def budget(variant: str) -> tuple[float, float]:
-        return BUDGETS.get(variants[variant].get("mode", ""), (10.0, 0.35))
+        return BUDGETS.get(variants[variant].mode, (10.0, 0.35))
 
     found = [Candidate(FALLBACK_BACKEND, None, None)]
-    for name in variants:
-        if variant_engine(bundle, name) == "onnxruntime":
-            found.append(Candidate("onnxruntime", name, budget(name), list(variants[name]["segments"])))
+    for name, entry in variants.items():
+        if "onnxruntime" in entry.engines:
+            found.append(Candidate("onnxruntime", name, budget(name), list(entry.segments)))
     if "openvino" in REGISTRY:
         missing = REGISTRY["openvino"].missing()
         ov = [Candidate("openvino", None, FP32_BUDGET, all_segments)]
@@ -113,13 +113,13 @@ def candidates(bundle: Bundle) -> list[Candidate]:
             if cpu_has_bf16():
                 ov.append(Candidate("openvino", "bf16", BUDGETS["bf16"], all_segments))
         for name, entry in variants.items():
-            if variant_engine(bundle, name) == "openvino" or entry.get("mode") == "int8-qdq":
-                ov.append(Candidate("openvino", name, budget(name), list(entry["segments"])))
+            if "openvino" in entry.engines:
+                ov.append(Candidate("openvino", name, budget(name), list(entry.segments)))
         for candidate in ov:
             if missing is not None:
                 candidate.error = f"not installed: pip install 'ilf-deploy[{REGISTRY['openvino'].extra}]'"
         found += ov
-    if bundle.manifest.get("torch_model") and "torch" in REGISTRY:  # no segment calls: end to end only
+    if bundle.manifest.torch_model and "torch" in REGISTRY:  # no segment calls: end to end only
         found.append(Candidate("torch", None, FP32_BUDGET))
         found.append(Candidate("torch", None, BUDGETS["bf16"], options={"dtype": "bf16"}))
     return found

@@ -53,7 +53,7 @@ def test_verify_passes_at_every_bundled_resolution(sized_bundles, name):
     bundle = Bundle.load(sized_bundles[name])
     checks = verify_bundle(bundle)
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
-    sizes = {f"{h}x{w}" for h, w in bundle.manifest["resolutions"]}
+    sizes = {f"{h}x{w}" for h, w in bundle.manifest.resolutions}
     assert len(sizes) == 2
     end_to_end = {(c.name, c.size) for c in checks if c.kind == "end-to-end"}
     assert end_to_end == {(plan, size) for plan in ("base-4", "ilf-4") for size in sizes}

@@ -17,6 +17,7 @@ from ilf_deploy.export.build import BuildOptions, build_bundle
 from ilf_deploy.plan import baseline_plan
 from ilf_deploy.runtime.bundle import Bundle, BundleError
 from ilf_deploy.runtime.generator import Request
+from ilf_deploy.runtime.manifest import SCHEMA_VERSION
 from ilf_deploy.runtime.pipeline import BundleGenerator
 from ilf_deploy.verify.bundle import verify_bundle
 
@@ -48,7 +49,7 @@ def test_verify_passes_and_covers_every_segment(tiny_bundles, variant):
     checks = verify_bundle(bundle, REQUEST)
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
     kinds = {(c.kind, c.name) for c in checks}
-    for segment in bundle.manifest["segments"]:
+    for segment in bundle.manifest.segments:
         assert ("segment (random)", segment) in kinds
         assert ("segment (trajectory)", segment) in kinds
     assert {name for kind, name in kinds if kind == "end-to-end"} == set(bundle.plan_names)
@@ -59,9 +60,7 @@ def test_fp16_bundle_verifies_within_its_budget(tiny_dirs, tmp_path):
         tiny_dirs["pixart-alpha"], tmp_path / "b16", BuildOptions(plans=("ilf-4",), precision="fp16")
     )
     bundle = Bundle.load(path)
-    dtypes = {
-        i["dtype"] for s in bundle.manifest["segments"].values() for i in s["inputs"] if i["name"] == "hidden"
-    }
+    dtypes = {i.dtype for s in bundle.manifest.segments.values() for i in s.inputs if i.name == "hidden"}
     assert dtypes == {"float16"}
     checks = verify_bundle(bundle, REQUEST)
     assert all(c.ok for c in checks)
@@ -71,17 +70,18 @@ def test_fp16_bundle_verifies_within_its_budget(tiny_dirs, tmp_path):
 def test_manifest_describes_the_bundle(tiny_bundles):
     bundle = Bundle.load(tiny_bundles["pixart-alpha"])
     m = bundle.manifest
-    assert m["schema_version"] == 1 and m["architecture"] == "pixart-alpha" and len(m["config_hash"]) == 64
-    assert set(m["plans"]) == {"base-4", "ilf-4", "cache-6"}
-    assert m["cut_points"][0] == 0 and m["cut_points"][-1] == m["model"]["num_blocks"]
-    for name, spec in m["segments"].items():
-        assert spec["file"] in m["files"], name
-        assert spec["inputs"] and spec["outputs"]
-        for value in spec["inputs"] + spec["outputs"]:
-            assert value["name"] and value["dtype"] and isinstance(value["shape"], list)
-    hidden = next(i for i in m["segments"]["embed"]["outputs"] if i["name"] == "hidden")
-    assert hidden["shape"][:2] == ["batch", "tokens"]  # dynamic batch and image tokens
-    assert {"onnx", "onnxruntime", "torch"} <= set(m["tools"])
+    assert bundle.manifest_json()["schema_version"] == SCHEMA_VERSION
+    assert m.architecture == "pixart-alpha" and len(m.config_hash) == 64
+    assert set(m.plans) == {"base-4", "ilf-4", "cache-6"}
+    assert m.cut_points[0] == 0 and m.cut_points[-1] == m.model.num_blocks
+    for name, spec in m.segments.items():
+        assert spec.file in m.files, name
+        assert spec.inputs and spec.outputs
+        for value in spec.inputs + spec.outputs:
+            assert value.name and value.dtype and isinstance(value.shape, tuple)
+    hidden = next(i for i in m.segments["embed"].outputs if i.name == "hidden")
+    assert hidden.shape[:2] == ("batch", "tokens")  # dynamic batch and image tokens
+    assert {"onnx", "onnxruntime", "torch"} <= set(m.tools)
 
 
 def test_batched_requests_equal_single_requests(tiny_bundles):
@@ -190,8 +190,8 @@ def test_builds_are_deterministic(tiny_dirs, tiny_bundles, tmp_path):
     again = build_bundle(
         tiny_dirs["dit"], tmp_path / "again", BuildOptions(plans=("base-4", "ilf-4", "cache-6"))
     )
-    first = Bundle.load(tiny_bundles["dit"]).manifest["files"]
-    second = Bundle.load(again).manifest["files"]
+    first = Bundle.load(tiny_bundles["dit"]).manifest.files
+    second = Bundle.load(again).manifest.files
     assert {k: v for k, v in first.items() if k.startswith("onnx/")} == {
         k: v for k, v in second.items() if k.startswith("onnx/")
     }
@@ -202,7 +202,7 @@ def test_large_segments_use_external_data(tiny_dirs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_module, "TWO_GB", 2 * 1024)  # treat anything over 1 KiB as "large"
     path = build_bundle(tiny_dirs["dit"], tmp_path / "ext", BuildOptions(plans=("base-2",)))
-    files = Bundle.load(path).manifest["files"]
+    files = Bundle.load(path).manifest.files
     assert "onnx/blocks_00_05.onnx.data" in files  # weights beside the graph, hashed like any file
     generator = open_generator(path)
     latents = generator.generate_latents(generator.bundle.plan("base-2"), Request(class_label=1))

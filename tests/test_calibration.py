@@ -24,25 +24,25 @@ def calibrated(tiny_bundles, tmp_path_factory):
 def test_every_transformer_segment_is_recorded_and_hashed(calibrated):
     path, record = calibrated
     bundle = Bundle.load(path)  # verifies every hash, the new files included
-    assert bundle.manifest["calibration"] == record
+    assert bundle.manifest_json()["calibration"] == record
     assert record["plan"] == "ilf-4" and record["requests"] == 2
-    expected = set(bundle.manifest["segments"]) - {"text_encoder", "vae_decoder", "context"}
+    expected = set(bundle.manifest.segments) - {"text_encoder", "vae_decoder", "context"}
     assert set(record["segments"]) == expected
     for name, entry in record["segments"].items():
-        assert entry["file"] in bundle.manifest["files"], name
+        assert entry["file"] in bundle.manifest.files, name
         samples = load_calibration(bundle, name)
         assert len(samples) == entry["samples"] <= 2 * 3  # at most 3 per conditioning kind
-        inputs = {i["name"] for i in bundle.manifest["segments"][name]["inputs"]}
+        inputs = set(bundle.manifest.segments[name].input_names)
         assert all(set(s) == inputs for s in samples), name
         for sample in samples:
-            for value in bundle.manifest["segments"][name]["inputs"]:
-                assert sample[value["name"]].ndim == len(value["shape"])
+            for value in bundle.manifest.segments[name].inputs:
+                assert sample[value.name].ndim == len(value.shape)
 
 
 def test_samples_cover_steps_and_both_conditionings(calibrated):
     path, record = calibrated
-    segments = Bundle.load(path).manifest["segments"]
-    loop_segment = next(n for n, s in segments.items() if "feed" in [i["name"] for i in s["inputs"]])
+    segments = Bundle.load(path).manifest.segments
+    loop_segment = next(n for n, s in segments.items() if s.takes_feed)
     with np.load(path / record["segments"][loop_segment]["file"]) as data:
         t_post, steps, timesteps = data["_t_post"], data["_step"], data["_timestep"]
     assert t_post.any() and (~t_post).any()  # the ILF second pass runs at t_post
@@ -55,8 +55,8 @@ def test_recalibration_replaces_the_old_samples(calibrated, tmp_path):
     path = shutil.copytree(calibrated[0], tmp_path / "again")
     record = collect_calibration(path, "base-4", ["a cat"], max_samples=2)
     bundle = Bundle.load(path)
-    assert bundle.manifest["calibration"]["plan"] == "base-4"
-    listed = {f for f in bundle.manifest["files"] if f.startswith("calibration/")}
+    assert bundle.manifest.calibration is not None and bundle.manifest.calibration.plan == "base-4"
+    listed = {f for f in bundle.manifest.files if f.startswith("calibration/")}
     assert listed == {e["file"] for e in record["segments"].values()}
     assert {p.name for p in (path / "calibration").iterdir()} == {f.split("/")[1] for f in listed}
 
@@ -97,6 +97,7 @@ def test_calibrate_command(tiny_bundles, tmp_path):
     runner = CliRunner()
     result = runner.invoke(_app(), ["calibrate", str(path), "--prompts", str(prompts), "--max-samples", "2"])
     assert result.exit_code == 0, result.output
-    assert Bundle.load(path).manifest["calibration"]["requests"] == 2
+    calibration = Bundle.load(path).manifest.calibration
+    assert calibration is not None and calibration.requests == 2
     result = runner.invoke(_app(), ["calibrate", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "not a bundle" in result.output

@@ -62,7 +62,7 @@ def test_f32_segments_match_onnxruntime_within_the_segment_budget(ov_bundle):
     want_images = ort.decode(want)
     ort.segments.recorder = None
     recorder.feeds["vae_decoder"] = {"latents": np.asarray(want)}
-    assert set(recorder.feeds) == set(ort.bundle.manifest["segments"])  # every segment, on real feeds
+    assert set(recorder.feeds) == set(ort.bundle.manifest.segments)  # every segment, on real feeds
     for name, feeds in recorder.feeds.items():
         a, b = ov.segments.run(name, feeds), ort.segments.run(name, feeds)
         assert set(a) == set(b), name
@@ -79,21 +79,22 @@ def test_int8_variant_is_within_its_budget_and_runs_only_on_openvino(ov_bundle):
     import openvino as ov
 
     bundle = Bundle.load(ov_bundle)  # the variant's .xml/.bin are hashed like any variant's files
-    entry = bundle.manifest["variants"]["int8_ov"]
-    assert entry["mode"] == "int8-ov" and entry["engine"] == "openvino" and "nncf" in entry["tools"]
-    assert set(entry["segments"]) == {
-        n for n, s in bundle.manifest["segments"].items() if s.get("blocks") or n == "feedback"
+    entry = bundle.variant_spec("int8_ov")
+    assert entry.mode == "int8-ov" and entry.engines == ("openvino",)
+    assert "nncf" in bundle.manifest_json()["variants"]["int8_ov"]["tools"]
+    assert set(entry.segments) == {
+        n for n, s in bundle.manifest.segments.items() if s.blocks or n == "feedback"
     }
-    for name, spec in entry["segments"].items():
-        assert spec["file"].endswith(".xml") and spec["file"] in bundle.manifest["files"]
-        assert spec["file"][:-4] + ".bin" in bundle.manifest["files"]
-        ops = [op.get_type_name() for op in ov.Core().read_model(str(bundle.path / spec["file"])).get_ops()]
-        assert ops.count("FakeQuantize") > 0 and entry["quantized_layers"][name] > 0, name
+    for name, spec in entry.segments.items():
+        assert spec.file.endswith(".xml") and spec.file in bundle.manifest.files
+        assert spec.file[:-4] + ".bin" in bundle.manifest.files
+        ops = [op.get_type_name() for op in ov.Core().read_model(str(bundle.path / spec.file)).get_ops()]
+        assert ops.count("FakeQuantize") > 0 and entry.quantized_layers[name] > 0, name
     rows = verify_variant(bundle, "int8_ov")
     snr, rel = BUDGETS["int8-ov"]
     assert all(r.ok for r in rows), rows
     segments = [r for r in rows if r.kind == "segment"]
-    assert {r.name for r in segments} == set(entry["segments"])
+    assert {r.name for r in segments} == set(entry.segments)
     assert all(r.snr_db >= snr for r in segments)
     end_to_end = rows[-1]
     # quantized for real: not fp32's output, but within budget
@@ -110,7 +111,7 @@ def test_ort_only_variants_are_refused_with_one_line(ov_bundle, tmp_path):
     from ilf_deploy.quantization.quantize import quantize_bundle
 
     quantize_bundle(path, "int8-dynamic")
-    with pytest.raises(ConfigError, match="only ONNX Runtime runs"):
+    with pytest.raises(ConfigError, match=r"\(int8-dynamic\) runs on --backend onnxruntime, not openvino"):
         open_generator(path, "openvino", variant="int8_dynamic")
 
 
@@ -125,7 +126,7 @@ def test_bf16_is_within_the_variant_budget(ov_bundle):
     bundle = Bundle.load(ov_bundle)
     generator = open_generator(ov_bundle, "openvino", variant="bf16")
     assert generator.variant == "bf16"
-    rows = verify_generator(bundle, generator, list(bundle.manifest["segments"]), BUDGETS["bf16"])
+    rows = verify_generator(bundle, generator, list(bundle.manifest.segments), BUDGETS["bf16"])
     assert all(r.ok for r in rows), rows
 
 
@@ -139,10 +140,10 @@ def test_compiled_models_are_cached_in_the_bundle_outside_its_manifest(ov_bundle
     blobs = sorted(cache.iterdir())
     names = {b.name.split(".")[0] for b in blobs}
     assert names == {"text_encoder", "context", "time", "embed", "feedback", "final"} | {
-        n for n in Bundle.load(path).manifest["segments"] if n.startswith("blocks_")
+        n for n in Bundle.load(path).manifest.segments if n.startswith("blocks_")
     }
     assert not any(b.name.startswith(".") for b in blobs)  # no temporary file left behind
-    assert not any(f.startswith(CACHE_DIR) for f in Bundle.load(path).manifest["files"])
+    assert not any(f.startswith(CACHE_DIR) for f in Bundle.load(path).manifest.files)
     Bundle.load(path)  # its sha256 check still passes
 
     # A second start imports every blob: compiling is never needed.

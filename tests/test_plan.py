@@ -12,10 +12,12 @@ from ilf_deploy.plan import (
     block_caching_plan,
     block_caching_schedule,
     cache_plan,
+    check_block_range,
     default_cache_range,
     default_loop,
     delta_dit_plan,
     ilf_plan,
+    parse_range,
     parse_step_set,
     post_timestep,
     predicted_speedup,
@@ -185,3 +187,75 @@ def test_presets_and_files(tmp_path):
 
 def test_predicted_speedup():
     assert predicted_speedup(resolve_plan("ilf-10")) == pytest.approx(560 / 332)
+
+
+# -- the one block-range check: its messages name the option, field or op that is out of range ----
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: cache_plan(10, 8, (3, 99)),
+            "cache range 3:99: block 99 is out of range (the model has blocks 0..7)",
+        ),
+        (lambda: cache_plan(10, 8, (-1, 3)), "cache range -1:3: block -1 is out of range"),
+        (lambda: cache_plan(10, 8, (5, 3)), "cache range 5:3 is empty"),
+        (lambda: ilf_plan(10, 8, (2, 8)), "loop 2:8: block 8 is out of range (the model has blocks 0..7)"),
+        (lambda: ilf_plan(10, 8, (5, 3)), "loop 5:3 is empty"),
+        (
+            lambda: check_block_range(0, 1, 0, "--cache"),
+            "--cache 0:1: block 0 is out of range (the model has no blocks)",
+        ),
+        (lambda: parse_range("3:99", "--cache", 8), "--cache 3:99: block 99 is out of range"),
+    ],
+)
+def test_range_errors_name_the_range(build, message):
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert message in str(info.value)
+    assert "loop" not in str(info.value) or message.startswith("loop")  # a cache range is no loop
+
+
+def test_plan_validation_uses_the_range_check():
+    data = cache_plan(4, 8, (2, 5)).to_dict()
+    data["steps"][1]["ops"][1]["end"] = 99
+    with pytest.raises(
+        ConfigError, match=r"plan 'cache-4' step 1 cache_reuse 2:99: block 99 is out of range"
+    ):
+        StepPlan.from_dict(data)
+    data = ilf_plan(4, 8, (2, 5)).to_dict()
+    data["loop"] = [2, 9]
+    with pytest.raises(ConfigError, match=r"plan 'ilf-4' loop 2:9: block 9 is out of range \(the model has"):
+        StepPlan.from_dict(data)
+    data = baseline_plan(2, 8).to_dict()
+    data["steps"][0]["ops"] = [{"op": "blocks", "start": 0, "end": 3}, {"op": "blocks", "start": 4, "end": 2}]
+    with pytest.raises(ConfigError, match=r"plan 'base-2' step 0 blocks 4:2 is empty"):
+        StepPlan.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("--model", "default", "--cache", "3:99"),
+            "--cache 3:99: block 99 is out of range (the model has blocks 0..7)",
+        ),
+        (("--blocks", "8", "--cache", "5:3"), "--cache 5:3 is empty"),
+        (("--blocks", "8", "--cache", "5-3"), "--cache '5-3' is not of the form B:E"),
+        (
+            ("--blocks", "8", "--loop", "2:8"),
+            "--loop 2:8: block 8 is out of range (the model has blocks 0..7)",
+        ),
+    ],
+)
+def test_cli_range_errors_name_the_option(args, message):
+    from typer.testing import CliRunner
+
+    from ilf_deploy.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "--steps", "6", *args])
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert message in text

@@ -39,13 +39,13 @@ def _qdq_nodes(model):
 @pytest.mark.parametrize("mode", ["int8-qdq", "fp8-qdq"])
 def test_qdq_models_are_what_tensorrt_accepts(quantized, mode):
     bundle = Bundle.load(quantized)
-    variant = bundle.manifest["variants"][mode.replace("-", "_")]
-    assert set(variant["segments"]) == {
-        n for n, s in bundle.manifest["segments"].items() if s.get("blocks") or n == "feedback"
+    variant = bundle.variant_spec(mode.replace("-", "_"))
+    assert set(variant.segments) == {
+        n for n, s in bundle.manifest.segments.items() if s.blocks or n == "feedback"
     }
     zero_type = onnx.TensorProto.INT8 if mode == "int8-qdq" else onnx.TensorProto.FLOAT8E4M3FN
-    for name, spec in variant["segments"].items():
-        model = onnx.load(str(bundle.path / spec["file"]))
+    for name, spec in variant.segments.items():
+        model = onnx.load(str(bundle.path / spec.file))
         onnx.checker.check_model(model)
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         assert opset >= (13 if mode == "int8-qdq" else 19), name  # per-channel Q/DQ; float8 types
@@ -72,8 +72,8 @@ def test_qdq_models_are_what_tensorrt_accepts(quantized, mode):
 
 def test_dynamic_variant_uses_ort_integer_kernels(quantized):
     bundle = Bundle.load(quantized)
-    for spec in bundle.manifest["variants"]["int8_dynamic"]["segments"].values():
-        ops = {n.op_type for n in onnx.load(str(bundle.path / spec["file"])).graph.node}
+    for spec in bundle.variant_spec("int8_dynamic").segments.values():
+        ops = {n.op_type for n in onnx.load(str(bundle.path / spec.file)).graph.node}
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
 
 
@@ -81,10 +81,11 @@ def test_variants_keep_the_bundle_verifiable(quantized):
     bundle = Bundle.load(quantized)  # every hash, variant files included
     assert set(bundle.variants) == {"int8_dynamic", "int8_qdq", "fp8_qdq"}
     for name in bundle.variants:
-        for spec in bundle.manifest["variants"][name]["segments"].values():
-            assert spec["file"].startswith(f"onnx/{name}/") and spec["file"] in bundle.manifest["files"]
-    assert bundle.manifest["variants"]["fp8_qdq"]["ort_session_config"]
-    assert bundle.manifest["variants"]["int8_qdq"]["calibration"]["method"] == "minmax"
+        for spec in bundle.variant_spec(name).segments.values():
+            assert spec.file.startswith(f"onnx/{name}/") and spec.file in bundle.manifest.files
+    assert bundle.variant_spec("fp8_qdq").ort_session_config
+    calibration = bundle.variant_spec("int8_qdq").calibration
+    assert calibration is not None and calibration.method == "minmax"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -98,7 +99,7 @@ def test_variant_parity_within_budget(quantized, mode):
     assert end.kind == "end-to-end" and end.rel_l2 <= e2e and end.cosine > 0.99
     assert end.rel_l2 > 1e-5  # the variant really ran quantized
     assert {r.name for r in rows if r.kind == "segment"} == set(
-        Bundle.load(quantized).manifest["variants"][mode.replace("-", "_")]["segments"]
+        Bundle.load(quantized).variant_spec(mode.replace("-", "_")).segments
     )
 
 
@@ -116,7 +117,8 @@ def test_requantizing_replaces_the_variant(quantized, tmp_path):
     path = shutil.copytree(quantized, tmp_path / "b")
     quantize_bundle(path, "int8-qdq", "int8_qdq", calibrate="percentile")
     bundle = Bundle.load(path)
-    assert bundle.manifest["variants"]["int8_qdq"]["calibration"]["method"] == "percentile"
+    calibration = bundle.variant_spec("int8_qdq").calibration
+    assert calibration is not None and calibration.method == "percentile"
     quantize_bundle(path, "int8-dynamic", "mine")
     assert "mine" in Bundle.load(path).variants
 

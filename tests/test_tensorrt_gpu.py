@@ -68,11 +68,11 @@ def test_engines_are_recorded_with_their_environment(engine_bundles):
     from ilf_deploy.runtime.bundle import Bundle
 
     bundle = Bundle.load(engine_bundles["fp32"])  # hashes of engines and timing cache verify
-    record = bundle.manifest["engines"]["base"]
-    assert record["tensorrt"] == trt.__version__
-    assert record["gpu"] == torch.cuda.get_device_name()
-    assert record["compute_capability"] == "{}.{}".format(*_capability())
-    assert set(record["segments"]) == set(bundle.manifest["segments"])
+    record = bundle.manifest.engines["base"]
+    assert record.tensorrt == trt.__version__
+    assert record.gpu == torch.cuda.get_device_name()
+    assert record.compute_capability == "{}.{}".format(*_capability())
+    assert set(record.segments) == set(bundle.manifest.segments)
     assert (bundle.path / "engines" / "timing.cache").is_file()
 
 

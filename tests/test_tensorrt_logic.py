@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,30 +20,31 @@ from ilf_deploy.backends.tensorrt import (
 )
 from ilf_deploy.errors import ConfigError
 from ilf_deploy.runtime.bundle import Bundle, BundleError
+from ilf_deploy.runtime.manifest import Manifest, SegmentSpec, TensorSpec
 
 
-def _manifest(tiny_bundles, name: str) -> dict:
+def _manifest(tiny_bundles, name: str) -> Manifest:
     return Bundle.load(tiny_bundles[name], verify_hashes=False).manifest
 
 
 def test_dim_ranges_from_the_manifest(tiny_bundles):
     m = _manifest(tiny_bundles, "pixart-alpha")
-    (h, w), patch = m["latent_sizes"][0], m["model"]["patch_size"]
+    (h, w), patch = m.latent_sizes[0], m.model.patch_size
     ranges = dim_ranges(m)
     assert ranges["batch"] == (1, 2, 2)  # max_batch 1, doubled by guidance
     tokens = (h // patch) * (w // patch)
     assert ranges["tokens"] == (tokens, tokens, tokens)
     assert ranges["latent_height"] == (h, h, h)
-    assert ranges["height"][1] == h * m["model"]["vae_scale_factor"]
+    assert ranges["height"][1] == h * m.model.vae_scale_factor
     assert ranges["text_tokens"] == (1, 120, 120)  # prompts are padded to the tokenizer's max length
     assert dim_ranges(m, max_batch=4)["batch"] == (1, 8, 8)
     assert "text_tokens" not in dim_ranges(_manifest(tiny_bundles, "dit"))  # class-conditional
 
 
 def test_several_resolutions_span_one_profile(tiny_bundles):
-    m = copy.deepcopy(_manifest(tiny_bundles, "pixart-alpha"))
-    m["latent_sizes"] = [[32, 32], [16, 24], [64, 48]]
-    m["max_batch"] = 3
+    m = dataclasses.replace(
+        _manifest(tiny_bundles, "pixart-alpha"), latent_sizes=((32, 32), (16, 24), (64, 48)), max_batch=3
+    )
     ranges = dim_ranges(m)
     assert ranges["tokens"] == (8 * 12, 16 * 16, 32 * 24)  # min, the default size, max
     assert ranges["latent_height"] == (16, 32, 64) and ranges["latent_width"] == (24, 32, 48)
@@ -53,21 +54,21 @@ def test_several_resolutions_span_one_profile(tiny_bundles):
 @pytest.mark.parametrize("name", ["pixart-alpha", "pixart-alpha-1024", "pixart-sigma", "dit"])
 def test_every_segment_input_gets_a_profile(tiny_bundles, name):
     m = _manifest(tiny_bundles, name)
-    for segment, spec in m["segments"].items():
+    for segment, spec in m.segments.items():
         profile = input_profile(m, spec)
-        assert set(profile) == {i["name"] for i in spec["inputs"]}, segment
+        assert set(profile) == set(spec.input_names), segment
         for tensor, (low, opt, high) in profile.items():
             assert len(low) == len(opt) == len(high)
             assert all(0 < a <= b <= c for a, b, c in zip(low, opt, high)), (segment, tensor)
-    hidden = input_profile(m, m["segments"]["final"])["hidden"]
-    assert hidden[0][0] == 1 and hidden[2][0] == 2 * m["max_batch"]
-    width = m["segments"]["final"]["inputs"][0]["shape"][2]
+    hidden = input_profile(m, m.segments["final"])["hidden"]
+    assert hidden[0][0] == 1 and hidden[2][0] == 2 * m.max_batch
+    width = m.segments["final"].inputs[0].shape[2]
     assert hidden[0][2] == hidden[2][2] == width  # static dims stay static
 
 
 def test_unknown_dimensions_are_refused(tiny_bundles):
     m = _manifest(tiny_bundles, "dit")
-    spec = {"inputs": [{"name": "x", "shape": ["batch", "mystery"], "dtype": "float32"}]}
+    spec = SegmentSpec("x", "x.onnx", (TensorSpec("x", ("batch", "mystery"), "float32"),), (), None)
     with pytest.raises(BundleError, match="mystery"):
         input_profile(m, spec)
 

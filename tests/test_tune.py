@@ -31,8 +31,8 @@ def add_broken_variant(path) -> None:
     bundle = Bundle.load(path)
     segments = {}
     (path / "onnx" / BROKEN).mkdir()
-    for name, spec in bundle.manifest["segments"].items():
-        if not spec.get("blocks"):
+    for name, spec in bundle.manifest.segments.items():
+        if not spec.blocks:
             continue
         model = onnx.load(str(bundle.segment_path(name)))
         graph = helper.make_graph(
@@ -43,10 +43,16 @@ def add_broken_variant(path) -> None:
         )
         skipped = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
         onnx.save(skipped, str(path / "onnx" / BROKEN / f"{name}.onnx"))
-        segments[name] = {**spec, "file": f"onnx/{BROKEN}/{name}.onnx"}
+        segments[name] = {**spec.to_dict(), "file": f"onnx/{BROKEN}/{name}.onnx"}
 
     def mutate(manifest):
-        manifest.setdefault("variants", {})[BROKEN] = {"mode": "int8-qdq", "segments": segments}
+        manifest.setdefault("variants", {})[BROKEN] = {
+            "mode": "int8-qdq",
+            "segments": segments,
+            "quantized_layers": {},
+            "calibration": None,
+            "tools": {},
+        }
         manifest["files"].update({s["file"]: "" for s in segments.values()})
 
     rewrite_manifest(path, mutate)
@@ -80,7 +86,7 @@ def test_tune_writes_a_valid_tuning_json(tuned):
     )
     # tuning.json describes this machine, not the bundle: not hashed, the bundle still verifies
     bundle = Bundle.load(path)
-    assert TUNING_FILE not in bundle.manifest["files"]
+    assert TUNING_FILE not in bundle.manifest.files
     assert not list(path.glob(f".{TUNING_FILE}*"))  # written atomically: no temporary left
 
 

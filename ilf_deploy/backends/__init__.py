@@ -170,12 +170,15 @@ def open_generator(
     verify_hashes: bool = True,
     variant: str | None = None,
     device: str = "cpu",
+    digest: str | None = None,
     **options: Any,
 ) -> Generator:
-    """A generator for the bundle at `source`: its hashes checked, then the named backend opened.
+    """A generator for the bundle at `source`: its hashes (and, if given, its pinned `digest`)
+    checked, then the named backend opened.
 
     `device` is where the torch backend runs; the others choose their own. Options go to the
     backend (e.g. `model=` for torch on a `--no-copy-model` bundle, `cuda_graphs=` for TensorRT)."""
     if backend != AUTO:
         get_backend(backend)  # an unknown name fails before the hashes are read
-    return open_bundle_generator(Bundle.load(source, verify_hashes), backend, variant, device, **options)
+    bundle = Bundle.load(source, verify_hashes, digest=digest)
+    return open_bundle_generator(bundle, backend, variant, device, **options)

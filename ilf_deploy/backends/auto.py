@@ -13,7 +13,6 @@ tuning.json is not one of the manifest's hashed files: it describes a machine, n
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +45,8 @@ def engine_label(backend: str, variant: str | None, options: dict[str, Any] | No
 
 
 def bundle_digest(bundle: Bundle) -> str:
-    """The bundle's listed files (names and sha256): a variant re-quantized after `tune` changes it."""
-    return hashlib.sha256(json.dumps(bundle.manifest["files"], sort_keys=True).encode()).hexdigest()
+    """The bundle's digest: a variant re-quantized after `tune` changes it."""
+    return bundle.digest
 
 
 def fallback(why: str) -> Choice:

@@ -96,11 +96,11 @@ class OrtSegments(SegmentRunner):
     def session_config(self, name: str) -> dict[str, str]:
         """A variant's session config for the segments it replaced (FP8: QDQ fusion off; int8-qdq
         on a CPU without int8 dot products: the same, emulated)."""
-        entry = self.bundle.manifest.get("variants", {}).get(self.variant or "", {})
-        if name not in entry.get("segments", {}):
+        entry = self.bundle.manifest.variants.get(self.variant or "")
+        if entry is None or name not in entry.segments:
             return {}
-        config = dict(entry.get("ort_session_config") or {})
-        if entry.get("mode") == "int8-qdq" and not cpu_has_int8_dot():
+        config = dict(entry.ort_session_config)
+        if entry.mode == "int8-qdq" and not cpu_has_int8_dot():
             config.update(EMULATED_QDQ_ORT_CONFIG)
         return config
 

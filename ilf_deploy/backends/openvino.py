@@ -40,7 +40,6 @@ PRECISIONS = ("f32", "bf16")  # INFERENCE_PRECISION_HINT values, also accepted a
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CACHE_DIR = "openvino_cache"
 # Variant modes OpenVINO cannot read: com.microsoft ops (int8-dynamic), FP8 Q/DQ.
-ORT_ONLY_MODES = ("int8-dynamic", "fp8-qdq")
 _DEVICE_FAMILIES = ("CPU", "GPU", "NPU", "AUTO", "HETERO", "MULTI", "BATCH")
 
 
@@ -102,7 +101,7 @@ class OvSegments(SegmentRunner):
 
         rel = str(self.bundle.segment_path(name, self.variant).relative_to(self.bundle.path))
         stem = rel.rsplit(".", 1)[0]
-        files = self.bundle.manifest["files"]
+        files = self.bundle.manifest.files
         digests = {
             f: d for f, d in files.items() if f == rel or f.startswith(rel + ".") or f == stem + ".bin"
         }
@@ -146,7 +145,7 @@ class OvSegments(SegmentRunner):
         if name not in self._ports:
             compiled = self.compiled(name)
             spec = self.bundle.segment_spec(name, self.variant)
-            declared = [i["name"] for i in spec["inputs"]] + [o["name"] for o in spec["outputs"]]
+            declared = [*spec.input_names, *spec.output_names]
 
             def named(port: Any) -> str:
                 names = port.get_names()
@@ -179,14 +178,6 @@ def open_generator(
     precision = precision or "f32"
     if precision not in PRECISIONS:
         raise ConfigError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if variant is not None:
-        bundle.segment_spec("embed", variant)  # an unknown variant fails here, listing the known ones
-        mode = bundle.manifest["variants"][variant].get("mode")
-        if mode in ORT_ONLY_MODES:
-            raise ConfigError(
-                f"variant {variant!r} ({mode}) has operators only ONNX Runtime runs; "
-                "use --backend onnxruntime, or an OpenVINO variant (ilf-deploy quantize --mode int8-ov)"
-            )
     name = ov_device(device)
     if precision == "bf16" and name.startswith("CPU") and not cpu_has_bf16():
         raise ConfigError(

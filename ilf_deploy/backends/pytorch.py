@@ -150,14 +150,14 @@ def bundle_model(bundle: Bundle, model: str | Path | None = None) -> LoadedModel
     """The PyTorch model of a bundle: the copy inside it, or `model` (a directory) when given; a
     model whose config hash differs from the manifest's is refused."""
     if model is None:
-        if not bundle.manifest.get("torch_model"):
+        if not bundle.manifest.torch_model:
             raise BundleError(
                 "this bundle was built without its torch model (--no-copy-model); "
                 "pass the model directory with --model"
             )
-        return load_model(bundle.path / bundle.manifest["torch_model"])
+        return load_model(bundle.path / bundle.manifest.torch_model)
     loaded = load_model(model)
-    want, got = bundle.manifest.get("config_hash"), loaded.config_hash
+    want, got = bundle.manifest.config_hash, loaded.config_hash
     if want != got:
         raise BundleError(
             f"{model} is not the model this bundle was built from (config hash {got[:12]}, "

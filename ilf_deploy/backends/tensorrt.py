@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle, BundleError, rewrite_manifest
+from ..runtime.manifest import EngineSetSpec, Manifest, SegmentSpec
 from ..runtime.pipeline import BundleGenerator
 from ..runtime.runner import SegmentRunner
 
@@ -56,17 +57,16 @@ class EngineMismatch(BundleError):
 # -- pure logic (no tensorrt import; tested on CPU) ------------------------------------------------
 
 
-def dim_ranges(manifest: dict[str, Any], max_batch: int | None = None) -> dict[str, Range]:
+def dim_ranges(manifest: Manifest, max_batch: int | None = None) -> dict[str, Range]:
     """(min, opt, max) of every symbolic dimension the exporter uses (export/onnx.py `_AXES`).
 
     batch: 1 (unguided, one image) .. 2·max_batch (guided full batch), tuned for the full batch.
     tokens / latent size / pixels: the bundle's resolutions, tuned for the first (the default).
     text_tokens: the runtime pads every prompt to the tokenizer's max length, so that is opt and max.
     """
-    batch = 2 * int(max_batch or manifest["max_batch"])
-    patch = int(manifest["model"]["patch_size"])
-    scale = int(manifest["model"]["vae_scale_factor"])
-    sizes = [(int(h), int(w)) for h, w in manifest["latent_sizes"]]
+    batch = 2 * int(max_batch or manifest.max_batch)
+    patch, scale = manifest.model.patch_size, manifest.model.vae_scale_factor
+    sizes = list(manifest.latent_sizes)
     tokens = [(h // patch) * (w // patch) for h, w in sizes]
 
     def span(values: list[int]) -> Range:
@@ -81,35 +81,34 @@ def dim_ranges(manifest: dict[str, Any], max_batch: int | None = None) -> dict[s
         "height": (heights[0] * scale, heights[1] * scale, heights[2] * scale),
         "width": (widths[0] * scale, widths[1] * scale, widths[2] * scale),
     }
-    tokenizer = manifest.get("tokenizer")
-    if tokenizer:
-        length = int(tokenizer["max_length"])
+    if manifest.tokenizer is not None:
+        length = manifest.tokenizer.max_length
         ranges["text_tokens"] = (1, length, length)
     return ranges
 
 
 def input_profile(
-    manifest: dict[str, Any], spec: dict[str, Any], max_batch: int | None = None
+    manifest: Manifest, spec: SegmentSpec, max_batch: int | None = None
 ) -> dict[str, tuple[Shape, Shape, Shape]]:
     """Per input of a segment: (min, opt, max) shapes for one TensorRT optimization profile."""
     ranges = dim_ranges(manifest, max_batch)
     profile = {}
-    for value in spec["inputs"]:
+    for value in spec.inputs:
         lows, opts, highs = [], [], []
-        for dim in value["shape"]:
+        for dim in value.shape:
             if isinstance(dim, int) and dim > 0:
                 low = opt = high = dim
             elif isinstance(dim, str) and dim in ranges:
                 low, opt, high = ranges[dim]
             else:
                 raise BundleError(
-                    f"input {value['name']!r} has dimension {dim!r} that no profile rule covers; "
+                    f"input {value.name!r} has dimension {dim!r} that no profile rule covers; "
                     "the bundle was exported by an incompatible version"
                 )
             lows.append(low)
             opts.append(opt)
             highs.append(high)
-        profile[value["name"]] = (tuple(lows), tuple(opts), tuple(highs))
+        profile[value.name] = (tuple(lows), tuple(opts), tuple(highs))
     return profile
 
 
@@ -149,9 +148,9 @@ def check_engine_record(record: dict[str, Any], current: dict[str, str], bundle:
             )
 
 
-def engine_set(manifest: dict[str, Any], variant: str | None) -> dict[str, Any]:
+def engine_set(manifest: Manifest, variant: str | None) -> EngineSetSpec:
     key = engine_key(variant)
-    engines = manifest.get("engines", {}).get(key)
+    engines = manifest.engines.get(key)
     if not engines:
         hint = "" if variant is None else f" --variant {variant}"
         raise BundleError(
@@ -224,10 +223,10 @@ def build_engines(
     if not 0 <= opt_level <= 5:
         raise ConfigError(f"builder optimization level must be 0..5, got {opt_level}")
     key = engine_key(variant)
-    if key in bundle.manifest.get("engines", {}) and not force:
+    if key in bundle.manifest.engines and not force:
         raise ConfigError(f"the bundle already has {key!r} engines; pass --force to rebuild them")
-    names = segments or list(bundle.manifest["segments"])
-    unknown = sorted(set(names) - set(bundle.manifest["segments"]))
+    names = segments or list(bundle.manifest.segments)
+    unknown = sorted(set(names) - set(bundle.manifest.segments))
     if unknown:
         raise ConfigError(f"unknown segment(s) {', '.join(unknown)}")
     environment = current_environment()
@@ -252,7 +251,7 @@ def build_engines(
             load_timing_cache=str(cache) if cache.is_file() else None,
             tf32=tf32,  # lets fp32 layers use TF32 tensor cores; not a precision flag (allowed when typed)
         )
-        network = NetworkFromOnnxPath(str(root / spec["file"]), strongly_typed=strongly_typed)
+        network = NetworkFromOnnxPath(str(root / spec.file), strongly_typed=strongly_typed)
         target = root / engine_file(key, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
@@ -261,7 +260,7 @@ def build_engines(
         os.replace(tmp, target)
         built[name] = {
             "file": engine_file(key, name),
-            "onnx": spec["file"],
+            "onnx": spec.file,
             "profile": {t: [list(s) for s in r] for t, r in shapes.items()},
             "build_s": round(time.perf_counter() - start, 1),
         }
@@ -270,7 +269,7 @@ def build_engines(
         "variant": variant,
         "builder_optimization_level": opt_level,
         "workspace_bytes": int(workspace_gb * 2**30),
-        "max_batch": int(max_batch or bundle.manifest["max_batch"]),
+        "max_batch": int(max_batch or bundle.manifest.max_batch),
         "tf32": tf32,
         "timing_cache": TIMING_CACHE,
         "segments": built,
@@ -428,7 +427,9 @@ class TrtSegments(SegmentRunner):
 
         super().__init__(bundle, variant)
         self.engines_spec = engine_set(bundle.manifest, variant)
-        check_engine_record(self.engines_spec, current_environment(), str(bundle.path), engine_key(variant))
+        check_engine_record(
+            dict(self.engines_spec.record), current_environment(), str(bundle.path), engine_key(variant)
+        )
         self.stream = torch.cuda.Stream()  # made current by `activate` for a whole generation
         self.memory = SharedMemory()
         self.logger = trt_module.Logger(trt_module.Logger.WARNING)
@@ -437,7 +438,7 @@ class TrtSegments(SegmentRunner):
         # capture (a captured graph keeps the pointer it was captured with).
         self._engines = {
             name: TrtEngine(self.bundle.path / spec["file"], self.runtime, self.memory)
-            for name, spec in self.engines_spec["segments"].items()
+            for name, spec in self.engines_spec.segments.items()
         }
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: capture failed, run eagerly
@@ -530,7 +531,7 @@ def open_generator(
     return BundleGenerator(bundle, TrtSegments(bundle, variant, cuda_graphs, profile))
 
 
-def engine_summary(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def engine_summary(manifest: Manifest) -> list[dict[str, Any]]:
     """One row per engine set: key, TensorRT, GPU, segments (for `inspect`-like output)."""
     return [
         {
@@ -540,7 +541,7 @@ def engine_summary(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             "compute_capability": e["compute_capability"],
             "segments": len(e["segments"]),
         }
-        for key, e in manifest.get("engines", {}).items()
+        for key, e in ((k, s.record) for k, s in manifest.engines.items())
     ]
 
 

@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..runtime.generator import Request
 from . import command, console, finish_checks, out, progress
 from .generate import VARIANT_HELP, backend_help, open_source
+from .options import Digest
 
 # -- bundles ---------------------------------------------------------------------------------
 
@@ -95,23 +96,35 @@ def build(
 
 
 @command()
+def schema(
+    name: Annotated[str, typer.Argument(help="manifest, plan or tuning.", metavar="NAME")],
+) -> None:
+    """Print a published JSON Schema (2020-12) of the bundle format: the manifest, a step plan, or
+    tuning.json. Every reader (this tool, the C++ runtime) implements these; README "The bundle format"."""
+    from ..schemas import schema as published
+
+    print(json.dumps(published(name), indent=2))
+
+
+@command()
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the digest and the manifest.")] = False,
+    digest: Digest = None,
 ) -> None:
-    """Show a bundle's model, plans, segments and their I/O."""
+    """Show a bundle's digest, model, plans, segments and their I/O (every file's hash checked)."""
     from ..runtime.bundle import Bundle
 
-    loaded = Bundle.load(bundle)
+    loaded = Bundle.load(bundle, digest=digest)
     m = loaded.manifest
     if as_json:
-        print(json.dumps(m, indent=2))
+        print(json.dumps({"digest": loaded.digest, **loaded.manifest_json()}, indent=2))
         return
-    sizes = ", ".join(f"{h}x{w}" for h, w in m["resolutions"])
+    sizes = ", ".join(f"{h}x{w}" for h, w in m.resolutions)
     out.print(
-        f"{loaded.path}: {m['architecture']}, {m['model']['num_blocks']} blocks, precision {m['precision']}, "
-        f"sizes {sizes}, max batch {m['max_batch']}, feedback loop {loaded.loop}, "
-        f"cut points {m['cut_points']}"
+        f"{loaded.path}: {m.architecture}, {m.model.num_blocks} blocks, precision {m.precision}, "
+        f"sizes {sizes}, max batch {m.max_batch}, feedback loop {loaded.loop}, "
+        f"cut points {list(m.cut_points)}\ndigest {loaded.digest}"
     )
     plans = Table(title="plans", title_justify="left")
     for column in ("plan", "steps", "block fwd", "feedback steps"):
@@ -123,11 +136,11 @@ def inspect(
     segments = Table(title="segments", title_justify="left")
     for column in ("segment", "blocks", "inputs", "outputs", "MB"):
         segments.add_column(column)
-    for name, spec in m["segments"].items():
-        size = sum(v for f, v in _file_sizes(loaded.path).items() if f.startswith(spec["file"]))
-        io = lambda vs: ", ".join(f"{v['name']}{v['shape']}:{v['dtype']}" for v in vs)  # noqa: E731
-        blocks = "-" if not spec["blocks"] else f"{spec['blocks'][0]}-{spec['blocks'][1]}"
-        segments.add_row(name, blocks, io(spec["inputs"]), io(spec["outputs"]), f"{size / 1e6:.1f}")
+    for name, spec in m.segments.items():
+        size = sum(v for f, v in _file_sizes(loaded.path).items() if f.startswith(spec.file))
+        io = lambda vs: ", ".join(f"{v.name}{list(v.shape)}:{v.dtype}" for v in vs)  # noqa: E731
+        blocks = "-" if not spec.blocks else f"{spec.blocks[0]}-{spec.blocks[1]}"
+        segments.add_row(name, blocks, io(spec.inputs), io(spec.outputs), f"{size / 1e6:.1f}")
     out.print(segments)
 
 
@@ -185,9 +198,9 @@ def verify(
             model=model,
             backend=backend,
         )
-    seg_tol, e2e_tol = TOLERANCES[loaded.manifest["precision"]]
+    seg_tol, e2e_tol = TOLERANCES[loaded.manifest.precision]
     table = Table(
-        title=f"{bundle}: {backend} vs PyTorch ({loaded.manifest['precision']}; tolerance: segments "
+        title=f"{bundle}: {backend} vs PyTorch ({loaded.manifest.precision}; tolerance: segments "
         f"{seg_tol:g}, end-to-end {e2e_tol:g} relative L2)",
         title_justify="left",
     )

@@ -137,7 +137,7 @@ def register(command: Callable[..., Any]) -> None:
         with progress() as bar:
             task = bar.add_task("verify", total=None)
             rows = verify_variant(loaded, variant, plan, progress=lambda s: bar.update(task, description=s))
-        mode = loaded.manifest["variants"][variant].get("mode", "?")
+        mode = loaded.variant_spec(variant).mode
         snr, rel = BUDGETS.get(mode, (float("nan"), float("nan")))
         title = (
             f"{bundle}: variant {variant} ({mode}, on {variant_engine(loaded, variant)}) vs fp32 on ONNX "
@@ -223,6 +223,4 @@ def verify_tensorrt(
 
 
 def _engine_precision(bundle: Any, variant: str | None) -> str:
-    if variant is not None:
-        return str(bundle.manifest["variants"][variant].get("mode", "int8-qdq"))
-    return str(bundle.manifest["precision"])
+    return str(bundle.manifest.precision_of(variant))

@@ -96,9 +96,10 @@ def plan_command(
             "choose either an ILF plan (--loop/--feedback) or a caching plan (--cache), not both"
         )
     if cache:
-        plan = cache_plan(steps, num_blocks, parse_range(cache, "cache range"), refresh_every, scheduler)
+        cache_range = parse_range(cache, "--cache", num_blocks)
+        plan = cache_plan(steps, num_blocks, cache_range, refresh_every, scheduler)
     elif loop or feedback:
-        ilf_loop = parse_range(loop) if loop else model_loop
+        ilf_loop = parse_range(loop, "--loop", num_blocks) if loop else model_loop
         rule = t_post or model_t_post or "rescale"
         plan = ilf_plan(steps, num_blocks, ilf_loop, feedback or "first2,last2", rule, scheduler)
     else:
@@ -129,7 +130,7 @@ def make_tiny_command(
     from ..plan import parse_range
     from ..tiny import make_tiny_pipeline
 
-    ilf_loop = parse_range(loop) if loop else None
+    ilf_loop = parse_range(loop, "--loop", layers if layers >= 1 else None) if loop else None
     with console.status(f"writing tiny {architecture}"):
         path = make_tiny_pipeline(
             architecture,

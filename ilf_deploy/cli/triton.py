@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from .generate import VARIANT_HELP, backend_help
+from .options import Digest
 
 
 def _console() -> Any:
@@ -62,10 +63,12 @@ def register(command: Callable[..., Any]) -> None:
         ] = None,
         warmup: Annotated[bool, typer.Option(help="Generate one image before reporting ready.")] = True,
         force: Annotated[bool, typer.Option(help="Replace models of the same name.")] = False,
+        digest: Digest = None,
     ) -> None:
         """Write a Triton model repository that serves the bundle (Python backend, dynamic batching)."""
         from ..errors import ConfigError
-        from ..triton.repository import ExportOptions, export_repository
+        from ..runtime.bundle import Bundle
+        from ..triton.repository import BUNDLE_DIR, ExportOptions, export_repository
 
         if k8s is not None and not copy_bundle:
             raise ConfigError("--k8s needs --copy-bundle: the pods see only the repository")
@@ -85,6 +88,7 @@ def register(command: Callable[..., Any]) -> None:
             layout=layout,
             warmup=warmup,
             force=force,
+            digest=digest,
         )
         console = _console()
         for path in export_repository(bundle, out, options):
@@ -100,6 +104,8 @@ def register(command: Callable[..., Any]) -> None:
                 replicas=replicas,
                 max_replicas=max_replicas,
                 gpu=kind == "gpu",
+                digest=Bundle.load(bundle, verify_hashes=False).digest,  # the one just exported
+                bundle=f"{name}/1/{BUNDLE_DIR}",
             )
             for path in written:
                 console.print(f"manifests → {path}")

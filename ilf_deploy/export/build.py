@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import json
+import errno
+import glob
+import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +21,16 @@ import numpy as np
 import torch
 
 from ..adapters import make_adapter
-from ..errors import ConfigError
+from ..errors import ConfigError, IlfError
 from ..loading import LoadedModel, load_model
-from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file, tool_versions
+from ..runtime.bundle import SCHEMA_VERSION, sha256_file, strict_json, tool_versions, write_manifest
 from .onnx import export_segment, onnx_io
 from .segments import segment_specs
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: leftovers of killed builds are not cleaned there
+    fcntl = None  # type: ignore[assignment]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_PLANS = ("base-20", "ilf-10", "cache-20")
@@ -47,6 +58,9 @@ def build_bundle(
     if options.max_batch < 1:
         raise ConfigError(f"max batch must be >= 1, got {options.max_batch}")
     out = Path(out)
+    if out.parent.is_dir():
+        with contextlib.suppress(OSError):
+            clean_leftovers(out)
     if out.exists() and not options.force and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists; choose another --out or pass --force to replace it")
     if not out.parent.is_dir():
@@ -68,18 +82,20 @@ def build_bundle(
     resolutions = list(options.resolutions) or [(model.default_image_size,) * 2]
     _check_resolutions(model, resolutions)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        manifest = _export_all(model, plans, resolutions, options, tmp, progress)
-        manifest["files"] = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with _workspace(out) as tmp:
+            manifest = _export_all(model, plans, resolutions, options, tmp, progress)
+            manifest["files"] = {
+                str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+            }
+            write_manifest(tmp, manifest)
+            tmp.chmod(0o755)
+            _replace(tmp, out)
+    except Exception as exc:
+        os_error = _os_error(exc)
+        if os_error is None:
+            raise
+        raise _build_error(os_error, out) from None
     return out
 
 
@@ -87,11 +103,153 @@ def _replace(tmp: Path, out: Path) -> None:
     if not out.exists():
         tmp.rename(out)
         return
-    old = out.with_name(f".{out.name}.old")
+    old = _old_path(out)
     shutil.rmtree(old, ignore_errors=True)
     out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)  # the previous bundle stays
+        raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# -- hygiene: what killed builds leave, and file-system errors --------------------------------
+
+# A temp dir without a lock file is from a build killed before it locked it (microseconds after
+# creating it) or from an older version of this tool: it is taken for dead once this old.
+UNLOCKED_GRACE_S = 3600.0
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class BuildError(IlfError):
+    """A build the file system stopped (a full disk, no permission); it left nothing behind."""
+
+
+def _old_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old")
+
+
+def _lock_path(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name + ".lock")
+
+
+@contextmanager
+def _workspace(out: Path) -> Iterator[Path]:
+    """A temporary directory beside `out` (`.NAME.tmp-XXXX`), locked for this build's lifetime by the
+    flock on `.NAME.tmp-XXXX.lock`, and removed on the way out unless it was renamed into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    fd = None
+    try:
+        fd = _lock(tmp)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                _lock_path(tmp).unlink()
+            os.close(fd)
+
+
+def _lock(tmp: Path) -> int | None:
+    """Take the lock that tells other builds this one is alive. The lock file is created and locked
+    inside `tmp`, then renamed beside it: no one ever sees it unlocked while its owner lives."""
+    if fcntl is None:
+        return None
+    staged = tmp / ".lock"
+    fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without locks: the temp dir counts as unlocked (UNLOCKED_GRACE_S)
+        os.close(fd)
+        staged.unlink()
+        return None
+    try:
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        os.rename(staged, _lock_path(tmp))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _owner_alive(tmp: Path) -> bool:
+    """Whether the build that made `tmp` may still be running (when in doubt, it is)."""
+    try:
+        fd = os.open(_lock_path(tmp), os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            return time.time() - tmp.stat().st_mtime < UNLOCKED_GRACE_S
+        except OSError:
+            return True
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel dropped a dead owner's lock
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """Remove the temp dirs (and `.NAME.old`) that killed builds of `out` left beside it; the temp
+    dir of a build that is still running is kept, and so is `.NAME.old` while one runs."""
+    if fcntl is None:
+        return []
+    removed, running = [], False
+    prefix = f".{glob.escape(out.name)}.tmp-"
+    for path in sorted(out.parent.glob(prefix + "*")):
+        if path.name.endswith(".lock"):
+            tmp = path.with_name(path.name.removesuffix(".lock"))
+            if not tmp.exists() and not _owner_alive(tmp):  # a lock whose dir went
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            continue
+        if not path.is_dir() or path.is_symlink():
+            continue
+        if _owner_alive(path):
+            running = True
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _lock_path(path).unlink()
+        removed.append(path)
+    old = _old_path(out)
+    if not running and old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc` (itself, or what it was raised from), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and not isinstance(current, IlfError):
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _build_error(exc: OSError, out: Path) -> BuildError:
+    """One line: what the file system said, where, and what to do about it."""
+    reason, filename, code = exc.strerror or str(exc) or type(exc).__name__, exc.filename, exc.errno
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        _, filename, reason = exc.args[0][0]  # copytree collects (src, dst, why) for every file
+        code = next((c for c in (*_NO_SPACE, *_NO_PERMISSION) if os.strerror(c) in str(reason)), None)
+    detail = f" ({filename})" if filename else ""
+    if code in _NO_SPACE:
+        hint = "free space or choose another --out"
+    elif code in _NO_PERMISSION:
+        hint = f"check the permissions of {out.parent} or choose another --out"
+    else:
+        hint = "choose another --out"
+    return BuildError(f"build failed: {reason} while writing {out}{detail}; {hint}")
 
 
 def _check_resolutions(model: LoadedModel, resolutions: Sequence[tuple[int, int]]) -> None:
@@ -171,7 +329,7 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
         "segments": segments,
         "plans": {plan.name: f"plans/{plan.name}.json" for plan in plans},
         "tokenizer": tokenizer,
-        "scheduler": model.scheduler_config,
+        "scheduler": strict_json(model.scheduler_config),
         "torch_model": "model" if options.copy_model and model.path is not None else None,
         "tools": tool_versions(),
     }

@@ -32,17 +32,19 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..backends import open_bundle_generator
+from ..backends.auto import FALLBACK_BACKEND
 from ..backends.onnxruntime import EMULATED_QDQ_ORT_CONFIG, open_generator
+from ..compare import Budget, Check, budget, compare_to_reference, reference_generator, run_reference
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, tool_versions
 from ..runtime.generator import Generator, Request
+from ..runtime.manifest import VARIANT_ENGINES, Manifest
 from .calibration import load_calibration
 
 MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq", "int8-ov")
@@ -54,25 +56,15 @@ LINEAR_NODE = re.compile(r"/(attn\d*|ff)/")
 # stream, whose range grows ~100x over a trajectory (measured on the tiny model), so one static
 # per-tensor scale cannot span it (1 dB SNR). Dynamic quantization scales per call and keeps it.
 STATIC_EXCLUDE = re.compile(r"/attn2/to_q/")
-# Fidelity budgets per mode: (per segment SNR dB at least, end-to-end latents relative L2 at most).
-BUDGETS = {
-    "int8-dynamic": (30.0, 0.05),
-    "int8-qdq": (30.0, 0.05),
-    "fp8-qdq": (25.0, 0.10),
-    "int8-ov": (30.0, 0.05),
-    "bf16": (30.0, 0.05),  # an engine's bf16 precision (OpenVINO's hint), checked by `tune`
-}
-# Variants that only one engine runs (anything else: ONNX Runtime, and TensorRT for Q/DQ).
-ENGINES = {"int8-ov": "openvino"}
 
 
 def default_variant_name(mode: str) -> str:
     return mode.replace("-", "_")
 
 
-def quantizable_segments(manifest: dict[str, Any]) -> list[str]:
+def quantizable_segments(manifest: Manifest) -> list[str]:
     """The block segments and the feedback block: where nearly all FLOPs are."""
-    return [name for name, spec in manifest["segments"].items() if spec.get("blocks") or name == "feedback"]
+    return [name for name, spec in manifest.segments.items() if spec.blocks or name == "feedback"]
 
 
 def linear_nodes(model: Any, static: bool = False) -> list[str]:
@@ -243,12 +235,12 @@ def quantize_bundle(
     name = name or default_variant_name(mode)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"variant name {name!r} may use letters, digits, '_', '-' and '.' only")
-    if bundle.manifest["precision"] != "fp32":
+    if bundle.manifest.precision != "fp32":
         raise ConfigError(
-            f"quantize an fp32 bundle (this one is {bundle.manifest['precision']}): ORT's quantizer "
+            f"quantize an fp32 bundle (this one is {bundle.manifest.precision}): ORT's quantizer "
             "calibrates and rewrites fp32 graphs"
         )
-    if mode != "int8-dynamic" and not bundle.manifest.get("calibration"):
+    if mode != "int8-dynamic" and bundle.manifest.calibration is None:
         raise BundleError(f"{mode} needs calibration data; run `ilf-deploy calibrate {bundle.path}` first")
     root = bundle.path
     suffix = ".xml" if mode == "int8-ov" else ".onnx"  # OpenVINO IR (weights in the .bin beside it)
@@ -263,7 +255,7 @@ def quantize_bundle(
             counts[segment] = quantize_segment(
                 bundle.segment_path(segment), tmp / f"{segment}{suffix}", mode, samples, calibrate
             )
-            base = bundle.manifest["segments"][segment]
+            base = bundle.segment_spec(segment).to_dict()
             segments[segment] = {**base, "file": f"onnx/{name}/{segment}{suffix}"}
         final = root / "onnx" / name
         shutil.rmtree(final, ignore_errors=True)
@@ -277,13 +269,12 @@ def quantize_bundle(
         "quantized_layers": counts,
         "calibration": None
         if mode == "int8-dynamic"
-        else {**bundle.manifest["calibration"], "method": calibrate},
+        else {**bundle.manifest.calibration.raw, "method": calibrate},  # type: ignore[union-attr]
         "tools": tool_versions(),
     }
     if mode == "fp8-qdq":
         entry["ort_session_config"] = EMULATED_QDQ_ORT_CONFIG
-    if mode in ENGINES:
-        entry["engine"] = ENGINES[mode]
+    if VARIANT_ENGINES[mode] == ("openvino",):
         entry["tools"].update(_versions("openvino", "nncf"))
 
     def mutate(manifest: dict[str, Any]) -> None:
@@ -312,47 +303,25 @@ def _versions(*packages: str) -> dict[str, str]:
 
 
 def variant_engine(bundle: Bundle, variant: str | None) -> str:
-    """The backend a variant runs on: its `engine` (int8-ov: openvino), else ONNX Runtime."""
-    entry = bundle.manifest.get("variants", {}).get(variant or "") or {}
-    return str(entry.get("engine", "onnxruntime"))
+    """The backend a variant opens on by default (runtime.manifest.VARIANT_ENGINES decides)."""
+    return FALLBACK_BACKEND if variant is None else bundle.variant_spec(variant).engine
 
 
 def variant_generator(bundle: Bundle, variant: str | None, threads: int | None = None) -> Generator:
     """The bundle (or a variant) on the CPU: ONNX Runtime's CPU provider (what fidelity is measured
     against), or the variant's own engine."""
+    if variant is None:
+        return reference_generator(bundle, threads)
     engine = variant_engine(bundle, variant)
     if engine != "onnxruntime":
         return open_bundle_generator(bundle, engine, variant, threads=threads)
     return open_generator(bundle, variant, threads=threads, providers=["CPUExecutionProvider"])
 
 
-# -- fidelity --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Fidelity:
-    kind: str  # "segment" or "end-to-end"
-    name: str
-    snr_db: float  # 10 log10(|ref|² / |got - ref|²), worst sample
-    cosine: float  # worst sample
-    rel_l2: float  # worst sample
-    samples: int
-    ok: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def fidelity(got: np.ndarray, want: np.ndarray) -> tuple[float, float, float]:
-    """(SNR dB, cosine, relative L2) of `got` against `want`."""
-    g, w = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
-    err, ref = float(np.sum((g - w) ** 2)), float(np.sum(w**2))
-    snr = float("inf") if err == 0 else float(10 * np.log10(max(ref, 1e-30) / err))
-    cosine = float(g @ w / max(np.linalg.norm(g) * np.linalg.norm(w), 1e-30))
-    return snr, cosine, float(np.sqrt(err / max(ref, 1e-30)))
-
-
-VERIFY_PROMPT = "a lighthouse on a cliff above a stormy sea"  # not one of the calibration prompts
+def variant_budget(bundle: Bundle, variant: str) -> Budget:
+    """The budget `verify-variant` holds `variant` to (compare.BUDGETS, on its own engine)."""
+    spec = bundle.variant_spec(variant)  # raises with the list of variants
+    return budget(spec.engine, spec.mode)
 
 
 def verify_variant(
@@ -362,91 +331,11 @@ def verify_variant(
     request: Request | None = None,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
-) -> list[Fidelity]:
+) -> list[Check]:
     """Each replaced segment on a held-out trajectory's feeds, then the plan's final latents, vs fp32
     (ONNX Runtime CPU); the variant runs on its engine (ONNX Runtime, or OpenVINO for int8-ov)."""
-    entry = bundle.manifest.get("variants", {}).get(variant)
-    if entry is None:
-        bundle.segment_spec("embed", variant)  # raises with the list of variants
-    assert entry is not None
-    budget = BUDGETS.get(entry.get("mode", ""), (10.0, 0.35))
-    quant = variant_generator(bundle, variant, threads)
-    return verify_generator(bundle, quant, list(entry["segments"]), budget, plan, request, threads, progress)
-
-
-@dataclass
-class Reference:
-    """ONNX Runtime fp32 on one plan and request: the final latents and the segment feeds it saw
-    (what `verify_generator` compares against; computed once for many candidates)."""
-
-    plan: str
-    request: Request
-    base: Generator
-    latents: np.ndarray
-    recorder: Any  # calibration.TrajectoryRecorder
-
-
-def reference_run(
-    bundle: Bundle,
-    plan: str | None = None,
-    request: Request | None = None,
-    threads: int | None = None,
-    base: Generator | None = None,
-) -> Reference:
-    from .calibration import TrajectoryRecorder
-
-    plan_name = plan or bundle.default_plan
-    step_plan = bundle.plan(plan_name)
-    request = request or Request(prompt=VERIFY_PROMPT, class_label=3, seed=123)
-    base = base or variant_generator(bundle, None, threads)
-    recorder = TrajectoryRecorder(bundle, max_samples=4)
-    base.segments.recorder = recorder
-    try:
-        want = base.latents_to_numpy(base.generate_latents(step_plan, request))
-    finally:
-        base.segments.recorder = None
-    return Reference(plan_name, request, base, want, recorder)
-
-
-def verify_generator(
-    bundle: Bundle,
-    quant: Generator,
-    segments: list[str],
-    budget: tuple[float, float],
-    plan: str | None = None,
-    request: Request | None = None,
-    threads: int | None = None,
-    progress: Callable[[str], None] | None = None,
-    reference: Reference | None = None,
-) -> list[Fidelity]:
-    """`verify_variant` for any generator on the bundle (an engine's precision, e.g. OpenVINO bf16):
-    `segments` (those it runs differently; none for engines without segment calls, e.g. torch) on a
-    held-out trajectory's feeds, then the plan's final latents, against ONNX Runtime fp32
-    (`reference`: one already run). `budget`: (segment SNR dB at least, end-to-end rel. L2 at most)."""
-    seg_snr, e2e_rel = budget
-    if reference is None:
-        if progress:
-            progress(f"fp32 {plan or 'plan'}")
-        reference = reference_run(bundle, plan, request, threads)
-    plan_name, base, want = reference.plan, reference.base, reference.latents
-    if progress:
-        progress(f"{quant.variant or quant.backend} {plan_name}")
-    got = quant.latents_to_numpy(quant.generate_latents(bundle.plan(plan_name), reference.request))
-    recorder = reference.recorder
-    results = []
-    for segment in segments:
-        feeds = [s for (n, _), kept in recorder.samples.items() if n == segment for s in kept]
-        if not feeds:
-            continue
-        if progress:
-            progress(f"segment {segment}")
-        scores = []
-        for sample in feeds:
-            a, b = quant.segments.run(segment, sample), base.segments.run(segment, sample)
-            key = next(iter(b))  # the first declared output, by name
-            scores.append(fidelity(quant.segments.to_numpy(a[key]), b[key]))
-        snr, cosine, rel = (min(s[0] for s in scores), min(s[1] for s in scores), max(s[2] for s in scores))
-        results.append(Fidelity("segment", segment, snr, cosine, rel, len(scores), bool(snr >= seg_snr)))
-    snr, cosine, rel = fidelity(got, want)
-    results.append(Fidelity("end-to-end", plan_name, snr, cosine, rel, 1, bool(rel <= e2e_rel)))
-    return results
+    limits = variant_budget(bundle, variant)
+    candidate = variant_generator(bundle, variant, threads)
+    reference = run_reference(bundle, plan, request, threads=threads, progress=progress)
+    segments = list(bundle.variant_spec(variant).segments)
+    return compare_to_reference(candidate, reference, segments, limits, progress)

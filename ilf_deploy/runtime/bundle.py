@@ -1,7 +1,9 @@
 """Bundles on disk: the manifest, its schema version and the sha256 of every file.
 
-A bundle is a directory: manifest.json, plans/*.json, tokenizer/, positions/*.npy, onnx/*.onnx
-(and later engines/). Loading refuses a bundle whose schema is unknown or whose files changed.
+A bundle is a directory: manifest.json, manifest.sha256, plans/*.json, tokenizer/, positions/*.npy,
+onnx/*.onnx (and later engines/). The manifest lists every other file's sha256, and manifest.sha256
+holds the sha256 of the manifest's own bytes: the bundle's digest. Loading refuses a bundle whose
+schema is unknown, whose manifest or files changed, or (with a pinned digest) that is another one.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,15 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import IlfError
 from ..plan import StepPlan
+from .manifest import SCHEMA_VERSION, BundleError, Manifest, ModelSpec, SegmentSpec, VariantSpec
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class BundleError(IlfError):
-    """A bundle that is missing, corrupted, or from an incompatible version."""
+DIGEST_FILE = "manifest.sha256"  # "sha256:<hex>" of manifest.json's bytes: the bundle's identity
+DIGEST_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def sha256_file(path: Path) -> str:
@@ -50,21 +51,56 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def check_digest_option(digest: str | None) -> str | None:
+    """A `--digest` value, checked for form before any bundle is read."""
+    if digest is not None and not DIGEST_PATTERN.fullmatch(digest):
+        raise BundleError(f"--digest must look like sha256:<64 lowercase hex digits>, got {digest!r}")
+    return digest
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with non-finite floats as the strings "inf", "-inf", "nan": a manifest is strict JSON
+    (RFC 8259), readable by any parser (diffusers' DPM scheduler config has lambda_min_clipped=-inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The one serialisation of a manifest (strict JSON, 2-space indent, keys in the order written:
+    plans and resolutions are ordered). The digest covers these bytes, so every writer uses this."""
+    return (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> Manifest:
+    """Validate `manifest`, then write manifest.json and its digest (each atomically)."""
+    data = manifest_bytes(manifest)
+    parsed = Manifest.parse(json.loads(data), f"{root / MANIFEST} (as about to be written)")
+    write_atomic(root / MANIFEST, data)
+    write_atomic(root / DIGEST_FILE, f"sha256:{hashlib.sha256(data).hexdigest()}\n".encode())
+    return parsed
+
+
 def rewrite_manifest(bundle_path: Path, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Apply `mutate` to the manifest, hash the files it (re)listed, write it atomically.
+    """Apply `mutate` to the manifest, hash the files it (re)listed, validate and write it.
 
     `mutate` lists new or rewritten files in `manifest["files"]` with an empty digest (they are
     hashed here; the others keep theirs, so multi-GB bundles are not re-read) and removes the
-    entries of files it deleted.
+    entries of files it deleted. An edited manifest is refused first: a rewrite must not bless it.
     """
     root = Path(bundle_path)
-    path = root / MANIFEST
-    manifest = json.loads(path.read_text())
+    data = _read_manifest_bytes(root)
+    _check_own_digest(root, data)
+    manifest = json.loads(data)
     mutate(manifest)
     manifest["files"] = {
         name: digest or sha256_file(root / name) for name, digest in sorted(manifest["files"].items())
     }
-    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_manifest(root, manifest)
     return manifest
 
 
@@ -82,34 +118,65 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _read_manifest_bytes(root: Path) -> bytes:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{root} is not a bundle (no {MANIFEST}); build one with `ilf-deploy build`")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path} is unreadable: {exc.strerror or exc}") from None
+
+
+def _check_own_digest(root: Path, data: bytes) -> str:
+    """The manifest's digest, refused unless it matches the one the bundle recorded."""
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    try:
+        recorded = (root / DIGEST_FILE).read_text().strip()
+    except OSError:
+        raise BundleError(
+            f"{root}: {DIGEST_FILE} is missing (a bundle from an older ilf-deploy, or incomplete); rebuild it"
+        ) from None
+    if recorded != digest:
+        raise BundleError(
+            f"{root}: {MANIFEST} does not match the bundle's digest in {DIGEST_FILE} "
+            "(edited or corrupted); rebuild the bundle"
+        )
+    return digest
+
+
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
+    digest: str  # "sha256:<hex>" of manifest.json: pins the bundle as an image digest pins a container
 
     @classmethod
-    def load(cls, path: str | Path, verify_hashes: bool = True) -> Bundle:
+    def load(cls, path: str | Path, verify_hashes: bool = True, digest: str | None = None) -> Bundle:
+        """Read and validate a bundle; with `digest`, refuse any other bundle."""
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise BundleError(f"{path} is not a bundle (no {MANIFEST}); build one with `ilf-deploy build`")
+        check_digest_option(digest)
+        data = _read_manifest_bytes(path)
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{manifest_path} is unreadable: {exc}") from None
-        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        if version != SCHEMA_VERSION:
-            raise BundleError(
-                f"{path}: bundle schema version {version!r} is not supported (this tool reads "
-                f"{SCHEMA_VERSION}); rebuild the bundle with this version of ilf-deploy"
-            )
-        bundle = cls(path, manifest)
+            raw = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{path / MANIFEST} is not valid JSON: {exc}") from None
+        if isinstance(raw, dict) and raw.get("schema_version") != SCHEMA_VERSION:
+            Manifest.parse(raw, str(path / MANIFEST))  # the version error says how to fix it
+        actual = _check_own_digest(path, data)
+        if digest is not None and digest != actual:
+            raise BundleError(f"{path} has digest {actual}, not the pinned --digest {digest}")
+        bundle = cls(path, Manifest.parse(raw, str(path / MANIFEST)), actual)
         if verify_hashes:
             bundle.verify_files()
         return bundle
 
+    def manifest_json(self) -> dict[str, Any]:
+        """The manifest as JSON (for display: `inspect --json`); readers use `manifest`."""
+        return json.loads((self.path / MANIFEST).read_bytes())
+
     def verify_files(self) -> None:
-        for name, digest in self.manifest["files"].items():
+        for name, digest in self.manifest.files.items():
             file = self.path / name
             if not file.is_file():
                 raise BundleError(f"{self.path}: {name} is missing; the bundle is incomplete, rebuild it")
@@ -121,20 +188,19 @@ class Bundle:
     # -- facts ---------------------------------------------------------------------------------
     @property
     def architecture(self) -> str:
-        return self.manifest["architecture"]
+        return self.manifest.architecture
 
     @property
-    def model(self) -> dict[str, Any]:
-        return self.manifest["model"]
+    def model(self) -> ModelSpec:
+        return self.manifest.model
 
     @property
     def loop(self) -> tuple[int, int] | None:
-        feedback = self.manifest.get("feedback")
-        return tuple(feedback["loop"]) if feedback else None  # type: ignore[return-value]
+        return self.manifest.loop
 
     @property
     def plan_names(self) -> list[str]:
-        return list(self.manifest["plans"])
+        return list(self.manifest.plans)
 
     @property
     def default_plan(self) -> str:
@@ -144,13 +210,13 @@ class Bundle:
 
     def plan(self, spec: str) -> StepPlan:
         """A bundled plan by name, or a plan JSON file whose segments the bundle has."""
-        if spec in self.manifest["plans"]:
-            plan = StepPlan.load(self.path / self.manifest["plans"][spec])
+        if spec in self.manifest.plans:
+            plan = StepPlan.load(self.path / self.manifest.plans[spec])
         elif spec.endswith(".json") and Path(spec).is_file():
             plan = StepPlan.load(Path(spec))
         else:
             raise BundleError(f"plan {spec!r} is not in this bundle (it has: {', '.join(self.plan_names)})")
-        missing = sorted(set(plan.cut_points) - set(self.manifest["cut_points"]))
+        missing = sorted(set(plan.cut_points) - set(self.manifest.cut_points))
         if missing:
             raise BundleError(
                 f"plan {plan.name!r} cuts the model at block(s) {missing} where this bundle has no segment "
@@ -161,31 +227,24 @@ class Bundle:
     @property
     def variants(self) -> list[str]:
         """Extra precisions added after the build (e.g. quantized segments), by name."""
-        return list(self.manifest.get("variants", {}))
+        return list(self.manifest.variants)
 
-    def segment_spec(self, name: str, variant: str | None = None) -> dict[str, Any]:
+    def segment_spec(self, name: str, variant: str | None = None) -> SegmentSpec:
         """A segment's manifest entry; a variant overrides the segments it has replaced."""
-        if variant is not None:
-            if variant not in self.manifest.get("variants", {}):
-                raise BundleError(
-                    f"the bundle has no variant {variant!r} (it has: {', '.join(self.variants) or 'none'})"
-                )
-            spec = self.manifest["variants"][variant]["segments"].get(name)
-            if spec is not None:
-                return spec
-        if name not in self.manifest["segments"]:
-            raise BundleError(f"the bundle has no {name!r} segment")
-        return self.manifest["segments"][name]
+        return self.manifest.segment(name, variant)
+
+    def variant_spec(self, name: str) -> VariantSpec:
+        return self.manifest.variant(name)
 
     def segment_path(self, name: str, variant: str | None = None) -> Path:
-        return self.path / self.segment_spec(name, variant)["file"]
+        return self.path / self.segment_spec(name, variant).file
 
     def positions(self, latent_height: int, latent_width: int) -> np.ndarray:
         path = self.path / "positions" / f"{latent_height}x{latent_width}.npy"
         if not path.is_file():
-            sizes = ", ".join(f"{h}x{w}" for h, w in self.manifest["resolutions"])
+            sizes = ", ".join(f"{h}x{w}" for h, w in self.manifest.resolutions)
             raise BundleError(
-                f"the bundle was not built for {latent_height * self.model['vae_scale_factor']}x"
-                f"{latent_width * self.model['vae_scale_factor']} images (it has: {sizes})"
+                f"the bundle was not built for {latent_height * self.model.vae_scale_factor}x"
+                f"{latent_width * self.model.vae_scale_factor} images (it has: {sizes})"
             )
         return np.load(path)

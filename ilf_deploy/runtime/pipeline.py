@@ -21,16 +21,15 @@ from .runner import SegmentRunner
 
 def facts_from_manifest(bundle: Bundle) -> ModelFacts:
     """The model facts every backend opened on `bundle` shares: its first resolution is the default."""
-    model = bundle.model
-    resolutions = tuple((int(h), int(w)) for h, w in bundle.manifest["resolutions"])
+    model, resolutions = bundle.model, bundle.manifest.resolutions
     return ModelFacts(
         architecture=bundle.architecture,
-        latent_channels=int(model["latent_channels"]),
-        patch_size=int(model["patch_size"]),
-        vae_scale_factor=int(model["vae_scale_factor"]),
+        latent_channels=model.latent_channels,
+        patch_size=model.patch_size,
+        vae_scale_factor=model.vae_scale_factor,
         default_size=resolutions[0],
-        num_classes=int(model.get("num_classes", 0)),
-        uses_size_conditions=bool(model.get("uses_size_conditions", False)),
+        num_classes=model.num_classes,
+        uses_size_conditions=model.uses_size_conditions,
         resolutions=resolutions,
     )
 
@@ -57,18 +56,15 @@ class BundleGenerator(Generator):
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
-            spec = self.bundle.manifest.get("tokenizer")
-            if not spec:
+            spec = self.bundle.manifest.tokenizer
+            if spec is None:
                 raise ConfigError(
                     "this bundle has no tokenizer (class-conditional model); pass --class-label"
                 )
-            tokenizer = Tokenizer.from_file(str(self.bundle.path / spec["file"]))
-            length = int(spec["max_length"])
-            tokenizer.enable_truncation(length)
+            tokenizer = Tokenizer.from_file(str(self.bundle.path / spec.file))
+            tokenizer.enable_truncation(spec.max_length)
             tokenizer.enable_padding(
-                length=length,
-                pad_id=int(spec["pad_id"]),
-                pad_token=tokenizer.id_to_token(int(spec["pad_id"])),
+                length=spec.max_length, pad_id=spec.pad_id, pad_token=tokenizer.id_to_token(spec.pad_id)
             )
             self._tokenizer = tokenizer
         return self._tokenizer

@@ -14,15 +14,15 @@ class PromptLimit:
     def __init__(self, bundle: Bundle) -> None:
         self._tokenizer: Any = None
         self.max_tokens = 0
-        spec = bundle.manifest.get("tokenizer")
-        if spec:  # class-conditional models (DiT) have none: no prompt to check
+        spec = bundle.manifest.tokenizer
+        if spec is not None:  # class-conditional models (DiT) have none: no prompt to check
             from tokenizers import Tokenizer
 
             # A copy without truncation or padding: the count must see what truncation would drop.
-            self._tokenizer = Tokenizer.from_file(str(bundle.path / spec["file"]))
+            self._tokenizer = Tokenizer.from_file(str(bundle.path / spec.file))
             self._tokenizer.no_truncation()
             self._tokenizer.no_padding()
-            self.max_tokens = int(spec["max_length"])
+            self.max_tokens = spec.max_length
 
     def check(self, text: str, name: str) -> None:
         """Refuse text longer than the model reads (the runtime would truncate it silently)."""

@@ -52,23 +52,25 @@ class SegmentRunner(ABC):
 
     def __init__(self, bundle: Bundle, variant: str | None = None) -> None:
         if variant is not None:
-            bundle.segment_spec("embed", variant)  # an unknown variant fails here, listing the known ones
-            engine = bundle.manifest["variants"][variant].get("engine")  # e.g. int8-ov: OpenVINO IR
-            if engine and engine != self.backend:
-                raise ConfigError(f"variant {variant!r} runs on --backend {engine}, not {self.backend}")
+            spec = bundle.variant_spec(variant)  # an unknown variant fails here, listing the known ones
+            if self.backend not in spec.engines:
+                raise ConfigError(
+                    f"variant {variant!r} ({spec.mode}) runs on --backend {' or '.join(spec.engines)}, "
+                    f"not {self.backend}"
+                )
         self.bundle, self.variant = bundle, variant
         model = bundle.model
-        self.latent_channels = int(model["latent_channels"])
-        self.num_blocks = int(model["num_blocks"])
-        self.patch_size = int(model["patch_size"])
-        self.out_channels = int(model["out_channels"])
+        self.latent_channels = model.latent_channels
+        self.num_blocks = model.num_blocks
+        self.patch_size = model.patch_size
+        self.out_channels = model.out_channels
         self.loop = bundle.loop
         # (start, end, name, takes feed) for every block segment, in order
-        self.block_segments = sorted(
-            (spec["blocks"][0], spec["blocks"][1], name, "feed" in [i["name"] for i in spec["inputs"]])
-            for name, spec in bundle.manifest["segments"].items()
-            if spec.get("blocks")
-        )
+        self.block_segments = [
+            (*spec.blocks, spec.name, spec.takes_feed)
+            for spec in bundle.manifest.block_segments
+            if spec.blocks
+        ]
         self.timings = Timings()
         self.recorder: Recorder | None = None  # sees every call's feeds (verify, calibration)
         self._input_names: dict[str, list[str]] = {}
@@ -105,8 +107,7 @@ class SegmentRunner(ABC):
     # -- the contract's common part -----------------------------------------------------------
     def input_names(self, name: str) -> list[str]:
         if name not in self._input_names:
-            spec = self.bundle.segment_spec(name, self.variant)
-            self._input_names[name] = [i["name"] for i in spec["inputs"]]
+            self._input_names[name] = list(self.bundle.segment_spec(name, self.variant).input_names)
         return self._input_names[name]
 
     def run(self, name: str, feeds: Feeds) -> Feeds:

@@ -89,7 +89,7 @@ class ServeOptions:
 
     def batch_limit(self, bundle: Bundle) -> int:
         # ORT segments have dynamic batch axes; a bundle's max_batch matters for fixed-shape engines.
-        return self.max_batch or max(int(bundle.manifest.get("max_batch", 1)), 8)
+        return self.max_batch or max(bundle.manifest.max_batch, 8)
 
 
 def encode_png(image: np.ndarray) -> str:
@@ -240,7 +240,7 @@ def create_app(
     batcher = Batcher(
         generator, plans, metrics, max_batch, options.max_wait_ms / 1000, options.max_queue, engine_context
     )
-    height, width = bundle.manifest["resolutions"][0]
+    height, width = bundle.manifest.default_size
     warmup_request = Request(
         prompt="" if limits.is_dit else "warm up",
         class_label=0 if limits.is_dit else None,
@@ -418,7 +418,8 @@ def create_app(
             "max_n": limits.max_n,
             "max_batch": max_batch,
             "max_prompt_tokens": limits.max_tokens,
-            "precision": bundle.manifest.get("precision"),
+            "precision": bundle.manifest.precision,
+            "digest": bundle.digest,
         }
         if limits.is_dit:
             facts["num_classes"] = limits.num_classes

@@ -230,7 +230,7 @@ class Batcher:
             segments = self.generator.segments
             session = getattr(segments, "session", None)  # ORT: open every segment's session now
             if session is not None:
-                for name in segments.bundle.manifest["segments"]:  # type: ignore[attr-defined]
+                for name in segments.bundle.manifest.segments:  # type: ignore[attr-defined]
                     session(name)
         self._drain_timings()
 

@@ -85,15 +85,14 @@ class Limits:
     def from_bundle(cls, bundle: Bundle, max_n: int, default_plan: str | None = None) -> Limits:
         plans = tuple(bundle.plan_names)
         default_plan = default_plan or bundle.default_plan
-        tokenizer = bundle.manifest.get("tokenizer")
         return cls(
             model_id=bundle.path.resolve().name,
             architecture=bundle.architecture,
-            sizes=tuple(f"{w}x{h}" for h, w in bundle.manifest["resolutions"]),
+            sizes=tuple(f"{w}x{h}" for h, w in bundle.manifest.resolutions),
             plans=plans,
             default_plan=default_plan,
             max_n=max_n,
-            max_tokens=int(tokenizer["max_length"]) if tokenizer else 0,
+            max_tokens=bundle.manifest.tokenizer.max_length if bundle.manifest.tokenizer else 0,
             num_classes=int(bundle.model.get("num_classes", 0)),
         )
 

@@ -20,6 +20,7 @@ import yaml
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 MOUNT = "/models"
 IMAGE = "ilf-deploy-triton:latest"
+DIGEST_ANNOTATION = "ilf-deploy.dev/bundle-digest"
 # Average microseconds a request waited in Triton's queue over the last minute, per pod.
 QUEUE_METRIC = "triton_queue_us_per_request"
 QUEUE_QUERY = (
@@ -56,11 +57,35 @@ def _container(name: str, image: str, gpu: bool, claim_mount: str = MOUNT) -> di
     return container
 
 
+def _digest_check(image: str, bundle: str, digest: str) -> dict[str, Any]:
+    """An init container that refuses to start the pod unless the mounted bundle is the pinned one."""
+    return {
+        "name": "bundle-digest",
+        "image": image,
+        "command": ["ilf-deploy", "inspect", bundle, "--digest", digest],
+        "volumeMounts": [{"name": "model-repository", "mountPath": MOUNT, "readOnly": True}],
+    }
+
+
 def manifests(
-    name: str, claim: str, image: str = IMAGE, replicas: int = 1, max_replicas: int = 4, gpu: bool = False
+    name: str,
+    claim: str,
+    image: str = IMAGE,
+    replicas: int = 1,
+    max_replicas: int = 4,
+    gpu: bool = False,
+    digest: str | None = None,
+    bundle: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """File name -> the objects it holds."""
+    """File name -> the objects it holds. With `digest` (and `bundle`, the bundle's path in the
+    repository), the pods carry the digest and check it before Triton starts."""
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "ilf-deploy"}
+    pinned: dict[str, Any] = {}
+    if digest is not None:
+        digest_annotation = {DIGEST_ANNOTATION: digest}  # a new bundle changes the pod template: a rollout
+        pinned = {"initContainers": [_digest_check(image, f"{MOUNT}/{bundle}", digest)]}
+    else:
+        digest_annotation = {}
     volume = {"name": "model-repository", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
     scrape = {
         "prometheus.io/scrape": "true",
@@ -75,8 +100,8 @@ def manifests(
             "replicas": replicas,
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": labels, "annotations": scrape},
-                "spec": {"containers": [_container("triton", image, gpu)], "volumes": [volume]},
+                "metadata": {"labels": labels, "annotations": {**scrape, **digest_annotation}},
+                "spec": {**pinned, "containers": [_container("triton", image, gpu)], "volumes": [volume]},
             },
         },
     }
@@ -119,6 +144,7 @@ def manifests(
                 "serving.kserve.io/deploymentMode": "RawDeployment",
                 "serving.kserve.io/autoscalerClass": "keda",
                 **scrape,
+                **digest_annotation,
             },
         },
         "spec": {
@@ -136,6 +162,7 @@ def manifests(
                         }
                     ]
                 },
+                **pinned,
                 "containers": [_container("kserve-container", image, gpu)],
                 "volumes": [volume],
             }

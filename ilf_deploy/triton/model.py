@@ -81,7 +81,7 @@ class Engine:
         self.default_plan = default_plan or bundle.default_plan
         self.is_dit = bundle.architecture == "dit"
         self.default_guidance = default_guidance(bundle.architecture)
-        self.height, self.width = (int(v) for v in bundle.manifest["resolutions"][0])
+        self.height, self.width = bundle.manifest.default_size
         self.prompts = PromptLimit(bundle)
 
     def open_segments(self) -> None:
@@ -89,7 +89,7 @@ class Engine:
         (Triton's model_warmup, in the config, then runs one image through `execute`)."""
         session = getattr(self.generator.segments, "session", None)  # ONNX Runtime: lazily opened
         if session is not None:
-            for name in self.bundle.manifest["segments"]:
+            for name in self.bundle.manifest.segments:
                 session(name)
 
     # -- one request's rows ------------------------------------------------------------------------
@@ -223,7 +223,8 @@ class _PythonModel:
         try:
             if not params.get("bundle"):
                 raise ConfigError("the model config has no 'bundle' parameter")
-            bundle = Bundle.load(_bundle_path(params["bundle"], args))  # hashes checked
+            # hashes checked, and the digest the repository was exported with
+            bundle = Bundle.load(_bundle_path(params["bundle"], args), digest=params.get("digest") or None)
             generator = self.open_generator(bundle, params, args)
             self.engine = Engine(generator, bundle, params.get("default_plan") or None)
             self.engine.open_segments()
@@ -284,8 +285,8 @@ class BlsRunner(SegmentRunner):
     def io(self, name: str) -> tuple[list[tuple[str, np.dtype]], list[str]]:
         if name not in self._io:
             spec = self.bundle.segment_spec(name, self.variant)
-            inputs = [(i["name"], np.dtype(i["dtype"])) for i in spec["inputs"]]
-            self._io[name] = (inputs, [o["name"] for o in spec["outputs"]])
+            inputs = [(i.name, np.dtype(i.dtype)) for i in spec.inputs]
+            self._io[name] = (inputs, list(spec.output_names))
         return self._io[name]
 
     def infer_impl(self, name: str, feeds: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle
+from ..runtime.manifest import SegmentSpec, TensorSpec
 
 LAYOUTS = ("python", "bls")
 KINDS = ("cpu", "gpu")
@@ -53,6 +54,7 @@ class ExportOptions:
     layout: str = "python"
     warmup: bool = True
     force: bool = False
+    digest: str | None = None  # --digest: export only this bundle (the model always pins the one exported)
 
     def check(self) -> None:
         if not _NAME.match(self.name):
@@ -73,7 +75,7 @@ class ExportOptions:
             raise ConfigError("--layout bls runs segments in Triton's onnxruntime or tensorrt backend")
 
     def batch_limit(self, bundle: Bundle) -> int:
-        built = int(bundle.manifest.get("max_batch", 1))
+        built = bundle.manifest.max_batch
         # ORT segments have dynamic batch axes; TensorRT engines are built for a batch range.
         return self.max_batch or (built if self.backend == "tensorrt" else max(built, 8))
 
@@ -159,19 +161,19 @@ def generation_config(bundle: Bundle, options: ExportOptions, parameters: dict[s
     return text
 
 
-def segment_config(name: str, spec: dict[str, Any], platform: str, options: ExportOptions) -> str:
-    def tensor(io: dict[str, Any]) -> str:
-        dims = [d if isinstance(d, int) else -1 for d in io["shape"]]
-        if io["dtype"] not in _TYPES:
-            raise ConfigError(f"segment {name}: no Triton type for {io['dtype']}")
-        return _tensor(io["name"], _TYPES[io["dtype"]], dims)
+def segment_config(name: str, spec: SegmentSpec, platform: str, options: ExportOptions) -> str:
+    def tensor(io: TensorSpec) -> str:
+        dims = [d if isinstance(d, int) else -1 for d in io.shape]
+        if io.dtype not in _TYPES:
+            raise ConfigError(f"segment {name}: no Triton type for {io.dtype}")
+        return _tensor(io.name, _TYPES[io.dtype], dims)
 
     return (
         f"name: {quote(name)}\n"
         f"platform: {quote(platform)}\n"
         "max_batch_size: 0\n"  # the batch axis is the segments' own first dimension
-        + _tensors("input", [tensor(i) for i in spec["inputs"]])
-        + _tensors("output", [tensor(o) for o in spec["outputs"]])
+        + _tensors("input", [tensor(i) for i in spec.inputs])
+        + _tensors("output", [tensor(o) for o in spec.outputs])
         + _instances(options)
     )
 
@@ -192,7 +194,7 @@ def export_repository(bundle_path: str | Path, out: str | Path, options: ExportO
     from ..backends import AUTO, get_backend
 
     options.check()
-    bundle = Bundle.load(bundle_path)  # a corrupted bundle is refused here, with its one line
+    bundle = Bundle.load(bundle_path, digest=options.digest)  # an edited or other bundle: one line
     if options.backend != AUTO:
         get_backend(options.backend)  # an unknown backend is a one-line error listing the known ones
     if options.variant is not None:
@@ -236,7 +238,8 @@ def _write_generation_model(bundle: Bundle, directory: Path, options: ExportOpti
         location = BUNDLE_DIR  # relative: resolved against the version directory at load time
     else:
         location = str(bundle.path.resolve())
-    parameters = {"bundle": location, "layout": options.layout}
+    # The model opens only the bundle exported here: a rebuilt or edited one is refused at load.
+    parameters = {"bundle": location, "layout": options.layout, "digest": bundle.digest}
     if options.layout == "python":
         parameters["backend"] = options.backend
     if options.variant:
@@ -252,22 +255,22 @@ def _write_generation_model(bundle: Bundle, directory: Path, options: ExportOpti
         (directory / "warmup" / WARMUP_PROMPT_FILE).write_bytes(struct.pack("<I", len(prompt)) + prompt)
 
 
-def _segment_sources(bundle: Bundle, options: ExportOptions) -> dict[str, tuple[dict[str, Any], Path, str]]:
+def _segment_sources(bundle: Bundle, options: ExportOptions) -> dict[str, tuple[SegmentSpec, Path, str]]:
     """Segment model name -> (I/O spec, file, platform) for the BLS layout."""
     sources = {}
     engines: dict[str, Any] = {}
     if options.backend == "tensorrt":
         from ..backends.tensorrt import engine_set
 
-        engines = engine_set(bundle.manifest, options.variant)["segments"]
-    for segment in bundle.manifest["segments"]:
+        engines = engine_set(bundle.manifest, options.variant).segments
+    for segment in bundle.manifest.segments:
         spec = bundle.segment_spec(segment, options.variant)
         if options.backend == "tensorrt":
             if segment not in engines:
                 raise ConfigError(f"the bundle has no TensorRT engine for segment {segment}")
             source = (spec, bundle.path / engines[segment]["file"], "tensorrt_plan")
         else:
-            source = (spec, bundle.path / spec["file"], "onnxruntime_onnx")
+            source = (spec, bundle.path / spec.file, "onnxruntime_onnx")
         sources[segment_model_name(options.name, segment)] = source
     return sources
 

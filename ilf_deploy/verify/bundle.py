@@ -82,23 +82,23 @@ def verify_bundle(
 ) -> list[Check]:
     """Checks at every bundled resolution; `model` replaces the bundle's own torch model (a
     `--no-copy-model` bundle), refused when its config hash differs from the manifest's."""
-    seg_tol, e2e_tol = TOLERANCES[bundle.manifest["precision"]]
+    seg_tol, e2e_tol = TOLERANCES[bundle.manifest.precision]
     loaded = bundle_model(bundle, model)
     specs = {
         s.name: s
         for s in segment_specs(
-            loaded, bundle.manifest["cut_points"], "feedback" in bundle.manifest["segments"]
+            loaded, list(bundle.manifest.cut_points), "feedback" in bundle.manifest.segments
         )
     }
     request = request or Request(prompt="a small red circle on a blue background", class_label=1, seed=0)
     generator = open_bundle_generator(bundle, backend)
     reference = TorchGenerator(loaded, facts=facts_from_manifest(bundle))
     checks: list[Check] = []
-    for height, width in (tuple(r) for r in bundle.manifest["resolutions"]):
+    for height, width in bundle.manifest.resolutions:
         size = f"{height}x{width}"
         sized = replace(request, height=height, width=width)
         random_inputs = {k: v.detach().numpy() for k, v in example_tensors(loaded, (height, width)).items()}
-        for name in bundle.manifest["segments"]:
+        for name in bundle.manifest.segments:
             if progress:
                 progress(f"segment {name} ({size})")
             checks.append(

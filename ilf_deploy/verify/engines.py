@@ -28,7 +28,7 @@ def verify_engines(
 ) -> list[Any]:
     """TensorRT against ONNX Runtime fp32 (CPU): each engine on one held-out trajectory's recorded
     feeds (both `t` and `t_post`), then the plan's final latents. Returns quantize.Fidelity rows."""
-    mode = str(bundle.manifest["variants"][variant].get("mode")) if variant else bundle.manifest["precision"]
+    mode = bundle.manifest.precision_of(variant)
     seg_snr, e2e_rel = TRT_BUDGETS.get(mode, TRT_BUDGETS["fp16"])
     plan_name = plan or bundle.default_plan
     step_plan = bundle.plan(plan_name)
@@ -44,7 +44,7 @@ def verify_engines(
         progress(f"tensorrt {plan_name}")
     got = trt_generator.latents_to_numpy(trt_generator.generate_latents(step_plan, request))
     rows = []
-    for segment in engine_set(bundle.manifest, variant)["segments"]:
+    for segment in engine_set(bundle.manifest, variant).segments:
         feeds = [s for (n, _), kept in recorder.samples.items() if n == segment for s in kept]
         if not feeds:
             continue

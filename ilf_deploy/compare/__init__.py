@@ -1,0 +1,54 @@
+"""One comparator for every check: a candidate against its reference, scored by one metric function
+and held to one budget table, with one result type (`Check`) and one held-out request.
+
+Callers: `verify` (ilf_deploy.verify.bundle: a bundle vs PyTorch), `verify-variant`
+(quantization.quantize.verify_variant), `verify-engines` (verify.engines: TensorRT) and `tune`
+(ilf_deploy.tuning). Layers: above backends (it opens ONNX Runtime fp32, the reference), below them.
+"""
+
+from __future__ import annotations
+
+from .budgets import ANY_ENGINE, BUDGETS, Budget, MissingBudget, budget
+from .comparator import (
+    HELD_OUT_CLASS,
+    HELD_OUT_PROMPT,
+    HELD_OUT_SEED,
+    Reference,
+    compare_latents,
+    compare_segment,
+    compare_to_reference,
+    held_out_request,
+    recording,
+    reference_generator,
+    run_reference,
+    runner_outputs,
+)
+from .metrics import Limit, Metrics, ShapeMismatch, metrics
+from .recorder import TrajectoryRecorder
+from .result import Check
+
+__all__ = [
+    "ANY_ENGINE",
+    "BUDGETS",
+    "HELD_OUT_CLASS",
+    "HELD_OUT_PROMPT",
+    "HELD_OUT_SEED",
+    "Budget",
+    "Check",
+    "Limit",
+    "Metrics",
+    "MissingBudget",
+    "Reference",
+    "ShapeMismatch",
+    "TrajectoryRecorder",
+    "budget",
+    "compare_latents",
+    "compare_segment",
+    "compare_to_reference",
+    "held_out_request",
+    "metrics",
+    "recording",
+    "reference_generator",
+    "run_reference",
+    "runner_outputs",
+]

@@ -1,0 +1,69 @@
+"""The one budget table: how close a run of (engine, precision) must stay to its reference.
+
+Keyed by (engine, precision); "*" is any engine. A key it lacks is refused in one line
+(`MissingBudget`): no silent default. References: PyTorch for `verify` (a bundle at its own
+precision), ONNX Runtime fp32 on the CPU for `verify-variant`, `verify-engines` and `tune`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from ..errors import ConfigError
+from .metrics import Limit
+
+ANY_ENGINE = "*"
+
+
+@dataclass(frozen=True)
+class Budget:
+    segment: Limit  # each segment on the same feeds, worst sample and output
+    end_to_end: Limit  # a plan's final latents
+
+    def __str__(self) -> str:
+        return f"segments {self.segment}, end-to-end latents {self.end_to_end}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"segment": self.segment.to_dict(), "end_to_end": self.end_to_end.to_dict()}
+
+
+def _snr(segment_db: float, end_to_end_rel_l2: float) -> Budget:
+    return Budget(Limit("snr_db", segment_db), Limit("rel_l2", end_to_end_rel_l2))
+
+
+def _rel(segment_rel_l2: float, end_to_end_rel_l2: float) -> Budget:
+    return Budget(Limit("rel_l2", segment_rel_l2), Limit("rel_l2", end_to_end_rel_l2))
+
+
+BUDGETS: Mapping[tuple[str, str], Budget] = MappingProxyType(
+    {
+        # Parity at the same precision (vs PyTorch, or vs ONNX Runtime fp32): rel L2 1e-4 = 80 dB SNR.
+        (ANY_ENGINE, "fp32"): _rel(1e-4, 1e-3),
+        (ANY_ENGINE, "fp16"): _rel(1e-2, 5e-2),
+        # TensorRT vs ONNX Runtime fp32: fp32 engines may use TF32.
+        ("tensorrt", "fp32"): _snr(40.0, 1e-2),
+        ("tensorrt", "fp16"): _snr(30.0, 5e-2),
+        # Precision variants (quantize) and engine precisions vs ONNX Runtime fp32, on any engine.
+        (ANY_ENGINE, "int8-dynamic"): _snr(30.0, 0.05),
+        (ANY_ENGINE, "int8-qdq"): _snr(30.0, 0.05),
+        (ANY_ENGINE, "int8-ov"): _snr(30.0, 0.05),
+        (ANY_ENGINE, "fp8-qdq"): _snr(25.0, 0.10),
+        (ANY_ENGINE, "bf16"): _snr(30.0, 0.05),  # OpenVINO's bf16 hint, torch bf16 (`tune`)
+    }
+)
+
+
+class MissingBudget(ConfigError):
+    """No budget for an (engine, precision): refused rather than judged against a guess."""
+
+
+def budget(engine: str, precision: str) -> Budget:
+    """The budget of `precision` on `engine`: its own row, else the any-engine row of `precision`."""
+    for key in ((engine, precision), (ANY_ENGINE, precision)):
+        if key in BUDGETS:
+            return BUDGETS[key]
+    known = ", ".join(f"{e} {p}" for e, p in BUDGETS)
+    raise MissingBudget(f"no fidelity budget for {engine} {precision} (compare.BUDGETS has: {known})")

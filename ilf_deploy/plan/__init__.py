@@ -1,0 +1,63 @@
+"""Step plans: everything a runtime needs to know per denoising step, decided ahead of time.
+
+A plan lists, per step, the timestep, the post-feedback timestep `t_post`, the ordered segment
+operations (block ranges, the ILF inner loop, Δ-cache refresh/reuse) and the scheduler's linear
+coefficients, so the runtime loop is only engine calls and linear algebra. Plans are JSON.
+
+`model` holds the plan itself (ops, steps, JSON, validation, the one block-range check);
+`builders` the plans of each method and the named presets.
+"""
+
+from .builders import (
+    PRESET_HELP,
+    T_POST_MODES,
+    baseline_plan,
+    block_caching_plan,
+    block_caching_schedule,
+    cache_plan,
+    default_cache_range,
+    default_loop,
+    delta_dit_plan,
+    ilf_plan,
+    parse_step_set,
+    post_timestep,
+    resolve_plan,
+)
+from .model import (
+    PLAN_VERSION,
+    Op,
+    OpKind,
+    Step,
+    StepPlan,
+    TimeRef,
+    check_block_range,
+    parse_range,
+    predicted_speedup,
+    validate_loop,
+)
+
+__all__ = [
+    "PLAN_VERSION",
+    "PRESET_HELP",
+    "T_POST_MODES",
+    "Op",
+    "OpKind",
+    "Step",
+    "StepPlan",
+    "TimeRef",
+    "baseline_plan",
+    "block_caching_plan",
+    "block_caching_schedule",
+    "cache_plan",
+    "check_block_range",
+    "default_cache_range",
+    "default_loop",
+    "delta_dit_plan",
+    "ilf_plan",
+    "parse_range",
+    "parse_step_set",
+    "post_timestep",
+    "predicted_speedup",
+    "resolve_plan",
+    "validate_loop",
+]

@@ -1,0 +1,254 @@
+"""The plan model: operations, steps, plans, their JSON and their validation.
+
+Operations (block indices are 0-based and inclusive):
+- `blocks a..b`            run blocks a..b
+- `ilf b..e`               inner loop with feedback: 2·(e-b+1) + 1 block forwards (eqs. 2–3)
+- `cache_refresh a..b key` run a..b and store Δ = out - in under `key`
+- `cache_reuse a..b key`   add the stored Δ instead of running a..b (0 block forwards)
+Each op has a `time`: "t", or "t_post" for everything after the feedback (eqs. 4–5).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import ConfigError
+from ..schedulers import StepCoefficients
+
+PLAN_VERSION = 1
+OpKind = Literal["blocks", "ilf", "cache_refresh", "cache_reuse"]
+TimeRef = Literal["t", "t_post"]
+
+
+# -- block ranges ------------------------------------------------------------------------------
+
+
+def check_block_range(start: int, end: int, num_blocks: int, what: str = "loop") -> None:
+    """The one check of an inclusive block range `start:end` against a model's depth.
+
+    `what` names the range in the message: an option ("--cache"), a field ("cache range") or a plan's
+    op ("plan 'x' step 3 cache_reuse"), e.g. "--cache 3:99: block 99 is out of range (the model has
+    blocks 0..7)" or "cache range 5:3 is empty: it starts after it ends (B must be <= E)".
+    """
+    blocks = f"blocks 0..{num_blocks - 1}" if num_blocks > 0 else "no blocks"
+    for block in (start, end):
+        if not 0 <= block < num_blocks:
+            raise ConfigError(f"{what} {start}:{end}: block {block} is out of range (the model has {blocks})")
+    if start > end:
+        raise ConfigError(f"{what} {start}:{end} is empty: it starts after it ends (B must be <= E)")
+
+
+validate_loop = check_block_range  # the older name, used for ILF loops
+
+
+def parse_range(text: str, what: str = "loop", num_blocks: int | None = None) -> tuple[int, int]:
+    """'8:19' -> (8, 19), inclusive and 0-based; checked against `num_blocks` when given."""
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not of the form B:E (e.g. 8:19)") from None
+    if num_blocks is not None:
+        check_block_range(start, end, num_blocks, what)
+    return start, end
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: OpKind
+    start: int
+    end: int
+    time: TimeRef = "t"
+    key: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+    @property
+    def block_forwards(self) -> int:
+        return {
+            "blocks": self.size,
+            "cache_refresh": self.size,
+            "cache_reuse": 0,
+            "ilf": 2 * self.size + 1,
+        }[self.kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "op": self.kind,
+            "start": self.start,
+            "end": self.end,
+            "time": self.time,
+        }
+        if self.key is not None:
+            out["key"] = self.key
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Op:
+        return cls(d["op"], int(d["start"]), int(d["end"]), d.get("time", "t"), d.get("key"))
+
+    def describe(self) -> str:
+        name = {
+            "blocks": "",
+            "ilf": "ILF ",
+            "cache_refresh": "refresh ",
+            "cache_reuse": "reuse ",
+        }[self.kind]
+        post = "@t_post" if self.time == "t_post" else ""
+        return f"{name}{self.start}-{self.end}{post}"
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    timestep: float
+    t_post: float | None
+    ops: tuple[Op, ...]
+    final_time: TimeRef
+    coefficients: StepCoefficients
+
+    @property
+    def feedback(self) -> bool:
+        return any(op.kind == "ilf" for op in self.ops)
+
+    @property
+    def block_forwards(self) -> int:
+        return sum(op.block_forwards for op in self.ops)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "timestep": self.timestep,
+            "t_post": self.t_post,
+            "feedback": self.feedback,
+            "block_forwards": self.block_forwards,
+            "ops": [op.to_dict() for op in self.ops],
+            "final_time": self.final_time,
+            "coefficients": self.coefficients.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Step:
+        return cls(
+            index=int(d["index"]),
+            timestep=float(d["timestep"]),
+            t_post=None if d.get("t_post") is None else float(d["t_post"]),
+            ops=tuple(Op.from_dict(op) for op in d["ops"]),
+            final_time=d.get("final_time", "t"),
+            coefficients=StepCoefficients.from_dict(d["coefficients"]),
+        )
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    name: str
+    num_blocks: int
+    scheduler: str
+    steps: tuple[Step, ...]
+    loop: tuple[int, int] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def block_forwards(self) -> int:
+        return sum(step.block_forwards for step in self.steps)
+
+    @property
+    def feedback_steps(self) -> list[int]:
+        return [step.index for step in self.steps if step.feedback]
+
+    @property
+    def cut_points(self) -> list[int]:
+        """Block indices where some op starts or ends: the segment boundaries an exporter needs."""
+        points = {0, self.num_blocks}
+        for step in self.steps:
+            for op in step.ops:
+                points.update((op.start, op.end + 1))
+        return sorted(points)
+
+    def speedup_over(self, baseline_block_forwards: int) -> float:
+        return baseline_block_forwards / self.block_forwards
+
+    def validate(self) -> None:
+        if self.loop is not None:
+            if len(self.loop) != 2:
+                raise ConfigError(f"plan {self.name!r}: loop must be [B, E], got {list(self.loop)}")
+            check_block_range(*self.loop, self.num_blocks, f"plan {self.name!r} loop")
+        for step in self.steps:
+            self._validate_step(step)
+
+    def _validate_step(self, step: Step) -> None:
+        where = f"plan {self.name!r} step {step.index}"
+        position = 0
+        for op in step.ops:
+            check_block_range(op.start, op.end, self.num_blocks, f"{where} {op.kind}")
+            if op.start != position:
+                raise ConfigError(f"{where}: ops must cover blocks in order")
+            if op.kind == "ilf" and (self.loop is None or (op.start, op.end) != tuple(self.loop)):
+                raise ConfigError(f"{where}: ILF op outside the plan's loop")
+            if op.time == "t_post" and step.t_post is None:
+                raise ConfigError(f"{where}: t_post op but no t_post")
+            position = op.end + 1
+        if position != self.num_blocks:
+            raise ConfigError(f"{where}: ops cover {position} of {self.num_blocks} blocks")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "name": self.name,
+            "num_blocks": self.num_blocks,
+            "num_steps": self.num_steps,
+            "scheduler": self.scheduler,
+            "loop": list(self.loop) if self.loop else None,
+            "block_forwards": self.block_forwards,
+            "settings": self.settings,
+            "steps": [step.to_dict() for step in self.steps],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepPlan:
+        if d.get("version") != PLAN_VERSION:
+            raise ConfigError(
+                f"unsupported plan version {d.get('version')!r} (this tool reads {PLAN_VERSION})"
+            )
+        try:
+            plan = cls(
+                name=str(d["name"]),
+                num_blocks=int(d["num_blocks"]),
+                scheduler=str(d["scheduler"]),
+                steps=tuple(Step.from_dict(s) for s in d["steps"]),
+                loop=tuple(d["loop"]) if d.get("loop") else None,  # type: ignore[arg-type]
+                settings=dict(d.get("settings", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed plan: {exc}") from None
+        plan.validate()
+        return plan
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> StepPlan:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read plan {path}: {exc}") from None
+        return cls.from_dict(data)
+
+
+def predicted_speedup(plan: StepPlan, baseline_steps: int = 20) -> float:
+    return plan.num_blocks * baseline_steps / plan.block_forwards

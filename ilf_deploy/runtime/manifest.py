@@ -1,0 +1,352 @@
+"""The bundle manifest, typed: what `Bundle.load` parses and validates once, and every reader uses.
+
+The JSON form is specified by `ilf_deploy/schemas/manifest.schema.json` (`ilf-deploy schema
+manifest`); `Manifest.parse` checks a document against that schema, then the facts a schema cannot
+say (every referenced file is listed and hashed, segments match the cut points), and builds these
+frozen dataclasses. Nothing else reads the raw dict. Writers (`build`, `calibrate`, `quantize`,
+`build-engines`) edit the JSON through `bundle.rewrite_manifest`, which re-parses what they wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..errors import IlfError
+from ..schemas import problem
+
+SCHEMA_VERSION = 2
+
+
+class BundleError(IlfError):
+    """A bundle that is missing, corrupted, or from an incompatible version."""
+
+
+# Which engines run a variant, by its mode: decided here and nowhere else. The first is the one a
+# command opens by default; an engine not listed refuses the variant in one line (SegmentRunner).
+VARIANT_ENGINES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "int8-dynamic": ("onnxruntime",),  # ORT's dynamic-quantization operators
+        "int8-qdq": ("onnxruntime", "openvino", "tensorrt"),  # standard Q/DQ ONNX
+        "fp8-qdq": ("onnxruntime", "tensorrt"),  # FP8 Q/DQ: TensorRT on the GPU, ORT emulates it
+        "int8-ov": ("openvino",),  # OpenVINO IR written by NNCF
+    }
+)
+
+
+def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping))
+
+
+def _non_finite(value: Any) -> Any:
+    """The manifest writes non-finite floats as strings (strict JSON; bundle.strict_json)."""
+    return float(value) if value in ("inf", "-inf", "nan") else value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]  # symbolic dims are strings
+    dtype: str  # numpy's name, e.g. "float32"
+
+    @classmethod
+    def parse(cls, d: Mapping[str, Any]) -> TensorSpec:
+        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One exported graph: its file, named inputs and outputs, the blocks it covers (if any)."""
+
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    blocks: tuple[int, int] | None
+
+    @classmethod
+    def parse(cls, name: str, d: Mapping[str, Any]) -> SegmentSpec:
+        blocks = d["blocks"]
+        return cls(
+            name,
+            d["file"],
+            tuple(TensorSpec.parse(t) for t in d["inputs"]),
+            tuple(TensorSpec.parse(t) for t in d["outputs"]),
+            None if blocks is None else (int(blocks[0]), int(blocks[1])),
+        )
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    @property
+    def takes_feed(self) -> bool:
+        """An inner-loop block segment: it adds the feedback's `feed` before each block (eqs. 2–3)."""
+        return "feed" in self.input_names
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "blocks": None if self.blocks is None else list(self.blocks),
+        }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    num_blocks: int
+    latent_channels: int
+    out_channels: int
+    patch_size: int
+    sample_size: int
+    vae_scale_factor: int
+    default_image_size: int
+    context_inputs: tuple[str, ...]
+    uses_size_conditions: bool
+    num_classes: int = 0  # DiT: class labels 0..num_classes-1; num_classes is the null class
+    id2label: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def parse(cls, d: Mapping[str, Any]) -> ModelSpec:
+        return cls(
+            **{k: d[k] for k in _MODEL_INTS},
+            context_inputs=tuple(d["context_inputs"]),
+            uses_size_conditions=bool(d["uses_size_conditions"]),
+            num_classes=int(d.get("num_classes", 0)),
+            id2label=_frozen(d.get("id2label", {})),
+        )
+
+
+_MODEL_INTS = (
+    "num_blocks",
+    "latent_channels",
+    "out_channels",
+    "patch_size",
+    "sample_size",
+    "vae_scale_factor",
+    "default_image_size",
+)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    file: str  # a `tokenizers` tokenizer.json
+    max_length: int  # tokens the text encoder reads; longer prompts are refused (runtime.request)
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Recorded feeds of one plan's trajectories (calibrate): a .npz per segment."""
+
+    plan: str
+    requests: int
+    guidance_scale: float
+    max_samples: int
+    files: Mapping[str, str]  # segment -> .npz file
+    method: str | None = None  # a variant's: how its ranges were calibrated from these samples
+    raw: Mapping[str, Any] = field(
+        default_factory=lambda: MappingProxyType({})
+    )  # as written, for a variant's provenance record
+
+    @classmethod
+    def parse(cls, d: Mapping[str, Any] | None) -> CalibrationSpec | None:
+        if d is None:
+            return None
+        return cls(
+            d["plan"],
+            int(d["requests"]),
+            float(d["guidance_scale"]),
+            int(d["max_samples"]),
+            _frozen({name: entry["file"] for name, entry in d["segments"].items()}),
+            d.get("method"),
+            _frozen(d),
+        )
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A precision variant (quantize): the segments it replaces, and the engines that run it."""
+
+    name: str
+    mode: str
+    segments: Mapping[str, SegmentSpec]
+    quantized_layers: Mapping[str, int]
+    calibration: CalibrationSpec | None
+    ort_session_config: Mapping[str, str]
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        return VARIANT_ENGINES[self.mode]
+
+    @property
+    def engine(self) -> str:
+        """The engine a command opens this variant on when the user names none."""
+        return self.engines[0]
+
+    @classmethod
+    def parse(cls, name: str, d: Mapping[str, Any]) -> VariantSpec:
+        return cls(
+            name,
+            d["mode"],
+            _frozen({s: SegmentSpec.parse(s, spec) for s, spec in d["segments"].items()}),
+            _frozen(d["quantized_layers"]),
+            CalibrationSpec.parse(d["calibration"]),
+            _frozen(d.get("ort_session_config", {})),
+        )
+
+
+@dataclass(frozen=True)
+class EngineSetSpec:
+    """TensorRT engines built for one key ("base" or a variant): where, with what, for what."""
+
+    key: str
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+    segments: Mapping[str, Mapping[str, Any]]  # segment -> {file, onnx, profile, build_s}
+    record: Mapping[str, Any]  # everything the build recorded (options, workspace, timing cache)
+
+    @classmethod
+    def parse(cls, key: str, d: Mapping[str, Any]) -> EngineSetSpec:
+        return cls(
+            key,
+            d["tensorrt"],
+            d["gpu"],
+            d["compute_capability"],
+            _frozen({s: _frozen(e) for s, e in d["segments"].items()}),
+            _frozen(d),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A bundle's manifest.json, validated (schema `manifest`, version `SCHEMA_VERSION`)."""
+
+    architecture: str
+    config_hash: str
+    model: ModelSpec
+    loop: tuple[int, int] | None  # the ILF inner loop b..e, None without a feedback module
+    precision: str  # of the exported backbone: fp32 or fp16
+    max_batch: int
+    resolutions: tuple[tuple[int, int], ...]  # (height, width) in pixels; the first is the default
+    latent_sizes: tuple[tuple[int, int], ...]
+    cut_points: tuple[int, ...]
+    segments: Mapping[str, SegmentSpec]
+    plans: Mapping[str, str]  # name -> plans/NAME.json
+    tokenizer: TokenizerSpec | None  # None: a class-conditional model (DiT)
+    scheduler: Mapping[str, Any]  # the source pipeline's diffusers scheduler config
+    torch_model: str | None  # the source pipeline's directory inside the bundle
+    tools: Mapping[str, str]
+    files: Mapping[str, str]  # every file a reader may open -> sha256
+    calibration: CalibrationSpec | None
+    variants: Mapping[str, VariantSpec]
+    engines: Mapping[str, EngineSetSpec]
+
+    @classmethod
+    def parse(cls, d: Any, where: str = "manifest.json") -> Manifest:
+        """Validate `d` (the parsed JSON) and build the typed manifest; one-line errors."""
+        version = d.get("schema_version") if isinstance(d, dict) else None
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"{where}: bundle schema version {version!r} is not supported (this tool reads "
+                f"{SCHEMA_VERSION}); rebuild the bundle with this version of ilf-deploy"
+            )
+        found = problem("manifest", d)
+        if found:
+            raise BundleError(f"{where} does not follow the manifest schema {found}")
+        loop = d["feedback"]["loop"] if d["feedback"] else None
+        tokenizer = d["tokenizer"]
+        manifest = cls(
+            architecture=d["architecture"],
+            config_hash=d["config_hash"],
+            model=ModelSpec.parse(d["model"]),
+            loop=None if loop is None else (int(loop[0]), int(loop[1])),
+            precision=d["precision"],
+            max_batch=int(d["max_batch"]),
+            resolutions=tuple((int(h), int(w)) for h, w in d["resolutions"]),
+            latent_sizes=tuple((int(h), int(w)) for h, w in d["latent_sizes"]),
+            cut_points=tuple(int(c) for c in d["cut_points"]),
+            segments=_frozen({n: SegmentSpec.parse(n, s) for n, s in d["segments"].items()}),
+            plans=_frozen(d["plans"]),
+            tokenizer=None if tokenizer is None else TokenizerSpec(**tokenizer),
+            scheduler=_frozen({k: _non_finite(v) for k, v in d["scheduler"].items()}),
+            torch_model=d["torch_model"],
+            tools=_frozen(d["tools"]),
+            files=_frozen(d["files"]),
+            calibration=CalibrationSpec.parse(d.get("calibration")),
+            variants=_frozen({n: VariantSpec.parse(n, v) for n, v in d.get("variants", {}).items()}),
+            engines=_frozen({k: EngineSetSpec.parse(k, e) for k, e in d.get("engines", {}).items()}),
+        )
+        manifest._check_references(where)
+        return manifest
+
+    def _check_references(self, where: str) -> None:
+        """What the schema cannot say: every file a field names is hashed; the model is consistent."""
+        named = [s.file for s in self.segments.values()] + list(self.plans.values())
+        named += [s.file for v in self.variants.values() for s in v.segments.values()]
+        named += [e["file"] for es in self.engines.values() for e in es.segments.values()]
+        if self.tokenizer is not None:
+            named.append(self.tokenizer.file)
+        if self.calibration is not None:  # a variant's record is provenance: its files may be gone
+            named += list(self.calibration.files.values())
+        unlisted = sorted({f for f in named if f not in self.files})
+        if unlisted:
+            raise BundleError(f"{where} names {unlisted[0]} but does not list its sha256 in `files`")
+        for name in ("text_encoder", "vae_decoder", "embed", "context", "time", "final"):
+            if name not in self.segments and not (name == "text_encoder" and self.tokenizer is None):
+                raise BundleError(f"{where} has no {name!r} segment")
+        blocks = self.model.num_blocks
+        for spec in self.segments.values():
+            if spec.blocks is not None and not 0 <= spec.blocks[0] <= spec.blocks[1] < blocks:
+                raise BundleError(
+                    f"{where}: segment {spec.name} covers blocks {spec.blocks[0]}..{spec.blocks[1]}, "
+                    f"outside the model's 0..{blocks - 1}"
+                )
+        if self.loop is not None and "feedback" not in self.segments:
+            raise BundleError(f"{where} has a feedback loop but no 'feedback' segment")
+        for variant in self.variants.values():
+            unknown = sorted(set(variant.segments) - set(self.segments))
+            if unknown:
+                raise BundleError(f"{where}: variant {variant.name} replaces unknown segment {unknown[0]}")
+
+    # -- facts the readers ask for ---------------------------------------------------------------
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return self.resolutions[0]
+
+    @property
+    def block_segments(self) -> tuple[SegmentSpec, ...]:
+        """The block segments in order of the blocks they cover."""
+        return tuple(sorted((s for s in self.segments.values() if s.blocks), key=lambda s: s.blocks or ()))
+
+    def variant(self, name: str) -> VariantSpec:
+        if name not in self.variants:
+            raise BundleError(
+                f"the bundle has no variant {name!r} (it has: {', '.join(self.variants) or 'none'})"
+            )
+        return self.variants[name]
+
+    def segment(self, name: str, variant: str | None = None) -> SegmentSpec:
+        """A segment's spec; a variant's replacement where it has one."""
+        if variant is not None:
+            replaced = self.variant(variant).segments.get(name)
+            if replaced is not None:
+                return replaced
+        if name not in self.segments:
+            raise BundleError(f"the bundle has no {name!r} segment")
+        return self.segments[name]
+
+    def precision_of(self, variant: str | None) -> str:
+        """The precision a run of `variant` (None: the bundle itself) is judged at: fp32, int8-qdq…"""
+        return self.precision if variant is None else self.variant(variant).mode
