@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
     from benchmarks.backbone import interleaved, med, step_inputs
-    from ilf_deploy.quantization.quantize import fidelity, variant_generator
+    from ilf_deploy.compare import metrics
+    from ilf_deploy.quantization.quantize import variant_generator
     from ilf_deploy.runtime.bundle import Bundle
     from ilf_deploy.runtime.generator import Request
 
@@ -131,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         "target": P4_TARGET,
     }
     for mode in modes:
-        step_snr, step_cos, step_rel = fidelity(outputs[mode], outputs["fp32"])
-        snr, cosine, rel = fidelity(latents[mode], latents["fp32"])
+        step = metrics(outputs[mode], outputs["fp32"])
+        final = metrics(latents[mode], latents["fp32"])
         result["variants"][mode] = {
             "step_speedup": t32 / med(times[mode]),
             "plan_speedup_single_run": plan_s["fp32"] / plan_s[mode],
-            "step_output": {"snr_db": step_snr, "cosine": step_cos, "rel_l2": step_rel},
-            "final_latents": {"snr_db": snr, "cosine": cosine, "rel_l2": rel},
+            "step_output": step.to_dict(),
+            "final_latents": final.to_dict(),
         }
     if "int8-dynamic" in modes:
         result["p4_speedup"] = result["variants"]["int8-dynamic"]["step_speedup"]

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.backbone import block_flops, gemm_peak
     from ilf_deploy.backends import REGISTRY, open_generator
     from ilf_deploy.backends.machine import fingerprint
-    from ilf_deploy.quantization.quantize import fidelity
+    from ilf_deploy.compare import metrics
     from ilf_deploy.runtime.bundle import Bundle
     from ilf_deploy.tuning import tune
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     report = tune(bundle_dir, OURS_PLAN, budget_s=budget, progress=log)
     for c in report["candidates"]:
         ms = f"{c['ms_per_step']:.0f} ms/step" if c["ms_per_step"] else "-"
-        e2e = [f["rel_l2"] for f in c["fidelity"] if f["kind"] == "end-to-end"]
+        e2e = [f["metrics"]["rel_l2"] for f in c["fidelity"] if f["kind"] == "end-to-end"]
         status = c["error"] or ("ok" if c["ok"] else "beyond budget")
         print(f"  tune: {c['label']:<26}{ms:>14}  e2e rel L2 {e2e[0] if e2e else 0:.2e}  {status}")
 
@@ -304,9 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "fraction": achieved / peak,
         },
         "fidelity_vs_ours_fp32": {
-            "auto": dict(
-                zip(("snr_db", "cosine", "rel_l2"), fidelity(outputs[auto_name], outputs[ours_fp32]))
-            ),
+            "auto": metrics(outputs[auto_name], outputs[ours_fp32]).to_dict(),
         },
     }
     flags = [f for f in machine["flags"] if f.startswith(("avx512", "amx", "avx_vnni", "avx2", "fma"))]

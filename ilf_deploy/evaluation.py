@@ -214,7 +214,7 @@ class EvalBackend:
 
 def torch_backend(
     source: str | Path | LoadedModel,
-    guidance_scale: float = 4.5,
+    guidance_scale: float | None = None,  # None: the model's default (Generator.resolve)
     negative_prompt: str = "",
     device: str = "cpu",
 ) -> EvalBackend:
@@ -239,7 +239,7 @@ def torch_backend(
 
     info = {
         "model": str(model.source),
-        "guidance_scale": guidance_scale,
+        "guidance_scale": gen.resolve(Request(guidance_scale=guidance_scale)).guidance_scale,
         "num_blocks": model.adapter.num_blocks,
         "device": device,
     }
@@ -248,7 +248,7 @@ def torch_backend(
 
 def bundle_backend(
     bundle_dir: str | Path,
-    guidance_scale: float = 4.5,
+    guidance_scale: float | None = None,  # None: the model's default (Generator.resolve)
     negative_prompt: str = "",
     variant: str | None = None,
     device: str = "cpu",  # the torch backend's; the others choose their own
@@ -272,7 +272,8 @@ def bundle_backend(
         host = gen.latents_to_numpy(latents)
         return [Generated(image, lat) for image, lat in zip(gen.decode(latents), host)]
 
-    info = {"bundle": str(bundle_dir), "guidance_scale": guidance_scale, "variant": gen.variant}
+    guidance = gen.resolve(Request(guidance_scale=guidance_scale)).guidance_scale
+    info = {"bundle": str(bundle_dir), "guidance_scale": guidance, "variant": gen.variant}
     plans = Bundle.load(bundle_dir, verify_hashes=False).plan  # open_generator checked the hashes
     return EvalBackend(gen.backend, plans, generate, info, gen.choice)
 

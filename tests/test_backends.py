@@ -11,12 +11,13 @@ from ilf_deploy import backends
 from ilf_deploy.backends import Backend, backend_names, open_generator, register
 from ilf_deploy.bench import bench_plans
 from ilf_deploy.cli import app
+from ilf_deploy.compare import ShapeMismatch, metrics
 from ilf_deploy.errors import ConfigError
 from ilf_deploy.export.build import BuildOptions, build_bundle
 from ilf_deploy.runtime.bundle import Bundle, BundleError
 from ilf_deploy.runtime.generator import Request
 from ilf_deploy.tiny import make_tiny_pipeline
-from ilf_deploy.verify.bundle import ShapeMismatch, compare, verify_bundle
+from ilf_deploy.verify.bundle import verify_bundle
 
 SIZES = [(48, 48), (48, 32)]
 SIZES_1024 = [(96, 96), (96, 64)]  # the 1024-style tiny model patches 2x2 latents: multiples of 32
@@ -58,7 +59,7 @@ def test_verify_passes_at_every_bundled_resolution(sized_bundles, name):
     end_to_end = {(c.name, c.size) for c in checks if c.kind == "end-to-end"}
     assert end_to_end == {(plan, size) for plan in ("base-4", "ilf-4") for size in sizes}
     for kind in ("segment (random)", "segment (trajectory)"):
-        assert {c.size for c in checks if c.kind == kind} == sizes
+        assert {c.size for c in checks if c.label == kind} == sizes
 
 
 def test_default_size_is_the_bundles_on_every_backend(sized_bundles):
@@ -135,7 +136,7 @@ def test_verify_model_refuses_another_model_in_one_line(sized_bundles, tmp_path)
 
 def test_a_shape_mismatch_is_an_error_naming_both_shapes():
     with pytest.raises(ShapeMismatch, match=r"\(1, 4, 6, 4\).*\(1, 4, 6, 6\)"):
-        compare("end-to-end", "base-4", np.zeros((1, 4, 6, 4)), np.zeros((1, 4, 6, 6)), 1e-3)
+        metrics(np.zeros((1, 4, 6, 4)), np.zeros((1, 4, 6, 6)), "end-to-end base-4")
 
 
 def test_registry_names_and_unknown_backend(tiny_bundles):

@@ -48,7 +48,7 @@ def test_verify_passes_and_covers_every_segment(tiny_bundles, variant):
     bundle = Bundle.load(tiny_bundles[variant])
     checks = verify_bundle(bundle, REQUEST)
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
-    kinds = {(c.kind, c.name) for c in checks}
+    kinds = {(c.label, c.name) for c in checks}
     for segment in bundle.manifest.segments:
         assert ("segment (random)", segment) in kinds
         assert ("segment (trajectory)", segment) in kinds

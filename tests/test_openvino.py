@@ -17,9 +17,10 @@ pytest.importorskip("openvino")
 from ilf_deploy.backends import open_generator
 from ilf_deploy.backends.openvino import CACHE_DIR, cpu_has_bf16
 from ilf_deploy.cli import app
+from ilf_deploy.compare import budget, compare_to_reference, run_reference
 from ilf_deploy.errors import ConfigError
 from ilf_deploy.quantization.calibration import collect_calibration
-from ilf_deploy.quantization.quantize import BUDGETS, verify_generator, verify_variant
+from ilf_deploy.quantization.quantize import verify_variant
 from ilf_deploy.runtime.bundle import Bundle
 from ilf_deploy.runtime.generator import Request
 
@@ -91,7 +92,8 @@ def test_int8_variant_is_within_its_budget_and_runs_only_on_openvino(ov_bundle):
         ops = [op.get_type_name() for op in ov.Core().read_model(str(bundle.path / spec.file)).get_ops()]
         assert ops.count("FakeQuantize") > 0 and entry.quantized_layers[name] > 0, name
     rows = verify_variant(bundle, "int8_ov")
-    snr, rel = BUDGETS["int8-ov"]
+    limits = budget("openvino", "int8-ov")
+    snr, rel = limits.segment.bound, limits.end_to_end.bound
     assert all(r.ok for r in rows), rows
     segments = [r for r in rows if r.kind == "segment"]
     assert {r.name for r in segments} == set(entry.segments)
@@ -126,7 +128,8 @@ def test_bf16_is_within_the_variant_budget(ov_bundle):
     bundle = Bundle.load(ov_bundle)
     generator = open_generator(ov_bundle, "openvino", variant="bf16")
     assert generator.variant == "bf16"
-    rows = verify_generator(bundle, generator, list(bundle.manifest.segments), BUDGETS["bf16"])
+    limits = budget("openvino", "bf16")
+    rows = compare_to_reference(generator, run_reference(bundle), list(bundle.manifest.segments), limits)
     assert all(r.ok for r in rows), rows
 
 

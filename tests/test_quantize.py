@@ -11,10 +11,11 @@ import pytest
 from onnx import numpy_helper
 
 from ilf_deploy.backends import open_generator
+from ilf_deploy.compare import budget
 from ilf_deploy.errors import ConfigError
 from ilf_deploy.export.build import BuildOptions, build_bundle
 from ilf_deploy.quantization.calibration import collect_calibration
-from ilf_deploy.quantization.quantize import BUDGETS, LINEAR_NODE, quantize_bundle, verify_variant
+from ilf_deploy.quantization.quantize import LINEAR_NODE, quantize_bundle, verify_variant
 from ilf_deploy.runtime.bundle import Bundle, BundleError
 from ilf_deploy.runtime.generator import Request
 
@@ -90,11 +91,11 @@ def test_variants_keep_the_bundle_verifiable(quantized):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_variant_parity_within_budget(quantized, mode):
-    """Budgets (quantize.BUDGETS): per segment SNR >= 30 dB (fp8: 25), end-to-end rel L2 <= 0.05 (fp8:
+    """Budgets (compare.BUDGETS): per segment SNR >= 30 dB (fp8: 25), end-to-end rel L2 <= 0.05 (fp8:
     0.10). Measured on this tiny model: int8-dynamic ~0.005, int8-qdq ~0.01, fp8-qdq ~0.03."""
     rows = verify_variant(Bundle.load(quantized), mode.replace("-", "_"))
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
-    e2e = BUDGETS[mode][1]
+    e2e = budget("onnxruntime", mode).end_to_end.bound
     end = rows[-1]
     assert end.kind == "end-to-end" and end.rel_l2 <= e2e and end.cosine > 0.99
     assert end.rel_l2 > 1e-5  # the variant really ran quantized

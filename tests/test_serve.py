@@ -157,7 +157,7 @@ INVALID = [
     ({"prompt": "x", "guidance_scale": "4"}, "guidance_scale"),
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"prompt": "x", "seed": 2**32}, "seed"),
-    ({"prompt": "x", "seed": 1e3}, "seed"),
+    ({"prompt": "x", "seed": 1.5}, "seed"),  # integral numbers (1e3) are integers, as in JSON Schema
     ({"prompt": "x", "class_label": 1}, "class_label"),  # PixArt has no classes
     ({"prompt": "x", "response_format": "url"}, "response_format"),
     ({"prompt": "x", "model": "dall-e-3"}, "model"),

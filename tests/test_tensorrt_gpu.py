@@ -2,7 +2,7 @@
 
 Skipped without an NVIDIA GPU and TensorRT (i.e. always in this project's CI, which has neither:
 NEVER RUN HERE). Run with `make gpu-check` on an H100 (or any GPU; FP8 needs compute capability
->= 8.9). Budgets: ilf_deploy.verify.engines.TRT_BUDGETS (vs ONNX Runtime fp32 on CPU).
+>= 8.9). Budgets: ilf_deploy.compare.BUDGETS ("tensorrt", ...) (vs ONNX Runtime fp32 on CPU).
 """
 
 from __future__ import annotations

@@ -708,7 +708,16 @@ def test_k8s_manifests_load_into_the_kubernetes_models(bundle, tmp_path):
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     strict_model("V1ObjectMeta", service["metadata"])
     predictor = service["spec"]["predictor"]
-    assert set(predictor) == {"minReplicas", "maxReplicas", "autoScaling", "containers", "volumes"}
+    assert set(predictor) == {
+        "minReplicas",
+        "maxReplicas",
+        "autoScaling",
+        "initContainers",
+        "containers",
+        "volumes",
+    }
+    (check,) = strict_model("list[V1Container]", predictor["initContainers"])  # the bundle's digest
+    assert check.command[:2] == ["ilf-deploy", "inspect"] and check.command[-2] == "--digest"
     (kserve_container,) = strict_model("list[V1Container]", predictor["containers"])
     assert kserve_container.name == "kserve-container"
     strict_model("list[V1Volume]", predictor["volumes"])

@@ -16,8 +16,8 @@ from ilf_deploy.backends import open_generator
 from ilf_deploy.backends.auto import TUNING_FILE, choose
 from ilf_deploy.backends.machine import fingerprint
 from ilf_deploy.cli import app
+from ilf_deploy.compare import Check, Limit, Metrics, budget
 from ilf_deploy.errors import ConfigError
-from ilf_deploy.quantization.quantize import Fidelity
 from ilf_deploy.runtime.bundle import Bundle, rewrite_manifest
 from ilf_deploy.runtime.generator import Request
 from ilf_deploy.tuning import Candidate, candidates, pick_winner, timing_plan, tune
@@ -102,12 +102,12 @@ def test_tune_never_picks_a_variant_beyond_its_budget(tuned):
 
 
 def test_the_winner_is_the_fastest_within_budget():
-    fidelity = [Fidelity("end-to-end", "ilf-4", 5.0, 0.9, 0.5, 1, False)]
+    fidelity = [Check("end-to-end", "ilf-4", Metrics(5.0, 0.9, 0.5, 1.0), Limit("rel_l2", 0.05))]
     found = [
         Candidate("onnxruntime", None, None, times=[0.010, 0.012]),
-        Candidate("onnxruntime", BROKEN, (30.0, 0.05), fidelity=fidelity, times=[0.001]),  # fastest
-        Candidate("openvino", None, (80.0, 1e-3), times=[0.008, 0.009, 0.020]),
-        Candidate("openvino", "int8_ov", (30.0, 0.05), error="did not open"),
+        Candidate("onnxruntime", BROKEN, budget("onnxruntime", "int8-qdq"), fidelity=fidelity, times=[0.001]),
+        Candidate("openvino", None, budget("openvino", "fp32"), times=[0.008, 0.009, 0.020]),
+        Candidate("openvino", "int8_ov", budget("openvino", "int8-ov"), error="did not open"),
     ]
     assert pick_winner(found).label == "openvino fp32"  # median 9 ms; broken 1 ms is out of budget
     found[2].times = [0.05]

@@ -208,67 +208,26 @@ def build_engines(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Build (or rebuild) the engine set of the bundle or of a variant; returns its manifest entry."""
-    trt_module = _trt()  # "TensorRT is not installed" first: without it Polygraphy is no help
-    from polygraphy.backend.trt import (  # type: ignore[import-untyped]
-        CreateConfig,
-        EngineFromNetwork,
-        NetworkFromOnnxPath,
-        Profile,
-        SaveEngine,
-    )
-
+    _trt()  # "TensorRT is not installed" first: without it Polygraphy is no help
     bundle = Bundle.load(bundle_path)
-    if variant is not None:
-        bundle.segment_spec("embed", variant)  # unknown variant -> error listing the variants
-    if not 0 <= opt_level <= 5:
-        raise ConfigError(f"builder optimization level must be 0..5, got {opt_level}")
-    key = engine_key(variant)
-    if key in bundle.manifest.engines and not force:
-        raise ConfigError(f"the bundle already has {key!r} engines; pass --force to rebuild them")
-    names = segments or list(bundle.manifest.segments)
-    unknown = sorted(set(names) - set(bundle.manifest.segments))
-    if unknown:
-        raise ConfigError(f"unknown segment(s) {', '.join(unknown)}")
+    names = _engines_to_build(bundle, variant, segments, opt_level, force)
     environment = current_environment()
-    root = bundle.path
-    cache = root / TIMING_CACHE
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # TensorRT 10 asks for strongly typed networks with a flag; in 11 every network is strongly typed.
-    strongly_typed = True if hasattr(trt_module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") else None
+    key = engine_key(variant)
+    (bundle.path / TIMING_CACHE).parent.mkdir(parents=True, exist_ok=True)
+    settings = {"opt_level": opt_level, "workspace": int(workspace_gb * 2**30), "tf32": tf32}
     built: dict[str, Any] = {}
     for index, name in enumerate(names):
         if progress:
             progress(name, index, len(names))
         spec = bundle.segment_spec(name, variant)
-        shapes = input_profile(bundle.manifest, spec, max_batch)
-        profile = Profile()
-        for tensor, (low, opt, high) in shapes.items():
-            profile.add(tensor, min=low, opt=opt, max=high)
-        config = CreateConfig(
-            profiles=[profile],
-            builder_optimization_level=opt_level,
-            memory_pool_limits={trt_module.MemoryPoolType.WORKSPACE: int(workspace_gb * 2**30)},
-            load_timing_cache=str(cache) if cache.is_file() else None,
-            tf32=tf32,  # lets fp32 layers use TF32 tensor cores; not a precision flag (allowed when typed)
+        built[name] = _build_engine(
+            bundle, key, spec, input_profile(bundle.manifest, spec, max_batch), settings
         )
-        network = NetworkFromOnnxPath(str(root / spec.file), strongly_typed=strongly_typed)
-        target = root / engine_file(key, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        start = time.perf_counter()
-        SaveEngine(EngineFromNetwork(network, config, save_timing_cache=str(cache)), path=str(tmp))()
-        os.replace(tmp, target)
-        built[name] = {
-            "file": engine_file(key, name),
-            "onnx": spec.file,
-            "profile": {t: [list(s) for s in r] for t, r in shapes.items()},
-            "build_s": round(time.perf_counter() - start, 1),
-        }
     entry = {
         **environment,
         "variant": variant,
         "builder_optimization_level": opt_level,
-        "workspace_bytes": int(workspace_gb * 2**30),
+        "workspace_bytes": settings["workspace"],
         "max_batch": int(max_batch or bundle.manifest.max_batch),
         "tf32": tf32,
         "timing_cache": TIMING_CACHE,
@@ -283,8 +242,74 @@ def build_engines(
         manifest["files"].update({spec["file"]: "" for spec in built.values()})
         manifest["files"][TIMING_CACHE] = ""
 
-    rewrite_manifest(root, mutate)
+    rewrite_manifest(bundle.path, mutate)
     return entry
+
+
+def _engines_to_build(
+    bundle: Bundle, variant: str | None, segments: list[str] | None, opt_level: int, force: bool
+) -> list[str]:
+    """The segments to build, after every check that needs no GPU."""
+    if variant is not None:
+        bundle.variant_spec(variant)  # unknown variant -> error listing the variants
+    if not 0 <= opt_level <= 5:
+        raise ConfigError(f"builder optimization level must be 0..5, got {opt_level}")
+    key = engine_key(variant)
+    if key in bundle.manifest.engines and not force:
+        raise ConfigError(f"the bundle already has {key!r} engines; pass --force to rebuild them")
+    names = segments or list(bundle.manifest.segments)
+    unknown = sorted(set(names) - set(bundle.manifest.segments))
+    if unknown:
+        raise ConfigError(f"unknown segment(s) {', '.join(unknown)}")
+    return names
+
+
+def _build_engine(
+    bundle: Bundle,
+    key: str,
+    spec: SegmentSpec,
+    shapes: dict[str, tuple[Shape, Shape, Shape]],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """One segment's engine through Polygraphy (one optimization profile, the shared timing cache),
+    written atomically; returns its manifest entry."""
+    from polygraphy.backend.trt import (  # type: ignore[import-untyped]
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        Profile,
+        SaveEngine,
+    )
+
+    trt_module = _trt()
+    cache = bundle.path / TIMING_CACHE
+    profile = Profile()
+    for tensor, (low, opt, high) in shapes.items():
+        profile.add(tensor, min=low, opt=opt, max=high)
+    config = CreateConfig(
+        profiles=[profile],
+        builder_optimization_level=settings["opt_level"],
+        memory_pool_limits={trt_module.MemoryPoolType.WORKSPACE: settings["workspace"]},
+        load_timing_cache=str(cache) if cache.is_file() else None,
+        tf32=settings[
+            "tf32"
+        ],  # lets fp32 layers use TF32 tensor cores; not a precision flag (allowed when typed)
+    )
+    # TensorRT 10 asks for strongly typed networks with a flag; in 11 every network is strongly typed.
+    strongly_typed = True if hasattr(trt_module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") else None
+    network = NetworkFromOnnxPath(str(bundle.path / spec.file), strongly_typed=strongly_typed)
+    target = bundle.path / engine_file(key, spec.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    start = time.perf_counter()
+    SaveEngine(EngineFromNetwork(network, config, save_timing_cache=str(cache)), path=str(tmp))()
+    os.replace(tmp, target)
+    return {
+        "file": engine_file(key, spec.name),
+        "onnx": spec.file,
+        "profile": {t: [list(s) for s in r] for t, r in shapes.items()},
+        "build_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def remove_engines(bundle_path: str | Path, variant: str | None = None) -> None:

@@ -154,8 +154,12 @@ def verify(
     as_json: Annotated[
         Path | None, typer.Option("--json", help="Also write the checks as JSON here.")
     ] = None,
-    prompt: Annotated[str, typer.Option(help="Prompt of the recorded trajectory.")] = "a small red circle",
-    class_label: Annotated[int, typer.Option(help="Class of the recorded trajectory (DiT).")] = 1,
+    prompt: Annotated[
+        str | None, typer.Option(help="Prompt of the recorded trajectory (default: the held-out one).")
+    ] = None,
+    class_label: Annotated[
+        int | None, typer.Option(help="Class of the recorded trajectory (DiT; default: the held-out one).")
+    ] = None,
     backend: Annotated[
         str,
         typer.Option(
@@ -171,45 +175,37 @@ def verify(
             "(refused unless its config hash is the bundle's)."
         ),
     ] = None,
+    digest: Digest = None,
 ) -> None:
     """Check every segment against PyTorch (random and trajectory inputs), then every plan end to end,
     at every resolution the bundle was built for."""
     from ..backends import get_backend
+    from ..compare import held_out_request
     from ..runtime.bundle import Bundle
-    from ..verify.bundle import TOLERANCES, verify_bundle
+    from ..verify.bundle import bundle_budget, verify_bundle
+    from .engines import checks_table, verify_tensorrt
 
     if backend == "tensorrt":
-        from .engines import verify_tensorrt
-
-        return verify_tensorrt(bundle, variant, None, False, as_json)
+        return verify_tensorrt(bundle, variant, None, False, as_json, digest)
     if backend == "torch" or variant is not None:
         raise ConfigError(
             "verify checks a bundle engine (no variant) or tensorrt; for variants: verify-variant"
         )
     get_backend(backend)  # an unknown name fails before the work
 
-    loaded = Bundle.load(bundle)
+    loaded = Bundle.load(bundle, digest=digest)
+    limits = bundle_budget(loaded, backend)
     with progress() as bar:
         task = bar.add_task("verify", total=None)
         checks = verify_bundle(
             loaded,
-            Request(prompt=prompt, class_label=class_label),
+            held_out_request(loaded, prompt, class_label),
             lambda what: bar.update(task, description=what),
             model=model,
             backend=backend,
         )
-    seg_tol, e2e_tol = TOLERANCES[loaded.manifest.precision]
-    table = Table(
-        title=f"{bundle}: {backend} vs PyTorch ({loaded.manifest.precision}; tolerance: segments "
-        f"{seg_tol:g}, end-to-end {e2e_tol:g} relative L2)",
-        title_justify="left",
-    )
-    for column in ("check", "name", "size", "rel L2", "max abs", "ok"):
-        table.add_column(column)
-    for c in checks:
-        ok = "ok" if c.ok else "[red]FAIL[/red]"
-        table.add_row(c.kind, c.name, c.size, f"{c.rel_l2:.2e}", f"{c.max_abs:.2e}", ok)
-    out.print(table)
+    title = f"{bundle}: {backend} vs PyTorch ({loaded.manifest.precision}; tolerance: {limits})"
+    out.print(checks_table(title, checks))
     finish_checks(checks, as_json, "tolerance")
 
 

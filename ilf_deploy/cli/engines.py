@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from . import finish_checks  # defined before the cli package imports this module
+from .options import Digest
 
 
 def _ui() -> tuple[Any, Any, Callable[[], Any]]:
@@ -22,205 +23,208 @@ def _ui() -> tuple[Any, Any, Callable[[], Any]]:
     return console, out, progress
 
 
-def _fidelity_table(title: str, rows: list[Any]) -> Any:
+def checks_table(title: str, rows: list[Any]) -> Any:
+    """The table of every check command (compare.Check rows): verify, verify-variant, verify-engines."""
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for column in ("check", "name", "samples", "SNR dB", "cosine", "rel L2", "ok"):
-        table.add_column(column, justify="left" if column in ("check", "name") else "right")
+    sized = any(r.size for r in rows)
+    columns = ["check", "name", *(["size"] if sized else []), "samples", "SNR dB", "cosine", "rel L2"]
+    for column in [*columns, "max abs", "limit", "ok"]:
+        table.add_column(column, justify="left" if column in ("check", "name", "size", "limit") else "right")
     for r in rows:
         table.add_row(
-            r.kind,
+            r.label,
             r.name,
+            *([r.size] if sized else []),
             str(r.samples),
             f"{r.snr_db:.1f}",
             f"{r.cosine:.5f}",
             f"{r.rel_l2:.2e}",
+            f"{r.max_abs:.2e}",
+            str(r.limit),
             "ok" if r.ok else "[red]FAIL[/red]",
         )
     return table
 
 
+def calibrate(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    prompts: Annotated[
+        Path | None, typer.Option(help="Text file, one prompt per line (default: 8 built-in prompts).")
+    ] = None,
+    plan: Annotated[
+        str | None, typer.Option("--plan", "-p", help="Bundled plan to run (default: its ILF plan).")
+    ] = None,
+    max_samples: Annotated[
+        int, typer.Option(help="Samples kept per segment and conditioning (t, t_post).")
+    ] = 32,
+) -> None:
+    """Record every transformer segment's inputs along real trajectories (for int8/fp8 Q/DQ)."""
+    from ..errors import ConfigError
+    from ..quantization.calibration import collect_calibration
+
+    console, _, progress = _ui()
+    texts = None
+    if prompts is not None:
+        try:
+            texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise ConfigError(f"cannot read prompts {prompts}: {exc}") from None
+        if not texts:
+            raise ConfigError(f"{prompts} has no prompts")
+    with progress() as bar:
+        task = bar.add_task("calibrate", total=None)
+        record = collect_calibration(
+            bundle,
+            plan,
+            texts,
+            max_samples=max_samples,
+            progress=lambda s: bar.update(task, description=s),
+        )
+    samples = sum(s["samples"] for s in record["segments"].values())
+    console.print(
+        f"calibration: {record['requests']} {record['plan']} trajectories, {samples} samples over "
+        f"{len(record['segments'])} segments → {bundle}/calibration/"
+    )
+
+
+def quantize(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (fp32).")],
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="int8-dynamic (ORT CPU's fast path), int8-qdq (symmetric Q/DQ for TensorRT), "
+            "fp8-qdq (E4M3 Q/DQ for H100 TensorRT; emulated on ORT CPU), int8-ov (NNCF, for "
+            "--backend openvino)."
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="Variant name (default: the mode, e.g. int8_dynamic).")
+    ] = None,
+    calibration_method: Annotated[
+        str, typer.Option(help="minmax, percentile or entropy (int8-qdq; fp8 uses ORT's distribution).")
+    ] = "minmax",
+) -> None:
+    """Add a precision variant: the attention/FF linear layers of every block segment quantized."""
+    from ..quantization.quantize import default_variant_name, quantize_bundle
+
+    console, _, progress = _ui()
+    with progress() as bar:
+        task = bar.add_task("quantize", total=None)
+        entry = quantize_bundle(
+            bundle, mode, name, calibration_method, lambda s: bar.update(task, description=s)
+        )
+    layers = sum(entry["quantized_layers"].values())
+    variant = name or default_variant_name(mode)
+    console.print(
+        f"variant {variant!r}: {layers} linear layers in {len(entry['segments'])} segments ({mode}); "
+        f"check it with `ilf-deploy verify-variant {bundle} --variant {variant}`"
+    )
+
+
+def verify_variant_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    variant: Annotated[str, typer.Option(help="The precision variant to check against fp32.")],
+    plan: Annotated[str | None, typer.Option("--plan", "-p", help="Plan (default: the ILF plan).")] = None,
+    as_json: Annotated[Path | None, typer.Option("--json", help="Also write the checks here.")] = None,
+    digest: Digest = None,
+) -> None:
+    """Per-segment SNR/cosine on a held-out trajectory and end-to-end latents vs fp32 (ORT CPU).
+
+    Exits 1 when a check is beyond the budget of the variant's mode on its engine (compare.BUDGETS)."""
+    from ..quantization.quantize import variant_budget, variant_engine, verify_variant
+    from ..runtime.bundle import Bundle
+
+    _, out, progress = _ui()
+    loaded = Bundle.load(bundle, digest=digest)
+    limits = variant_budget(loaded, variant)  # an unknown variant fails here, before the work
+    with progress() as bar:
+        task = bar.add_task("verify", total=None)
+        rows = verify_variant(loaded, variant, plan, progress=lambda s: bar.update(task, description=s))
+    mode = loaded.variant_spec(variant).mode
+    title = (
+        f"{bundle}: variant {variant} ({mode}, on {variant_engine(loaded, variant)}) vs fp32 on ONNX "
+        f"Runtime CPU; budget: {limits}"
+    )
+    out.print(checks_table(title, rows))
+    finish_checks(rows, as_json)
+
+
+def build_engines_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    variant: Annotated[str | None, typer.Option(help="Build the engines of this precision variant.")] = None,
+    segments: Annotated[str | None, typer.Option(help="Comma-separated segments (default: all).")] = None,
+    opt_level: Annotated[int, typer.Option(help="Builder optimization level 0..5.")] = 3,
+    workspace_gb: Annotated[float, typer.Option(help="Workspace memory pool limit (GiB).")] = 8.0,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Images per call (default: the bundle's); guidance doubles it.")
+    ] = None,
+    tf32: Annotated[bool, typer.Option(help="Allow TF32 for fp32 layers.")] = True,
+    force: Annotated[bool, typer.Option(help="Rebuild existing engines.")] = False,
+) -> None:
+    """Build TensorRT engines (strongly typed, one profile from the manifest) into BUNDLE/engines/.
+
+    Needs an NVIDIA GPU, TensorRT 10/11 and Polygraphy (the `tensorrt` extra). Never run in CI."""
+    from ..backends.tensorrt import build_engines
+
+    console, _, progress = _ui()
+    names = [s.strip() for s in segments.split(",") if s.strip()] if segments else None
+    with progress() as bar:
+        task = bar.add_task("engines", total=None)
+
+        def report(name: str, index: int, total: int) -> None:
+            bar.update(task, description=f"engine {name}", completed=index, total=total)
+
+        entry = build_engines(bundle, variant, names, opt_level, workspace_gb, max_batch, tf32, force, report)
+    console.print(
+        f"{len(entry['segments'])} engines for {variant or 'base'} on {entry['gpu']} "
+        f"(sm {entry['compute_capability']}, TensorRT {entry['tensorrt']}) → {bundle}/engines/"
+    )
+
+
+def verify_engines_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory with engines.")],
+    variant: Annotated[str | None, typer.Option(help="Engines of this precision variant.")] = None,
+    plan: Annotated[str | None, typer.Option("--plan", "-p", help="Plan (default: the ILF plan).")] = None,
+    cuda_graphs: Annotated[bool, typer.Option(help="Run the TensorRT side with CUDA graphs.")] = False,
+    as_json: Annotated[Path | None, typer.Option("--json", help="Also write the checks here.")] = None,
+    digest: Digest = None,
+) -> None:
+    """TensorRT vs ONNX Runtime (fp32): each segment on trajectory feeds, then the plan end to end.
+
+    Needs an NVIDIA GPU and TensorRT. Never run in CI. Exits 1 beyond the budget."""
+    verify_tensorrt(bundle, variant, plan, cuda_graphs, as_json, digest)
+
+
 def register(command: Callable[..., Any]) -> None:
-    @command("calibrate")
-    def calibrate(
-        bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-        prompts: Annotated[
-            Path | None, typer.Option(help="Text file, one prompt per line (default: 8 built-in prompts).")
-        ] = None,
-        plan: Annotated[
-            str | None, typer.Option("--plan", "-p", help="Bundled plan to run (default: its ILF plan).")
-        ] = None,
-        max_samples: Annotated[
-            int, typer.Option(help="Samples kept per segment and conditioning (t, t_post).")
-        ] = 32,
-    ) -> None:
-        """Record every transformer segment's inputs along real trajectories (for int8/fp8 Q/DQ)."""
-        from ..errors import ConfigError
-        from ..quantization.calibration import collect_calibration
-
-        console, _, progress = _ui()
-        texts = None
-        if prompts is not None:
-            try:
-                texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-            except OSError as exc:
-                raise ConfigError(f"cannot read prompts {prompts}: {exc}") from None
-            if not texts:
-                raise ConfigError(f"{prompts} has no prompts")
-        with progress() as bar:
-            task = bar.add_task("calibrate", total=None)
-            record = collect_calibration(
-                bundle,
-                plan,
-                texts,
-                max_samples=max_samples,
-                progress=lambda s: bar.update(task, description=s),
-            )
-        samples = sum(s["samples"] for s in record["segments"].values())
-        console.print(
-            f"calibration: {record['requests']} {record['plan']} trajectories, {samples} samples over "
-            f"{len(record['segments'])} segments → {bundle}/calibration/"
-        )
-
-    @command("quantize")
-    def quantize(
-        bundle: Annotated[Path, typer.Argument(help="Bundle directory (fp32).")],
-        mode: Annotated[
-            str,
-            typer.Option(
-                help="int8-dynamic (ORT CPU's fast path), int8-qdq (symmetric Q/DQ for TensorRT), "
-                "fp8-qdq (E4M3 Q/DQ for H100 TensorRT; emulated on ORT CPU), int8-ov (NNCF, for "
-                "--backend openvino)."
-            ),
-        ],
-        name: Annotated[
-            str | None, typer.Option(help="Variant name (default: the mode, e.g. int8_dynamic).")
-        ] = None,
-        calibration_method: Annotated[
-            str, typer.Option(help="minmax, percentile or entropy (int8-qdq; fp8 uses ORT's distribution).")
-        ] = "minmax",
-    ) -> None:
-        """Add a precision variant: the attention/FF linear layers of every block segment quantized."""
-        from ..quantization.quantize import default_variant_name, quantize_bundle
-
-        console, _, progress = _ui()
-        with progress() as bar:
-            task = bar.add_task("quantize", total=None)
-            entry = quantize_bundle(
-                bundle, mode, name, calibration_method, lambda s: bar.update(task, description=s)
-            )
-        layers = sum(entry["quantized_layers"].values())
-        variant = name or default_variant_name(mode)
-        console.print(
-            f"variant {variant!r}: {layers} linear layers in {len(entry['segments'])} segments ({mode}); "
-            f"check it with `ilf-deploy verify-variant {bundle} --variant {variant}`"
-        )
-
-    @command("verify-variant")
-    def verify_variant_command(
-        bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-        variant: Annotated[str, typer.Option(help="The precision variant to check against fp32.")],
-        plan: Annotated[
-            str | None, typer.Option("--plan", "-p", help="Plan (default: the ILF plan).")
-        ] = None,
-        as_json: Annotated[Path | None, typer.Option("--json", help="Also write the checks here.")] = None,
-    ) -> None:
-        """Per-segment SNR/cosine on a held-out trajectory and end-to-end latents vs fp32 (ORT CPU).
-
-        Exits 1 when a check is beyond the mode's budget (quantize.BUDGETS)."""
-        from ..quantization.quantize import BUDGETS, variant_engine, verify_variant
-        from ..runtime.bundle import Bundle
-
-        _, out, progress = _ui()
-        loaded = Bundle.load(bundle)
-        with progress() as bar:
-            task = bar.add_task("verify", total=None)
-            rows = verify_variant(loaded, variant, plan, progress=lambda s: bar.update(task, description=s))
-        mode = loaded.variant_spec(variant).mode
-        snr, rel = BUDGETS.get(mode, (float("nan"), float("nan")))
-        title = (
-            f"{bundle}: variant {variant} ({mode}, on {variant_engine(loaded, variant)}) vs fp32 on ONNX "
-            f"Runtime CPU; budget: segments SNR ≥ "
-            f"{snr:g} dB, end-to-end latents rel L2 ≤ {rel:g}"
-        )
-        out.print(_fidelity_table(title, rows))
-        finish_checks(rows, as_json)
-
-    @command("build-engines")
-    def build_engines_command(
-        bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-        variant: Annotated[
-            str | None, typer.Option(help="Build the engines of this precision variant.")
-        ] = None,
-        segments: Annotated[str | None, typer.Option(help="Comma-separated segments (default: all).")] = None,
-        opt_level: Annotated[int, typer.Option(help="Builder optimization level 0..5.")] = 3,
-        workspace_gb: Annotated[float, typer.Option(help="Workspace memory pool limit (GiB).")] = 8.0,
-        max_batch: Annotated[
-            int | None, typer.Option(help="Images per call (default: the bundle's); guidance doubles it.")
-        ] = None,
-        tf32: Annotated[bool, typer.Option(help="Allow TF32 for fp32 layers.")] = True,
-        force: Annotated[bool, typer.Option(help="Rebuild existing engines.")] = False,
-    ) -> None:
-        """Build TensorRT engines (strongly typed, one profile from the manifest) into BUNDLE/engines/.
-
-        Needs an NVIDIA GPU, TensorRT 10/11 and Polygraphy (the `tensorrt` extra). Never run in CI."""
-        from ..backends.tensorrt import build_engines
-
-        console, _, progress = _ui()
-        names = [s.strip() for s in segments.split(",") if s.strip()] if segments else None
-        with progress() as bar:
-            task = bar.add_task("engines", total=None)
-
-            def report(name: str, index: int, total: int) -> None:
-                bar.update(task, description=f"engine {name}", completed=index, total=total)
-
-            entry = build_engines(
-                bundle, variant, names, opt_level, workspace_gb, max_batch, tf32, force, report
-            )
-        console.print(
-            f"{len(entry['segments'])} engines for {variant or 'base'} on {entry['gpu']} "
-            f"(sm {entry['compute_capability']}, TensorRT {entry['tensorrt']}) → {bundle}/engines/"
-        )
-
-    @command("verify-engines")
-    def verify_engines_command(
-        bundle: Annotated[Path, typer.Argument(help="Bundle directory with engines.")],
-        variant: Annotated[str | None, typer.Option(help="Engines of this precision variant.")] = None,
-        plan: Annotated[
-            str | None, typer.Option("--plan", "-p", help="Plan (default: the ILF plan).")
-        ] = None,
-        cuda_graphs: Annotated[bool, typer.Option(help="Run the TensorRT side with CUDA graphs.")] = False,
-        as_json: Annotated[Path | None, typer.Option("--json", help="Also write the checks here.")] = None,
-    ) -> None:
-        """TensorRT vs ONNX Runtime (fp32): each segment on trajectory feeds, then the plan end to end.
-
-        Needs an NVIDIA GPU and TensorRT. Never run in CI. Exits 1 beyond the budget."""
-        verify_tensorrt(bundle, variant, plan, cuda_graphs, as_json)
+    command("calibrate")(calibrate)
+    command("quantize")(quantize)
+    command("verify-variant")(verify_variant_command)
+    command("build-engines")(build_engines_command)
+    command("verify-engines")(verify_engines_command)
 
 
 def verify_tensorrt(
-    bundle: Path, variant: str | None, plan: str | None, cuda_graphs: bool, as_json: Path | None
+    bundle: Path,
+    variant: str | None,
+    plan: str | None,
+    cuda_graphs: bool,
+    as_json: Path | None,
+    digest: str | None = None,
 ) -> None:
     """`verify-engines` (and `verify --backend tensorrt`): print the table, exit 1 beyond budget."""
     from ..runtime.bundle import Bundle
-    from ..verify.engines import TRT_BUDGETS, verify_engines
+    from ..verify.engines import engines_budget, verify_engines
 
     _, out, progress = _ui()
-    loaded = Bundle.load(bundle)
+    loaded = Bundle.load(bundle, digest=digest)
+    limits = engines_budget(loaded, variant)
     with progress() as bar:
         task = bar.add_task("verify", total=None)
         rows = verify_engines(
             loaded, variant, plan, cuda_graphs, progress=lambda s: bar.update(task, description=s)
         )
-    snr, rel = TRT_BUDGETS[_engine_precision(loaded, variant)]
-    title = (
-        f"{bundle}: TensorRT ({variant or 'base'}) vs ONNX Runtime fp32; budget: segments SNR "
-        f"≥ {snr:g} dB, end-to-end rel L2 ≤ {rel:g}"
-    )
-    out.print(_fidelity_table(title, rows))
+    title = f"{bundle}: TensorRT ({variant or 'base'}) vs ONNX Runtime fp32; budget: {limits}"
+    out.print(checks_table(title, rows))
     finish_checks(rows, as_json)
-
-
-def _engine_precision(bundle: Any, variant: str | None) -> str:
-    return str(bundle.manifest.precision_of(variant))

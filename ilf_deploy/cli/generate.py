@@ -9,13 +9,20 @@ import typer
 
 from ..errors import ConfigError
 from ..plan import PRESET_HELP
-from ..runtime.generator import Request
+from ..runtime.request import RequestContract, RequestError, Size
 from . import command, console, progress
+from .options import Digest
 
 # -- generate --------------------------------------------------------------------------------
 
 
-def open_source(source: str, backend: str | None, variant: str | None = None, device: str = "cpu"):
+def open_source(
+    source: str,
+    backend: str | None,
+    variant: str | None = None,
+    device: str = "cpu",
+    digest: str | None = None,
+):
     """(generator, plan resolver, architecture) for a bundle or a model directory / hub id."""
     from ..runtime.bundle import Bundle, is_bundle
 
@@ -23,10 +30,12 @@ def open_source(source: str, backend: str | None, variant: str | None = None, de
         from ..backends import open_generator
         from ..backends.auto import AUTO
 
-        generator = open_generator(source, backend or AUTO, variant=variant, device=device)
+        generator = open_generator(source, backend or AUTO, variant=variant, device=device, digest=digest)
         announce(generator.choice, source, backend)
         bundle = Bundle.load(source, verify_hashes=False)  # open_generator has checked the hashes
         return generator, bundle.plan, bundle.architecture
+    if digest is not None:
+        raise ConfigError(f"--digest pins a bundle; {source} is a model (build a bundle of it first)")
     if backend not in (None, "torch"):
         raise ConfigError(
             f"{source} is a model, not a bundle: build one with `ilf-deploy build` for {backend}"
@@ -97,6 +106,24 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON
     out.print(table)
 
 
+def request_contract(generator, source: str) -> RequestContract:
+    """The limits `serve` and Triton hold requests to, for this bundle or model directory."""
+    from ..runtime.bundle import Bundle, is_bundle
+
+    if is_bundle(source):
+        return RequestContract.for_bundle(Bundle.load(source, verify_hashes=False), generator)
+    model = generator.model  # a TorchGenerator: count tokens as its encode_prompt does, untruncated
+    tokenizer, max_tokens = model.tokenizer, getattr(model.adapter, "max_sequence_length", 0)
+    if tokenizer is None or model.architecture == "dit":
+        return RequestContract.for_generator(generator)
+    count = lambda text: len(tokenizer(text.lower().strip(), verbose=False).input_ids)  # noqa: E731
+    return RequestContract.for_generator(generator, count_tokens=count, max_tokens=max_tokens)
+
+
+# The request fields' command-line options, named in the contract's one-line errors.
+OPTIONS = {"size": "--height/--width", "height": "--height", "width": "--width"}
+
+
 DEVICE_HELP = "Where the torch backend runs: cpu, cuda, cuda:N (ONNX Runtime: CPU; TensorRT: the GPU)."
 VARIANT_HELP = "A precision variant added to the bundle after the build (e.g. quantized segments)."
 
@@ -132,22 +159,34 @@ def generate(
     backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None,
     variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
+    digest: Digest = None,
 ) -> None:
-    """Generate an image by running a step plan (ONNX Runtime for bundles, PyTorch for models)."""
+    """Generate an image by running a step plan (ONNX Runtime for bundles, PyTorch for models).
+
+    The request is held to the limits `serve` and Triton apply (README "Request limits"): what they
+    refuse, this refuses too, in the same words."""
     import numpy as np
 
     initial = _read_latents(latents_in) if latents_in is not None else None
     for path in (latents_out, image_out):
         if path is not None and not path.parent.exists():
             raise ConfigError(f"output directory {path.parent} does not exist")
-    generator, resolve, architecture = open_source(model, backend, variant, device)
-    if architecture == "dit" and class_label is None:
-        raise ConfigError("DiT models need --class-label")
-    if architecture != "dit" and not prompt:
-        raise ConfigError("PixArt models need --prompt")
+    generator, resolve, _ = open_source(model, backend, variant, device, digest)
+    given = {
+        "prompt": prompt or None,
+        "negative_prompt": negative_prompt or None,
+        "class_label": class_label,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "size": Size(height, width) if height is not None or width is not None else None,
+    }
+    try:  # plans are the resolver's: a bundled plan by name, a preset or a plan file
+        checked = request_contract(generator, model).check({k: v for k, v in given.items() if v is not None})
+    except RequestError as exc:
+        option = OPTIONS.get(exc.param, "--" + exc.param.replace("_", "-"))
+        raise ConfigError(f"{option}: {exc.message}") from None
+    request = checked.requests[0]  # resolved: size and guidance are the generator's (Generator.resolve)
     step_plan = resolve(plan)
-    # Unset size and guidance are the generator's to decide (Generator.resolve), for every backend.
-    request = Request(prompt, negative_prompt, class_label, guidance_scale, seed, height, width)
     with progress() as bar:
         task = bar.add_task(f"{step_plan.name}", total=step_plan.num_steps)
         latents = generator.generate_latents(

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .generate import announce, backend_help
+from .options import Digest
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -65,6 +66,7 @@ def register(command) -> None:
         http_port: Annotated[int | None, typer.Option(help="Triton's HTTP port (default --port).")] = None,
         grpc_port: Annotated[int, typer.Option(help="Triton's gRPC port.")] = 8001,
         metrics_port: Annotated[int, typer.Option(help="Triton's Prometheus metrics port.")] = 8002,
+        digest: Digest = None,
     ) -> None:
         """Serve a bundle over HTTP: OpenAI-style /v1/images/generations with micro-batching."""
         from ..errors import ConfigError
@@ -97,7 +99,7 @@ def register(command) -> None:
 
             code = run_triton(
                 bundle, backend or "auto", host, http_port or port, grpc_port, metrics_port, max_batch,
-                max_wait_ms, max_queue, default_plan,
+                max_wait_ms, max_queue, default_plan, digest=digest,
             )  # fmt: skip
             raise typer.Exit(code)
         if server != "ilf":
@@ -137,6 +139,7 @@ def register(command) -> None:
             default_plan=default_plan,
             api_keys=api_keys,
             max_inflight_per_key=max_inflight_per_key,
+            digest=digest,
         )
         app = create_app(bundle, options)  # bundle and option errors surface before listening
         announce(getattr(app.state.batcher.generator, "choice", None), bundle, backend)

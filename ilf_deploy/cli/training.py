@@ -159,7 +159,9 @@ def register(command) -> None:
             str | None,
             typer.Option(help="Plan the paired accuracy difference is taken against (default: --reference)."),
         ] = None,
-        guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 4.5,
+        guidance_scale: Annotated[
+            float | None, typer.Option(help="Classifier-free guidance (default: the model's, 4.5 PixArt).")
+        ] = None,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
         grid: Annotated[Path | None, typer.Option(help="Write a PNG grid of samples per plan.")] = None,
         variant: Annotated[

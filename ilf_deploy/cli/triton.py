@@ -136,6 +136,7 @@ def run_triton(
     max_wait_ms: float,
     max_queue: int,
     default_plan: str | None,
+    digest: str | None = None,
 ) -> int:
     """`serve --server triton`: export to a temporary repository and run tritonserver in the
     foreground until it exits or is interrupted; returns its exit status."""
@@ -163,6 +164,7 @@ def run_triton(
             max_queue_delay_us=int(max_wait_ms * 1000),
             max_queue=max_queue,
             default_plan=default_plan,
+            digest=digest,  # --digest: export (and so serve) only the pinned bundle
         )
         export_repository(bundle, repo, options)
         command = server.command(Path(repo), http_port, grpc_port, metrics_port, host)

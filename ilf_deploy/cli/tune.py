@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from . import command, console, out, progress
+from .options import Digest
 
 
 @command()
@@ -24,6 +25,7 @@ def tune(
     ] = 300.0,
     threads: Annotated[int | None, typer.Option(help="Threads per engine (default: the engine's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print tuning.json instead of the table.")] = False,
+    digest: Digest = None,
 ) -> None:
     """Check every installed engine x precision against ONNX Runtime fp32, time one denoising step
     of each, and write BUNDLE/tuning.json for `--backend auto` (a failing one is never chosen)."""
@@ -32,7 +34,9 @@ def tune(
 
     with progress() as bar:
         task = bar.add_task("tune", total=None)
-        report = run_tune(bundle, plan, budget_s, threads, lambda s: bar.update(task, description=s))
+        report = run_tune(
+            bundle, plan, budget_s, threads, lambda s: bar.update(task, description=s), digest=digest
+        )
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -47,8 +51,8 @@ def tune(
         table.add_column(column, justify="left" if column in ("engine", "status") else "right")
     winner = report["winner"]["label"]
     for row in report["candidates"]:
-        segments = [f["snr_db"] for f in row["fidelity"] if f["kind"] == "segment"]
-        e2e = [f["rel_l2"] for f in row["fidelity"] if f["kind"] == "end-to-end"]
+        segments = [f["metrics"]["snr_db"] for f in row["fidelity"] if f["kind"] == "segment"]
+        e2e = [f["metrics"]["rel_l2"] for f in row["fidelity"] if f["kind"] == "end-to-end"]
         if row["error"]:
             status = f"[yellow]skipped[/yellow]: {row['error']}"
         elif not row["ok"]:

@@ -261,17 +261,16 @@ def _check_resolutions(model: LoadedModel, resolutions: Sequence[tuple[int, int]
             raise ConfigError("DiT generates square images only")
 
 
-def _export_all(model, plans, resolutions, options, root: Path, progress) -> dict:
-    adapter, feedback = model.adapter, model.feedback
+def _export_segments(
+    model, cut_points: list[int], with_feedback: bool, options, example, root: Path, progress
+):
+    """Every segment to onnx/NAME.onnx; returns their manifest entries (file, I/O, blocks)."""
     dtype = PRECISIONS[options.precision]
-    cut_points = sorted({p for plan in plans for p in plan.cut_points})
-    loop = feedback.loop if feedback else None
-    examples = example_tensors(model, resolutions[0])
+    examples = example_tensors(model, example)
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if t.is_floating_point() else t
 
-    with_feedback = feedback is not None and any(plan.feedback_steps for plan in plans)
     specs = segment_specs(model, cut_points, with_feedback)
     if dtype != torch.float32:  # one low-precision copy of the backbone; the model stays fp32
         low_specs = {s.name: s for s in segment_specs(_cast(model, dtype), cut_points, with_feedback)}
@@ -293,14 +292,28 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
         }
     if progress:
         progress("plans", len(specs), len(specs))
+    return segments
 
+
+def _write_positions(model, resolutions, root: Path) -> list[list[int]]:
+    """positions/HxW.npy per latent size; returns the latent sizes."""
     (root / "positions").mkdir()
     latent_sizes = []
     for height, width in resolutions:
         h, w = height // model.vae_scale_factor, width // model.vae_scale_factor
-        pos = adapter.pos_embed(h, w).detach().to(torch.float32).numpy()
+        pos = model.adapter.pos_embed(h, w).detach().to(torch.float32).numpy()
         np.save(root / "positions" / f"{h}x{w}.npy", pos)
         latent_sizes.append([h, w])
+    return latent_sizes
+
+
+def _export_all(model, plans, resolutions, options, root: Path, progress) -> dict:
+    adapter, feedback = model.adapter, model.feedback
+    cut_points = sorted({p for plan in plans for p in plan.cut_points})
+    loop = feedback.loop if feedback else None
+    with_feedback = feedback is not None and any(plan.feedback_steps for plan in plans)
+    segments = _export_segments(model, cut_points, with_feedback, options, resolutions[0], root, progress)
+    latent_sizes = _write_positions(model, resolutions, root)
     (root / "plans").mkdir()
     for plan in plans:
         plan.save(root / "plans" / f"{plan.name}.json")

@@ -86,7 +86,7 @@ def _build(
 def _around(num_blocks: int, op: Op, after_time: TimeRef = "t") -> list[Op]:
     """`op` with plain blocks before it (at t) and after it (at `after_time`) to cover the model."""
     before = [Op("blocks", 0, op.start - 1)] if op.start > 0 else []
-    after = [Op("blocks", op.end + 1, num_blocks - 1, after_time)] if op.end < num_blocks - 1 else []  # type: ignore[arg-type]
+    after = [Op("blocks", op.end + 1, num_blocks - 1, after_time)] if op.end < num_blocks - 1 else []
     return [*before, op, *after]
 
 
@@ -168,7 +168,7 @@ def ilf_plan(
     scheduler_config: dict[str, Any] | None = None,
     name: str | None = None,
 ) -> StepPlan:
-    start, end = loop = tuple(loop or default_loop(num_blocks))  # type: ignore[assignment]
+    start, end = loop or default_loop(num_blocks)
     check_block_range(start, end, num_blocks, "loop")
     if t_post not in T_POST_MODES:
         raise ConfigError(f"unknown t_post mode {t_post!r}; choose from {', '.join(T_POST_MODES)}")
@@ -186,7 +186,7 @@ def ilf_plan(
         return tp, _around(num_blocks, Op("ilf", start, end), after_time="t_post")
 
     settings = {"kind": "ilf", "feedback": fb_steps, "t_post": t_post}
-    return _build("ilf", num_steps, num_blocks, scheduler_config, name, step_ops, settings, loop)
+    return _build("ilf", num_steps, num_blocks, scheduler_config, name, step_ops, settings, (start, end))
 
 
 def cache_plan(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from ..schemas import problem
 from ..schedulers import StepCoefficients
 
 PLAN_VERSION = 1
@@ -217,10 +218,12 @@ class StepPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepPlan:
-        if d.get("version") != PLAN_VERSION:
-            raise ConfigError(
-                f"unsupported plan version {d.get('version')!r} (this tool reads {PLAN_VERSION})"
-            )
+        version = d.get("version") if isinstance(d, dict) else None
+        if version != PLAN_VERSION:
+            raise ConfigError(f"unsupported plan version {version!r} (this tool reads {PLAN_VERSION})")
+        found = problem("plan", d)  # the published schema (ilf-deploy schema plan)
+        if found:
+            raise ConfigError(f"malformed plan {d.get('name')!r}: {found}")
         try:
             plan = cls(
                 name=str(d["name"]),

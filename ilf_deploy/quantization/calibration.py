@@ -42,7 +42,7 @@ def collect_calibration(
     plan: str | None = None,
     prompts: Sequence[str] | None = None,
     class_labels: Sequence[int] | None = None,
-    guidance_scale: float = 4.5,
+    guidance_scale: float | None = None,  # None: the model's default (Generator.resolve)
     max_samples: int = DEFAULT_MAX_SAMPLES,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def collect_calibration(
     record = {
         "plan": step_plan.name,
         "requests": len(requests),
-        "guidance_scale": guidance_scale,
+        "guidance_scale": generator.resolve(requests[0]).guidance_scale,
         "max_samples": max_samples,
         "segments": written,
     }

@@ -141,21 +141,14 @@ def quantize_segment(
 ) -> int:
     """Write the quantized `source` to `target`; returns how many linear layers were quantized."""
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
 
     nodes = linear_nodes(onnx.load(str(source), load_external_data=False), static=mode != "int8-dynamic")
+    if mode != "int8-dynamic" and not samples:
+        raise ConfigError(f"{mode} needs calibration samples")
     if mode == "int8-ov":
         from .openvino import quantize_segment_openvino
 
-        if not samples:
-            raise ConfigError(f"{mode} needs calibration samples")
-        return quantize_segment_openvino(source, target, samples, nodes)
+        return quantize_segment_openvino(source, target, samples or [], nodes)
     if not nodes:
         shutil.copyfile(source, target)  # nothing to quantize (e.g. an empty block range)
         return 0
@@ -169,54 +162,71 @@ def quantize_segment(
     )
     with _quiet():
         if mode == "int8-dynamic":
-            fused = target.with_name(f".{target.stem}.fused.onnx")
-            fuse_for_cpu(source, fused, external)
-            quantize_dynamic(
-                fused,
-                target,
-                weight_type=QuantType.QInt8,
-                # 7-bit weights: ORT's u8s8 GEMM on AVX2 CPUs without VNNI (e.g. AMD EPYC here) can
-                # saturate 16-bit pair sums with full-range weights (segment SNR fell to ~27 dB).
-                reduce_range=True,
-                extra_options={"MatMulConstBOnly": True},
-                **common,
-            )
-            for leftover in fused.parent.glob(f"{fused.name}*"):  # and its external data
-                leftover.unlink()
+            _quantize_dynamic(source, target, external, common)
         else:
-            if not samples:
-                raise ConfigError(f"{mode} needs calibration samples")
-            fp8 = mode == "fp8-qdq"
-            qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
-            method = {
-                "minmax": CalibrationMethod.MinMax,
-                "percentile": CalibrationMethod.Percentile,
-                "entropy": CalibrationMethod.Entropy,
-            }[calibrate]
-            quantize_static(
-                source,
-                target,
-                _reader(samples),
-                quant_format=QuantFormat.QDQ,
-                activation_type=qtype,
-                weight_type=qtype,
-                # ORT supports only its distribution calibration for float8 (zero points are 0 anyway).
-                calibrate_method=CalibrationMethod.Distribution if fp8 else method,
-                extra_options={
-                    "ActivationSymmetric": True,  # TensorRT: activation zero points must be 0
-                    "WeightSymmetric": True,
-                    "MatMulConstBOnly": True,
-                    # A Q/DQ pair per consumer: the residual stream that also feeds a quantized
-                    # MatMul must stay unquantized (sharing the pair rounds the residual too).
-                    "DedicatedQDQPair": True,
-                    "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],  # inputs only, as TRT wants
-                    # MatMul weights are (in, out): one scale per output channel. Gemm has transB=1.
-                    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0},
-                },
-                **common,
-            )
+            _quantize_static(source, target, mode, samples or [], calibrate, common)
     onnx.checker.check_model(str(target))
     return len(nodes)
+
+
+def _quantize_dynamic(source: Path, target: Path, external: bool, common: dict[str, Any]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fused = target.with_name(f".{target.stem}.fused.onnx")
+    fuse_for_cpu(source, fused, external)
+    quantize_dynamic(
+        fused,
+        target,
+        weight_type=QuantType.QInt8,
+        # 7-bit weights: ORT's u8s8 GEMM on AVX2 CPUs without VNNI (e.g. AMD EPYC here) can
+        # saturate 16-bit pair sums with full-range weights (segment SNR fell to ~27 dB).
+        reduce_range=True,
+        extra_options={"MatMulConstBOnly": True},
+        **common,
+    )
+    for leftover in fused.parent.glob(f"{fused.name}*"):  # and its external data
+        leftover.unlink()
+
+
+def _quantize_static(
+    source: Path,
+    target: Path,
+    mode: str,
+    samples: list[dict[str, np.ndarray]],
+    calibrate: str,
+    common: dict[str, Any],
+) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    fp8 = mode == "fp8-qdq"
+    qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[calibrate]
+    quantize_static(
+        source,
+        target,
+        _reader(samples),
+        quant_format=QuantFormat.QDQ,
+        activation_type=qtype,
+        weight_type=qtype,
+        # ORT supports only its distribution calibration for float8 (zero points are 0 anyway).
+        calibrate_method=CalibrationMethod.Distribution if fp8 else method,
+        extra_options={
+            "ActivationSymmetric": True,  # TensorRT: activation zero points must be 0
+            "WeightSymmetric": True,
+            "MatMulConstBOnly": True,
+            # A Q/DQ pair per consumer: the residual stream that also feeds a quantized
+            # MatMul must stay unquantized (sharing the pair rounds the residual too).
+            "DedicatedQDQPair": True,
+            "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],  # inputs only, as TRT wants
+            # MatMul weights are (in, out): one scale per output channel. Gemm has transB=1.
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0},
+        },
+        **common,
+    )
 
 
 def quantize_bundle(
@@ -243,26 +253,7 @@ def quantize_bundle(
     if mode != "int8-dynamic" and bundle.manifest.calibration is None:
         raise BundleError(f"{mode} needs calibration data; run `ilf-deploy calibrate {bundle.path}` first")
     root = bundle.path
-    suffix = ".xml" if mode == "int8-ov" else ".onnx"  # OpenVINO IR (weights in the .bin beside it)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root / "onnx"))
-    segments: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    try:
-        for segment in quantizable_segments(bundle.manifest):
-            if progress:
-                progress(f"{mode} {segment}")
-            samples = None if mode == "int8-dynamic" else load_calibration(bundle, segment)
-            counts[segment] = quantize_segment(
-                bundle.segment_path(segment), tmp / f"{segment}{suffix}", mode, samples, calibrate
-            )
-            base = bundle.segment_spec(segment).to_dict()
-            segments[segment] = {**base, "file": f"onnx/{name}/{segment}{suffix}"}
-        final = root / "onnx" / name
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    segments, counts = _write_variant(bundle, mode, name, calibrate, progress)
     entry: dict[str, Any] = {
         "mode": mode,
         "segments": segments,
@@ -287,6 +278,35 @@ def quantize_bundle(
 
     rewrite_manifest(root, mutate)
     return entry
+
+
+def _write_variant(
+    bundle: Bundle, mode: str, name: str, calibrate: str, progress: Callable[[str], None] | None
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Quantize every quantizable segment into `onnx/<name>/` (atomically: a temporary folder,
+    renamed); returns (the variant's segment specs, quantized layers per segment)."""
+    root = bundle.path
+    suffix = ".xml" if mode == "int8-ov" else ".onnx"  # OpenVINO IR (weights in the .bin beside it)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root / "onnx"))
+    segments: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    try:
+        for segment in quantizable_segments(bundle.manifest):
+            if progress:
+                progress(f"{mode} {segment}")
+            samples = None if mode == "int8-dynamic" else load_calibration(bundle, segment)
+            counts[segment] = quantize_segment(
+                bundle.segment_path(segment), tmp / f"{segment}{suffix}", mode, samples, calibrate
+            )
+            base = bundle.segment_spec(segment).to_dict()
+            segments[segment] = {**base, "file": f"onnx/{name}/{segment}{suffix}"}
+        final = root / "onnx" / name
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return segments, counts
 
 
 def _versions(*packages: str) -> dict[str, str]:

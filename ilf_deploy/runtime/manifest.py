@@ -313,8 +313,6 @@ class Manifest:
                     f"{where}: segment {spec.name} covers blocks {spec.blocks[0]}..{spec.blocks[1]}, "
                     f"outside the model's 0..{blocks - 1}"
                 )
-        if self.loop is not None and "feedback" not in self.segments:
-            raise BundleError(f"{where} has a feedback loop but no 'feedback' segment")
         for variant in self.variants.values():
             unknown = sorted(set(variant.segments) - set(self.segments))
             if unknown:

@@ -218,13 +218,7 @@ def train_transformer(
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     ckpt = work / "transformer.pt"
-    start = 0
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    start = _resume(ckpt, model, ema, opt)
     ac = alphas_cumprod()
     gen = torch.Generator().manual_seed(seed + start)  # resumed runs continue with fresh draws
     deadline = Deadline(minutes)
@@ -238,7 +232,7 @@ def train_transformer(
         idx = torch.randint(len(latents), (batch,), generator=gen)
         x0 = latents[idx]
         embeds, mask = encode_text(tokenizer, encoder, [captions[i] for i in idx.tolist()])
-        drop = torch.rand(batch, generator=gen) < caption_dropout
+        drop = torch.rand(batch, generator=gen) < caption_dropout  # the empty prompt, for guidance
         embeds = torch.where(drop[:, None, None], null_embeds.expand_as(embeds), embeds)
         mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
         noise = torch.randn(x0.shape, generator=gen)
@@ -262,11 +256,25 @@ def train_transformer(
         if step % 20 == 0:
             log_line(log, f"transformer step {step} loss {loss.item():.4f}")
         if (step + 1) % 100 == 0:
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
-            save_checkpoint(ckpt, {**state, "step": step + 1})
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
-    save_checkpoint(ckpt, {**state, "step": step + 1})
+            _save(ckpt, model, ema, opt, step + 1)
+    _save(ckpt, model, ema, opt, step + 1)
     return ema.eval()
+
+
+def _resume(ckpt: Path, model, ema, opt) -> int:
+    """The step to start from: the checkpoint's, with its weights and optimiser loaded (else 0)."""
+    if not ckpt.exists():
+        return 0
+    state = load_checkpoint(ckpt)
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    return int(state["step"])
+
+
+def _save(ckpt: Path, model, ema, opt, step: int) -> None:
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+    save_checkpoint(ckpt, {**state, "step": step})
 
 
 # -- save ---------------------------------------------------------------------------------------

@@ -272,39 +272,12 @@ def train_feedback(
     dtype = next(adapter.transformer.parameters()).dtype
     feedback = feedback.to(device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(feedback.parameters(), lr=config.lr, weight_decay=0.0)
-    state = TrainState()
     rng = random.Random(config.seed)
-    if resume:
-        if not ckpt_path.is_file():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-        saved = load_checkpoint(ckpt_path)  # on the CPU; load_state_dict copies to the device
-        if tuple(saved["config"]["loop"]) != tuple(config.loop):
-            raise ConfigError(
-                f"--resume: the checkpoint is for loop {saved['config']['loop']}, not {config.loop}"
-            )
-        feedback.load_state_dict(saved["feedback"])
-        opt.load_state_dict(saved["opt"])
-        state = TrainState(**saved["state"])
-        rng.setstate(saved["rng"])
     gen = torch.Generator().manual_seed(config.seed)
-    if resume:  # the exact random stream of an uninterrupted run
-        gen.set_state(saved["gen"])
+    state = _restore(ckpt_path, config, feedback, opt, rng, gen) if resume else TrainState()
     data = data or FeedbackData(model, config.pool, config.seed, config.device)
     num_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
     ac = alphas_cumprod(num_train).to(device=device, dtype=dtype)
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            ckpt_path,
-            {
-                "feedback": feedback.state_dict(),
-                "opt": opt.state_dict(),
-                "state": asdict(state),
-                "rng": rng.getstate(),
-                "gen": gen.get_state(),
-                "config": asdict(config),
-            },
-        )
 
     while state.step < config.steps:
         for group in opt.param_groups:
@@ -312,19 +285,7 @@ def train_feedback(
         x0, inputs = data.sample(config.batch_size, gen, config.caption_dropout)
         noise = torch.randn(x0.shape, generator=gen).to(device=device, dtype=dtype)
         t, t_post = (v.to(device) for v in draw_timesteps(model, config, config.batch_size, rng))
-        t_teacher = (t / 2).floor()
-        x_teacher, x_student = add_noise(x0, noise, t_teacher, ac), add_noise(x0, noise, t, ac)
-        target = teacher_forward(adapter, x_teacher, t_teacher, inputs)
-        pred = student_forward(adapter, feedback, x_student, t, t_post, inputs)
-        distill, recon = F.mse_loss(pred, target), F.mse_loss(pred, noise)
-        if config.guidance > 1:  # distil what sampling combines: uncond + w·(cond − uncond)
-            null = data.unconditional(inputs)
-            target_u = teacher_forward(adapter, x_teacher, t_teacher, null)
-            pred_u = student_forward(adapter, feedback, x_student, t, t_post, null)
-            w = config.guidance
-            distill = F.mse_loss(pred_u + w * (pred - pred_u), target_u + w * (target - target_u))
-            recon = (recon + F.mse_loss(pred_u, noise)) / 2
-        loss = config.distill_weight * distill + config.recon_weight * recon
+        loss, distill, recon = fad_loss(adapter, feedback, config, data, (x0, noise, inputs), (t, t_post), ac)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(feedback.parameters(), 1.0)
@@ -336,10 +297,66 @@ def train_feedback(
         if on_step is not None:
             on_step(state.step, state.losses[-1])
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-            checkpoint()
+            save_checkpoint(ckpt_path, _checkpoint(feedback, opt, state, rng, gen, config))
     feedback.eval().requires_grad_(False)
     feedback.save(out_dir)
     return feedback, state
+
+
+def fad_loss(
+    adapter: Adapter,
+    feedback: FeedbackModule,
+    config: FeedbackTrainConfig,
+    data: FeedbackData,
+    batch: tuple[torch.Tensor, torch.Tensor, Cond],
+    times: tuple[torch.Tensor, torch.Tensor],
+    ac: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fast Approximate Distillation on one batch: (loss, distillation term, reconstruction term).
+
+    The student (one step with feedback at t) matches the teacher at t/2 on the same noise."""
+    x0, noise, inputs = batch
+    t, t_post = times
+    t_teacher = (t / 2).floor()
+    x_teacher, x_student = add_noise(x0, noise, t_teacher, ac), add_noise(x0, noise, t, ac)
+    target = teacher_forward(adapter, x_teacher, t_teacher, inputs)
+    pred = student_forward(adapter, feedback, x_student, t, t_post, inputs)
+    distill, recon = F.mse_loss(pred, target), F.mse_loss(pred, noise)
+    if config.guidance > 1:  # distil what sampling combines: uncond + w·(cond − uncond)
+        null = data.unconditional(inputs)
+        target_u = teacher_forward(adapter, x_teacher, t_teacher, null)
+        pred_u = student_forward(adapter, feedback, x_student, t, t_post, null)
+        w = config.guidance
+        distill = F.mse_loss(pred_u + w * (pred - pred_u), target_u + w * (target - target_u))
+        recon = (recon + F.mse_loss(pred_u, noise)) / 2
+    return config.distill_weight * distill + config.recon_weight * recon, distill, recon
+
+
+def _checkpoint(feedback, opt, state: TrainState, rng: random.Random, gen, config) -> dict[str, Any]:
+    return {
+        "feedback": feedback.state_dict(),
+        "opt": opt.state_dict(),
+        "state": asdict(state),
+        "rng": rng.getstate(),
+        "gen": gen.get_state(),
+        "config": asdict(config),
+    }
+
+
+def _restore(ckpt_path: Path, config, feedback, opt, rng: random.Random, gen) -> TrainState:
+    """Resume from `ckpt_path`: weights, optimiser and both random streams, as an uninterrupted run."""
+    if not ckpt_path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+    saved = load_checkpoint(ckpt_path)  # on the CPU; load_state_dict copies to the device
+    if tuple(saved["config"]["loop"]) != tuple(config.loop):
+        raise ConfigError(
+            f"--resume: the checkpoint is for loop {saved['config']['loop']}, not {config.loop}"
+        )
+    feedback.load_state_dict(saved["feedback"])
+    opt.load_state_dict(saved["opt"])
+    rng.setstate(saved["rng"])
+    gen.set_state(saved["gen"])
+    return TrainState(**saved["state"])
 
 
 def default_out_dir(model: LoadedModel) -> Path:

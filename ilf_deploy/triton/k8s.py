@@ -12,6 +12,7 @@ NVIDIA's Triton container).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,61 +68,82 @@ def _digest_check(image: str, bundle: str, digest: str) -> dict[str, Any]:
     }
 
 
-def manifests(
-    name: str,
-    claim: str,
-    image: str = IMAGE,
-    replicas: int = 1,
-    max_replicas: int = 4,
-    gpu: bool = False,
-    digest: str | None = None,
-    bundle: str | None = None,
-) -> dict[str, list[dict[str, Any]]]:
-    """File name -> the objects it holds. With `digest` (and `bundle`, the bundle's path in the
-    repository), the pods carry the digest and check it before Triton starts."""
-    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "ilf-deploy"}
-    pinned: dict[str, Any] = {}
-    if digest is not None:
-        digest_annotation = {DIGEST_ANNOTATION: digest}  # a new bundle changes the pod template: a rollout
-        pinned = {"initContainers": [_digest_check(image, f"{MOUNT}/{bundle}", digest)]}
-    else:
-        digest_annotation = {}
-    volume = {"name": "model-repository", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-    scrape = {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(PORTS["metrics"]),
-        "prometheus.io/path": "/metrics",
-    }
-    deployment = {
+@dataclass(frozen=True)
+class Deployment:
+    """What the manifests describe: a model repository on a claim, served by N Triton pods."""
+
+    name: str
+    claim: str
+    image: str = IMAGE
+    replicas: int = 1
+    max_replicas: int = 4
+    gpu: bool = False
+    digest: str | None = None  # the pinned bundle's digest: carried by the pods and checked at start
+    bundle: str | None = None  # the bundle's path inside the repository, for the check
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"app.kubernetes.io/name": self.name, "app.kubernetes.io/part-of": "ilf-deploy"}
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        scrape = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(PORTS["metrics"]),
+            "prometheus.io/path": "/metrics",
+        }
+        # a new bundle changes the pod template's annotations, so Kubernetes rolls the pods
+        return {**scrape, DIGEST_ANNOTATION: self.digest} if self.digest else scrape
+
+    def pod(self, container: str) -> dict[str, Any]:
+        """A pod spec: the digest check (if pinned), Triton, and the repository's volume."""
+        volume = {
+            "name": "model-repository",
+            "persistentVolumeClaim": {"claimName": self.claim, "readOnly": True},
+        }
+        spec: dict[str, Any] = {}
+        if self.digest is not None:
+            spec["initContainers"] = [_digest_check(self.image, f"{MOUNT}/{self.bundle}", self.digest)]
+        return {**spec, "containers": [_container(container, self.image, self.gpu)], "volumes": [volume]}
+
+
+def _deployment(d: Deployment) -> dict[str, Any]:
+    return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "labels": labels},
+        "metadata": {"name": d.name, "labels": d.labels},
         "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
+            "replicas": d.replicas,
+            "selector": {"matchLabels": d.labels},
             "template": {
-                "metadata": {"labels": labels, "annotations": {**scrape, **digest_annotation}},
-                "spec": {**pinned, "containers": [_container("triton", image, gpu)], "volumes": [volume]},
+                "metadata": {"labels": d.labels, "annotations": d.annotations},
+                "spec": d.pod("triton"),
             },
         },
     }
-    service = {
+
+
+def _service(d: Deployment) -> dict[str, Any]:
+    return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": name, "labels": labels},
+        "metadata": {"name": d.name, "labels": d.labels},
         "spec": {
-            "selector": labels,
+            "selector": d.labels,
             "ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in PORTS.items()],
         },
     }
-    autoscaler = {
+
+
+def _autoscaler(d: Deployment) -> dict[str, Any]:
+    return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": name, "labels": labels},
+        "metadata": {"name": d.name, "labels": d.labels},
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-            "minReplicas": replicas,
-            "maxReplicas": max(max_replicas, replicas),
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": d.name},
+            "minReplicas": d.replicas,
+            "maxReplicas": max(d.max_replicas, d.replicas),
             "metrics": [
                 {
                     "type": "Pods",
@@ -134,41 +156,43 @@ def manifests(
             ],
         },
     }
-    inference_service = {
+
+
+def _inference_service(d: Deployment) -> dict[str, Any]:
+    external = {
+        "metric": {"backend": "prometheus", "query": QUEUE_QUERY},
+        "target": {"type": "Value", "value": "50000"},
+    }
+    return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {
-            "name": name,
-            "labels": labels,
+            "name": d.name,
+            "labels": d.labels,
             "annotations": {
                 "serving.kserve.io/deploymentMode": "RawDeployment",
                 "serving.kserve.io/autoscalerClass": "keda",
-                **scrape,
-                **digest_annotation,
+                **d.annotations,
             },
         },
         "spec": {
             "predictor": {
-                "minReplicas": replicas,
-                "maxReplicas": max(max_replicas, replicas),
-                "autoScaling": {
-                    "metrics": [
-                        {
-                            "type": "External",
-                            "external": {
-                                "metric": {"backend": "prometheus", "query": QUEUE_QUERY},
-                                "target": {"type": "Value", "value": "50000"},
-                            },
-                        }
-                    ]
-                },
-                **pinned,
-                "containers": [_container("kserve-container", image, gpu)],
-                "volumes": [volume],
+                "minReplicas": d.replicas,
+                "maxReplicas": max(d.max_replicas, d.replicas),
+                "autoScaling": {"metrics": [{"type": "External", "external": external}]},
+                **d.pod("kserve-container"),
             }
         },
     }
-    return {"triton.yaml": [deployment, service, autoscaler], "kserve.yaml": [inference_service]}
+
+
+def manifests(**kwargs: Any) -> dict[str, list[dict[str, Any]]]:
+    """File name -> the objects it holds (`kwargs`: the fields of `Deployment`)."""
+    d = Deployment(**kwargs)
+    return {
+        "triton.yaml": [_deployment(d), _service(d), _autoscaler(d)],
+        "kserve.yaml": [_inference_service(d)],
+    }
 
 
 def write_manifests(directory: str | Path, **kwargs: Any) -> list[Path]:

@@ -13,8 +13,6 @@ segment calls are BLS requests to the per-segment models of the "bls" layout.
 from __future__ import annotations
 
 import json
-import math
-import secrets
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +22,10 @@ import numpy as np
 
 from ..errors import ConfigError, IlfError
 from ..runtime.bundle import Bundle, BundleError
-from ..runtime.generator import Generator, Request, default_guidance
+from ..runtime.generator import Generator, Request
 from ..runtime.pipeline import BundleGenerator
-from ..runtime.prompts import PromptLimit
+from ..runtime.request import RequestContract, Size
 from ..runtime.runner import SegmentRunner
-
-MAX_GUIDANCE = 30.0  # as the HTTP API (serve/schema.py)
-MAX_SEED = 2**63 - 1
 
 
 class RowError(IlfError):
@@ -61,28 +56,14 @@ def _scalar_rows(inputs: dict[str, np.ndarray | None], name: str, rows: int) -> 
     return list(flat)
 
 
-def _text(value: Any, name: str) -> str:
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RowError(f"{name} is not UTF-8 text") from None
-    return str(value)
-
-
 class Engine:
     """A generator and its bundle's plans, behind Triton's request rows."""
 
     def __init__(self, generator: Generator, bundle: Bundle, default_plan: str | None = None) -> None:
         self.generator, self.bundle = generator, bundle
         self.plans = {name: bundle.plan(name) for name in bundle.plan_names}
-        if default_plan is not None and default_plan not in self.plans:
-            raise ConfigError(f"default plan {default_plan!r} is not in the bundle")
-        self.default_plan = default_plan or bundle.default_plan
-        self.is_dit = bundle.architecture == "dit"
-        self.default_guidance = default_guidance(bundle.architecture)
-        self.height, self.width = bundle.manifest.default_size
-        self.prompts = PromptLimit(bundle)
+        # every row is checked by the request contract that `serve` and `generate` use
+        self.contract = RequestContract.for_bundle(bundle, generator, default_plan=default_plan)
 
     def open_segments(self) -> None:
         """Every segment's session opened now, not by the first request of a plan that uses it
@@ -93,61 +74,22 @@ class Engine:
                 session(name)
 
     # -- one request's rows ------------------------------------------------------------------------
-    def check_text(self, text: str, name: str) -> None:
-        try:
-            self.prompts.check(text, name)
-        except ConfigError as exc:
-            raise RowError(str(exc)) from None
-
     def rows(self, index: int, inputs: dict[str, np.ndarray | None]) -> list[Row]:
-        """A request's inputs -> one Row per batch row, every value checked."""
-        first = inputs.get("class_label" if self.is_dit else "prompt")
-        if first is None:
-            raise RowError("class_label is required" if self.is_dit else "prompt is required")
-        count = int(np.asarray(first).reshape(-1).shape[0])
+        """A request's inputs -> one Row per batch row, every value checked by the contract."""
+        present = {name: array for name, array in inputs.items() if array is not None}
+        count = max((int(np.asarray(a).reshape(-1).shape[0]) for a in present.values()), default=1)
         if count == 0:
             raise RowError("the request has no rows")
-        column = {name: _scalar_rows(inputs, name, count) for name in inputs}
+        column = {name: _scalar_rows(present, name, count) or [] for name in present}
         rows = []
         for i in range(count):
-
-            def get(name: str, default: Any = None, i: int = i) -> Any:
-                values = column.get(name)
-                return default if values is None else values[i]
-
-            plan = _text(get("plan", self.default_plan), "plan") or self.default_plan
-            if plan not in self.plans:
-                raise RowError(f"unknown plan {plan!r}; this bundle has: {', '.join(self.plans)}")
-            guidance = float(get("guidance_scale", self.default_guidance))
-            if not (math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
-                raise RowError(f"guidance_scale must be in 0..{MAX_GUIDANCE:g}, got {guidance}")
-            seed = get("seed")
-            seed = secrets.randbelow(2**32) if seed is None else int(seed)
-            if not 0 <= seed <= MAX_SEED:
-                raise RowError(f"seed must be >= 0, got {seed}")
-            request = Request(guidance_scale=guidance, seed=seed)
-            if self.is_dit:
-                request.class_label = int(get("class_label"))
-                if not 0 <= request.class_label < self.generator.facts.num_classes:
-                    raise RowError(
-                        f"class_label must be in 0..{self.generator.facts.num_classes - 1}, "
-                        f"got {request.class_label}"
-                    )
-            else:
-                request.prompt = _text(get("prompt"), "prompt")
-                request.negative_prompt = _text(get("negative_prompt", b""), "negative_prompt")
-                if not request.prompt.strip():
-                    raise RowError("prompt must not be empty")
-                self.check_text(request.prompt, "prompt")
-                self.check_text(request.negative_prompt, "negative_prompt")
-            request.height = int(get("height", self.height)) or self.height
-            request.width = int(get("width", self.width)) or self.width
-            try:
-                self.generator.latent_size(request)  # a size the bundle was not built for
-            except ConfigError as exc:
-                raise RowError(str(exc)) from None
-            key = Key(plan, request.height, request.width, guidance > 1.0)
-            rows.append(Row(index, key, request))
+            fields = {name: values[i] for name, values in column.items() if name not in ("height", "width")}
+            if "height" in column or "width" in column:
+                fields["size"] = Size(*(column[n][i] if n in column else None for n in ("height", "width")))
+            checked = self.contract.check(fields)  # a RequestError (an IlfError) fails the request
+            request = checked.requests[0]
+            assert checked.plan is not None and request.height is not None and request.width is not None
+            rows.append(Row(index, Key(checked.plan, request.height, request.width, checked.guided), request))
         return rows
 
     # -- a Triton batch ----------------------------------------------------------------------------
@@ -240,20 +182,32 @@ class _PythonModel:
             inputs[name] = None if tensor is None else tensor.as_numpy()
         return inputs
 
-    def execute(self, requests: list[Any]) -> list[Any]:
+    def _response(self, result: np.ndarray | Exception) -> Any:
         pb = self.pb
+        if not isinstance(result, Exception):
+            return pb.InferenceResponse(output_tensors=[pb.Tensor("image", result)])
+        message = str(result).splitlines()[0] if str(result) else type(result).__name__
+        # a bad request is the client's (HTTP 400); an engine failure is ours (500)
+        code = pb.TritonError.INVALID_ARG if isinstance(result, IlfError) else pb.TritonError.INTERNAL
+        return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message, code))
+
+    def execute(self, requests: list[Any]) -> list[Any]:
         results = self.engine.run([self._inputs(r) for r in requests])
-        responses = []
-        for result in results:
-            if isinstance(result, Exception):
-                message = str(result).splitlines()[0] if str(result) else type(result).__name__
-                # a bad request is the client's (HTTP 400); an engine failure is ours (500)
-                code = pb.TritonError.INVALID_ARG if isinstance(result, IlfError) else pb.TritonError.INTERNAL
-                error = pb.TritonError(message, code)
-                responses.append(pb.InferenceResponse(output_tensors=[], error=error))
-            else:
-                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("image", result)]))
-        return responses
+        responses = [self._response(result) for result in results]
+        failed = sum(isinstance(result, Exception) for result in results)
+        if not failed:
+            return responses
+        # Triton 2.51's Python backend records success per `execute` call, not per response: an
+        # error response returned in the list counts as a success (nv_inference_request_failure
+        # stays 0). So each request gets its own response (image or error) through its response
+        # sender, and the call then fails: Triton counts this call's requests as failures (those
+        # batched with a refused one too) and sends nothing more, as every request has its answer.
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for request, response in zip(requests, responses):
+            request.get_response_sender().send(response, flags=final)
+        raise self.pb.TritonModelException(
+            f"ilf-deploy: {failed} of {len(requests)} requests refused or failed (each has its error)"
+        )
 
     def finalize(self) -> None:
         self.engine = None  # type: ignore[assignment]

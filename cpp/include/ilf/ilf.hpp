@@ -1,0 +1,421 @@
+// ilf: the C++ runtime for ilf-deploy bundles (https://github.com/.../ilf-deploy, README "Embedding in C++").
+//
+// A bundle (manifest.json + manifest.sha256 + plans/ + onnx/ + positions/ + tokenizer/) is read per the
+// published schemas (ilf_deploy/schemas/*.schema.json, schema_version 2): every file's sha256 and the
+// manifest's digest are checked before anything runs. A step plan (plans/NAME.json) is then executed
+// exactly as ilf_deploy/runtime/loop.py does: segment calls, the ILF inner loop with t_post
+// conditioning, Δ-cache refresh/reuse, classifier-free guidance and the plan's precomputed scheduler
+// coefficients (multistep history included). Segments run on an `Engine` (OpenVINO here; anything that
+// can run a named graph on named tensors can implement it).
+//
+// Nothing in this header includes OpenVINO or a JSON library: link ilf::ilf and include this.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace ilf {
+
+/// The library's version ("0.1.0").
+const char* version() noexcept;
+
+/// Every error this library raises: one line, no trailing newline.
+/// `bundle`: a bundle that is missing, edited, incomplete or of an unknown schema version;
+/// `config`: a request or option that cannot work (the CLI exits 2 on both);
+/// `engine`: the engine failed while running (the CLI exits 1).
+class Error : public std::runtime_error {
+ public:
+  enum class Kind { bundle, config, engine };
+  Error(Kind kind, const std::string& message);
+  Kind kind() const noexcept { return kind_; }
+
+ private:
+  Kind kind_;
+};
+
+// -- tensors ------------------------------------------------------------------------------------
+
+enum class DType { f32, i64 };
+using Shape = std::vector<int64_t>;
+
+/// A dense, C-ordered host tensor. Copies share their storage (like numpy views); every operation
+/// of the runtime makes a new tensor instead of writing into an input.
+class Tensor {
+ public:
+  Tensor() = default;
+  Tensor(DType dtype, Shape shape);  // zero-filled
+  static Tensor f32(Shape shape, const std::vector<float>& values);
+  static Tensor i64(Shape shape, const std::vector<int64_t>& values);
+
+  DType dtype() const noexcept { return dtype_; }
+  const Shape& shape() const noexcept { return shape_; }
+  int64_t dim(int axis) const;  // negative axes count from the end
+  int64_t numel() const noexcept;
+  size_t nbytes() const noexcept;
+  bool empty() const noexcept { return !storage_; }
+
+  float* f32_data();
+  const float* f32_data() const;
+  int64_t* i64_data();
+  const int64_t* i64_data() const;
+  void* raw() noexcept { return storage_.get(); }
+  const void* raw() const noexcept { return storage_.get(); }
+
+  Tensor reshaped(Shape shape) const;  // shares storage
+  Tensor clone() const;
+  std::string shape_string() const;  // "(1, 4, 8, 8)", as numpy prints shapes
+
+ private:
+  DType dtype_ = DType::f32;
+  Shape shape_;
+  std::shared_ptr<unsigned char[]> storage_;
+};
+
+using Feeds = std::map<std::string, Tensor>;
+
+/// .npy files (numpy format 1.0-3.0): float32/float64/int32/int64 little-endian, C order, read as
+/// float32 or int64; written as <f4 / <i8, version 1.0, as numpy.save writes them.
+Tensor read_npy(const std::string& path);
+void write_npy(const std::string& path, const Tensor& tensor);
+
+// -- images -------------------------------------------------------------------------------------
+
+struct Image {
+  int height = 0;
+  int width = 0;
+  std::vector<uint8_t> rgb;  // height * width * 3, row-major
+};
+
+/// An 8-bit RGB PNG (zlib stored blocks: no compression, any viewer opens it).
+std::vector<uint8_t> encode_png(const Image& image);
+void write_png(const std::string& path, const Image& image);
+
+// -- the bundle format ----------------------------------------------------------------------------
+
+constexpr int kSchemaVersion = 2;  // manifest.schema.json
+constexpr int kPlanVersion = 1;    // plan.schema.json
+
+struct Dim {
+  int64_t value = -1;  // -1: symbolic
+  std::string symbol;  // e.g. "batch"
+};
+
+struct TensorSpec {
+  std::string name;
+  std::vector<Dim> shape;
+  std::string dtype;  // numpy's name: "float32", "int64"
+};
+
+struct SegmentSpec {
+  std::string name;
+  std::string file;
+  std::vector<TensorSpec> inputs, outputs;
+  std::optional<std::pair<int, int>> blocks;  // inclusive; none for non-block segments
+  std::vector<std::string> input_names() const;
+  std::vector<std::string> output_names() const;
+  bool takes_feed() const;  // an inner-loop block segment (adds the feedback's `feed`, eqs. 2-3)
+};
+
+struct ModelSpec {
+  int num_blocks = 0, latent_channels = 0, out_channels = 0, patch_size = 0, sample_size = 0;
+  int vae_scale_factor = 0, default_image_size = 0;
+  std::vector<std::string> context_inputs;
+  bool uses_size_conditions = false;
+  int num_classes = 0;  // DiT: labels 0..num_classes-1; num_classes is the null class
+};
+
+struct TokenizerSpec {
+  std::string file;  // tokenizer/tokenizer.json (the `tokenizers` library's)
+  int max_length = 0;
+  int pad_id = 0;
+  std::optional<std::string> openvino;  // the same tokenizer converted by openvino-tokenizers (.xml)
+};
+
+struct VariantSpec {
+  std::string name, mode;
+  std::map<std::string, SegmentSpec> segments;
+  std::vector<std::string> engines() const;  // which engines read it, by mode
+};
+
+struct Manifest {
+  std::string architecture;  // pixart-alpha | pixart-sigma | dit
+  std::string config_hash;
+  ModelSpec model;
+  std::optional<std::pair<int, int>> loop;  // the ILF inner loop b..e
+  std::string precision;                    // fp32 | fp16
+  int max_batch = 1;
+  std::vector<std::pair<int, int>> resolutions;  // (height, width) pixels; the first is the default
+  std::vector<std::pair<int, int>> latent_sizes;
+  std::vector<int> cut_points;
+  std::map<std::string, SegmentSpec> segments;
+  std::vector<std::pair<std::string, std::string>> plans;  // name -> file, in the manifest's order
+  std::optional<TokenizerSpec> tokenizer;                  // none: class-conditional (DiT)
+  std::map<std::string, std::string> files;                // path -> sha256 hex
+  std::map<std::string, VariantSpec> variants;
+
+  const SegmentSpec& segment(const std::string& name, const std::string& variant = "") const;
+  const VariantSpec& variant(const std::string& name) const;
+  std::vector<const SegmentSpec*> block_segments() const;  // in the order of the blocks they cover
+};
+
+enum class OpKind { blocks, ilf, cache_refresh, cache_reuse };
+enum class TimeRef { t, t_post };
+
+struct Op {
+  OpKind kind = OpKind::blocks;
+  int start = 0, end = 0;
+  TimeRef time = TimeRef::t;
+  std::string key;  // Δ-cache key (cache_refresh / cache_reuse)
+  int block_forwards() const;
+};
+
+/// The scheduler's precomputed linear step: x0 = x0_x*x + x0_eps*eps; x_next = x*x + eps*eps +
+/// sum_j history[j] * x0 of the j-th previous step (most recent first).
+struct Coefficients {
+  double timestep = 0, prev_timestep = 0, x = 0, eps = 0, x0_x = 0, x0_eps = 0;
+  std::vector<double> history;
+};
+
+struct Step {
+  int index = 0;
+  double timestep = 0;
+  std::optional<double> t_post;
+  std::vector<Op> ops;
+  TimeRef final_time = TimeRef::t;
+  Coefficients coefficients;
+  bool feedback() const;
+  int block_forwards() const;
+};
+
+struct Plan {
+  std::string name;
+  int num_blocks = 0;
+  std::string scheduler;
+  std::vector<Step> steps;
+  std::optional<std::pair<int, int>> loop;
+
+  int block_forwards() const;
+  std::vector<int> feedback_steps() const;
+  std::vector<int> cut_points() const;
+  /// A plan JSON document (plan.schema.json), validated as StepPlan.validate does.
+  static Plan parse(const std::string& json_text, const std::string& where);
+  static Plan load(const std::string& path);
+};
+
+struct LoadOptions {
+  bool verify_hashes = true;  // sha256 of every file in `files` (the digest is always checked)
+  std::string digest;         // "sha256:<hex>": refuse any other bundle; empty: any
+};
+
+/// A bundle on disk, validated. Cheap to copy (shared, immutable).
+class Bundle {
+ public:
+  /// Read and check a bundle; one-line Error(bundle) on a missing manifest, an unknown schema
+  /// version, an edited manifest (digest), a missing or edited file, or another --digest.
+  static Bundle load(const std::string& path, const LoadOptions& options = {});
+
+  const std::string& path() const;
+  const Manifest& manifest() const;
+  const std::string& digest() const;  // "sha256:<hex>" of manifest.json's bytes
+
+  std::vector<std::string> plan_names() const;
+  std::string default_plan() const;  // the first ILF plan, else the first plan
+  /// A bundled plan by name, or a plan JSON file whose cut points this bundle has.
+  Plan plan(const std::string& spec) const;
+  std::string segment_path(const std::string& name, const std::string& variant = "") const;
+  Tensor positions(int latent_height, int latent_width) const;  // positions/HxW.npy
+
+ private:
+  struct Data;
+  std::shared_ptr<const Data> data_;
+};
+
+/// "sha256:<64 lowercase hex>" or Error(config), before any bundle is read.
+void check_digest_option(const std::string& digest);
+std::string sha256_hex(const void* data, size_t size);
+std::string sha256_file(const std::string& path);
+
+// -- engines ------------------------------------------------------------------------------------
+
+/// Seconds per call, by stage (segment name, "tokenizer", "scheduler", ...).
+class Timings {
+ public:
+  void add(const std::string& stage, double seconds) { calls_[stage].push_back(seconds); }
+  const std::map<std::string, std::vector<double>>& calls() const { return calls_; }
+  double total(const std::string& stage) const;
+  void clear() { calls_.clear(); }
+
+ private:
+  std::map<std::string, std::vector<double>> calls_;
+};
+
+/// What runs a bundle's segments: one named graph, named tensors in, named tensors out.
+///
+/// `run` receives exactly the inputs the segment declares in the manifest (float32 / int64 host
+/// tensors) and returns at least its declared outputs. An engine converts to the graph's own element
+/// types (e.g. an fp16 export) at its boundary. Engines are not thread-safe: one per thread.
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual std::string name() const = 0;  // "openvino"
+  virtual std::string describe() const { return name(); }
+  /// The bundle variant whose segments it runs ("" = the bundle's own).
+  virtual std::string variant() const { return ""; }
+  virtual Feeds run(const std::string& segment, const Feeds& inputs) = 0;
+  /// Time spent inside the engine's own inference call, by segment, where it measures it.
+  virtual const Timings* inference_timings() const { return nullptr; }
+};
+
+struct OpenVinoOptions {
+  std::string device = "CPU";     // CPU here; GPU, GPU.N, NPU, AUTO are passed to OpenVINO (untested)
+  std::string precision = "f32";  // f32 (pinned: INFERENCE_PRECISION_HINT) or bf16 (AVX512_BF16/AMX)
+  std::string variant;            // a bundle variant OpenVINO reads (int8-ov, int8-qdq); "" = the bundle
+  int threads = 0;                // INFERENCE_NUM_THREADS; 0 = OpenVINO's choice
+  bool cache = true;              // compiled models in BUNDLE/openvino_cache (skipped if read-only)
+};
+
+/// The OpenVINO engine (compiles each segment on first use). Error(config) on a bad device,
+/// precision or variant.
+std::unique_ptr<Engine> make_openvino_engine(const Bundle& bundle, const OpenVinoOptions& options = {});
+
+/// The OpenVINO version this library runs ("2026.4.1-22982-...").
+std::string openvino_version();
+
+// -- the loop -----------------------------------------------------------------------------------
+
+/// A bundle's segments on one engine: the port of runtime/runner.py's SegmentRunner (input
+/// selection and checks, timings, conditioning, embedding, block ranges, the ILF inner loop, the
+/// final layer) and so the `Segments` of runtime/loop.py.
+class Segments {
+ public:
+  Segments(Bundle bundle, Engine& engine);
+
+  Feeds run(const std::string& name, const Feeds& feeds);
+  Feeds context(const Feeds& inputs);
+  Feeds conditioning(double timestep, const Feeds& context);
+  Tensor embed(const Tensor& latents);
+  Tensor blocks(int start, int end, const Tensor& hidden, const Feeds& cond, const Tensor* feed = nullptr);
+  Tensor inner_loop(const Tensor& hidden, const Feeds& cond, const Feeds& cond_post);
+  Tensor final(const Tensor& hidden, const Feeds& cond, int64_t height, int64_t width);
+
+  const Bundle& bundle() const { return bundle_; }
+  Engine& engine() { return engine_; }
+  Timings& timings() { return timings_; }
+  int latent_channels() const;
+  int num_blocks() const;
+  std::optional<std::pair<int, int>> loop() const;
+  /// Sees every call's feeds before it runs (verification, calibration).
+  std::function<void(const std::string&, const Feeds&)> recorder;
+
+ private:
+  Bundle bundle_;
+  Engine& engine_;
+  Timings timings_;
+  std::map<std::string, std::vector<std::string>> input_names_;
+  std::map<std::pair<int, int>, Tensor> positions_;
+};
+
+/// check_plan: the plan's depth and feedback loop against the bundle's.
+void check_plan(const Plan& plan, const Segments& segments);
+
+/// Every step of `plan` from `latents`; `inputs` are [uncond; cond] rows when guiding.
+/// `guidance`: one scale, or one per image; a single scale <= 1 means no guidance.
+Tensor denoise(Segments& segments, const Plan& plan, const Tensor& latents, const Feeds& inputs,
+               const std::vector<float>& guidance, const std::function<void(int)>& on_step = {});
+
+// -- generation ---------------------------------------------------------------------------------
+
+struct TokenIds {
+  std::vector<int64_t> input_ids;
+  std::vector<int64_t> attention_mask;
+  bool empty() const { return input_ids.empty(); }
+};
+
+/// Prompt -> token ids and attention mask, padded to the tokenizer's max_length.
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  virtual TokenIds encode(const std::string& text) = 0;
+};
+
+/// The bundle's tokenizer as converted by openvino-tokenizers at build time (manifest
+/// tokenizer.openvino), run by OpenVINO with the openvino_tokenizers extension library
+/// (ILF_OPENVINO_TOKENIZERS, else the path found at build time). Error(config) where the bundle
+/// has none: pass token ids instead.
+std::unique_ptr<Tokenizer> make_openvino_tokenizer(const Bundle& bundle);
+
+/// As the PixArt pipelines preprocess a prompt before tokenising: lower case, surrounding
+/// whitespace stripped (Python's str.lower().strip(), with the C library's Unicode case mapping).
+std::string preprocess_prompt(const std::string& prompt);
+
+struct Request {
+  std::string prompt;           // PixArt
+  std::string negative_prompt;  // PixArt, with guidance
+  std::optional<int64_t> class_label;     // DiT
+  std::optional<double> guidance_scale;   // default: 4.5 PixArt, 4.0 DiT; <= 1 disables
+  uint64_t seed = 0;
+  int height = 0, width = 0;  // pixels; 0: the bundle's first resolution
+  TokenIds tokens;            // given: used instead of tokenising `prompt`
+  TokenIds negative_tokens;   // given: used instead of tokenising `negative_prompt`
+};
+
+double default_guidance(const std::string& architecture);
+
+/// Request -> latents -> images on one engine: the port of runtime/generator.py + pipeline.py.
+class Generator {
+ public:
+  Generator(Bundle bundle, std::unique_ptr<Engine> engine);
+
+  /// The tokenizer for prompts; by default the bundle's OpenVINO tokenizer, opened on first use.
+  void set_tokenizer(std::unique_ptr<Tokenizer> tokenizer);
+
+  Request resolve(const Request& request) const;               // size and guidance decided
+  std::pair<int, int> latent_size(const Request& request) const;  // checked against the bundle
+  /// Seeded N(0, 1) noise of this library's own generator (xoshiro256** + Box-Muller): NOT the
+  /// stream numpy's default_rng(seed) draws in Python, so pass latents for identical results.
+  Tensor initial_latents(const Request& request) const;
+
+  Tensor generate_latents(const Plan& plan, const Request& request, const Tensor* latents = nullptr,
+                          const std::function<void(int)>& on_step = {});
+  /// Several requests of one size in one batch (every segment call serves them all).
+  Tensor generate_batch(const Plan& plan, const std::vector<Request>& requests,
+                        const std::vector<Tensor>* latents = nullptr,
+                        const std::function<void(int)>& on_step = {});
+  /// Final latents (B, C, h, w) -> uint8 RGB images (the VAE decoder).
+  std::vector<Image> decode(const Tensor& latents);
+
+  /// (prompt embeddings (1, L, C), attention mask (1, L)), cached per prompt.
+  std::pair<Tensor, Tensor> encode_prompt(const std::string& prompt);
+  std::pair<Tensor, Tensor> encode_tokens(const TokenIds& tokens);
+
+  const Bundle& bundle() const { return bundle_; }
+  Engine& engine() { return *engine_; }
+  Segments& segments() { return *segments_; }
+  Timings& timings() { return segments_->timings(); }
+
+ private:
+  Feeds batch_inputs(const std::vector<Request>& requests, bool guided, std::pair<int, int> latent_hw);
+  std::pair<Tensor, Tensor> encoded(const std::string& prompt, const TokenIds& tokens);
+
+  Bundle bundle_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<Segments> segments_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::map<std::string, std::pair<Tensor, Tensor>> prompt_cache_;
+};
+
+// -- the machine --------------------------------------------------------------------------------
+
+std::string cpu_model();
+std::vector<std::string> cpu_flags();  // instruction-set flags of /proc/cpuinfo (avx*, amx*, ...)
+bool cpu_has_flag(const std::string& flag);
+
+}  // namespace ilf

@@ -1,0 +1,679 @@
+// The published bundle format: manifest.json (manifest.schema.json, schema_version 2), its digest in
+// manifest.sha256, the sha256 of every other file, and step plans (plan.schema.json, version 1).
+//
+// The checks and their one-line messages are runtime/bundle.py's and runtime/manifest.py's: the
+// schema version first (its message says how to fix it), then the manifest's own digest, a pinned
+// --digest, the manifest's structure (every field this reader uses, typed; the closed top level),
+// the references a schema cannot express, and last every file's sha256.
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <regex>
+#include <set>
+
+#include "internal.hpp"
+
+namespace ilf {
+
+using json = nlohmann::ordered_json;
+
+namespace {
+
+const char* kManifest = "manifest.json";
+const char* kDigestFile = "manifest.sha256";
+
+const std::set<std::string> kTopLevel = {
+    "schema_version", "architecture", "config_hash", "model",   "feedback", "precision",
+    "max_batch",      "resolutions",  "latent_sizes", "cut_points", "segments", "plans",
+    "tokenizer",      "scheduler",    "torch_model",  "tools",   "files",    "calibration",
+    "variants",       "engines"};
+const std::set<std::string> kModelKeys = {"num_blocks",      "latent_channels",    "out_channels",
+                                          "patch_size",      "sample_size",        "vae_scale_factor",
+                                          "default_image_size", "context_inputs", "uses_size_conditions",
+                                          "num_classes",     "id2label"};
+const std::vector<std::string> kModelInts = {"num_blocks", "latent_channels", "out_channels", "patch_size",
+                                             "sample_size", "vae_scale_factor", "default_image_size"};
+
+std::string type_name(const json& v) {
+  if (v.is_null()) return "None";
+  if (v.is_boolean()) return v.get<bool>() ? "True" : "False";
+  if (v.is_string()) return "'" + v.get<std::string>() + "'";
+  std::string s = v.dump();
+  return s.size() > 60 ? s.substr(0, 60) + "…" : s;
+}
+
+/// Structural checks with the schema's vocabulary: "at segments/embed/file: 3 is not of type 'string'".
+class Check {
+ public:
+  Check(std::string where, std::string schema) : where_(std::move(where)), schema_(std::move(schema)) {}
+
+  [[noreturn]] void fail(const std::string& at, const std::string& message) const {
+    detail::bundle_error(where_ + " does not follow the " + schema_ + " schema at " + (at.empty() ? "(top level)" : at) +
+                         ": " + message);
+  }
+
+  const json& key(const json& obj, const std::string& at, const std::string& name) const {
+    auto it = obj.find(name);
+    if (it == obj.end()) fail(at, "'" + name + "' is a required property");
+    return *it;
+  }
+
+  void object(const json& v, const std::string& at) const {
+    if (!v.is_object()) fail(at, type_name(v) + " is not of type 'object'");
+  }
+  void array(const json& v, const std::string& at, size_t min_items = 0) const {
+    if (!v.is_array()) fail(at, type_name(v) + " is not of type 'array'");
+    if (v.size() < min_items) fail(at, type_name(v) + " should be non-empty");
+  }
+  std::string string(const json& v, const std::string& at) const {
+    if (!v.is_string()) fail(at, type_name(v) + " is not of type 'string'");
+    return v.get<std::string>();
+  }
+  int64_t integer(const json& v, const std::string& at, int64_t minimum = INT64_MIN) const {
+    if (!v.is_number_integer()) fail(at, type_name(v) + " is not of type 'integer'");
+    int64_t n = v.get<int64_t>();
+    if (n < minimum) fail(at, std::to_string(n) + " is less than the minimum of " + std::to_string(minimum));
+    return n;
+  }
+  double number(const json& v, const std::string& at) const {
+    if (!v.is_number()) fail(at, type_name(v) + " is not of type 'number'");
+    return v.get<double>();
+  }
+  bool boolean(const json& v, const std::string& at) const {
+    if (!v.is_boolean()) fail(at, type_name(v) + " is not of type 'boolean'");
+    return v.get<bool>();
+  }
+  void closed(const json& obj, const std::string& at, const std::set<std::string>& allowed) const {
+    for (auto& [k, _] : obj.items())
+      if (!allowed.count(k)) fail(at, "Additional properties are not allowed ('" + k + "' was unexpected)");
+  }
+  std::string path(const json& v, const std::string& at) const {
+    std::string p = string(v, at);
+    bool bad = p.empty() || p[0] == '/' || p.find('\\') != std::string::npos;
+    size_t start = 0;
+    while (!bad && start <= p.size()) {
+      size_t end = p.find('/', start);
+      if (p.substr(start, end == std::string::npos ? std::string::npos : end - start) == "..") bad = true;
+      if (end == std::string::npos) break;
+      start = end + 1;
+    }
+    if (bad) fail(at, "'" + p + "' is not a relative path inside the bundle");
+    return p;
+  }
+  std::string name(const std::string& n, const std::string& at) const {
+    static const std::regex pattern("^[A-Za-z0-9_.-]+$");
+    if (!std::regex_match(n, pattern)) fail(at, "'" + n + "' does not match '^[A-Za-z0-9_.-]+$'");
+    return n;
+  }
+  std::pair<int, int> pair(const json& v, const std::string& at, int64_t minimum) const {
+    array(v, at);
+    if (v.size() != 2) fail(at, type_name(v) + " should have exactly 2 items");
+    return {static_cast<int>(integer(v[0], at + "/0", minimum)), static_cast<int>(integer(v[1], at + "/1", minimum))};
+  }
+
+ private:
+  std::string where_, schema_;
+};
+
+TensorSpec parse_tensor(const Check& c, const json& v, const std::string& at) {
+  c.object(v, at);
+  c.closed(v, at, {"name", "shape", "dtype"});
+  TensorSpec t;
+  t.name = c.string(c.key(v, at, "name"), at + "/name");
+  const json& shape = c.key(v, at, "shape");
+  c.array(shape, at + "/shape");
+  for (size_t i = 0; i < shape.size(); ++i) {
+    Dim d;
+    if (shape[i].is_string()) {
+      d.symbol = shape[i].get<std::string>();
+    } else {
+      d.value = c.integer(shape[i], at + "/shape/" + std::to_string(i), 0);
+    }
+    t.shape.push_back(d);
+  }
+  t.dtype = c.string(c.key(v, at, "dtype"), at + "/dtype");
+  return t;
+}
+
+SegmentSpec parse_segment(const Check& c, const std::string& name, const json& v, const std::string& at) {
+  c.object(v, at);
+  c.closed(v, at, {"file", "inputs", "outputs", "blocks"});
+  SegmentSpec s;
+  s.name = name;
+  s.file = c.path(c.key(v, at, "file"), at + "/file");
+  const json& inputs = c.key(v, at, "inputs");
+  c.array(inputs, at + "/inputs");
+  for (size_t i = 0; i < inputs.size(); ++i) s.inputs.push_back(parse_tensor(c, inputs[i], at + "/inputs/" + std::to_string(i)));
+  const json& outputs = c.key(v, at, "outputs");
+  c.array(outputs, at + "/outputs", 1);
+  for (size_t i = 0; i < outputs.size(); ++i)
+    s.outputs.push_back(parse_tensor(c, outputs[i], at + "/outputs/" + std::to_string(i)));
+  const json& blocks = c.key(v, at, "blocks");
+  if (!blocks.is_null()) s.blocks = c.pair(blocks, at + "/blocks", 0);
+  return s;
+}
+
+std::map<std::string, SegmentSpec> parse_segments(const Check& c, const json& v, const std::string& at,
+                                                  size_t min_properties) {
+  c.object(v, at);
+  if (v.size() < min_properties) c.fail(at, "{} should be non-empty");
+  std::map<std::string, SegmentSpec> out;
+  for (auto& [name, spec] : v.items()) out[c.name(name, at)] = parse_segment(c, name, spec, at + "/" + name);
+  return out;
+}
+
+std::vector<std::pair<int, int>> parse_sizes(const Check& c, const json& v, const std::string& at) {
+  c.array(v, at, 1);
+  std::vector<std::pair<int, int>> out;
+  for (size_t i = 0; i < v.size(); ++i) out.push_back(c.pair(v[i], at + "/" + std::to_string(i), 1));
+  return out;
+}
+
+Manifest parse_manifest(const json& d, const std::string& where) {
+  Check c(where, "manifest");
+  c.object(d, "");
+  for (const char* k : {"schema_version", "architecture", "config_hash", "model", "feedback", "precision",
+                        "max_batch", "resolutions", "latent_sizes", "cut_points", "segments", "plans", "tokenizer",
+                        "scheduler", "torch_model", "tools", "files"})
+    c.key(d, "", k);
+  c.closed(d, "", kTopLevel);
+  Manifest m;
+  m.architecture = c.string(d["architecture"], "architecture");
+  if (m.architecture != "pixart-alpha" && m.architecture != "pixart-sigma" && m.architecture != "dit")
+    c.fail("architecture", type_name(d["architecture"]) + " is not one of ['pixart-alpha', 'pixart-sigma', 'dit']");
+  m.config_hash = c.string(d["config_hash"], "config_hash");
+
+  const json& model = d["model"];
+  c.object(model, "model");
+  c.closed(model, "model", kModelKeys);
+  std::vector<int*> ints = {&m.model.num_blocks,  &m.model.latent_channels,  &m.model.out_channels,
+                            &m.model.patch_size,  &m.model.sample_size,      &m.model.vae_scale_factor,
+                            &m.model.default_image_size};
+  for (size_t i = 0; i < kModelInts.size(); ++i)
+    *ints[i] = static_cast<int>(c.integer(c.key(model, "model", kModelInts[i]), "model/" + kModelInts[i], 1));
+  const json& context = c.key(model, "model", "context_inputs");
+  c.array(context, "model/context_inputs");
+  for (size_t i = 0; i < context.size(); ++i)
+    m.model.context_inputs.push_back(c.string(context[i], "model/context_inputs/" + std::to_string(i)));
+  m.model.uses_size_conditions = c.boolean(c.key(model, "model", "uses_size_conditions"), "model/uses_size_conditions");
+  if (model.contains("num_classes")) m.model.num_classes = static_cast<int>(c.integer(model["num_classes"], "model/num_classes", 1));
+  if (model.contains("id2label")) c.object(model["id2label"], "model/id2label");
+
+  const json& feedback = d["feedback"];
+  if (!feedback.is_null()) {
+    c.object(feedback, "feedback");
+    c.closed(feedback, "feedback", {"loop"});
+    m.loop = c.pair(c.key(feedback, "feedback", "loop"), "feedback/loop", 0);
+  }
+  m.precision = c.string(d["precision"], "precision");
+  if (m.precision != "fp32" && m.precision != "fp16") c.fail("precision", type_name(d["precision"]) + " is not one of ['fp32', 'fp16']");
+  m.max_batch = static_cast<int>(c.integer(d["max_batch"], "max_batch", 1));
+  m.resolutions = parse_sizes(c, d["resolutions"], "resolutions");
+  m.latent_sizes = parse_sizes(c, d["latent_sizes"], "latent_sizes");
+  c.array(d["cut_points"], "cut_points");
+  for (size_t i = 0; i < d["cut_points"].size(); ++i)
+    m.cut_points.push_back(static_cast<int>(c.integer(d["cut_points"][i], "cut_points/" + std::to_string(i), 0)));
+  m.segments = parse_segments(c, d["segments"], "segments", 1);
+
+  const json& plans = d["plans"];
+  c.object(plans, "plans");
+  if (plans.empty()) c.fail("plans", "{} should be non-empty");
+  for (auto& [name, file] : plans.items()) m.plans.emplace_back(c.name(name, "plans"), c.path(file, "plans/" + name));
+
+  const json& tokenizer = d["tokenizer"];
+  if (!tokenizer.is_null()) {
+    c.object(tokenizer, "tokenizer");
+    c.closed(tokenizer, "tokenizer", {"file", "max_length", "pad_id", "openvino"});
+    TokenizerSpec t;
+    t.file = c.path(c.key(tokenizer, "tokenizer", "file"), "tokenizer/file");
+    t.max_length = static_cast<int>(c.integer(c.key(tokenizer, "tokenizer", "max_length"), "tokenizer/max_length", 1));
+    t.pad_id = static_cast<int>(c.integer(c.key(tokenizer, "tokenizer", "pad_id"), "tokenizer/pad_id", 0));
+    if (tokenizer.contains("openvino") && !tokenizer["openvino"].is_null())
+      t.openvino = c.path(tokenizer["openvino"], "tokenizer/openvino");
+    m.tokenizer = t;
+  }
+  c.object(d["scheduler"], "scheduler");
+  if (!d["torch_model"].is_null()) c.path(d["torch_model"], "torch_model");
+  c.object(d["tools"], "tools");
+
+  const json& files = d["files"];
+  c.object(files, "files");
+  if (files.empty()) c.fail("files", "{} should be non-empty");
+  static const std::regex hex64("^[0-9a-f]{64}$");
+  for (auto& [name, digest] : files.items()) {
+    c.path(name, "files");
+    std::string h = c.string(digest, "files/" + name);
+    if (!std::regex_match(h, hex64)) c.fail("files/" + name, "'" + h + "' does not match '^[0-9a-f]{64}$'");
+    m.files[name] = h;
+  }
+
+  if (d.contains("variants")) {
+    const json& variants = d["variants"];
+    c.object(variants, "variants");
+    for (auto& [name, v] : variants.items()) {
+      std::string at = "variants/" + c.name(name, "variants");
+      c.object(v, at);
+      VariantSpec spec;
+      spec.name = name;
+      spec.mode = c.string(c.key(v, at, "mode"), at + "/mode");
+      if (spec.engines().empty())
+        c.fail(at + "/mode", type_name(v["mode"]) + " is not one of ['int8-dynamic', 'int8-qdq', 'fp8-qdq', 'int8-ov']");
+      spec.segments = parse_segments(c, c.key(v, at, "segments"), at + "/segments", 1);
+      m.variants[name] = spec;
+    }
+  }
+  std::vector<std::string> named;  // every file a field names must be hashed
+  for (auto& [_, s] : m.segments) named.push_back(s.file);
+  for (auto& [_, f] : m.plans) named.push_back(f);
+  for (auto& [_, v] : m.variants)
+    for (auto& [__, s] : v.segments) named.push_back(s.file);
+  if (d.contains("engines")) {
+    c.object(d["engines"], "engines");
+    for (auto& [key, set] : d["engines"].items()) {
+      if (!set.is_object() || !set.contains("segments") || !set["segments"].is_object()) continue;
+      for (auto& [_, e] : set["segments"].items())
+        if (e.is_object() && e.contains("file") && e["file"].is_string()) named.push_back(e["file"].get<std::string>());
+    }
+  }
+  if (m.tokenizer) {
+    named.push_back(m.tokenizer->file);
+    if (m.tokenizer->openvino) named.push_back(*m.tokenizer->openvino);
+  }
+  if (d.contains("calibration") && d["calibration"].is_object() && d["calibration"].contains("segments") &&
+      d["calibration"]["segments"].is_object())
+    for (auto& [_, e] : d["calibration"]["segments"].items())
+      if (e.is_object() && e.contains("file") && e["file"].is_string()) named.push_back(e["file"].get<std::string>());
+  std::sort(named.begin(), named.end());
+  for (auto& f : named)
+    if (!m.files.count(f)) detail::bundle_error(where + " names " + f + " but does not list its sha256 in `files`");
+
+  for (const char* name : {"text_encoder", "vae_decoder", "embed", "context", "time", "final"}) {
+    if (!m.segments.count(name) && !(std::string(name) == "text_encoder" && !m.tokenizer))
+      detail::bundle_error(where + " has no '" + name + "' segment");
+  }
+  for (auto& [_, s] : m.segments)
+    if (s.blocks && !(0 <= s.blocks->first && s.blocks->first <= s.blocks->second && s.blocks->second < m.model.num_blocks))
+      detail::bundle_error(where + ": segment " + s.name + " covers blocks " + std::to_string(s.blocks->first) + ".." +
+                           std::to_string(s.blocks->second) + ", outside the model's 0.." +
+                           std::to_string(m.model.num_blocks - 1));
+  if (m.loop && !m.segments.count("feedback")) detail::bundle_error(where + " has a feedback loop but no 'feedback' segment");
+  for (auto& [_, v] : m.variants)
+    for (auto& [s, __] : v.segments)
+      if (!m.segments.count(s)) detail::bundle_error(where + ": variant " + v.name + " replaces unknown segment " + s);
+  return m;
+}
+
+std::string strip_slashes(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  return path;
+}
+
+std::string range_text(const std::pair<int, int>& r) {
+  return "(" + std::to_string(r.first) + ", " + std::to_string(r.second) + ")";
+}
+
+// -- plans --------------------------------------------------------------------------------------
+
+[[noreturn]] void plan_error(const std::string& message) { detail::config_error(message); }
+
+void check_block_range(int start, int end, int num_blocks, const std::string& what) {
+  std::string blocks = num_blocks > 0 ? "blocks 0.." + std::to_string(num_blocks - 1) : "no blocks";
+  for (int block : {start, end})
+    if (block < 0 || block >= num_blocks)
+      plan_error(what + " " + std::to_string(start) + ":" + std::to_string(end) + ": block " + std::to_string(block) +
+                 " is out of range (the model has " + blocks + ")");
+  if (start > end)
+    plan_error(what + " " + std::to_string(start) + ":" + std::to_string(end) +
+               " is empty: it starts after it ends (B must be <= E)");
+}
+
+const char* op_name(OpKind kind) {
+  switch (kind) {
+    case OpKind::blocks: return "blocks";
+    case OpKind::ilf: return "ilf";
+    case OpKind::cache_refresh: return "cache_refresh";
+    case OpKind::cache_reuse: return "cache_reuse";
+  }
+  return "?";
+}
+
+TimeRef parse_time(const Check& c, const json& v, const std::string& at) {
+  std::string t = c.string(v, at);
+  if (t == "t") return TimeRef::t;
+  if (t == "t_post") return TimeRef::t_post;
+  c.fail(at, "'" + t + "' is not one of ['t', 't_post']");
+}
+
+}  // namespace
+
+// -- specs ----------------------------------------------------------------------------------------
+
+std::vector<std::string> SegmentSpec::input_names() const {
+  std::vector<std::string> out;
+  for (auto& t : inputs) out.push_back(t.name);
+  return out;
+}
+
+std::vector<std::string> SegmentSpec::output_names() const {
+  std::vector<std::string> out;
+  for (auto& t : outputs) out.push_back(t.name);
+  return out;
+}
+
+bool SegmentSpec::takes_feed() const {
+  return std::any_of(inputs.begin(), inputs.end(), [](const TensorSpec& t) { return t.name == "feed"; });
+}
+
+std::vector<std::string> VariantSpec::engines() const {
+  if (mode == "int8-dynamic") return {"onnxruntime"};
+  if (mode == "int8-qdq") return {"onnxruntime", "openvino", "tensorrt"};
+  if (mode == "fp8-qdq") return {"onnxruntime", "tensorrt"};
+  if (mode == "int8-ov") return {"openvino"};
+  return {};
+}
+
+const VariantSpec& Manifest::variant(const std::string& name) const {
+  auto it = variants.find(name);
+  if (it == variants.end()) {
+    std::vector<std::string> names;
+    for (auto& [n, _] : variants) names.push_back(n);
+    detail::bundle_error("the bundle has no variant '" + name + "' (it has: " + (names.empty() ? "none" : detail::join(names, ", ")) +
+                         ")");
+  }
+  return it->second;
+}
+
+const SegmentSpec& Manifest::segment(const std::string& name, const std::string& variant_name) const {
+  if (!variant_name.empty()) {
+    const VariantSpec& v = variant(variant_name);
+    auto it = v.segments.find(name);
+    if (it != v.segments.end()) return it->second;
+  }
+  auto it = segments.find(name);
+  if (it == segments.end()) detail::bundle_error("the bundle has no '" + name + "' segment");
+  return it->second;
+}
+
+std::vector<const SegmentSpec*> Manifest::block_segments() const {
+  std::vector<const SegmentSpec*> out;
+  for (auto& [_, s] : segments)
+    if (s.blocks) out.push_back(&s);
+  std::sort(out.begin(), out.end(), [](const SegmentSpec* a, const SegmentSpec* b) { return *a->blocks < *b->blocks; });
+  return out;
+}
+
+int Op::block_forwards() const {
+  int size = end - start + 1;
+  switch (kind) {
+    case OpKind::blocks:
+    case OpKind::cache_refresh: return size;
+    case OpKind::cache_reuse: return 0;
+    case OpKind::ilf: return 2 * size + 1;
+  }
+  return 0;
+}
+
+bool Step::feedback() const {
+  return std::any_of(ops.begin(), ops.end(), [](const Op& op) { return op.kind == OpKind::ilf; });
+}
+
+int Step::block_forwards() const {
+  int n = 0;
+  for (auto& op : ops) n += op.block_forwards();
+  return n;
+}
+
+int Plan::block_forwards() const {
+  int n = 0;
+  for (auto& s : steps) n += s.block_forwards();
+  return n;
+}
+
+std::vector<int> Plan::feedback_steps() const {
+  std::vector<int> out;
+  for (auto& s : steps)
+    if (s.feedback()) out.push_back(s.index);
+  return out;
+}
+
+std::vector<int> Plan::cut_points() const {
+  std::set<int> points = {0, num_blocks};
+  for (auto& s : steps)
+    for (auto& op : s.ops) {
+      points.insert(op.start);
+      points.insert(op.end + 1);
+    }
+  return {points.begin(), points.end()};
+}
+
+Plan Plan::parse(const std::string& text, const std::string& where) {
+  json d;
+  try {
+    d = json::parse(text);
+  } catch (const json::exception& e) {
+    detail::config_error("cannot read plan " + where + ": " + e.what());
+  }
+  Check c("plan " + where, "plan");
+  c.object(d, "");
+  if (!d.contains("version") || d["version"] != kPlanVersion)
+    detail::config_error("unsupported plan version " + (d.contains("version") ? type_name(d["version"]) : std::string("None")) +
+                         " (this tool reads " + std::to_string(kPlanVersion) + ")");
+  for (const char* k : {"name", "num_blocks", "num_steps", "scheduler", "loop", "block_forwards", "settings", "steps"})
+    c.key(d, "", k);
+  c.closed(d, "", {"version", "name", "num_blocks", "num_steps", "scheduler", "loop", "block_forwards", "settings", "steps"});
+  Plan plan;
+  plan.name = c.string(d["name"], "name");
+  plan.num_blocks = static_cast<int>(c.integer(d["num_blocks"], "num_blocks", 1));
+  plan.scheduler = c.string(d["scheduler"], "scheduler");
+  if (!d["loop"].is_null()) plan.loop = c.pair(d["loop"], "loop", 0);
+  const json& steps = d["steps"];
+  c.array(steps, "steps", 1);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    std::string at = "steps/" + std::to_string(i);
+    const json& s = steps[i];
+    c.object(s, at);
+    c.closed(s, at, {"index", "timestep", "t_post", "feedback", "block_forwards", "ops", "final_time", "coefficients"});
+    Step step;
+    step.index = static_cast<int>(c.integer(c.key(s, at, "index"), at + "/index", 0));
+    step.timestep = c.number(c.key(s, at, "timestep"), at + "/timestep");
+    const json& tp = c.key(s, at, "t_post");
+    if (!tp.is_null()) step.t_post = c.number(tp, at + "/t_post");
+    const json& ops = c.key(s, at, "ops");
+    c.array(ops, at + "/ops", 1);
+    for (size_t j = 0; j < ops.size(); ++j) {
+      std::string oat = at + "/ops/" + std::to_string(j);
+      const json& o = ops[j];
+      c.object(o, oat);
+      c.closed(o, oat, {"op", "start", "end", "time", "key"});
+      Op op;
+      std::string kind = c.string(c.key(o, oat, "op"), oat + "/op");
+      if (kind == "blocks") op.kind = OpKind::blocks;
+      else if (kind == "ilf") op.kind = OpKind::ilf;
+      else if (kind == "cache_refresh") op.kind = OpKind::cache_refresh;
+      else if (kind == "cache_reuse") op.kind = OpKind::cache_reuse;
+      else c.fail(oat + "/op", "'" + kind + "' is not one of ['blocks', 'ilf', 'cache_refresh', 'cache_reuse']");
+      op.start = static_cast<int>(c.integer(c.key(o, oat, "start"), oat + "/start", 0));
+      op.end = static_cast<int>(c.integer(c.key(o, oat, "end"), oat + "/end", 0));
+      op.time = parse_time(c, c.key(o, oat, "time"), oat + "/time");
+      if (op.kind == OpKind::cache_refresh || op.kind == OpKind::cache_reuse)
+        op.key = c.string(c.key(o, oat, "key"), oat + "/key");
+      else if (o.contains("key"))
+        op.key = c.string(o["key"], oat + "/key");
+      step.ops.push_back(op);
+    }
+    step.final_time = parse_time(c, c.key(s, at, "final_time"), at + "/final_time");
+    const json& k = c.key(s, at, "coefficients");
+    std::string kat = at + "/coefficients";
+    c.object(k, kat);
+    c.closed(k, kat, {"timestep", "prev_timestep", "x", "eps", "x0_x", "x0_eps", "history"});
+    Coefficients& co = step.coefficients;
+    co.timestep = c.number(c.key(k, kat, "timestep"), kat + "/timestep");
+    co.prev_timestep = c.number(c.key(k, kat, "prev_timestep"), kat + "/prev_timestep");
+    co.x = c.number(c.key(k, kat, "x"), kat + "/x");
+    co.eps = c.number(c.key(k, kat, "eps"), kat + "/eps");
+    co.x0_x = c.number(c.key(k, kat, "x0_x"), kat + "/x0_x");
+    co.x0_eps = c.number(c.key(k, kat, "x0_eps"), kat + "/x0_eps");
+    const json& history = c.key(k, kat, "history");
+    c.array(history, kat + "/history");
+    for (size_t h = 0; h < history.size(); ++h) co.history.push_back(c.number(history[h], kat + "/history/" + std::to_string(h)));
+    plan.steps.push_back(step);
+  }
+  // StepPlan.validate
+  if (plan.loop) check_block_range(plan.loop->first, plan.loop->second, plan.num_blocks, "plan '" + plan.name + "' loop");
+  for (const Step& step : plan.steps) {
+    std::string at = "plan '" + plan.name + "' step " + std::to_string(step.index);
+    int position = 0;
+    for (const Op& op : step.ops) {
+      check_block_range(op.start, op.end, plan.num_blocks, at + " " + op_name(op.kind));
+      if (op.start != position) plan_error(at + ": ops must cover blocks in order");
+      if (op.kind == OpKind::ilf && (!plan.loop || std::make_pair(op.start, op.end) != *plan.loop))
+        plan_error(at + ": ILF op outside the plan's loop");
+      if (op.time == TimeRef::t_post && !step.t_post) plan_error(at + ": t_post op but no t_post");
+      position = op.end + 1;
+    }
+    if (position != plan.num_blocks)
+      plan_error(at + ": ops cover " + std::to_string(position) + " of " + std::to_string(plan.num_blocks) + " blocks");
+  }
+  return plan;
+}
+
+Plan Plan::load(const std::string& path) {
+  std::string text;
+  try {
+    text = detail::read_file(path);
+  } catch (const Error& e) {
+    detail::config_error(std::string("cannot read plan ") + path + ": " + e.what());
+  }
+  return parse(text, path);
+}
+
+// -- the bundle -----------------------------------------------------------------------------------
+
+struct Bundle::Data {
+  std::string path;
+  Manifest manifest;
+  std::string digest;
+};
+
+void check_digest_option(const std::string& digest) {
+  static const std::regex pattern("^sha256:[0-9a-f]{64}$");
+  if (!std::regex_match(digest, pattern))
+    detail::config_error("--digest must look like sha256:<64 lowercase hex digits>, got '" + digest + "'");
+}
+
+Bundle Bundle::load(const std::string& given, const LoadOptions& options) {
+  if (!options.digest.empty()) check_digest_option(options.digest);
+  std::string root = strip_slashes(given);
+  std::string manifest_path = detail::join_path(root, kManifest);
+  if (!detail::is_file(manifest_path))
+    detail::bundle_error(root + " is not a bundle (no manifest.json); build one with `ilf-deploy build`");
+  std::string data = detail::read_file(manifest_path);
+  json raw;
+  try {
+    raw = json::parse(data);
+  } catch (const json::exception& e) {
+    std::string what = e.what();
+    detail::bundle_error(manifest_path + " is not valid JSON: " + what);
+  }
+  if (raw.is_object()) {
+    auto version = raw.find("schema_version");
+    if (version == raw.end() || *version != kSchemaVersion)
+      detail::bundle_error(manifest_path + ": bundle schema version " + (version == raw.end() ? "None" : type_name(*version)) +
+                           " is not supported (this tool reads " + std::to_string(kSchemaVersion) +
+                           "); rebuild the bundle with this version of ilf-deploy");
+  }
+  std::string actual = "sha256:" + sha256_hex(data.data(), data.size());
+  std::string digest_path = detail::join_path(root, kDigestFile);
+  if (!detail::is_file(digest_path))
+    detail::bundle_error(root + ": " + kDigestFile + " is missing (a bundle from an older ilf-deploy, or incomplete); rebuild it");
+  std::string recorded = detail::read_file(digest_path);
+  recorded.erase(0, recorded.find_first_not_of(" \t\r\n"));
+  recorded.erase(recorded.find_last_not_of(" \t\r\n") + 1);
+  if (recorded != actual)
+    detail::bundle_error(root + ": " + kManifest + " does not match the bundle's digest in " + kDigestFile +
+                         " (edited or corrupted); rebuild the bundle");
+  if (!options.digest.empty() && options.digest != actual)
+    detail::bundle_error(root + " has digest " + actual + ", not the pinned --digest " + options.digest);
+  if (!raw.is_object())
+    detail::bundle_error(manifest_path + ": bundle schema version None is not supported (this tool reads " +
+                         std::to_string(kSchemaVersion) + "); rebuild the bundle with this version of ilf-deploy");
+  auto d = std::make_shared<Data>();
+  d->path = root;
+  d->manifest = parse_manifest(raw, manifest_path);
+  d->digest = actual;
+  if (options.verify_hashes) {
+    for (auto& [name, digest] : d->manifest.files) {
+      std::string file = detail::join_path(root, name);
+      if (!detail::is_file(file)) detail::bundle_error(root + ": " + name + " is missing; the bundle is incomplete, rebuild it");
+      if (sha256_file(file) != digest)
+        detail::bundle_error(root + ": " + name + " does not match its sha256 in the manifest (edited or corrupted)");
+    }
+  }
+  Bundle b;
+  b.data_ = d;
+  return b;
+}
+
+const std::string& Bundle::path() const { return data_->path; }
+const Manifest& Bundle::manifest() const { return data_->manifest; }
+const std::string& Bundle::digest() const { return data_->digest; }
+
+std::vector<std::string> Bundle::plan_names() const {
+  std::vector<std::string> out;
+  for (auto& [name, _] : data_->manifest.plans) out.push_back(name);
+  return out;
+}
+
+std::string Bundle::default_plan() const {
+  for (auto& name : plan_names())
+    if (name.rfind("ilf", 0) == 0) return name;
+  return plan_names().front();
+}
+
+Plan Bundle::plan(const std::string& spec) const {
+  Plan plan;
+  auto& plans = data_->manifest.plans;
+  auto it = std::find_if(plans.begin(), plans.end(), [&](auto& p) { return p.first == spec; });
+  if (it != plans.end()) {
+    plan = Plan::load(detail::join_path(data_->path, it->second));
+  } else if (spec.size() > 5 && spec.compare(spec.size() - 5, 5, ".json") == 0 && detail::is_file(spec)) {
+    plan = Plan::load(spec);
+  } else {
+    detail::bundle_error("plan '" + spec + "' is not in this bundle (it has: " + detail::join(plan_names(), ", ") + ")");
+  }
+  std::vector<int> missing;
+  for (int p : plan.cut_points())
+    if (std::find(data_->manifest.cut_points.begin(), data_->manifest.cut_points.end(), p) == data_->manifest.cut_points.end())
+      missing.push_back(p);
+  if (!missing.empty()) {
+    std::string list = "[";
+    for (size_t i = 0; i < missing.size(); ++i) list += (i ? ", " : "") + std::to_string(missing[i]);
+    detail::bundle_error("plan '" + plan.name + "' cuts the model at block(s) " + list +
+                         "] where this bundle has no segment boundary; rebuild the bundle with the plan in --plans");
+  }
+  return plan;
+}
+
+std::string Bundle::segment_path(const std::string& name, const std::string& variant) const {
+  return detail::join_path(data_->path, data_->manifest.segment(name, variant).file);
+}
+
+Tensor Bundle::positions(int latent_height, int latent_width) const {
+  std::string path =
+      detail::join_path(data_->path, "positions/" + std::to_string(latent_height) + "x" + std::to_string(latent_width) + ".npy");
+  if (!detail::is_file(path)) {
+    std::vector<std::string> sizes;
+    for (auto& [h, w] : data_->manifest.resolutions) sizes.push_back(std::to_string(h) + "x" + std::to_string(w));
+    int f = data_->manifest.model.vae_scale_factor;
+    detail::bundle_error("the bundle was not built for " + std::to_string(latent_height * f) + "x" +
+                         std::to_string(latent_width * f) + " images (it has: " + detail::join(sizes, ", ") + ")");
+  }
+  Tensor t = read_npy(path);
+  if (t.dtype() != DType::f32) detail::bundle_error(path + " is not a float array");
+  return t;
+}
+
+// used by the loop's messages
+std::string describe_range(const std::pair<int, int>& r) { return range_text(r); }
+
+}  // namespace ilf

@@ -1,0 +1,45 @@
+// Helpers shared by the library's sources; not installed.
+#pragma once
+
+#include <chrono>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "ilf/ilf.hpp"
+
+namespace ilf::detail {
+
+[[noreturn]] inline void bundle_error(const std::string& message) { throw Error(Error::Kind::bundle, message); }
+[[noreturn]] inline void config_error(const std::string& message) { throw Error(Error::Kind::config, message); }
+[[noreturn]] inline void engine_error(const std::string& message) { throw Error(Error::Kind::engine, message); }
+
+inline double now_s() {
+  using clock = std::chrono::steady_clock;
+  return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+}
+
+/// Python's repr of a list of strings: ['a', 'b'].
+inline std::string py_list(const std::vector<std::string>& items) {
+  std::string out = "[";
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? ", '" : "'") + items[i] + "'";
+  return out + "]";
+}
+
+inline std::string join(const std::vector<std::string>& items, const std::string& sep) {
+  std::string out;
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
+  return out;
+}
+
+/// A double as Python's repr prints it (shortest round-trip form).
+std::string py_float(double value);
+
+std::string read_file(const std::string& path);  // Error(bundle) naming the file
+bool is_file(const std::string& path);
+bool is_dir(const std::string& path);
+std::string join_path(const std::string& a, const std::string& b);
+/// Write `data` to a temporary file beside `path`, then rename it into place.
+bool write_atomic(const std::string& path, const std::string& data, std::string* why = nullptr);
+
+}  // namespace ilf::detail

@@ -1,0 +1,426 @@
+"""The request contract: what a generation request may ask for, checked in one place.
+
+Every front door (`ilf-deploy generate`, `serve`'s HTTP API, the Triton model, any later one) hands
+the fields it received, as raw values, to `RequestContract.check`. It returns the engine `Request`s,
+or raises `RequestError(param, message)` for the first bad field, with the same message text
+whatever the front door (templates in `MESSAGES`; README "Request limits" lists them all). Defaults
+(size, guidance) are `Generator.resolve`'s; a missing seed is drawn at random in 0..MAX_SEED.
+
+Cheap checks come first: a prompt's characters are counted before it is tokenised, and tokens are
+counted (in the bundle's own tokenizer, as `BundleGenerator.encode_prompt` sees them, before its
+truncation) only once every other field has passed. `json_schema` publishes the same limits as JSON
+Schema (serve's OpenAPI): integers accept integral JSON numbers (2.0), as JSON Schema's `integer`
+does; booleans are not numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import ConfigError
+from .bundle import Bundle
+from .generator import Generator, Request
+
+MAX_PROMPT_CHARS = 4000  # prompt and negative_prompt, counted before tokenising
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 30.0
+# JSON Schema `format` of prompts: text of at most the model's tokens (GET /v1/models:
+# max_prompt_tokens), which no JSON Schema keyword can say.
+PROMPT_FORMAT = "ilf-prompt"
+# str.isspace's characters: a prompt of only these is empty once stripped (as every encoder does).
+SPACES = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+FIELDS = ("prompt", "negative_prompt", "class_label", "n", "size", "plan", "guidance_scale", "seed")
+TEXT_FIELDS = ("prompt", "negative_prompt")
+NULLABLE = frozenset({"size", "plan", "guidance_scale", "seed"})  # null: as if omitted
+
+# The verdicts, one message each; `{param}` is the field. README "Request limits" shows every one.
+MESSAGES = {
+    "unknown": "unknown parameter {param!r}",
+    "not_for_model": "{param} does not apply to {architecture} models",
+    "required": "{param} is required",
+    "type": "{param} must be {kind}, got {got}",
+    "utf8": "{param} is not valid UTF-8 text",
+    "chars": "{param} is {count} characters long; at most {limit} are accepted",
+    "empty": "{param} must not be empty",
+    "tokens": "{param} is {count} tokens long; this model reads at most {limit} "
+    "(longer prompts are refused, not truncated)",
+    "class_label": "class_label must be in 0..{limit}, got {value}",
+    "n": "n must be in 1..{limit}, got {value}",
+    "size_form": "size must be WIDTHxHEIGHT (e.g. {example}), got {got}",
+    "size": "the bundle was built for {sizes}, not {size} (width x height)",
+    "plan": "unknown plan {value!r}; this bundle has: {plans}",
+    "guidance_scale": "guidance_scale must be in 0..{limit:g}, got {value:g}",
+    "seed_low": "seed must be >= 0, got {value}",
+    "seed_high": "seed must be <= {limit}, got {value}",
+}
+
+
+class RequestError(ConfigError):
+    """A refused request: the field at fault (`param`) and the one-line reason."""
+
+    def __init__(self, verdict: str, param: str, **values: Any) -> None:
+        self.verdict, self.param = verdict, param
+        self.message = MESSAGES[verdict].format(param=param, **values)
+        super().__init__(self.message)
+
+
+@dataclass(frozen=True)
+class Size:
+    """An image size from a front door with separate height and width fields (Triton, the CLI);
+    None: the generator's default. HTTP clients send "WxH" strings instead."""
+
+    height: Any = None
+    width: Any = None
+
+
+@dataclass
+class CheckedRequest:
+    """An accepted request: its plan (None: the front door resolves it) and one Request per image,
+    resolved by the generator (size and guidance decided), with seeds seed, seed+1, ..."""
+
+    plan: str | None
+    requests: list[Request]
+
+    @property
+    def guided(self) -> bool:
+        return float(self.requests[0].guidance_scale or 0.0) > 1.0
+
+
+_MISSING = object()
+
+
+def _kind(value: Any) -> str:
+    """How a refused value is named in a message (JSON's words: a front door may be HTTP)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str | bytes):
+        return "a string"
+    if isinstance(value, numbers.Real):
+        return f"{float(value):g}"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return type(value).__name__
+
+
+def check_integer(param: str, value: Any) -> int:
+    """An integer, or an integral number (2.0, as JSON Schema's `integer`); never a boolean."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        if math.isfinite(number) and number.is_integer():
+            return int(number)
+    raise RequestError("type", param, kind="an integer", got=_kind(value))
+
+
+def check_number(param: str, value: Any) -> float:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise RequestError("type", param, kind="a number", got=_kind(value))
+
+
+def check_text(param: str, value: Any, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """A string (UTF-8 bytes are decoded) of at most `max_chars` characters."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError("utf8", param) from None
+    if not isinstance(value, str):
+        raise RequestError("type", param, kind="a string", got=_kind(value))
+    if len(value) > max_chars:
+        raise RequestError("chars", param, count=len(value), limit=max_chars)
+    try:
+        value.encode("utf-8")  # lone surrogates ("\ud800" in JSON) are not text
+    except UnicodeEncodeError:
+        raise RequestError("utf8", param) from None
+    return value
+
+
+def check_choice(param: str, value: Any, choices: tuple[str, ...]) -> str:
+    """One of `choices` (a front door's own enumerations too, e.g. serve's response_format)."""
+    if not isinstance(value, str):
+        raise RequestError("type", param, kind="a string", got=_kind(value))
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise RequestError("type", param, kind=f"one of {allowed}", got=repr(value[:100]))
+    return value
+
+
+def bundle_token_counter(bundle: Bundle) -> Callable[[str], int] | None:
+    """A prompt's length in the bundle tokenizer's tokens, as `BundleGenerator.encode_prompt` sees
+    it before truncation; None for class-conditional bundles (no tokenizer)."""
+    spec = bundle.manifest.tokenizer
+    if spec is None:
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(bundle.path / spec.file))
+    tokenizer.no_truncation()  # the count must see what truncation would drop
+    tokenizer.no_padding()
+    return lambda text: len(tokenizer.encode(text.lower().strip()).ids)  # as encode_prompt encodes
+
+
+def nullable_schema(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """`schema` or null (null: as if omitted), for JSON Schema."""
+    return {"anyOf": [schema, {"type": "null"}], "default": None, "description": description}
+
+
+def _wxh(height: int, width: int) -> str:
+    return f"{width}x{height}"  # OpenAI's order
+
+
+@dataclass(frozen=True)
+class RequestContract:
+    """What one model accepts. Build it with `for_bundle` (servers) or `for_generator`."""
+
+    architecture: str
+    resolve: Callable[[Request], Request]  # Generator.resolve: the defaults, decided in one place
+    plans: tuple[str, ...] | None = None  # None: any plan the front door resolves (model directories)
+    default_plan: str | None = None
+    sizes: tuple[tuple[int, int], ...] = ()  # (height, width); (): any the generator takes
+    num_classes: int = 0
+    max_n: int = 1
+    max_tokens: int = 0
+    count_tokens: Callable[[str], int] | None = None
+
+    @classmethod
+    def for_generator(
+        cls,
+        generator: Generator,
+        plans: tuple[str, ...] | None = None,
+        default_plan: str | None = None,
+        max_n: int = 1,
+        count_tokens: Callable[[str], int] | None = None,
+        max_tokens: int = 0,
+    ) -> RequestContract:
+        """The generator's model facts (architecture, classes, sizes) and its `resolve`."""
+        facts = generator.facts
+        return cls(
+            architecture=facts.architecture,
+            resolve=generator.resolve,
+            plans=plans,
+            default_plan=default_plan,
+            sizes=tuple(facts.resolutions),
+            num_classes=facts.num_classes,
+            max_n=max_n,
+            max_tokens=max_tokens if count_tokens is not None else 0,
+            count_tokens=count_tokens,
+        )
+
+    @classmethod
+    def for_bundle(
+        cls, bundle: Bundle, generator: Generator, max_n: int = 1, default_plan: str | None = None
+    ) -> RequestContract:
+        """The bundle's plans (default: `default_plan`, else `Bundle.default_plan`), sizes and tokenizer."""
+        if default_plan is not None and default_plan not in bundle.plan_names:
+            raise ConfigError(
+                f"default plan {default_plan!r} is not in the bundle (it has: {', '.join(bundle.plan_names)})"
+            )
+        tokenizer = bundle.manifest.tokenizer
+        return cls.for_generator(
+            generator,
+            tuple(bundle.plan_names),
+            default_plan or bundle.default_plan,
+            max_n,
+            bundle_token_counter(bundle),
+            tokenizer.max_length if tokenizer is not None else 0,
+        )
+
+    @property
+    def is_dit(self) -> bool:
+        return self.architecture == "dit"
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The fields this model takes: DiT has class labels, PixArt negative prompts."""
+        skip = "negative_prompt" if self.is_dit else "class_label"
+        return tuple(f for f in FIELDS if f != skip)
+
+    @property
+    def size_names(self) -> tuple[str, ...]:
+        return tuple(_wxh(h, w) for h, w in self.sizes)
+
+    # -- the check -------------------------------------------------------------------------------
+    def check(self, fields: Mapping[str, Any]) -> CheckedRequest:
+        """The request `fields` (raw values; absent = omitted) -> accepted, or RequestError."""
+        for name in fields:
+            if name not in FIELDS:
+                raise RequestError("unknown", str(name)[:100])
+            if name not in self.fields:
+                raise RequestError("not_for_model", name, architecture=self.architecture)
+
+        def get(name: str) -> Any:
+            value = fields.get(name, _MISSING)
+            return _MISSING if value is None and name in NULLABLE else value
+
+        texts = {name: self._text(name, get(name)) for name in TEXT_FIELDS if name in self.fields}
+        class_label = self._class_label(get("class_label")) if self.is_dit else None
+        n = self._n(get("n"))
+        height, width = self._size(get("size"))
+        plan = self._plan(get("plan"))
+        guidance = self._guidance(get("guidance_scale"))
+        seed = self._seed(get("seed"))
+        for name, text in texts.items():
+            self._tokens(name, text)
+        request = self.resolve(
+            Request(
+                texts["prompt"], texts.get("negative_prompt", ""), class_label, guidance, seed, height, width
+            )
+        )
+        if self.sizes and (request.height, request.width) not in self.sizes:
+            size = _wxh(request.height or 0, request.width or 0)
+            raise RequestError("size", "size", sizes=", ".join(self.size_names), size=size)
+        return CheckedRequest(plan, [replace(request, seed=seed + i) for i in range(n)])
+
+    def _text(self, name: str, value: Any) -> str:
+        if value is _MISSING:
+            if name == "prompt" and not self.is_dit:
+                raise RequestError("required", name)
+            return ""
+        text = check_text(name, value)
+        if name == "prompt" and not self.is_dit and not text.strip():
+            raise RequestError("empty", name)
+        return text
+
+    def _tokens(self, name: str, text: str) -> None:
+        if self.count_tokens is None or self.is_dit or not text:  # DiT ignores its prompt
+            return
+        count = self.count_tokens(text)
+        if count > self.max_tokens:
+            raise RequestError("tokens", name, count=count, limit=self.max_tokens)
+
+    def _class_label(self, value: Any) -> int:
+        if value is _MISSING:
+            raise RequestError("required", "class_label")
+        label = check_integer("class_label", value)
+        if not 0 <= label < self.num_classes:
+            raise RequestError("class_label", "class_label", limit=self.num_classes - 1, value=label)
+        return label
+
+    def _n(self, value: Any) -> int:
+        if value is _MISSING:
+            return 1
+        n = check_integer("n", value)
+        if not 1 <= n <= self.max_n:
+            raise RequestError("n", "n", limit=self.max_n, value=n)
+        return n
+
+    def _size(self, value: Any) -> tuple[int | None, int | None]:
+        if value is _MISSING:
+            return None, None
+        if isinstance(value, Size):
+            return tuple(  # type: ignore[return-value]
+                None if v is None else check_integer(name, v)
+                for name, v in (("height", value.height), ("width", value.width))
+            )
+        example = self.size_names[0] if self.sizes else "512x512"
+        match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", value) if isinstance(value, str) else None
+        if match is None:
+            got = repr(value[:100]) if isinstance(value, str) else _kind(value)
+            raise RequestError("size_form", "size", example=example, got=got)
+        return int(match[2]), int(match[1])
+
+    def _plan(self, value: Any) -> str | None:
+        if value is _MISSING:
+            return self.default_plan
+        plan = check_text("plan", value, 256)
+        if self.plans is not None and plan not in self.plans:
+            raise RequestError("plan", "plan", value=plan, plans=", ".join(self.plans))
+        return plan
+
+    def _guidance(self, value: Any) -> float | None:
+        if value is _MISSING:
+            return None  # Generator.resolve decides
+        guidance = check_number("guidance_scale", value)
+        if not (math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
+            raise RequestError("guidance_scale", "guidance_scale", limit=MAX_GUIDANCE, value=guidance)
+        return guidance
+
+    def _seed(self, value: Any) -> int:
+        if value is _MISSING:
+            return secrets.randbelow(MAX_SEED + 1)
+        seed = check_integer("seed", value)
+        if seed < 0:
+            raise RequestError("seed_low", "seed", value=seed)
+        if seed > MAX_SEED:
+            raise RequestError("seed_high", "seed", limit=MAX_SEED, value=seed)
+        return seed
+
+    # -- the same limits as JSON Schema ----------------------------------------------------------
+    def json_schema(self) -> dict[str, Any]:
+        """The request object's JSON Schema (draft 2020-12, OpenAPI 3.1): what `check` accepts,
+        but for the token limit, which the `format` names (a fuzzer must be taught it)."""
+        tokens = f"at most {self.max_tokens} tokens in the model's tokenizer (format {PROMPT_FORMAT})"
+        text = {"type": "string", "maxLength": MAX_PROMPT_CHARS}
+        properties: dict[str, Any] = {}
+        if self.is_dit:
+            properties["prompt"] = {**text, "default": "", "description": "Ignored by DiT models."}
+            properties["class_label"] = {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": self.num_classes - 1,
+                "description": "ImageNet class id (required).",
+            }
+        else:
+            properties["prompt"] = {
+                **text,
+                "minLength": 1,
+                "pattern": NOT_BLANK,
+                "format": PROMPT_FORMAT,
+                "description": f"The prompt: not blank, at most {MAX_PROMPT_CHARS} characters and {tokens}.",
+            }
+            properties["negative_prompt"] = {
+                **text,
+                "format": PROMPT_FORMAT,
+                "default": "",
+                "description": f"Negative prompt: at most {MAX_PROMPT_CHARS} characters and {tokens}.",
+            }
+        properties["n"] = {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": self.max_n,
+            "default": 1,
+            "description": "Images; seeds seed, seed+1, ...",
+        }
+        nullable = {
+            "size": (
+                {"type": "string", "enum": list(self.size_names)},
+                "WIDTHxHEIGHT, one the bundle was built for (default: the first)",
+            ),
+            "plan": (
+                {"type": "string", "enum": list(self.plans or ())},
+                f"A bundled step plan (default {self.default_plan})",
+            ),
+            "guidance_scale": (
+                {"type": "number", "minimum": 0, "maximum": MAX_GUIDANCE},
+                "Classifier-free guidance; <= 1 disables it (default: the model's, 4.5 PixArt, 4.0 DiT)",
+            ),
+            "seed": (
+                {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+                "Initial noise seed (default: random)",
+            ),
+        }
+        for name, (schema, description) in nullable.items():
+            properties[name] = nullable_schema(schema, description)
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": ["class_label"] if self.is_dit else ["prompt"],
+            "additionalProperties": False,
+        }

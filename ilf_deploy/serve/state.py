@@ -1,0 +1,174 @@
+"""What one server holds: its options, the bundle, the engine, the request contract, the batcher,
+the metrics and the per-key limiter, built once by `ServerState.open` (routes read it from
+`app.state.ilf`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..plan import StepPlan
+from ..runtime.bundle import Bundle
+from ..runtime.generator import Generator, Request
+from ..runtime.request import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, CheckedRequest, RequestContract
+from .auth import ApiKeys
+from .batcher import Batcher, BatchKey
+from .limiter import KeyLimiter
+from .metrics import ServerMetrics
+from .schema import check_request
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    backend: str = "auto"  # `ilf-deploy tune`'s winner on this machine, else ONNX Runtime fp32
+    max_batch: int | None = None  # images per engine call; None: the bundle's max_batch, at least 8
+    max_wait_ms: float = 10.0  # how long the first image of a batch waits for company
+    max_queue: int = 64  # images waiting (all requests); beyond it: 429
+    timeout_s: float = 120.0  # per request, queueing included; beyond it: 504
+    max_n: int = 8
+    default_plan: str | None = None  # None: the bundle's first ILF plan, else its first plan
+    warmup: bool = True
+    max_body_bytes: int = 1 << 20
+    # No keys: no authentication (the default, for loopback use).
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
+    max_inflight_per_key: int | None = None  # images one key may have queued or running; beyond: 429
+    digest: str | None = None  # --digest: serve only the bundle with this digest
+
+    def check(self) -> None:
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise ConfigError(f"--max-wait-ms must be in 0..10000, got {self.max_wait_ms}")
+        if self.max_queue < 1:
+            raise ConfigError(f"--max-queue must be >= 1, got {self.max_queue}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"--timeout-s must be > 0, got {self.timeout_s}")
+        if not 1 <= self.max_n <= self.max_queue:
+            raise ConfigError(f"--max-n must be in 1..--max-queue ({self.max_queue}), got {self.max_n}")
+        if self.max_inflight_per_key is not None:
+            if not self.api_keys:
+                raise ConfigError(
+                    "--max-inflight-per-key needs API keys (--api-key-file FILE or ILF_API_KEYS)"
+                )
+            if self.max_inflight_per_key < self.max_n:  # else an `n = max_n` request could never pass
+                raise ConfigError(
+                    f"--max-inflight-per-key must be >= --max-n ({self.max_n}), "
+                    f"got {self.max_inflight_per_key}"
+                )
+
+    def batch_limit(self, bundle: Bundle) -> int:
+        # ORT segments have dynamic batch axes; a bundle's max_batch matters for fixed-shape engines.
+        return self.max_batch or max(bundle.manifest.max_batch, 8)
+
+
+@dataclass
+class ServerState:
+    options: ServeOptions
+    bundle: Bundle
+    generator: Generator
+    contract: RequestContract
+    plans: dict[str, StepPlan]
+    metrics: ServerMetrics
+    batcher: Batcher
+    limiter: KeyLimiter
+    max_batch: int
+
+    @classmethod
+    def open(
+        cls, bundle_path: str | Path, options: ServeOptions, generator: Generator | None = None
+    ) -> ServerState:
+        """The bundle's engine (`generator` replaces it: tests, wrappers), checked options."""
+        options.check()
+        if generator is None:
+            from ..backends import open_generator
+
+            # the files' hashes, and the pinned digest if any
+            generator = open_generator(bundle_path, options.backend, digest=options.digest)
+        bundle = Bundle.load(bundle_path, verify_hashes=False, digest=options.digest)
+        if options.default_plan is not None and options.default_plan not in bundle.plan_names:
+            raise ConfigError(
+                f"--default-plan {options.default_plan!r} is not in the bundle "
+                f"(it has: {', '.join(bundle.plan_names)})"
+            )
+        contract = RequestContract.for_bundle(bundle, generator, options.max_n, options.default_plan)
+        plans = {name: bundle.plan(name) for name in bundle.plan_names}
+        metrics = ServerMetrics()
+        max_batch = options.batch_limit(bundle)
+        # the backend's own scope for engine work (torch: inference mode); test doubles may have none
+        engine_context: Callable[[], AbstractContextManager] = getattr(
+            generator, "inference_context", nullcontext
+        )
+        batcher = Batcher(
+            generator,
+            plans,
+            metrics,
+            max_batch,
+            options.max_wait_ms / 1000,
+            options.max_queue,
+            engine_context,
+        )
+        limiter = KeyLimiter(options.max_inflight_per_key)
+        return cls(options, bundle, generator, contract, plans, metrics, batcher, limiter, max_batch)
+
+    @property
+    def model_id(self) -> str:
+        return self.bundle.path.resolve().name
+
+    def check(self, fields: dict[str, Any]) -> CheckedRequest:
+        """A request body's fields -> the engine requests, or a 400 (the request contract)."""
+        return check_request(self.contract, self.model_id, fields)
+
+    def batch_key(self, checked: CheckedRequest) -> BatchKey:
+        first = checked.requests[0]  # resolved: size and guidance decided
+        assert checked.plan is not None and first.height is not None and first.width is not None
+        return BatchKey(checked.plan, first.height, first.width, checked.guided)
+
+    def warmup_request(self) -> tuple[str, Request] | None:
+        """One image of the default plan and size, guided as by default (the common batch shape)."""
+        if not self.options.warmup:
+            return None
+        dit = self.contract.is_dit
+        request = Request(prompt="" if dit else "warm up", class_label=0 if dit else None)
+        assert self.contract.default_plan is not None
+        return self.contract.default_plan, self.generator.resolve(request)
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        self.batcher.start(self.warmup_request())
+        try:
+            yield
+        finally:
+            await self.batcher.close()
+            self.metrics.ready.set(0)
+
+    def model_card(self) -> dict[str, Any]:
+        """GET /v1/models' entry: the plans, sizes and every request limit."""
+        contract = self.contract
+        card = {
+            "id": self.model_id,
+            "object": "model",
+            "created": int(self.bundle.path.joinpath("manifest.json").stat().st_mtime),
+            "owned_by": "ilf-deploy",
+            "architecture": contract.architecture,
+            "plans": [
+                {"name": p.name, "steps": p.num_steps, "block_forwards": p.block_forwards}
+                for p in self.plans.values()
+            ],
+            "default_plan": contract.default_plan,
+            "sizes": list(contract.size_names),
+            "max_n": contract.max_n,
+            "max_batch": self.max_batch,
+            "max_prompt_tokens": contract.max_tokens,
+            "max_prompt_chars": MAX_PROMPT_CHARS,
+            "max_seed": MAX_SEED,
+            "max_guidance_scale": MAX_GUIDANCE,
+            "precision": self.bundle.manifest.precision,
+            "digest": self.bundle.digest,
+        }
+        if contract.is_dit:
+            card["num_classes"] = contract.num_classes
+        return card
