@@ -131,6 +131,21 @@ def test_bf16_is_within_the_variant_budget(ov_bundle):
     limits = budget("openvino", "bf16")
     rows = compare_to_reference(generator, run_reference(bundle), list(bundle.manifest.segments), limits)
     assert all(r.ok for r in rows), rows
+    blocks = [r for r in rows if r.kind == "segment" and r.name.startswith("blocks_")]
+    assert blocks and all(r.metrics.rel_l2 > 1e-5 for r in blocks)  # the blocks really ran in bf16
+    assert rows[-1].kind == "end-to-end" and rows[-1].metrics.rel_l2 > 1e-5
+
+
+def test_bf16_keeps_the_conditioning_segments_in_f32(ov_bundle):
+    from ilf_deploy.backends.openvino import OvSegments
+
+    bundle = Bundle.load(ov_bundle)
+    segments = OvSegments(bundle, precision="bf16", cache=False)
+    reduced = set(bundle.manifest.reduced_precision_segments)
+    assert reduced == {n for n, s in bundle.manifest.segments.items() if s.blocks or n == "feedback"}
+    for name in bundle.manifest.segments:
+        want = "bf16" if name in reduced else "f32"
+        assert segments.config_for(name)["INFERENCE_PRECISION_HINT"] == want, name
 
 
 def test_compiled_models_are_cached_in_the_bundle_outside_its_manifest(ov_bundle, tmp_path, monkeypatch):

@@ -308,10 +308,6 @@ std::string strip_slashes(std::string path) {
   return path;
 }
 
-std::string range_text(const std::pair<int, int>& r) {
-  return "(" + std::to_string(r.first) + ", " + std::to_string(r.second) + ")";
-}
-
 // -- plans --------------------------------------------------------------------------------------
 
 [[noreturn]] void plan_error(const std::string& message) { detail::config_error(message); }
@@ -672,8 +668,5 @@ Tensor Bundle::positions(int latent_height, int latent_width) const {
   if (t.dtype() != DType::f32) detail::bundle_error(path + " is not a float array");
   return t;
 }
-
-// used by the loop's messages
-std::string describe_range(const std::pair<int, int>& r) { return range_text(r); }
 
 }  // namespace ilf

@@ -44,7 +44,7 @@ from ..compare import Budget, Check, budget, compare_to_reference, reference_gen
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, tool_versions
 from ..runtime.generator import Generator, Request
-from ..runtime.manifest import VARIANT_ENGINES, Manifest
+from ..runtime.manifest import VARIANT_ENGINES
 from .calibration import load_calibration
 
 MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq", "int8-ov")
@@ -60,11 +60,6 @@ STATIC_EXCLUDE = re.compile(r"/attn2/to_q/")
 
 def default_variant_name(mode: str) -> str:
     return mode.replace("-", "_")
-
-
-def quantizable_segments(manifest: Manifest) -> list[str]:
-    """The block segments and the feedback block: where nearly all FLOPs are."""
-    return [name for name, spec in manifest.segments.items() if spec.blocks or name == "feedback"]
 
 
 def linear_nodes(model: Any, static: bool = False) -> list[str]:
@@ -291,7 +286,7 @@ def _write_variant(
     segments: dict[str, Any] = {}
     counts: dict[str, int] = {}
     try:
-        for segment in quantizable_segments(bundle.manifest):
+        for segment in bundle.manifest.reduced_precision_segments:
             if progress:
                 progress(f"{mode} {segment}")
             samples = None if mode == "int8-dynamic" else load_calibration(bundle, segment)

@@ -324,6 +324,13 @@ class Manifest:
         return self.resolutions[0]
 
     @property
+    def reduced_precision_segments(self) -> tuple[str, ...]:
+        """The segments a reduced precision applies to (quantized variants, an engine's bf16): the
+        blocks and the feedback block, where nearly all FLOPs are. The rest (text encoder, timestep
+        and conditioning, embedding, final layer, VAE) stays f32."""
+        return tuple(n for n, s in self.segments.items() if s.blocks or n == "feedback")
+
+    @property
     def block_segments(self) -> tuple[SegmentSpec, ...]:
         """The block segments in order of the blocks they cover."""
         return tuple(sorted((s for s in self.segments.values() if s.blocks), key=lambda s: s.blocks or ()))

@@ -24,8 +24,8 @@ def verify_engines(
     request: Request | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[Check]:
-    """TensorRT against ONNX Runtime fp32 (CPU): each engine on one held-out trajectory's recorded
-    feeds (both `t` and `t_post`), then the plan's final latents."""
+    """TensorRT against ONNX Runtime fp32 (CPU): each engine on feeds recorded along one held-out
+    trajectory (a uniform sample of its calls), then the plan's final latents."""
     limits = engines_budget(bundle, variant)
     reference = run_reference(bundle, plan, request, max_samples=2, progress=progress)
     candidate = open_generator(bundle, variant, cuda_graphs=cuda_graphs)

@@ -276,8 +276,8 @@ class Engine {
 
 struct OpenVinoOptions {
   std::string device = "CPU";     // CPU here; GPU, GPU.N, NPU, AUTO are passed to OpenVINO (untested)
-  std::string precision = "f32";  // f32 (pinned: INFERENCE_PRECISION_HINT) or bf16 (AVX512_BF16/AMX)
-  std::string variant;            // a bundle variant OpenVINO reads (int8-ov, int8-qdq); "" = the bundle
+  std::string precision;          // "" or f32 (pinned: INFERENCE_PRECISION_HINT), or bf16 (AVX512_BF16/AMX)
+  std::string variant;            // a bundle variant OpenVINO reads (int8-ov, int8-qdq), or f32/bf16; "" = the bundle
   int threads = 0;                // INFERENCE_NUM_THREADS; 0 = OpenVINO's choice
   bool cache = true;              // compiled models in BUNDLE/openvino_cache (skipped if read-only)
 };

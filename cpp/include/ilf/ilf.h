@@ -1,0 +1,97 @@
+/* ilf: the C API of the ilf-deploy bundle runtime (README "Embedding in C++").
+ *
+ * Opaque handles, integer status codes and a per-thread error string; no C++ exception crosses this
+ * API. Every function returning int returns ILF_OK (0) or an ILF_ERROR_* code, and then
+ * ilf_last_error() says why in one line. Handles are not thread-safe: one generator per thread.
+ * Memory the library allocates for results (ilf_latents, ilf_image) is freed with the matching
+ * ilf_*_free function.
+ */
+#ifndef ILF_H
+#define ILF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+  ILF_OK = 0,
+  ILF_ERROR_BUNDLE = 1,  /* missing, edited or incomplete bundle; unknown schema version */
+  ILF_ERROR_CONFIG = 2,  /* a request or option that cannot work */
+  ILF_ERROR_ENGINE = 3,  /* the engine failed while running */
+  ILF_ERROR_INTERNAL = 4 /* anything else (out of memory, a bug) */
+};
+
+typedef struct ilf_bundle ilf_bundle;
+typedef struct ilf_generator ilf_generator;
+
+/* The library's version, e.g. "0.1.0". */
+const char* ilf_version(void);
+/* The last error of this thread, one line ("" when none); valid until this thread's next call. */
+const char* ilf_last_error(void);
+
+/* Open a bundle: the digest of manifest.json and every file's sha256 are checked. `digest`
+ * ("sha256:<hex>") pins the bundle; NULL accepts any. Returns NULL on error. */
+ilf_bundle* ilf_bundle_open(const char* path, const char* digest);
+void ilf_bundle_free(ilf_bundle* bundle);
+/* Strings owned by the bundle handle. */
+const char* ilf_bundle_digest(const ilf_bundle* bundle);
+const char* ilf_bundle_architecture(const ilf_bundle* bundle);
+const char* ilf_bundle_default_plan(const ilf_bundle* bundle);
+
+typedef struct ilf_openvino_options {
+  const char* device;    /* "CPU" (NULL: CPU); GPU, NPU, AUTO are passed to OpenVINO, untested */
+  const char* precision; /* "f32" (NULL: f32, pinned) or "bf16" */
+  const char* variant;   /* a bundle variant OpenVINO reads (int8-ov, int8-qdq), or NULL */
+  int threads;           /* 0: OpenVINO's choice */
+  int cache;             /* nonzero: cache compiled models in BUNDLE/openvino_cache */
+} ilf_openvino_options;
+
+void ilf_openvino_options_init(ilf_openvino_options* options);
+
+/* A generator on the OpenVINO engine; `options` may be NULL. The bundle handle may be freed after. */
+ilf_generator* ilf_generator_open(const ilf_bundle* bundle, const ilf_openvino_options* options);
+void ilf_generator_free(ilf_generator* generator);
+
+typedef struct ilf_request {
+  const char* prompt;          /* PixArt (NULL: "") */
+  const char* negative_prompt; /* PixArt, with guidance (NULL: "") */
+  int64_t class_label;         /* DiT; -1: none */
+  double guidance_scale;       /* NaN: the default (4.5 PixArt, 4.0 DiT); <= 1 disables guidance */
+  uint64_t seed;               /* of this library's noise (not numpy's stream: pass latents for that) */
+  int height, width;           /* pixels; 0: the bundle's first resolution */
+  const int64_t* token_ids;    /* optional: the prompt's ids, used instead of tokenising `prompt` */
+  const int64_t* attention_mask;
+  size_t num_tokens;
+} ilf_request;
+
+void ilf_request_init(ilf_request* request);
+
+typedef struct ilf_latents {
+  float* data;      /* shape[0] * shape[1] * shape[2] * shape[3] floats, C order */
+  int64_t shape[4]; /* (1, C, h, w) */
+} ilf_latents;
+
+typedef struct ilf_image {
+  uint8_t* rgb; /* height * width * 3, row-major */
+  int height, width;
+} ilf_image;
+
+/* Run `plan` (a bundled plan's name, or a plan .json file; NULL: the bundle's default plan) for
+ * `request`. `latents_in` (NULL: seeded noise) holds `latents_in_len` floats of the latent shape.
+ * On success `out` holds the final latents (free with ilf_latents_free). */
+int ilf_generate(ilf_generator* generator, const char* plan, const ilf_request* request, const float* latents_in,
+                 size_t latents_in_len, ilf_latents* out);
+/* Final latents -> an RGB image (the VAE decoder); free with ilf_image_free. */
+int ilf_decode(ilf_generator* generator, const ilf_latents* latents, ilf_image* out);
+int ilf_write_png(const char* path, const ilf_image* image);
+void ilf_latents_free(ilf_latents* latents);
+void ilf_image_free(ilf_image* image);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ILF_H */

@@ -1,0 +1,361 @@
+// The OpenVINO engine and tokenizer: ports of ilf_deploy/backends/openvino.py.
+//
+// Precision is pinned with INFERENCE_PRECISION_HINT (f32 by default: OpenVINO's CPU default is bf16
+// where the CPU has AVX512_BF16 or AMX) and PERFORMANCE_HINT=LATENCY, the Python backend's config, so
+// both runtimes compile the same kernels. Compiled models are cached in BUNDLE/openvino_cache as
+// exported blobs written beside their final name and renamed into place (a crash never leaves half a
+// blob), keyed on the segment's sha256, the device, the config, OpenVINO's build and this machine.
+// The C++ blobs have their own names (cpp-*.blob): the Python cache key includes Python library
+// versions this runtime cannot know, so the two caches never read each other's blobs.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <openvino/openvino.hpp>
+#include <sstream>
+
+#include "internal.hpp"
+
+#ifndef ILF_OPENVINO_TOKENIZERS_LIB
+#define ILF_OPENVINO_TOKENIZERS_LIB ""
+#endif
+
+namespace ilf {
+namespace {
+
+std::mutex core_mutex;
+
+ov::Core& core() {
+  static ov::Core instance;
+  return instance;
+}
+
+std::string first_line(const std::string& text) {
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    line.erase(0, line.find_first_not_of(" \t\r"));
+    if (!line.empty()) return line;
+  }
+  return "unknown error";
+}
+
+std::string upper(std::string s) {
+  for (auto& c : s) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  return s;
+}
+
+/// `cpu` -> `CPU`; OpenVINO's device names (GPU, GPU.1, NPU, AUTO:GPU,CPU...) pass through.
+std::string ov_device(const std::string& device) {
+  std::string name = upper(device);
+  std::string family = name.substr(0, name.find(':'));
+  family = family.substr(0, family.find('.'));
+  static const std::vector<std::string> families = {"CPU", "GPU", "NPU", "AUTO", "HETERO", "MULTI", "BATCH"};
+  if (std::find(families.begin(), families.end(), family) == families.end())
+    detail::config_error("--device " + device +
+                         " is not an OpenVINO device; use cpu, GPU, GPU.N, NPU or AUTO (GPU/NPU were never tested by this project)");
+  if (family == "CPU" || family == "GPU" || family == "NPU") {
+    std::vector<std::string> available;
+    {
+      std::lock_guard<std::mutex> lock(core_mutex);
+      available = core().get_available_devices();
+    }
+    bool found = std::any_of(available.begin(), available.end(), [&](const std::string& d) { return d.rfind(family, 0) == 0; });
+    if (!found)
+      detail::config_error("OpenVINO sees no " + family + " here (it has: " + (available.empty() ? "none" : detail::join(available, ", ")) +
+                           ")");
+  }
+  return name;
+}
+
+ov::element::Type precision_type(const std::string& precision) {
+  return precision == "bf16" ? ov::element::bf16 : ov::element::f32;
+}
+
+struct Port {
+  std::string name;
+  ov::Output<const ov::Node> port;
+  ov::element::Type type;
+};
+
+struct Compiled {
+  ov::CompiledModel model;
+  ov::InferRequest request;
+  std::vector<Port> inputs, outputs;
+};
+
+ov::Tensor to_ov(const Tensor& t, const ov::element::Type& type, const std::string& segment, const std::string& name) {
+  ov::Shape shape(t.shape().begin(), t.shape().end());
+  void* data = const_cast<void*>(t.raw());
+  const int64_t n = t.numel();
+  if (t.dtype() == DType::f32 && type == ov::element::f32) return ov::Tensor(type, shape, data);
+  if (t.dtype() == DType::i64 && type == ov::element::i64) return ov::Tensor(type, shape, data);
+  ov::Tensor out(type, shape);
+  auto convert = [&](auto* dst) {
+    using D = std::remove_pointer_t<decltype(dst)>;
+    if (t.dtype() == DType::f32) {
+      const float* src = t.f32_data();
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+    } else {
+      const int64_t* src = t.i64_data();
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+    }
+  };
+  if (type == ov::element::f32) convert(out.data<float>());
+  else if (type == ov::element::f16) convert(out.data<ov::float16>());
+  else if (type == ov::element::bf16) convert(out.data<ov::bfloat16>());
+  else if (type == ov::element::i64) convert(out.data<int64_t>());
+  else if (type == ov::element::i32) convert(out.data<int32_t>());
+  else detail::engine_error("segment " + segment + " input " + name + " has element type " + type.get_type_name() + ", which this runtime does not feed");
+  return out;
+}
+
+Tensor from_ov(const ov::Tensor& t, const std::string& segment, const std::string& name) {
+  const ov::Shape& s = t.get_shape();
+  Shape shape(s.begin(), s.end());
+  const ov::element::Type type = t.get_element_type();
+  const size_t n = t.get_size();
+  if (type == ov::element::f32 || type == ov::element::f16 || type == ov::element::bf16) {
+    Tensor out(DType::f32, shape);
+    float* dst = out.f32_data();
+    if (type == ov::element::f32) std::memcpy(dst, t.data(), n * sizeof(float));
+    else if (type == ov::element::f16)
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(t.data<const ov::float16>()[i]);
+    else
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(t.data<const ov::bfloat16>()[i]);
+    return out;
+  }
+  if (type == ov::element::i64 || type == ov::element::i32) {
+    Tensor out(DType::i64, shape);
+    int64_t* dst = out.i64_data();
+    if (type == ov::element::i64) std::memcpy(dst, t.data(), n * sizeof(int64_t));
+    else
+      for (size_t i = 0; i < n; ++i) dst[i] = t.data<const int32_t>()[i];
+    return out;
+  }
+  detail::engine_error("segment " + segment + " output " + name + " has element type " + type.get_type_name() +
+                       ", which this runtime does not read");
+}
+
+class OpenVinoEngine final : public Engine {
+ public:
+  OpenVinoEngine(Bundle bundle, OpenVinoOptions options) : bundle_(std::move(bundle)), options_(std::move(options)) {
+    config_ = {ov::hint::inference_precision(precision_type(options_.precision)),
+               ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY)};
+    if (options_.threads > 0) config_.emplace(ov::inference_num_threads(options_.threads));
+    machine_ = cpu_model() + "|" + detail::join(cpu_flags(), ",") + "|" + std::to_string(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));
+  }
+
+  std::string name() const override { return "openvino"; }
+  std::string describe() const override {
+    return "openvino " + options_.device + " " + options_.precision + (options_.variant.empty() ? "" : " variant " + options_.variant);
+  }
+  std::string variant() const override { return options_.variant; }
+  const Timings* inference_timings() const override { return &infer_; }
+
+  Feeds run(const std::string& segment, const Feeds& inputs) override {
+    Compiled& c = compiled(segment);
+    for (const Port& p : c.inputs) {
+      auto it = inputs.find(p.name);
+      if (it == inputs.end()) detail::engine_error("segment " + segment + " needs input '" + p.name + "'");
+      c.request.set_tensor(p.port, to_ov(it->second, p.type, segment, p.name));
+    }
+    double start = detail::now_s();
+    try {
+      c.request.infer();
+    } catch (const std::exception& e) {
+      detail::engine_error("OpenVINO failed running " + segment + ": " + first_line(e.what()));
+    }
+    infer_.add(segment, detail::now_s() - start);
+    Feeds out;
+    for (const Port& p : c.outputs) out.emplace(p.name, from_ov(c.request.get_tensor(p.port), segment, p.name));
+    return out;
+  }
+
+ private:
+  std::string cache_path(const std::string& segment) const {
+    const Manifest& m = bundle_.manifest();
+    std::string rel = m.segment(segment, options_.variant).file;
+    std::string stem = rel.substr(0, rel.rfind('.'));
+    std::string key = "ilf-cpp-cache-1";
+    for (auto& [f, digest] : m.files)  // the graph and its external data / IR weights
+      if (f == rel || f.rfind(rel + ".", 0) == 0 || f == stem + ".bin") key += "|" + f + "=" + digest;
+    key += "|" + options_.device + "|" + options_.precision + "|LATENCY|" + std::to_string(options_.threads);
+    key += "|" + openvino_version() + "|" + machine_;
+    return detail::join_path(bundle_.path(), "openvino_cache/cpp-" + segment + "." + sha256_hex(key.data(), key.size()).substr(0, 20) + ".blob");
+  }
+
+  Compiled& compiled(const std::string& segment) {
+    auto it = compiled_.find(segment);
+    if (it != compiled_.end()) return it->second;
+    const std::string path = bundle_.segment_path(segment, options_.variant);
+    const std::string blob = options_.cache ? cache_path(segment) : "";
+    Compiled c;
+    bool loaded = false;
+    std::lock_guard<std::mutex> lock(core_mutex);
+    if (!blob.empty() && detail::is_file(blob)) {
+      try {  // unreadable or stale: compile again and replace it
+        std::ifstream in(blob, std::ios::binary);
+        c.model = core().import_model(in, options_.device, config_);
+        loaded = true;
+      } catch (const std::exception&) {
+      }
+    }
+    if (!loaded) {
+      try {
+        c.model = core().compile_model(core().read_model(path), options_.device, config_);
+      } catch (const std::exception& e) {
+        detail::bundle_error("OpenVINO cannot compile " + path + " for " + options_.device + ": " + first_line(e.what()));
+      }
+      if (!blob.empty()) {  // a read-only bundle, or a device without export: run uncached
+        try {
+          std::ostringstream os;
+          c.model.export_model(os);
+          ::mkdir(detail::join_path(bundle_.path(), "openvino_cache").c_str(), 0755);
+          detail::write_atomic(blob, os.str());
+        } catch (const std::exception&) {
+        }
+      }
+    }
+    const SegmentSpec& spec = bundle_.manifest().segment(segment, options_.variant);
+    std::vector<std::string> declared = spec.input_names();
+    for (auto& n : spec.output_names()) declared.push_back(n);
+    auto named = [&](const ov::Output<const ov::Node>& port) {
+      const auto& names = port.get_names();
+      for (auto& d : declared)
+        if (names.count(d)) return d;
+      return port.get_any_name();
+    };
+    for (auto& p : c.model.inputs()) c.inputs.push_back({named(p), p, p.get_element_type()});
+    for (auto& p : c.model.outputs()) c.outputs.push_back({named(p), p, p.get_element_type()});
+    c.request = c.model.create_infer_request();
+    return compiled_.emplace(segment, std::move(c)).first->second;
+  }
+
+  Bundle bundle_;
+  OpenVinoOptions options_;
+  ov::AnyMap config_;
+  std::string machine_;
+  std::map<std::string, Compiled> compiled_;
+  Timings infer_;
+};
+
+// -- tokenizer ------------------------------------------------------------------------------------
+
+std::once_flag extension_once;
+std::string extension_error;
+
+void load_tokenizers_extension() {
+  std::call_once(extension_once, [] {
+    std::vector<std::string> candidates;
+    if (const char* env = std::getenv("ILF_OPENVINO_TOKENIZERS"); env && *env) candidates.push_back(env);
+    if (*ILF_OPENVINO_TOKENIZERS_LIB) candidates.push_back(ILF_OPENVINO_TOKENIZERS_LIB);
+    candidates.push_back("libopenvino_tokenizers.so");
+    std::string last;
+    for (auto& path : candidates) {
+      if (path.find('/') != std::string::npos && !detail::is_file(path)) {
+        last = path + " does not exist";
+        continue;
+      }
+      try {
+        std::lock_guard<std::mutex> lock(core_mutex);
+        core().add_extension(path);
+        return;
+      } catch (const std::exception& e) {
+        last = path + ": " + first_line(e.what());
+      }
+    }
+    extension_error = "the OpenVINO tokenizer needs the openvino_tokenizers extension library (" + last +
+                      "): pip install openvino-tokenizers matching OpenVINO " + openvino_version() +
+                      ", or set ILF_OPENVINO_TOKENIZERS to its libopenvino_tokenizers.so; or pass --token-ids FILE";
+  });
+  if (!extension_error.empty()) detail::config_error(extension_error);
+}
+
+class OvTokenizer final : public Tokenizer {
+ public:
+  explicit OvTokenizer(const Bundle& bundle) {
+    const auto& spec = bundle.manifest().tokenizer;
+    if (!spec) detail::config_error("this bundle has no tokenizer (class-conditional model); pass --class-label");
+    if (!spec->openvino)
+      detail::config_error(
+          "this bundle has no OpenVINO tokenizer (manifest tokenizer.openvino: `ilf-deploy build` adds it where "
+          "openvino-tokenizers is installed and converts the tokenizer exactly); pass --token-ids FILE");
+    max_length_ = spec->max_length;
+    load_tokenizers_extension();
+    std::string path = detail::join_path(bundle.path(), *spec->openvino);
+    try {
+      std::lock_guard<std::mutex> lock(core_mutex);
+      model_ = core().compile_model(path, "CPU");
+      request_ = model_.create_infer_request();
+    } catch (const std::exception& e) {
+      detail::config_error("OpenVINO cannot load the tokenizer " + path + ": " + first_line(e.what()));
+    }
+  }
+
+  TokenIds encode(const std::string& text) override {
+    ov::Tensor in(ov::element::string, ov::Shape{1});
+    in.data<std::string>()[0] = text;
+    request_.set_input_tensor(in);
+    try {
+      request_.infer();
+    } catch (const std::exception& e) {
+      detail::engine_error("the OpenVINO tokenizer failed: " + first_line(e.what()));
+    }
+    TokenIds out;
+    out.input_ids = row(request_.get_tensor("input_ids"));
+    out.attention_mask = row(request_.get_tensor("attention_mask"));
+    if (static_cast<int>(out.input_ids.size()) != max_length_ || out.attention_mask.size() != out.input_ids.size())
+      detail::engine_error("the OpenVINO tokenizer gave " + std::to_string(out.input_ids.size()) + " ids, not the " +
+                           std::to_string(max_length_) + " of the manifest's max_length");
+    return out;
+  }
+
+ private:
+  static std::vector<int64_t> row(const ov::Tensor& t) {
+    Tensor v = from_ov(t, "tokenizer", "ids");
+    return {v.i64_data(), v.i64_data() + v.numel()};
+  }
+
+  int max_length_ = 0;
+  ov::CompiledModel model_;
+  ov::InferRequest request_;
+};
+
+}  // namespace
+
+std::string openvino_version() { return ov::get_openvino_version().buildNumber; }
+
+std::unique_ptr<Engine> make_openvino_engine(const Bundle& bundle, const OpenVinoOptions& given) {
+  OpenVinoOptions options = given;
+  // `--variant f32|bf16` names a precision unless the bundle has a variant of that name
+  if ((options.variant == "f32" || options.variant == "bf16") && !bundle.manifest().variants.count(options.variant)) {
+    if (!given.precision.empty() && given.precision != options.variant)
+      detail::config_error("variant '" + options.variant + "' and precision '" + given.precision + "' disagree");
+    options.precision = options.variant;
+    options.variant.clear();
+  }
+  if (options.precision.empty()) options.precision = "f32";
+  if (options.precision != "f32" && options.precision != "bf16")
+    detail::config_error("OpenVINO precision must be one of f32, bf16, got '" + options.precision + "'");
+  if (!options.variant.empty()) {
+    const VariantSpec& spec = bundle.manifest().variant(options.variant);  // lists the known ones
+    auto engines = spec.engines();
+    if (std::find(engines.begin(), engines.end(), "openvino") == engines.end())
+      detail::config_error("variant '" + options.variant + "' (" + spec.mode + ") runs on --backend " + detail::join(engines, " or ") +
+                           ", not openvino");
+  }
+  options.device = ov_device(options.device.empty() ? "CPU" : options.device);
+  if (options.precision == "bf16" && options.device.rfind("CPU", 0) == 0 && !cpu_has_flag("avx512_bf16") &&
+      !cpu_has_flag("amx_bf16"))
+    detail::config_error("bf16 on the OpenVINO CPU needs AVX512_BF16 or AMX (this CPU has neither): use f32 or an int8 variant");
+  return std::make_unique<OpenVinoEngine>(bundle, options);
+}
+
+std::unique_ptr<Tokenizer> make_openvino_tokenizer(const Bundle& bundle) { return std::make_unique<OvTokenizer>(bundle); }
+
+}  // namespace ilf

@@ -1,0 +1,601 @@
+// The denoising loop and generation: ports of ilf_deploy/runtime/runner.py (SegmentRunner),
+// runtime/loop.py (model_output, denoise) and runtime/generator.py + pipeline.py (Generator,
+// BundleGenerator). Array arithmetic is float32 element by element in numpy's order of operations
+// (a Python float times a float32 array is a float32 product), built without FMA contraction, so
+// the glue between segment calls computes what numpy computes, bit for bit.
+#include <algorithm>
+#include <clocale>
+#include <cmath>
+#include <cstring>
+#include <cwctype>
+#include <locale.h>
+
+#include "internal.hpp"
+
+namespace ilf {
+
+// -- array operations -----------------------------------------------------------------------------
+
+namespace {
+
+Tensor concat0(const std::vector<Tensor>& parts) {
+  if (parts.empty()) detail::config_error("nothing to concatenate");
+  Shape shape = parts[0].shape();
+  int64_t rows = 0;
+  for (auto& p : parts) {
+    if (p.dtype() != parts[0].dtype() || p.shape().size() != shape.size() ||
+        !std::equal(p.shape().begin() + 1, p.shape().end(), shape.begin() + 1))
+      detail::config_error("cannot concatenate " + parts[0].shape_string() + " and " + p.shape_string());
+    rows += p.shape()[0];
+  }
+  shape[0] = rows;
+  Tensor out(parts[0].dtype(), shape);
+  auto* dst = static_cast<unsigned char*>(out.raw());
+  for (auto& p : parts) {
+    std::memcpy(dst, p.raw(), p.nbytes());
+    dst += p.nbytes();
+  }
+  return out;
+}
+
+Tensor rows(const Tensor& t, int64_t begin, int64_t end) {
+  Shape shape = t.shape();
+  shape[0] = end - begin;
+  Tensor out(t.dtype(), shape);
+  size_t row = shape[0] ? out.nbytes() / shape[0] : 0;
+  std::memcpy(out.raw(), static_cast<const unsigned char*>(t.raw()) + begin * row, out.nbytes());
+  return out;
+}
+
+void same_shape(const Tensor& a, const Tensor& b, const char* what) {
+  if (a.shape() != b.shape()) detail::config_error(std::string(what) + ": shapes " + a.shape_string() + " and " + b.shape_string());
+}
+
+Tensor sub(const Tensor& a, const Tensor& b) {
+  same_shape(a, b, "a - b");
+  Tensor out(DType::f32, a.shape());
+  const float *x = a.f32_data(), *y = b.f32_data();
+  float* o = out.f32_data();
+  for (int64_t i = 0, n = a.numel(); i < n; ++i) o[i] = x[i] - y[i];
+  return out;
+}
+
+Tensor add(const Tensor& a, const Tensor& b) {
+  same_shape(a, b, "a + b");
+  Tensor out(DType::f32, a.shape());
+  const float *x = a.f32_data(), *y = b.f32_data();
+  float* o = out.f32_data();
+  for (int64_t i = 0, n = a.numel(); i < n; ++i) o[i] = x[i] + y[i];
+  return out;
+}
+
+/// p*a + q*b, as numpy evaluates `p * a + q * b` for Python floats p, q and float32 arrays.
+Tensor lincomb(double p, const Tensor& a, double q, const Tensor& b) {
+  same_shape(a, b, "p*a + q*b");
+  Tensor out(DType::f32, a.shape());
+  const float fp = static_cast<float>(p), fq = static_cast<float>(q);
+  const float *x = a.f32_data(), *y = b.f32_data();
+  float* o = out.f32_data();
+  for (int64_t i = 0, n = a.numel(); i < n; ++i) {
+    const float u = fp * x[i];
+    const float v = fq * y[i];
+    o[i] = u + v;
+  }
+  return out;
+}
+
+/// a + c*b in place on `a` (a fresh tensor owned by the caller).
+void add_scaled(Tensor& a, double c, const Tensor& b) {
+  same_shape(a, b, "a + c*b");
+  const float fc = static_cast<float>(c);
+  float* x = a.f32_data();
+  const float* y = b.f32_data();
+  for (int64_t i = 0, n = a.numel(); i < n; ++i) {
+    const float v = fc * y[i];
+    x[i] = x[i] + v;
+  }
+}
+
+const Tensor& output(const Feeds& out, const std::string& name, const std::string& segment) {
+  auto it = out.find(name);
+  if (it == out.end()) detail::engine_error("segment " + segment + " gave no output '" + name + "'");
+  return it->second;
+}
+
+}  // namespace
+
+// -- Segments (runtime/runner.py) -----------------------------------------------------------------
+
+Segments::Segments(Bundle bundle, Engine& engine) : bundle_(std::move(bundle)), engine_(engine) {}
+
+int Segments::latent_channels() const { return bundle_.manifest().model.latent_channels; }
+int Segments::num_blocks() const { return bundle_.manifest().model.num_blocks; }
+std::optional<std::pair<int, int>> Segments::loop() const { return bundle_.manifest().loop; }
+
+Feeds Segments::run(const std::string& name, const Feeds& feeds) {
+  auto it = input_names_.find(name);
+  if (it == input_names_.end())
+    it = input_names_.emplace(name, bundle_.manifest().segment(name, engine_.variant()).input_names()).first;
+  std::vector<std::string> missing;
+  for (auto& n : it->second)
+    if (!feeds.count(n)) missing.push_back(n);
+  if (!missing.empty())
+    detail::bundle_error("segment " + name + " needs inputs " + detail::py_list(missing) + " the runtime did not give");
+  if (recorder) recorder(name, feeds);
+  Feeds selected;
+  for (auto& n : it->second) selected.emplace(n, feeds.at(n));
+  double start = detail::now_s();
+  Feeds out = engine_.run(name, selected);
+  timings_.add(name, detail::now_s() - start);
+  return out;
+}
+
+Feeds Segments::context(const Feeds& inputs) {
+  Feeds merged = inputs;  // inputs stay visible: the time segment reads the size conditions from them
+  for (auto& [k, v] : run("context", inputs)) merged[k] = v;
+  return merged;
+}
+
+Feeds Segments::conditioning(double timestep, const Feeds& context) {
+  if (context.empty()) detail::config_error("no conditioning inputs");
+  int64_t batch = context.begin()->second.dim(0);
+  Feeds feeds = context;
+  Tensor t(DType::f32, {batch});
+  std::fill(t.f32_data(), t.f32_data() + batch, static_cast<float>(timestep));
+  feeds["timestep"] = t;
+  Feeds out = context;
+  for (auto& [k, v] : run("time", feeds)) out[k] = v;
+  return out;
+}
+
+Tensor Segments::embed(const Tensor& latents) {
+  std::pair<int, int> size(static_cast<int>(latents.dim(-2)), static_cast<int>(latents.dim(-1)));
+  auto it = positions_.find(size);
+  if (it == positions_.end()) it = positions_.emplace(size, bundle_.positions(size.first, size.second)).first;
+  return output(run("embed", {{"latents", latents}, {"pos_embed", it->second}}), "hidden", "embed");
+}
+
+Tensor Segments::blocks(int start, int end, const Tensor& hidden, const Feeds& cond, const Tensor* feed) {
+  int position = start;
+  Tensor h = hidden;
+  for (const SegmentSpec* spec : bundle_.manifest().block_segments()) {
+    auto [first, last] = *spec->blocks;
+    if (first < start || last > end) continue;
+    if (first != position) break;
+    Feeds feeds = cond;
+    feeds["hidden"] = h;
+    if (spec->takes_feed()) feeds["feed"] = feed ? *feed : Tensor(DType::f32, h.shape());
+    h = output(run(spec->name, feeds), "hidden_out", spec->name);
+    position = last + 1;
+  }
+  if (position != end + 1)
+    detail::config_error("the bundle has no segments covering blocks " + std::to_string(start) + "-" + std::to_string(end) +
+                         " exactly");
+  return h;
+}
+
+Tensor Segments::inner_loop(const Tensor& hidden, const Feeds& cond, const Feeds& cond_post) {
+  auto [start, end] = *loop();  // check_plan guarantees a loop
+  Feeds feeds = cond;
+  feeds["hidden"] = blocks(start, end, hidden, cond);
+  Tensor f_feed = output(run("feedback", feeds), "feed", "feedback");
+  return blocks(start, end, hidden, cond_post, &f_feed);
+}
+
+Tensor Segments::final(const Tensor& hidden, const Feeds& cond, int64_t height, int64_t width) {
+  Feeds feeds = cond;
+  feeds["hidden"] = hidden;
+  Tensor tokens = output(run("final", feeds), "tokens", "final");
+  const int64_t p = bundle_.manifest().model.patch_size, c = bundle_.manifest().model.out_channels;
+  const int64_t b = tokens.dim(0), hp = height / p, wp = width / p;
+  if (tokens.numel() != b * hp * wp * p * p * c)
+    detail::engine_error("segment final gave tokens " + tokens.shape_string() + " for a " + std::to_string(height) + "x" +
+                         std::to_string(width) + " latent");
+  // reshape (B, h/p, w/p, p, p, C) -> permute (0, 5, 1, 3, 2, 4) -> (B, C, h, w)
+  Tensor out(DType::f32, {b, c, height, width});
+  const float* src = tokens.f32_data();
+  float* dst = out.f32_data();
+  for (int64_t n = 0; n < b; ++n)
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t i = 0; i < hp; ++i)
+        for (int64_t pi = 0; pi < p; ++pi)
+          for (int64_t j = 0; j < wp; ++j)
+            for (int64_t pj = 0; pj < p; ++pj)
+              *dst++ = src[((((n * hp + i) * wp + j) * p + pi) * p + pj) * c + ch];
+  return out;
+}
+
+// -- the loop (runtime/loop.py) -------------------------------------------------------------------
+
+void check_plan(const Plan& plan, const Segments& segments) {
+  if (plan.num_blocks != segments.num_blocks())
+    detail::config_error("plan '" + plan.name + "' is for " + std::to_string(plan.num_blocks) + " blocks; the model has " +
+                         std::to_string(segments.num_blocks()));
+  if (!plan.feedback_steps().empty()) {
+    if (!segments.loop())
+      detail::config_error("plan '" + plan.name + "' uses ILF feedback but the model has no feedback module");
+    if (plan.loop != segments.loop()) {
+      auto text = [](const std::optional<std::pair<int, int>>& r) {
+        return r ? "(" + std::to_string(r->first) + ", " + std::to_string(r->second) + ")" : std::string("None");
+      };
+      detail::config_error("plan '" + plan.name + "' loops over blocks " + text(plan.loop) + "; the feedback was trained for " +
+                           text(segments.loop()));
+    }
+  }
+}
+
+namespace {
+
+/// One network evaluation as the plan says: the (unguided) epsilon for [uncond; cond].
+Tensor model_output(Segments& seg, const Step& step, const Tensor& x, const Feeds& context, bool guided,
+                    std::map<std::string, Tensor>& deltas) {
+  Feeds cond = seg.conditioning(step.timestep, context);
+  Feeds cond_post = step.t_post ? seg.conditioning(*step.t_post, context) : cond;
+  Tensor h = seg.embed(guided ? concat0({x, x}) : x);
+  for (const Op& op : step.ops) {
+    const Feeds& c = op.time == TimeRef::t_post ? cond_post : cond;
+    switch (op.kind) {
+      case OpKind::blocks: h = seg.blocks(op.start, op.end, h, c); break;
+      case OpKind::ilf: h = seg.inner_loop(h, cond, cond_post); break;  // eqs. 2-3, second pass at t_post
+      case OpKind::cache_refresh: {
+        Tensor out = seg.blocks(op.start, op.end, h, c);
+        deltas[op.key] = sub(out, h);
+        h = out;
+        break;
+      }
+      case OpKind::cache_reuse: {
+        auto it = deltas.find(op.key);
+        if (it == deltas.end())
+          detail::config_error("step " + std::to_string(step.index) + " reuses the Δ-cache '" + op.key +
+                               "' before any step refreshed it");
+        h = add(h, it->second);
+        break;
+      }
+    }
+  }
+  const Feeds& final_cond = step.final_time == TimeRef::t_post ? cond_post : cond;
+  Tensor out = seg.final(h, final_cond, x.dim(-2), x.dim(-1));
+  const int64_t b = out.dim(0), c = out.dim(1), hw = out.dim(2) * out.dim(3), keep = seg.latent_channels();
+  if (keep > c) detail::engine_error("the final layer gave fewer channels than the latents have");
+  Tensor eps(DType::f32, {b, keep, out.dim(2), out.dim(3)});  // drop learned-sigma channels
+  for (int64_t n = 0; n < b; ++n)
+    std::memcpy(eps.f32_data() + n * keep * hw, out.f32_data() + n * c * hw, sizeof(float) * keep * hw);
+  return eps;
+}
+
+}  // namespace
+
+Tensor denoise(Segments& seg, const Plan& plan, const Tensor& latents, const Feeds& inputs,
+               const std::vector<float>& guidance, const std::function<void(int)>& on_step) {
+  check_plan(plan, seg);
+  if (guidance.empty()) detail::config_error("no guidance scale");
+  const bool guided = guidance.size() > 1 || guidance[0] > 1.0f;
+  const Feeds context = seg.context(inputs);
+  Tensor x = latents;
+  std::vector<Tensor> x0_history;
+  std::map<std::string, Tensor> deltas;
+  for (const Step& step : plan.steps) {
+    Tensor eps = model_output(seg, step, x, context, guided, deltas);
+    if (guided) {
+      const int64_t n = x.dim(0), per = x.numel() / n;
+      if (guidance.size() > 1 && static_cast<int64_t>(guidance.size()) != n)
+        detail::config_error("one guidance scale per image, or one for all");
+      Tensor guided_eps(DType::f32, x.shape());
+      const float* uncond = eps.f32_data();
+      const float* text = uncond + n * per;
+      float* o = guided_eps.f32_data();
+      for (int64_t img = 0; img < n; ++img) {
+        const float g = guidance.size() == 1 ? guidance[0] : guidance[img];
+        for (int64_t i = img * per; i < (img + 1) * per; ++i) {
+          const float d = text[i] - uncond[i];
+          const float m = g * d;
+          o[i] = uncond[i] + m;
+        }
+      }
+      eps = guided_eps;
+    }
+    const Coefficients& k = step.coefficients;
+    Tensor x0 = lincomb(k.x0_x, x, k.x0_eps, eps);  // the solver's data prediction, for multistep updates
+    Tensor x_next = lincomb(k.x, x, k.eps, eps);
+    for (size_t j = 0; j < k.history.size() && j < x0_history.size(); ++j)
+      add_scaled(x_next, k.history[j], x0_history[x0_history.size() - 1 - j]);
+    x0_history.push_back(x0);
+    x = x_next;
+    if (on_step) on_step(step.index);
+  }
+  return x;
+}
+
+// -- generation (runtime/generator.py, runtime/pipeline.py) ---------------------------------------
+
+double default_guidance(const std::string& architecture) { return architecture == "dit" ? 4.0 : 4.5; }
+
+namespace {
+
+// xoshiro256** seeded through splitmix64: a documented, portable stream (not numpy's PCG64).
+struct Rng {
+  uint64_t s[4];
+  explicit Rng(uint64_t seed) {
+    for (auto& v : s) {
+      seed += 0x9e3779b97f4a7c15ULL;
+      uint64_t z = seed;
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+      v = z ^ (z >> 31);
+    }
+  }
+  static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+  uint64_t next() {
+    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+  }
+  double uniform() { return ((next() >> 11) + 0.5) * (1.0 / 9007199254740992.0); }  // (0, 1)
+};
+
+bool python_space(uint32_t c) {
+  return (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x20) || c == 0x85 || c == 0xa0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f || c == 0x3000;
+}
+
+/// UTF-8 -> code points; false on malformed input.
+bool decode_utf8(const std::string& s, std::vector<uint32_t>& out) {
+  for (size_t i = 0; i < s.size();) {
+    unsigned char c = s[i];
+    int extra = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : -1;
+    if (extra < 0 || i + extra >= s.size()) return false;
+    uint32_t cp = extra == 0 ? c : c & (0x3f >> extra);
+    for (int k = 1; k <= extra; ++k) {
+      unsigned char d = s[i + k];
+      if ((d & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3f);
+    }
+    out.push_back(cp);
+    i += extra + 1;
+  }
+  return true;
+}
+
+void encode_utf8(uint32_t cp, std::string& out) {
+  if (cp < 0x80) {
+    out += static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    out += static_cast<char>(0xc0 | (cp >> 6));
+    out += static_cast<char>(0x80 | (cp & 0x3f));
+  } else if (cp < 0x10000) {
+    out += static_cast<char>(0xe0 | (cp >> 12));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
+    out += static_cast<char>(0x80 | (cp & 0x3f));
+  } else {
+    out += static_cast<char>(0xf0 | (cp >> 18));
+    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3f));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
+    out += static_cast<char>(0x80 | (cp & 0x3f));
+  }
+}
+
+}  // namespace
+
+std::string preprocess_prompt(const std::string& prompt) {
+  std::vector<uint32_t> cps;
+  if (!decode_utf8(prompt, cps)) {  // not UTF-8: ASCII rules only
+    std::string s = prompt;
+    for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    size_t a = s.find_first_not_of(" \t\n\v\f\r"), b = s.find_last_not_of(" \t\n\v\f\r");
+    return a == std::string::npos ? "" : s.substr(a, b - a + 1);
+  }
+  static locale_t utf8 = newlocale(LC_CTYPE_MASK, "C.UTF-8", static_cast<locale_t>(nullptr));
+  size_t first = 0, last = cps.size();
+  while (first < last && python_space(cps[first])) ++first;
+  while (last > first && python_space(cps[last - 1])) --last;
+  std::string out;
+  for (size_t i = first; i < last; ++i) {
+    uint32_t c = cps[i];
+    if (c < 0x80) c = static_cast<uint32_t>(std::tolower(static_cast<int>(c)));
+    else if (utf8) c = static_cast<uint32_t>(towlower_l(static_cast<wint_t>(c), utf8));
+    encode_utf8(c, out);
+  }
+  return out;
+}
+
+Generator::Generator(Bundle bundle, std::unique_ptr<Engine> engine)
+    : bundle_(std::move(bundle)), engine_(std::move(engine)) {
+  if (!engine_) detail::config_error("a generator needs an engine");
+  segments_ = std::make_unique<Segments>(bundle_, *engine_);
+}
+
+void Generator::set_tokenizer(std::unique_ptr<Tokenizer> tokenizer) {
+  tokenizer_ = std::move(tokenizer);
+  prompt_cache_.clear();
+}
+
+Request Generator::resolve(const Request& request) const {
+  Request r = request;
+  auto [height, width] = bundle_.manifest().resolutions.front();
+  if (!r.height) r.height = height;
+  if (!r.width) r.width = width;
+  if (!r.guidance_scale) r.guidance_scale = default_guidance(bundle_.manifest().architecture);
+  return r;
+}
+
+std::pair<int, int> Generator::latent_size(const Request& request) const {
+  Request r = resolve(request);
+  const Manifest& m = bundle_.manifest();
+  auto& sizes = m.resolutions;
+  if (std::find(sizes.begin(), sizes.end(), std::make_pair(r.height, r.width)) == sizes.end()) {
+    std::vector<std::string> built;
+    for (auto& [h, w] : sizes) built.push_back(std::to_string(h) + "x" + std::to_string(w));
+    detail::config_error("the bundle was built for " + detail::join(built, ", ") + ", not " + std::to_string(r.height) + "x" +
+                         std::to_string(r.width) + "; rebuild with --resolutions");
+  }
+  int factor = m.model.vae_scale_factor * m.model.patch_size;
+  if (r.height <= 0 || r.width <= 0 || r.height % factor || r.width % factor)
+    detail::config_error("height and width must be positive multiples of " + std::to_string(factor) + ", got " +
+                         std::to_string(r.height) + "x" + std::to_string(r.width));
+  if (m.architecture == "dit" && r.height != r.width) detail::config_error("DiT generates square images only");
+  return {r.height / m.model.vae_scale_factor, r.width / m.model.vae_scale_factor};
+}
+
+Tensor Generator::initial_latents(const Request& request) const {
+  auto [h, w] = latent_size(request);
+  Tensor t(DType::f32, {1, bundle_.manifest().model.latent_channels, h, w});
+  Rng rng(request.seed);
+  float* d = t.f32_data();
+  const double two_pi = 6.283185307179586;
+  for (int64_t i = 0, n = t.numel(); i < n; i += 2) {  // Box-Muller
+    double r = std::sqrt(-2.0 * std::log(rng.uniform())), a = two_pi * rng.uniform();
+    d[i] = static_cast<float>(r * std::cos(a));
+    if (i + 1 < n) d[i + 1] = static_cast<float>(r * std::sin(a));
+  }
+  return t;
+}
+
+std::pair<Tensor, Tensor> Generator::encode_tokens(const TokenIds& tokens) {
+  if (tokens.input_ids.empty()) detail::config_error("no token ids");
+  if (tokens.attention_mask.size() != tokens.input_ids.size())
+    detail::config_error("token ids and attention mask differ in length (" + std::to_string(tokens.input_ids.size()) + " and " +
+                         std::to_string(tokens.attention_mask.size()) + ")");
+  const int64_t n = static_cast<int64_t>(tokens.input_ids.size());
+  Tensor ids = Tensor::i64({1, n}, tokens.input_ids), mask = Tensor::i64({1, n}, tokens.attention_mask);
+  Feeds out = segments_->run("text_encoder", {{"input_ids", ids}, {"attention_mask", mask}});
+  return {output(out, "prompt_embeds", "text_encoder"), mask};
+}
+
+std::pair<Tensor, Tensor> Generator::encode_prompt(const std::string& prompt) { return encoded(prompt, {}); }
+
+std::pair<Tensor, Tensor> Generator::encoded(const std::string& prompt, const TokenIds& tokens) {
+  std::string key = "p:" + prompt;
+  if (!tokens.empty()) {
+    key = "t:";
+    for (size_t i = 0; i < tokens.input_ids.size(); ++i)
+      key += std::to_string(tokens.input_ids[i]) + "/" + std::to_string(tokens.attention_mask.size() > i ? tokens.attention_mask[i] : -1) + ",";
+  }
+  auto it = prompt_cache_.find(key);
+  if (it != prompt_cache_.end()) return it->second;
+  std::pair<Tensor, Tensor> result;
+  if (!tokens.empty()) {
+    result = encode_tokens(tokens);
+  } else {
+    if (!bundle_.manifest().tokenizer)
+      detail::config_error("this bundle has no tokenizer (class-conditional model); pass --class-label");
+    if (!tokenizer_) tokenizer_ = make_openvino_tokenizer(bundle_);
+    double start = detail::now_s();
+    TokenIds ids = tokenizer_->encode(preprocess_prompt(prompt));  // as the PixArt pipelines preprocess
+    segments_->timings().add("tokenizer", detail::now_s() - start);
+    result = encode_tokens(ids);
+  }
+  if (prompt_cache_.size() >= 256) prompt_cache_.clear();
+  prompt_cache_[key] = result;
+  return result;
+}
+
+Feeds Generator::batch_inputs(const std::vector<Request>& requests, bool guided, std::pair<int, int> latent_hw) {
+  const Manifest& m = bundle_.manifest();
+  if (m.architecture == "dit") {
+    const int64_t null = m.model.num_classes;
+    std::vector<int64_t> labels;
+    for (auto& r : requests) {
+      if (!r.class_label) detail::config_error("DiT models need --class-label");
+      if (*r.class_label < 0 || *r.class_label >= null)
+        detail::config_error("class label must be in 0.." + std::to_string(null - 1) + ", got " + std::to_string(*r.class_label));
+      labels.push_back(*r.class_label);
+    }
+    if (guided) labels.insert(labels.begin(), requests.size(), null);
+    return {{"class_labels", Tensor::i64({static_cast<int64_t>(labels.size())}, labels)}};
+  }
+  std::vector<std::pair<Tensor, Tensor>> encoded_rows;
+  if (guided)
+    for (auto& r : requests) encoded_rows.push_back(encoded(r.negative_prompt, r.negative_tokens));
+  for (auto& r : requests) encoded_rows.push_back(encoded(r.prompt, r.tokens));
+  std::vector<Tensor> embeds, masks;
+  for (auto& [e, k] : encoded_rows) {
+    embeds.push_back(e);
+    masks.push_back(k);
+  }
+  Feeds out = {{"prompt_embeds", concat0(embeds)}, {"prompt_mask", concat0(masks)}};
+  if (m.model.uses_size_conditions) {
+    const int64_t batch = out["prompt_embeds"].dim(0);
+    const double height = static_cast<double>(latent_hw.first) * m.model.vae_scale_factor;
+    const double width = static_cast<double>(latent_hw.second) * m.model.vae_scale_factor;
+    Tensor resolution(DType::f32, {batch, 2}), aspect(DType::f32, {batch, 1});
+    for (int64_t i = 0; i < batch; ++i) {
+      resolution.f32_data()[2 * i] = static_cast<float>(height);
+      resolution.f32_data()[2 * i + 1] = static_cast<float>(width);
+      aspect.f32_data()[i] = static_cast<float>(height / width);
+    }
+    out["resolution"] = resolution;
+    out["aspect_ratio"] = aspect;
+  }
+  return out;
+}
+
+Tensor Generator::generate_latents(const Plan& plan, const Request& request, const Tensor* latents,
+                                   const std::function<void(int)>& on_step) {
+  if (!latents) return generate_batch(plan, {request}, nullptr, on_step);
+  std::vector<Tensor> given = {*latents};
+  return generate_batch(plan, {request}, &given, on_step);
+}
+
+Tensor Generator::generate_batch(const Plan& plan, const std::vector<Request>& given_requests,
+                                 const std::vector<Tensor>* latents, const std::function<void(int)>& on_step) {
+  if (given_requests.empty()) detail::config_error("no requests to generate");
+  std::vector<Request> requests;
+  for (auto& r : given_requests) requests.push_back(resolve(r));
+  auto hw = latent_size(requests[0]);
+  for (size_t i = 1; i < requests.size(); ++i)
+    if (latent_size(requests[i]) != hw) detail::config_error("a batch must share one image size");
+  Shape shape = {1, bundle_.manifest().model.latent_channels, hw.first, hw.second};
+  std::vector<Tensor> initial;
+  if (latents) {
+    if (latents->size() != requests.size()) detail::config_error("one latents array per request");
+    initial = *latents;
+  } else {
+    for (auto& r : requests) initial.push_back(initial_latents(r));
+  }
+  for (auto& a : initial)
+    if (a.shape() != shape || a.dtype() != DType::f32)
+      detail::config_error("latents must have shape " + Tensor(DType::f32, shape).shape_string() + ", got " + a.shape_string());
+  std::vector<float> scales;
+  bool guided = false;
+  for (auto& r : requests) {
+    double s = std::max(r.guidance_scale.value_or(0.0), 1.0);
+    scales.push_back(static_cast<float>(s));
+    guided = guided || s > 1.0;
+  }
+  Feeds inputs = batch_inputs(requests, guided, hw);
+  Tensor x = concat0(initial);
+  bool same = std::all_of(scales.begin(), scales.end(), [&](float s) { return s == scales[0]; });
+  std::vector<float> guidance = same ? std::vector<float>{scales[0]} : scales;
+  return denoise(*segments_, plan, x, inputs, guided ? guidance : std::vector<float>{1.0f}, on_step);
+}
+
+std::vector<Image> Generator::decode(const Tensor& latents) {
+  Tensor images = output(segments_->run("vae_decoder", {{"latents", latents}}), "images", "vae_decoder");
+  const int64_t b = images.dim(0), c = images.dim(1), h = images.dim(2), w = images.dim(3);
+  if (c != 3) detail::engine_error("the VAE decoder gave " + std::to_string(c) + " channels, not 3");
+  std::vector<Image> out;
+  const float* src = images.f32_data();
+  for (int64_t n = 0; n < b; ++n) {
+    Image img;
+    img.height = static_cast<int>(h);
+    img.width = static_cast<int>(w);
+    img.rgb.resize(static_cast<size_t>(h * w * 3));
+    for (int64_t ch = 0; ch < 3; ++ch)
+      for (int64_t i = 0; i < h * w; ++i) {
+        // (x * 255).round().clip(0, 255).astype(uint8): float32 product, round half to even
+        const float v = src[(n * 3 + ch) * h * w + i] * 255.0f;
+        float r = std::isnan(v) ? 0.0f : std::nearbyint(v);
+        r = r < 0.0f ? 0.0f : (r > 255.0f ? 255.0f : r);
+        img.rgb[static_cast<size_t>(i * 3 + ch)] = static_cast<uint8_t>(r);
+      }
+    out.push_back(std::move(img));
+  }
+  return out;
+}
+
+}  // namespace ilf
