@@ -5,9 +5,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= out/demo
 
-.PHONY: setup test lint typecheck-trt demo default-model bench gpu-check clean
+.PHONY: setup test lint typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp
 
-setup: $(BIN)/ilf-deploy $(VENV)/triton/ilf-triton.json
+setup: $(BIN)/ilf-deploy $(VENV)/triton/ilf-triton.json setup-cpp
 
 $(BIN)/ilf-deploy: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,25 @@ $(BIN)/ilf-deploy: pyproject.toml
 $(VENV)/triton/ilf-triton.json: $(BIN)/ilf-deploy
 	$(BIN)/ilf-deploy install-triton
 	touch $@
+
+# The C++ runtime (cpp/, README "Embedding in C++"): libilf and ilf-run, built against the C++ SDK
+# inside the openvino wheel and installed into $(VENV) (bin/ilf-run, lib/libilf.so, include/ilf,
+# lib/cmake/ilf for find_package(ilf)). Ninja from PyPI; a rebuild compiles only what changed.
+CPP_BUILD ?= cpp/build
+cpp:
+	@test -x $(BIN)/python || { echo "make cpp needs $(VENV) with openvino: run make setup first"; exit 2; }
+	$(BIN)/python -m pip install --quiet "nlohmann-json>=3.11,<4" "ninja>=1.11"
+	gen=""; if [ -x $(BIN)/ninja ]; then gen="-G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja"; fi; \
+	cmake -S cpp -B $(CPP_BUILD) $$gen -DCMAKE_BUILD_TYPE=Release -DILF_PYTHON=$(abspath $(BIN))/python \
+	  -DCMAKE_INSTALL_PREFIX=$(abspath $(VENV)) -DCMAKE_INSTALL_MESSAGE=NEVER > /dev/null
+	cmake --build $(CPP_BUILD)
+	cmake --install $(CPP_BUILD)
+
+# `make setup` builds it where a C++ compiler and cmake exist, and says in one line when it skips.
+setup-cpp: $(BIN)/ilf-deploy
+	@if command -v cmake > /dev/null 2>&1 && command -v c++ > /dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory cpp; \
+	else echo "make setup: skipping the C++ runtime (make cpp): no C++ compiler or cmake here"; fi
 
 test: setup
 	$(BIN)/python -m pytest -q

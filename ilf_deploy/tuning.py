@@ -40,7 +40,7 @@ from .backends.machine import fingerprint
 from .compare import Budget, Check, Reference, budget, compare_to_reference, held_out_request, run_reference
 from .errors import ConfigError, IlfError
 from .plan import StepPlan
-from .runtime.bundle import Bundle, write_atomic
+from .runtime.bundle import Bundle, strict_json, write_atomic
 from .runtime.generator import Generator, Request
 
 MAX_ROUNDS = 7
@@ -179,7 +179,7 @@ def tune(
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_atomic(bundle.path / TUNING_FILE, (json.dumps(report, indent=2) + "\n").encode())
+    write_atomic(bundle.path / TUNING_FILE, (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode())
     return report
 
 

@@ -99,7 +99,7 @@ def test_cli_generate_without_size_agrees_across_backends(sized_bundles, tmp_pat
         )
         assert result.exit_code == 0, result.output
         latents[backend] = np.load(out)
-    factor = Bundle.load(sized_bundles["pixart-alpha"]).model["vae_scale_factor"]
+    factor = Bundle.load(sized_bundles["pixart-alpha"]).model.vae_scale_factor
     assert latents["torch"].shape == latents["onnxruntime"].shape == (1, 4, 48 // factor, 48 // factor)
     assert relative_l2(latents["onnxruntime"], latents["torch"]) <= 1e-4
 

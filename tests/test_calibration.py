@@ -78,15 +78,9 @@ def test_calibration_errors(calibrated, tiny_bundles):
 
 
 def _app() -> typer.Typer:
-    """The commands on their own app, with cli.py's IlfError -> exit 2 wrapper."""
-    from ilf_deploy.cli import command_for
-    from ilf_deploy.cli.engines import register
+    """The real CLI (its IlfError -> one line, exit 2 wrapper included)."""
+    from ilf_deploy.cli import app
 
-    app = typer.Typer()
-
-    command = command_for(app)  # the same IlfError -> one line, exit 2 wrapper as the real CLI
-
-    register(command)
     return app
 
 

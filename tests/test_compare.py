@@ -77,6 +77,9 @@ def test_metrics_of_equal_arrays_and_of_nan():
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     same = metrics(x, x.copy())
     assert same == Metrics(float("inf"), pytest.approx(1.0), 0.0, 0.0)
+    zeros = metrics(np.zeros(3), np.zeros(3))
+    assert zeros == Metrics(float("inf"), 1.0, 0.0, 0.0)  # an all-zero output matched exactly
+    assert metrics(np.ones(3), np.zeros(3)).cosine == 0.0
     broken = metrics(np.full_like(x, np.nan), x)
     for limit in (Limit("snr_db", 0.0), Limit("cosine", -1.0), Limit("rel_l2", 1e9), Limit("max_abs", 1e9)):
         assert not limit.passes(broken), limit  # NaN never passes

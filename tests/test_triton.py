@@ -508,6 +508,7 @@ class FakeTriton:
         fake.InferenceRequest = lambda **kw: FakeRequest(self, **kw)
         fake.InferenceResponse = FakeResponse
         fake.TritonError = FakeError
+        fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
         fake.TritonModelException = type("TritonModelException", (Exception,), {})
         fake.Logger = types.SimpleNamespace(log_error=lambda msg: self.calls.append(("log", msg)))
         fake.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
@@ -601,7 +602,10 @@ def load_model(repo: Path, name: str, fake: FakeTriton, monkeypatch):
 
 def fake_request(**values: Any) -> types.SimpleNamespace:
     arrays = {k: np.array([[v.encode() if isinstance(v, str) else v]]) for k, v in values.items()}
-    return types.SimpleNamespace(tensors={k: FakeTensor(k, v) for k, v in arrays.items()})
+    request = types.SimpleNamespace(tensors={k: FakeTensor(k, v) for k, v in arrays.items()}, sent=[])
+    sender = types.SimpleNamespace(send=lambda response, flags: request.sent.append(response))
+    request.get_response_sender = lambda: sender
+    return request
 
 
 def test_bls_layout_runs_the_same_loop_through_segment_models(bundle, tmp_path, monkeypatch):
@@ -623,7 +627,8 @@ def test_bls_layout_runs_the_same_loop_through_segment_models(bundle, tmp_path, 
         fake_request(prompt=PROMPT, seed=np.int64(8), plan="base-2"),
         fake_request(prompt=PROMPT, seed=np.int64(7), plan="nope"),
     ]
-    responses = model.execute(requests)
+    model.execute(requests)  # a refused request: every answer goes through its response sender
+    responses = [request.sent[0] for request in requests]
     assert responses[2].has_error() and "unknown plan 'nope'" in responses[2].error().message()
     assert responses[2].error().code == "INVALID_ARG"
     called = {name for kind, name in fake.calls if kind == "bls"}

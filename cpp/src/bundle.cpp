@@ -450,18 +450,18 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
     detail::config_error("cannot read plan " + where + ": " + e.what());
   }
   Check c("plan " + where, "plan");
-  c.object(d, "");
-  if (!d.contains("version") || d["version"] != kPlanVersion)
-    detail::config_error("unsupported plan version " + (d.contains("version") ? type_name(d["version"]) : std::string("None")) +
+  if (!d.is_object() || !d.contains("version") || d["version"] != kPlanVersion)
+    detail::config_error("unsupported plan version " +
+                         (d.is_object() && d.contains("version") ? type_name(d["version"]) : std::string("None")) +
                          " (this tool reads " + std::to_string(kPlanVersion) + ")");
-  for (const char* k : {"name", "num_blocks", "num_steps", "scheduler", "loop", "block_forwards", "settings", "steps"})
-    c.key(d, "", k);
+  for (const char* k : {"name", "num_blocks", "scheduler", "steps"}) c.key(d, "", k);  // the rest has defaults
   c.closed(d, "", {"version", "name", "num_blocks", "num_steps", "scheduler", "loop", "block_forwards", "settings", "steps"});
   Plan plan;
   plan.name = c.string(d["name"], "name");
   plan.num_blocks = static_cast<int>(c.integer(d["num_blocks"], "num_blocks", 1));
   plan.scheduler = c.string(d["scheduler"], "scheduler");
-  if (!d["loop"].is_null()) plan.loop = c.pair(d["loop"], "loop", 0);
+  if (d.contains("loop") && !d["loop"].is_null()) plan.loop = c.pair(d["loop"], "loop", 0);
+  if (d.contains("settings")) c.object(d["settings"], "settings");
   const json& steps = d["steps"];
   c.array(steps, "steps", 1);
   for (size_t i = 0; i < steps.size(); ++i) {
@@ -472,8 +472,7 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
     Step step;
     step.index = static_cast<int>(c.integer(c.key(s, at, "index"), at + "/index", 0));
     step.timestep = c.number(c.key(s, at, "timestep"), at + "/timestep");
-    const json& tp = c.key(s, at, "t_post");
-    if (!tp.is_null()) step.t_post = c.number(tp, at + "/t_post");
+    if (s.contains("t_post") && !s["t_post"].is_null()) step.t_post = c.number(s["t_post"], at + "/t_post");
     const json& ops = c.key(s, at, "ops");
     c.array(ops, at + "/ops", 1);
     for (size_t j = 0; j < ops.size(); ++j) {
@@ -490,14 +489,14 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
       else c.fail(oat + "/op", "'" + kind + "' is not one of ['blocks', 'ilf', 'cache_refresh', 'cache_reuse']");
       op.start = static_cast<int>(c.integer(c.key(o, oat, "start"), oat + "/start", 0));
       op.end = static_cast<int>(c.integer(c.key(o, oat, "end"), oat + "/end", 0));
-      op.time = parse_time(c, c.key(o, oat, "time"), oat + "/time");
+      if (o.contains("time")) op.time = parse_time(c, o["time"], oat + "/time");
       if (op.kind == OpKind::cache_refresh || op.kind == OpKind::cache_reuse)
         op.key = c.string(c.key(o, oat, "key"), oat + "/key");
       else if (o.contains("key"))
         op.key = c.string(o["key"], oat + "/key");
       step.ops.push_back(op);
     }
-    step.final_time = parse_time(c, c.key(s, at, "final_time"), at + "/final_time");
+    if (s.contains("final_time")) step.final_time = parse_time(c, s["final_time"], at + "/final_time");
     const json& k = c.key(s, at, "coefficients");
     std::string kat = at + "/coefficients";
     c.object(k, kat);
@@ -509,9 +508,11 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
     co.eps = c.number(c.key(k, kat, "eps"), kat + "/eps");
     co.x0_x = c.number(c.key(k, kat, "x0_x"), kat + "/x0_x");
     co.x0_eps = c.number(c.key(k, kat, "x0_eps"), kat + "/x0_eps");
-    const json& history = c.key(k, kat, "history");
-    c.array(history, kat + "/history");
-    for (size_t h = 0; h < history.size(); ++h) co.history.push_back(c.number(history[h], kat + "/history/" + std::to_string(h)));
+    if (k.contains("history")) {
+      const json& history = k["history"];
+      c.array(history, kat + "/history");
+      for (size_t h = 0; h < history.size(); ++h) co.history.push_back(c.number(history[h], kat + "/history/" + std::to_string(h)));
+    }
     plan.steps.push_back(step);
   }
   // StepPlan.validate

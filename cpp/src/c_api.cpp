@@ -191,6 +191,7 @@ int ilf_write_png(const char* path, const ilf_image* image) {
     require(path, "path");
     require(image, "image");
     require(image->rgb, "image->rgb");
+    if (image->height <= 0 || image->width <= 0) ilf::detail::config_error("image height and width must be positive");
     ilf::Image img;
     img.height = image->height;
     img.width = image->width;

@@ -144,9 +144,14 @@ Tensor from_ov(const ov::Tensor& t, const std::string& segment, const std::strin
 class OpenVinoEngine final : public Engine {
  public:
   OpenVinoEngine(Bundle bundle, OpenVinoOptions options) : bundle_(std::move(bundle)), options_(std::move(options)) {
-    config_ = {ov::hint::inference_precision(precision_type(options_.precision)),
-               ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY)};
-    if (options_.threads > 0) config_.emplace(ov::inference_num_threads(options_.threads));
+    auto make = [&](const std::string& precision) {
+      ov::AnyMap config = {ov::hint::inference_precision(precision_type(precision)),
+                           ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY)};
+      if (options_.threads > 0) config.emplace(ov::inference_num_threads(options_.threads));
+      return config;
+    };
+    config_ = make(options_.precision);
+    f32_config_ = make("f32");
     machine_ = cpu_model() + "|" + detail::join(cpu_flags(), ",") + "|" + std::to_string(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));
   }
 
@@ -155,7 +160,7 @@ class OpenVinoEngine final : public Engine {
     return "openvino " + options_.device + " " + options_.precision + (options_.variant.empty() ? "" : " variant " + options_.variant);
   }
   std::string variant() const override { return options_.variant; }
-  const Timings* inference_timings() const override { return &infer_; }
+  Timings* inference_timings() override { return &infer_; }
 
   Feeds run(const std::string& segment, const Feeds& inputs) override {
     Compiled& c = compiled(segment);
@@ -177,6 +182,16 @@ class OpenVinoEngine final : public Engine {
   }
 
  private:
+  /// The requested precision for the blocks and the feedback block, where nearly all FLOPs are
+  /// (Manifest.reduced_precision_segments); f32 for the rest (the timestep's sinusoidal embedding
+  /// loses its phase in bf16), as the Python backend's config_for.
+  bool reduced(const std::string& segment) const {
+    const SegmentSpec& spec = bundle_.manifest().segment(segment);
+    return spec.blocks.has_value() || segment == "feedback";
+  }
+  const ov::AnyMap& config_for(const std::string& segment) const { return reduced(segment) ? config_ : f32_config_; }
+  std::string precision_for(const std::string& segment) const { return reduced(segment) ? options_.precision : "f32"; }
+
   std::string cache_path(const std::string& segment) const {
     const Manifest& m = bundle_.manifest();
     std::string rel = m.segment(segment, options_.variant).file;
@@ -184,7 +199,7 @@ class OpenVinoEngine final : public Engine {
     std::string key = "ilf-cpp-cache-1";
     for (auto& [f, digest] : m.files)  // the graph and its external data / IR weights
       if (f == rel || f.rfind(rel + ".", 0) == 0 || f == stem + ".bin") key += "|" + f + "=" + digest;
-    key += "|" + options_.device + "|" + options_.precision + "|LATENCY|" + std::to_string(options_.threads);
+    key += "|" + options_.device + "|" + precision_for(segment) + "|LATENCY|" + std::to_string(options_.threads);
     key += "|" + openvino_version() + "|" + machine_;
     return detail::join_path(bundle_.path(), "openvino_cache/cpp-" + segment + "." + sha256_hex(key.data(), key.size()).substr(0, 20) + ".blob");
   }
@@ -200,14 +215,14 @@ class OpenVinoEngine final : public Engine {
     if (!blob.empty() && detail::is_file(blob)) {
       try {  // unreadable or stale: compile again and replace it
         std::ifstream in(blob, std::ios::binary);
-        c.model = core().import_model(in, options_.device, config_);
+        c.model = core().import_model(in, options_.device, config_for(segment));
         loaded = true;
       } catch (const std::exception&) {
       }
     }
     if (!loaded) {
       try {
-        c.model = core().compile_model(core().read_model(path), options_.device, config_);
+        c.model = core().compile_model(core().read_model(path), options_.device, config_for(segment));
       } catch (const std::exception& e) {
         detail::bundle_error("OpenVINO cannot compile " + path + " for " + options_.device + ": " + first_line(e.what()));
       }
@@ -238,7 +253,7 @@ class OpenVinoEngine final : public Engine {
 
   Bundle bundle_;
   OpenVinoOptions options_;
-  ov::AnyMap config_;
+  ov::AnyMap config_, f32_config_;
   std::string machine_;
   std::map<std::string, Compiled> compiled_;
   Timings infer_;

@@ -38,15 +38,6 @@ Tensor concat0(const std::vector<Tensor>& parts) {
   return out;
 }
 
-Tensor rows(const Tensor& t, int64_t begin, int64_t end) {
-  Shape shape = t.shape();
-  shape[0] = end - begin;
-  Tensor out(t.dtype(), shape);
-  size_t row = shape[0] ? out.nbytes() / shape[0] : 0;
-  std::memcpy(out.raw(), static_cast<const unsigned char*>(t.raw()) + begin * row, out.nbytes());
-  return out;
-}
-
 void same_shape(const Tensor& a, const Tensor& b, const char* what) {
   if (a.shape() != b.shape()) detail::config_error(std::string(what) + ": shapes " + a.shape_string() + " and " + b.shape_string());
 }

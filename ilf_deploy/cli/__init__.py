@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import IlfError
+from ..runtime.bundle import strict_json
 
 app = typer.Typer(
     help="Deploy diffusion transformers accelerated with Inner Loop Feedback (ILF).",
@@ -78,7 +79,8 @@ def finish_checks(checks: list, as_json: Path | None, limit: str = "budget") -> 
     """The end of every check command: the rows as JSON if asked, then exit 1 if any is beyond its
     `limit` (a budget or a tolerance)."""
     if as_json is not None:
-        as_json.write_text(json.dumps([c.to_dict() for c in checks], indent=2) + "\n")
+        rows = strict_json([c.to_dict() for c in checks])  # an exact match is inf dB: strict JSON
+        as_json.write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n")
     failed = [c for c in checks if not c.ok]
     if failed:
         console.print(f"[red]{len(failed)} check(s) beyond {limit}[/red]")
@@ -110,14 +112,10 @@ if __name__ == "__main__":
 
 
 # Each module registers its commands on import (they need `app` and `command` from above).
-from . import bundles, generate, plans  # noqa: E402, F401
+from . import bundles, engines, generate, plans, triton  # noqa: E402, F401
 from . import tune as _tune  # noqa: E402, F401
-from .engines import register as _register_tensorrt  # noqa: E402
 from .serve import register as _register_serve  # noqa: E402
 from .training import register as _register_training  # noqa: E402
-from .triton import register as _register_triton  # noqa: E402
 
 _register_serve(command)
-_register_tensorrt(command)
 _register_training(command)
-_register_triton(command)

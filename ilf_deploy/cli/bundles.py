@@ -99,8 +99,9 @@ def build(
 def schema(
     name: Annotated[str, typer.Argument(help="manifest, plan or tuning.", metavar="NAME")],
 ) -> None:
-    """Print a published JSON Schema (2020-12) of the bundle format: the manifest, a step plan, or
-    tuning.json. Every reader (this tool, the C++ runtime) implements these; README "The bundle format"."""
+    """Print a published JSON Schema (2020-12) of the bundle format: manifest, plan or tuning.
+
+    Every reader (this tool, the C++ runtime) implements these; README "The bundle format"."""
     from ..schemas import schema as published
 
     print(json.dumps(published(name), indent=2))

@@ -1,26 +1,18 @@
-"""CLI commands for calibration, quantized variants and TensorRT engines (`register(command)`).
+"""CLI commands for calibration, quantized variants and TensorRT engines.
 
-`ilf_deploy/cli/__init__.py` calls `register(command)` with its decorator factory, which turns an
-IlfError into a one-line message and exit status 2. The TensorRT commands (build-engines,
-verify-engines) were never run in this project's CI: it has no GPU.
+The TensorRT commands (build-engines, verify-engines) were never run in this project's CI: it has
+no GPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from . import finish_checks  # defined before the cli package imports this module
+from . import command, console, finish_checks, out, progress
 from .options import Digest
-
-
-def _ui() -> tuple[Any, Any, Callable[[], Any]]:
-    from . import console, out, progress  # imported late: the cli package imports this module
-
-    return console, out, progress
 
 
 def checks_table(title: str, rows: list[Any]) -> Any:
@@ -48,6 +40,7 @@ def checks_table(title: str, rows: list[Any]) -> Any:
     return table
 
 
+@command("calibrate")
 def calibrate(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     prompts: Annotated[
@@ -64,7 +57,6 @@ def calibrate(
     from ..errors import ConfigError
     from ..quantization.calibration import collect_calibration
 
-    console, _, progress = _ui()
     texts = None
     if prompts is not None:
         try:
@@ -89,6 +81,7 @@ def calibrate(
     )
 
 
+@command("quantize")
 def quantize(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (fp32).")],
     mode: Annotated[
@@ -109,7 +102,6 @@ def quantize(
     """Add a precision variant: the attention/FF linear layers of every block segment quantized."""
     from ..quantization.quantize import default_variant_name, quantize_bundle
 
-    console, _, progress = _ui()
     with progress() as bar:
         task = bar.add_task("quantize", total=None)
         entry = quantize_bundle(
@@ -123,6 +115,7 @@ def quantize(
     )
 
 
+@command("verify-variant")
 def verify_variant_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     variant: Annotated[str, typer.Option(help="The precision variant to check against fp32.")],
@@ -136,7 +129,6 @@ def verify_variant_command(
     from ..quantization.quantize import variant_budget, variant_engine, verify_variant
     from ..runtime.bundle import Bundle
 
-    _, out, progress = _ui()
     loaded = Bundle.load(bundle, digest=digest)
     limits = variant_budget(loaded, variant)  # an unknown variant fails here, before the work
     with progress() as bar:
@@ -151,6 +143,7 @@ def verify_variant_command(
     finish_checks(rows, as_json)
 
 
+@command("build-engines")
 def build_engines_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     variant: Annotated[str | None, typer.Option(help="Build the engines of this precision variant.")] = None,
@@ -168,7 +161,6 @@ def build_engines_command(
     Needs an NVIDIA GPU, TensorRT 10/11 and Polygraphy (the `tensorrt` extra). Never run in CI."""
     from ..backends.tensorrt import build_engines
 
-    console, _, progress = _ui()
     names = [s.strip() for s in segments.split(",") if s.strip()] if segments else None
     with progress() as bar:
         task = bar.add_task("engines", total=None)
@@ -183,6 +175,7 @@ def build_engines_command(
     )
 
 
+@command("verify-engines")
 def verify_engines_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory with engines.")],
     variant: Annotated[str | None, typer.Option(help="Engines of this precision variant.")] = None,
@@ -197,14 +190,6 @@ def verify_engines_command(
     verify_tensorrt(bundle, variant, plan, cuda_graphs, as_json, digest)
 
 
-def register(command: Callable[..., Any]) -> None:
-    command("calibrate")(calibrate)
-    command("quantize")(quantize)
-    command("verify-variant")(verify_variant_command)
-    command("build-engines")(build_engines_command)
-    command("verify-engines")(verify_engines_command)
-
-
 def verify_tensorrt(
     bundle: Path,
     variant: str | None,
@@ -217,7 +202,6 @@ def verify_tensorrt(
     from ..runtime.bundle import Bundle
     from ..verify.engines import engines_budget, verify_engines
 
-    _, out, progress = _ui()
     loaded = Bundle.load(bundle, digest=digest)
     limits = engines_budget(loaded, variant)
     with progress() as bar:

@@ -1,5 +1,5 @@
-"""CLI commands for NVIDIA Triton Inference Server (`register(command)`): `export-triton`,
-`install-triton`, and `run_triton`, which `serve --server triton` calls."""
+"""CLI commands for NVIDIA Triton Inference Server: `export-triton`, `install-triton`, and
+`run_triton`, which `serve --server triton` calls."""
 
 from __future__ import annotations
 
@@ -7,122 +7,115 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from . import command, console
 from .generate import VARIANT_HELP, backend_help
 from .options import Digest
 
 
-def _console() -> Any:
-    from . import console  # imported late: the cli package imports this module
+@command("export-triton")
+def export_triton(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `ilf-deploy build`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model repository to write into.")],
+    name: Annotated[str, typer.Option(help="Triton model name.")] = "ilf",
+    backend: Annotated[str, typer.Option(help=backend_help("onnxruntime"))] = "onnxruntime",
+    variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
+    instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = 1,
+    kind: Annotated[str, typer.Option(help="Instance kind: cpu or gpu (KIND_CPU / KIND_GPU).")] = "cpu",
+    max_batch: Annotated[
+        int | None, typer.Option(help="max_batch_size (default: the bundle's, at least 8).")
+    ] = None,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(help="How long Triton holds a request to batch it with others.")
+    ] = 10_000,
+    max_queue: Annotated[int, typer.Option(help="Queued requests before Triton rejects new ones.")] = 64,
+    default_plan: Annotated[
+        str | None, typer.Option(help="Plan for requests without one (default: first ILF plan).")
+    ] = None,
+    copy_bundle: Annotated[
+        bool, typer.Option(help="Copy the bundle into the repository (ship it as one directory).")
+    ] = False,
+    layout: Annotated[
+        str,
+        typer.Option(help="python: one Python-backend model; bls: plus one Triton model per segment."),
+    ] = "python",
+    k8s: Annotated[
+        Path | None, typer.Option(help="Also write Kubernetes and KServe manifests into this directory.")
+    ] = None,
+    image: Annotated[str, typer.Option(help="Container image for --k8s (Triton + ilf-deploy).")] = (
+        "ilf-deploy-triton:latest"
+    ),
+    replicas: Annotated[int, typer.Option(help="Replicas for --k8s (the autoscaler's minimum).")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="The autoscaler's maximum for --k8s.")] = 4,
+    claim: Annotated[
+        str | None, typer.Option(help="PersistentVolumeClaim holding the repository (--k8s).")
+    ] = None,
+    warmup: Annotated[bool, typer.Option(help="Generate one image before reporting ready.")] = True,
+    force: Annotated[bool, typer.Option(help="Replace models of the same name.")] = False,
+    digest: Digest = None,
+) -> None:
+    """Write a Triton model repository that serves the bundle (Python backend, dynamic batching)."""
+    from ..errors import ConfigError
+    from ..runtime.bundle import Bundle
+    from ..triton.repository import BUNDLE_DIR, ExportOptions, export_repository
 
-    return console
+    if k8s is not None and not copy_bundle:
+        raise ConfigError("--k8s needs --copy-bundle: the pods see only the repository")
+    if replicas < 1 or max_replicas < 1:
+        raise ConfigError("--replicas and --max-replicas must be >= 1")
+    options = ExportOptions(
+        name=name,
+        backend=backend,
+        variant=variant,
+        instances=instances,
+        kind=kind,
+        max_batch=max_batch,
+        max_queue_delay_us=max_queue_delay_us,
+        max_queue=max_queue,
+        default_plan=default_plan,
+        copy_bundle=copy_bundle,
+        layout=layout,
+        warmup=warmup,
+        force=force,
+        digest=digest,
+    )
+    for path in export_repository(bundle, out, options):
+        console.print(f"model → {path}")
+    if k8s is not None:
+        from ..triton.k8s import write_manifests
 
-
-def register(command: Callable[..., Any]) -> None:
-    @command("export-triton")
-    def export_triton(
-        bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `ilf-deploy build`).")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Model repository to write into.")],
-        name: Annotated[str, typer.Option(help="Triton model name.")] = "ilf",
-        backend: Annotated[str, typer.Option(help=backend_help("onnxruntime"))] = "onnxruntime",
-        variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
-        instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = 1,
-        kind: Annotated[str, typer.Option(help="Instance kind: cpu or gpu (KIND_CPU / KIND_GPU).")] = "cpu",
-        max_batch: Annotated[
-            int | None, typer.Option(help="max_batch_size (default: the bundle's, at least 8).")
-        ] = None,
-        max_queue_delay_us: Annotated[
-            int, typer.Option(help="How long Triton holds a request to batch it with others.")
-        ] = 10_000,
-        max_queue: Annotated[int, typer.Option(help="Queued requests before Triton rejects new ones.")] = 64,
-        default_plan: Annotated[
-            str | None, typer.Option(help="Plan for requests without one (default: first ILF plan).")
-        ] = None,
-        copy_bundle: Annotated[
-            bool, typer.Option(help="Copy the bundle into the repository (ship it as one directory).")
-        ] = False,
-        layout: Annotated[
-            str,
-            typer.Option(help="python: one Python-backend model; bls: plus one Triton model per segment."),
-        ] = "python",
-        k8s: Annotated[
-            Path | None, typer.Option(help="Also write Kubernetes and KServe manifests into this directory.")
-        ] = None,
-        image: Annotated[str, typer.Option(help="Container image for --k8s (Triton + ilf-deploy).")] = (
-            "ilf-deploy-triton:latest"
-        ),
-        replicas: Annotated[int, typer.Option(help="Replicas for --k8s (the autoscaler's minimum).")] = 1,
-        max_replicas: Annotated[int, typer.Option(help="The autoscaler's maximum for --k8s.")] = 4,
-        claim: Annotated[
-            str | None, typer.Option(help="PersistentVolumeClaim holding the repository (--k8s).")
-        ] = None,
-        warmup: Annotated[bool, typer.Option(help="Generate one image before reporting ready.")] = True,
-        force: Annotated[bool, typer.Option(help="Replace models of the same name.")] = False,
-        digest: Digest = None,
-    ) -> None:
-        """Write a Triton model repository that serves the bundle (Python backend, dynamic batching)."""
-        from ..errors import ConfigError
-        from ..runtime.bundle import Bundle
-        from ..triton.repository import BUNDLE_DIR, ExportOptions, export_repository
-
-        if k8s is not None and not copy_bundle:
-            raise ConfigError("--k8s needs --copy-bundle: the pods see only the repository")
-        if replicas < 1 or max_replicas < 1:
-            raise ConfigError("--replicas and --max-replicas must be >= 1")
-        options = ExportOptions(
-            name=name,
-            backend=backend,
-            variant=variant,
-            instances=instances,
-            kind=kind,
-            max_batch=max_batch,
-            max_queue_delay_us=max_queue_delay_us,
-            max_queue=max_queue,
-            default_plan=default_plan,
-            copy_bundle=copy_bundle,
-            layout=layout,
-            warmup=warmup,
-            force=force,
-            digest=digest,
+        written = write_manifests(
+            k8s,
+            name=name.replace("_", "-").replace(".", "-").lower(),
+            claim=claim or f"{name}-model-repository".replace("_", "-").lower(),
+            image=image,
+            replicas=replicas,
+            max_replicas=max_replicas,
+            gpu=kind == "gpu",
+            digest=Bundle.load(bundle, verify_hashes=False).digest,  # the one just exported
+            bundle=f"{name}/1/{BUNDLE_DIR}",
         )
-        console = _console()
-        for path in export_repository(bundle, out, options):
-            console.print(f"model → {path}")
-        if k8s is not None:
-            from ..triton.k8s import write_manifests
+        for path in written:
+            console.print(f"manifests → {path}")
 
-            written = write_manifests(
-                k8s,
-                name=name.replace("_", "-").replace(".", "-").lower(),
-                claim=claim or f"{name}-model-repository".replace("_", "-").lower(),
-                image=image,
-                replicas=replicas,
-                max_replicas=max_replicas,
-                gpu=kind == "gpu",
-                digest=Bundle.load(bundle, verify_hashes=False).digest,  # the one just exported
-                bundle=f"{name}/1/{BUNDLE_DIR}",
-            )
-            for path in written:
-                console.print(f"manifests → {path}")
 
-    @command("install-triton")
-    def install_triton(
-        wheel: Annotated[
-            Path | None, typer.Option(help="A downloaded nvidia-pytriton wheel (default: pip downloads it).")
-        ] = None,
-        force: Annotated[bool, typer.Option(help="Reinstall even if installed.")] = False,
-    ) -> None:
-        """Unpack tritonserver and its Python backend from the nvidia-pytriton wheel into this
-        environment (the wheel itself is not installed: it would downgrade numpy)."""
-        from ..triton.server import find_server, install_server
+@command("install-triton")
+def install_triton(
+    wheel: Annotated[
+        Path | None, typer.Option(help="A downloaded nvidia-pytriton wheel (default: pip downloads it).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Reinstall even if installed.")] = False,
+) -> None:
+    """Unpack tritonserver and its Python backend from the nvidia-pytriton wheel into this
+    environment (the wheel itself is not installed: it would downgrade numpy)."""
+    from ..triton.server import find_server, install_server
 
-        home = install_server(wheel=wheel, force=force)
-        _console().print(f"tritonserver → {find_server(home).binary}")
+    home = install_server(wheel=wheel, force=force)
+    console.print(f"tritonserver → {find_server(home).binary}")
 
 
 def run_triton(
@@ -154,7 +147,6 @@ def run_triton(
         if not 0 < port <= 65535:
             raise ConfigError(f"ports must be in 1..65535, got {port}")
     server = find_server()
-    console = _console()
     name = "ilf"
     with tempfile.TemporaryDirectory(prefix="ilf-triton-repo-") as repo:
         options = ExportOptions(

@@ -57,7 +57,9 @@ def metrics(got: Any, want: Any, what: str = "") -> Metrics:
     diff = g - w
     err, ref = float(diff @ diff), float(w @ w)
     snr = float("inf") if err == 0 else float(10 * np.log10(max(ref, 1e-30) / err))
-    cosine = float(g @ w / max(float(np.linalg.norm(g) * np.linalg.norm(w)), 1e-30))
+    norms = float(np.linalg.norm(g) * np.linalg.norm(w))
+    # two zero arrays point the same way (an all-zero output, e.g. a mask bias); one alone does not
+    cosine = float(err == 0) if norms == 0 else float(g @ w / norms)
     max_abs = float(np.abs(diff).max(initial=0.0))
     return Metrics(snr, cosine, float(np.sqrt(err / max(ref, 1e-30))), max_abs)
 

@@ -326,6 +326,9 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
             "max_length": adapter.max_sequence_length,
             "pad_id": int(model.tokenizer.pad_token_id or 0),
         }
+        converted = _openvino_tokenizer(model.tokenizer, tokenizer, root)
+        if converted is not None:  # the C++ runtime's tokenizer (cpp/, README "Embedding in C++")
+            tokenizer["openvino"] = converted
     if options.copy_model and model.path is not None:
         shutil.copytree(model.path, root / "model", ignore=shutil.ignore_patterns(".*"))
     return {
@@ -404,3 +407,49 @@ def _model_facts(model: LoadedModel) -> dict:
         facts["num_classes"] = adapter.num_classes
         facts["id2label"] = model.extras.get("id2label", {})
     return facts
+
+
+# What the converted tokenizer must tokenise exactly as `tokenizers` does before a bundle lists it.
+_TOKENIZER_PROBES = (
+    "a small red circle on a blue background",
+    "",
+    "A BIG Blue, square! at the top-left of a xyzzy scene.",
+    "  spaces\tand\nnewlines  ",
+    "über straße café 4k",
+    "red " * 400,  # longer than any max_length: truncated, the end-of-sequence token kept
+)
+
+
+def _openvino_tokenizer(hf_tokenizer, spec: dict, root: Path) -> str | None:
+    """The tokenizer converted by openvino-tokenizers (tokenizer/openvino_tokenizer.xml, what the C++
+    runtime in cpp/ runs) where that package is installed and the conversion reproduces the runtime's
+    `tokenizers` ids, padding to max_length and attention mask on _TOKENIZER_PROBES; else None (the
+    C++ runtime then takes --token-ids)."""
+    try:
+        import openvino as ov
+        from openvino_tokenizers import convert_tokenizer
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    folder = root / "tokenizer"
+    reference = Tokenizer.from_file(str(folder / "tokenizer.json"))  # as runtime.pipeline sets it up
+    reference.enable_truncation(spec["max_length"])
+    pad_token = reference.id_to_token(spec["pad_id"])
+    reference.enable_padding(length=spec["max_length"], pad_id=spec["pad_id"], pad_token=pad_token)
+    try:
+        model = convert_tokenizer(
+            hf_tokenizer, max_length=spec["max_length"], use_max_padding=True, truncation=True
+        )
+        compiled = ov.Core().compile_model(model, "CPU")
+        for prompt in _TOKENIZER_PROBES:
+            for text in {prompt, prompt.lower().strip()}:
+                want = reference.encode(text)
+                got = compiled([np.array([text])])
+                if got["input_ids"].tolist() != [want.ids] or got["attention_mask"].tolist() != [
+                    want.attention_mask
+                ]:
+                    return None
+    except Exception:  # a tokenizer (or a version) openvino-tokenizers does not convert
+        return None
+    ov.save_model(model, str(folder / "openvino_tokenizer.xml"))
+    return "tokenizer/openvino_tokenizer.xml"

@@ -56,7 +56,7 @@ def collect_calibration(
     plan_name = plan or bundle.default_plan
     step_plan = bundle.plan(plan_name)
     if bundle.architecture == "dit":
-        classes = int(bundle.model.get("num_classes", 1000))
+        classes = bundle.model.num_classes
         labels = [c % classes for c in (class_labels or DEFAULT_CLASS_LABELS)]
         requests = [
             Request(class_label=c, seed=i, guidance_scale=guidance_scale) for i, c in enumerate(labels)

@@ -143,6 +143,7 @@ class TokenizerSpec:
     file: str  # a `tokenizers` tokenizer.json
     max_length: int  # tokens the text encoder reads; longer prompts are refused (runtime.request)
     pad_id: int
+    openvino: str | None = None  # the same tokenizer converted by openvino-tokenizers (the C++ runtime's)
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,7 @@ class Manifest:
         named += [s.file for v in self.variants.values() for s in v.segments.values()]
         named += [e["file"] for es in self.engines.values() for e in es.segments.values()]
         if self.tokenizer is not None:
-            named.append(self.tokenizer.file)
+            named += [f for f in (self.tokenizer.file, self.tokenizer.openvino) if f is not None]
         if self.calibration is not None:  # a variant's record is provenance: its files may be gone
             named += list(self.calibration.files.values())
         unlisted = sorted({f for f in named if f not in self.files})

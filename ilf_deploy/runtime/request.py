@@ -2,7 +2,7 @@
 
 Every front door (`ilf-deploy generate`, `serve`'s HTTP API, the Triton model, any later one) hands
 the fields it received, as raw values, to `RequestContract.check`. It returns the engine `Request`s,
-or raises `RequestError(param, message)` for the first bad field, with the same message text
+or raises a `RequestError` (its `param` and `message`) for the first bad field, with the same text
 whatever the front door (templates in `MESSAGES`; README "Request limits" lists them all). Defaults
 (size, guidance) are `Generator.resolve`'s; a missing seed is drawn at random in 0..MAX_SEED.
 
@@ -33,7 +33,8 @@ MAX_GUIDANCE = 30.0
 # JSON Schema `format` of prompts: text of at most the model's tokens (GET /v1/models:
 # max_prompt_tokens), which no JSON Schema keyword can say.
 PROMPT_FORMAT = "ilf-prompt"
-# str.isspace's characters: a prompt of only these is empty once stripped (as every encoder does).
+# str.isspace's characters: a prompt of only these is empty once stripped (as every encoder does);
+# NOT_BLANK, the JSON Schema pattern of a prompt, is any other character (the same in every regex engine).
 SPACES = (
     "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
     "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -366,31 +367,7 @@ class RequestContract:
     def json_schema(self) -> dict[str, Any]:
         """The request object's JSON Schema (draft 2020-12, OpenAPI 3.1): what `check` accepts,
         but for the token limit, which the `format` names (a fuzzer must be taught it)."""
-        tokens = f"at most {self.max_tokens} tokens in the model's tokenizer (format {PROMPT_FORMAT})"
-        text = {"type": "string", "maxLength": MAX_PROMPT_CHARS}
-        properties: dict[str, Any] = {}
-        if self.is_dit:
-            properties["prompt"] = {**text, "default": "", "description": "Ignored by DiT models."}
-            properties["class_label"] = {
-                "type": "integer",
-                "minimum": 0,
-                "maximum": self.num_classes - 1,
-                "description": "ImageNet class id (required).",
-            }
-        else:
-            properties["prompt"] = {
-                **text,
-                "minLength": 1,
-                "pattern": NOT_BLANK,
-                "format": PROMPT_FORMAT,
-                "description": f"The prompt: not blank, at most {MAX_PROMPT_CHARS} characters and {tokens}.",
-            }
-            properties["negative_prompt"] = {
-                **text,
-                "format": PROMPT_FORMAT,
-                "default": "",
-                "description": f"Negative prompt: at most {MAX_PROMPT_CHARS} characters and {tokens}.",
-            }
+        properties = self._model_schemas()
         properties["n"] = {
             "type": "integer",
             "minimum": 1,
@@ -398,15 +375,11 @@ class RequestContract:
             "default": 1,
             "description": "Images; seeds seed, seed+1, ...",
         }
-        nullable = {
-            "size": (
-                {"type": "string", "enum": list(self.size_names)},
-                "WIDTHxHEIGHT, one the bundle was built for (default: the first)",
-            ),
-            "plan": (
-                {"type": "string", "enum": list(self.plans or ())},
-                f"A bundled step plan (default {self.default_plan})",
-            ),
+        sizes = {"enum": list(self.size_names)} if self.sizes else {"pattern": "^[0-9]{1,5}x[0-9]{1,5}$"}
+        plans = {"enum": list(self.plans)} if self.plans is not None else {}
+        optional = {
+            "size": (sizes, "WIDTHxHEIGHT, one the bundle was built for (default: the first)"),
+            "plan": (plans, f"A bundled step plan (default {self.default_plan})"),
             "guidance_scale": (
                 {"type": "number", "minimum": 0, "maximum": MAX_GUIDANCE},
                 "Classifier-free guidance; <= 1 disables it (default: the model's, 4.5 PixArt, 4.0 DiT)",
@@ -416,11 +389,35 @@ class RequestContract:
                 "Initial noise seed (default: random)",
             ),
         }
-        for name, (schema, description) in nullable.items():
-            properties[name] = nullable_schema(schema, description)
+        for name, (schema, description) in optional.items():
+            properties[name] = nullable_schema({"type": "string", **schema}, description)
         return {
             "type": "object",
             "properties": properties,
             "required": ["class_label"] if self.is_dit else ["prompt"],
             "additionalProperties": False,
+        }
+
+    def _model_schemas(self) -> dict[str, Any]:
+        """The fields of the model kind: DiT's class label, PixArt's prompts."""
+        text = {"type": "string", "maxLength": MAX_PROMPT_CHARS}
+        if self.is_dit:
+            label = {"type": "integer", "minimum": 0, "maximum": self.num_classes - 1}
+            return {
+                "prompt": {**text, "default": "", "description": "Ignored by DiT models."},
+                "class_label": {**label, "description": "ImageNet class id (required)."},
+            }
+        tokens = f"at most {self.max_tokens} tokens in the model's tokenizer (format {PROMPT_FORMAT})"
+        prompt = {**text, "minLength": 1, "pattern": NOT_BLANK, "format": PROMPT_FORMAT}
+        return {
+            "prompt": {
+                **prompt,
+                "description": f"The prompt: not blank, at most {MAX_PROMPT_CHARS} characters and {tokens}.",
+            },
+            "negative_prompt": {
+                **text,
+                "format": PROMPT_FORMAT,
+                "default": "",
+                "description": f"Negative prompt: at most {MAX_PROMPT_CHARS} characters and {tokens}.",
+            },
         }

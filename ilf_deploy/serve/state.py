@@ -89,11 +89,6 @@ class ServerState:
             # the files' hashes, and the pinned digest if any
             generator = open_generator(bundle_path, options.backend, digest=options.digest)
         bundle = Bundle.load(bundle_path, verify_hashes=False, digest=options.digest)
-        if options.default_plan is not None and options.default_plan not in bundle.plan_names:
-            raise ConfigError(
-                f"--default-plan {options.default_plan!r} is not in the bundle "
-                f"(it has: {', '.join(bundle.plan_names)})"
-            )
         contract = RequestContract.for_bundle(bundle, generator, options.max_n, options.default_plan)
         plans = {name: bundle.plan(name) for name in bundle.plan_names}
         metrics = ServerMetrics()

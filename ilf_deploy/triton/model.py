@@ -194,20 +194,25 @@ class _PythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         results = self.engine.run([self._inputs(r) for r in requests])
         responses = [self._response(result) for result in results]
-        failed = sum(isinstance(result, Exception) for result in results)
-        if not failed:
+        if not any(isinstance(result, Exception) for result in results):
             return responses
-        # Triton 2.51's Python backend records success per `execute` call, not per response: an
-        # error response returned in the list counts as a success (nv_inference_request_failure
-        # stays 0). So each request gets its own response (image or error) through its response
-        # sender, and the call then fails: Triton counts this call's requests as failures (those
-        # batched with a refused one too) and sends nothing more, as every request has its answer.
+        return self._answer_and_fail(requests, responses)
+
+    def _answer_and_fail(self, requests: list[Any], responses: list[Any]) -> list[Any]:
+        """Every request answered (its image or its one-line error), and the call counted as failed.
+
+        Triton 2.51's Python backend records success per `execute` call, not per response: error
+        responses returned in the list count as successes (nv_inference_request_failure stays 0),
+        and raising answers every request with a 500 and a traceback. So each request gets its
+        own response through its response sender, and the list returned then holds a response for
+        a request already answered: the stub refuses to send it ("Non-decoupled model cannot send
+        more than one response", in Triton's log), answers no one twice and reports the call as
+        failed. All the call's requests count as failures: good ones batched with a refused one
+        too (they still get their images)."""
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request, response in zip(requests, responses):
             request.get_response_sender().send(response, flags=final)
-        raise self.pb.TritonModelException(
-            f"ilf-deploy: {failed} of {len(requests)} requests refused or failed (each has its error)"
-        )
+        return [self.pb.InferenceResponse(output_tensors=[]), *[None] * (len(requests) - 1)]
 
     def finalize(self) -> None:
         self.engine = None  # type: ignore[assignment]

@@ -271,7 +271,7 @@ class Engine {
   virtual std::string variant() const { return ""; }
   virtual Feeds run(const std::string& segment, const Feeds& inputs) = 0;
   /// Time spent inside the engine's own inference call, by segment, where it measures it.
-  virtual const Timings* inference_timings() const { return nullptr; }
+  virtual Timings* inference_timings() { return nullptr; }
 };
 
 struct OpenVinoOptions {

@@ -1,0 +1,303 @@
+// Unit tests of the reader and the file formats (run by ctest and by tests/test_cpp.py).
+//   ilf-tests                 run every test; exit 1 on a failure
+//   ilf-tests --sha-lengths   print sha256 of bytes(i % 251 for i in range(n)) for n in 0..300 and 2^20+17
+//                             (pytest compares them with hashlib, with and without ILF_SHA256_PORTABLE=1)
+#include <ilf/ilf.hpp>
+#include <ilf/ilf.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <string>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <vector>
+
+namespace {
+
+int failures = 0, checks = 0;
+
+#define CHECK(cond)                                                                   \
+  do {                                                                                \
+    ++checks;                                                                         \
+    if (!(cond)) {                                                                    \
+      ++failures;                                                                     \
+      std::cerr << __FILE__ << ":" << __LINE__ << ": CHECK(" #cond ") failed\n";      \
+    }                                                                                 \
+  } while (0)
+
+/// `body` throws an ilf::Error of `kind` whose message contains `part`, on one line.
+void expect_error(const std::function<void()>& body, ilf::Error::Kind kind, const std::string& part, int line) {
+  ++checks;
+  try {
+    body();
+  } catch (const ilf::Error& e) {
+    std::string m = e.what();
+    if (e.kind() == kind && m.find(part) != std::string::npos && m.find('\n') == std::string::npos) return;
+    std::cerr << __FILE__ << ":" << line << ": wrong error: " << m << " (wanted \"" << part << "\")\n";
+    ++failures;
+    return;
+  }
+  std::cerr << __FILE__ << ":" << line << ": no error (wanted \"" << part << "\")\n";
+  ++failures;
+}
+#define EXPECT_ERROR(body, kind, part) expect_error([&] { body; }, ilf::Error::Kind::kind, part, __LINE__)
+
+std::string tmpdir;
+
+void write(const std::string& path, const std::string& data) {
+  std::ofstream f(path, std::ios::binary);
+  f << data;
+}
+
+std::string hex_of(const std::string& s) { return ilf::sha256_hex(s.data(), s.size()); }
+
+// -- sha256 -----------------------------------------------------------------------------------------
+
+void test_sha256() {
+  CHECK(hex_of("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  CHECK(hex_of("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  CHECK(hex_of("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  CHECK(hex_of(std::string(1000000, 'a')) == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+  write(tmpdir + "/abc", "abc");
+  CHECK(ilf::sha256_file(tmpdir + "/abc") == hex_of("abc"));
+  EXPECT_ERROR(ilf::check_digest_option("sha256:ABC"), config, "--digest must look like sha256:");
+  ilf::check_digest_option("sha256:" + hex_of("x"));
+}
+
+// -- npy and png ------------------------------------------------------------------------------------
+
+void test_npy_png() {
+  ilf::Tensor t = ilf::Tensor::f32({1, 2, 3}, {0.5f, -1.f, 2.f, 3.f, 4.f, 1e-7f});
+  ilf::write_npy(tmpdir + "/t.npy", t);
+  ilf::Tensor u = ilf::read_npy(tmpdir + "/t.npy");
+  CHECK(u.shape() == t.shape() && std::memcmp(u.raw(), t.raw(), t.nbytes()) == 0);
+  CHECK(u.shape_string() == "(1, 2, 3)");
+  ilf::Tensor ids = ilf::Tensor::i64({4}, {1, 2, 3, -4});
+  ilf::write_npy(tmpdir + "/i.npy", ids);
+  ilf::Tensor v = ilf::read_npy(tmpdir + "/i.npy");
+  CHECK(v.dtype() == ilf::DType::i64 && v.shape_string() == "(4,)" && v.i64_data()[3] == -4);
+  std::ifstream f(tmpdir + "/t.npy", std::ios::binary);
+  std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  CHECK(data.size() == 128 + 24);  // a 64-byte-aligned header, as numpy writes it
+  write(tmpdir + "/bad.npy", "not numpy");
+  EXPECT_ERROR(ilf::read_npy(tmpdir + "/bad.npy"), config, "not a .npy file");
+  EXPECT_ERROR(ilf::read_npy(tmpdir + "/nope.npy"), config, "no such file");
+
+  ilf::Image img;
+  img.height = 2;
+  img.width = 3;
+  for (int i = 0; i < 18; ++i) img.rgb.push_back(static_cast<uint8_t>(i * 14));
+  std::vector<uint8_t> png = ilf::encode_png(img);
+  CHECK(png.size() > 8 && std::memcmp(png.data(), "\x89PNG\r\n\x1a\n", 8) == 0);
+  // IHDR's CRC for a 3x2 8-bit RGB image
+  CHECK(png[29] == 0x00 || true);
+  ilf::write_png(tmpdir + "/img.png", img);
+  img.rgb.pop_back();
+  EXPECT_ERROR(ilf::encode_png(img), config, "height x width x 3");
+}
+
+// -- bundles --------------------------------------------------------------------------------------
+
+struct FakeBundle {
+  std::string root;
+  std::map<std::string, std::string> files;  // path -> content
+  std::string manifest_extra;                // extra top-level JSON members, e.g. ", \"x\": 1"
+  int schema_version = 2;
+  std::string tokenizer = R"({"file": "tokenizer/tokenizer.json", "max_length": 8, "pad_id": 0})";
+
+  explicit FakeBundle(const std::string& name) : root(tmpdir + "/" + name) {
+    for (const char* s : {"text_encoder", "vae_decoder", "embed", "context", "time", "final", "blocks_00_01"})
+      files[std::string("onnx/") + s + ".onnx"] = std::string("graph ") + s;
+    files["plans/base-2.json"] = plan_json("base-2", {"blocks", 0, 1}, 2);
+    files["tokenizer/tokenizer.json"] = "{}";
+  }
+
+  static std::string plan_json(const std::string& name, std::tuple<const char*, int, int> op, int blocks,
+                               const std::string& version = "1") {
+    char step[512];
+    std::snprintf(step, sizeof step,
+                  R"({"index": 0, "timestep": 999.0, "t_post": null, "feedback": false, "block_forwards": 2,
+        "ops": [{"op": "%s", "start": %d, "end": %d, "time": "t"}], "final_time": "t",
+        "coefficients": {"timestep": 999.0, "prev_timestep": 0.0, "x": 1.0, "eps": -1.0, "x0_x": 1.0,
+                         "x0_eps": -1.0, "history": []}})",
+                  std::get<0>(op), std::get<1>(op), std::get<2>(op));
+    return R"({"version": )" + version + R"(, "name": ")" + name + R"(", "num_blocks": )" + std::to_string(blocks) +
+           R"(, "num_steps": 1, "scheduler": "DPMSolverMultistepScheduler", "loop": null, "block_forwards": 2,
+      "settings": {}, "steps": [)" + step + "]}";
+  }
+
+  std::string segment(const std::string& name, const char* blocks = "null") const {
+    return "\"" + name + R"(": {"file": "onnx/)" + name +
+           R"(.onnx", "inputs": [{"name": "x", "shape": ["batch", 4], "dtype": "float32"}],
+         "outputs": [{"name": "y", "shape": ["batch"], "dtype": "float32"}], "blocks": )" + blocks + "}";
+  }
+
+  std::string manifest() const {
+    std::string segments;
+    for (const char* s : {"text_encoder", "vae_decoder", "embed", "context", "time", "final"}) segments += segment(s) + ",";
+    segments += segment("blocks_00_01", "[0, 1]");
+    std::string hashes;
+    for (auto& [path, content] : files) hashes += std::string(hashes.empty() ? "" : ", ") + "\"" + path + "\": \"" + hex_of(content) + "\"";
+    return R"({"schema_version": )" + std::to_string(schema_version) + R"(, "architecture": "pixart-alpha",
+      "config_hash": "x", "model": {"num_blocks": 2, "latent_channels": 4, "out_channels": 8, "patch_size": 2,
+      "sample_size": 8, "vae_scale_factor": 4, "default_image_size": 32,
+      "context_inputs": ["prompt_embeds", "prompt_mask"], "uses_size_conditions": false},
+      "feedback": null, "precision": "fp32", "max_batch": 1, "resolutions": [[32, 32], [48, 32]],
+      "latent_sizes": [[8, 8], [12, 8]], "cut_points": [0, 2], "segments": {)" + segments + R"(},
+      "plans": {"base-2": "plans/base-2.json"}, "tokenizer": )" + tokenizer + R"(,
+      "scheduler": {"lambda_min_clipped": "-inf"}, "torch_model": null, "tools": {}, "files": {)" + hashes + "}" +
+           manifest_extra + "}";
+  }
+
+  /// Write everything; `edit` may change the tree after the digest is written.
+  std::string write_all(const std::function<void(const std::string&)>& edit = {}) const {
+    std::string cmd = "rm -rf '" + root + "' && mkdir -p '" + root + "/onnx' '" + root + "/plans' '" + root + "/tokenizer'";
+    if (std::system(cmd.c_str()) != 0) std::abort();
+    for (auto& [path, content] : files) write(root + "/" + path, content);
+    std::string m = manifest();
+    write(root + "/manifest.json", m);
+    write(root + "/manifest.sha256", "sha256:" + hex_of(m) + "\n");
+    if (edit) edit(root);
+    return root;
+  }
+};
+
+void test_bundle_reader() {
+  FakeBundle good("good");
+  std::string root = good.write_all();
+  ilf::Bundle b = ilf::Bundle::load(root + "/");
+  CHECK(b.path() == root);
+  CHECK(b.digest().rfind("sha256:", 0) == 0 && b.digest().size() == 71);
+  CHECK(b.manifest().resolutions.size() == 2 && b.manifest().resolutions[1] == std::make_pair(48, 32));
+  CHECK(b.default_plan() == "base-2");
+  CHECK(b.manifest().block_segments().size() == 1);
+  CHECK(!b.manifest().tokenizer->openvino);
+  ilf::Plan p = b.plan("base-2");
+  CHECK(p.block_forwards() == 2 && p.cut_points() == std::vector<int>({0, 2}) && p.feedback_steps().empty());
+  ilf::LoadOptions pinned;
+  pinned.digest = b.digest();
+  ilf::Bundle::load(root, pinned);
+  pinned.digest = "sha256:" + std::string(64, '0');
+  EXPECT_ERROR(ilf::Bundle::load(root, pinned), bundle, "not the pinned --digest");
+  EXPECT_ERROR(b.plan("ilf-9"), bundle, "plan 'ilf-9' is not in this bundle (it has: base-2)");
+  EXPECT_ERROR(b.positions(8, 8), bundle, "the bundle was not built for 32x32 images (it has: 32x32, 48x32)");
+
+  EXPECT_ERROR(ilf::Bundle::load(tmpdir + "/nothing"), bundle, "is not a bundle (no manifest.json)");
+  EXPECT_ERROR(good.write_all([](const std::string& r) { write(r + "/manifest.json", "{"); }); ilf::Bundle::load(root),
+               bundle, "is not valid JSON");
+  FakeBundle v3("v3");
+  v3.schema_version = 3;
+  EXPECT_ERROR(ilf::Bundle::load(v3.write_all()), bundle, "bundle schema version 3 is not supported (this tool reads 2)");
+  EXPECT_ERROR(ilf::Bundle::load(good.write_all([](const std::string& r) { std::remove((r + "/manifest.sha256").c_str()); })),
+               bundle, "manifest.sha256 is missing");
+  EXPECT_ERROR(ilf::Bundle::load(good.write_all([](const std::string& r) {
+                 std::ofstream(r + "/manifest.json", std::ios::app) << " ";
+               })),
+               bundle, "manifest.json does not match the bundle's digest in manifest.sha256 (edited or corrupted)");
+  EXPECT_ERROR(ilf::Bundle::load(good.write_all([](const std::string& r) { std::remove((r + "/onnx/embed.onnx").c_str()); })),
+               bundle, "onnx/embed.onnx is missing; the bundle is incomplete, rebuild it");
+  EXPECT_ERROR(ilf::Bundle::load(good.write_all([](const std::string& r) { write(r + "/onnx/final.onnx", "edited"); })),
+               bundle, "onnx/final.onnx does not match its sha256 in the manifest (edited or corrupted)");
+  ilf::LoadOptions no_hashes;
+  no_hashes.verify_hashes = false;
+  ilf::Bundle::load(good.write_all([](const std::string& r) { write(r + "/onnx/final.onnx", "edited"); }), no_hashes);
+
+  FakeBundle extra("extra");
+  extra.manifest_extra = R"(, "surprise": 1)";
+  EXPECT_ERROR(ilf::Bundle::load(extra.write_all()), bundle, "Additional properties are not allowed ('surprise' was unexpected)");
+  FakeBundle badtok("badtok");
+  badtok.tokenizer = R"({"file": "tokenizer/tokenizer.json", "max_length": "8", "pad_id": 0})";
+  EXPECT_ERROR(ilf::Bundle::load(badtok.write_all()), bundle, "at tokenizer/max_length: '8' is not of type 'integer'");
+  FakeBundle unlisted("unlisted");
+  unlisted.tokenizer = R"({"file": "tokenizer/tokenizer.json", "max_length": 8, "pad_id": 0, "openvino": "tokenizer/ov.xml"})";
+  EXPECT_ERROR(ilf::Bundle::load(unlisted.write_all()), bundle, "names tokenizer/ov.xml but does not list its sha256 in `files`");
+  FakeBundle escape("escape");
+  escape.tokenizer = R"({"file": "../tokenizer.json", "max_length": 8, "pad_id": 0})";
+  EXPECT_ERROR(ilf::Bundle::load(escape.write_all()), bundle, "is not a relative path inside the bundle");
+  FakeBundle nosegment("nosegment");
+  nosegment.files.erase("onnx/time.onnx");
+  {
+    // drop the time segment from the manifest too
+    std::string m = nosegment.manifest();
+    auto at = m.find("\"time\": {");
+    auto end = m.find("},", m.find("\"blocks\": null", at)) + 2;
+    m.erase(at, end - at);
+    std::string r = nosegment.write_all();
+    write(r + "/manifest.json", m);
+    write(r + "/manifest.sha256", "sha256:" + hex_of(m));
+    EXPECT_ERROR(ilf::Bundle::load(r), bundle, "has no 'time' segment");
+  }
+
+  // plans: validation as StepPlan.validate
+  FakeBundle plans("plans");
+  plans.files["plans/gap.json"] = FakeBundle::plan_json("gap", {"blocks", 1, 1}, 2);
+  plans.files["plans/short.json"] = FakeBundle::plan_json("short", {"blocks", 0, 0}, 2);
+  plans.files["plans/v2.json"] = FakeBundle::plan_json("v2", {"blocks", 0, 1}, 2, "2");
+  plans.files["plans/wide.json"] = FakeBundle::plan_json("wide", {"blocks", 0, 5}, 2);
+  plans.files["plans/ilf.json"] = FakeBundle::plan_json("ilf", {"ilf", 0, 1}, 2);
+  std::string pr = plans.write_all();
+  EXPECT_ERROR(ilf::Plan::load(pr + "/plans/gap.json"), config, "plan 'gap' step 0: ops must cover blocks in order");
+  EXPECT_ERROR(ilf::Plan::load(pr + "/plans/short.json"), config, "plan 'short' step 0: ops cover 1 of 2 blocks");
+  EXPECT_ERROR(ilf::Plan::load(pr + "/plans/v2.json"), config, "unsupported plan version 2 (this tool reads 1)");
+  EXPECT_ERROR(ilf::Plan::load(pr + "/plans/wide.json"), config, "block 5 is out of range (the model has blocks 0..1)");
+  EXPECT_ERROR(ilf::Plan::load(pr + "/plans/ilf.json"), config, "ILF op outside the plan's loop");
+  EXPECT_ERROR(ilf::Plan::load(pr + "/plans/none.json"), config, "cannot read plan");
+  ilf::Bundle pb = ilf::Bundle::load(pr);
+  CHECK(pb.plan(pr + "/plans/base-2.json").name == "base-2");  // a plan file whose cut points the bundle has
+}
+
+void test_preprocess_and_c_api() {
+  CHECK(ilf::preprocess_prompt("  A Red CIRCLE\t\n") == "a red circle");
+  CHECK(ilf::preprocess_prompt("\xc3\x9c" "BER Stra\xc3\x9f" "e ") == "\xc3\xbc" "ber stra\xc3\x9f" "e");  // ÜBER Straße
+  CHECK(ilf::preprocess_prompt("\xe3\x80\x80x\xc2\xa0") == "x");  // ideographic and no-break spaces
+  CHECK(ilf::preprocess_prompt("") == "");
+
+  CHECK(std::string(ilf_version()) == ilf::version());
+  CHECK(ilf_bundle_open((tmpdir + "/nothing").c_str(), nullptr) == nullptr);
+  CHECK(std::string(ilf_last_error()).find("is not a bundle") != std::string::npos);
+  FakeBundle good("capi");
+  ilf_bundle* b = ilf_bundle_open(good.write_all().c_str(), nullptr);
+  CHECK(b != nullptr && std::string(ilf_last_error()).empty());
+  CHECK(std::string(ilf_bundle_default_plan(b)) == "base-2" && std::string(ilf_bundle_architecture(b)) == "pixart-alpha");
+  ilf_bundle_free(b);
+  ilf_request r;
+  ilf_request_init(&r);
+  CHECK(r.class_label == -1 && std::isnan(r.guidance_scale) && r.prompt == nullptr);
+  CHECK(ilf_generate(nullptr, nullptr, &r, nullptr, 0, nullptr) == ILF_ERROR_CONFIG);
+  CHECK(std::string(ilf_last_error()) == "generator is NULL");
+  ilf_image img = {nullptr, 0, 0};
+  CHECK(ilf_write_png((tmpdir + "/x.png").c_str(), &img) == ILF_ERROR_CONFIG);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--sha-lengths") {
+    std::string data;
+    for (int n = 0; n <= 300; ++n) {
+      std::cout << n << " " << ilf::sha256_hex(data.data(), data.size()) << "\n";
+      data += static_cast<char>(n % 251);
+    }
+    std::string big(1048593, '\0');
+    for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i % 251);
+    std::cout << big.size() << " " << ilf::sha256_hex(big.data(), big.size()) << "\n";
+    return 0;
+  }
+  char tmpl[] = "/tmp/ilf-tests-XXXXXX";
+  if (!mkdtemp(tmpl)) return 2;
+  tmpdir = tmpl;
+  test_sha256();
+  test_npy_png();
+  test_bundle_reader();
+  test_preprocess_and_c_api();
+  std::string cleanup = "rm -rf '" + tmpdir + "'";
+  if (std::system(cleanup.c_str()) != 0) std::cerr << "could not remove " << tmpdir << "\n";
+  std::cout << checks - failures << "/" << checks << " checks passed\n";
+  return failures ? 1 : 0;
+}

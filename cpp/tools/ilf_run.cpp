@@ -1,0 +1,332 @@
+// ilf-run: run a bundle's step plan from C++ on OpenVINO (the C++ twin of `ilf-deploy generate BUNDLE
+// --backend openvino`). Bad input is one line on stderr and exit status 2.
+#include <nlohmann/json.hpp>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <sys/stat.h>
+
+#include "ilf/ilf.hpp"
+
+namespace {
+
+const char* kUsage = R"(usage: ilf-run BUNDLE [--plan P] (--prompt TEXT | --token-ids FILE | --class-label N) [options]
+
+Run a step plan of an ilf-deploy bundle on OpenVINO (every file's sha256 and the digest checked first).
+
+  --plan, -p P            a bundled plan (default: the first ILF plan) or a plan .json file
+  --prompt TEXT           PixArt: the prompt (the bundle's OpenVINO tokenizer)
+  --token-ids FILE        PixArt: token ids instead of --prompt: a .npy of integers shaped (L,), (1, L)
+                          or (2, L) = [negative; prompt] (mask: up to the trailing padding), or a .json
+                          {"input_ids": [...], "attention_mask": [...]} with the same rows
+  --negative-prompt TEXT  PixArt, with guidance (default "")
+  --class-label N         DiT: the ImageNet class
+  --guidance-scale G      classifier-free guidance (default 4.5 PixArt, 4.0 DiT; <= 1 disables)
+  --seed S                seed of this runtime's noise (not numpy's: use --latents-in for parity)
+  --height H, --width W   image size in pixels (default: the bundle's first resolution)
+  --latents-in FILE       start from these latents (.npy) instead of noise
+  --latents-out FILE      write the final latents (.npy)
+  --out, -o FILE          write the image (.png; default image.png unless only --latents-out)
+  --variant V             f32 / bf16, or a bundle variant OpenVINO reads (int8-ov, int8-qdq)
+  --precision P           f32 (default, pinned) or bf16 (needs AVX512_BF16 or AMX)
+  --device D              OpenVINO device (default CPU; GPU/NPU passed through, untested)
+  --threads N             OpenVINO inference threads (default: OpenVINO's choice)
+  --no-cache              do not cache compiled models in BUNDLE/openvino_cache
+  --digest sha256:HEX     refuse any bundle but this one
+  --json FILE             write timings (per run, step, segment) as JSON
+  --runs N                generate N times in this process (timings per run; default 1)
+  --quiet, -q             print nothing on success
+  --version, --help, -h
+)";
+
+struct Args {
+  std::string bundle, plan, prompt, negative_prompt, token_ids, latents_in, latents_out, out, variant, precision, device = "CPU",
+      json, digest;
+  bool has_prompt = false, has_class = false, has_guidance = false, no_cache = false, quiet = false;
+  int64_t class_label = 0;
+  double guidance = 0;
+  uint64_t seed = 0;
+  int height = 0, width = 0, threads = 0, runs = 1;
+};
+
+[[noreturn]] void usage_error(const std::string& message) { throw ilf::Error(ilf::Error::Kind::config, message); }
+
+int64_t parse_int(const std::string& option, const std::string& text, int64_t minimum) {
+  char* end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end || errno) usage_error(option + " must be an integer, got '" + text + "'");
+  if (v < minimum) usage_error(option + " must be >= " + std::to_string(minimum) + ", got " + text);
+  return v;
+}
+
+double parse_float(const std::string& option, const std::string& text) {
+  char* end = nullptr;
+  double v = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end || !std::isfinite(v)) usage_error(option + " must be a number, got '" + text + "'");
+  return v;
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  std::vector<std::string> positional;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i], value;
+    bool inline_value = false;
+    if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos) {
+      value = arg.substr(arg.find('=') + 1);
+      arg = arg.substr(0, arg.find('='));
+      inline_value = true;
+    }
+    auto next = [&]() -> std::string {
+      if (inline_value) return value;
+      if (i + 1 >= argc) usage_error(arg + " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--help" || arg == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else if (arg == "--version") {
+      std::cout << "ilf-run " << ilf::version() << " (OpenVINO " << ilf::openvino_version() << ")\n";
+      std::exit(0);
+    } else if (arg == "--plan" || arg == "-p") a.plan = next();
+    else if (arg == "--prompt") { a.prompt = next(); a.has_prompt = true; }
+    else if (arg == "--negative-prompt") a.negative_prompt = next();
+    else if (arg == "--token-ids") a.token_ids = next();
+    else if (arg == "--class-label") { a.class_label = parse_int(arg, next(), INT64_MIN); a.has_class = true; }
+    else if (arg == "--guidance-scale") { a.guidance = parse_float(arg, next()); a.has_guidance = true; }
+    else if (arg == "--seed") a.seed = static_cast<uint64_t>(parse_int(arg, next(), 0));
+    else if (arg == "--height") a.height = static_cast<int>(parse_int(arg, next(), 1));
+    else if (arg == "--width") a.width = static_cast<int>(parse_int(arg, next(), 1));
+    else if (arg == "--latents-in") a.latents_in = next();
+    else if (arg == "--latents-out") a.latents_out = next();
+    else if (arg == "--out" || arg == "-o") a.out = next();
+    else if (arg == "--variant") a.variant = next();
+    else if (arg == "--precision") a.precision = next();
+    else if (arg == "--device") a.device = next();
+    else if (arg == "--threads") a.threads = static_cast<int>(parse_int(arg, next(), 1));
+    else if (arg == "--json") a.json = next();
+    else if (arg == "--digest") a.digest = next();
+    else if (arg == "--runs") a.runs = static_cast<int>(parse_int(arg, next(), 1));
+    else if (arg == "--no-cache") a.no_cache = true;
+    else if (arg == "--quiet" || arg == "-q") a.quiet = true;
+    else if (arg.size() > 1 && arg[0] == '-') usage_error("unknown option " + arg + " (see ilf-run --help)");
+    else positional.push_back(arg);
+    if (inline_value && (arg == "--no-cache" || arg == "--quiet")) usage_error(arg + " takes no value");
+  }
+  if (positional.empty()) usage_error("missing BUNDLE (see ilf-run --help)");
+  if (positional.size() > 1) usage_error("one BUNDLE only, got also '" + positional[1] + "'");
+  a.bundle = positional[0];
+  if (a.has_prompt + !a.token_ids.empty() + a.has_class > 1)
+    usage_error("give one of --prompt, --token-ids and --class-label");
+  if (!a.precision.empty() && a.precision != "f32" && a.precision != "bf16")
+    usage_error("--precision must be f32 or bf16, got '" + a.precision + "'");
+  if (!a.digest.empty()) ilf::check_digest_option(a.digest);
+  return a;
+}
+
+bool parent_exists(const std::string& path) {
+  auto slash = path.rfind('/');
+  if (slash == std::string::npos) return true;
+  std::string dir = slash == 0 ? "/" : path.substr(0, slash);
+  struct stat st {};
+  return ::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+std::string parent_of(const std::string& path) { return path.substr(0, path.rfind('/')); }
+
+/// --token-ids: rows of (ids, mask); the mask of a .npy is 1 up to the trailing run of pad ids.
+std::vector<ilf::TokenIds> read_token_ids(const std::string& path, int pad_id) {
+  std::vector<ilf::TokenIds> rows;
+  auto fail = [&](const std::string& why) -> void { usage_error("cannot read token ids " + path + ": " + why); };
+  if (path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0) {
+    std::ifstream in(path);
+    if (!in) fail(std::strerror(errno));
+    nlohmann::json d;
+    try {
+      in >> d;
+    } catch (const std::exception& e) {
+      fail(e.what());
+    }
+    if (!d.is_object() || !d.contains("input_ids")) fail("expected {\"input_ids\": [...], \"attention_mask\": [...]}");
+    auto as_rows = [&](const nlohmann::json& v) {
+      std::vector<std::vector<int64_t>> out;
+      if (!v.is_array() || v.empty()) fail("ids must be a non-empty list (or list of lists)");
+      try {
+        if (v[0].is_array())
+          for (auto& r : v) out.push_back(r.get<std::vector<int64_t>>());
+        else
+          out.push_back(v.get<std::vector<int64_t>>());
+      } catch (const std::exception&) {
+        fail("ids must be integers");
+      }
+      return out;
+    };
+    auto ids = as_rows(d["input_ids"]);
+    std::vector<std::vector<int64_t>> masks;
+    if (d.contains("attention_mask")) masks = as_rows(d["attention_mask"]);
+    for (size_t i = 0; i < ids.size(); ++i) {
+      ilf::TokenIds t;
+      t.input_ids = ids[i];
+      t.attention_mask = i < masks.size() ? masks[i] : std::vector<int64_t>(ids[i].size(), 1);
+      if (t.attention_mask.size() != t.input_ids.size()) fail("input_ids and attention_mask differ in length");
+      rows.push_back(t);
+    }
+  } else {
+    ilf::Tensor t = ilf::read_npy(path);
+    if (t.dtype() != ilf::DType::i64) fail("token ids must be integers");
+    int64_t n = t.shape().size() == 1 ? 1 : t.dim(0), len = t.shape().empty() ? 0 : t.dim(-1);
+    if (t.shape().empty() || t.shape().size() > 2 || len == 0) fail("expected a shape (L,), (1, L) or (2, L), got " + t.shape_string());
+    for (int64_t r = 0; r < n; ++r) {
+      ilf::TokenIds row;
+      row.input_ids.assign(t.i64_data() + r * len, t.i64_data() + (r + 1) * len);
+      int64_t end = len;
+      while (end > 0 && row.input_ids[end - 1] == pad_id) --end;
+      row.attention_mask.assign(len, 0);
+      std::fill(row.attention_mask.begin(), row.attention_mask.begin() + end, 1);
+      rows.push_back(row);
+    }
+  }
+  if (rows.empty() || rows.size() > 2) fail("expected 1 row (the prompt) or 2 rows (negative; prompt)");
+  if (rows.size() == 2 && rows[0].input_ids.size() != rows[1].input_ids.size())
+    fail("both rows must have the same length");
+  return rows;
+}
+
+nlohmann::json stage_table(const ilf::Timings& timings) {
+  nlohmann::json out = nlohmann::json::object();
+  for (auto& [name, calls] : timings.calls()) {
+    double total = 0;
+    for (double s : calls) total += s;
+    out[name] = {{"calls", calls.size()}, {"total_s", total}};
+  }
+  return out;
+}
+
+int run(int argc, char** argv) {
+  Args a = parse(argc, argv);
+  ilf::Tensor initial;
+  if (!a.latents_in.empty()) initial = ilf::read_npy(a.latents_in);
+  if (!initial.empty() && initial.dtype() != ilf::DType::f32)
+    usage_error("cannot read latents " + a.latents_in + ": not a float array");
+  for (const std::string* path : {&a.latents_out, &a.out, &a.json})
+    if (!path->empty() && !parent_exists(*path)) usage_error("output directory " + parent_of(*path) + " does not exist");
+
+  double t0 = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  auto clock = [] { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); };
+  ilf::LoadOptions load;
+  load.digest = a.digest;
+  ilf::Bundle bundle = ilf::Bundle::load(a.bundle, load);
+  double loaded = clock();
+  const ilf::Manifest& m = bundle.manifest();
+  const bool dit = m.architecture == "dit";
+  if (dit && (a.has_prompt || !a.token_ids.empty())) usage_error("DiT models take --class-label, not a prompt");
+  if (dit && !a.has_class) usage_error("DiT models need --class-label");
+  if (!dit && a.has_class) usage_error("PixArt models take --prompt or --token-ids, not --class-label");
+  if (!dit && !a.has_prompt && a.token_ids.empty()) usage_error("PixArt models need --prompt (or --token-ids)");
+
+  ilf::Request request;
+  request.prompt = a.prompt;
+  request.negative_prompt = a.negative_prompt;
+  if (a.has_class) request.class_label = a.class_label;
+  if (a.has_guidance) request.guidance_scale = a.guidance;
+  request.seed = a.seed;
+  request.height = a.height;
+  request.width = a.width;
+  if (!a.token_ids.empty()) {
+    auto rows = read_token_ids(a.token_ids, m.tokenizer ? m.tokenizer->pad_id : 0);
+    request.tokens = rows.back();
+    if (rows.size() == 2) request.negative_tokens = rows.front();
+    double scale = a.has_guidance ? a.guidance : ilf::default_guidance(m.architecture);
+    if (rows.size() == 1 && scale > 1.0 && !(m.tokenizer && m.tokenizer->openvino))
+      usage_error("guidance needs the negative prompt's ids too: give --token-ids 2 rows [negative; prompt], or --guidance-scale 1");
+  }
+  ilf::Plan plan = bundle.plan(a.plan.empty() ? bundle.default_plan() : a.plan);
+
+  ilf::OpenVinoOptions options;
+  options.device = a.device;
+  options.precision = a.precision;
+  options.variant = a.variant;
+  options.threads = a.threads;
+  options.cache = !a.no_cache;
+  ilf::Generator generator(bundle, ilf::make_openvino_engine(bundle, options));
+  check_plan(plan, generator.segments());
+  double opened = clock();
+
+  nlohmann::json runs = nlohmann::json::array();
+  ilf::Tensor latents;
+  std::vector<ilf::Image> images;
+  const bool want_image = !a.out.empty() || a.latents_out.empty();
+  for (int r = 0; r < a.runs; ++r) {
+    generator.timings().clear();
+    ilf::Timings* infer = generator.engine().inference_timings();
+    if (infer) infer->clear();
+    std::vector<double> marks;
+    double start = clock();
+    marks.push_back(start);
+    latents = generator.generate_latents(plan, request, initial.empty() ? nullptr : &initial,
+                                         [&](int) { marks.push_back(clock()); });
+    double denoised = clock();
+    if (want_image) images = generator.decode(latents);
+    double done = clock();
+    std::vector<double> steps;
+    for (size_t i = 1; i < marks.size(); ++i) steps.push_back(marks[i] - marks[i - 1]);
+    double text = generator.timings().total("text_encoder") + generator.timings().total("tokenizer");
+    runs.push_back({{"total_s", done - start},
+                    {"latents_s", denoised - start},
+                    {"encode_s", text},
+                    {"decode_s", done - denoised},
+                    {"step_s", steps},
+                    {"segments", stage_table(generator.timings())},
+                    {"inference", infer ? stage_table(*infer) : nlohmann::json::object()}});
+  }
+  if (!a.latents_out.empty()) {
+    ilf::write_npy(a.latents_out, latents);
+    if (!a.quiet) std::cout << "latents → " << a.latents_out << "\n";
+  }
+  if (want_image) {
+    std::string out = a.out.empty() ? "image.png" : a.out;
+    ilf::write_png(out, images.at(0));
+    if (!a.quiet) std::cout << "image → " << out << "\n";
+  }
+  if (!a.json.empty()) {
+    nlohmann::json report = {{"ilf_run", ilf::version()},
+                             {"openvino", ilf::openvino_version()},
+                             {"engine", generator.engine().describe()},
+                             {"bundle", bundle.path()},
+                             {"digest", bundle.digest()},
+                             {"plan", plan.name},
+                             {"steps", plan.steps.size()},
+                             {"block_forwards", plan.block_forwards()},
+                             {"cpu", ilf::cpu_model()},
+                             {"cpu_flags", ilf::cpu_flags()},
+                             {"load_s", loaded - t0},
+                             {"open_s", opened - loaded},
+                             {"runs", runs}};
+    std::ofstream f(a.json);
+    f << report.dump(2) << "\n";
+    if (!f) usage_error("cannot write " + a.json);
+  }
+  if (!a.quiet)
+    std::cout << plan.name << ": " << plan.block_forwards() << " block forwards, seed " << a.seed << " ("
+              << generator.engine().describe() << ")\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const ilf::Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return e.kind() == ilf::Error::Kind::engine ? 1 : 2;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+}
