@@ -327,6 +327,28 @@ def eval_prompts(n: int, offset: int = 0, seed: int = EVAL_SEED) -> list[Sample]
     return make_batch(range(offset, offset + n), seed).samples
 
 
+def _check_eval_options(n: int, offset: int, batch_size: int, plans: Sequence[str]) -> None:
+    if n < 2:
+        raise ConfigError(f"--n must be >= 2 (the Fréchet distance needs a covariance), got {n}")
+    if offset < 0:
+        raise ConfigError(f"--offset must be >= 0, got {offset}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if not plans:
+        raise ConfigError("no plans to evaluate")
+
+
+def _fidelity_to_reference(result: PlanResult, got: list[Generated], ref: list[Generated]) -> None:
+    """PSNR of the images and RMSE / relative L2 of the latents against the reference plan's."""
+    result.psnr = float(np.mean([psnr(g.image, r.image) for g, r in zip(got, ref)]))
+    pairs = [(g.latents, r.latents) for g, r in zip(got, ref) if g.latents is not None]
+    if pairs:
+        result.latent_rmse = float(np.mean([np.sqrt(((a - b) ** 2).mean()) for a, b in pairs]))
+        result.latent_rel_l2 = float(
+            np.mean([np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12) for a, b in pairs])
+        )
+
+
 def evaluate(
     backend: EvalBackend,
     plans: Sequence[str],
@@ -344,14 +366,7 @@ def evaluate(
 
     A different `offset` gives prompts and seeds no earlier run saw: tune on one range, report on
     another."""
-    if n < 2:
-        raise ConfigError(f"--n must be >= 2 (the Fréchet distance needs a covariance), got {n}")
-    if offset < 0:
-        raise ConfigError(f"--offset must be >= 0, got {offset}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if not plans:
-        raise ConfigError("no plans to evaluate")
+    _check_eval_options(n, offset, batch_size, plans)
     classifier = classifier or AttributeClassifier.load()
     paired_with = paired_with or reference
     plan_objs = {spec: backend.resolve(spec) for spec in dict.fromkeys([reference, paired_with, *plans])}
@@ -362,7 +377,6 @@ def evaluate(
     real = make_batch(range(real_count), EVAL_SEED + 1)
     real_feats, _real_preds = classifier.predict(real.images)
     held_feats, held_preds = classifier.predict(held.images)
-    base_forwards = plan_objs[reference].block_forwards
     outputs: dict[str, list[Generated]] = {}
     seconds: dict[str, float] = {}
     for spec, plan in plan_objs.items():
@@ -375,17 +389,16 @@ def evaluate(
             if on_samples is not None:
                 on_samples(spec, len(chunk))
         seconds[spec] = (time.perf_counter() - start) / n
-    results = []
-    ref = outputs[reference]
     scored = {spec: classifier.predict(np.stack([g.image for g in outputs[spec]])) for spec in plan_objs}
     paired = all_right(scored[paired_with][1], samples)
+    results = []
     for spec in plans:
         feats, preds = scored[spec]
         right = all_right(preds, samples)
         result = PlanResult(
             plan=spec,
             block_forwards=plan_objs[spec].block_forwards,
-            speedup=base_forwards / plan_objs[spec].block_forwards,
+            speedup=plan_objs[reference].block_forwards / plan_objs[spec].block_forwards,
             seconds_per_image=seconds[spec],
             accuracy=attribute_accuracy(preds, samples),
             frechet=frechet_distance(feats, real_feats),
@@ -394,13 +407,7 @@ def evaluate(
         if spec != paired_with:
             result.delta_all, result.delta_all_se = paired_difference(right, paired)
         if spec != reference:
-            result.psnr = float(np.mean([psnr(g.image, r.image) for g, r in zip(outputs[spec], ref)]))
-            pairs = [(g.latents, r.latents) for g, r in zip(outputs[spec], ref) if g.latents is not None]
-            if pairs:
-                result.latent_rmse = float(np.mean([np.sqrt(((a - b) ** 2).mean()) for a, b in pairs]))
-                result.latent_rel_l2 = float(
-                    np.mean([np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12) for a, b in pairs])
-                )
+            _fidelity_to_reference(result, outputs[spec], outputs[reference])
         results.append(result)
     return EvalReport(
         results=results,

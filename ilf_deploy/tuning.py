@@ -179,7 +179,10 @@ def tune(
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_atomic(bundle.path / TUNING_FILE, (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode())
+    write_atomic(
+        bundle.path / TUNING_FILE,
+        (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode(),
+    )
     return report
 
 

@@ -9,25 +9,12 @@ from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
-from typer.testing import CliRunner
 
-from ilf_deploy.cli import app
 from ilf_deploy.runtime.bundle import DIGEST_FILE, MANIFEST, Bundle, BundleError, rewrite_manifest
 from ilf_deploy.runtime.manifest import SCHEMA_VERSION, VARIANT_ENGINES, Manifest
 from ilf_deploy.schemas import NAMES, problem, schema
 
-runner = CliRunner()
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, fragment: str) -> None:
-    assert result.exit_code == 2, result.output
-    text = result.output.strip()
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    assert fragment in text, text
+from .test_cli import assert_one_line_error, invoke
 
 
 def digest_of(path: Path) -> str:
@@ -108,9 +95,8 @@ def test_every_kind_of_edit_is_refused_in_one_line_by_every_command(edited, tmp_
         "verify": ["verify", path],
         "export-triton": ["export-triton", path, "--out", tmp_path / "repo"],
     }
-    for name, args in commands.items():
-        result = invoke(*args)
-        assert_one_line_error(result, message)
+    for args in commands.values():
+        assert_one_line_error(invoke(*args), message)
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "repo").exists()
 
 
@@ -176,7 +162,7 @@ def test_a_rewrite_refuses_an_edited_manifest_and_validates_what_it_writes(tiny_
     def unlisted(manifest: dict) -> None:
         manifest["segments"]["final"]["file"] = "onnx/elsewhere.onnx"
 
-    with pytest.raises(BundleError, match="names onnx/elsewhere.onnx but does not list its sha256"):
+    with pytest.raises(BundleError, match=r"names onnx/elsewhere\.onnx but does not list its sha256"):
         rewrite_manifest(path, unlisted)
 
 

@@ -301,6 +301,22 @@ def test_generate_verdicts(bundles, tmp_path, model, fields, verdict):
         assert not (tmp_path / "x.png").exists()
 
 
+def test_generate_and_serve_pin_the_bundle_digest(bundles, generators, tmp_path):
+    from ilf_deploy.runtime.manifest import BundleError
+
+    bundle, other = bundles["pixart"], "sha256:" + "0" * 64
+    digest = Bundle.load(bundle, verify_hashes=False).digest
+    args = ["generate", str(bundle), "--prompt", PROMPT, "--plan", "base-2", "--out", str(tmp_path / "x.png")]
+    assert CliRunner().invoke(cli, [*args, "--digest", digest]).exit_code == 0
+    refused = CliRunner().invoke(cli, [*args, "--digest", other])
+    assert (
+        refused.exit_code == 2 and f"has digest {digest}, not the pinned --digest {other}" in refused.output
+    )
+    assert create_app(bundle, ServeOptions(digest=digest, warmup=False), generators["pixart"])
+    with pytest.raises(BundleError, match="not the pinned --digest"):
+        create_app(bundle, ServeOptions(digest=other, warmup=False))
+
+
 def test_invalid_utf8_is_the_same_verdict_as_json_and_bytes(serve, request):
     """JSON carries no bytes: a lone surrogate is its way of sending what is not text."""
     response = serve["pixart"].post(

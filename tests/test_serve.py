@@ -435,18 +435,10 @@ def test_load_200_requests_8_concurrent(bundle, generator):
 
 # -- the CLI command -----------------------------------------------------------------------------------
 def test_serve_command_reports_bad_input_in_one_line(bundle, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from ilf_deploy.cli import command_for
-    from ilf_deploy.cli.serve import register
+    from ilf_deploy.cli import app  # its IlfError -> one line, exit 2 wrapper included
 
-    app = typer.Typer()
-
-    command = command_for(app)  # the same IlfError -> one line, exit 2 wrapper as the real CLI
-
-    register(command)
-    app.command("noop")(lambda: None)  # two commands, so `serve` is addressed by name
     runner = CliRunner()
     assert "--max-wait-ms" in runner.invoke(app, ["serve", "--help"]).output
     for args, message in [
@@ -457,6 +449,8 @@ def test_serve_command_reports_bad_input_in_one_line(bundle, tmp_path):
         ([str(bundle), "--backend", "bogus"], "unknown backend"),
         ([str(bundle), "--backend", "tensorrt"], "TensorRT is not installed"),
         ([str(bundle), "--port", "70000"], "--port"),
+        ([str(bundle), "--digest", "sha256:" + "0" * 64], "not the pinned --digest"),
+        ([str(bundle), "--digest", "latest"], "--digest must look like sha256:"),
     ]:
         result = runner.invoke(app, ["serve", *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)

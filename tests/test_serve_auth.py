@@ -369,12 +369,10 @@ def test_per_key_limit_options_are_checked(bundle, generator, keys):
 @pytest.fixture
 def cli(monkeypatch):
     """The serve command with uvicorn.run recorded instead of listening; logging restored afterwards."""
-    import typer
     import uvicorn
     from typer.testing import CliRunner
 
-    from ilf_deploy.cli import command_for
-    from ilf_deploy.cli.serve import register
+    from ilf_deploy.cli import app
 
     names = ("ilf_deploy", "uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
     saved = {
@@ -384,9 +382,6 @@ def cli(monkeypatch):
     runs: list[dict] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: runs.append({"app": app, **kwargs}))
     monkeypatch.delenv(auth.ENV_VAR, raising=False)
-    app = typer.Typer()
-    register(command_for(app))
-    app.command("noop")(lambda: None)
     runner = CliRunner()
     try:
         yield lambda *args, env=None: (runner.invoke(app, ["serve", *map(str, args)], env=env), runs)

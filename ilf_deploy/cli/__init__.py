@@ -1,6 +1,6 @@
 """`ilf-deploy`: a thin command-line skin over the library.
 
-The app and its error handling live here; each module below registers its commands on import.
+The app and its error handling live here; each module below declares its commands with `@command`.
 """
 
 from __future__ import annotations
@@ -111,11 +111,6 @@ if __name__ == "__main__":
     main()
 
 
-# Each module registers its commands on import (they need `app` and `command` from above).
-from . import bundles, engines, generate, plans, triton  # noqa: E402, F401
+# Each module declares its commands at import with `@command` (they need `app` and `command` above).
+from . import bundles, engines, generate, plans, serve, training, triton  # noqa: E402, F401
 from . import tune as _tune  # noqa: E402, F401
-from .serve import register as _register_serve  # noqa: E402
-from .training import register as _register_training  # noqa: E402
-
-_register_serve(command)
-_register_training(command)

@@ -12,8 +12,8 @@ from rich.table import Table
 from ..errors import ConfigError
 from ..runtime.generator import Request
 from . import command, console, finish_checks, out, progress
-from .generate import VARIANT_HELP, backend_help, open_source
-from .options import Digest
+from .generate import open_source
+from .options import VARIANT_HELP, Digest, backend_help
 
 # -- bundles ---------------------------------------------------------------------------------
 

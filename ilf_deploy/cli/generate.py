@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..plan import PRESET_HELP
 from ..runtime.request import RequestContract, RequestError, Size
 from . import command, console, progress
-from .options import Digest
+from .options import BACKEND_HELP, VARIANT_HELP, Digest
 
 # -- generate --------------------------------------------------------------------------------
 
@@ -55,20 +55,6 @@ def announce(choice: str | None, source: str | Path, backend: str | None) -> Non
 
     if choice and (backend is not None or (Path(source) / TUNING_FILE).is_file()):
         console.print(choice, highlight=False, markup=False)
-
-
-def backend_help(default: str = "auto for bundles, torch for model directories") -> str:
-    """The registry's backends, for --backend's help (a new backend shows up by itself)."""
-    from ..backends import REGISTRY
-
-    names = ", ".join(f"{b.name} ({b.summary})" for b in REGISTRY.values())
-    return (
-        f"One of: {names}, auto (the engine `ilf-deploy tune` chose on this machine, else "
-        f"onnxruntime fp32). Default: {default}."
-    )
-
-
-BACKEND_HELP = backend_help()
 
 
 @command()
@@ -125,7 +111,6 @@ OPTIONS = {"size": "--height/--width", "height": "--height", "width": "--width"}
 
 
 DEVICE_HELP = "Where the torch backend runs: cpu, cuda, cuda:N (ONNX Runtime: CPU; TensorRT: the GPU)."
-VARIANT_HELP = "A precision variant added to the bundle after the build (e.g. quantized segments)."
 
 
 @command()

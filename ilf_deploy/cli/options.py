@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,3 +16,32 @@ Digest = Annotated[
         "as an image digest pins a container.",
     ),
 ]
+
+
+def backend_help(default: str = "auto for bundles, torch for model directories") -> str:
+    """The registry's backends, for --backend's help (a new backend shows up by itself)."""
+    from ..backends import REGISTRY
+
+    names = ", ".join(f"{b.name} ({b.summary})" for b in REGISTRY.values())
+    return (
+        f"One of: {names}, auto (the engine `ilf-deploy tune` chose on this machine, else "
+        f"onnxruntime fp32). Default: {default}."
+    )
+
+
+VARIANT_HELP = (
+    "A precision variant added to the bundle after the build (e.g. quantized segments), or OpenVINO's bf16."
+)
+BACKEND_HELP = backend_help()
+
+BundleDir = Annotated[Path, typer.Argument(help="Bundle directory (from `ilf-deploy build`).")]
+Backend = Annotated[
+    str | None, typer.Option(help=backend_help("auto (tune's winner here, else onnxruntime)"))
+]
+Variant = Annotated[str | None, typer.Option(help=VARIANT_HELP)]
+DefaultPlan = Annotated[
+    str | None, typer.Option(help="Plan for requests without one (default: first ILF plan).")
+]
+Height = Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")]
+Width = Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")]
+ChecksJson = Annotated[Path | None, typer.Option("--json", help="Also write the checks as JSON here.")]

@@ -1,159 +1,168 @@
-"""`ilf-deploy serve`: registered on the CLI by `register(command)` (see ilf_deploy/cli/__init__.py)."""
+"""`ilf-deploy serve`: a bundle over HTTP, on our FastAPI server or on NVIDIA Triton."""
 
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from .generate import announce, backend_help
-from .options import Digest
+from ..errors import ConfigError
+from . import command, console
+from .generate import announce
+from .options import Backend, BundleDir, DefaultPlan, Digest
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+SERVERS = ("ilf", "triton")
+KEYS_HELP = (
+    "API keys, one per line (`NAME:KEY` names it in metrics and logs); also read from the "
+    "ILF_API_KEYS environment variable. Clients send `Authorization: Bearer KEY`."
+)
 
 
-def register(command) -> None:
-    """Add `serve` with the CLI's `command` decorator factory (IlfError -> one line, exit 2)."""
+@command("serve")
+def serve(
+    bundle: BundleDir,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    backend: Backend = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Images per engine call (default: the bundle's, ≥ 8).")
+    ] = None,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="How long a batch's first image waits for others.")
+    ] = 10.0,
+    max_queue: Annotated[int, typer.Option(help="Images waiting before requests get 429.")] = 64,
+    timeout_s: Annotated[float, typer.Option(help="Per-request limit, queueing included (504).")] = 120.0,
+    max_n: Annotated[int, typer.Option(help="Largest `n` (images per request).")] = 8,
+    default_plan: DefaultPlan = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_format: Annotated[str, typer.Option(help="human, or json: one JSON object per log line.")] = "human",
+    api_key_file: Annotated[Path | None, typer.Option(help=KEYS_HELP)] = None,
+    require_auth: Annotated[
+        bool, typer.Option("--require-auth", help="Refuse to start without API keys.")
+    ] = False,
+    max_inflight_per_key: Annotated[
+        int | None, typer.Option(help="Images one key may have in flight (429).")
+    ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM), to serve HTTPS.")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM).")] = None,
+    server: Annotated[
+        str, typer.Option(help="ilf (this FastAPI server) or triton (tritonserver, KServe v2).")
+    ] = "ilf",
+    http_port: Annotated[int | None, typer.Option(help="Triton's HTTP port (default --port).")] = None,
+    grpc_port: Annotated[int, typer.Option(help="Triton's gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Triton's Prometheus metrics port.")] = 8002,
+    digest: Digest = None,
+) -> None:
+    """Serve a bundle over HTTP: OpenAI-style /v1/images/generations with micro-batching."""
+    if server not in SERVERS:
+        raise ConfigError(f"--server must be one of {', '.join(SERVERS)}, got {server!r}")
+    security = {
+        "--api-key-file": api_key_file is not None,
+        "--require-auth": require_auth,
+        "--max-inflight-per-key": max_inflight_per_key is not None,
+        "--ssl-keyfile/--ssl-certfile": ssl_keyfile is not None or ssl_certfile is not None,
+    }
+    if server == "triton":  # the same bundle on NVIDIA Triton Inference Server (cli/triton.py)
+        from .triton import run_triton
 
-    @command("serve")
-    def serve(
-        bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `ilf-deploy build`).")],
-        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-        backend: Annotated[
-            str | None,
-            typer.Option(help=backend_help("auto (tune's winner here, else onnxruntime)")),
-        ] = None,
-        max_batch: Annotated[
-            int | None, typer.Option(help="Images per engine call (default: the bundle's, at least 8).")
-        ] = None,
-        max_wait_ms: Annotated[
-            float, typer.Option(help="How long a batch's first image waits for others.")
-        ] = 10.0,
-        max_queue: Annotated[int, typer.Option(help="Images waiting before requests get 429.")] = 64,
-        timeout_s: Annotated[float, typer.Option(help="Per-request limit, queueing included (504).")] = 120.0,
-        max_n: Annotated[int, typer.Option(help="Largest `n` (images per request).")] = 8,
-        default_plan: Annotated[
-            str | None, typer.Option(help="Plan for requests without one (default: first ILF plan).")
-        ] = None,
-        log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
-        log_format: Annotated[
-            str, typer.Option(help="human, or json: one JSON object per log line (access lines, batches).")
-        ] = "human",
-        api_key_file: Annotated[
-            Path | None,
-            typer.Option(
-                help="API keys, one per line (`NAME:KEY` names it in metrics and logs); also read from "
-                "the ILF_API_KEYS environment variable. Clients send `Authorization: Bearer KEY`."
-            ),
-        ] = None,
-        require_auth: Annotated[
-            bool, typer.Option("--require-auth", help="Refuse to start without API keys.")
-        ] = False,
-        max_inflight_per_key: Annotated[
-            int | None, typer.Option(help="Images one key may have queued or running (beyond: 429).")
-        ] = None,
-        ssl_keyfile: Annotated[
-            Path | None, typer.Option(help="TLS private key (PEM), to serve HTTPS with uvicorn.")
-        ] = None,
-        ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM).")] = None,
-        server: Annotated[
-            str, typer.Option(help="ilf (this FastAPI server) or triton (tritonserver, KServe v2 API).")
-        ] = "ilf",
-        http_port: Annotated[int | None, typer.Option(help="Triton's HTTP port (default --port).")] = None,
-        grpc_port: Annotated[int, typer.Option(help="Triton's gRPC port.")] = 8001,
-        metrics_port: Annotated[int, typer.Option(help="Triton's Prometheus metrics port.")] = 8002,
-        digest: Digest = None,
-    ) -> None:
-        """Serve a bundle over HTTP: OpenAI-style /v1/images/generations with micro-batching."""
-        from ..errors import ConfigError
+        _refuse_security_options(security, host)
+        code = run_triton(
+            bundle, backend or "auto", host, http_port or port, grpc_port, metrics_port, max_batch,
+            max_wait_ms, max_queue, default_plan, digest=digest,
+        )  # fmt: skip
+        raise typer.Exit(code)
+    from ..serve.auth import ENV_VAR, load_keys
+    from ..serve.state import ServeOptions
 
-        if server == "triton":  # the same bundle on NVIDIA Triton Inference Server (cli/triton.py)
-            from ..serve.auth import ENV_VAR, ApiKeys, check_exposure
-            from .triton import run_triton
+    options = ServeOptions(
+        backend=backend or "auto",
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        timeout_s=timeout_s,
+        max_n=max_n,
+        default_plan=default_plan,
+        api_keys=load_keys(api_key_file, os.environ.get(ENV_VAR)),  # never from argv: `ps` shows it
+        max_inflight_per_key=max_inflight_per_key,
+        digest=digest,
+    )
+    tls = _tls_files(ssl_keyfile, ssl_certfile)
+    _run_http(bundle, options, host, port, (log_level, log_format), require_auth, tls, backend)
 
-            # Triton answers without our keys, TLS or per-key limits: never ignore them silently.
-            ours = {
-                "--api-key-file": api_key_file is not None,
-                ENV_VAR: bool(os.environ.get(ENV_VAR)),
-                "--require-auth": require_auth,
-                "--max-inflight-per-key": max_inflight_per_key is not None,
-                "--ssl-keyfile/--ssl-certfile": ssl_keyfile is not None or ssl_certfile is not None,
-            }
-            if any(ours.values()):
-                used = ", ".join(name for name, given in ours.items() if given)
-                raise ConfigError(
-                    f"{used}: --server triton has no API keys, TLS or per-key limits; keep it on a "
-                    "loopback or private address behind an authenticating TLS proxy (README, Triton)"
-                )
-            warning = check_exposure(host, ApiKeys(), require_auth=False)
-            if warning:
-                from rich.markup import escape
 
-                from . import console
+def _refuse_security_options(given: dict[str, bool], host: str) -> None:
+    """Triton answers without our keys, TLS or per-key limits: never ignore them silently."""
+    from ..serve.auth import ENV_VAR, ApiKeys, check_exposure
 
-                console.print(f"[yellow]warning:[/yellow] {escape(warning.split(' (give')[0])}")
-
-            code = run_triton(
-                bundle, backend or "auto", host, http_port or port, grpc_port, metrics_port, max_batch,
-                max_wait_ms, max_queue, default_plan, digest=digest,
-            )  # fmt: skip
-            raise typer.Exit(code)
-        if server != "ilf":
-            raise ConfigError(f"--server must be ilf or triton, got {server!r}")
-
-        try:
-            import uvicorn
-
-            from ..serve.app import ServeOptions, create_app
-        except ImportError as exc:  # the serve extra is optional
-            raise ConfigError(f"serving needs {exc.name}: pip install 'ilf-deploy[serve]'") from None
-
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"--port must be in 0..65535, got {port}")
-        if log_level not in LOG_LEVELS:
-            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
-        from ..serve.auth import ENV_VAR, check_exposure, load_keys
-        from ..serve.logs import LOG_FORMATS, configure_logging
-
-        if log_format not in LOG_FORMATS:
-            raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
-        api_keys = load_keys(api_key_file, os.environ.get(ENV_VAR))  # never from argv: `ps` shows it
-        if (ssl_keyfile is None) != (ssl_certfile is None):
-            raise ConfigError("--ssl-keyfile and --ssl-certfile go together")
-        for flag, path in (("--ssl-keyfile", ssl_keyfile), ("--ssl-certfile", ssl_certfile)):
-            if path is not None and not path.is_file():
-                raise ConfigError(f"{flag} {path}: no such file")
-        tls = ssl_keyfile is not None
-        warning = check_exposure(host, api_keys, require_auth, tls)  # --require-auth, no keys: an error
-        options = ServeOptions(
-            backend=backend or "auto",
-            max_batch=max_batch,
-            max_wait_ms=max_wait_ms,
-            max_queue=max_queue,
-            timeout_s=timeout_s,
-            max_n=max_n,
-            default_plan=default_plan,
-            api_keys=api_keys,
-            max_inflight_per_key=max_inflight_per_key,
-            digest=digest,
+    used = [name for name, on in {**given, ENV_VAR: bool(os.environ.get(ENV_VAR))}.items() if on]
+    if used:
+        raise ConfigError(
+            f"{', '.join(used)}: --server triton has no API keys, TLS or per-key limits; keep it on a "
+            "loopback or private address behind an authenticating TLS proxy (README, Triton)"
         )
-        app = create_app(bundle, options)  # bundle and option errors surface before listening
-        announce(getattr(app.state.batcher.generator, "choice", None), bundle, backend)
-        configure_logging(log_format, uvicorn.config.LOG_LEVELS[log_level])
-        if warning:
-            logging.getLogger("ilf_deploy.serve").warning(warning)
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            log_level=log_level,
-            log_config=None,  # keep configure_logging's handlers
-            access_log=False,  # the server logs each request itself, with its id and key name
-            timeout_graceful_shutdown=10,
-            ssl_keyfile=str(ssl_keyfile) if tls else None,
-            ssl_certfile=str(ssl_certfile) if tls else None,
-        )
+    warning = check_exposure(host, ApiKeys(), require_auth=False)
+    if warning:
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/yellow] {escape(warning.split(' (give')[0])}")
+
+
+def _tls_files(keyfile: Path | None, certfile: Path | None) -> dict[str, str | None]:
+    """uvicorn's TLS arguments (both None: plain HTTP)."""
+    if (keyfile is None) != (certfile is None):
+        raise ConfigError("--ssl-keyfile and --ssl-certfile go together")
+    for flag, path in (("--ssl-keyfile", keyfile), ("--ssl-certfile", certfile)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    if keyfile is None:
+        return {"ssl_keyfile": None, "ssl_certfile": None}
+    return {"ssl_keyfile": str(keyfile), "ssl_certfile": str(certfile)}
+
+
+def _run_http(
+    bundle: Path,
+    options: Any,
+    host: str,
+    port: int,
+    logs: tuple[str, str],
+    require_auth: bool,
+    tls: dict[str, str | None],
+    backend: str | None,
+) -> None:
+    """Our FastAPI server under uvicorn, after every check that can fail before listening."""
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as exc:  # the serve extra is optional
+        raise ConfigError(f"serving needs {exc.name}: pip install 'ilf-deploy[serve]'") from None
+    from ..serve.auth import check_exposure
+    from ..serve.logs import LOG_FORMATS, configure_logging
+
+    log_level, log_format = logs
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {port}")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    warning = check_exposure(host, options.api_keys, require_auth, tls["ssl_keyfile"] is not None)
+    app = create_app(bundle, options)  # bundle and option errors surface before listening
+    announce(getattr(app.state.batcher.generator, "choice", None), bundle, backend)
+    configure_logging(log_format, uvicorn.config.LOG_LEVELS[log_level])
+    if warning:
+        logging.getLogger("ilf_deploy.serve").warning(warning)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=None,  # keep configure_logging's handlers
+        access_log=False,  # the server logs each request itself, with its id and key name
+        timeout_graceful_shutdown=10,
+        **tls,
+    )

@@ -13,8 +13,7 @@ from typing import Annotated
 import typer
 
 from . import command, console
-from .generate import VARIANT_HELP, backend_help
-from .options import Digest
+from .options import VARIANT_HELP, Digest, backend_help
 
 
 @command("export-triton")

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError
-from ..schemas import problem
 from ..schedulers import StepCoefficients
+from ..schemas import problem
 
 PLAN_VERSION = 1
 OpKind = Literal["blocks", "ilf", "cache_refresh", "cache_reuse"]

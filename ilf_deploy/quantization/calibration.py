@@ -53,24 +53,58 @@ def collect_calibration(
     """
 
     bundle = Bundle.load(bundle_path)
-    plan_name = plan or bundle.default_plan
-    step_plan = bundle.plan(plan_name)
+    step_plan = bundle.plan(plan or bundle.default_plan)
+    requests = calibration_requests(bundle, prompts, class_labels, guidance_scale)
+    generator = open_generator(bundle)
+    recorder = TrajectoryRecorder(bundle, max_samples)
+    _record(generator, recorder, step_plan, requests, progress)
+    root = Path(bundle_path)
+    written = recorder.save(root, CALIBRATION_DIR)
+    if not written:
+        raise BundleError("the plan ran no transformer segment; nothing was recorded")
+    record = {
+        "plan": step_plan.name,
+        "requests": len(requests),
+        "guidance_scale": generator.resolve(requests[0]).guidance_scale,
+        "max_samples": max_samples,
+        "segments": written,
+    }
+
+    def mutate(manifest: dict[str, Any]) -> None:
+        old = manifest.get("calibration") or {}
+        for entry in old.get("segments", {}).values():
+            manifest["files"].pop(entry["file"], None)
+            if entry["file"] not in {w["file"] for w in written.values()}:
+                (root / entry["file"]).unlink(missing_ok=True)
+        manifest["calibration"] = record
+        manifest["files"].update({w["file"]: "" for w in written.values()})
+
+    rewrite_manifest(root, mutate)
+    return record
+
+
+def calibration_requests(
+    bundle: Bundle,
+    prompts: Sequence[str] | None,
+    class_labels: Sequence[int] | None,
+    guidance_scale: float | None,
+) -> list[Request]:
+    """One request per prompt (PixArt) or class label (DiT), seeded 0, 1, …"""
     if bundle.architecture == "dit":
         classes = bundle.model.num_classes
         labels = [c % classes for c in (class_labels or DEFAULT_CLASS_LABELS)]
-        requests = [
-            Request(class_label=c, seed=i, guidance_scale=guidance_scale) for i, c in enumerate(labels)
-        ]
-    else:
-        texts = list(prompts or DEFAULT_PROMPTS)
-        if not texts or not all(t.strip() for t in texts):
-            raise ConfigError("calibration prompts must be non-empty")
-        requests = [Request(prompt=t, seed=i, guidance_scale=guidance_scale) for i, t in enumerate(texts)]
+        return [Request(class_label=c, seed=i, guidance_scale=guidance_scale) for i, c in enumerate(labels)]
+    texts = list(prompts or DEFAULT_PROMPTS)
+    if not texts or not all(t.strip() for t in texts):
+        raise ConfigError("calibration prompts must be non-empty")
+    return [Request(prompt=t, seed=i, guidance_scale=guidance_scale) for i, t in enumerate(texts)]
 
-    generator = open_generator(bundle)
+
+def _record(generator: Any, recorder: TrajectoryRecorder, step_plan, requests, progress) -> None:
+    """Run every request's trajectory with `recorder` seeing the segment feeds, each tagged with
+    its step and conditioning kind (t, or t_post on the feedback's second pass)."""
     segments = generator.segments
-    recorder = TrajectoryRecorder(bundle, max_samples)
-    time_outputs = list(bundle.segment_spec("time").output_names)
+    time_outputs = list(generator.bundle.segment_spec("time").output_names)
     conditioning = segments.conditioning
     state = {"step": -1}
 
@@ -95,30 +129,6 @@ def collect_calibration(
         recorder.new_trajectory()
         state["step"] = -1
         generator.generate_latents(step_plan, request, on_step=on_step)
-
-    root = Path(bundle_path)
-    written = recorder.save(root, CALIBRATION_DIR)
-    if not written:
-        raise BundleError("the plan ran no transformer segment; nothing was recorded")
-    record = {
-        "plan": step_plan.name,
-        "requests": len(requests),
-        "guidance_scale": generator.resolve(requests[0]).guidance_scale,
-        "max_samples": max_samples,
-        "segments": written,
-    }
-
-    def mutate(manifest: dict[str, Any]) -> None:
-        old = manifest.get("calibration") or {}
-        for entry in old.get("segments", {}).values():
-            manifest["files"].pop(entry["file"], None)
-            if entry["file"] not in {w["file"] for w in written.values()}:
-                (root / entry["file"]).unlink(missing_ok=True)
-        manifest["calibration"] = record
-        manifest["files"].update({w["file"]: "" for w in written.values()})
-
-    rewrite_manifest(root, mutate)
-    return record
 
 
 def load_calibration(bundle: Bundle, segment: str) -> list[dict[str, np.ndarray]]:

@@ -46,10 +46,7 @@ class Row:
     value: Request
 
 
-def _scalar_rows(inputs: dict[str, np.ndarray | None], name: str, rows: int) -> list[Any] | None:
-    array = inputs.get(name)
-    if array is None:
-        return None
+def _scalar_rows(array: np.ndarray, name: str, rows: int) -> list[Any]:
     flat = np.asarray(array).reshape(-1)
     if flat.shape[0] != rows:
         raise RowError(f"{name} has {flat.shape[0]} values for {rows} rows; send one per row (shape [n, 1])")
@@ -80,7 +77,7 @@ class Engine:
         count = max((int(np.asarray(a).reshape(-1).shape[0]) for a in present.values()), default=1)
         if count == 0:
             raise RowError("the request has no rows")
-        column = {name: _scalar_rows(present, name, count) or [] for name in present}
+        column = {name: _scalar_rows(array, name, count) for name, array in present.items()}
         rows = []
         for i in range(count):
             fields = {name: values[i] for name, values in column.items() if name not in ("height", "width")}

@@ -36,7 +36,7 @@ _SERVER = "pytriton/tritonserver/"
 _LIBS = "nvidia_pytriton.libs/"
 _STAMP = "ilf-triton.json"
 # The stub's environment: what runtime/ and the onnxruntime backend import, at this env's versions.
-STUB_PACKAGES = ("onnxruntime", "tokenizers")
+STUB_PACKAGES = ("onnxruntime", "tokenizers", "jsonschema")  # what Bundle.load needs, beside numpy
 
 
 def default_home() -> Path:
