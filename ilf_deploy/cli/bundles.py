@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..errors import ConfigError
 from ..runtime.generator import Request
 from . import command, console, finish_checks, out, progress
 from .generate import open_source
 from .options import VARIANT_HELP, Digest, backend_help
+from .tables import bench_table, bundle_tables, checks_table, stage_table
 
 # -- bundles ---------------------------------------------------------------------------------
 
@@ -127,22 +127,10 @@ def inspect(
         f"sizes {sizes}, max batch {m.max_batch}, feedback loop {loaded.loop}, "
         f"cut points {list(m.cut_points)}\ndigest {loaded.digest}"
     )
-    plans = Table(title="plans", title_justify="left")
-    for column in ("plan", "steps", "block fwd", "feedback steps"):
-        plans.add_column(column)
-    for name in loaded.plan_names:
-        plan = loaded.plan(name)
-        plans.add_row(name, str(plan.num_steps), str(plan.block_forwards), str(plan.feedback_steps or "-"))
-    out.print(plans)
-    segments = Table(title="segments", title_justify="left")
-    for column in ("segment", "blocks", "inputs", "outputs", "MB"):
-        segments.add_column(column)
-    for name, spec in m.segments.items():
-        size = sum(v for f, v in _file_sizes(loaded.path).items() if f.startswith(spec.file))
-        io = lambda vs: ", ".join(f"{v.name}{list(v.shape)}:{v.dtype}" for v in vs)  # noqa: E731
-        blocks = "-" if not spec.blocks else f"{spec.blocks[0]}-{spec.blocks[1]}"
-        segments.add_row(name, blocks, io(spec.inputs), io(spec.outputs), f"{size / 1e6:.1f}")
-    out.print(segments)
+    for rendered in bundle_tables(
+        loaded, [loaded.plan(n) for n in loaded.plan_names], _file_sizes(loaded.path)
+    ):
+        out.print(rendered)
 
 
 def _file_sizes(root: Path) -> dict[str, int]:
@@ -184,7 +172,7 @@ def verify(
     from ..compare import held_out_request
     from ..runtime.bundle import Bundle
     from ..verify.bundle import bundle_budget, verify_bundle
-    from .engines import checks_table, verify_tensorrt
+    from .engines import verify_tensorrt
 
     if backend == "tensorrt":
         return verify_tensorrt(bundle, variant, None, False, as_json, digest)
@@ -242,43 +230,9 @@ def bench(
         )
     rows = summary(results)
     for result in results:
-        if not result.stages:
-            continue
-        table = Table(title=f"{result.plan}: median of {runs} runs", title_justify="left")
-        for column in ("stage", "calls", "ms", "share"):
-            table.add_column(column, justify="left" if column == "stage" else "right")
-        for stage, (calls, seconds) in sorted(result.stages.items(), key=lambda kv: -kv[1][1]):
-            share = f"{100 * seconds / result.latency:.1f}%"
-            table.add_row(stage, str(calls), f"{seconds * 1000:.1f}", share)
-        out.print(table)
-    table = Table(title=f"{bundle} on {engine}", title_justify="left")
-    for column in (
-        "plan",
-        "steps",
-        "block fwd",
-        "ms",
-        "images/s",
-        "speedup",
-        "predicted",
-        "measured/predicted",
-    ):
-        table.add_column(column, justify="left" if column == "plan" else "right")
-    for row in rows:
-        extra = (
-            [f"{row[k]:.2f}x" for k in ("measured_speedup", "predicted_speedup")]
-            if "baseline" in row
-            else ["-", "-"]
-        )
-        ratio = f"{row['speedup_ratio']:.3f}" if "baseline" in row else "-"
-        table.add_row(
-            row["plan"],
-            str(row["steps"]),
-            str(row["block_forwards"]),
-            f"{row['latency_s'] * 1000:.0f}",
-            f"{row['images_per_s']:.2f}",
-            *extra,
-            ratio,
-        )
+        if result.stages:
+            out.print(stage_table(result, runs))
+    table = bench_table(f"{bundle} on {engine}", rows)
     out.print(table)
     if as_json is not None:
         report = {"backend": generator.backend, "variant": generator.variant, "runs": runs, "plans": rows}

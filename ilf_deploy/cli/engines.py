@@ -7,37 +7,13 @@ no GPU.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from . import command, console, finish_checks, out, progress
 from .options import Digest
-
-
-def checks_table(title: str, rows: list[Any]) -> Any:
-    """The table of every check command (compare.Check rows): verify, verify-variant, verify-engines."""
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    sized = any(r.size for r in rows)
-    columns = ["check", "name", *(["size"] if sized else []), "samples", "SNR dB", "cosine", "rel L2"]
-    for column in [*columns, "max abs", "limit", "ok"]:
-        table.add_column(column, justify="left" if column in ("check", "name", "size", "limit") else "right")
-    for r in rows:
-        table.add_row(
-            r.label,
-            r.name,
-            *([r.size] if sized else []),
-            str(r.samples),
-            f"{r.snr_db:.1f}",
-            f"{r.cosine:.5f}",
-            f"{r.rel_l2:.2e}",
-            f"{r.max_abs:.2e}",
-            str(r.limit),
-            "ok" if r.ok else "[red]FAIL[/red]",
-        )
-    return table
+from .tables import checks_table
 
 
 @command("calibrate")

@@ -62,11 +62,9 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON
     """The registered engines (--backend), whether this machine can run them, and what installs them."""
     import json
 
-    from rich.markup import escape
-    from rich.table import Table
-
     from ..backends import REGISTRY
     from . import out
+    from .tables import backends_table
 
     rows = []
     for backend in REGISTRY.values():
@@ -83,13 +81,7 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title="backends", title_justify="left")
-    for column in ("backend", "what", "installed", "install"):
-        table.add_column(column)
-    for row in rows:
-        installed = "yes" if row["installed"] else "no"
-        table.add_row(row["name"], escape(row["summary"]), installed, escape(row["install"]))
-    out.print(table)
+    out.print(backends_table(rows))
 
 
 def request_contract(generator, source: str) -> RequestContract:

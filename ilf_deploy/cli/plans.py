@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ..errors import ConfigError
-from . import command, console, out
+from . import command, console, out, tables
 
 # -- plan ------------------------------------------------------------------------------------
 
@@ -34,7 +33,7 @@ def _model_facts(model: Path) -> tuple[int, dict[str, Any], tuple[int, int] | No
     return int(config["num_layers"]), scheduler, fb.loop, fb.t_post
 
 
-def plan_table(plan, baseline_steps: int) -> Table:
+def plan_table(plan, baseline_steps: int) -> Any:
     from ..plan import predicted_speedup
 
     title = (
@@ -42,14 +41,7 @@ def plan_table(plan, baseline_steps: int) -> Table:
         f"predicted speedup {predicted_speedup(plan, baseline_steps):.2f}x vs base-{baseline_steps} "
         f"({plan.num_blocks * baseline_steps} block forwards)"
     )
-    table = Table(title=title, title_justify="left")
-    for column in ("step", "t", "t_post", "segments", "block fwd"):
-        table.add_column(column, justify="left" if column == "segments" else "right")
-    for step in plan.steps:
-        t_post = "" if step.t_post is None else f"{step.t_post:.1f}"
-        ops = " → ".join(op.describe() for op in step.ops)
-        table.add_row(str(step.index), f"{step.timestep:g}", t_post, ops, str(step.block_forwards))
-    return table
+    return tables.plan_table(plan, title)
 
 
 @command("plan")

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..errors import ConfigError
 from ..training.recipe import RECIPE
 from . import command, console, out, progress
 from .options import backend_help
+from .tables import eval_table
 
 DEFAULT_EVAL_PLANS = "base-20,base-12,base-10,cache-20,ilf-10,ilf-12"
 
@@ -204,17 +204,12 @@ def eval_command(
             paired_with=paired_with,
             on_samples=lambda spec, count: bar.advance(task, count),
         )
-    rows = format_table(report)
-    table = Table(
-        title=f"{model}{f' ({variant})' if variant else ''}: n={n}"
+    title = (
+        f"{model}{f' ({variant})' if variant else ''}: n={n}"
         f"{f' from prompt {offset}' if offset else ''}, reference {reference}; "
-        f"real images: accuracy {report.real_accuracy:.3f}, Fréchet floor {report.real_frechet:.2f}",
-        title_justify="left",
+        f"real images: accuracy {report.real_accuracy:.3f}, Fréchet floor {report.real_frechet:.2f}"
     )
-    for column in rows[0]:
-        table.add_column(column, justify="left" if column == "plan" else "right")
-    for row in rows[1:]:
-        table.add_row(*row)
+    table = eval_table(title, format_table(report))
     out.print(table)
     if json_out is not None:
         save_json(report, json_out)
