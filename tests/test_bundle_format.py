@@ -114,6 +114,13 @@ def test_a_pinned_digest_passes_and_another_is_refused(tiny_bundles, tmp_path):
         ["verify", path],
         ["export-triton", path, "--out", tmp_path / "repo"],
         ["inspect", path],
+        ["bench", path, "--runs", 1],
+        ["eval", path, "--n", 2],
+        ["calibrate", path],
+        ["quantize", path, "--mode", "int8-dynamic"],
+        ["build-engines", path],
+        ["tune", path],
+        ["verify-variant", path, "--variant", "int8_dynamic"],
     ):
         assert_one_line_error(invoke(*args, "--digest", wrong), f"not the pinned --digest {wrong}")
     assert_one_line_error(invoke("inspect", path, "--digest", "abc"), "--digest must look like sha256:")

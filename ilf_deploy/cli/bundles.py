@@ -210,6 +210,7 @@ def bench(
     class_label: Annotated[int, typer.Option(help="Class (DiT).")] = 1,
     as_json: Annotated[Path | None, typer.Option("--json", help="Write results as JSON here.")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a latency chart (PNG) here.")] = None,
+    digest: Digest = None,
 ) -> None:
     """Per-stage latency of each plan, block forwards, measured vs predicted speedup, images/s."""
     from ..bench import bench_plans, plot, summary
@@ -217,7 +218,7 @@ def bench(
 
     if runs < 1 or warmup < 0:
         raise ConfigError("--runs must be >= 1 and --warmup >= 0")
-    loaded = Bundle.load(bundle)
+    loaded = Bundle.load(bundle, digest=digest)
     names = _split_list(plans) if plans else loaded.plan_names
     step_plans = [loaded.plan(name) for name in names]
     generator, _, _ = open_source(bundle, backend, variant)

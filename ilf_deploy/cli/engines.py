@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from . import command, console, finish_checks, out, progress
-from .options import Digest
+from .options import Digest, pin
 from .tables import checks_table
 
 
@@ -28,8 +28,10 @@ def calibrate(
     max_samples: Annotated[
         int, typer.Option(help="Samples kept per segment and conditioning (t, t_post).")
     ] = 32,
+    digest: Digest = None,
 ) -> None:
     """Record every transformer segment's inputs along real trajectories (for int8/fp8 Q/DQ)."""
+    pin(bundle, digest)
     from ..errors import ConfigError
     from ..quantization.calibration import collect_calibration
 
@@ -74,8 +76,10 @@ def quantize(
     calibration_method: Annotated[
         str, typer.Option(help="minmax, percentile or entropy (int8-qdq; fp8 uses ORT's distribution).")
     ] = "minmax",
+    digest: Digest = None,
 ) -> None:
     """Add a precision variant: the attention/FF linear layers of every block segment quantized."""
+    pin(bundle, digest)
     from ..quantization.quantize import default_variant_name, quantize_bundle
 
     with progress() as bar:
@@ -131,10 +135,12 @@ def build_engines_command(
     ] = None,
     tf32: Annotated[bool, typer.Option(help="Allow TF32 for fp32 layers.")] = True,
     force: Annotated[bool, typer.Option(help="Rebuild existing engines.")] = False,
+    digest: Digest = None,
 ) -> None:
     """Build TensorRT engines (strongly typed, one profile from the manifest) into BUNDLE/engines/.
 
     Needs an NVIDIA GPU, TensorRT 10/11 and Polygraphy (the `tensorrt` extra). Never run in CI."""
+    pin(bundle, digest)
     from ..backends.tensorrt import build_engines
 
     names = [s.strip() for s in segments.split(",") if s.strip()] if segments else None

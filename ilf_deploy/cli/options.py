@@ -45,3 +45,17 @@ DefaultPlan = Annotated[
 Height = Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")]
 Width = Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")]
 ChecksJson = Annotated[Path | None, typer.Option("--json", help="Also write the checks as JSON here.")]
+
+
+def pin(path: str | Path, digest: str | None) -> None:
+    """Refuse the bundle at `path` before any work unless its digest is `digest` (None: no pin).
+
+    For the commands that hand a path to the library (calibrate, quantize, build-engines, eval)."""
+    from ..errors import ConfigError
+    from ..runtime.bundle import Bundle, is_bundle
+
+    if digest is None:
+        return
+    if not is_bundle(path):
+        raise ConfigError(f"--digest pins a bundle; {path} is not one")
+    Bundle.load(path, verify_hashes=False, digest=digest)  # the files are checked by the command

@@ -10,7 +10,7 @@ import typer
 from ..errors import ConfigError
 from ..training.recipe import RECIPE
 from . import command, console, out, progress
-from .options import backend_help
+from .options import Digest, backend_help, pin
 from .tables import eval_table
 
 DEFAULT_EVAL_PLANS = "base-20,base-12,base-10,cache-20,ilf-10,ilf-12"
@@ -167,8 +167,10 @@ def eval_command(
     backend: Annotated[
         str | None, typer.Option(help=backend_help("auto for bundles, torch for model directories"))
     ] = None,
+    digest: Digest = None,
 ) -> None:
     """Prompt adherence (attribute classifier), Fréchet distance and fidelity of each plan."""
+    pin(model, digest)
     from ..evaluation import bundle_backend, evaluate, format_table, save_grid, save_json, torch_backend
     from ..runtime.bundle import is_bundle
 
