@@ -14,7 +14,7 @@ $(BIN)/ilf-deploy: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The CPU build first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[onnx,serve,openvino,triton,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[onnx,serve,openvino,triton,ray,dev]"
 	touch $@
 
 # tritonserver and its Python backend, unpacked from the nvidia-pytriton wheel into $(VENV)/triton

@@ -103,7 +103,7 @@ def python_runner(bundle: Path, plan_name: str, threads: int | None):
     def once(latents: np.ndarray, decode: bool) -> dict[str, Any]:
         infer_s.clear()
         segments.timings.clear()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         x = generator.generate_latents(plan, request, latents)
         denoised = time.perf_counter()
         if decode:
@@ -112,6 +112,7 @@ def python_runner(bundle: Path, plan_name: str, threads: int | None):
         return {
             "latents_s": denoised - start,
             "total_s": done - start,
+            "cpu_s": time.process_time() - cpu,
             "infer_s": sum(infer_s.values()),
             "latents": generator.latents_to_numpy(x),
         }
@@ -149,6 +150,7 @@ def cpp_runs(
             {
                 "latents_s": r["latents_s"],
                 "total_s": r["total_s"],
+                "cpu_s": r["cpu_s"],
                 "infer_s": sum(s["total_s"] for s in r["inference"].values()),
             }
             for r in measured
@@ -211,6 +213,7 @@ def compare(
         "block_forwards": plan.block_forwards,
         "decode": decode,
         "median_run_s": {n: statistics.median(s[key] for s in samples[n]) for n in samples},
+        "median_run_cpu_s": {n: statistics.median(s["cpu_s"] for s in samples[n]) for n in samples},
         "median_step_s": {n: per_step(n, None) for n in samples},
         "overhead_step_s": {n: per_step(n, "infer_s") for n in samples},
         "overhead_vs_cpp_floor_step_s": {
@@ -285,11 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         w["bundle"] = str(bundle)
         t = w["median_run_s"]
         w["speedup"], w["met"] = t["python"] / t["cpp"], t["cpp"] <= t["python"]
+        cpu = w["median_run_cpu_s"]
+        w["speedup_cpu"] = cpu["python"] / cpu["cpp"]
         infer, verdict = w["median_infer_s"], "met" if w["met"] else "MISSED"
         print(
             f"ilf10     whole run: C++ {t['cpp']:.2f} s, Python {t['python']:.2f} s -> {w['speedup']:.3f}x "
             f"(target: no slower: {verdict}); inside infer(): C++ {infer['cpp']:.2f} s, "
-            f"Python {infer['python']:.2f} s; latents rel. L2 {w['latents_rel_l2']:.1e}",
+            f"Python {infer['python']:.2f} s; CPU time C++ {cpu['cpp']:.1f} s, Python {cpu['python']:.1f} s "
+            f"({w['speedup_cpu']:.3f}x); latents rel. L2 {w['latents_rel_l2']:.1e}",
             flush=True,
         )
     result["elapsed_s"] = time.perf_counter() - started

@@ -602,6 +602,65 @@ def test_the_unit_tests_of_the_reader():
             assert digest == hashlib.sha256(bytes(i % 251 for i in range(int(n)))).hexdigest(), (env, n)
 
 
+def test_float16_conversions_are_numpys(tmp_path):
+    """float32 -> float16 (ties to even, subnormals, overflow to inf, nan) and back, as numpy's astype."""
+    if not UNIT_TESTS.is_file():
+        _binary()
+        pytest.skip(f"{UNIT_TESTS} is not built here (ilf-run came from elsewhere)")
+    rng = np.random.default_rng(2)
+    specials = np.array(
+        [0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 65520.0, 65519.99, 6e-8, 3e-8, 2.98e-8, 1e-45]
+    )
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    values = np.concatenate(
+        [specials.astype(np.float32), bits, rng.standard_normal(50_000).astype(np.float32) * 1e-5]
+    )
+    np.save(tmp_path / "in.npy", values)
+    subprocess.run([str(UNIT_TESTS), "--to-half", tmp_path / "in.npy", tmp_path / "out.npy"], check=True)
+    half = np.load(tmp_path / "out.npy.f16.npy")
+    with np.errstate(over="ignore"):
+        want = values.astype(np.float16)
+    assert half.dtype == np.float16 and np.array_equal(
+        half.view(np.uint16)[~np.isnan(want)], want.view(np.uint16)[~np.isnan(want)]
+    )
+    assert np.array_equal(np.isnan(half), np.isnan(want))
+    back = np.load(tmp_path / "out.npy")
+    assert np.array_equal(back[0], want.astype(np.float32), equal_nan=True)
+    assert np.array_equal(back[1], want.astype(np.float32), equal_nan=True)
+
+
+def test_an_fp16_bundle_computes_between_segments_as_numpy_does(ilf_run, tiny_dirs, tmp_path):
+    """--precision fp16 bundles: segments exchange float16, and the loop's arithmetic on it rounds as
+    numpy's float16 does (the Python runtime keeps the engine's float16 arrays)."""
+    options = BuildOptions(plans=("ilf-4", "cache-6"), precision="fp16", copy_model=False)
+    bundle = build_bundle(tiny_dirs["pixart-sigma"], tmp_path / "fp16", options)
+    generator = open_generator(bundle, "openvino", variant="f32")
+    np.save(tmp_path / "in.npy", np.random.default_rng(9).standard_normal((1, 4, 8, 8), dtype=np.float32))
+    for plan in ("ilf-4", "cache-6"):
+        want = generator.latents_to_numpy(
+            generator.generate_latents(
+                generator.bundle.plan(plan), Request(prompt=PROMPT), np.load(tmp_path / "in.npy")
+            )
+        )
+        run(
+            ilf_run,
+            bundle,
+            "--plan",
+            plan,
+            "--prompt",
+            PROMPT,
+            "--latents-in",
+            tmp_path / "in.npy",
+            "--latents-out",
+            tmp_path / "y.npy",
+            "--out",
+            tmp_path / "y.png",
+            "-q",
+        )
+        assert rel_l2(np.load(tmp_path / "y.npy"), want) <= TOLERANCE, plan
+        assert np.array_equal(png_pixels(tmp_path / "y.png"), generator.decode(want)[0]), plan
+
+
 def test_the_c_and_cpp_examples_build_with_find_package(ilf_run, bundles, tmp_path):
     """A project of one's own: find_package(ilf) against the install, the README's two examples."""
     if not (PREFIX / "lib" / "cmake" / "ilf" / "ilfConfig.cmake").is_file():
@@ -639,3 +698,13 @@ def test_the_c_and_cpp_examples_build_with_find_package(ilf_run, bundles, tmp_pa
         [build / "embed-c", tmp_path, "x", tmp_path / "x.png"], capture_output=True, text=True
     )
     assert broken.returncode == 2 and "is not a bundle" in broken.stderr
+    # an engine of one's own behind ilf::Engine (this one counts the calls of the OpenVINO engine it wraps)
+    counted = subprocess.run(
+        [build / "custom-engine", bundle, PROMPT, "ilf-4"], capture_output=True, text=True
+    )
+    assert counted.returncode == 0, counted.stderr
+    assert counted.stdout.startswith("counting openvino CPU f32, ilf-4 (40 block forwards):")
+    calls = {k: int(v) for k, v in (item.split("=") for item in counted.stdout.split(":")[-1].split())}
+    # ilf-4 has feedback on all 4 steps, so `time` runs at t and at t_post; two prompts (guidance)
+    want = {"text_encoder": 2, "context": 1, "time": 8, "embed": 4, "feedback": 4, "final": 4}
+    assert {k: calls[k] for k in want} == want

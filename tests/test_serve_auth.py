@@ -368,11 +368,11 @@ def test_per_key_limit_options_are_checked(bundle, generator, keys):
 # -- the CLI ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def cli(monkeypatch):
-    """The serve command with uvicorn.run recorded instead of listening; logging restored afterwards."""
-    import uvicorn
+    """The serve command with run_server recorded instead of listening; logging restored afterwards."""
     from typer.testing import CliRunner
 
     from ilf_deploy.cli import app
+    from ilf_deploy.serve import server
 
     names = ("ilf_deploy", "uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
     saved = {
@@ -380,7 +380,7 @@ def cli(monkeypatch):
         for n in names
     }
     runs: list[dict] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: runs.append({"app": app, **kwargs}))
+    monkeypatch.setattr(server, "run_server", lambda app, **kwargs: runs.append({"app": app, **kwargs}))
     monkeypatch.delenv(auth.ENV_VAR, raising=False)
     runner = CliRunner()
     try:
@@ -396,7 +396,7 @@ def test_serve_command_keys_warning_and_errors(cli, bundle, tmp_path):
     assert result.exit_code == 0, result.output
     assert "without API keys" in result.output and "WARNING" in result.output
     (run,) = runs
-    assert run["host"] == "0.0.0.0" and run["log_config"] is None and run["access_log"] is False
+    assert run["host"] == "0.0.0.0" and run["port"] == 8000 and run["log_level"] == "info"
     assert TestClient(run["app"]).get("/v1/models").status_code == 200  # open, as before
 
     key_file = tmp_path / "keys"

@@ -401,7 +401,7 @@ def test_serve_server_triton_without_the_server_is_one_line(bundle, tmp_path, mo
     assert "run `ilf-deploy install-triton`" in result.output
     assert "Traceback" not in result.output
     result = invoke("serve", bundle, "--server", "nginx")
-    assert result.exit_code == 2 and "--server must be ilf or triton" in result.output
+    assert result.exit_code == 2 and "--server must be one of ilf, triton" in result.output
 
 
 # -- the repository's files ----------------------------------------------------------------------

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <openvino/openvino.hpp>
 #include <sstream>
+#include <type_traits>
 
 #include "internal.hpp"
 
@@ -92,22 +93,20 @@ ov::Tensor to_ov(const Tensor& t, const ov::element::Type& type, const std::stri
   ov::Shape shape(t.shape().begin(), t.shape().end());
   void* data = const_cast<void*>(t.raw());
   const int64_t n = t.numel();
-  if (t.dtype() == DType::f32 && type == ov::element::f32) return ov::Tensor(type, shape, data);
-  if (t.dtype() == DType::i64 && type == ov::element::i64) return ov::Tensor(type, shape, data);
+  if ((t.dtype() == DType::f32 && type == ov::element::f32) || (t.dtype() == DType::i64 && type == ov::element::i64) ||
+      (t.dtype() == DType::f16 && type == ov::element::f16))
+    return ov::Tensor(type, shape, data);  // no copy: OpenVINO reads our buffer
   ov::Tensor out(type, shape);
-  auto convert = [&](auto* dst) {
+  auto convert = [&](auto* dst) {  // numpy's astype: ties to even into float16, truncation into ints
     using D = std::remove_pointer_t<decltype(dst)>;
-    if (t.dtype() == DType::f32) {
-      const float* src = t.f32_data();
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
-    } else {
-      const int64_t* src = t.i64_data();
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+    for (int64_t i = 0; i < n; ++i) {
+      if constexpr (std::is_same_v<D, uint16_t>) dst[i] = float_to_half(t.value(i));
+      else if (t.dtype() == DType::i64) dst[i] = static_cast<D>(t.i64_data()[i]);
+      else dst[i] = static_cast<D>(t.value(i));
     }
   };
   if (type == ov::element::f32) convert(out.data<float>());
-  else if (type == ov::element::f16) convert(out.data<ov::float16>());
-  else if (type == ov::element::bf16) convert(out.data<ov::bfloat16>());
+  else if (type == ov::element::f16) convert(reinterpret_cast<uint16_t*>(out.data()));
   else if (type == ov::element::i64) convert(out.data<int64_t>());
   else if (type == ov::element::i32) convert(out.data<int32_t>());
   else detail::engine_error("segment " + segment + " input " + name + " has element type " + type.get_type_name() + ", which this runtime does not feed");
@@ -119,12 +118,15 @@ Tensor from_ov(const ov::Tensor& t, const std::string& segment, const std::strin
   Shape shape(s.begin(), s.end());
   const ov::element::Type type = t.get_element_type();
   const size_t n = t.get_size();
-  if (type == ov::element::f32 || type == ov::element::f16 || type == ov::element::bf16) {
+  if (type == ov::element::f16) {  // kept as float16, as numpy keeps the Python backend's outputs
+    Tensor out(DType::f16, shape);
+    std::memcpy(out.raw(), t.data(), n * 2);
+    return out;
+  }
+  if (type == ov::element::f32 || type == ov::element::bf16) {
     Tensor out(DType::f32, shape);
     float* dst = out.f32_data();
     if (type == ov::element::f32) std::memcpy(dst, t.data(), n * sizeof(float));
-    else if (type == ov::element::f16)
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(t.data<const ov::float16>()[i]);
     else
       for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(t.data<const ov::bfloat16>()[i]);
     return out;

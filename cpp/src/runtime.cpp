@@ -42,49 +42,128 @@ void same_shape(const Tensor& a, const Tensor& b, const char* what) {
   if (a.shape() != b.shape()) detail::config_error(std::string(what) + ": shapes " + a.shape_string() + " and " + b.shape_string());
 }
 
-Tensor sub(const Tensor& a, const Tensor& b) {
-  same_shape(a, b, "a - b");
+// numpy's promotion: float16 with float16 stays float16 (each operation computed in float32, then
+// rounded to float16, as numpy's half loops do); anything with float32 is float32.
+template <class Op>
+Tensor binary(const Tensor& a, const Tensor& b, Op op, const char* what) {
+  same_shape(a, b, what);
+  const int64_t n = a.numel();
+  if (a.dtype() == DType::f32 && b.dtype() == DType::f32) {
+    Tensor out(DType::f32, a.shape());
+    const float *x = a.f32_data(), *y = b.f32_data();
+    float* o = out.f32_data();
+    for (int64_t i = 0; i < n; ++i) o[i] = op(x[i], y[i]);
+    return out;
+  }
+  if (a.dtype() == DType::f16 && b.dtype() == DType::f16) {
+    Tensor out(DType::f16, a.shape());
+    const uint16_t *x = a.f16_data(), *y = b.f16_data();
+    uint16_t* o = out.f16_data();
+    for (int64_t i = 0; i < n; ++i) o[i] = float_to_half(op(half_to_float(x[i]), half_to_float(y[i])));
+    return out;
+  }
   Tensor out(DType::f32, a.shape());
-  const float *x = a.f32_data(), *y = b.f32_data();
   float* o = out.f32_data();
-  for (int64_t i = 0, n = a.numel(); i < n; ++i) o[i] = x[i] - y[i];
+  for (int64_t i = 0; i < n; ++i) o[i] = op(a.value(i), b.value(i));
   return out;
+}
+
+Tensor sub(const Tensor& a, const Tensor& b) {
+  return binary(a, b, [](float x, float y) { return x - y; }, "a - b");
 }
 
 Tensor add(const Tensor& a, const Tensor& b) {
-  same_shape(a, b, "a + b");
-  Tensor out(DType::f32, a.shape());
-  const float *x = a.f32_data(), *y = b.f32_data();
-  float* o = out.f32_data();
-  for (int64_t i = 0, n = a.numel(); i < n; ++i) o[i] = x[i] + y[i];
-  return out;
+  return binary(a, b, [](float x, float y) { return x + y; }, "a + b");
 }
 
-/// p*a + q*b, as numpy evaluates `p * a + q * b` for Python floats p, q and float32 arrays.
+/// c * t[i] for a Python float c, as numpy computes it: a float32 product for a float32 array; for a
+/// float16 array, c is cast to float16 first and the product rounded to float16.
+struct Scaled {
+  float c32, c16;
+  explicit Scaled(double c) : c32(static_cast<float>(c)), c16(half_to_float(float_to_half(static_cast<float>(c)))) {}
+  float operator()(const Tensor& t, int64_t i) const {
+    if (t.dtype() == DType::f16) return half_to_float(float_to_half(c16 * half_to_float(t.f16_data()[i])));
+    return c32 * t.f32_data()[i];
+  }
+};
+
+/// p*a + q*b, as numpy evaluates `p * a + q * b` for Python floats p, q and float arrays.
 Tensor lincomb(double p, const Tensor& a, double q, const Tensor& b) {
   same_shape(a, b, "p*a + q*b");
+  const int64_t n = a.numel();
+  if (a.dtype() == DType::f32 && b.dtype() == DType::f32) {
+    Tensor out(DType::f32, a.shape());
+    const float fp = static_cast<float>(p), fq = static_cast<float>(q);
+    const float *x = a.f32_data(), *y = b.f32_data();
+    float* o = out.f32_data();
+    for (int64_t i = 0; i < n; ++i) {
+      const float u = fp * x[i];
+      const float v = fq * y[i];
+      o[i] = u + v;
+    }
+    return out;
+  }
+  const Scaled sp(p), sq(q);
+  if (a.dtype() == DType::f16 && b.dtype() == DType::f16) {
+    Tensor out(DType::f16, a.shape());
+    uint16_t* o = out.f16_data();
+    for (int64_t i = 0; i < n; ++i) o[i] = float_to_half(sp(a, i) + sq(b, i));
+    return out;
+  }
   Tensor out(DType::f32, a.shape());
-  const float fp = static_cast<float>(p), fq = static_cast<float>(q);
-  const float *x = a.f32_data(), *y = b.f32_data();
   float* o = out.f32_data();
-  for (int64_t i = 0, n = a.numel(); i < n; ++i) {
-    const float u = fp * x[i];
-    const float v = fq * y[i];
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = sp(a, i);
+    const float v = sq(b, i);
     o[i] = u + v;
   }
   return out;
 }
 
-/// a + c*b in place on `a` (a fresh tensor owned by the caller).
+/// a + c*b into `a`, a fresh float32 tensor owned by the caller (x_next, which is float32: x is).
 void add_scaled(Tensor& a, double c, const Tensor& b) {
   same_shape(a, b, "a + c*b");
-  const float fc = static_cast<float>(c);
+  const Scaled sc(c);
   float* x = a.f32_data();
-  const float* y = b.f32_data();
   for (int64_t i = 0, n = a.numel(); i < n; ++i) {
-    const float v = fc * y[i];
+    const float v = sc(b, i);
     x[i] = x[i] + v;
   }
+}
+
+/// uncond + g * (text - uncond) over [uncond; text] rows; one g (a Python float) or one per image
+/// (a float32 array, so a float16 eps is promoted to float32), as runtime/loop.py writes it.
+Tensor guide(const Tensor& eps, int64_t n, const std::vector<float>& guidance) {
+  const int64_t per = eps.numel() / (2 * n);
+  Shape shape = eps.shape();
+  shape[0] = n;
+  if (eps.dtype() == DType::f16 && guidance.size() == 1) {
+    Tensor out(DType::f16, shape);
+    const uint16_t* uncond = eps.f16_data();
+    const uint16_t* text = uncond + n * per;
+    uint16_t* o = out.f16_data();
+    const float g = half_to_float(float_to_half(guidance[0]));
+    for (int64_t i = 0; i < n * per; ++i) {
+      const float u = half_to_float(uncond[i]);
+      const float d = half_to_float(float_to_half(half_to_float(text[i]) - u));
+      const float m = half_to_float(float_to_half(g * d));
+      o[i] = float_to_half(u + m);
+    }
+    return out;
+  }
+  Tensor out(DType::f32, shape);
+  float* o = out.f32_data();
+  const bool half = eps.dtype() == DType::f16;
+  for (int64_t img = 0; img < n; ++img) {
+    const float g = guidance.size() == 1 ? guidance[0] : guidance[img];
+    for (int64_t i = img * per; i < (img + 1) * per; ++i) {
+      const float u = eps.value(i), t = eps.value(n * per + i);
+      const float d = half ? half_to_float(float_to_half(t - u)) : t - u;
+      const float m = g * d;
+      o[i] = u + m;
+    }
+  }
+  return out;
 }
 
 const Tensor& output(const Feeds& out, const std::string& name, const std::string& segment) {
@@ -155,7 +234,7 @@ Tensor Segments::blocks(int start, int end, const Tensor& hidden, const Feeds& c
     if (first != position) break;
     Feeds feeds = cond;
     feeds["hidden"] = h;
-    if (spec->takes_feed()) feeds["feed"] = feed ? *feed : Tensor(DType::f32, h.shape());
+    if (spec->takes_feed()) feeds["feed"] = feed ? *feed : Tensor(h.dtype(), h.shape());  // zeros_like
     h = output(run(spec->name, feeds), "hidden_out", spec->name);
     position = last + 1;
   }
@@ -183,16 +262,17 @@ Tensor Segments::final(const Tensor& hidden, const Feeds& cond, int64_t height, 
     detail::engine_error("segment final gave tokens " + tokens.shape_string() + " for a " + std::to_string(height) + "x" +
                          std::to_string(width) + " latent");
   // reshape (B, h/p, w/p, p, p, C) -> permute (0, 5, 1, 3, 2, 4) -> (B, C, h, w)
-  Tensor out(DType::f32, {b, c, height, width});
-  const float* src = tokens.f32_data();
-  float* dst = out.f32_data();
-  for (int64_t n = 0; n < b; ++n)
-    for (int64_t ch = 0; ch < c; ++ch)
-      for (int64_t i = 0; i < hp; ++i)
-        for (int64_t pi = 0; pi < p; ++pi)
-          for (int64_t j = 0; j < wp; ++j)
-            for (int64_t pj = 0; pj < p; ++pj)
-              *dst++ = src[((((n * hp + i) * wp + j) * p + pi) * p + pj) * c + ch];
+  Tensor out(tokens.dtype(), {b, c, height, width});
+  auto permute = [&](const auto* src, auto* dst) {
+    for (int64_t n = 0; n < b; ++n)
+      for (int64_t ch = 0; ch < c; ++ch)
+        for (int64_t i = 0; i < hp; ++i)
+          for (int64_t pi = 0; pi < p; ++pi)
+            for (int64_t j = 0; j < wp; ++j)
+              for (int64_t pj = 0; pj < p; ++pj) *dst++ = src[((((n * hp + i) * wp + j) * p + pi) * p + pj) * c + ch];
+  };
+  if (tokens.dtype() == DType::f16) permute(tokens.f16_data(), out.f16_data());
+  else permute(tokens.f32_data(), out.f32_data());
   return out;
 }
 
@@ -248,9 +328,11 @@ Tensor model_output(Segments& seg, const Step& step, const Tensor& x, const Feed
   Tensor out = seg.final(h, final_cond, x.dim(-2), x.dim(-1));
   const int64_t b = out.dim(0), c = out.dim(1), hw = out.dim(2) * out.dim(3), keep = seg.latent_channels();
   if (keep > c) detail::engine_error("the final layer gave fewer channels than the latents have");
-  Tensor eps(DType::f32, {b, keep, out.dim(2), out.dim(3)});  // drop learned-sigma channels
+  Tensor eps(out.dtype(), {b, keep, out.dim(2), out.dim(3)});  // drop learned-sigma channels
+  const size_t item = out.nbytes() / static_cast<size_t>(out.numel());
   for (int64_t n = 0; n < b; ++n)
-    std::memcpy(eps.f32_data() + n * keep * hw, out.f32_data() + n * c * hw, sizeof(float) * keep * hw);
+    std::memcpy(static_cast<unsigned char*>(eps.raw()) + n * keep * hw * item,
+                static_cast<const unsigned char*>(out.raw()) + n * c * hw * item, item * keep * hw);
   return eps;
 }
 
@@ -268,22 +350,10 @@ Tensor denoise(Segments& seg, const Plan& plan, const Tensor& latents, const Fee
   for (const Step& step : plan.steps) {
     Tensor eps = model_output(seg, step, x, context, guided, deltas);
     if (guided) {
-      const int64_t n = x.dim(0), per = x.numel() / n;
+      const int64_t n = x.dim(0);
       if (guidance.size() > 1 && static_cast<int64_t>(guidance.size()) != n)
         detail::config_error("one guidance scale per image, or one for all");
-      Tensor guided_eps(DType::f32, x.shape());
-      const float* uncond = eps.f32_data();
-      const float* text = uncond + n * per;
-      float* o = guided_eps.f32_data();
-      for (int64_t img = 0; img < n; ++img) {
-        const float g = guidance.size() == 1 ? guidance[0] : guidance[img];
-        for (int64_t i = img * per; i < (img + 1) * per; ++i) {
-          const float d = text[i] - uncond[i];
-          const float m = g * d;
-          o[i] = uncond[i] + m;
-        }
-      }
-      eps = guided_eps;
+      eps = guide(eps, n, guidance);
     }
     const Coefficients& k = step.coefficients;
     Tensor x0 = lincomb(k.x0_x, x, k.x0_eps, eps);  // the solver's data prediction, for multistep updates
@@ -570,7 +640,6 @@ std::vector<Image> Generator::decode(const Tensor& latents) {
   const int64_t b = images.dim(0), c = images.dim(1), h = images.dim(2), w = images.dim(3);
   if (c != 3) detail::engine_error("the VAE decoder gave " + std::to_string(c) + " channels, not 3");
   std::vector<Image> out;
-  const float* src = images.f32_data();
   for (int64_t n = 0; n < b; ++n) {
     Image img;
     img.height = static_cast<int>(h);
@@ -579,7 +648,7 @@ std::vector<Image> Generator::decode(const Tensor& latents) {
     for (int64_t ch = 0; ch < 3; ++ch)
       for (int64_t i = 0; i < h * w; ++i) {
         // (x * 255).round().clip(0, 255).astype(uint8): float32 product, round half to even
-        const float v = src[(n * 3 + ch) * h * w + i] * 255.0f;
+        const float v = images.value((n * 3 + ch) * h * w + i) * 255.0f;
         float r = std::isnan(v) ? 0.0f : std::nearbyint(v);
         r = r < 0.0f ? 0.0f : (r > 255.0f ? 255.0f : r);
         img.rgb[static_cast<size_t>(i * 3 + ch)] = static_cast<uint8_t>(r);

@@ -18,7 +18,7 @@ const char* version() noexcept { return ILF_VERSION; }
 
 namespace {
 
-size_t item_size(DType dtype) { return dtype == DType::f32 ? 4 : 8; }
+size_t item_size(DType dtype) { return dtype == DType::f32 ? 4 : dtype == DType::f16 ? 2 : 8; }
 
 int64_t count(const Shape& shape) {
   int64_t n = 1;
@@ -84,6 +84,71 @@ int64_t* Tensor::i64_data() {
 const int64_t* Tensor::i64_data() const {
   if (dtype_ != DType::i64) detail::config_error("tensor is not int64");
   return reinterpret_cast<const int64_t*>(storage_.get());
+}
+
+uint16_t* Tensor::f16_data() {
+  if (dtype_ != DType::f16) detail::config_error("tensor is not float16");
+  return reinterpret_cast<uint16_t*>(storage_.get());
+}
+const uint16_t* Tensor::f16_data() const {
+  if (dtype_ != DType::f16) detail::config_error("tensor is not float16");
+  return reinterpret_cast<const uint16_t*>(storage_.get());
+}
+float Tensor::value(int64_t i) const {
+  if (dtype_ == DType::f32) return f32_data()[i];
+  if (dtype_ == DType::f16) return half_to_float(f16_data()[i]);
+  return static_cast<float>(i64_data()[i]);
+}
+
+uint16_t float_to_half(float value) noexcept {  // numpy's npy_floatbits_to_halfbits, ties to even
+  uint32_t x;
+  std::memcpy(&x, &value, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t exp = (x >> 23) & 0xffu, mant = x & 0x7fffffu;
+  if (exp == 0xff) {  // inf, nan
+    if (!mant) return sign | 0x7c00u;
+    uint16_t h = static_cast<uint16_t>(0x7c00u + (mant >> 13));
+    return sign | (h == 0x7c00u ? 0x7c01u : h);
+  }
+  const int e = static_cast<int>(exp) - 112;  // the half exponent field
+  if (e >= 31) return sign | 0x7c00u;           // overflow: inf
+  if (e <= 0) {                                  // subnormal (or zero)
+    if (e < -10) return sign;
+    const uint32_t m = mant | 0x800000u;
+    const int shift = 14 - e;
+    uint32_t h = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1u))) ++h;
+    return static_cast<uint16_t>(sign | h);
+  }
+  uint32_t h = (static_cast<uint32_t>(e) << 10) | (mant >> 13);
+  const uint32_t rem = mant & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is right (up to inf)
+  return static_cast<uint16_t>(sign | h);
+}
+
+float half_to_float(uint16_t h) noexcept {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, x;
+  if (exp == 0x1f) {
+    x = sign | 0x7f800000u | (mant << 13);
+  } else if (exp == 0) {
+    if (!mant) {
+      x = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        ++e;
+        mant <<= 1;
+      } while (!(mant & 0x400u));
+      x = sign | (static_cast<uint32_t>(112 - e) << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else {
+    x = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
 }
 
 Tensor Tensor::reshaped(Shape shape) const {
@@ -260,6 +325,12 @@ Tensor read_npy(const std::string& path) {
     }
     return t;
   }
+  if (descr == "<f2") {
+    Tensor t(DType::f16, shape);
+    need(2);
+    std::memcpy(t.raw(), body, n * 2);
+    return t;
+  }
   if (descr == "<i8" || descr == "<i4") {
     Tensor t(DType::i64, shape);
     int64_t* out = t.i64_data();
@@ -276,7 +347,7 @@ Tensor read_npy(const std::string& path) {
     }
     return t;
   }
-  npy_error(path, "unsupported dtype " + descr + " (float32, float64, int32 or int64)");
+  npy_error(path, "unsupported dtype " + descr + " (float16, float32, float64, int32 or int64)");
 }
 
 void write_npy(const std::string& path, const Tensor& tensor) {
@@ -284,7 +355,7 @@ void write_npy(const std::string& path, const Tensor& tensor) {
   for (size_t i = 0; i < tensor.shape().size(); ++i) shape += (i ? ", " : "") + std::to_string(tensor.shape()[i]);
   if (tensor.shape().size() == 1) shape += ",";
   shape += ")";
-  std::string header = std::string("{'descr': '") + (tensor.dtype() == DType::f32 ? "<f4" : "<i8") +
+  std::string header = std::string("{'descr': '") + (tensor.dtype() == DType::f32 ? "<f4" : tensor.dtype() == DType::f16 ? "<f2" : "<i8") +
                        "', 'fortran_order': False, 'shape': " + shape + ", }";
   size_t total = 10 + header.size() + 1;
   header += std::string((64 - total % 64) % 64, ' ') + "\n";

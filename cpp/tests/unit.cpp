@@ -1,5 +1,6 @@
 // Unit tests of the reader and the file formats (run by ctest and by tests/test_cpp.py).
 //   ilf-tests                 run every test; exit 1 on a failure
+//   ilf-tests --to-half IN OUT  float32 .npy -> float16 .npy and back -> OUT (pytest compares with numpy)
 //   ilf-tests --sha-lengths   print sha256 of bytes(i % 251 for i in range(n)) for n in 0..300 and 2^20+17
 //                             (pytest compares them with hashlib, with and without ILF_SHA256_PORTABLE=1)
 #include <ilf/ilf.hpp>
@@ -278,6 +279,18 @@ void test_preprocess_and_c_api() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[1]) == "--to-half") {
+    ilf::Tensor in = ilf::read_npy(argv[2]);
+    ilf::Tensor half(ilf::DType::f16, in.shape()), back(ilf::DType::f32, {2, in.numel()});
+    for (int64_t i = 0; i < in.numel(); ++i) {
+      half.f16_data()[i] = ilf::float_to_half(in.f32_data()[i]);
+      back.f32_data()[i] = ilf::half_to_float(half.f16_data()[i]);
+      back.f32_data()[in.numel() + i] = half.value(i);
+    }
+    ilf::write_npy(std::string(argv[3]) + ".f16.npy", half);
+    ilf::write_npy(argv[3], back);
+    return 0;
+  }
   if (argc > 1 && std::string(argv[1]) == "--sha-lengths") {
     std::string data;
     for (int n = 0; n <= 300; ++n) {

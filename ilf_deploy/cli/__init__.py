@@ -112,5 +112,6 @@ if __name__ == "__main__":
 
 
 # Each module declares its commands at import with `@command` (they need `app` and `command` above).
+from . import batch as _batch  # noqa: E402, F401
 from . import bundles, engines, generate, plans, serve, training, triton  # noqa: E402, F401
 from . import tune as _tune  # noqa: E402, F401

@@ -44,38 +44,77 @@ def plan_table(plan, baseline_steps: int) -> Any:
     return tables.plan_table(plan, title)
 
 
+Steps = Annotated[int, typer.Option("--steps", "-n", help="Number of denoising steps.")]
+Loop = Annotated[str | None, typer.Option(help="ILF inner loop B:E (0-based, inclusive). Implies ILF steps.")]
+FeedbackSteps = Annotated[
+    str | None,
+    typer.Option(help="Steps that run the feedback: first2,last2 | all | none | indices like 0,1,8,9."),
+]
+TPost = Annotated[
+    str | None,
+    typer.Option(
+        "--t-post",
+        help="Post-feedback timestep: none, uniform, rescale (eq. 4), anneal (eq. 5) "
+        "(default: the --model feedback's own rule, else rescale).",
+    ),
+]
+Cache = Annotated[
+    str | None,
+    typer.Option(help="Δ-cache this block range B:E on the steps without feedback (composes with ILF)."),
+]
+RefreshEvery = Annotated[
+    int | None, typer.Option(help="Refresh the Δ-cache every n-th step (default 3; Δ-DiT 2).")
+]
+Adaptive = Annotated[
+    float | None,
+    typer.Option(
+        help="Adaptive Δ-cache: reuse while the range's input changed by at most this relative L1 since "
+        "the last refresh, decided per image at run time (the --cache range, or the default one)."
+    ),
+]
+MaxReuse = Annotated[int, typer.Option(help="Adaptive Δ-cache: the most reuses in a row.")]
+DeltaDit = Annotated[
+    int | None,
+    typer.Option(help="Δ-DiT: cache this many rear blocks before --boundary, as many front blocks after."),
+]
+Boundary = Annotated[int | None, typer.Option(help="Δ-DiT's step boundary (default: half the steps).")]
+BlockCaching = Annotated[
+    float | None,
+    typer.Option(help="Block Caching with this δ (eq. 7), from the --model's profiled block changes."),
+]
+Blocks = Annotated[int | None, typer.Option(help="Backbone depth (default 28, or read from --model).")]
+ModelDir = Annotated[
+    Path | None, typer.Option(help="Read depth, scheduler and feedback loop from this model directory.")
+]
+Name = Annotated[str | None, typer.Option(help="The plan's name (default: its preset's, else composed-N).")]
+
+
 @command("plan")
 def plan_command(
-    steps: Annotated[int, typer.Option("--steps", "-n", help="Number of denoising steps.")] = 20,
-    loop: Annotated[
-        str | None, typer.Option(help="ILF inner loop B:E (0-based, inclusive). Implies an ILF plan.")
-    ] = None,
-    feedback: Annotated[
-        str | None,
-        typer.Option(help="Steps that run the feedback: first2,last2 | all | none | indices like 0,1,8,9."),
-    ] = None,
-    t_post: Annotated[
-        str | None,
-        typer.Option(
-            "--t-post",
-            help="Post-feedback timestep: none, uniform, rescale (eq. 4), anneal (eq. 5) "
-            "(default: the --model feedback's own rule, else rescale).",
-        ),
-    ] = None,
-    cache: Annotated[str | None, typer.Option(help="Δ-cache this block range B:E (a caching plan).")] = None,
-    refresh_every: Annotated[int, typer.Option(help="Refresh the Δ-cache every n-th step.")] = 3,
-    blocks: Annotated[
-        int | None, typer.Option(help="Backbone depth (default 28, or read from --model).")
-    ] = None,
-    model: Annotated[
-        Path | None, typer.Option(help="Read depth, scheduler and feedback loop from this model directory.")
-    ] = None,
+    steps: Steps = 20,
+    loop: Loop = None,
+    feedback: FeedbackSteps = None,
+    t_post: TPost = None,
+    cache: Cache = None,
+    refresh_every: RefreshEvery = None,
+    adaptive: Adaptive = None,
+    max_reuse: MaxReuse = 2,
+    delta_dit: DeltaDit = None,
+    boundary: Boundary = None,
+    block_caching: BlockCaching = None,
+    blocks: Blocks = None,
+    model: ModelDir = None,
+    name: Name = None,
     baseline_steps: Annotated[int, typer.Option(help="Baseline the speedup is predicted against.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan itself as JSON.")] = False,
     save: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the plan JSON here.")] = None,
 ) -> None:
-    """Build a step plan and print its per-step table, block forwards and predicted speedup."""
-    from ..plan import baseline_plan, cache_plan, ilf_plan, parse_range
+    """Build a step plan and print its per-step table, block forwards and predicted speedup.
+
+    ILF feedback steps (--loop/--feedback) compose with one caching method on the other steps
+    (--cache [--adaptive], --delta-dit or --block-caching): each feedback step refreshes the cache
+    of every range it recomputes (README "Composed and adaptive plans")."""
+    from ..plan import parse_range
 
     num_blocks, scheduler, model_loop, model_t_post = 28, None, None, None
     if model is not None:
@@ -83,25 +122,132 @@ def plan_command(
     num_blocks = blocks or num_blocks
     if num_blocks < 1:
         raise ConfigError(f"--blocks must be >= 1, got {num_blocks}")
-    if cache and (loop or feedback):
-        raise ConfigError(
-            "choose either an ILF plan (--loop/--feedback) or a caching plan (--cache), not both"
-        )
-    if cache:
-        cache_range = parse_range(cache, "--cache", num_blocks)
-        plan = cache_plan(steps, num_blocks, cache_range, refresh_every, scheduler)
-    elif loop or feedback:
-        ilf_loop = parse_range(loop, "--loop", num_blocks) if loop else model_loop
-        rule = t_post or model_t_post or "rescale"
-        plan = ilf_plan(steps, num_blocks, ilf_loop, feedback or "first2,last2", rule, scheduler)
-    else:
-        plan = baseline_plan(steps, num_blocks, scheduler)
+    ilf = {"feedback": (), "loop": None, "t_post": t_post or model_t_post or "rescale"}
+    if loop or feedback:
+        ilf["loop"] = parse_range(loop, "--loop", num_blocks) if loop else model_loop
+        ilf["feedback"] = feedback or "first2,last2"
+    request = PlanRequest(steps, num_blocks, scheduler, name, ilf, refresh_every)
+    plan = request.build(cache, adaptive, max_reuse, delta_dit, boundary, block_caching, model)
     if save is not None:
         plan.save(save)
     if as_json:
         print(plan.to_json())
     else:
         out.print(plan_table(plan, baseline_steps))
+
+
+class PlanRequest:
+    """What `plan`'s options ask for, built by one method per caching choice."""
+
+    def __init__(self, steps, num_blocks, scheduler, name, ilf: dict[str, Any], refresh_every) -> None:
+        self.steps, self.num_blocks, self.scheduler, self.name = steps, num_blocks, scheduler, name
+        self.ilf, self.refresh_every = ilf, refresh_every
+
+    def build(self, cache, adaptive, max_reuse, delta_dit, boundary, block_caching, model):
+        chosen = {
+            "--cache/--adaptive": cache or adaptive is not None,
+            "--delta-dit": delta_dit is not None,
+            "--block-caching": block_caching is not None,
+        }
+        methods = [option for option, given in chosen.items() if given]
+        if len(methods) > 1:
+            raise ConfigError(f"choose one caching method, not {' and '.join(methods)}")
+        if delta_dit is not None:
+            return self.delta_dit(delta_dit, boundary)
+        if block_caching is not None:
+            return self.block_caching(block_caching, model)
+        if cache or adaptive is not None:
+            return self.cache(cache, adaptive, max_reuse)
+        return self.plain()
+
+    def plain(self):
+        from ..plan import baseline_plan, ilf_plan
+
+        if not self.ilf["feedback"]:
+            return baseline_plan(self.steps, self.num_blocks, self.scheduler, self.name)
+        loop, feedback, rule = self.ilf["loop"], self.ilf["feedback"], self.ilf["t_post"]
+        return ilf_plan(self.steps, self.num_blocks, loop, feedback, rule, self.scheduler, self.name)
+
+    def cache(self, cache: str | None, adaptive: float | None, max_reuse: int):
+        from ..plan import CacheSpec, cache_plan, compose_plan, default_cache_range, parse_range, preset_name
+        from ..plan.builders import default_feedback, parse_step_set
+
+        start, end = (
+            parse_range(cache, "--cache", self.num_blocks) if cache else default_cache_range(self.num_blocks)
+        )
+        every = self.refresh_every or 3
+        if adaptive is not None and (adaptive < 0 or max_reuse < 1):
+            raise ConfigError(
+                f"--adaptive must be >= 0 and --max-reuse >= 1, got {adaptive:g} and {max_reuse}"
+            )
+        if adaptive is None and not self.ilf["feedback"]:
+            return cache_plan(self.steps, self.num_blocks, (start, end), every, self.scheduler, self.name)
+        spec = CacheSpec(start, end, "cache", every, threshold=adaptive, max_reuse=max_reuse)
+        feedback = self.ilf["feedback"]
+        usual = not feedback or parse_step_set(feedback, self.steps) == parse_step_set(
+            default_feedback(self.steps), self.steps
+        )
+        name = self.name or (
+            preset_name(self.steps, bool(feedback), spec) if usual else f"composed-{self.steps}"
+        )
+        return compose_plan(
+            self.steps,
+            self.num_blocks,
+            [spec],
+            loop=self.ilf["loop"],
+            feedback=feedback,
+            t_post=self.ilf["t_post"],
+            scheduler_config=self.scheduler,
+            name=name,
+        )
+
+    def delta_dit(self, num_cached: int, boundary: int | None):
+        from ..plan import delta_dit_plan
+
+        every = self.refresh_every or 2
+        return delta_dit_plan(
+            self.steps,
+            self.num_blocks,
+            num_cached,
+            boundary,
+            every,
+            self.scheduler,
+            self.name,
+            self.ilf["feedback"],
+            self.ilf["loop"],
+            self.ilf["t_post"],
+        )
+
+    def block_caching(self, delta: float, model: Path | None):
+        from ..plan import baseline_plan, block_caching_plan
+
+        if model is None:
+            raise ConfigError("--block-caching profiles a model's blocks: give --model")
+        changes = _profile(model, baseline_plan(self.steps, self.num_blocks, self.scheduler))
+        return block_caching_plan(
+            changes,
+            delta,
+            self.scheduler,
+            self.name,
+            self.ilf["feedback"],
+            self.ilf["loop"],
+            self.ilf["t_post"],
+        )
+
+
+def _profile(model: Path, plan) -> Any:
+    """Block Caching's profile (eq. 6) of `model` over `plan`, on four training-split captions."""
+    from ..backends.pytorch import TorchGenerator, profile_block_changes
+    from ..data import make_batch
+    from ..loading import load_model
+    from ..runtime.generator import Request
+
+    with console.status("profiling block changes"):
+        loaded = load_model(model)
+        requests = [
+            Request(prompt=s.caption(0), seed=i) for i, s in enumerate(make_batch(range(4), 0).samples)
+        ]
+        return profile_block_changes(TorchGenerator(loaded), plan, requests)
 
 
 # -- make-tiny -------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""`ilf-deploy serve`: a bundle over HTTP, on our FastAPI server or on NVIDIA Triton."""
+"""`ilf-deploy serve`: a bundle over HTTP, on our FastAPI server, on NVIDIA Triton or on Ray Serve."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,15 +12,27 @@ import typer
 
 from ..errors import ConfigError
 from . import command, console
+from .batch import Autoscale, RayAddress, ReplicaCpus, Replicas, ShipBundle
 from .generate import announce
 from .options import Backend, BundleDir, DefaultPlan, Digest
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-SERVERS = ("ilf", "triton")
+SERVERS = ("ilf", "triton", "ray")
 KEYS_HELP = (
     "API keys, one per line (`NAME:KEY` names it in metrics and logs); also read from the "
     "ILF_API_KEYS environment variable. Clients send `Authorization: Bearer KEY`."
 )
+# The connection layer and shutdown (README: Hostile clients and shutdown); None: the defaults.
+HeaderTimeout = Annotated[
+    float | None, typer.Option(help="Seconds for a request's headers; then 408, closed (default 10).")
+]
+BodyTimeout = Annotated[
+    float | None, typer.Option(help="Seconds for a request's body; then 408, closed (default 30).")
+]
+MaxConnections = Annotated[
+    int | None, typer.Option(help="Open connections (default 1024, fewer under a low ulimit -n).")
+]
+Drain = Annotated[float | None, typer.Option(help="On SIGTERM, seconds the engine's batch may finish (10).")]
 
 
 @command("serve")
@@ -50,26 +63,47 @@ def serve(
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM), to serve HTTPS.")] = None,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM).")] = None,
     server: Annotated[
-        str, typer.Option(help="ilf (this FastAPI server) or triton (tritonserver, KServe v2).")
+        str,
+        typer.Option(help="ilf (this FastAPI server), triton (tritonserver, KServe v2) or ray (Ray Serve)."),
     ] = "ilf",
     http_port: Annotated[int | None, typer.Option(help="Triton's HTTP port (default --port).")] = None,
     grpc_port: Annotated[int, typer.Option(help="Triton's gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Triton's Prometheus metrics port.")] = 8002,
     digest: Digest = None,
+    header_timeout_s: HeaderTimeout = None,
+    body_timeout_s: BodyTimeout = None,
+    max_connections: MaxConnections = None,
+    drain_s: Drain = None,
+    ray_address: RayAddress = None,
+    replicas: Replicas = None,
+    autoscale: Autoscale = None,
+    replica_cpus: ReplicaCpus = None,
+    ship_bundle: ShipBundle = False,
 ) -> None:
     """Serve a bundle over HTTP: OpenAI-style /v1/images/generations with micro-batching."""
     if server not in SERVERS:
         raise ConfigError(f"--server must be one of {', '.join(SERVERS)}, got {server!r}")
+    ray = {"ray_address": ray_address, "replicas": replicas, "autoscale": autoscale}
+    ray.update(replica_cpus=replica_cpus, ship_bundle=ship_bundle)
+    if server != "ray" and any(ray.values()):
+        raise ConfigError(
+            "--ray-address, --replicas, --autoscale, --replica-cpus and --ship-bundle need --server ray"
+        )
     security = {
         "--api-key-file": api_key_file is not None,
         "--require-auth": require_auth,
         "--max-inflight-per-key": max_inflight_per_key is not None,
         "--ssl-keyfile/--ssl-certfile": ssl_keyfile is not None or ssl_certfile is not None,
     }
+    given = {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s, "drain_s": drain_s}
+    given = {name: value for name, value in given.items() if value is not None}  # else the defaults
     if server == "triton":  # the same bundle on NVIDIA Triton Inference Server (cli/triton.py)
         from .triton import run_triton
 
         _refuse_security_options(security, host)
+        _refuse_connection_options([*given, *(["max_connections"] if max_connections is not None else [])])
+        # SIGTERM as Ctrl-C: run_triton stops Triton (it drains) rather than leave it orphaned
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         code = run_triton(
             bundle, backend or "auto", host, http_port or port, grpc_port, metrics_port, max_batch,
             max_wait_ms, max_queue, default_plan, digest=digest,
@@ -89,8 +123,19 @@ def serve(
         api_keys=load_keys(api_key_file, os.environ.get(ENV_VAR)),  # never from argv: `ps` shows it
         max_inflight_per_key=max_inflight_per_key,
         digest=digest,
+        max_connections=max_connections,
+        **given,
     )
     tls = _tls_files(ssl_keyfile, ssl_certfile)
+    if server == "ray":  # the same app in Ray Serve replicas (cli/batch.py; README "Beyond one machine")
+        from .batch import serve_on_ray
+
+        unused = [name for name in given if name != "body_timeout_s"] + ["max_connections"] * bool(
+            max_connections
+        )
+        http = {"host": host, "port": port, **{k: v for k, v in tls.items() if v is not None}}
+        serve_on_ray(bundle, options, http, require_auth, (log_format, log_level), ray, unused)
+        return
     _run_http(bundle, options, host, port, (log_level, log_format), require_auth, tls, backend)
 
 
@@ -111,8 +156,18 @@ def _refuse_security_options(given: dict[str, bool], host: str) -> None:
         console.print(f"[yellow]warning:[/yellow] {escape(warning.split(' (give')[0])}")
 
 
+def _refuse_connection_options(used: list[str]) -> None:
+    """Triton's HTTP server has none of these limits (README, Hostile clients and shutdown)."""
+    if used:
+        flags = ", ".join("--" + name.replace("_", "-") for name in used)
+        raise ConfigError(
+            f"{flags}: --server triton has no header or body deadline or connection cap, and "
+            "drains for its own --exit-timeout-secs; put a proxy with such limits in front (README)"
+        )
+
+
 def _tls_files(keyfile: Path | None, certfile: Path | None) -> dict[str, str | None]:
-    """uvicorn's TLS arguments (both None: plain HTTP)."""
+    """The server's TLS arguments (both None: plain HTTP)."""
     if (keyfile is None) != (certfile is None):
         raise ConfigError("--ssl-keyfile and --ssl-certfile go together")
     for flag, path in (("--ssl-keyfile", keyfile), ("--ssl-certfile", certfile)):
@@ -133,11 +188,13 @@ def _run_http(
     tls: dict[str, str | None],
     backend: str | None,
 ) -> None:
-    """Our FastAPI server under uvicorn, after every check that can fail before listening."""
+    """Our FastAPI server (uvicorn behind serve/server.py's connection layer), after every check
+    that can fail before listening."""
     try:
         import uvicorn
 
         from ..serve.app import create_app
+        from ..serve.server import run_server
     except ImportError as exc:  # the serve extra is optional
         raise ConfigError(f"serving needs {exc.name}: pip install 'ilf-deploy[serve]'") from None
     from ..serve.auth import check_exposure
@@ -156,13 +213,4 @@ def _run_http(
     configure_logging(log_format, uvicorn.config.LOG_LEVELS[log_level])
     if warning:
         logging.getLogger("ilf_deploy.serve").warning(warning)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        log_config=None,  # keep configure_logging's handlers
-        access_log=False,  # the server logs each request itself, with its id and key name
-        timeout_graceful_shutdown=10,
-        **tls,
-    )
+    run_server(app, host=host, port=port, log_level=log_level, **tls)

@@ -1,13 +1,18 @@
-"""Plan builders: plain steps, ILF, Δ-cache, Δ-DiT, Block Caching, and the named presets.
+"""Plan builders: plain steps, ILF, Δ-cache, Δ-DiT, Block Caching, their compositions, the presets.
 
 Each builder decides, per step, the post-feedback timestep and the ops; `_build` does the rest
-(the scheduler's coefficients, the plan's name, validation).
+(the scheduler's coefficients, the plan's name, validation). `compose_plan` stacks the caching
+methods (`CacheSpec`s, fixed or adaptive) with ILF feedback steps: the feedback steps as ILF
+defines them, each of them refreshing the cache of every range it recomputes; the Δ-cache on the
+other steps. `cache_plan` and `delta_dit_plan` are compositions without feedback.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ T_POST_MODES = ("none", "uniform", "rescale", "anneal")
 
 # (step index, its coefficients) -> (t_post or None, the step's ops)
 StepOps = Callable[[int, StepCoefficients], tuple[float | None, list[Op]]]
+Feedback = str | Iterable[int]  # "first2,last2"-style (parse_step_set) or step indices
 
 
 # -- building blocks ---------------------------------------------------------------------------
@@ -47,6 +53,22 @@ def _check_steps(num_steps: int) -> None:
 def _check_refresh_every(refresh_every: int) -> None:
     if refresh_every < 1:
         raise ConfigError(f"refresh-every must be >= 1, got {refresh_every}")
+
+
+def _check_t_post(t_post: str) -> None:
+    if t_post not in T_POST_MODES:
+        raise ConfigError(f"unknown t_post mode {t_post!r}; choose from {', '.join(T_POST_MODES)}")
+
+
+def _feedback_steps(feedback: Feedback, num_steps: int) -> list[int]:
+    steps = parse_step_set(feedback, num_steps) if isinstance(feedback, str) else sorted(set(feedback))
+    if any(not 0 <= i < num_steps for i in steps):
+        raise ConfigError(f"feedback steps {steps} out of range for {num_steps} steps")
+    return steps
+
+
+def _num_train(scheduler_config: dict[str, Any] | None) -> int:
+    return int((scheduler_config or PIXART_SCHEDULER_CONFIG).get("num_train_timesteps", 1000))
 
 
 def _build(
@@ -88,10 +110,6 @@ def _around(num_blocks: int, op: Op, after_time: TimeRef = "t") -> list[Op]:
     before = [Op("blocks", 0, op.start - 1)] if op.start > 0 else []
     after = [Op("blocks", op.end + 1, num_blocks - 1, after_time)] if op.end < num_blocks - 1 else []
     return [*before, op, *after]
-
-
-def _cache_kind(stage_step: int, refresh_every: int) -> OpKind:
-    return "cache_refresh" if stage_step % refresh_every == 0 else "cache_reuse"
 
 
 def parse_step_set(spec: str, num_steps: int, what: str = "feedback") -> list[int]:
@@ -145,6 +163,161 @@ def post_timestep(
     return float(min(max(value, 0.0), t))
 
 
+# -- composition -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One Δ-cached block range of a plan.
+
+    On the steps it applies to (`steps`; None: all), a plain step refreshes the range when its key
+    holds no Δ yet, when the Δ is `refresh_every` steps old (refreshed on step s, it is reused
+    until step s + refresh_every), or where `schedule` says so (Block Caching's per-step table,
+    which then replaces `refresh_every`), and reuses the Δ otherwise. With a `threshold`, the plain
+    steps after the first refresh leave the choice to the run time (`cache_adaptive`, at most
+    `max_reuse` reuses in a row). A feedback step refreshes the range wherever it applies."""
+
+    start: int
+    end: int
+    key: str = "cache"
+    refresh_every: int = 3
+    steps: tuple[int, ...] | None = None
+    schedule: tuple[bool, ...] | None = None
+    threshold: float | None = None
+    max_reuse: int = 2
+
+    def applies(self, step: int) -> bool:
+        return self.steps is None or step in self.steps
+
+    def kind(self, step: int, feedback: bool, last_refresh: int | None) -> str:
+        """refresh, reuse or adaptive on `step`, given the step of the key's last refresh."""
+        if feedback or last_refresh is None:
+            return "refresh"
+        if self.threshold is not None:
+            return "adaptive"
+        if self.schedule is not None:
+            return "refresh" if self.schedule[step] else "reuse"
+        return "refresh" if step - last_refresh >= self.refresh_every else "reuse"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.schedule is not None:
+            out["schedule"] = [int(v) for v in self.schedule]
+        if self.steps is not None:
+            out["steps"] = list(self.steps)
+        return out
+
+
+def _split(op: Op, cuts: tuple[int, int]) -> list[Op]:
+    """A blocks op cut where a cached range starts and after it ends (other ops stay whole)."""
+    if op.kind != "blocks":
+        return [op]
+    edges = [op.start, *(c for c in cuts if op.start < c <= op.end), op.end + 1]
+    return [Op("blocks", a, b - 1, op.time) for a, b in itertools.pairwise(edges)]
+
+
+def _carve(ops: list[Op], spec: CacheSpec, kind: str) -> list[Op]:
+    """`ops` with `spec`'s range cached. On a refresh every op inside stores under the key, as one
+    keyed group (blocks become cache_refresh, an ilf op carries the key); on a reuse or an adaptive
+    step one op stands for the whole range."""
+    out: list[Op] = []
+    for piece in (piece for op in ops for piece in _split(op, (spec.start, spec.end + 1))):
+        if not spec.start <= piece.start <= spec.end:
+            out.append(piece)
+        elif kind == "refresh":
+            refresh: OpKind = "ilf" if piece.kind == "ilf" else "cache_refresh"
+            out.append(Op(refresh, piece.start, piece.end, piece.time, spec.key))
+        elif piece.start == spec.start:
+            cached: OpKind = "cache_adaptive" if kind == "adaptive" else "cache_reuse"
+            rule = (spec.threshold, spec.max_reuse) if kind == "adaptive" else (None, None)
+            out.append(Op(cached, spec.start, spec.end, "t", spec.key, *rule))
+    return out
+
+
+def _check_caches(
+    caches: Sequence[CacheSpec], loop: tuple[int, int] | None, feedback: list[int], num_steps: int
+) -> None:
+    """Cached ranges never overlap on a step; on a feedback step each contains the loop or stays clear."""
+    for i in range(num_steps):
+        active = sorted((c for c in caches if c.applies(i)), key=lambda c: c.start)
+        for a, b in itertools.pairwise(active):
+            if b.start <= a.end:
+                raise ConfigError(f"cache ranges {a.start}:{a.end} and {b.start}:{b.end} overlap on step {i}")
+        if i not in feedback or loop is None:
+            continue
+        for c in active:
+            if not ((c.start <= loop[0] and loop[1] <= c.end) or c.end < loop[0] or c.start > loop[1]):
+                raise ConfigError(
+                    f"cache range {c.start}:{c.end} overlaps the ILF loop {loop[0]}:{loop[1]} in part: "
+                    "a cached range must contain the loop (a feedback step then refreshes it) "
+                    "or stay clear of it"
+                )
+
+
+def compose_plan(
+    num_steps: int,
+    num_blocks: int,
+    caches: Sequence[CacheSpec],
+    *,
+    loop: tuple[int, int] | None = None,
+    feedback: Feedback = (),
+    t_post: str = "rescale",
+    scheduler_config: dict[str, Any] | None = None,
+    name: str | None = None,
+    prefix: str = "composed",
+    settings: dict[str, Any] | None = None,
+) -> StepPlan:
+    """ILF feedback steps and Δ-cached ranges in one plan.
+
+    Feedback steps are ILF's (blocks at t, the inner loop over `loop`, the blocks after it at
+    t_post) and refresh every cached range that applies to them with what they compute: a range
+    that contains the loop stores out - in across the ops that cover it, the loop's second pass
+    included. The other steps follow each `CacheSpec`'s rule; a feedback step's refresh counts."""
+    _check_steps(num_steps)
+    for spec in caches:
+        check_block_range(spec.start, spec.end, num_blocks, "cache range")
+        _check_refresh_every(spec.refresh_every)
+    fb_steps = _feedback_steps(feedback, num_steps)
+    if fb_steps:
+        loop = loop or default_loop(num_blocks)
+        check_block_range(*loop, num_blocks, "loop")
+        _check_t_post(t_post)
+    _check_caches(caches, loop if fb_steps else None, fb_steps, num_steps)
+    last: dict[str, int] = {}  # key -> the step of its last refresh
+    num_train = _num_train(scheduler_config)
+
+    def step_ops(i: int, coef: StepCoefficients) -> tuple[float | None, list[Op]]:
+        t_post_i, ops = None, [Op("blocks", 0, num_blocks - 1)]
+        if i in fb_steps and loop is not None:
+            t_post_i, ops = _feedback_step(num_blocks, loop, t_post, coef, i == 0, num_train)
+        for spec in caches:
+            if spec.applies(i):
+                kind = spec.kind(i, i in fb_steps, last.get(spec.key))
+                if kind == "refresh":
+                    last[spec.key] = i
+                ops = _carve(ops, spec, kind)
+        return t_post_i, ops
+
+    settings = settings or {
+        "kind": "composed",
+        "feedback": fb_steps,
+        "t_post": t_post if fb_steps else None,
+        "caches": [spec.to_dict() for spec in caches],
+    }
+    plan_loop = loop if fb_steps else None
+    return _build(prefix, num_steps, num_blocks, scheduler_config, name, step_ops, settings, plan_loop)
+
+
+def _feedback_step(
+    num_blocks: int, loop: tuple[int, int], t_post: str, coef: StepCoefficients, first: bool, num_train: int
+) -> tuple[float, list[Op]]:
+    """An ILF step: the blocks before the loop at t, the inner loop, the blocks after it at t_post."""
+    start, end = loop
+    size = end - start + 1
+    tp = post_timestep(t_post, coef.timestep, coef.prev_timestep, num_blocks, size, first, num_train)
+    return tp, _around(num_blocks, Op("ilf", start, end), after_time="t_post")
+
+
 # -- plan builders -----------------------------------------------------------------------------
 
 
@@ -170,20 +343,15 @@ def ilf_plan(
 ) -> StepPlan:
     start, end = loop or default_loop(num_blocks)
     check_block_range(start, end, num_blocks, "loop")
-    if t_post not in T_POST_MODES:
-        raise ConfigError(f"unknown t_post mode {t_post!r}; choose from {', '.join(T_POST_MODES)}")
+    _check_t_post(t_post)
     _check_steps(num_steps)
-    fb_steps = parse_step_set(feedback, num_steps) if isinstance(feedback, str) else sorted(set(feedback))
-    if any(not 0 <= i < num_steps for i in fb_steps):
-        raise ConfigError(f"feedback steps {fb_steps} out of range for {num_steps} steps")
-    num_train = int((scheduler_config or PIXART_SCHEDULER_CONFIG).get("num_train_timesteps", 1000))
+    fb_steps = _feedback_steps(feedback, num_steps)
+    num_train = _num_train(scheduler_config)
 
     def step_ops(i: int, coef: StepCoefficients) -> tuple[float | None, list[Op]]:
         if i not in fb_steps:
             return None, [Op("blocks", 0, num_blocks - 1)]
-        size = end - start + 1
-        tp = post_timestep(t_post, coef.timestep, coef.prev_timestep, num_blocks, size, i == 0, num_train)
-        return tp, _around(num_blocks, Op("ilf", start, end), after_time="t_post")
+        return _feedback_step(num_blocks, (start, end), t_post, coef, i == 0, num_train)
 
     settings = {"kind": "ilf", "feedback": fb_steps, "t_post": t_post}
     return _build("ilf", num_steps, num_blocks, scheduler_config, name, step_ops, settings, (start, end))
@@ -201,12 +369,17 @@ def cache_plan(
     start, end = cache_range or default_cache_range(num_blocks)
     check_block_range(start, end, num_blocks, "cache range")
     _check_refresh_every(refresh_every)
-
-    def step_ops(i: int, coef: StepCoefficients) -> tuple[float | None, list[Op]]:
-        return None, _around(num_blocks, Op(_cache_kind(i, refresh_every), start, end, key="cache"))
-
     settings = {"kind": "cache", "range": [start, end], "refresh_every": refresh_every}
-    return _build("cache", num_steps, num_blocks, scheduler_config, name, step_ops, settings)
+    spec = CacheSpec(start, end, "cache", refresh_every)
+    return compose_plan(
+        num_steps,
+        num_blocks,
+        [spec],
+        scheduler_config=scheduler_config,
+        name=name,
+        prefix="cache",
+        settings=settings,
+    )
 
 
 def delta_dit_plan(
@@ -217,11 +390,15 @@ def delta_dit_plan(
     refresh_every: int = 2,
     scheduler_config: dict[str, Any] | None = None,
     name: str | None = None,
+    feedback: Feedback = (),
+    loop: tuple[int, int] | None = None,
+    t_post: str = "rescale",
 ) -> StepPlan:
     """Δ-DiT: Δ-cache the deep (rear) blocks before the step boundary, the shallow (front) ones after.
 
     Early steps draw outlines (kept by the shallow blocks), late steps add detail (kept by the deep
-    ones). The Δ is refreshed every `refresh_every` steps within a stage and whenever the stage starts.
+    ones). The Δ is refreshed every `refresh_every` steps within a stage and whenever the stage
+    starts; `feedback` steps (ILF over `loop`) refresh it too (compose_plan).
     """
     if not 1 <= num_cached <= num_blocks:
         raise ConfigError(f"num_cached must be in 1..{num_blocks}, got {num_cached}")
@@ -229,35 +406,46 @@ def delta_dit_plan(
     if not 0 <= boundary <= num_steps:
         raise ConfigError(f"boundary {boundary} is out of range for {num_steps} steps")
     _check_refresh_every(refresh_every)
-
-    def step_ops(i: int, coef: StepCoefficients) -> tuple[float | None, list[Op]]:
-        early = i < boundary
-        start, end = (num_blocks - num_cached, num_blocks - 1) if early else (0, num_cached - 1)
-        kind = _cache_kind(i if early else i - boundary, refresh_every)
-        return None, _around(num_blocks, Op(kind, start, end, key="deep" if early else "shallow"))
-
-    settings = {
+    deep = CacheSpec(num_blocks - num_cached, num_blocks - 1, "deep", refresh_every, tuple(range(boundary)))
+    shallow = CacheSpec(0, num_cached - 1, "shallow", refresh_every, tuple(range(boundary, num_steps)))
+    settings: dict[str, Any] = {
         "kind": "delta-dit",
         "num_cached": num_cached,
         "boundary": boundary,
         "refresh_every": refresh_every,
     }
-    return _build("delta-dit", num_steps, num_blocks, scheduler_config, name, step_ops, settings)
+    fb_steps = _feedback_steps(feedback, num_steps)
+    if fb_steps:
+        settings.update(feedback=fb_steps, t_post=t_post)
+    return compose_plan(
+        num_steps,
+        num_blocks,
+        [deep, shallow],
+        loop=loop,
+        feedback=fb_steps,
+        t_post=t_post,
+        scheduler_config=scheduler_config,
+        name=name,
+        prefix="delta-dit",
+        settings=settings,
+    )
 
 
-def block_caching_schedule(changes: np.ndarray, delta: float) -> np.ndarray:
+def block_caching_schedule(changes: np.ndarray, delta: float, forced: Iterable[int] = ()) -> np.ndarray:
     """Block Caching's automatic schedule (003, eq. 7) -> bool[steps, blocks], True = recompute.
 
     `changes[s, i]` is block i's relative L1 change between steps s-1 and s (row 0 unused). A block
-    keeps its cached output while the change accumulated since the refresh stays <= delta.
+    keeps its cached output while the change accumulated since the refresh stays <= delta; on the
+    `forced` steps (a composed plan's feedback steps) every block recomputes.
     """
     steps, blocks = changes.shape
+    forced = set(forced)
     refresh = np.zeros((steps, blocks), dtype=bool)
     refresh[0] = True
     accumulated = np.zeros(blocks)
     for s in range(1, steps):
         accumulated += changes[s]
-        refresh[s] = accumulated > delta
+        refresh[s] = accumulated > delta if s not in forced else True
         accumulated[refresh[s]] = 0.0
     return refresh
 
@@ -267,46 +455,58 @@ def block_caching_plan(
     delta: float,
     scheduler_config: dict[str, Any] | None = None,
     name: str | None = None,
+    feedback: Feedback = (),
+    loop: tuple[int, int] | None = None,
+    t_post: str = "rescale",
 ) -> StepPlan:
     """A plan from a Block-Caching schedule: neighbouring blocks that refresh on the same steps share
-    one Δ-cache range (their Δs add up exactly), every other block caches on its own."""
+    one Δ-cache range (their Δs add up exactly), every other block caches on its own.
+
+    With `feedback` steps (ILF over `loop`), those steps recompute every block, and the loop's blocks
+    are one range that recomputes whenever one of them would (a feedback step recomputes the loop as
+    one piece, so a cached range must contain it or stay clear of it)."""
     num_steps, num_blocks = changes.shape
     _check_steps(num_steps)
-    refresh = block_caching_schedule(np.asarray(changes, dtype=np.float64), delta)
+    fb_steps = _feedback_steps(feedback, num_steps)
+    if fb_steps:
+        loop = loop or default_loop(num_blocks)
+        check_block_range(*loop, num_blocks, "loop")
+    refresh = block_caching_schedule(np.asarray(changes, dtype=np.float64), delta, fb_steps)
+    columns = refresh.copy()
+    edges = {0, num_blocks}
+    if fb_steps and loop is not None:
+        columns[:, loop[0] : loop[1] + 1] = columns[:, loop[0] : loop[1] + 1].any(axis=1, keepdims=True)
+        edges |= {loop[0], loop[1] + 1}
     groups: list[tuple[int, int]] = []
     for i in range(num_blocks):
-        if groups and np.array_equal(refresh[:, groups[-1][0]], refresh[:, i]):
+        if groups and i not in edges and np.array_equal(columns[:, groups[-1][0]], columns[:, i]):
             groups[-1] = (groups[-1][0], i)
         else:
             groups.append((i, i))
-
-    def step_ops(s: int, coef: StepCoefficients) -> tuple[float | None, list[Op]]:
-        ops = []
-        for start, end in groups:
-            if refresh[:, start].all():
-                ops.append(Op("blocks", start, end))
-            else:
-                kind: OpKind = "cache_refresh" if refresh[s, start] else "cache_reuse"
-                ops.append(Op(kind, start, end, key=f"b{start}-{end}"))
-        return None, _merge_blocks(ops)
-
-    settings = {
+    specs = [
+        CacheSpec(start, end, f"b{start}-{end}", schedule=tuple(bool(v) for v in columns[:, start]))
+        for start, end in groups
+        if not columns[:, start].all()
+    ]
+    settings: dict[str, Any] = {
         "kind": "block-caching",
         "delta": delta,
-        "recompute": refresh.astype(int).tolist(),
+        "recompute": columns.astype(int).tolist(),
     }
-    return _build("blockcache", num_steps, num_blocks, scheduler_config, name, step_ops, settings)
-
-
-def _merge_blocks(ops: Sequence[Op]) -> list[Op]:
-    merged: list[Op] = []
-    for op in ops:
-        prev = merged[-1] if merged else None
-        if prev and prev.kind == op.kind == "blocks" and prev.time == op.time:
-            merged[-1] = Op("blocks", prev.start, op.end, op.time)
-        else:
-            merged.append(op)
-    return merged
+    if fb_steps:
+        settings.update(feedback=fb_steps, t_post=t_post)
+    return compose_plan(
+        num_steps,
+        num_blocks,
+        specs,
+        loop=loop,
+        feedback=fb_steps,
+        t_post=t_post,
+        scheduler_config=scheduler_config,
+        name=name,
+        prefix="blockcache",
+        settings=settings,
+    )
 
 
 # -- named presets -----------------------------------------------------------------------------
@@ -314,9 +514,65 @@ def _merge_blocks(ops: Sequence[Op]) -> list[Op]:
 PRESET_HELP = (
     "a plan JSON file, or a preset: base-N (plain N steps), ilf-N (the trained feedback's loop, else "
     "8-19 scaled to the model; feedback on the first 2 and last 2 steps; the feedback's t_post rule, "
-    "else rescaled), cache-N (inner blocks Δ-cached, "
-    "refreshed every 3rd step)"
+    "else rescaled), cache-N (inner blocks Δ-cached, refreshed every 3rd step); base-N or ilf-N "
+    "composed with a Δ-cache: ...-cacheB-ErK (blocks B..E, refreshed every K-th step) or "
+    "...-adaptB-EtTmM (adaptive: reused while the input changed by at most T, at most M times in a row)"
 )
+PRESET = re.compile(
+    r"(base|ilf|cache)-(\d+)(?:-(?:cache(\d+)-(\d+)r(\d+)|adapt(\d+)-(\d+)t([0-9.]+)m(\d+)))?"
+)
+
+
+def default_feedback(num_steps: int) -> str:
+    """The ilf-N presets' feedback steps: the first 2 and last 2 (all of them below 4 steps)."""
+    return "first2,last2" if num_steps >= 4 else "all"
+
+
+def preset_name(num_steps: int, feedback: bool, cache: CacheSpec | None = None) -> str:
+    """The preset that names a plain or ILF plan of `num_steps`, with one cached range or none."""
+    name = f"{'ilf' if feedback else 'base'}-{num_steps}"
+    if cache is None:
+        return name
+    if cache.threshold is None:
+        return f"{name}-cache{cache.start}-{cache.end}r{cache.refresh_every}"
+    threshold = np.format_float_positional(cache.threshold, trim="-")
+    return f"{name}-adapt{cache.start}-{cache.end}t{threshold}m{cache.max_reuse}"
+
+
+def _preset(
+    m: re.Match,
+    num_blocks: int,
+    scheduler_config: dict[str, Any] | None,
+    loop: tuple[int, int] | None,
+    t_post: str,
+) -> StepPlan:
+    kind, steps = m.group(1), int(m.group(2))
+    fixed, adaptive = m.group(3, 4, 5), m.group(6, 7, 8, 9)
+    if kind == "cache":
+        if fixed[0] is not None or adaptive[0] is not None:
+            raise ConfigError(f"unknown plan {m.group(0)!r}: cache-N takes no second cache")
+        return cache_plan(steps, num_blocks, None, 3, scheduler_config)
+    if fixed[0] is None and adaptive[0] is None:
+        if kind == "base":
+            return baseline_plan(steps, num_blocks, scheduler_config)
+        return ilf_plan(steps, num_blocks, loop, default_feedback(steps), t_post, scheduler_config)
+    if fixed[0] is not None:
+        spec = CacheSpec(int(fixed[0]), int(fixed[1]), "cache", int(fixed[2]))
+    else:
+        start, end, threshold, most = adaptive
+        spec = CacheSpec(int(start), int(end), "cache", threshold=float(threshold), max_reuse=int(most))
+    feedback = default_feedback(steps) if kind == "ilf" else ()
+    name = preset_name(steps, kind == "ilf", spec)
+    return compose_plan(
+        steps,
+        num_blocks,
+        [spec],
+        loop=loop,
+        feedback=feedback,
+        t_post=t_post,
+        scheduler_config=scheduler_config,
+        name=name,
+    )
 
 
 def resolve_plan(
@@ -337,13 +593,7 @@ def resolve_plan(
         if plan.num_blocks != num_blocks:
             raise ConfigError(f"plan {spec} is for {plan.num_blocks} blocks; this model has {num_blocks}")
         return plan
-    m = re.fullmatch(r"(base|ilf|cache)-(\d+)", spec.strip().lower())
+    m = PRESET.fullmatch(spec.strip().lower())
     if not m:
         raise ConfigError(f"unknown plan {spec!r}: expected {PRESET_HELP}")
-    kind, steps = m.group(1), int(m.group(2))
-    if kind == "base":
-        return baseline_plan(steps, num_blocks, scheduler_config)
-    if kind == "ilf":
-        feedback = "first2,last2" if steps >= 4 else "all"
-        return ilf_plan(steps, num_blocks, loop, feedback, t_post, scheduler_config)
-    return cache_plan(steps, num_blocks, None, 3, scheduler_config)
+    return _preset(m, num_blocks, scheduler_config, loop, t_post)

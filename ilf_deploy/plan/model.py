@@ -5,7 +5,16 @@ Operations (block indices are 0-based and inclusive):
 - `ilf b..e`               inner loop with feedback: 2·(e-b+1) + 1 block forwards (eqs. 2–3)
 - `cache_refresh a..b key` run a..b and store Δ = out - in under `key`
 - `cache_reuse a..b key`   add the stored Δ instead of running a..b (0 block forwards)
+- `cache_adaptive a..b key threshold max_reuse` (version 2): per image, reuse the stored Δ while
+  the op's input (the probe) has changed by at most `threshold` (relative L1) since the key's last
+  refresh and fewer than `max_reuse` reuses ran in a row; else refresh (README "Composed and
+  adaptive plans")
 Each op has a `time`: "t", or "t_post" for everything after the feedback (eqs. 4–5).
+
+Version 2 also lets an `ilf` op carry a key, and lets consecutive ops of one step share a key: they
+are one cached range, whose Δ is the output of the last minus the input of the first (a feedback
+step refreshes the cache of the range it recomputes). A key covers the same blocks in every step.
+Writers write version 1 whenever the plan needs none of this, so older readers keep reading it.
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ from ..errors import ConfigError
 from ..schedulers import StepCoefficients
 from ..schemas import problem
 
-PLAN_VERSION = 1
-OpKind = Literal["blocks", "ilf", "cache_refresh", "cache_reuse"]
+PLAN_VERSION = 2  # the newest version this tool writes
+PLAN_VERSIONS = (1, 2)  # the versions it reads
+OpKind = Literal["blocks", "ilf", "cache_refresh", "cache_reuse", "cache_adaptive"]
 TimeRef = Literal["t", "t_post"]
+STORES = ("cache_refresh", "ilf")  # ops that store a Δ when they carry a key (ilf: version 2)
 
 
 # -- block ranges ------------------------------------------------------------------------------
@@ -66,6 +77,8 @@ class Op:
     end: int
     time: TimeRef = "t"
     key: str | None = None
+    threshold: float | None = None  # cache_adaptive: the most relative L1 change of the probe reused
+    max_reuse: int | None = None  # cache_adaptive: the most reuses in a row
 
     @property
     def size(self) -> int:
@@ -73,12 +86,19 @@ class Op:
 
     @property
     def block_forwards(self) -> int:
+        """The block forwards the op runs (cache_adaptive: at most, when it refreshes)."""
         return {
             "blocks": self.size,
             "cache_refresh": self.size,
             "cache_reuse": 0,
+            "cache_adaptive": self.size,
             "ilf": 2 * self.size + 1,
         }[self.kind]
+
+    @property
+    def stores(self) -> bool:
+        """Does the op store a Δ under its key (alone, or as part of a keyed group)?"""
+        return self.key is not None and self.kind in STORES
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -89,11 +109,18 @@ class Op:
         }
         if self.key is not None:
             out["key"] = self.key
+        if self.kind == "cache_adaptive":
+            out.update(threshold=self.threshold, max_reuse=self.max_reuse)
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Op:
-        return cls(d["op"], int(d["start"]), int(d["end"]), d.get("time", "t"), d.get("key"))
+    def from_dict(cls, d: dict[str, Any], version: int = PLAN_VERSION) -> Op:
+        key = d.get("key")
+        if version == 1 and d["op"] == "ilf":
+            key = None  # version 1 never stored a Δ from the inner loop: its key meant nothing
+        threshold = float(d["threshold"]) if d.get("threshold") is not None else None
+        max_reuse = int(d["max_reuse"]) if d.get("max_reuse") is not None else None
+        return cls(d["op"], int(d["start"]), int(d["end"]), d.get("time", "t"), key, threshold, max_reuse)
 
     def describe(self) -> str:
         name = {
@@ -101,9 +128,24 @@ class Op:
             "ilf": "ILF ",
             "cache_refresh": "refresh ",
             "cache_reuse": "reuse ",
+            "cache_adaptive": "adaptive ",
         }[self.kind]
         post = "@t_post" if self.time == "t_post" else ""
-        return f"{name}{self.start}-{self.end}{post}"
+        rule = f" (≤{self.threshold:g}, ≤{self.max_reuse}×)" if self.kind == "cache_adaptive" else ""
+        return f"{name}{self.start}-{self.end}{post}{rule}"
+
+
+def key_groups(ops: tuple[Op, ...]) -> list[tuple[str, list[Op]]]:
+    """The step's cached ranges: runs of consecutive ops with one key (a keyed ilf counts)."""
+    groups: list[tuple[str, list[Op]]] = []
+    for op in ops:
+        if op.key is None or op.kind == "blocks" or (op.kind == "ilf" and not op.stores):
+            continue
+        if groups and groups[-1][0] == op.key and groups[-1][1][-1].end + 1 == op.start:
+            groups[-1][1].append(op)
+        else:
+            groups.append((op.key, [op]))
+    return groups
 
 
 @dataclass(frozen=True)
@@ -136,12 +178,12 @@ class Step:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Step:
+    def from_dict(cls, d: dict[str, Any], version: int = PLAN_VERSION) -> Step:
         return cls(
             index=int(d["index"]),
             timestep=float(d["timestep"]),
             t_post=None if d.get("t_post") is None else float(d["t_post"]),
-            ops=tuple(Op.from_dict(op) for op in d["ops"]),
+            ops=tuple(Op.from_dict(op, version) for op in d["ops"]),
             final_time=d.get("final_time", "t"),
             coefficients=StepCoefficients.from_dict(d["coefficients"]),
         )
@@ -162,7 +204,23 @@ class StepPlan:
 
     @property
     def block_forwards(self) -> int:
+        """Per image; an adaptive plan's most (every adaptive op refreshing): the generator reports
+        what ran (`Generator.last_block_forwards`)."""
         return sum(step.block_forwards for step in self.steps)
+
+    @property
+    def adaptive(self) -> bool:
+        return any(op.kind == "cache_adaptive" for step in self.steps for op in step.ops)
+
+    @property
+    def version(self) -> int:
+        """The oldest format version that says what this plan does (README: compatibility rule)."""
+        for step in self.steps:
+            if any(op.kind == "cache_adaptive" or (op.stores and op.kind == "ilf") for op in step.ops):
+                return 2
+            if any(len(ops) > 1 for _, ops in key_groups(step.ops)):
+                return 2
+        return 1
 
     @property
     def feedback_steps(self) -> list[int]:
@@ -187,6 +245,44 @@ class StepPlan:
             check_block_range(*self.loop, self.num_blocks, f"plan {self.name!r} loop")
         for step in self.steps:
             self._validate_step(step)
+        self._validate_keys()
+
+    def _validate_keys(self) -> None:
+        """A key covers the same blocks in every step, at most once a step; a reuse follows a
+        refresh of its key; a reused or adaptive range is one op; adaptive ops have their rule."""
+        ranges: dict[str, tuple[int, int]] = {}
+        stored: set[str] = set()
+        for step in self.steps:
+            where = f"plan {self.name!r} step {step.index}"
+            groups = key_groups(step.ops)
+            keys = [key for key, _ in groups]
+            if len(set(keys)) != len(keys):
+                raise ConfigError(f"{where}: a cache key covers two ranges in one step")
+            for key, ops in groups:
+                span = (ops[0].start, ops[-1].end)
+                if ranges.setdefault(key, span) != span:
+                    raise ConfigError(
+                        f"{where}: cache key {key!r} covers blocks {span[0]}:{span[1]} here and "
+                        f"{ranges[key][0]}:{ranges[key][1]} elsewhere"
+                    )
+                self._validate_group(where, key, ops, stored)
+
+    @staticmethod
+    def _validate_group(where: str, key: str, ops: list[Op], stored: set[str]) -> None:
+        kinds = {op.kind for op in ops}
+        if len(ops) > 1 and not kinds <= set(STORES):
+            raise ConfigError(f"{where}: cache key {key!r} is reused over more than one op")
+        op = ops[0]
+        if op.kind == "cache_reuse" and key not in stored:
+            raise ConfigError(f"{where}: cache_reuse of key {key!r} before any refresh of it")
+        if op.kind == "cache_adaptive":
+            threshold, most = op.threshold, op.max_reuse
+            if threshold is None or not 0 <= threshold < float("inf"):
+                raise ConfigError(f"{where}: cache_adaptive threshold must be a number >= 0, got {threshold}")
+            if most is None or most < 1:
+                raise ConfigError(f"{where}: cache_adaptive max_reuse must be >= 1, got {most}")
+        if op.kind != "cache_reuse":
+            stored.add(key)
 
     def _validate_step(self, step: Step) -> None:
         where = f"plan {self.name!r} step {step.index}"
@@ -205,7 +301,7 @@ class StepPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": PLAN_VERSION,
+            "version": self.version,
             "name": self.name,
             "num_blocks": self.num_blocks,
             "num_steps": self.num_steps,
@@ -219,8 +315,12 @@ class StepPlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepPlan:
         version = d.get("version") if isinstance(d, dict) else None
-        if version != PLAN_VERSION:
-            raise ConfigError(f"unsupported plan version {version!r} (this tool reads {PLAN_VERSION})")
+        if version not in PLAN_VERSIONS or isinstance(version, bool):
+            readable = ", ".join(str(v) for v in PLAN_VERSIONS)
+            raise ConfigError(
+                f"unsupported plan version {version!r} (this tool reads {readable}); "
+                "rebuild the plan or bundle with this version of ilf-deploy"
+            )
         found = problem("plan", d)  # the published schema (ilf-deploy schema plan)
         if found:
             raise ConfigError(f"malformed plan {d.get('name')!r}: {found}")
@@ -229,13 +329,18 @@ class StepPlan:
                 name=str(d["name"]),
                 num_blocks=int(d["num_blocks"]),
                 scheduler=str(d["scheduler"]),
-                steps=tuple(Step.from_dict(s) for s in d["steps"]),
+                steps=tuple(Step.from_dict(s, version) for s in d["steps"]),
                 loop=tuple(d["loop"]) if d.get("loop") else None,  # type: ignore[arg-type]
                 settings=dict(d.get("settings", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed plan: {exc}") from None
         plan.validate()
+        if version == 1 and plan.version != 1:  # keys shared by consecutive ops: version 2 only
+            raise ConfigError(
+                f"malformed plan {plan.name!r}: consecutive ops share a cache key, which version 1 "
+                "plans cannot say (write version 2)"
+            )
         return plan
 
     def to_json(self) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..plan import StepPlan
+from .cache import CacheState
 from .loop import Segments, denoise
 
 Array = Any  # a torch tensor or a numpy array, whichever the backend computes with
@@ -61,6 +62,9 @@ class Generator(ABC):
     backend: str = ""  # the registry name it was opened with
     variant: str | None = None  # its precision variant (or an engine precision, e.g. OpenVINO bf16)
     choice: str | None = None  # `--backend auto`: which engine it chose and why (one line)
+    # Per image of the last generate_batch: the block forwards that ran (an adaptive plan decides
+    # them at run time; for every other plan they are the plan's `block_forwards`).
+    last_block_forwards: list[int] = []  # noqa: RUF012 (replaced, never mutated)
 
     @abstractmethod
     def encode_prompt(self, prompt: str) -> tuple[Array, Array]:
@@ -178,7 +182,8 @@ class Generator(ABC):
         latents: list[np.ndarray] | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> Array:
-        """Several requests of one size in one batch: every segment call serves them all."""
+        """Several requests of one size in one batch: every segment call serves them all (an
+        adaptive op runs its blocks on the images that refresh: runtime/cache.py)."""
         if not requests:
             raise ConfigError("no requests to generate")
         requests = [self.resolve(r) for r in requests]
@@ -200,4 +205,7 @@ class Generator(ABC):
             if len(set(scales)) == 1
             else self.array(np.array(scales, np.float32)[:, None, None, None])
         )
-        return denoise(self.segments, plan, x, inputs, guidance if guided else 1.0, on_step)
+        cache = CacheState(len(requests), guided)
+        latents_out = denoise(self.segments, plan, x, inputs, guidance if guided else 1.0, on_step, cache)
+        self.last_block_forwards = cache.block_forwards
+        return latents_out

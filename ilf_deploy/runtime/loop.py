@@ -2,7 +2,8 @@
 
 A backend supplies `Segments`: the model cut into pieces. The loop itself is only segment calls,
 classifier-free guidance and the plan's precomputed scheduler coefficients. Arrays may be torch
-tensors or numpy arrays: the loop uses only slicing, +, -, * and the backend's `concat`.
+tensors or numpy arrays: the loop uses only slicing, +, -, * and the backend's `concat` (an
+adaptive cache also `abs` and a per-row sum: runtime/cache.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Protocol
 
 from ..errors import ConfigError
 from ..plan import Step, StepPlan
+from .cache import CacheState
 
 Array = Any
 Cond = Any
@@ -53,26 +55,31 @@ def model_output(
     x: Array,
     context: Cond,
     guided: bool,
-    deltas: dict[str, Array],
+    cache: CacheState,
 ) -> Array:
     """One network evaluation as the plan says: the (unguided) epsilon for [uncond; cond].
 
-    `deltas` is the request's Δ-cache: refreshed ranges store what they add, reused ones add it back.
+    `cache` is the batch's Δ-cache: a keyed range that runs stores what it adds (out - in over all
+    its ops, a keyed inner loop included), a reused one adds it back; an adaptive op decides per image.
     """
     cond = seg.conditioning(step.timestep, context)
     cond_post = seg.conditioning(step.t_post, context) if step.t_post is not None else cond
     h = seg.embed(seg.concat([x, x]) if guided else x)
+    range_in: dict[str, Array] = {}  # where each keyed range of this step started
+    cache.count(sum(op.block_forwards for op in step.ops if op.kind != "cache_adaptive"))
     for op in step.ops:
         c = cond_post if op.time == "t_post" else cond
-        if op.kind == "blocks":
+        h_in = h
+        if op.kind in ("blocks", "cache_refresh"):
             h = seg.blocks(op.start, op.end, h, c)
         elif op.kind == "ilf":  # eqs. 2–3: feedback from f_{e,t}, second pass at t_post (eqs. 4–5)
             h = seg.inner_loop(h, cond, cond_post)
-        elif op.kind == "cache_refresh":
-            out = seg.blocks(op.start, op.end, h, c)
-            deltas[op.key], h = out - h, out
-        else:  # cache_reuse
-            h = h + deltas[op.key]
+        elif op.kind == "cache_reuse":
+            h = cache.reuse(op.key, h)
+        else:  # cache_adaptive: each image reuses the Δ or runs the blocks, by its probe's change
+            h = cache.adaptive(seg, op, h, c)
+        if op.stores:
+            cache.store(op.key, range_in.setdefault(op.key, h_in), h)
     final_cond = cond_post if step.final_time == "t_post" else cond
     out = seg.final(h, final_cond, x.shape[-2], x.shape[-1])
     return out[:, : seg.latent_channels]  # drop learned-sigma channels
@@ -85,16 +92,19 @@ def denoise(
     inputs: dict[str, Array],
     guidance_scale: float | Array,
     on_step: Callable[[int], None] | None = None,
+    cache: CacheState | None = None,
 ) -> Array:
     """Run every step of `plan` from `latents`; `inputs` are batched [uncond; cond] when guiding.
 
-    `guidance_scale` is one number, or one per image shaped to broadcast over (B, C, h, w)."""
+    `guidance_scale` is one number, or one per image shaped to broadcast over (B, C, h, w); `cache`
+    (a new one by default) ends with the block forwards each image ran."""
     check_plan(plan, seg)
     guided = not isinstance(guidance_scale, (int, float)) or guidance_scale > 1.0
     context = seg.context(inputs)
-    x, x0_history, deltas = latents, [], {}
+    x, x0_history = latents, []
+    cache = CacheState(latents.shape[0], guided) if cache is None else cache
     for step in plan.steps:
-        eps = model_output(seg, step, x, context, guided, deltas)
+        eps = model_output(seg, step, x, context, guided, cache)
         if guided:
             n = x.shape[0]
             uncond, text = eps[:n], eps[n:]

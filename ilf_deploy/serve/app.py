@@ -8,6 +8,7 @@ document (whose request schema is the request contract's).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import MutableMapping
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from ..runtime.generator import Generator
 from .auth import ApiKeys
+from .batcher import SHUTDOWN, SHUTDOWN_RETRY_AFTER_S
 from .logs import REQUEST_ID_HEADER, SCOPE_KEY, RequestInfo, current_request_id, printable, request_id
 from .metrics import ServerMetrics
 from .routes import GENERATIONS, add_routes, encode_png
@@ -34,7 +36,14 @@ access_log = logging.getLogger("ilf_deploy.serve.access")  # one line per HTTP r
 
 ENDPOINTS = (GENERATIONS, "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes need no key; every other path does
-ERROR_TYPES = {413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout"}
+SMUGGLING = "the request has both Content-Length and Transfer-Encoding (RFC 9112, section 6.1)"
+ERROR_TYPES = {
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+    504: "timeout",
+}
 
 
 def _error_response(error: ApiError, scope: MutableMapping[str, Any] | None = None) -> JSONResponse:
@@ -55,13 +64,19 @@ def _unauthorized(authorization: bytes | None) -> ApiError:
 
 class _Observe:
     """ASGI middleware around every request: its id (`X-Request-ID`, returned on every response),
-    the API key check, a body limit, request counts and latency, and the access log line."""
+    the API key check, request framing (no Content-Length beside Transfer-Encoding), the body's
+    size and deadline, request counts and latency, and the access log line."""
 
-    def __init__(self, app, metrics: ServerMetrics, max_body: int, keys: ApiKeys) -> None:
+    def __init__(
+        self, app, metrics: ServerMetrics, max_body: int, keys: ApiKeys, body_timeout_s: float
+    ) -> None:
         self.app, self.metrics, self.max_body, self.keys = app, metrics, max_body, keys
+        self.body_timeout_s = body_timeout_s
 
     def _refusal(self, scope, headers: dict[bytes, bytes], info: RequestInfo) -> ApiError | None:
         """Why this request is answered before the app sees it (and before its body is read)."""
+        if b"transfer-encoding" in headers and b"content-length" in headers:  # RFC 9112 6.1: smuggling
+            return ApiError(400, SMUGGLING, headers={"Connection": "close"})
         if self.keys and scope["path"] not in OPEN_PATHS:
             authorization = headers.get(b"authorization")
             info.key = self.keys.identify(authorization.decode("latin-1") if authorization else None)
@@ -74,30 +89,45 @@ class _Observe:
             return ApiError(413, f"the request body is larger than {self.max_body} bytes")
         return None
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"  # bounded label values
-        headers = dict(scope.get("headers") or [])
-        info = RequestInfo(request_id(headers.get(REQUEST_ID_HEADER.encode())))
-        scope[SCOPE_KEY] = info
-        context = current_request_id.set(info.request_id)  # log lines from the handlers carry it
-        id_header = (REQUEST_ID_HEADER.encode(), info.request_id.encode("ascii"))
-        status, started, received, responded = 500, time.perf_counter(), 0, False
+    def _receiver(self, receive):
+        """`receive` with the body limit and the body deadline (408, then the connection closes)."""
+        deadline = time.monotonic() + self.body_timeout_s
+        received, done = 0, False
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, done
+            if done:  # the body is in: the app listens for a disconnect, no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                message = f"the request body did not arrive within {self.body_timeout_s:g} s"
+                raise ApiError(
+                    408, message, code="request_timeout", headers={"Connection": "close"}
+                ) from None
+            done = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_body:  # FastAPI re-raises HTTPExceptions from reading the body
                 raise HTTPException(413, f"the request body is larger than {self.max_body} bytes")
             return message
 
+        return limited_receive
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        info = RequestInfo(request_id(headers.get(REQUEST_ID_HEADER.encode())))
+        scope[SCOPE_KEY] = info
+        context = current_request_id.set(info.request_id)  # log lines from the handlers carry it
+        id_header = (REQUEST_ID_HEADER.encode(), info.request_id.encode("ascii"))
+        outcome = {"status": 500, "responded": False}
+        started = time.perf_counter()
+
         async def observed_send(message) -> None:
-            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status, responded = message["status"], True
+                outcome.update(status=message["status"], responded=True)
                 message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
@@ -106,22 +136,43 @@ class _Observe:
             if error is not None:  # refused before reading a byte of the body
                 await _error_response(error, scope)(scope, receive, observed_send)
                 return
-            await self.app(scope, limited_receive, observed_send)
+            await self._call_app(scope, self._receiver(receive), observed_send, outcome)
+        finally:
+            self._record(scope, info, int(outcome["status"]), time.perf_counter() - started)
+            current_request_id.reset(context)
+
+    async def _call_app(self, scope, receive, send, outcome: dict[str, Any]) -> None:
+        """The app, its failures answered in OpenAI's error shape: never uvicorn's plain-text 500."""
+        try:
+            await self.app(scope, receive, send)
+            return
+        except ApiError as exc:  # raised by `receive` outside a route's error handlers
+            error = exc
+        except asyncio.CancelledError:  # shutdown's last resort: uvicorn cancels what still runs
+            if outcome["responded"]:
+                return  # uvicorn closes the connection of an unfinished response
+            error = ApiError(
+                503,
+                SHUTDOWN,
+                "server_error",
+                headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S), "Connection": "close"},
+            )
         except Exception as exc:  # a bug: logged with the request id, never shown to the client
             log.exception("unhandled %s: %s", type(exc).__name__, exc)
-            if responded:
+            if outcome["responded"]:
                 raise
             error = ApiError(500, "internal server error", "server_error")
-            await _error_response(error, scope)(scope, receive, observed_send)
-        finally:
-            elapsed = time.perf_counter() - started
-            labels: dict[str, str] = {"endpoint": endpoint, "status": str(status)}
-            if info.key is not None:
-                labels["key"] = info.key
-            self.metrics.requests.inc(1, **labels)
-            self.metrics.latency.observe(elapsed, endpoint=endpoint)
-            self._log(scope, info, status, elapsed)
-            current_request_id.reset(context)
+        if not outcome["responded"]:
+            await _error_response(error, scope)(scope, receive, send)
+
+    def _record(self, scope, info: RequestInfo, status: int, elapsed: float) -> None:
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"  # bounded label values
+        labels: dict[str, str] = {"endpoint": endpoint, "status": str(status)}
+        if info.key is not None:
+            labels["key"] = info.key
+        self.metrics.requests.inc(1, **labels)
+        self.metrics.latency.observe(elapsed, endpoint=endpoint)
+        self._log(scope, info, status, elapsed)
 
     @staticmethod
     def _log(scope, info: RequestInfo, status: int, elapsed: float) -> None:
@@ -194,7 +245,11 @@ def create_app(
     )
     app.state.ilf, app.state.batcher, app.state.metrics = state, state.batcher, state.metrics
     app.add_middleware(
-        _Observe, metrics=state.metrics, max_body=options.max_body_bytes, keys=options.api_keys
+        _Observe,
+        metrics=state.metrics,
+        max_body=options.max_body_bytes,
+        keys=options.api_keys,
+        body_timeout_s=options.body_timeout_s,
     )
     _add_error_handlers(app)
     add_routes(app)

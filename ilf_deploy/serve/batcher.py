@@ -12,6 +12,10 @@ Queued images are removed at once. In a running batch the rows cannot be cut out
 (the loop owns the arrays), so the batch runs on for the others and skips decoding the cancelled
 rows; when *every* image of the running batch is cancelled, `on_step` raises and the batch stops
 before the next step.
+
+Shutdown (`drain`, then `stop`): queued images fail at once with `Unavailable` (503 with
+Retry-After); the batch in the engine may finish while the server drains; `stop` ends it at its
+next step.
 """
 
 from __future__ import annotations
@@ -70,7 +74,15 @@ class EngineError(Exception):
 
 
 class Unavailable(EngineError):
-    """The engine is not running (not started, or shutting down)."""
+    """The engine is not running (not started, or shutting down): 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+SHUTDOWN = "the server is shutting down; retry on another replica or after it restarts"
+SHUTDOWN_RETRY_AFTER_S = 2
 
 
 class _Abort(Exception):
@@ -96,7 +108,8 @@ class Batcher:
         self._groups: dict[BatchKey, deque[Job]] = {}
         self._queued = 0
         self._batch_seconds = 1.0  # running mean, for Retry-After
-        self._closing = False
+        self._closing = False  # the running batch stops at its next step
+        self._draining = False  # no new work; the running batch may finish
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -106,20 +119,40 @@ class Batcher:
     # -- lifecycle (event loop) ------------------------------------------------------------------
     def start(self, warmup: tuple[str, Request] | None) -> None:
         """Start the scheduler (in the running event loop); it warms the engine up first."""
-        self._closing, self.ready, self.warmup_error = False, False, None
+        self._closing, self._draining, self.ready, self.warmup_error = False, False, False, None
         # One engine thread: segments are not called concurrently, and batching replaces concurrency.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ilf-engine")
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(warmup), name="ilf-batcher")
 
-    async def close(self) -> None:
-        self._closing = True  # a running batch stops at its next step
-        for job in [*self._running, *(job for group in self._groups.values() for job in group)]:
-            job.cancelled = "shutdown"
-            if not job.future.done():
-                job.future.set_exception(Unavailable("the server is shutting down"))
+    def drain(self) -> None:
+        """Take no new work and answer every queued image "shutting down"; the batch in the
+        engine runs on (`busy`) until it ends or `stop` is called."""
+        self._draining = True
+        self._fail([job for group in self._groups.values() for job in group])
         self._groups.clear()
         self._set_queued(0)
+
+    @property
+    def busy(self) -> bool:
+        """A batch that someone still waits for is in the engine."""
+        return any(job.cancelled is None for job in self._running)
+
+    def stop(self) -> None:
+        """Drain, and stop the running batch at its next step (its requests answered at once)."""
+        self.drain()
+        self._closing = True
+        self._fail(self._running)
+
+    @staticmethod
+    def _fail(jobs: list[Job]) -> None:
+        for job in jobs:
+            job.cancelled = job.cancelled or "shutdown"
+            if not job.future.done():
+                job.future.set_exception(Unavailable(SHUTDOWN, SHUTDOWN_RETRY_AFTER_S))
+
+    async def close(self) -> None:
+        self.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -130,8 +163,10 @@ class Batcher:
     # -- requests (event loop) -------------------------------------------------------------------
     def submit(self, jobs: list[Job]) -> None:
         """Queue all of a request's images or none of them."""
-        if self._closing or self._wakeup is None:
-            raise Unavailable("the server is shutting down" if self._closing else "the engine is not running")
+        if self._closing or self._draining:
+            raise Unavailable(SHUTDOWN, SHUTDOWN_RETRY_AFTER_S)
+        if self._wakeup is None:
+            raise Unavailable("the engine is not running")
         if self._queued + len(jobs) > self.max_queue:
             key_name = jobs[0].key_name
             self.metrics.rejected.inc(len(jobs), **({"key": key_name} if key_name else {}))

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
+import time
 import uuid
+from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -112,6 +115,29 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _value) -> None:
         pass
+
+
+class FloodFilter(logging.Filter):
+    """Lets each of `messages` (a logger's line per bad request, say) through at most once per
+    `interval_s`; the next line it lets through has a `suppressed` field counting the others."""
+
+    def __init__(self, messages: Iterable[str], interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.messages, self.interval_s = frozenset(messages), interval_s
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in self.messages:
+            return True
+        now = time.monotonic()
+        last, suppressed = self._seen.get(record.msg, (-math.inf, 0))
+        if now - last < self.interval_s:
+            self._seen[record.msg] = (last, suppressed + 1)
+            return False
+        self._seen[record.msg] = (now, 0)
+        if suppressed:
+            record.fields = {**(getattr(record, "fields", None) or {}), "suppressed": suppressed}
+        return True
 
 
 def formatter(log_format: str) -> logging.Formatter:

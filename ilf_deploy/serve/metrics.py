@@ -153,6 +153,18 @@ class ServerMetrics:
         self.engine_errors = Counter(r, "ilf_engine_errors_total", "Batches that failed in the engine.")
         self.stage_seconds = Counter(r, "ilf_stage_seconds_total", "Time spent in each bundle segment.")
         self.stage_calls = Counter(r, "ilf_stage_calls_total", "Calls of each bundle segment.")
-        self.ready = Gauge(r, "ilf_ready", "1 once the warm-up generation succeeded.")
+        self.ready = Gauge(
+            r, "ilf_ready", "1 once the warm-up generation succeeded (0 again while draining)."
+        )
+        self.open_connections = Gauge(r, "ilf_open_connections", "TCP connections open now.")
+        self.closed_connections = Counter(
+            r,
+            "ilf_closed_connections_total",
+            "Connections the server closed, by reason (header_timeout; limit: the connection cap).",
+        )
+        self.accept_errors = Counter(
+            r, "ilf_accept_errors_total", "Failed accepts, by errno (EMFILE: out of descriptors)."
+        )
         self.ready.set(0)
+        self.open_connections.set(0)
         self.queue_depth.set(0)

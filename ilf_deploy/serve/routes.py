@@ -50,6 +50,12 @@ def _busy(message: str, retry_after: int) -> ApiError:
     return ApiError(429, message, "rate_limit_error", headers={"Retry-After": str(retry_after)})
 
 
+def _unavailable(state: ServerState, exc: Unavailable) -> ApiError:
+    """503 with Retry-After; while draining, `Connection: close` too (the next request goes elsewhere)."""
+    headers = {"Retry-After": str(exc.retry_after), **({"Connection": "close"} if state.draining else {})}
+    return ApiError(503, str(exc), "server_error", headers=headers)
+
+
 def _submit(state: ServerState, key: BatchKey, requests: list[Request], info: RequestInfo) -> list[Job]:
     loop, now = asyncio.get_running_loop(), time.monotonic()
     jobs = [
@@ -64,7 +70,7 @@ def _submit(state: ServerState, key: BatchKey, requests: list[Request], info: Re
             f"the server is busy ({queued} images queued); retry after {exc.retry_after} s", exc.retry_after
         ) from None
     except Unavailable as exc:
-        raise ApiError(503, str(exc), "server_error") from None
+        raise _unavailable(state, exc) from None
     return jobs
 
 
@@ -87,7 +93,9 @@ async def _wait_for(state: ServerState, jobs: list[Job], http: HttpRequest) -> l
                 raise ApiError(504, f"the generation did not finish within {timeout_s:g} s", "timeout")
     except EngineError as exc:
         batcher.cancel(jobs, "error")  # this request's images in other batches
-        raise ApiError(503 if isinstance(exc, Unavailable) else 500, str(exc), "server_error") from None
+        if isinstance(exc, Unavailable):
+            raise _unavailable(state, exc) from None
+        raise ApiError(500, str(exc), "server_error") from None
     except asyncio.CancelledError:  # the server cancelled the handler (shutdown)
         batcher.cancel(jobs, "disconnect")
         raise
@@ -134,7 +142,10 @@ async def healthz() -> dict[str, str]:
 
 
 async def readyz(http: HttpRequest) -> JSONResponse:
-    batcher = _state(http).batcher
+    state = _state(http)
+    batcher = state.batcher
+    if state.draining:
+        return JSONResponse({"status": "shutting down"}, status_code=503, headers={"Connection": "close"})
     if batcher.ready:
         return JSONResponse({"status": "ready"})
     body = {"status": "failed", "error": batcher.warmup_error} if batcher.warmup_error else {}

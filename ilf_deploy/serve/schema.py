@@ -26,6 +26,7 @@ from ..runtime.request import (
 
 REQUEST_SCHEMA = "ImageGenerationRequest"
 MAX_USER_CHARS = 256
+NOT_JSON = "the request body is not valid JSON"
 NOT_AN_OBJECT = "the request body must be a JSON object (Content-Type: application/json)"
 
 
@@ -96,9 +97,15 @@ def parse_body(body: bytes, content_type: str | None) -> dict[str, Any]:
     if not body.strip():
         raise ApiError(400, NOT_AN_OBJECT)
     try:
-        value = json.loads(body)
-    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, nesting too deep
-        raise ApiError(400, "the request body is not valid JSON") from None
+        text = body.decode("utf-8")  # RFC 8259, 8.1: JSON between systems is UTF-8 (json.loads guesses)
+    except UnicodeDecodeError:
+        raise ApiError(400, f"{NOT_JSON} (it is not UTF-8)") from None
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ApiError(400, f"{NOT_JSON} (it is nested too deeply)") from None
+    except ValueError:  # JSONDecodeError; an integer of more than 4300 digits
+        raise ApiError(400, NOT_JSON) from None
     if not isinstance(value, dict):
         raise ApiError(400, NOT_AN_OBJECT)
     return value

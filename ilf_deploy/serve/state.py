@@ -17,9 +17,12 @@ from ..runtime.generator import Generator, Request
 from ..runtime.request import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, CheckedRequest, RequestContract
 from .auth import ApiKeys
 from .batcher import Batcher, BatchKey
+from .connections import MIN_FREE_DESCRIPTORS, default_max_connections, descriptor_limit
 from .limiter import KeyLimiter
 from .metrics import ServerMetrics
 from .schema import check_request
+
+MAX_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,11 @@ class ServeOptions:
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     max_inflight_per_key: int | None = None  # images one key may have queued or running; beyond: 429
     digest: str | None = None  # --digest: serve only the bundle with this digest
+    # The connection layer (serve/connections.py) and shutdown (serve/server.py):
+    header_timeout_s: float = 10.0  # a request's headers, from its connection or last response: 408
+    body_timeout_s: float = 30.0  # a request's body, from its headers on: 408
+    max_connections: int | None = None  # None: connections.default_max_connections (below ulimit -n)
+    drain_s: float = 10.0  # on SIGTERM, how long the batch in the engine may still run
 
     def check(self) -> None:
         if self.max_batch is not None and self.max_batch < 1:
@@ -49,6 +57,7 @@ class ServeOptions:
             raise ConfigError(f"--timeout-s must be > 0, got {self.timeout_s}")
         if not 1 <= self.max_n <= self.max_queue:
             raise ConfigError(f"--max-n must be in 1..--max-queue ({self.max_queue}), got {self.max_n}")
+        self._check_connections()
         if self.max_inflight_per_key is not None:
             if not self.api_keys:
                 raise ConfigError(
@@ -59,6 +68,25 @@ class ServeOptions:
                     f"--max-inflight-per-key must be >= --max-n ({self.max_n}), "
                     f"got {self.max_inflight_per_key}"
                 )
+
+    def _check_connections(self) -> None:
+        for flag, value in [
+            ("--header-timeout-s", self.header_timeout_s),
+            ("--body-timeout-s", self.body_timeout_s),
+        ]:
+            if not 0 < value <= MAX_TIMEOUT_S:
+                raise ConfigError(f"{flag} must be > 0 and <= {MAX_TIMEOUT_S:g}, got {value}")
+        if not 0 <= self.drain_s <= MAX_TIMEOUT_S:  # 0: stop the running batch at once
+            raise ConfigError(f"--drain-s must be in 0..{MAX_TIMEOUT_S:g}, got {self.drain_s}")
+        limit = descriptor_limit()
+        if self.max_connections is not None:
+            most = limit - MIN_FREE_DESCRIPTORS if limit is not None else None
+            if self.max_connections < 1 or (most is not None and self.max_connections > most):
+                where = f" (ulimit -n is {limit}: at most {most})" if most is not None else ""
+                raise ConfigError(f"--max-connections must be >= 1{where}, got {self.max_connections}")
+
+    def connection_limit(self) -> int:
+        return self.max_connections or default_max_connections()
 
     def batch_limit(self, bundle: Bundle) -> int:
         # ORT segments have dynamic batch axes; a bundle's max_batch matters for fixed-shape engines.
@@ -76,6 +104,7 @@ class ServerState:
     batcher: Batcher
     limiter: KeyLimiter
     max_batch: int
+    draining: bool = False  # SIGTERM: /readyz answers 503, new work 503
 
     @classmethod
     def open(
@@ -139,6 +168,12 @@ class ServerState:
         finally:
             await self.batcher.close()
             self.metrics.ready.set(0)
+
+    def begin_drain(self) -> None:
+        """Shutdown's first step: not ready, no new work, every queued image answered 503."""
+        self.draining = True
+        self.metrics.ready.set(0)
+        self.batcher.drain()
 
     def model_card(self) -> dict[str, Any]:
         """GET /v1/models' entry: the plans, sizes and every request limit."""

@@ -43,8 +43,14 @@ class Error : public std::runtime_error {
 
 // -- tensors ------------------------------------------------------------------------------------
 
-enum class DType { f32, i64 };
+/// f16: IEEE half precision, what an fp16 bundle's segments exchange (kept as numpy keeps it: the
+/// loop's arithmetic on it rounds to float16 after every operation, as numpy's float16 does).
+enum class DType { f32, i64, f16 };
 using Shape = std::vector<int64_t>;
+
+/// float32 -> float16 bits, round to nearest even (numpy's astype(float16)); and back (exact).
+uint16_t float_to_half(float value) noexcept;
+float half_to_float(uint16_t bits) noexcept;
 
 /// A dense, C-ordered host tensor. Copies share their storage (like numpy views); every operation
 /// of the runtime makes a new tensor instead of writing into an input.
@@ -66,6 +72,9 @@ class Tensor {
   const float* f32_data() const;
   int64_t* i64_data();
   const int64_t* i64_data() const;
+  uint16_t* f16_data();
+  const uint16_t* f16_data() const;
+  float value(int64_t i) const;  // element i of a float32 or float16 tensor, as float
   void* raw() noexcept { return storage_.get(); }
   const void* raw() const noexcept { return storage_.get(); }
 
@@ -81,8 +90,8 @@ class Tensor {
 
 using Feeds = std::map<std::string, Tensor>;
 
-/// .npy files (numpy format 1.0-3.0): float32/float64/int32/int64 little-endian, C order, read as
-/// float32 or int64; written as <f4 / <i8, version 1.0, as numpy.save writes them.
+/// .npy files (numpy format 1.0-3.0): float16/float32/float64/int32/int64 little-endian, C order,
+/// read as float16, float32 or int64; written as <f2 / <f4 / <i8, version 1.0, as numpy.save does.
 Tensor read_npy(const std::string& path);
 void write_npy(const std::string& path, const Tensor& tensor);
 

@@ -1,0 +1,153 @@
+"""`batch` (many images: here or on Ray Data) and `export-kuberay` (the same on Kubernetes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import command, console
+from .options import Backend, BundleDir, Digest, Variant
+
+ROWS_HELP = (
+    "One request per line, a JSON object: prompt (or class_label), seed (default 0, as `generate`), "
+    "and optionally plan, guidance_scale, negative_prompt, size (WIDTHxHEIGHT)."
+)
+ADDRESS_HELP = "Run on this Ray cluster (`auto`: the one this machine belongs to); default: this machine."
+SHIP_HELP = (
+    "Ray: copy the bundle to the nodes through the object store (default: the same path on every node)."
+)
+# `serve --server ray`'s options (cli/serve.py)
+RayAddress = Annotated[
+    str | None, typer.Option(help="--server ray: the Ray cluster (default auto: the one this machine is in).")
+]
+Replicas = Annotated[int | None, typer.Option(help="--server ray: Ray Serve replicas (default 1).")]
+Autoscale = Annotated[
+    str | None,
+    typer.Option(metavar="MIN:MAX", help="--server ray: Ray Serve's autoscaler, MIN..MAX replicas."),
+]
+ReplicaCpus = Annotated[float | None, typer.Option(help="--server ray: CPUs per replica (default 1).")]
+ShipBundle = Annotated[bool, typer.Option("--ship-bundle", help=SHIP_HELP)]
+
+
+def _progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+@command("batch")
+def batch(
+    bundle: BundleDir,
+    prompts: Annotated[Path, typer.Option(help=ROWS_HELP)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output: images/<index>.png, results.jsonl.")],
+    plan: Annotated[
+        str | None, typer.Option(help="A bundled plan for lines without one (default: first ILF plan).")
+    ] = None,
+    backend: Backend = None,
+    variant: Variant = None,
+    ray_address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
+    actors: Annotated[int, typer.Option(help="Workers: processes here, or Ray Data actors.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Rows per task handed to a worker.")] = 1,
+    actor_cpus: Annotated[float, typer.Option(help="Ray CPUs per actor (whole CPUs are safest).")] = 1.0,
+    ship_bundle: ShipBundle = False,
+    digest: Digest = None,
+) -> None:
+    """Generate one image per request line into a resumable directory (a re-run skips rows done).
+
+    Each image is the one `ilf-deploy generate` makes from the same fields, bit for bit; a refused or
+    failed line gets an error row and the others go on."""
+    from ..scale.batch import run_batch
+    from ..scale.options import BatchOptions
+
+    options = BatchOptions(
+        bundle, prompts, out, plan, backend, variant, digest, ray_address, actors, batch_size, actor_cpus,
+        ship_bundle,
+    )  # fmt: skip
+    with _progress() as bar:
+        task = bar.add_task("batch", total=None)
+        summary = run_batch(
+            options,
+            on_start=lambda total: bar.update(task, total=total),
+            on_row=lambda: bar.advance(task),
+        )
+    console.print(summary.line(out), highlight=False)
+
+
+def serve_on_ray(
+    bundle: Path,
+    options,
+    http: dict,
+    require_auth: bool,
+    logs: tuple[str, str],
+    ray: dict,
+    unused: list[str],
+) -> None:
+    """`serve --server ray`: deploy on the cluster, serve until Ctrl-C or SIGTERM, then delete the
+    application. `http`: host, port and TLS files of Ray Serve's proxies; `ray`: the cluster options."""
+    import signal
+    import time
+
+    from rich.markup import escape
+
+    from ..errors import ConfigError
+    from ..scale.serve import RayServeOptions, deploy, parse_autoscale, undeploy
+    from ..serve.auth import check_exposure
+
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise ConfigError(
+            f"{flags}: --server ray's connections are Ray Serve's proxy's, which has no such limit"
+        )
+    warning = check_exposure(
+        http["host"], options.api_keys, require_auth, http.get("ssl_keyfile") is not None
+    )
+    if warning:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    ray_options = RayServeOptions(
+        replicas=1 if ray["replicas"] is None else ray["replicas"],
+        autoscale=parse_autoscale(ray["autoscale"]),
+        replica_cpus=1.0 if ray["replica_cpus"] is None else ray["replica_cpus"],
+        ship=ray["ship_bundle"],
+        logs=logs,
+    )
+    address = ray["ray_address"] or "auto"
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as Ctrl-C: delete the app
+    digest = deploy(str(bundle), options, ray_options, address, http)
+    how = "shipped to the nodes" if ray_options.ship else "a shared path"
+    scale = (
+        f"{ray_options.autoscale[0]}..{ray_options.autoscale[1]}"
+        if ray_options.autoscale
+        else ray_options.replicas
+    )
+    console.print(
+        f"serving {bundle} ({digest}, {how}) on http://{http['host']}:{http['port']} with {scale} Ray Serve "
+        f"replica(s) on {address}; Ctrl-C stops it",
+        highlight=False,
+        soft_wrap=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        undeploy()
+        console.print("stopped: the application was deleted")

@@ -1,0 +1,77 @@
+"""`batch --ray-address`: the rows on a Ray Data actor pool; the driver writes what comes back.
+
+Each actor opens the bundle once (a shared path, or shipped: ship.py) with the driver's digest pinned,
+then makes the images of the rows it is handed, one at a time, as `generate` does (worker.py). Actors
+are spread over the nodes (`SPREAD`) and take whole CPUs by default: fractional-CPU actors can leave
+no CPU for Ray Data's own tasks. Ray Data restarts an actor lost with its node and re-runs the rows it
+had in flight; the driver writes each index once whatever comes back twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import ConfigError
+from ..runtime.bundle import Bundle
+from .cluster import cause, connect
+from .options import BatchOptions
+from .ship import SharedPath, Shipped, source
+from .worker import BatchWorker, Outcome
+
+MAX_BLOCKS = 2000  # Ray Data blocks the rows are cut into (each is one actor task)
+
+
+class BatchActor:
+    """A Ray Data callable class: one per actor, so the bundle is opened once per actor."""
+
+    def __init__(
+        self, bundle: SharedPath | Shipped, backend: str | None, variant: str | None, digest: str
+    ) -> None:
+        self.worker = BatchWorker(bundle.materialize(), backend, variant, digest)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        outcomes = self.worker.run_many([json.loads(work) for work in batch["job"]])
+        return {
+            "result": [json.dumps(result) for result, _ in outcomes],
+            "png": [png or b"" for _, png in outcomes],
+        }
+
+
+def run_on_ray(options: BatchOptions, jobs: list[dict[str, Any]], digest: str) -> Iterator[Outcome]:
+    """The outcomes of `jobs` as they finish, made by actors that refuse any bundle but `digest`."""
+    if not jobs:
+        return
+    connect(options.ray_address or "auto")
+    import ray
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.scheduling_strategy = "SPREAD"  # actors over the nodes (Ray Data's default, said here)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    bundle = Bundle.load(options.bundle, verify_hashes=False, digest=digest)
+    items = [{"job": json.dumps(work)} for work in jobs]
+    blocks = min(MAX_BLOCKS, -(-len(items) // options.batch_size))
+    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        BatchActor,
+        fn_constructor_kwargs={
+            "bundle": source(bundle, options.ship),
+            "backend": options.backend,
+            "variant": options.variant,
+            "digest": digest,
+        },
+        batch_size=options.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        num_cpus=options.actor_cpus,
+    )
+    try:
+        for item in dataset.iter_rows():
+            png = bytes(item["png"])
+            yield json.loads(item["result"]), png or None
+    except ray.exceptions.RayError as exc:
+        raise ConfigError(f"the Ray batch failed: {cause(exc)}") from None

@@ -1,0 +1,296 @@
+"""`serve --server ray`: the same HTTP API on a Ray Serve deployment of N replicas.
+
+Every replica runs `serve`'s own FastAPI app (`serve.create_app`: routes, the request contract, API
+keys, request ids, `/readyz`, `/metrics`, the access log) over the bundle, opened with its digest
+pinned and every file's hash checked, so a replica over any other bundle fails to start. The one
+change: images are batched by Ray Serve's `@serve.batch` (`RayServeBatcher`), not by our scheduler;
+the engine side (warm-up, one engine thread, cancellation, the batch log line and metrics) is our
+Batcher's. A replica warms up in its constructor, so Ray routes to it only once it can answer.
+
+The bundle reaches the nodes by a shared path or shipped through the object store (ship.py).
+`app_builder` is the import path KubeRay's RayService (and `serve run`) deploys from
+(`ilf_deploy.scale.serve:app_builder`). `/metrics` and `/readyz` are those of the replica that
+answers; Ray Serve's own metrics (`ray_serve_*`) cover the deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ray import serve
+
+from ..errors import ConfigError
+from ..runtime.bundle import Bundle
+from ..serve.app import create_app
+from ..serve.batcher import Batcher, BatchKey, EngineError, Job
+from ..serve.state import ServeOptions
+from .cluster import cause, connect
+from .ship import SharedPath, Shipped, source
+
+APP = "ilf"  # the Serve application's name
+REPLICA_HEADER = "X-Ilf-Replica"  # which replica answered (its id @ its node's id)
+log = logging.getLogger("ilf_deploy.serve")
+
+
+class RayServeBatcher(Batcher):
+    """Our Batcher with Ray Serve's `@serve.batch` as its scheduler: a request's images wait in the
+    Batcher's queues (so the queue limit, cancellation and shutdown work as in `serve`), and each
+    batch Ray Serve forms runs as one engine call per (plan, size, guided) group in it."""
+
+    @classmethod
+    def replacing(cls, batcher: Batcher) -> RayServeBatcher:
+        return cls(
+            batcher.generator,
+            batcher.plans,
+            batcher.metrics,
+            batcher.max_batch,
+            batcher.max_wait_s,
+            batcher.max_queue,
+            batcher.engine_context,
+        )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batched.set_max_batch_size(self.max_batch)
+        self._batched.set_batch_wait_timeout_s(self.max_wait_s)
+        self._tasks: set[asyncio.Task] = set()
+
+    def warm_up(self, warmup: tuple[str, Any] | None) -> None:
+        """One generation now, in the replica's constructor (a failure fails the replica)."""
+        if warmup is not None:
+            started = time.perf_counter()
+            self._warmup(*warmup)
+            elapsed = round(time.perf_counter() - started, 4)
+            log.info("ready: warm-up generation done", extra={"fields": {"engine_s": elapsed}})
+        self.ready, self.warmup_error = True, None
+        self.metrics.ready.set(1)
+
+    def start(self, warmup: tuple[str, Any] | None) -> None:
+        """Accept images from now on (the app's lifespan); warm up first unless done already."""
+        self._closing = self._draining = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ilf-engine")
+        self._wakeup = asyncio.Event()  # Batcher.submit refuses work until this exists
+        if not self.ready:
+            self._task = asyncio.get_running_loop().create_task(self._warm(warmup), name="ilf-warmup")
+
+    async def _warm(self, warmup: tuple[str, Any] | None) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.warm_up, warmup)
+        except Exception as exc:  # stay up, not ready: /readyz and the health check say why
+            log.error("warm-up generation failed: %s", exc)
+            self.warmup_error = f"{type(exc).__name__}: {exc}"
+
+    def submit(self, jobs: list[Job]) -> None:
+        super().submit(jobs)  # the queue limit (429) and the per-key queues
+        loop = asyncio.get_running_loop()
+        for job in jobs:
+            task = loop.create_task(self._through_ray(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _through_ray(self, job: Job) -> None:
+        try:
+            await self._batched(job)
+        except Exception as exc:
+            if not job.future.done():
+                job.future.set_exception(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+
+    async def close(self) -> None:
+        await super().close()  # fails every queued and running image: the server is shutting down
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _take(self, jobs: list[Job]) -> dict[BatchKey, list[Job]]:
+        """This batch's images still queued (not cancelled meanwhile), out of the queues, by key."""
+        groups: dict[BatchKey, list[Job]] = defaultdict(list)
+        for job in jobs:
+            queue = self._groups.get(job.key)
+            if queue is not None and job in queue:
+                queue.remove(job)
+                groups[job.key].append(job)
+        self._set_queued(self._queued - sum(len(g) for g in groups.values()))
+        now = time.monotonic()
+        for group in groups.values():
+            self._batches += 1
+            for job in group:
+                job.state, job.started, job.batch = "running", now, self._batches
+                self.metrics.queue_wait.observe(now - job.enqueued)
+        return groups
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # set per server in __init__
+    async def _batched(self, jobs: list[Job]) -> list[None]:
+        """One Ray Serve batch: one engine call per group, on the engine thread."""
+        loop = asyncio.get_running_loop()
+        for key, group in self._take(jobs).items():
+            self._running = group
+            started = time.perf_counter()
+            results = await loop.run_in_executor(self._executor, self._run_batch, key, group)
+            self._running = []
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
+            for job, result in results:
+                job.state = "done"
+                if job.future.done():  # cancelled meanwhile
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+        return [None] * len(jobs)
+
+
+class _ReplicaHeader:
+    """ASGI middleware: every response says which replica (and node) answered."""
+
+    def __init__(self, app: Any, value: str) -> None:
+        self.app, self.header = app, (REPLICA_HEADER.lower().encode(), value.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def tagged(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged if scope["type"] == "http" else send)
+
+
+@serve.ingress()
+class IlfReplica:
+    """One replica: `serve`'s app over this node's copy of the bundle, warmed up before it is used."""
+
+    def __init__(self, bundle: SharedPath | Shipped, options: ServeOptions, logs: tuple[str, str]) -> None:
+        import ray
+
+        from ..serve.logs import configure_logging
+
+        configure_logging(logs[0], logging.getLevelName(logs[1].upper()))
+        path = bundle.materialize()
+        self.app = create_app(path, options)  # the engine: every file's hash and the digest checked
+        state = self.app.state.ilf
+        self.batcher = RayServeBatcher.replacing(state.batcher)
+        state.batcher = self.app.state.batcher = self.batcher
+        self.batcher.warm_up(state.warmup_request())
+        context = serve.get_replica_context()
+        node = ray.get_runtime_context().get_node_id()
+        self.app.add_middleware(_ReplicaHeader, value=f"{context.replica_id.unique_id}@{node}")
+        log.info("replica ready: %s (%s, %s)", path, bundle.how, state.bundle.digest)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self.app
+
+    def check_health(self) -> None:
+        if self.batcher.warmup_error:
+            raise RuntimeError(self.batcher.warmup_error)
+
+
+@dataclass(frozen=True)
+class RayServeOptions:
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas: Ray Serve's autoscaler
+    replica_cpus: float = 1.0
+    ship: bool = False  # the bundle through the object store (default: a shared path)
+    logs: tuple[str, str] = ("human", "info")  # the replicas' --log-format and --log-level
+
+    def check(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"--replicas must be >= 1, got {self.replicas}")
+        if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] >= 1:
+            raise ConfigError(f"--autoscale MIN:MAX needs 0 <= MIN <= MAX, MAX >= 1, got {self.autoscale}")
+        if not self.replica_cpus > 0:
+            raise ConfigError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
+
+
+def parse_autoscale(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--autoscale must be MIN:MAX (e.g. 1:4), got {text!r}") from None
+    return low, high
+
+
+def deployment_options(options: ServeOptions, ray_options: RayServeOptions) -> dict[str, Any]:
+    """Ray Serve's options for the deployment: replicas (or the autoscaler), CPUs, concurrency."""
+    batch = options.max_batch or 8
+    deployment: dict[str, Any] = {
+        "name": APP,
+        "ray_actor_options": {"num_cpus": ray_options.replica_cpus},
+        # a replica takes every request its own queue can hold; beyond that it answers 429 itself
+        "max_ongoing_requests": options.max_queue + batch,
+    }
+    if ray_options.autoscale is not None:
+        low, high = ray_options.autoscale
+        target = {"target_ongoing_requests": batch}  # a full batch per replica: add one
+        deployment["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, **target}
+    else:
+        deployment["num_replicas"] = ray_options.replicas
+    return deployment
+
+
+def application(bundle: SharedPath | Shipped, options: ServeOptions, ray_options: RayServeOptions) -> Any:
+    """The Serve application: IlfReplica over `bundle`, `options.digest` pinned on every replica."""
+    ray_options.check()
+    options.check()
+    assert options.digest is not None, "pin the digest: every replica must serve the same bundle"
+    deployment = serve.deployment(IlfReplica).options(**deployment_options(options, ray_options))
+    return deployment.bind(bundle, options, ray_options.logs)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For `import_path: ilf_deploy.scale.serve:app_builder` (KubeRay's serveConfigV2, `serve run`).
+
+    `args`: `bundle` (a path on every node) and optionally `digest` (default: the bundle's as this
+    process reads it), `backend`, `max_batch`, `max_wait_ms`, `max_queue`, `timeout_s`, `max_n`,
+    `default_plan`, `replicas`, `autoscale` ("MIN:MAX"), `replica_cpus`. API keys come from the
+    ILF_API_KEYS environment variable of the process that builds the application."""
+    from ..serve.auth import ENV_VAR, load_keys
+
+    args = dict(args)
+    path = str(args.pop("bundle"))
+    bundle = Bundle.load(path, digest=args.pop("digest", None))
+    ray_options = RayServeOptions(
+        replicas=int(args.pop("replicas", 1)),
+        autoscale=parse_autoscale(args.pop("autoscale", None)),
+        replica_cpus=float(args.pop("replica_cpus", 1.0)),
+    )
+    numbers = {"max_batch": int, "max_wait_ms": float, "max_queue": int, "timeout_s": float, "max_n": int}
+    fields = {name: numbers[name](value) if name in numbers else value for name, value in args.items()}
+    try:
+        options = ServeOptions(
+            **fields, digest=bundle.digest, api_keys=load_keys(None, os.environ.get(ENV_VAR))
+        )
+    except TypeError as exc:
+        raise ConfigError(f"app_builder: {exc}") from None
+    return application(SharedPath(path), options, ray_options)
+
+
+def deploy(
+    bundle_path: str, options: ServeOptions, ray_options: RayServeOptions, address: str, http: dict
+) -> str:
+    """Deploy the bundle on the cluster at `address` (Serve's proxies listen with `http`); returns
+    the bundle's digest, which every replica has pinned. The application stays until `undeploy`."""
+    bundle = Bundle.load(bundle_path, digest=options.digest)  # every file's hash, and the pin
+    options = replace(options, digest=bundle.digest)
+    ray_options.check()
+    options.check()
+    ray = connect(address)
+    serve.start(http_options=http)
+    app = application(source(bundle, ray_options.ship), options, ray_options)
+    try:
+        serve.run(app, name=APP, route_prefix="/")
+    except (RuntimeError, ray.exceptions.RayError) as exc:
+        undeploy()
+        raise ConfigError(f"Ray Serve could not deploy {bundle_path}: {cause(exc)}") from None
+    return bundle.digest
+
+
+def undeploy() -> None:
+    """Delete the application (Serve itself, and other applications, stay)."""
+    serve.delete(APP)
