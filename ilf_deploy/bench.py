@@ -16,7 +16,7 @@ from .runtime.generator import Generator, Request
 class PlanResult:
     plan: str
     steps: int
-    block_forwards: int
+    block_forwards: int  # as run: an adaptive plan's are decided at run time
     latencies: list[float]  # seconds, end to end (text encoder .. VAE decode), one per measured run
     stages: dict[str, tuple[int, float]] = field(default_factory=dict)  # stage -> (calls, median seconds)
 
@@ -51,6 +51,7 @@ def bench_plans(
     timings = getattr(generator.segments, "timings", None)  # every backend records its stage times
     latencies: dict[str, list[float]] = {plan.name: [] for plan in plans}
     per_run: dict[str, list[dict[str, tuple[int, float]]]] = {plan.name: [] for plan in plans}
+    ran = {plan.name: plan.block_forwards for plan in plans}  # as run (an adaptive plan decides)
     for index in range(warmup + runs):
         for plan in plans:
             if progress:
@@ -62,6 +63,7 @@ def bench_plans(
             generated = time.perf_counter()
             generator.decode(latents)
             end = time.perf_counter()
+            ran[plan.name] = (generator.last_block_forwards or [plan.block_forwards])[0]
             if index < warmup:
                 continue
             latencies[plan.name].append(end - start)
@@ -77,7 +79,7 @@ def bench_plans(
         names = runs_stages[0].keys() if runs_stages else []
         stages = {n: (runs_stages[0][n][0], statistics.median(r[n][1] for r in runs_stages)) for n in names}
         results.append(
-            PlanResult(plan.name, plan.num_steps, plan.block_forwards, latencies[plan.name], stages)
+            PlanResult(plan.name, plan.num_steps, ran[plan.name], latencies[plan.name], stages)
         )
     return results
 

@@ -197,6 +197,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 class Generated:
     image: np.ndarray  # uint8 (H, W, 3)
     latents: np.ndarray | None = None  # final latents (C, h, w), for latent fidelity
+    block_forwards: int | None = None  # that ran for this image (adaptive plans decide at run time)
+
+
+def _generated(gen: Any, latents: Any) -> list[Generated]:
+    """A generator's last batch as `Generated`, with the block forwards each image ran."""
+    images, host = gen.decode(latents), gen.latents_to_numpy(latents)
+    ran = list(gen.last_block_forwards) or [None] * len(images)
+    return [Generated(image, lat, count) for image, lat, count in zip(images, host, ran)]
 
 
 @dataclass
@@ -233,9 +241,7 @@ def torch_backend(
             Request(prompt=p, negative_prompt=negative_prompt, guidance_scale=guidance_scale, seed=s)
             for p, s in zip(prompts, seeds)
         ]
-        latents = gen.generate_batch(plan, requests)
-        images = gen.decode(latents)
-        return [Generated(image, lat) for image, lat in zip(images, gen.latents_to_numpy(latents))]
+        return _generated(gen, gen.generate_batch(plan, requests))
 
     info = {
         "model": str(model.source),
@@ -268,14 +274,26 @@ def bundle_backend(
             Request(prompt=p, negative_prompt=negative_prompt, guidance_scale=guidance_scale, seed=s)
             for p, s in zip(prompts, seeds)
         ]
-        latents = gen.generate_batch(plan, requests)
-        host = gen.latents_to_numpy(latents)
-        return [Generated(image, lat) for image, lat in zip(gen.decode(latents), host)]
+        return _generated(gen, gen.generate_batch(plan, requests))
 
     guidance = gen.resolve(Request(guidance_scale=guidance_scale)).guidance_scale
     info = {"bundle": str(bundle_dir), "guidance_scale": guidance, "variant": gen.variant}
-    plans = Bundle.load(bundle_dir, verify_hashes=False).plan  # open_generator checked the hashes
-    return EvalBackend(gen.backend, plans, generate, info, gen.choice)
+    bundle = Bundle.load(bundle_dir, verify_hashes=False)  # open_generator checked the hashes
+    return EvalBackend(gen.backend, lambda spec: bundle_plan(bundle, spec, info), generate, info, gen.choice)
+
+
+def bundle_plan(bundle: Bundle, spec: str, info: dict[str, Any] | None = None) -> StepPlan:
+    """A bundled plan, a plan file, a preset the bundle's segments cover, or `auto` (the plan
+    `tune --search-plans` chose here, else the default plan; `info["auto_plan"]` says which)."""
+    from .backends.auto import choose_plan
+    from .tuning import resolve_bundle_plan
+
+    if spec != "auto":
+        return resolve_bundle_plan(bundle, spec)
+    choice = choose_plan(bundle)
+    if info is not None:
+        info["auto_plan"] = choice.reason
+    return choice.plan or bundle.plan(bundle.default_plan)
 
 
 # -- the evaluation ------------------------------------------------------------------------------
@@ -295,6 +313,8 @@ class PlanResult:
     all_right: list[int] = field(default_factory=list, repr=False)  # per prompt, for paired statistics
     delta_all: float | None = None  # `all` accuracy minus the paired plan's, same prompts and seeds
     delta_all_se: float | None = None
+    name: str = ""  # the plan's own name, where `plan` (the spec asked for) differs: auto, a file
+    block_forwards_ran: float | None = None  # mean per image as run (an adaptive plan's <= the most)
 
 
 @dataclass
@@ -349,6 +369,24 @@ def _fidelity_to_reference(result: PlanResult, got: list[Generated], ref: list[G
         )
 
 
+def _plan_result(
+    spec: str, plans: dict[str, StepPlan], reference: str, got: list[Generated], seconds: float
+) -> PlanResult:
+    """A plan's row before scoring: its block forwards (planned, and as run) and time."""
+    plan = plans[spec]
+    ran = [g.block_forwards for g in got if g.block_forwards is not None]
+    return PlanResult(
+        plan=spec,
+        block_forwards=plan.block_forwards,
+        speedup=plans[reference].block_forwards / (float(np.mean(ran)) if ran else plan.block_forwards),
+        seconds_per_image=seconds,
+        accuracy={},
+        frechet=float("nan"),
+        name=plan.name,
+        block_forwards_ran=float(np.mean(ran)) if ran else None,
+    )
+
+
 def evaluate(
     backend: EvalBackend,
     plans: Sequence[str],
@@ -394,16 +432,13 @@ def evaluate(
     results = []
     for spec in plans:
         feats, preds = scored[spec]
-        right = all_right(preds, samples)
-        result = PlanResult(
-            plan=spec,
-            block_forwards=plan_objs[spec].block_forwards,
-            speedup=plan_objs[reference].block_forwards / plan_objs[spec].block_forwards,
-            seconds_per_image=seconds[spec],
-            accuracy=attribute_accuracy(preds, samples),
-            frechet=frechet_distance(feats, real_feats),
-            all_right=right.astype(int).tolist(),
+        result = _plan_result(spec, plan_objs, reference, outputs[spec], seconds[spec])
+        result.accuracy, result.frechet = (
+            attribute_accuracy(preds, samples),
+            frechet_distance(feats, real_feats),
         )
+        right = all_right(preds, samples)
+        result.all_right = right.astype(int).tolist()
         if spec != paired_with:
             result.delta_all, result.delta_all_se = paired_difference(right, paired)
         if spec != reference:
@@ -422,6 +457,48 @@ def evaluate(
     )
 
 
+def plan_quality(
+    bundle_dir: str | Path,
+    backend: str = "auto",
+    batch_size: int = 16,
+    classifier: AttributeClassifier | None = None,
+    on_samples: Callable[[str, int], None] | None = None,
+) -> Callable[[dict[str, StepPlan], str, int, int], dict[str, dict[str, float]]]:
+    """`eval` as the plan search's quality measure (tuning.QualityFn): every candidate on prompts
+    first..first+count-1, paired against the reference plan, on `backend` (auto: tune's winner)."""
+    runner = bundle_backend(bundle_dir, backend=backend)
+
+    def measure(
+        plans: dict[str, StepPlan], reference: str, first: int, count: int
+    ) -> dict[str, dict[str, float]]:
+        report = evaluate(
+            EvalBackend(runner.name, plans.__getitem__, runner.generate, runner.info),
+            list(plans),
+            n=count,
+            reference=reference,
+            paired_with=reference,
+            offset=first,
+            batch_size=batch_size,
+            classifier=classifier,
+            on_samples=on_samples,
+        )
+        return {
+            r.plan: {
+                "acc": r.accuracy["all"],
+                "delta_acc": r.delta_all or 0.0,
+                "delta_acc_se": r.delta_all_se or 0.0,
+                "frechet": r.frechet,
+                "latent_l2": r.latent_rel_l2 or 0.0,
+                "block_forwards": r.block_forwards_ran
+                if r.block_forwards_ran is not None
+                else r.block_forwards,
+            }
+            for r in report.results
+        }
+
+    return measure
+
+
 def format_table(report: EvalReport) -> list[list[str]]:
     """Rows (header first) for printing: one per plan."""
     header = [
@@ -438,10 +515,13 @@ def format_table(report: EvalReport) -> list[list[str]]:
     ]
     rows = [header]
     for r in report.results:
+        ran = r.block_forwards_ran
         rows.append(
             [
-                r.plan,
-                str(r.block_forwards),
+                r.plan if r.name in ("", r.plan) else f"{r.plan} = {r.name}",
+                str(r.block_forwards)
+                if ran in (None, r.block_forwards)
+                else f"{ran:.1f} (≤{r.block_forwards})",
                 f"{r.speedup:.2f}x",
                 f"{r.seconds_per_image:#.3g}",  # 3 significant digits: GPUs take milliseconds
                 f"{r.accuracy['all']:.3f} ± {r.accuracy['all_se']:.3f}",

@@ -32,7 +32,6 @@ from .backends import REGISTRY, open_bundle_generator
 from .backends.auto import (
     FALLBACK_BACKEND,
     TUNING_FILE,
-    TUNING_SCHEMA,
     bundle_digest,
     engine_label,
 )
@@ -163,7 +162,7 @@ def tune(
     reference_ms = found[0].ms_per_step
     winner = pick_winner(found)
     report = {
-        "schema": TUNING_SCHEMA,
+        "schema": 1,  # 2 adds the plan search (search_plans); without one, the oldest that says it
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fingerprint(),
         "bundle_digest": bundle_digest(bundle),
@@ -237,3 +236,326 @@ def _time_rounds(
             start = time.perf_counter()
             generator.latents_to_numpy(generator.generate_latents(timed, request))
             found[index].times.append((time.perf_counter() - start) / timed.num_steps)
+
+
+# -- plan search (`tune --search-plans`) ----------------------------------------------------------
+
+SEARCH_OFFSET = 100_000  # the tuning prompts start here (the dev range; README "Evaluation")
+REPORTING_OFFSET = 200_000  # the reporting prompts start here: a search never reads them
+PLAN_SEARCH_PLOT = "plan_search.png"  # beside tuning.json in the bundle; not a manifest file
+
+
+@dataclass(frozen=True)
+class QualityBudget:
+    """How much worse than the reference plan a candidate may be, on the tuning prompts.
+
+    `acc`: the most drop of paired all-attribute accuracy (a number, or "se": one paired standard
+    error of the candidate's own difference); `frechet`: the most rise of the Fréchet distance;
+    `latent_l2`: the most mean relative L2 of the final latents to the reference's. None: no limit."""
+
+    acc: float | str | None = "se"
+    frechet: float | None = 2.0
+    latent_l2: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> QualityBudget:
+        """'acc=se,frechet=2,l2=0.2' (any subset; 'none' lifts a limit; unnamed ones keep the default)."""
+        limits: dict[str, Any] = {}
+        names = {"acc": "acc", "frechet": "frechet", "l2": "latent_l2"}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, _, value = part.partition("=")
+            if name.strip() not in names or not value.strip():
+                raise ConfigError(
+                    f"--quality-budget {text!r}: expected acc=VALUE|se, frechet=VALUE, l2=VALUE"
+                )
+            value = value.strip().lower()
+            try:
+                limit = (
+                    None if value == "none" else value if value == "se" and name == "acc" else float(value)
+                )
+            except ValueError:
+                raise ConfigError(f"--quality-budget {part!r}: {value!r} is not a number") from None
+            if isinstance(limit, float) and not 0 <= limit < float("inf"):
+                raise ConfigError(f"--quality-budget {part!r}: a limit must be >= 0")
+            limits[names[name.strip()]] = limit
+        return cls(**limits)
+
+    @property
+    def text(self) -> str:
+        parts = [f"Δacc >= -{'1 se' if self.acc == 'se' else self.acc}" if self.acc is not None else ""]
+        parts += [f"Fréchet <= reference + {self.frechet:g}" if self.frechet is not None else ""]
+        parts += [f"latent rel L2 <= {self.latent_l2:g}" if self.latent_l2 is not None else ""]
+        return ", ".join(p for p in parts if p) or "no limit"
+
+    def miss(self, quality: dict[str, float], reference: dict[str, float]) -> str | None:
+        """Why `quality` (a `QualityFn` row) is outside the budget, or None when it is inside."""
+        if self.acc is not None:
+            allowed = quality["delta_acc_se"] if self.acc == "se" else float(self.acc)
+            if quality["delta_acc"] < -allowed:
+                return f"Δacc {quality['delta_acc']:+.3f} < -{allowed:.3f}"
+        if self.frechet is not None and quality["frechet"] > reference["frechet"] + self.frechet:
+            return f"Fréchet {quality['frechet']:.2f} > {reference['frechet']:.2f} + {self.frechet:g}"
+        if self.latent_l2 is not None and quality["latent_l2"] > self.latent_l2:
+            return f"latent rel L2 {quality['latent_l2']:.3f} > {self.latent_l2:g}"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"acc": self.acc, "frechet": self.frechet, "latent_l2": self.latent_l2, "text": self.text}
+
+
+# (candidate plans by name, the reference's name, first prompt, prompts) -> per name: delta_acc,
+# delta_acc_se, frechet, latent_l2, acc, block_forwards (the mean that ran); the real one is
+# evaluation.plan_quality (`eval` on those prompts, paired against the reference).
+QualityFn = Callable[[dict[str, StepPlan], str, int, int], dict[str, dict[str, float]]]
+
+
+def bundle_plan_facts(bundle: Bundle) -> tuple[int, dict[str, Any], tuple[int, int] | None, str]:
+    """(blocks, scheduler config, feedback loop, t_post rule of its ILF plans) to build plans with."""
+    rules = [bundle.plan(name).settings.get("t_post") for name in bundle.plan_names if name.startswith("ilf")]
+    t_post = next((r for r in rules if isinstance(r, str)), "rescale")
+    return bundle.model.num_blocks, dict(bundle.manifest.scheduler), bundle.loop, t_post
+
+
+def resolve_bundle_plan(bundle: Bundle, spec: str) -> StepPlan:
+    """A bundled plan, a plan file, or a preset built for this bundle, where its segments allow."""
+    from .plan import resolve_plan
+
+    if spec in bundle.plan_names or spec.endswith(".json"):
+        return bundle.plan(spec)
+    blocks, scheduler, loop, t_post = bundle_plan_facts(bundle)
+    plan = resolve_plan(spec, blocks, scheduler, loop, t_post)
+    missing = sorted(set(plan.cut_points) - set(bundle.manifest.cut_points))
+    if missing:
+        raise ConfigError(
+            f"plan {plan.name!r} cuts the model at block(s) {missing} where this bundle has no segment "
+            f"boundary (it has {list(bundle.manifest.cut_points)}); rebuild it with the plan in --plans"
+        )
+    if plan.feedback_steps and bundle.loop is None:
+        raise ConfigError(f"plan {plan.name!r} needs a feedback module; this bundle has none")
+    return plan
+
+
+def cache_ranges(bundle: Bundle) -> list[tuple[int, int]]:
+    """The block ranges the bundle's own plans cache, and its ILF loop: ranges its segments cover."""
+    ranges = {
+        (op.start, op.end)
+        for name in bundle.plan_names
+        for step in bundle.plan(name).steps
+        for op in step.ops
+        if op.kind in ("cache_refresh", "cache_reuse", "cache_adaptive")
+    }
+    if bundle.loop is not None:
+        ranges.add(tuple(bundle.loop))  # type: ignore[arg-type]
+    return sorted(ranges)
+
+
+def plan_candidates(
+    bundle: Bundle,
+    steps: list[int] | None = None,
+    refresh: tuple[int, ...] = (2, 3),
+    thresholds: tuple[float, ...] = (0.1, 0.2, 0.3),
+    max_reuse: int = 2,
+) -> dict[str, StepPlan]:
+    """The bundle's plans, and each ILF plan's step count (or `steps`) composed with a Δ-cache over
+    each of `cache_ranges` (refreshed every k-th step, or adaptive at each threshold): every one
+    within the bundle's cut points."""
+    from .plan import CacheSpec, preset_name
+
+    found = {name: bundle.plan(name) for name in bundle.plan_names}
+    counts = steps or sorted({p.num_steps for p in found.values() if p.feedback_steps})
+    specs = [CacheSpec(a, b, "cache", k) for a, b in cache_ranges(bundle) for k in refresh]
+    specs += [
+        CacheSpec(a, b, "cache", threshold=t, max_reuse=max_reuse)
+        for a, b in cache_ranges(bundle)
+        for t in thresholds
+    ]
+    for count in counts:
+        for spec in specs:
+            name = preset_name(count, bundle.loop is not None, spec)
+            try:
+                found.setdefault(name, resolve_bundle_plan(bundle, name))
+            except ConfigError:  # e.g. a cached range that cuts the loop in part
+                continue
+    return found
+
+
+def check_tuning_prompts(first: int, count: int) -> tuple[int, int]:
+    """Tuning prompts first..first+count-1: at least 2, and never the reporting prompts."""
+    if first < 0 or count < 2 or first + count > REPORTING_OFFSET:
+        raise ConfigError(
+            f"tuning prompts {first}..{first + count - 1} must be 2 or more and end before the "
+            f"reporting prompts ({REPORTING_OFFSET} on)"
+        )
+    return first, count
+
+
+def search_plans(
+    bundle_path: str | Path,
+    quality: QualityFn,
+    budget: QualityBudget | None = None,
+    reference: str | None = None,
+    prompts: tuple[int, int] = (SEARCH_OFFSET, 128),
+    candidates: dict[str, StepPlan] | None = None,
+    rounds: int = 3,
+    progress: Callable[[str], None] | None = None,
+    plot: Path | None = None,
+) -> dict[str, Any]:
+    """Measure every candidate plan's quality (`quality`, on the tuning prompts `prompts` = (first,
+    count), never the reporting ones) and time (batch 1 on the engine `--backend auto` runs here),
+    then record in BUNDLE/tuning.json (schema 2; `tune` has written it) the fastest plan within
+    `budget` of `reference` (the bundle's default plan), which `--plan auto` then runs. Returns the
+    `plan_search` section; also draws the Pareto plot (default BUNDLE/plan_search.png)."""
+    from .backends.auto import read_tuning
+
+    budget = budget or QualityBudget()
+    first, count = check_tuning_prompts(*prompts)
+    bundle = Bundle.load(bundle_path)
+    data = read_tuning(bundle)
+    if not data or data.get("bundle_digest") != bundle_digest(bundle):
+        raise ConfigError(
+            f"run `ilf-deploy tune {bundle.path}` first: the plan search times plans on its winner"
+        )
+    found = dict(candidates or plan_candidates(bundle))
+    reference = reference or bundle.default_plan
+    found.setdefault(reference, resolve_bundle_plan(bundle, reference))
+    if progress:
+        progress(f"quality of {len(found)} plans on prompts {first}..{first + count - 1}")
+    measured = quality(found, reference, first, count)
+    seconds, engine = _time_plans(bundle, found, first, rounds, progress)
+    rows = _search_rows(found, measured, seconds, budget, reference)
+    chosen = min((r for r in rows if r["ok"]), key=lambda r: (r["seconds_per_image"], r["block_forwards"]))
+    chosen["chosen"] = True
+    search = {
+        "reference": reference,
+        "budget": budget.to_dict(),
+        "prompts": {"offset": first, "n": count},
+        "engine": engine,
+        "rounds": max(rounds, 1),
+        "candidates": rows,
+        "chosen": {
+            **{k: chosen[k] for k in ("name", "seconds_per_image")},
+            "plan": found[chosen["name"]].to_dict(),
+        },
+    }
+    report = {**data, "schema": 2, "plan_search": search}
+    write_atomic(
+        bundle.path / TUNING_FILE,
+        (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode(),
+    )
+    pareto_plot(rows, plot or bundle.path / PLAN_SEARCH_PLOT, f"{bundle.path.name}: {engine}, {budget.text}")
+    return search
+
+
+def _time_plans(
+    bundle: Bundle,
+    plans: dict[str, StepPlan],
+    first: int,
+    rounds: int,
+    progress: Callable[[str], None] | None,
+) -> tuple[dict[str, float], str]:
+    """Median seconds per image (batch 1, two tuning prompts, latents only) of every plan, round-robin
+    on `--backend auto`'s engine; and that engine's label."""
+    from .backends.auto import AUTO
+    from .data import EVAL_SEED, make_batch
+
+    generator = open_bundle_generator(bundle, AUTO)
+    requests = [
+        Request(prompt=s.caption(0), seed=first + i)
+        for i, s in enumerate(make_batch(range(first, first + 2), EVAL_SEED).samples)
+    ]
+    names = list(plans)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    generator.latents_to_numpy(generator.generate_latents(plans[names[0]], requests[0]))  # warm-up
+    for index in range(max(rounds, 1)):
+        if progress:
+            progress(f"timing plans, round {index + 1} of {rounds}")
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            start = time.perf_counter()
+            for request in requests:
+                generator.latents_to_numpy(generator.generate_latents(plans[name], request))
+            times[name].append((time.perf_counter() - start) / len(requests))
+    engine = engine_label(generator.backend, generator.variant, {})
+    return {name: statistics.median(t) for name, t in times.items()}, engine
+
+
+def _search_rows(
+    plans: dict[str, StepPlan],
+    measured: dict[str, dict[str, float]],
+    seconds: dict[str, float],
+    budget: QualityBudget,
+    reference: str,
+) -> list[dict[str, Any]]:
+    """One row per plan: block forwards, seconds, quality, inside the budget or why not, Pareto."""
+    rows = []
+    for name, plan in plans.items():
+        miss = None if name == reference else budget.miss(measured[name], measured[reference])
+        rows.append(
+            {
+                "name": name,
+                "block_forwards": plan.block_forwards,
+                "block_forwards_ran": measured[name]["block_forwards"],
+                "adaptive": plan.adaptive,
+                "seconds_per_image": seconds[name],
+                **{
+                    k: measured[name][k] for k in ("acc", "delta_acc", "delta_acc_se", "frechet", "latent_l2")
+                },
+                "ok": miss is None,
+                "miss": miss,
+                "pareto": False,
+                "chosen": False,
+            }
+        )
+    for row in rows:  # not dominated: nothing at least as fast, as accurate and as realistic, and better
+        row["pareto"] = not any(_dominates(other, row) for other in rows)
+    return rows
+
+
+def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    at_least = (
+        a["seconds_per_image"] <= b["seconds_per_image"]
+        and a["delta_acc"] >= b["delta_acc"]
+        and a["frechet"] <= b["frechet"]
+    )
+    better = (
+        a["seconds_per_image"] < b["seconds_per_image"]
+        or a["delta_acc"] > b["delta_acc"]
+        or a["frechet"] < b["frechet"]
+    )
+    return at_least and better
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Seconds per image (x) against Δ acc all vs the reference (y, ± its paired standard error):
+    green inside the budget, red outside, a ring on the Pareto front, the chosen plan in bold; drawn
+    with Pillow (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    width, height, pad = 900, 560, 70
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    xs = [r["seconds_per_image"] for r in rows]
+    ys = [r["delta_acc"] + s * r["delta_acc_se"] for r in rows for s in (-1, 1)]
+    x0, x1 = min(xs) * 0.95, max(xs) * 1.05
+    y0, y1 = min(*ys, 0.0) - 0.01, max(*ys, 0.0) + 0.01
+    px = lambda x: pad + (width - 2 * pad) * (x - x0) / max(x1 - x0, 1e-12)  # noqa: E731
+    py = lambda y: height - pad - (height - 2 * pad) * (y - y0) / max(y1 - y0, 1e-12)  # noqa: E731
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    draw.line([pad, py(0.0), width - pad, py(0.0)], fill=(160, 160, 160))
+    draw.text((pad, 20), title, fill="black")
+    draw.text((width // 2 - 60, height - 30), "seconds per image (batch 1)", fill="black")
+    draw.text((8, pad - 20), "Δ acc all vs reference", fill="black")
+    for value, y in ((y0, height - pad), (y1, pad)):
+        draw.text((8, y - 6), f"{value:+.3f}", fill="black")
+    for value, x in ((x0, pad), (x1, width - pad)):
+        draw.text((x - 20, height - pad + 6), f"{value:.3f}", fill="black")
+    for r in rows:
+        x, y, se = px(r["seconds_per_image"]), py(r["delta_acc"]), r["delta_acc_se"]
+        colour = (40, 150, 60) if r["ok"] else (200, 50, 50)
+        draw.line([x, py(r["delta_acc"] - se), x, py(r["delta_acc"] + se)], fill=colour)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+        if r["pareto"]:
+            draw.ellipse([x - 8, y - 8, x + 8, y + 8], outline="black")
+        label = f"{r['name']} ({r['block_forwards_ran']:.0f})" + (" <- chosen" if r["chosen"] else "")
+        draw.text((x + 10, y - 6), label, fill="black" if r["chosen"] or r["pareto"] else (110, 110, 110))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)

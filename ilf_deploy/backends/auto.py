@@ -9,6 +9,9 @@ and why, in one line (the CLI prints it on stderr).
 
 tuning.json is not one of the manifest's hashed files: it describes a machine, not the bundle, and
 `tune` may rewrite it on any machine without invalidating the bundle's hashes.
+
+`tune --search-plans` adds the plan search (schema 2): `choose_plan` gives `--plan auto` its chosen
+plan under the same conditions, and the bundle's default plan otherwise, with a one-line reason.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..plan import StepPlan
 from ..runtime.bundle import Bundle
 from .machine import fingerprint, fingerprint_difference
 
 AUTO = "auto"
 TUNING_FILE = "tuning.json"
-TUNING_SCHEMA = 1
+TUNING_SCHEMA = 2  # the newest: 2 adds `plan_search` (tune --search-plans); 1 is written without it
+TUNING_SCHEMAS = (1, 2)  # the versions read
 FALLBACK_BACKEND = "onnxruntime"
 
 
@@ -41,7 +46,9 @@ class Choice:
 
 
 def engine_label(backend: str, variant: str | None, options: dict[str, Any] | None = None) -> str:
-    return f"{backend} {variant or (options or {}).get('dtype') or 'fp32'}"
+    options = options or {}
+    compiled = " compiled" if options.get("compile") else ""  # torch.compile (the torch backend)
+    return f"{backend} {variant or options.get('dtype') or 'fp32'}{compiled}"
 
 
 def bundle_digest(bundle: Bundle) -> str:
@@ -78,7 +85,7 @@ def choose(bundle: Bundle, variant: str | None = None, device: str = "cpu") -> C
         return fallback(f"no {TUNING_FILE}; `ilf-deploy tune {bundle.path}` finds the fastest engine here")
     rerun = f"rerun `ilf-deploy tune {bundle.path}`"
     winner = data.get("winner")
-    if data.get("schema") != TUNING_SCHEMA or not isinstance(winner, dict) or "fingerprint" not in data:
+    if data.get("schema") not in TUNING_SCHEMAS or not isinstance(winner, dict) or "fingerprint" not in data:
         return fallback(f"{TUNING_FILE} is unreadable or from another version; {rerun}")
     difference = fingerprint_difference(data["fingerprint"], fingerprint())
     if difference is not None:
@@ -104,3 +111,52 @@ def choose(bundle: Bundle, variant: str | None = None, device: str = "cpu") -> C
     where = f"{measured} on {data.get('plan', '?')}, from {TUNING_FILE}"
     label = engine_label(str(backend), chosen, options)
     return Choice(str(backend), chosen, f"auto: {label} ({where})", True, dict(options))
+
+
+# -- `--plan auto`: the plan `tune --search-plans` chose -------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    plan: StepPlan | None  # None: the fallback, the bundle's default plan
+    reason: str  # one line: which plan, and why
+
+
+def _stale(bundle: Bundle, data: dict[str, Any] | None) -> str | None:
+    """Why tuning.json's plan search cannot be used here, or None."""
+    rerun = f"`ilf-deploy tune {bundle.path} --search-plans` searches"
+    if data is None:
+        return f"no {TUNING_FILE}; {rerun}"
+    if data.get("schema") not in TUNING_SCHEMAS or "fingerprint" not in data:
+        return f"{TUNING_FILE} is unreadable or from another version; {rerun}"
+    if not isinstance(data.get("plan_search"), dict):
+        return f"{TUNING_FILE} holds no plan search; {rerun}"
+    difference = fingerprint_difference(data["fingerprint"], fingerprint())
+    if difference is not None:
+        return f"the plan search was timed on another machine or setup ({difference}); {rerun}"
+    if data.get("bundle_digest") != bundle_digest(bundle):
+        return f"the bundle's files changed since the plan search; {rerun}"
+    return None
+
+
+def choose_plan(bundle: Bundle) -> PlanChoice:
+    """The plan `--plan auto` means for `bundle` here: the plan search's choice while tuning.json
+    is this machine's and this bundle's, else the bundle's default plan (never raises)."""
+    data = read_tuning(bundle)
+    why = _stale(bundle, data)
+    if why is None:
+        assert data is not None
+        search = data["plan_search"]
+        chosen = search.get("chosen") if isinstance(search.get("chosen"), dict) else {}
+        try:
+            plan = StepPlan.from_dict(chosen.get("plan"))
+        except (ConfigError, TypeError):
+            plan, why = None, "the plan search's chosen plan is malformed; search again"
+        if plan is not None and set(plan.cut_points) - set(bundle.manifest.cut_points):
+            plan, why = None, "the plan search's plan needs segments this bundle does not have"
+        if plan is not None:
+            seconds = chosen.get("seconds_per_image")
+            timed = f"{seconds:.3f} s/image, " if isinstance(seconds, (int, float)) else ""
+            budget = search.get("budget", {}).get("text", "?")
+            return PlanChoice(plan, f"auto plan: {plan.name} ({timed}within {budget}, from {TUNING_FILE})")
+    return PlanChoice(None, f"auto plan: {bundle.default_plan} ({why})")

@@ -102,6 +102,11 @@ def request_contract(generator, source: str) -> RequestContract:
 OPTIONS = {"size": "--height/--width", "height": "--height", "width": "--width"}
 
 
+PLAN_HELP = (
+    PRESET_HELP[0].upper() + PRESET_HELP[1:] + ". For bundles: a bundled plan, or auto (the plan "
+    "`tune --search-plans` chose on this machine, else the bundle's default plan)."
+)
+AUTO_PLAN = "auto"  # the plan `tune --search-plans` chose here (backends.auto.choose_plan)
 DEVICE_HELP = "Where the torch backend runs: cpu, cuda, cuda:N (ONNX Runtime: CPU; TensorRT: the GPU)."
 
 
@@ -112,9 +117,7 @@ def generate(
     ],
     plan: Annotated[
         str,
-        typer.Option(
-            "--plan", "-p", help=PRESET_HELP[0].upper() + PRESET_HELP[1:] + " For bundles: a bundled plan."
-        ),
+        typer.Option("--plan", "-p", help=PLAN_HELP),
     ] = "ilf-10",
     prompt: Annotated[str, typer.Option(help="Text prompt (PixArt).")] = "",
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt (PixArt).")] = "",
@@ -163,7 +166,7 @@ def generate(
         option = OPTIONS.get(exc.param, "--" + exc.param.replace("_", "-"))
         raise ConfigError(f"{option}: {exc.message}") from None
     request = checked.requests[0]  # resolved: size and guidance are the generator's (Generator.resolve)
-    step_plan = resolve(plan)
+    step_plan = resolve_plan_spec(model, resolve, plan)
     with progress() as bar:
         task = bar.add_task(f"{step_plan.name}", total=step_plan.num_steps)
         latents = generator.generate_latents(
@@ -179,7 +182,29 @@ def generate(
 
         Image.fromarray(generator.decode(latents)[0]).save(image_out)
         console.print(f"image → {image_out}")
-    console.print(f"{step_plan.name}: {step_plan.block_forwards} block forwards, seed {seed}")
+    console.print(f"{step_plan.name}: {ran_block_forwards(generator, step_plan)}, seed {seed}")
+
+
+def ran_block_forwards(generator, plan) -> str:
+    """'N block forwards' as they ran (the first image's; an adaptive plan says its most too)."""
+    ran = (generator.last_block_forwards or [plan.block_forwards])[0]
+    return f"{ran} block forwards" + (f" (at most {plan.block_forwards})" if plan.adaptive else "")
+
+
+def resolve_plan_spec(source: str, resolve, spec: str):
+    """A plan by the resolver, or `auto`: the plan `tune --search-plans` chose for this bundle on
+    this machine, else (saying why, on stderr) the bundle's default plan, or ilf-10 for a model."""
+    if spec != AUTO_PLAN:
+        return resolve(spec)
+    from ..backends.auto import choose_plan
+    from ..runtime.bundle import Bundle, is_bundle
+
+    if not is_bundle(source):
+        console.print("auto plan: ilf-10 (a model directory has no plan search; build a bundle and tune it)")
+        return resolve("ilf-10")
+    choice = choose_plan(Bundle.load(source, verify_hashes=False))
+    console.print(choice.reason, highlight=False, markup=False)
+    return choice.plan or resolve(Bundle.load(source, verify_hashes=False).default_plan)
 
 
 def _read_latents(path: Path):

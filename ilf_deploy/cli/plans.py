@@ -36,8 +36,9 @@ def _model_facts(model: Path) -> tuple[int, dict[str, Any], tuple[int, int] | No
 def plan_table(plan, baseline_steps: int) -> Any:
     from ..plan import predicted_speedup
 
+    most = "at most " if plan.adaptive else ""  # adaptive ops decide per image at run time
     title = (
-        f"plan {plan.name}: {plan.num_steps} steps, {plan.block_forwards} block forwards, "
+        f"plan {plan.name}: {plan.num_steps} steps, {most}{plan.block_forwards} block forwards, "
         f"predicted speedup {predicted_speedup(plan, baseline_steps):.2f}x vs base-{baseline_steps} "
         f"({plan.num_blocks * baseline_steps} block forwards)"
     )

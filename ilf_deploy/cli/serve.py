@@ -95,15 +95,13 @@ def serve(
         "--max-inflight-per-key": max_inflight_per_key is not None,
         "--ssl-keyfile/--ssl-certfile": ssl_keyfile is not None or ssl_certfile is not None,
     }
-    given = {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s, "drain_s": drain_s}
-    given = {name: value for name, value in given.items() if value is not None}  # else the defaults
+    given = _given(header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s, drain_s=drain_s)
     if server == "triton":  # the same bundle on NVIDIA Triton Inference Server (cli/triton.py)
         from .triton import run_triton
 
         _refuse_security_options(security, host)
         _refuse_connection_options([*given, *(["max_connections"] if max_connections is not None else [])])
-        # SIGTERM as Ctrl-C: run_triton stops Triton (it drains) rather than leave it orphaned
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: Triton drains, no orphan
         code = run_triton(
             bundle, backend or "auto", host, http_port or port, grpc_port, metrics_port, max_batch,
             max_wait_ms, max_queue, default_plan, digest=digest,
@@ -154,6 +152,11 @@ def _refuse_security_options(given: dict[str, bool], host: str) -> None:
         from rich.markup import escape
 
         console.print(f"[yellow]warning:[/yellow] {escape(warning.split(' (give')[0])}")
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options given on the command line (None: ServeOptions' default)."""
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _refuse_connection_options(used: list[str]) -> None:

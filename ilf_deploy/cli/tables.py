@@ -164,3 +164,29 @@ def backends_table(rows: list[dict[str, Any]]) -> Table:
 def eval_table(title: str, rows: list[list[str]]) -> Table:
     """`eval`: `evaluation.format_table`'s rows, header first."""
     return table(title, rows[0], rows[1:])
+
+
+def plan_search_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    """`tune --search-plans`: every candidate plan's block forwards, time and quality (the Pareto
+    table), whether it is within the budget, on the Pareto front, and the chosen one."""
+    body = []
+    for r in sorted(rows, key=lambda r: r["seconds_per_image"]):
+        ran, most = r["block_forwards_ran"], r["block_forwards"]
+        if r["chosen"]:
+            status = "[green]chosen[/green]"
+        else:
+            status = "ok" if r["ok"] else f"[red]outside[/red]: {escape(r['miss'] or '')}"
+        body.append(
+            [
+                r["name"],
+                f"{ran:.1f} (≤{most})" if r["adaptive"] else str(most),
+                f"{r['seconds_per_image']:.3f}",
+                f"{r['delta_acc']:+.3f} ± {r['delta_acc_se']:.3f}",
+                f"{r['frechet']:.2f}",
+                f"{r['latent_l2']:.3f}",
+                "yes" if r["pareto"] else "",
+                status,
+            ]
+        )
+    columns = ("plan", "block fwd", "s/img", "Δ acc all", "Fréchet", "latent rel L2", "Pareto", "budget")
+    return table(title, columns, body, text=("plan", "Pareto", "budget"))

@@ -1,4 +1,5 @@
-"""`tune`: which engine x precision is fastest on this machine within its fidelity budget."""
+"""`tune`: which engine x precision is fastest on this machine within its fidelity budget, and
+(`--search-plans`) which plan is fastest within a quality budget."""
 
 from __future__ import annotations
 
@@ -11,7 +12,32 @@ import typer
 from ..runtime.bundle import strict_json
 from . import command, console, out, progress
 from .options import Digest
-from .tables import tune_table
+from .tables import plan_search_table, tune_table
+
+SearchPlans = Annotated[
+    bool,
+    typer.Option(
+        "--search-plans",
+        help="Then search plans (the bundle's, composed and adaptive ones its segments allow): quality "
+        "with `eval` on the tuning prompts, time on the winner; record the fastest within "
+        "--quality-budget for `--plan auto`.",
+    ),
+]
+QualityBudgetOption = Annotated[
+    str,
+    typer.Option(
+        help="How much worse than --reference a plan may be: acc=se|D (paired accuracy drop), "
+        "frechet=F (Fréchet rise), l2=L (latent rel L2); 'none' lifts one."
+    ),
+]
+Prompts = Annotated[int, typer.Option(help="Tuning prompts the search evaluates each plan on.")]
+PromptOffset = Annotated[
+    int, typer.Option(help="The first tuning prompt (the reporting prompts, 200000 on, are refused).")
+]
+Reference = Annotated[
+    str | None, typer.Option(help="The plan quality is measured against (default: the bundle's default).")
+]
+Plot = Annotated[Path | None, typer.Option(help="The Pareto plot's PNG (default BUNDLE/plan_search.png).")]
 
 
 @command()
@@ -27,20 +53,37 @@ def tune(
     threads: Annotated[int | None, typer.Option(help="Threads per engine (default: the engine's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print tuning.json instead of the table.")] = False,
     digest: Digest = None,
+    search_plans: SearchPlans = False,
+    quality_budget: QualityBudgetOption = "acc=se,frechet=2",
+    prompts: Prompts = 128,
+    prompt_offset: PromptOffset = 100_000,
+    reference: Reference = None,
+    plot: Plot = None,
 ) -> None:
     """Check every installed engine x precision against ONNX Runtime fp32, time one denoising step
     of each, and write BUNDLE/tuning.json for `--backend auto` (a failing one is never chosen)."""
-    from ..backends.auto import TUNING_FILE
+    from ..tuning import QualityBudget, check_tuning_prompts
     from ..tuning import tune as run_tune
 
+    budget = QualityBudget.parse(quality_budget)  # bad options fail before any work
+    check_tuning_prompts(prompt_offset, prompts)
     with progress() as bar:
         task = bar.add_task("tune", total=None)
         report = run_tune(
             bundle, plan, budget_s, threads, lambda s: bar.update(task, description=s), digest=digest
         )
+    if not as_json:
+        _print_tune(bundle, report)
+    if search_plans:
+        search = _search(bundle, budget, reference, (prompt_offset, prompts), plot, as_json)
+        report = {**report, "schema": 2, "plan_search": search}  # as search_plans wrote it
     if as_json:
         print(json.dumps(strict_json(report), indent=2, allow_nan=False))
-        return
+
+
+def _print_tune(bundle: Path, report: dict) -> None:
+    from ..backends.auto import TUNING_FILE
+
     machine = report["fingerprint"]
     bf16 = [f for f in machine["flags"] if "bf16" in f or f.startswith("amx")]
     title = (
@@ -50,3 +93,34 @@ def tune(
     out.print(tune_table(title, report))
     winner = report["winner"]["label"]
     console.print(f"wrote {Path(bundle) / TUNING_FILE}: `--backend auto` runs {winner} on this machine")
+
+
+def _search(bundle: Path, budget, reference: str | None, prompts: tuple[int, int], plot, quiet: bool) -> dict:
+    """`--search-plans`: the search, its Pareto table, and what `--plan auto` now runs."""
+    from ..evaluation import plan_quality
+    from ..tuning import PLAN_SEARCH_PLOT, search_plans
+
+    with progress() as bar:
+        task = bar.add_task("plan search", total=None)
+        quality = plan_quality(
+            bundle, on_samples=lambda spec, n: bar.update(task, description=f"eval {spec}")
+        )
+        search = search_plans(
+            bundle,
+            quality,
+            budget,
+            reference,
+            prompts,
+            progress=lambda s: bar.update(task, description=s),
+            plot=plot,
+        )
+    if not quiet:
+        first, count = prompts
+        title = (
+            f"plans on {search['engine']}, quality on tuning prompts {first}..{first + count - 1} "
+            f"vs {search['reference']}; budget: {budget.text}"
+        )
+        out.print(plan_search_table(title, search["candidates"]))
+        where = plot or Path(bundle) / PLAN_SEARCH_PLOT
+        console.print(f"Pareto plot → {where}; `--plan auto` runs {search['chosen']['name']} on this machine")
+    return search

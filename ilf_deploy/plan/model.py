@@ -130,6 +130,8 @@ class Op:
             "cache_reuse": "reuse ",
             "cache_adaptive": "adaptive ",
         }[self.kind]
+        if self.kind == "ilf" and self.stores:
+            name = "ILF+refresh "  # the inner loop's output refreshes its key's Δ
         post = "@t_post" if self.time == "t_post" else ""
         rule = f" (≤{self.threshold:g}, ≤{self.max_reuse}×)" if self.kind == "cache_adaptive" else ""
         return f"{name}{self.start}-{self.end}{post}{rule}"

@@ -144,6 +144,17 @@ class Sandbox:
         env = {**os.environ, **NODE_ENV, **kwargs.pop("env", {})}
         return subprocess.run(self.command(args, cwd), env=env, **kwargs)
 
+    @staticmethod
+    def signal(process: subprocess.Popen, number: int) -> None:
+        """Signal the command `popen` started in the namespace (not `nsenter`, which would just die)."""
+        deadline = time.monotonic() + 10
+        while not _children(process.pid):
+            if process.poll() is not None or time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(_children(process.pid)[0], number)
+
     def add_node(self, cpus: float, head: bool = False, env: dict[str, str] | None = None) -> Node:
         """A `ray start --block` node (the first one: `head=True`)."""
         name = "head" if head else f"node{len(self.nodes)}"

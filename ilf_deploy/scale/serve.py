@@ -30,12 +30,14 @@ from ..errors import ConfigError
 from ..runtime.bundle import Bundle
 from ..serve.app import create_app
 from ..serve.batcher import Batcher, BatchKey, EngineError, Job
+from ..serve.logs import REQUEST_ID_HEADER
 from ..serve.state import ServeOptions
 from .cluster import cause, connect
 from .ship import SharedPath, Shipped, source
 
 APP = "ilf"  # the Serve application's name
 REPLICA_HEADER = "X-Ilf-Replica"  # which replica answered (its id @ its node's id)
+REQUEST_ID = REQUEST_ID_HEADER.lower().encode()
 log = logging.getLogger("ilf_deploy.serve")
 
 
@@ -146,7 +148,9 @@ class RayServeBatcher(Batcher):
 
 
 class _ReplicaHeader:
-    """ASGI middleware: every response says which replica (and node) answered."""
+    """ASGI middleware: every response says which replica (and node) answered. `X-Request-ID` is
+    left to Ray Serve's proxy, which adds it to every response (the same id: it hands the request's
+    id to the replica in that header), so that clients do not get it twice."""
 
     def __init__(self, app: Any, value: str) -> None:
         self.app, self.header = app, (REPLICA_HEADER.lower().encode(), value.encode())
@@ -154,7 +158,8 @@ class _ReplicaHeader:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         async def tagged(message: Any) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != REQUEST_ID]
+                message = {**message, "headers": [*headers, self.header]}
             await send(message)
 
         await self.app(scope, receive, tagged if scope["type"] == "http" else send)
@@ -171,18 +176,19 @@ class IlfReplica:
 
         configure_logging(logs[0], logging.getLevelName(logs[1].upper()))
         path = bundle.materialize()
-        self.app = create_app(path, options)  # the engine: every file's hash and the digest checked
-        state = self.app.state.ilf
+        app = create_app(path, options)  # the engine: every file's hash and the digest checked
+        state = app.state.ilf
         self.batcher = RayServeBatcher.replacing(state.batcher)
-        state.batcher = self.app.state.batcher = self.batcher
+        state.batcher = app.state.batcher = self.batcher
         self.batcher.warm_up(state.warmup_request())
         context = serve.get_replica_context()
         node = ray.get_runtime_context().get_node_id()
-        self.app.add_middleware(_ReplicaHeader, value=f"{context.replica_id.unique_id}@{node}")
+        app.add_middleware(_ReplicaHeader, value=f"{context.replica_id.unique_id}@{node}")
+        self._asgi = app  # not `self.app`: Ray Serve's wrapper has that name
         log.info("replica ready: %s (%s, %s)", path, bundle.how, state.bundle.digest)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return self.app
+        return self._asgi
 
     def check_health(self) -> None:
         if self.batcher.warmup_error:
@@ -286,9 +292,21 @@ def deploy(
     try:
         serve.run(app, name=APP, route_prefix="/")
     except (RuntimeError, ray.exceptions.RayError) as exc:
+        reason = failure() or cause(exc)
         undeploy()
-        raise ConfigError(f"Ray Serve could not deploy {bundle_path}: {cause(exc)}") from None
+        raise ConfigError(f"Ray Serve could not deploy {bundle_path}: {reason}") from None
     return bundle.digest
+
+
+def failure() -> str | None:
+    """Why the deployment failed, as its replicas said it (the last line of the error's message)."""
+    try:
+        status = serve.status().applications[APP].deployments[APP]
+    except (KeyError, AttributeError):
+        return None
+    lines = [line.strip() for line in (status.message or "").splitlines() if line.strip()]
+    errors = [line for line in lines if "Error: " in line and not line.startswith("ray.exceptions")]
+    return errors[-1] if errors else (lines[-1] if lines else None)
 
 
 def undeploy() -> None:

@@ -283,6 +283,7 @@ class Batcher:
             with self.engine_context():
                 requests = [job.request for job in live]
                 latents = self.generator.generate_batch(self.plans[key.plan], requests, None, on_step)
+                ran = sum(getattr(self.generator, "last_block_forwards", []))  # adaptive: per image
                 keep = [i for i, job in enumerate(live) if job.cancelled is None]
                 if not keep:
                     raise _Abort
@@ -301,6 +302,7 @@ class Batcher:
         self.metrics.batch_size.observe(len(live))
         self.metrics.batch_seconds.observe(self._log_batch(key, live, started, "ok"))
         self.metrics.images.inc(len(keep), plan=key.plan)
+        self.metrics.block_forwards.inc(ran, plan=key.plan)
         return [(live[i], images[row]) for row, i in enumerate(keep)]
 
     def _log_batch(

@@ -137,6 +137,9 @@ class ServerMetrics:
             r, "ilf_batch_duration_seconds", "Engine time per batch (denoise + decode).", LATENCY_BUCKETS
         )
         self.images = Counter(r, "ilf_images_total", "Images generated and returned, by plan.")
+        self.block_forwards = Counter(
+            r, "ilf_block_forwards_total", "Transformer block forwards that ran, per image, by plan."
+        )
         self.rejected = Counter(
             r,
             "ilf_rejected_images_total",
