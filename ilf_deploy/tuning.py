@@ -353,7 +353,7 @@ def plan_candidates(
     bundle: Bundle,
     steps: list[int] | None = None,
     refresh: tuple[int, ...] = (2, 3),
-    thresholds: tuple[float, ...] = (0.1, 0.2, 0.3),
+    thresholds: tuple[float, ...] = (0.05, 0.1, 0.2),
     max_reuse: int = 2,
 ) -> dict[str, StepPlan]:
     """The bundle's plans, and each ILF plan's step count (or `steps`) composed with a Δ-cache over
@@ -369,13 +369,20 @@ def plan_candidates(
         for a, b in cache_ranges(bundle)
         for t in thresholds
     ]
+    seen = {json.dumps([step.to_dict() for step in plan.steps]) for plan in found.values()}
     for count in counts:
         for spec in specs:
-            name = preset_name(count, bundle.loop is not None, spec)
             try:
-                found.setdefault(name, resolve_bundle_plan(bundle, name))
+                plan = resolve_bundle_plan(bundle, preset_name(count, bundle.loop is not None, spec))
             except ConfigError:  # e.g. a cached range that cuts the loop in part
                 continue
+            steps = json.dumps([step.to_dict() for step in plan.steps])
+            cached = any(
+                op.kind in ("cache_reuse", "cache_adaptive") for step in plan.steps for op in step.ops
+            )
+            if cached and steps not in seen:  # feedback on every step leaves nothing to cache
+                seen.add(steps)
+                found[plan.name] = plan
     return found
 
 
@@ -465,15 +472,15 @@ def _time_plans(
     ]
     names = list(plans)
     times: dict[str, list[float]] = {name: [] for name in names}
-    generator.latents_to_numpy(generator.generate_latents(plans[names[0]], requests[0]))  # warm-up
-    for index in range(max(rounds, 1)):
+    for index in range(max(rounds, 1) + 1):  # round 0 warms every plan up (and is not kept)
         if progress:
-            progress(f"timing plans, round {index + 1} of {rounds}")
+            progress(f"timing plans, round {index} of {rounds}" if index else "timing plans: warm-up")
         for name in names[index % len(names) :] + names[: index % len(names)]:
             start = time.perf_counter()
             for request in requests:
                 generator.latents_to_numpy(generator.generate_latents(plans[name], request))
-            times[name].append((time.perf_counter() - start) / len(requests))
+            if index:
+                times[name].append((time.perf_counter() - start) / len(requests))
     engine = engine_label(generator.backend, generator.variant, {})
     return {name: statistics.median(t) for name, t in times.items()}, engine
 

@@ -71,7 +71,7 @@ def test_plan_follows_the_default_models_feedback():
         (("plan", "--steps", "10", "--loop", "8-19"), "not of the form"),
         (("plan", "--steps", "3", "--loop", "8:19", "--feedback", "first2,last2"), "only 3"),
         (("plan", "--steps", "10", "--loop", "8:19", "--t-post", "sideways"), "t_post"),
-        (("plan", "--steps", "10", "--cache", "5:22", "--loop", "8:19"), "not both"),
+        (("plan", "--steps", "10", "--cache", "4:9", "--loop", "8:19"), "overlaps the ILF loop 8:19 in part"),
         (("plan", "--steps", "0"), "steps"),
         (("plan", "--model", "/nonexistent/model"), "does not exist"),
         (("make-tiny", "sdxl", "/tmp/never-written"), "unknown tiny architecture"),

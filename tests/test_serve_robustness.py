@@ -242,12 +242,12 @@ def test_slow_clients_are_closed_within_the_timeouts_while_others_are_served(ser
     everyone.close()
     assert not everyone.open, f"{len(everyone.open)} slow clients still open after 9 s"
     assert timings and max(timings) < 5, timings  # served while the slow clients were held
-    for client in headers.clients:  # 3 s, swept every 0.75 s: closed by 3 + 2.5 s
-        assert client.closed_at is not None and client.closed_at - started < 5.5
+    for client in headers.clients:  # 3 s, swept every 0.75 s: 3.75 s, with a margin for a busy machine
+        assert client.closed_at is not None and client.closed_at - started < 6.5
         assert STATUS_LINE.findall(client.received) == [b"408"], client.received
         assert error_of(client.received)["message"] == "the request headers did not arrive within 3 s"
     for client in silent.clients:  # nothing sent: closed without an answer
-        assert client.received == b"" and client.closed_at - started < 5.5  # type: ignore[operator]
+        assert client.received == b"" and client.closed_at - started < 6.5  # type: ignore[operator]
     (slow_body,) = body.clients
     assert STATUS_LINE.findall(slow_body.received) == [b"408"], slow_body.received
     assert error_of(slow_body.received)["message"] == "the request body did not arrive within 3 s"
@@ -359,6 +359,39 @@ def test_sigterm_with_queued_work_answers_everyone_and_exits(bundle, tmp_path):
     assert "Traceback" not in text and "Internal Server Error" not in text, text[-3000:]
 
 
+def test_serve_server_triton_stops_tritonserver_on_sigterm(bundle, tmp_path):
+    """SIGTERM used to kill the CLI and leave tritonserver running; now it drains Triton first."""
+    from ilf_deploy.errors import ConfigError
+    from ilf_deploy.triton.server import find_server
+
+    try:
+        find_server()
+        import tritonclient.http  # noqa: F401  (run_triton needs it)
+    except (ConfigError, ImportError):
+        pytest.skip("tritonserver is not installed: `make setup` runs `ilf-deploy install-triton`")
+    ports = []
+    for _ in range(3):
+        with socket.create_server((HOST, 0)) as sock:
+            ports.append(str(sock.getsockname()[1]))
+    command = [str(Path(sys.executable).parent / "ilf-deploy"), "serve", str(bundle), "--server", "triton"]
+    command += ["--host", HOST, "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    log = tmp_path / "triton.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while b"ready: POST" not in log.read_bytes():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    with pytest.raises(httpx.ConnectError):  # Triton itself is gone, not orphaned
+        httpx.get(f"http://{HOST}:{ports[0]}/v2/health/live", timeout=5)
+
+
 # -- the parts alone -----------------------------------------------------------------------------------
 def test_draining_server_is_not_ready_and_answers_503(bundle):
     from fastapi.testclient import TestClient
@@ -375,6 +408,39 @@ def test_draining_server_is_not_ready_and_answers_503(bundle):
         assert response.headers["connection"] == "close"
         assert response.json()["error"]["type"] == "server_error"
         assert client.get("/healthz").status_code == 200  # alive, only not ready
+
+
+def test_a_handler_cancelled_at_shutdown_is_answered_json_503():
+    """uvicorn cancels what still runs after its grace period; the client gets our 503, not a
+    plain-text 500, and uvicorn sees a request that ended (no traceback)."""
+    from ilf_deploy.serve.app import _Observe
+    from ilf_deploy.serve.auth import ApiKeys
+    from ilf_deploy.serve.metrics import ServerMetrics
+
+    async def forever(scope, receive, send) -> None:
+        await asyncio.Event().wait()
+
+    async def scenario() -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message) -> None:
+            sent.append(message)
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": GEN, "headers": [], "client": (HOST, 1)}
+        observed = _Observe(forever, ServerMetrics(), 1 << 20, ApiKeys(), body_timeout_s=30.0)
+        task = asyncio.ensure_future(observed(scope, receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await task  # ends normally: nothing for uvicorn to log
+        return sent
+
+    start, body = asyncio.run(scenario())
+    headers = dict(start["headers"])
+    assert start["status"] == 503 and headers[b"retry-after"] == b"2" and headers[b"connection"] == b"close"
+    assert json.loads(body["body"])["error"]["message"].startswith("the server is shutting down")
 
 
 def test_accept_errors_log_once_per_interval_and_lower_the_cap(caplog):

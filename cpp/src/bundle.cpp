@@ -8,7 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <regex>
+#include <cctype>
 #include <set>
 
 #include "internal.hpp"
@@ -18,6 +18,12 @@ namespace ilf {
 using json = nlohmann::ordered_json;
 
 namespace {
+
+bool lower_hex(const std::string& s, size_t from, size_t count) {
+  return s.size() == from + count && std::all_of(s.begin() + from, s.end(), [](char ch) {
+           return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f');
+         });
+}
 
 const char* kManifest = "manifest.json";
 const char* kDigestFile = "manifest.sha256";
@@ -101,8 +107,10 @@ class Check {
     return p;
   }
   std::string name(const std::string& n, const std::string& at) const {
-    static const std::regex pattern("^[A-Za-z0-9_.-]+$");
-    if (!std::regex_match(n, pattern)) fail(at, "'" + n + "' does not match '^[A-Za-z0-9_.-]+$'");
+    bool ok = !n.empty() && std::all_of(n.begin(), n.end(), [](char ch) {
+      return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '.' || ch == '-';
+    });
+    if (!ok) fail(at, "'" + n + "' does not match '^[A-Za-z0-9_.-]+$'");
     return n;
   }
   std::pair<int, int> pair(const json& v, const std::string& at, int64_t minimum) const {
@@ -239,11 +247,10 @@ Manifest parse_manifest(const json& d, const std::string& where) {
   const json& files = d["files"];
   c.object(files, "files");
   if (files.empty()) c.fail("files", "{} should be non-empty");
-  static const std::regex hex64("^[0-9a-f]{64}$");
   for (auto& [name, digest] : files.items()) {
     c.path(name, "files");
     std::string h = c.string(digest, "files/" + name);
-    if (!std::regex_match(h, hex64)) c.fail("files/" + name, "'" + h + "' does not match '^[0-9a-f]{64}$'");
+    if (!lower_hex(h, 0, 64)) c.fail("files/" + name, "'" + h + "' does not match '^[0-9a-f]{64}$'");
     m.files[name] = h;
   }
 
@@ -553,8 +560,7 @@ struct Bundle::Data {
 };
 
 void check_digest_option(const std::string& digest) {
-  static const std::regex pattern("^sha256:[0-9a-f]{64}$");
-  if (!std::regex_match(digest, pattern))
+  if (digest.rfind("sha256:", 0) != 0 || !lower_hex(digest, 7, 64))
     detail::config_error("--digest must look like sha256:<64 lowercase hex digits>, got '" + digest + "'");
 }
 

@@ -119,12 +119,12 @@ Tensor from_ov(const ov::Tensor& t, const std::string& segment, const std::strin
   const ov::element::Type type = t.get_element_type();
   const size_t n = t.get_size();
   if (type == ov::element::f16) {  // kept as float16, as numpy keeps the Python backend's outputs
-    Tensor out(DType::f16, shape);
+    Tensor out = Tensor::uninitialized(DType::f16, shape);
     std::memcpy(out.raw(), t.data(), n * 2);
     return out;
   }
   if (type == ov::element::f32 || type == ov::element::bf16) {
-    Tensor out(DType::f32, shape);
+    Tensor out = Tensor::uninitialized(DType::f32, shape);
     float* dst = out.f32_data();
     if (type == ov::element::f32) std::memcpy(dst, t.data(), n * sizeof(float));
     else
@@ -132,7 +132,7 @@ Tensor from_ov(const ov::Tensor& t, const std::string& segment, const std::strin
     return out;
   }
   if (type == ov::element::i64 || type == ov::element::i32) {
-    Tensor out(DType::i64, shape);
+    Tensor out = Tensor::uninitialized(DType::i64, shape);
     int64_t* dst = out.i64_data();
     if (type == ov::element::i64) std::memcpy(dst, t.data(), n * sizeof(int64_t));
     else

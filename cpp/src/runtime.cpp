@@ -29,7 +29,7 @@ Tensor concat0(const std::vector<Tensor>& parts) {
     rows += p.shape()[0];
   }
   shape[0] = rows;
-  Tensor out(parts[0].dtype(), shape);
+  Tensor out = Tensor::uninitialized(parts[0].dtype(), shape);
   auto* dst = static_cast<unsigned char*>(out.raw());
   for (auto& p : parts) {
     std::memcpy(dst, p.raw(), p.nbytes());
@@ -49,20 +49,20 @@ Tensor binary(const Tensor& a, const Tensor& b, Op op, const char* what) {
   same_shape(a, b, what);
   const int64_t n = a.numel();
   if (a.dtype() == DType::f32 && b.dtype() == DType::f32) {
-    Tensor out(DType::f32, a.shape());
+    Tensor out = Tensor::uninitialized(DType::f32, a.shape());
     const float *x = a.f32_data(), *y = b.f32_data();
     float* o = out.f32_data();
     for (int64_t i = 0; i < n; ++i) o[i] = op(x[i], y[i]);
     return out;
   }
   if (a.dtype() == DType::f16 && b.dtype() == DType::f16) {
-    Tensor out(DType::f16, a.shape());
+    Tensor out = Tensor::uninitialized(DType::f16, a.shape());
     const uint16_t *x = a.f16_data(), *y = b.f16_data();
     uint16_t* o = out.f16_data();
     for (int64_t i = 0; i < n; ++i) o[i] = float_to_half(op(half_to_float(x[i]), half_to_float(y[i])));
     return out;
   }
-  Tensor out(DType::f32, a.shape());
+  Tensor out = Tensor::uninitialized(DType::f32, a.shape());
   float* o = out.f32_data();
   for (int64_t i = 0; i < n; ++i) o[i] = op(a.value(i), b.value(i));
   return out;
@@ -92,7 +92,7 @@ Tensor lincomb(double p, const Tensor& a, double q, const Tensor& b) {
   same_shape(a, b, "p*a + q*b");
   const int64_t n = a.numel();
   if (a.dtype() == DType::f32 && b.dtype() == DType::f32) {
-    Tensor out(DType::f32, a.shape());
+    Tensor out = Tensor::uninitialized(DType::f32, a.shape());
     const float fp = static_cast<float>(p), fq = static_cast<float>(q);
     const float *x = a.f32_data(), *y = b.f32_data();
     float* o = out.f32_data();
@@ -105,12 +105,12 @@ Tensor lincomb(double p, const Tensor& a, double q, const Tensor& b) {
   }
   const Scaled sp(p), sq(q);
   if (a.dtype() == DType::f16 && b.dtype() == DType::f16) {
-    Tensor out(DType::f16, a.shape());
+    Tensor out = Tensor::uninitialized(DType::f16, a.shape());
     uint16_t* o = out.f16_data();
     for (int64_t i = 0; i < n; ++i) o[i] = float_to_half(sp(a, i) + sq(b, i));
     return out;
   }
-  Tensor out(DType::f32, a.shape());
+  Tensor out = Tensor::uninitialized(DType::f32, a.shape());
   float* o = out.f32_data();
   for (int64_t i = 0; i < n; ++i) {
     const float u = sp(a, i);
@@ -138,7 +138,7 @@ Tensor guide(const Tensor& eps, int64_t n, const std::vector<float>& guidance) {
   Shape shape = eps.shape();
   shape[0] = n;
   if (eps.dtype() == DType::f16 && guidance.size() == 1) {
-    Tensor out(DType::f16, shape);
+    Tensor out = Tensor::uninitialized(DType::f16, shape);
     const uint16_t* uncond = eps.f16_data();
     const uint16_t* text = uncond + n * per;
     uint16_t* o = out.f16_data();
@@ -151,7 +151,7 @@ Tensor guide(const Tensor& eps, int64_t n, const std::vector<float>& guidance) {
     }
     return out;
   }
-  Tensor out(DType::f32, shape);
+  Tensor out = Tensor::uninitialized(DType::f32, shape);
   float* o = out.f32_data();
   const bool half = eps.dtype() == DType::f16;
   for (int64_t img = 0; img < n; ++img) {
@@ -176,7 +176,8 @@ const Tensor& output(const Feeds& out, const std::string& name, const std::strin
 
 // -- Segments (runtime/runner.py) -----------------------------------------------------------------
 
-Segments::Segments(Bundle bundle, Engine& engine) : bundle_(std::move(bundle)), engine_(engine) {}
+Segments::Segments(Bundle bundle, Engine& engine)
+    : bundle_(std::move(bundle)), engine_(engine), block_segments_(bundle_.manifest().block_segments()) {}
 
 int Segments::latent_channels() const { return bundle_.manifest().model.latent_channels; }
 int Segments::num_blocks() const { return bundle_.manifest().model.num_blocks; }
@@ -228,7 +229,7 @@ Tensor Segments::embed(const Tensor& latents) {
 Tensor Segments::blocks(int start, int end, const Tensor& hidden, const Feeds& cond, const Tensor* feed) {
   int position = start;
   Tensor h = hidden;
-  for (const SegmentSpec* spec : bundle_.manifest().block_segments()) {
+  for (const SegmentSpec* spec : block_segments_) {
     auto [first, last] = *spec->blocks;
     if (first < start || last > end) continue;
     if (first != position) break;
@@ -262,7 +263,7 @@ Tensor Segments::final(const Tensor& hidden, const Feeds& cond, int64_t height, 
     detail::engine_error("segment final gave tokens " + tokens.shape_string() + " for a " + std::to_string(height) + "x" +
                          std::to_string(width) + " latent");
   // reshape (B, h/p, w/p, p, p, C) -> permute (0, 5, 1, 3, 2, 4) -> (B, C, h, w)
-  Tensor out(tokens.dtype(), {b, c, height, width});
+  Tensor out = Tensor::uninitialized(tokens.dtype(), {b, c, height, width});
   auto permute = [&](const auto* src, auto* dst) {
     for (int64_t n = 0; n < b; ++n)
       for (int64_t ch = 0; ch < c; ++ch)
@@ -328,7 +329,7 @@ Tensor model_output(Segments& seg, const Step& step, const Tensor& x, const Feed
   Tensor out = seg.final(h, final_cond, x.dim(-2), x.dim(-1));
   const int64_t b = out.dim(0), c = out.dim(1), hw = out.dim(2) * out.dim(3), keep = seg.latent_channels();
   if (keep > c) detail::engine_error("the final layer gave fewer channels than the latents have");
-  Tensor eps(out.dtype(), {b, keep, out.dim(2), out.dim(3)});  // drop learned-sigma channels
+  Tensor eps = Tensor::uninitialized(out.dtype(), {b, keep, out.dim(2), out.dim(3)});  // drop learned-sigma channels
   const size_t item = out.nbytes() / static_cast<size_t>(out.numel());
   for (int64_t n = 0; n < b; ++n)
     std::memcpy(static_cast<unsigned char*>(eps.raw()) + n * keep * hw * item,

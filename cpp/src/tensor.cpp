@@ -29,9 +29,9 @@ int64_t count(const Shape& shape) {
   return n;
 }
 
-std::shared_ptr<unsigned char[]> allocate(size_t bytes) {
+std::shared_ptr<unsigned char[]> allocate(size_t bytes, bool zero = true) {
   std::shared_ptr<unsigned char[]> p(new unsigned char[bytes ? bytes : 1]);
-  std::memset(p.get(), 0, bytes);
+  if (zero) std::memset(p.get(), 0, bytes);
   return p;
 }
 
@@ -39,6 +39,14 @@ std::shared_ptr<unsigned char[]> allocate(size_t bytes) {
 
 Tensor::Tensor(DType dtype, Shape shape)
     : dtype_(dtype), shape_(std::move(shape)), storage_(allocate(count(shape_) * item_size(dtype))) {}
+
+Tensor Tensor::uninitialized(DType dtype, Shape shape) {
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = std::move(shape);
+  t.storage_ = allocate(count(t.shape_) * item_size(dtype), false);
+  return t;
+}
 
 Tensor Tensor::f32(Shape shape, const std::vector<float>& values) {
   Tensor t(DType::f32, std::move(shape));

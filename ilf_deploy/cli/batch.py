@@ -108,7 +108,8 @@ def serve_on_ray(
     from rich.markup import escape
 
     from ..errors import ConfigError
-    from ..scale.serve import RayServeOptions, deploy, parse_autoscale, undeploy
+    from ..scale.options import RayServeOptions, parse_autoscale
+    from ..scale.serve import deploy, undeploy
     from ..serve.auth import check_exposure
 
     if unused:
@@ -151,3 +152,56 @@ def serve_on_ray(
     finally:
         undeploy()
         console.print("stopped: the application was deleted")
+
+
+@command("export-kuberay")
+def export_kuberay(
+    bundle: BundleDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for rayservice.yaml and rayjob.yaml.")],
+    name: Annotated[str, typer.Option(help="Name of the RayService (the RayJob is NAME-batch).")] = "ilf",
+    claim: Annotated[
+        str | None, typer.Option(help="PersistentVolumeClaim holding the bundle (default NAME-bundles).")
+    ] = None,
+    image: Annotated[
+        str, typer.Option(help="A Ray image with ilf-deploy installed.")
+    ] = "ilf-deploy-ray:latest",
+    workers: Annotated[int, typer.Option(help="Ray worker pods (the autoscaler's minimum).")] = 2,
+    max_workers: Annotated[
+        int | None, typer.Option(help="Let KubeRay's autoscaler add pods up to this many.")
+    ] = None,
+    worker_cpus: Annotated[int, typer.Option(help="CPUs per worker pod.")] = 2,
+    gpu: Annotated[bool, typer.Option("--gpu", help="One NVIDIA GPU per worker pod.")] = False,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (RayService).")] = 1,
+    autoscale: Annotated[
+        str | None, typer.Option(metavar="MIN:MAX", help="Ray Serve's autoscaler instead of --replicas.")
+    ] = None,
+    backend: Backend = None,
+    api_key_secret: Annotated[
+        str | None, typer.Option(help="A Secret whose ILF_API_KEYS key holds serve's API keys.")
+    ] = None,
+    data_claim: Annotated[
+        str, typer.Option(help="RayJob: the claim with prompts.jsonl; results go to results/ there.")
+    ] = "ilf-batch-data",
+    actors: Annotated[int, typer.Option(help="RayJob: Ray Data actors.")] = 2,
+    digest: Digest = None,
+) -> None:
+    """Write KubeRay manifests: a RayService (`serve --server ray`) and a RayJob (`batch` on Ray Data)
+    over the bundle on a PersistentVolumeClaim, its digest pinned and checked in every pod."""
+    from ..errors import ConfigError
+    from ..runtime.bundle import Bundle
+    from ..scale.kuberay import KubeRay, write_manifests
+    from ..scale.options import parse_autoscale
+
+    loaded = Bundle.load(bundle, digest=digest)  # every file's hash: the digest must be worth pinning
+    if workers < 1 or (max_workers is not None and max_workers < workers):
+        raise ConfigError("--workers must be >= 1 and --max-workers >= --workers")
+    if replicas < 1 or actors < 1 or worker_cpus < 1:
+        raise ConfigError("--replicas, --actors and --worker-cpus must be >= 1")
+    spec = KubeRay(
+        name=name, bundle=loaded.path.resolve().name, digest=loaded.digest, claim=claim or f"{name}-bundles",
+        image=image, workers=workers, max_workers=max_workers, worker_cpus=worker_cpus, gpu=gpu,
+        replicas=replicas, autoscale=parse_autoscale(autoscale), backend=backend or "auto",
+        api_key_secret=api_key_secret, data_claim=data_claim, actors=actors,
+    )  # fmt: skip
+    for path in write_manifests(out, spec):
+        console.print(f"wrote {path}", highlight=False)

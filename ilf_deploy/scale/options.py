@@ -1,4 +1,4 @@
-"""The options of a batch, shared by its local and Ray runners."""
+"""The options of a batch (shared by its local and Ray runners) and of `serve --server ray`."""
 
 from __future__ import annotations
 
@@ -32,3 +32,33 @@ class BatchOptions:
             raise ConfigError(f"--actor-cpus must be > 0, got {self.actor_cpus}")
         if self.ship and self.ray_address is None:
             raise ConfigError("--ship-bundle is for Ray (--ray-address); here the bundle is already local")
+
+
+@dataclass(frozen=True)
+class RayServeOptions:
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas: Ray Serve's autoscaler
+    replica_cpus: float = 1.0
+    ship: bool = False  # the bundle through the object store (default: a shared path)
+    logs: tuple[str, str] = ("human", "info")  # the replicas' --log-format and --log-level
+
+    def check(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"--replicas must be >= 1, got {self.replicas}")
+        if self.autoscale is not None:
+            parse_autoscale(f"{self.autoscale[0]}:{self.autoscale[1]}")
+        if not self.replica_cpus > 0:
+            raise ConfigError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
+
+
+def parse_autoscale(text: str | None) -> tuple[int, int] | None:
+    """`--autoscale MIN:MAX`: Ray Serve's autoscaler keeps MIN..MAX replicas (0 <= MIN <= MAX, MAX >= 1)."""
+    if text is None:
+        return None
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--autoscale must be MIN:MAX (e.g. 1:4), got {text!r}") from None
+    if not (0 <= low <= high and high >= 1):
+        raise ConfigError(f"--autoscale MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return low, high

@@ -114,6 +114,12 @@ class Results:
         self.done.add(index)
         return True
 
+    def __enter__(self) -> Results:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def close(self) -> None:
         for handle in (self._file, self._lock):
             if handle is not None:

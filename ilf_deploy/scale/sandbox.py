@@ -181,6 +181,24 @@ class Sandbox:
         self.nodes.append(node)
         return node
 
+    def wait_for_head(self, timeout: float = 60) -> None:
+        """Until the head's GCS port answers (before the other nodes join)."""
+        code = (
+            "import socket, sys, time\n"
+            "deadline = time.monotonic() + float(sys.argv[1])\n"
+            "while True:\n"
+            "    try:\n"
+            f"        socket.create_connection(('127.0.0.1', {PORT}), 1).close(); break\n"
+            "    except OSError:\n"
+            "        if time.monotonic() > deadline: sys.exit('the head did not open its port')\n"
+            "        time.sleep(0.1)\n"
+        )
+        probe = self.run([sys.executable, "-c", code, timeout], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise RuntimeError(
+                f"{probe.stderr.strip()}: {self.nodes[0].log.read_text(errors='replace')[-2000:]}"
+            )
+
     def wait(self, timeout: float = 120) -> list[dict[str, Any]]:
         """Until every node started (and not killed) is up with its CPUs: [{id, head}] of the nodes."""
         live = [n for n in self.nodes if n.process.poll() is None]

@@ -21,7 +21,7 @@ import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
@@ -33,6 +33,7 @@ from ..serve.batcher import Batcher, BatchKey, EngineError, Job
 from ..serve.logs import REQUEST_ID_HEADER
 from ..serve.state import ServeOptions
 from .cluster import cause, connect
+from .options import RayServeOptions, parse_autoscale
 from .ship import SharedPath, Shipped, source
 
 APP = "ilf"  # the Serve application's name
@@ -44,7 +45,8 @@ log = logging.getLogger("ilf_deploy.serve")
 class RayServeBatcher(Batcher):
     """Our Batcher with Ray Serve's `@serve.batch` as its scheduler: a request's images wait in the
     Batcher's queues (so the queue limit, cancellation and shutdown work as in `serve`), and each
-    batch Ray Serve forms runs as one engine call per (plan, size, guided) group in it."""
+    batch Ray Serve forms runs as one engine call per (plan, size, guided) group in it. One per
+    process: Ray Serve keeps one batch queue per decorated method (a replica is one process)."""
 
     @classmethod
     def replacing(cls, batcher: Batcher) -> RayServeBatcher:
@@ -195,33 +197,6 @@ class IlfReplica:
             raise RuntimeError(self.batcher.warmup_error)
 
 
-@dataclass(frozen=True)
-class RayServeOptions:
-    replicas: int = 1
-    autoscale: tuple[int, int] | None = None  # (min, max) replicas: Ray Serve's autoscaler
-    replica_cpus: float = 1.0
-    ship: bool = False  # the bundle through the object store (default: a shared path)
-    logs: tuple[str, str] = ("human", "info")  # the replicas' --log-format and --log-level
-
-    def check(self) -> None:
-        if self.replicas < 1:
-            raise ConfigError(f"--replicas must be >= 1, got {self.replicas}")
-        if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] >= 1:
-            raise ConfigError(f"--autoscale MIN:MAX needs 0 <= MIN <= MAX, MAX >= 1, got {self.autoscale}")
-        if not self.replica_cpus > 0:
-            raise ConfigError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
-
-
-def parse_autoscale(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        low, high = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise ConfigError(f"--autoscale must be MIN:MAX (e.g. 1:4), got {text!r}") from None
-    return low, high
-
-
 def deployment_options(options: ServeOptions, ray_options: RayServeOptions) -> dict[str, Any]:
     """Ray Serve's options for the deployment: replicas (or the autoscaler), CPUs, concurrency."""
     batch = options.max_batch or 8
@@ -290,11 +265,14 @@ def deploy(
     serve.start(http_options=http)
     app = application(source(bundle, ray_options.ship), options, ray_options)
     try:
-        serve.run(app, name=APP, route_prefix="/")
+        serve.run(app, name=APP, route_prefix="/")  # returns once every replica is up
     except (RuntimeError, ray.exceptions.RayError) as exc:
         reason = failure() or cause(exc)
         undeploy()
         raise ConfigError(f"Ray Serve could not deploy {bundle_path}: {reason}") from None
+    except KeyboardInterrupt:  # Ctrl-C while the replicas start: leave nothing behind
+        undeploy()
+        raise
     return bundle.digest
 
 

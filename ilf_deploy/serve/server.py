@@ -32,7 +32,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ConfigError
-from .connections import ConnectionTable, Listener, TrackedApp, default_max_connections, error_bytes
+from .connections import ConnectionTable, Listener, TrackedApp, error_bytes
 from .logs import FloodFilter
 from .state import ServeOptions, ServerState
 
@@ -85,8 +85,8 @@ class IlfServer(uvicorn.Server):
         state = getattr(getattr(config.app, "state", None), "ilf", None)
         self.ilf: ServerState | None = state if isinstance(state, ServerState) else None
         self.options = self.ilf.options if self.ilf is not None else ServeOptions()
-        limit = self.options.max_connections or default_max_connections()
-        self.table = ConnectionTable(limit, self.ilf.metrics if self.ilf is not None else None)
+        metrics = self.ilf.metrics if self.ilf is not None else None
+        self.table = ConnectionTable(self.options.connection_limit(), metrics)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

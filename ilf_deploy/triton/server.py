@@ -74,7 +74,11 @@ class TritonServer:
         metrics_port: int = 8002,
         host: str = "0.0.0.0",
         extra: tuple[str, ...] = (),
+        exit_timeout_s: int | None = None,
     ) -> list[str]:
+        """The command line; `exit_timeout_s` is Triton's `--exit-timeout-secs` (default 30): how long
+        it keeps serving after SIGINT/SIGTERM before it exits, dropping what is still queued."""
+        exit_timeout = [f"--exit-timeout-secs={exit_timeout_s}"] if exit_timeout_s is not None else []
         return [
             str(self.binary),
             f"--model-repository={repository}",
@@ -85,6 +89,7 @@ class TritonServer:
             f"--grpc-port={grpc_port}",
             f"--metrics-address={host}",
             f"--metrics-port={metrics_port}",
+            *exit_timeout,
             *extra,
         ]
 

@@ -58,6 +58,7 @@ class Tensor {
  public:
   Tensor() = default;
   Tensor(DType dtype, Shape shape);  // zero-filled
+  static Tensor uninitialized(DType dtype, Shape shape);  // contents unspecified: for outputs
   static Tensor f32(Shape shape, const std::vector<float>& values);
   static Tensor i64(Shape shape, const std::vector<int64_t>& values);
 
@@ -328,6 +329,7 @@ class Segments {
   Bundle bundle_;
   Engine& engine_;
   Timings timings_;
+  std::vector<const SegmentSpec*> block_segments_;
   std::map<std::string, std::vector<std::string>> input_names_;
   std::map<std::pair<int, int>, Tensor> positions_;
 };
