@@ -69,8 +69,10 @@ def xl_bundle(quick: bool) -> Path:
     existing = OUT / size.tag / "bundle"
     if (existing / "manifest.json").is_file() and (existing / "plans" / "ilf-10.json").is_file():
         return existing
-    log(f"building the {size.tag} bundle (minutes at full size)")
-    return model_and_bundle(OUT / "cpp" / size.tag, size, ("ilf-10",))[1]
+    work = OUT / "cpp" / size.tag
+    if not (work / "bundle" / "manifest.json").is_file():
+        log(f"building the {size.tag} bundle (minutes at full size)")
+    return model_and_bundle(work, size, ("ilf-10",))[1]
 
 
 class TimedInfer:

@@ -78,9 +78,7 @@ def bench_plans(
         runs_stages = per_run[plan.name]
         names = runs_stages[0].keys() if runs_stages else []
         stages = {n: (runs_stages[0][n][0], statistics.median(r[n][1] for r in runs_stages)) for n in names}
-        results.append(
-            PlanResult(plan.name, plan.num_steps, ran[plan.name], latencies[plan.name], stages)
-        )
+        results.append(PlanResult(plan.name, plan.num_steps, ran[plan.name], latencies[plan.name], stages))
     return results
 
 

@@ -325,13 +325,14 @@ def resolve_bundle_plan(bundle: Bundle, spec: str) -> StepPlan:
     blocks, scheduler, loop, t_post = bundle_plan_facts(bundle)
     plan = resolve_plan(spec, blocks, scheduler, loop, t_post)
     missing = sorted(set(plan.cut_points) - set(bundle.manifest.cut_points))
+    absent = f"plan {plan.name!r} is not in this bundle (it has: {', '.join(bundle.plan_names)})"
     if missing:
         raise ConfigError(
-            f"plan {plan.name!r} cuts the model at block(s) {missing} where this bundle has no segment "
-            f"boundary (it has {list(bundle.manifest.cut_points)}); rebuild it with the plan in --plans"
+            f"{absent}, and as a preset it cuts the model at block(s) {missing} where the bundle has no "
+            f"segment boundary (it has {list(bundle.manifest.cut_points)}); rebuild with the plan in --plans"
         )
     if plan.feedback_steps and bundle.loop is None:
-        raise ConfigError(f"plan {plan.name!r} needs a feedback module; this bundle has none")
+        raise ConfigError(f"{absent}, and as a preset it needs a feedback module, which the bundle has not")
     return plan
 
 

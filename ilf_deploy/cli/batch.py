@@ -91,56 +91,75 @@ def batch(
     console.print(summary.line(out), highlight=False)
 
 
-def serve_on_ray(
-    bundle: Path,
-    options,
-    http: dict,
-    require_auth: bool,
-    logs: tuple[str, str],
-    ray: dict,
-    unused: list[str],
-) -> None:
-    """`serve --server ray`: deploy on the cluster, serve until Ctrl-C or SIGTERM, then delete the
-    application. `http`: host, port and TLS files of Ray Serve's proxies; `ray`: the cluster options."""
-    import signal
-    import time
-
-    from rich.markup import escape
-
+def ray_options(server: str, address, replicas, autoscale, replica_cpus, ship: bool) -> dict:
+    """`serve`'s Ray options, refused for the other servers rather than ignored."""
     from ..errors import ConfigError
-    from ..scale.options import RayServeOptions, parse_autoscale
-    from ..scale.serve import deploy, undeploy
-    from ..serve.auth import check_exposure
 
-    if unused:
-        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
-        raise ConfigError(
-            f"{flags}: --server ray's connections are Ray Serve's proxy's, which has no such limit"
-        )
-    warning = check_exposure(
-        http["host"], options.api_keys, require_auth, http.get("ssl_keyfile") is not None
-    )
-    if warning:
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-    ray_options = RayServeOptions(
+    given = {
+        "ray_address": address,
+        "replicas": replicas,
+        "autoscale": autoscale,
+        "replica_cpus": replica_cpus,
+    }
+    if server != "ray" and (ship or any(value is not None for value in given.values())):
+        flags = "--ray-address, --replicas, --autoscale, --replica-cpus and --ship-bundle"
+        raise ConfigError(f"{flags} need --server ray")
+    return {**given, "ship_bundle": ship}
+
+
+def _ray_serve_options(ray: dict, logs: tuple[str, str]):
+    from ..scale.options import RayServeOptions, parse_autoscale
+
+    return RayServeOptions(
         replicas=1 if ray["replicas"] is None else ray["replicas"],
         autoscale=parse_autoscale(ray["autoscale"]),
         replica_cpus=1.0 if ray["replica_cpus"] is None else ray["replica_cpus"],
         ship=ray["ship_bundle"],
         logs=logs,
     )
+
+
+def serve_on_ray(
+    bundle: Path,
+    options,
+    listen: tuple,
+    require_auth: bool,
+    logs: tuple[str, str],
+    ray: dict,
+    unused: list[str],
+) -> None:
+    """`serve --server ray`: deploy on the cluster, serve until Ctrl-C or SIGTERM, then delete the
+    application. `listen`: (host, port, TLS files) of Ray Serve's proxies; `ray`: `ray_options`."""
+    import signal
+    import time
+
+    from rich.markup import escape
+
+    from ..errors import ConfigError
+    from ..scale.serve import deploy, undeploy
+    from ..serve.auth import check_exposure
+
+    unused = [name for name in unused if name != "body_timeout_s"]  # the replicas' app keeps that one
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise ConfigError(
+            f"{flags}: --server ray's connections are Ray Serve's proxy's, which has no such limit"
+        )
+    host, port, tls = listen
+    http = {"host": host, "port": port, **{k: v for k, v in tls.items() if v is not None}}
+    warning = check_exposure(host, options.api_keys, require_auth, "ssl_keyfile" in http)
+    if warning:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    ray_options = _ray_serve_options(ray, logs)
     address = ray["ray_address"] or "auto"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as Ctrl-C: delete the app
     digest = deploy(str(bundle), options, ray_options, address, http)
     how = "shipped to the nodes" if ray_options.ship else "a shared path"
-    scale = (
-        f"{ray_options.autoscale[0]}..{ray_options.autoscale[1]}"
-        if ray_options.autoscale
-        else ray_options.replicas
-    )
+    low_high = ray_options.autoscale
+    scale = f"{low_high[0]}..{low_high[1]}" if low_high else ray_options.replicas
     console.print(
-        f"serving {bundle} ({digest}, {how}) on http://{http['host']}:{http['port']} with {scale} Ray Serve "
-        f"replica(s) on {address}; Ctrl-C stops it",
+        f"serving {bundle} ({digest}, {how}) on http://{host}:{port} with {scale} Ray Serve replica(s) "
+        f"on {address}; Ctrl-C stops it",
         highlight=False,
         soft_wrap=True,
     )

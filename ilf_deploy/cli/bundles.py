@@ -215,12 +215,13 @@ def bench(
     """Per-stage latency of each plan, block forwards, measured vs predicted speedup, images/s."""
     from ..bench import bench_plans, plot, summary
     from ..runtime.bundle import Bundle
+    from ..tuning import resolve_bundle_plan
 
     if runs < 1 or warmup < 0:
         raise ConfigError("--runs must be >= 1 and --warmup >= 0")
     loaded = Bundle.load(bundle, digest=digest)
     names = _split_list(plans) if plans else loaded.plan_names
-    step_plans = [loaded.plan(name) for name in names]
+    step_plans = [resolve_bundle_plan(loaded, name) for name in names]  # presets its segments cover too
     generator, _, _ = open_source(bundle, backend, variant)
     engine = generator.backend + (f" {generator.variant}" if generator.variant else "")
     request = Request(prompt=prompt, class_label=class_label)

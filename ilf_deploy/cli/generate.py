@@ -32,8 +32,10 @@ def open_source(
 
         generator = open_generator(source, backend or AUTO, variant=variant, device=device, digest=digest)
         announce(generator.choice, source, backend)
+        from ..tuning import resolve_bundle_plan
+
         bundle = Bundle.load(source, verify_hashes=False)  # open_generator has checked the hashes
-        return generator, bundle.plan, bundle.architecture
+        return generator, lambda spec: resolve_bundle_plan(bundle, spec), bundle.architecture
     if digest is not None:
         raise ConfigError(f"--digest pins a bundle; {source} is a model (build a bundle of it first)")
     if backend not in (None, "torch"):

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import ConfigError
 from . import command, console
-from .batch import Autoscale, RayAddress, ReplicaCpus, Replicas, ShipBundle
+from .batch import Autoscale, RayAddress, ReplicaCpus, Replicas, ShipBundle, ray_options, serve_on_ray
 from .generate import announce
 from .options import Backend, BundleDir, DefaultPlan, Digest
 
@@ -83,12 +83,7 @@ def serve(
     """Serve a bundle over HTTP: OpenAI-style /v1/images/generations with micro-batching."""
     if server not in SERVERS:
         raise ConfigError(f"--server must be one of {', '.join(SERVERS)}, got {server!r}")
-    ray = {"ray_address": ray_address, "replicas": replicas, "autoscale": autoscale}
-    ray.update(replica_cpus=replica_cpus, ship_bundle=ship_bundle)
-    if server != "ray" and any(ray.values()):
-        raise ConfigError(
-            "--ray-address, --replicas, --autoscale, --replica-cpus and --ship-bundle need --server ray"
-        )
+    ray = ray_options(server, ray_address, replicas, autoscale, replica_cpus, ship_bundle)  # cli/batch.py
     security = {
         "--api-key-file": api_key_file is not None,
         "--require-auth": require_auth,
@@ -126,13 +121,8 @@ def serve(
     )
     tls = _tls_files(ssl_keyfile, ssl_certfile)
     if server == "ray":  # the same app in Ray Serve replicas (cli/batch.py; README "Beyond one machine")
-        from .batch import serve_on_ray
-
-        unused = [name for name in given if name != "body_timeout_s"] + ["max_connections"] * bool(
-            max_connections
-        )
-        http = {"host": host, "port": port, **{k: v for k, v in tls.items() if v is not None}}
-        serve_on_ray(bundle, options, http, require_auth, (log_format, log_level), ray, unused)
+        unused = [*given, *(["max_connections"] if max_connections is not None else [])]
+        serve_on_ray(bundle, options, (host, port, tls), require_auth, (log_format, log_level), ray, unused)
         return
     _run_http(bundle, options, host, port, (log_level, log_format), require_auth, tls, backend)
 

@@ -1,0 +1,187 @@
+"""Issue 21: `ilf-deploy batch` here vs on Ray Data (run by `make bench`, not CI).
+
+1. **Ray's overhead per image**: the local batch (this process's engine) vs the Ray batch on one node
+   with one actor, same bundle and rows, interleaved (local, Ray, local, Ray, ...; medians). An image's
+   time is the difference of two batches, N and N/4 rows, over 3N/4 (each timed from the driver's
+   start to its last row): what start-up costs (connecting, starting the actor, opening the bundle)
+   cancels, and is reported apart. Targets: Ray <= 10 % slower per image on the tiny bundle, <= 2 %
+   on the PixArt-XL config (benchmarks/backbone.py's bundle).
+2. **Images/s at 1 and 2 actors** (Ray, one node with this machine's CPUs), beside the core count:
+   on 2 cores two actors cannot be faster than one (each engine already uses every core), so this
+   shows the overhead of a second actor, not scaling.
+
+Ray runs in `ilf_deploy.scale.sandbox`'s private network namespace (Ray binds to the interface
+address), and so does every driver here, local ones too (the same process start-up for both).
+
+    python -m benchmarks.batch [--quick] [--rows 64] [--rounds 2] [--xl-rows 2] [--xl-bundle DIR] [--no-xl]
+
+Writes out/bench/batch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+OUT = Path("out/bench")
+TARGETS = {"tiny": 0.10, "pixart-xl": 0.02}
+PROMPT = "a small red circle on a blue background"
+
+
+def tiny_bundle(root: Path) -> Path:
+    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from ilf_deploy.tiny import make_tiny_pipeline
+
+    model = make_tiny_pipeline("pixart-alpha", root / "model", num_layers=4)
+    return build_bundle(model, root / "bundle", BuildOptions(plans=("base-4", "ilf-4"), copy_model=False))
+
+
+def xl_bundle(given: Path | None) -> Path:
+    if given is not None:
+        return given
+    from benchmarks.backbone import OUT as BACKBONE_OUT
+    from benchmarks.backbone import Size, model_and_bundle
+
+    return model_and_bundle(BACKBONE_OUT / Size().tag, Size(), ("base-20", "ilf-10"))[1]
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One batch in this process (the driver): its time to the last row, and the engine's per image."""
+    from ilf_deploy.scale.batch import run_batch
+    from ilf_deploy.scale.options import BatchOptions
+
+    written: list[float] = []
+    started = time.perf_counter()
+    options = BatchOptions(
+        Path(spec["bundle"]), Path(spec["prompts"]), Path(spec["out"]), backend="onnxruntime",
+        ray_address=spec["address"], actors=spec["actors"], batch_size=spec["batch_size"],
+    )  # fmt: skip
+    summary = run_batch(options, on_row=lambda: written.append(time.perf_counter()))
+    rows = [json.loads(line) for line in (Path(spec["out"]) / "results.jsonl").read_text().splitlines()]
+    assert summary.images == len(rows) == spec["rows"], summary
+    return {
+        "first_row_s": written[0] - started,
+        "last_row_s": written[-1] - started,
+        "engine_s": statistics.median(r["seconds"] for r in rows),  # the worker's own time per image
+    }
+
+
+def run(
+    sandbox: Any, bundle: Path, plan: str, rows: int, address: str | None, actors: int, batch_size: int = 1
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="ilf-bench-batch-") as tmp:
+        prompts = Path(tmp) / "prompts.jsonl"
+        lines = [json.dumps({"prompt": PROMPT, "seed": i, "plan": plan}) for i in range(rows)]
+        prompts.write_text("\n".join(lines) + "\n")
+        spec = {"bundle": str(bundle), "prompts": str(prompts), "out": f"{tmp}/out", "address": address}
+        spec.update(actors=actors, rows=rows, batch_size=batch_size)
+        code = "import json, sys; from benchmarks.batch import child; print(json.dumps(child(json.loads(sys.argv[1]))))"  # noqa: E501
+        done = sandbox.run(
+            [sys.executable, "-c", code, json.dumps(spec)], Path.cwd(), capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"the batch failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def per_image(sandbox: Any, bundle: Path, plan: str, rows: int, address: str | None, actors: int = 1) -> dict:
+    """Seconds per image without start-up: batches of `rows` and rows/4, differenced."""
+    short = max(1, rows // 4)
+    long_ = run(sandbox, bundle, plan, rows, address, actors)
+    brief = run(sandbox, bundle, plan, short, address, actors)
+    seconds = (long_["last_row_s"] - brief["last_row_s"]) / (rows - short)
+    return {
+        "per_image_s": seconds,
+        "startup_s": brief["last_row_s"] - short * seconds,
+        "long": long_,
+        "short": brief,
+    }
+
+
+def overhead(sandbox: Any, name: str, bundle: Path, plan: str, rows: int, rounds: int) -> dict[str, Any]:
+    """Local vs Ray with one actor, interleaved; Ray's extra time per image as a fraction of local's."""
+    from ilf_deploy.scale.sandbox import ADDRESS
+
+    runs: dict[str, list[dict[str, Any]]] = {"local": [], "ray": []}
+    for round_ in range(rounds):
+        for kind, address in (("local", None), ("ray", ADDRESS)):
+            runs[kind].append(per_image(sandbox, bundle, plan, rows, address))
+            last = runs[kind][-1]
+            print(f"  {name} round {round_ + 1} {kind}: {last['per_image_s'] * 1000:.1f} ms/image, "
+                  f"start-up {last['startup_s']:.1f} s", flush=True)  # fmt: skip
+    median = {kind: statistics.median(r["per_image_s"] for r in results) for kind, results in runs.items()}
+    startup = {kind: statistics.median(r["startup_s"] for r in results) for kind, results in runs.items()}
+    ratio = median["ray"] / median["local"] - 1
+    return {"plan": plan, "rows": rows, "runs": runs, "per_image_s": median, "startup_s": startup,
+            "ray_overhead": ratio, "target": TARGETS[name], "met": ratio <= TARGETS[name]}  # fmt: skip
+
+
+def scaling(sandbox: Any, bundle: Path, plan: str, rows: int) -> dict[str, Any]:
+    from ilf_deploy.scale.sandbox import ADDRESS
+
+    result = {}
+    for actors in (1, 2):
+        result[str(actors)] = 1 / per_image(sandbox, bundle, plan, rows, ADDRESS, actors)["per_image_s"]
+        print(f"  tiny, Ray, {actors} actor(s): {result[str(actors)]:.1f} images/s", flush=True)
+    return result
+
+
+def report(results: dict[str, Any]) -> None:
+    machine = results["machine"]
+    flags = [f for f in machine["flags"] if f.startswith(("avx512", "amx", "avx_vnni", "avx2", "fma"))]
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores; {' '.join(flags)}")
+    for name in ("tiny", "pixart-xl"):
+        if name in results:
+            r = results[name]
+            local, ray = (r["per_image_s"][k] * 1000 for k in ("local", "ray"))
+            verdict = "met" if r["met"] else "MISSED"
+            print(f"{name} ({r['plan']}): local {local:.1f} ms/image, Ray 1 actor {ray:.1f} ms/image: "
+                  f"overhead {r['ray_overhead']:+.1%} (target <= {r['target']:.0%}: {verdict})")  # fmt: skip
+    scale = results["actors_images_per_s"]
+    print(f"tiny, Ray: {scale['1']:.1f} images/s with 1 actor, {scale['2']:.1f} with 2, on "
+          f"{machine['cores']} cores (2 cores cannot show scaling: each engine uses them all)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="32 rows, 1 round, no PixArt-XL")
+    parser.add_argument("--rows", type=int, default=64, help="rows of the longer tiny batch")
+    parser.add_argument("--rounds", type=int, default=2, help="local/Ray pairs per bundle")
+    parser.add_argument(
+        "--xl-rows", type=int, default=2, help="rows of the longer PixArt-XL batch (~1 min each)"
+    )
+    parser.add_argument("--xl-bundle", type=Path, help="a PixArt-XL-config bundle (default: backbone's)")
+    parser.add_argument("--no-xl", action="store_true", help="skip the PixArt-XL config")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.rounds, args.no_xl = 32, 1, True
+    from ilf_deploy.backends.machine import cpu_count, fingerprint
+    from ilf_deploy.scale.sandbox import Sandbox, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        raise SystemExit(f"benchmarks.batch needs a Ray sandbox: {reason}")
+    results: dict[str, Any] = {"machine": {**fingerprint(), "cores": cpu_count()}}
+    with tempfile.TemporaryDirectory(prefix="ilf-bench-") as tmp, Sandbox() as sandbox:
+        sandbox.add_node(cpu_count(), head=True)
+        sandbox.wait()
+        tiny = tiny_bundle(Path(tmp))
+        results["tiny"] = overhead(sandbox, "tiny", tiny, "ilf-4", args.rows, args.rounds)
+        results["actors_images_per_s"] = scaling(sandbox, tiny, "ilf-4", args.rows)
+        if not args.no_xl:
+            xl = xl_bundle(args.xl_bundle)
+            results["pixart-xl"] = overhead(sandbox, "pixart-xl", xl, "ilf-10", args.xl_rows, args.rounds)
+    report(results)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "batch.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if all(results[n]["met"] for n in TARGETS if n in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
