@@ -534,8 +534,8 @@ def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Seconds per image (x) against Δ acc all vs the reference (y, ± its paired standard error):
-    green inside the budget, red outside, a ring on the Pareto front, the chosen plan in bold; drawn
-    with Pillow (no plotting dependency)."""
+    green inside the budget, red outside, a ring on the Pareto front, a blue square on the chosen
+    plan, labels with the block forwards that ran; drawn with Pillow (no plotting dependency)."""
     from PIL import Image, ImageDraw
 
     width, height, pad = 900, 560, 70
@@ -549,9 +549,10 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     py = lambda y: height - pad - (height - 2 * pad) * (y - y0) / max(y1 - y0, 1e-12)  # noqa: E731
     draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
     draw.line([pad, py(0.0), width - pad, py(0.0)], fill=(160, 160, 160))
-    draw.text((pad, 20), title, fill="black")
+    ascii_only = str.maketrans({"Δ": "d", "é": "e", "≤": "<=", "≥": ">="})  # Pillow's default font
+    draw.text((pad, 20), title.translate(ascii_only), fill="black")
     draw.text((width // 2 - 60, height - 30), "seconds per image (batch 1)", fill="black")
-    draw.text((8, pad - 20), "Δ acc all vs reference", fill="black")
+    draw.text((8, pad - 20), "d acc all vs reference (paired, +- 1 se)", fill="black")
     for value, y in ((y0, height - pad), (y1, pad)):
         draw.text((8, y - 6), f"{value:+.3f}", fill="black")
     for value, x in ((x0, pad), (x1, width - pad)):
@@ -563,6 +564,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
         if r["pareto"]:
             draw.ellipse([x - 8, y - 8, x + 8, y + 8], outline="black")
+        if r["chosen"]:
+            draw.rectangle([x - 11, y - 11, x + 11, y + 11], outline=(30, 60, 200), width=3)
         label = f"{r['name']} ({r['block_forwards_ran']:.0f})" + (" <- chosen" if r["chosen"] else "")
         draw.text((x + 10, y - 6), label, fill="black" if r["chosen"] or r["pareto"] else (110, 110, 110))
     path.parent.mkdir(parents=True, exist_ok=True)
