@@ -138,14 +138,7 @@ class RayServeBatcher(Batcher):
             results = await loop.run_in_executor(self._executor, self._run_batch, key, group)
             self._running = []
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
-            for job, result in results:
-                job.state = "done"
-                if job.future.done():  # cancelled meanwhile
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+            self._deliver(results)
         return [None] * len(jobs)
 
 

@@ -224,14 +224,19 @@ class Batcher:
             self._running = []
             elapsed = time.perf_counter() - started
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
-            for job, result in results:
-                job.state = "done"
-                if job.future.done():  # cancelled meanwhile
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+            self._deliver(results)
+
+    @staticmethod
+    def _deliver(results: list[tuple[Job, Any]]) -> None:
+        """Each job's image or error to its waiting request (skipped where it was cancelled)."""
+        for job, result in results:
+            job.state = "done"
+            if job.future.done():  # cancelled meanwhile
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
 
     async def _next_batch(self) -> tuple[BatchKey, list[Job]]:
         assert self._wakeup is not None
