@@ -116,9 +116,12 @@ def sigma_copy(bundles, tmp_path_factory):
 # -- parity with the Python runtime ---------------------------------------------------------------
 
 
-def test_the_extra_plans_exercise_every_op_kind(bundles):
-    bundle = Bundle.load(bundles["dit"])
+@pytest.mark.parametrize("name", list(SIZES))
+def test_the_extra_plans_exercise_every_op_kind(bundles, name):
+    bundle = Bundle.load(bundles[name])
+    assert [tuple(r) for r in bundle.manifest.resolutions] == SIZES[name]  # two sizes, as built
     kinds = {p: {op.kind for s in bundle.plan(p).steps for op in s.ops} for p in PLANS}
+    assert kinds["base-4"] == {"blocks"}
     assert kinds["ilf-4"] >= {"ilf", "blocks"}
     assert kinds["cache-6"] >= {"cache_refresh", "cache_reuse"}
     assert kinds["delta-dit-6"] >= {"cache_refresh", "cache_reuse"}

@@ -269,9 +269,11 @@ class Timings {
 
 /// What runs a bundle's segments: one named graph, named tensors in, named tensors out.
 ///
-/// `run` receives exactly the inputs the segment declares in the manifest (float32 / int64 host
-/// tensors) and returns at least its declared outputs. An engine converts to the graph's own element
-/// types (e.g. an fp16 export) at its boundary. Engines are not thread-safe: one per thread.
+/// `run` receives exactly the inputs the segment declares in the manifest (host tensors: float32 and
+/// int64, and float16 where an fp16 bundle's previous segment returned float16) and returns at least
+/// its declared outputs. An engine converts to the graph's own element types at its boundary, and may
+/// return float16 where the graph computes in it (the loop then rounds as numpy's float16 does).
+/// Engines are not thread-safe: one per thread.
 class Engine {
  public:
   virtual ~Engine() = default;
