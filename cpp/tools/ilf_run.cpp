@@ -32,7 +32,7 @@ Run a step plan of an ilf-deploy bundle on OpenVINO (every file's sha256 and the
   --latents-in FILE       start from these latents (.npy) instead of noise
   --latents-out FILE      write the final latents (.npy)
   --out, -o FILE          write the image (.png; default image.png unless only --latents-out)
-  --variant V             f32 / bf16, or a bundle variant OpenVINO reads (int8-ov, int8-qdq)
+  --variant V             f32 / bf16, or a bundle variant OpenVINO reads (mode int8-ov or int8-qdq)
   --precision P           f32 (default, pinned) or bf16 (needs AVX512_BF16 or AMX)
   --device D              OpenVINO device (default CPU; GPU/NPU passed through, untested)
   --threads N             OpenVINO inference threads (default: OpenVINO's choice)
