@@ -16,11 +16,13 @@ import hashlib
 import io
 import json
 import shlex
+import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -37,6 +39,7 @@ from ilf_deploy.scale.sandbox import ADDRESS, BIN, Sandbox, unavailable
 from ilf_deploy.scale.ship import CACHE_ENV
 from ilf_deploy.scale.worker import BatchWorker, job
 from ilf_deploy.tiny import make_tiny_pipeline
+from tests.test_batch import generate_png
 
 pytest.importorskip("ray", reason="the ray extra is not installed (make setup installs it)")
 
@@ -121,8 +124,9 @@ def wait_for_rows(out: Path, process, enough) -> list[dict]:
 @needs_cluster
 def test_batch_on_two_nodes_is_the_local_batch(cluster, bundle, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 24, bad=7)
+    lines = [json.loads(line) for line in prompts.read_text().splitlines()]
     out = tmp_path / "ray"
-    command = ray_batch(bundle, prompts, out)
+    command = ray_batch(bundle, prompts, out, "--ship-bundle")  # the other tests: a shared path
     done = cluster.sandbox.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "24 rows: 23 images, 1 refused, 0 failed" in done.stderr, done.stderr[-2000:]
@@ -138,6 +142,14 @@ def test_batch_on_two_nodes_is_the_local_batch(cluster, bundle, tmp_path):
     for row in rows[-3:]:
         png = (out / row["file"]).read_bytes()
         assert hashlib.sha256(png).hexdigest() == row["sha256"]
+    for node in (cluster.head, cluster.worker):  # and one row of each node against `generate` itself
+        row = next(r for r in rows if r["worker"] and r["worker"]["node"] == node)
+        made = generate_png(bundle, tmp_path / f"generate-{row['index']}.png", lines[row["index"]])
+        assert (out / row["file"]).read_bytes() == made, row
+    digest = Bundle.load(bundle).digest.removeprefix("sha256:")
+    for cache in cluster.caches.values():  # shipped: each node wrote its own copy (removed: serve's
+        assert (cache / digest / bundle.name / "manifest.json").is_file()  # test checks its own)
+        shutil.rmtree(cache / digest)
 
 
 @needs_cluster
@@ -163,11 +175,12 @@ CLIENT = r"""
 import base64, json, sys
 from concurrent.futures import ThreadPoolExecutor
 import httpx
-url, seeds = sys.argv[1], json.loads(sys.argv[2])
+url, seeds, key = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 http = httpx.Client(base_url=url, timeout=120)
+auth = {"Authorization": f"Bearer {key}"}
 
-def post(body, headers=None):
-    r = http.post("/v1/images/generations", json=body, headers=headers or {})
+def post(body, headers=None, keyed=True):
+    r = http.post("/v1/images/generations", json=body, headers={**(auth if keyed else {}), **(headers or {})})
     images = [d["b64_json"] for d in r.json().get("data", [])] if r.status_code == 200 else []
     return {"status": r.status_code, "body": r.json() if r.status_code != 200 else None, "images": images,
             "replica": r.headers.get("x-ilf-replica"), "request_ids": r.headers.get_list("x-request-id")}
@@ -179,30 +192,39 @@ print(json.dumps({
     "together": together,
     "alone": post(body(7)),
     "bad": post({"prompt": "a small red circle on a blue background", "seed": -1}),
-    "models": http.get("/v1/models").json(),
+    "anonymous": post(body(1), keyed=False),
+    "models": http.get("/v1/models", headers=auth).json(),
     "ready": http.get("/readyz").status_code,
+    "metrics": http.get("/metrics", headers=auth).text,
+    "metrics_anonymous": http.get("/metrics").status_code,
 }))
 """
+KEYS = "ray-test:sk-ray-0123456789abcdef"  # ILF_API_KEYS of `serve --server ray` (NAME:KEY)
+KEY = KEYS.split(":", 1)[1]
 
 
 def png_pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
-def serve_400(bundle: Path, body: dict) -> tuple[int, dict]:
-    """What `ilf-deploy serve` (our server, this process) answers."""
+def serve_400(bundle: Path, body: dict, keys: str | None = None, key: str | None = None) -> tuple[int, dict]:
+    """What `ilf-deploy serve` (our server, this process; `keys` as ILF_API_KEYS) answers."""
     from fastapi.testclient import TestClient
 
     from ilf_deploy.serve import ServeOptions, create_app
+    from ilf_deploy.serve.auth import load_keys
 
-    with TestClient(create_app(bundle, ServeOptions(warmup=False))) as client:
-        response = client.post("/v1/images/generations", json=body)
+    options = ServeOptions(warmup=False, api_keys=load_keys(None, keys))
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with TestClient(create_app(bundle, options)) as client:
+        response = client.post("/v1/images/generations", json=body, headers=headers)
         return response.status_code, response.json()
 
 
 def start_ray_serve(cluster: Cluster, bundle: Path, log: Path, *extra):
     command = [BIN / "ilf-deploy", "serve", bundle, "--server", "ray", "--ray-address", ADDRESS, *extra]
-    server = cluster.sandbox.popen(command, stdout=log.open("w"), stderr=log.open("a"))
+    env = {"ILF_API_KEYS": KEYS}  # the driver reads the keys; every replica checks them
+    server = cluster.sandbox.popen(command, stdout=log.open("w"), stderr=log.open("a"), env=env)
     deadline = time.monotonic() + 240
     while "serving " not in log.read_text():  # printed once every replica is up
         assert server.poll() is None, (
@@ -222,7 +244,7 @@ def test_serve_on_two_replicas_answers_from_both_with_generates_images(cluster, 
     try:
         seeds = list(range(100, 116))
         asked = cluster.sandbox.run(
-            [sys.executable, "-c", CLIENT, "http://127.0.0.1:8123", json.dumps(seeds)],
+            [sys.executable, "-c", CLIENT, "http://127.0.0.1:8123", json.dumps(seeds), KEY],
             capture_output=True,
             text=True,
             timeout=300,
@@ -253,8 +275,16 @@ def test_serve_on_two_replicas_answers_from_both_with_generates_images(cluster, 
         # Ray Serve batched these: a batched row may differ from a batch of one by float rounding
         errors = [np.abs(png_pixels(answer["images"][0]).astype(int) - r).mean() for r in references]
         assert int(np.argmin(errors)) == i and errors[i] < 0.5, (i, errors[i])
-    bad = answers["bad"]
-    assert (bad["status"], bad["body"]) == serve_400(bundle, {"prompt": PROMPT, "seed": -1})
+    bad, anonymous = answers["bad"], answers["anonymous"]
+    assert (bad["status"], bad["body"]) == serve_400(bundle, {"prompt": PROMPT, "seed": -1}, KEYS, KEY)
+    assert bad["status"] == 400 and anonymous["status"] == 401  # API keys, checked by the replicas
+    fields = {"prompt": PROMPT, "plan": "ilf-4", "seed": 1}
+    assert (anonymous["status"], anonymous["body"]) == serve_400(bundle, fields, KEYS)
+    metrics, (name, _) = answers["metrics"], KEYS.split(":", 1)
+    assert answers["metrics_anonymous"] == 401 and "\nilf_ready 1" in metrics, metrics[-2000:]
+    assert any(
+        line.startswith("ilf_requests_total{") and f'key="{name}"' in line for line in metrics.splitlines()
+    ), metrics[-2000:]  # the answering replica's own series: its requests, by API key name
     for cache in cluster.caches.values():  # shipped: each node opened its own copy
         assert (cache / digest.removeprefix("sha256:") / bundle.name / "manifest.json").is_file()
 
@@ -295,8 +325,6 @@ def test_losing_the_worker_node_mid_batch_still_makes_every_row_once(cluster, bu
 # -- no cluster: Ray Serve's batching, the application builder, KubeRay ----------------------------
 def test_ray_serve_batching_runs_our_engine_in_batches(bundle, monkeypatch):
     """@serve.batch outside a replica (it only reads the replica's max_ongoing_requests, faked)."""
-    from types import SimpleNamespace
-
     from fastapi.testclient import TestClient
     from ray import serve
 
@@ -352,9 +380,46 @@ def test_app_builder_pins_the_bundle_and_refuses_unknown_args(bundle):
         app_builder({"bundle": str(bundle), "digest": "sha256:" + "0" * 64})
     with pytest.raises(ConfigError, match="--autoscale MIN:MAX needs"):
         app_builder({"bundle": str(bundle), "autoscale": "3:1"})
+    scaled = app_builder({"bundle": str(bundle), "autoscale": "1:3"})._bound_deployment
+    autoscaling = scaled._deployment_config.autoscaling_config  # Ray Serve's autoscaler, not N replicas
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
     ServeDeploySchema.model_validate(
         {"applications": [{"import_path": "ilf_deploy.scale.serve:app_builder"}]}
     )
+
+
+def test_every_replica_opens_the_bundle_with_the_digest_pinned(bundle):
+    """A node whose copy at the shared path is another bundle: its replica refuses to start."""
+    from ilf_deploy.scale.options import RayServeOptions
+    from ilf_deploy.scale.serve import application
+    from ilf_deploy.scale.ship import SharedPath
+    from ilf_deploy.serve import ServeOptions
+
+    elsewhere = ServeOptions(warmup=False, digest="sha256:" + "0" * 64)  # the driver's bundle's digest
+    bound = application(SharedPath(str(bundle)), elsewhere, RayServeOptions())._bound_deployment
+    (constructor,) = bound.func_or_class.__bases__[:1]  # IlfReplica, under Ray Serve's ingress wrapper
+    assert constructor.__name__ == "IlfReplica"
+    with pytest.raises(IlfError, match="not the pinned --digest"):
+        constructor.__init__(SimpleNamespace(), *bound.init_args)  # what each replica runs first
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--replicas", "2"], "need --server ray"),
+        (["--autoscale", "1:2"], "need --server ray"),
+        (["--server", "ray", "--autoscale", "2"], "--autoscale must be MIN:MAX"),
+        (["--server", "ray", "--autoscale", "3:1"], "--autoscale MIN:MAX needs"),
+        (["--server", "ray", "--replicas", "0"], "--replicas must be >= 1"),
+    ],
+)
+def test_serve_ray_options_are_one_line_errors_before_any_cluster(bundle, args, message):
+    before = signal.getsignal(signal.SIGTERM)  # serve --server ray sets it (SIGTERM as Ctrl-C)
+    try:
+        result = invoke("serve", bundle, *args)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_kuberay_manifests_load_into_the_kubernetes_and_ray_serve_models(bundle, tmp_path):
@@ -395,8 +460,10 @@ def test_kuberay_manifests_load_into_the_kubernetes_and_ray_serve_models(bundle,
     assert application.args == {
         "bundle": f"/models/{bundle.name}", "digest": digest, "backend": "auto", "autoscale": "1:4"
     }  # fmt: skip
-    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert head["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "ilf-keys", "key": "ILF_API_KEYS"}
+    cluster = service["spec"]["rayClusterConfig"]  # Serve's build task (app_builder) may run in any pod
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "ilf-keys", "key": "ILF_API_KEYS"}
     entrypoint = shlex.split(job_["spec"]["entrypoint"])
     assert entrypoint[:2] == ["ilf-deploy", "batch"] and job_["spec"]["backoffLimit"] == 2
     import typer

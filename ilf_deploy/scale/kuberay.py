@@ -86,7 +86,7 @@ def _pod(k: KubeRay, container: str, head: bool, batch: bool) -> dict[str, Any]:
     }
     if head:
         ray["ports"] = [{"name": n, "containerPort": p} for n, p in PORTS.items()]
-    if head and k.api_key_secret and not batch:  # app_builder reads the keys where it runs: the head
+    if k.api_key_secret and not batch:  # app_builder reads the keys where Serve builds it: any pod
         secret = {"name": k.api_key_secret, "key": "ILF_API_KEYS"}
         ray["env"] = [{"name": "ILF_API_KEYS", "valueFrom": {"secretKeyRef": secret}}]
     check = {
