@@ -38,7 +38,11 @@ def test_frechet_and_psnr_basics():
     shifted = frechet_distance(a, a + 3.0)
     assert shifted == pytest.approx(4 * 9.0, rel=1e-6)  # same covariance: |Δμ|²
     img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    assert math.isinf(psnr(img, img)) and psnr(img, 255 - img) < 10
+    assert psnr(img, 255 - img) < 10
+    one_level = img.copy()
+    one_level[0, 0, 0] ^= 1  # one value one level off: the finest difference 8 bits show
+    finest = 10 * math.log10(255**2 * img.size)
+    assert psnr(img, img) == pytest.approx(psnr(img, one_level)) == pytest.approx(finest)
 
 
 def test_eval_on_a_tiny_model_writes_table_json_and_grid(tiny_dirs, tmp_path):
