@@ -164,19 +164,26 @@ MONO_INPUTS = ("latents", "pos_embed", "timestep", "context", "context_bias")
 PROBE_BLOCKS = 4
 
 
-def model_and_bundle(work: Path, size: Size, plans: tuple[str, ...]) -> tuple[Path, Path]:
+def model_and_bundle(
+    work: Path, size: Size, plans: tuple[str, ...], copy_model: bool = False
+) -> tuple[Path, Path]:
     """`work/model` (the config at `size`, random weights) and its fp32 bundle of `plans` at
-    RESOLUTION px without the torch model, each written once and reused by later runs."""
+    RESOLUTION px (with the torch model only if `copy_model`: `tune`'s torch candidates need it),
+    each written once and reused by later runs."""
     from ilf_deploy.export.build import BuildOptions, build_bundle
 
     model_dir, bundle_dir = work / "model", work / "bundle"
     if not (model_dir / "model_index.json").is_file():
         log(f"writing {model_dir} ({size.tag})")
         build_model_dir(model_dir, size)
-    if not (bundle_dir / "manifest.json").is_file():
+    manifest = bundle_dir / "manifest.json"
+    lacks_model = (
+        copy_model and manifest.is_file() and json.loads(manifest.read_text())["torch_model"] is None
+    )
+    if not manifest.is_file() or lacks_model:
         log(f"exporting {bundle_dir}")
         options = BuildOptions(
-            plans=plans, resolutions=[(RESOLUTION, RESOLUTION)], force=True, copy_model=False
+            plans=plans, resolutions=[(RESOLUTION, RESOLUTION)], force=True, copy_model=copy_model
         )
         build_bundle(model_dir, bundle_dir, options)
     return model_dir, bundle_dir

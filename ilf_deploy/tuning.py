@@ -2,9 +2,12 @@
 
 Candidates: every installed CPU backend with every precision it can run on the bundle: ONNX
 Runtime fp32 (the reference) and the bundle's ORT variants (int8-dynamic, int8-qdq, fp8-qdq);
-OpenVINO f32, bf16 (only where the CPU has AVX512_BF16 or AMX), the bundle's int8-ov variants and
-its int8-qdq (Q/DQ ONNX that OpenVINO also reads); the bundle's PyTorch model in fp32 and bf16 when
-the bundle carries it. TensorRT is a GPU engine: not a candidate here.
+OpenVINO f32, bf16 (only where the CPU has AVX512_BF16 or AMX; the bundle's bf16 variant, its
+precision policy per segment, instead where it has one), the bundle's int8-ov variants and
+its int8-qdq (Q/DQ ONNX that OpenVINO also reads); the bundle's PyTorch model in fp32 and bf16,
+eager and compiled (`torch.compile` per block, Inductor; the winner's options, `compile` included,
+go to tuning.json and `--backend auto` opens the same engine), when the bundle carries it. TensorRT
+is a GPU engine: not a candidate here.
 
 Each candidate is checked against ONNX Runtime fp32 by the comparator `verify-variant` uses
 (ilf_deploy.compare: its segments on a held-out trajectory's feeds, then the end-to-end latents,
@@ -104,7 +107,8 @@ def candidates(bundle: Bundle) -> list[Candidate]:
         if missing is None:
             from .backends.openvino import cpu_has_bf16
 
-            if cpu_has_bf16():
+            # a bf16 variant (quantize --mode bf16: its policy per segment) replaces the engine's bf16
+            if cpu_has_bf16() and not any(e.mode == "bf16" for e in variants.values()):
                 ov.append(Candidate("openvino", "bf16", budget("openvino", "bf16"), all_segments))
         ov += [variant("openvino", n) for n, e in variants.items() if "openvino" in e.engines]
         for candidate in ov:
@@ -112,8 +116,11 @@ def candidates(bundle: Bundle) -> list[Candidate]:
                 candidate.error = f"not installed: pip install 'ilf-deploy[{REGISTRY['openvino'].extra}]'"
         found += ov
     if bundle.manifest.torch_model and "torch" in REGISTRY:  # no segment calls: end to end only
-        found.append(Candidate("torch", None, budget("torch", own)))
-        found.append(Candidate("torch", None, budget("torch", "bf16"), options={"dtype": "bf16"}))
+        for compiled in ({}, {"compile": True}):  # eager, then torch.compile (Inductor) per block
+            found.append(Candidate("torch", None, budget("torch", own), options={**compiled}))
+            found.append(
+                Candidate("torch", None, budget("torch", "bf16"), options={"dtype": "bf16", **compiled})
+            )
     return found
 
 

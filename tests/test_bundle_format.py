@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +194,44 @@ def test_a_variants_engines_are_decided_by_its_mode_alone():
     assert set(modes) == set(MODES)
     assert VARIANT_ENGINES["int8-ov"] == ("openvino",)
     assert VARIANT_ENGINES["int8-dynamic"] == ("onnxruntime",)
+
+
+def test_a_bf16_variant_and_only_it_makes_a_manifest_version_3(tiny_bundles, tmp_path):
+    """Writers write the oldest version that says what the file holds: 3 with a bf16 variant (the
+    C++ runtime, which reads 2, refuses it in one line), 2 again once it is gone; 2 cannot hold one."""
+    from ilf_deploy.runtime.manifest import BF16_SCHEMA_VERSION, SCHEMA_VERSIONS
+
+    path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "bundle")
+    bundle = Bundle.load(path)
+    first = bundle.manifest.reduced_precision_segments[0]
+    entry = {
+        "mode": "bf16",
+        "segments": {first: bundle.segment_spec(first).to_dict()},  # the bundle's own file
+        "quantized_layers": {},
+        "calibration": None,
+        "tools": {},
+        "precision_policy": {"plan": "ilf-4", "f32": {}},
+    }
+    rewrite_manifest(path, lambda m: m.setdefault("variants", {}).update(bf16=entry))
+    raw = json.loads((path / MANIFEST).read_text())
+    assert raw["schema_version"] == BF16_SCHEMA_VERSION == 3 and SCHEMA_VERSIONS == (2, 3)
+    assert problem("manifest", raw) is None
+    assert Bundle.load(path).variant_spec("bf16").precision_policy["plan"] == "ilf-4"
+    with pytest.raises(BundleError, match="at variants/bf16"):  # version 2 cannot say "bf16"
+        Manifest.parse({**raw, "schema_version": 2})
+    for field, value in (("precision_policy", {"plan": "x"}), ("mode", "bf32")):
+        broken = json.loads(json.dumps(raw))
+        broken["variants"]["bf16"][field] = value
+        assert problem("manifest", broken) is not None, field
+    ilf_run = Path(sys.executable).parent / "ilf-run"
+    if ilf_run.is_file():  # the C++ runtime reads 2: one line, non-zero
+        result = subprocess.run([str(ilf_run), str(path), "--prompt", "x"], capture_output=True, text=True)
+        assert result.returncode != 0 and "schema version 3 is not supported" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+    rewrite_manifest(path, lambda m: m["variants"].pop("bf16"))
+    assert json.loads((path / MANIFEST).read_text())["schema_version"] == SCHEMA_VERSION == 2
+    other = {k: v for k, v in entry.items() if k != "precision_policy"}
+    other.update(mode="int8-qdq", quantized_layers={first: 0})  # any other variant: still 2
+    rewrite_manifest(path, lambda m: m["variants"].update(other=other))
+    assert json.loads((path / MANIFEST).read_text())["schema_version"] == 2

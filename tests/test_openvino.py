@@ -257,3 +257,106 @@ def test_serve_runs_openvino_and_auto(ov_bundle, tmp_path):
             response = client.post("/v1/images/generations", json={"prompt": "a blue square", "n": 2})
             assert response.status_code == 200, response.text
             assert len(response.json()["data"]) == 2
+
+
+# -- `quantize --mode bf16`: the precision policy per segment, recorded in the manifest ----------
+
+
+def precision_hints(generator) -> dict[str, str]:
+    """Each segment's INFERENCE_PRECISION_HINT as OpenVINO compiled it (read back, not our config)."""
+    import openvino as ov
+
+    hints = {}
+    for name in generator.bundle.manifest.segments:
+        hint = generator.segments.compiled(name).get_property("INFERENCE_PRECISION_HINT")
+        hints[name] = "bf16" if hint == ov.Type.bf16 else "f32" if hint == ov.Type.f32 else str(hint)
+    return hints
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="needs AVX512_BF16 or AMX (OpenVINO bf16)")
+def test_bf16_variant_records_its_policy_and_openvino_runs_exactly_it(ov_bundle, tmp_path):
+    from ilf_deploy.quantization.quantize import quantize_bundle
+    from ilf_deploy.runtime.manifest import BF16_SCHEMA_VERSION
+
+    path = shutil.copytree(ov_bundle, tmp_path / "bundle")
+    files = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file() and "cache" not in str(p))
+    entry = quantize_bundle(path, "bf16")
+    bundle = Bundle.load(path)
+    spec = bundle.variant_spec("bf16")
+    reduced = set(bundle.manifest.reduced_precision_segments)
+    assert (
+        spec.mode == "bf16" and spec.engines == ("openvino",) and entry["precision_policy"]["plan"] == "ilf-4"
+    )
+    assert set(spec.segments) | set(spec.precision_policy["f32"]) == reduced
+    assert not set(spec.segments) & set(spec.precision_policy["f32"]) and spec.segments
+    for name, segment in spec.segments.items():  # the bundle's own ONNX files: "this segment in bf16"
+        assert segment.file == bundle.manifest.segments[name].file
+    after = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file() and "cache" not in str(p))
+    assert after == files  # no new files (manifest.json and its digest rewritten in place)
+    assert bundle.manifest_json()["schema_version"] == BF16_SCHEMA_VERSION
+
+    generator = open_generator(path, "openvino", variant="bf16", cache=False)
+    assert generator.variant == "bf16"
+    hints = precision_hints(generator)
+    assert hints == {n: "bf16" if n in spec.segments else "f32" for n in bundle.manifest.segments}
+
+    checks = verify_variant(bundle, "bf16")  # verify-variant: segment by segment, then end to end
+    assert [c.name for c in checks if c.kind == "segment"] == list(spec.segments)
+    assert all(c.ok for c in checks) and checks[-1].kind == "end-to-end"
+    assert checks[-1].metrics.rel_l2 > 1e-5  # it really ran in bf16
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="needs AVX512_BF16 or AMX (OpenVINO bf16)")
+def test_a_segment_beyond_its_bf16_budget_on_its_own_stays_f32(ov_bundle, tmp_path, monkeypatch):
+    """A segment budget between the segments' measured bf16 SNRs: those below it miss on their own
+    and must stay f32 (in the manifest and in what OpenVINO compiles); a budget none meets is refused."""
+    from ilf_deploy.compare import Budget, Limit
+    from ilf_deploy.quantization import bf16
+    from ilf_deploy.quantization.quantize import quantize_bundle
+    from ilf_deploy.tuning import candidates
+
+    path = shutil.copytree(ov_bundle, tmp_path / "bundle")
+    measured: dict[str, float] = {}
+    real_compare = bf16.compare_segment
+
+    def spy(name, *args, **kwargs):
+        row = real_compare(name, *args, **kwargs)
+        if row is not None:
+            measured[name] = row.metrics.snr_db
+        return row
+
+    monkeypatch.setattr(bf16, "compare_segment", spy)
+    bf16.bf16_policy(Bundle.load(path))
+    worst, best = min(measured.values()), max(measured.values())
+    assert worst < best, measured
+    bound = (worst + best) / 2
+    end_to_end = budget("openvino", "bf16").end_to_end
+    monkeypatch.setattr(bf16, "bf16_budget", lambda: Budget(Limit("snr_db", bound), end_to_end))
+    quantize_bundle(path, "bf16")
+    bundle = Bundle.load(path)
+    spec = bundle.variant_spec("bf16")
+    missed = {n for n, snr in measured.items() if snr < bound}
+    assert missed and set(spec.precision_policy["f32"]) == missed, (measured, bound)
+    assert set(spec.segments) == set(measured) - missed
+    assert all("beyond" in why for why in spec.precision_policy["f32"].values())
+    hints = precision_hints(open_generator(path, "openvino", variant="bf16", cache=False))
+    assert all(hints[n] == "f32" for n in missed) and all(hints[n] == "bf16" for n in spec.segments)
+
+    # tune's OpenVINO bf16 candidate is the variant (its policy), not the engine's bf16 on every block
+    ov_bf16 = [c for c in candidates(bundle) if c.backend == "openvino" and c.label == "openvino bf16"]
+    assert len(ov_bf16) == 1 and ov_bf16[0].variant == "bf16" and ov_bf16[0].segments == list(spec.segments)
+    assert ov_bf16[0].budget == budget("openvino", "bf16")
+
+    monkeypatch.setattr(bf16, "bf16_budget", lambda: Budget(Limit("snr_db", best + 1), end_to_end))
+    with pytest.raises(ConfigError, match="no segment stays within the bf16 budget"):
+        quantize_bundle(path, "bf16")
+    assert Bundle.load(path).variant_spec("bf16").precision_policy["f32"].keys() == missed  # unchanged
+
+
+def test_quantize_bf16_is_one_line_without_bf16_hardware(ov_bundle, tmp_path, monkeypatch):
+    from ilf_deploy.backends import openvino as backend
+
+    monkeypatch.setattr(backend, "cpu_has_bf16", lambda: False)
+    result = CliRunner().invoke(app, ["quantize", str(ov_bundle), "--mode", "bf16"])
+    assert result.exit_code != 0 and "AVX512_BF16 nor AMX" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

@@ -127,9 +127,46 @@ def test_candidates_cover_the_installed_engines(tuned):
     assert "onnxruntime fp32" in found and f"onnxruntime {BROKEN}" in found
     assert {"torch fp32", "torch bf16"} <= set(found)  # the bundle carries its torch model
     assert found["torch bf16"].options == {"dtype": "bf16"}
+    # and compiled (torch.compile per block), each with the one budget table's row for its precision
+    assert found["torch bf16 compiled"].options == {"dtype": "bf16", "compile": True}
+    assert found["torch fp32 compiled"].options == {"compile": True}
+    assert found["torch bf16 compiled"].budget == budget("torch", "bf16")
+    assert found["torch fp32 compiled"].budget == budget("torch", "fp32")
     found = {(c.backend, c.variant): c for c in candidates(Bundle.load(path))}
     if ("openvino", None) in found and found[("openvino", None)].error is None:
         assert ("openvino", BROKEN) in found  # Q/DQ ONNX: OpenVINO reads it too
+
+
+def test_tune_runs_the_compiled_torch_engine_and_auto_opens_it(tiny_bundles, tmp_path):
+    """The compiled torch bf16 candidate really compiles (Inductor, cached in the bundle), is checked
+    against its budget and timed; as the winner, its options go through tuning.json to `auto`."""
+    import torch
+
+    from ilf_deploy.backends.pytorch import COMPILE_CACHE_DIR
+
+    path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "bundle")
+    compiled_bf16 = lambda c: c.options == {"dtype": "bf16", "compile": True}  # noqa: E731
+    report = tune(path, "ilf-4", budget_s=1, include=compiled_bf16)
+    assert [c["label"] for c in report["candidates"]] == ["onnxruntime fp32", "torch bf16 compiled"]
+    row = report["candidates"][1]
+    assert row["error"] is None and row["ms_per_step"] > 0, row
+    assert row["options"] == {"dtype": "bf16", "compile": True}
+    assert row["budget"] == budget("torch", "bf16").to_dict() and row["ok"], row["fidelity"]
+    assert any((path / COMPILE_CACHE_DIR).iterdir())  # Inductor's code, cached in the bundle
+
+    data = json.loads((path / TUNING_FILE).read_text())
+    winner = {k: row[k] for k in ("backend", "variant", "options", "label")}
+    write(path, {**data, "winner": winner})
+    generator = open_generator(path, "auto")
+    assert generator.choice.startswith("auto: torch bf16 compiled (")
+    assert generator.segments.dtype == torch.bfloat16
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in generator.model.adapter.blocks)
+    # without `compile` in the winner's options, auto opens the eager engine: the options matter
+    eager = {**row, "options": {"dtype": "bf16"}, "label": "torch bf16"}
+    write(path, {**data, "candidates": [*data["candidates"], eager], "winner": eager})
+    generator = open_generator(path, "auto")
+    assert generator.choice.startswith("auto: torch bf16 (")
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in generator.model.adapter.blocks)
 
 
 def write(path, data) -> None:

@@ -3,7 +3,9 @@ OpenVINO, numpy arrays in and out.
 
 Precisions: `f32`; `bf16` (`INFERENCE_PRECISION_HINT=bf16` for the block and feedback segments,
 f32 for the rest: bf16 matmuls where the CPU has AVX512_BF16 or AMX, refused elsewhere, where
-OpenVINO would emulate them); int8 through a precision
+OpenVINO would emulate them); a bf16 variant (`ilf-deploy quantize --mode bf16`: the segments that
+stay within the bf16 budget on their own, recorded in the manifest) runs bf16 on exactly those
+segments and f32 on the rest; int8 through a precision
 variant (`ilf-deploy quantize --mode int8-ov`: NNCF post-training quantization of the block and
 feedback linear layers, an IR this backend runs). `--variant bf16` (or `f32`) picks the precision;
 any other `--variant` is a bundle variant OpenVINO can read (int8-ov, int8-qdq's Q/DQ ONNX).
@@ -86,6 +88,11 @@ class OvSegments(SegmentRunner):
         cache: bool = True,
     ) -> None:
         super().__init__(bundle, variant)
+        policy = bundle.variant_spec(variant) if variant is not None else None
+        if policy is not None and policy.mode == "bf16":  # a bf16 variant: bf16 on its segments only
+            precision, self.reduced = "bf16", tuple(policy.segments)
+        else:
+            self.reduced = bundle.manifest.reduced_precision_segments
         self.device, self.precision, self.cache = device, precision, cache
         self.config: dict[str, str] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
@@ -99,8 +106,9 @@ class OvSegments(SegmentRunner):
     def config_for(self, name: str) -> dict[str, str]:
         """The compile config of segment `name`: the requested precision for the segments where nearly
         all FLOPs are (`Manifest.reduced_precision_segments`), f32 for the rest (the timestep's
-        sinusoidal embedding of t ≤ 999 loses its phase in bf16: relative L2 0.23 on its own)."""
-        if name in self.bundle.manifest.reduced_precision_segments:
+        sinusoidal embedding of t ≤ 999 loses its phase in bf16: relative L2 0.23 on its own). A bf16
+        variant (`quantize --mode bf16`) names its bf16 segments itself: bf16 there, f32 elsewhere."""
+        if name in self.reduced:
             return self.config
         return {**self.config, "INFERENCE_PRECISION_HINT": "f32"}
 
@@ -181,11 +189,16 @@ def open_generator(
     precision: str | None = None,
     cache: bool = True,
 ) -> BundleGenerator:
-    """The registry's entry. `variant` may name a precision (`bf16`, `f32`) or a bundle variant."""
+    """The registry's entry. `variant` may name a precision (`bf16`, `f32`) or a bundle variant (a bf16
+    one: the bf16 hint on exactly the segments it names)."""
     if variant in PRECISIONS and variant not in bundle.variants:
         if precision not in (None, variant):
             raise ConfigError(f"variant {variant!r} and precision {precision!r} disagree")
         precision, variant = variant, None
+    if variant is not None and bundle.variant_spec(variant).mode == "bf16":
+        if precision not in (None, "bf16"):
+            raise ConfigError(f"variant {variant!r} runs in bf16, not precision {precision!r}")
+        precision = "bf16"
     precision = precision or "f32"
     if precision not in PRECISIONS:
         raise ConfigError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -67,7 +67,7 @@ def quantize(
         typer.Option(
             help="int8-dynamic (ORT CPU's fast path), int8-qdq (symmetric Q/DQ for TensorRT), "
             "fp8-qdq (E4M3 Q/DQ for H100 TensorRT; emulated on ORT CPU), int8-ov (NNCF, for "
-            "--backend openvino)."
+            "--backend openvino), bf16 (OpenVINO bf16 on the segments within budget on their own)."
         ),
     ],
     name: Annotated[
@@ -89,9 +89,14 @@ def quantize(
         )
     layers = sum(entry["quantized_layers"].values())
     variant = name or default_variant_name(mode)
+    what = f"{layers} linear layers in {len(entry['segments'])} segments ({mode})"
+    if mode == "bf16":
+        kept = entry["precision_policy"]["f32"]
+        what = f"{len(entry['segments'])} segments in bf16, kept f32: {', '.join(kept) or 'none'}"
+        for segment, why in kept.items():
+            console.print(f"  {segment} stays f32: {why}")
     console.print(
-        f"variant {variant!r}: {layers} linear layers in {len(entry['segments'])} segments ({mode}); "
-        f"check it with `ilf-deploy verify-variant {bundle} --variant {variant}`"
+        f"variant {variant!r}: {what}; check it with `ilf-deploy verify-variant {bundle} --variant {variant}`"
     )
 
 

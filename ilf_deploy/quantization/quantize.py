@@ -18,6 +18,8 @@ final norm/projection stay in the bundle's precision, as PixArt/DiT INT8/FP8 dep
 - `int8-ov`: NNCF post-training quantization for OpenVINO (quantization/openvino.py): the same
   layers as the static modes, calibrated on the same trajectories, written as OpenVINO IR
   (`.xml` + `.bin`); the variant records `"engine": "openvino"` and runs only there.
+- `bf16`: no new files: a precision policy (quantization/bf16.py): the block and feedback segments
+  that stay within the bf16 budget on their own, run by OpenVINO with its bf16 hint; the rest f32.
 
 Variant files go to `onnx/<variant>/<segment>.onnx`; `manifest["variants"][variant]` says which
 segments they replace, and `manifest["files"]` is re-hashed.
@@ -47,7 +49,7 @@ from ..runtime.generator import Generator, Request
 from ..runtime.manifest import VARIANT_ENGINES
 from .calibration import load_calibration
 
-MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq", "int8-ov")
+MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq", "int8-ov", "bf16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 # Linear layers of attention (attn1 self, attn2 cross) and feed-forward: `/blocks.3/attn1/to_q/MatMul`.
 # adaLN-Zero (DiT `norm1.linear`, `norm1.emb`) and attention BMMs (no constant weight) are left alone.
@@ -245,8 +247,16 @@ def quantize_bundle(
             f"quantize an fp32 bundle (this one is {bundle.manifest.precision}): ORT's quantizer "
             "calibrates and rewrites fp32 graphs"
         )
-    if mode != "int8-dynamic" and bundle.manifest.calibration is None:
+    if mode not in ("int8-dynamic", "bf16") and bundle.manifest.calibration is None:
         raise BundleError(f"{mode} needs calibration data; run `ilf-deploy calibrate {bundle.path}` first")
+    if mode == "bf16":  # no new files: the segments that stay in budget in bf16 (quantization/bf16.py)
+        from .bf16 import bf16_entry
+
+        entry = bf16_entry(bundle, progress)
+        entry["tools"] = {**tool_versions(), **_versions("openvino")}
+        _record_variant(bundle.path, name, entry)
+        shutil.rmtree(bundle.path / "onnx" / name, ignore_errors=True)  # an older variant's, unlisted now
+        return entry
     root = bundle.path
     segments, counts = _write_variant(bundle, mode, name, calibrate, progress)
     entry: dict[str, Any] = {
@@ -262,6 +272,13 @@ def quantize_bundle(
         entry["ort_session_config"] = EMULATED_QDQ_ORT_CONFIG
     if VARIANT_ENGINES[mode] == ("openvino",):
         entry["tools"].update(_versions("openvino", "nncf"))
+    _record_variant(root, name, entry)
+    return entry
+
+
+def _record_variant(root: Path, name: str, entry: dict[str, Any]) -> None:
+    """Add (or replace) variant `name` in the manifest with every file under onnx/<name>/ (none for a
+    bf16 variant, whose segments are the bundle's own files)."""
 
     def mutate(manifest: dict[str, Any]) -> None:
         variants = manifest.setdefault("variants", {})
@@ -269,10 +286,11 @@ def quantize_bundle(
             manifest["files"].pop(listed)
         variants[name] = entry
         # every file of the variant, external weight files included
-        manifest["files"].update({str(p.relative_to(root)): "" for p in (root / "onnx" / name).iterdir()})
+        folder = root / "onnx" / name
+        if entry["mode"] != "bf16" and folder.is_dir():
+            manifest["files"].update({str(p.relative_to(root)): "" for p in folder.iterdir()})
 
     rewrite_manifest(root, mutate)
-    return entry
 
 
 def _write_variant(

@@ -24,7 +24,16 @@ from typing import Any
 import numpy as np
 
 from ..plan import StepPlan
-from .manifest import SCHEMA_VERSION, BundleError, Manifest, ModelSpec, SegmentSpec, VariantSpec
+from .manifest import (
+    SCHEMA_VERSION,  # noqa: F401  (export.build writes it: a new bundle is version 2)
+    SCHEMA_VERSIONS,
+    BundleError,
+    Manifest,
+    ModelSpec,
+    SegmentSpec,
+    VariantSpec,
+    schema_version_for,
+)
 
 MANIFEST = "manifest.json"
 DIGEST_FILE = "manifest.sha256"  # "sha256:<hex>" of manifest.json's bytes: the bundle's identity
@@ -97,6 +106,8 @@ def rewrite_manifest(bundle_path: Path, mutate: Callable[[dict[str, Any]], None]
     _check_own_digest(root, data)
     manifest = json.loads(data)
     mutate(manifest)
+    if manifest.get("schema_version") in SCHEMA_VERSIONS:  # the oldest that says what it now holds
+        manifest["schema_version"] = schema_version_for(manifest)
     manifest["files"] = {
         name: digest or sha256_file(root / name) for name, digest in sorted(manifest["files"].items())
     }
@@ -161,7 +172,7 @@ class Bundle:
             raw = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{path / MANIFEST} is not valid JSON: {exc}") from None
-        if isinstance(raw, dict) and raw.get("schema_version") != SCHEMA_VERSION:
+        if isinstance(raw, dict) and raw.get("schema_version") not in SCHEMA_VERSIONS:
             Manifest.parse(raw, str(path / MANIFEST))  # the version error says how to fix it
         actual = _check_own_digest(path, data)
         if digest is not None and digest != actual:

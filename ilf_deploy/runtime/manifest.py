@@ -17,7 +17,17 @@ from typing import Any
 from ..errors import IlfError
 from ..schemas import problem
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 2  # what a bundle is written as unless it holds something newer (schema_version_for)
+BF16_SCHEMA_VERSION = 3  # 3 adds the "bf16" variant mode and its `precision_policy`
+SCHEMA_VERSIONS = (SCHEMA_VERSION, BF16_SCHEMA_VERSION)  # the versions read
+
+
+def schema_version_for(manifest: Mapping[str, Any]) -> int:
+    """The oldest version that says what `manifest` (the JSON) holds: 3 with a bf16 variant, else 2,
+    so every other bundle stays readable by readers of 2 (the C++ runtime)."""
+    variants = manifest.get("variants") or {}
+    modes = {v.get("mode") for v in variants.values() if isinstance(v, Mapping)}
+    return BF16_SCHEMA_VERSION if "bf16" in modes else SCHEMA_VERSION
 
 
 class BundleError(IlfError):
@@ -32,6 +42,7 @@ VARIANT_ENGINES: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "int8-qdq": ("onnxruntime", "openvino", "tensorrt"),  # standard Q/DQ ONNX
         "fp8-qdq": ("onnxruntime", "tensorrt"),  # FP8 Q/DQ: TensorRT on the GPU, ORT emulates it
         "int8-ov": ("openvino",),  # OpenVINO IR written by NNCF
+        "bf16": ("openvino",),  # the bundle's own ONNX; OpenVINO's bf16 hint on exactly its segments
     }
 )
 
@@ -185,6 +196,8 @@ class VariantSpec:
     quantized_layers: Mapping[str, int]
     calibration: CalibrationSpec | None
     ort_session_config: Mapping[str, str]
+    # mode bf16: how its segments were chosen (`plan` checked on, `f32`: segment -> why it stays f32)
+    precision_policy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def engines(self) -> tuple[str, ...]:
@@ -204,6 +217,7 @@ class VariantSpec:
             _frozen(d["quantized_layers"]),
             CalibrationSpec.parse(d["calibration"]),
             _frozen(d.get("ort_session_config", {})),
+            _frozen(d.get("precision_policy", {})),
         )
 
 
@@ -232,7 +246,7 @@ class EngineSetSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A bundle's manifest.json, validated (schema `manifest`, version `SCHEMA_VERSION`)."""
+    """A bundle's manifest.json, validated (schema `manifest`, a version of `SCHEMA_VERSIONS`)."""
 
     architecture: str
     config_hash: str
@@ -258,10 +272,11 @@ class Manifest:
     def parse(cls, d: Any, where: str = "manifest.json") -> Manifest:
         """Validate `d` (the parsed JSON) and build the typed manifest; one-line errors."""
         version = d.get("schema_version") if isinstance(d, dict) else None
-        if version != SCHEMA_VERSION:
+        if version not in SCHEMA_VERSIONS:
             raise BundleError(
                 f"{where}: bundle schema version {version!r} is not supported (this tool reads "
-                f"{SCHEMA_VERSION}); rebuild the bundle with this version of ilf-deploy"
+                f"{' and '.join(map(str, SCHEMA_VERSIONS))}); rebuild the bundle with this version of "
+                "ilf-deploy"
             )
         found = problem("manifest", d)
         if found:
