@@ -3,7 +3,8 @@
 Candidates: every installed CPU backend with every precision it can run on the bundle: ONNX
 Runtime fp32 (the reference) and the bundle's ORT variants (int8-dynamic, int8-qdq, fp8-qdq);
 OpenVINO f32, bf16 (only where the CPU has AVX512_BF16 or AMX; the bundle's bf16 variant, its
-precision policy per segment, instead where it has one), the bundle's int8-ov variants and
+precision policy per segment, instead where it has one), the bundle's int8-ov variants (there also
+with bf16 for the ops left unquantised in its segments) and
 its int8-qdq (Q/DQ ONNX that OpenVINO also reads); the bundle's PyTorch model in fp32 and bf16,
 eager and compiled (`torch.compile` per block, Inductor; the winner's options, `compile` included,
 go to tuning.json and `--backend auto` opens the same engine), when the bundle carries it. TensorRT
@@ -104,13 +105,19 @@ def candidates(bundle: Bundle) -> list[Candidate]:
     if "openvino" in REGISTRY:
         missing = REGISTRY["openvino"].missing()
         ov = [Candidate("openvino", None, budget("openvino", own), all_segments)]
+        bf16 = False
         if missing is None:
             from .backends.openvino import cpu_has_bf16
 
+            bf16 = cpu_has_bf16()
             # a bf16 variant (quantize --mode bf16: its policy per segment) replaces the engine's bf16
-            if cpu_has_bf16() and not any(e.mode == "bf16" for e in variants.values()):
+            if bf16 and not any(e.mode == "bf16" for e in variants.values()):
                 ov.append(Candidate("openvino", "bf16", budget("openvino", "bf16"), all_segments))
         ov += [variant("openvino", n) for n, e in variants.items() if "openvino" in e.engines]
+        for name in (n for n, e in variants.items() if e.mode == "int8-ov" and bf16):
+            # int8 GEMMs, and bf16 (not f32) for the ops NNCF left unquantised in those segments:
+            # AMX has tiles for both; held to the variant's own int8-ov budget
+            ov.append(dataclasses.replace(variant("openvino", name), options={"precision": "bf16"}))
         for candidate in ov:
             if missing is not None:
                 candidate.error = f"not installed: pip install 'ilf-deploy[{REGISTRY['openvino'].extra}]'"

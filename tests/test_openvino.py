@@ -360,3 +360,36 @@ def test_quantize_bf16_is_one_line_without_bf16_hardware(ov_bundle, tmp_path, mo
     result = CliRunner().invoke(app, ["quantize", str(ov_bundle), "--mode", "bf16"])
     assert result.exit_code != 0 and "AVX512_BF16 nor AMX" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="needs AVX512_BF16 or AMX (OpenVINO bf16)")
+def test_int8_ov_with_bf16_for_the_rest_is_a_tune_candidate_auto_can_open(ov_bundle, tmp_path):
+    """int8-ov's segments with bf16 (not f32) for the ops NNCF left unquantised: a `tune` candidate
+    held to the variant's int8-ov budget, compiled with the bf16 hint on exactly those segments."""
+    from ilf_deploy.backends import open_bundle_generator
+    from ilf_deploy.backends.auto import TUNING_FILE
+    from ilf_deploy.tuning import candidates, tune
+
+    path = shutil.copytree(ov_bundle, tmp_path / "bundle")
+    bundle = Bundle.load(path)
+    found = {c.label: c for c in candidates(bundle)}
+    mixed = found["openvino int8_ov +bf16"]
+    assert mixed.variant == "int8_ov" and mixed.options == {"precision": "bf16"}
+    assert mixed.budget == budget("openvino", "int8-ov") and mixed.segments == list(
+        bundle.variant_spec("int8_ov").segments
+    )
+    hints = precision_hints(
+        open_generator(path, "openvino", variant="int8_ov", precision="bf16", cache=False)
+    )
+    assert hints == {n: "bf16" if n in mixed.segments else "f32" for n in bundle.manifest.segments}
+
+    report = tune(path, "ilf-4", budget_s=1, include=lambda c: c.label == "openvino int8_ov +bf16")
+    row = report["candidates"][1]
+    assert row["label"] == "openvino int8_ov +bf16" and row["fidelity"] and row["ms_per_step"] > 0
+    assert row["ok"] == all(f["ok"] for f in row["fidelity"])  # judged by its budget, not assumed
+    if row["ok"]:  # auto opens the same engine when it is the winner (options travel with it)
+        winner = {k: row[k] for k in ("backend", "variant", "options", "label")}
+        (path / TUNING_FILE).write_text(json.dumps({**report, "winner": winner}))
+        generator = open_bundle_generator(Bundle.load(path), "auto")
+        assert generator.choice.startswith("auto: openvino int8_ov +bf16 (")
+        assert precision_hints(generator) == hints

@@ -48,7 +48,8 @@ class Choice:
 def engine_label(backend: str, variant: str | None, options: dict[str, Any] | None = None) -> str:
     options = options or {}
     compiled = " compiled" if options.get("compile") else ""  # torch.compile (the torch backend)
-    return f"{backend} {variant or options.get('dtype') or 'fp32'}{compiled}"
+    rest = f" +{options['precision']}" if variant and options.get("precision") else ""  # OpenVINO int8 +bf16
+    return f"{backend} {variant or options.get('dtype') or 'fp32'}{rest}{compiled}"
 
 
 def bundle_digest(bundle: Bundle) -> str:
