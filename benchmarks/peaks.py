@@ -45,18 +45,15 @@ def _best(fn: Callable[[], Any], reps: int) -> float:
 
 
 def torch_peaks(n: int = N, reps: int = 5) -> dict[str, float]:
-    """FLOP/s of an n³ GEMM: torch fp32, numpy fp32, torch bf16 (oneDNN)."""
-    import torch
+    """FLOP/s of an n³ GEMM: torch fp32, numpy fp32, torch bf16 (oneDNN): backbone's measurement."""
+    from benchmarks.backbone import gemm_peak
 
-    a32, b32 = torch.randn(n, n), torch.randn(n, n)
-    a_np, b_np, a16, b16 = a32.numpy(), b32.numpy(), a32.bfloat16(), b32.bfloat16()
-    cases: dict[str, Callable[[], Any]] = {
-        "torch fp32": lambda: torch.mm(a32, b32),
-        "numpy fp32": lambda: a_np @ b_np,
-        "torch bf16": lambda: torch.mm(a16, b16),
+    peak = gemm_peak(0, n, reps)
+    return {
+        "torch fp32": peak["torch_fp32"],
+        "numpy fp32": peak["numpy_fp32"],
+        "torch bf16": peak["torch_bf16"],
     }
-    with torch.inference_mode():
-        return {name: 2 * n**3 / _best(fn, reps) for name, fn in cases.items()}
 
 
 def linear_peak(backend: str, mode: str | None, precision: str = "f32", n: int = N, reps: int = 5) -> float:
