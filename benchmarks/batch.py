@@ -90,11 +90,19 @@ def run(
         return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def per_image(sandbox: Any, bundle: Path, plan: str, rows: int, address: str | None, actors: int = 1) -> dict:
+def per_image(
+    sandbox: Any,
+    bundle: Path,
+    plan: str,
+    rows: int,
+    address: str | None,
+    actors: int = 1,
+    batch_size: int = 1,
+) -> dict:
     """Seconds per image without start-up: batches of `rows` and rows/4, differenced."""
     short = max(1, rows // 4)
-    long_ = run(sandbox, bundle, plan, rows, address, actors)
-    brief = run(sandbox, bundle, plan, short, address, actors)
+    long_ = run(sandbox, bundle, plan, rows, address, actors, batch_size)
+    brief = run(sandbox, bundle, plan, short, address, actors, batch_size)
     seconds = (long_["last_row_s"] - brief["last_row_s"]) / (rows - short)
     return {
         "per_image_s": seconds,
@@ -104,30 +112,36 @@ def per_image(sandbox: Any, bundle: Path, plan: str, rows: int, address: str | N
     }
 
 
-def overhead(sandbox: Any, name: str, bundle: Path, plan: str, rows: int, rounds: int) -> dict[str, Any]:
-    """Local vs Ray with one actor, interleaved; Ray's extra time per image as a fraction of local's."""
+def overhead(
+    sandbox: Any, name: str, bundle: Path, plan: str, rows: int, rounds: int, batch_size: int = 1
+) -> dict[str, Any]:
+    """Local vs Ray with one actor, interleaved; Ray's extra time per image as a fraction of local's
+    (`batch_size`: batch's --batch-size, rows per task handed to a worker)."""
     from ilf_deploy.scale.sandbox import ADDRESS
 
     runs: dict[str, list[dict[str, Any]]] = {"local": [], "ray": []}
     for round_ in range(rounds):
         for kind, address in (("local", None), ("ray", ADDRESS)):
-            runs[kind].append(per_image(sandbox, bundle, plan, rows, address))
+            runs[kind].append(per_image(sandbox, bundle, plan, rows, address, batch_size=batch_size))
             last = runs[kind][-1]
             print(f"  {name} round {round_ + 1} {kind}: {last['per_image_s'] * 1000:.1f} ms/image, "
                   f"start-up {last['startup_s']:.1f} s", flush=True)  # fmt: skip
     median = {kind: statistics.median(r["per_image_s"] for r in results) for kind, results in runs.items()}
     startup = {kind: statistics.median(r["startup_s"] for r in results) for kind, results in runs.items()}
     ratio = median["ray"] / median["local"] - 1
-    return {"plan": plan, "rows": rows, "runs": runs, "per_image_s": median, "startup_s": startup,
-            "ray_overhead": ratio, "target": TARGETS[name], "met": ratio <= TARGETS[name]}  # fmt: skip
+    target = TARGETS[name]
+    return {"plan": plan, "rows": rows, "batch_size": batch_size, "runs": runs, "per_image_s": median,
+            "startup_s": startup, "ray_overhead": ratio, "target": target,
+            "met": ratio <= target}  # fmt: skip
 
 
-def scaling(sandbox: Any, bundle: Path, plan: str, rows: int) -> dict[str, Any]:
+def scaling(sandbox: Any, bundle: Path, plan: str, rows: int, batch_size: int = 1) -> dict[str, Any]:
     from ilf_deploy.scale.sandbox import ADDRESS
 
     result = {}
     for actors in (1, 2):
-        result[str(actors)] = 1 / per_image(sandbox, bundle, plan, rows, ADDRESS, actors)["per_image_s"]
+        seconds = per_image(sandbox, bundle, plan, rows, ADDRESS, actors, batch_size)["per_image_s"]
+        result[str(actors)] = 1 / seconds
         print(f"  tiny, Ray, {actors} actor(s): {result[str(actors)]:.1f} images/s", flush=True)
     return result
 
@@ -158,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--xl-bundle", type=Path, help="a PixArt-XL-config bundle (default: backbone's)")
     parser.add_argument("--no-xl", action="store_true", help="skip the PixArt-XL config")
+    parser.add_argument("--batch-size", type=int, default=1, help="batch's --batch-size (rows per task)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.rounds, args.no_xl = 32, 1, True
@@ -172,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         sandbox.add_node(cpu_count(), head=True)
         sandbox.wait()
         tiny = tiny_bundle(Path(tmp))
-        results["tiny"] = overhead(sandbox, "tiny", tiny, "ilf-4", args.rows, args.rounds)
-        results["actors_images_per_s"] = scaling(sandbox, tiny, "ilf-4", args.rows)
+        results["tiny"] = overhead(sandbox, "tiny", tiny, "ilf-4", args.rows, args.rounds, args.batch_size)
+        results["actors_images_per_s"] = scaling(sandbox, tiny, "ilf-4", args.rows, args.batch_size)
         if not args.no_xl:
             xl = xl_bundle(args.xl_bundle)
-            results["pixart-xl"] = overhead(sandbox, "pixart-xl", xl, "ilf-10", args.xl_rows, args.rounds)
+            results["pixart-xl"] = overhead(
+                sandbox, "pixart-xl", xl, "ilf-10", args.xl_rows, args.rounds, args.batch_size
+            )
     report(results)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "batch.json").write_text(json.dumps(results, indent=2) + "\n")
