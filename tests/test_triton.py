@@ -103,8 +103,14 @@ class Server:
         return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # in the child: an ignored SIGINT is inherited
+
+
 def start_server(command: list[str], env: dict[str, str], log: Path, ready: list[str], ports) -> Server:
-    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, preexec_fn=default_sigint
+    )  # the tests stop it with SIGINT, which a background pytest may have been started ignoring
     server = Server(process, *ports, log)
     deadline = time.monotonic() + 120
     pending = list(ready)

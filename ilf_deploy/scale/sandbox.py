@@ -95,6 +95,11 @@ class Node:
     head: bool = False
 
 
+def answer_sigint() -> None:
+    """In a child before it runs: SIGINT back to its default, since an ignored SIGINT is inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class Sandbox:
     """`with Sandbox() as cluster: cluster.add_node(head=True, cpus=2); cluster.add_node(cpus=1)`."""
@@ -137,8 +142,12 @@ class Sandbox:
         return ["nsenter", "-t", str(self._init), "-n", "-p", "-m", f"--wd={cwd}", "--", *map(str, args)]
 
     def popen(self, args: list[Any], cwd: str | Path = "/", **kwargs: Any) -> subprocess.Popen:
+        """`args` started in the namespace, answering SIGINT (`signal`) even where this process was
+        started with it ignored, as a background job of a non-interactive shell is."""
         env = {**os.environ, **NODE_ENV, **kwargs.pop("env", {})}
-        return subprocess.Popen(self.command(args, cwd), env=env, start_new_session=True, **kwargs)
+        return subprocess.Popen(
+            self.command(args, cwd), env=env, start_new_session=True, preexec_fn=answer_sigint, **kwargs
+        )
 
     def run(self, args: list[Any], cwd: str | Path = "/", **kwargs: Any) -> subprocess.CompletedProcess:
         env = {**os.environ, **NODE_ENV, **kwargs.pop("env", {})}
