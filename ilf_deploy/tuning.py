@@ -421,16 +421,22 @@ def search_plans(
     rounds: int = 3,
     progress: Callable[[str], None] | None = None,
     plot: Path | None = None,
+    confirm: int = 0,
 ) -> dict[str, Any]:
     """Measure every candidate plan's quality (`quality`, on the tuning prompts `prompts` = (first,
     count), never the reporting ones) and time (batch 1 on the engine `--backend auto` runs here),
     then record in BUNDLE/tuning.json (schema 2; `tune` has written it) the fastest plan within
-    `budget` of `reference` (the bundle's default plan), which `--plan auto` then runs. Returns the
-    `plan_search` section; also draws the Pareto plot (default BUNDLE/plan_search.png)."""
+    `budget` of `reference` (the bundle's default plan), which `--plan auto` then runs. With
+    `confirm` > 0, every candidate that would beat the reference is measured again on the next
+    `confirm` tuning prompts and must stay within the budget there too (schema 3): a choice made on
+    one sample of prompts is biased towards the luckiest candidate. Returns the `plan_search`
+    section; also draws the Pareto plot (default BUNDLE/plan_search.png)."""
     from .backends.auto import read_tuning
 
     budget = budget or QualityBudget()
     first, count = check_tuning_prompts(*prompts)
+    if confirm:
+        check_tuning_prompts(first + count, confirm)  # the confirming prompts follow: the same rule
     bundle = Bundle.load(bundle_path)
     data = read_tuning(bundle)
     if not data or data.get("bundle_digest") != bundle_digest(bundle):
@@ -445,27 +451,63 @@ def search_plans(
     measured = quality(found, reference, first, count)
     seconds, engine = _time_plans(bundle, found, first, rounds, progress)
     rows = _search_rows(found, measured, seconds, budget, reference)
-    chosen = min((r for r in rows if r["ok"]), key=lambda r: (r["seconds_per_image"], r["block_forwards"]))
-    chosen["chosen"] = True
-    search = {
+    inside = sorted((r for r in rows if r["ok"]), key=lambda r: (r["seconds_per_image"], r["block_forwards"]))
+    search: dict[str, Any] = {
         "reference": reference,
         "budget": budget.to_dict(),
         "prompts": {"offset": first, "n": count},
         "engine": engine,
         "rounds": max(rounds, 1),
         "candidates": rows,
-        "chosen": {
-            **{k: chosen[k] for k in ("name", "seconds_per_image")},
-            "plan": found[chosen["name"]].to_dict(),
-        },
     }
-    report = {**data, "schema": 2, "plan_search": search}
+    if confirm:
+        checked = _confirm(inside, found, quality, budget, reference, (first + count, confirm), progress)
+        search["confirm"] = {"offset": first + count, "n": confirm, "checked": checked}
+        inside = [r for r in inside if r["name"] == reference or checked.get(r["name"], "") is None]
+    chosen = inside[0]  # the reference is always inside: a plan is always chosen
+    chosen["chosen"] = True
+    search["chosen"] = {
+        **{k: chosen[k] for k in ("name", "seconds_per_image")},
+        "plan": found[chosen["name"]].to_dict(),
+    }
+    report = {**data, "schema": plan_search_schema(search), "plan_search": search}
     write_atomic(
         bundle.path / TUNING_FILE,
         (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode(),
     )
     pareto_plot(rows, plot or bundle.path / PLAN_SEARCH_PLOT, f"{bundle.path.name}: {engine}, {budget.text}")
     return search
+
+
+def plan_search_schema(search: dict[str, Any]) -> int:
+    """The tuning.json schema a plan search is written as: 3 with a confirmation, else 2 (the oldest
+    that says what the file holds)."""
+    return 3 if "confirm" in search else 2
+
+
+def _confirm(
+    inside: list[dict[str, Any]],
+    plans: dict[str, StepPlan],
+    quality: QualityFn,
+    budget: QualityBudget,
+    reference: str,
+    prompts: tuple[int, int],
+    progress: Callable[[str], None] | None,
+) -> dict[str, str | None]:
+    """The candidates within budget that are faster than the reference, measured again (with the
+    reference) on fresh tuning prompts: name -> why it misses the budget there, or None."""
+    faster = []
+    for row in inside:  # fastest first
+        if row["name"] == reference:
+            break
+        faster.append(row["name"])
+    if not faster:
+        return {}
+    first, count = prompts
+    if progress:
+        progress(f"confirming {len(faster)} plans on prompts {first}..{first + count - 1}")
+    measured = quality({name: plans[name] for name in [*faster, reference]}, reference, first, count)
+    return {name: budget.miss(measured[name], measured[reference]) for name in faster}
 
 
 def _time_plans(

@@ -206,3 +206,40 @@ def test_the_search_needs_tune_first(tiny_bundles, tmp_path):
     path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "bundle")
     with pytest.raises(ConfigError, match="tune"):
         search_plans(path, fake_quality, prompts=(100_000, 4))
+
+
+def test_a_confirmed_search_drops_a_candidate_that_was_only_lucky(tuned, tmp_path):
+    """`confirm`: the candidates that would beat the reference are measured again on the next tuning
+    prompts; the fastest one within budget there too is chosen, and the file is tuning schema 3."""
+    path = shutil.copytree(tuned, tmp_path / "bundle")
+    plans = candidates(path)
+    asked = []
+
+    def quality(found, reference, first, count):
+        asked.append((sorted(found), first, count))
+        out = fake_quality(found, reference, first, count)
+        if first != 100_000:  # the confirming prompts: the fastest good candidate was only lucky
+            out[lucky].update(delta_acc=-0.3, frechet=80.0)
+        return out
+
+    unconfirmed = search_plans(path, fake_quality, QualityBudget(), "ilf-4", (100_000, 8), plans, rounds=2)
+    lucky = unconfirmed["chosen"]["name"]
+    assert lucky != "ilf-4"  # a candidate faster than the reference was chosen without confirmation
+    search = search_plans(path, quality, QualityBudget(), "ilf-4", (100_000, 8), plans, rounds=2, confirm=6)
+    rows = {r["name"]: r for r in search["candidates"]}
+    checked = search["confirm"]["checked"]
+    assert search["confirm"]["offset"] == 100_008 and search["confirm"]["n"] == 6
+    assert asked[-1][1:] == (100_008, 6) and "ilf-4" in asked[-1][0] and BAD not in asked[-1][0]
+    assert "Δacc" in checked[lucky] and search["chosen"]["name"] != lucky
+    reference_s = rows["ilf-4"]["seconds_per_image"]
+    assert set(checked) == {n for n, r in rows.items() if r["ok"] and r["seconds_per_image"] < reference_s}
+    chosen = search["chosen"]["name"]
+    assert chosen == "ilf-4" or checked[chosen] is None
+    data = json.loads((path / TUNING_FILE).read_text())
+    assert data["schema"] == 3 and problem("tuning", data) is None
+    assert problem("tuning", {**data, "schema": 2}) is not None  # schema 2 cannot hold a confirmation
+    assert choose_plan(Bundle.load(path)).plan.name == chosen  # --plan auto reads schema 3
+    with pytest.raises(ConfigError, match="reporting prompts"):
+        search_plans(path, quality, QualityBudget(), "ilf-4", (199_990, 8), plans, confirm=4)
+    result = invoke("tune", path, "--search-plans", "--confirm-prompts", 1)  # refused before any work
+    assert result.exit_code == 2 and "2 or more" in " ".join(result.output.split()), result.output

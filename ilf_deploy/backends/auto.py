@@ -28,7 +28,7 @@ from .machine import fingerprint, fingerprint_difference
 AUTO = "auto"
 TUNING_FILE = "tuning.json"
 TUNING_SCHEMA = 2  # the newest: 2 adds `plan_search` (tune --search-plans); 1 is written without it
-TUNING_SCHEMAS = (1, 2)  # the versions read
+TUNING_SCHEMAS = (1, 2, 3)  # the versions read
 FALLBACK_BACKEND = "onnxruntime"
 
 

@@ -38,6 +38,13 @@ Reference = Annotated[
     str | None, typer.Option(help="The plan quality is measured against (default: the bundle's default).")
 ]
 Plot = Annotated[Path | None, typer.Option(help="The Pareto plot's PNG (default BUNDLE/plan_search.png).")]
+ConfirmPrompts = Annotated[
+    int,
+    typer.Option(
+        help="Then measure the plans that would beat --reference again on this many fresh tuning prompts "
+        "(those after --prompts); only one within the budget on both is chosen (0: off)."
+    ),
+]
 
 
 @command()
@@ -59,14 +66,17 @@ def tune(
     prompt_offset: PromptOffset = 100_000,
     reference: Reference = None,
     plot: Plot = None,
+    confirm_prompts: ConfirmPrompts = 0,
 ) -> None:
     """Check every installed engine x precision against ONNX Runtime fp32, time one denoising step
     of each, and write BUNDLE/tuning.json for `--backend auto` (a failing one is never chosen)."""
-    from ..tuning import QualityBudget, check_tuning_prompts
+    from ..tuning import QualityBudget, check_tuning_prompts, plan_search_schema
     from ..tuning import tune as run_tune
 
     budget = QualityBudget.parse(quality_budget)  # bad options fail before any work
     check_tuning_prompts(prompt_offset, prompts)
+    if confirm_prompts:
+        check_tuning_prompts(prompt_offset + prompts, confirm_prompts)
     with progress() as bar:
         task = bar.add_task("tune", total=None)
         report = run_tune(
@@ -75,8 +85,8 @@ def tune(
     if not as_json:
         _print_tune(bundle, report)
     if search_plans:
-        search = _search(bundle, budget, reference, (prompt_offset, prompts), plot, as_json)
-        report = {**report, "schema": 2, "plan_search": search}  # as search_plans wrote it
+        search = _search(bundle, budget, reference, (prompt_offset, prompts), plot, as_json, confirm_prompts)
+        report = {**report, "schema": plan_search_schema(search), "plan_search": search}  # as written
     if as_json:
         print(json.dumps(strict_json(report), indent=2, allow_nan=False))
 
@@ -95,7 +105,9 @@ def _print_tune(bundle: Path, report: dict) -> None:
     console.print(f"wrote {Path(bundle) / TUNING_FILE}: `--backend auto` runs {winner} on this machine")
 
 
-def _search(bundle: Path, budget, reference: str | None, prompts: tuple[int, int], plot, quiet: bool) -> dict:
+def _search(
+    bundle: Path, budget, reference: str | None, prompts: tuple[int, int], plot, quiet: bool, confirm: int
+) -> dict:
     """`--search-plans`: the search, its Pareto table, and what `--plan auto` now runs."""
     from ..evaluation import plan_quality
     from ..tuning import PLAN_SEARCH_PLOT, search_plans
@@ -113,6 +125,7 @@ def _search(bundle: Path, budget, reference: str | None, prompts: tuple[int, int
             prompts,
             progress=lambda s: bar.update(task, description=s),
             plot=plot,
+            confirm=confirm,
         )
     if not quiet:
         first, count = prompts
@@ -121,6 +134,10 @@ def _search(bundle: Path, budget, reference: str | None, prompts: tuple[int, int
             f"vs {search['reference']}; budget: {budget.text}"
         )
         out.print(plan_search_table(title, search["candidates"]))
+        for name, miss in search.get("confirm", {}).get("checked", {}).items():
+            console.print(
+                f"confirmed on {search['confirm']['n']} more prompts: {name}: {miss or 'within the budget'}"
+            )
         where = plot or Path(bundle) / PLAN_SEARCH_PLOT
         console.print(f"Pareto plot → {where}; `--plan auto` runs {search['chosen']['name']} on this machine")
     return search
