@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..backends import REGISTRY, open_bundle_generator
+from ..backends import open_bundle_generator
 from ..compare import Budget, budget, compare_segment, run_reference, runner_outputs
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle
@@ -29,23 +29,6 @@ def bf16_budget() -> Budget:
     return budget("openvino", MODE)
 
 
-def check_bf16_available() -> None:
-    """OpenVINO installed, and a CPU with bf16 arithmetic: else one line saying which is missing."""
-    backend = REGISTRY.get("openvino")
-    missing = backend.missing() if backend is not None else "openvino"
-    if missing is not None:
-        raise ConfigError(
-            f"--mode bf16 runs on OpenVINO, which needs {missing}: pip install 'ilf-deploy[openvino]'"
-        )
-    from ..backends.openvino import cpu_has_bf16
-
-    if not cpu_has_bf16():
-        raise ConfigError(
-            "--mode bf16 checks every segment in bf16 on this CPU, which has neither AVX512_BF16 nor AMX "
-            "(OpenVINO would emulate it): build the variant on a machine that has them"
-        )
-
-
 def bf16_policy(
     bundle: Bundle,
     plan: str | None = None,
@@ -55,10 +38,10 @@ def bf16_policy(
 ) -> tuple[list[str], dict[str, str], str]:
     """(the segments that stay within `limits` (default: the bf16 budget) in bf16 on their own, the
     others -> why they stay f32, the plan whose held-out feeds were used)."""
-    check_bf16_available()
+    # opened first: the backend refuses, in one line, a missing OpenVINO or a CPU without bf16
+    candidate = open_bundle_generator(bundle, "openvino", None, precision=MODE, threads=threads)
     limits = limits or bf16_budget()
     reference = run_reference(bundle, plan, threads=threads, progress=progress)
-    candidate = open_bundle_generator(bundle, "openvino", None, precision=MODE, threads=threads)
     ours, theirs = runner_outputs(candidate.segments), runner_outputs(reference.generator.segments)
     keep: list[str] = []
     f32: dict[str, str] = {}
