@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ilf_deploy.errors import ConfigError
 from ilf_deploy.export.build import UNLOCKED_GRACE_S, BuildOptions, _workspace, build_bundle, clean_leftovers
 from ilf_deploy.tiny import make_tiny_pipeline
 
@@ -63,12 +64,31 @@ def test_a_killed_build_leaves_nothing_after_the_next_build(tiny_dit, tmp_path):
         build.stdout.close()
     assert build.returncode == -signal.SIGKILL
     assert tmp.is_dir() and not out.exists()  # what the kill left
-    (parent / ".bundle.old").mkdir()  # as a kill in the middle of replacing a bundle leaves it
-    (parent / ".bundle.old" / "manifest.json").write_text("{}")
 
     build_bundle(tiny_dit, out, BuildOptions(plans=PLANS))
     assert sorted(os.listdir(parent)) == ["bundle"]
     assert (out / "manifest.json").is_file() and not any(p.name.endswith(".lock") for p in out.rglob("*"))
+
+
+def test_a_force_build_killed_between_its_renames_gives_the_previous_bundle_back(tiny_dit, tmp_path):
+    """`_replace` renames NAME to .NAME.old, then the new bundle to NAME: a kill in between leaves
+    no NAME. The next build renames the previous bundle back (never deletes it), then replaces it
+    only with --force."""
+    out = tmp_path / "bundle"
+    build_bundle(tiny_dit, out, BuildOptions(plans=PLANS))
+    previous = (out / "manifest.json").read_bytes()
+    out.rename(tmp_path / ".bundle.old")  # the state between the renames
+    (tmp_path / ".bundle.tmp-killed").mkdir()  # the new bundle, whose build is dead:
+    (tmp_path / ".bundle.tmp-killed.lock").write_text("pid 1\n")  # nobody holds its lock
+
+    with pytest.raises(ConfigError, match="exists; choose another --out or pass --force"):
+        build_bundle(tiny_dit, out, BuildOptions(plans=PLANS))
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]
+    assert (out / "manifest.json").read_bytes() == previous
+
+    (out / "stale-file").write_text("x")
+    build_bundle(tiny_dit, out, BuildOptions(plans=("base-2",), force=True))
+    assert sorted(os.listdir(tmp_path)) == ["bundle"] and not (out / "stale-file").exists()
 
 
 def hold_workspace(out: Path) -> tuple[subprocess.Popen, Path]:
@@ -107,8 +127,11 @@ def test_a_running_builds_temp_dir_is_kept(tmp_path):
         process.send_signal(signal.SIGKILL)  # now it is a killed build
         process.wait(30)
         shutil.rmtree(unlocked_young)
-        assert {p.name for p in clean_leftovers(out)} == {running.name, ".bundle.old"}
-        assert sorted(os.listdir(tmp_path)) == [".other.tmp-x"]
+        assert {p.name for p in clean_leftovers(out)} == {running.name}
+        assert sorted(os.listdir(tmp_path)) == [".other.tmp-x", "bundle"]  # .bundle.old given back
+        (tmp_path / "bundle").rename(old)
+        (tmp_path / "bundle").mkdir()  # with a bundle in place, .bundle.old is a leftover
+        assert {p.name for p in clean_leftovers(out)} == {".bundle.old"}
     finally:
         if process.poll() is None:
             process.kill()

@@ -196,7 +196,9 @@ def _owner_alive(tmp: Path) -> bool:
 
 def clean_leftovers(out: Path) -> list[Path]:
     """Remove the temp dirs (and `.NAME.old`) that killed builds of `out` left beside it; the temp
-    dir of a build that is still running is kept, and so is `.NAME.old` while one runs."""
+    dir of a build that is still running is kept, and so is `.NAME.old` while one runs. A `.NAME.old`
+    without `NAME` is the previous bundle of a `--force` build killed between its two renames
+    (`_replace`): it is renamed back, as if that build had never started."""
     if fcntl is None:
         return []
     removed, running = [], False
@@ -219,8 +221,11 @@ def clean_leftovers(out: Path) -> list[Path]:
         removed.append(path)
     old = _old_path(out)
     if not running and old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-        removed.append(old)
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+        else:
+            old.rename(out)
     return removed
 
 
