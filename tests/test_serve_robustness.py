@@ -360,7 +360,8 @@ def test_sigterm_with_queued_work_answers_everyone_and_exits(bundle, tmp_path):
 
 
 def test_serve_server_triton_stops_tritonserver_on_sigterm(bundle, tmp_path):
-    """SIGTERM used to kill the CLI and leave tritonserver running; now it drains Triton first."""
+    """SIGTERM used to kill the CLI and leave tritonserver running; now it drains Triton first, for
+    --drain-s (Triton's --exit-timeout-secs, which it logs as it waits: `Timeout 3: Found ...`)."""
     from ilf_deploy.errors import ConfigError
     from ilf_deploy.triton.server import find_server
 
@@ -375,6 +376,7 @@ def test_serve_server_triton_stops_tritonserver_on_sigterm(bundle, tmp_path):
             ports.append(str(sock.getsockname()[1]))
     command = [str(Path(sys.executable).parent / "ilf-deploy"), "serve", str(bundle), "--server", "triton"]
     command += ["--host", HOST, "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    command += ["--drain-s", "2.5"]  # whole seconds for Triton: 3
     log = tmp_path / "triton.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -385,6 +387,9 @@ def test_serve_server_triton_stops_tritonserver_on_sigterm(bundle, tmp_path):
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0, log.read_text()[-2000:]
+        assert re.search(r"^.*Timeout 3: Found \d+ model versions", log.read_text(), re.M), log.read_text()[
+            -2000:
+        ]
     finally:
         if process.poll() is None:
             process.kill()
@@ -503,6 +508,7 @@ def test_connection_options_are_checked_and_refused_for_triton(bundle):
         (["--header-timeout-s", "0"], "--header-timeout-s must be > 0"),
         (["--body-timeout-s", "-1"], "--body-timeout-s must be > 0"),
         (["--drain-s", "-1"], "--drain-s must be in 0..3600"),
+        (["--server", "triton", "--drain-s", "3601"], "--drain-s must be in 0..3600"),  # the same check
         (["--max-connections", "0"], "--max-connections must be >= 1"),
         (["--max-connections", str(limit)], f"ulimit -n is {limit}"),
         (

@@ -32,7 +32,12 @@ BodyTimeout = Annotated[
 MaxConnections = Annotated[
     int | None, typer.Option(help="Open connections (default 1024, fewer under a low ulimit -n).")
 ]
-Drain = Annotated[float | None, typer.Option(help="On SIGTERM, seconds the engine's batch may finish (10).")]
+Drain = Annotated[
+    float | None,
+    typer.Option(
+        help="On SIGTERM, seconds the engine's batch may finish (10; Triton: its --exit-timeout-secs, 30)."
+    ),
+]
 
 
 @command("serve")
@@ -92,14 +97,18 @@ def serve(
     }
     given = _given(header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s, drain_s=drain_s)
     if server == "triton":  # the same bundle on NVIDIA Triton Inference Server (cli/triton.py)
+        from ..serve.limits import check_drain_s
         from .triton import run_triton
 
         _refuse_security_options(security, host)
-        _refuse_connection_options([*given, *(["max_connections"] if max_connections is not None else [])])
+        connection = [*given, *(["max_connections"] if max_connections is not None else [])]
+        _refuse_connection_options([name for name in connection if name != "drain_s"])
+        if drain_s is not None:  # Triton's --exit-timeout-secs; its own default (30) otherwise
+            check_drain_s(drain_s)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: Triton drains, no orphan
         code = run_triton(
             bundle, backend or "auto", host, http_port or port, grpc_port, metrics_port, max_batch,
-            max_wait_ms, max_queue, default_plan, digest=digest,
+            max_wait_ms, max_queue, default_plan, digest=digest, drain_s=drain_s,
         )  # fmt: skip
         raise typer.Exit(code)
     from ..serve.auth import ENV_VAR, load_keys
@@ -154,8 +163,8 @@ def _refuse_connection_options(used: list[str]) -> None:
     if used:
         flags = ", ".join("--" + name.replace("_", "-") for name in used)
         raise ConfigError(
-            f"{flags}: --server triton has no header or body deadline or connection cap, and "
-            "drains for its own --exit-timeout-secs; put a proxy with such limits in front (README)"
+            f"{flags}: --server triton has no header or body deadline or connection cap; "
+            "put a proxy with such limits in front (README)"
         )
 
 

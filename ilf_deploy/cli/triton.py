@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import tempfile
@@ -129,12 +130,15 @@ def run_triton(
     max_queue: int,
     default_plan: str | None,
     digest: str | None = None,
+    drain_s: float | None = None,
 ) -> int:
     """`serve --server triton`: export to a temporary repository and run tritonserver in the
-    foreground until it exits or is interrupted; returns its exit status."""
+    foreground until it exits or is interrupted; returns its exit status. On SIGINT/SIGTERM Triton
+    serves queued and running requests for at most `drain_s` (`--drain-s`, as Triton's whole-second
+    `--exit-timeout-secs`; None: its default, 30 s), then exits."""
     from ..errors import ConfigError
     from ..triton.repository import ExportOptions, export_repository
-    from ..triton.server import find_server
+    from ..triton.server import EXIT_TIMEOUT_S, find_server
 
     try:
         import tritonclient.http as triton_http
@@ -158,7 +162,10 @@ def run_triton(
             digest=digest,  # --digest: export (and so serve) only the pinned bundle
         )
         export_repository(bundle, repo, options)
-        command = server.command(Path(repo), http_port, grpc_port, metrics_port, host)
+        exit_timeout_s = math.ceil(drain_s) if drain_s is not None else None
+        command = server.command(
+            Path(repo), http_port, grpc_port, metrics_port, host, exit_timeout_s=exit_timeout_s
+        )
         process = subprocess.Popen(command, env=server.environment())
         url = f"{'127.0.0.1' if host == '0.0.0.0' else host}:{http_port}"
         try:
@@ -176,7 +183,8 @@ def run_triton(
         except KeyboardInterrupt:
             process.send_signal(signal.SIGINT)  # Triton finishes in-flight requests, then exits
             try:
-                return process.wait(timeout=40)
+                drain = EXIT_TIMEOUT_S if exit_timeout_s is None else exit_timeout_s
+                return process.wait(timeout=drain + 30)  # its drain, then unloading the model
             except subprocess.TimeoutExpired:
                 process.kill()
                 return process.wait()

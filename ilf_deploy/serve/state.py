@@ -19,10 +19,9 @@ from .auth import ApiKeys
 from .batcher import Batcher, BatchKey
 from .connections import MIN_FREE_DESCRIPTORS, default_max_connections, descriptor_limit
 from .limiter import KeyLimiter
+from .limits import DRAIN_S, MAX_TIMEOUT_S, check_drain_s
 from .metrics import ServerMetrics
 from .schema import check_request
-
-MAX_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class ServeOptions:
     header_timeout_s: float = 10.0  # a request's headers, from its connection or last response: 408
     body_timeout_s: float = 30.0  # a request's body, from its headers on: 408
     max_connections: int | None = None  # None: connections.default_max_connections (below ulimit -n)
-    drain_s: float = 10.0  # on SIGTERM, how long the batch in the engine may still run
+    drain_s: float = DRAIN_S  # on SIGTERM, how long the batch in the engine may still run
 
     def check(self) -> None:
         if self.max_batch is not None and self.max_batch < 1:
@@ -76,8 +75,7 @@ class ServeOptions:
         ]:
             if not 0 < value <= MAX_TIMEOUT_S:
                 raise ConfigError(f"{flag} must be > 0 and <= {MAX_TIMEOUT_S:g}, got {value}")
-        if not 0 <= self.drain_s <= MAX_TIMEOUT_S:  # 0: stop the running batch at once
-            raise ConfigError(f"--drain-s must be in 0..{MAX_TIMEOUT_S:g}, got {self.drain_s}")
+        check_drain_s(self.drain_s)
         limit = descriptor_limit()
         if self.max_connections is not None:
             most = limit - MIN_FREE_DESCRIPTORS if limit is not None else None

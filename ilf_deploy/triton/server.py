@@ -35,6 +35,7 @@ HOME_ENV = "ILF_TRITON_HOME"  # overrides where the server files are looked for
 _SERVER = "pytriton/tritonserver/"
 _LIBS = "nvidia_pytriton.libs/"
 _STAMP = "ilf-triton.json"
+EXIT_TIMEOUT_S = 30  # tritonserver's own --exit-timeout-secs default
 # The stub's environment: what runtime/ and the onnxruntime backend import, at this env's versions.
 STUB_PACKAGES = ("onnxruntime", "tokenizers", "jsonschema")  # what Bundle.load needs, beside numpy
 
@@ -76,7 +77,7 @@ class TritonServer:
         extra: tuple[str, ...] = (),
         exit_timeout_s: int | None = None,
     ) -> list[str]:
-        """The command line; `exit_timeout_s` is Triton's `--exit-timeout-secs` (default 30): how long
+        """The command line; `exit_timeout_s` is Triton's `--exit-timeout-secs` (EXIT_TIMEOUT_S): how long
         it keeps serving after SIGINT/SIGTERM before it exits, dropping what is still queued."""
         exit_timeout = [f"--exit-timeout-secs={exit_timeout_s}"] if exit_timeout_s is not None else []
         return [
