@@ -710,6 +710,10 @@ def test_k8s_manifests_load_into_the_kubernetes_models(bundle, tmp_path):
     assert container.readiness_probe.http_get.path == "/v2/health/ready"
     assert container.resources.limits["nvidia.com/gpu"] == "1"
     assert {p.container_port for p in container.ports} == {8000, 8001, 8002}
+    # deletion drains: routed away during the preStop sleep, then Triton's exit timeout, in the grace
+    sleep = int(container.lifecycle.pre_stop._exec.command[-1])
+    (exit_timeout,) = [int(a.split("=")[1]) for a in container.args if a.startswith("--exit-timeout-secs=")]
+    assert sleep > 0 and deployment.spec.template.spec.termination_grace_period_seconds > sleep + exit_timeout
     assert deployment.spec.selector.match_labels == loaded["Service"].spec.selector
     hpa = loaded["HorizontalPodAutoscaler"]
     assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (3, 6)
@@ -723,6 +727,7 @@ def test_k8s_manifests_load_into_the_kubernetes_models(bundle, tmp_path):
         "minReplicas",
         "maxReplicas",
         "autoScaling",
+        "terminationGracePeriodSeconds",
         "initContainers",
         "containers",
         "volumes",

@@ -1,7 +1,8 @@
 """Kubernetes manifests for a Triton model repository (`export-triton --k8s DIR`).
 
 `triton.yaml`: a Deployment of N Triton pods that mount the repository from a PersistentVolumeClaim,
-a Service in front of them (HTTP 8000, gRPC 8001, metrics 8002), readiness on /v2/health/ready, and
+a Service in front of them (HTTP 8000, gRPC 8001, metrics 8002), readiness on /v2/health/ready, a
+shutdown that drains (a preStop sleep, then Triton's --exit-timeout-secs, within the grace period), and
 a HorizontalPodAutoscaler on Triton's queue time per request (a Pods metric that a Prometheus adapter
 computes from nv_inference_queue_duration_us and nv_inference_request_success; README).
 `kserve.yaml`: the same pods as a KServe InferenceService (raw deployment, KEDA on the same metric).
@@ -18,12 +19,20 @@ from typing import Any
 
 import yaml
 
+from .server import EXIT_TIMEOUT_S
+
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 MOUNT = "/models"
 IMAGE = "ilf-deploy-triton:latest"
 DIGEST_ANNOTATION = "ilf-deploy.dev/bundle-digest"
 # Average microseconds a request waited in Triton's queue over the last minute, per pod.
 QUEUE_METRIC = "triton_queue_us_per_request"
+# On deletion Kubernetes sends SIGTERM while it is still taking the pod out of the Service's endpoints:
+# the preStop sleep keeps Triton serving until no new request is routed to it, then Triton drains for
+# its --exit-timeout-secs. The grace period covers both (Kubernetes' default, 30 s, would SIGKILL a
+# drain that Triton's default 30 s timeout allows).
+PRESTOP_SLEEP_S = 5
+GRACE_PERIOD_S = PRESTOP_SLEEP_S + EXIT_TIMEOUT_S + 10  # + unloading the model
 QUEUE_QUERY = (
     "sum(rate(nv_inference_queue_duration_us[1m]))"
     " / clamp_min(sum(rate(nv_inference_request_success[1m])), 1)"
@@ -40,7 +49,9 @@ def _container(name: str, image: str, gpu: bool, claim_mount: str = MOUNT) -> di
             f"--model-repository={claim_mount}",
             "--strict-readiness=true",
             "--exit-on-error=true",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         ],
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in PORTS.items()],
         "readinessProbe": {**probe, "initialDelaySeconds": 5, "failureThreshold": 3},
         "startupProbe": {
@@ -101,7 +112,7 @@ class Deployment:
             "name": "model-repository",
             "persistentVolumeClaim": {"claimName": self.claim, "readOnly": True},
         }
-        spec: dict[str, Any] = {}
+        spec: dict[str, Any] = {"terminationGracePeriodSeconds": GRACE_PERIOD_S}
         if self.digest is not None:
             spec["initContainers"] = [_digest_check(self.image, f"{MOUNT}/{self.bundle}", self.digest)]
         return {**spec, "containers": [_container(container, self.image, self.gpu)], "volumes": [volume]}
