@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,7 @@ def generate_png(bundle: Path, out: Path, fields: dict) -> bytes:
 def test_every_line_gets_one_row_and_images_are_generates(bundle, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     out = tmp_path / "out"
+    started = time.time()
     result = invoke("batch", bundle, "--prompts", prompts, "--out", out)
     assert result.exit_code == 0, result.output
     assert "10 rows: 4 images, 6 refused, 0 failed" in result.output
@@ -89,7 +91,7 @@ def test_every_line_gets_one_row_and_images_are_generates(bundle, tmp_path):
         if fields == "":
             continue
         row = rows[index]
-        assert list(row) == ["index", "request", "file", "sha256", "seconds", "worker", "error"]
+        assert list(row) == ["index", "request", "file", "sha256", "seconds", "finished", "worker", "error"]
         if error is not None:
             assert row["error"] == error and row["file"] is None and row["request"] is None
             continue
@@ -97,6 +99,7 @@ def test_every_line_gets_one_row_and_images_are_generates(bundle, tmp_path):
         assert row["file"] == f"images/{index}.png" and row["sha256"] == hashlib.sha256(png).hexdigest()
         assert png == generate_png(bundle, tmp_path / f"generate-{index}.png", fields), index
         assert row["error"] is None and row["worker"]["pid"] > 0 and row["seconds"] > 0
+        assert started < row["finished"] < time.time()
     assert rows[0]["request"] == {
         "plan": "ilf-4",
         "prompt": PROMPT,
@@ -172,6 +175,19 @@ def test_a_local_pool_makes_the_same_images(bundle, tmp_path, monkeypatch):
     # made in the pool's 2 processes, not here; which one takes each task is the scheduler's choice (a
     # process that opened the bundle first may take both before the other is up)
     assert pools == [2] and os.getpid() not in pids and 1 <= len(pids) <= 2, (pools, pids)
+
+
+def test_rows_per_task_defaults_to_up_to_8_while_every_actor_gets_4_tasks():
+    from ilf_deploy.scale.options import BatchOptions
+
+    def rows_per_task(rows: int, actors: int = 1, batch_size: int | None = None) -> int:
+        options = BatchOptions(Path("b"), Path("p"), Path("o"), actors=actors, batch_size=batch_size)
+        return options.rows_per_task(rows)
+
+    assert rows_per_task(64) == 8 and rows_per_task(10_000, actors=16) == 8  # a task's cost amortised
+    assert rows_per_task(16) == 4 and rows_per_task(64, actors=4) == 4  # 4 tasks an actor
+    assert rows_per_task(10, actors=4) == 1 and rows_per_task(1) == 1  # few rows: one a task
+    assert rows_per_task(10, actors=4, batch_size=5) == 5  # --batch-size decides when given
 
 
 def test_a_progress_bar_counts_the_rows_with_an_eta(bundle, tmp_path, monkeypatch):

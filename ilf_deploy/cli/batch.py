@@ -65,7 +65,10 @@ def batch(
     variant: Variant = None,
     ray_address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
     actors: Annotated[int, typer.Option(help="Workers: processes here, or Ray Data actors.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Rows per task handed to a worker.")] = 1,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Rows per task handed to a worker (default: up to 8, 4 tasks an actor at least)."),
+    ] = None,
     actor_cpus: Annotated[float, typer.Option(help="Ray CPUs per actor (whole CPUs are safest).")] = 1.0,
     ship_bundle: ShipBundle = False,
     digest: Digest = None,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -44,7 +45,7 @@ from ..backends.auto import FALLBACK_BACKEND
 from ..backends.onnxruntime import EMULATED_QDQ_ORT_CONFIG, open_generator
 from ..compare import Budget, Check, budget, compare_to_reference, reference_generator, run_reference
 from ..errors import ConfigError
-from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, tool_versions
+from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, sha256_file, tool_versions
 from ..runtime.generator import Generator, Request
 from ..runtime.manifest import VARIANT_ENGINES
 from .calibration import load_calibration
@@ -258,67 +259,79 @@ def quantize_bundle(
         shutil.rmtree(bundle.path / "onnx" / name, ignore_errors=True)  # an older variant's, unlisted now
         return entry
     root = bundle.path
-    segments, counts = _write_variant(bundle, mode, name, calibrate, progress)
-    entry: dict[str, Any] = {
-        "mode": mode,
-        "segments": segments,
-        "quantized_layers": counts,
-        "calibration": None
-        if mode == "int8-dynamic"
-        else {**bundle.manifest.calibration.raw, "method": calibrate},  # type: ignore[union-attr]
-        "tools": tool_versions(),
-    }
-    if mode == "fp8-qdq":
-        entry["ort_session_config"] = EMULATED_QDQ_ORT_CONFIG
-    if VARIANT_ENGINES[mode] == ("openvino",):
-        entry["tools"].update(_versions("openvino", "nncf"))
-    _record_variant(root, name, entry)
+    staged = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root / "onnx"))
+    try:
+        segments, counts = _write_variant(bundle, mode, name, calibrate, staged, progress)
+        entry: dict[str, Any] = {
+            "mode": mode,
+            "segments": segments,
+            "quantized_layers": counts,
+            "calibration": None
+            if mode == "int8-dynamic"
+            else {**bundle.manifest.calibration.raw, "method": calibrate},  # type: ignore[union-attr]
+            "tools": tool_versions(),
+        }
+        if mode == "fp8-qdq":
+            entry["ort_session_config"] = EMULATED_QDQ_ORT_CONFIG
+        if VARIANT_ENGINES[mode] == ("openvino",):
+            entry["tools"].update(_versions("openvino", "nncf"))
+        _record_variant(root, name, entry, staged)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # gone already unless the variant was not recorded
     return entry
 
 
-def _record_variant(root: Path, name: str, entry: dict[str, Any]) -> None:
-    """Add (or replace) variant `name` in the manifest with every file under onnx/<name>/ (none for a
-    bf16 variant, whose segments are the bundle's own files)."""
+def _record_variant(root: Path, name: str, entry: dict[str, Any], staged: Path | None = None) -> None:
+    """Add (or replace) variant `name` in the manifest with every file of `staged` as onnx/<name>/
+    (none for a bf16 variant, whose segments are the bundle's own files). The files are hashed where
+    they were written, and renamed into place only once the new manifest is valid, just before it
+    is written: a kill or Ctrl-C leaves the bundle as it was, not its old manifest over new files
+    (only the two renames and the manifest's own write are a window)."""
+    digests = {f"onnx/{name}/{p.name}": sha256_file(p) for p in sorted(staged.iterdir())} if staged else {}
+    final = root / "onnx" / name
+    replaced = final.with_name(f".{name}.tmp-replaced-{os.getpid()}")
 
     def mutate(manifest: dict[str, Any]) -> None:
         variants = manifest.setdefault("variants", {})
         for listed in [f for f in manifest["files"] if f.startswith(f"onnx/{name}/")]:
             manifest["files"].pop(listed)
         variants[name] = entry
-        # every file of the variant, external weight files included
-        folder = root / "onnx" / name
-        if entry["mode"] != "bf16" and folder.is_dir():
-            manifest["files"].update({str(p.relative_to(root)): "" for p in folder.iterdir()})
+        manifest["files"].update(digests)  # every file of the variant, external weight files included
 
-    rewrite_manifest(root, mutate)
+    def commit() -> None:
+        if staged is not None:
+            if final.exists():
+                final.rename(replaced)
+            staged.rename(final)
+
+    try:
+        rewrite_manifest(root, mutate, commit)
+    finally:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _write_variant(
-    bundle: Bundle, mode: str, name: str, calibrate: str, progress: Callable[[str], None] | None
+    bundle: Bundle,
+    mode: str,
+    name: str,
+    calibrate: str,
+    staged: Path,
+    progress: Callable[[str], None] | None,
 ) -> tuple[dict[str, Any], dict[str, int]]:
-    """Quantize every quantizable segment into `onnx/<name>/` (atomically: a temporary folder,
-    renamed); returns (the variant's segment specs, quantized layers per segment)."""
-    root = bundle.path
+    """Quantize every quantizable segment into `staged` (renamed to `onnx/<name>/` by
+    `_record_variant`); returns (the variant's segment specs, quantized layers per segment)."""
     suffix = ".xml" if mode == "int8-ov" else ".onnx"  # OpenVINO IR (weights in the .bin beside it)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root / "onnx"))
     segments: dict[str, Any] = {}
     counts: dict[str, int] = {}
-    try:
-        for segment in bundle.manifest.reduced_precision_segments:
-            if progress:
-                progress(f"{mode} {segment}")
-            samples = None if mode == "int8-dynamic" else load_calibration(bundle, segment)
-            counts[segment] = quantize_segment(
-                bundle.segment_path(segment), tmp / f"{segment}{suffix}", mode, samples, calibrate
-            )
-            base = bundle.segment_spec(segment).to_dict()
-            segments[segment] = {**base, "file": f"onnx/{name}/{segment}{suffix}"}
-        final = root / "onnx" / name
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for segment in bundle.manifest.reduced_precision_segments:
+        if progress:
+            progress(f"{mode} {segment}")
+        samples = None if mode == "int8-dynamic" else load_calibration(bundle, segment)
+        counts[segment] = quantize_segment(
+            bundle.segment_path(segment), staged / f"{segment}{suffix}", mode, samples, calibrate
+        )
+        base = bundle.segment_spec(segment).to_dict()
+        segments[segment] = {**base, "file": f"onnx/{name}/{segment}{suffix}"}
     return segments, counts
 
 

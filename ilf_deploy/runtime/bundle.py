@@ -85,21 +85,32 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> Manifest:
-    """Validate `manifest`, then write manifest.json and its digest (each atomically)."""
+def write_manifest(
+    root: Path, manifest: dict[str, Any], before_write: Callable[[], None] | None = None
+) -> Manifest:
+    """Validate `manifest`, then write manifest.json and its digest (each atomically).
+    `before_write` runs between the two: what must happen only once the manifest is known valid."""
     data = manifest_bytes(manifest)
     parsed = Manifest.parse(json.loads(data), f"{root / MANIFEST} (as about to be written)")
+    if before_write is not None:
+        before_write()
     write_atomic(root / MANIFEST, data)
     write_atomic(root / DIGEST_FILE, f"sha256:{hashlib.sha256(data).hexdigest()}\n".encode())
     return parsed
 
 
-def rewrite_manifest(bundle_path: Path, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def rewrite_manifest(
+    bundle_path: Path,
+    mutate: Callable[[dict[str, Any]], None],
+    commit: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Apply `mutate` to the manifest, hash the files it (re)listed, validate and write it.
 
     `mutate` lists new or rewritten files in `manifest["files"]` with an empty digest (they are
     hashed here; the others keep theirs, so multi-GB bundles are not re-read) and removes the
     entries of files it deleted. An edited manifest is refused first: a rewrite must not bless it.
+    `commit` runs once the new manifest is valid, just before it is written (files staged elsewhere,
+    and hashed there, renamed into place: the bundle is inconsistent only for those renames).
     """
     root = Path(bundle_path)
     data = _read_manifest_bytes(root)
@@ -111,7 +122,7 @@ def rewrite_manifest(bundle_path: Path, mutate: Callable[[dict[str, Any]], None]
     manifest["files"] = {
         name: digest or sha256_file(root / name) for name, digest in sorted(manifest["files"].items())
     }
-    write_manifest(root, manifest)
+    write_manifest(root, manifest, commit)
     return manifest
 
 

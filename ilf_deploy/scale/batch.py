@@ -128,7 +128,8 @@ def run_local(prepared: Prepared) -> Iterator[Outcome]:
     args = (str(options.bundle), options.backend, options.variant, prepared.digest)
     context = multiprocessing.get_context("spawn")  # no engine state forked from the driver
     with ProcessPoolExecutor(options.actors, context, initializer=_pool_open, initargs=args) as pool:
-        futures = [pool.submit(_pool_run, works) for works in chunks(prepared.jobs, options.batch_size)]
+        tasks = chunks(prepared.jobs, options.rows_per_task(len(prepared.jobs)))
+        futures = [pool.submit(_pool_run, works) for works in tasks]
         for future in as_completed(futures):
             yield from future.result()
 

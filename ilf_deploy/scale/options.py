@@ -7,6 +7,9 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
+AUTO_ROWS_PER_TASK = 8
+TASKS_PER_ACTOR = 4
+
 
 @dataclass(frozen=True)
 class BatchOptions:
@@ -19,19 +22,28 @@ class BatchOptions:
     digest: str | None = None  # pin the bundle; None: the driver's bundle, pinned for every worker
     ray_address: str | None = None  # None: this machine
     actors: int = 1  # workers: processes here, or Ray Data actors
-    batch_size: int = 1  # rows per task handed to a worker
+    batch_size: int | None = None  # rows per task handed to a worker; None: rows_per_task decides
     actor_cpus: float = 1.0  # Ray's CPUs per actor
     ship: bool = False  # Ray: copy the bundle to the nodes through the object store
 
     def check(self) -> None:
         if self.actors < 1:
             raise ConfigError(f"--actors must be >= 1, got {self.actors}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not self.actor_cpus > 0:
             raise ConfigError(f"--actor-cpus must be > 0, got {self.actor_cpus}")
         if self.ship and self.ray_address is None:
             raise ConfigError("--ship-bundle is for Ray (--ray-address); here the bundle is already local")
+
+    def rows_per_task(self, rows: int) -> int:
+        """--batch-size, else as many rows a task as keeps TASKS_PER_ACTOR tasks for every actor (so
+        the last tasks still spread over them), at most AUTO_ROWS_PER_TASK: a Ray Data task costs
+        about 10 ms of its own (README "Beyond one machine"), which 8 rows make small beside even a
+        10 ms image, and which a task of one image that takes seconds does not notice."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return max(1, min(AUTO_ROWS_PER_TASK, rows // (TASKS_PER_ACTOR * self.actors)))
 
 
 @dataclass(frozen=True)

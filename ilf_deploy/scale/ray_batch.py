@@ -56,7 +56,8 @@ def run_on_ray(options: BatchOptions, jobs: list[dict[str, Any]], digest: str) -
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     bundle = Bundle.load(options.bundle, verify_hashes=False, digest=digest)
     items = [{"job": json.dumps(work)} for work in jobs]
-    blocks = min(MAX_BLOCKS, -(-len(items) // options.batch_size))
+    rows_per_task = options.rows_per_task(len(items))
+    blocks = min(MAX_BLOCKS, -(-len(items) // rows_per_task))
     dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         BatchActor,
         fn_constructor_kwargs={
@@ -65,7 +66,7 @@ def run_on_ray(options: BatchOptions, jobs: list[dict[str, Any]], digest: str) -
             "variant": options.variant,
             "digest": digest,
         },
-        batch_size=options.batch_size,
+        batch_size=rows_per_task,
         compute=ray.data.ActorPoolStrategy(size=options.actors),
         num_cpus=options.actor_cpus,
     )

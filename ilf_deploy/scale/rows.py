@@ -26,8 +26,9 @@ IMAGES = "images"
 STATE = "batch.json"
 LOCK = ".lock"
 # A row's fields, in this order: the request as resolved (plan, size and guidance decided), where its
-# image went and what it is, how long it took, which node and process made it, and why not.
-ROW_FIELDS = ("index", "request", "file", "sha256", "seconds", "worker", "error")
+# image went and what it is, how long it took and when it was done (Unix time, the worker's clock),
+# which node and process made it, and why not.
+ROW_FIELDS = ("index", "request", "file", "sha256", "seconds", "finished", "worker", "error")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class BatchWorker:
         return self._plans[name]
 
     def run(self, work: dict[str, Any]) -> Outcome:
-        """({index, sha256, seconds, worker, error}, the PNG or None) for one job."""
+        """({index, sha256, seconds, finished, worker, error}, the PNG or None) for one job."""
         started = time.perf_counter()
         result: dict[str, Any] = {"index": work["index"], "worker": self.identity}
         try:
@@ -87,8 +87,9 @@ class BatchWorker:
                 png = encode_png(self.generator.decode(latents)[0])
         except Exception as exc:  # the row fails, the batch goes on
             result.update(error=f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
-            return result, None
-        result.update(sha256=hashlib.sha256(png).hexdigest(), seconds=round(time.perf_counter() - started, 4))
+            return {**result, "finished": round(time.time(), 4)}, None
+        seconds = round(time.perf_counter() - started, 4)
+        result.update(sha256=hashlib.sha256(png).hexdigest(), seconds=seconds, finished=round(time.time(), 4))
         return result, png
 
     def run_many(self, works: list[dict[str, Any]]) -> list[Outcome]:
