@@ -61,6 +61,27 @@ def test_recalibration_replaces_the_old_samples(calibrated, tmp_path):
     assert {p.name for p in (path / "calibration").iterdir()} == {f.split("/")[1] for f in listed}
 
 
+def test_an_interrupted_recalibration_leaves_the_old_samples(calibrated, tmp_path, monkeypatch):
+    """New samples are hashed where they were written and renamed over the old ones just before the
+    manifest that lists them: Ctrl-C while hashing leaves a bundle that loads, with its old samples
+    (before, they were overwritten first, and the bundle then refused itself)."""
+    import ilf_deploy.quantization.calibration as calibration
+
+    path = shutil.copytree(calibrated[0], tmp_path / "again")
+    before = {p.name: p.read_bytes() for p in (path / "calibration").iterdir()}
+
+    def interrupted(file):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration, "sha256_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        collect_calibration(path, "base-4", ["a cat"], max_samples=2)
+    monkeypatch.undo()
+    assert Bundle.load(path).manifest.calibration.plan == "ilf-4"  # every hash checked
+    assert {p.name: p.read_bytes() for p in (path / "calibration").iterdir()} == before
+    assert not [p.name for p in path.iterdir() if ".tmp-" in p.name]
+
+
 def test_dit_calibrates_on_class_labels(tiny_bundles, tmp_path):
     path = shutil.copytree(tiny_bundles["dit"], tmp_path / "dit")
     record = collect_calibration(path, class_labels=[1, 2], max_samples=2)
