@@ -125,3 +125,60 @@ def test_importing_the_backend_needs_neither_tensorrt_nor_polygraphy():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout) == []
+
+
+def _fake_builds(monkeypatch, fail_at: int | None = None) -> list[str]:
+    """build_engines with TensorRT's parts replaced: each 'engine' is a few bytes written where the
+    real one would be, and the timing cache grows with each, as TensorRT's does."""
+    from ilf_deploy.backends import tensorrt
+
+    calls: list[str] = []
+
+    def build(bundle, key, spec, shapes, settings, staged):
+        if len(calls) == fail_at:
+            raise RuntimeError("the builder ran out of memory")
+        calls.append(spec.name)
+        target = staged / tensorrt.engine_file(key, spec.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(f"engine {spec.name} {len(calls)}".encode())
+        with (staged / tensorrt.TIMING_CACHE).open("ab") as cache:
+            cache.write(spec.name.encode())
+        return {
+            "file": tensorrt.engine_file(key, spec.name),
+            "onnx": spec.file,
+            "profile": {},
+            "build_s": 0.0,
+        }
+
+    monkeypatch.setattr(tensorrt, "_trt", lambda: None)
+    monkeypatch.setattr(tensorrt, "_build_engine", build)
+    monkeypatch.setattr(tensorrt, "current_environment", lambda: environment_record("10.9.0", "H100", (9, 0)))
+    return calls
+
+
+def test_a_failed_rebuild_leaves_the_bundle_and_its_engines_as_they_were(tiny_bundles, tmp_path, monkeypatch):
+    """Engines and the timing cache are built aside and renamed in just before the manifest that
+    lists them (before, each engine replaced the old one as it was built, and the timing cache was
+    rewritten in place: a failure minutes later left a bundle that refused itself)."""
+    import shutil
+
+    from ilf_deploy.backends.tensorrt import TIMING_CACHE, build_engines
+
+    path = shutil.copytree(tiny_bundles["dit"], tmp_path / "bundle")
+    calls = _fake_builds(monkeypatch)
+    build_engines(path)
+    bundle = Bundle.load(path)  # every hash checked, the engines' and the timing cache's too
+    assert sorted(calls) == sorted(bundle.manifest.segments) and TIMING_CACHE in bundle.manifest.files
+    before = {p.relative_to(path): p.read_bytes() for p in (path / "engines").rglob("*") if p.is_file()}
+
+    calls = _fake_builds(monkeypatch, fail_at=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        build_engines(path, force=True)
+    Bundle.load(path)
+    after = {p.relative_to(path): p.read_bytes() for p in (path / "engines").rglob("*") if p.is_file()}
+    assert after == before and not [p.name for p in path.iterdir() if ".tmp-" in p.name]
+
+    _fake_builds(monkeypatch)
+    build_engines(path, force=True)
+    rebuilt = {p.relative_to(path): p.read_bytes() for p in (path / "engines").rglob("*") if p.is_file()}
+    assert Bundle.load(path) and rebuilt != before and set(rebuilt) == set(before)

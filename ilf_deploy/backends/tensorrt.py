@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..runtime.bundle import Bundle, BundleError, rewrite_manifest
+from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, sha256_file
 from ..runtime.manifest import EngineSetSpec, Manifest, SegmentSpec
 from ..runtime.pipeline import BundleGenerator
 from ..runtime.runner import SegmentRunner
@@ -213,36 +214,50 @@ def build_engines(
     names = _engines_to_build(bundle, variant, segments, opt_level, force)
     environment = current_environment()
     key = engine_key(variant)
-    (bundle.path / TIMING_CACHE).parent.mkdir(parents=True, exist_ok=True)
     settings = {"opt_level": opt_level, "workspace": int(workspace_gb * 2**30), "tf32": tf32}
-    built: dict[str, Any] = {}
-    for index, name in enumerate(names):
-        if progress:
-            progress(name, index, len(names))
-        spec = bundle.segment_spec(name, variant)
-        built[name] = _build_engine(
-            bundle, key, spec, input_profile(bundle.manifest, spec, max_batch), settings
-        )
-    entry = {
-        **environment,
-        "variant": variant,
-        "builder_optimization_level": opt_level,
-        "workspace_bytes": settings["workspace"],
-        "max_batch": int(max_batch or bundle.manifest.max_batch),
-        "tf32": tf32,
-        "timing_cache": TIMING_CACHE,
-        "segments": built,
-    }
+    # Engines and the timing cache are built into `staged` and renamed into the bundle only once all
+    # are built, just before the manifest that lists them: a failed or interrupted build (minutes
+    # each) leaves the bundle as it was, not new files under the old manifest's hashes.
+    staged = Path(tempfile.mkdtemp(prefix=f".{ENGINES_DIR}.tmp-", dir=bundle.path))
+    try:
+        if (bundle.path / TIMING_CACHE).is_file():
+            (staged / TIMING_CACHE).parent.mkdir(parents=True)
+            shutil.copyfile(bundle.path / TIMING_CACHE, staged / TIMING_CACHE)
+        built: dict[str, Any] = {}
+        for index, name in enumerate(names):
+            if progress:
+                progress(name, index, len(names))
+            spec = bundle.segment_spec(name, variant)
+            profile = input_profile(bundle.manifest, spec, max_batch)
+            built[name] = _build_engine(bundle, key, spec, profile, settings, staged)
+        entry = {
+            **environment,
+            "variant": variant,
+            "builder_optimization_level": opt_level,
+            "workspace_bytes": settings["workspace"],
+            "max_batch": int(max_batch or bundle.manifest.max_batch),
+            "tf32": tf32,
+            "timing_cache": TIMING_CACHE,
+            "segments": built,
+        }
+        written = [*(spec["file"] for spec in built.values()), TIMING_CACHE]
+        files = {rel: sha256_file(staged / rel) for rel in written}
 
-    def mutate(manifest: dict[str, Any]) -> None:
-        engines = manifest.setdefault("engines", {})
-        for old in engines.get(key, {}).get("segments", {}).values():
-            manifest["files"].pop(old["file"], None)
-        engines[key] = entry
-        manifest["files"].update({spec["file"]: "" for spec in built.values()})
-        manifest["files"][TIMING_CACHE] = ""
+        def mutate(manifest: dict[str, Any]) -> None:
+            engines = manifest.setdefault("engines", {})
+            for old in engines.get(key, {}).get("segments", {}).values():
+                manifest["files"].pop(old["file"], None)
+            engines[key] = entry
+            manifest["files"].update(files)
 
-    rewrite_manifest(bundle.path, mutate)
+        def commit() -> None:
+            for rel in written:
+                (bundle.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged / rel, bundle.path / rel)
+
+        rewrite_manifest(bundle.path, mutate, commit)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     return entry
 
 
@@ -270,9 +285,10 @@ def _build_engine(
     spec: SegmentSpec,
     shapes: dict[str, tuple[Shape, Shape, Shape]],
     settings: dict[str, Any],
+    staged: Path,
 ) -> dict[str, Any]:
     """One segment's engine through Polygraphy (one optimization profile, the shared timing cache),
-    written atomically; returns its manifest entry."""
+    written under `staged` as it will be in the bundle; returns its manifest entry."""
     from polygraphy.backend.trt import (  # type: ignore[import-untyped]
         CreateConfig,
         EngineFromNetwork,
@@ -282,7 +298,8 @@ def _build_engine(
     )
 
     trt_module = _trt()
-    cache = bundle.path / TIMING_CACHE
+    cache = staged / TIMING_CACHE
+    cache.parent.mkdir(parents=True, exist_ok=True)
     profile = Profile()
     for tensor, (low, opt, high) in shapes.items():
         profile.add(tensor, min=low, opt=opt, max=high)
@@ -298,12 +315,10 @@ def _build_engine(
     # TensorRT 10 asks for strongly typed networks with a flag; in 11 every network is strongly typed.
     strongly_typed = True if hasattr(trt_module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") else None
     network = NetworkFromOnnxPath(str(bundle.path / spec.file), strongly_typed=strongly_typed)
-    target = bundle.path / engine_file(key, spec.name)
+    target = staged / engine_file(key, spec.name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
     start = time.perf_counter()
-    SaveEngine(EngineFromNetwork(network, config, save_timing_cache=str(cache)), path=str(tmp))()
-    os.replace(tmp, target)
+    SaveEngine(EngineFromNetwork(network, config, save_timing_cache=str(cache)), path=str(target))()
     return {
         "file": engine_file(key, spec.name),
         "onnx": spec.file,
