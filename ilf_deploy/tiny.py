@@ -23,6 +23,7 @@ from .loading import quiet_huggingface
 from .plan import default_loop, validate_loop
 from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
 
+MAX_LAYERS = 64  # a tiny model; PixArt-XL has 28
 TINY_ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit")
 
 _VAE_BLOCKS = (16, 32, 32)  # 3 levels -> downsampling factor 4
@@ -85,8 +86,8 @@ def make_tiny_pipeline(
         raise ConfigError(f"unknown tiny architecture {arch!r}; supported: {', '.join(TINY_ARCHITECTURES)}")
     if resolution_conditions and arch != "pixart-alpha":
         raise ConfigError("resolution conditions exist only for pixart-alpha (PixArt-α 1024)")
-    if num_layers < 1:
-        raise ConfigError(f"layers must be >= 1, got {num_layers}")
+    if not 1 <= num_layers <= MAX_LAYERS:
+        raise ConfigError(f"layers must be in 1..{MAX_LAYERS}, got {num_layers}")
     if feedback:
         validate_loop(*(loop or default_loop(num_layers)), num_layers)
     out = Path(out_dir)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -59,6 +60,9 @@ def command_for(target: typer.Typer):
                     return fn(*args, **kwargs)
                 except IlfError as exc:
                     fail(str(exc))
+                except OSError as exc:  # what a check up front (cli/paths.py) could not foresee
+                    where = f" ({exc.filename})" if exc.filename else ""
+                    fail(f"{exc.strerror or exc}{where}")
                 except ModuleNotFoundError as exc:
                     extra = EXTRAS.get((exc.name or "").split(".")[0])
                     if extra is None:
@@ -99,12 +103,22 @@ def progress() -> Progress:
     )
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally` (and `except BaseException`)
+    removes what it was writing. Not a KeyboardInterrupt: click would take that for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)  # `serve` installs its own (a drain) when it starts
     try:
         app()
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
+    except Terminated:
+        console.print("terminated")
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import typer
 
 from . import command, console
 from .options import Backend, BundleDir, Digest, Variant
+from .paths import output_dir
 
 ROWS_HELP = (
     "One request per line, a JSON object: prompt (or class_label), seed (default 0, as `generate`), "
@@ -80,6 +81,7 @@ def batch(
     from ..scale.batch import run_batch
     from ..scale.options import BatchOptions
 
+    output_dir(out, "--out")
     options = BatchOptions(
         bundle, prompts, out, plan, backend, variant, digest, ray_address, actors, batch_size, actor_cpus,
         ship_bundle,
@@ -92,6 +94,8 @@ def batch(
             on_row=lambda: bar.advance(task),
         )
     console.print(summary.line(out), highlight=False)
+    if summary.images == 0 and summary.refused + summary.failed:  # nothing made: a script must see it
+        raise typer.Exit(1)
 
 
 def ray_options(server: str, address, replicas, autoscale, replica_cpus, ship: bool) -> dict:
@@ -209,11 +213,16 @@ def export_kuberay(
 ) -> None:
     """Write KubeRay manifests: a RayService (`serve --server ray`) and a RayJob (`batch` on Ray Data)
     over the bundle on a PersistentVolumeClaim, its digest pinned and checked in every pod."""
+    from ..backends import get_backend
+    from ..backends.auto import AUTO
     from ..errors import ConfigError
     from ..runtime.bundle import Bundle
     from ..scale.kuberay import KubeRay, write_manifests
     from ..scale.options import parse_autoscale
 
+    output_dir(out, "--out")
+    if backend not in (None, AUTO):
+        get_backend(backend)  # an unknown engine is refused here, as by every other command
     loaded = Bundle.load(bundle, digest=digest)  # every file's hash: the digest must be worth pinning
     if workers < 1 or (max_workers is not None and max_workers < workers):
         raise ConfigError("--workers must be >= 1 and --max-workers >= --workers")

@@ -12,7 +12,8 @@ from ..errors import ConfigError
 from ..runtime.generator import Request
 from . import command, console, finish_checks, out, progress
 from .generate import open_source
-from .options import VARIANT_HELP, Digest, backend_help
+from .options import VARIANT_HELP, ChecksJson, Digest, backend_help
+from .paths import image_suffixes, output_file
 from .tables import bench_table, bundle_tables, checks_table, stage_table
 
 # -- bundles ---------------------------------------------------------------------------------
@@ -30,8 +31,10 @@ def _parse_resolutions(text: str | None, height: int | None, width: int | None) 
         except ValueError:
             raise ConfigError(f"resolution {part!r} is not HxW (e.g. 512x512)") from None
         sizes.append((h, w))
-    if height or width:
-        sizes.insert(0, (height or width, width or height))  # type: ignore[arg-type]
+    if height is not None or width is not None:  # one given: square (0 is refused, not "unset")
+        side_h = height if height is not None else width
+        side_w = width if width is not None else height
+        sizes.insert(0, (side_h, side_w))  # type: ignore[arg-type]
     return sizes
 
 
@@ -140,9 +143,7 @@ def _file_sizes(root: Path) -> dict[str, int]:
 @command()
 def verify(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (built with its torch model).")],
-    as_json: Annotated[
-        Path | None, typer.Option("--json", help="Also write the checks as JSON here.")
-    ] = None,
+    as_json: ChecksJson = None,
     prompt: Annotated[
         str | None, typer.Option(help="Prompt of the recorded trajectory (default: the held-out one).")
     ] = None,
@@ -174,6 +175,7 @@ def verify(
     from ..verify.bundle import bundle_budget, verify_bundle
     from .engines import verify_tensorrt
 
+    output_file(as_json, "--json", (".json",))
     if backend == "tensorrt":
         return verify_tensorrt(bundle, variant, None, False, as_json, digest)
     if backend == "torch" or variant is not None:
@@ -219,8 +221,13 @@ def bench(
 
     if runs < 1 or warmup < 0:
         raise ConfigError("--runs must be >= 1 and --warmup >= 0")
+    output_file(as_json, "--json", (".json",))
+    output_file(plot_out, "--plot", image_suffixes())
     loaded = Bundle.load(bundle, digest=digest)
     names = _split_list(plans) if plans else loaded.plan_names
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"--plans names {', '.join(twice)} more than once")
     step_plans = [resolve_bundle_plan(loaded, name) for name in names]  # presets its segments cover too
     generator, _, _ = open_source(bundle, backend, variant)
     engine = generator.backend + (f" {generator.variant}" if generator.variant else "")

@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 from . import command, console, finish_checks, out, progress
-from .options import Digest, pin
+from .options import ChecksJson, Digest, pin
+from .paths import output_file
 from .tables import checks_table
 
 
@@ -38,9 +39,11 @@ def calibrate(
     texts = None
     if prompts is not None:
         try:
-            texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+            texts = [line.strip() for line in prompts.read_text("utf-8").splitlines() if line.strip()]
         except OSError as exc:
             raise ConfigError(f"cannot read prompts {prompts}: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--prompts {prompts} is not UTF-8 text (one prompt per line)") from None
         if not texts:
             raise ConfigError(f"{prompts} has no prompts")
     with progress() as bar:
@@ -105,7 +108,7 @@ def verify_variant_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     variant: Annotated[str, typer.Option(help="The precision variant to check against fp32.")],
     plan: Annotated[str | None, typer.Option("--plan", "-p", help="Plan (default: the ILF plan).")] = None,
-    as_json: Annotated[Path | None, typer.Option("--json", help="Also write the checks here.")] = None,
+    as_json: ChecksJson = None,
     digest: Digest = None,
 ) -> None:
     """Per-segment SNR/cosine on a held-out trajectory and end-to-end latents vs fp32 (ORT CPU).
@@ -114,6 +117,7 @@ def verify_variant_command(
     from ..quantization.quantize import variant_budget, variant_engine, verify_variant
     from ..runtime.bundle import Bundle
 
+    output_file(as_json, "--json", (".json",))
     loaded = Bundle.load(bundle, digest=digest)
     limits = variant_budget(loaded, variant)  # an unknown variant fails here, before the work
     with progress() as bar:
@@ -168,7 +172,7 @@ def verify_engines_command(
     variant: Annotated[str | None, typer.Option(help="Engines of this precision variant.")] = None,
     plan: Annotated[str | None, typer.Option("--plan", "-p", help="Plan (default: the ILF plan).")] = None,
     cuda_graphs: Annotated[bool, typer.Option(help="Run the TensorRT side with CUDA graphs.")] = False,
-    as_json: Annotated[Path | None, typer.Option("--json", help="Also write the checks here.")] = None,
+    as_json: ChecksJson = None,
     digest: Digest = None,
 ) -> None:
     """TensorRT vs ONNX Runtime (fp32): each segment on trajectory feeds, then the plan end to end.
@@ -189,6 +193,7 @@ def verify_tensorrt(
     from ..runtime.bundle import Bundle
     from ..verify.engines import engines_budget, verify_engines
 
+    output_file(as_json, "--json", (".json",))
     loaded = Bundle.load(bundle, digest=digest)
     limits = engines_budget(loaded, variant)
     with progress() as bar:

@@ -12,6 +12,7 @@ from ..plan import PRESET_HELP
 from ..runtime.request import RequestContract, RequestError, Size
 from . import command, console, progress
 from .options import BACKEND_HELP, VARIANT_HELP, Digest
+from .paths import image_suffixes, output_file
 
 # -- generate --------------------------------------------------------------------------------
 
@@ -150,9 +151,9 @@ def generate(
     import numpy as np
 
     initial = _read_latents(latents_in) if latents_in is not None else None
-    for path in (latents_out, image_out):
-        if path is not None and not path.parent.exists():
-            raise ConfigError(f"output directory {path.parent} does not exist")
+    output_file(latents_out, "--latents-out", (".npy",))  # np.save would add .npy to any other name
+    if image_out is not None or latents_out is None:
+        image_out = output_file(image_out or Path("image.png"), "--out", image_suffixes())
     generator, resolve, _ = open_source(model, backend, variant, device, digest)
     given = {
         "prompt": prompt or None,
@@ -178,8 +179,7 @@ def generate(
         # torch tensors (torch on any device, TensorRT on the GPU) come to the host first
         np.save(latents_out, generator.latents_to_numpy(latents))
         console.print(f"latents → {latents_out}")
-    if image_out is not None or latents_out is None:
-        image_out = image_out or Path("image.png")
+    if image_out is not None:
         from PIL import Image
 
         Image.fromarray(generator.decode(latents)[0]).save(image_out)
@@ -213,6 +213,9 @@ def _read_latents(path: Path):
     import numpy as np
 
     try:
-        return np.load(path).astype(np.float32)
+        latents = np.load(path).astype(np.float32)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read latents {path}: {exc}") from None
+    if not np.isfinite(latents).all():  # NaN or inf would only come out as a garbage image
+        raise ConfigError(f"--latents-in {path} holds NaN or infinite values")
+    return latents

@@ -10,6 +10,7 @@ import typer
 
 from ..errors import ConfigError
 from . import command, console, out, tables
+from .paths import output_dir, output_file
 
 # -- plan ------------------------------------------------------------------------------------
 
@@ -117,10 +118,16 @@ def plan_command(
     of every range it recomputes (README "Composed and adaptive plans")."""
     from ..plan import parse_range
 
+    output_file(save, "--out", (".json",))
+    for flag, value in (("--refresh-every", refresh_every), ("--baseline-steps", baseline_steps)):
+        if value is not None and value < 1:  # 0 is not "the default": it is refused as -1 is
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if block_caching is not None and not 0 <= block_caching < float("inf"):  # NaN fails too
+        raise ConfigError(f"--block-caching δ must be a finite number >= 0, got {block_caching}")
     num_blocks, scheduler, model_loop, model_t_post = 28, None, None, None
     if model is not None:
         num_blocks, scheduler, model_loop, model_t_post = _model_facts(model)
-    num_blocks = blocks or num_blocks
+    num_blocks = blocks if blocks is not None else num_blocks
     if num_blocks < 1:
         raise ConfigError(f"--blocks must be >= 1, got {num_blocks}")
     ilf = {"feedback": (), "loop": None, "t_post": t_post or model_t_post or "rescale"}
@@ -268,6 +275,8 @@ def make_tiny_command(
     """Write a tiny random-weight diffusers pipeline (+ random ILF feedback) for tests and demos."""
     from ..plan import parse_range
     from ..tiny import make_tiny_pipeline
+
+    output_dir(out_dir, "OUT_DIR")
 
     ilf_loop = parse_range(loop, "--loop", layers if layers >= 1 else None) if loop else None
     with console.status(f"writing tiny {architecture}"):

@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from ..training.recipe import RECIPE
 from . import command, console, out, progress
 from .options import Digest, backend_help, pin
+from .paths import image_suffixes, output_file
 from .tables import eval_table
 
 DEFAULT_EVAL_PLANS = "base-20,base-12,base-10,cache-20,ilf-10,ilf-12"
@@ -177,6 +178,8 @@ def eval_command(
     names = [p.strip() for p in plans.split(",") if p.strip()]
     if not names:
         raise ConfigError("no plans to evaluate")
+    output_file(json_out, "--json", (".json",))
+    output_file(grid, "--grid", image_suffixes())
     with console.status("loading model"):
         if is_bundle(model):
             from ..backends.auto import AUTO

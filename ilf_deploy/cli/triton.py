@@ -15,6 +15,7 @@ import typer
 
 from . import command, console
 from .options import VARIANT_HELP, Digest, backend_help
+from .paths import output_dir
 
 
 @command("export-triton")
@@ -65,8 +66,12 @@ def export_triton(
 
     if k8s is not None and not copy_bundle:
         raise ConfigError("--k8s needs --copy-bundle: the pods see only the repository")
-    if replicas < 1 or max_replicas < 1:
-        raise ConfigError("--replicas and --max-replicas must be >= 1")
+    if replicas < 1 or max_replicas < replicas:
+        raise ConfigError(
+            f"--replicas must be >= 1 and --max-replicas >= --replicas, got {replicas}, {max_replicas}"
+        )
+    output_dir(out, "--out")
+    output_dir(k8s, "--k8s")
     options = ExportOptions(
         name=name,
         backend=backend,

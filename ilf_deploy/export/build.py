@@ -24,6 +24,7 @@ from ..adapters import make_adapter
 from ..errors import ConfigError, IlfError
 from ..loading import LoadedModel, load_model
 from ..runtime.bundle import SCHEMA_VERSION, sha256_file, strict_json, tool_versions, write_manifest
+from ..runtime.request import MAX_SIDE
 from .onnx import export_segment, onnx_io
 from .segments import segment_specs
 
@@ -104,14 +105,23 @@ def _replace(tmp: Path, out: Path) -> None:
         tmp.rename(out)
         return
     old = _old_path(out)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     out.rename(old)
     try:
         tmp.rename(out)
     except OSError:
         old.rename(out)  # the previous bundle stays
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """What --force replaces: a directory (a bundle), or a file or link."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 # -- hygiene: what killed builds leave, and file-system errors --------------------------------
@@ -262,6 +272,8 @@ def _check_resolutions(model: LoadedModel, resolutions: Sequence[tuple[int, int]
     for height, width in resolutions:
         if height <= 0 or width <= 0 or height % factor or width % factor:
             raise ConfigError(f"resolution {height}x{width} must be positive multiples of {factor}")
+        if max(height, width) > MAX_SIDE:  # what a request may ask for (runtime/request.py)
+            raise ConfigError(f"resolution {height}x{width}: each side must be at most {MAX_SIDE} pixels")
         if model.architecture == "dit" and height != width:
             raise ConfigError("DiT generates square images only")
 

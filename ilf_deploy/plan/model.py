@@ -354,10 +354,16 @@ class StepPlan:
     @classmethod
     def load(cls, path: Path) -> StepPlan:
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(path.read_text(), parse_constant=_not_json)
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, NaN
             raise ConfigError(f"cannot read plan {path}: {exc}") from None
         return cls.from_dict(data)
+
+
+def _not_json(name: str) -> float:
+    """json.loads takes NaN and Infinity, which strict JSON has not: a plan's coefficients must be
+    numbers."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def predicted_speedup(plan: StepPlan, baseline_steps: int = 20) -> float:

@@ -140,7 +140,11 @@ def quantize_segment(
     """Write the quantized `source` to `target`; returns how many linear layers were quantized."""
     import onnx
 
-    nodes = linear_nodes(onnx.load(str(source), load_external_data=False), static=mode != "int8-dynamic")
+    try:
+        graph = onnx.load(str(source), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError for a truncated or corrupt file
+        raise BundleError(f"cannot read {source} ({type(exc).__name__}: {exc}); rebuild the bundle") from None
+    nodes = linear_nodes(graph, static=mode != "int8-dynamic")
     if mode != "int8-dynamic" and not samples:
         raise ConfigError(f"{mode} needs calibration samples")
     if mode == "int8-ov":
@@ -260,6 +264,7 @@ def quantize_bundle(
         return entry
     root = bundle.path
     staged = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root / "onnx"))
+    staged.chmod(0o755)  # mkdtemp makes it 0700: the variant must be readable by whoever serves it
     try:
         segments, counts = _write_variant(bundle, mode, name, calibrate, staged, progress)
         entry: dict[str, Any] = {

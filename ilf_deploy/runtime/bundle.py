@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..plan import StepPlan
 from .manifest import (
     SCHEMA_VERSION,  # noqa: F401  (export.build writes it: a new bundle is version 2)
@@ -229,6 +230,22 @@ class Bundle:
         """The plan a request without one gets: the first ILF plan (what this toolchain is for),
         else the first plan. The one place every command and server takes it from."""
         return next((p for p in self.plan_names if p.startswith("ilf")), self.plan_names[0])
+
+    def tokenizer(self) -> Any:
+        """The bundle's `tokenizers.Tokenizer` as saved (truncation and padding as in its file),
+        or a one-line BundleError when the file does not parse."""
+        from tokenizers import Tokenizer
+
+        spec = self.manifest.tokenizer
+        if spec is None:
+            raise ConfigError("this bundle has no tokenizer (class-conditional model); pass --class-label")
+        try:
+            return Tokenizer.from_file(str(self.path / spec.file))
+        except Exception as exc:  # tokenizers raises its own Exception for a malformed file
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BundleError(
+                f"cannot load the tokenizer {self.path / spec.file}: {reason}; rebuild the bundle"
+            ) from None
 
     def plan(self, spec: str) -> StepPlan:
         """A bundled plan by name, or a plan JSON file whose segments the bundle has."""

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
 from ..plan import StepPlan
 from .bundle import Bundle
 from .generator import Generator, ModelFacts, Request
@@ -54,14 +53,9 @@ class BundleGenerator(Generator):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
+            tokenizer = self.bundle.tokenizer()
             spec = self.bundle.manifest.tokenizer
-            if spec is None:
-                raise ConfigError(
-                    "this bundle has no tokenizer (class-conditional model); pass --class-label"
-                )
-            tokenizer = Tokenizer.from_file(str(self.bundle.path / spec.file))
+            assert spec is not None  # else bundle.tokenizer() raised
             tokenizer.enable_truncation(spec.max_length)
             tokenizer.enable_padding(
                 length=spec.max_length, pad_id=spec.pad_id, pad_token=tokenizer.id_to_token(spec.pad_id)

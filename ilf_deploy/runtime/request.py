@@ -30,6 +30,7 @@ from .generator import Generator, Request
 MAX_PROMPT_CHARS = 4000  # prompt and negative_prompt, counted before tokenising
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 30.0
+MAX_SIDE = 4096  # pixels: PixArt-Σ's largest (4K); a 100000-pixel side would fill the memory first
 # JSON Schema `format` of prompts: text of at most the model's tokens (GET /v1/models:
 # max_prompt_tokens), which no JSON Schema keyword can say.
 PROMPT_FORMAT = "ilf-prompt"
@@ -60,6 +61,7 @@ MESSAGES = {
     "n": "n must be in 1..{limit}, got {value}",
     "size_form": "size must be WIDTHxHEIGHT (e.g. {example}), got {got}",
     "size": "the bundle was built for {sizes}, not {size} (width x height)",
+    "side": "{param} must be in 1..{limit} pixels, got {value}",
     "plan": "unknown plan {value!r}; this bundle has: {plans}",
     "guidance_scale": "guidance_scale must be in 0..{limit:g}, got {value:g}",
     "seed_low": "seed must be >= 0, got {value}",
@@ -166,12 +168,9 @@ def check_choice(param: str, value: Any, choices: tuple[str, ...]) -> str:
 def bundle_token_counter(bundle: Bundle) -> Callable[[str], int] | None:
     """A prompt's length in the bundle tokenizer's tokens, as `BundleGenerator.encode_prompt` sees
     it before truncation; None for class-conditional bundles (no tokenizer)."""
-    spec = bundle.manifest.tokenizer
-    if spec is None:
+    if bundle.manifest.tokenizer is None:
         return None
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(bundle.path / spec.file))
+    tokenizer = bundle.tokenizer()
     tokenizer.no_truncation()  # the count must see what truncation would drop
     tokenizer.no_padding()
     return lambda text: len(tokenizer.encode(text.lower().strip()).ids)  # as encode_prompt encodes
@@ -326,16 +325,19 @@ class RequestContract:
         if value is _MISSING:
             return None, None
         if isinstance(value, Size):
-            return tuple(  # type: ignore[return-value]
-                None if v is None else check_integer(name, v)
-                for name, v in (("height", value.height), ("width", value.width))
-            )
-        example = self.size_names[0] if self.sizes else "512x512"
-        match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", value) if isinstance(value, str) else None
-        if match is None:
-            got = repr(value[:100]) if isinstance(value, str) else _kind(value)
-            raise RequestError("size_form", "size", example=example, got=got)
-        return int(match[2]), int(match[1])
+            sides = [("height", value.height), ("width", value.width)]
+            checked = [(name, None if v is None else check_integer(name, v)) for name, v in sides]
+        else:
+            example = self.size_names[0] if self.sizes else "512x512"
+            match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", value) if isinstance(value, str) else None
+            if match is None:
+                got = repr(value[:100]) if isinstance(value, str) else _kind(value)
+                raise RequestError("size_form", "size", example=example, got=got)
+            checked = [("size", int(match[2])), ("size", int(match[1]))]
+        for name, side in checked:  # 0 is refused, not taken for "the default"
+            if side is not None and not 1 <= side <= MAX_SIDE:
+                raise RequestError("side", name, limit=MAX_SIDE, value=side)
+        return checked[0][1], checked[1][1]
 
     def _plan(self, value: Any) -> str | None:
         if value is _MISSING:

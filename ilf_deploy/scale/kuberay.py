@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ..triton.k8s import DIGEST_ANNOTATION
+from ..triton.k8s import DIGEST_ANNOTATION, check_names
 
 RAY_VERSION = "2.60.0"  # the Ray these manifests and the tests were made with
 IMAGE = "ilf-deploy-ray:latest"
@@ -54,6 +54,12 @@ class KubeRay:
     prompts: str = "prompts.jsonl"  # on the data claim
     results: str = "results"  # on the data claim
     actors: int = 2  # RayJob: Ray Data actors
+
+    def __post_init__(self) -> None:
+        check_names(
+            self.name, self.image, claim=self.claim, data_claim=self.data_claim,
+            api_key_secret=self.api_key_secret,
+        )  # fmt: skip
 
     @property
     def bundle_path(self) -> str:

@@ -88,6 +88,13 @@ class Results:
     @classmethod
     def open(cls, out: Path, identity: dict[str, Any]) -> Results:
         """Lock `out`, check that it holds this batch (or nothing), and read the rows it has."""
+        if out.is_dir() and not (out / STATE).exists():
+            others = sorted(p.name for p in out.iterdir() if p.name not in (IMAGES, RESULTS, LOCK))
+            if others:  # never write a batch into a directory that holds something else
+                raise ConfigError(
+                    f"{out} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} and no "
+                    f"{STATE}: it is not a batch directory; choose a new or empty --out"
+                )
         out.mkdir(parents=True, exist_ok=True)
         (out / IMAGES).mkdir(exist_ok=True)
         results = cls(out)

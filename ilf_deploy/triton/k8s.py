@@ -13,12 +13,14 @@ NVIDIA's Triton container).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..errors import ConfigError
 from .server import EXIT_TIMEOUT_S
 
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -37,6 +39,30 @@ QUEUE_QUERY = (
     "sum(rate(nv_inference_queue_duration_us[1m]))"
     " / clamp_min(sum(rate(nv_inference_request_success[1m])), 1)"
 )
+
+
+# Kubernetes' own name rules, so a bad name is one line here, not an `kubectl apply` error later:
+# an object that a Service is named after is a DNS-1035 label; claims and Secrets are DNS-1123 subdomains.
+_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def check_names(name: str, image: str, **references: str | None) -> None:
+    """`name` (the objects' and their Service's), `image`, and the claims and Secrets `references`
+    names (option -> value; None: not used), as Kubernetes will accept them."""
+    if not _LABEL.fullmatch(name):
+        raise ConfigError(
+            f"name {name!r}: Kubernetes needs a DNS-1035 label (lower-case letters, digits and '-', "
+            "starting with a letter, at most 63 characters)"
+        )
+    if not image or any(c.isspace() for c in image):
+        raise ConfigError(f"--image {image!r}: give a container image reference (no spaces)")
+    for option, value in references.items():
+        if value is not None and not _SUBDOMAIN.fullmatch(value):
+            raise ConfigError(
+                f"--{option.replace('_', '-')} {value!r}: Kubernetes needs a DNS-1123 name (lower-case "
+                "letters, digits, '-' and '.', starting and ending with a letter or digit)"
+            )
 
 
 def _container(name: str, image: str, gpu: bool, claim_mount: str = MOUNT) -> dict[str, Any]:
@@ -91,6 +117,9 @@ class Deployment:
     gpu: bool = False
     digest: str | None = None  # the pinned bundle's digest: carried by the pods and checked at start
     bundle: str | None = None  # the bundle's path inside the repository, for the check
+
+    def __post_init__(self) -> None:
+        check_names(self.name, self.image, claim=self.claim)
 
     @property
     def labels(self) -> dict[str, str]:
