@@ -225,3 +225,22 @@ def test_sigterm_removes_what_the_command_was_writing(tiny_dirs, tmp_path):
             process.kill()
     assert process.returncode == 128 + signal.SIGTERM and "terminated" in output, output
     assert "Traceback" not in output and listing(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "x", "--seed", "abc"], "Invalid value for '--seed'"),
+        (["generate"], "Missing argument 'model'"),
+        (["nosuch"], "No such command 'nosuch'"),
+        (["plan", "--bogus"], "No such option: --bogus"),
+    ],
+)
+def test_a_malformed_command_line_is_one_line_too(args, message):
+    """click's own usage errors (through `main`, as the installed command runs) were a boxed usage
+    message of five lines."""
+    code = "import sys\nfrom ilf_deploy.cli import main\nsys.argv[0] = 'ilf-deploy'\nmain()\n"
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], lines
+    assert lines[0].startswith("error: ") and "--help" in lines[0]

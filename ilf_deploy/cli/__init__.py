@@ -18,6 +18,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import IlfError
+
+try:  # the click that typer runs on: its own copy since typer 0.2x, else click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_errors  # type: ignore[no-redef]
 from ..runtime.bundle import strict_json
 
 app = typer.Typer(
@@ -115,10 +120,22 @@ def _terminate(signum: int, frame: object) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)  # `serve` installs its own (a drain) when it starts
     try:
-        app()
+        code = app(standalone_mode=False)  # click's own errors come here, to be one line too
     except Terminated:
         console.print("terminated")
         sys.exit(128 + signal.SIGTERM)
+    except click_errors.ClickException as exc:  # a malformed command line: a bad type, a missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `ilf-deploy` alone: the help, as before
+            exc.show()
+        else:
+            where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+            console.print(
+                f"[red]error:[/red] {escape(exc.format_message())}{where}", highlight=False, soft_wrap=True
+            )
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-D at a prompt
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
