@@ -244,3 +244,21 @@ def test_a_malformed_command_line_is_one_line_too(args, message):
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and message in lines[0], lines
     assert lines[0].startswith("error: ") and "--help" in lines[0]
+
+
+def test_an_unreachable_ray_address_is_one_line_at_once(bundle, tmp_path):
+    """Ray retried it for over a minute, printing warnings, after making the output directory."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    started = time.monotonic()
+    result = invoke(
+        "batch",
+        bundle,
+        "--prompts",
+        tmp_path / "p.jsonl",
+        "-o",
+        tmp_path / "o",
+        "--ray-address",
+        "127.0.0.1:1",
+    )
+    refused(result, "--ray-address 127.0.0.1:1: nothing answers there")
+    assert time.monotonic() - started < 30 and not (tmp_path / "o").exists()

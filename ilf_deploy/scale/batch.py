@@ -85,6 +85,10 @@ def prepare(options: BatchOptions) -> Prepared:
     from ..backends.auto import AUTO
 
     options.check()
+    if options.ray_address is not None:  # before the output directory is made
+        from .cluster import check_reachable
+
+        check_reachable(options.ray_address)
     generator = open_generator(
         options.bundle, options.backend or AUTO, variant=options.variant, digest=options.digest
     )

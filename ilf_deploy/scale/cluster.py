@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 from ..errors import ConfigError, IlfError
 from . import require_ray
+
+PROBE_S = 5.0  # how long a cluster address may take to accept a connection
+
+
+def check_reachable(address: str) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) address that nothing answers on is one line within PROBE_S:
+    Ray itself retries it for a minute and more, printing warnings. `auto` and `local` pass."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"--ray-address {address}: nothing answers there ({reason}); start the cluster "
+            "(`ray start --head`) or give its head's address"
+        ) from None
 
 
 def connect(address: str) -> Any:
     """`ray.init(address)` once per process (quietly: the progress bar is ours)."""
     ray = require_ray()
     if not ray.is_initialized():
+        check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as exc:
