@@ -18,12 +18,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import IlfError
+from ..runtime.bundle import strict_json
 
 try:  # the click that typer runs on: its own copy since typer 0.2x, else click itself
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - older typer
     from click import exceptions as click_errors  # type: ignore[no-redef]
-from ..runtime.bundle import strict_json
 
 app = typer.Typer(
     help="Deploy diffusion transformers accelerated with Inner Loop Feedback (ILF).",
