@@ -65,7 +65,7 @@ def test_an_interrupted_recalibration_leaves_the_old_samples(calibrated, tmp_pat
     """New samples are hashed where they were written and renamed over the old ones just before the
     manifest that lists them: Ctrl-C while hashing leaves a bundle that loads, with its old samples
     (before, they were overwritten first, and the bundle then refused itself)."""
-    import ilf_deploy.quantization.calibration as calibration
+    import ilf_deploy.runtime.bundle as bundle_module
 
     path = shutil.copytree(calibrated[0], tmp_path / "again")
     before = {p.name: p.read_bytes() for p in (path / "calibration").iterdir()}
@@ -73,7 +73,7 @@ def test_an_interrupted_recalibration_leaves_the_old_samples(calibrated, tmp_pat
     def interrupted(file):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(calibration, "sha256_file", interrupted)
+    monkeypatch.setattr(bundle_module, "sha256_file", interrupted)  # hashing the new files
     with pytest.raises(KeyboardInterrupt):
         collect_calibration(path, "base-4", ["a cat"], max_samples=2)
     monkeypatch.undo()

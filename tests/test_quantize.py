@@ -128,7 +128,7 @@ def test_an_interrupted_requantize_leaves_the_variant_as_it_was(quantized, tmp_p
     """The new files are hashed where they were written and renamed into place just before the
     manifest that lists them: Ctrl-C while hashing (seconds on a large bundle; before, the old files
     were already replaced then, under the old manifest) leaves a loadable bundle and the old files."""
-    import ilf_deploy.quantization.quantize as quantize
+    import ilf_deploy.runtime.bundle as bundle_module
 
     path = shutil.copytree(quantized, tmp_path / "b")
     folder = path / "onnx" / "int8_qdq"
@@ -137,19 +137,19 @@ def test_an_interrupted_requantize_leaves_the_variant_as_it_was(quantized, tmp_p
     def interrupted(file):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(quantize, "sha256_file", interrupted)
+    monkeypatch.setattr(bundle_module, "sha256_file", interrupted)  # hashing the new files
     with pytest.raises(KeyboardInterrupt):
         quantize_bundle(path, "int8-qdq", "int8_qdq", calibrate="percentile")
     monkeypatch.undo()
     bundle = Bundle.load(path)  # every file's hash checked
     assert bundle.variant_spec("int8_qdq").calibration.method == "minmax"
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert not [p.name for p in (path / "onnx").iterdir() if ".tmp-" in p.name]
+    assert not [p.name for p in [*path.iterdir(), *(path / "onnx").iterdir()] if ".tmp-" in p.name]
 
     quantize_bundle(path, "int8-qdq", "int8_qdq", calibrate="percentile")  # and then it replaces them
     assert Bundle.load(path).variant_spec("int8_qdq").calibration.method == "percentile"
     assert {p.name: p.read_bytes() for p in folder.iterdir()} != before
-    assert not [p.name for p in (path / "onnx").iterdir() if ".tmp-" in p.name]
+    assert not [p.name for p in [*path.iterdir(), *(path / "onnx").iterdir()] if ".tmp-" in p.name]
 
 
 def test_quantize_errors(tiny_bundles, tiny_dirs, quantized, tmp_path):

@@ -22,9 +22,7 @@ graph, falling back to plain enqueue when capture fails.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, sha256_file
+from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, staging
 from ..runtime.manifest import EngineSetSpec, Manifest, SegmentSpec
 from ..runtime.pipeline import BundleGenerator
 from ..runtime.runner import SegmentRunner
@@ -215,12 +213,10 @@ def build_engines(
     environment = current_environment()
     key = engine_key(variant)
     settings = {"opt_level": opt_level, "workspace": int(workspace_gb * 2**30), "tf32": tf32}
-    # Engines and the timing cache are built into `staged` and renamed into the bundle only once all
-    # are built, just before the manifest that lists them: a failed or interrupted build (minutes
-    # each) leaves the bundle as it was, not new files under the old manifest's hashes.
-    staged = Path(tempfile.mkdtemp(prefix=f".{ENGINES_DIR}.tmp-", dir=bundle.path))
-    try:
-        if (bundle.path / TIMING_CACHE).is_file():
+    # Built into `staged` and renamed in only once every engine is built, just before the manifest
+    # that lists them: a failed or interrupted build (minutes each) leaves the bundle as it was.
+    with staging(bundle.path, ENGINES_DIR) as staged:
+        if (bundle.path / TIMING_CACHE).is_file():  # the shared cache grows with each build
             (staged / TIMING_CACHE).parent.mkdir(parents=True)
             shutil.copyfile(bundle.path / TIMING_CACHE, staged / TIMING_CACHE)
         built: dict[str, Any] = {}
@@ -240,24 +236,14 @@ def build_engines(
             "timing_cache": TIMING_CACHE,
             "segments": built,
         }
-        written = [*(spec["file"] for spec in built.values()), TIMING_CACHE]
-        files = {rel: sha256_file(staged / rel) for rel in written}
 
         def mutate(manifest: dict[str, Any]) -> None:
             engines = manifest.setdefault("engines", {})
             for old in engines.get(key, {}).get("segments", {}).values():
                 manifest["files"].pop(old["file"], None)
             engines[key] = entry
-            manifest["files"].update(files)
 
-        def commit() -> None:
-            for rel in written:
-                (bundle.path / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged / rel, bundle.path / rel)
-
-        rewrite_manifest(bundle.path, mutate, commit)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        rewrite_manifest(bundle.path, mutate, staged)
     return entry
 
 

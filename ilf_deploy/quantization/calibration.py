@@ -10,9 +10,6 @@ conditioning was computed for). The samples go into the bundle as `calibration/<
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ import numpy as np
 from ..backends.onnxruntime import open_generator
 from ..compare.recorder import DEFAULT_MAX_SAMPLES, TrajectoryRecorder
 from ..errors import ConfigError
-from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, sha256_file
+from ..runtime.bundle import Bundle, BundleError, remove_unlisted, rewrite_manifest, staging
 from ..runtime.generator import Request
 
 CALIBRATION_DIR = "calibration"
@@ -62,15 +59,10 @@ def collect_calibration(
     recorder = TrajectoryRecorder(bundle, max_samples)
     _record(generator, recorder, step_plan, requests, progress)
     root = Path(bundle_path)
-    # Staged and hashed beside the bundle's files, renamed over them just before the manifest that
-    # lists them is written: a kill or Ctrl-C leaves the old calibration, never the old manifest
-    # over new files (which would make the bundle refuse itself).
-    staged = Path(tempfile.mkdtemp(prefix=f".{CALIBRATION_DIR}.tmp-", dir=root))
-    try:
+    with staging(root, CALIBRATION_DIR) as staged:  # renamed in just before the manifest is written
         written = recorder.save(staged, CALIBRATION_DIR)
         if not written:
             raise BundleError("the plan ran no transformer segment; nothing was recorded")
-        files = {w["file"]: sha256_file(staged / w["file"]) for w in written.values()}
         record = {
             "plan": step_plan.name,
             "requests": len(requests),
@@ -78,27 +70,15 @@ def collect_calibration(
             "max_samples": max_samples,
             "segments": written,
         }
-        replaced: list[str] = []
 
         def mutate(manifest: dict[str, Any]) -> None:
             old = manifest.get("calibration") or {}
             for entry in old.get("segments", {}).values():
                 manifest["files"].pop(entry["file"], None)
-                if entry["file"] not in files:
-                    replaced.append(entry["file"])
             manifest["calibration"] = record
-            manifest["files"].update(files)
 
-        def commit() -> None:
-            (root / CALIBRATION_DIR).mkdir(exist_ok=True)
-            for rel in files:
-                os.replace(staged / rel, root / rel)
-
-        rewrite_manifest(root, mutate, commit)
-        for rel in replaced:  # the old calibration's files that the new one does not overwrite
-            (root / rel).unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        manifest = rewrite_manifest(root, mutate, staged)
+    remove_unlisted(root, CALIBRATION_DIR, manifest)  # the old samples the new ones did not replace
     return record
 
 

@@ -30,10 +30,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,7 @@ from ..backends.auto import FALLBACK_BACKEND
 from ..backends.onnxruntime import EMULATED_QDQ_ORT_CONFIG, open_generator
 from ..compare import Budget, Check, budget, compare_to_reference, reference_generator, run_reference
 from ..errors import ConfigError
-from ..runtime.bundle import Bundle, BundleError, rewrite_manifest, sha256_file, tool_versions
+from ..runtime.bundle import Bundle, BundleError, remove_unlisted, rewrite_manifest, staging, tool_versions
 from ..runtime.generator import Generator, Request
 from ..runtime.manifest import VARIANT_ENGINES
 from .calibration import load_calibration
@@ -263,10 +261,10 @@ def quantize_bundle(
         shutil.rmtree(bundle.path / "onnx" / name, ignore_errors=True)  # an older variant's, unlisted now
         return entry
     root = bundle.path
-    staged = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root / "onnx"))
-    staged.chmod(0o755)  # mkdtemp makes it 0700: the variant must be readable by whoever serves it
-    try:
-        segments, counts = _write_variant(bundle, mode, name, calibrate, staged, progress)
+    with staging(root, "onnx") as staged:  # renamed in just before the manifest is written
+        folder = staged / "onnx" / name
+        folder.mkdir(parents=True)
+        segments, counts = _write_variant(bundle, mode, name, calibrate, folder, progress)
         entry: dict[str, Any] = {
             "mode": mode,
             "segments": segments,
@@ -281,38 +279,22 @@ def quantize_bundle(
         if VARIANT_ENGINES[mode] == ("openvino",):
             entry["tools"].update(_versions("openvino", "nncf"))
         _record_variant(root, name, entry, staged)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)  # gone already unless the variant was not recorded
     return entry
 
 
 def _record_variant(root: Path, name: str, entry: dict[str, Any], staged: Path | None = None) -> None:
-    """Add (or replace) variant `name` in the manifest with every file of `staged` as onnx/<name>/
-    (none for a bf16 variant, whose segments are the bundle's own files). The files are hashed where
-    they were written, and renamed into place only once the new manifest is valid, just before it
-    is written: a kill or Ctrl-C leaves the bundle as it was, not its old manifest over new files
-    (only the two renames and the manifest's own write are a window)."""
-    digests = {f"onnx/{name}/{p.name}": sha256_file(p) for p in sorted(staged.iterdir())} if staged else {}
-    final = root / "onnx" / name
-    replaced = final.with_name(f".{name}.tmp-replaced-{os.getpid()}")
+    """Add (or replace) variant `name` in the manifest with the files `staged` holds under
+    onnx/<name>/ (none for a bf16 variant, whose segments are the bundle's own files), renamed in
+    by `rewrite_manifest`; the old variant's files the new one did not replace are deleted after."""
 
     def mutate(manifest: dict[str, Any]) -> None:
         variants = manifest.setdefault("variants", {})
         for listed in [f for f in manifest["files"] if f.startswith(f"onnx/{name}/")]:
             manifest["files"].pop(listed)
         variants[name] = entry
-        manifest["files"].update(digests)  # every file of the variant, external weight files included
 
-    def commit() -> None:
-        if staged is not None:
-            if final.exists():
-                final.rename(replaced)
-            staged.rename(final)
-
-    try:
-        rewrite_manifest(root, mutate, commit)
-    finally:
-        shutil.rmtree(replaced, ignore_errors=True)
+    manifest = rewrite_manifest(root, mutate, staged)
+    remove_unlisted(root, f"onnx/{name}", manifest)
 
 
 def _write_variant(
@@ -323,8 +305,8 @@ def _write_variant(
     staged: Path,
     progress: Callable[[str], None] | None,
 ) -> tuple[dict[str, Any], dict[str, int]]:
-    """Quantize every quantizable segment into `staged` (renamed to `onnx/<name>/` by
-    `_record_variant`); returns (the variant's segment specs, quantized layers per segment)."""
+    """Quantize every quantizable segment into `staged` (the staging copy of `onnx/<name>/`);
+    returns (the variant's segment specs, quantized layers per segment)."""
     suffix = ".xml" if mode == "int8-ov" else ".onnx"  # OpenVINO IR (weights in the .bin beside it)
     segments: dict[str, Any] = {}
     counts: dict[str, int] = {}

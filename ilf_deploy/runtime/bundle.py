@@ -14,8 +14,9 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -103,28 +104,59 @@ def write_manifest(
 def rewrite_manifest(
     bundle_path: Path,
     mutate: Callable[[dict[str, Any]], None],
-    commit: Callable[[], None] | None = None,
+    staged: Path | None = None,
 ) -> dict[str, Any]:
     """Apply `mutate` to the manifest, hash the files it (re)listed, validate and write it.
 
     `mutate` lists new or rewritten files in `manifest["files"]` with an empty digest (they are
     hashed here; the others keep theirs, so multi-GB bundles are not re-read) and removes the
     entries of files it deleted. An edited manifest is refused first: a rewrite must not bless it.
-    `commit` runs once the new manifest is valid, just before it is written (files staged elsewhere,
-    and hashed there, renamed into place: the bundle is inconsistent only for those renames).
+    `staged` (from `staging`) holds new files laid out as in the bundle: they are hashed there and
+    listed, and renamed into place only once the new manifest is valid, just before it is written.
+    So a kill, a Ctrl-C or a failure on the way leaves the bundle as it was, never the old manifest
+    over new files (which would make the bundle refuse itself); only those renames are a window.
     """
     root = Path(bundle_path)
+    new = {} if staged is None else {
+        str(p.relative_to(staged)): sha256_file(p) for p in sorted(staged.rglob("*")) if p.is_file()
+    }  # fmt: skip
     data = _read_manifest_bytes(root)
     _check_own_digest(root, data)
     manifest = json.loads(data)
     mutate(manifest)
+    manifest["files"].update(new)
     if manifest.get("schema_version") in SCHEMA_VERSIONS:  # the oldest that says what it now holds
         manifest["schema_version"] = schema_version_for(manifest)
     manifest["files"] = {
         name: digest or sha256_file(root / name) for name, digest in sorted(manifest["files"].items())
     }
-    write_manifest(root, manifest, commit)
+
+    def commit() -> None:
+        assert staged is not None
+        for rel in new:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged / rel, root / rel)
+
+    write_manifest(root, manifest, commit if new else None)
     return manifest
+
+
+@contextlib.contextmanager
+def staging(bundle_path: Path, name: str) -> Iterator[Path]:
+    """A directory inside the bundle (`.NAME.tmp-XXXX`) to write new files into, laid out as they
+    will be in the bundle, for `rewrite_manifest(..., staged=)`; removed on the way out."""
+    staged = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=bundle_path))
+    try:
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def remove_unlisted(bundle_path: Path, folder: str, manifest: dict[str, Any]) -> None:
+    """Delete the files in `folder` that `manifest` no longer lists (what a rewrite replaced)."""
+    for path in (Path(bundle_path) / folder).glob("*"):
+        if path.is_file() and str(path.relative_to(bundle_path)) not in manifest["files"]:
+            path.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
