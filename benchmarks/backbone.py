@@ -154,10 +154,10 @@ class Monolith(torch.nn.Module):
     ) -> torch.Tensor:
         a = self.adapter
         cond = {"context": context, "context_bias": context_bias, **a.time_cond(timestep, {})}
-        hidden = a.embed_tokens(latents, pos_embed)
+        state = {"hidden": a.embed_tokens(latents, pos_embed)}
         for block in a.blocks:
-            hidden = a.run_block(block, hidden, cond)
-        return a.final_tokens(hidden, cond)
+            state = a.run_block(block, state, cond)
+        return a.final_tokens(state, cond)
 
 
 MONO_INPUTS = ("latents", "pos_embed", "timestep", "context", "context_bias")
@@ -443,8 +443,8 @@ def run_p2(generator: Any, monolith: Path, threads: int, runs: int) -> dict[str,
 
     def segmented() -> np.ndarray:  # what runtime.loop.model_output does for a base step
         cond = segs.conditioning(t, context)
-        hidden = segs.blocks(0, segs.num_blocks - 1, segs.embed(x), cond)
-        return segs.run("final", {**cond, "hidden": hidden})["tokens"]
+        state = segs.blocks(0, segs.num_blocks - 1, segs.embed(x, cond), cond)
+        return segs.run("final", {**cond, "hidden": state["hidden"]})["tokens"]
 
     def monolithic() -> np.ndarray:
         return mono(mono_feeds)["tokens"]

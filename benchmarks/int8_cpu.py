@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def step() -> np.ndarray:  # runtime.loop.model_output for a plain step
             cond = segs.conditioning(t, context)
-            hidden = segs.blocks(0, segs.num_blocks - 1, segs.embed(x), cond)
-            return segs.final(hidden, cond, x.shape[-2], x.shape[-1])
+            state = segs.blocks(0, segs.num_blocks - 1, segs.embed(x, cond), cond)
+            return segs.final(state, cond, x.shape[-2], x.shape[-1])
 
         return step
 

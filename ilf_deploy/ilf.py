@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import Adapter, Cond
+from .adapters import Adapter, Cond, State
 from .errors import ModelLoadError
 from .files import make_readable
 from .plan import validate_loop
+from .state import add_scaled
 
 FEEDBACK_DIR = "feedback"
 CONFIG_FILE = "ilf_config.json"
@@ -46,7 +47,12 @@ class FeedbackConfig:
 
 
 class FeedbackModule(nn.Module):
-    """f_feed = B_feed(f_{e,t}); inner block i then sees h + s_i * f_feed."""
+    """f_feed = B_feed(f_{e,t}); inner block i then sees h + s_i * f_feed.
+
+    On a model whose state has several tensors (an MMDiT's image and text streams) the feedback
+    block is a block of the backbone's class, so f_feed is a whole state: every stream is fed back,
+    with one shared scale s_i per inner block (the paper is silent here; README "How a step runs").
+    """
 
     def __init__(self, block: nn.Module, config: FeedbackConfig) -> None:
         super().__init__()
@@ -59,7 +65,7 @@ class FeedbackModule(nn.Module):
     def create(cls, adapter: Adapter, loop: tuple[int, int], t_post: str = "rescale") -> FeedbackModule:
         validate_loop(*loop, adapter.num_blocks)
         config = FeedbackConfig(adapter.architecture, adapter.num_blocks, *loop, t_post=t_post)
-        return cls(adapter.make_feedback_block(), config)
+        return cls(adapter.make_feedback_block(loop[1]), config)
 
     @property
     def loop(self) -> tuple[int, int]:
@@ -88,32 +94,32 @@ class FeedbackModule(nn.Module):
             raise ModelLoadError(
                 f"feedback was made for a {config.num_blocks}-block model, this one has {adapter.num_blocks}"
             )
-        module = cls(adapter.make_feedback_block(), config)
+        module = cls(adapter.make_feedback_block(config.loop_end), config)
         module.load_state_dict(load_file(directory / WEIGHTS_FILE))
         dtype = next(adapter.transformer.parameters()).dtype
         return module.to(dtype)
 
 
-def run_blocks(adapter: Adapter, start: int, end: int, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
+def run_blocks(adapter: Adapter, start: int, end: int, state: State, cond: Cond) -> State:
     for index in range(start, end + 1):
-        hidden = adapter.block(index, hidden, cond)
-    return hidden
+        state = adapter.block(index, state, cond)
+    return state
 
 
 def inner_loop(
     adapter: Adapter,
     feedback: FeedbackModule,
-    hidden: torch.Tensor,
+    state: State,
     cond: Cond,
     cond_post: Cond,
-) -> torch.Tensor:
-    """Blocks b..e with feedback: `hidden` is f_{b-1,t}; returns f_{e,t-r} (eqs. 2–3).
+) -> State:
+    """Blocks b..e with feedback: `state` is f_{b-1,t}; returns f_{e,t-r} (eqs. 2–3).
 
     First pass at t, the feedback block reads f_{e,t} at t, then the second pass adds s_i * f_feed
     before every inner block i, conditioned on t_post (eqs. 4–5).
     """
     start, end = feedback.loop
-    f_feed = adapter.run_block(feedback.block, run_blocks(adapter, start, end, hidden, cond), cond)
+    f_feed = adapter.run_block(feedback.block, run_blocks(adapter, start, end, state, cond), cond)
     for index, scale in zip(range(start, end + 1), feedback.scales):
-        hidden = adapter.block(index, hidden + scale * f_feed, cond_post)
-    return hidden
+        state = adapter.block(index, add_scaled(state, scale, f_feed), cond_post)
+    return state

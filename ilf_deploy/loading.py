@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ from .adapters import PIPELINE_ARCHITECTURES, TRANSFORMER_ARCHITECTURES, Adapter
 from .errors import ConfigError, ModelLoadError
 from .ilf import FEEDBACK_DIR, FeedbackModule
 from .plan import StepPlan, resolve_plan
-from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
+from .schedulers import (
+    DIT_SCHEDULER_CONFIG,
+    FLUX_DEV_SCHEDULER_CONFIG,
+    FLUX_SCHNELL_SCHEDULER_CONFIG,
+    PIXART_SCHEDULER_CONFIG,
+    SD3_SCHEDULER_CONFIG,
+    for_image_tokens,
+    for_pipeline,
+)
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"  # the embedded model; `make default-model` retrains
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -55,6 +64,16 @@ class LoadedModel:
     vae: nn.Module | None = None
     path: Path | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # SD3, Flux: the diffusers pipeline holding their text encoders and tokenizers (transformer shared);
+    # the torch reference encodes prompts with its own `encode_prompt`.
+    text_pipeline: Any | None = None
+
+    @property
+    def guidance(self) -> str:
+        """How a guidance scale reaches the model (runtime.generator.ModelFacts.guidance)."""
+        if self.architecture != "flux":
+            return "cfg"
+        return "embedded" if self.adapter.config.guidance_embeds else "none"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -77,13 +96,25 @@ class LoadedModel:
         for part in (self.adapter.transformer, self.feedback, self.text_encoder, self.vae):
             if part is not None:
                 part.to(device)
+        if self.text_pipeline is not None:
+            self.text_pipeline.to(device)
         return self
 
-    def resolve_plan(self, spec: str) -> StepPlan:
-        """A plan file or preset for this model: depth, scheduler, and the feedback's loop and t_post."""
+    def image_tokens(self, height: int, width: int) -> int:
+        """The transformer's image tokens at height x width pixels (what a flow shift depends on)."""
+        factor = self.vae_scale_factor * self.adapter.patch_size
+        return (height // factor) * (width // factor)
+
+    def resolve_plan(self, spec: str, sizes: Sequence[tuple[int, int]] = ()) -> StepPlan:
+        """A plan file or preset for this model: depth, scheduler, and the feedback's loop and t_post.
+        Where the schedule depends on the image size (Flux-dev), it is made for each of `sizes`
+        (height, width in pixels; default: the model's default size)."""
         fb = self.feedback.config if self.feedback is not None else None
         loop, t_post = (fb.loop, fb.t_post) if fb is not None else (None, "rescale")
-        return resolve_plan(spec, self.adapter.num_blocks, self.scheduler_config, loop, t_post)
+        size = self.default_image_size
+        tokens = [self.image_tokens(h, w) for h, w in sizes or [(size, size)]]
+        config = for_image_tokens(self.scheduler_config, tokens)
+        return resolve_plan(spec, self.adapter.num_blocks, config, loop, t_post)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -159,9 +190,11 @@ def load_model(
         raise ModelLoadError(f"cannot load the transformer from {transformer_dir}: {exc}") from None
     transformer.eval().requires_grad_(False)
     adapter = make_adapter(architecture, transformer)
-    default_scheduler = DIT_SCHEDULER_CONFIG if architecture == "dit" else PIXART_SCHEDULER_CONFIG
+    default_scheduler = default_scheduler_config(architecture, adapter)
     scheduler_path = path / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else dict(default_scheduler)
+    if architecture in ("sd3", "flux"):  # the pipeline decides how flow sigmas are prepared
+        scheduler_config = for_pipeline(scheduler_config, architecture)
     model = LoadedModel(architecture, str(source), adapter, scheduler_config, path=path)
     feedback_dir = path / FEEDBACK_DIR
     if with_feedback and feedback_dir.is_dir():
@@ -182,17 +215,49 @@ def quiet_huggingface() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _load_transformer(architecture: str, directory: Path, dtype: torch.dtype) -> nn.Module:
-    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+def default_scheduler_config(architecture: str, adapter: Adapter) -> dict[str, Any]:
+    """The scheduler a bare transformer directory runs with: its family's reference checkpoint's."""
+    if architecture == "dit":
+        return dict(DIT_SCHEDULER_CONFIG)
+    if architecture == "sd3":
+        return dict(SD3_SCHEDULER_CONFIG)
+    if architecture == "flux":
+        guided = bool(adapter.config.guidance_embeds)
+        return dict(FLUX_DEV_SCHEDULER_CONFIG if guided else FLUX_SCHNELL_SCHEDULER_CONFIG)
+    return dict(PIXART_SCHEDULER_CONFIG)
 
-    cls = DiTTransformer2DModel if architecture == "dit" else PixArtTransformer2DModel
+
+def _load_transformer(architecture: str, directory: Path, dtype: torch.dtype) -> nn.Module:
+    import diffusers
+
+    cls = {
+        "dit": diffusers.DiTTransformer2DModel,
+        "sd3": diffusers.SD3Transformer2DModel,
+        "flux": diffusers.FluxTransformer2DModel,
+    }.get(architecture, diffusers.PixArtTransformer2DModel)
     return cls.from_pretrained(directory, torch_dtype=dtype)
+
+
+def _load_text_pipeline(model: LoadedModel, path: Path, dtype: torch.dtype) -> None:
+    """SD3/Flux: the diffusers pipeline, sharing the loaded transformer (text encoders, VAE)."""
+    import diffusers
+
+    cls = diffusers.StableDiffusion3Pipeline if model.architecture == "sd3" else diffusers.FluxPipeline
+    pipe = cls.from_pretrained(path, transformer=model.adapter.transformer, dtype=dtype)
+    for part in pipe.components.values():
+        if isinstance(part, nn.Module):
+            part.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    model.text_pipeline, model.vae = pipe, pipe.vae
 
 
 def _load_pipeline_parts(model: LoadedModel, path: Path, dtype: torch.dtype) -> None:
     from diffusers import AutoencoderKL
 
     try:
+        if model.architecture in ("sd3", "flux"):
+            _load_text_pipeline(model, path, dtype)
+            return
         if (path / "vae").is_dir():
             model.vae = (
                 AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype).eval().requires_grad_(False)

@@ -19,6 +19,30 @@ clipping) or stochastic (SDE variants) is refused with a ``ConfigError``.
 (for DDIM it is diffusers' ``t - T // n``, which under "linspace" spacing is not
 always the next step's timestep); a step that ends the schedule (clean sample,
 or the ``alphas_cumprod[0]`` noise level) has ``prev_timestep = 0.0``.
+
+Flow matching (``FlowMatchEulerDiscreteScheduler``: SD3/SD3.5, Flux.1): ``eps`` is
+the velocity ``v`` and ``x`` is at noise level ``sigma`` (x = (1 - sigma) x0 +
+sigma noise), so a step is ``x_next = x + (sigma_next - sigma) * v`` (x = 1,
+eps = the float32 ``sigma_next - sigma``) and ``x0 = x - sigma * v``;
+``timestep`` is ``sigma * num_train_timesteps`` in float32, diffusers'
+``scheduler.timesteps[i]`` (Flux's transformer is fed ``timestep / 1000``). The
+schedule depends on the pipeline, not only on the scheduler config, so these
+configs need ``pipeline=``:
+
+* ``"flux"`` (``FluxPipeline``) passes ``sigmas = linspace(1, 1/n, n)`` and
+  ``mu`` to ``set_timesteps`` (``mu`` only matters with ``use_dynamic_shifting``);
+  a config with ``use_flow_sigmas`` makes it pass no sigmas, like SD3.
+* ``"sd3"`` (``StableDiffusion3Pipeline``) passes no sigmas, so ``set_timesteps``
+  spaces ``n`` timesteps linearly between ``__init__``'s *already shifted*
+  ``sigma_max`` and ``sigma_min`` and shifts them again (in float64); ``mu`` only
+  with ``use_dynamic_shifting``.
+
+E.g. SD3-medium's config (shift 3) under Flux's preparation gives other sigmas
+from the second step on, so the two cannot share one path. With
+``use_dynamic_shifting`` the shift ``mu`` is the pipelines' ``calculate_shift``
+of ``image_seq_len`` (the transformer's token count: Flux's packed latent
+length, SD3's ``(H // patch) * (W // patch)``); see
+``flow_shift_depends_on_size``.
 """
 
 from __future__ import annotations
@@ -76,6 +100,35 @@ DIT_SCHEDULER_CONFIG: dict[str, Any] = {
     "trained_betas": None,
 }
 
+# scheduler/scheduler_config.json of black-forest-labs/FLUX.1-dev (less _diffusers_version;
+# values checked against a public copy of the file).
+FLUX_DEV_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+# black-forest-labs/FLUX.1-schnell: as dev but shift 1.0 and no dynamic shifting (from
+# memory of the hub file; not confirmed against it here).
+FLUX_SCHNELL_SCHEDULER_CONFIG: dict[str, Any] = {
+    **FLUX_DEV_SCHEDULER_CONFIG,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+}
+
+# stabilityai/stable-diffusion-3-medium-diffusers (from memory of the hub file; not
+# confirmed against it here): diffusers' defaults but shift 3.0.
+SD3_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+}
+
 # diffusers' constructor defaults, applied to keys a config file leaves out.
 _COMMON_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -112,7 +165,25 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "set_alpha_to_one": True,
         "timestep_spacing": "leading",
     },
+    "FlowMatchEulerDiscreteScheduler": {
+        "num_train_timesteps": 1000,
+        "shift": 1.0,
+        "use_dynamic_shifting": False,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "invert_sigmas": False,
+        "shift_terminal": None,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "time_shift_type": "exponential",
+        "stochastic_sampling": False,
+    },
 }
+_FLOW = "FlowMatchEulerDiscreteScheduler"
+_FLOW_PIPELINES = ("flux", "sd3")
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 _SPACINGS = ("linspace", "leading", "trailing")
 _DPM_SIGMA_FLAGS = (
@@ -204,6 +275,8 @@ def _betas(cfg: dict[str, Any]) -> np.ndarray:
 def alphas_cumprod(scheduler_config: dict[str, Any]) -> np.ndarray:
     """The scheduler's float32 ``alphas_cumprod``, equal to diffusers' tensor."""
     name, cfg = _resolve(scheduler_config)
+    if name == _FLOW:
+        raise ConfigError(f"{name} is a flow-matching scheduler: it has no alphas_cumprod")
     if cfg["rescale_betas_zero_snr"]:
         _refuse(name, "rescale_betas_zero_snr")
     alphas = np.float32(1.0) - _betas(cfg)
@@ -363,16 +436,181 @@ def _ddim_coefficients(name: str, cfg: dict[str, Any], n: int) -> list[StepCoeff
     return steps
 
 
-def scheduler_coefficients(scheduler_config: dict[str, Any], num_steps: int) -> list[StepCoefficients]:
-    """Per-step coefficients reproducing ``scheduler.set_timesteps(num_steps)`` + ``step``."""
+def flow_shift_depends_on_size(scheduler_config: dict[str, Any]) -> bool:
+    """Whether the schedule depends on the image size (``use_dynamic_shifting``)."""
     name, cfg = _resolve(scheduler_config)
-    _common_checks(name, cfg, num_steps)
-    num_steps = int(num_steps)
-    if name == "DDIMScheduler":
-        steps = _ddim_coefficients(name, cfg, num_steps)
+    return name == _FLOW and bool(cfg["use_dynamic_shifting"])
+
+
+def _calculate_shift(name: str, cfg: dict[str, Any], image_seq_len: int | None) -> float:
+    """The pipelines' ``calculate_shift(image_seq_len, ...)`` from the scheduler config.
+
+    Both pipelines read the keys with ``config.get(key, default)``, but a diffusers
+    config always holds every constructor argument, so the defaults that apply are
+    the constructor's (SD3's fallback ``max_shift=1.16`` is never used).
+    """
+    if image_seq_len is None:
+        raise ConfigError(
+            f"{name} with use_dynamic_shifting: the schedule depends on the image size; "
+            "pass image_seq_len (the transformer's image token count)"
+        )
+    if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, Integral) or image_seq_len < 1:
+        raise ConfigError(f"image_seq_len must be a positive integer, got {image_seq_len!r}")
+    keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+    base_len, max_len, base_shift, max_shift = (cfg[k] for k in keys)
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in (cfg[k] for k in keys)):
+        raise ConfigError(f"{name}: use_dynamic_shifting needs numeric {', '.join(keys)}")
+    if max_len == base_len:
+        raise ConfigError(f"{name}: max_image_seq_len equals base_image_seq_len ({base_len})")
+    m = (max_shift - base_shift) / (max_len - base_len)
+    b = base_shift - m * base_len
+    return int(image_seq_len) * m + b
+
+
+def _flow_sigmas(name: str, cfg: dict[str, Any], n: int, pipeline: str, mu: float | None) -> np.ndarray:
+    """float32 ``sigmas[:n]`` after the pipeline's ``retrieve_timesteps``.
+
+    The numpy expressions are set_timesteps' own, dtypes included (float32 for
+    Flux's sigmas, float64 for SD3's default ones); the torch float32 ops of
+    ``__init__`` are single correctly rounded float32 ops here.
+    """
+    n_train = cfg["num_train_timesteps"]
+    shift = cfg["shift"]
+    if pipeline == "flux" and not cfg.get("use_flow_sigmas"):
+        sigmas = np.array(np.linspace(1.0, 1 / n, n)).astype(np.float32)
+    else:  # sigmas=None: linspace between __init__'s sigma_max and sigma_min (shifted once already)
+        init = np.array([n_train, 1], np.float32) / np.float32(n_train)
+        if not cfg["use_dynamic_shifting"]:
+            init = np.float32(shift) * init / (np.float32(1) + np.float32(shift - 1) * init)
+        sigma_max, sigma_min = float(init[0]), float(init[1])
+        timesteps = np.linspace(sigma_max * n_train, sigma_min * n_train, n)
+        sigmas = timesteps / n_train
+    if cfg["use_dynamic_shifting"]:
+        if cfg["time_shift_type"] == "exponential":
+            sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+        else:  # linear
+            sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
     else:
-        steps = _dpm_coefficients(name, cfg, num_steps)
-    values = [v for s in steps for v in (s.x, s.eps, s.x0_x, s.x0_eps, *s.history)]
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    if cfg["shift_terminal"]:
+        one_minus_z = 1 - sigmas
+        scale_factor = one_minus_z[-1] / (1 - cfg["shift_terminal"])
+        sigmas = 1 - (one_minus_z / scale_factor)
+    if cfg["use_karras_sigmas"] or cfg["use_exponential_sigmas"]:
+        lo = cfg.get("sigma_min")
+        hi = cfg.get("sigma_max")
+        lo = lo if lo is not None else sigmas[-1].item()
+        hi = hi if hi is not None else sigmas[0].item()
+        if cfg["use_karras_sigmas"]:
+            rho = 7.0
+            ramp = np.linspace(0, 1, n)
+            min_inv_rho = lo ** (1 / rho)
+            max_inv_rho = hi ** (1 / rho)
+            sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+        else:
+            sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    return np.asarray(sigmas).astype(np.float32)
+
+
+def _flow_coefficients(
+    name: str, cfg: dict[str, Any], n: int, pipeline: str | None, image_seq_len: int | None
+) -> list[StepCoefficients]:
+    for flag in ("stochastic_sampling", "invert_sigmas", "use_beta_sigmas"):
+        if cfg[flag]:
+            _refuse(name, flag)
+    if cfg["use_karras_sigmas"] and cfg["use_exponential_sigmas"]:
+        raise ConfigError(f"{name}: use_karras_sigmas and use_exponential_sigmas exclude each other")
+    if cfg["time_shift_type"] not in ("exponential", "linear"):
+        kind = cfg["time_shift_type"]
+        raise ConfigError(f"{name}: time_shift_type must be exponential or linear, got {kind!r}")
+    n_train = cfg["num_train_timesteps"]
+    if isinstance(n_train, bool) or not isinstance(n_train, Integral) or n_train < 1:
+        raise ConfigError(f"{name}: num_train_timesteps must be a positive integer, got {n_train!r}")
+    if pipeline not in _FLOW_PIPELINES:
+        raise ConfigError(
+            f"{name}: the schedule depends on the pipeline; pass pipeline= one of "
+            f"{', '.join(_FLOW_PIPELINES)} (got {pipeline!r})"
+        )
+    mu = _calculate_shift(name, cfg, image_seq_len) if cfg["use_dynamic_shifting"] else None
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        sigmas = _f32(_flow_sigmas(name, cfg, n, pipeline, mu))
+        ts = _f32(sigmas * np.float32(n_train))  # torch: sigmas * num_train_timesteps
+        sigmas = np.concatenate([sigmas, [0.0]])
+        dt = _f32(sigmas[1:] - sigmas[:-1])  # step(): sigma_next - sigma in float32
+    return [
+        StepCoefficients(
+            timestep=float(ts[i]),
+            prev_timestep=float(ts[i + 1]) if i + 1 < n else 0.0,
+            x=1.0,
+            eps=float(dt[i]),
+            x0_x=1.0,
+            x0_eps=float(-sigmas[i]),
+        )
+        for i in range(n)
+    ]
+
+
+# What a table needs beyond a diffusers scheduler config, carried in the config dict under keys
+# diffusers never writes: which pipeline prepares the flow sigmas, and the image token counts a
+# size-dependent schedule (Flux-dev's dynamic shift) is made for (plan/builders.py makes one
+# schedule per count).
+PIPELINE_KEY = "_ilf_pipeline"
+IMAGE_TOKENS_KEY = "_ilf_image_tokens"
+
+
+def for_pipeline(scheduler_config: dict[str, Any], pipeline: str) -> dict[str, Any]:
+    """The config, marked with the pipeline ("flux" or "sd3") whose sigma preparation it follows."""
+    return {**scheduler_config, PIPELINE_KEY: pipeline}
+
+
+def for_image_tokens(scheduler_config: dict[str, Any], tokens: list[int]) -> dict[str, Any]:
+    """The config, marked with the image token counts its plans are made for (first: the default)."""
+    return {**scheduler_config, IMAGE_TOKENS_KEY: list(dict.fromkeys(int(n) for n in tokens))}
+
+
+def image_tokens_of(scheduler_config: dict[str, Any]) -> tuple[int | None, ...]:
+    """The image token counts to tabulate: (None,) where the schedule does not depend on the size."""
+    if not flow_shift_depends_on_size(scheduler_config):
+        return (None,)
+    tokens = tuple(scheduler_config.get(IMAGE_TOKENS_KEY) or ())
+    if not tokens:
+        raise ConfigError(
+            f"{scheduler_config.get('_class_name')}: the schedule depends on the image size "
+            "(use_dynamic_shifting); say which sizes the plan is for"
+        )
+    return tokens
+
+
+def scheduler_coefficients(
+    scheduler_config: dict[str, Any],
+    num_steps: int,
+    image_seq_len: int | None = None,
+    *,
+    pipeline: str | None = None,
+) -> list[StepCoefficients]:
+    """Per-step coefficients reproducing the pipeline's ``set_timesteps`` + ``step``.
+
+    DPM-Solver and DDIM: ``scheduler.set_timesteps(num_steps)``; ``image_seq_len``
+    and ``pipeline`` are ignored. ``FlowMatchEulerDiscreteScheduler``: what
+    ``pipeline`` ("flux" or "sd3") passes to ``set_timesteps`` (see the module
+    docstring); ``image_seq_len`` is needed when ``flow_shift_depends_on_size``.
+    """
+    name, cfg = _resolve(scheduler_config)
+    pipeline = pipeline or scheduler_config.get(PIPELINE_KEY)
+    if name == _FLOW:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, Integral) or num_steps < 1:
+            raise ConfigError(f"num_steps must be a positive integer for this scheduler, got {num_steps}")
+        num_steps = int(num_steps)
+        steps = _flow_coefficients(name, cfg, num_steps, pipeline, image_seq_len)
+    else:
+        _common_checks(name, cfg, num_steps)
+        num_steps = int(num_steps)
+        if name == "DDIMScheduler":
+            steps = _ddim_coefficients(name, cfg, num_steps)
+        else:
+            steps = _dpm_coefficients(name, cfg, num_steps)
+    values = [v for s in steps for v in (s.timestep, s.x, s.eps, s.x0_x, s.x0_eps, *s.history)]
     if not np.all(np.isfinite(values)):  # e.g. repeated timesteps make h = 0
-        raise ConfigError(f"{name} with {num_steps} steps gives non-finite coefficients; use fewer steps")
+        hint = "" if name == _FLOW else "; use fewer steps"  # flow: e.g. shift_terminal with 1 step
+        raise ConfigError(f"{name} with {num_steps} steps gives non-finite coefficients{hint}")
     return steps

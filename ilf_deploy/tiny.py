@@ -3,6 +3,13 @@
 Each pipeline keeps the real checkpoint's config shape (norm type, learned sigma, scheduler, VAE
 scaling) but with tiny widths, and is written with the pipeline's own `save_pretrained`, so it
 loads through the real `from_pretrained` code path without any hub access.
+
+The MMDiT pipelines (`sd3`: StableDiffusion3Pipeline; `flux`, `flux-schnell`: FluxPipeline) replace
+the real CLIP BPE tokenizers by word-level ones (`clip_word_tokenizer`, 77 tokens, `<|startoftext|>`
+... `<|endoftext|>`, padded with `<|endoftext|>`) and T5's with `build_word_tokenizer`; every
+tokenizer is saved as a `PreTrainedTokenizerFast`. The T5 tokenizers' `model_max_length` is a tiny
+`MMDIT_T5_MAX_LENGTH`, but the pipelines ignore it: they pad T5 prompts to their own
+`max_sequence_length` argument (SD3 256, Flux 512 by default), so pass it to keep prompts short.
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from .plan import default_loop, validate_loop
 from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
 
 MAX_LAYERS = 64  # a tiny model; PixArt-XL has 28
-TINY_ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit")
+MMDIT_ARCHITECTURES = ("sd3", "flux", "flux-schnell")
+TINY_ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit", *MMDIT_ARCHITECTURES)
+# The adapter family of a tiny variant (FLUX.1-schnell is a FluxPipeline like FLUX.1-dev).
+ADAPTER_ARCHITECTURE = {"flux-schnell": "flux"}
 
 _VAE_BLOCKS = (16, 32, 32)  # 3 levels -> downsampling factor 4
 VAE_SCALE_FACTOR = 2 ** (len(_VAE_BLOCKS) - 1)
@@ -36,10 +46,26 @@ TINY_MS_IMAGE_SIZE = _MS_LATENT_SIZE * VAE_SCALE_FACTOR  # pixart-alpha, resolut
 # T5 model_max_length of the real repos; VAE scaling (PixArt-Sigma ships the SDXL VAE).
 _MAX_LENGTH = {"pixart-alpha": 120, "pixart-sigma": 300}
 _VAE_SCALING = {"pixart-alpha": 0.18215, "pixart-sigma": 0.13025, "dit": 0.18215}
+# The 16-channel VAEs of SD3 and Flux: (scaling_factor, shift_factor) of the real repos' vae/config.json.
+_VAE_SCALE_SHIFT = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159), "flux-schnell": (0.3611, 0.1159)}
+MMDIT_T5_MAX_LENGTH = 32  # tiny; the real T5 tokenizers say 512 (see the module docstring)
+CLIP_MAX_LENGTH = 77  # CLIP's context length, as in the real tokenizers and text encoders
 
 # The schedulers' constructor arguments (the configs without diffusers' `_class_name`).
 PIXART_SCHEDULER: dict[str, Any] = {k: v for k, v in PIXART_SCHEDULER_CONFIG.items() if k != "_class_name"}
 DIT_SCHEDULER: dict[str, Any] = {k: v for k, v in DIT_SCHEDULER_CONFIG.items() if k != "_class_name"}
+# FlowMatchEulerDiscreteScheduler arguments of the real repos' scheduler/scheduler_config.json:
+# stabilityai/stable-diffusion-3-medium-diffusers, black-forest-labs/FLUX.1-dev and FLUX.1-schnell.
+_FLUX_SHIFTS: dict[str, Any] = dict(
+    base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15
+)
+SD3_SCHEDULER: dict[str, Any] = dict(num_train_timesteps=1000, shift=3.0)
+FLUX_DEV_SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, **_FLUX_SHIFTS
+)
+FLUX_SCHNELL_SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, **_FLUX_SHIFTS
+)
 DIT_ID2LABEL = {
     0: "tench, Tinca tinca",
     1: "goldfish, Carassius auratus",
@@ -59,6 +85,20 @@ _TRANSFORMER_COMMON: dict[str, Any] = dict(
     norm_elementwise_affine=False,
 )
 _T5: dict[str, Any] = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+# SD3 pads the concatenated CLIP-L + CLIP-G hidden states (16 + 32) to the T5 width, so T5 is wider.
+_SD3_T5: dict[str, Any] = {**_T5, "d_model": 64, "d_ff": 128}
+# CLIP text towers: ViT-L/14 (768 wide, quick_gelu) and OpenCLIP bigG/14 (1280 wide, gelu), tiny.
+_CLIP_L: dict[str, Any] = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu"
+)
+_CLIP_G: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu"
+)
+# MMDiT widths: 2 heads x 16 dims; Flux's rope axes (text/frame, height, width) sum to the head dim.
+_MMDIT_HEADS, _MMDIT_HEAD_DIM = 2, 16
+_FLUX_AXES_DIMS_ROPE = (4, 6, 6)
+# Patches per side: images up to 256 px (SD3-medium's 192 allows 3x its 1024 px default).
+_SD3_POS_EMBED_MAX_SIZE = 32
 
 
 def tiny_image_size(arch: str, *, resolution_conditions: bool = False) -> int:
@@ -81,6 +121,10 @@ def make_tiny_pipeline(
     With `feedback`, also a random ILF feedback module in `out_dir/feedback` over `loop` (default:
     the paper's 8-19 of 28 scaled to `num_layers`); its scales are small random numbers rather
     than zeros so that the feedback path changes the output and tests can see it.
+
+    For `flux`/`flux-schnell`, `num_layers` counts all transformer blocks: `num_layers // 2`
+    double-stream blocks followed by the rest as single-stream blocks (so at least 2), and the
+    feedback loop indexes that sequence of blocks.
     """
     if arch not in TINY_ARCHITECTURES:
         raise ConfigError(f"unknown tiny architecture {arch!r}; supported: {', '.join(TINY_ARCHITECTURES)}")
@@ -88,6 +132,8 @@ def make_tiny_pipeline(
         raise ConfigError("resolution conditions exist only for pixart-alpha (PixArt-α 1024)")
     if not 1 <= num_layers <= MAX_LAYERS:
         raise ConfigError(f"layers must be in 1..{MAX_LAYERS}, got {num_layers}")
+    if arch.startswith("flux") and num_layers < 2:
+        raise ConfigError(f"{arch} needs layers >= 2 (double- and single-stream blocks), got {num_layers}")
     if feedback:
         validate_loop(*(loop or default_loop(num_layers)), num_layers)
     out = Path(out_dir)
@@ -103,7 +149,8 @@ def make_tiny_pipeline(
             pipe = _build(arch, num_layers, resolution_conditions)
             if feedback:
                 module = FeedbackModule.create(
-                    make_adapter(arch, pipe.transformer), loop or default_loop(num_layers)
+                    make_adapter(ADAPTER_ARCHITECTURE.get(arch, arch), pipe.transformer),
+                    loop or default_loop(num_layers),
                 )
                 torch.nn.init.normal_(module.scales, std=0.1)
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -111,6 +158,9 @@ def make_tiny_pipeline(
             module.save(tmp / FEEDBACK_DIR)
         if arch in _MAX_LENGTH:
             _portable_tokenizer(tmp, _MAX_LENGTH[arch])
+        elif arch in MMDIT_ARCHITECTURES:
+            for name, clip in _MMDIT_TOKENIZERS[arch].items():
+                _portable_tokenizer(tmp, getattr(pipe, name).model_max_length, name, clip=clip)
         make_readable(tmp)  # safetensors writes 0600
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         if out.exists():
@@ -122,20 +172,110 @@ def make_tiny_pipeline(
     return out
 
 
-def _portable_tokenizer(pipe_dir: Path, max_length: int) -> None:
-    """Re-save the tokenizer under the class name `PreTrainedTokenizerFast`.
+def _portable_tokenizer(
+    pipe_dir: Path, max_length: int, component: str = "tokenizer", *, clip: bool = False
+) -> None:
+    """Re-save the tokenizer `component` under the class name `PreTrainedTokenizerFast`.
 
     transformers 5 records its fast tokenizer as `TokenizersBackend`, a name transformers 4 lacks;
-    `PreTrainedTokenizerFast` is an alias of it in 5 and the fast base class in 4.
+    `PreTrainedTokenizerFast` is an alias of it in 5 and the fast base class in 4. With `clip`, the
+    tokenizer is `clip_word_tokenizer`'s, otherwise the T5 word tokenizer.
     """
     from ilf_deploy.tokenizer import build_word_tokenizer, save_tokenizer_dir
 
-    shutil.rmtree(pipe_dir / "tokenizer")
-    save_tokenizer_dir(build_word_tokenizer(), pipe_dir / "tokenizer", max_length)
+    shutil.rmtree(pipe_dir / component)
+    if clip:
+        _save_clip_tokenizer_dir(pipe_dir / component, max_length)
+    else:
+        save_tokenizer_dir(build_word_tokenizer(), pipe_dir / component, max_length)
     index_path = pipe_dir / "model_index.json"
     index = json.loads(index_path.read_text())
-    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    index[component] = ["transformers", "PreTrainedTokenizerFast"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")  # diffusers' format
+
+
+# The tokenizers of the MMDiT pipelines: True for the CLIP stand-ins, False for T5.
+_MMDIT_TOKENIZERS: dict[str, dict[str, bool]] = {
+    "sd3": {"tokenizer": True, "tokenizer_2": True, "tokenizer_3": False},
+    "flux": {"tokenizer": True, "tokenizer_2": False},
+    "flux-schnell": {"tokenizer": True, "tokenizer_2": False},
+}
+
+
+CLIP_BOS, CLIP_EOS, CLIP_UNK = "<|startoftext|>", "<|endoftext|>", "<unk>"
+
+
+def _clip_word_tokenizer_object():
+    """The raw `tokenizers.Tokenizer` of `clip_word_tokenizer`."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    from .tokenizer import DEFAULT_VOCAB
+
+    # CLIP's layout: `<|startoftext|>` and `<|endoftext|>` are the two highest ids.
+    vocab = {CLIP_UNK: 0}
+    for word in DEFAULT_VOCAB:
+        vocab.setdefault(word.lower(), len(vocab))
+    vocab[CLIP_BOS], vocab[CLIP_EOS] = len(vocab), len(vocab) + 1
+    tok = Tokenizer(WordLevel(vocab, unk_token=CLIP_UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLIP_BOS} $A {CLIP_EOS}",
+        pair=f"{CLIP_BOS} $A {CLIP_EOS} $B {CLIP_EOS}",
+        special_tokens=[(CLIP_BOS, vocab[CLIP_BOS]), (CLIP_EOS, vocab[CLIP_EOS])],
+    )
+    tok.add_special_tokens([CLIP_UNK, CLIP_BOS, CLIP_EOS])
+    return tok
+
+
+_CLIP_SPECIALS = {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "pad_token": CLIP_EOS, "unk_token": CLIP_UNK}
+
+
+def clip_word_tokenizer(max_length: int = CLIP_MAX_LENGTH):
+    """A word-level stand-in for CLIPTokenizer: `<|startoftext|> words <|endoftext|>`, padded with
+    `<|endoftext|>` like CLIP ViT-L's tokenizer, truncated keeping both ends."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_clip_word_tokenizer_object(), model_max_length=max_length, **_CLIP_SPECIALS
+    )
+
+
+def _save_clip_tokenizer_dir(out: Path, max_length: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _clip_word_tokenizer_object().save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        "padding_side": "right",
+        "truncation_side": "right",
+        "clean_up_tokenization_spaces": False,
+        **_CLIP_SPECIALS,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(_CLIP_SPECIALS, indent=2) + "\n")
+
+
+def clip_text_encoder(clip: dict[str, Any], *, projection: bool):
+    """(tokenizer, random-init CLIP text encoder) over `clip_word_tokenizer`'s vocabulary:
+    `CLIPTextModelWithProjection` (SD3's two encoders, projection as wide as the hidden size, as in
+    CLIP-L and bigG) or `CLIPTextModel` (Flux). The pooled output is the first `<|endoftext|>`
+    position (`eos_token_id` is not the legacy 2, and is also the highest id). The caller seeds torch."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = clip_word_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        **clip,
+        projection_dim=clip["hidden_size"],
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+    return tokenizer, model.eval()
 
 
 def word_text_encoder(t5: dict[str, Any], max_length: int):
@@ -165,6 +305,13 @@ def word_text_encoder(t5: dict[str, Any], max_length: int):
 def _vae(arch: str):
     from diffusers import AutoencoderKL
 
+    if arch in _VAE_SCALE_SHIFT:  # SD3/Flux: 16 latent channels, no quant convs, a shift factor
+        scaling, shift = _VAE_SCALE_SHIFT[arch]
+        extra: dict[str, Any] = dict(
+            latent_channels=16, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False
+        )
+    else:
+        scaling, extra = _VAE_SCALING[arch], dict(latent_channels=4)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -172,16 +319,21 @@ def _vae(arch: str):
         up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCKS),
         block_out_channels=_VAE_BLOCKS,
         layers_per_block=1,
-        latent_channels=4,
         norm_num_groups=8,
         sample_size=TINY_IMAGE_SIZE[arch],
-        scaling_factor=_VAE_SCALING[arch],
+        scaling_factor=scaling,
+        **extra,
     )
 
 
-def _build(arch: str, num_layers: int, resolution_conditions: bool):
+def _build(arch: str, num_layers: int, resolution_conditions: bool, *, qk_norm: str | None = None):
+    """The pipeline object. `qk_norm` is SD3's ("rms_norm" as in SD3.5; None as in SD3-medium)."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
+    if arch == "sd3":
+        return _build_sd3(num_layers, qk_norm)
+    if arch in ("flux", "flux-schnell"):
+        return _build_flux(arch, num_layers)
     if arch == "dit":
         transformer = DiTTransformer2DModel(
             **_TRANSFORMER_COMMON,
@@ -235,4 +387,73 @@ def _build_pixart(arch: str, num_layers: int, resolution_conditions: bool):
         vae=_vae(arch),
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER),
+    )
+
+
+def _build_sd3(num_layers: int, qk_norm: str | None):
+    """StableDiffusion3Pipeline shaped like SD3-medium: joint blocks (the last one context_pre_only),
+    CLIP-L + CLIP-G pooled projections, the CLIP hidden states zero-padded to the T5 width."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer, text_encoder = clip_text_encoder(_CLIP_L, projection=True)
+    tokenizer_2, text_encoder_2 = clip_text_encoder(_CLIP_G, projection=True)
+    tokenizer_3, text_encoder_3 = word_text_encoder(_SD3_T5, MMDIT_T5_MAX_LENGTH)
+    inner = _MMDIT_HEADS * _MMDIT_HEAD_DIM
+    transformer = SD3Transformer2DModel(
+        sample_size=_LATENT_SIZE,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=num_layers,
+        attention_head_dim=_MMDIT_HEAD_DIM,
+        num_attention_heads=_MMDIT_HEADS,
+        joint_attention_dim=text_encoder_3.config.d_model,
+        caption_projection_dim=inner,
+        pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
+        pos_embed_max_size=_SD3_POS_EMBED_MAX_SIZE,
+        qk_norm=qk_norm,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=_vae("sd3"),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def _build_flux(arch: str, num_layers: int):
+    """FluxPipeline shaped like FLUX.1-dev (guidance embedding, dynamic shift) or FLUX.1-schnell:
+    `num_layers // 2` double-stream then the rest single-stream blocks; 16 latent channels packed
+    2x2 into 64; the pooled projection is CLIP-L's pooled output, the context T5's hidden states."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, text_encoder = clip_text_encoder(_CLIP_L, projection=False)
+    tokenizer_2, text_encoder_2 = word_text_encoder(_T5, MMDIT_T5_MAX_LENGTH)
+    num_double = num_layers // 2
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=num_double,
+        num_single_layers=num_layers - num_double,
+        attention_head_dim=_MMDIT_HEAD_DIM,
+        num_attention_heads=_MMDIT_HEADS,
+        joint_attention_dim=text_encoder_2.config.d_model,
+        pooled_projection_dim=text_encoder.config.hidden_size,
+        guidance_embeds=arch == "flux",
+        axes_dims_rope=_FLUX_AXES_DIMS_ROPE,
+    )
+    scheduler = FLUX_DEV_SCHEDULER if arch == "flux" else FLUX_SCHNELL_SCHEDULER
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
+        vae=_vae(arch),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )

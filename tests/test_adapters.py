@@ -45,11 +45,11 @@ def test_segments_compose_to_full_forward(tiny_models, variant, cuts):
     with torch.no_grad():
         expected = adapter.transformer(latents, timestep=timestep.long(), **kwargs).sample
         cond = adapter.conditioning(torch.tensor([637.0]), adapter.context(inputs))
-        hidden, start = adapter.embed(latents), 0
+        state, start = adapter.embed(latents, cond), 0
         for end in cuts:  # segment [start, end)
-            hidden = run_blocks(adapter, start, end - 1, hidden, cond)
+            state = run_blocks(adapter, start, end - 1, state, cond)
             start = end
-        got = adapter.final(hidden, cond, *latents.shape[-2:])
+        got = adapter.final(state, cond, *latents.shape[-2:])
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 

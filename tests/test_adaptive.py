@@ -120,16 +120,18 @@ class RowSegments:
     def conditioning(self, timestep, context):
         return {**context, "t": np.full(context["shift"].shape, timestep / 1000, np.float64)}
 
-    def embed(self, latents):
-        return latents.reshape(latents.shape[0], -1).astype(np.float64)
+    def embed(self, latents, cond):
+        return {"hidden": latents.reshape(latents.shape[0], -1).astype(np.float64)}
 
-    def blocks(self, start, end, hidden, cond):
+    def blocks(self, start, end, state, cond):
+        hidden = state["hidden"]
         self.rows_run.append(hidden.shape[0])
         for _ in range(start, end + 1):
             hidden = hidden * 1.1 + 0.1 * cond["t"][:, None] + cond["shift"][:, None]
-        return hidden
+        return {"hidden": hidden}
 
-    def final(self, hidden, cond, height, width):
+    def final(self, state, cond, height, width):
+        hidden = state["hidden"]
         return hidden.reshape(hidden.shape[0], 1, height, width)
 
     def concat(self, arrays):

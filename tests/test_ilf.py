@@ -20,7 +20,7 @@ def ilf_forward(adapter, feedback, latents, inputs, t, t_post):
     cond = adapter.conditioning(torch.tensor([t]), context)
     cond_post = adapter.conditioning(torch.tensor([t_post]), context)
     start, end = feedback.loop
-    hidden = run_blocks(adapter, 0, start - 1, adapter.embed(latents), cond)
+    hidden = run_blocks(adapter, 0, start - 1, adapter.embed(latents, cond), cond)
     hidden = inner_loop(adapter, feedback, hidden, cond, cond_post)
     hidden = run_blocks(adapter, end + 1, adapter.num_blocks - 1, hidden, cond_post)
     return adapter.final(hidden, cond_post, *latents.shape[-2:])
@@ -48,7 +48,7 @@ def test_inner_loop_matches_equations_2_and_3(tiny_models):
     context = adapter.context(inputs)
     cond = adapter.conditioning(torch.tensor([800.0]), context)
     cond_post = adapter.conditioning(torch.tensor([600.0]), context)
-    h_in = adapter.embed(latents)
+    h_in = adapter.embed(latents, cond)["hidden"]
     # By hand: first pass at t, feedback reads f_{e,t}, second pass adds s_i * f_feed at t_post.
     f_e = h_in
     for i in range(start, end + 1):
@@ -72,7 +72,8 @@ def test_inner_loop_matches_equations_2_and_3(tiny_models):
             encoder_attention_mask=cond_post["context_bias"],
             timestep=cond_post["temb"],
         )
-    torch.testing.assert_close(inner_loop(adapter, feedback, h_in, cond, cond_post), h, rtol=0, atol=0)
+    got = inner_loop(adapter, feedback, {"hidden": h_in}, cond, cond_post)
+    torch.testing.assert_close(got["hidden"], h, rtol=0, atol=0)
 
 
 @torch.no_grad()

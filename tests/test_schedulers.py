@@ -1,6 +1,7 @@
 """Parity of the precomputed scheduler tables with diffusers' own schedulers."""
 
 import ast
+import inspect
 import json
 import math
 from pathlib import Path
@@ -12,9 +13,13 @@ from ilf_deploy import schedulers
 from ilf_deploy.errors import ConfigError
 from ilf_deploy.schedulers import (
     DIT_SCHEDULER_CONFIG,
+    FLUX_DEV_SCHEDULER_CONFIG,
+    FLUX_SCHNELL_SCHEDULER_CONFIG,
     PIXART_SCHEDULER_CONFIG,
+    SD3_SCHEDULER_CONFIG,
     StepCoefficients,
     alphas_cumprod,
+    flow_shift_depends_on_size,
     scheduler_coefficients,
 )
 
@@ -200,3 +205,191 @@ def test_module_imports_numpy_only() -> None:
     }
     assert not roots & {"torch", "diffusers", "transformers"}
     assert roots <= {"__future__", "math", "dataclasses", "numbers", "typing", "numpy", "ilf_deploy"}
+
+
+# ---- FlowMatchEulerDiscreteScheduler (SD3, Flux) ----------------------------------------------
+
+SD3 = SD3_SCHEDULER_CONFIG
+DEV = FLUX_DEV_SCHEDULER_CONFIG
+# name: (config, pipeline, image_seq_len)
+FLOW_CASES = {
+    "sd3": (SD3, "sd3", None),
+    "flux_dev_16": (DEV, "flux", 16),
+    "flux_dev_64": (DEV, "flux", 64),
+    "flux_dev_4096": (DEV, "flux", 4096),
+    "flux_schnell": (FLUX_SCHNELL_SCHEDULER_CONFIG, "flux", None),
+    # the options implemented beyond the shipped configs
+    "sd3_dynamic_1024": ({**SD3, "use_dynamic_shifting": True}, "sd3", 1024),
+    "sd3_shift_terminal": ({**SD3, "shift": 2.7, "shift_terminal": 0.1}, "sd3", None),
+    "sd3_karras": ({**SD3, "use_karras_sigmas": True}, "sd3", None),
+    "flux_dev_linear_exponential": (
+        {**DEV, "time_shift_type": "linear", "use_exponential_sigmas": True},
+        "flux",
+        256,
+    ),
+    "flux_dev_karras_sigma_min": ({**DEV, "use_karras_sigmas": True, "sigma_min": 0.01}, "flux", 4096),
+    "flux_flow_sigmas": ({**SD3, "use_flow_sigmas": True}, "flux", None),  # Flux then passes no sigmas
+}
+
+
+def _pipeline_scheduler(cfg: dict, num_steps: int, pipeline: str, image_seq_len: int | None):
+    """The scheduler after the pipeline's own "5. Prepare timesteps" (diffusers 0.42), verbatim."""
+    from diffusers.pipelines.flux import pipeline_flux
+    from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3 as pipeline_sd3
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    if pipeline == "flux":  # FluxPipeline.__call__
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if hasattr(sched.config, "use_flow_sigmas") and sched.config.use_flow_sigmas:
+            sigmas = None
+        mu = pipeline_flux.calculate_shift(
+            image_seq_len if image_seq_len is not None else 4096,  # unused without dynamic shifting
+            sched.config.get("base_image_seq_len", 256),
+            sched.config.get("max_image_seq_len", 4096),
+            sched.config.get("base_shift", 0.5),
+            sched.config.get("max_shift", 1.15),
+        )
+        pipeline_flux.retrieve_timesteps(sched, num_steps, "cpu", sigmas=sigmas, mu=mu)
+        sched.set_begin_index(0)
+    else:  # StableDiffusion3Pipeline.__call__ with sigmas=None, mu=None
+        kwargs = {}
+        if sched.config.get("use_dynamic_shifting", None):
+            kwargs["mu"] = pipeline_sd3.calculate_shift(
+                image_seq_len,
+                sched.config.get("base_image_seq_len", 256),
+                sched.config.get("max_image_seq_len", 4096),
+                sched.config.get("base_shift", 0.5),
+                sched.config.get("max_shift", 1.16),
+            )
+        pipeline_sd3.retrieve_timesteps(sched, num_steps, "cpu", sigmas=None, **kwargs)
+    return sched
+
+
+def _velocity(x: np.ndarray, t: float) -> np.ndarray:
+    """A fixed, deterministic stand-in for the transformer: depends on x and t."""
+    return np.tanh(x) * (0.5 + t / 1000.0) - 0.3 * x + 0.1 * np.cos(3.0 * x + t / 100.0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("num_steps", [1, 2, 4, 10, 28])
+@pytest.mark.parametrize("name", list(FLOW_CASES))
+def test_flow_match_parity_with_diffusers(name: str, num_steps: int) -> None:
+    cfg, pipeline, seq_len = FLOW_CASES[name]
+    if name == "sd3_shift_terminal" and num_steps == 1:
+        pytest.skip("one step stretched to shift_terminal is 0/0 in diffusers too (see below)")
+    sched = _pipeline_scheduler(cfg, num_steps, pipeline, seq_len)
+    steps = scheduler_coefficients(cfg, num_steps, seq_len, pipeline=pipeline)
+    assert [s.timestep for s in steps] == sched.timesteps.tolist()  # float32 values, exactly
+    assert [s.prev_timestep for s in steps] == [*sched.timesteps.tolist()[1:], 0.0]
+    assert [-s.x0_eps for s in steps] == sched.sigmas.tolist()[:-1]
+    assert all((s.x, s.x0_x, s.history) == (1.0, 1.0, ()) for s in steps)
+
+    # two independent trajectories: diffusers' pipeline loop, and the float64 replay of the table
+    noise = np.random.default_rng(num_steps).standard_normal((2, 16, 8, 8))
+    ref, ours = torch.from_numpy(noise), noise.copy()
+    for c, t in zip(steps, sched.timesteps, strict=True):
+        v_ref = torch.from_numpy(_velocity(ref.numpy(), float(t)))
+        ref = sched.step(v_ref, t, ref, return_dict=False)[0]
+        assert ref.dtype == torch.float64
+        v = _velocity(ours, c.timestep)
+        x0 = c.x0_x * ours + c.x0_eps * v  # x0 = x - sigma * v
+        ours = _run_coefficients(c, ours, v, [])
+        err = np.linalg.norm(ours - ref.numpy()) / np.linalg.norm(ref.numpy())
+        assert err <= 1e-6, f"{name} n={num_steps} t={float(t)}: rel err {err:.2e}"
+    np.testing.assert_array_equal(x0, ours)  # the last step lands on its x0 (sigma_next = 0)
+
+
+def test_flow_match_step_size_matches_diffusers_float32() -> None:
+    sched = _pipeline_scheduler(DEV, 28, "flux", 4096)
+    steps = scheduler_coefficients(DEV, 28, 4096, pipeline="flux")
+    dt = (sched.sigmas[1:] - sched.sigmas[:-1]).tolist()  # step(): float32 sigma_next - sigma
+    assert [s.eps for s in steps] == dt
+
+
+def test_flow_match_mu_changes_with_image_size() -> None:
+    sizes = (16, 64, 4096)
+    ts = {n: [s.timestep for s in scheduler_coefficients(DEV, 10, n, pipeline="flux")] for n in sizes}
+    assert ts[16] != ts[64] != ts[4096]
+    assert ts[16][0] == ts[4096][0] == 1000.0  # sigma 1 is a fixed point of the shift
+    assert ts[16][1] < ts[64][1] < ts[4096][1]  # larger images stay noisier longer
+
+
+def test_flow_match_pipelines_prepare_different_sigmas() -> None:
+    # why scheduler_coefficients takes pipeline=: the same config gives other schedules
+    sd3 = [s.timestep for s in scheduler_coefficients(FLUX_SCHNELL_SCHEDULER_CONFIG, 4, pipeline="sd3")]
+    flux = [s.timestep for s in scheduler_coefficients(FLUX_SCHNELL_SCHEDULER_CONFIG, 4, pipeline="flux")]
+    assert flux == [1000.0, 750.0, 500.0, 250.0]
+    assert sd3 == [1000.0, 667.0, 334.0, 1.0]
+    sd3_last = scheduler_coefficients(SD3, 28, pipeline="sd3")[-1].x0_eps
+    flux_last = scheduler_coefficients(SD3, 28, pipeline="flux")[-1].x0_eps
+    assert abs(sd3_last - flux_last) > 0.09
+
+
+def test_flow_shift_depends_on_size() -> None:
+    assert flow_shift_depends_on_size(DEV)
+    assert not flow_shift_depends_on_size(FLUX_SCHNELL_SCHEDULER_CONFIG)
+    assert not flow_shift_depends_on_size(SD3)
+    assert flow_shift_depends_on_size({**SD3, "use_dynamic_shifting": True})
+    assert not flow_shift_depends_on_size(PIX)
+    with pytest.raises(ConfigError, match="unsupported scheduler"):
+        flow_shift_depends_on_size({})
+    # sizes do not matter without dynamic shifting, and are not needed
+    sized = scheduler_coefficients(SD3, 10, 4096, pipeline="sd3")
+    assert scheduler_coefficients(SD3, 10, pipeline="sd3") == sized
+
+
+@pytest.mark.parametrize(
+    ("cfg", "kwargs", "match"),
+    [
+        (DEV, {"pipeline": "flux"}, "depends on the image size"),
+        ({**SD3, "use_dynamic_shifting": True}, {"pipeline": "sd3"}, "depends on the image size"),
+        (DEV, {"pipeline": "flux", "image_seq_len": 0}, "image_seq_len"),
+        (DEV, {"pipeline": "flux", "image_seq_len": 64.0}, "image_seq_len"),
+        ({**DEV, "max_shift": None}, {"pipeline": "flux", "image_seq_len": 64}, "numeric"),
+        ({**DEV, "max_image_seq_len": 256}, {"pipeline": "flux", "image_seq_len": 64}, "max_image_seq_len"),
+        (SD3, {}, "pipeline"),
+        (SD3, {"pipeline": "pixart"}, "pipeline"),
+        ({**SD3, "stochastic_sampling": True}, {"pipeline": "sd3"}, "stochastic_sampling"),
+        ({**SD3, "invert_sigmas": True}, {"pipeline": "sd3"}, "invert_sigmas"),
+        ({**SD3, "use_beta_sigmas": True}, {"pipeline": "sd3"}, "use_beta_sigmas"),
+        (
+            {**SD3, "use_karras_sigmas": True, "use_exponential_sigmas": True},
+            {"pipeline": "sd3"},
+            "exclude each other",
+        ),
+        ({**DEV, "time_shift_type": "cosine"}, {"pipeline": "flux", "image_seq_len": 64}, "time_shift_type"),
+        ({**SD3, "num_train_timesteps": 0}, {"pipeline": "sd3"}, "num_train_timesteps"),
+        ({**SD3, "shift_terminal": 0.1}, {"pipeline": "sd3", "num_steps": 1}, "non-finite"),
+    ],
+)
+def test_flow_match_unsupported_raise(cfg: dict, kwargs: dict, match: str) -> None:
+    kwargs = {"num_steps": 10, **kwargs}
+    with pytest.raises(ConfigError, match=match) as info:
+        scheduler_coefficients(cfg, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("num_steps", [0, -1, 2.5, True])
+def test_flow_match_bad_step_counts_raise(num_steps) -> None:
+    with pytest.raises(ConfigError, match="num_steps"):
+        scheduler_coefficients(SD3, num_steps, pipeline="sd3")
+
+
+def test_flow_match_has_no_alphas_cumprod() -> None:
+    with pytest.raises(ConfigError, match="flow-matching"):
+        alphas_cumprod(SD3)
+
+
+def test_flow_match_to_dict_round_trip() -> None:
+    steps = scheduler_coefficients(DEV, 28, 4096, pipeline="flux")
+    dumped = json.loads(json.dumps([s.to_dict() for s in steps]))
+    assert [StepCoefficients.from_dict(d) for d in dumped] == steps
+
+
+def test_shipped_flow_configs_build_in_diffusers() -> None:
+    init_keys = set(inspect.signature(diffusers.FlowMatchEulerDiscreteScheduler.__init__).parameters)
+    shipped = ((DEV, 3.0, True), (FLUX_SCHNELL_SCHEDULER_CONFIG, 1.0, False), (SD3, 3.0, False))
+    for cfg, shift, dynamic in shipped:
+        assert set(cfg) - {"_class_name"} <= init_keys  # nothing diffusers would ignore
+        sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        assert (sched.config.shift, sched.config.use_dynamic_shifting) == (shift, dynamic)

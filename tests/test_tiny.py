@@ -117,9 +117,10 @@ def _files(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_tiny_pipeline_deterministic(tmp_path: Path, arch: str) -> None:
-    a = _files(make_tiny_pipeline(arch, tmp_path / "a", seed=3, num_layers=1))
-    b = _files(make_tiny_pipeline(arch, tmp_path / "b", seed=3, num_layers=1))
-    c = _files(make_tiny_pipeline(arch, tmp_path / "c", seed=4, num_layers=1))
+    layers = 2 if arch.startswith("flux") else 1  # Flux: at least one double and one single block
+    a = _files(make_tiny_pipeline(arch, tmp_path / "a", seed=3, num_layers=layers))
+    b = _files(make_tiny_pipeline(arch, tmp_path / "b", seed=3, num_layers=layers))
+    c = _files(make_tiny_pipeline(arch, tmp_path / "c", seed=4, num_layers=layers))
     assert a == b
     weights = "transformer/diffusion_pytorch_model.safetensors"
     assert any(k.endswith(".safetensors") for k in a) and a[weights] != c[weights]
@@ -129,7 +130,7 @@ def test_tiny_pipeline_deterministic(tmp_path: Path, arch: str) -> None:
 
 def test_tiny_pipeline_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pixart-alpha, pixart-sigma, dit"):
-        make_tiny_pipeline("sd3", tmp_path / "x")
+        make_tiny_pipeline("sdxl", tmp_path / "x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):

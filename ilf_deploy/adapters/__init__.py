@@ -5,22 +5,30 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Adapter, Cond
+from .base import Adapter, Cond, State, feed_name, output_name
 from .dit import DiTAdapter
+from .mmdit import FluxAdapter, SD3Adapter
 from .pixart import PixArtAdapter
 
-ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit")
+ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit", "sd3", "flux")
 
 # diffusers class names -> our architecture names
 PIPELINE_ARCHITECTURES = {
     "PixArtAlphaPipeline": "pixart-alpha",
     "PixArtSigmaPipeline": "pixart-sigma",
     "DiTPipeline": "dit",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
 TRANSFORMER_ARCHITECTURES = {
     "PixArtTransformer2DModel": "pixart-alpha",  # α and Σ share the class; the pipeline tells them apart
     "DiTTransformer2DModel": "dit",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
 }
+# Two-stream families: their state is image and text tokens (adapters/mmdit.py). Bundles (ONNX
+# export) do not carry them yet: the torch runner runs them (README "Families").
+MMDIT_ARCHITECTURES = ("sd3", "flux")
 
 
 def make_adapter(architecture: str, transformer: nn.Module) -> Adapter:
@@ -28,16 +36,26 @@ def make_adapter(architecture: str, transformer: nn.Module) -> Adapter:
         return PixArtAdapter(transformer, architecture)
     if architecture == "dit":
         return DiTAdapter(transformer)
+    if architecture == "sd3":
+        return SD3Adapter(transformer)
+    if architecture == "flux":
+        return FluxAdapter(transformer)
     raise ConfigError(f"unknown architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}")
 
 
 __all__ = [
     "ARCHITECTURES",
+    "MMDIT_ARCHITECTURES",
     "PIPELINE_ARCHITECTURES",
     "TRANSFORMER_ARCHITECTURES",
     "Adapter",
     "Cond",
     "DiTAdapter",
+    "FluxAdapter",
     "PixArtAdapter",
+    "SD3Adapter",
+    "State",
+    "feed_name",
     "make_adapter",
+    "output_name",
 ]

@@ -1,8 +1,14 @@
 """The adapter interface: one diffusion transformer forward, cut at block boundaries.
 
-A forward is `final(blocks(embed(latents)), cond)`, where `cond` (per-timestep conditioning)
+A forward is `final(blocks(embed(latents, cond)), cond)`, where `cond` (per-timestep conditioning)
 is computed separately so that ILF can condition the blocks after the feedback on `t_post`.
 Conditioning is a flat dict of tensors so that every segment can be exported as-is.
+
+What flows from block to block is the model's **state**: a dict of named tensors the adapter
+declares in `state_names`. A single-stream DiT (PixArt, DiT) carries its image tokens, `hidden`; a
+two-stream MMDiT (SD3, Flux) carries image tokens and text tokens, `hidden` and `text`. Every
+consumer (block ranges, the ILF inner loop, the Δ-cache, the adaptive probe) treats a state as a
+whole: the same operation on each of its tensors.
 """
 
 from __future__ import annotations
@@ -15,6 +21,17 @@ import torch
 from torch import nn
 
 Cond = dict[str, torch.Tensor]
+State = dict[str, torch.Tensor]  # the model's state between blocks, by `Adapter.state_names`
+
+
+def output_name(state: str) -> str:
+    """A block segment's output name for state tensor `state` (an ONNX graph cannot reuse a name)."""
+    return f"{state}_out"
+
+
+def feed_name(state: str) -> str:
+    """The ILF feed's name for state tensor `state` (`feed` for the image tokens, as bundles have it)."""
+    return "feed" if state == "hidden" else f"{state}_feed"
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,8 @@ class Adapter(ABC):
     time_outputs: tuple[str, ...]  # what `time_cond()` returns
     block_inputs: tuple[str, ...]  # conditioning a block reads
     final_inputs: tuple[str, ...]  # conditioning the final layer reads
+    state_names: tuple[str, ...] = ("hidden",)  # the state between blocks (module docstring)
+    embed_inputs: tuple[str, ...] = ()  # conditioning `embed` reads (a text stream's first value)
 
     def __init__(self, transformer: nn.Module) -> None:
         self.transformer = transformer
@@ -73,9 +92,9 @@ class Adapter(ABC):
         return int(self.config.sample_size)
 
     # -- the cut forward -------------------------------------------------------------------
-    def embed(self, latents: torch.Tensor) -> torch.Tensor:
-        """Patchify + positional embedding: (B, C, H, W) -> tokens (B, N, D). Time-independent."""
-        return self.embed_tokens(latents, self.pos_embed(latents.shape[-2], latents.shape[-1]))
+    def embed(self, latents: torch.Tensor, cond: Cond) -> State:
+        """The state before block 0: (B, C, H, W) -> {"hidden": tokens (B, N, D)}. Time-independent."""
+        return {"hidden": self.embed_tokens(latents, self.pos_embed(latents.shape[-2], latents.shape[-1]))}
 
     def embed_tokens(self, latents: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
         """The patch projection with the positional embedding given: exports with any resolution."""
@@ -111,19 +130,19 @@ class Adapter(ABC):
         """Per-timestep conditioning; computed once for `t` and once for `t_post`."""
 
     @abstractmethod
-    def run_block(self, block: nn.Module, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """One transformer block (a backbone block or the feedback block)."""
+    def run_block(self, block: nn.Module, state: State, cond: Cond) -> State:
+        """One transformer block (a backbone block or the feedback block): state in, state out."""
 
     @abstractmethod
-    def final_tokens(self, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def final_tokens(self, state: State, cond: Cond) -> torch.Tensor:
         """Final norm + projection -> patch tokens (B, N, p·p·C_out)."""
 
-    def final(self, hidden: torch.Tensor, cond: Cond, height: int, width: int) -> torch.Tensor:
+    def final(self, state: State, cond: Cond, height: int, width: int) -> torch.Tensor:
         """Final layer + unpatchify -> model output (B, C_out, height, width)."""
-        return self.unpatchify(self.final_tokens(hidden, cond), height, width)
+        return self.unpatchify(self.final_tokens(state, cond), height, width)
 
-    def block(self, index: int, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.run_block(self.blocks[index], hidden, cond)
+    def block(self, index: int, state: State, cond: Cond) -> State:
+        return self.run_block(self.blocks[index], state, cond)
 
     def conditioning(self, timestep: torch.Tensor, context: Cond) -> Cond:
         """Everything a block or the final layer needs at `timestep` (a scalar or (1,) tensor)."""
@@ -133,14 +152,18 @@ class Adapter(ABC):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: Cond) -> torch.Tensor:
         """The plain forward, composed from the pieces (equal to the diffusers forward)."""
         cond = self.conditioning(timestep, self.context(inputs))
-        hidden = self.embed(latents)
+        state = self.embed(latents, cond)
         for index in range(self.num_blocks):
-            hidden = self.block(index, hidden, cond)
-        return self.final(hidden, cond, latents.shape[-2], latents.shape[-1])
+            state = self.block(index, state, cond)
+        return self.final(state, cond, latents.shape[-2], latents.shape[-1])
 
-    def make_feedback_block(self) -> nn.Module:
+    def feedback_template(self, loop_end: int) -> int:
+        """The block whose class and config the feedback block of a loop ending at `loop_end` takes."""
+        return 0
+
+    def make_feedback_block(self, loop_end: int = 0) -> nn.Module:
         """A new block of the backbone's class and config (the ILF feedback module's body)."""
-        block = copy.deepcopy(self.blocks[0])
+        block = copy.deepcopy(self.blocks[self.feedback_template(loop_end)])
         for module in block.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()

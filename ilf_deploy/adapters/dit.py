@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, Cond
+from .base import Adapter, Cond, State
 
 
 class DiTAdapter(Adapter):
@@ -36,11 +36,11 @@ class DiTAdapter(Adapter):
     def time_cond(self, timestep: torch.Tensor, context: Cond) -> Cond:
         return {"timesteps": timestep}
 
-    def run_block(self, block: nn.Module, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return block(hidden, timestep=cond["timesteps"], class_labels=cond["labels"])
+    def run_block(self, block: nn.Module, state: State, cond: Cond) -> State:
+        return {"hidden": block(state["hidden"], timestep=cond["timesteps"], class_labels=cond["labels"])}
 
-    def final_tokens(self, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
-        t = self.transformer
+    def final_tokens(self, state: State, cond: Cond) -> torch.Tensor:
+        t, hidden = self.transformer, state["hidden"]
         emb = t.transformer_blocks[0].norm1.emb(cond["timesteps"], cond["labels"], hidden_dtype=hidden.dtype)
         shift, scale = t.proj_out_1(F.silu(emb)).chunk(2, dim=1)
         hidden = t.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]

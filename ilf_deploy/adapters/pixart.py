@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, Cond
+from .base import Adapter, Cond, State
 
 
 class PixArtAdapter(Adapter):
@@ -65,15 +65,16 @@ class PixArtAdapter(Adapter):
         )
         return {"temb": temb, "temb_final": embedded}
 
-    def run_block(self, block: nn.Module, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return block(
-            hidden,
+    def run_block(self, block: nn.Module, state: State, cond: Cond) -> State:
+        hidden = block(
+            state["hidden"],
             encoder_hidden_states=cond["context"],
             encoder_attention_mask=cond["context_bias"],
             timestep=cond["temb"],
         )
+        return {"hidden": hidden}
 
-    def final_tokens(self, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def final_tokens(self, state: State, cond: Cond) -> torch.Tensor:
         t = self.transformer
         shift, scale = (t.scale_shift_table[None] + cond["temb_final"][:, None]).chunk(2, dim=1)
-        return t.proj_out(t.norm_out(hidden) * (1 + scale) + shift)
+        return t.proj_out(t.norm_out(state["hidden"]) * (1 + scale) + shift)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapters import Adapter, Cond
+from ..adapters import Adapter, Cond, State
 from ..errors import ConfigError
 from ..ilf import FeedbackModule, inner_loop, run_blocks
 from ..loading import LoadedModel, load_model, torch_device
@@ -49,22 +49,22 @@ class TorchSegments:
                 torch.tensor([timestep], dtype=torch.float32, device=self.device), context
             )
 
-    def embed(self, latents: torch.Tensor) -> torch.Tensor:
+    def embed(self, latents: torch.Tensor, cond: Cond) -> State:
         with self.timings.measure("embed"):
-            return self.adapter.embed(latents)
+            return self.adapter.embed(latents, cond)
 
-    def blocks(self, start: int, end: int, hidden: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def blocks(self, start: int, end: int, state: State, cond: Cond) -> State:
         with self.timings.measure(f"blocks_{start:02d}_{end:02d}"):
-            return run_blocks(self.adapter, start, end, hidden, cond)
+            return run_blocks(self.adapter, start, end, state, cond)
 
-    def inner_loop(self, hidden: torch.Tensor, cond: Cond, cond_post: Cond) -> torch.Tensor:
+    def inner_loop(self, state: State, cond: Cond, cond_post: Cond) -> State:
         assert self.feedback is not None  # check_plan refuses feedback plans without a module
         with self.timings.measure("inner loop + feedback"):
-            return inner_loop(self.adapter, self.feedback, hidden, cond, cond_post)
+            return inner_loop(self.adapter, self.feedback, state, cond, cond_post)
 
-    def final(self, hidden: torch.Tensor, cond: Cond, height: int, width: int) -> torch.Tensor:
+    def final(self, state: State, cond: Cond, height: int, width: int) -> torch.Tensor:
         with self.timings.measure("final"):
-            return self.adapter.final(hidden, cond, height, width)
+            return self.adapter.final(state, cond, height, width)
 
     def concat(self, arrays: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(arrays)
@@ -95,6 +95,8 @@ class TorchGenerator(Generator):
             default_size=(size, size),
             num_classes=getattr(adapter, "num_classes", 0),
             uses_size_conditions=getattr(adapter, "uses_size_conditions", False),
+            position_ids="img_ids" in adapter.context_inputs,
+            guidance=model.guidance,
         )
 
     @property
@@ -112,7 +114,11 @@ class TorchGenerator(Generator):
         return torch.cat(arrays)
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
+        if self.model.text_pipeline is not None:  # SD3, Flux: the diffusers pipeline's own encode_prompt
+            with self.segments.timings.measure("text_encoder"):
+                encoded = encode_with_pipeline(self.model, prompt, self.device)
+            return {name: value.to(self.segments.dtype) for name, value in encoded.items()}
         if self.model.tokenizer is None or self.model.text_encoder is None:
             raise ConfigError(f"{self.model.source} has no tokenizer/text encoder; pass a pipeline directory")
         tokens = self.model.tokenizer(
@@ -126,7 +132,7 @@ class TorchGenerator(Generator):
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         with self.segments.timings.measure("text_encoder"):
             embeds = self.model.text_encoder(ids, attention_mask=mask)[0]
-        return embeds.to(self.segments.dtype), mask
+        return {"prompt_embeds": embeds.to(self.segments.dtype), "prompt_mask": mask}
 
     @torch.no_grad()
     def generate_latents(self, plan, request, latents=None, on_step=None) -> torch.Tensor:
@@ -140,10 +146,27 @@ class TorchGenerator(Generator):
             raise ConfigError(f"{self.model.source} has no VAE; pass a pipeline directory")
         vae = self.model.vae
         latents = torch.as_tensor(latents).to(device=self.device, dtype=vae.dtype)
+        latents = latents / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None) is not None:  # SD3, Flux: the VAE's latent shift
+            latents = latents + vae.config.shift_factor
         with self.segments.timings.measure("vae_decoder"):
-            images = vae.decode(latents / vae.config.scaling_factor).sample
+            images = vae.decode(latents).sample
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (images * 255).round().astype(np.uint8)
+
+
+def encode_with_pipeline(model: LoadedModel, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """SD3's CLIP-L + CLIP-G + T5 or Flux's CLIP + T5 embeddings, by the pipeline's `encode_prompt`
+    (the reference every other text path is checked against), with its default sequence length."""
+    pipe = model.text_pipeline
+    assert pipe is not None
+    if model.architecture == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, None, None, device=device, do_classifier_free_guidance=False
+        )
+    else:
+        embeds, pooled, _ = pipe.encode_prompt(prompt, None, device=device)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
 def bundle_model(bundle: Bundle, model: str | Path | None = None) -> LoadedModel:
@@ -228,7 +251,9 @@ def profile_block_changes(generator: TorchGenerator, plan: StepPlan, requests: l
     outputs: list[list[torch.Tensor]] = []
 
     def record(_module, _inputs, output):
-        outputs[-1].append(output.detach().clone())
+        # An MMDiT block returns (text, image) tokens (SD3's last: (None, image)): all of them count.
+        parts = output if isinstance(output, tuple) else (output,)
+        outputs[-1].append(torch.cat([p.detach().flatten(1) for p in parts if p is not None], dim=1))
 
     hooks = [block.register_forward_hook(record) for block in adapter.blocks]
     total = np.zeros((plan.num_steps, adapter.num_blocks))

@@ -36,7 +36,8 @@ def open_source(
         from ..tuning import resolve_bundle_plan
 
         bundle = Bundle.load(source, verify_hashes=False)  # open_generator has checked the hashes
-        return generator, lambda spec: resolve_bundle_plan(bundle, spec), bundle.architecture
+        # A bundle's plans carry the schedules of the sizes it was built for.
+        return generator, lambda spec, size=None: resolve_bundle_plan(bundle, spec), bundle.architecture
     if digest is not None:
         raise ConfigError(f"--digest pins a bundle; {source} is a model (build a bundle of it first)")
     if backend not in (None, "torch"):
@@ -48,7 +49,9 @@ def open_source(
 
     with console.status("loading model"):
         loaded = load_model(source)
-    return TorchGenerator(loaded, device), loaded.resolve_plan, loaded.architecture
+    # (height, width): a schedule that depends on the image size (Flux) is made for the request's.
+    resolve = lambda spec, size=None: loaded.resolve_plan(spec, [size] if size else ())  # noqa: E731
+    return TorchGenerator(loaded, device), resolve, loaded.architecture
 
 
 def announce(choice: str | None, source: str | Path, backend: str | None) -> None:
@@ -122,12 +125,17 @@ def generate(
         str,
         typer.Option("--plan", "-p", help=PLAN_HELP),
     ] = "ilf-10",
-    prompt: Annotated[str, typer.Option(help="Text prompt (PixArt).")] = "",
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (PixArt).")] = "",
+    prompt: Annotated[str, typer.Option(help="Text prompt (PixArt, SD3, Flux).")] = "",
+    negative_prompt: Annotated[
+        str, typer.Option(help="Negative prompt (PixArt, SD3: models with classifier-free guidance).")
+    ] = "",
     class_label: Annotated[int | None, typer.Option(help="ImageNet class id (DiT).")] = None,
     guidance_scale: Annotated[
         float | None,
-        typer.Option(help="Classifier-free guidance (default 4.5 PixArt, 4.0 DiT; <=1 disables)."),
+        typer.Option(
+            help="Guidance scale (default: the model's: 4.5 PixArt, 4.0 DiT, 7.0 SD3 — classifier-free, "
+            "<=1 disables; 3.5 Flux-dev, embedded; none on Flux-schnell)."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     height: Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")] = None,
@@ -169,7 +177,8 @@ def generate(
         option = OPTIONS.get(exc.param, "--" + exc.param.replace("_", "-"))
         raise ConfigError(f"{option}: {exc.message}") from None
     request = checked.requests[0]  # resolved: size and guidance are the generator's (Generator.resolve)
-    step_plan = resolve_plan_spec(model, resolve, plan)
+    size = (request.height, request.width)
+    step_plan = resolve_plan_spec(model, lambda spec: resolve(spec, size), plan)
     with progress() as bar:
         task = bar.add_task(f"{step_plan.name}", total=step_plan.num_steps)
         latents = generator.generate_latents(

@@ -19,19 +19,35 @@ def _model_facts(model: Path) -> tuple[int, dict[str, Any], tuple[int, int] | No
     """(num_blocks, scheduler config, feedback loop and t_post) from a model directory's JSON only."""
     from ..ilf import CONFIG_FILE, FEEDBACK_DIR, FeedbackConfig
     from ..loading import detect_architecture, resolve_source
-    from ..schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
+    from ..schedulers import (
+        DIT_SCHEDULER_CONFIG,
+        FLUX_DEV_SCHEDULER_CONFIG,
+        FLUX_SCHNELL_SCHEDULER_CONFIG,
+        PIXART_SCHEDULER_CONFIG,
+        SD3_SCHEDULER_CONFIG,
+        for_image_tokens,
+        for_pipeline,
+    )
 
     path = resolve_source(model)
     architecture, is_pipeline = detect_architecture(path)
     config = json.loads(((path / "transformer") if is_pipeline else path).joinpath("config.json").read_text())
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    default = DIT_SCHEDULER_CONFIG if architecture == "dit" else PIXART_SCHEDULER_CONFIG
+    default = {
+        "dit": DIT_SCHEDULER_CONFIG,
+        "sd3": SD3_SCHEDULER_CONFIG,
+        "flux": FLUX_DEV_SCHEDULER_CONFIG if config.get("guidance_embeds") else FLUX_SCHNELL_SCHEDULER_CONFIG,
+    }.get(architecture, PIXART_SCHEDULER_CONFIG)
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else dict(default)
+    num_blocks = int(config["num_layers"]) + int(config.get("num_single_layers", 0))  # Flux: double + single
+    if architecture in ("sd3", "flux"):
+        # A size-dependent shift (Flux-dev) is shown at the pipeline's default: 1024 px, 4096 tokens.
+        scheduler = for_image_tokens(for_pipeline(scheduler, architecture), [4096])
     feedback_file = path / FEEDBACK_DIR / CONFIG_FILE
     if not feedback_file.is_file():
-        return int(config["num_layers"]), scheduler, None, None
+        return num_blocks, scheduler, None, None
     fb = FeedbackConfig(**json.loads(feedback_file.read_text()))  # its defaults cover older files
-    return int(config["num_layers"]), scheduler, fb.loop, fb.t_post
+    return num_blocks, scheduler, fb.loop, fb.t_post
 
 
 def plan_table(plan, baseline_steps: int) -> Any:
@@ -263,10 +279,14 @@ def _profile(model: Path, plan) -> Any:
 
 @command("make-tiny")
 def make_tiny_command(
-    architecture: Annotated[str, typer.Argument(help="pixart-alpha, pixart-sigma or dit.")],
+    architecture: Annotated[
+        str, typer.Argument(help="pixart-alpha, pixart-sigma, dit, sd3, flux (dev) or flux-schnell.")
+    ],
     out_dir: Annotated[Path, typer.Argument(help="Directory to create (must not exist or be empty).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
-    layers: Annotated[int, typer.Option(help="Number of transformer blocks.")] = 8,
+    layers: Annotated[
+        int, typer.Option(help="Number of transformer blocks (Flux: double + single, at least 2).")
+    ] = 8,
     loop: Annotated[str | None, typer.Option(help="Feedback loop B:E (default: 8-19 of 28, scaled).")] = None,
     resolution_conditions: Annotated[
         bool, typer.Option(help="PixArt-α 1024-style resolution/aspect-ratio conditions.")

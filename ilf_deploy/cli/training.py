@@ -19,9 +19,13 @@ DEFAULT_EVAL_PLANS = "base-20,base-12,base-10,cache-20,ilf-10,ilf-12"
 
 @command("train-feedback")
 def train_feedback_command(
-    model: Annotated[str, typer.Argument(help="Diffusers pipeline directory (PixArt or DiT).")],
+    model: Annotated[str, typer.Argument(help="Diffusers pipeline directory (PixArt, DiT, SD3 or Flux).")],
     loop: Annotated[
         str | None, typer.Option(help="Inner loop B:E (default: the paper's 8-19 of 28, scaled).")
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="Training image size in pixels (default: the model's; Flux: 1024 as diffusers)."),
     ] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 400,
     batch_size: Annotated[int, typer.Option(help="Latents per step.")] = 16,
@@ -62,6 +66,7 @@ def train_feedback_command(
         timesteps=timesteps,
         guidance=guidance,
         seed=seed,
+        image_size=image_size,
         device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
     )
     config.validate(loaded.adapter.num_blocks)

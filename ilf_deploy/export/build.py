@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapters import make_adapter
+from ..adapters import MMDIT_ARCHITECTURES, make_adapter
 from ..errors import ConfigError, IlfError
 from ..loading import LoadedModel, load_model
 from ..runtime.bundle import SCHEMA_VERSION, sha256_file, strict_json, tool_versions, write_manifest
@@ -67,6 +67,11 @@ def build_bundle(
     if not out.parent.is_dir():
         raise ConfigError(f"output directory {out.parent} does not exist")
     model = load_model(source)
+    if model.architecture in MMDIT_ARCHITECTURES:
+        raise ConfigError(
+            f"{source} is a {model.architecture} model: bundles of two-stream MMDiTs (SD3, Flux) are not "
+            "built yet; generate from the model directory (the torch backend runs every plan)"
+        )
     if model.vae is None or (model.architecture != "dit" and model.text_encoder is None):
         raise ConfigError(
             f"{source} is not a full pipeline directory (a bundle needs the text encoder and VAE)"

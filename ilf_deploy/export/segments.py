@@ -83,7 +83,7 @@ class BlocksSegment(nn.Module):
         for i, block in enumerate(self.blocks):
             if self.scales is not None:
                 hidden = hidden + self.scales[i] * feed
-            hidden = self.adapter.run_block(block, hidden, cond)
+            hidden = self.adapter.run_block(block, {"hidden": hidden}, cond)["hidden"]
         return hidden
 
 
@@ -93,9 +93,8 @@ class FeedbackSegment(nn.Module):
         self.adapter, self.block = adapter, feedback.block
 
     def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        return self.adapter.run_block(
-            self.block, hidden, dict(zip(self.adapter.block_inputs, args, strict=True))
-        )
+        cond = dict(zip(self.adapter.block_inputs, args, strict=True))
+        return self.adapter.run_block(self.block, {"hidden": hidden}, cond)["hidden"]
 
 
 class FinalSegment(nn.Module):
@@ -106,7 +105,8 @@ class FinalSegment(nn.Module):
         self.adapter, self.transformer = adapter, adapter.transformer
 
     def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        return self.adapter.final_tokens(hidden, dict(zip(self.adapter.final_inputs, args, strict=True)))
+        cond = dict(zip(self.adapter.final_inputs, args, strict=True))
+        return self.adapter.final_tokens({"hidden": hidden}, cond)
 
 
 class TextEncoderSegment(nn.Module):

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..schedulers import PIXART_SCHEDULER_CONFIG, StepCoefficients, scheduler_coefficients
-from .model import Op, OpKind, Step, StepPlan, TimeRef, check_block_range
+from ..schedulers import PIXART_SCHEDULER_CONFIG, StepCoefficients, image_tokens_of, scheduler_coefficients
+from .model import Op, OpKind, Step, StepPlan, StepTiming, TimeRef, check_block_range
 
 T_POST_MODES = ("none", "uniform", "rescale", "anneal")
 
@@ -88,11 +88,19 @@ def _build(
         raise ConfigError(f"a plan needs at least one block, got {num_blocks}")
     _check_steps(num_steps)
     config = scheduler_config or PIXART_SCHEDULER_CONFIG
-    steps = []
-    for index, coef in enumerate(scheduler_coefficients(config, num_steps)):
-        t_post, ops = step_ops(index, coef)
-        final: TimeRef = "t_post" if t_post is not None else "t"
-        steps.append(Step(index, float(coef.timestep), t_post, tuple(ops), final, coef))
+    tokens = image_tokens_of(config)  # (None,) where the schedule does not depend on the size
+    schedules: dict[int, tuple[StepTiming, ...]] = {}
+    steps: list[Step] = []
+    for size in tokens:
+        timing = []
+        for index, coef in enumerate(scheduler_coefficients(config, num_steps, size)):
+            t_post, ops = step_ops(index, coef)
+            timing.append(StepTiming(float(coef.timestep), t_post, coef))
+            if size == tokens[0]:  # the first size's timing is the steps' own
+                final: TimeRef = "t_post" if t_post is not None else "t"
+                steps.append(Step(index, float(coef.timestep), t_post, tuple(ops), final, coef))
+        if size is not None:
+            schedules[size] = tuple(timing)
     plan = StepPlan(
         name or f"{prefix}-{num_steps}",
         num_blocks,
@@ -100,6 +108,7 @@ def _build(
         tuple(steps),
         loop,
         settings,
+        schedules,
     )
     plan.validate()
     return plan

@@ -14,13 +14,17 @@ Each op has a `time`: "t", or "t_post" for everything after the feedback (eqs. 4
 Version 2 also lets an `ilf` op carry a key, and lets consecutive ops of one step share a key: they
 are one cached range, whose Δ is the output of the last minus the input of the first (a feedback
 step refreshes the cache of the range it recomputes). A key covers the same blocks in every step.
+Version 3 adds `schedules`: where the scheduler's sigmas depend on the image size (Flux's
+resolution-dependent shift), one (timestep, t_post, coefficients) list per image token count the
+plan was made for; the runtime picks the list of the image it generates (`StepPlan.for_image_tokens`)
+and refuses a size the plan has none for.
 Writers write version 1 whenever the plan needs none of this, so older readers keep reading it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,8 +32,8 @@ from ..errors import ConfigError
 from ..schedulers import StepCoefficients
 from ..schemas import problem
 
-PLAN_VERSION = 2  # the newest version this tool writes
-PLAN_VERSIONS = (1, 2)  # the versions it reads
+PLAN_VERSION = 3  # the newest version this tool writes
+PLAN_VERSIONS = (1, 2, 3)  # the versions it reads
 OpKind = Literal["blocks", "ilf", "cache_refresh", "cache_reuse", "cache_adaptive"]
 TimeRef = Literal["t", "t_post"]
 STORES = ("cache_refresh", "ilf")  # ops that store a Δ when they carry a key (ilf: version 2)
@@ -192,6 +196,23 @@ class Step:
 
 
 @dataclass(frozen=True)
+class StepTiming:
+    """One step's timing at one image size (a version 3 plan's `schedules` entry)."""
+
+    timestep: float
+    t_post: float | None
+    coefficients: StepCoefficients
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"timestep": self.timestep, "t_post": self.t_post, "coefficients": self.coefficients.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepTiming:
+        t_post = None if d.get("t_post") is None else float(d["t_post"])
+        return cls(float(d["timestep"]), t_post, StepCoefficients.from_dict(d["coefficients"]))
+
+
+@dataclass(frozen=True)
 class StepPlan:
     name: str
     num_blocks: int
@@ -199,6 +220,26 @@ class StepPlan:
     steps: tuple[Step, ...]
     loop: tuple[int, int] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    # image token count -> each step's timing at that size (version 3); {} where the schedule
+    # does not depend on the size
+    schedules: dict[int, tuple[StepTiming, ...]] = field(default_factory=dict)
+
+    def for_image_tokens(self, tokens: int) -> StepPlan:
+        """The plan with the timing of an image of `tokens` tokens (itself where none depends on it)."""
+        if not self.schedules:
+            return self
+        timing = self.schedules.get(tokens)
+        if timing is None:
+            made = ", ".join(str(n) for n in sorted(self.schedules))
+            raise ConfigError(
+                f"plan {self.name!r} was made for images of {made} tokens, not {tokens} (its schedule "
+                "depends on the image size): make the plan for this size, or rebuild with --resolutions"
+            )
+        steps = tuple(
+            replace(step, timestep=t.timestep, t_post=t.t_post, coefficients=t.coefficients)
+            for step, t in zip(self.steps, timing, strict=True)
+        )
+        return replace(self, steps=steps, schedules={})
 
     @property
     def num_steps(self) -> int:
@@ -217,6 +258,8 @@ class StepPlan:
     @property
     def version(self) -> int:
         """The oldest format version that says what this plan does (README: compatibility rule)."""
+        if self.schedules:
+            return 3
         for step in self.steps:
             if any(op.kind == "cache_adaptive" or (op.stores and op.kind == "ilf") for op in step.ops):
                 return 2
@@ -248,6 +291,17 @@ class StepPlan:
         for step in self.steps:
             self._validate_step(step)
         self._validate_keys()
+        for tokens, timing in self.schedules.items():
+            if len(timing) != self.num_steps:
+                raise ConfigError(
+                    f"plan {self.name!r}: the schedule for {tokens} image tokens has {len(timing)} steps, "
+                    f"the plan {self.num_steps}"
+                )
+            for step, t in zip(self.steps, timing):
+                if (step.t_post is None) != (t.t_post is None):
+                    raise ConfigError(
+                        f"plan {self.name!r} step {step.index}: t_post at one size, not another"
+                    )
 
     def _validate_keys(self) -> None:
         """A key covers the same blocks in every step, at most once a step; a reuse follows a
@@ -312,6 +366,11 @@ class StepPlan:
             "block_forwards": self.block_forwards,
             "settings": self.settings,
             "steps": [step.to_dict() for step in self.steps],
+            **(
+                {"schedules": {str(n): [t.to_dict() for t in ts] for n, ts in sorted(self.schedules.items())}}
+                if self.schedules
+                else {}
+            ),
         }
 
     @classmethod
@@ -334,6 +393,10 @@ class StepPlan:
                 steps=tuple(Step.from_dict(s, version) for s in d["steps"]),
                 loop=tuple(d["loop"]) if d.get("loop") else None,  # type: ignore[arg-type]
                 settings=dict(d.get("settings", {})),
+                schedules={
+                    int(n): tuple(StepTiming.from_dict(t) for t in ts)
+                    for n, ts in (d.get("schedules") or {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed plan: {exc}") from None

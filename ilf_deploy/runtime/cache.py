@@ -3,7 +3,8 @@
 Every image of a batch decides for itself. A `cache_adaptive` op compares its input (the probe: for
 a range that starts at block 1, the first block's output, as First-Block Cache does) with the input
 at the key's last refresh, image by image: relative L1 = Σ|h - h_ref| / Σ|h_ref| over the image's
-rows ([uncond; cond] when guiding). An image whose change is at most the op's `threshold`, and whose
+rows ([uncond; cond] when guiding) and over every tensor of the model's state (an MMDiT's image
+and text tokens together). An image whose change is at most the op's `threshold`, and whose
 key has been reused fewer than `max_reuse` times in a row, adds the stored Δ; the others run the
 blocks, as a batch of just those images (its conditioning rows taken along). So each image sees
 exactly the ops it would see alone, and block forwards are counted per image.
@@ -19,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from ..plan import Op
+from ..state import State, add, sub
+from ..state import rows as state_rows
 
 Array = Any
 
@@ -28,8 +31,8 @@ class CacheState:
 
     def __init__(self, images: int, guided: bool) -> None:
         self.images, self.guided = images, guided
-        self.deltas: dict[str, Array] = {}  # key -> Δ = out - in of its range, all rows
-        self.probes: dict[str, Array] = {}  # key -> the range's input at its last refresh
+        self.deltas: dict[str, State] = {}  # key -> Δ = out - in of its range, all rows
+        self.probes: dict[str, State] = {}  # key -> the range's input at its last refresh
         self.reuses: dict[str, list[int]] = {}  # key -> reuses in a row since the refresh, per image
         self.block_forwards = [0] * images  # per image: what actually ran
 
@@ -37,16 +40,16 @@ class CacheState:
         for i in range(self.images) if images is None else images:
             self.block_forwards[i] += block_forwards
 
-    def store(self, key: str, range_in: Array, range_out: Array) -> None:
+    def store(self, key: str, range_in: State, range_out: State) -> None:
         """A refresh of `key` for every image: its Δ, its probe, and no reuse since."""
-        self.deltas[key], self.probes[key] = range_out - range_in, range_in
+        self.deltas[key], self.probes[key] = sub(range_out, range_in), range_in
         self.reuses[key] = [0] * self.images
 
-    def reuse(self, key: str, hidden: Array) -> Array:
+    def reuse(self, key: str, hidden: State) -> State:
         self.reuses[key] = [n + 1 for n in self.reuses[key]]
-        return hidden + self.deltas[key]
+        return add(hidden, self.deltas[key])
 
-    def adaptive(self, seg: Any, op: Op, hidden: Array, cond: dict[str, Array]) -> Array:
+    def adaptive(self, seg: Any, op: Op, hidden: State, cond: dict[str, Array]) -> State:
         """`cache_adaptive`: per image, reuse the Δ or run blocks start..end (module docstring)."""
         key = op.key
         assert key is not None and op.threshold is not None and op.max_reuse is not None
@@ -63,12 +66,12 @@ class CacheState:
             out = seg.blocks(op.start, op.end, hidden, cond)
             self.store(key, hidden, out)
             return out
-        rows = self.rows(fresh)
-        part_in = take(seg, hidden, rows)
-        part_out = seg.blocks(op.start, op.end, part_in, take_cond(seg, cond, rows, hidden.shape[0]))
-        out = mix(seg, rows, part_out, hidden + self.deltas[key])
-        self.deltas[key] = mix(seg, rows, part_out - part_in, self.deltas[key])
-        self.probes[key] = mix(seg, rows, part_in, self.probes[key])
+        picked = self.rows(fresh)
+        part_in = take_state(seg, hidden, picked)
+        part_out = seg.blocks(op.start, op.end, part_in, take_cond(seg, cond, picked, state_rows(hidden)))
+        out = mix_state(seg, picked, part_out, add(hidden, self.deltas[key]))
+        self.deltas[key] = mix_state(seg, picked, sub(part_out, part_in), self.deltas[key])
+        self.probes[key] = mix_state(seg, picked, part_in, self.probes[key])
         self.reuses[key] = [0 if i in fresh else n + 1 for i, n in enumerate(self.reuses[key])]
         return out
 
@@ -76,9 +79,10 @@ class CacheState:
         """The batch rows of `images`, in the batch's order."""
         return images + [self.images + i for i in images] if self.guided else images
 
-    def change(self, hidden: Array, reference: Array) -> list[float]:
-        """Per image: Σ|hidden - reference| / Σ|reference| over its rows."""
-        diff, norm = row_l1(hidden - reference), row_l1(reference)
+    def change(self, hidden: State, reference: State) -> list[float]:
+        """Per image: Σ|hidden - reference| / Σ|reference| over its rows and the state's tensors."""
+        diff = sum(row_l1(hidden[name] - reference[name]) for name in hidden)
+        norm = sum(row_l1(reference[name]) for name in reference)
         if self.guided:
             n = self.images
             diff, norm = diff[:n] + diff[n:], norm[:n] + norm[n:]
@@ -107,6 +111,14 @@ def take(seg: Any, x: Array, rows: list[int]) -> Array:
     """Rows `rows` (sorted) of `x`, by slicing and the backend's concat."""
     parts = [x[a:b] for a, b in _runs(rows)]
     return parts[0] if len(parts) == 1 else seg.concat(parts)
+
+
+def take_state(seg: Any, state: State, rows: list[int]) -> State:
+    return {name: take(seg, value, rows) for name, value in state.items()}
+
+
+def mix_state(seg: Any, rows: list[int], part: State, whole: State) -> State:
+    return {name: mix(seg, rows, part[name], whole[name]) for name in whole}
 
 
 def take_cond(seg: Any, cond: dict[str, Array], rows: list[int], batch: int) -> dict[str, Array]:

@@ -18,11 +18,13 @@ from .loop import Segments, denoise
 Array = Any  # a torch tensor or a numpy array, whichever the backend computes with
 
 
-DEFAULT_GUIDANCE = {"dit": 4.0}  # else 4.5: the diffusers pipelines' defaults (PixArt 4.5, DiT 4.0)
+# The diffusers pipelines' defaults: PixArt 4.5, DiT 4.0, SD3 7.0, Flux.1-dev 3.5 (embedded guidance).
+DEFAULT_GUIDANCE = {"dit": 4.0, "sd3": 7.0, "flux": 3.5}
 
 
-def default_guidance(architecture: str) -> float:
-    return DEFAULT_GUIDANCE.get(architecture, 4.5)
+def default_guidance(architecture: str, guidance_free: bool = False) -> float:
+    """A model without guidance (Flux.1-schnell: no CFG, no guidance embedding) runs at 1.0."""
+    return 1.0 if guidance_free else DEFAULT_GUIDANCE.get(architecture, 4.5)
 
 
 @dataclass
@@ -51,6 +53,11 @@ class ModelFacts:
     num_classes: int = 0
     uses_size_conditions: bool = False
     resolutions: tuple[tuple[int, int], ...] = ()  # the sizes a bundle was built for; () = any
+    # Flux: rotary positions from image/text ids (inputs `img_ids`, `txt_ids` as FluxPipeline makes them)
+    position_ids: bool = False
+    # How the guidance scale reaches the model: "cfg" (classifier-free, [uncond; cond] rows),
+    # "embedded" (Flux.1-dev: an input of the time embedding, one row per image) or "none" (schnell).
+    guidance: str = "cfg"
 
 
 class Generator(ABC):
@@ -67,8 +74,10 @@ class Generator(ABC):
     last_block_forwards: list[int] = []  # noqa: RUF012 (replaced, never mutated)
 
     @abstractmethod
-    def encode_prompt(self, prompt: str) -> tuple[Array, Array]:
-        """(prompt embeddings (1, L, C), attention mask (1, L)) as the PixArt pipelines compute them."""
+    def encode_prompt(self, prompt: str) -> dict[str, Array]:
+        """The model's text inputs for one prompt, by name, each with a batch axis of 1: PixArt
+        `prompt_embeds` (1, L, C) and `prompt_mask` (1, L); SD3 and Flux `prompt_embeds` and
+        `pooled_prompt_embeds` (1, C'), as each family's diffusers pipeline computes them."""
 
     @abstractmethod
     def decode(self, latents: Array) -> np.ndarray:
@@ -91,9 +100,9 @@ class Generator(ABC):
             latents = latents.detach().float().cpu().numpy()
         return np.asarray(latents, dtype=np.float32)
 
-    def encode_cached(self, prompt: str) -> tuple[Array, Array]:
+    def encode_cached(self, prompt: str) -> dict[str, Array]:
         """`encode_prompt` with a small cache: the empty negative prompt recurs in every request."""
-        cache: dict[str, tuple[Array, Array]] = self.__dict__.setdefault("_prompt_cache", {})
+        cache: dict[str, dict[str, Array]] = self.__dict__.setdefault("_prompt_cache", {})
         if prompt not in cache:
             if len(cache) >= 256:
                 cache.pop(next(iter(cache)))  # oldest first
@@ -104,11 +113,10 @@ class Generator(ABC):
         """The request with every default decided: size and guidance."""
         height, width = self.facts.default_size
         guidance = request.guidance_scale
+        if guidance is None:
+            guidance = default_guidance(self.facts.architecture, self.facts.guidance == "none")
         return replace(
-            request,
-            height=request.height or height,
-            width=request.width or width,
-            guidance_scale=default_guidance(self.facts.architecture) if guidance is None else guidance,
+            request, height=request.height or height, width=request.width or width, guidance_scale=guidance
         )
 
     def latent_size(self, request: Request) -> tuple[int, int]:
@@ -156,13 +164,22 @@ class Generator(ABC):
         encoded = [self.encode_cached(r.prompt) for r in requests]
         if guided:
             encoded = [self.encode_cached(r.negative_prompt) for r in requests] + encoded
-        embeds = self.concat([e for e, _ in encoded])
-        out = {"prompt_embeds": embeds, "prompt_mask": self.concat([m for _, m in encoded])}
+        out = {name: self.concat([e[name] for e in encoded]) for name in encoded[0]}
+        batch = len(encoded)
         if self.facts.uses_size_conditions:
             height, width = (v * self.facts.vae_scale_factor for v in latent_hw)
-            batch = embeds.shape[0]
             out["resolution"] = self.array(np.array([[height, width]] * batch, dtype=np.float32))
             out["aspect_ratio"] = self.array(np.array([[height / width]] * batch, dtype=np.float32))
+        if self.facts.position_ids:  # FluxPipeline's ids: text all 0, image (0, row, col) per 2x2 patch
+            rows, cols = (v // 2 for v in latent_hw)
+            img_ids = np.zeros((rows, cols, 3), np.float32)
+            img_ids[..., 1] += np.arange(rows)[:, None]
+            img_ids[..., 2] += np.arange(cols)[None, :]
+            out["img_ids"] = self.array(img_ids.reshape(rows * cols, 3))
+            out["txt_ids"] = self.array(np.zeros((out["prompt_embeds"].shape[1], 3), np.float32))
+        if self.facts.guidance == "embedded":
+            scales = [float(r.guidance_scale or 0.0) for r in requests]
+            out["guidance"] = self.array(np.array(scales, np.float32))
         return out
 
     def generate_latents(
@@ -196,7 +213,8 @@ class Generator(ABC):
             if tuple(array.shape) != shape:
                 raise ConfigError(f"latents must have shape {shape}, got {tuple(array.shape)}")
         scales = [max(float(r.guidance_scale or 0.0), 1.0) for r in requests]
-        guided = any(scale > 1.0 for scale in scales)
+        # Embedded guidance (Flux.1-dev) is an input of the model, not [uncond; cond] rows.
+        guided = self.facts.guidance == "cfg" and any(scale > 1.0 for scale in scales)
         inputs = self.batch_inputs(requests, guided, shape[2:])
         x = self.array(np.concatenate([np.asarray(a, dtype=np.float32) for a in latents]))
         # One scale for the batch when all agree (a float); else per-image scales broadcast over (C, h, w).
@@ -206,6 +224,8 @@ class Generator(ABC):
             else self.array(np.array(scales, np.float32)[:, None, None, None])
         )
         cache = CacheState(len(requests), guided)
+        p = self.facts.patch_size
+        plan = plan.for_image_tokens((shape[2] // p) * (shape[3] // p))  # a size-dependent schedule
         latents_out = denoise(self.segments, plan, x, inputs, guidance if guided else 1.0, on_step, cache)
         self.last_block_forwards = cache.block_forwards
         return latents_out

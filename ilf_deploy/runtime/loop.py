@@ -3,7 +3,9 @@
 A backend supplies `Segments`: the model cut into pieces. The loop itself is only segment calls,
 classifier-free guidance and the plan's precomputed scheduler coefficients. Arrays may be torch
 tensors or numpy arrays: the loop uses only slicing, +, -, * and the backend's `concat` (an
-adaptive cache also `abs` and a per-row sum: runtime/cache.py).
+adaptive cache also `abs` and a per-row sum: runtime/cache.py). Between blocks the model's state is
+a dict of named arrays (`State`: one for PixArt/DiT, image and text tokens for an MMDiT); the loop
+passes it along without naming a stream.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Protocol
 
 from ..errors import ConfigError
 from ..plan import Step, StepPlan
+from ..state import State
 from .cache import CacheState
 
 Array = Any
@@ -27,14 +30,16 @@ class Segments(Protocol):
 
     def context(self, inputs: dict[str, Array]) -> Cond: ...
     def conditioning(self, timestep: float, context: Cond) -> Cond: ...
-    def embed(self, latents: Array) -> Array: ...
-    def blocks(self, start: int, end: int, hidden: Array, cond: Cond) -> Array: ...
-    def inner_loop(self, hidden: Array, cond: Cond, cond_post: Cond) -> Array: ...
-    def final(self, hidden: Array, cond: Cond, height: int, width: int) -> Array: ...
+    def embed(self, latents: Array, cond: Cond) -> State: ...
+    def blocks(self, start: int, end: int, state: State, cond: Cond) -> State: ...
+    def inner_loop(self, state: State, cond: Cond, cond_post: Cond) -> State: ...
+    def final(self, state: State, cond: Cond, height: int, width: int) -> Array: ...
     def concat(self, arrays: list[Array]) -> Array: ...
 
 
 def check_plan(plan: StepPlan, segments: Segments) -> None:
+    if plan.schedules:  # the caller picks the image size's schedule (StepPlan.for_image_tokens)
+        raise ConfigError(f"plan {plan.name!r} holds one schedule per image size; none was picked")
     if plan.num_blocks != segments.num_blocks:
         raise ConfigError(
             f"plan {plan.name!r} is for {plan.num_blocks} blocks; the model has {segments.num_blocks}"
@@ -64,8 +69,8 @@ def model_output(
     """
     cond = seg.conditioning(step.timestep, context)
     cond_post = seg.conditioning(step.t_post, context) if step.t_post is not None else cond
-    h = seg.embed(seg.concat([x, x]) if guided else x)
-    range_in: dict[str, Array] = {}  # where each keyed range of this step started
+    h = seg.embed(seg.concat([x, x]) if guided else x, cond)
+    range_in: dict[str, State] = {}  # where each keyed range of this step started
     cache.count(sum(op.block_forwards for op in step.ops if op.kind != "cache_adaptive"))
     for op in step.ops:
         c = cond_post if op.time == "t_post" else cond

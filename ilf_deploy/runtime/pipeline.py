@@ -63,13 +63,13 @@ class BundleGenerator(Generator):
             self._tokenizer = tokenizer
         return self._tokenizer
 
-    def encode_prompt(self, prompt: str) -> tuple[Any, Any]:
+    def encode_prompt(self, prompt: str) -> dict[str, Any]:
         encoding = self.tokenizer.encode(prompt.lower().strip())  # as the PixArt pipelines preprocess
         ids = self.array(np.array([encoding.ids], dtype=np.int64))
         mask = self.array(np.array([encoding.attention_mask], dtype=np.int64))
         with self.segments.activate():
             embeds = self.segments.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
-        return embeds["prompt_embeds"], mask
+        return {"prompt_embeds": embeds["prompt_embeds"], "prompt_mask": mask}
 
     def generate_batch(
         self,

@@ -49,7 +49,7 @@ NULLABLE = frozenset({"size", "plan", "guidance_scale", "seed"})  # null: as if 
 # The verdicts, one message each; `{param}` is the field. README "Request limits" shows every one.
 MESSAGES = {
     "unknown": "unknown parameter {param!r}",
-    "not_for_model": "{param} does not apply to {architecture} models",
+    "not_for_model": "{param} does not apply to {architecture}",
     "required": "{param} is required",
     "type": "{param} must be {kind}, got {got}",
     "utf8": "{param} is not valid UTF-8 text",
@@ -198,6 +198,7 @@ class RequestContract:
     max_n: int = 1
     max_tokens: int = 0
     count_tokens: Callable[[str], int] | None = None
+    guidance: str = "cfg"  # ModelFacts.guidance: "cfg", "embedded" (Flux.1-dev) or "none" (schnell)
 
     @classmethod
     def for_generator(
@@ -221,6 +222,7 @@ class RequestContract:
             max_n=max_n,
             max_tokens=max_tokens if count_tokens is not None else 0,
             count_tokens=count_tokens,
+            guidance=facts.guidance,
         )
 
     @classmethod
@@ -248,9 +250,20 @@ class RequestContract:
 
     @property
     def fields(self) -> tuple[str, ...]:
-        """The fields this model takes: DiT has class labels, PixArt negative prompts."""
-        skip = "negative_prompt" if self.is_dit else "class_label"
-        return tuple(f for f in FIELDS if f != skip)
+        """The fields this model takes: DiT has class labels, the text models prompts; a negative
+        prompt needs classifier-free guidance (not Flux), a guidance scale some guidance (not schnell)."""
+        skip = {"negative_prompt"} if self.is_dit or self.guidance != "cfg" else set()
+        skip |= set() if self.is_dit else {"class_label"}
+        skip |= {"guidance_scale"} if self.guidance == "none" else set()
+        return tuple(f for f in FIELDS if f not in skip)
+
+    @property
+    def model_kind(self) -> str:
+        """The model as a refusal names it."""
+        return {
+            "embedded": f"{self.architecture} models (their guidance is embedded, not classifier-free)",
+            "none": f"{self.architecture} models without guidance (schnell)",
+        }.get(self.guidance, f"{self.architecture} models")
 
     @property
     def size_names(self) -> tuple[str, ...]:
@@ -263,7 +276,9 @@ class RequestContract:
             if name not in FIELDS:
                 raise RequestError("unknown", str(name)[:100])
             if name not in self.fields:
-                raise RequestError("not_for_model", name, architecture=self.architecture)
+                guidance_field = name in ("negative_prompt", "guidance_scale") and not self.is_dit
+                kind = self.model_kind if guidance_field else f"{self.architecture} models"
+                raise RequestError("not_for_model", name, architecture=kind)
 
         def get(name: str) -> Any:
             value = fields.get(name, _MISSING)

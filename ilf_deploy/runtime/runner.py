@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..state import State
 from .bundle import Bundle, BundleError
 
 Array = Any  # the backend's array type
@@ -135,16 +136,18 @@ class SegmentRunner(ABC):
         feeds = {**context, "timestep": self.array(np.full((batch,), timestep, dtype=np.float32))}
         return {**context, **self.run("time", feeds)}
 
-    def embed(self, latents: Array) -> Array:
+    def embed(self, latents: Array, cond: Feeds) -> State:
         size = (int(latents.shape[-2]), int(latents.shape[-1]))
         if size not in self._positions:
             self._positions[size] = self.array(self.bundle.positions(*size))
-        return self.run("embed", {"latents": latents, "pos_embed": self._positions[size]})["hidden"]
+        return {
+            "hidden": self.run("embed", {"latents": latents, "pos_embed": self._positions[size]})["hidden"]
+        }
 
-    def blocks(self, start: int, end: int, hidden: Array, cond: Feeds, feed: Array = None) -> Array:
+    def blocks(self, start: int, end: int, state: State, cond: Feeds, feed: Array = None) -> State:
         """Blocks start..end through the segments that cover them; inside the loop, `feed` is added
         before every block (eqs. 2–3) and zero on the first pass."""
-        position = start
+        position, hidden = start, state["hidden"]
         for first, last, name, feedable in self.block_segments:
             if first < start or last > end:
                 continue
@@ -157,15 +160,16 @@ class SegmentRunner(ABC):
             position = last + 1
         if position != end + 1:
             raise ConfigError(f"the bundle has no segments covering blocks {start}-{end} exactly")
-        return hidden
+        return {"hidden": hidden}
 
-    def inner_loop(self, hidden: Array, cond: Feeds, cond_post: Feeds) -> Array:
+    def inner_loop(self, state: State, cond: Feeds, cond_post: Feeds) -> State:
         start, end = self.loop  # type: ignore[misc]  # check_plan guarantees a loop
-        f_feed = self.run("feedback", {**cond, "hidden": self.blocks(start, end, hidden, cond)})["feed"]
-        return self.blocks(start, end, hidden, cond_post, feed=f_feed)
+        first_pass = self.blocks(start, end, state, cond)["hidden"]
+        f_feed = self.run("feedback", {**cond, "hidden": first_pass})["feed"]
+        return self.blocks(start, end, state, cond_post, feed=f_feed)
 
-    def final(self, hidden: Array, cond: Feeds, height: int, width: int) -> Array:
-        tokens = self.run("final", {**cond, "hidden": hidden})["tokens"]
+    def final(self, state: State, cond: Feeds, height: int, width: int) -> Array:
+        tokens = self.run("final", {**cond, "hidden": state["hidden"]})["tokens"]
         p, c = self.patch_size, self.out_channels
         x = tokens.reshape(tokens.shape[0], height // p, width // p, p, p, c)
         return self.permute(x, (0, 5, 1, 3, 2, 4)).reshape(tokens.shape[0], c, height, width)

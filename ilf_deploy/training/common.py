@@ -29,6 +29,24 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ac: torch.
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+class NoiseSchedule:
+    """How training noises a clean latent to time t, and what the model predicts there: the VP
+    schedule's ε (PixArt, DiT; `ac` = ᾱ) or, for rectified-flow models (SD3, Flux: `ac` None),
+    x_t = (1 - σ) x0 + σ ε with σ = t / num_train and the velocity ε - x0."""
+
+    def __init__(self, ac: torch.Tensor | None, num_train: int = NUM_TRAIN_TIMESTEPS) -> None:
+        self.ac, self.num_train = ac, num_train
+
+    def add(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.ac is not None:
+            return add_noise(x0, noise, t, self.ac)
+        sigma = (t / self.num_train).view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+        return (1 - sigma) * x0 + sigma * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise if self.ac is not None else noise - x0
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic: write then rename, so that a kill mid-save keeps the previous checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)

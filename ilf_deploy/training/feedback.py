@@ -28,12 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import Adapter, Cond
+from ..backends.pytorch import TorchGenerator
 from ..data import TRAIN_SEED, make_batch, to_tensor_range
 from ..errors import ConfigError
 from ..ilf import FEEDBACK_DIR, FeedbackModule, inner_loop, run_blocks
 from ..loading import LoadedModel, torch_device
 from ..plan import T_POST_MODES, ilf_plan, post_timestep, validate_loop
-from .common import add_noise, alphas_cumprod, load_checkpoint, save_checkpoint, warmup_lr
+from ..runtime.generator import Request
+from ..schedulers import for_image_tokens
+from .common import NoiseSchedule, alphas_cumprod, load_checkpoint, save_checkpoint, warmup_lr
 
 CHECKPOINT = "fad_checkpoint.pt"
 TEXT_LENGTH = 32  # shapes captions are shorter; masked padding is inert (see training.base.encode_text)
@@ -56,6 +59,7 @@ class FeedbackTrainConfig:
     # which is what sampling uses; each sample then runs with its caption and with the empty one.
     guidance: float = 0.0
     pool: int = 1024  # clean latents encoded once up front
+    image_size: int | None = None  # pixels of the training images (default: the model's)
     seed: int = 0
     checkpoint_every: int = 50
     device: str = "cpu"  # "cuda" on a GPU machine (random draws stay on the CPU: same stream)
@@ -93,23 +97,29 @@ class TrainState:
 class FeedbackData:
     """Clean latents (the shapes dataset through the model's VAE) and the adapter's inputs."""
 
-    def __init__(self, model: LoadedModel, pool: int, seed: int, device: str = "cpu") -> None:
+    def __init__(
+        self, model: LoadedModel, pool: int, seed: int, device: str = "cpu", size: int | None = None
+    ) -> None:
         self.model = model
         self.device = torch.device(device)
         adapter = model.adapter
         self.text = adapter.architecture != "dit"
-        if self.text and (model.tokenizer is None or model.text_encoder is None):
+        # SD3, Flux: inputs as the reference generator makes them (its pipeline's text encoders)
+        self.generator = TorchGenerator(model, device) if model.text_pipeline is not None else None
+        self.size = size or model.default_image_size
+        if self.text and self.generator is None and (model.tokenizer is None or model.text_encoder is None):
             raise ConfigError(
                 f"{model.source}: feedback training needs a pipeline directory with its text encoder"
             )
         batch = make_batch(range(pool), TRAIN_SEED + 7)  # a fixed pool: each x0 gets fresh noise and t
         self.captions = batch.captions
-        shape = (adapter.latent_channels, adapter.sample_size, adapter.sample_size)
+        latent = self.size // model.vae_scale_factor
+        shape = (adapter.latent_channels, latent, latent)
         for part in (model.vae, model.text_encoder):
             if part is not None:
                 part.to(self.device)
         if model.vae is not None:
-            self.latents = self._encode(batch.images, model.default_image_size)
+            self.latents = self._encode(batch.images, self.size)
         else:  # a bare transformer directory: no VAE to make real latents with
             gen = torch.Generator().manual_seed(seed)
             self.latents = torch.randn((pool, *shape), generator=gen).to(self.device)
@@ -117,7 +127,7 @@ class FeedbackData:
             raise ConfigError(
                 f"latents of shape {tuple(self.latents.shape[1:])} do not fit the model's {shape}"
             )
-        self.null = self._encode_text([""]) if self.text else None
+        self.null = self._encode_text([""]) if self.text and self.generator is None else None
 
     @torch.no_grad()
     def _encode(self, images: np.ndarray, size: int, chunk: int = 128) -> torch.Tensor:
@@ -128,7 +138,9 @@ class FeedbackData:
             x = to_tensor_range(images[start : start + chunk]).to(self.device)
             if x.shape[-1] != size:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-            out.append(vae.encode(x.to(dtype)).latent_dist.mean.float() * vae.config.scaling_factor)
+            mean = vae.encode(x.to(dtype)).latent_dist.mean.float()
+            shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3, Flux: the latent shift
+            out.append((mean - shift) * vae.config.scaling_factor)
         return torch.cat(out)
 
     @torch.no_grad()
@@ -144,8 +156,25 @@ class FeedbackData:
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         return self.model.text_encoder(ids, attention_mask=mask)[0], mask
 
+    def generator_inputs(self, captions: list[str]) -> Cond:
+        """SD3/Flux: the batch's inputs exactly as the reference generator builds them (text
+        embeddings, pooled embeddings, Flux's position ids and embedded guidance)."""
+        assert self.generator is not None
+        requests = [
+            self.generator.resolve(Request(prompt=c, height=self.size, width=self.size)) for c in captions
+        ]
+        latent = self.size // self.model.vae_scale_factor
+        return self.generator.batch_inputs(requests, False, (latent, latent))
+
     def unconditional(self, inputs: Cond) -> Cond:
         """The same batch's inputs with every caption (or class) replaced by the null one."""
+        if self.generator is not None:
+            null = self.generator_inputs([""])
+            rows = inputs["prompt_embeds"].shape[0]
+            return {
+                **inputs,
+                **{k: null[k].expand(rows, *null[k].shape[1:]) for k in self.generator.encode_cached("")},
+            }
         if not self.text:
             labels = inputs["class_labels"]
             return {"class_labels": torch.full_like(labels, self.model.adapter.num_classes)}  # type: ignore[attr-defined]
@@ -166,6 +195,9 @@ class FeedbackData:
             null = self.model.adapter.num_classes  # type: ignore[attr-defined]
             labels = torch.randint(null, (batch,), generator=gen).to(self.device)
             return x0.to(dtype), {"class_labels": torch.where(drop, torch.full_like(labels, null), labels)}
+        if self.generator is not None:
+            captions = ["" if d else self.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+            return x0.to(dtype), self.generator_inputs(captions)
         embeds, mask = self._encode_text([self.captions[i] for i in idx.tolist()])
         null_embeds, null_mask = self.null  # type: ignore[misc]
         embeds = torch.where(drop[:, None, None], null_embeds.expand_as(embeds), embeds)
@@ -186,9 +218,9 @@ def plan_timesteps(model: LoadedModel, config: FeedbackTrainConfig) -> list[tupl
     out = []
     for steps in config.plan_steps:
         feedback = config.feedback if steps >= 4 else "all"
-        plan = ilf_plan(
-            steps, model.adapter.num_blocks, config.loop, feedback, config.t_post, model.scheduler_config
-        )
+        size = config.image_size or model.default_image_size
+        scheduler = for_image_tokens(model.scheduler_config, [model.image_tokens(size, size)])
+        plan = ilf_plan(steps, model.adapter.num_blocks, config.loop, feedback, config.t_post, scheduler)
         for step in plan.steps:
             if step.t_post is not None:
                 gap = step.timestep - step.coefficients.prev_timestep
@@ -234,7 +266,7 @@ def student_forward(
     context = adapter.context(inputs)
     cond, cond_post = adapter.conditioning(t, context), adapter.conditioning(t_post, context)
     start, end = feedback.loop
-    h = adapter.embed(x)
+    h = adapter.embed(x, cond)
     if start > 0:
         h = run_blocks(adapter, 0, start - 1, h, cond)
     h = inner_loop(adapter, feedback, h, cond, cond_post)
@@ -275,9 +307,11 @@ def train_feedback(
     rng = random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     state = _restore(ckpt_path, config, feedback, opt, rng, gen) if resume else TrainState()
-    data = data or FeedbackData(model, config.pool, config.seed, config.device)
+    data = data or FeedbackData(model, config.pool, config.seed, config.device, config.image_size)
     num_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
-    ac = alphas_cumprod(num_train).to(device=device, dtype=dtype)
+    flow = model.scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
+    ac = None if flow else alphas_cumprod(num_train).to(device=device, dtype=dtype)
+    schedule = NoiseSchedule(ac, num_train)
 
     while state.step < config.steps:
         for group in opt.param_groups:
@@ -285,7 +319,8 @@ def train_feedback(
         x0, inputs = data.sample(config.batch_size, gen, config.caption_dropout)
         noise = torch.randn(x0.shape, generator=gen).to(device=device, dtype=dtype)
         t, t_post = (v.to(device) for v in draw_timesteps(model, config, config.batch_size, rng))
-        loss, distill, recon = fad_loss(adapter, feedback, config, data, (x0, noise, inputs), (t, t_post), ac)
+        batch = (x0, noise, inputs)
+        loss, distill, recon = fad_loss(adapter, feedback, config, data, batch, (t, t_post), schedule)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(feedback.parameters(), 1.0)
@@ -310,7 +345,7 @@ def fad_loss(
     data: FeedbackData,
     batch: tuple[torch.Tensor, torch.Tensor, Cond],
     times: tuple[torch.Tensor, torch.Tensor],
-    ac: torch.Tensor,
+    schedule: NoiseSchedule,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fast Approximate Distillation on one batch: (loss, distillation term, reconstruction term).
 
@@ -318,17 +353,18 @@ def fad_loss(
     x0, noise, inputs = batch
     t, t_post = times
     t_teacher = (t / 2).floor()
-    x_teacher, x_student = add_noise(x0, noise, t_teacher, ac), add_noise(x0, noise, t, ac)
+    x_teacher, x_student = schedule.add(x0, noise, t_teacher), schedule.add(x0, noise, t)
     target = teacher_forward(adapter, x_teacher, t_teacher, inputs)
     pred = student_forward(adapter, feedback, x_student, t, t_post, inputs)
-    distill, recon = F.mse_loss(pred, target), F.mse_loss(pred, noise)
+    truth = schedule.target(x0, noise)  # ε, or a flow model's velocity
+    distill, recon = F.mse_loss(pred, target), F.mse_loss(pred, truth)
     if config.guidance > 1:  # distil what sampling combines: uncond + w·(cond − uncond)
         null = data.unconditional(inputs)
         target_u = teacher_forward(adapter, x_teacher, t_teacher, null)
         pred_u = student_forward(adapter, feedback, x_student, t, t_post, null)
         w = config.guidance
         distill = F.mse_loss(pred_u + w * (pred - pred_u), target_u + w * (target - target_u))
-        recon = (recon + F.mse_loss(pred_u, noise)) / 2
+        recon = (recon + F.mse_loss(pred_u, truth)) / 2
     return config.distill_weight * distill + config.recon_weight * recon, distill, recon
 
 
