@@ -12,6 +12,16 @@ from typing import Any
 State = dict[str, Any]  # name -> array (a torch tensor or a numpy array)
 
 
+def output_name(state: str) -> str:
+    """A block segment's output name for state tensor `state` (an ONNX graph cannot reuse a name)."""
+    return f"{state}_out"
+
+
+def feed_name(state: str) -> str:
+    """The ILF feed's name for state tensor `state` (`feed` for the image tokens, as bundles have it)."""
+    return "feed" if state == "hidden" else f"{state}_feed"
+
+
 def add(a: State, b: State) -> State:
     """a + b, tensor by tensor (`b` may cover fewer names: a feed for some streams only)."""
     return {name: a[name] + b[name] if name in b else a[name] for name in a}

@@ -126,16 +126,7 @@ def make_tiny_pipeline(
     double-stream blocks followed by the rest as single-stream blocks (so at least 2), and the
     feedback loop indexes that sequence of blocks.
     """
-    if arch not in TINY_ARCHITECTURES:
-        raise ConfigError(f"unknown tiny architecture {arch!r}; supported: {', '.join(TINY_ARCHITECTURES)}")
-    if resolution_conditions and arch != "pixart-alpha":
-        raise ConfigError("resolution conditions exist only for pixart-alpha (PixArt-α 1024)")
-    if not 1 <= num_layers <= MAX_LAYERS:
-        raise ConfigError(f"layers must be in 1..{MAX_LAYERS}, got {num_layers}")
-    if arch.startswith("flux") and num_layers < 2:
-        raise ConfigError(f"{arch} needs layers >= 2 (double- and single-stream blocks), got {num_layers}")
-    if feedback:
-        validate_loop(*(loop or default_loop(num_layers)), num_layers)
+    _check_request(arch, num_layers, resolution_conditions, loop if feedback else None, feedback)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output directory {out} exists and is not empty")
@@ -156,11 +147,7 @@ def make_tiny_pipeline(
         pipe.save_pretrained(tmp, safe_serialization=True)
         if feedback:
             module.save(tmp / FEEDBACK_DIR)
-        if arch in _MAX_LENGTH:
-            _portable_tokenizer(tmp, _MAX_LENGTH[arch])
-        elif arch in MMDIT_ARCHITECTURES:
-            for name, clip in _MMDIT_TOKENIZERS[arch].items():
-                _portable_tokenizer(tmp, getattr(pipe, name).model_max_length, name, clip=clip)
+        _save_tokenizers(tmp, arch, pipe)
         make_readable(tmp)  # safetensors writes 0600
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         if out.exists():
@@ -170,6 +157,30 @@ def make_tiny_pipeline(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_request(
+    arch: str, num_layers: int, resolution_conditions: bool, loop: tuple[int, int] | None, feedback: bool
+) -> None:
+    if arch not in TINY_ARCHITECTURES:
+        raise ConfigError(f"unknown tiny architecture {arch!r}; supported: {', '.join(TINY_ARCHITECTURES)}")
+    if resolution_conditions and arch != "pixart-alpha":
+        raise ConfigError("resolution conditions exist only for pixart-alpha (PixArt-α 1024)")
+    if not 1 <= num_layers <= MAX_LAYERS:
+        raise ConfigError(f"layers must be in 1..{MAX_LAYERS}, got {num_layers}")
+    if arch.startswith("flux") and num_layers < 2:
+        raise ConfigError(f"{arch} needs layers >= 2 (double- and single-stream blocks), got {num_layers}")
+    if feedback:
+        validate_loop(*(loop or default_loop(num_layers)), num_layers)
+
+
+def _save_tokenizers(pipe_dir: Path, arch: str, pipe: Any) -> None:
+    """Every tokenizer re-saved in the portable form `_portable_tokenizer` writes."""
+    if arch in _MAX_LENGTH:
+        _portable_tokenizer(pipe_dir, _MAX_LENGTH[arch])
+    elif arch in MMDIT_ARCHITECTURES:
+        for name, clip in _MMDIT_TOKENIZERS[arch].items():
+            _portable_tokenizer(pipe_dir, getattr(pipe, name).model_max_length, name, clip=clip)
 
 
 def _portable_tokenizer(

@@ -43,3 +43,18 @@ def tiny_bundles(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
         name: build_bundle(tiny_dirs[name], root / name, options)
         for name in ("pixart-alpha", "pixart-alpha-1024", "pixart-sigma", "dit")
     }
+
+
+# Two-stream MMDiTs (tests/test_mmdit.py, tests/test_mmdit_bundles.py): SD3, Flux.1-dev, Flux.1-schnell
+MMDIT_FAMILIES = ("sd3", "flux", "flux-schnell")
+
+
+@pytest.fixture(scope="session")
+def mmdit_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mmdit")
+    return {name: make_tiny_pipeline(name, root / name, seed=5, num_layers=6) for name in MMDIT_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def mmdit_models(mmdit_dirs) -> dict[str, LoadedModel]:
+    return {name: load_model(path) for name, path in mmdit_dirs.items()}

@@ -12,22 +12,10 @@ from ilf_deploy.backends.pytorch import Request, TorchGenerator
 from ilf_deploy.errors import ConfigError
 from ilf_deploy.ilf import FeedbackModule, inner_loop, run_blocks
 from ilf_deploy.loading import load_model
-from ilf_deploy.tiny import make_tiny_pipeline
 
 FAMILIES = ("sd3", "flux", "flux-schnell")
 PROMPT = "a small red circle at the top left on a blue background"
 SIZE = 32  # the tiny models' image size (FluxPipeline's own default is 1024 px whatever the model)
-
-
-@pytest.fixture(scope="module")
-def mmdit_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mmdit")
-    return {name: make_tiny_pipeline(name, root / name, seed=5, num_layers=6) for name in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def mmdit_models(mmdit_dirs):
-    return {name: load_model(path) for name, path in mmdit_dirs.items()}
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -379,8 +379,8 @@ def test_plan_versions_and_the_compatibility_rule(tmp_path):
     assert data["version"] == 2 and problem("plan", data) is None
     assert StepPlan.from_dict(data) == adaptive
     assert resolve_plan("ilf-10", 8, loop=(3, 5)).to_dict()["version"] == 1  # old plans stay version 1
-    for version in (3, 0, True):
-        with pytest.raises(ConfigError, match=r"this tool reads 1, 2.*rebuild"):
+    for version in (4, 0, True):
+        with pytest.raises(ConfigError, match=r"this tool reads 1, 2, 3.*rebuild"):
             StepPlan.from_dict({**data, "version": version})
     old = {**data, "version": 1}  # a version-1 plan cannot carry the new op: the schema says so
     with pytest.raises(ConfigError, match="malformed"):

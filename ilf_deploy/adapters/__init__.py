@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Adapter, Cond, State, feed_name, output_name
+from ..state import feed_name, output_name
+from .base import Adapter, Cond, State
 from .dit import DiTAdapter
 from .mmdit import FluxAdapter, SD3Adapter
 from .pixart import PixArtAdapter

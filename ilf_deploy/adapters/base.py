@@ -24,16 +24,6 @@ Cond = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]  # the model's state between blocks, by `Adapter.state_names`
 
 
-def output_name(state: str) -> str:
-    """A block segment's output name for state tensor `state` (an ONNX graph cannot reuse a name)."""
-    return f"{state}_out"
-
-
-def feed_name(state: str) -> str:
-    """The ILF feed's name for state tensor `state` (`feed` for the image tokens, as bundles have it)."""
-    return "feed" if state == "hidden" else f"{state}_feed"
-
-
 @dataclass(frozen=True)
 class LatentShape:
     channels: int
@@ -53,7 +43,13 @@ class Adapter(ABC):
     block_inputs: tuple[str, ...]  # conditioning a block reads
     final_inputs: tuple[str, ...]  # conditioning the final layer reads
     state_names: tuple[str, ...] = ("hidden",)  # the state between blocks (module docstring)
-    embed_inputs: tuple[str, ...] = ()  # conditioning `embed` reads (a text stream's first value)
+    # State tensors that start as a conditioning entry, not from `embed_tokens` (an MMDiT's text
+    # stream starts as the projected prompt): state name -> conditioning name.
+    state_init: dict[str, str] = {}  # noqa: RUF012 (read-only)
+    # How the final layer's tokens hold a patch: "patch" (p, p, C) as PixArt/DiT/SD3 unpatchify, or
+    # "packed" (C, 2, 2) as Flux packs its latents.
+    token_layout = "patch"
+    uses_positions = True  # embed reads a host-computed positional table (`pos_embed`, positions/)
 
     def __init__(self, transformer: nn.Module) -> None:
         self.transformer = transformer

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .base import Adapter, Cond, State
 
 
@@ -31,7 +32,17 @@ class SD3Adapter(Adapter):
     block_inputs = ("temb",)
     final_inputs = ("temb",)
     state_names = ("hidden", "text")
-    embed_inputs = ("text_context",)
+    state_init = {"text": "text_context"}  # noqa: RUF012
+
+    def pos_embed(self, height: int, width: int) -> torch.Tensor:
+        """(1, N, D): the centre crop of SD3's positional table that `PatchEmbed` adds."""
+        patch = self.transformer.pos_embed
+        most = patch.pos_embed_max_size * self.patch_size
+        if max(height, width) > most:
+            raise ConfigError(
+                f"this SD3 model generates latents of at most {most}x{most}, not {height}x{width}"
+            )
+        return patch.cropped_pos_embed(height, width)
 
     def context(self, inputs: Cond) -> Cond:
         return {
@@ -43,8 +54,8 @@ class SD3Adapter(Adapter):
         return {"temb": self.transformer.time_text_embed(timestep, context["pooled_prompt_embeds"])}
 
     def embed(self, latents: torch.Tensor, cond: Cond) -> State:
-        # PatchEmbed crops its positional table to the latent's size (pos_embed_max_size).
-        return {"hidden": self.transformer.pos_embed(latents).contiguous(), "text": cond["text_context"]}
+        hidden = self.embed_tokens(latents, self.pos_embed(*latents.shape[-2:])).contiguous()
+        return {"hidden": hidden, "text": cond["text_context"]}
 
     def run_block(self, block: nn.Module, state: State, cond: Cond) -> State:
         text, hidden = block(
@@ -78,7 +89,9 @@ class FluxAdapter(Adapter):
     final_inputs = ("temb",)
     context_outputs = ("text_context", "rope_cos", "rope_sin")
     state_names = ("hidden", "text")
-    embed_inputs = ("text_context",)
+    state_init = {"text": "text_context"}  # noqa: RUF012
+    token_layout = "packed"
+    uses_positions = False  # rotary positions come from ids, in the context segment
 
     def __init__(self, transformer: nn.Module) -> None:
         super().__init__(transformer)
@@ -149,8 +162,11 @@ class FluxAdapter(Adapter):
         guidance = context["guidance"].to(dtype) * 1000
         return {"temb": t.time_text_embed(timestep, guidance, pooled)}
 
+    def embed_tokens(self, latents: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transformer.x_embedder(pack(latents))
+
     def embed(self, latents: torch.Tensor, cond: Cond) -> State:
-        return {"hidden": self.transformer.x_embedder(pack(latents)), "text": cond["text_context"]}
+        return {"hidden": self.embed_tokens(latents), "text": cond["text_context"]}
 
     def run_block(self, block: nn.Module, state: State, cond: Cond) -> State:
         text, hidden = block(

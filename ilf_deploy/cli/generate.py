@@ -113,6 +113,11 @@ PLAN_HELP = (
     "`tune --search-plans` chose on this machine, else the bundle's default plan)."
 )
 AUTO_PLAN = "auto"  # the plan `tune --search-plans` chose here (backends.auto.choose_plan)
+NEGATIVE_HELP = "Negative prompt (PixArt, SD3: the models with classifier-free guidance)."
+GUIDANCE_HELP = (
+    "Guidance scale (default: the model's: 4.5 PixArt, 4.0 DiT, 7.0 SD3, classifier-free, <=1 "
+    "disables it; 3.5 Flux-dev, embedded in the model; Flux-schnell has none)."
+)
 DEVICE_HELP = "Where the torch backend runs: cpu, cuda, cuda:N (ONNX Runtime: CPU; TensorRT: the GPU)."
 
 
@@ -126,17 +131,9 @@ def generate(
         typer.Option("--plan", "-p", help=PLAN_HELP),
     ] = "ilf-10",
     prompt: Annotated[str, typer.Option(help="Text prompt (PixArt, SD3, Flux).")] = "",
-    negative_prompt: Annotated[
-        str, typer.Option(help="Negative prompt (PixArt, SD3: models with classifier-free guidance).")
-    ] = "",
+    negative_prompt: Annotated[str, typer.Option(help=NEGATIVE_HELP)] = "",
     class_label: Annotated[int | None, typer.Option(help="ImageNet class id (DiT).")] = None,
-    guidance_scale: Annotated[
-        float | None,
-        typer.Option(
-            help="Guidance scale (default: the model's: 4.5 PixArt, 4.0 DiT, 7.0 SD3 — classifier-free, "
-            "<=1 disables; 3.5 Flux-dev, embedded; none on Flux-schnell)."
-        ),
-    ] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help=GUIDANCE_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     height: Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")] = None,

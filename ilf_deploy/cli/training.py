@@ -17,16 +17,16 @@ from .tables import eval_table
 DEFAULT_EVAL_PLANS = "base-20,base-12,base-10,cache-20,ilf-10,ilf-12"
 
 
+IMAGE_SIZE_HELP = "Training image size in pixels (default: the model's; Flux: 1024, as diffusers)."
+
+
 @command("train-feedback")
 def train_feedback_command(
     model: Annotated[str, typer.Argument(help="Diffusers pipeline directory (PixArt, DiT, SD3 or Flux).")],
     loop: Annotated[
         str | None, typer.Option(help="Inner loop B:E (default: the paper's 8-19 of 28, scaled).")
     ] = None,
-    image_size: Annotated[
-        int | None,
-        typer.Option(help="Training image size in pixels (default: the model's; Flux: 1024 as diffusers)."),
-    ] = None,
+    image_size: Annotated[int | None, typer.Option(help=IMAGE_SIZE_HELP)] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 400,
     batch_size: Annotated[int, typer.Option(help="Latents per step.")] = 16,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (feedback block and scales only).")] = 5e-4,

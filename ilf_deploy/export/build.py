@@ -20,13 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapters import MMDIT_ARCHITECTURES, make_adapter
+from ..adapters import MMDIT_ARCHITECTURES, feed_name, make_adapter
 from ..errors import ConfigError, IlfError
 from ..loading import LoadedModel, load_model
-from ..runtime.bundle import SCHEMA_VERSION, sha256_file, strict_json, tool_versions, write_manifest
+from ..runtime.bundle import (
+    SCHEMA_VERSION,
+    schema_version_for,
+    sha256_file,
+    strict_json,
+    tool_versions,
+    write_manifest,
+)
 from ..runtime.request import MAX_SIDE
 from .onnx import export_segment, onnx_io
-from .segments import segment_specs
+from .segments import segment_specs, tokenizer_inputs
 
 try:
     import fcntl
@@ -67,17 +74,16 @@ def build_bundle(
     if not out.parent.is_dir():
         raise ConfigError(f"output directory {out.parent} does not exist")
     model = load_model(source)
-    if model.architecture in MMDIT_ARCHITECTURES:
-        raise ConfigError(
-            f"{source} is a {model.architecture} model: bundles of two-stream MMDiTs (SD3, Flux) are not "
-            "built yet; generate from the model directory (the torch backend runs every plan)"
-        )
-    if model.vae is None or (model.architecture != "dit" and model.text_encoder is None):
+    texts = model.text_encoder is not None or model.text_pipeline is not None
+    if model.vae is None or (model.architecture != "dit" and not texts):
         raise ConfigError(
             f"{source} is not a full pipeline directory (a bundle needs the text encoder and VAE)"
         )
     loop = model.feedback.loop if model.feedback else None
-    plans = [model.resolve_plan(p) for p in options.plans]
+    resolutions = list(options.resolutions) or [(model.default_image_size,) * 2]
+    _check_resolutions(model, resolutions)
+    # a schedule that depends on the size (Flux-dev) is tabulated for every bundle resolution
+    plans = [model.resolve_plan(p, resolutions) for p in options.plans]
     if len({p.name for p in plans}) != len(plans):
         raise ConfigError("two plans have the same name")
     for plan in plans:
@@ -85,8 +91,6 @@ def build_bundle(
             raise ConfigError(
                 f"plan {plan.name!r} needs the feedback module for loop {plan.loop}; the model has {loop}"
             )
-    resolutions = list(options.resolutions) or [(model.default_image_size,) * 2]
-    _check_resolutions(model, resolutions)
 
     try:
         with _workspace(out) as tmp:
@@ -304,7 +308,9 @@ def _export_segments(
         module = low_specs[spec.name].module if low else spec.module
         args = tuple(cast(examples[n]) if low else examples[n] for n in spec.inputs)
         path = root / "onnx" / f"{spec.name}.onnx"
-        export_segment(module, args, path, spec.inputs, spec.outputs)
+        # SD3/Flux through torch.export (TorchScript cannot export their q/k RMSNorm): export/onnx.py
+        dynamo = model.architecture in MMDIT_ARCHITECTURES
+        export_segment(module, args, path, spec.inputs, spec.outputs, dynamo=dynamo)
         io_in, io_out = onnx_io(path)
         segments[spec.name] = {
             "file": f"onnx/{spec.name}.onnx",
@@ -318,13 +324,15 @@ def _export_segments(
 
 
 def _write_positions(model, resolutions, root: Path) -> list[list[int]]:
-    """positions/HxW.npy per latent size; returns the latent sizes."""
-    (root / "positions").mkdir()
+    """positions/HxW.npy per latent size (models whose embed reads a positional table); returns the
+    latent sizes."""
     latent_sizes = []
     for height, width in resolutions:
         h, w = height // model.vae_scale_factor, width // model.vae_scale_factor
-        pos = model.adapter.pos_embed(h, w).detach().to(torch.float32).numpy()
-        np.save(root / "positions" / f"{h}x{w}.npy", pos)
+        if model.adapter.uses_positions:
+            (root / "positions").mkdir(exist_ok=True)
+            pos = model.adapter.pos_embed(h, w).detach().to(torch.float32).numpy()
+            np.save(root / "positions" / f"{h}x{w}.npy", pos)
         latent_sizes.append([h, w])
     return latent_sizes
 
@@ -339,7 +347,7 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
     (root / "plans").mkdir()
     for plan in plans:
         plan.save(root / "plans" / f"{plan.name}.json")
-    tokenizer = None
+    tokenizer, tokenizers = None, _write_tokenizers(model, root)
     if model.tokenizer is not None:
         (root / "tokenizer").mkdir()
         model.tokenizer.backend_tokenizer.save(str(root / "tokenizer" / "tokenizer.json"))
@@ -353,7 +361,7 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
             tokenizer["openvino"] = converted
     if options.copy_model and model.path is not None:
         shutil.copytree(model.path, root / "model", ignore=shutil.ignore_patterns(".*"))
-    return {
+    manifest = {
         "schema_version": SCHEMA_VERSION,
         "architecture": model.architecture,
         "config_hash": model.config_hash,
@@ -370,7 +378,39 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
         "scheduler": strict_json(model.scheduler_config),
         "torch_model": "model" if options.copy_model and model.path is not None else None,
         "tools": tool_versions(),
+        **({"tokenizers": tokenizers} if tokenizers else {}),
     }
+    manifest["schema_version"] = schema_version_for(manifest)
+    return manifest
+
+
+def _write_tokenizers(model: LoadedModel, root: Path) -> list[dict]:
+    """SD3/Flux: every tokenizer of the pipeline, padded to the lengths its `encode_prompt` uses by
+    default (CLIP: 77; T5: the pipeline's max_sequence_length), in the text encoder's input order."""
+    pipe = model.text_pipeline
+    if pipe is None:
+        return []
+    names = ["tokenizer", "tokenizer_2", "tokenizer_3"][: 3 if model.architecture == "sd3" else 2]
+    t5_length = default_max_sequence_length(pipe)
+    specs = []
+    for index, (name, input_name) in enumerate(zip(names, tokenizer_inputs(len(names)), strict=True)):
+        hf = getattr(pipe, name)
+        (root / name).mkdir()
+        hf.backend_tokenizer.save(str(root / name / "tokenizer.json"))
+        last = index == len(names) - 1  # the T5 tokenizer
+        length = t5_length if last else int(pipe.tokenizer_max_length)
+        pad = hf.pad_token_id if hf.pad_token_id is not None else 0
+        specs.append(
+            {"file": f"{name}/tokenizer.json", "max_length": length, "pad_id": int(pad), "input": input_name}
+        )
+    return specs
+
+
+def default_max_sequence_length(pipe) -> int:
+    """The T5 length a diffusers pipeline's `encode_prompt` pads to by default (SD3 256, Flux 512)."""
+    import inspect
+
+    return int(inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default)
 
 
 def example_tensors(model: LoadedModel, resolution: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -381,10 +421,13 @@ def example_tensors(model: LoadedModel, resolution: tuple[int, int]) -> dict[str
     batch = 2
     ex: dict[str, torch.Tensor] = {
         "latents": torch.randn(batch, adapter.latent_channels, h, w, generator=gen),
-        "pos_embed": adapter.pos_embed(h, w).detach().float(),
         "timestep": torch.full((batch,), 500.0),
     }
-    if model.architecture == "dit":
+    if adapter.uses_positions:
+        ex["pos_embed"] = adapter.pos_embed(h, w).detach().float()
+    if model.text_pipeline is not None:  # SD3, Flux: real inputs, as the reference generator makes them
+        ex.update(_pipeline_examples(model, (h, w), batch))
+    elif model.architecture == "dit":
         ex["class_labels"] = torch.tensor([1, adapter.num_classes])
     else:
         length = 8
@@ -399,8 +442,32 @@ def example_tensors(model: LoadedModel, resolution: tuple[int, int]) -> dict[str
         context = adapter.context({k: ex[k] for k in adapter.context_inputs})
         cond = adapter.conditioning(torch.tensor([500.0]), context)
         ex.update(cond)
-        ex["hidden"] = adapter.embed_tokens(ex["latents"], ex["pos_embed"])
-        ex["feed"] = torch.randn(ex["hidden"].shape, generator=gen)
+        state = adapter.embed(ex["latents"], cond)
+        ex.update(state)
+        for name, value in state.items():
+            ex[feed_name(name)] = torch.randn(value.shape, generator=gen)
+    return ex
+
+
+def _pipeline_examples(model: LoadedModel, latent_hw: tuple[int, int], batch: int) -> dict[str, torch.Tensor]:
+    """SD3/Flux example inputs: every tokenizer's ids and the generator's conditioning inputs."""
+    from ..backends.pytorch import TorchGenerator
+    from ..runtime.generator import Request
+
+    pipe = model.text_pipeline
+    generator = TorchGenerator(model)
+    size = (latent_hw[0] * model.vae_scale_factor, latent_hw[1] * model.vae_scale_factor)
+    request = generator.resolve(Request(prompt="an example prompt", height=size[0], width=size[1]))
+    with torch.no_grad():
+        ex = dict(generator.batch_inputs([request] * batch, False, latent_hw))
+    names = ["tokenizer", "tokenizer_2", "tokenizer_3"][: 3 if model.architecture == "sd3" else 2]
+    for index, (name, input_name) in enumerate(zip(names, tokenizer_inputs(len(names)), strict=True)):
+        last = index == len(names) - 1
+        length = default_max_sequence_length(pipe) if last else int(pipe.tokenizer_max_length)
+        tokens = getattr(pipe, name)(
+            "an example prompt", padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        )
+        ex[input_name] = tokens.input_ids.repeat(batch, 1)
     return ex
 
 
@@ -414,7 +481,7 @@ def _cast(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
 
 def _model_facts(model: LoadedModel) -> dict:
     adapter = model.adapter
-    facts = {
+    facts: dict = {
         "num_blocks": adapter.num_blocks,
         "latent_channels": adapter.latent_channels,
         "out_channels": int(adapter.transformer.out_channels),
@@ -428,6 +495,14 @@ def _model_facts(model: LoadedModel) -> dict:
     if model.architecture == "dit":
         facts["num_classes"] = adapter.num_classes
         facts["id2label"] = model.extras.get("id2label", {})
+    if adapter.state_names != ("hidden",):  # schema 4 (MMDiTs); single-stream bundles stay 2
+        facts.update(
+            state=list(adapter.state_names),
+            state_init=dict(adapter.state_init),
+            token_layout=adapter.token_layout,
+            guidance=model.guidance,
+            position_ids="img_ids" in adapter.context_inputs,
+        )
     return facts
 
 

@@ -1,4 +1,10 @@
-"""Export segments to ONNX (TorchScript exporter, opset 17), then check and shape-infer them."""
+"""Export segments to ONNX, then check and shape-infer them.
+
+Two exporters: TorchScript (`dynamo=False`, opset 17) for PixArt and DiT, whose bundles it has
+always written; torch.export (`dynamo=True`, opset 20, onnxscript) for SD3 and Flux, whose
+blocks TorchScript cannot export (`aten::rms_norm`, SD3.5/Flux's q/k norm). Moving PixArt/DiT to
+the dynamo exporter too is left for later (their bundles verify as they are).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import torch
 from torch import nn
 
 OPSET = 17
+DYNAMO_OPSET = 20
 TWO_GB = 2**31 - 1
 
 # Dynamic axes by tensor name: batch (guidance doubles it), image tokens, text tokens, pixels.
@@ -28,6 +35,17 @@ _AXES: dict[str, dict[int, str]] = {
     "input_ids": {0: "batch", 1: "text_tokens"},
     "attention_mask": {0: "batch", 1: "text_tokens"},
     "images": {0: "batch", 2: "height", 3: "width"},
+    # SD3, Flux: the text stream, rotary tables and ids, every tokenizer's ids
+    "text": {0: "batch", 1: "text_tokens"},
+    "text_out": {0: "batch", 1: "text_tokens"},
+    "text_feed": {0: "batch", 1: "text_tokens"},
+    "text_context": {0: "batch", 1: "text_tokens"},
+    "rope_cos": {1: "rotary_tokens"},
+    "rope_sin": {1: "rotary_tokens"},
+    "img_ids": {0: "tokens"},
+    "txt_ids": {0: "text_tokens"},
+    "input_ids_2": {0: "batch"},
+    "input_ids_3": {0: "batch", 1: "text_tokens"},
 }
 
 
@@ -42,6 +60,7 @@ def export_segment(
     path: Path,
     inputs: Sequence[str],
     outputs: Sequence[str],
+    dynamo: bool = False,
 ) -> None:
     """Write `module(*args)` to `path`; weights go to one `path.data` file when they pass 1 GB.
 
@@ -56,17 +75,20 @@ def export_segment(
         raw = Path(scratch) / path.name
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about python-int shapes are expected here
-            torch.onnx.export(
-                module,
-                args,
-                str(raw),
-                input_names=list(inputs),
-                output_names=list(outputs),
-                dynamic_axes=dynamic_axes([*inputs, *outputs]),
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+            if dynamo:
+                _export_dynamo(module, args, raw, inputs, outputs)
+            else:
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(raw),
+                    input_names=list(inputs),
+                    output_names=list(outputs),
+                    dynamic_axes=dynamic_axes([*inputs, *outputs]),
+                    opset_version=OPSET,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
         model = onnx.load(str(raw))  # also reads any per-tensor files the exporter wrote
         weights = sum(len(t.raw_data) for t in model.graph.initializer)
         data = path.with_name(path.name + ".data")
@@ -81,6 +103,43 @@ def export_segment(
             file.chmod(0o644)  # readable by a server running as another user
     onnx.checker.check_model(str(path))
     onnx.shape_inference.infer_shapes_path(str(path))
+
+
+def _export_dynamo(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    raw: Path,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+) -> None:
+    """torch.export, with every axis `_AXES` names (and every batch axis) dynamic where the graph
+    lets it be (`Dim.AUTO`: an axis the model fixes stays fixed instead of failing the export)."""
+    import contextlib
+    import inspect
+    import io
+    import logging
+
+    axes = dynamic_axes(inputs)
+    flat = [{axis: torch.export.Dim.AUTO for axis in axes[name]} for name in inputs]
+    # torch.export sees `forward(a, *rest)` as (a, (rest...)): the shapes take the same structure
+    params = list(inspect.signature(module.forward).parameters.values())
+    fixed = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    shapes = (*flat[:fixed], tuple(flat[fixed:])) if varargs and len(flat) > fixed else tuple(flat)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        torch.onnx.export(
+            module,
+            args,
+            str(raw),
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_shapes=shapes,
+            opset_version=DYNAMO_OPSET,
+            dynamo=True,
+            external_data=True,
+            verbose=False,
+        )
 
 
 def onnx_io(path: Path) -> tuple[list[dict], list[dict]]:

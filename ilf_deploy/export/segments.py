@@ -13,11 +13,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..adapters import Adapter
+from ..adapters import Adapter, feed_name, output_name
 from ..ilf import FeedbackModule
+from ..state import add_scaled
 
 if TYPE_CHECKING:
     from ..loading import LoadedModel
+
+
+Outputs = tuple[torch.Tensor, ...] | torch.Tensor  # a segment's outputs (one tensor: as it is)
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,14 @@ class SegmentSpec:
 
 
 class EmbedSegment(nn.Module):
+    """Latents (and, where the model has one, the host-computed positional table) -> image tokens."""
+
     def __init__(self, adapter: Adapter) -> None:
         super().__init__()
         self.adapter, self.transformer = adapter, adapter.transformer
 
-    def forward(self, latents: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
-        return self.adapter.embed_tokens(latents, pos_embed)
+    def forward(self, latents: torch.Tensor, *pos_embed: torch.Tensor) -> torch.Tensor:
+        return self.adapter.embed_tokens(latents, *pos_embed)
 
 
 class ContextSegment(nn.Module):
@@ -64,8 +70,9 @@ class TimeSegment(nn.Module):
 
 
 class BlocksSegment(nn.Module):
-    """Blocks start..end. Inside the ILF loop it also takes `feed`: block i sees h + s_i * feed
-    (eqs. 2–3), and feed = 0 gives the plain first pass, so one graph serves both passes."""
+    """Blocks start..end on the model's state (one tensor per `Adapter.state_names`). Inside the ILF
+    loop it also takes a feed per state tensor: block i sees h + s_i * feed (eqs. 2–3), and feed = 0
+    gives the plain first pass, so one graph serves both passes."""
 
     def __init__(self, adapter: Adapter, start: int, end: int, feedback: FeedbackModule | None) -> None:
         super().__init__()
@@ -76,25 +83,37 @@ class BlocksSegment(nn.Module):
             b, _ = feedback.loop
             self.scales = nn.Parameter(feedback.scales.detach()[start - b : end - b + 1].clone())
 
-    def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor) -> Outputs:
+        names = self.adapter.state_names
+        state, args = dict(zip(names, args[: len(names)], strict=True)), args[len(names) :]
         if self.scales is not None:
-            feed, args = args[0], args[1:]
+            feed, args = dict(zip(names, args[: len(names)], strict=True)), args[len(names) :]
         cond = dict(zip(self.adapter.block_inputs, args, strict=True))
         for i, block in enumerate(self.blocks):
             if self.scales is not None:
-                hidden = hidden + self.scales[i] * feed
-            hidden = self.adapter.run_block(block, {"hidden": hidden}, cond)["hidden"]
-        return hidden
+                state = add_scaled(state, self.scales[i], feed)
+            state = self.adapter.run_block(block, state, cond)
+        return _outputs(state, names)
 
 
 class FeedbackSegment(nn.Module):
+    """The feedback block on the loop's output state -> f_feed, one tensor per state tensor."""
+
     def __init__(self, adapter: Adapter, feedback: FeedbackModule) -> None:
         super().__init__()
         self.adapter, self.block = adapter, feedback.block
 
-    def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        cond = dict(zip(self.adapter.block_inputs, args, strict=True))
-        return self.adapter.run_block(self.block, {"hidden": hidden}, cond)["hidden"]
+    def forward(self, *args: torch.Tensor) -> Outputs:
+        names = self.adapter.state_names
+        state = dict(zip(names, args[: len(names)], strict=True))
+        cond = dict(zip(self.adapter.block_inputs, args[len(names) :], strict=True))
+        return _outputs(self.adapter.run_block(self.block, state, cond), names)
+
+
+def _outputs(state: dict[str, torch.Tensor], names: tuple[str, ...]) -> Outputs:
+    """A segment's outputs in state order (a lone tensor where the state has one, as bundles had it)."""
+    out = tuple(state[name] for name in names)
+    return out[0] if len(out) == 1 else out
 
 
 class FinalSegment(nn.Module):
@@ -118,16 +137,50 @@ class TextEncoderSegment(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
 
 
+class PipelineTextSegment(nn.Module):
+    """SD3 (CLIP-L, CLIP-G, T5) or Flux (CLIP, T5): token ids of each tokenizer -> `prompt_embeds`
+    and `pooled_prompt_embeds`, as the pipeline's `encode_prompt` computes them (no attention masks:
+    the pipelines pass none; clip_skip None)."""
+
+    def __init__(self, pipe: nn.Module, architecture: str) -> None:
+        super().__init__()
+        self.architecture = architecture
+        if architecture == "sd3":
+            self.clips = nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2])
+            self.t5 = pipe.text_encoder_3
+        else:
+            self.clips = nn.ModuleList([pipe.text_encoder])
+            self.t5 = pipe.text_encoder_2
+
+    def forward(self, *ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        *clip_ids, t5_ids = ids
+        t5 = self.t5(t5_ids)[0]
+        if self.architecture != "sd3":  # Flux: CLIP's pooled output, T5's sequence
+            return t5, self.clips[0](clip_ids[0], output_hidden_states=False).pooler_output
+        hidden, pooled = [], []
+        for encoder, tokens in zip(self.clips, clip_ids, strict=True):
+            out = encoder(tokens, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # (B, 77, C_i): the penultimate layer
+            pooled.append(out[0])  # text_embeds: the projection of the pooled token
+        clip = torch.cat(hidden, dim=-1)  # (B, 77, C_L + C_G)
+        clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # to T5's width
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+
 class VaeDecoderSegment(nn.Module):
-    """Scaled latents -> images in [0, 1] (B, 3, H, W)."""
+    """Scaled latents -> images in [0, 1] (B, 3, H, W); SD3/Flux latents are also shifted."""
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
         self.vae = vae
         self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(latents / self.scaling).sample
+        latents = latents / self.scaling
+        if self.shift:
+            latents = latents + self.shift
+        images = self.vae.decode(latents).sample
         return (images / 2 + 0.5).clamp(0, 1)
 
 
@@ -136,12 +189,21 @@ def block_ranges(cut_points: list[int]) -> list[tuple[int, int]]:
     return [(a, b - 1) for a, b in pairwise(cut_points)]
 
 
+def tokenizer_inputs(count: int) -> tuple[str, ...]:
+    """The text encoder's id inputs for `count` tokenizers: input_ids, input_ids_2, input_ids_3."""
+    return tuple("input_ids" if i == 0 else f"input_ids_{i + 1}" for i in range(count))
+
+
 def segment_specs(model: LoadedModel, cut_points: list[int], with_feedback: bool) -> list[SegmentSpec]:
     """Every segment of a bundle cut at `cut_points`, in export order."""
     adapter, feedback = model.adapter, model.feedback if with_feedback else None
     loop = feedback.loop if feedback else None
+    state = adapter.state_names
+    outputs = tuple(output_name(n) for n in state)
+    feeds = tuple(feed_name(n) for n in state)
+    embed_inputs = ("latents", "pos_embed") if adapter.uses_positions else ("latents",)
     specs = [
-        SegmentSpec("embed", EmbedSegment(adapter), ("latents", "pos_embed"), ("hidden",)),
+        SegmentSpec("embed", EmbedSegment(adapter), embed_inputs, ("hidden",)),
         SegmentSpec("context", ContextSegment(adapter), adapter.context_inputs, adapter.context_outputs),
         SegmentSpec(
             "time", TimeSegment(adapter), ("timestep", *adapter.time_context_inputs), adapter.time_outputs
@@ -150,15 +212,18 @@ def segment_specs(model: LoadedModel, cut_points: list[int], with_feedback: bool
     for start, end in block_ranges(cut_points):
         inside = loop is not None and loop[0] <= start and end <= loop[1]
         module = BlocksSegment(adapter, start, end, feedback if inside else None)
-        names = ("hidden", "feed", *adapter.block_inputs) if inside else ("hidden", *adapter.block_inputs)
-        specs.append(
-            SegmentSpec(f"blocks_{start:02d}_{end:02d}", module, names, ("hidden_out",), (start, end))
-        )
+        names = (*state, *feeds, *adapter.block_inputs) if inside else (*state, *adapter.block_inputs)
+        specs.append(SegmentSpec(f"blocks_{start:02d}_{end:02d}", module, names, outputs, (start, end)))
     if feedback is not None:
-        inputs = ("hidden", *adapter.block_inputs)
-        specs.append(SegmentSpec("feedback", FeedbackSegment(adapter, feedback), inputs, ("feed",)))
+        inputs = (*state, *adapter.block_inputs)
+        specs.append(SegmentSpec("feedback", FeedbackSegment(adapter, feedback), inputs, feeds))
     specs.append(SegmentSpec("final", FinalSegment(adapter), ("hidden", *adapter.final_inputs), ("tokens",)))
-    if model.text_encoder is not None:
+    if model.text_pipeline is not None:  # SD3, Flux: every text encoder in one segment, fp32
+        count = 3 if model.architecture == "sd3" else 2
+        module = PipelineTextSegment(model.text_pipeline, model.architecture)
+        outputs = ("prompt_embeds", "pooled_prompt_embeds")
+        specs.append(SegmentSpec("text_encoder", module, tokenizer_inputs(count), outputs, keep_fp32=True))
+    elif model.text_encoder is not None:
         # T5 overflows in fp16, so the text encoder always stays fp32 (as PixArt deployments do).
         module = TextEncoderSegment(model.text_encoder)
         inputs = ("input_ids", "attention_mask")

@@ -33,6 +33,7 @@ from .manifest import (
     Manifest,
     ModelSpec,
     SegmentSpec,
+    TokenizerSpec,
     VariantSpec,
     schema_version_for,
 )
@@ -263,12 +264,12 @@ class Bundle:
         else the first plan. The one place every command and server takes it from."""
         return next((p for p in self.plan_names if p.startswith("ilf")), self.plan_names[0])
 
-    def tokenizer(self) -> Any:
+    def tokenizer(self, spec: TokenizerSpec | None = None) -> Any:
         """The bundle's `tokenizers.Tokenizer` as saved (truncation and padding as in its file),
-        or a one-line BundleError when the file does not parse."""
+        or a one-line BundleError when the file does not parse; `spec`: one of `tokenizers`."""
         from tokenizers import Tokenizer
 
-        spec = self.manifest.tokenizer
+        spec = spec or self.manifest.tokenizer
         if spec is None:
             raise ConfigError("this bundle has no tokenizer (class-conditional model); pass --class-label")
         try:

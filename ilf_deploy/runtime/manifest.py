@@ -19,12 +19,18 @@ from ..schemas import problem
 
 SCHEMA_VERSION = 2  # what a bundle is written as unless it holds something newer (schema_version_for)
 BF16_SCHEMA_VERSION = 3  # 3 adds the "bf16" variant mode and its `precision_policy`
-SCHEMA_VERSIONS = (SCHEMA_VERSION, BF16_SCHEMA_VERSION)  # the versions read
+STATE_SCHEMA_VERSION = 4  # 4 adds a multi-tensor state (MMDiTs: SD3, Flux) and several tokenizers
+SCHEMA_VERSIONS = (SCHEMA_VERSION, BF16_SCHEMA_VERSION, STATE_SCHEMA_VERSION)  # the versions read
+MODEL_STATE_FIELDS = ("state", "state_init", "token_layout", "guidance", "position_ids")  # schema 4
 
 
 def schema_version_for(manifest: Mapping[str, Any]) -> int:
-    """The oldest version that says what `manifest` (the JSON) holds: 3 with a bf16 variant, else 2,
-    so every other bundle stays readable by readers of 2 (the C++ runtime)."""
+    """The oldest version that says what `manifest` (the JSON) holds: 4 with a multi-tensor state or
+    several tokenizers, 3 with a bf16 variant, else 2, so every other bundle stays readable by
+    readers of 2 (the C++ runtime)."""
+    model = manifest.get("model") or {}
+    if manifest.get("tokenizers") or any(key in model for key in MODEL_STATE_FIELDS):
+        return STATE_SCHEMA_VERSION
     variants = manifest.get("variants") or {}
     modes = {v.get("mode") for v in variants.values() if isinstance(v, Mapping)}
     return BF16_SCHEMA_VERSION if "bf16" in modes else SCHEMA_VERSION
@@ -126,6 +132,14 @@ class ModelSpec:
     uses_size_conditions: bool
     num_classes: int = 0  # DiT: class labels 0..num_classes-1; num_classes is the null class
     id2label: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Schema 4 (adapters/base.py declares these): the state between blocks, the state tensors a
+    # conditioning entry starts, the final tokens' patch layout, how guidance reaches the model,
+    # and Flux's position ids.
+    state: tuple[str, ...] = ("hidden",)
+    state_init: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    token_layout: str = "patch"
+    guidance: str = "cfg"
+    position_ids: bool = False
 
     @classmethod
     def parse(cls, d: Mapping[str, Any]) -> ModelSpec:
@@ -135,6 +149,11 @@ class ModelSpec:
             uses_size_conditions=bool(d["uses_size_conditions"]),
             num_classes=int(d.get("num_classes", 0)),
             id2label=_frozen(d.get("id2label", {})),
+            state=tuple(d.get("state", ("hidden",))),
+            state_init=_frozen(d.get("state_init", {})),
+            token_layout=d.get("token_layout", "patch"),
+            guidance=d.get("guidance", "cfg"),
+            position_ids=bool(d.get("position_ids", False)),
         )
 
 
@@ -155,6 +174,7 @@ class TokenizerSpec:
     max_length: int  # tokens the text encoder reads; longer prompts are refused (runtime.request)
     pad_id: int
     openvino: str | None = None  # the same tokenizer converted by openvino-tokenizers (the C++ runtime's)
+    input: str = "input_ids"  # the text_encoder input its ids feed (schema 4 `tokenizers`)
 
 
 @dataclass(frozen=True)
@@ -259,7 +279,7 @@ class Manifest:
     cut_points: tuple[int, ...]
     segments: Mapping[str, SegmentSpec]
     plans: Mapping[str, str]  # name -> plans/NAME.json
-    tokenizer: TokenizerSpec | None  # None: a class-conditional model (DiT)
+    tokenizer: TokenizerSpec | None  # None: a class-conditional model (DiT), or several (`tokenizers`)
     scheduler: Mapping[str, Any]  # the source pipeline's diffusers scheduler config
     torch_model: str | None  # the source pipeline's directory inside the bundle
     tools: Mapping[str, str]
@@ -267,6 +287,7 @@ class Manifest:
     calibration: CalibrationSpec | None
     variants: Mapping[str, VariantSpec]
     engines: Mapping[str, EngineSetSpec]
+    tokenizers: tuple[TokenizerSpec, ...] = ()  # schema 4: SD3's CLIP-L, CLIP-G, T5; Flux's CLIP, T5
 
     @classmethod
     def parse(cls, d: Any, where: str = "manifest.json") -> Manifest:
@@ -303,6 +324,7 @@ class Manifest:
             calibration=CalibrationSpec.parse(d.get("calibration")),
             variants=_frozen({n: VariantSpec.parse(n, v) for n, v in d.get("variants", {}).items()}),
             engines=_frozen({k: EngineSetSpec.parse(k, e) for k, e in d.get("engines", {}).items()}),
+            tokenizers=tuple(TokenizerSpec(**t) for t in d.get("tokenizers", ())),
         )
         manifest._check_references(where)
         return manifest
@@ -312,15 +334,17 @@ class Manifest:
         named = [s.file for s in self.segments.values()] + list(self.plans.values())
         named += [s.file for v in self.variants.values() for s in v.segments.values()]
         named += [e["file"] for es in self.engines.values() for e in es.segments.values()]
-        if self.tokenizer is not None:
-            named += [f for f in (self.tokenizer.file, self.tokenizer.openvino) if f is not None]
+        for tokenizer in (self.tokenizer, *self.tokenizers):
+            if tokenizer is not None:
+                named += [f for f in (tokenizer.file, tokenizer.openvino) if f is not None]
         if self.calibration is not None:  # a variant's record is provenance: its files may be gone
             named += list(self.calibration.files.values())
         unlisted = sorted({f for f in named if f not in self.files})
         if unlisted:
             raise BundleError(f"{where} names {unlisted[0]} but does not list its sha256 in `files`")
         for name in ("text_encoder", "vae_decoder", "embed", "context", "time", "final"):
-            if name not in self.segments and not (name == "text_encoder" and self.tokenizer is None):
+            textless = self.tokenizer is None and not self.tokenizers
+            if name not in self.segments and not (name == "text_encoder" and textless):
                 raise BundleError(f"{where} has no {name!r} segment")
         blocks = self.model.num_blocks
         for spec in self.segments.values():

@@ -30,6 +30,8 @@ def facts_from_manifest(bundle: Bundle) -> ModelFacts:
         num_classes=model.num_classes,
         uses_size_conditions=model.uses_size_conditions,
         resolutions=resolutions,
+        position_ids=model.position_ids,
+        guidance=model.guidance,
     )
 
 
@@ -63,7 +65,28 @@ class BundleGenerator(Generator):
             self._tokenizer = tokenizer
         return self._tokenizer
 
+    @property
+    def tokenizers(self) -> list[tuple[str, Any]]:
+        """Schema 4 (SD3, Flux): (text_encoder input, tokenizer padded and truncated to its length)."""
+        if "_tokenizers" not in self.__dict__:
+            loaded = []
+            for spec in self.bundle.manifest.tokenizers:
+                tokenizer = self.bundle.tokenizer(spec)
+                tokenizer.enable_truncation(spec.max_length)
+                pad = tokenizer.id_to_token(spec.pad_id)
+                tokenizer.enable_padding(length=spec.max_length, pad_id=spec.pad_id, pad_token=pad)
+                loaded.append((spec.input, tokenizer))
+            self.__dict__["_tokenizers"] = loaded
+        return self.__dict__["_tokenizers"]
+
     def encode_prompt(self, prompt: str) -> dict[str, Any]:
+        if self.bundle.manifest.tokenizers:  # SD3, Flux: the prompt as is, through every tokenizer
+            feeds = {
+                name: self.array(np.array([tokenizer.encode(prompt).ids], dtype=np.int64))
+                for name, tokenizer in self.tokenizers
+            }
+            with self.segments.activate():
+                return dict(self.segments.run("text_encoder", feeds))
         encoding = self.tokenizer.encode(prompt.lower().strip())  # as the PixArt pipelines preprocess
         ids = self.array(np.array([encoding.ids], dtype=np.int64))
         mask = self.array(np.array([encoding.attention_mask], dtype=np.int64))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..state import State
+from ..state import State, feed_name, output_name
 from .bundle import Bundle, BundleError
 
 Array = Any  # the backend's array type
@@ -65,6 +65,9 @@ class SegmentRunner(ABC):
         self.num_blocks = model.num_blocks
         self.patch_size = model.patch_size
         self.out_channels = model.out_channels
+        self.token_layout = model.token_layout
+        self.state_names, self.state_init = model.state, model.state_init
+        self.uses_positions = "pos_embed" in bundle.manifest.segment("embed").input_names
         self.loop = bundle.loop
         # (start, end, name, takes feed) for every block segment, in order
         self.block_segments = [
@@ -137,39 +140,52 @@ class SegmentRunner(ABC):
         return {**context, **self.run("time", feeds)}
 
     def embed(self, latents: Array, cond: Feeds) -> State:
-        size = (int(latents.shape[-2]), int(latents.shape[-1]))
-        if size not in self._positions:
-            self._positions[size] = self.array(self.bundle.positions(*size))
+        """The state before block 0: the embed segment's image tokens, and any state tensor that
+        starts as a conditioning entry (an MMDiT's text stream: `model.state_init`)."""
+        feeds = {"latents": latents}
+        if self.uses_positions:
+            size = (int(latents.shape[-2]), int(latents.shape[-1]))
+            if size not in self._positions:
+                self._positions[size] = self.array(self.bundle.positions(*size))
+            feeds["pos_embed"] = self._positions[size]
+        state = {"hidden": self.run("embed", feeds)["hidden"]}
         return {
-            "hidden": self.run("embed", {"latents": latents, "pos_embed": self._positions[size]})["hidden"]
+            name: state["hidden"] if name == "hidden" else cond[self.state_init[name]]
+            for name in self.state_names
         }
 
-    def blocks(self, start: int, end: int, state: State, cond: Feeds, feed: Array = None) -> State:
-        """Blocks start..end through the segments that cover them; inside the loop, `feed` is added
-        before every block (eqs. 2–3) and zero on the first pass."""
-        position, hidden = start, state["hidden"]
+    def blocks(self, start: int, end: int, state: State, cond: Feeds, feed: State | None = None) -> State:
+        """Blocks start..end through the segments that cover them; inside the loop, `feed` (one
+        tensor per state tensor) is added before every block (eqs. 2–3) and zero on the first pass."""
+        position = start
         for first, last, name, feedable in self.block_segments:
             if first < start or last > end:
                 continue
             if first != position:
                 break
-            feeds = {**cond, "hidden": hidden}
+            feeds = {**cond, **state}
             if feedable:
-                feeds["feed"] = feed if feed is not None else self.zeros_like(hidden)
-            hidden = self.run(name, feeds)["hidden_out"]
+                for key in self.state_names:
+                    feeds[feed_name(key)] = feed[key] if feed is not None else self.zeros_like(state[key])
+            out = self.run(name, feeds)
+            state = {key: out[output_name(key)] for key in self.state_names}
             position = last + 1
         if position != end + 1:
             raise ConfigError(f"the bundle has no segments covering blocks {start}-{end} exactly")
-        return {"hidden": hidden}
+        return state
 
     def inner_loop(self, state: State, cond: Feeds, cond_post: Feeds) -> State:
         start, end = self.loop  # type: ignore[misc]  # check_plan guarantees a loop
-        first_pass = self.blocks(start, end, state, cond)["hidden"]
-        f_feed = self.run("feedback", {**cond, "hidden": first_pass})["feed"]
+        out = self.run("feedback", {**cond, **self.blocks(start, end, state, cond)})
+        f_feed = {key: out[feed_name(key)] for key in self.state_names}
         return self.blocks(start, end, state, cond_post, feed=f_feed)
 
     def final(self, state: State, cond: Feeds, height: int, width: int) -> Array:
         tokens = self.run("final", {**cond, "hidden": state["hidden"]})["tokens"]
+        if self.token_layout == "packed":  # Flux: (C, 2, 2) per token, as FluxPipeline._unpack_latents
+            c = self.out_channels // 4
+            x = tokens.reshape(tokens.shape[0], height // 2, width // 2, c, 2, 2)
+            return self.permute(x, (0, 3, 1, 4, 2, 5)).reshape(tokens.shape[0], c, height, width)
         p, c = self.patch_size, self.out_channels
         x = tokens.reshape(tokens.shape[0], height // p, width // p, p, p, c)
         return self.permute(x, (0, 5, 1, 3, 2, 4)).reshape(tokens.shape[0], c, height, width)

@@ -1,0 +1,115 @@
+"""SD3 and Flux.1 (dev, schnell) bundles: exported with torch.export, run by ONNX Runtime and
+OpenVINO f32, checked against diffusers' own pipelines at two sizes (Flux: two shifts), every plan
+kind against the reference runner, `verify`, and edits refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ilf_deploy.backends import open_generator
+from ilf_deploy.backends.pytorch import TorchGenerator
+from ilf_deploy.cli import app
+from ilf_deploy.export.build import BuildOptions, build_bundle
+from ilf_deploy.runtime.bundle import Bundle, BundleError
+from ilf_deploy.runtime.generator import Request
+
+from .test_mmdit import PROMPT, diffusers_latents, relative_l2
+
+FAMILIES = ("sd3", "flux", "flux-schnell")
+SIZES = ((32, 32), (64, 32))  # Flux-dev: 16 and 32 image tokens, two dynamic shifts
+ENGINES = ("onnxruntime", "openvino")
+
+
+@pytest.fixture(scope="module")
+def mmdit_bundles(mmdit_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mmdit-bundles")
+    options = BuildOptions(plans=("base-4", "ilf-4", "cache-6"), resolutions=SIZES)
+    return {name: build_bundle(mmdit_dirs[name], root / name, options) for name in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bundle_engines_match_the_diffusers_pipeline(mmdit_models, mmdit_bundles, family, engine):
+    model = mmdit_models[family]
+    generator = open_generator(mmdit_bundles[family], engine)
+    plan = Bundle.load(mmdit_bundles[family]).plan("base-4")
+    for height, width in SIZES:
+        request = generator.resolve(Request(prompt=PROMPT, seed=3, height=height, width=width))
+        latents = generator.initial_latents(request)
+        got = torch.from_numpy(generator.latents_to_numpy(generator.generate_latents(plan, request, latents)))
+        with torch.no_grad():
+            expected = diffusers_latents(model, latents, 4, (height, width), request.guidance_scale)
+        assert relative_l2(got, expected) <= 1e-4, (height, width)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", ["ilf-4", "cache-6"])
+def test_every_plan_kind_matches_the_reference_runner(mmdit_models, mmdit_bundles, family, spec):
+    bundle = Bundle.load(mmdit_bundles[family])
+    plan = bundle.plan(spec)
+    reference = TorchGenerator(mmdit_models[family])
+    request = reference.resolve(Request(prompt=PROMPT, seed=8, height=64, width=32))
+    with torch.no_grad():
+        want = reference.generate_latents(plan, request).float()
+    for engine in ENGINES:
+        generator = open_generator(mmdit_bundles[family], engine)
+        got = torch.from_numpy(generator.latents_to_numpy(generator.generate_latents(plan, request)))
+        assert relative_l2(got, want) <= 1e-4, engine
+        image = generator.decode(generator.generate_latents(plan, request))
+        assert image.shape == (1, 64, 32, 3) and np.ptp(image) > 0
+
+
+def test_bundle_format_says_what_it_holds(mmdit_bundles):
+    flux = json.loads((mmdit_bundles["flux"] / "manifest.json").read_text())
+    assert flux["schema_version"] == 4
+    assert flux["model"]["state"] == ["hidden", "text"] and flux["model"]["token_layout"] == "packed"
+    assert flux["model"]["guidance"] == "embedded" and flux["tokenizer"] is None
+    assert [t["input"] for t in flux["tokenizers"]] == ["input_ids", "input_ids_2"]
+    blocks = [s for s in flux["segments"].values() if s["blocks"]]
+    inside = [s for s in blocks if any(t["name"] == "text_feed" for t in s["inputs"])]
+    assert inside and all({t["name"] for t in s["outputs"]} == {"hidden_out", "text_out"} for s in blocks)
+    plan = json.loads((mmdit_bundles["flux"] / "plans" / "ilf-4.json").read_text())
+    assert plan["version"] == 3 and sorted(plan["schedules"]) == ["16", "32"]
+    sd3 = json.loads((mmdit_bundles["sd3"] / "manifest.json").read_text())
+    assert len(sd3["tokenizers"]) == 3 and sd3["model"]["guidance"] == "cfg"
+    schnell = json.loads((mmdit_bundles["flux-schnell"] / "plans" / "ilf-4.json").read_text())
+    assert schnell["version"] == 1  # one schedule for every size
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verify_passes_and_an_edited_bundle_is_refused(mmdit_bundles, family, tmp_path):
+    result = CliRunner().invoke(app, ["verify", str(mmdit_bundles[family])])
+    assert result.exit_code == 0, result.output
+    edited = shutil.copytree(mmdit_bundles[family], tmp_path / "edited")
+    with (edited / "onnx" / "feedback.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="sha256"):
+        open_generator(edited, "onnxruntime")
+    result = CliRunner().invoke(
+        app, ["generate", str(edited), "--prompt", "x", "-o", str(tmp_path / "x.png")]
+    )
+    assert result.exit_code != 0 and "sha256" in result.output and "Traceback" not in result.output
+
+
+def test_flux_refuses_what_it_lacks(mmdit_bundles, tmp_path):
+    out = str(tmp_path / "x.png")
+    for extra, word in (
+        (["--negative-prompt", "blue"], "negative_prompt"),
+        (["--class-label", "1"], "class_label"),
+        (["--height", "40", "--width", "32"], "40"),
+    ):
+        result = CliRunner().invoke(
+            app, ["generate", str(mmdit_bundles["flux"]), "--prompt", "x", "-o", out, *extra]
+        )
+        assert result.exit_code != 0 and word in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(
+        app,
+        ["generate", str(mmdit_bundles["flux-schnell"]), "--prompt", "x", "--guidance-scale", "3", "-o", out],
+    )
+    assert result.exit_code != 0 and "guidance_scale" in result.output
