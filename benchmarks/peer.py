@@ -14,6 +14,7 @@ tune candidate's block throughput against the peak of its dtype, measured in the
 its engine runs a linear layer (benchmarks/peaks.py).
 
     python -m benchmarks.peer [--quick] [--runs N] [--tune-budget-s S] [--rebuild] [--no-compile]
+    python -m benchmarks.peer --family sd3|flux [...]   # SD3 and Flux: benchmarks/peer_mmdit.py
 """
 
 from __future__ import annotations
@@ -178,9 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the model, bundle and variants")
     parser.add_argument("--peaks", action="store_true", help="only measure the GEMM peaks of each dtype")
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)  # the child below
+    parser.add_argument(
+        "--family",
+        choices=("pixart", "sd3", "flux"),
+        default="pixart",
+        help="sd3, flux: benchmarks/peer_mmdit.py",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="sd3, flux: base-N, ilf-N, cache-N")
+    parser.add_argument("--flux-depth", default="2,4", help="flux: double,single blocks (Flux.1 has 19,38)")
+    parser.add_argument("--no-fp32", action="store_true", help="sd3, flux: skip diffusers fp32")
     args = parser.parse_args(argv)
     if args.peaks:
         return measure_peaks()
+    if args.family != "pixart":
+        from benchmarks import peer_mmdit
+
+        return peer_mmdit.main(args)
     runs = args.runs or (2 if args.quick else 3)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 

@@ -113,3 +113,34 @@ def test_flux_refuses_what_it_lacks(mmdit_bundles, tmp_path):
         ["generate", str(mmdit_bundles["flux-schnell"]), "--prompt", "x", "--guidance-scale", "3", "-o", out],
     )
     assert result.exit_code != 0 and "guidance_scale" in result.output
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_tensorrt_profiles_cover_every_segment(mmdit_bundles, family):
+    """The TensorRT layer's optimization profiles (never run here: no GPU, no TensorRT) know every
+    dimension an MMDiT bundle declares: batch, image tokens, rotary tokens = text + image tokens."""
+    from ilf_deploy.backends.tensorrt import input_profile
+
+    manifest = Bundle.load(mmdit_bundles[family]).manifest
+    for spec in manifest.segments.values():
+        profile = input_profile(manifest, spec)
+        assert set(profile) == set(spec.input_names)
+    blocks = next(s for s in manifest.block_segments if s.blocks)
+    low, _, high = input_profile(manifest, blocks)["hidden"]
+    assert (low[1], high[1]) == (16, 32)  # 32x32 and 64x32 px: 16 and 32 image tokens
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_int8_variants_stay_within_their_budgets(mmdit_bundles, family, tmp_path):
+    """int8-dynamic (ONNX Runtime) and int8-ov (OpenVINO, calibrated on plan trajectories) find the
+    MMDiT linear layers (the dynamo exporter's module scopes) and pass verify-variant."""
+    from ilf_deploy.quantization.calibration import collect_calibration
+    from ilf_deploy.quantization.quantize import quantize_bundle, verify_variant
+
+    path = shutil.copytree(mmdit_bundles[family], tmp_path / "bundle")
+    collect_calibration(path, "ilf-4", ["a red circle", "a blue square on grass"], max_samples=4)
+    for mode in ("int8-dynamic", "int8-ov"):
+        entry = quantize_bundle(path, mode)
+        assert sum(entry["quantized_layers"].values()) >= 10 * 4  # every block's attention and MLP
+        rows = verify_variant(Bundle.load(path), mode.replace("-", "_"), plan="ilf-4")
+        assert rows and all(row.ok for row in rows), [row for row in rows if not row.ok]

@@ -83,6 +83,10 @@ def dim_ranges(manifest: Manifest, max_batch: int | None = None) -> dict[str, Ra
     if manifest.tokenizer is not None:
         length = manifest.tokenizer.max_length
         ranges["text_tokens"] = (1, length, length)
+    text = [t.shape[1] for s in manifest.segments.values() for t in s.inputs if t.name == "text"]
+    if text and isinstance(text[0], int):  # SD3, Flux: rotary tables over text + image tokens
+        length, (low, opt, high) = text[0], ranges["tokens"]
+        ranges["rotary_tokens"] = (length + low, length + opt, length + high)
     return ranges
 
 

@@ -35,23 +35,25 @@ _AXES: dict[str, dict[int, str]] = {
     "input_ids": {0: "batch", 1: "text_tokens"},
     "attention_mask": {0: "batch", 1: "text_tokens"},
     "images": {0: "batch", 2: "height", 3: "width"},
-    # SD3, Flux: the text stream, rotary tables and ids, every tokenizer's ids
-    "text": {0: "batch", 1: "text_tokens"},
-    "text_out": {0: "batch", 1: "text_tokens"},
-    "text_feed": {0: "batch", 1: "text_tokens"},
-    "text_context": {0: "batch", 1: "text_tokens"},
-    "rope_cos": {1: "rotary_tokens"},
+}
+# The dynamo exporter (SD3, Flux): the text length is fixed per bundle (every tokenizer pads to its
+# max_length), so only the batch, the image tokens and what follows from them are dynamic.
+_DYNAMO_AXES: dict[str, dict[int, str]] = {
+    **_AXES,
+    "input_ids": {0: "batch"},
+    "prompt_embeds": {0: "batch"},
+    "rope_cos": {1: "rotary_tokens"},  # text + image tokens
     "rope_sin": {1: "rotary_tokens"},
     "img_ids": {0: "tokens"},
-    "txt_ids": {0: "text_tokens"},
-    "input_ids_2": {0: "batch"},
-    "input_ids_3": {0: "batch", 1: "text_tokens"},
+    "txt_ids": {},
 }
 
 
-def dynamic_axes(names: Sequence[str]) -> dict[str, dict[int, str]]:
-    """Every tensor is dynamic in batch; token and pixel axes as `_AXES` says."""
-    return {name: _AXES.get(name, {0: "batch"}) for name in names}
+def dynamic_axes(names: Sequence[str], dynamo: bool = False) -> dict[str, dict[int, str]]:
+    """Every tensor is dynamic in batch (but the ids: their positions); token and pixel axes as
+    `_AXES` (TorchScript) or `_DYNAMO_AXES` says."""
+    axes = _DYNAMO_AXES if dynamo else _AXES
+    return {name: axes.get(name, {} if name.endswith("_ids") else {0: "batch"}) for name in names}
 
 
 def export_segment(
@@ -90,6 +92,8 @@ def export_segment(
                     dynamo=False,
                 )
         model = onnx.load(str(raw))  # also reads any per-tensor files the exporter wrote
+        if dynamo:
+            _name_dims(model, [*inputs, *outputs])
         weights = sum(len(t.raw_data) for t in model.graph.initializer)
         data = path.with_name(path.name + ".data")
         if weights > TWO_GB // 2:  # keep well clear of protobuf's 2 GB limit
@@ -119,7 +123,7 @@ def _export_dynamo(
     import io
     import logging
 
-    axes = dynamic_axes(inputs)
+    axes = dynamic_axes(inputs, dynamo=True)
     flat = [{axis: torch.export.Dim.AUTO for axis in axes[name]} for name in inputs]
     # torch.export sees `forward(a, *rest)` as (a, (rest...)): the shapes take the same structure
     params = list(inspect.signature(module.forward).parameters.values())
@@ -140,6 +144,24 @@ def _export_dynamo(
             external_data=True,
             verbose=False,
         )
+
+
+def _name_dims(model, names: Sequence[str]) -> None:
+    """torch.export names dynamic dims s0, s1…: rename those of the graph's inputs and outputs (and
+    every use of them inside) to `_DYNAMO_AXES`' names, which the manifest records and TensorRT's
+    profiles read (backends/tensorrt.py `dim_ranges`)."""
+    axes = dynamic_axes(names, dynamo=True)
+    graph = model.graph
+    rename: dict[str, str] = {}
+    for value in [*graph.input, *graph.output]:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            name = axes.get(value.name, {}).get(axis)
+            if dim.dim_param and name:
+                rename.setdefault(dim.dim_param, name)
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
 
 
 def onnx_io(path: Path) -> tuple[list[dict], list[dict]]:

@@ -50,9 +50,11 @@ from .calibration import load_calibration
 
 MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq", "int8-ov", "bf16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-# Linear layers of attention (attn1 self, attn2 cross) and feed-forward: `/blocks.3/attn1/to_q/MatMul`.
-# adaLN-Zero (DiT `norm1.linear`, `norm1.emb`) and attention BMMs (no constant weight) are left alone.
-LINEAR_NODE = re.compile(r"/(attn\d*|ff)/")
+# Linear layers of attention (attn1 self, attn2 cross; MMDiT attn with its context projections),
+# feed-forward (ff; MMDiT ff_context) and Flux's single-stream MLP (proj_mlp, proj_out), by module
+# scope: `/blocks.3/attn1/to_q/MatMul` (TorchScript's node name). adaLN (`norm1.linear`, `norm1.emb`)
+# and attention BMMs (no constant weight) are left alone.
+LINEAR_NODE = re.compile(r"/(attn\d*|ff|ff_context|proj_mlp|proj_out)/")
 # Static modes also keep PixArt's cross-attention query in float: it reads the un-normalised residual
 # stream, whose range grows ~100x over a trajectory (measured on the tiny model), so one static
 # per-tensor scale cannot span it (1 dB SNR). Dynamic quantization scales per call and keeps it.
@@ -61,6 +63,19 @@ STATIC_EXCLUDE = re.compile(r"/attn2/to_q/")
 
 def default_variant_name(mode: str) -> str:
     return mode.replace("-", "_")
+
+
+def node_scope(node: Any) -> str:
+    """A node's module scope: TorchScript names nodes by it (`/blocks.3/attn1/to_q/MatMul`); the
+    dynamo exporter (SD3, Flux) records it in the `namespace` metadata ("…/blocks.0.attn.to_q: Linear"),
+    written here in the TorchScript form (`/blocks/0/attn/to_q/`)."""
+    if node.name.startswith("/"):
+        return node.name
+    namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+    # "…/blocks.0.attn.to_q: torch.nn.Linear/linear_2: aten.linear.default": the last module entry
+    entries = [part.split(":", 1) for part in namespace.split("/") if ":" in part]
+    modules = [key.strip() for key, kind in entries if not kind.strip().startswith("aten.")]
+    return "/" + modules[-1].replace(".", "/") + "/" if modules and modules[-1] else node.name
 
 
 def linear_nodes(model: Any, static: bool = False) -> list[str]:
@@ -72,8 +87,8 @@ def linear_nodes(model: Any, static: bool = False) -> list[str]:
         if node.op_type in ("MatMul", "Gemm")
         and len(node.input) > 1
         and node.input[1] in weights
-        and LINEAR_NODE.search(node.name)
-        and not (static and STATIC_EXCLUDE.search(node.name))
+        and LINEAR_NODE.search(node_scope(node))
+        and not (static and STATIC_EXCLUDE.search(node_scope(node)))
     ]
 
 
@@ -110,18 +125,21 @@ def _external(path: Path) -> bool:
     return size + (data.stat().st_size if data.is_file() else 0) > 2**30
 
 
-def fuse_for_cpu(source: Path, target: Path, external: bool = False) -> None:
+def fuse_for_cpu(source: Path, target: Path, external: bool = False, dynamo: bool = False) -> None:
     """ORT's transformer fusions that keep the math: tanh-GELU -> FastGelu, LayerNormalization.
 
     The exporter writes the tanh GELU as ~8 elementwise ops over the 4x-wide FF hidden; after the
     linear layers run in int8 those were ~20 % of a block on ORT CPU. The fused op is ORT-only
-    (com.microsoft), which is why only the ORT `int8-dynamic` variant gets it."""
+    (com.microsoft), which is why only the ORT `int8-dynamic` variant gets it. A graph of the dynamo
+    exporter (SD3, Flux) has its LayerNormalization already; the norm fusion would turn its q/k RMS
+    norms into SimplifiedLayerNormalization, which ORT runs but ONNX's checker rejects."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
     for flag in ("attention", "skip_layer_norm", "embed_layer_norm", "bias_skip_layer_norm"):
         setattr(options, f"enable_{flag}", False)  # diffusers attention does not match these patterns
+    options.enable_layer_norm = not dynamo
     model = optimize_model(
         str(source), model_type="bert", num_heads=0, hidden_size=0, optimization_options=options, opt_level=0
     )
@@ -143,6 +161,7 @@ def quantize_segment(
     except Exception as exc:  # protobuf's DecodeError for a truncated or corrupt file
         raise BundleError(f"cannot read {source} ({type(exc).__name__}: {exc}); rebuild the bundle") from None
     nodes = linear_nodes(graph, static=mode != "int8-dynamic")
+    dynamo = any(node.metadata_props for node in graph.graph.node)  # dynamo exporter scopes: SD3, Flux
     if mode != "int8-dynamic" and not samples:
         raise ConfigError(f"{mode} needs calibration samples")
     if mode == "int8-ov":
@@ -162,18 +181,20 @@ def quantize_segment(
     )
     with _quiet():
         if mode == "int8-dynamic":
-            _quantize_dynamic(source, target, external, common)
+            _quantize_dynamic(source, target, external, common, dynamo)
         else:
             _quantize_static(source, target, mode, samples or [], calibrate, common)
     onnx.checker.check_model(str(target))
     return len(nodes)
 
 
-def _quantize_dynamic(source: Path, target: Path, external: bool, common: dict[str, Any]) -> None:
+def _quantize_dynamic(
+    source: Path, target: Path, external: bool, common: dict[str, Any], dynamo: bool = False
+) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fused = target.with_name(f".{target.stem}.fused.onnx")
-    fuse_for_cpu(source, fused, external)
+    fuse_for_cpu(source, fused, external, dynamo)
     quantize_dynamic(
         fused,
         target,

@@ -1,0 +1,295 @@
+"""Peer, two-stream families: diffusers' own StableDiffusion3Pipeline / FluxPipeline vs ilf-deploy
+on the same model and machine (`python -m benchmarks.peer --family sd3|flux`).
+
+The model: the family's real transformer config at full width — SD3-medium (24 joint blocks, 24
+heads x 64 = 1536 wide) or Flux.1 (24 heads x 128 = 3072 wide) with its depth reduced to fit 24 GiB
+(default 2 double + 4 single blocks of Flux.1-dev's 19 + 38: `--flux-depth D,S`) — with random
+weights, the tiny text encoders and tokenizers of `make-tiny` (their token counts are the real ones:
+SD3 77 CLIP + 256 T5, Flux 512 T5) and a 16-channel VAE with the real downsampling factor 8, so a
+256 px image is the real 256 image tokens. Theirs: the pipeline at fp32, bf16 eager and bf16 with
+its transformer under `torch.compile`, base-N (default N = 10: the claim is speed per step).
+Ours: `--backend auto` after `ilf-deploy tune` (the fastest engine x precision within its budget),
+the same base-N (the engine alone), then ilf-N and cache-N: each plan's time beside its block-forward
+ideal (base-N time x its block forwards / base-N's) and its fidelity against base-N on the same
+engine (latent rel. L2 and SNR: random weights, so speed is the claim, not quality). One image,
+256 px, same prompt, seed and guidance, text encoder + denoising (latents out), interleaved,
+medians; targets: auto base-N >= 1.5x diffusers bf16 eager base-N; every plan within 5 % of its ideal.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OUT = Path("out/bench")
+TARGET = 1.5  # auto base-N vs diffusers bf16 eager base-N
+IDEAL_TOLERANCE = 0.05  # each plan's time within 5 % of its block-forward ideal
+PROMPT = "a lighthouse on a cliff above a stormy sea, oil painting"
+SEED, SIZE = 7, 256
+GUIDANCE = {"sd3": 7.0, "flux": 3.5}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def transformer_config(family: str, quick: bool, flux_depth: tuple[int, int], text: dict) -> dict:
+    """The family's transformer config at full width (narrow with `quick`), fitted to the tiny
+    text encoders' widths (`text`: joint_attention_dim, pooled_projection_dim)."""
+    if family == "sd3":  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+        heads, layers = (6, 4) if quick else (24, 24)
+        return dict(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+            attention_head_dim=64, num_attention_heads=heads, caption_projection_dim=heads * 64,
+            pos_embed_max_size=192, **text,
+        )  # fmt: skip
+    heads, (double, single) = (4, (1, 2)) if quick else (24, flux_depth)
+    return dict(  # black-forest-labs/FLUX.1-dev transformer/config.json, depth reduced
+        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
+        attention_head_dim=128, num_attention_heads=heads, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56), **text,
+    )  # fmt: skip
+
+
+def build_model_dir(out: Path, family: str, quick: bool, flux_depth: tuple[int, int]) -> Path:
+    """`make-tiny`'s pipeline (text encoders, tokenizers, scheduler) with the transformer replaced
+    by the full-width config, a factor-8 VAE and a random ILF feedback module."""
+    import diffusers
+    import torch
+
+    from ilf_deploy.adapters import make_adapter
+    from ilf_deploy.ilf import FEEDBACK_DIR, FeedbackModule
+    from ilf_deploy.plan import default_loop
+    from ilf_deploy.tiny import _VAE_SCALE_SHIFT, make_tiny_pipeline
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tiny = make_tiny_pipeline(family, out.with_name(out.name + ".tiny"), feedback=False)
+    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    pipe = cls.from_pretrained(tiny)
+    old = pipe.transformer.config
+    text = {
+        "joint_attention_dim": old.joint_attention_dim,
+        "pooled_projection_dim": old.pooled_projection_dim,
+    }
+    model_cls = diffusers.SD3Transformer2DModel if family == "sd3" else diffusers.FluxTransformer2DModel
+    scaling, shift = _VAE_SCALE_SHIFT[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe.transformer = model_cls(**transformer_config(family, quick, flux_depth, text))
+        pipe.vae = diffusers.AutoencoderKL(  # 4 levels: the real factor 8
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32),
+            layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=SIZE,
+            scaling_factor=scaling, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False,
+        )  # fmt: skip
+        adapter = make_adapter(family, pipe.transformer)
+        feedback = FeedbackModule.create(adapter, default_loop(adapter.num_blocks))
+        torch.nn.init.normal_(feedback.scales, std=0.05)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    feedback.save(tmp / FEEDBACK_DIR)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # the portable tokenizers make-tiny wrote
+        if (tiny / name).is_dir():
+            shutil.rmtree(tmp / name, ignore_errors=True)
+            shutil.copytree(tiny / name, tmp / name)
+    shutil.copyfile(tiny / "model_index.json", tmp / "model_index.json")
+    shutil.rmtree(tiny)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def prepare(
+    work: Path, family: str, steps: int, quick: bool, flux_depth, modes: list[str]
+) -> tuple[Path, Path]:
+    """The model directory and its bundle (base-N, ilf-N, cache-N at 256 px, fp32, with the torch
+    model for tune's torch candidates) and variants; each made once and reused."""
+    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from ilf_deploy.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
+    from ilf_deploy.quantization.quantize import default_variant_name, quantize_bundle
+    from ilf_deploy.runtime.bundle import Bundle
+
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, bundle_dir = work / "model", work / "bundle"
+    if not (model_dir / "model_index.json").is_file():
+        log(f"writing {model_dir}")
+        build_model_dir(model_dir, family, quick, flux_depth)
+    if not (bundle_dir / "manifest.json").is_file():
+        log(f"exporting {bundle_dir}")
+        plans = tuple(f"{kind}-{steps}" for kind in ("base", "ilf", "cache"))
+        options = BuildOptions(plans=plans, resolutions=[(SIZE, SIZE)], force=True, copy_model=True)
+        build_bundle(model_dir, bundle_dir, options)
+    for mode in modes:
+        name = default_variant_name(mode)
+        bundle = Bundle.load(bundle_dir, verify_hashes=False)
+        if name in bundle.variants:
+            continue
+        if mode != "int8-dynamic" and bundle.manifest.calibration is None:
+            log(f"calibrating on 2 ilf-{steps} trajectories")
+            collect_calibration(bundle_dir, f"ilf-{steps}", DEFAULT_PROMPTS[:2], max_samples=8)
+        log(f"quantizing: {mode}")
+        quantize_bundle(bundle_dir, mode, name)
+    return model_dir, bundle_dir
+
+
+def diffusers_runner(model_dir: Path, family: str, steps: int, dtype: Any, compile: bool = False):
+    import diffusers
+    import torch
+
+    from ilf_deploy.loading import quiet_huggingface
+
+    quiet_huggingface()
+    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    pipe = cls.from_pretrained(model_dir, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if compile:
+        pipe.transformer = torch.compile(pipe.transformer)
+    extra = {"negative_prompt": ""} if family == "sd3" else {}
+
+    def run() -> np.ndarray:
+        with torch.inference_mode():
+            out = pipe(
+                PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE[family], height=SIZE, width=SIZE,
+                generator=torch.Generator().manual_seed(SEED), output_type="latent", **extra,
+            ).images  # fmt: skip
+        return out.float().numpy()
+
+    return run
+
+
+def ours_runner(generator: Any, plan: Any, family: str) -> Callable[[], np.ndarray]:
+    from ilf_deploy.runtime.generator import Request
+
+    request = Request(prompt=PROMPT, seed=SEED, guidance_scale=GUIDANCE[family], height=SIZE, width=SIZE)
+
+    def run() -> np.ndarray:
+        generator.__dict__.pop("_prompt_cache", None)  # the text encoders run every time, as diffusers'
+        return generator.latents_to_numpy(generator.generate_latents(plan, request))
+
+    return run
+
+
+def interleave(engines: dict[str, Callable[[], np.ndarray]], runs: int) -> tuple[dict, dict, dict]:
+    outputs, warmup = {}, {}
+    for name, fn in engines.items():
+        start = time.perf_counter()
+        outputs[name] = fn()
+        warmup[name] = time.perf_counter() - start
+        log(f"warm-up: {name} {warmup[name]:.1f} s")
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for round_ in range(runs):
+        for name, fn in engines.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            log(f"round {round_ + 1}: {name} {times[name][-1]:.2f} s")
+    return outputs, times, warmup
+
+
+def main(args: Any) -> int:
+    family, steps, quick = args.family, args.steps, args.quick
+    depth = tuple(int(v) for v in args.flux_depth.split(","))
+    runs = args.runs or (2 if quick else 3)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    work = OUT / f"peer-{family}" / ("quick" if quick else "full")
+    if args.rebuild:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.prepare_only:
+        prepare(work, family, steps, quick, depth, modes)
+        return 0
+    # Build, calibrate and quantize in a child process (benchmarks/peer.py says why).
+    child = [
+        sys.executable,
+        "-m",
+        "benchmarks.peer",
+        "--family",
+        family,
+        "--prepare-only",
+        "--modes",
+        ",".join(modes),
+    ]
+    child += ["--steps", str(steps), "--flux-depth", args.flux_depth] + ["--quick"] * quick
+    subprocess.run(child, check=True)
+    model_dir, bundle_dir = prepare(work, family, steps, quick, depth, modes)
+
+    import torch
+
+    from ilf_deploy.backends import open_generator
+    from ilf_deploy.backends.machine import fingerprint
+    from ilf_deploy.compare import metrics
+    from ilf_deploy.runtime.bundle import Bundle
+    from ilf_deploy.tuning import tune
+
+    base = f"base-{steps}"
+    log("ilf-deploy tune")
+    budget = args.tune_budget_s or (60.0 if quick else 300.0)
+    eager_only = (lambda c: not c.options.get("compile")) if args.no_compile else None
+    report = tune(bundle_dir, base, budget_s=budget, progress=log, include=eager_only)
+    bundle = Bundle.load(bundle_dir)
+    auto = open_generator(bundle_dir, "auto")
+    log(auto.choice or "")
+    eager_bf16, compiled_bf16 = f"diffusers bf16 {base}", f"diffusers bf16 + torch.compile {base}"
+    engines: dict[str, Callable[[], np.ndarray]] = {}
+    if not args.no_fp32:
+        engines[f"diffusers fp32 {base}"] = diffusers_runner(model_dir, family, steps, torch.float32)
+    engines[eager_bf16] = diffusers_runner(model_dir, family, steps, torch.bfloat16)
+    if not args.no_compile:
+        engines[compiled_bf16] = diffusers_runner(model_dir, family, steps, torch.bfloat16, compile=True)
+    label = (auto.choice or "auto").split("(")[0].removeprefix("auto: ").strip()
+    plans = {kind: bundle.plan(f"{kind}-{steps}") for kind in ("base", "ilf", "cache")}
+    ours = {kind: f"ilf-deploy auto ({label}) {plan.name}" for kind, plan in plans.items()}
+    for kind, plan in plans.items():
+        engines[ours[kind]] = ours_runner(auto, plan, family)
+
+    log(f"warm-up, then {runs} interleaved runs of each engine (text encoders + denoising, one image)")
+    outputs, times, warmup = interleave(engines, runs)
+    seconds = {name: statistics.median(v) for name, v in times.items()}
+    ratio = seconds[eager_bf16] / seconds[ours["base"]]
+    plan_rows = {}
+    for kind, plan in plans.items():
+        ideal = seconds[ours["base"]] * plan.block_forwards / plans["base"].block_forwards
+        fidelity = metrics(outputs[ours[kind]], outputs[ours["base"]]).to_dict()
+        plan_rows[plan.name] = {
+            "seconds": seconds[ours[kind]], "block_forwards": plan.block_forwards, "ideal_s": ideal,
+            "vs_ideal": seconds[ours[kind]] / ideal,
+            "within": abs(seconds[ours[kind]] / ideal - 1) <= IDEAL_TOLERANCE, "fidelity_vs_base": fidelity,
+        }  # fmt: skip
+    machine = fingerprint()
+    headline = {"ours": ours["base"], "theirs": eager_bf16, "ratio": ratio, "target": TARGET}
+    compiled = seconds[compiled_bf16] / seconds[ours["base"]] if compiled_bf16 in seconds else None
+    result = {
+        "family": family,
+        "model": json.loads((model_dir / "transformer" / "config.json").read_text()),
+        "size": SIZE, "steps": steps, "runs": runs, "machine": machine, "seconds": seconds,
+        "samples_s": times, "warmup_s": warmup, "auto_choice": auto.choice,
+        "tune": {"winner": report["winner"], "candidates": report["candidates"]},
+        "headline": {**headline, "met": ratio >= TARGET}, "compiled_ratio": compiled,
+        "plans": plan_rows,
+    }  # fmt: skip
+    flags = [f for f in machine["flags"] if f.startswith(("avx512", "amx", "avx_vnni", "avx2", "fma"))]
+    print(f"\nPeer benchmark, {family} ({'quick' if quick else 'full width'}), {SIZE} px, {steps} steps")
+    print(f"  machine: {machine['cpu']}, {machine['cores']} cores; {' '.join(flags)}")
+    for name, s in seconds.items():
+        print(f"  {name:<64}{s:>9.2f} s{seconds[eager_bf16] / s:>8.2f}x vs {eager_bf16}")
+    verdict = "met" if ratio >= TARGET else "NOT met"
+    print(f"  headline: auto {base} vs {eager_bf16} = {ratio:.2f}x (target >= {TARGET}x: {verdict})")
+    for name, row in plan_rows.items():
+        fid = row["fidelity_vs_base"]
+        print(
+            f"  {name}: {row['seconds']:.2f} s = {row['vs_ideal']:.3f} x its ideal ({row['block_forwards']} "
+            f"block forwards); vs {base}: rel L2 {fid['rel_l2']:.3g}, SNR {fid['snr_db']:.1f} dB"
+        )
+    OUT.mkdir(parents=True, exist_ok=True)
+    name = f"peer_{family}{'_quick' if quick else ''}.json"
+    (OUT / name).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    log(f"results → {OUT / name}")
+    return 0
