@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=10, help="sd3, flux: base-N, ilf-N, cache-N")
     parser.add_argument("--flux-depth", default="2,4", help="flux: double,single blocks (Flux.1 has 19,38)")
+    parser.add_argument("--sd3-depth", type=int, default=24, help="sd3: joint blocks (SD3-medium has 24)")
     parser.add_argument("--no-fp32", action="store_true", help="sd3, flux: skip diffusers fp32")
     args = parser.parse_args(argv)
     if args.peaks:

@@ -1,11 +1,12 @@
 """Peer, two-stream families: diffusers' own StableDiffusion3Pipeline / FluxPipeline vs ilf-deploy
 on the same model and machine (`python -m benchmarks.peer --family sd3|flux`).
 
-The model: the family's real transformer config at full width — SD3-medium (24 joint blocks, 24
-heads x 64 = 1536 wide) or Flux.1 (24 heads x 128 = 3072 wide) with its depth reduced to fit 24 GiB
-(default 2 double + 4 single blocks of Flux.1-dev's 19 + 38: `--flux-depth D,S`) — with random
-weights, the tiny text encoders and tokenizers of `make-tiny` (their token counts are the real ones:
-SD3 77 CLIP + 256 T5, Flux 512 T5) and a 16-channel VAE with the real downsampling factor 8, so a
+The model: the family's real transformer config at full width — SD3-medium (24 joint blocks,
+24 heads x 64 = 1536 wide; `--sd3-depth N`: its first N) or Flux.1 (24 heads x 128 = 3072 wide)
+with its depth reduced to fit 24 GiB (default 2 double + 4 single blocks of Flux.1-dev's 19 + 38:
+`--flux-depth D,S`) — with random weights, the tiny text encoders and tokenizers of `make-tiny`
+(their token counts are the real ones: SD3 77 CLIP + 256 T5, Flux 512 T5) and a 16-channel VAE
+with the real downsampling factor 8, so a
 256 px image is the real 256 image tokens. Theirs: the pipeline at fp32, bf16 eager and bf16 with
 its transformer under `torch.compile`, base-N (default N = 10: the claim is speed per step).
 Ours: `--backend auto` after `ilf-deploy tune` (the fastest engine x precision within its budget),
@@ -23,12 +24,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.peer import interleave, log
 
 OUT = Path("out/bench")
 TARGET = 1.5  # auto base-N vs diffusers bf16 eager base-N
@@ -38,21 +40,17 @@ SEED, SIZE = 7, 256
 GUIDANCE = {"sd3": 7.0, "flux": 3.5}
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def transformer_config(family: str, quick: bool, flux_depth: tuple[int, int], text: dict) -> dict:
+def transformer_config(family: str, quick: bool, depth: tuple[int, ...], text: dict) -> dict:
     """The family's transformer config at full width (narrow with `quick`), fitted to the tiny
     text encoders' widths (`text`: joint_attention_dim, pooled_projection_dim)."""
     if family == "sd3":  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
-        heads, layers = (6, 4) if quick else (24, 24)
+        heads, layers = (6, 4) if quick else (24, depth[0])
         return dict(
             sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
             attention_head_dim=64, num_attention_heads=heads, caption_projection_dim=heads * 64,
             pos_embed_max_size=192, **text,
         )  # fmt: skip
-    heads, (double, single) = (4, (1, 2)) if quick else (24, flux_depth)
+    heads, (double, single) = (4, (1, 2)) if quick else (24, depth)
     return dict(  # black-forest-labs/FLUX.1-dev transformer/config.json, depth reduced
         patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
         attention_head_dim=128, num_attention_heads=heads, guidance_embeds=True,
@@ -60,7 +58,7 @@ def transformer_config(family: str, quick: bool, flux_depth: tuple[int, int], te
     )  # fmt: skip
 
 
-def build_model_dir(out: Path, family: str, quick: bool, flux_depth: tuple[int, int]) -> Path:
+def build_model_dir(out: Path, family: str, quick: bool, depth: tuple[int, ...]) -> Path:
     """`make-tiny`'s pipeline (text encoders, tokenizers, scheduler) with the transformer replaced
     by the full-width config, a factor-8 VAE and a random ILF feedback module."""
     import diffusers
@@ -85,7 +83,7 @@ def build_model_dir(out: Path, family: str, quick: bool, flux_depth: tuple[int, 
     scaling, shift = _VAE_SCALE_SHIFT[family]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        pipe.transformer = model_cls(**transformer_config(family, quick, flux_depth, text))
+        pipe.transformer = model_cls(**transformer_config(family, quick, depth, text))
         pipe.vae = diffusers.AutoencoderKL(  # 4 levels: the real factor 8
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32),
@@ -108,9 +106,7 @@ def build_model_dir(out: Path, family: str, quick: bool, flux_depth: tuple[int, 
     return out
 
 
-def prepare(
-    work: Path, family: str, steps: int, quick: bool, flux_depth, modes: list[str]
-) -> tuple[Path, Path]:
+def prepare(work: Path, family: str, steps: int, quick: bool, depth, modes: list[str]) -> tuple[Path, Path]:
     """The model directory and its bundle (base-N, ilf-N, cache-N at 256 px, fp32, with the torch
     model for tune's torch candidates) and variants; each made once and reused."""
     from ilf_deploy.export.build import BuildOptions, build_bundle
@@ -122,7 +118,7 @@ def prepare(
     model_dir, bundle_dir = work / "model", work / "bundle"
     if not (model_dir / "model_index.json").is_file():
         log(f"writing {model_dir}")
-        build_model_dir(model_dir, family, quick, flux_depth)
+        build_model_dir(model_dir, family, quick, depth)
     if not (bundle_dir / "manifest.json").is_file():
         log(f"exporting {bundle_dir}")
         plans = tuple(f"{kind}-{steps}" for kind in ("base", "ilf", "cache"))
@@ -178,29 +174,12 @@ def ours_runner(generator: Any, plan: Any, family: str) -> Callable[[], np.ndarr
     return run
 
 
-def interleave(engines: dict[str, Callable[[], np.ndarray]], runs: int) -> tuple[dict, dict, dict]:
-    outputs, warmup = {}, {}
-    for name, fn in engines.items():
-        start = time.perf_counter()
-        outputs[name] = fn()
-        warmup[name] = time.perf_counter() - start
-        log(f"warm-up: {name} {warmup[name]:.1f} s")
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for round_ in range(runs):
-        for name, fn in engines.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-            log(f"round {round_ + 1}: {name} {times[name][-1]:.2f} s")
-    return outputs, times, warmup
-
-
 def main(args: Any) -> int:
     family, steps, quick = args.family, args.steps, args.quick
-    depth = tuple(int(v) for v in args.flux_depth.split(","))
+    depth = tuple(int(v) for v in (args.flux_depth if family == "flux" else str(args.sd3_depth)).split(","))
     runs = args.runs or (2 if quick else 3)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    work = OUT / f"peer-{family}" / ("quick" if quick else "full")
+    work = OUT / f"peer-{family}" / ("quick" if quick else "-".join(map(str, depth)))
     if args.rebuild:
         shutil.rmtree(work, ignore_errors=True)
     if args.prepare_only:
@@ -217,7 +196,8 @@ def main(args: Any) -> int:
         "--modes",
         ",".join(modes),
     ]
-    child += ["--steps", str(steps), "--flux-depth", args.flux_depth] + ["--quick"] * quick
+    child += ["--steps", str(steps), "--flux-depth", args.flux_depth, "--sd3-depth", str(args.sd3_depth)]
+    child += ["--quick"] * quick
     subprocess.run(child, check=True)
     model_dir, bundle_dir = prepare(work, family, steps, quick, depth, modes)
 

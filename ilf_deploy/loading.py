@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,7 @@ def load_model(
         raise ModelLoadError(f"cannot load the transformer from {transformer_dir}: {exc}") from None
     transformer.eval().requires_grad_(False)
     adapter = make_adapter(architecture, transformer)
-    default_scheduler = default_scheduler_config(architecture, adapter)
+    default_scheduler = default_scheduler_config(architecture, adapter.config)
     scheduler_path = path / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else dict(default_scheduler)
     if architecture in ("sd3", "flux"):  # the pipeline decides how flow sigmas are prepared
@@ -215,14 +215,14 @@ def quiet_huggingface() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def default_scheduler_config(architecture: str, adapter: Adapter) -> dict[str, Any]:
+def default_scheduler_config(architecture: str, transformer_config: Mapping[str, Any]) -> dict[str, Any]:
     """The scheduler a bare transformer directory runs with: its family's reference checkpoint's."""
     if architecture == "dit":
         return dict(DIT_SCHEDULER_CONFIG)
     if architecture == "sd3":
         return dict(SD3_SCHEDULER_CONFIG)
     if architecture == "flux":
-        guided = bool(adapter.config.guidance_embeds)
+        guided = bool(transformer_config.get("guidance_embeds"))
         return dict(FLUX_DEV_SCHEDULER_CONFIG if guided else FLUX_SCHNELL_SCHEDULER_CONFIG)
     return dict(PIXART_SCHEDULER_CONFIG)
 

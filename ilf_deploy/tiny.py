@@ -31,10 +31,10 @@ from .plan import default_loop, validate_loop
 from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
 
 MAX_LAYERS = 64  # a tiny model; PixArt-XL has 28
-MMDIT_ARCHITECTURES = ("sd3", "flux", "flux-schnell")
+MMDIT_ARCHITECTURES = ("sd3", "sd3.5", "flux", "flux-schnell")
 TINY_ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit", *MMDIT_ARCHITECTURES)
 # The adapter family of a tiny variant (FLUX.1-schnell is a FluxPipeline like FLUX.1-dev).
-ADAPTER_ARCHITECTURE = {"flux-schnell": "flux"}
+ADAPTER_ARCHITECTURE = {"flux-schnell": "flux", "sd3.5": "sd3"}
 
 _VAE_BLOCKS = (16, 32, 32)  # 3 levels -> downsampling factor 4
 VAE_SCALE_FACTOR = 2 ** (len(_VAE_BLOCKS) - 1)
@@ -47,7 +47,12 @@ TINY_MS_IMAGE_SIZE = _MS_LATENT_SIZE * VAE_SCALE_FACTOR  # pixart-alpha, resolut
 _MAX_LENGTH = {"pixart-alpha": 120, "pixart-sigma": 300}
 _VAE_SCALING = {"pixart-alpha": 0.18215, "pixart-sigma": 0.13025, "dit": 0.18215}
 # The 16-channel VAEs of SD3 and Flux: (scaling_factor, shift_factor) of the real repos' vae/config.json.
-_VAE_SCALE_SHIFT = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159), "flux-schnell": (0.3611, 0.1159)}
+_VAE_SCALE_SHIFT = {
+    "sd3": (1.5305, 0.0609),
+    "sd3.5": (1.5305, 0.0609),
+    "flux": (0.3611, 0.1159),
+    "flux-schnell": (0.3611, 0.1159),
+}
 MMDIT_T5_MAX_LENGTH = 32  # tiny; the real T5 tokenizers say 512 (see the module docstring)
 CLIP_MAX_LENGTH = 77  # CLIP's context length, as in the real tokenizers and text encoders
 
@@ -208,6 +213,7 @@ def _portable_tokenizer(
 # The tokenizers of the MMDiT pipelines: True for the CLIP stand-ins, False for T5.
 _MMDIT_TOKENIZERS: dict[str, dict[str, bool]] = {
     "sd3": {"tokenizer": True, "tokenizer_2": True, "tokenizer_3": False},
+    "sd3.5": {"tokenizer": True, "tokenizer_2": True, "tokenizer_3": False},
     "flux": {"tokenizer": True, "tokenizer_2": False},
     "flux-schnell": {"tokenizer": True, "tokenizer_2": False},
 }
@@ -343,6 +349,8 @@ def _build(arch: str, num_layers: int, resolution_conditions: bool, *, qk_norm: 
 
     if arch == "sd3":
         return _build_sd3(num_layers, qk_norm)
+    if arch == "sd3.5":  # SD3.5-medium's MMDiT-X: q/k RMSNorm, dual attention in the first blocks
+        return _build_sd3(num_layers, "rms_norm", dual_attention_layers=tuple(range(min(2, num_layers))))
     if arch in ("flux", "flux-schnell"):
         return _build_flux(arch, num_layers)
     if arch == "dit":
@@ -401,7 +409,7 @@ def _build_pixart(arch: str, num_layers: int, resolution_conditions: bool):
     )
 
 
-def _build_sd3(num_layers: int, qk_norm: str | None):
+def _build_sd3(num_layers: int, qk_norm: str | None, dual_attention_layers: tuple[int, ...] = ()):
     """StableDiffusion3Pipeline shaped like SD3-medium: joint blocks (the last one context_pre_only),
     CLIP-L + CLIP-G pooled projections, the CLIP hidden states zero-padded to the T5 width."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -423,6 +431,7 @@ def _build_sd3(num_layers: int, qk_norm: str | None):
         pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
         pos_embed_max_size=_SD3_POS_EMBED_MAX_SIZE,
         qk_norm=qk_norm,
+        dual_attention_layers=dual_attention_layers,
     )
     return StableDiffusion3Pipeline(
         transformer=transformer,

@@ -45,8 +45,9 @@ def tiny_bundles(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-# Two-stream MMDiTs (tests/test_mmdit.py, tests/test_mmdit_bundles.py): SD3, Flux.1-dev, Flux.1-schnell
-MMDIT_FAMILIES = ("sd3", "flux", "flux-schnell")
+# Two-stream MMDiTs (tests/test_mmdit*.py, tests/test_cpp_mmdit.py): SD3, SD3.5 (q/k RMSNorm, dual
+# attention), Flux.1-dev, Flux.1-schnell
+MMDIT_FAMILIES = ("sd3", "sd3.5", "flux", "flux-schnell")
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +59,19 @@ def mmdit_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def mmdit_models(mmdit_dirs) -> dict[str, LoadedModel]:
     return {name: load_model(path) for name, path in mmdit_dirs.items()}
+
+
+MMDIT_SIZES = ((32, 32), (64, 32))  # Flux-dev: 16 and 32 image tokens, two dynamic shifts
+# every plan kind: plain, ILF, Δ-cache, and adaptive with and without feedback
+MMDIT_PLANS = ("base-4", "ilf-4", "cache-6", "ilf-4-adapt1-4t0.3m2", "base-4-adapt1-4t0.3m2")
+
+
+@pytest.fixture(scope="session")
+def mmdit_bundles(mmdit_dirs, tmp_path_factory) -> dict[str, Path]:
+    """fp32 bundles of the tiny MMDiTs at two sizes (built once: tests/test_mmdit_bundles.py and
+    tests/test_cpp_mmdit.py share them)."""
+    from ilf_deploy.export.build import BuildOptions, build_bundle
+
+    root = tmp_path_factory.mktemp("mmdit-bundles")
+    options = BuildOptions(plans=MMDIT_PLANS, resolutions=MMDIT_SIZES)
+    return {name: build_bundle(mmdit_dirs[name], root / name, options) for name in MMDIT_FAMILIES}

@@ -13,7 +13,8 @@ from ilf_deploy.errors import ConfigError
 from ilf_deploy.ilf import FeedbackModule, inner_loop, run_blocks
 from ilf_deploy.loading import load_model
 
-FAMILIES = ("sd3", "flux", "flux-schnell")
+from .conftest import MMDIT_FAMILIES as FAMILIES
+
 PROMPT = "a small red circle at the top left on a blue background"
 SIZE = 32  # the tiny models' image size (FluxPipeline's own default is 1024 px whatever the model)
 

@@ -15,22 +15,15 @@ from typer.testing import CliRunner
 from ilf_deploy.backends import open_generator
 from ilf_deploy.backends.pytorch import TorchGenerator
 from ilf_deploy.cli import app
-from ilf_deploy.export.build import BuildOptions, build_bundle
 from ilf_deploy.runtime.bundle import Bundle, BundleError
 from ilf_deploy.runtime.generator import Request
 
+from .conftest import MMDIT_FAMILIES, MMDIT_SIZES
 from .test_mmdit import PROMPT, diffusers_latents, relative_l2
 
-FAMILIES = ("sd3", "flux", "flux-schnell")
-SIZES = ((32, 32), (64, 32))  # Flux-dev: 16 and 32 image tokens, two dynamic shifts
+FAMILIES = MMDIT_FAMILIES
+SIZES = MMDIT_SIZES
 ENGINES = ("onnxruntime", "openvino")
-
-
-@pytest.fixture(scope="module")
-def mmdit_bundles(mmdit_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mmdit-bundles")
-    options = BuildOptions(plans=("base-4", "ilf-4", "cache-6"), resolutions=SIZES)
-    return {name: build_bundle(mmdit_dirs[name], root / name, options) for name in FAMILIES}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -49,7 +42,7 @@ def test_bundle_engines_match_the_diffusers_pipeline(mmdit_models, mmdit_bundles
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("spec", ["ilf-4", "cache-6"])
+@pytest.mark.parametrize("spec", ["ilf-4", "cache-6", "base-4-adapt1-4t0.3m2"])
 def test_every_plan_kind_matches_the_reference_runner(mmdit_models, mmdit_bundles, family, spec):
     bundle = Bundle.load(mmdit_bundles[family])
     plan = bundle.plan(spec)

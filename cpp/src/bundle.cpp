@@ -1,5 +1,6 @@
-// The published bundle format: manifest.json (manifest.schema.json, schema_version 2), its digest in
-// manifest.sha256, the sha256 of every other file, and step plans (plan.schema.json, version 1).
+// The published bundle format: manifest.json (manifest.schema.json, schema_version 2, or 4 with a
+// multi-tensor state and several tokenizers: SD3, Flux), its digest in manifest.sha256, the sha256 of
+// every other file, and step plans (plan.schema.json, versions 1, 2 and 3).
 //
 // The checks and their one-line messages are runtime/bundle.py's and runtime/manifest.py's: the
 // schema version first (its message says how to fix it), then the manifest's own digest, a pinned
@@ -9,6 +10,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <set>
 
 #include "internal.hpp"
@@ -26,17 +28,31 @@ bool lower_hex(const std::string& s, size_t from, size_t count) {
 }
 
 const char* kManifest = "manifest.json";
+// The manifest versions this reader implements, as Python's message lists its own ("2 and 3 and 4"):
+// 3 (a bf16 variant) is not one of them.
+const std::string kReadableSchemas = std::to_string(kSchemaVersion) + " and " + std::to_string(kStateSchemaVersion);
+
+/// A number (never a boolean) equal to a readable version, as Python's `version in (2, 4)` decides.
+bool readable_schema(const nlohmann::ordered_json& v) {
+  if (!v.is_number()) return false;
+  const double n = v.get<double>();
+  return n == kSchemaVersion || n == kStateSchemaVersion;
+}
 const char* kDigestFile = "manifest.sha256";
 
 const std::set<std::string> kTopLevel = {
     "schema_version", "architecture", "config_hash", "model",   "feedback", "precision",
     "max_batch",      "resolutions",  "latent_sizes", "cut_points", "segments", "plans",
     "tokenizer",      "scheduler",    "torch_model",  "tools",   "files",    "calibration",
-    "variants",       "engines"};
+    "variants",       "engines",      "tokenizers"};
 const std::set<std::string> kModelKeys = {"num_blocks",      "latent_channels",    "out_channels",
                                           "patch_size",      "sample_size",        "vae_scale_factor",
                                           "default_image_size", "context_inputs", "uses_size_conditions",
-                                          "num_classes",     "id2label"};
+                                          "num_classes",     "id2label",           "state",
+                                          "state_init",      "token_layout",       "guidance",
+                                          "position_ids"};
+// Schema 4 only (manifest.py MODEL_STATE_FIELDS); a schema 2 manifest has one state tensor, one tokenizer.
+const std::vector<std::string> kStateFields = {"state", "state_init", "token_layout", "guidance", "position_ids"};
 const std::vector<std::string> kModelInts = {"num_blocks", "latent_channels", "out_channels", "patch_size",
                                              "sample_size", "vae_scale_factor", "default_image_size"};
 
@@ -186,9 +202,12 @@ Manifest parse_manifest(const json& d, const std::string& where) {
     c.key(d, "", k);
   c.closed(d, "", kTopLevel);
   Manifest m;
+  m.schema_version = static_cast<int>(d["schema_version"].get<double>());  // Bundle::load checked it
+  const bool v4 = m.schema_version == kStateSchemaVersion;
   m.architecture = c.string(d["architecture"], "architecture");
-  if (m.architecture != "pixart-alpha" && m.architecture != "pixart-sigma" && m.architecture != "dit")
-    c.fail("architecture", type_name(d["architecture"]) + " is not one of ['pixart-alpha', 'pixart-sigma', 'dit']");
+  if (m.architecture != "pixart-alpha" && m.architecture != "pixart-sigma" && m.architecture != "dit" &&
+      m.architecture != "sd3" && m.architecture != "flux")
+    c.fail("architecture", type_name(d["architecture"]) + " is not one of ['pixart-alpha', 'pixart-sigma', 'dit', 'sd3', 'flux']");
   m.config_hash = c.string(d["config_hash"], "config_hash");
 
   const json& model = d["model"];
@@ -206,6 +225,38 @@ Manifest parse_manifest(const json& d, const std::string& where) {
   m.model.uses_size_conditions = c.boolean(c.key(model, "model", "uses_size_conditions"), "model/uses_size_conditions");
   if (model.contains("num_classes")) m.model.num_classes = static_cast<int>(c.integer(model["num_classes"], "model/num_classes", 1));
   if (model.contains("id2label")) c.object(model["id2label"], "model/id2label");
+  for (auto& field : kStateFields)
+    if (model.contains(field) && !v4)
+      c.fail("model", "'" + field + "' is only allowed in schema_version " + std::to_string(kStateSchemaVersion) +
+                          " (this manifest says " + std::to_string(m.schema_version) + ")");
+  if (model.contains("state")) {
+    const json& state = model["state"];
+    c.array(state, "model/state", 1);
+    m.model.state.clear();
+    for (size_t i = 0; i < state.size(); ++i) {
+      std::string at = "model/state/" + std::to_string(i);
+      std::string name = c.string(state[i], at);
+      if (name.empty() || !std::all_of(name.begin(), name.end(), [](char ch) { return (ch >= 'a' && ch <= 'z') || ch == '_'; }))
+        c.fail(at, "'" + name + "' does not match '^[a-z_]+$'");
+      m.model.state.push_back(name);
+    }
+  }
+  if (model.contains("state_init")) {
+    c.object(model["state_init"], "model/state_init");
+    for (auto& [name, entry] : model["state_init"].items())
+      m.model.state_init[name] = c.string(entry, "model/state_init/" + name);
+  }
+  if (model.contains("token_layout")) {
+    m.model.token_layout = c.string(model["token_layout"], "model/token_layout");
+    if (m.model.token_layout != "patch" && m.model.token_layout != "packed")
+      c.fail("model/token_layout", type_name(model["token_layout"]) + " is not one of ['patch', 'packed']");
+  }
+  if (model.contains("guidance")) {
+    m.model.guidance = c.string(model["guidance"], "model/guidance");
+    if (m.model.guidance != "cfg" && m.model.guidance != "embedded" && m.model.guidance != "none")
+      c.fail("model/guidance", type_name(model["guidance"]) + " is not one of ['cfg', 'embedded', 'none']");
+  }
+  if (model.contains("position_ids")) m.model.position_ids = c.boolean(model["position_ids"], "model/position_ids");
 
   const json& feedback = d["feedback"];
   if (!feedback.is_null()) {
@@ -240,6 +291,26 @@ Manifest parse_manifest(const json& d, const std::string& where) {
       t.openvino = c.path(tokenizer["openvino"], "tokenizer/openvino");
     m.tokenizer = t;
   }
+  if (d.contains("tokenizers")) {
+    if (!v4)
+      c.fail("", "'tokenizers' is only allowed in schema_version " + std::to_string(kStateSchemaVersion) +
+                     " (this manifest says " + std::to_string(m.schema_version) + ")");
+    const json& tokenizers = d["tokenizers"];
+    c.array(tokenizers, "tokenizers");
+    for (size_t i = 0; i < tokenizers.size(); ++i) {
+      std::string at = "tokenizers/" + std::to_string(i);
+      const json& v = tokenizers[i];
+      c.object(v, at);
+      for (const char* k : {"file", "max_length", "pad_id", "input"}) c.key(v, at, k);
+      c.closed(v, at, {"file", "max_length", "pad_id", "input"});
+      TokenizerSpec t;
+      t.file = c.path(v["file"], at + "/file");
+      t.max_length = static_cast<int>(c.integer(v["max_length"], at + "/max_length", 1));
+      t.pad_id = static_cast<int>(c.integer(v["pad_id"], at + "/pad_id", 0));
+      t.input = c.string(v["input"], at + "/input");
+      m.tokenizers.push_back(t);
+    }
+  }
   c.object(d["scheduler"], "scheduler");
   if (!d["torch_model"].is_null()) c.path(d["torch_model"], "torch_model");
   c.object(d["tools"], "tools");
@@ -264,7 +335,9 @@ Manifest parse_manifest(const json& d, const std::string& where) {
       spec.name = name;
       spec.mode = c.string(c.key(v, at, "mode"), at + "/mode");
       if (spec.engines().empty())
-        c.fail(at + "/mode", type_name(v["mode"]) + " is not one of ['int8-dynamic', 'int8-qdq', 'fp8-qdq', 'int8-ov']");
+        c.fail(at + "/mode", type_name(v["mode"]) + " is not one of ['int8-dynamic', 'int8-qdq', 'fp8-qdq', 'int8-ov', 'bf16']");
+      if (spec.mode == "bf16" && !v4)  // schema 3's, which this reader refuses; 4 may hold one
+        c.fail(at + "/mode", "'bf16' is only allowed in schema_version 3 and " + std::to_string(kStateSchemaVersion));
       spec.segments = parse_segments(c, c.key(v, at, "segments"), at + "/segments", 1);
       m.variants[name] = spec;
     }
@@ -286,6 +359,7 @@ Manifest parse_manifest(const json& d, const std::string& where) {
     named.push_back(m.tokenizer->file);
     if (m.tokenizer->openvino) named.push_back(*m.tokenizer->openvino);
   }
+  for (auto& t : m.tokenizers) named.push_back(t.file);
   if (d.contains("calibration") && d["calibration"].is_object() && d["calibration"].contains("segments") &&
       d["calibration"]["segments"].is_object())
     for (auto& [_, e] : d["calibration"]["segments"].items())
@@ -295,7 +369,8 @@ Manifest parse_manifest(const json& d, const std::string& where) {
     if (!m.files.count(f)) detail::bundle_error(where + " names " + f + " but does not list its sha256 in `files`");
 
   for (const char* name : {"text_encoder", "vae_decoder", "embed", "context", "time", "final"}) {
-    if (!m.segments.count(name) && !(std::string(name) == "text_encoder" && !m.tokenizer))
+    const bool textless = !m.tokenizer && m.tokenizers.empty();
+    if (!m.segments.count(name) && !(std::string(name) == "text_encoder" && textless))
       detail::bundle_error(where + " has no '" + name + "' segment");
   }
   for (auto& [_, s] : m.segments)
@@ -336,6 +411,7 @@ const char* op_name(OpKind kind) {
     case OpKind::ilf: return "ilf";
     case OpKind::cache_refresh: return "cache_refresh";
     case OpKind::cache_reuse: return "cache_reuse";
+    case OpKind::cache_adaptive: return "cache_adaptive";
   }
   return "?";
 }
@@ -363,8 +439,10 @@ std::vector<std::string> SegmentSpec::output_names() const {
   return out;
 }
 
-bool SegmentSpec::takes_feed() const {
-  return std::any_of(inputs.begin(), inputs.end(), [](const TensorSpec& t) { return t.name == "feed"; });
+bool SegmentSpec::takes_feed() const { return has_input("feed"); }
+
+bool SegmentSpec::has_input(const std::string& name) const {
+  return std::any_of(inputs.begin(), inputs.end(), [&](const TensorSpec& t) { return t.name == name; });
 }
 
 std::vector<std::string> VariantSpec::engines() const {
@@ -372,6 +450,7 @@ std::vector<std::string> VariantSpec::engines() const {
   if (mode == "int8-qdq") return {"onnxruntime", "openvino", "tensorrt"};
   if (mode == "fp8-qdq") return {"onnxruntime", "tensorrt"};
   if (mode == "int8-ov") return {"openvino"};
+  if (mode == "bf16") return {"openvino"};  // schema 3 and 4: the bundle's own graphs in bf16
   return {};
 }
 
@@ -409,12 +488,18 @@ int Op::block_forwards() const {
   int size = end - start + 1;
   switch (kind) {
     case OpKind::blocks:
-    case OpKind::cache_refresh: return size;
+    case OpKind::cache_refresh:
+    case OpKind::cache_adaptive: return size;
     case OpKind::cache_reuse: return 0;
     case OpKind::ilf: return 2 * size + 1;
   }
   return 0;
 }
+
+bool Op::stores() const { return keyed && (kind == OpKind::cache_refresh || kind == OpKind::ilf); }
+
+std::string state_output_name(const std::string& state) { return state + "_out"; }
+std::string state_feed_name(const std::string& state) { return state == "hidden" ? "feed" : state + "_feed"; }
 
 bool Step::feedback() const {
   return std::any_of(ops.begin(), ops.end(), [](const Op& op) { return op.kind == OpKind::ilf; });
@@ -449,6 +534,125 @@ std::vector<int> Plan::cut_points() const {
   return {points.begin(), points.end()};
 }
 
+namespace {
+
+Coefficients parse_coefficients(const Check& c, const json& k, const std::string& kat) {
+  c.object(k, kat);
+  for (const char* name : {"timestep", "prev_timestep", "x", "eps", "x0_x", "x0_eps"}) c.key(k, kat, name);
+  c.closed(k, kat, {"timestep", "prev_timestep", "x", "eps", "x0_x", "x0_eps", "history"});
+  Coefficients co;
+  co.timestep = c.number(k["timestep"], kat + "/timestep");
+  co.prev_timestep = c.number(k["prev_timestep"], kat + "/prev_timestep");
+  co.x = c.number(k["x"], kat + "/x");
+  co.eps = c.number(k["eps"], kat + "/eps");
+  co.x0_x = c.number(k["x0_x"], kat + "/x0_x");
+  co.x0_eps = c.number(k["x0_eps"], kat + "/x0_eps");
+  if (k.contains("history")) {
+    const json& history = k["history"];
+    c.array(history, kat + "/history");
+    for (size_t h = 0; h < history.size(); ++h) co.history.push_back(c.number(history[h], kat + "/history/" + std::to_string(h)));
+  }
+  return co;
+}
+
+std::optional<double> parse_t_post(const Check& c, const json& s, const std::string& at) {
+  if (s.contains("t_post") && !s["t_post"].is_null()) return c.number(s["t_post"], at + "/t_post");
+  return std::nullopt;
+}
+
+Op parse_op(const Check& c, const json& o, const std::string& oat, int version) {
+  c.object(o, oat);
+  for (const char* k : {"op", "start", "end"}) c.key(o, oat, k);
+  c.closed(o, oat, {"op", "start", "end", "time", "key", "threshold", "max_reuse"});
+  Op op;
+  std::string kind = c.string(o["op"], oat + "/op");
+  if (kind == "blocks") op.kind = OpKind::blocks;
+  else if (kind == "ilf") op.kind = OpKind::ilf;
+  else if (kind == "cache_refresh") op.kind = OpKind::cache_refresh;
+  else if (kind == "cache_reuse") op.kind = OpKind::cache_reuse;
+  else if (kind == "cache_adaptive" && version >= 2) op.kind = OpKind::cache_adaptive;
+  else if (kind == "cache_adaptive") c.fail(oat + "/op", "'cache_adaptive' is not allowed in version 1 plans (write version 2)");
+  else c.fail(oat + "/op", "'" + kind + "' is not one of ['blocks', 'ilf', 'cache_refresh', 'cache_reuse', 'cache_adaptive']");
+  op.start = static_cast<int>(c.integer(o["start"], oat + "/start", 0));
+  op.end = static_cast<int>(c.integer(o["end"], oat + "/end", 0));
+  if (o.contains("time")) op.time = parse_time(c, o["time"], oat + "/time");
+  const bool cached = op.kind == OpKind::cache_refresh || op.kind == OpKind::cache_reuse || op.kind == OpKind::cache_adaptive;
+  if (cached) c.key(o, oat, "key");
+  if (o.contains("key")) {
+    op.key = c.string(o["key"], oat + "/key");
+    op.keyed = !(version == 1 && op.kind == OpKind::ilf);  // version 1 never stored a Δ from the inner loop
+    if (!op.keyed) op.key.clear();
+  }
+  if (op.kind == OpKind::cache_adaptive) {
+    c.key(o, oat, "threshold");
+    c.key(o, oat, "max_reuse");
+    op.threshold = c.number(o["threshold"], oat + "/threshold");
+    if (op.threshold < 0) c.fail(oat + "/threshold", o["threshold"].dump() + " is less than the minimum of 0");
+    op.max_reuse = static_cast<int>(c.integer(o["max_reuse"], oat + "/max_reuse", 1));
+  } else {
+    for (const char* k : {"threshold", "max_reuse"})
+      if (o.contains(k)) c.fail(oat + "/" + k, "False schema does not allow " + type_name(o[k]));
+  }
+  return op;
+}
+
+/// The step's cached ranges: runs of consecutive ops with one key (a keyed ilf counts): plan/model.py.
+std::vector<std::pair<std::string, std::vector<const Op*>>> key_groups(const std::vector<Op>& ops) {
+  std::vector<std::pair<std::string, std::vector<const Op*>>> groups;
+  for (const Op& op : ops) {
+    if (!op.keyed || op.kind == OpKind::blocks || (op.kind == OpKind::ilf && !op.stores())) continue;
+    if (!groups.empty() && groups.back().first == op.key && groups.back().second.back()->end + 1 == op.start)
+      groups.back().second.push_back(&op);
+    else
+      groups.push_back({op.key, {&op}});
+  }
+  return groups;
+}
+
+/// The oldest format version that says what the plan does (StepPlan.version).
+int needed_version(const Plan& plan) {
+  if (!plan.schedules.empty()) return 3;
+  for (const Step& step : plan.steps) {
+    for (const Op& op : step.ops)
+      if (op.kind == OpKind::cache_adaptive || (op.stores() && op.kind == OpKind::ilf)) return 2;
+    for (auto& [_, ops] : key_groups(step.ops))
+      if (ops.size() > 1) return 2;
+  }
+  return 1;
+}
+
+/// StepPlan._validate_keys: a key covers the same blocks in every step, at most once a step; a reuse
+/// follows a refresh of its key; a reused or adaptive range is one op; adaptive ops have their rule.
+void validate_keys(const Plan& plan) {
+  std::map<std::string, std::pair<int, int>> ranges;
+  std::set<std::string> stored;
+  for (const Step& step : plan.steps) {
+    std::string where = "plan '" + plan.name + "' step " + std::to_string(step.index);
+    auto groups = key_groups(step.ops);
+    std::set<std::string> keys;
+    for (auto& [key, _] : groups) keys.insert(key);
+    if (keys.size() != groups.size()) plan_error(where + ": a cache key covers two ranges in one step");
+    for (auto& [key, ops] : groups) {
+      std::pair<int, int> span(ops.front()->start, ops.back()->end);
+      auto known = ranges.emplace(key, span).first->second;
+      if (known != span)
+        plan_error(where + ": cache key '" + key + "' covers blocks " + std::to_string(span.first) + ":" +
+                   std::to_string(span.second) + " here and " + std::to_string(known.first) + ":" +
+                   std::to_string(known.second) + " elsewhere");
+      bool all_store = std::all_of(ops.begin(), ops.end(), [](const Op* op) { return op->stores(); });
+      if (ops.size() > 1 && !all_store) plan_error(where + ": cache key '" + key + "' is reused over more than one op");
+      const Op& op = *ops.front();
+      if (op.kind == OpKind::cache_reuse && !stored.count(key))
+        plan_error(where + ": cache_reuse of key '" + key + "' before any refresh of it");
+      if (op.kind == OpKind::cache_adaptive && !(op.threshold >= 0 && std::isfinite(op.threshold)))
+        plan_error(where + ": cache_adaptive threshold must be a number >= 0, got " + detail::py_float(op.threshold));
+      if (op.kind != OpKind::cache_reuse) stored.insert(key);
+    }
+  }
+}
+
+}  // namespace
+
 Plan Plan::parse(const std::string& text, const std::string& where) {
   json d;
   try {
@@ -457,13 +661,20 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
     detail::config_error("cannot read plan " + where + ": " + e.what());
   }
   Check c("plan " + where, "plan");
-  if (!d.is_object() || !d.contains("version") || d["version"] != kPlanVersion)
-    detail::config_error("unsupported plan version " +
-                         (d.is_object() && d.contains("version") ? type_name(d["version"]) : std::string("None")) +
-                         " (this tool reads " + std::to_string(kPlanVersion) + ")");
+  const json* version = d.is_object() && d.contains("version") ? &d["version"] : nullptr;
+  int v = 0;
+  if (version && version->is_number()) {
+    const double n = version->get<double>();
+    if (n == 1 || n == 2 || n == 3) v = static_cast<int>(n);
+  }
+  if (!v)
+    detail::config_error("unsupported plan version " + (version ? type_name(*version) : std::string("None")) +
+                         " (this tool reads 1, 2, 3); rebuild the plan or bundle with this version of ilf-deploy");
   for (const char* k : {"name", "num_blocks", "scheduler", "steps"}) c.key(d, "", k);  // the rest has defaults
-  c.closed(d, "", {"version", "name", "num_blocks", "num_steps", "scheduler", "loop", "block_forwards", "settings", "steps"});
+  c.closed(d, "", {"version", "name", "num_blocks", "num_steps", "scheduler", "loop", "block_forwards", "settings", "steps",
+                   "schedules"});
   Plan plan;
+  plan.version = v;
   plan.name = c.string(d["name"], "name");
   plan.num_blocks = static_cast<int>(c.integer(d["num_blocks"], "num_blocks", 1));
   plan.scheduler = c.string(d["scheduler"], "scheduler");
@@ -475,52 +686,45 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
     std::string at = "steps/" + std::to_string(i);
     const json& s = steps[i];
     c.object(s, at);
+    for (const char* k : {"index", "timestep", "ops", "coefficients"}) c.key(s, at, k);
     c.closed(s, at, {"index", "timestep", "t_post", "feedback", "block_forwards", "ops", "final_time", "coefficients"});
     Step step;
-    step.index = static_cast<int>(c.integer(c.key(s, at, "index"), at + "/index", 0));
-    step.timestep = c.number(c.key(s, at, "timestep"), at + "/timestep");
-    if (s.contains("t_post") && !s["t_post"].is_null()) step.t_post = c.number(s["t_post"], at + "/t_post");
-    const json& ops = c.key(s, at, "ops");
+    step.index = static_cast<int>(c.integer(s["index"], at + "/index", 0));
+    step.timestep = c.number(s["timestep"], at + "/timestep");
+    step.t_post = parse_t_post(c, s, at);
+    const json& ops = s["ops"];
     c.array(ops, at + "/ops", 1);
-    for (size_t j = 0; j < ops.size(); ++j) {
-      std::string oat = at + "/ops/" + std::to_string(j);
-      const json& o = ops[j];
-      c.object(o, oat);
-      c.closed(o, oat, {"op", "start", "end", "time", "key"});
-      Op op;
-      std::string kind = c.string(c.key(o, oat, "op"), oat + "/op");
-      if (kind == "blocks") op.kind = OpKind::blocks;
-      else if (kind == "ilf") op.kind = OpKind::ilf;
-      else if (kind == "cache_refresh") op.kind = OpKind::cache_refresh;
-      else if (kind == "cache_reuse") op.kind = OpKind::cache_reuse;
-      else c.fail(oat + "/op", "'" + kind + "' is not one of ['blocks', 'ilf', 'cache_refresh', 'cache_reuse']");
-      op.start = static_cast<int>(c.integer(c.key(o, oat, "start"), oat + "/start", 0));
-      op.end = static_cast<int>(c.integer(c.key(o, oat, "end"), oat + "/end", 0));
-      if (o.contains("time")) op.time = parse_time(c, o["time"], oat + "/time");
-      if (op.kind == OpKind::cache_refresh || op.kind == OpKind::cache_reuse)
-        op.key = c.string(c.key(o, oat, "key"), oat + "/key");
-      else if (o.contains("key"))
-        op.key = c.string(o["key"], oat + "/key");
-      step.ops.push_back(op);
-    }
+    for (size_t j = 0; j < ops.size(); ++j) step.ops.push_back(parse_op(c, ops[j], at + "/ops/" + std::to_string(j), v));
     if (s.contains("final_time")) step.final_time = parse_time(c, s["final_time"], at + "/final_time");
-    const json& k = c.key(s, at, "coefficients");
-    std::string kat = at + "/coefficients";
-    c.object(k, kat);
-    c.closed(k, kat, {"timestep", "prev_timestep", "x", "eps", "x0_x", "x0_eps", "history"});
-    Coefficients& co = step.coefficients;
-    co.timestep = c.number(c.key(k, kat, "timestep"), kat + "/timestep");
-    co.prev_timestep = c.number(c.key(k, kat, "prev_timestep"), kat + "/prev_timestep");
-    co.x = c.number(c.key(k, kat, "x"), kat + "/x");
-    co.eps = c.number(c.key(k, kat, "eps"), kat + "/eps");
-    co.x0_x = c.number(c.key(k, kat, "x0_x"), kat + "/x0_x");
-    co.x0_eps = c.number(c.key(k, kat, "x0_eps"), kat + "/x0_eps");
-    if (k.contains("history")) {
-      const json& history = k["history"];
-      c.array(history, kat + "/history");
-      for (size_t h = 0; h < history.size(); ++h) co.history.push_back(c.number(history[h], kat + "/history/" + std::to_string(h)));
-    }
+    step.coefficients = parse_coefficients(c, s["coefficients"], at + "/coefficients");
     plan.steps.push_back(step);
+  }
+  if (d.contains("schedules")) {
+    if (v != 3) c.fail("", "'schedules' is only allowed in version 3 plans");
+    const json& schedules = d["schedules"];
+    c.object(schedules, "schedules");
+    for (auto& [tokens, timing] : schedules.items()) {
+      std::string at = "schedules/" + tokens;
+      bool digits = !tokens.empty() && tokens[0] != '0' &&
+                    std::all_of(tokens.begin(), tokens.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+      if (!digits) c.fail("schedules", "'" + tokens + "' does not match '^[1-9][0-9]*$'");
+      if (tokens.size() > 18) c.fail("schedules", "'" + tokens + "' is more image tokens than this tool counts");
+      c.array(timing, at, 1);
+      std::vector<StepTiming> entries;
+      for (size_t i = 0; i < timing.size(); ++i) {
+        std::string eat = at + "/" + std::to_string(i);
+        const json& e = timing[i];
+        c.object(e, eat);
+        for (const char* k : {"timestep", "coefficients"}) c.key(e, eat, k);
+        c.closed(e, eat, {"timestep", "t_post", "coefficients"});
+        StepTiming t;
+        t.timestep = c.number(e["timestep"], eat + "/timestep");
+        t.t_post = parse_t_post(c, e, eat);
+        t.coefficients = parse_coefficients(c, e["coefficients"], eat + "/coefficients");
+        entries.push_back(t);
+      }
+      plan.schedules[std::stoll(tokens)] = entries;
+    }
   }
   // StepPlan.validate
   if (plan.loop) check_block_range(plan.loop->first, plan.loop->second, plan.num_blocks, "plan '" + plan.name + "' loop");
@@ -538,7 +742,46 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
     if (position != plan.num_blocks)
       plan_error(at + ": ops cover " + std::to_string(position) + " of " + std::to_string(plan.num_blocks) + " blocks");
   }
+  validate_keys(plan);
+  for (auto& [tokens, timing] : plan.schedules) {
+    if (timing.size() != plan.steps.size())
+      plan_error("plan '" + plan.name + "': the schedule for " + std::to_string(tokens) + " image tokens has " +
+                 std::to_string(timing.size()) + " steps, the plan " + std::to_string(plan.steps.size()));
+    for (size_t i = 0; i < timing.size(); ++i)
+      if (plan.steps[i].t_post.has_value() != timing[i].t_post.has_value())
+        plan_error("plan '" + plan.name + "' step " + std::to_string(plan.steps[i].index) + ": t_post at one size, not another");
+  }
+  if (v == 1 && needed_version(plan) != 1)  // keys shared by consecutive ops: version 2 only
+    plan_error("malformed plan '" + plan.name +
+               "': consecutive ops share a cache key, which version 1 plans cannot say (write version 2)");
   return plan;
+}
+
+Plan Plan::for_image_tokens(int64_t tokens) const {
+  if (schedules.empty()) return *this;
+  auto it = schedules.find(tokens);
+  if (it == schedules.end()) {
+    std::vector<std::string> made;
+    for (auto& [n, _] : schedules) made.push_back(std::to_string(n));
+    detail::config_error("plan '" + name + "' was made for images of " + detail::join(made, ", ") + " tokens, not " +
+                         std::to_string(tokens) +
+                         " (its schedule depends on the image size): make the plan for this size, or rebuild with --resolutions");
+  }
+  Plan out = *this;
+  for (size_t i = 0; i < out.steps.size(); ++i) {
+    out.steps[i].timestep = it->second[i].timestep;
+    out.steps[i].t_post = it->second[i].t_post;
+    out.steps[i].coefficients = it->second[i].coefficients;
+  }
+  out.schedules.clear();
+  return out;
+}
+
+bool Plan::adaptive() const {
+  for (auto& s : steps)
+    for (auto& op : s.ops)
+      if (op.kind == OpKind::cache_adaptive) return true;
+  return false;
 }
 
 Plan Plan::load(const std::string& path) {
@@ -580,9 +823,9 @@ Bundle Bundle::load(const std::string& given, const LoadOptions& options) {
   }
   if (raw.is_object()) {
     auto version = raw.find("schema_version");
-    if (version == raw.end() || *version != kSchemaVersion)
+    if (version == raw.end() || !readable_schema(*version))
       detail::bundle_error(manifest_path + ": bundle schema version " + (version == raw.end() ? "None" : type_name(*version)) +
-                           " is not supported (this tool reads " + std::to_string(kSchemaVersion) +
+                           " is not supported (this tool reads " + kReadableSchemas +
                            "); rebuild the bundle with this version of ilf-deploy");
   }
   std::string actual = "sha256:" + sha256_hex(data.data(), data.size());
@@ -599,7 +842,7 @@ Bundle Bundle::load(const std::string& given, const LoadOptions& options) {
     detail::bundle_error(root + " has digest " + actual + ", not the pinned --digest " + options.digest);
   if (!raw.is_object())
     detail::bundle_error(manifest_path + ": bundle schema version None is not supported (this tool reads " +
-                         std::to_string(kSchemaVersion) + "); rebuild the bundle with this version of ilf-deploy");
+                         kReadableSchemas + "); rebuild the bundle with this version of ilf-deploy");
   auto d = std::make_shared<Data>();
   d->path = root;
   d->manifest = parse_manifest(raw, manifest_path);
@@ -659,6 +902,11 @@ Plan Bundle::plan(const std::string& spec) const {
 
 std::string Bundle::segment_path(const std::string& name, const std::string& variant) const {
   return detail::join_path(data_->path, data_->manifest.segment(name, variant).file);
+}
+
+int64_t Bundle::image_tokens(int latent_height, int latent_width) const {
+  const int64_t p = data_->manifest.model.patch_size;
+  return (latent_height / p) * (latent_width / p);
 }
 
 Tensor Bundle::positions(int latent_height, int latent_width) const {

@@ -68,6 +68,18 @@ ilf::Request to_request(const ilf_request* r) {
     if (r->attention_mask) out.tokens.attention_mask.assign(r->attention_mask, r->attention_mask + r->num_tokens);
     else out.tokens.attention_mask.assign(r->num_tokens, 1);
   }
+  auto named = [](const ilf_token_ids* given, size_t count, const char* what, ilf::TokenIds& into) {
+    if (count && !given) ilf::detail::config_error(std::string(what) + " is NULL");
+    for (size_t i = 0; i < count; ++i) {
+      if (!given[i].input) ilf::detail::config_error(std::string(what) + "[" + std::to_string(i) + "].input is NULL");
+      if (!given[i].ids && given[i].num_tokens) ilf::detail::config_error(std::string(what) + "[" + std::to_string(i) + "].ids is NULL");
+      if (into.inputs.count(given[i].input))
+        ilf::detail::config_error(std::string(what) + " gives " + given[i].input + " twice");
+      into.inputs[given[i].input].assign(given[i].ids, given[i].ids + given[i].num_tokens);
+    }
+  };
+  named(r->token_inputs, r->num_token_inputs, "token_inputs", out.tokens);
+  named(r->negative_token_inputs, r->num_negative_token_inputs, "negative_token_inputs", out.negative_tokens);
   return out;
 }
 
@@ -95,6 +107,13 @@ void ilf_bundle_free(ilf_bundle* bundle) { delete bundle; }
 const char* ilf_bundle_digest(const ilf_bundle* b) { return b ? b->bundle.digest().c_str() : ""; }
 const char* ilf_bundle_architecture(const ilf_bundle* b) { return b ? b->bundle.manifest().architecture.c_str() : ""; }
 const char* ilf_bundle_default_plan(const ilf_bundle* b) { return b ? b->default_plan.c_str() : ""; }
+size_t ilf_bundle_num_tokenizers(const ilf_bundle* b) { return b ? b->bundle.manifest().tokenizers.size() : 0; }
+const char* ilf_bundle_tokenizer_input(const ilf_bundle* b, size_t i) {
+  return b && i < b->bundle.manifest().tokenizers.size() ? b->bundle.manifest().tokenizers[i].input.c_str() : nullptr;
+}
+int64_t ilf_bundle_tokenizer_max_length(const ilf_bundle* b, size_t i) {
+  return b && i < b->bundle.manifest().tokenizers.size() ? b->bundle.manifest().tokenizers[i].max_length : 0;
+}
 
 void ilf_openvino_options_init(ilf_openvino_options* o) {
   if (!o) return;

@@ -188,7 +188,10 @@ class OpenVinoEngine final : public Engine {
   /// (Manifest.reduced_precision_segments); f32 for the rest (the timestep's sinusoidal embedding
   /// loses its phase in bf16), as the Python backend's config_for.
   bool reduced(const std::string& segment) const {
-    const SegmentSpec& spec = bundle_.manifest().segment(segment);
+    const Manifest& m = bundle_.manifest();
+    if (!options_.variant.empty() && m.variant(options_.variant).mode == "bf16")  // it names its bf16 segments
+      return m.variant(options_.variant).segments.count(segment) > 0;
+    const SegmentSpec& spec = m.segment(segment);
     return spec.blocks.has_value() || segment == "feedback";
   }
   const ov::AnyMap& config_for(const std::string& segment) const { return reduced(segment) ? config_ : f32_config_; }
@@ -365,6 +368,11 @@ std::unique_ptr<Engine> make_openvino_engine(const Bundle& bundle, const OpenVin
     if (std::find(engines.begin(), engines.end(), "openvino") == engines.end())
       detail::config_error("variant '" + options.variant + "' (" + spec.mode + ") runs on --backend " + detail::join(engines, " or ") +
                            ", not openvino");
+    if (spec.mode == "bf16") {  // schema 4 may hold one (quantize --mode bf16): bf16 on exactly its segments
+      if (!given.precision.empty() && given.precision != "bf16")
+        detail::config_error("variant '" + options.variant + "' runs in bf16, not precision '" + given.precision + "'");
+      options.precision = "bf16";
+    }
   }
   options.device = ov_device(options.device.empty() ? "CPU" : options.device);
   if (options.precision == "bf16" && options.device.rfind("CPU", 0) == 0 && !cpu_has_flag("avx512_bf16") &&

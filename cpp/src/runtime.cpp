@@ -172,16 +172,108 @@ const Tensor& output(const Feeds& out, const std::string& name, const std::strin
   return it->second;
 }
 
+const Tensor& state_at(const State& state, const std::string& name) {
+  auto it = state.find(name);
+  if (it == state.end()) detail::bundle_error("the model's state has no tensor '" + name + "'");
+  return it->second;
+}
+
+// -- the state as a whole (ilf_deploy/state.py) and rows of it (runtime/cache.py) -------------------
+
+/// a + b, tensor by tensor (`b` may cover fewer names).
+State add_state(const State& a, const State& b) {
+  State out;
+  for (auto& [name, t] : a) {
+    auto it = b.find(name);
+    out[name] = it == b.end() ? t : add(t, it->second);
+  }
+  return out;
+}
+
+State sub_state(const State& a, const State& b) {
+  State out;
+  for (auto& [name, t] : a) out[name] = sub(t, state_at(b, name));
+  return out;
+}
+
+int64_t state_rows(const State& state) {
+  if (state.empty()) detail::config_error("an empty state");
+  return state.begin()->second.dim(0);
+}
+
+/// Sorted rows as half-open runs of consecutive rows: [0, 1, 4] -> [(0, 2), (4, 5)].
+std::vector<std::pair<int64_t, int64_t>> row_runs(const std::vector<int64_t>& rows) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t r : rows) {
+    if (!runs.empty() && runs.back().second == r) runs.back().second = r + 1;
+    else runs.emplace_back(r, r + 1);
+  }
+  return runs;
+}
+
+/// Rows `first..last-1` of `x`, copied.
+Tensor slice_rows(const Tensor& x, int64_t first, int64_t last) {
+  Shape shape = x.shape();
+  shape[0] = last - first;
+  Tensor out = Tensor::uninitialized(x.dtype(), shape);
+  const size_t row = x.dim(0) ? x.nbytes() / static_cast<size_t>(x.dim(0)) : 0;
+  std::memcpy(out.raw(), static_cast<const unsigned char*>(x.raw()) + first * row, row * (last - first));
+  return out;
+}
+
+/// Rows `rows` (sorted) of `x` (runtime/cache.py take).
+Tensor take_rows(const Tensor& x, const std::vector<int64_t>& rows) {
+  std::vector<Tensor> parts;
+  for (auto [a, b] : row_runs(rows)) parts.push_back(slice_rows(x, a, b));
+  return parts.size() == 1 ? parts[0] : concat0(parts);
+}
+
+/// `whole` with rows `rows` (sorted) replaced by `part`'s rows, in order (runtime/cache.py mix).
+Tensor mix_rows(const std::vector<int64_t>& rows, const Tensor& part, const Tensor& whole) {
+  std::vector<Tensor> parts;
+  int64_t position = 0, done = 0;
+  for (auto [a, b] : row_runs(rows)) {
+    if (done < a) parts.push_back(slice_rows(whole, done, a));
+    parts.push_back(slice_rows(part, position, position + b - a));
+    position += b - a;
+    done = b;
+  }
+  if (done < whole.dim(0)) parts.push_back(slice_rows(whole, done, whole.dim(0)));
+  return concat0(parts);
+}
+
+State mix_state(const std::vector<int64_t>& rows, const State& part, const State& whole) {
+  State out;
+  for (auto& [name, t] : whole) out[name] = mix_rows(rows, state_at(part, name), t);
+  return out;
+}
+
+/// Σ|x| of each row (dim 0), in float64 (runtime/cache.py row_l1).
+std::vector<double> row_l1(const Tensor& x) {
+  const int64_t rows = x.dim(0), per = rows ? x.numel() / rows : 0;
+  std::vector<double> out(static_cast<size_t>(rows), 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0;
+    for (int64_t i = r * per; i < (r + 1) * per; ++i) sum += std::fabs(static_cast<double>(x.value(i)));
+    out[static_cast<size_t>(r)] = sum;
+  }
+  return out;
+}
+
 }  // namespace
 
 // -- Segments (runtime/runner.py) -----------------------------------------------------------------
 
 Segments::Segments(Bundle bundle, Engine& engine)
-    : bundle_(std::move(bundle)), engine_(engine), block_segments_(bundle_.manifest().block_segments()) {}
+    : bundle_(std::move(bundle)),
+      engine_(engine),
+      block_segments_(bundle_.manifest().block_segments()),
+      uses_positions_(bundle_.manifest().segment("embed").has_input("pos_embed")) {}
 
 int Segments::latent_channels() const { return bundle_.manifest().model.latent_channels; }
 int Segments::num_blocks() const { return bundle_.manifest().model.num_blocks; }
 std::optional<std::pair<int, int>> Segments::loop() const { return bundle_.manifest().loop; }
+const std::vector<std::string>& Segments::state_names() const { return bundle_.manifest().model.state; }
 
 Feeds Segments::run(const std::string& name, const Feeds& feeds) {
   auto it = input_names_.find(name);
@@ -202,14 +294,23 @@ Feeds Segments::run(const std::string& name, const Feeds& feeds) {
 }
 
 Feeds Segments::context(const Feeds& inputs) {
-  Feeds merged = inputs;  // inputs stay visible: the time segment reads the size conditions from them
+  // The inputs the time segment reads (size conditions, a pooled prompt, Flux's guidance) stay visible;
+  // no other: every entry left has the batch as its first axis, or one row for all (Flux's rotary
+  // tables), which the adaptive cache's row picking relies on (as runtime/runner.py).
+  Feeds merged;
+  for (const std::string& name : bundle_.manifest().segment("time").input_names()) {
+    auto it = inputs.find(name);
+    if (it != inputs.end()) merged[name] = it->second;
+  }
   for (auto& [k, v] : run("context", inputs)) merged[k] = v;
   return merged;
 }
 
 Feeds Segments::conditioning(double timestep, const Feeds& context) {
   if (context.empty()) detail::config_error("no conditioning inputs");
-  int64_t batch = context.begin()->second.dim(0);
+  int64_t batch = 0;  // every entry has the batch rows, or one row for all: the most is the batch
+  for (const auto& [name, t] : context)
+    if (!t.shape().empty()) batch = std::max(batch, t.dim(0));
   Feeds feeds = context;
   Tensor t(DType::f32, {batch});
   std::fill(t.f32_data(), t.f32_data() + batch, static_cast<float>(timestep));
@@ -219,24 +320,52 @@ Feeds Segments::conditioning(double timestep, const Feeds& context) {
   return out;
 }
 
-Tensor Segments::embed(const Tensor& latents) {
-  std::pair<int, int> size(static_cast<int>(latents.dim(-2)), static_cast<int>(latents.dim(-1)));
-  auto it = positions_.find(size);
-  if (it == positions_.end()) it = positions_.emplace(size, bundle_.positions(size.first, size.second)).first;
-  return output(run("embed", {{"latents", latents}, {"pos_embed", it->second}}), "hidden", "embed");
+State Segments::embed(const Tensor& latents, const Feeds& cond) {
+  Feeds feeds = {{"latents", latents}};
+  if (uses_positions_) {
+    std::pair<int, int> size(static_cast<int>(latents.dim(-2)), static_cast<int>(latents.dim(-1)));
+    auto it = positions_.find(size);
+    if (it == positions_.end()) it = positions_.emplace(size, bundle_.positions(size.first, size.second)).first;
+    feeds["pos_embed"] = it->second;
+  }
+  Tensor hidden = output(run("embed", feeds), "hidden", "embed");
+  const auto& init = bundle_.manifest().model.state_init;
+  State state;
+  for (const std::string& name : state_names()) {
+    if (name == "hidden") {
+      state[name] = hidden;
+      continue;
+    }
+    auto source = init.find(name);
+    if (source == init.end())
+      detail::bundle_error("the model's state tensor '" + name + "' is not `hidden` and has no model.state_init entry");
+    auto it = cond.find(source->second);
+    if (it == cond.end())
+      detail::bundle_error("the model's state tensor '" + name + "' starts as '" + source->second +
+                           "', which no segment gave (the context segment's outputs: model.state_init)");
+    state[name] = it->second;
+  }
+  return state;
 }
 
-Tensor Segments::blocks(int start, int end, const Tensor& hidden, const Feeds& cond, const Tensor* feed) {
+State Segments::blocks(int start, int end, const State& state, const Feeds& cond, const State* feed) {
   int position = start;
-  Tensor h = hidden;
+  State h = state;
   for (const SegmentSpec* spec : block_segments_) {
     auto [first, last] = *spec->blocks;
     if (first < start || last > end) continue;
     if (first != position) break;
     Feeds feeds = cond;
-    feeds["hidden"] = h;
-    if (spec->takes_feed()) feeds["feed"] = feed ? *feed : Tensor(h.dtype(), h.shape());  // zeros_like
-    h = output(run(spec->name, feeds), "hidden_out", spec->name);
+    for (auto& [name, t] : h) feeds[name] = t;
+    if (spec->takes_feed())
+      for (const std::string& name : state_names()) {
+        const Tensor& s = state_at(h, name);
+        feeds[state_feed_name(name)] = feed ? state_at(*feed, name) : Tensor(s.dtype(), s.shape());  // zeros_like
+      }
+    Feeds out = run(spec->name, feeds);
+    State next;
+    for (const std::string& name : state_names()) next[name] = output(out, state_output_name(name), spec->name);
+    h = std::move(next);
     position = last + 1;
   }
   if (position != end + 1)
@@ -245,24 +374,29 @@ Tensor Segments::blocks(int start, int end, const Tensor& hidden, const Feeds& c
   return h;
 }
 
-Tensor Segments::inner_loop(const Tensor& hidden, const Feeds& cond, const Feeds& cond_post) {
+State Segments::inner_loop(const State& state, const Feeds& cond, const Feeds& cond_post) {
   auto [start, end] = *loop();  // check_plan guarantees a loop
   Feeds feeds = cond;
-  feeds["hidden"] = blocks(start, end, hidden, cond);
-  Tensor f_feed = output(run("feedback", feeds), "feed", "feedback");
-  return blocks(start, end, hidden, cond_post, &f_feed);
+  for (auto& [name, t] : blocks(start, end, state, cond)) feeds[name] = t;
+  Feeds out = run("feedback", feeds);
+  State f_feed;
+  for (const std::string& name : state_names()) f_feed[name] = output(out, state_feed_name(name), "feedback");
+  return blocks(start, end, state, cond_post, &f_feed);
 }
 
-Tensor Segments::final(const Tensor& hidden, const Feeds& cond, int64_t height, int64_t width) {
+Tensor Segments::final(const State& state, const Feeds& cond, int64_t height, int64_t width) {
   Feeds feeds = cond;
-  feeds["hidden"] = hidden;
+  feeds["hidden"] = state_at(state, "hidden");
   Tensor tokens = output(run("final", feeds), "tokens", "final");
-  const int64_t p = bundle_.manifest().model.patch_size, c = bundle_.manifest().model.out_channels;
+  const ModelSpec& model = bundle_.manifest().model;
+  const bool packed = model.token_layout == "packed";
+  // patch: reshape (B, h/p, w/p, p, p, C) -> permute (0, 5, 1, 3, 2, 4) -> (B, C, h, w);
+  // packed (Flux, as FluxPipeline._unpack_latents): reshape (B, h/2, w/2, C, 2, 2) -> permute (0, 3, 1, 4, 2, 5)
+  const int64_t p = packed ? 2 : model.patch_size, c = packed ? model.out_channels / 4 : model.out_channels;
   const int64_t b = tokens.dim(0), hp = height / p, wp = width / p;
   if (tokens.numel() != b * hp * wp * p * p * c)
     detail::engine_error("segment final gave tokens " + tokens.shape_string() + " for a " + std::to_string(height) + "x" +
                          std::to_string(width) + " latent");
-  // reshape (B, h/p, w/p, p, p, C) -> permute (0, 5, 1, 3, 2, 4) -> (B, C, h, w)
   Tensor out = Tensor::uninitialized(tokens.dtype(), {b, c, height, width});
   auto permute = [&](const auto* src, auto* dst) {
     for (int64_t n = 0; n < b; ++n)
@@ -270,7 +404,9 @@ Tensor Segments::final(const Tensor& hidden, const Feeds& cond, int64_t height, 
         for (int64_t i = 0; i < hp; ++i)
           for (int64_t pi = 0; pi < p; ++pi)
             for (int64_t j = 0; j < wp; ++j)
-              for (int64_t pj = 0; pj < p; ++pj) *dst++ = src[((((n * hp + i) * wp + j) * p + pi) * p + pj) * c + ch];
+              for (int64_t pj = 0; pj < p; ++pj)
+                *dst++ = packed ? src[((((n * hp + i) * wp + j) * c + ch) * p + pi) * p + pj]
+                                : src[((((n * hp + i) * wp + j) * p + pi) * p + pj) * c + ch];
   };
   if (tokens.dtype() == DType::f16) permute(tokens.f16_data(), out.f16_data());
   else permute(tokens.f32_data(), out.f32_data());
@@ -280,6 +416,8 @@ Tensor Segments::final(const Tensor& hidden, const Feeds& cond, int64_t height, 
 // -- the loop (runtime/loop.py) -------------------------------------------------------------------
 
 void check_plan(const Plan& plan, const Segments& segments) {
+  if (!plan.schedules.empty())  // the caller picks the image size's schedule (Plan::for_image_tokens)
+    detail::config_error("plan '" + plan.name + "' holds one schedule per image size; none was picked");
   if (plan.num_blocks != segments.num_blocks())
     detail::config_error("plan '" + plan.name + "' is for " + std::to_string(plan.num_blocks) + " blocks; the model has " +
                          std::to_string(segments.num_blocks()));
@@ -298,32 +436,132 @@ void check_plan(const Plan& plan, const Segments& segments) {
 
 namespace {
 
-/// One network evaluation as the plan says: the (unguided) epsilon for [uncond; cond].
-Tensor model_output(Segments& seg, const Step& step, const Tensor& x, const Feeds& context, bool guided,
-                    std::map<std::string, Tensor>& deltas) {
+/// One batch's Δ-cache while its plan runs (runtime/cache.py CacheState): stored Δs, probes, reuses in
+/// a row, and the block forwards each image ran. Images are rows [uncond_1..n; cond_1..n] when guided.
+class CacheState {
+ public:
+  CacheState(int64_t images, bool guided)
+      : block_forwards(static_cast<size_t>(images), 0), images_(images), guided_(guided) {}
+
+  void count(int forwards, const std::vector<int64_t>* images = nullptr) {
+    if (!images) {
+      for (auto& n : block_forwards) n += forwards;
+    } else {
+      for (int64_t i : *images) block_forwards[static_cast<size_t>(i)] += forwards;
+    }
+  }
+
+  /// A refresh of `key` for every image: its Δ, its probe, and no reuse since.
+  void store(const std::string& key, const State& range_in, const State& range_out) {
+    deltas_[key] = sub_state(range_out, range_in);
+    probes_[key] = range_in;
+    reuses_[key].assign(static_cast<size_t>(images_), 0);
+  }
+
+  State reuse(const std::string& key, const State& state, int step) {
+    auto it = deltas_.find(key);
+    if (it == deltas_.end())
+      detail::config_error("step " + std::to_string(step) + " reuses the Δ-cache '" + key + "' before any step refreshed it");
+    for (auto& n : reuses_[key]) ++n;
+    return add_state(state, it->second);
+  }
+
+  /// cache_adaptive: per image, reuse the Δ or run blocks start..end (runtime/cache.py).
+  State adaptive(Segments& seg, const Op& op, const State& state, const Feeds& cond, int step) {
+    const std::string& key = op.key;
+    std::vector<bool> reuse(static_cast<size_t>(images_), false);
+    if (deltas_.count(key)) {
+      std::vector<double> change = this->change(state, probes_.at(key), seg.state_names());
+      const std::vector<int>& in_a_row = reuses_.at(key);
+      for (size_t i = 0; i < reuse.size(); ++i) reuse[i] = change[i] <= op.threshold && in_a_row[i] < op.max_reuse;
+    }
+    std::vector<int64_t> fresh;
+    for (int64_t i = 0; i < images_; ++i)
+      if (!reuse[static_cast<size_t>(i)]) fresh.push_back(i);
+    count(op.size(), &fresh);
+    if (fresh.empty()) return this->reuse(key, state, step);
+    if (static_cast<int64_t>(fresh.size()) == images_) {
+      State out = seg.blocks(op.start, op.end, state, cond);
+      store(key, state, out);
+      return out;
+    }
+    std::vector<int64_t> picked = rows(fresh);
+    const int64_t batch = state_rows(state);
+    State part_in;
+    for (auto& [name, t] : state) part_in[name] = take_rows(t, picked);
+    Feeds part_cond;  // every conditioning entry with the batch as its first axis, as take_cond
+    for (auto& [name, t] : cond)
+      part_cond[name] = !t.shape().empty() && t.dim(0) == batch ? take_rows(t, picked) : t;
+    State part_out = seg.blocks(op.start, op.end, part_in, part_cond);
+    State& delta = deltas_.at(key);
+    State out = mix_state(picked, part_out, add_state(state, delta));
+    delta = mix_state(picked, sub_state(part_out, part_in), delta);
+    probes_[key] = mix_state(picked, part_in, probes_.at(key));
+    std::vector<int>& in_a_row = reuses_[key];
+    for (size_t i = 0; i < in_a_row.size(); ++i) in_a_row[i] = reuse[i] ? in_a_row[i] + 1 : 0;
+    return out;
+  }
+
+  std::vector<int> block_forwards;
+
+ private:
+  /// The batch rows of `images`, in the batch's order.
+  std::vector<int64_t> rows(const std::vector<int64_t>& images) const {
+    std::vector<int64_t> out = images;
+    if (guided_)
+      for (int64_t i : images) out.push_back(images_ + i);
+    return out;
+  }
+
+  /// Per image: Σ|state - reference| / Σ|reference| over its rows and the state's tensors.
+  std::vector<double> change(const State& state, const State& reference, const std::vector<std::string>& names) const {
+    std::vector<double> diff, norm;
+    auto accumulate = [](std::vector<double>& total, const std::vector<double>& part) {
+      if (total.empty()) total.assign(part.size(), 0.0);
+      for (size_t i = 0; i < part.size(); ++i) total[i] += part[i];
+    };
+    for (const std::string& name : names) accumulate(diff, row_l1(sub(state_at(state, name), state_at(reference, name))));
+    for (const std::string& name : names) accumulate(norm, row_l1(state_at(reference, name)));
+    const size_t n = static_cast<size_t>(images_);
+    std::vector<double> out(n);
+    for (size_t i = 0; i < n; ++i) {
+      const double d = guided_ ? diff[i] + diff[n + i] : diff[i];
+      const double r = guided_ ? norm[i] + norm[n + i] : norm[i];
+      out[i] = d / std::max(r, 1e-30);
+    }
+    return out;
+  }
+
+  int64_t images_;
+  bool guided_;
+  std::map<std::string, State> deltas_;  // key -> Δ = out - in of its range, all rows
+  std::map<std::string, State> probes_;  // key -> the range's input at its last refresh
+  std::map<std::string, std::vector<int>> reuses_;  // key -> reuses in a row since the refresh, per image
+};
+
+/// One network evaluation as the plan says: the (unguided) epsilon for [uncond; cond]. A keyed range
+/// that runs stores what it adds (out - in over all its ops, a keyed inner loop included), a reused
+/// one adds it back; an adaptive op decides per image.
+Tensor model_output(Segments& seg, const Step& step, const Tensor& x, const Feeds& context, bool guided, CacheState& cache) {
   Feeds cond = seg.conditioning(step.timestep, context);
   Feeds cond_post = step.t_post ? seg.conditioning(*step.t_post, context) : cond;
-  Tensor h = seg.embed(guided ? concat0({x, x}) : x);
+  State h = seg.embed(guided ? concat0({x, x}) : x, cond);
+  std::map<std::string, State> range_in;  // where each keyed range of this step started
+  int forwards = 0;
+  for (const Op& op : step.ops)
+    if (op.kind != OpKind::cache_adaptive) forwards += op.block_forwards();
+  cache.count(forwards);
   for (const Op& op : step.ops) {
     const Feeds& c = op.time == TimeRef::t_post ? cond_post : cond;
+    State h_in = h;
     switch (op.kind) {
-      case OpKind::blocks: h = seg.blocks(op.start, op.end, h, c); break;
+      case OpKind::blocks:
+      case OpKind::cache_refresh: h = seg.blocks(op.start, op.end, h, c); break;
       case OpKind::ilf: h = seg.inner_loop(h, cond, cond_post); break;  // eqs. 2-3, second pass at t_post
-      case OpKind::cache_refresh: {
-        Tensor out = seg.blocks(op.start, op.end, h, c);
-        deltas[op.key] = sub(out, h);
-        h = out;
-        break;
-      }
-      case OpKind::cache_reuse: {
-        auto it = deltas.find(op.key);
-        if (it == deltas.end())
-          detail::config_error("step " + std::to_string(step.index) + " reuses the Δ-cache '" + op.key +
-                               "' before any step refreshed it");
-        h = add(h, it->second);
-        break;
-      }
+      case OpKind::cache_reuse: h = cache.reuse(op.key, h, step.index); break;
+      case OpKind::cache_adaptive: h = cache.adaptive(seg, op, h, c, step.index); break;
     }
+    if (op.stores()) cache.store(op.key, range_in.emplace(op.key, h_in).first->second, h);
   }
   const Feeds& final_cond = step.final_time == TimeRef::t_post ? cond_post : cond;
   Tensor out = seg.final(h, final_cond, x.dim(-2), x.dim(-1));
@@ -340,16 +578,17 @@ Tensor model_output(Segments& seg, const Step& step, const Tensor& x, const Feed
 }  // namespace
 
 Tensor denoise(Segments& seg, const Plan& plan, const Tensor& latents, const Feeds& inputs,
-               const std::vector<float>& guidance, const std::function<void(int)>& on_step) {
+               const std::vector<float>& guidance, const std::function<void(int)>& on_step,
+               std::vector<int>* block_forwards) {
   check_plan(plan, seg);
   if (guidance.empty()) detail::config_error("no guidance scale");
   const bool guided = guidance.size() > 1 || guidance[0] > 1.0f;
   const Feeds context = seg.context(inputs);
   Tensor x = latents;
   std::vector<Tensor> x0_history;
-  std::map<std::string, Tensor> deltas;
+  CacheState cache(latents.dim(0), guided);
   for (const Step& step : plan.steps) {
-    Tensor eps = model_output(seg, step, x, context, guided, deltas);
+    Tensor eps = model_output(seg, step, x, context, guided, cache);
     if (guided) {
       const int64_t n = x.dim(0);
       if (guidance.size() > 1 && static_cast<int64_t>(guidance.size()) != n)
@@ -365,12 +604,20 @@ Tensor denoise(Segments& seg, const Plan& plan, const Tensor& latents, const Fee
     x = x_next;
     if (on_step) on_step(step.index);
   }
+  if (block_forwards) *block_forwards = cache.block_forwards;
   return x;
 }
 
 // -- generation (runtime/generator.py, runtime/pipeline.py) ---------------------------------------
 
-double default_guidance(const std::string& architecture) { return architecture == "dit" ? 4.0 : 4.5; }
+// The diffusers pipelines' defaults: PixArt 4.5, DiT 4.0, SD3 7.0, Flux.1-dev 3.5 (embedded guidance).
+double default_guidance(const std::string& architecture, bool guidance_free) {
+  if (guidance_free) return 1.0;
+  if (architecture == "dit") return 4.0;
+  if (architecture == "sd3") return 7.0;
+  if (architecture == "flux") return 3.5;
+  return 4.5;
+}
 
 namespace {
 
@@ -481,8 +728,22 @@ Request Generator::resolve(const Request& request) const {
   auto [height, width] = bundle_.manifest().resolutions.front();
   if (!r.height) r.height = height;
   if (!r.width) r.width = width;
-  if (!r.guidance_scale) r.guidance_scale = default_guidance(bundle_.manifest().architecture);
+  const Manifest& m = bundle_.manifest();
+  if (!r.guidance_scale) r.guidance_scale = default_guidance(m.architecture, m.model.guidance == "none");
   return r;
+}
+
+void Generator::check_request(const Request& r) const {
+  // the request contract's (runtime/request.py): a negative prompt needs classifier-free guidance, a
+  // guidance scale some guidance
+  const Manifest& m = bundle_.manifest();
+  if (m.model.guidance == "cfg") return;
+  const std::string kind = m.model.guidance == "embedded"
+                               ? m.architecture + " models (their guidance is embedded, not classifier-free)"
+                               : m.architecture + " models without guidance (schnell)";
+  if (!r.negative_prompt.empty() || !r.negative_tokens.empty()) detail::config_error("negative_prompt does not apply to " + kind);
+  if (m.model.guidance == "none" && r.guidance_scale && *r.guidance_scale != 1.0)
+    detail::config_error("guidance_scale does not apply to " + kind);
 }
 
 std::pair<int, int> Generator::latent_size(const Request& request) const {
@@ -517,7 +778,28 @@ Tensor Generator::initial_latents(const Request& request) const {
   return t;
 }
 
-std::pair<Tensor, Tensor> Generator::encode_tokens(const TokenIds& tokens) {
+Feeds Generator::run_text_encoder(const TokenIds& tokens) {
+  const Manifest& m = bundle_.manifest();
+  if (!m.tokenizers.empty()) {  // SD3, Flux: one (1, max_length) row of ids per tokenizer, no mask
+    std::vector<std::string> names;
+    for (auto& spec : m.tokenizers) names.push_back(spec.input);
+    const std::string reads = "this bundle's text encoder reads the ids of " + detail::join(names, ", ");
+    if (tokens.inputs.empty()) detail::config_error("no token ids by tokenizer input: " + reads);
+    for (auto& [name, _] : tokens.inputs)
+      if (std::find(names.begin(), names.end(), name) == names.end())
+        detail::config_error("token ids for '" + name + "', which is no tokenizer input: " + reads);
+    Feeds feeds;
+    for (auto& spec : m.tokenizers) {
+      auto it = tokens.inputs.find(spec.input);
+      if (it == tokens.inputs.end()) detail::config_error("token ids for " + spec.input + " are missing: " + reads);
+      const int64_t n = static_cast<int64_t>(it->second.size());
+      if (n != spec.max_length)
+        detail::config_error("token ids for " + spec.input + " must be " + std::to_string(spec.max_length) +
+                             " long (its tokenizer pads and truncates to max_length), got " + std::to_string(n));
+      feeds[spec.input] = Tensor::i64({1, n}, it->second);
+    }
+    return segments_->run("text_encoder", feeds);
+  }
   if (tokens.input_ids.empty()) detail::config_error("no token ids");
   if (tokens.attention_mask.size() != tokens.input_ids.size())
     detail::config_error("token ids and attention mask differ in length (" + std::to_string(tokens.input_ids.size()) + " and " +
@@ -525,31 +807,58 @@ std::pair<Tensor, Tensor> Generator::encode_tokens(const TokenIds& tokens) {
   const int64_t n = static_cast<int64_t>(tokens.input_ids.size());
   Tensor ids = Tensor::i64({1, n}, tokens.input_ids), mask = Tensor::i64({1, n}, tokens.attention_mask);
   Feeds out = segments_->run("text_encoder", {{"input_ids", ids}, {"attention_mask", mask}});
-  return {output(out, "prompt_embeds", "text_encoder"), mask};
+  return {{"prompt_embeds", output(out, "prompt_embeds", "text_encoder")}, {"prompt_mask", mask}};
 }
 
-std::pair<Tensor, Tensor> Generator::encode_prompt(const std::string& prompt) { return encoded(prompt, {}); }
+namespace {
 
-std::pair<Tensor, Tensor> Generator::encoded(const std::string& prompt, const TokenIds& tokens) {
+std::pair<Tensor, Tensor> embeddings_and_mask(const Bundle& bundle, const Feeds& text) {
+  if (!bundle.manifest().tokenizers.empty())
+    detail::config_error("this bundle's text inputs are not (embeddings, mask): use Generator::encode_text");
+  return {text.at("prompt_embeds"), text.at("prompt_mask")};
+}
+
+}  // namespace
+
+std::pair<Tensor, Tensor> Generator::encode_tokens(const TokenIds& tokens) {
+  if (tokens.empty()) detail::config_error("no token ids");
+  return embeddings_and_mask(bundle_, encode_text("", tokens));
+}
+
+std::pair<Tensor, Tensor> Generator::encode_prompt(const std::string& prompt) {
+  return embeddings_and_mask(bundle_, encode_text(prompt));
+}
+
+Feeds Generator::encode_text(const std::string& prompt, const TokenIds& tokens) {
+  const Manifest& m = bundle_.manifest();
   std::string key = "p:" + prompt;
   if (!tokens.empty()) {
     key = "t:";
     for (size_t i = 0; i < tokens.input_ids.size(); ++i)
       key += std::to_string(tokens.input_ids[i]) + "/" + std::to_string(tokens.attention_mask.size() > i ? tokens.attention_mask[i] : -1) + ",";
+    for (auto& [name, ids] : tokens.inputs) {
+      key += ";" + name + ":";
+      for (int64_t id : ids) key += std::to_string(id) + ",";
+    }
   }
   auto it = prompt_cache_.find(key);
   if (it != prompt_cache_.end()) return it->second;
-  std::pair<Tensor, Tensor> result;
+  Feeds result;
   if (!tokens.empty()) {
-    result = encode_tokens(tokens);
+    result = run_text_encoder(tokens);
   } else {
-    if (!bundle_.manifest().tokenizer)
-      detail::config_error("this bundle has no tokenizer (class-conditional model); pass --class-label");
+    if (!m.tokenizers.empty()) {
+      std::vector<std::string> names;
+      for (auto& spec : m.tokenizers) names.push_back(spec.input);
+      detail::config_error("this bundle has no OpenVINO tokenizer (its text encoder reads " + std::to_string(names.size()) +
+                           " tokenizers' ids: " + detail::join(names, ", ") + "); pass --token-ids FILE with the ids of each");
+    }
+    if (!m.tokenizer) detail::config_error("this bundle has no tokenizer (class-conditional model); pass --class-label");
     if (!tokenizer_) tokenizer_ = make_openvino_tokenizer(bundle_);
     double start = detail::now_s();
     TokenIds ids = tokenizer_->encode(preprocess_prompt(prompt));  // as the PixArt pipelines preprocess
     segments_->timings().add("tokenizer", detail::now_s() - start);
-    result = encode_tokens(ids);
+    result = run_text_encoder(ids);
   }
   if (prompt_cache_.size() >= 256) prompt_cache_.clear();
   prompt_cache_[key] = result;
@@ -570,16 +879,16 @@ Feeds Generator::batch_inputs(const std::vector<Request>& requests, bool guided,
     if (guided) labels.insert(labels.begin(), requests.size(), null);
     return {{"class_labels", Tensor::i64({static_cast<int64_t>(labels.size())}, labels)}};
   }
-  std::vector<std::pair<Tensor, Tensor>> encoded_rows;
+  std::vector<Feeds> encoded_rows;
   if (guided)
-    for (auto& r : requests) encoded_rows.push_back(encoded(r.negative_prompt, r.negative_tokens));
-  for (auto& r : requests) encoded_rows.push_back(encoded(r.prompt, r.tokens));
-  std::vector<Tensor> embeds, masks;
-  for (auto& [e, k] : encoded_rows) {
-    embeds.push_back(e);
-    masks.push_back(k);
+    for (auto& r : requests) encoded_rows.push_back(encode_text(r.negative_prompt, r.negative_tokens));
+  for (auto& r : requests) encoded_rows.push_back(encode_text(r.prompt, r.tokens));
+  Feeds out;
+  for (auto& [name, _] : encoded_rows.front()) {
+    std::vector<Tensor> parts;
+    for (auto& row : encoded_rows) parts.push_back(output(row, name, "text_encoder"));
+    out[name] = concat0(parts);
   }
-  Feeds out = {{"prompt_embeds", concat0(embeds)}, {"prompt_mask", concat0(masks)}};
   if (m.model.uses_size_conditions) {
     const int64_t batch = out["prompt_embeds"].dim(0);
     const double height = static_cast<double>(latent_hw.first) * m.model.vae_scale_factor;
@@ -592,6 +901,24 @@ Feeds Generator::batch_inputs(const std::vector<Request>& requests, bool guided,
     }
     out["resolution"] = resolution;
     out["aspect_ratio"] = aspect;
+  }
+  if (m.model.position_ids) {  // FluxPipeline's ids: text all 0, image (0, row, col) per 2x2 patch
+    const int64_t rows = latent_hw.first / 2, cols = latent_hw.second / 2;
+    Tensor img_ids(DType::f32, {rows * cols, 3});
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) {
+        img_ids.f32_data()[(i * cols + j) * 3 + 1] = static_cast<float>(i);
+        img_ids.f32_data()[(i * cols + j) * 3 + 2] = static_cast<float>(j);
+      }
+    auto embeds = out.find("prompt_embeds");
+    if (embeds == out.end()) detail::engine_error("segment text_encoder gave no output 'prompt_embeds'");
+    out["img_ids"] = img_ids;
+    out["txt_ids"] = Tensor(DType::f32, {embeds->second.dim(1), 3});
+  }
+  if (m.model.guidance == "embedded") {  // Flux.1-dev: the scale is an input of the model, one per image
+    Tensor scales(DType::f32, {static_cast<int64_t>(requests.size())});
+    for (size_t i = 0; i < requests.size(); ++i) scales.f32_data()[i] = static_cast<float>(requests[i].guidance_scale.value_or(0.0));
+    out["guidance"] = scales;
   }
   return out;
 }
@@ -607,7 +934,10 @@ Tensor Generator::generate_batch(const Plan& plan, const std::vector<Request>& g
                                  const std::vector<Tensor>* latents, const std::function<void(int)>& on_step) {
   if (given_requests.empty()) detail::config_error("no requests to generate");
   std::vector<Request> requests;
-  for (auto& r : given_requests) requests.push_back(resolve(r));
+  for (auto& r : given_requests) {
+    check_request(r);
+    requests.push_back(resolve(r));
+  }
   auto hw = latent_size(requests[0]);
   for (size_t i = 1; i < requests.size(); ++i)
     if (latent_size(requests[i]) != hw) detail::config_error("a batch must share one image size");
@@ -629,11 +959,14 @@ Tensor Generator::generate_batch(const Plan& plan, const std::vector<Request>& g
     scales.push_back(static_cast<float>(s));
     guided = guided || s > 1.0;
   }
+  // Embedded guidance (Flux.1-dev) is an input of the model, not [uncond; cond] rows.
+  guided = guided && bundle_.manifest().model.guidance == "cfg";
+  const Plan picked = plan.for_image_tokens(bundle_.image_tokens(hw.first, hw.second));  // a size-dependent schedule
   Feeds inputs = batch_inputs(requests, guided, hw);
   Tensor x = concat0(initial);
   bool same = std::all_of(scales.begin(), scales.end(), [&](float s) { return s == scales[0]; });
   std::vector<float> guidance = same ? std::vector<float>{scales[0]} : scales;
-  return denoise(*segments_, plan, x, inputs, guided ? guidance : std::vector<float>{1.0f}, on_step);
+  return denoise(*segments_, picked, x, inputs, guided ? guidance : std::vector<float>{1.0f}, on_step, &last_block_forwards_);
 }
 
 std::vector<Image> Generator::decode(const Tensor& latents) {

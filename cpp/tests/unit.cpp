@@ -3,8 +3,14 @@
 //   ilf-tests --to-half IN OUT  float32 .npy -> float16 .npy and back -> OUT (pytest compares with numpy)
 //   ilf-tests --sha-lengths   print sha256 of bytes(i % 251 for i in range(n)) for n in 0..300 and 2^20+17
 //                             (pytest compares them with hashlib, with and without ILF_SHA256_PORTABLE=1)
+//   ilf-tests --batch SPEC.json  Generator::generate_batch on OpenVINO f32 (which ilf-run, one request a
+//                             run, cannot do): {"bundle", "plan", "height", "width", "out" (.npy), "requests":
+//                             [{"latents": .npy, "tokens": {input: ids}, "negative_tokens": {...},
+//                             "guidance_scale": G}]}; prints the block forwards each image ran, as JSON
+//                             (tests/test_cpp_mmdit.py compares with the Python runtime's generate_batch)
 #include <ilf/ilf.hpp>
 #include <ilf/ilf.h>
+#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -194,7 +200,10 @@ void test_bundle_reader() {
                bundle, "is not valid JSON");
   FakeBundle v3("v3");
   v3.schema_version = 3;
-  EXPECT_ERROR(ilf::Bundle::load(v3.write_all()), bundle, "bundle schema version 3 is not supported (this tool reads 2)");
+  EXPECT_ERROR(ilf::Bundle::load(v3.write_all()), bundle, "bundle schema version 3 is not supported (this tool reads 2 and 4)");
+  FakeBundle v5("v5");
+  v5.schema_version = 5;
+  EXPECT_ERROR(ilf::Bundle::load(v5.write_all()), bundle, "bundle schema version 5 is not supported (this tool reads 2 and 4)");
   EXPECT_ERROR(ilf::Bundle::load(good.write_all([](const std::string& r) { std::remove((r + "/manifest.sha256").c_str()); })),
                bundle, "manifest.sha256 is missing");
   EXPECT_ERROR(ilf::Bundle::load(good.write_all([](const std::string& r) {
@@ -240,17 +249,156 @@ void test_bundle_reader() {
   plans.files["plans/gap.json"] = FakeBundle::plan_json("gap", {"blocks", 1, 1}, 2);
   plans.files["plans/short.json"] = FakeBundle::plan_json("short", {"blocks", 0, 0}, 2);
   plans.files["plans/v2.json"] = FakeBundle::plan_json("v2", {"blocks", 0, 1}, 2, "2");
+  plans.files["plans/v4.json"] = FakeBundle::plan_json("v4", {"blocks", 0, 1}, 2, "4");
+  plans.files["plans/vtrue.json"] = FakeBundle::plan_json("vtrue", {"blocks", 0, 1}, 2, "true");
   plans.files["plans/wide.json"] = FakeBundle::plan_json("wide", {"blocks", 0, 5}, 2);
   plans.files["plans/ilf.json"] = FakeBundle::plan_json("ilf", {"ilf", 0, 1}, 2);
   std::string pr = plans.write_all();
   EXPECT_ERROR(ilf::Plan::load(pr + "/plans/gap.json"), config, "plan 'gap' step 0: ops must cover blocks in order");
   EXPECT_ERROR(ilf::Plan::load(pr + "/plans/short.json"), config, "plan 'short' step 0: ops cover 1 of 2 blocks");
-  EXPECT_ERROR(ilf::Plan::load(pr + "/plans/v2.json"), config, "unsupported plan version 2 (this tool reads 1)");
+  CHECK(ilf::Plan::load(pr + "/plans/v2.json").version == 2);
+  EXPECT_ERROR(ilf::Plan::load(pr + "/plans/v4.json"), config, "unsupported plan version 4 (this tool reads 1, 2, 3); rebuild");
+  EXPECT_ERROR(ilf::Plan::load(pr + "/plans/vtrue.json"), config, "unsupported plan version True (this tool reads 1, 2, 3)");
   EXPECT_ERROR(ilf::Plan::load(pr + "/plans/wide.json"), config, "block 5 is out of range (the model has blocks 0..1)");
   EXPECT_ERROR(ilf::Plan::load(pr + "/plans/ilf.json"), config, "ILF op outside the plan's loop");
   EXPECT_ERROR(ilf::Plan::load(pr + "/plans/none.json"), config, "cannot read plan");
   ilf::Bundle pb = ilf::Bundle::load(pr);
   CHECK(pb.plan(pr + "/plans/base-2.json").name == "base-2");  // a plan file whose cut points the bundle has
+}
+
+/// A plan document with `steps` (JSON list items) and extra top-level members.
+std::string plan_doc(int version, const std::string& steps, const std::string& extra = "", int blocks = 4) {
+  return R"({"version": )" + std::to_string(version) + R"(, "name": "p", "num_blocks": )" + std::to_string(blocks) +
+         R"(, "scheduler": "FlowMatchEulerDiscreteScheduler", "loop": [2, 3], "steps": [)" + steps + "]" + extra + "}";
+}
+
+std::string step_doc(int index, const std::string& ops, const char* t_post = "null") {
+  return R"({"index": )" + std::to_string(index) + R"(, "timestep": 1000.0, "t_post": )" + t_post + R"(, "ops": [)" + ops +
+         R"(], "coefficients": {"timestep": 1000.0, "prev_timestep": 500.0, "x": 1.0, "eps": -0.5, "x0_x": 1.0, "x0_eps": -1.0}})";
+}
+
+std::string timing_doc(double timestep, const char* t_post = "null") {
+  return R"({"timestep": )" + std::to_string(timestep) + R"(, "t_post": )" + t_post +
+         R"(, "coefficients": {"timestep": 1.0, "prev_timestep": 0.0, "x": 1.0, "eps": -0.25, "x0_x": 1.0, "x0_eps": -1.0}})";
+}
+
+void test_plan_versions() {
+  const std::string plain = R"({"op": "blocks", "start": 0, "end": 3})";
+  const std::string refresh = R"({"op": "blocks", "start": 0, "end": 0}, {"op": "cache_refresh", "start": 1, "end": 3, "key": "k"})";
+  const std::string reuse = R"({"op": "blocks", "start": 0, "end": 0}, {"op": "cache_reuse", "start": 1, "end": 3, "key": "k"})";
+  const std::string adaptive =
+      R"({"op": "blocks", "start": 0, "end": 0}, {"op": "cache_adaptive", "start": 1, "end": 3, "key": "k", "threshold": 0.1, "max_reuse": 2})";
+  // version 2: a keyed ilf joins the cached range of the op before it; adaptive ops carry their rule
+  const std::string keyed_ilf = R"({"op": "blocks", "start": 0, "end": 0}, {"op": "cache_refresh", "start": 1, "end": 1, "key": "k"},
+      {"op": "ilf", "start": 2, "end": 3, "key": "k"})";
+  ilf::Plan v2 = ilf::Plan::parse(plan_doc(2, step_doc(0, keyed_ilf) + "," + step_doc(1, adaptive)), "v2");
+  CHECK(v2.version == 2 && v2.adaptive() && v2.steps[0].ops[2].stores() && v2.steps[1].ops[1].kind == ilf::OpKind::cache_adaptive);
+  CHECK(v2.steps[1].ops[1].threshold == 0.1 && v2.steps[1].ops[1].max_reuse == 2 && v2.block_forwards() == 1 + 1 + 5 + 4);
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(1, step_doc(0, adaptive)), "v1"), bundle, "'cache_adaptive' is not allowed in version 1 plans");
+  // a version 1 plan's ilf key meant nothing: dropped, so the refresh's range is 1..1 alone
+  CHECK(!ilf::Plan::parse(plan_doc(1, step_doc(0, keyed_ilf)), "v1").steps[0].ops[2].keyed);
+  const std::string shared = R"({"op": "blocks", "start": 0, "end": 0}, {"op": "cache_refresh", "start": 1, "end": 1, "key": "k"},
+      {"op": "cache_refresh", "start": 2, "end": 3, "key": "k"})";
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(1, step_doc(0, shared)), "v1"), config,
+               "malformed plan 'p': consecutive ops share a cache key, which version 1 plans cannot say (write version 2)");
+  CHECK(ilf::Plan::parse(plan_doc(2, step_doc(0, shared)), "v2").version == 2);
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(2, step_doc(0, reuse)), "v2"), config, "step 0: cache_reuse of key 'k' before any refresh of it");
+  const std::string moved = R"({"op": "blocks", "start": 0, "end": 1}, {"op": "cache_refresh", "start": 2, "end": 3, "key": "k"})";
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(2, step_doc(0, refresh) + "," + step_doc(1, moved)), "v2"), config,
+               "step 1: cache key 'k' covers blocks 2:3 here and 1:3 elsewhere");
+  const std::string twice = R"({"op": "cache_refresh", "start": 0, "end": 0, "key": "k"}, {"op": "blocks", "start": 1, "end": 1},
+      {"op": "cache_refresh", "start": 2, "end": 3, "key": "k"})";
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(2, step_doc(0, twice)), "v2"), config, "step 0: a cache key covers two ranges in one step");
+  const std::string reused_pair = R"({"op": "blocks", "start": 0, "end": 0}, {"op": "cache_refresh", "start": 1, "end": 1, "key": "k"},
+      {"op": "cache_reuse", "start": 2, "end": 3, "key": "k"})";
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(2, step_doc(0, reused_pair)), "v2"), config, "cache key 'k' is reused over more than one op");
+  std::string no_rule = adaptive;
+  no_rule.replace(no_rule.find(", \"max_reuse\": 2"), 16, "");
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(2, step_doc(0, no_rule)), "v2"), bundle, "'max_reuse' is a required property");
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(2, step_doc(0, R"({"op": "blocks", "start": 0, "end": 3, "threshold": 0.1})")), "v2"), bundle,
+               "at steps/0/ops/0/threshold: False schema does not allow 0.1");
+
+  // version 3: one timing per step for each image token count
+  const std::string steps = step_doc(0, plain) + "," + step_doc(1, plain);
+  const std::string schedules = R"(, "schedules": {"16": [)" + timing_doc(900) + "," + timing_doc(400) + R"(], "32": [)" +
+                                timing_doc(950) + "," + timing_doc(500) + "]}";
+  ilf::Plan v3 = ilf::Plan::parse(plan_doc(3, steps, schedules), "v3");
+  CHECK(v3.version == 3 && v3.schedules.size() == 2 && v3.schedules.count(32));
+  ilf::Plan at32 = v3.for_image_tokens(32);
+  CHECK(at32.schedules.empty() && at32.steps[0].timestep == 950 && at32.steps[1].timestep == 500 &&
+        at32.steps[1].coefficients.eps == -0.25 && at32.steps[1].ops.size() == 1);
+  EXPECT_ERROR(v3.for_image_tokens(24), config,
+               "plan 'p' was made for images of 16, 32 tokens, not 24 (its schedule depends on the image size): make the plan "
+               "for this size, or rebuild with --resolutions");
+  CHECK(v2.for_image_tokens(24).steps.size() == 2);  // no schedule: the plan itself
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(2, steps, schedules), "v2"), bundle, "'schedules' is only allowed in version 3 plans");
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(3, steps, R"(, "schedules": {"16": [)" + timing_doc(900) + "]}"), "v3"), config,
+               "plan 'p': the schedule for 16 image tokens has 1 steps, the plan 2");
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(3, steps, R"(, "schedules": {"16": [)" + timing_doc(900, "300.0") + "," + timing_doc(400) + "]}"),
+                                "v3"),
+               config, "plan 'p' step 0: t_post at one size, not another");
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(3, steps, R"(, "schedules": {"016": [)" + timing_doc(900) + "," + timing_doc(400) + "]}"),
+                                "v3"),
+               bundle, "'016' does not match '^[1-9][0-9]*$'");
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(3, steps, R"(, "schedules": {"16": [{"timestep": 1.0, "coefficients": {}, "x": 1}, {}]})"),
+                                "v3"),
+               bundle, "at schedules/16/0: Additional properties are not allowed ('x' was unexpected)");
+}
+
+void test_state_manifest() {
+  // schema 4: the model's state fields and several tokenizers (an MMDiT); refused in a schema 2 manifest
+  FakeBundle mmdit("mmdit");
+  mmdit.schema_version = 4;
+  mmdit.tokenizer = "null";
+  mmdit.files["tokenizer/tokenizer_2.json"] = "{}";
+  const std::string state = R"("state": ["hidden", "text"], "state_init": {"text": "text_context"}, "token_layout": "packed",
+      "guidance": "embedded", "position_ids": true, )";
+  const std::string tokenizers = R"(, "tokenizers": [{"file": "tokenizer/tokenizer.json", "max_length": 8, "pad_id": 0, "input": "input_ids"},
+      {"file": "tokenizer/tokenizer_2.json", "max_length": 16, "pad_id": 1, "input": "input_ids_2"}])";
+  mmdit.manifest_extra = tokenizers;
+  auto with_state = [&](FakeBundle& b) {
+    return [&b, state](const std::string& r) {
+      std::string m = b.manifest();
+      m.insert(m.find("\"context_inputs\""), state);
+      write(r + "/manifest.json", m);
+      write(r + "/manifest.sha256", "sha256:" + hex_of(m));
+    };
+  };
+  ilf::Bundle b = ilf::Bundle::load(mmdit.write_all(with_state(mmdit)));
+  const ilf::Manifest& m = b.manifest();
+  CHECK(m.schema_version == 4 && m.model.state == std::vector<std::string>({"hidden", "text"}));
+  CHECK(m.model.state_init.at("text") == "text_context" && m.model.token_layout == "packed" && m.model.guidance == "embedded");
+  CHECK(m.model.position_ids && !m.tokenizer && m.tokenizers.size() == 2 && m.tokenizers[1].input == "input_ids_2" &&
+        m.tokenizers[1].max_length == 16 && m.tokenizers[1].pad_id == 1);
+  CHECK(b.image_tokens(8, 12) == 24);
+  ilf_bundle* cb = ilf_bundle_open(mmdit.root.c_str(), nullptr);
+  CHECK(cb && ilf_bundle_num_tokenizers(cb) == 2 && std::string(ilf_bundle_tokenizer_input(cb, 1)) == "input_ids_2");
+  CHECK(ilf_bundle_tokenizer_max_length(cb, 0) == 8 && ilf_bundle_tokenizer_input(cb, 2) == nullptr);
+  ilf_bundle_free(cb);
+
+  FakeBundle old("old-state");  // schema 2 with a schema 4 field
+  EXPECT_ERROR(ilf::Bundle::load(old.write_all(with_state(old))), bundle,
+               "at model: 'state' is only allowed in schema_version 4 (this manifest says 2)");
+  FakeBundle old_tok("old-tokenizers");
+  old_tok.manifest_extra = R"(, "tokenizers": [])";
+  EXPECT_ERROR(ilf::Bundle::load(old_tok.write_all()), bundle, "'tokenizers' is only allowed in schema_version 4");
+  FakeBundle unhashed("unhashed");
+  unhashed.schema_version = 4;
+  unhashed.manifest_extra = R"(, "tokenizers": [{"file": "tokenizer_9/tokenizer.json", "max_length": 8, "pad_id": 0, "input": "x"}])";
+  EXPECT_ERROR(ilf::Bundle::load(unhashed.write_all()), bundle, "names tokenizer_9/tokenizer.json but does not list its sha256");
+  FakeBundle open_tok("open-tokenizer");
+  open_tok.schema_version = 4;
+  open_tok.manifest_extra = R"(, "tokenizers": [{"file": "tokenizer/tokenizer.json", "max_length": 8, "pad_id": 0, "input": "x", "y": 1}])";
+  EXPECT_ERROR(ilf::Bundle::load(open_tok.write_all()), bundle, "at tokenizers/0: Additional properties are not allowed ('y' was unexpected)");
+  FakeBundle layout("layout");
+  layout.schema_version = 4;
+  EXPECT_ERROR(ilf::Bundle::load(layout.write_all([&](const std::string& r) {
+                 std::string text = layout.manifest();
+                 text.insert(text.find("\"context_inputs\""), R"("token_layout": "rows", )");
+                 write(r + "/manifest.json", text);
+                 write(r + "/manifest.sha256", "sha256:" + hex_of(text));
+               })),
+               bundle, "at model/token_layout: 'rows' is not one of ['patch', 'packed']");
 }
 
 void test_preprocess_and_c_api() {
@@ -276,9 +424,41 @@ void test_preprocess_and_c_api() {
   CHECK(ilf_write_png((tmpdir + "/x.png").c_str(), &img) == ILF_ERROR_CONFIG);
 }
 
+int generate_batch(const std::string& spec_path) {
+  nlohmann::json spec;
+  std::ifstream(spec_path) >> spec;
+  ilf::Bundle bundle = ilf::Bundle::load(spec.at("bundle").get<std::string>());
+  ilf::Generator generator(bundle, ilf::make_openvino_engine(bundle));
+  std::vector<ilf::Request> requests;
+  std::vector<ilf::Tensor> latents;
+  for (auto& r : spec.at("requests")) {
+    ilf::Request request;
+    request.height = spec.at("height").get<int>();
+    request.width = spec.at("width").get<int>();
+    if (r.contains("guidance_scale")) request.guidance_scale = r["guidance_scale"].get<double>();
+    for (auto& [name, ids] : r.at("tokens").items()) request.tokens.inputs[name] = ids.get<std::vector<int64_t>>();
+    if (r.contains("negative_tokens"))
+      for (auto& [name, ids] : r["negative_tokens"].items()) request.negative_tokens.inputs[name] = ids.get<std::vector<int64_t>>();
+    requests.push_back(request);
+    latents.push_back(ilf::read_npy(r.at("latents").get<std::string>()));
+  }
+  ilf::Tensor out = generator.generate_batch(bundle.plan(spec.at("plan").get<std::string>()), requests, &latents);
+  ilf::write_npy(spec.at("out").get<std::string>(), out);
+  std::cout << nlohmann::json(generator.last_block_forwards()).dump() << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--batch") {
+    try {
+      return generate_batch(argv[2]);
+    } catch (const std::exception& e) {
+      std::cerr << "error: " << e.what() << "\n";
+      return 2;
+    }
+  }
   if (argc == 4 && std::string(argv[1]) == "--to-half") {
     ilf::Tensor in = ilf::read_npy(argv[2]);
     ilf::Tensor half(ilf::DType::f16, in.shape()), back(ilf::DType::f32, {2, in.numel()});
@@ -308,6 +488,8 @@ int main(int argc, char** argv) {
   test_sha256();
   test_npy_png();
   test_bundle_reader();
+  test_plan_versions();
+  test_state_manifest();
   test_preprocess_and_c_api();
   std::string cleanup = "rm -rf '" + tmpdir + "'";
   if (std::system(cleanup.c_str()) != 0) std::cerr << "could not remove " << tmpdir << "\n";

@@ -20,19 +20,26 @@ const char* kUsage = R"(usage: ilf-run BUNDLE [--plan P] (--prompt TEXT | --toke
 Run a step plan of an ilf-deploy bundle on OpenVINO (every file's sha256 and the digest checked first).
 
   --plan, -p P            a bundled plan (default: the first ILF plan) or a plan .json file
-  --prompt TEXT           PixArt: the prompt (the bundle's OpenVINO tokenizer)
-  --token-ids FILE        PixArt: token ids instead of --prompt: a .npy of integers shaped (L,), (1, L)
+  --prompt TEXT           PixArt: the prompt (the bundle's OpenVINO tokenizer; SD3 and Flux bundles
+                          have none: pass --token-ids)
+  --token-ids FILE        token ids instead of --prompt. PixArt: a .npy of integers shaped (L,), (1, L)
                           or (2, L) = [negative; prompt] (mask: up to the trailing padding), or a .json
-                          {"input_ids": [...], "attention_mask": [...]} with the same rows
-  --negative-prompt TEXT  PixArt, with guidance (default "")
+                          {"input_ids": [...], "attention_mask": [...]} with the same rows.
+                          SD3, Flux (several tokenizers): a .json with each tokenizer's ids by the
+                          text_encoder input they feed, each padded to its max_length, e.g.
+                          {"input_ids": [...], "input_ids_2": [...]}; every input one row (the
+                          prompt) or, for SD3 with guidance, two rows [negative; prompt]
+  --negative-prompt TEXT  PixArt and SD3, with guidance (default "")
   --class-label N         DiT: the ImageNet class
-  --guidance-scale G      classifier-free guidance (default 4.5 PixArt, 4.0 DiT; <= 1 disables)
+  --guidance-scale G      guidance (default 4.5 PixArt, 4.0 DiT, 7.0 SD3: classifier-free, <= 1
+                          disables; 3.5 Flux.1-dev: embedded in the model; Flux.1-schnell has none)
   --seed S                seed of this runtime's noise (not numpy's: use --latents-in for parity)
   --height H, --width W   image size in pixels (default: the bundle's first resolution)
-  --latents-in FILE       start from these latents (.npy) instead of noise
-  --latents-out FILE      write the final latents (.npy)
+  --latents-in FILE       start from these latents (.npy, (B, C, H, W) with B = 1: the VAE's latent
+                          layout; Flux too: unpacked, not diffusers' packed `latents=`) instead of noise
+  --latents-out FILE      write the final latents (.npy, (B, C, H, W) as --latents-in)
   --out, -o FILE          write the image (.png; default image.png unless only --latents-out)
-  --variant V             f32 / bf16, or a bundle variant OpenVINO reads (mode int8-ov or int8-qdq)
+  --variant V             f32 / bf16, or a bundle variant OpenVINO reads (mode int8-ov, int8-qdq, bf16)
   --precision P           f32 (default, pinned) or bf16 (needs AVX512_BF16 or AMX)
   --device D              OpenVINO device (default CPU; GPU/NPU passed through, untested)
   --threads N             OpenVINO inference threads (default: OpenVINO's choice)
@@ -146,6 +153,12 @@ bool parent_exists(const std::string& path) {
 
 std::string parent_of(const std::string& path) { return path.substr(0, path.rfind('/')); }
 
+std::string join(const std::vector<std::string>& items) {
+  std::string out;
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + items[i];
+  return out;
+}
+
 /// --token-ids: rows of (ids, mask); the mask of a .npy is 1 up to the trailing run of pad ids.
 std::vector<ilf::TokenIds> read_token_ids(const std::string& path, int pad_id) {
   std::vector<ilf::TokenIds> rows;
@@ -204,6 +217,62 @@ std::vector<ilf::TokenIds> read_token_ids(const std::string& path, int pad_id) {
   return rows;
 }
 
+/// --token-ids for a text encoder that reads several tokenizers (schema 4 `tokenizers`): a .json with
+/// the ids of each by its input, one row (the prompt) or two [negative; prompt] each; a .npy where
+/// there is one tokenizer.
+std::vector<ilf::TokenIds> read_named_token_ids(const std::string& path, const std::vector<ilf::TokenizerSpec>& specs) {
+  auto fail = [&](const std::string& why) -> void { usage_error("cannot read token ids " + path + ": " + why); };
+  std::vector<std::string> names;
+  for (auto& spec : specs) names.push_back(spec.input);
+  std::string form = "{";
+  for (size_t i = 0; i < names.size(); ++i) form += std::string(i ? ", " : "") + "\"" + names[i] + "\": [...]";
+  form += "}";
+  std::map<std::string, std::vector<std::vector<int64_t>>> by_input;
+  if (path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0) {
+    std::ifstream in(path);
+    if (!in) fail(std::strerror(errno));
+    nlohmann::json d;
+    try {
+      in >> d;
+    } catch (const std::exception& e) {
+      fail(e.what());
+    }
+    if (!d.is_object()) fail("expected " + form + " (this bundle's text encoder reads several tokenizers' ids)");
+    for (auto& [name, v] : d.items()) {
+      if (std::find(names.begin(), names.end(), name) == names.end())
+        fail("'" + name + "' is not an input of this bundle's text encoder (it reads " + form + ")");
+      if (!v.is_array() || v.empty()) fail(name + ": ids must be a non-empty list (or list of lists)");
+      try {
+        if (v[0].is_array())
+          for (auto& r : v) by_input[name].push_back(r.get<std::vector<int64_t>>());
+        else
+          by_input[name].push_back(v.get<std::vector<int64_t>>());
+      } catch (const std::exception&) {
+        fail(name + ": ids must be integers");
+      }
+    }
+    for (auto& name : names)
+      if (!by_input.count(name)) fail("no ids for " + name + " (this bundle's text encoder reads " + form + ")");
+  } else if (specs.size() == 1) {
+    ilf::Tensor t = ilf::read_npy(path);
+    if (t.dtype() != ilf::DType::i64) fail("token ids must be integers");
+    if (t.shape().empty() || t.shape().size() > 2 || t.dim(-1) == 0)
+      fail("expected a shape (L,), (1, L) or (2, L), got " + t.shape_string());
+    int64_t n = t.shape().size() == 1 ? 1 : t.dim(0), len = t.dim(-1);
+    for (int64_t r = 0; r < n; ++r) by_input[names[0]].emplace_back(t.i64_data() + r * len, t.i64_data() + (r + 1) * len);
+  } else {
+    fail("this bundle's text encoder reads several tokenizers' ids: give a .json " + form);
+  }
+  const size_t rows = by_input.at(names[0]).size();
+  for (auto& [name, r] : by_input)
+    if (r.size() != rows) fail("every input needs the same rows (" + names[0] + " has " + std::to_string(rows) + ", " + name + " " + std::to_string(r.size()) + ")");
+  if (rows > 2) fail("expected 1 row (the prompt) or 2 rows (negative; prompt)");
+  std::vector<ilf::TokenIds> out(rows);
+  for (size_t i = 0; i < rows; ++i)
+    for (auto& [name, r] : by_input) out[i].inputs[name] = r[i];
+  return out;
+}
+
 nlohmann::json stage_table(const ilf::Timings& timings) {
   nlohmann::json out = nlohmann::json::object();
   for (auto& [name, calls] : timings.calls()) {
@@ -231,10 +300,25 @@ int run(int argc, char** argv) {
   double loaded = clock();
   const ilf::Manifest& m = bundle.manifest();
   const bool dit = m.architecture == "dit";
+  const std::string family = m.architecture.rfind("pixart", 0) == 0 ? "PixArt" : m.architecture;
   if (dit && (a.has_prompt || !a.token_ids.empty())) usage_error("DiT models take --class-label, not a prompt");
   if (dit && !a.has_class) usage_error("DiT models need --class-label");
-  if (!dit && a.has_class) usage_error("PixArt models take --prompt or --token-ids, not --class-label");
-  if (!dit && !a.has_prompt && a.token_ids.empty()) usage_error("PixArt models need --prompt (or --token-ids)");
+  if (!dit && a.has_class) usage_error(family + " models take --prompt or --token-ids, not --class-label");
+  if (!dit && !a.has_prompt && a.token_ids.empty()) usage_error(family + " models need --prompt (or --token-ids)");
+  std::vector<std::string> inputs;  // schema 4: the text encoder's inputs, one per tokenizer
+  for (auto& spec : m.tokenizers) inputs.push_back(spec.input);
+  if (a.has_prompt && !inputs.empty())
+    usage_error("this bundle has no OpenVINO tokenizer (its text encoder reads " + std::to_string(inputs.size()) +
+                " tokenizers' ids: " + join(inputs) + "); pass --token-ids FILE with the ids of each");
+  // the request contract (runtime/request.py): a negative prompt needs classifier-free guidance, a
+  // guidance scale some guidance
+  const std::string kind = m.model.guidance == "embedded"
+                               ? m.architecture + " models (their guidance is embedded, not classifier-free)"
+                               : m.architecture + " models without guidance (schnell)";
+  if (m.model.guidance != "cfg" && !a.negative_prompt.empty())
+    usage_error("--negative-prompt: negative_prompt does not apply to " + kind);
+  if (m.model.guidance == "none" && a.has_guidance && a.guidance != 1.0)
+    usage_error("--guidance-scale: guidance_scale does not apply to " + kind);
 
   ilf::Request request;
   request.prompt = a.prompt;
@@ -245,11 +329,15 @@ int run(int argc, char** argv) {
   request.height = a.height;
   request.width = a.width;
   if (!a.token_ids.empty()) {
-    auto rows = read_token_ids(a.token_ids, m.tokenizer ? m.tokenizer->pad_id : 0);
+    auto rows = inputs.empty() ? read_token_ids(a.token_ids, m.tokenizer ? m.tokenizer->pad_id : 0)
+                               : read_named_token_ids(a.token_ids, m.tokenizers);
     request.tokens = rows.back();
     if (rows.size() == 2) request.negative_tokens = rows.front();
-    double scale = a.has_guidance ? a.guidance : ilf::default_guidance(m.architecture);
-    if (rows.size() == 1 && scale > 1.0 && !(m.tokenizer && m.tokenizer->openvino))
+    if (rows.size() == 2 && m.model.guidance != "cfg")
+      usage_error("--token-ids: 2 rows [negative; prompt], but negative_prompt does not apply to " + kind +
+                  ": give the prompt's row only");
+    double scale = a.has_guidance ? a.guidance : ilf::default_guidance(m.architecture, m.model.guidance == "none");
+    if (rows.size() == 1 && scale > 1.0 && m.model.guidance == "cfg" && !(m.tokenizer && m.tokenizer->openvino))
       usage_error("guidance needs the negative prompt's ids too: give --token-ids 2 rows [negative; prompt], or --guidance-scale 1");
   }
   ilf::Plan plan = bundle.plan(a.plan.empty() ? bundle.default_plan() : a.plan);
@@ -261,7 +349,8 @@ int run(int argc, char** argv) {
   options.threads = a.threads;
   options.cache = !a.no_cache;
   ilf::Generator generator(bundle, ilf::make_openvino_engine(bundle, options));
-  check_plan(plan, generator.segments());
+  auto latent_hw = generator.latent_size(request);  // a size the bundle was built for
+  check_plan(plan.for_image_tokens(bundle.image_tokens(latent_hw.first, latent_hw.second)), generator.segments());
   double opened = clock();
 
   nlohmann::json runs = nlohmann::json::array();
@@ -289,6 +378,7 @@ int run(int argc, char** argv) {
                     {"encode_s", text},
                     {"decode_s", done - denoised},
                     {"step_s", steps},
+                    {"block_forwards", generator.last_block_forwards()},
                     {"segments", stage_table(generator.timings())},
                     {"inference", infer ? stage_table(*infer) : nlohmann::json::object()}});
   }
@@ -309,7 +399,7 @@ int run(int argc, char** argv) {
                              {"digest", bundle.digest()},
                              {"plan", plan.name},
                              {"steps", plan.steps.size()},
-                             {"block_forwards", plan.block_forwards()},
+                             {"block_forwards", plan.block_forwards()},  // an adaptive plan's most; runs: what ran
                              {"cpu", ilf::cpu_model()},
                              {"cpu_flags", ilf::cpu_flags()},
                              {"load_s", loaded - t0},
@@ -319,9 +409,12 @@ int run(int argc, char** argv) {
     f << report.dump(2) << "\n";
     if (!f) usage_error("cannot write " + a.json);
   }
-  if (!a.quiet)
-    std::cout << plan.name << ": " << plan.block_forwards() << " block forwards, seed " << a.seed << " ("
-              << generator.engine().describe() << ")\n";
+  if (!a.quiet) {
+    const auto& ran = generator.last_block_forwards();  // an adaptive plan decides them as it runs
+    std::cout << plan.name << ": " << (ran.empty() ? plan.block_forwards() : ran.front()) << " block forwards"
+              << (plan.adaptive() ? " (at most " + std::to_string(plan.block_forwards()) + ")" : std::string()) << ", seed "
+              << a.seed << " (" << generator.engine().describe() << ")\n";
+  }
   return 0;
 }
 

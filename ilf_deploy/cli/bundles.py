@@ -14,28 +14,10 @@ from . import command, console, finish_checks, out, progress
 from .generate import open_source
 from .options import VARIANT_HELP, ChecksJson, Digest, backend_help
 from .paths import image_suffixes, output_file
+from .sizes import parse_resolutions, split_list
 from .tables import bench_table, bundle_tables, checks_table, stage_table
 
 # -- bundles ---------------------------------------------------------------------------------
-
-
-def _split_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _parse_resolutions(text: str | None, height: int | None, width: int | None) -> list[tuple[int, int]]:
-    sizes = []
-    for part in _split_list(text or ""):
-        try:
-            h, w = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            raise ConfigError(f"resolution {part!r} is not HxW (e.g. 512x512)") from None
-        sizes.append((h, w))
-    if height is not None or width is not None:  # one given: square (0 is refused, not "unset")
-        side_h = height if height is not None else width
-        side_w = width if width is not None else height
-        sizes.insert(0, (side_h, side_w))  # type: ignore[arg-type]
-    return sizes
 
 
 @command()
@@ -74,10 +56,10 @@ def build(
         current_environment()
 
     options = BuildOptions(
-        plans=_split_list(plans),
+        plans=split_list(plans),
         precision=precision,
         max_batch=max_batch,
-        resolutions=_parse_resolutions(resolutions, height, width),
+        resolutions=parse_resolutions(resolutions, height, width),
         copy_model=copy_model,
         force=force,
     )
@@ -224,7 +206,7 @@ def bench(
     output_file(as_json, "--json", (".json",))
     output_file(plot_out, "--plot", image_suffixes())
     loaded = Bundle.load(bundle, digest=digest)
-    names = _split_list(plans) if plans else loaded.plan_names
+    names = split_list(plans) if plans else loaded.plan_names
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise ConfigError(f"--plans names {', '.join(twice)} more than once")

@@ -11,38 +11,33 @@ import typer
 from ..errors import ConfigError
 from . import command, console, out, tables
 from .paths import output_dir, output_file
+from .sizes import parse_resolutions
 
 # -- plan ------------------------------------------------------------------------------------
 
 
-def _model_facts(model: Path) -> tuple[int, dict[str, Any], tuple[int, int] | None, str | None]:
-    """(num_blocks, scheduler config, feedback loop and t_post) from a model directory's JSON only."""
+def _model_facts(
+    model: Path, sizes: list[tuple[int, int]] | None = None
+) -> tuple[int, dict[str, Any], tuple[int, int] | None, str | None]:
+    """(num_blocks, scheduler config, feedback loop and t_post) from a model directory's JSON only;
+    a size-dependent schedule is made for `sizes` (height, width in pixels)."""
     from ..ilf import CONFIG_FILE, FEEDBACK_DIR, FeedbackConfig
-    from ..loading import detect_architecture, resolve_source
-    from ..schedulers import (
-        DIT_SCHEDULER_CONFIG,
-        FLUX_DEV_SCHEDULER_CONFIG,
-        FLUX_SCHNELL_SCHEDULER_CONFIG,
-        PIXART_SCHEDULER_CONFIG,
-        SD3_SCHEDULER_CONFIG,
-        for_image_tokens,
-        for_pipeline,
-    )
+    from ..loading import default_scheduler_config, detect_architecture, resolve_source
+    from ..schedulers import for_image_tokens, for_pipeline
 
     path = resolve_source(model)
     architecture, is_pipeline = detect_architecture(path)
     config = json.loads(((path / "transformer") if is_pipeline else path).joinpath("config.json").read_text())
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    default = {
-        "dit": DIT_SCHEDULER_CONFIG,
-        "sd3": SD3_SCHEDULER_CONFIG,
-        "flux": FLUX_DEV_SCHEDULER_CONFIG if config.get("guidance_embeds") else FLUX_SCHNELL_SCHEDULER_CONFIG,
-    }.get(architecture, PIXART_SCHEDULER_CONFIG)
+    default = default_scheduler_config(architecture, config)
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else dict(default)
     num_blocks = int(config["num_layers"]) + int(config.get("num_single_layers", 0))  # Flux: double + single
     if architecture in ("sd3", "flux"):
-        # A size-dependent shift (Flux-dev) is shown at the pipeline's default: 1024 px, 4096 tokens.
-        scheduler = for_image_tokens(for_pipeline(scheduler, architecture), [4096])
+        vae_file = path / "vae" / "config.json"
+        levels = len(json.loads(vae_file.read_text())["block_out_channels"]) if vae_file.is_file() else 4
+        factor = 2 ** (levels - 1) * 2  # the VAE's downsampling, then a 2x2 patch (SD3) or packing (Flux)
+        tokens = [(h // factor) * (w // factor) for h, w in sizes or [(1024, 1024)]]
+        scheduler = for_image_tokens(for_pipeline(scheduler, architecture), tokens)
     feedback_file = path / FEEDBACK_DIR / CONFIG_FILE
     if not feedback_file.is_file():
         return num_blocks, scheduler, None, None
@@ -107,6 +102,12 @@ ModelDir = Annotated[
 Name = Annotated[str | None, typer.Option(help="The plan's name (default: its preset's, else composed-N).")]
 
 
+SIZES_HELP = (
+    "With --model, where the schedule depends on the image size (Flux-dev's dynamic shift): the "
+    "sizes HxW[,HxW...] the plan carries a schedule for (default: 1024x1024, the pipeline's)."
+)
+
+
 @command("plan")
 def plan_command(
     steps: Steps = 20,
@@ -126,6 +127,7 @@ def plan_command(
     baseline_steps: Annotated[int, typer.Option(help="Baseline the speedup is predicted against.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan itself as JSON.")] = False,
     save: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the plan JSON here.")] = None,
+    sizes: Annotated[str | None, typer.Option(help=SIZES_HELP)] = None,
 ) -> None:
     """Build a step plan and print its per-step table, block forwards and predicted speedup.
 
@@ -142,7 +144,7 @@ def plan_command(
         raise ConfigError(f"--block-caching δ must be a finite number >= 0, got {block_caching}")
     num_blocks, scheduler, model_loop, model_t_post = 28, None, None, None
     if model is not None:
-        num_blocks, scheduler, model_loop, model_t_post = _model_facts(model)
+        num_blocks, scheduler, model_loop, model_t_post = _model_facts(model, parse_resolutions(sizes))
     num_blocks = blocks if blocks is not None else num_blocks
     if num_blocks < 1:
         raise ConfigError(f"--blocks must be >= 1, got {num_blocks}")
@@ -280,7 +282,7 @@ def _profile(model: Path, plan) -> Any:
 @command("make-tiny")
 def make_tiny_command(
     architecture: Annotated[
-        str, typer.Argument(help="pixart-alpha, pixart-sigma, dit, sd3, flux (dev) or flux-schnell.")
+        str, typer.Argument(help="pixart-alpha, pixart-sigma, dit, sd3, sd3.5, flux (dev) or flux-schnell.")
     ],
     out_dir: Annotated[Path, typer.Argument(help="Directory to create (must not exist or be empty).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,

@@ -8,6 +8,8 @@ the dynamo exporter too is left for later (their bundles verify as they are).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -75,22 +77,17 @@ def export_segment(
     module.eval()
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
         raw = Path(scratch) / path.name
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about python-int shapes are expected here
-            if dynamo:
-                _export_dynamo(module, args, raw, inputs, outputs)
-            else:
-                torch.onnx.export(
-                    module,
-                    args,
-                    str(raw),
-                    input_names=list(inputs),
-                    output_names=list(outputs),
-                    dynamic_axes=dynamic_axes([*inputs, *outputs]),
-                    opset_version=OPSET,
-                    do_constant_folding=True,
-                    dynamo=False,
-                )
+        # tracer warnings about python-int shapes are expected; the dynamo exporter prints its progress
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(raw),
+                input_names=list(inputs),
+                output_names=list(outputs),
+                **(_dynamo_options(module, inputs) if dynamo else _torchscript_options(inputs, outputs)),
+            )
         model = onnx.load(str(raw))  # also reads any per-tensor files the exporter wrote
         if dynamo:
             _name_dims(model, [*inputs, *outputs])
@@ -109,18 +106,19 @@ def export_segment(
     onnx.shape_inference.infer_shapes_path(str(path))
 
 
-def _export_dynamo(
-    module: nn.Module,
-    args: tuple[torch.Tensor, ...],
-    raw: Path,
-    inputs: Sequence[str],
-    outputs: Sequence[str],
-) -> None:
-    """torch.export, with every axis `_AXES` names (and every batch axis) dynamic where the graph
-    lets it be (`Dim.AUTO`: an axis the model fixes stays fixed instead of failing the export)."""
-    import contextlib
+def _torchscript_options(inputs: Sequence[str], outputs: Sequence[str]) -> dict:
+    return dict(
+        dynamic_axes=dynamic_axes([*inputs, *outputs]),
+        opset_version=OPSET,
+        do_constant_folding=True,
+        dynamo=False,
+    )
+
+
+def _dynamo_options(module: nn.Module, inputs: Sequence[str]) -> dict:
+    """torch.export, with every axis `_DYNAMO_AXES` names (and every batch axis) dynamic where the
+    graph lets it be (`Dim.AUTO`: an axis the model fixes stays fixed instead of failing the export)."""
     import inspect
-    import io
     import logging
 
     axes = dynamic_axes(inputs, dynamo=True)
@@ -131,19 +129,9 @@ def _export_dynamo(
     varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
     shapes = (*flat[:fixed], tuple(flat[fixed:])) if varargs and len(flat) > fixed else tuple(flat)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-        torch.onnx.export(
-            module,
-            args,
-            str(raw),
-            input_names=list(inputs),
-            output_names=list(outputs),
-            dynamic_shapes=shapes,
-            opset_version=DYNAMO_OPSET,
-            dynamo=True,
-            external_data=True,
-            verbose=False,
-        )
+    return dict(
+        dynamic_shapes=shapes, opset_version=DYNAMO_OPSET, dynamo=True, external_data=True, verbose=False
+    )
 
 
 def _name_dims(model, names: Sequence[str]) -> None:

@@ -131,11 +131,14 @@ class SegmentRunner(ABC):
 
     # -- runtime.loop.Segments ----------------------------------------------------------------
     def context(self, inputs: Feeds) -> Feeds:
-        # Inputs stay visible: the time segment reads the size conditions from them.
-        return {**inputs, **self.run("context", inputs)}
+        # The inputs the time segment reads (size conditions, a pooled prompt, Flux's guidance) stay
+        # visible; no other: every entry left has the batch as its first axis, or one row for all
+        # (Flux's rotary tables), which is what the adaptive cache's row picking relies on (cache.py).
+        passed = {name: inputs[name] for name in self.input_names("time") if name in inputs}
+        return {**passed, **self.run("context", inputs)}
 
     def conditioning(self, timestep: float, context: Feeds) -> Feeds:
-        batch = next(iter(context.values())).shape[0]
+        batch = max(value.shape[0] for value in context.values() if len(value.shape))
         feeds = {**context, "timestep": self.array(np.full((batch,), timestep, dtype=np.float32))}
         return {**context, **self.run("time", feeds)}
 

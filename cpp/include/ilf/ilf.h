@@ -40,6 +40,13 @@ void ilf_bundle_free(ilf_bundle* bundle);
 const char* ilf_bundle_digest(const ilf_bundle* bundle);
 const char* ilf_bundle_architecture(const ilf_bundle* bundle);
 const char* ilf_bundle_default_plan(const ilf_bundle* bundle);
+/* Bundles whose text encoder reads several tokenizers (SD3, Flux; none of them has an OpenVINO
+ * tokenizer, so a request gives token ids): how many, and tokenizer i's text_encoder input name
+ * ("input_ids", "input_ids_2", ...) and max_length (the length of its ids), in the manifest's order.
+ * 0 tokenizers for PixArt (one tokenizer: token_ids below) and DiT; NULL / 0 for an i out of range. */
+size_t ilf_bundle_num_tokenizers(const ilf_bundle* bundle);
+const char* ilf_bundle_tokenizer_input(const ilf_bundle* bundle, size_t i);
+int64_t ilf_bundle_tokenizer_max_length(const ilf_bundle* bundle, size_t i);
 
 typedef struct ilf_openvino_options {
   const char* device;    /* "CPU" (NULL: CPU); GPU, NPU, AUTO are passed to OpenVINO, untested */
@@ -55,23 +62,37 @@ void ilf_openvino_options_init(ilf_openvino_options* options);
 ilf_generator* ilf_generator_open(const ilf_bundle* bundle, const ilf_openvino_options* options);
 void ilf_generator_free(ilf_generator* generator);
 
+/* One tokenizer's ids for a text encoder that reads several (ilf_bundle_num_tokenizers > 0). */
+typedef struct ilf_token_ids {
+  const char* input;      /* the text_encoder input they feed (ilf_bundle_tokenizer_input) */
+  const int64_t* ids;     /* padded to that tokenizer's max_length */
+  size_t num_tokens;
+} ilf_token_ids;
+
 typedef struct ilf_request {
   const char* prompt;          /* PixArt (NULL: "") */
-  const char* negative_prompt; /* PixArt, with guidance (NULL: "") */
+  const char* negative_prompt; /* PixArt and SD3, with guidance (NULL: "") */
   int64_t class_label;         /* DiT; -1: none */
-  double guidance_scale;       /* NaN: the default (4.5 PixArt, 4.0 DiT); <= 1 disables guidance */
+  double guidance_scale;       /* NaN: the default (4.5 PixArt, 4.0 DiT, 7.0 SD3, 3.5 Flux.1-dev: embedded;
+                                  Flux.1-schnell: none, only 1 is accepted); classifier-free: <= 1 disables */
   uint64_t seed;               /* of this library's noise (not numpy's stream: pass latents for that) */
   int height, width;           /* pixels; 0: the bundle's first resolution */
   const int64_t* token_ids;    /* optional: the prompt's ids, used instead of tokenising `prompt` */
   const int64_t* attention_mask;
   size_t num_tokens;
+  /* SD3, Flux (several tokenizers): the prompt's ids, one entry per tokenizer; with classifier-free
+   * guidance (SD3) the negative prompt's too. NULL / 0: none. */
+  const ilf_token_ids* token_inputs;
+  size_t num_token_inputs;
+  const ilf_token_ids* negative_token_inputs;
+  size_t num_negative_token_inputs;
 } ilf_request;
 
 void ilf_request_init(ilf_request* request);
 
 typedef struct ilf_latents {
   float* data;      /* shape[0] * shape[1] * shape[2] * shape[3] floats, C order */
-  int64_t shape[4]; /* (1, C, h, w) */
+  int64_t shape[4]; /* (1, C, h, w): the VAE's latent layout (Flux too: unpacked, not diffusers' packed) */
 } ilf_latents;
 
 typedef struct ilf_image {

@@ -1,12 +1,15 @@
 // ilf: the C++ runtime for ilf-deploy bundles (https://github.com/.../ilf-deploy, README "Embedding in C++").
 //
 // A bundle (manifest.json + manifest.sha256 + plans/ + onnx/ + positions/ + tokenizer/) is read per the
-// published schemas (ilf_deploy/schemas/*.schema.json, schema_version 2): every file's sha256 and the
-// manifest's digest are checked before anything runs. A step plan (plans/NAME.json) is then executed
-// exactly as ilf_deploy/runtime/loop.py does: segment calls, the ILF inner loop with t_post
-// conditioning, Δ-cache refresh/reuse, classifier-free guidance and the plan's precomputed scheduler
-// coefficients (multistep history included). Segments run on an `Engine` (OpenVINO here; anything that
-// can run a named graph on named tensors can implement it).
+// published schemas (ilf_deploy/schemas/*.schema.json, schema_version 2, and 4 for the two-stream
+// MMDiTs SD3 and Flux.1): every file's sha256 and the manifest's digest are checked before anything
+// runs. A step plan (plans/NAME.json, version 1, 2 or 3) is then executed exactly as
+// ilf_deploy/runtime/loop.py does: segment calls on the model's state (the named tensors between
+// blocks: image tokens, and an MMDiT's text tokens), the ILF inner loop with t_post conditioning, the
+// Δ-cache (refresh/reuse, keyed ranges over several ops, adaptive reuse decided per image),
+// classifier-free or embedded guidance and the plan's precomputed scheduler coefficients (multistep
+// history included; a version 3 plan's schedule for the image's token count). Segments run on an
+// `Engine` (OpenVINO here; anything that can run a named graph on named tensors can implement it).
 //
 // Nothing in this header includes OpenVINO or a JSON library: link ilf::ilf and include this.
 #pragma once
@@ -110,8 +113,9 @@ void write_png(const std::string& path, const Image& image);
 
 // -- the bundle format ----------------------------------------------------------------------------
 
-constexpr int kSchemaVersion = 2;  // manifest.schema.json
-constexpr int kPlanVersion = 1;    // plan.schema.json
+constexpr int kSchemaVersion = 2;       // manifest.schema.json: what a bundle without the below is
+constexpr int kStateSchemaVersion = 4;  // 4: a multi-tensor state (SD3, Flux) and several tokenizers
+constexpr int kPlanVersion = 3;         // plan.schema.json: the newest version read (1, 2 and 3 are)
 
 struct Dim {
   int64_t value = -1;  // -1: symbolic
@@ -132,6 +136,7 @@ struct SegmentSpec {
   std::vector<std::string> input_names() const;
   std::vector<std::string> output_names() const;
   bool takes_feed() const;  // an inner-loop block segment (adds the feedback's `feed`, eqs. 2-3)
+  bool has_input(const std::string& name) const;
 };
 
 struct ModelSpec {
@@ -140,13 +145,25 @@ struct ModelSpec {
   std::vector<std::string> context_inputs;
   bool uses_size_conditions = false;
   int num_classes = 0;  // DiT: labels 0..num_classes-1; num_classes is the null class
+  // Schema 4 (their defaults are what a schema 2 bundle means):
+  std::vector<std::string> state = {"hidden"};    // the state between blocks, in order
+  std::map<std::string, std::string> state_init;  // state tensor -> the context output it starts as
+  std::string token_layout = "patch";             // patch: (p, p, C) per token; packed: (C, 2, 2) (Flux)
+  std::string guidance = "cfg";                   // cfg | embedded (Flux.1-dev) | none (Flux.1-schnell)
+  bool position_ids = false;                      // Flux: img_ids (N, 3) and txt_ids (L, 3) inputs
 };
+
+/// A block segment's output for state tensor `state` (NAME_out), and its ILF feed (`feed` for
+/// `hidden`, NAME_feed otherwise): ilf_deploy/state.py.
+std::string state_output_name(const std::string& state);
+std::string state_feed_name(const std::string& state);
 
 struct TokenizerSpec {
   std::string file;  // tokenizer/tokenizer.json (the `tokenizers` library's)
   int max_length = 0;
   int pad_id = 0;
   std::optional<std::string> openvino;  // the same tokenizer converted by openvino-tokenizers (.xml)
+  std::string input = "input_ids";      // the text_encoder input its ids feed (schema 4 `tokenizers`)
 };
 
 struct VariantSpec {
@@ -156,7 +173,8 @@ struct VariantSpec {
 };
 
 struct Manifest {
-  std::string architecture;  // pixart-alpha | pixart-sigma | dit
+  int schema_version = kSchemaVersion;
+  std::string architecture;  // pixart-alpha | pixart-sigma | dit | sd3 | flux
   std::string config_hash;
   ModelSpec model;
   std::optional<std::pair<int, int>> loop;  // the ILF inner loop b..e
@@ -167,7 +185,8 @@ struct Manifest {
   std::vector<int> cut_points;
   std::map<std::string, SegmentSpec> segments;
   std::vector<std::pair<std::string, std::string>> plans;  // name -> file, in the manifest's order
-  std::optional<TokenizerSpec> tokenizer;                  // none: class-conditional (DiT)
+  std::optional<TokenizerSpec> tokenizer;                  // none: class-conditional (DiT), or `tokenizers`
+  std::vector<TokenizerSpec> tokenizers;                   // schema 4: several (SD3, Flux), by text_encoder input
   std::map<std::string, std::string> files;                // path -> sha256 hex
   std::map<std::string, VariantSpec> variants;
 
@@ -176,15 +195,20 @@ struct Manifest {
   std::vector<const SegmentSpec*> block_segments() const;  // in the order of the blocks they cover
 };
 
-enum class OpKind { blocks, ilf, cache_refresh, cache_reuse };
+enum class OpKind { blocks, ilf, cache_refresh, cache_reuse, cache_adaptive };
 enum class TimeRef { t, t_post };
 
 struct Op {
   OpKind kind = OpKind::blocks;
   int start = 0, end = 0;
   TimeRef time = TimeRef::t;
-  std::string key;  // Δ-cache key (cache_refresh / cache_reuse)
-  int block_forwards() const;
+  std::string key;  // Δ-cache key (cache_refresh / cache_reuse / cache_adaptive; version 2: a keyed ilf)
+  bool keyed = false;  // the op has a key (a version 1 plan's ilf key is dropped: it meant nothing)
+  double threshold = 0;  // cache_adaptive: the largest relative L1 change of the probe that reuses
+  int max_reuse = 0;     // cache_adaptive: the most reuses in a row
+  int size() const { return end - start + 1; }
+  int block_forwards() const;  // cache_adaptive: at most (when it refreshes)
+  bool stores() const;         // stores a Δ under its key (cache_refresh, a keyed ilf)
 };
 
 /// The scheduler's precomputed linear step: x0 = x0_x*x + x0_eps*eps; x_next = x*x + eps*eps +
@@ -205,14 +229,28 @@ struct Step {
   int block_forwards() const;
 };
 
+/// One step's timing at one image size (a version 3 plan's `schedules` entry).
+struct StepTiming {
+  double timestep = 0;
+  std::optional<double> t_post;
+  Coefficients coefficients;
+};
+
 struct Plan {
   std::string name;
   int num_blocks = 0;
   std::string scheduler;
   std::vector<Step> steps;
   std::optional<std::pair<int, int>> loop;
+  int version = 1;  // as the file says
+  /// Version 3: image token count -> each step's timing at that size (Flux's size-dependent shift).
+  std::map<int64_t, std::vector<StepTiming>> schedules;
 
-  int block_forwards() const;
+  /// The plan with the timing of an image of `tokens` tokens (itself where none depends on the size);
+  /// Error(config) for a size it has no schedule for (StepPlan.for_image_tokens).
+  Plan for_image_tokens(int64_t tokens) const;
+  bool adaptive() const;
+  int block_forwards() const;  // per image; an adaptive plan's most
   std::vector<int> feedback_steps() const;
   std::vector<int> cut_points() const;
   /// A plan JSON document (plan.schema.json), validated as StepPlan.validate does.
@@ -242,6 +280,8 @@ class Bundle {
   Plan plan(const std::string& spec) const;
   std::string segment_path(const std::string& name, const std::string& variant = "") const;
   Tensor positions(int latent_height, int latent_width) const;  // positions/HxW.npy
+  /// The image tokens of a latent of this size: (h / patch) * (w / patch), a version 3 plan's key.
+  int64_t image_tokens(int latent_height, int latent_width) const;
 
  private:
   struct Data;
@@ -303,6 +343,10 @@ std::string openvino_version();
 
 // -- the loop -----------------------------------------------------------------------------------
 
+/// The model's state between blocks: named tensors (`hidden`; an MMDiT's `text` too), as the
+/// manifest's model.state names them (ilf_deploy/state.py).
+using State = std::map<std::string, Tensor>;
+
 /// A bundle's segments on one engine: the port of runtime/runner.py's SegmentRunner (input
 /// selection and checks, timings, conditioning, embedding, block ranges, the ILF inner loop, the
 /// final layer) and so the `Segments` of runtime/loop.py.
@@ -313,10 +357,15 @@ class Segments {
   Feeds run(const std::string& name, const Feeds& feeds);
   Feeds context(const Feeds& inputs);
   Feeds conditioning(double timestep, const Feeds& context);
-  Tensor embed(const Tensor& latents);
-  Tensor blocks(int start, int end, const Tensor& hidden, const Feeds& cond, const Tensor* feed = nullptr);
-  Tensor inner_loop(const Tensor& hidden, const Feeds& cond, const Feeds& cond_post);
-  Tensor final(const Tensor& hidden, const Feeds& cond, int64_t height, int64_t width);
+  /// The state before block 0: the embed segment's `hidden`, and each state tensor that starts as a
+  /// conditioning entry (model.state_init: an MMDiT's text stream).
+  State embed(const Tensor& latents, const Feeds& cond);
+  /// Blocks start..end through the segments that cover them; inside the loop `feed` (one tensor per
+  /// state tensor) is added before every block (eqs. 2-3), zero when null.
+  State blocks(int start, int end, const State& state, const Feeds& cond, const State* feed = nullptr);
+  State inner_loop(const State& state, const Feeds& cond, const Feeds& cond_post);
+  /// The final layer's tokens unpacked to (B, C, height, width) by model.token_layout.
+  Tensor final(const State& state, const Feeds& cond, int64_t height, int64_t width);
 
   const Bundle& bundle() const { return bundle_; }
   Engine& engine() { return engine_; }
@@ -324,6 +373,7 @@ class Segments {
   int latent_channels() const;
   int num_blocks() const;
   std::optional<std::pair<int, int>> loop() const;
+  const std::vector<std::string>& state_names() const;
   /// Sees every call's feeds before it runs (verification, calibration).
   std::function<void(const std::string&, const Feeds&)> recorder;
 
@@ -332,24 +382,32 @@ class Segments {
   Engine& engine_;
   Timings timings_;
   std::vector<const SegmentSpec*> block_segments_;
+  bool uses_positions_ = false;  // the embed segment takes `pos_embed` (positions/HxW.npy)
   std::map<std::string, std::vector<std::string>> input_names_;
   std::map<std::pair<int, int>, Tensor> positions_;
 };
 
-/// check_plan: the plan's depth and feedback loop against the bundle's.
+/// check_plan: a picked schedule (Plan::for_image_tokens), the plan's depth and feedback loop against
+/// the bundle's.
 void check_plan(const Plan& plan, const Segments& segments);
 
 /// Every step of `plan` from `latents`; `inputs` are [uncond; cond] rows when guiding.
 /// `guidance`: one scale, or one per image; a single scale <= 1 means no guidance.
+/// `block_forwards` (optional) receives the block forwards each image ran (an adaptive plan decides
+/// them at run time; for every other plan they are the plan's).
 Tensor denoise(Segments& segments, const Plan& plan, const Tensor& latents, const Feeds& inputs,
-               const std::vector<float>& guidance, const std::function<void(int)>& on_step = {});
+               const std::vector<float>& guidance, const std::function<void(int)>& on_step = {},
+               std::vector<int>* block_forwards = nullptr);
 
 // -- generation ---------------------------------------------------------------------------------
 
 struct TokenIds {
-  std::vector<int64_t> input_ids;
+  std::vector<int64_t> input_ids;  // one tokenizer (PixArt)
   std::vector<int64_t> attention_mask;
-  bool empty() const { return input_ids.empty(); }
+  /// Several tokenizers (schema 4 `tokenizers`: SD3, Flux): ids by the text_encoder input they feed,
+  /// each padded to its tokenizer's max_length (the text encoder takes no mask).
+  std::map<std::string, std::vector<int64_t>> inputs;
+  bool empty() const { return input_ids.empty() && inputs.empty(); }
 };
 
 /// Prompt -> token ids and attention mask, padded to the tokenizer's max_length.
@@ -370,17 +428,20 @@ std::unique_ptr<Tokenizer> make_openvino_tokenizer(const Bundle& bundle);
 std::string preprocess_prompt(const std::string& prompt);
 
 struct Request {
-  std::string prompt;           // PixArt
-  std::string negative_prompt;  // PixArt, with guidance
+  std::string prompt;           // PixArt, SD3, Flux
+  std::string negative_prompt;  // PixArt and SD3, with guidance (refused where guidance is not cfg)
   std::optional<int64_t> class_label;     // DiT
-  std::optional<double> guidance_scale;   // default: 4.5 PixArt, 4.0 DiT; <= 1 disables
+  /// default: 4.5 PixArt, 4.0 DiT, 7.0 SD3 (cfg: <= 1 disables), 3.5 Flux.1-dev (embedded: the model's
+  /// input); Flux.1-schnell has none (only 1 is accepted)
+  std::optional<double> guidance_scale;
   uint64_t seed = 0;
   int height = 0, width = 0;  // pixels; 0: the bundle's first resolution
   TokenIds tokens;            // given: used instead of tokenising `prompt`
   TokenIds negative_tokens;   // given: used instead of tokenising `negative_prompt`
 };
 
-double default_guidance(const std::string& architecture);
+/// The diffusers pipelines' defaults (runtime/generator.py); a model without guidance runs at 1.
+double default_guidance(const std::string& architecture, bool guidance_free = false);
 
 /// Request -> latents -> images on one engine: the port of runtime/generator.py + pipeline.py.
 class Generator {
@@ -405,9 +466,15 @@ class Generator {
   /// Final latents (B, C, h, w) -> uint8 RGB images (the VAE decoder).
   std::vector<Image> decode(const Tensor& latents);
 
-  /// (prompt embeddings (1, L, C), attention mask (1, L)), cached per prompt.
+  /// PixArt: (prompt embeddings (1, L, C), attention mask (1, L)), cached per prompt.
   std::pair<Tensor, Tensor> encode_prompt(const std::string& prompt);
   std::pair<Tensor, Tensor> encode_tokens(const TokenIds& tokens);
+  /// Any text model: one row of the model's text inputs by name (PixArt `prompt_embeds`,
+  /// `prompt_mask`; SD3 and Flux the text encoder's outputs, `prompt_embeds` and
+  /// `pooled_prompt_embeds`), from `tokens` when given, else from `prompt`; cached.
+  Feeds encode_text(const std::string& prompt, const TokenIds& tokens = {});
+  /// Per image of the last generate_batch: the block forwards that ran.
+  const std::vector<int>& last_block_forwards() const { return last_block_forwards_; }
 
   const Bundle& bundle() const { return bundle_; }
   Engine& engine() { return *engine_; }
@@ -416,13 +483,15 @@ class Generator {
 
  private:
   Feeds batch_inputs(const std::vector<Request>& requests, bool guided, std::pair<int, int> latent_hw);
-  std::pair<Tensor, Tensor> encoded(const std::string& prompt, const TokenIds& tokens);
+  Feeds run_text_encoder(const TokenIds& tokens);
+  void check_request(const Request& request) const;
 
   Bundle bundle_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<Segments> segments_;
   std::unique_ptr<Tokenizer> tokenizer_;
-  std::map<std::string, std::pair<Tensor, Tensor>> prompt_cache_;
+  std::map<std::string, Feeds> prompt_cache_;
+  std::vector<int> last_block_forwards_;
 };
 
 // -- the machine --------------------------------------------------------------------------------
