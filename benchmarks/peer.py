@@ -48,26 +48,32 @@ def prepare(work: Path, quick: bool, rebuild: bool, modes: list[str]) -> tuple[P
     """Model directory, bundle (base-20 + ilf-10 at 256 px, fp32, with its torch model for tune's
     torch candidates, eager and compiled) and its variants; reused."""
     from benchmarks.backbone import QUICK, Size, model_and_bundle
-    from ilf_deploy.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
-    from ilf_deploy.quantization.quantize import default_variant_name, quantize_bundle
-    from ilf_deploy.runtime.bundle import Bundle
 
     size = QUICK if quick else Size()
     if rebuild:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     model_dir, bundle_dir = model_and_bundle(work, size, ("base-20", OURS_PLAN), copy_model=True)
+    make_variants(bundle_dir, modes, OURS_PLAN)
+    return model_dir, bundle_dir, size
+
+
+def make_variants(bundle_dir: Path, modes: list[str], plan: str) -> None:
+    """Each precision variant of `modes` the bundle lacks, calibrated on 2 trajectories of `plan`."""
+    from ilf_deploy.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
+    from ilf_deploy.quantization.quantize import default_variant_name, quantize_bundle
+    from ilf_deploy.runtime.bundle import Bundle
+
     for mode in modes:
         name = default_variant_name(mode)
         bundle = Bundle.load(bundle_dir, verify_hashes=False)
         if name in bundle.variants:
             continue
         if mode != "int8-dynamic" and bundle.manifest.calibration is None:
-            log(f"calibrating on 2 {OURS_PLAN} trajectories")
-            collect_calibration(bundle_dir, OURS_PLAN, DEFAULT_PROMPTS[:2], max_samples=8)
+            log(f"calibrating on 2 {plan} trajectories")
+            collect_calibration(bundle_dir, plan, DEFAULT_PROMPTS[:2], max_samples=8)
         log(f"quantizing: {mode}")
         quantize_bundle(bundle_dir, mode, name)
-    return model_dir, bundle_dir, size
 
 
 def diffusers_runner(model_dir: Path, dtype: Any, compile: bool = False) -> Callable[[], np.ndarray]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.peer import interleave, log
+from benchmarks.peer import interleave, log, make_variants
 
 OUT = Path("out/bench")
 TARGET = 1.5  # auto base-N vs diffusers bf16 eager base-N
@@ -110,9 +110,6 @@ def prepare(work: Path, family: str, steps: int, quick: bool, depth, modes: list
     """The model directory and its bundle (base-N, ilf-N, cache-N at 256 px, fp32, with the torch
     model for tune's torch candidates) and variants; each made once and reused."""
     from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
-    from ilf_deploy.quantization.quantize import default_variant_name, quantize_bundle
-    from ilf_deploy.runtime.bundle import Bundle
 
     work.mkdir(parents=True, exist_ok=True)
     model_dir, bundle_dir = work / "model", work / "bundle"
@@ -124,16 +121,7 @@ def prepare(work: Path, family: str, steps: int, quick: bool, depth, modes: list
         plans = tuple(f"{kind}-{steps}" for kind in ("base", "ilf", "cache"))
         options = BuildOptions(plans=plans, resolutions=[(SIZE, SIZE)], force=True, copy_model=True)
         build_bundle(model_dir, bundle_dir, options)
-    for mode in modes:
-        name = default_variant_name(mode)
-        bundle = Bundle.load(bundle_dir, verify_hashes=False)
-        if name in bundle.variants:
-            continue
-        if mode != "int8-dynamic" and bundle.manifest.calibration is None:
-            log(f"calibrating on 2 ilf-{steps} trajectories")
-            collect_calibration(bundle_dir, f"ilf-{steps}", DEFAULT_PROMPTS[:2], max_samples=8)
-        log(f"quantizing: {mode}")
-        quantize_bundle(bundle_dir, mode, name)
+    make_variants(bundle_dir, modes, f"ilf-{steps}")
     return model_dir, bundle_dir
 
 

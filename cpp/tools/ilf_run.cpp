@@ -159,19 +159,28 @@ std::string join(const std::vector<std::string>& items) {
   return out;
 }
 
+bool is_json(const std::string& path) { return path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0; }
+
+/// The JSON document in `path`, or `fail(why)` (which does not return).
+template <typename Fail>
+nlohmann::json read_json(const std::string& path, Fail fail) {
+  std::ifstream in(path);
+  if (!in) fail(std::strerror(errno));
+  nlohmann::json d;
+  try {
+    in >> d;
+  } catch (const std::exception& e) {
+    fail(e.what());
+  }
+  return d;
+}
+
 /// --token-ids: rows of (ids, mask); the mask of a .npy is 1 up to the trailing run of pad ids.
 std::vector<ilf::TokenIds> read_token_ids(const std::string& path, int pad_id) {
   std::vector<ilf::TokenIds> rows;
   auto fail = [&](const std::string& why) -> void { usage_error("cannot read token ids " + path + ": " + why); };
-  if (path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0) {
-    std::ifstream in(path);
-    if (!in) fail(std::strerror(errno));
-    nlohmann::json d;
-    try {
-      in >> d;
-    } catch (const std::exception& e) {
-      fail(e.what());
-    }
+  if (is_json(path)) {
+    nlohmann::json d = read_json(path, fail);
     if (!d.is_object() || !d.contains("input_ids")) fail("expected {\"input_ids\": [...], \"attention_mask\": [...]}");
     auto as_rows = [&](const nlohmann::json& v) {
       std::vector<std::vector<int64_t>> out;
@@ -228,15 +237,8 @@ std::vector<ilf::TokenIds> read_named_token_ids(const std::string& path, const s
   for (size_t i = 0; i < names.size(); ++i) form += std::string(i ? ", " : "") + "\"" + names[i] + "\": [...]";
   form += "}";
   std::map<std::string, std::vector<std::vector<int64_t>>> by_input;
-  if (path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0) {
-    std::ifstream in(path);
-    if (!in) fail(std::strerror(errno));
-    nlohmann::json d;
-    try {
-      in >> d;
-    } catch (const std::exception& e) {
-      fail(e.what());
-    }
+  if (is_json(path)) {
+    nlohmann::json d = read_json(path, fail);
     if (!d.is_object()) fail("expected " + form + " (this bundle's text encoder reads several tokenizers' ids)");
     for (auto& [name, v] : d.items()) {
       if (std::find(names.begin(), names.end(), name) == names.end())
