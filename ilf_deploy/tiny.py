@@ -201,7 +201,7 @@ def _portable_tokenizer(
 
     shutil.rmtree(pipe_dir / component)
     if clip:
-        _save_clip_tokenizer_dir(pipe_dir / component, max_length)
+        save_tokenizer_dir(_clip_word_tokenizer_object(), pipe_dir / component, max_length, _CLIP_SPECIALS)
     else:
         save_tokenizer_dir(build_word_tokenizer(), pipe_dir / component, max_length)
     index_path = pipe_dir / "model_index.json"
@@ -257,21 +257,6 @@ def clip_word_tokenizer(max_length: int = CLIP_MAX_LENGTH):
     return PreTrainedTokenizerFast(
         tokenizer_object=_clip_word_tokenizer_object(), model_max_length=max_length, **_CLIP_SPECIALS
     )
-
-
-def _save_clip_tokenizer_dir(out: Path, max_length: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    _clip_word_tokenizer_object().save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": max_length,
-        "padding_side": "right",
-        "truncation_side": "right",
-        "clean_up_tokenization_spaces": False,
-        **_CLIP_SPECIALS,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(_CLIP_SPECIALS, indent=2) + "\n")
 
 
 def clip_text_encoder(clip: dict[str, Any], *, projection: bool):

@@ -71,12 +71,18 @@ def build_word_tokenizer(words: Iterable[str] = DEFAULT_VOCAB) -> Tokenizer:
     return tok
 
 
-def save_tokenizer_dir(tokenizer: Tokenizer, out_dir: Path | str, model_max_length: int) -> Path:
-    """Write a directory that `AutoTokenizer.from_pretrained` loads as a T5-like fast tokenizer."""
+def save_tokenizer_dir(
+    tokenizer: Tokenizer,
+    out_dir: Path | str,
+    model_max_length: int,
+    specials: dict[str, str] | None = None,
+) -> Path:
+    """Write a directory that `AutoTokenizer.from_pretrained` loads as a fast tokenizer: T5-like by
+    default, or with `specials` (e.g. CLIP's bos/eos/pad/unk tokens)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))
-    specials = {"pad_token": PAD, "eos_token": EOS, "unk_token": UNK}
+    specials = specials or {"pad_token": PAD, "eos_token": EOS, "unk_token": UNK}
     config = {
         # Not "T5Tokenizer": transformers would rebuild a Unigram model from the WordLevel vocab.
         "tokenizer_class": "PreTrainedTokenizerFast",
