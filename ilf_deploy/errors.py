@@ -11,3 +11,11 @@ class ConfigError(IlfError):
 
 class ModelLoadError(IlfError):
     """A model directory or hub id that cannot be loaded."""
+
+
+class NonFiniteError(IlfError):
+    """A generation produced non-finite latents; names the step and the plan.
+
+    Raised by the denoising loop (runtime/loop.py) when its once-per-step check finds NaN or Inf:
+    the CLI exits non-zero, servers answer 500 with the reason and count it, and a warm-up that
+    raises it keeps the server not ready."""

@@ -2,10 +2,10 @@
 
 A backend supplies `Segments`: the model cut into pieces. The loop itself is only segment calls,
 classifier-free guidance and the plan's precomputed scheduler coefficients. Arrays may be torch
-tensors or numpy arrays: the loop uses only slicing, +, -, * and the backend's `concat` (an
-adaptive cache also `abs` and a per-row sum: runtime/cache.py). Between blocks the model's state is
-a dict of named arrays (`State`: one for PixArt/DiT, image and text tokens for an MMDiT); the loop
-passes it along without naming a stream.
+tensors or numpy arrays: the loop uses only slicing, +, -, *, a sum (the finite check) and the
+backend's `concat` (an adaptive cache also `abs` and a per-row sum: runtime/cache.py). Between
+blocks the model's state is a dict of named arrays (`State`: one for PixArt/DiT, image and text
+tokens for an MMDiT); the loop passes it along without naming a stream.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..errors import ConfigError
+import numpy as np
+
+from ..errors import ConfigError, NonFiniteError
 from ..plan import Step, StepPlan
 from ..state import State
 from .cache import CacheState
@@ -52,6 +54,20 @@ def check_plan(plan: StepPlan, segments: Segments) -> None:
                 f"plan {plan.name!r} loops over blocks {plan.loop}; "
                 f"the feedback was trained for {segments.loop}"
             )
+
+
+def check_finite(x: Array, step: Step, plan: StepPlan) -> None:
+    """Stop at the first step whose latents hold NaN or Inf, never decode them into a black image.
+
+    One product and one sum per step (README "The denoising loop": its measured cost): x * 0 is 0
+    where x is finite and NaN where it is NaN or ±Inf, so the sum is 0 exactly when all are finite."""
+    with np.errstate(invalid="ignore"):  # numpy warns on inf * 0; the NaN is the answer here
+        finite = float((x * 0).sum()) == 0.0
+    if not finite:
+        raise NonFiniteError(
+            f"non-finite latents after step {step.index} of plan {plan.name!r} ({plan.num_steps} steps): "
+            "NaN or Inf from the inputs, the guidance scale or the plan's coefficients"
+        )
 
 
 def model_output(
@@ -121,6 +137,7 @@ def denoise(
             x_next = x_next + coef * past
         x0_history.append(x0)
         x = x_next
+        check_finite(x, step, plan)
         if on_step is not None:
             on_step(step.index)
     return x
