@@ -103,10 +103,11 @@ def read_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def ray_batch(bundle: Path, prompts: Path, out: Path, *extra) -> list:
-    """`ilf-deploy batch` on the cluster, 2 actors (to run in the namespace)."""
+def ray_batch(bundle: Path, prompts: Path, out: Path, *extra, actors: int | None = 2) -> list:
+    """`ilf-deploy batch` on the cluster, 2 actors or the default pool (to run in the namespace)."""
     command = [BIN / "ilf-deploy", "batch", bundle, "--prompts", prompts, "--out", out]
-    return [*command, "--ray-address", ADDRESS, "--actors", "2", *extra]
+    sized = [] if actors is None else ["--actors", str(actors)]
+    return [*command, "--ray-address", ADDRESS, *sized, *extra]
 
 
 def wait_for_rows(out: Path, process, enough) -> list[dict]:
@@ -126,9 +127,11 @@ def test_batch_on_two_nodes_is_the_local_batch(cluster, bundle, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 24, bad=7)
     lines = [json.loads(line) for line in prompts.read_text().splitlines()]
     out = tmp_path / "ray"
-    command = ray_batch(bundle, prompts, out, "--ship-bundle")  # the other tests: a shared path
+    # the other tests: a shared path and 2 actors; this one the default pool, sized from the cluster
+    command = ray_batch(bundle, prompts, out, "--ship-bundle", actors=None)
     done = cluster.sandbox.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "23 rows to make on 3 Ray actors (3 cluster CPUs, 1 each)" in done.stderr, done.stderr[-2000:]
     assert "24 rows: 23 images, 1 refused, 0 failed" in done.stderr, done.stderr[-2000:]
     rows = read_rows(out)
     assert sorted(r["index"] for r in rows) == list(range(24))  # every index once

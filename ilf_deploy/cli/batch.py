@@ -16,6 +16,10 @@ ROWS_HELP = (
     "and optionally plan, guidance_scale, negative_prompt, size (WIDTHxHEIGHT)."
 )
 ADDRESS_HELP = "Run on this Ray cluster (`auto`: the one this machine belongs to); default: this machine."
+ACTORS_HELP = (
+    "Workers: processes here (default 1: one engine already uses every core), or Ray Data actors "
+    "(default: the cluster's CPUs / --actor-cpus)."
+)
 SHIP_HELP = (
     "Ray: copy the bundle to the nodes through the object store (default: the same path on every node)."
 )
@@ -30,6 +34,12 @@ Autoscale = Annotated[
 ]
 ReplicaCpus = Annotated[float | None, typer.Option(help="--server ray: CPUs per replica (default 1).")]
 ShipBundle = Annotated[bool, typer.Option("--ship-bundle", help=SHIP_HELP)]
+
+
+def started(bar, task, total: int, workers: str) -> None:
+    """The batch's first line: how many rows, made by whom (so a one-actor cluster run is seen)."""
+    bar.console.print(f"batch: {total} rows to make on {workers}", highlight=False)
+    bar.update(task, total=total)
 
 
 def _progress():
@@ -65,7 +75,7 @@ def batch(
     backend: Backend = None,
     variant: Variant = None,
     ray_address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
-    actors: Annotated[int, typer.Option(help="Workers: processes here, or Ray Data actors.")] = 1,
+    actors: Annotated[int | None, typer.Option(help=ACTORS_HELP, show_default=False)] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(help="Rows per task handed to a worker (default: up to 8, 4 tasks an actor at least)."),
@@ -90,7 +100,7 @@ def batch(
         task = bar.add_task("batch", total=None)
         summary = run_batch(
             options,
-            on_start=lambda total: bar.update(task, total=total),
+            on_start=lambda total, workers: started(bar, task, total, workers),
             on_row=lambda: bar.advance(task),
         )
     console.print(summary.line(out), highlight=False)

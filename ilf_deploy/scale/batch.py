@@ -124,6 +124,7 @@ def chunks(jobs: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
 def run_local(prepared: Prepared) -> Iterator[Outcome]:
     """This process (one actor: the driver's own engine), or a pool of spawned processes."""
     options = prepared.options
+    assert options.actors is not None  # decided by run_batch (BatchOptions.with_actors)
     if options.actors == 1:
         worker = BatchWorker(options.bundle, digest=prepared.digest, generator=prepared.generator)
         for work in prepared.jobs:
@@ -168,21 +169,27 @@ def record(prepared: Prepared, outcomes: Iterable[Outcome], on_row: Callable[[],
 
 def run_batch(
     options: BatchOptions,
-    on_start: Callable[[int], None] | None = None,
+    on_start: Callable[[int, str], None] | None = None,
     on_row: Callable[[], None] | None = None,
 ) -> Summary:
-    """Run the batch; `on_start(rows to make)` once, then `on_row()` after each row written."""
+    """Run the batch; `on_start(rows to make, who makes them)` once, then `on_row()` after each row
+    written."""
     started = time.perf_counter()
     prepared = prepare(options)
     try:
-        if on_start is not None:
-            on_start(len(prepared.jobs))
         if options.ray_address is None:
+            prepared.options = options = options.with_actors(None)
+            workers = "this process" if options.actors == 1 else f"{options.actors} local processes"
             outcomes = run_local(prepared)
         else:
-            from .ray_batch import run_on_ray
+            from .ray_batch import cluster_cpus, run_on_ray
 
+            cpus = cluster_cpus(options.ray_address)
+            prepared.options = options = options.with_actors(cpus)
+            workers = f"{options.actors} Ray actors ({cpus:g} cluster CPUs, {options.actor_cpus:g} each)"
             outcomes = run_on_ray(options, prepared.jobs, prepared.digest)
+        if on_start is not None:
+            on_start(len(prepared.jobs), workers)
         record(prepared, outcomes, on_row or (lambda: None))
     finally:
         prepared.results.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -21,13 +21,13 @@ class BatchOptions:
     variant: str | None = None
     digest: str | None = None  # pin the bundle; None: the driver's bundle, pinned for every worker
     ray_address: str | None = None  # None: this machine
-    actors: int = 1  # workers: processes here, or Ray Data actors
+    actors: int | None = None  # workers: processes here, or Ray Data actors; None: `with_actors`
     batch_size: int | None = None  # rows per task handed to a worker; None: rows_per_task decides
     actor_cpus: float = 1.0  # Ray's CPUs per actor
     ship: bool = False  # Ray: copy the bundle to the nodes through the object store
 
     def check(self) -> None:
-        if self.actors < 1:
+        if self.actors is not None and self.actors < 1:
             raise ConfigError(f"--actors must be >= 1, got {self.actors}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
@@ -36,6 +36,15 @@ class BatchOptions:
         if self.ship and self.ray_address is None:
             raise ConfigError("--ship-bundle is for Ray (--ray-address); here the bundle is already local")
 
+    def with_actors(self, cluster_cpus: float | None) -> BatchOptions:
+        """The options with `actors` decided: as given, else one here (this process's engine already
+        uses every core) and, on Ray, as many as the cluster's CPUs hold at `actor_cpus` each."""
+        if self.actors is not None:
+            return self
+        if cluster_cpus is None:
+            return replace(self, actors=1)
+        return replace(self, actors=max(1, int(cluster_cpus // self.actor_cpus)))
+
     def rows_per_task(self, rows: int) -> int:
         """--batch-size, else as many rows a task as keeps TASKS_PER_ACTOR tasks for every actor (so
         the last tasks still spread over them), at most AUTO_ROWS_PER_TASK: a Ray Data task costs
@@ -43,7 +52,7 @@ class BatchOptions:
         10 ms image, and which a task of one image that takes seconds does not notice."""
         if self.batch_size is not None:
             return self.batch_size
-        return max(1, min(AUTO_ROWS_PER_TASK, rows // (TASKS_PER_ACTOR * self.actors)))
+        return max(1, min(AUTO_ROWS_PER_TASK, rows // (TASKS_PER_ACTOR * (self.actors or 1))))
 
 
 @dataclass(frozen=True)

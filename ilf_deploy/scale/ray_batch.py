@@ -40,6 +40,12 @@ class BatchActor:
         }
 
 
+def cluster_cpus(address: str) -> float:
+    """The CPUs of the cluster at `address` (joined): what the default actor pool is sized from."""
+    ray = connect(address)
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
 def run_on_ray(options: BatchOptions, jobs: list[dict[str, Any]], digest: str) -> Iterator[Outcome]:
     """The outcomes of `jobs` as they finish, made by actors that refuse any bundle but `digest`."""
     if not jobs:
