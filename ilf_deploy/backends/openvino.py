@@ -20,6 +20,15 @@ that the next start reads. Blobs are keyed on the segment's sha256 (from the man
 the compile config, OpenVINO's version and this machine's fingerprint; they are not manifest files
 (machine-specific, so not hashed): deleting `openvino_cache/` only costs a recompile, and a
 read-only bundle simply is not cached.
+
+A blob is imported only if it verifiably is the one compiled for this key: beside `X.blob`,
+`X.blob.sha256` (written atomically after the blob) holds one line, `ilf-ov-cache-1 KEY BLOB`:
+the cache key's full sha256 and the blob's own sha256, both 64 lowercase hex digits. A blob
+renamed or swapped with another segment's (same I/O, so OpenVINO would run it), a sidecar
+missing, stale or from another key is logged and recompiled, never run. This guards against
+mix-ups and stale files, not against a writer who recomputes both hashes (the cache is outside
+the manifest; a pinned `--digest` pins the manifest's files only). The C++ runtime writes the
+same sidecar for its own `cpp-*.blob` files.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +53,9 @@ from .machine import fingerprint, has_any_flag
 PRECISIONS = ("f32", "bf16")  # INFERENCE_PRECISION_HINT values, also accepted as --variant names
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CACHE_DIR = "openvino_cache"
+SIDECAR_SUFFIX = ".sha256"  # X.blob -> X.blob.sha256
+SIDECAR_TAG = "ilf-ov-cache-1"
+log = logging.getLogger("ilf_deploy.openvino")
 # Variant modes OpenVINO cannot read: com.microsoft ops (int8-dynamic), FP8 Q/DQ.
 _DEVICE_FAMILIES = ("CPU", "GPU", "NPU", "AUTO", "HETERO", "MULTI", "BATCH")
 
@@ -71,6 +85,36 @@ def ov_device(device: str) -> str:
             f"OpenVINO sees no {family} here (it has: {', '.join(core().available_devices) or 'none'})"
         )
     return name
+
+
+def _sidecar(blob: Path) -> Path:
+    return blob.with_name(blob.name + SIDECAR_SUFFIX)
+
+
+def write_cached_blob(blob: Path, data: bytes) -> None:
+    """The blob, then its sidecar (each renamed into place): a crash between them leaves a blob
+    whose sidecar is missing or names other bytes, which the next start recompiles."""
+    key = blob.name.rsplit(".", 2)[-2]  # NAME.KEY.blob
+    write_atomic(blob, data)
+    line = f"{SIDECAR_TAG} {key} {hashlib.sha256(data).hexdigest()}\n"
+    write_atomic(_sidecar(blob), line.encode("ascii"))
+
+
+def read_cached_blob(blob: Path) -> bytes | None:
+    """The blob's bytes if its sidecar vouches for them (this key, these bytes); else None, logged."""
+    if not blob.is_file():
+        return None
+    key = blob.name.rsplit(".", 2)[-2]
+    try:
+        fields = _sidecar(blob).read_text("ascii").split()
+        data = blob.read_bytes()
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("OpenVINO cache %s unreadable (%s): recompiling", blob.name, exc)
+        return None
+    if fields != [SIDECAR_TAG, key, hashlib.sha256(data).hexdigest()]:
+        log.warning("OpenVINO cache %s does not match its sidecar digest: recompiling", blob.name)
+        return None
+    return data
 
 
 class OvSegments(SegmentRunner):
@@ -112,7 +156,7 @@ class OvSegments(SegmentRunner):
             return self.config
         return {**self.config, "INFERENCE_PRECISION_HINT": "f32"}
 
-    def cache_path(self, name: str) -> Any:
+    def cache_path(self, name: str) -> Path:
         """Where segment `name`'s compiled blob lives: keyed on everything that changes it."""
         import openvino as ov
 
@@ -127,7 +171,7 @@ class OvSegments(SegmentRunner):
             sort_keys=True,
             default=str,
         )
-        return self.bundle.path / CACHE_DIR / f"{name}.{hashlib.sha256(key.encode()).hexdigest()[:20]}.blob"
+        return self.bundle.path / CACHE_DIR / f"{name}.{hashlib.sha256(key.encode()).hexdigest()}.blob"
 
     def compiled(self, name: str) -> Any:
         with self._lock:
@@ -138,9 +182,10 @@ class OvSegments(SegmentRunner):
     def _compile(self, name: str) -> Any:
         path = self.bundle.segment_path(name, self.variant)
         blob = self.cache_path(name) if self.cache else None
-        if blob is not None and blob.is_file():
-            with contextlib.suppress(Exception):  # unreadable or stale: compile again, replace it
-                return core().import_model(blob.read_bytes(), self.device, self.config_for(name))
+        data = read_cached_blob(blob) if blob is not None else None
+        if data is not None:
+            with contextlib.suppress(Exception):  # unreadable by this OpenVINO: compile again, replace it
+                return core().import_model(data, self.device, self.config_for(name))
         try:
             compiled = core().compile_model(core().read_model(str(path)), self.device, self.config_for(name))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses for graphs and devices
@@ -149,7 +194,7 @@ class OvSegments(SegmentRunner):
         if blob is not None:
             # a read-only bundle, or a device without export: run uncached
             with contextlib.suppress(Exception):
-                write_atomic(blob, compiled.export_model().getvalue())
+                write_cached_blob(blob, compiled.export_model().getvalue())
         return compiled
 
     def _request(self, name: str) -> Any:
