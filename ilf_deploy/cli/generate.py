@@ -218,10 +218,9 @@ def resolve_plan_spec(source: str, resolve, spec: str):
 def _read_latents(path: Path):
     import numpy as np
 
-    try:
-        latents = np.load(path).astype(np.float32)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read latents {path}: {exc}") from None
+    from ..runtime.npy import read_npy
+
+    latents = read_npy(path, "latents").astype(np.float32)  # one line for any bad file (exit 2)
     if not np.isfinite(latents).all():  # NaN or inf would only come out as a garbage image
         raise ConfigError(f"--latents-in {path} holds NaN or infinite values")
     return latents

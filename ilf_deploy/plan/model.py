@@ -38,6 +38,15 @@ OpKind = Literal["blocks", "ilf", "cache_refresh", "cache_reuse", "cache_adaptiv
 TimeRef = Literal["t", "t_post"]
 STORES = ("cache_refresh", "ilf")  # ops that store a Δ when they carry a key (ilf: version 2)
 
+# Bounds every reader holds a plan to at load (the C++ runtime's Plan::parse too), so that no plan can
+# overflow the loop's arithmetic: the presets' cap on steps (a scheduler's num_train_timesteps,
+# schedulers._common_checks), coefficients far above any scheduler's (the largest, 1/sqrt(ᾱ) at
+# t = 999, is 157), timesteps of any training schedule, and DPM-Solver++'s history (order <= 3).
+MAX_STEPS = 1000
+MAX_COEFFICIENT = 1e4
+MAX_TIMESTEP = 1e4
+MAX_HISTORY = 2
+
 
 # -- block ranges ------------------------------------------------------------------------------
 
@@ -284,6 +293,17 @@ class StepPlan:
         return baseline_block_forwards / self.block_forwards
 
     def validate(self) -> None:
+        if self.num_steps > MAX_STEPS:
+            raise ConfigError(
+                f"plan {self.name!r} has {self.num_steps} steps; plans have at most {MAX_STEPS}"
+            )
+        for position, step in enumerate(self.steps):
+            timings = [
+                step,
+                *(timing[position] for timing in self.schedules.values() if position < len(timing)),
+            ]
+            for timing in timings:
+                check_timing_bounds(timing, position, f"plan {self.name!r} step {step.index}")
         if self.loop is not None:
             if len(self.loop) != 2:
                 raise ConfigError(f"plan {self.name!r}: loop must be [B, E], got {list(self.loop)}")
@@ -421,6 +441,28 @@ class StepPlan:
         except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, NaN
             raise ConfigError(f"cannot read plan {path}: {exc}") from None
         return cls.from_dict(data)
+
+
+def check_timing_bounds(timing: Step | StepTiming, position: int, where: str) -> None:
+    """A step's timesteps and coefficients: finite, within MAX_TIMESTEP / MAX_COEFFICIENT, and a
+    history no longer than MAX_HISTORY nor than the predictions made before it (`position`)."""
+    k = timing.coefficients
+    times = {"timestep": timing.timestep, "t_post": timing.t_post, "prev_timestep": k.prev_timestep}
+    for name, value in times.items():
+        if value is not None and not abs(value) <= MAX_TIMESTEP:  # `not <=`: NaN fails too
+            raise ConfigError(f"{where}: {name} {value!r} is outside -{MAX_TIMESTEP:g}..{MAX_TIMESTEP:g}")
+    values = {"x": k.x, "eps": k.eps, "x0_x": k.x0_x, "x0_eps": k.x0_eps}
+    values.update({f"history/{i}": h for i, h in enumerate(k.history)})
+    for name, value in values.items():
+        if not abs(value) <= MAX_COEFFICIENT:
+            raise ConfigError(
+                f"{where}: coefficient {name} {value!r} is outside -{MAX_COEFFICIENT:g}..{MAX_COEFFICIENT:g}"
+            )
+    if len(k.history) > min(MAX_HISTORY, position):
+        raise ConfigError(
+            f"{where}: {len(k.history)} history coefficients; a step has at most {MAX_HISTORY} and no "
+            f"more than the steps before it ({position})"
+        )
 
 
 def _not_json(name: str) -> float:
