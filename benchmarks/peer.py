@@ -38,6 +38,8 @@ TARGET_COMPILED = 2.0  # vs diffusers bf16 + torch.compile base-20
 PROMPT = "a lighthouse on a cliff above a stormy sea, oil painting"
 SEED, GUIDANCE = 7, 4.5
 OURS_PLAN, THEIR_STEPS = "ilf-10", 20
+# The hardware's limit assumes blocks at this share of the best int8 GEMM peak measured in the run.
+LIMIT_PEAK_SHARE = 0.85
 
 
 def log(message: str) -> None:
@@ -172,6 +174,33 @@ def block_peaks(report: dict[str, Any], bundle: Any, size: Any, quick: bool) -> 
     }
 
 
+def hardware_limit(
+    gemm: dict[str, Any], size: Any, ours_forwards: int, theirs_seconds: float, ratio: float
+) -> dict[str, Any] | None:
+    """The speed-up over diffusers that this machine allows, and how much of it we reach (one number):
+    the plan's fewer block forwards x blocks at LIMIT_PEAK_SHARE of the best int8 peak measured now,
+    over diffusers' achieved block throughput. That throughput is its blocks' FLOPs (THEIR_STEPS
+    forwards of every block, CFG batch 2) over its whole time, text encoder included: a lower bound,
+    so the limit is an upper bound."""
+    from benchmarks.backbone import block_flops
+
+    best_int8 = gemm["peaks_gflops"].get("best int8")
+    if not best_int8:
+        return None
+    theirs_forwards = THEIR_STEPS * size.layers
+    theirs_gflops = block_flops(size) * theirs_forwards / theirs_seconds / 1e9
+    forwards_ratio = theirs_forwards / ours_forwards
+    limit = forwards_ratio * LIMIT_PEAK_SHARE * best_int8 / theirs_gflops
+    return {
+        "block_forwards_ratio": forwards_ratio,
+        "best_int8_peak_gflops": best_int8,
+        "peak_share": LIMIT_PEAK_SHARE,
+        "diffusers_block_gflops": theirs_gflops,
+        "limit": limit,
+        "of_limit": ratio / limit,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 narrow layers (backbone's QUICK), 2 runs")
@@ -267,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     log("block throughput of every tune candidate against its dtype's peak")
     gemm = block_peaks(report, bundle, size, args.quick)
 
+    limit = hardware_limit(gemm, size, plan.block_forwards, seconds[fastest_theirs], ratio)
     machine = fingerprint()
     result: dict[str, Any] = {
         "model": f"PixArt-XL-2-512 config ({size.tag}), random weights, 256 px, guidance {GUIDANCE}",
@@ -292,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{a} / {b}": seconds[a] / seconds[b] for a in seconds for b in seconds if a != b and a in theirs
         },
         "gemm": gemm,
+        "hardware_limit": limit,
         "fidelity_vs_ours_fp32": {
             "auto": metrics(outputs[auto_name], outputs[ours_fp32]).to_dict(),
         },
@@ -325,6 +356,15 @@ def report_result(result: dict[str, Any], seconds: dict[str, float], fastest_the
     )
     peaks.print_peaks({k: v * 1e9 for k, v in gemm["peaks_gflops"].items()})
     peaks.print_throughput(gemm["candidates"])
+    limit = result["hardware_limit"]
+    if limit is not None:
+        print(
+            f"  hardware limit vs {fastest_theirs}: {limit['block_forwards_ratio']:.2f}x fewer block "
+            f"forwards x {limit['peak_share']:.0%} of the best int8 peak "
+            f"({limit['best_int8_peak_gflops']:.0f} GFLOP/s) / diffusers' "
+            f"{limit['diffusers_block_gflops']:.0f} GFLOP/s = {limit['limit']:.2f}x;"
+            f" ours reaches {limit['of_limit']:.0%} of it"
+        )
 
 
 if __name__ == "__main__":
