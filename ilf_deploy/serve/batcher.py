@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ..errors import NonFiniteError
 from ..plan import StepPlan
 from ..runtime.generator import Generator, Request
 from .metrics import ServerMetrics
@@ -83,6 +84,12 @@ class Unavailable(EngineError):
 
 SHUTDOWN = "the server is shutting down; retry on another replica or after it restarts"
 SHUTDOWN_RETRY_AFTER_S = 2
+
+
+def engine_error_reason(exc: BaseException) -> str:
+    """The `reason` label of `ilf_engine_errors_total`: non_finite (NaN/Inf latents, never
+    decoded into a black image) or error (anything else)."""
+    return "non_finite" if isinstance(exc, NonFiniteError) else "error"
 
 
 class _Abort(Exception):
@@ -212,7 +219,8 @@ class Batcher:
                 elapsed = round(time.perf_counter() - started, 4)
                 log.info("ready: warm-up generation done", extra={"fields": {"engine_s": elapsed}})
             except Exception as exc:  # stay up, not ready: /readyz reports why
-                log.error("warm-up generation failed: %s", exc)
+                self.metrics.engine_errors.inc(reason=engine_error_reason(exc), batch="warmup")
+                log.error("warm-up generation failed, not ready: %s", exc)
                 self.warmup_error = f"{type(exc).__name__}: {exc}"
         else:
             self.ready = True
@@ -298,7 +306,7 @@ class Batcher:
             self._log_batch(key, live, started, "aborted")
             return []
         except Exception as exc:
-            self.metrics.engine_errors.inc()
+            self.metrics.engine_errors.inc(reason=engine_error_reason(exc))
             self._log_batch(key, live, started, "error", exc)
             error = EngineError(f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
             return [(job, error) for job in live]

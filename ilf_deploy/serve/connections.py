@@ -15,9 +15,13 @@ uvicorn's own protocol through `loop.connect_accepted_socket`, wrapped in `Guard
   JSON 408 first when it sent part of a request (silently when it sent nothing: an idle keep-alive
   connection). The body deadline is the app's (`serve/app.py`: 408 through the middleware).
 - **Connection cap.** At `max_connections` (default below `ulimit -n`), a new connection takes the
-  place of the connection that has waited longest without sending a complete request; when every
-  connection is in a request, accepting pauses until one closes. A slow client therefore never
-  keeps a normal one out.
+  place of the connection that has been idle longest without a complete request: first one that
+  sent nothing (a new connection once `EVICT_GRACE_S` old, an idle keep-alive one), then one whose
+  partial request stalled (no byte for `STALLED_S`). Never one in a request (its headers read:
+  queued or running) or whose request is being read (bytes within `STALLED_S`), nor one accepted
+  so recently that its first bytes may not have been read yet: a reconnect storm of slow clients
+  evicts its own connections, not a normal client's. When nothing can be evicted, accepting pauses
+  until a connection closes or for `EVICT_RETRY_S` (waiting connections stay in the backlog).
 - **Accept errors** are logged at most once per `LOG_INTERVAL_S`, with the count of what the line
   stands for. Out of descriptors below the cap (other files open), the cap drops to what is open
   less a margin, a connection is freed as above, and accepting pauses briefly.
@@ -51,6 +55,9 @@ LOG_INTERVAL_S = 10.0  # at most one line per kind of flood (accept errors, time
 MAX_CONNECTIONS = 1024  # the default cap where the descriptor limit allows it
 DESCRIPTOR_RESERVE = 64  # descriptors kept for everything but connections (engine, logs, threads)
 MIN_FREE_DESCRIPTORS = 16  # an explicit --max-connections leaves at least this many
+EVICT_GRACE_S = 1.0  # a new connection's first bytes may take this long to arrive and be read
+STALLED_S = 1.0  # a partial request with no byte for this long is no longer being read
+EVICT_RETRY_S = 0.1  # at the cap with nothing to evict: try again this soon
 
 
 def descriptor_limit() -> int | None:
@@ -116,6 +123,7 @@ class Connection:
     peer: tuple[str, int] | None = None
     busy: int = 0  # requests in progress on it (h11: 0 or 1)
     received: int = 0  # bytes received since idle_since
+    last_byte: float = 0.0  # monotonic: when the last bytes arrived
     closing: bool = False
 
 
@@ -200,12 +208,27 @@ class ConnectionTable:
         self.limit = min(self.limit, max(8, self._active - MIN_FREE_DESCRIPTORS))
         return self.limit
 
+    def evictable(self, now: float) -> Connection | None:
+        """The connection to close for a new one: idle longest with nothing sent (past its grace),
+        else the longest-stalled partial request; None when every connection is in a request,
+        being read or new."""
+        silent, stalled = [], []
+        for c in self._open:
+            if c.busy or c.closing or c.transport is None:
+                continue  # in a request (queued, running), or still connecting
+            if not c.received and now - c.idle_since >= EVICT_GRACE_S:
+                silent.append(c)
+            elif c.received and now - c.last_byte >= STALLED_S:
+                stalled.append(c)
+        if silent:
+            return min(silent, key=lambda c: c.idle_since)
+        return min(stalled, key=lambda c: c.last_byte) if stalled else None
+
     def evict(self) -> bool:
-        """Close the connection that has waited longest without a complete request (to make room)."""
-        idle = [c for c in self._open if not (c.busy or c.closing or c.transport is None)]
-        if not idle:
+        """Close the connection `evictable` picks (to make room); False when there is none."""
+        oldest = self.evictable(time.monotonic())
+        if oldest is None:
             return False
-        oldest = min(idle, key=lambda c: c.idle_since)
         self.close(oldest, 503, "the server has too many open connections; retry later", "limit")
         self.throttle.event("evicted", f"connection limit ({self.limit}) reached: closed idle connections")
         return True
@@ -238,6 +261,7 @@ class GuardedProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.conn.received += len(data)
+        self.conn.last_byte = time.monotonic()
         self.inner.data_received(data)  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool | None:
@@ -329,7 +353,8 @@ class Listener:
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
             if self.table.full() and not self.table.evict():
-                self._pause()  # every connection is in a request: resumed when one closes
+                # every connection in a request, being read or new: resumed when one closes, or soon
+                self._pause(EVICT_RETRY_S)
                 return
             try:
                 sock, _ = self.sock.accept()

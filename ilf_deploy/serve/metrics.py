@@ -153,7 +153,12 @@ class ServerMetrics:
         self.aborted = Counter(
             r, "ilf_aborted_batches_total", "Batches stopped between steps: no one waited."
         )
-        self.engine_errors = Counter(r, "ilf_engine_errors_total", "Batches that failed in the engine.")
+        self.engine_errors = Counter(
+            r,
+            "ilf_engine_errors_total",
+            "Batches that failed in the engine, by reason (non_finite: NaN/Inf latents; error); "
+            'batch="warmup" for the warm-up generation.',
+        )
         self.stage_seconds = Counter(r, "ilf_stage_seconds_total", "Time spent in each bundle segment.")
         self.stage_calls = Counter(r, "ilf_stage_calls_total", "Calls of each bundle segment.")
         self.ready = Gauge(
