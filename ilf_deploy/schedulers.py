@@ -83,6 +83,19 @@ PIXART_SCHEDULER_CONFIG: dict[str, Any] = {
     "variance_type": None,
 }
 
+# Sana's DPMSolverMultistepScheduler: diffusers' conversion script (scripts/convert_sana_to_diffusers.py)
+# saves `DPMSolverMultistepScheduler(flow_shift=..., use_flow_sigmas=True,
+# prediction_type="flow_prediction")`, diffusers' defaults otherwise; flow_shift 3.0 as in
+# Efficient-Large-Model/Sana_600M_512px_diffusers and Sana_1600M_1024px_diffusers (from memory of
+# the hub files; not confirmed against them here).
+SANA_SCHEDULER_CONFIG: dict[str, Any] = {
+    **PIXART_SCHEDULER_CONFIG,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "final_sigmas_type": "zero",
+}
+
 # DDIM with DiT's training schedule (linear betas 1e-4..0.02 over 1000 steps),
 # no clipping (DiT samples latents), diffusers' DDIM defaults otherwise.
 DIT_SCHEDULER_CONFIG: dict[str, Any] = {

@@ -10,6 +10,14 @@ the real CLIP BPE tokenizers by word-level ones (`clip_word_tokenizer`, 77 token
 tokenizer is saved as a `PreTrainedTokenizerFast`. The T5 tokenizers' `model_max_length` is a tiny
 `MMDIT_T5_MAX_LENGTH`, but the pipelines ignore it: they pad T5 prompts to their own
 `max_sequence_length` argument (SD3 256, Flux 512 by default), so pass it to keep prompts short.
+
+`sana` (SanaPipeline) is shaped like Sana-600M-512px: a `Gemma2Model` text encoder (2 layers, sliding
+then full attention, soft-capped logits), a word-level stand-in for Gemma's tokenizer
+(`gemma_word_tokenizer`: `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, `<bos>` prepended, nothing
+appended, as Gemma's), an `AutoencoderDC` with DC-AE's six levels (32x, ResBlocks then EfficientViT
+blocks) at tiny widths, 32 latent channels, patch size 1 and the flow DPM-Solver. Its transformer's
+`sample_size` is 8 (latents 8x8, images 256 px), which SanaPipeline's resolution binning does not
+know: call the pipeline with `use_resolution_binning=False`.
 """
 
 from __future__ import annotations
@@ -28,11 +36,11 @@ from .files import make_readable
 from .ilf import FEEDBACK_DIR, FeedbackModule
 from .loading import quiet_huggingface
 from .plan import default_loop, validate_loop
-from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG
+from .schedulers import DIT_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG, SANA_SCHEDULER_CONFIG
 
 MAX_LAYERS = 64  # a tiny model; PixArt-XL has 28
 MMDIT_ARCHITECTURES = ("sd3", "sd3.5", "flux", "flux-schnell")
-TINY_ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit", *MMDIT_ARCHITECTURES)
+TINY_ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit", *MMDIT_ARCHITECTURES, "sana")
 # The adapter family of a tiny variant (FLUX.1-schnell is a FluxPipeline like FLUX.1-dev).
 ADAPTER_ARCHITECTURE = {"flux-schnell": "flux", "sd3.5": "sd3"}
 
@@ -40,7 +48,12 @@ _VAE_BLOCKS = (16, 32, 32)  # 3 levels -> downsampling factor 4
 VAE_SCALE_FACTOR = 2 ** (len(_VAE_BLOCKS) - 1)
 _LATENT_SIZE = 8
 _MS_LATENT_SIZE = 128  # diffusers feeds resolution/aspect-ratio conditions only at sample_size 128
-TINY_IMAGE_SIZE: dict[str, int] = {a: _LATENT_SIZE * VAE_SCALE_FACTOR for a in TINY_ARCHITECTURES}
+# Sana's DC-AE: six levels, 32x (as dc-ae-f32c32-sana-1.0), at tiny widths.
+_DC_AE_BLOCKS = (8, 8, 16, 16, 32, 32)
+SANA_VAE_SCALE_FACTOR = 2 ** (len(_DC_AE_BLOCKS) - 1)
+TINY_IMAGE_SIZE: dict[str, int] = {
+    a: _LATENT_SIZE * (SANA_VAE_SCALE_FACTOR if a == "sana" else VAE_SCALE_FACTOR) for a in TINY_ARCHITECTURES
+}
 TINY_MS_IMAGE_SIZE = _MS_LATENT_SIZE * VAE_SCALE_FACTOR  # pixart-alpha, resolution_conditions=True
 
 # T5 model_max_length of the real repos; VAE scaling (PixArt-Sigma ships the SDXL VAE).
@@ -59,6 +72,7 @@ CLIP_MAX_LENGTH = 77  # CLIP's context length, as in the real tokenizers and tex
 # The schedulers' constructor arguments (the configs without diffusers' `_class_name`).
 PIXART_SCHEDULER: dict[str, Any] = {k: v for k, v in PIXART_SCHEDULER_CONFIG.items() if k != "_class_name"}
 DIT_SCHEDULER: dict[str, Any] = {k: v for k, v in DIT_SCHEDULER_CONFIG.items() if k != "_class_name"}
+SANA_SCHEDULER: dict[str, Any] = {k: v for k, v in SANA_SCHEDULER_CONFIG.items() if k != "_class_name"}
 # FlowMatchEulerDiscreteScheduler arguments of the real repos' scheduler/scheduler_config.json:
 # stabilityai/stable-diffusion-3-medium-diffusers, black-forest-labs/FLUX.1-dev and FLUX.1-schnell.
 _FLUX_SHIFTS: dict[str, Any] = dict(
@@ -181,7 +195,9 @@ def _check_request(
 
 def _save_tokenizers(pipe_dir: Path, arch: str, pipe: Any) -> None:
     """Every tokenizer re-saved in the portable form `_portable_tokenizer` writes."""
-    if arch in _MAX_LENGTH:
+    if arch == "sana":
+        _portable_tokenizer(pipe_dir, GEMMA_MAX_LENGTH, gemma=True)
+    elif arch in _MAX_LENGTH:
         _portable_tokenizer(pipe_dir, _MAX_LENGTH[arch])
     elif arch in MMDIT_ARCHITECTURES:
         for name, clip in _MMDIT_TOKENIZERS[arch].items():
@@ -189,19 +205,23 @@ def _save_tokenizers(pipe_dir: Path, arch: str, pipe: Any) -> None:
 
 
 def _portable_tokenizer(
-    pipe_dir: Path, max_length: int, component: str = "tokenizer", *, clip: bool = False
+    pipe_dir: Path, max_length: int, component: str = "tokenizer", *, clip: bool = False, gemma: bool = False
 ) -> None:
     """Re-save the tokenizer `component` under the class name `PreTrainedTokenizerFast`.
 
     transformers 5 records its fast tokenizer as `TokenizersBackend`, a name transformers 4 lacks;
-    `PreTrainedTokenizerFast` is an alias of it in 5 and the fast base class in 4. With `clip`, the
-    tokenizer is `clip_word_tokenizer`'s, otherwise the T5 word tokenizer.
+    `PreTrainedTokenizerFast` is an alias of it in 5 and the fast base class in 4 (and
+    `GemmaTokenizerFast` would rebuild a BPE model from the word-level vocabulary). With `clip`, the
+    tokenizer is `clip_word_tokenizer`'s, with `gemma` `gemma_word_tokenizer`'s, otherwise the T5
+    word tokenizer.
     """
     from ilf_deploy.tokenizer import build_word_tokenizer, save_tokenizer_dir
 
     shutil.rmtree(pipe_dir / component)
     if clip:
         save_tokenizer_dir(_clip_word_tokenizer_object(), pipe_dir / component, max_length, _CLIP_SPECIALS)
+    elif gemma:
+        save_tokenizer_dir(_gemma_word_tokenizer_object(), pipe_dir / component, max_length, _GEMMA_SPECIALS)
     else:
         save_tokenizer_dir(build_word_tokenizer(), pipe_dir / component, max_length)
     index_path = pipe_dir / "model_index.json"
@@ -247,6 +267,49 @@ def _clip_word_tokenizer_object():
 
 
 _CLIP_SPECIALS = {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "pad_token": CLIP_EOS, "unk_token": CLIP_UNK}
+
+
+GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+_GEMMA_SPECIALS = {
+    "bos_token": GEMMA_BOS,
+    "eos_token": GEMMA_EOS,
+    "pad_token": GEMMA_PAD,
+    "unk_token": GEMMA_UNK,
+}
+# Gemma-2's context (max_position_embeddings); SanaPipeline passes its own max_length to the tokenizer.
+GEMMA_MAX_LENGTH = 8192
+
+
+def _gemma_word_tokenizer_object():
+    """The raw `tokenizers.Tokenizer` of `gemma_word_tokenizer`."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    from .tokenizer import DEFAULT_VOCAB
+
+    # Gemma's special-token ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3.
+    vocab = {token: i for i, token in enumerate((GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK))}
+    for word in DEFAULT_VOCAB:
+        vocab.setdefault(word.lower(), len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token=GEMMA_UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(  # Gemma: add_bos_token, not add_eos_token
+        single=f"{GEMMA_BOS} $A",
+        pair=f"{GEMMA_BOS} $A {GEMMA_BOS} $B",
+        special_tokens=[(GEMMA_BOS, vocab[GEMMA_BOS])],
+    )
+    tok.add_special_tokens([GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK])
+    return tok
+
+
+def gemma_word_tokenizer(max_length: int = GEMMA_MAX_LENGTH):
+    """A word-level stand-in for Gemma's tokenizer (ids of its special tokens, `<bos>` prepended)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_gemma_word_tokenizer_object(), model_max_length=max_length, **_GEMMA_SPECIALS
+    )
 
 
 def clip_word_tokenizer(max_length: int = CLIP_MAX_LENGTH):
@@ -338,6 +401,8 @@ def _build(arch: str, num_layers: int, resolution_conditions: bool, *, qk_norm: 
         return _build_sd3(num_layers, "rms_norm", dual_attention_layers=tuple(range(min(2, num_layers))))
     if arch in ("flux", "flux-schnell"):
         return _build_flux(arch, num_layers)
+    if arch == "sana":
+        return _build_sana(num_layers)
     if arch == "dit":
         transformer = DiTTransformer2DModel(
             **_TRANSFORMER_COMMON,
@@ -461,4 +526,97 @@ def _build_flux(arch: str, num_layers: int):
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
+    )
+
+
+# Gemma-2-2b's shape at tiny widths: grouped-query attention (2 heads, 1 key/value head),
+# query_pre_attn_scalar = head_dim, alternating sliding/full attention, soft-capped attention logits.
+_GEMMA2: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    max_position_embeddings=GEMMA_MAX_LENGTH,
+)
+# dc-ae-f32c32-sana-1.0's scaling factor; its block layout (ResBlocks, then EfficientViT blocks with
+# 5x5 multi-scale linear attention), upsampling by interpolation, RMS norms and SiLU.
+_DC_AE_SCALING = 0.41407
+_DC_AE_BLOCK_TYPES = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+_DC_AE_MULTISCALES = ((), (), (), (5,), (5,), (5,))
+SANA_LATENT_CHANNELS = 32
+
+
+def gemma_text_encoder():
+    """(tokenizer, random-init `Gemma2Model`) over `gemma_word_tokenizer`'s vocabulary. The caller
+    seeds torch."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = gemma_word_tokenizer()
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        **_GEMMA2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer, Gemma2Model(config).eval()
+
+
+def _dc_ae():
+    from diffusers import AutoencoderDC
+
+    return AutoencoderDC(
+        in_channels=3,
+        latent_channels=SANA_LATENT_CHANNELS,
+        attention_head_dim=8,
+        encoder_block_types=_DC_AE_BLOCK_TYPES,
+        decoder_block_types=_DC_AE_BLOCK_TYPES,
+        encoder_block_out_channels=_DC_AE_BLOCKS,
+        decoder_block_out_channels=_DC_AE_BLOCKS,
+        encoder_layers_per_block=(1,) * len(_DC_AE_BLOCKS),
+        decoder_layers_per_block=(1,) * len(_DC_AE_BLOCKS),
+        encoder_qkv_multiscales=_DC_AE_MULTISCALES,
+        decoder_qkv_multiscales=_DC_AE_MULTISCALES,
+        upsample_block_type="interpolate",
+        downsample_block_type="Conv",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=_DC_AE_SCALING,
+    )
+
+
+def _build_sana(num_layers: int):
+    """SanaPipeline shaped like Sana-600M-512px (2 heads x 8 dims): linear self-attention, caption
+    cross-attention (2 heads x 8), Mix-FFN ratio 2.5, no positional embedding, patch size 1."""
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    tokenizer, text_encoder = gemma_text_encoder()
+    heads, head_dim = 2, 8
+    transformer = SanaTransformer2DModel(
+        in_channels=SANA_LATENT_CHANNELS,
+        out_channels=SANA_LATENT_CHANNELS,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        num_layers=num_layers,
+        num_cross_attention_heads=heads,
+        cross_attention_head_dim=head_dim,
+        cross_attention_dim=heads * head_dim,
+        caption_channels=text_encoder.config.hidden_size,
+        mlp_ratio=2.5,
+        attention_bias=False,
+        sample_size=_LATENT_SIZE,
+        patch_size=1,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        interpolation_scale=None,
+    )
+    return SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=_dc_ae(),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(**SANA_SCHEDULER),
     )

@@ -1,4 +1,4 @@
-"""Model adapters: the only place where PixArt and DiT differ."""
+"""Model adapters: the only place where the model families differ."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from .base import Adapter, Cond, State
 from .dit import DiTAdapter
 from .mmdit import FluxAdapter, SD3Adapter
 from .pixart import PixArtAdapter
+from .sana import SanaAdapter
 
-ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit", "sd3", "flux")
+ARCHITECTURES = ("pixart-alpha", "pixart-sigma", "dit", "sd3", "flux", "sana")
 
 # diffusers class names -> our architecture names
 PIPELINE_ARCHITECTURES = {
@@ -20,12 +21,14 @@ PIPELINE_ARCHITECTURES = {
     "DiTPipeline": "dit",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "SanaPipeline": "sana",
 }
 TRANSFORMER_ARCHITECTURES = {
     "PixArtTransformer2DModel": "pixart-alpha",  # α and Σ share the class; the pipeline tells them apart
     "DiTTransformer2DModel": "dit",
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
+    "SanaTransformer2DModel": "sana",
 }
 # Two-stream families: their state is image and text tokens (adapters/mmdit.py). Bundles (ONNX
 # export) do not carry them yet: the torch runner runs them (README "Families").
@@ -41,6 +44,8 @@ def make_adapter(architecture: str, transformer: nn.Module) -> Adapter:
         return SD3Adapter(transformer)
     if architecture == "flux":
         return FluxAdapter(transformer)
+    if architecture == "sana":
+        return SanaAdapter(transformer)
     raise ConfigError(f"unknown architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}")
 
 
@@ -55,6 +60,7 @@ __all__ = [
     "FluxAdapter",
     "PixArtAdapter",
     "SD3Adapter",
+    "SanaAdapter",
     "State",
     "feed_name",
     "make_adapter",

@@ -76,8 +76,12 @@ class Adapter(ABC):
         return int(self.config.in_channels)
 
     @property
+    def out_channels(self) -> int:
+        return int(self.transformer.out_channels)
+
+    @property
     def learned_sigma(self) -> bool:
-        return int(self.transformer.out_channels) == 2 * self.latent_channels
+        return self.out_channels == 2 * self.latent_channels
 
     @property
     def patch_size(self) -> int:
@@ -87,6 +91,11 @@ class Adapter(ABC):
     def sample_size(self) -> int:
         return int(self.config.sample_size)
 
+    @property
+    def patch_embedding(self) -> nn.Module:
+        """The diffusers `PatchEmbed` (patch projection and positional table)."""
+        return self.transformer.pos_embed
+
     # -- the cut forward -------------------------------------------------------------------
     def embed(self, latents: torch.Tensor, cond: Cond) -> State:
         """The state before block 0: (B, C, H, W) -> {"hidden": tokens (B, N, D)}. Time-independent."""
@@ -94,7 +103,7 @@ class Adapter(ABC):
 
     def embed_tokens(self, latents: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
         """The patch projection with the positional embedding given: exports with any resolution."""
-        patch = self.transformer.pos_embed
+        patch = self.patch_embedding
         tokens = patch.proj(latents).flatten(2).transpose(1, 2)
         if patch.layer_norm:
             tokens = patch.norm(tokens)
@@ -104,7 +113,7 @@ class Adapter(ABC):
         """(1, N, D) sin-cos positions for a latent of height x width, as diffusers' PatchEmbed."""
         from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-        patch = self.transformer.pos_embed
+        patch = self.patch_embedding
         h, w = height // self.patch_size, width // self.patch_size
         if (patch.height, patch.width) == (h, w):
             return patch.pos_embed
@@ -170,7 +179,7 @@ class Adapter(ABC):
 
     # -- helpers for subclasses ------------------------------------------------------------
     def unpatchify(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        p, c = self.patch_size, int(self.transformer.out_channels)
+        p, c = self.patch_size, self.out_channels
         h, w = height // p, width // p
         x = tokens.reshape(-1, h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)

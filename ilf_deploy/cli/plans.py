@@ -282,7 +282,8 @@ def _profile(model: Path, plan) -> Any:
 @command("make-tiny")
 def make_tiny_command(
     architecture: Annotated[
-        str, typer.Argument(help="pixart-alpha, pixart-sigma, dit, sd3, sd3.5, flux (dev) or flux-schnell.")
+        str,
+        typer.Argument(help="pixart-alpha, pixart-sigma, dit, sd3, sd3.5, flux (dev), flux-schnell or sana."),
     ],
     out_dir: Annotated[Path, typer.Argument(help="Directory to create (must not exist or be empty).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
