@@ -37,6 +37,14 @@ configs need ``pipeline=``:
   ``sigma_max`` and ``sigma_min`` and shifts them again (in float64); ``mu`` only
   with ``use_dynamic_shifting``.
 
+Flow DPM-Solver (``DPMSolverMultistepScheduler`` with ``use_flow_sigmas``: Sana): the
+same DPM-Solver++ tables on flow sigmas, ``alpha_t = 1 - sigma``, ``sigma_t = sigma``
+(``_sigma_to_alpha_sigma_t``), and with ``prediction_type="flow_prediction"`` ``eps`` is
+the velocity and ``x0 = x - sigma * v``. ``set_timesteps`` makes the sigmas
+``flow_shift * s / (1 + (flow_shift - 1) * s)`` of ``s = 1 - linspace(1, 1/T, n + 1)``
+(float64, flipped, the last dropped) and the model's timesteps ``int64(sigma * T)``
+(truncated); SanaPipeline passes no ``mu``, so ``use_dynamic_shifting`` changes nothing.
+
 E.g. SD3-medium's config (shift 3) under Flux's preparation gives other sigmas
 from the second step on, so the two cannot share one path. With
 ``use_dynamic_shifting`` the shift ``mu`` is the pipelines' ``calculate_shift``
@@ -167,6 +175,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "use_beta_sigmas": False,
         "use_lu_lambdas": False,
         "use_flow_sigmas": False,
+        "flow_shift": 1.0,
         "final_sigmas_type": "zero",
         "lambda_min_clipped": -math.inf,
         "variance_type": None,
@@ -198,13 +207,13 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 _FLOW = "FlowMatchEulerDiscreteScheduler"
 _FLOW_PIPELINES = ("flux", "sd3")
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
+_DPM_PREDICTION_TYPES = (*_PREDICTION_TYPES, "flow_prediction")
 _SPACINGS = ("linspace", "leading", "trailing")
 _DPM_SIGMA_FLAGS = (
     "use_karras_sigmas",
     "use_exponential_sigmas",
     "use_beta_sigmas",
     "use_lu_lambdas",
-    "use_flow_sigmas",
 )
 _SCALAR_FIELDS = ("timestep", "prev_timestep", "x", "eps", "x0_x", "x0_eps")
 
@@ -307,10 +316,11 @@ def _x0_coeffs(prediction_type: str, alpha: float, sigma: float) -> tuple[float,
 def _common_checks(name: str, cfg: dict[str, Any], num_steps: int) -> None:
     if cfg["thresholding"]:
         _refuse(name, "thresholding")
-    if cfg["prediction_type"] not in _PREDICTION_TYPES:
+    supported = _DPM_PREDICTION_TYPES if name == "DPMSolverMultistepScheduler" else _PREDICTION_TYPES
+    if cfg["prediction_type"] not in supported:
         raise ConfigError(
             f"{name}: prediction_type {cfg['prediction_type']!r} is not supported "
-            f"(supported: {', '.join(_PREDICTION_TYPES)})"
+            f"(supported: {', '.join(supported)})"
         )
     if cfg["timestep_spacing"] not in _SPACINGS:
         raise ConfigError(
@@ -347,11 +357,24 @@ def _dpm_timesteps(cfg: dict[str, Any], ac: np.ndarray, n: int) -> np.ndarray:
 def _dpm_sigmas(cfg: dict[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
     """set_timesteps' ``timesteps`` and float32 ``sigmas`` (one longer)."""
     ac = alphas_cumprod(cfg).astype(np.float64)
-    ts = _dpm_timesteps(cfg, ac, n)
     train_sigmas = _f32(np.sqrt(_f32(_f32(1.0 - ac) / ac)))
     last = train_sigmas[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+    if cfg["use_flow_sigmas"]:  # set_timesteps' own float64 expressions (module docstring)
+        n_train, shift = int(cfg["num_train_timesteps"]), cfg["flow_shift"]
+        s = 1.0 - np.linspace(1, 1 / n_train, n + 1)
+        sigmas = np.flip(shift * s / (1 + (shift - 1) * s))[:-1].copy()
+        ts = (sigmas * n_train).astype(np.int64)  # torch's .to(int64) truncates too
+        return ts, _f32(np.concatenate([sigmas, [last]]))
+    ts = _dpm_timesteps(cfg, ac, n)
     interp = np.interp(ts, np.arange(len(train_sigmas)), train_sigmas)
     return ts, _f32(np.concatenate([interp, [last]]))
+
+
+def _dpm_x0_coeffs(cfg: dict[str, Any], sigma: float, alpha: float, std: float) -> tuple[float, float]:
+    """convert_model_output's x0 = px * x + po * model_output; flow_prediction reads the raw sigma."""
+    if cfg["prediction_type"] == "flow_prediction":
+        return 1.0, -sigma
+    return _x0_coeffs(cfg["prediction_type"], alpha, std)
 
 
 def _dpm_coefficients(name: str, cfg: dict[str, Any], n: int) -> list[StepCoefficients]:
@@ -362,6 +385,11 @@ def _dpm_coefficients(name: str, cfg: dict[str, Any], n: int) -> list[StepCoeffi
         _refuse(name, f"algorithm_type {cfg['algorithm_type']!r}")
     if cfg["variance_type"] is not None:
         _refuse(name, f"variance_type {cfg['variance_type']!r}")
+    if bool(cfg["use_flow_sigmas"]) != (cfg["prediction_type"] == "flow_prediction"):
+        raise ConfigError(
+            f"{name}: use_flow_sigmas and prediction_type 'flow_prediction' go together (flow models); "
+            f"got use_flow_sigmas={cfg['use_flow_sigmas']!r}, prediction_type={cfg['prediction_type']!r}"
+        )
     order, solver, final = int(cfg["solver_order"]), cfg["solver_type"], cfg["final_sigmas_type"]
     if order not in (1, 2):
         raise ConfigError(f"{name}: solver_order must be 1 or 2, got {order}")
@@ -374,8 +402,11 @@ def _dpm_coefficients(name: str, cfg: dict[str, Any], n: int) -> list[StepCoeffi
     # The scalar algebra of diffusers' step() runs in float32 torch; each op is
     # rounded the same way here so the tables track diffusers to ~1e-7, not 1e-6.
     with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = _f32(1.0 / _f32(np.sqrt(_f32(_f32(sigmas * sigmas) + 1.0))))
-        std = _f32(sigmas * alpha)
+        if cfg["use_flow_sigmas"]:  # _sigma_to_alpha_sigma_t
+            alpha, std = _f32(1.0 - sigmas), sigmas
+        else:
+            alpha = _f32(1.0 / _f32(np.sqrt(_f32(_f32(sigmas * sigmas) + 1.0))))
+            std = _f32(sigmas * alpha)
         lam = _f32(_f32(np.log(alpha)) - _f32(np.log(std)))  # +inf at sigma 0
         h = _f32(lam[1:] - lam[:-1])  # +inf on a final step to sigma 0
         em1 = _f32(_f32(np.exp(-h)) - 1.0)
@@ -392,7 +423,7 @@ def _dpm_coefficients(name: str, cfg: dict[str, Any], n: int) -> list[StepCoeffi
         lower_final = i == count - 1 and (
             cfg["euler_at_final"] or (cfg["lower_order_final"] and count < 15) or final == "zero"
         )
-        x0_x, x0_eps = _x0_coeffs(cfg["prediction_type"], alpha[i], std[i])
+        x0_x, x0_eps = _dpm_x0_coeffs(cfg, sigmas[i], alpha[i], std[i])
         on_x0, history = b[i], ()
         if order == 2 and i >= 1 and not lower_final:
             on_x0, history = b[i] + w[i] * inv_r0[i], (-w[i] * inv_r0[i],)

@@ -16,6 +16,7 @@ from ilf_deploy.schedulers import (
     FLUX_DEV_SCHEDULER_CONFIG,
     FLUX_SCHNELL_SCHEDULER_CONFIG,
     PIXART_SCHEDULER_CONFIG,
+    SANA_SCHEDULER_CONFIG,
     SD3_SCHEDULER_CONFIG,
     StepCoefficients,
     alphas_cumprod,
@@ -53,6 +54,16 @@ CONFIGS = {
         "euler_at_final": True,
         "final_sigmas_type": "sigma_min",
     },
+    # flow DPM-Solver (Sana): flow sigmas, x0 = x - sigma * v
+    "sana": SANA_SCHEDULER_CONFIG,
+    "flow_dpm_heun_order1_shift6": {
+        **SANA_SCHEDULER_CONFIG,
+        "solver_type": "heun",
+        "flow_shift": 6.0,
+        "lower_order_final": False,
+        "final_sigmas_type": "sigma_min",
+    },
+    "flow_dpm_order1_euler_at_final": {**SANA_SCHEDULER_CONFIG, "solver_order": 1, "euler_at_final": True},
     "ddim_dit": DIT_SCHEDULER_CONFIG,
     "ddim_leading_offset1": {**DIT_SCHEDULER_CONFIG, "steps_offset": 1, "set_alpha_to_one": False},
     "ddim_linspace_v": {
@@ -99,7 +110,7 @@ def test_step_parity_with_diffusers(name: str, num_steps: int) -> None:
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 14, 15, 100])
-@pytest.mark.parametrize("name", ["pixart", "dpm_trailing_no_lof", "ddim_leading_offset1"])
+@pytest.mark.parametrize("name", ["pixart", "dpm_trailing_no_lof", "ddim_leading_offset1", "sana"])
 def test_step_parity_edge_step_counts(name: str, num_steps: int) -> None:
     # around the lower_order_final switch (< 15 steps) and the degenerate 1-2 step schedules
     test_step_parity_with_diffusers(name, num_steps)
@@ -122,7 +133,8 @@ def test_solver_order_structure() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["pixart", "dpm_leading_cosine_clipped", "dpm_scaled_euler_at_final", "ddim_leading_offset1"]
+    "name",
+    ["pixart", "dpm_leading_cosine_clipped", "dpm_scaled_euler_at_final", "ddim_leading_offset1", "sana"],
 )
 def test_alphas_cumprod_and_sigmas_match_diffusers(name: str) -> None:
     cfg = CONFIGS[name]
@@ -141,7 +153,9 @@ def test_alphas_cumprod_and_sigmas_match_diffusers(name: str) -> None:
     ("cfg", "match"),
     [
         ({**PIX, "use_karras_sigmas": True}, "use_karras_sigmas"),
-        ({**PIX, "use_flow_sigmas": True}, "use_flow_sigmas"),
+        ({**PIX, "use_flow_sigmas": True}, "use_flow_sigmas"),  # epsilon on flow sigmas
+        ({**SANA_SCHEDULER_CONFIG, "use_karras_sigmas": True}, "use_karras_sigmas"),
+        ({**DIT_SCHEDULER_CONFIG, "prediction_type": "flow_prediction"}, "prediction_type"),
         ({**PIX, "thresholding": True}, "thresholding"),
         ({**PIX, "algorithm_type": "sde-dpmsolver++"}, "sde-dpmsolver"),
         ({**PIX, "solver_order": 3}, "solver_order"),
