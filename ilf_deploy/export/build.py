@@ -9,9 +9,6 @@ import errno
 import glob
 import os
 import shutil
-import socket
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +19,8 @@ import torch
 
 from ..adapters import MMDIT_ARCHITECTURES, feed_name, make_adapter
 from ..errors import ConfigError, IlfError
+from ..files import UNLOCKED_GRACE_S as UNLOCKED_GRACE_S  # a build's temp dir without a lock
+from ..files import locked_tempdir, remove_dead_tempdirs
 from ..loading import LoadedModel, load_model
 from ..runtime.bundle import (
     SCHEMA_VERSION,
@@ -135,9 +134,6 @@ def _remove(path: Path) -> None:
 
 # -- hygiene: what killed builds leave, and file-system errors --------------------------------
 
-# A temp dir without a lock file is from a build killed before it locked it (microseconds after
-# creating it) or from an older version of this tool: it is taken for dead once this old.
-UNLOCKED_GRACE_S = 3600.0
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -150,67 +146,12 @@ def _old_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.old")
 
 
-def _lock_path(tmp: Path) -> Path:
-    return tmp.with_name(tmp.name + ".lock")
-
-
 @contextmanager
 def _workspace(out: Path) -> Iterator[Path]:
     """A temporary directory beside `out` (`.NAME.tmp-XXXX`), locked for this build's lifetime by the
     flock on `.NAME.tmp-XXXX.lock`, and removed on the way out unless it was renamed into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    fd = None
-    try:
-        fd = _lock(tmp)
+    with locked_tempdir(out.parent, f".{out.name}.tmp-") as tmp:
         yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                _lock_path(tmp).unlink()
-            os.close(fd)
-
-
-def _lock(tmp: Path) -> int | None:
-    """Take the lock that tells other builds this one is alive. The lock file is created and locked
-    inside `tmp`, then renamed beside it: no one ever sees it unlocked while its owner lives."""
-    if fcntl is None:
-        return None
-    staged = tmp / ".lock"
-    fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # a file system without locks: the temp dir counts as unlocked (UNLOCKED_GRACE_S)
-        os.close(fd)
-        staged.unlink()
-        return None
-    try:
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        os.rename(staged, _lock_path(tmp))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _owner_alive(tmp: Path) -> bool:
-    """Whether the build that made `tmp` may still be running (when in doubt, it is)."""
-    try:
-        fd = os.open(_lock_path(tmp), os.O_RDWR)
-    except FileNotFoundError:
-        try:
-            return time.time() - tmp.stat().st_mtime < UNLOCKED_GRACE_S
-        except OSError:
-            return True
-    except OSError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel dropped a dead owner's lock
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def clean_leftovers(out: Path) -> list[Path]:
@@ -220,24 +161,7 @@ def clean_leftovers(out: Path) -> list[Path]:
     (`_replace`): it is renamed back, as if that build had never started."""
     if fcntl is None:
         return []
-    removed, running = [], False
-    prefix = f".{glob.escape(out.name)}.tmp-"
-    for path in sorted(out.parent.glob(prefix + "*")):
-        if path.name.endswith(".lock"):
-            tmp = path.with_name(path.name.removesuffix(".lock"))
-            if not tmp.exists() and not _owner_alive(tmp):  # a lock whose dir went
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            continue
-        if not path.is_dir() or path.is_symlink():
-            continue
-        if _owner_alive(path):
-            running = True
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            _lock_path(path).unlink()
-        removed.append(path)
+    removed, running = remove_dead_tempdirs(out.parent, f".{glob.escape(out.name)}.tmp-*")
     old = _old_path(out)
     if not running and old.is_dir() and not old.is_symlink():
         if out.exists() or out.is_symlink():

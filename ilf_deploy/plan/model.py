@@ -295,7 +295,7 @@ class StepPlan:
     def validate(self) -> None:
         if self.num_steps > MAX_STEPS:
             raise ConfigError(
-                f"plan {self.name!r} has {self.num_steps} steps; plans have at most {MAX_STEPS}"
+                f"plan {self.name!r} has {self.num_steps} steps; a plan has at most {MAX_STEPS}"
             )
         for position, step in enumerate(self.steps):
             timings = [

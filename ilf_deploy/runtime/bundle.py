@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..files import locked_tempdir, remove_dead_tempdirs
 from ..plan import StepPlan
 from .manifest import (
     SCHEMA_VERSION,  # noqa: F401  (export.build writes it: a new bundle is version 2)
@@ -145,12 +145,12 @@ def rewrite_manifest(
 @contextlib.contextmanager
 def staging(bundle_path: Path, name: str) -> Iterator[Path]:
     """A directory inside the bundle (`.NAME.tmp-XXXX`) to write new files into, laid out as they
-    will be in the bundle, for `rewrite_manifest(..., staged=)`; removed on the way out."""
-    staged = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=bundle_path))
-    try:
+    will be in the bundle, for `rewrite_manifest(..., staged=)`; removed on the way out. It is locked
+    while its writer lives: the staging directories of writers killed earlier (any writer's) are
+    removed first (files.remove_dead_tempdirs)."""
+    remove_dead_tempdirs(Path(bundle_path), ".*.tmp-*")
+    with locked_tempdir(Path(bundle_path), f".{name}.tmp-") as staged:
         yield staged
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
 
 
 def remove_unlisted(bundle_path: Path, folder: str, manifest: dict[str, Any]) -> None:

@@ -37,6 +37,8 @@ class Segments(Protocol):
     def inner_loop(self, state: State, cond: Cond, cond_post: Cond) -> State: ...
     def final(self, state: State, cond: Cond, height: int, width: int) -> Array: ...
     def concat(self, arrays: list[Array]) -> Array: ...
+    def open_all(self) -> None:
+        """Open (load, compile) every segment now, not on its first call: a server's warm-up."""
 
 
 def check_plan(plan: StepPlan, segments: Segments) -> None:
@@ -124,20 +126,22 @@ def denoise(
     context = seg.context(inputs)
     x, x0_history = latents, []
     cache = CacheState(latents.shape[0], guided) if cache is None else cache
-    for step in plan.steps:
-        eps = model_output(seg, step, x, context, guided, cache)
-        if guided:
-            n = x.shape[0]
-            uncond, text = eps[:n], eps[n:]
-            eps = uncond + guidance_scale * (text - uncond)
-        k = step.coefficients
-        x0 = k.x0_x * x + k.x0_eps * eps  # the solver's data prediction, kept for multistep updates
-        x_next = k.x * x + k.eps * eps
-        for coef, past in zip(k.history, reversed(x0_history)):
-            x_next = x_next + coef * past
-        x0_history.append(x0)
-        x = x_next
-        check_finite(x, step, plan)
-        if on_step is not None:
-            on_step(step.index)
+    # numpy would warn on overflow: the finite check stops the loop there instead, in one line
+    with np.errstate(over="ignore", invalid="ignore"):
+        for step in plan.steps:
+            eps = model_output(seg, step, x, context, guided, cache)
+            if guided:
+                n = x.shape[0]
+                uncond, text = eps[:n], eps[n:]
+                eps = uncond + guidance_scale * (text - uncond)
+            k = step.coefficients
+            x0 = k.x0_x * x + k.x0_eps * eps  # the solver's data prediction, kept for multistep updates
+            x_next = k.x * x + k.eps * eps
+            for coef, past in zip(k.history, reversed(x0_history)):
+                x_next = x_next + coef * past
+            x0_history.append(x0)
+            x = x_next
+            check_finite(x, step, plan)
+            if on_step is not None:
+                on_step(step.index)
     return x

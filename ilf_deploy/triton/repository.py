@@ -195,6 +195,8 @@ def export_repository(bundle_path: str | Path, out: str | Path, options: ExportO
 
     options.check()
     bundle = Bundle.load(bundle_path, digest=options.digest)  # an edited or other bundle: one line
+    for name in bundle.plan_names:  # read as every runtime reads them (the model loads them all)
+        bundle.plan(name)
     if options.backend != AUTO:
         get_backend(options.backend)  # an unknown backend is a one-line error listing the known ones
     if options.variant is not None:
