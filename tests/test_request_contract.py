@@ -120,7 +120,7 @@ PIXART = [
     ("seed-string", {"prompt": PROMPT, "seed": "1"}, "seed must be an integer, got a string", (S,)),
     ("size-form", {"prompt": PROMPT, "size": "32"}, "size must be WIDTHxHEIGHT (e.g. 32x32), got '32'", (S,)),
     ("missing-prompt", {"seed": 1}, "prompt is required", (S, T, G)),
-    ("unknown", {"prompt": PROMPT, "quality": "hd"}, "unknown parameter 'quality'", (S,)),
+    ("unknown", {"prompt": PROMPT, "colour": "red"}, "unknown parameter 'colour'", (S,)),
     (
         "class-label-on-pixart",
         {"prompt": PROMPT, "class_label": 1},
@@ -424,7 +424,8 @@ def test_schemathesis_all_checks_against_serve(bundles, generators):
     app = create_app(bundles["pixart"], ServeOptions(max_n=2, max_wait_ms=0), generators["pixart"])
     schema = schemathesis.openapi.from_dict(app.openapi())
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} == {GEN, "/v1/models", "/healthz", "/readyz", "/metrics"}
+    files = "/v1/images/files/{image_id}"  # response_format "url"'s links
+    assert {op.path for op in operations} == {GEN, "/v1/models", "/healthz", "/readyz", "/metrics", files}
     calls: dict[int, int] = {}
     started = time.monotonic()
     with background_server(app) as url:

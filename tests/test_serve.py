@@ -159,9 +159,9 @@ INVALID = [
     ({"prompt": "x", "seed": 2**32}, "seed"),
     ({"prompt": "x", "seed": 1.5}, "seed"),  # integral numbers (1e3) are integers, as in JSON Schema
     ({"prompt": "x", "class_label": 1}, "class_label"),  # PixArt has no classes
-    ({"prompt": "x", "response_format": "url"}, "response_format"),
+    ({"prompt": "x", "response_format": "xml"}, "response_format"),
     ({"prompt": "x", "model": "dall-e-3"}, "model"),
-    ({"prompt": "x", "quality": "hd"}, "quality"),
+    ({"prompt": "x", "quality": "ultra"}, "quality"),
     ({"prompt": "x", "size": None, "n": None}, "n"),
 ]
 

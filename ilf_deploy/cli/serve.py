@@ -84,6 +84,13 @@ def serve(
     autoscale: Autoscale = None,
     replica_cpus: ReplicaCpus = None,
     ship_bundle: ShipBundle = False,
+    model_name: Annotated[
+        str | None,
+        typer.Option(help="The model id in /v1/models and requests' `model` (default: the bundle's name)."),
+    ] = None,
+    url_ttl_s: Annotated[
+        float, typer.Option(help='Seconds a `response_format: "url"` image link answers.')
+    ] = 600.0,
 ) -> None:
     """Serve a bundle over HTTP: OpenAI-style /v1/images/generations with micro-batching."""
     if server not in SERVERS:
@@ -126,6 +133,8 @@ def serve(
         max_inflight_per_key=max_inflight_per_key,
         digest=digest,
         max_connections=max_connections,
+        model_name=model_name,
+        url_ttl_s=url_ttl_s,
         **given,
     )
     tls = _tls_files(ssl_keyfile, ssl_certfile)

@@ -15,43 +15,82 @@ does; booleans are not numbers.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from importlib import resources
 from typing import Any
 
 from ..errors import ConfigError
 from .bundle import Bundle
 from .generator import Generator, Request
 
-# The limits, the verdicts' messages and the blank characters live in one data file that the C++
-# runtime embeds too (cpp/CMakeLists.txt): both languages refuse the same requests in the same words.
-CONTRACT: dict[str, Any] = json.loads(
-    resources.files("ilf_deploy.schemas").joinpath("request-contract.json").read_text(encoding="utf-8")
-)
-MAX_PROMPT_CHARS: int = CONTRACT["limits"]["max_prompt_chars"]  # prompt and negative_prompt, untokenised
-MAX_SEED: int = CONTRACT["limits"]["max_seed"]
-MAX_GUIDANCE = float(CONTRACT["limits"]["max_guidance"])
-MAX_SIDE: int = CONTRACT["limits"]["max_side"]  # pixels: PixArt-Σ's largest (4K); 100000 fills the memory
+MAX_PROMPT_CHARS = 4000  # prompt and negative_prompt, counted before tokenising
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 30.0
+MAX_SIDE = 4096  # pixels: PixArt-Σ's largest (4K); a 100000-pixel side would fill the memory first
 # JSON Schema `format` of prompts: text of at most the model's tokens (GET /v1/models:
 # max_prompt_tokens), which no JSON Schema keyword can say.
 PROMPT_FORMAT = "ilf-prompt"
 # str.isspace's characters: a prompt of only these is empty once stripped (as every encoder does);
 # NOT_BLANK, the JSON Schema pattern of a prompt, is any other character (the same in every regex engine).
-SPACES: str = CONTRACT["spaces"]
+SPACES = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
-FIELDS = ("prompt", "negative_prompt", "class_label", "n", "size", "plan", "guidance_scale", "seed")
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "class_label",
+    "n",
+    "size",
+    "plan",
+    "quality",
+    "guidance_scale",
+    "seed",
+)
 TEXT_FIELDS = ("prompt", "negative_prompt")
-NULLABLE = frozenset({"size", "plan", "guidance_scale", "seed"})  # null: as if omitted
+NULLABLE = frozenset({"size", "plan", "quality", "guidance_scale", "seed"})  # null: as if omitted
+AUTO_SIZE = "auto"  # OpenAI's "let the model choose": the bundle's default size
+# OpenAI's `quality` -> which of the bundle's plans (README "OpenAI compatibility"): "cheapest" and
+# "dearest" by block forwards (ties: the first in the bundle), "default" the server's default plan.
+# An explicit `plan` wins over `quality`.
+QUALITY_PLANS = {
+    "low": "cheapest",
+    "medium": "default",
+    "auto": "default",
+    "standard": "default",  # DALL-E 3's
+    "high": "dearest",
+    "hd": "dearest",  # DALL-E 3's
+    "xhigh": "dearest",
+    "max": "dearest",
+}
 
 # The verdicts, one message each; `{param}` is the field. README "Request limits" shows every one.
-MESSAGES: dict[str, str] = CONTRACT["messages"]
+MESSAGES = {
+    "unknown": "unknown parameter {param!r}",
+    "not_for_model": "{param} does not apply to {architecture}",
+    "required": "{param} is required",
+    "type": "{param} must be {kind}, got {got}",
+    "utf8": "{param} is not valid UTF-8 text",
+    "chars": "{param} is {count} characters long; at most {limit} are accepted",
+    "empty": "{param} must not be empty",
+    "tokens": "{param} is {count} tokens long; this model reads at most {limit} "
+    "(longer prompts are refused, not truncated)",
+    "class_label": "class_label must be in 0..{limit}, got {value}",
+    "n": "n must be in 1..{limit}, got {value}",
+    "size_form": "size must be WIDTHxHEIGHT (e.g. {example}), got {got}",
+    "size": "the bundle was built for {sizes}, not {size} (width x height)",
+    "side": "{param} must be in 1..{limit} pixels, got {value}",
+    "plan": "unknown plan {value!r}; this bundle has: {plans}",
+    "guidance_scale": "guidance_scale must be in 0..{limit:g}, got {value:g}",
+    "seed_low": "seed must be >= 0, got {value}",
+    "seed_high": "seed must be <= {limit}, got {value}",
+}
 
 
 class RequestError(ConfigError):
@@ -88,7 +127,7 @@ class CheckedRequest:
 _MISSING = object()
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """How a refused value is named in a message (JSON's words: a front door may be HTTP)."""
     if value is None:
         return "null"
@@ -113,13 +152,13 @@ def check_integer(param: str, value: Any) -> int:
         number = float(value)
         if math.isfinite(number) and number.is_integer():
             return int(number)
-    raise RequestError("type", param, kind="an integer", got=_kind(value))
+    raise RequestError("type", param, kind="an integer", got=json_kind(value))
 
 
 def check_number(param: str, value: Any) -> float:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
-    raise RequestError("type", param, kind="a number", got=_kind(value))
+    raise RequestError("type", param, kind="a number", got=json_kind(value))
 
 
 def check_text(param: str, value: Any, max_chars: int = MAX_PROMPT_CHARS) -> str:
@@ -130,7 +169,7 @@ def check_text(param: str, value: Any, max_chars: int = MAX_PROMPT_CHARS) -> str
         except UnicodeDecodeError:
             raise RequestError("utf8", param) from None
     if not isinstance(value, str):
-        raise RequestError("type", param, kind="a string", got=_kind(value))
+        raise RequestError("type", param, kind="a string", got=json_kind(value))
     if len(value) > max_chars:
         raise RequestError("chars", param, count=len(value), limit=max_chars)
     try:
@@ -143,7 +182,7 @@ def check_text(param: str, value: Any, max_chars: int = MAX_PROMPT_CHARS) -> str
 def check_choice(param: str, value: Any, choices: tuple[str, ...]) -> str:
     """One of `choices` (a front door's own enumerations too, e.g. serve's response_format)."""
     if not isinstance(value, str):
-        raise RequestError("type", param, kind="a string", got=_kind(value))
+        raise RequestError("type", param, kind="a string", got=json_kind(value))
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
         raise RequestError("type", param, kind=f"one of {allowed}", got=repr(value[:100]))
@@ -184,6 +223,7 @@ class RequestContract:
     max_tokens: int = 0
     count_tokens: Callable[[str], int] | None = None
     guidance: str = "cfg"  # ModelFacts.guidance: "cfg", "embedded" (Flux.1-dev) or "none" (schnell)
+    plan_forwards: tuple[int, ...] = ()  # each plan's block forwards (`quality` picks by them)
 
     @classmethod
     def for_generator(
@@ -220,7 +260,7 @@ class RequestContract:
                 f"default plan {default_plan!r} is not in the bundle (it has: {', '.join(bundle.plan_names)})"
             )
         tokenizer = bundle.manifest.tokenizer
-        return cls.for_generator(
+        contract = cls.for_generator(
             generator,
             tuple(bundle.plan_names),
             default_plan or bundle.default_plan,
@@ -228,6 +268,8 @@ class RequestContract:
             bundle_token_counter(bundle),
             tokenizer.max_length if tokenizer is not None else 0,
         )
+        forwards = tuple(bundle.plan(name).block_forwards for name in bundle.plan_names)
+        return replace(contract, plan_forwards=forwards)
 
     @property
     def is_dit(self) -> bool:
@@ -273,7 +315,7 @@ class RequestContract:
         class_label = self._class_label(get("class_label")) if self.is_dit else None
         n = self._n(get("n"))
         height, width = self._size(get("size"))
-        plan = self._plan(get("plan"))
+        plan = self._plan(get("plan"), get("quality"))
         guidance = self._guidance(get("guidance_scale"))
         seed = self._seed(get("seed"))
         for name, text in texts.items():
@@ -322,7 +364,7 @@ class RequestContract:
         return n
 
     def _size(self, value: Any) -> tuple[int | None, int | None]:
-        if value is _MISSING:
+        if value is _MISSING or value == AUTO_SIZE:
             return None, None
         if isinstance(value, Size):
             sides = [("height", value.height), ("width", value.width)]
@@ -331,7 +373,7 @@ class RequestContract:
             example = self.size_names[0] if self.sizes else "512x512"
             match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", value) if isinstance(value, str) else None
             if match is None:
-                got = repr(value[:100]) if isinstance(value, str) else _kind(value)
+                got = repr(value[:100]) if isinstance(value, str) else json_kind(value)
                 raise RequestError("size_form", "size", example=example, got=got)
             checked = [("size", int(match[2])), ("size", int(match[1]))]
         for name, side in checked:  # 0 is refused, not taken for "the default"
@@ -339,9 +381,11 @@ class RequestContract:
                 raise RequestError("side", name, limit=MAX_SIDE, value=side)
         return checked[0][1], checked[1][1]
 
-    def _plan(self, value: Any) -> str | None:
+    def _plan(self, value: Any, quality: Any = _MISSING) -> str | None:
         if value is _MISSING:
-            return self.default_plan
+            if quality is _MISSING:
+                return self.default_plan
+            return self.quality_plan(check_choice("quality", quality, tuple(QUALITY_PLANS)))
         plan = check_text("plan", value, 256)
         if self.plans is not None and plan not in self.plans:
             raise RequestError("plan", "plan", value=plan, plans=", ".join(self.plans))
@@ -365,6 +409,14 @@ class RequestContract:
             raise RequestError("seed_high", "seed", limit=MAX_SEED, value=seed)
         return seed
 
+    def quality_plan(self, quality: str) -> str | None:
+        """The plan OpenAI's `quality` names here (QUALITY_PLANS)."""
+        rank = QUALITY_PLANS[quality]
+        if rank == "default" or self.plans is None or len(self.plan_forwards) != len(self.plans):
+            return self.default_plan
+        pick = min if rank == "cheapest" else max
+        return self.plans[pick(range(len(self.plans)), key=lambda i: self.plan_forwards[i])]
+
     # -- the same limits as JSON Schema ----------------------------------------------------------
     def json_schema(self) -> dict[str, Any]:
         """The request object's JSON Schema (draft 2020-12, OpenAPI 3.1): what `check` accepts,
@@ -377,11 +429,20 @@ class RequestContract:
             "default": 1,
             "description": "Images; seeds seed, seed+1, ...",
         }
-        sizes = {"enum": list(self.size_names)} if self.sizes else {"pattern": "^[0-9]{1,5}x[0-9]{1,5}$"}
+        sizes = (
+            {"enum": [*self.size_names, AUTO_SIZE]}
+            if self.sizes
+            else {"pattern": f"^([0-9]{{1,5}}x[0-9]{{1,5}}|{AUTO_SIZE})$"}
+        )
         plans = {"enum": list(self.plans)} if self.plans is not None else {}
         optional = {
-            "size": (sizes, "WIDTHxHEIGHT, one the bundle was built for (default: the first)"),
+            "size": (sizes, "WIDTHxHEIGHT, one the bundle was built for; auto or default: the first"),
             "plan": (plans, f"A bundled step plan (default {self.default_plan})"),
+            "quality": (
+                {"enum": list(QUALITY_PLANS)},
+                "OpenAI's quality, mapped to a plan: low the fewest block forwards, high/hd/xhigh/max "
+                "the most, medium/standard/auto the default plan; `plan` wins over it",
+            ),
             "guidance_scale": (
                 {"type": "number", "minimum": 0, "maximum": MAX_GUIDANCE},
                 "Classifier-free guidance; <= 1 disables it (default: the model's, 4.5 PixArt, 4.0 DiT)",

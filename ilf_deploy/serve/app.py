@@ -23,8 +23,10 @@ from starlette.exceptions import HTTPException
 from ..runtime.generator import Generator
 from .auth import ApiKeys
 from .batcher import SHUTDOWN, SHUTDOWN_RETRY_AFTER_S
+from .images import FILES_PATH
 from .logs import REQUEST_ID_HEADER, SCOPE_KEY, RequestInfo, current_request_id, printable, request_id
 from .metrics import ServerMetrics
+from .pages import ASSETS, add_pages, is_open
 from .routes import GENERATIONS, add_routes, encode_png
 from .schema import REQUEST_SCHEMA, ApiError, request_schema
 from .state import ServeOptions, ServerState
@@ -34,8 +36,16 @@ __all__ = ["ServeOptions", "create_app", "encode_png"]
 log = logging.getLogger("ilf_deploy.serve")
 access_log = logging.getLogger("ilf_deploy.serve.access")  # one line per HTTP request
 
-ENDPOINTS = (GENERATIONS, "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes need no key; every other path does
+ENDPOINTS = (GENERATIONS, "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/")
+PREFIXES = (FILES_PATH, ASSETS)  # their paths' metric label: the prefix (bounded label values)
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes need no key; every other path does, but
+# the pages and their assets (no secret in them) and the image links (their random id is the secret)
+
+
+def _needs_key(path: str) -> bool:
+    return path not in OPEN_PATHS and not is_open(path) and not path.startswith(FILES_PATH)
+
+
 SMUGGLING = "the request has both Content-Length and Transfer-Encoding (RFC 9112, section 6.1)"
 ERROR_TYPES = {
     408: "invalid_request_error",
@@ -77,7 +87,7 @@ class _Observe:
         """Why this request is answered before the app sees it (and before its body is read)."""
         if b"transfer-encoding" in headers and b"content-length" in headers:  # RFC 9112 6.1: smuggling
             return ApiError(400, SMUGGLING, headers={"Connection": "close"})
-        if self.keys and scope["path"] not in OPEN_PATHS:
+        if self.keys and _needs_key(scope["path"]):
             authorization = headers.get(b"authorization")
             info.key = self.keys.identify(authorization.decode("latin-1") if authorization else None)
             if info.key is None:
@@ -166,7 +176,9 @@ class _Observe:
             await _error_response(error, scope)(scope, receive, send)
 
     def _record(self, scope, info: RequestInfo, status: int, elapsed: float) -> None:
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"  # bounded label values
+        path = scope["path"]
+        prefix = next((p for p in PREFIXES if path.startswith(p)), "other")
+        endpoint = path if path in ENDPOINTS else prefix  # bounded label values
         labels: dict[str, str] = {"endpoint": endpoint, "status": str(status)}
         if info.key is not None:
             labels["key"] = info.key
@@ -225,7 +237,7 @@ def openapi_document(app: FastAPI, state: ServerState) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
         }
         for route, path in schema["paths"].items():
-            for operation in path.values() if route not in OPEN_PATHS else ():
+            for operation in path.values() if _needs_key(route) else ():
                 operation["security"] = [{"bearer": []}]
                 operation.setdefault("responses", {})["401"] = unauthorized
     return schema
@@ -242,6 +254,8 @@ def create_app(
         summary=f"Image generation with the {state.contract.architecture} bundle {state.model_id!r}",
         version="1",
         lifespan=state.lifespan,
+        docs_url=None,  # serve/pages.py: Swagger UI from local files
+        redoc_url=None,
     )
     app.state.ilf, app.state.batcher, app.state.metrics = state, state.batcher, state.metrics
     app.add_middleware(
@@ -253,5 +267,6 @@ def create_app(
     )
     _add_error_handlers(app)
     add_routes(app)
+    add_pages(app, f"ilf-deploy: {state.model_id}")
     app.openapi = lambda: openapi_document(app, state)  # type: ignore[method-assign]
     return app

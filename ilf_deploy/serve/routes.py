@@ -4,34 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
+import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from ..runtime.generator import Request
 from .batcher import BatchKey, EngineError, Job, QueueFull, Unavailable
+from .images import FILES_PATH, encode_image
 from .limiter import OverLimit
 from .logs import SCOPE_KEY, RequestInfo
-from .schema import REQUEST_SCHEMA, ApiError, ErrorResponse, ImagesResponse, parse_body
+from .schema import REQUEST_SCHEMA, ApiError, ErrorResponse, ImagesResponse, ResponseForm, parse_body
 from .state import ServerState
 
 GENERATIONS = "/v1/images/generations"
 POLL_S = 0.05  # how often a waiting request checks for a disconnected client and its deadline
 ERROR_CODES = (400, 413, 429, 500, 503, 504)  # documented answers of a generation
+# One server-sent event of `stream: true`: its `data` is an image_generation.completed JSON object
+STREAM_EVENT = {
+    "type": "object",
+    "properties": {"event": {"const": "image_generation.completed"}, "data": {"type": "string"}},
+    "required": ["data"],
+}
 
 
 def encode_png(image: np.ndarray) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(encode_image(image)).decode("ascii")
 
 
 def _state(http: HttpRequest) -> ServerState:
@@ -111,7 +115,7 @@ async def generations(http: HttpRequest) -> Response:
         body = await http.body()
     except ClientDisconnect:
         raise ApiError(499, "the client closed the request", "client_closed_request") from None
-    checked = state.check(parse_body(body, http.headers.get("content-type")))
+    checked, form = state.check(parse_body(body, http.headers.get("content-type")))
     key, n = state.batch_key(checked), len(checked.requests)
     info: RequestInfo = http.scope[SCOPE_KEY]
     info.fields.update(plan=key.plan, size=f"{key.width}x{key.height}", n=n)
@@ -133,8 +137,51 @@ async def generations(http: HttpRequest) -> Response:
             info.fields.update(_timing(jobs))
     finally:
         state.limiter.release(info.key, n)
-    encoded = await asyncio.to_thread(lambda: [encode_png(image) for image in images])
-    return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in encoded]})
+    return await _respond(http, images, form, f"{key.width}x{key.height}")
+
+
+async def _respond(http: HttpRequest, images: list[np.ndarray], form: ResponseForm, size: str) -> Response:
+    """The images as the request asked: inline or as links, PNG/WebP/JPEG, one JSON body or SSE."""
+    encoded = await asyncio.to_thread(
+        lambda: [encode_image(image, form.output_format, form.compression) for image in images]
+    )
+    created = int(time.time())
+    if form.stream:  # OpenAI's image stream: one completed event per image (no partial images)
+        return StreamingResponse(_events(encoded, form, size, created), media_type="text/event-stream")
+    if form.response_format == "url":
+        store, base = _state(http).images, str(http.base_url).rstrip("/")
+        data = [{"url": f"{base}{FILES_PATH}{store.put(image, form.output_format)}"} for image in encoded]
+    else:
+        data = [{"b64_json": base64.b64encode(image).decode("ascii")} for image in encoded]
+    return JSONResponse({"created": created, "data": data, "output_format": form.output_format, "size": size})
+
+
+def _events(encoded: list[bytes], form: ResponseForm, size: str, created: int) -> Iterator[str]:
+    """Server-sent `image_generation.completed` events, as the official client parses them."""
+    usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    usage["input_tokens_details"] = {"image_tokens": 0, "text_tokens": 0}  # type: ignore[assignment]
+    for image in encoded:
+        event = {
+            "type": "image_generation.completed",
+            "b64_json": base64.b64encode(image).decode("ascii"),
+            "created_at": created,
+            "output_format": form.output_format,
+            "background": "opaque",
+            "quality": "auto",
+            "size": size,
+            "usage": usage,
+        }
+        yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+async def image_file(image_id: str, http: HttpRequest) -> Response:
+    """An image behind a `response_format: "url"` link, while it lasts."""
+    stored = _state(http).images.get(image_id)
+    if stored is None:
+        raise ApiError(404, "no such image: its link expired or never existed", param="image_id")
+    return Response(
+        stored.data, media_type=stored.media_type, headers={"Cache-Control": "private, max-age=60"}
+    )
 
 
 async def healthz() -> dict[str, str]:
@@ -168,9 +215,20 @@ def add_routes(app: FastAPI) -> None:
         generations,
         methods=["POST"],
         response_model=ImagesResponse,
-        responses={code: {"model": ErrorResponse} for code in ERROR_CODES},
+        responses={
+            200: {"content": {"text/event-stream": {"schema": STREAM_EVENT}}},  # stream: true
+            **{code: {"model": ErrorResponse} for code in ERROR_CODES},
+        },
         summary="Generate images",
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}},
+    )
+    app.add_api_route(
+        FILES_PATH + "{image_id}",
+        image_file,
+        methods=["GET"],
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
+        summary='An image of a `response_format: "url"` answer (for serve --url-ttl-s seconds)',
     )
     app.add_api_route("/healthz", healthz, methods=["GET"], summary="Liveness")
     app.add_api_route(

@@ -4,6 +4,7 @@ the metrics and the per-key limiter, built once by `ServerState.open` (routes re
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -18,10 +19,14 @@ from ..runtime.request import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, CheckedR
 from .auth import ApiKeys
 from .batcher import Batcher, BatchKey
 from .connections import MIN_FREE_DESCRIPTORS, default_max_connections, descriptor_limit
+from .images import URL_TTL_S, ImageStore
 from .limiter import KeyLimiter
 from .limits import DRAIN_S, MAX_TIMEOUT_S, check_drain_s
 from .metrics import ServerMetrics
-from .schema import check_request
+from .schema import ResponseForm, check_request
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")  # an OpenAI-style model id
+MAX_URL_TTL_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ class ServeOptions:
     body_timeout_s: float = 30.0  # a request's body, from its headers on: 408
     max_connections: int | None = None  # None: connections.default_max_connections (below ulimit -n)
     drain_s: float = DRAIN_S  # on SIGTERM, how long the batch in the engine may still run
+    # OpenAI compatibility (README "OpenAI compatibility"):
+    model_name: str | None = None  # the id in /v1/models and `model`; None: the bundle directory's name
+    url_ttl_s: float = URL_TTL_S  # how long a `response_format: "url"` link answers
 
     def check(self) -> None:
         if self.max_batch is not None and self.max_batch < 1:
@@ -57,6 +65,12 @@ class ServeOptions:
         if not 1 <= self.max_n <= self.max_queue:
             raise ConfigError(f"--max-n must be in 1..--max-queue ({self.max_queue}), got {self.max_n}")
         self._check_connections()
+        if self.model_name is not None and not MODEL_NAME.fullmatch(self.model_name):
+            raise ConfigError(
+                f"--model-name must be 1..128 of letters, digits and . _ - : /, got {self.model_name!r}"
+            )
+        if not 0 < self.url_ttl_s <= MAX_URL_TTL_S:
+            raise ConfigError(f"--url-ttl-s must be > 0 and <= {MAX_URL_TTL_S:g}, got {self.url_ttl_s}")
         if self.max_inflight_per_key is not None:
             if not self.api_keys:
                 raise ConfigError(
@@ -103,6 +117,7 @@ class ServerState:
     limiter: KeyLimiter
     max_batch: int
     draining: bool = False  # SIGTERM: /readyz answers 503, new work 503
+    images: ImageStore = field(default_factory=ImageStore)  # behind `response_format: "url"` links
 
     @classmethod
     def open(
@@ -134,14 +149,17 @@ class ServerState:
             engine_context,
         )
         limiter = KeyLimiter(options.max_inflight_per_key)
-        return cls(options, bundle, generator, contract, plans, metrics, batcher, limiter, max_batch)
+        return cls(
+            options, bundle, generator, contract, plans, metrics, batcher, limiter, max_batch,
+            images=ImageStore(options.url_ttl_s),
+        )  # fmt: skip
 
     @property
     def model_id(self) -> str:
-        return self.bundle.path.resolve().name
+        return self.options.model_name or self.bundle.path.resolve().name
 
-    def check(self, fields: dict[str, Any]) -> CheckedRequest:
-        """A request body's fields -> the engine requests, or a 400 (the request contract)."""
+    def check(self, fields: dict[str, Any]) -> tuple[CheckedRequest, ResponseForm]:
+        """A request body's fields -> the engine requests and the response's form, or a 400."""
         return check_request(self.contract, self.model_id, fields)
 
     def batch_key(self, checked: CheckedRequest) -> BatchKey:
