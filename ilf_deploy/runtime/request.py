@@ -15,31 +15,35 @@ does; booleans are not numbers.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from importlib import resources
 from typing import Any
 
 from ..errors import ConfigError
 from .bundle import Bundle
 from .generator import Generator, Request
 
-MAX_PROMPT_CHARS = 4000  # prompt and negative_prompt, counted before tokenising
-MAX_SEED = 2**32 - 1
-MAX_GUIDANCE = 30.0
-MAX_SIDE = 4096  # pixels: PixArt-Σ's largest (4K); a 100000-pixel side would fill the memory first
+# The limits, the verdicts' messages and the blank characters live in one data file that the C++
+# runtime embeds too (cpp/CMakeLists.txt): both languages refuse the same requests in the same words.
+CONTRACT: dict[str, Any] = json.loads(
+    resources.files("ilf_deploy.schemas").joinpath("request-contract.json").read_text(encoding="utf-8")
+)
+MAX_PROMPT_CHARS: int = CONTRACT["limits"]["max_prompt_chars"]  # prompt and negative_prompt, untokenised
+MAX_SEED: int = CONTRACT["limits"]["max_seed"]
+MAX_GUIDANCE = float(CONTRACT["limits"]["max_guidance"])
+MAX_SIDE: int = CONTRACT["limits"]["max_side"]  # pixels: PixArt-Σ's largest (4K); 100000 fills the memory
 # JSON Schema `format` of prompts: text of at most the model's tokens (GET /v1/models:
 # max_prompt_tokens), which no JSON Schema keyword can say.
 PROMPT_FORMAT = "ilf-prompt"
 # str.isspace's characters: a prompt of only these is empty once stripped (as every encoder does);
 # NOT_BLANK, the JSON Schema pattern of a prompt, is any other character (the same in every regex engine).
-SPACES = (
-    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
-    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-)
+SPACES: str = CONTRACT["spaces"]
 NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
 FIELDS = (
@@ -71,26 +75,7 @@ QUALITY_PLANS = {
 }
 
 # The verdicts, one message each; `{param}` is the field. README "Request limits" shows every one.
-MESSAGES = {
-    "unknown": "unknown parameter {param!r}",
-    "not_for_model": "{param} does not apply to {architecture}",
-    "required": "{param} is required",
-    "type": "{param} must be {kind}, got {got}",
-    "utf8": "{param} is not valid UTF-8 text",
-    "chars": "{param} is {count} characters long; at most {limit} are accepted",
-    "empty": "{param} must not be empty",
-    "tokens": "{param} is {count} tokens long; this model reads at most {limit} "
-    "(longer prompts are refused, not truncated)",
-    "class_label": "class_label must be in 0..{limit}, got {value}",
-    "n": "n must be in 1..{limit}, got {value}",
-    "size_form": "size must be WIDTHxHEIGHT (e.g. {example}), got {got}",
-    "size": "the bundle was built for {sizes}, not {size} (width x height)",
-    "side": "{param} must be in 1..{limit} pixels, got {value}",
-    "plan": "unknown plan {value!r}; this bundle has: {plans}",
-    "guidance_scale": "guidance_scale must be in 0..{limit:g}, got {value:g}",
-    "seed_low": "seed must be >= 0, got {value}",
-    "seed_high": "seed must be <= {limit}, got {value}",
-}
+MESSAGES: dict[str, str] = CONTRACT["messages"]
 
 
 class RequestError(ConfigError):
