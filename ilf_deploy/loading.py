@@ -22,6 +22,7 @@ from .schedulers import (
     FLUX_DEV_SCHEDULER_CONFIG,
     FLUX_SCHNELL_SCHEDULER_CONFIG,
     PIXART_SCHEDULER_CONFIG,
+    SANA_SCHEDULER_CONFIG,
     SD3_SCHEDULER_CONFIG,
     for_image_tokens,
     for_pipeline,
@@ -31,6 +32,10 @@ DEFAULT_MODEL = Path(__file__).parent / "default_model"  # the embedded model; `
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a pipeline needs from a hub repo: configs, tokenizer files and safetensors weights.
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "feedback/*"]
+# Families whose prompts the diffusers pipeline encodes (`LoadedModel.text_pipeline`).
+TEXT_PIPELINE_ARCHITECTURES = ("sd3", "flux", "sana")
+# The VAE's downsampling where a bare transformer directory has none: Sana's DC-AE 32x, else 8x.
+_DEFAULT_VAE_SCALE = {"sana": 32}
 
 
 def torch_device(name: str | torch.device) -> torch.device:
@@ -64,8 +69,8 @@ class LoadedModel:
     vae: nn.Module | None = None
     path: Path | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-    # SD3, Flux: the diffusers pipeline holding their text encoders and tokenizers (transformer shared);
-    # the torch reference encodes prompts with its own `encode_prompt`.
+    # SD3, Flux, Sana: the diffusers pipeline holding their text encoders and tokenizers (transformer
+    # shared); the torch reference encodes prompts with its own `encode_prompt`.
     text_pipeline: Any | None = None
 
     @property
@@ -78,8 +83,12 @@ class LoadedModel:
     @property
     def vae_scale_factor(self) -> int:
         if self.vae is None:
-            return 8
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+            return _DEFAULT_VAE_SCALE.get(self.architecture, 8)
+        config = self.vae.config  # AutoencoderKL: block_out_channels; AutoencoderDC (Sana): encoder_...
+        levels = (
+            config.encoder_block_out_channels if self.architecture == "sana" else config.block_out_channels
+        )
+        return 2 ** (len(levels) - 1)
 
     @property
     def config_hash(self) -> str:
@@ -224,6 +233,8 @@ def default_scheduler_config(architecture: str, transformer_config: Mapping[str,
     if architecture == "flux":
         guided = bool(transformer_config.get("guidance_embeds"))
         return dict(FLUX_DEV_SCHEDULER_CONFIG if guided else FLUX_SCHNELL_SCHEDULER_CONFIG)
+    if architecture == "sana":
+        return dict(SANA_SCHEDULER_CONFIG)
     return dict(PIXART_SCHEDULER_CONFIG)
 
 
@@ -234,15 +245,20 @@ def _load_transformer(architecture: str, directory: Path, dtype: torch.dtype) ->
         "dit": diffusers.DiTTransformer2DModel,
         "sd3": diffusers.SD3Transformer2DModel,
         "flux": diffusers.FluxTransformer2DModel,
+        "sana": diffusers.SanaTransformer2DModel,
     }.get(architecture, diffusers.PixArtTransformer2DModel)
     return cls.from_pretrained(directory, torch_dtype=dtype)
 
 
 def _load_text_pipeline(model: LoadedModel, path: Path, dtype: torch.dtype) -> None:
-    """SD3/Flux: the diffusers pipeline, sharing the loaded transformer (text encoders, VAE)."""
+    """SD3/Flux/Sana: the diffusers pipeline, sharing the loaded transformer (text encoders, VAE)."""
     import diffusers
 
-    cls = diffusers.StableDiffusion3Pipeline if model.architecture == "sd3" else diffusers.FluxPipeline
+    cls = {
+        "sd3": diffusers.StableDiffusion3Pipeline,
+        "flux": diffusers.FluxPipeline,
+        "sana": diffusers.SanaPipeline,
+    }[model.architecture]
     pipe = cls.from_pretrained(path, transformer=model.adapter.transformer, dtype=dtype)
     for part in pipe.components.values():
         if isinstance(part, nn.Module):
@@ -255,7 +271,7 @@ def _load_pipeline_parts(model: LoadedModel, path: Path, dtype: torch.dtype) -> 
     from diffusers import AutoencoderKL
 
     try:
-        if model.architecture in ("sd3", "flux"):
+        if model.architecture in TEXT_PIPELINE_ARCHITECTURES:
             _load_text_pipeline(model, path, dtype)
             return
         if (path / "vae").is_dir():
@@ -273,3 +289,34 @@ def _load_pipeline_parts(model: LoadedModel, path: Path, dtype: torch.dtype) -> 
             model.extras["id2label"] = index.get("id2label") or {}
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the pipeline parts of {path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SanaPromptFormat:
+    """How `SanaPipeline` (its `__call__` defaults) turns a prompt into Gemma-2 inputs: the prompt,
+    lower-cased and stripped, is appended to the instruction lines joined by newlines (positive
+    prompts only); padded ("right") to `len(tokens(instruction)) + max_sequence_length - 2` tokens
+    (negative prompts: `max_sequence_length`); of the encoder's hidden states and the mask, the
+    first token and the last `max_sequence_length - 1` are kept (section 3.1 of the Sana paper)."""
+
+    max_sequence_length: int
+    complex_human_instruction: tuple[str, ...]
+
+    @property
+    def instruction(self) -> str:
+        return "\n".join(self.complex_human_instruction)
+
+    def select_index(self) -> list[int]:
+        return [0, *range(-self.max_sequence_length + 1, 0)]
+
+
+def sana_prompt_format() -> SanaPromptFormat:
+    """SanaPipeline's own defaults, read from its signature (one copy of the instruction text)."""
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    params = inspect.signature(SanaPipeline.__call__).parameters
+    return SanaPromptFormat(
+        int(params["max_sequence_length"].default), tuple(params["complex_human_instruction"].default)
+    )

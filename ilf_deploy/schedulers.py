@@ -480,6 +480,13 @@ def _ddim_coefficients(name: str, cfg: dict[str, Any], n: int) -> list[StepCoeff
     return steps
 
 
+def is_flow_model(scheduler_config: dict[str, Any]) -> bool:
+    """Whether the model is a rectified-flow one (x = (1 - sigma) x0 + sigma noise, predicting the
+    velocity): flow-matching Euler (SD3, Flux) or the flow DPM-Solver (Sana)."""
+    name, cfg = _resolve(scheduler_config)
+    return name == _FLOW or cfg["prediction_type"] == "flow_prediction"
+
+
 def flow_shift_depends_on_size(scheduler_config: dict[str, Any]) -> bool:
     """Whether the schedule depends on the image size (``use_dynamic_shifting``)."""
     name, cfg = _resolve(scheduler_config)

@@ -75,3 +75,18 @@ def mmdit_bundles(mmdit_dirs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mmdit-bundles")
     options = BuildOptions(plans=MMDIT_PLANS, resolutions=MMDIT_SIZES)
     return {name: build_bundle(mmdit_dirs[name], root / name, options) for name in MMDIT_FAMILIES}
+
+
+# Sana (tests/test_sana.py; the bundle and C++ tests reuse them): a tiny SanaPipeline with Gemma-2,
+# DC-AE (32x) and a random feedback module over blocks 2-4 of 6.
+SANA_SIZES = ((256, 256), (320, 192))  # latent grids 8x8 and 10x6 (the Mix-FFN sees both)
+
+
+@pytest.fixture(scope="session")
+def sana_dir(tmp_path_factory) -> Path:
+    return make_tiny_pipeline("sana", tmp_path_factory.mktemp("sana") / "sana", seed=5, num_layers=6)
+
+
+@pytest.fixture(scope="session")
+def sana_model(sana_dir) -> LoadedModel:
+    return load_model(sana_dir)

@@ -22,8 +22,9 @@ class SanaAdapter(Adapter):
     """Mirrors `SanaTransformer2DModel.forward` as `SanaPipeline` calls it, cut at block boundaries.
 
     Inputs: `prompt_embeds` (B, L, caption_channels) — Gemma-2's last hidden states after the
-    pipeline's select-index — and `prompt_mask` (B, L), 1 = keep. `SanaPipeline` multiplies the
-    timestep by the config's `timestep_scale` before the transformer; `time_cond` does the same.
+    pipeline's select-index (loading.SanaPromptFormat) — and `prompt_mask` (B, L), 1 = keep.
+    `SanaPipeline` multiplies the timestep by the config's `timestep_scale` before the
+    transformer; `time_cond` does the same.
     Guidance-embedding configs (Sana-Sprint, `SanaSprintPipeline`) are refused.
     """
 
@@ -34,8 +35,6 @@ class SanaAdapter(Adapter):
     time_outputs = ("temb", "temb_final")
     block_inputs = ("context", "context_bias", "temb")
     final_inputs = ("temb_final",)
-    # The text length SanaPipeline uses by default (`max_sequence_length`).
-    max_sequence_length = 300
 
     def __init__(self, transformer: nn.Module) -> None:
         if transformer.config.guidance_embeds:
@@ -58,14 +57,15 @@ class SanaAdapter(Adapter):
         return self.patch_embedding.pos_embed is not None
 
     def embed(self, latents: torch.Tensor, cond: Cond) -> State:
-        h, w = latents.shape[-2] // self.patch_size, latents.shape[-1] // self.patch_size
         pos = self.pos_embed(latents.shape[-2], latents.shape[-1]) if self.uses_positions else None
-        tokens = self.embed_tokens(latents, pos)
-        return {"hidden": tokens.unflatten(1, (h, w))}
+        return {"hidden": self.embed_tokens(latents, pos)}
 
-    def embed_tokens(self, latents: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
+    def embed_tokens(self, latents: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """The token grid (B, h, w, D), the state itself (the bundle's embed segment exports this)."""
+        h, w = latents.shape[-2] // self.patch_size, latents.shape[-1] // self.patch_size
         tokens = self.patch_embedding.proj(latents).flatten(2).transpose(1, 2)
-        return tokens if pos_embed is None else (tokens + pos_embed).to(tokens.dtype)
+        tokens = tokens if pos_embed is None else (tokens + pos_embed).to(tokens.dtype)
+        return tokens.unflatten(1, (h, w))
 
     def context(self, inputs: Cond) -> Cond:
         t = self.transformer

@@ -15,7 +15,7 @@ import torch
 from ..adapters import Adapter, Cond, State
 from ..errors import ConfigError
 from ..ilf import FeedbackModule, inner_loop, run_blocks
-from ..loading import LoadedModel, load_model, torch_device
+from ..loading import LoadedModel, load_model, sana_prompt_format, torch_device
 from ..plan import StepPlan
 from ..runtime.bundle import Bundle, BundleError
 from ..runtime.generator import Generator, ModelFacts, Request
@@ -69,6 +69,9 @@ class TorchSegments:
     def concat(self, arrays: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(arrays)
 
+    def open_all(self) -> None:
+        """The modules are loaded already."""
+
 
 class TorchGenerator(Generator):
     """Prompt -> conditioning -> plan -> latents -> image, all in PyTorch, on `device` (cpu, cuda...).
@@ -114,11 +117,23 @@ class TorchGenerator(Generator):
         return torch.cat(arrays)
 
     @torch.no_grad()
+    def encode_negative_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
+        if self.model.text_pipeline is not None:
+            return self._encode_with_pipeline(prompt, negative=True)
+        return self.encode_prompt(prompt)
+
+    def _encode_with_pipeline(self, prompt: str, negative: bool) -> dict[str, torch.Tensor]:
+        with self.segments.timings.measure("text_encoder"):
+            encoded = encode_with_pipeline(self.model, prompt, self.device, negative=negative)
+        return {
+            name: value.to(self.segments.dtype) if value.is_floating_point() else value
+            for name, value in encoded.items()
+        }
+
+    @torch.no_grad()
     def encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
-        if self.model.text_pipeline is not None:  # SD3, Flux: the diffusers pipeline's own encode_prompt
-            with self.segments.timings.measure("text_encoder"):
-                encoded = encode_with_pipeline(self.model, prompt, self.device)
-            return {name: value.to(self.segments.dtype) for name, value in encoded.items()}
+        if self.model.text_pipeline is not None:  # SD3, Flux, Sana: the pipeline's own encode_prompt
+            return self._encode_with_pipeline(prompt, negative=False)
         if self.model.tokenizer is None or self.model.text_encoder is None:
             raise ConfigError(f"{self.model.source} has no tokenizer/text encoder; pass a pipeline directory")
         tokens = self.model.tokenizer(
@@ -155,11 +170,25 @@ class TorchGenerator(Generator):
         return (images * 255).round().astype(np.uint8)
 
 
-def encode_with_pipeline(model: LoadedModel, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """SD3's CLIP-L + CLIP-G + T5 or Flux's CLIP + T5 embeddings, by the pipeline's `encode_prompt`
-    (the reference every other text path is checked against), with its default sequence length."""
+def encode_with_pipeline(
+    model: LoadedModel, prompt: str, device: torch.device, negative: bool = False
+) -> dict[str, torch.Tensor]:
+    """SD3's CLIP-L + CLIP-G + T5, Flux's CLIP + T5 or Sana's Gemma-2 embeddings, by the pipeline's
+    `encode_prompt` (the reference every other text path is checked against), with its default
+    sequence length. Sana encodes a `negative` prompt as SanaPipeline does its negative prompt:
+    without the instruction (then the select-index keeps every token)."""
     pipe = model.text_pipeline
     assert pipe is not None
+    if model.architecture == "sana":
+        fmt = sana_prompt_format()
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompt,
+            do_classifier_free_guidance=False,
+            device=device,
+            max_sequence_length=fmt.max_sequence_length,
+            complex_human_instruction=None if negative else list(fmt.complex_human_instruction),
+        )
+        return {"prompt_embeds": embeds, "prompt_mask": mask}
     if model.architecture == "sd3":
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt, None, None, device=device, do_classifier_free_guidance=False

@@ -100,14 +100,21 @@ class Generator(ABC):
             latents = latents.detach().float().cpu().numpy()
         return np.asarray(latents, dtype=np.float32)
 
-    def encode_cached(self, prompt: str) -> dict[str, Array]:
-        """`encode_prompt` with a small cache: the empty negative prompt recurs in every request."""
-        cache: dict[str, dict[str, Array]] = self.__dict__.setdefault("_prompt_cache", {})
-        if prompt not in cache:
+    def encode_negative_prompt(self, prompt: str) -> dict[str, Array]:
+        """A negative (unconditional) prompt's text inputs: `encode_prompt`'s, except in a family whose
+        pipeline encodes negatives differently (SanaPipeline: without its instruction template)."""
+        return self.encode_prompt(prompt)
+
+    def encode_cached(self, prompt: str, negative: bool = False) -> dict[str, Array]:
+        """`encode_prompt` (or `encode_negative_prompt`) with a small cache: the empty negative
+        prompt recurs in every request."""
+        cache: dict[tuple[bool, str], dict[str, Array]] = self.__dict__.setdefault("_prompt_cache", {})
+        key = (negative, prompt)
+        if key not in cache:
             if len(cache) >= 256:
                 cache.pop(next(iter(cache)))  # oldest first
-            cache[prompt] = self.encode_prompt(prompt)
-        return cache[prompt]
+            cache[key] = self.encode_negative_prompt(prompt) if negative else self.encode_prompt(prompt)
+        return cache[key]
 
     def resolve(self, request: Request) -> Request:
         """The request with every default decided: size and guidance."""
@@ -163,7 +170,7 @@ class Generator(ABC):
             return {"class_labels": self.array(np.array(labels, dtype=np.int64))}
         encoded = [self.encode_cached(r.prompt) for r in requests]
         if guided:
-            encoded = [self.encode_cached(r.negative_prompt) for r in requests] + encoded
+            encoded = [self.encode_cached(r.negative_prompt, negative=True) for r in requests] + encoded
         out = {name: self.concat([e[name] for e in encoded]) for name in encoded[0]}
         batch = len(encoded)
         if self.facts.uses_size_conditions:

@@ -35,7 +35,7 @@ from ..ilf import FEEDBACK_DIR, FeedbackModule, inner_loop, run_blocks
 from ..loading import LoadedModel, torch_device
 from ..plan import T_POST_MODES, ilf_plan, post_timestep, validate_loop
 from ..runtime.generator import Request
-from ..schedulers import for_image_tokens
+from ..schedulers import for_image_tokens, is_flow_model
 from .common import NoiseSchedule, alphas_cumprod, load_checkpoint, save_checkpoint, warmup_lr
 
 CHECKPOINT = "fad_checkpoint.pt"
@@ -104,7 +104,7 @@ class FeedbackData:
         self.device = torch.device(device)
         adapter = model.adapter
         self.text = adapter.architecture != "dit"
-        # SD3, Flux: inputs as the reference generator makes them (its pipeline's text encoders)
+        # SD3, Flux, Sana: inputs as the reference generator makes them (its pipeline's text encoders)
         self.generator = TorchGenerator(model, device) if model.text_pipeline is not None else None
         self.size = size or model.default_image_size
         if self.text and self.generator is None and (model.tokenizer is None or model.text_encoder is None):
@@ -138,7 +138,9 @@ class FeedbackData:
             x = to_tensor_range(images[start : start + chunk]).to(self.device)
             if x.shape[-1] != size:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-            mean = vae.encode(x.to(dtype)).latent_dist.mean.float()
+            encoded = vae.encode(x.to(dtype))
+            # AutoencoderDC (Sana) encodes deterministically; AutoencoderKL: its distribution's mean
+            mean = (encoded.latent if self.model.architecture == "sana" else encoded.latent_dist.mean).float()
             shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3, Flux: the latent shift
             out.append((mean - shift) * vae.config.scaling_factor)
         return torch.cat(out)
@@ -168,13 +170,10 @@ class FeedbackData:
 
     def unconditional(self, inputs: Cond) -> Cond:
         """The same batch's inputs with every caption (or class) replaced by the null one."""
-        if self.generator is not None:
-            null = self.generator_inputs([""])
+        if self.generator is not None:  # the text inputs of the pipeline's empty negative prompt
+            null = self.generator.encode_cached("", negative=True)
             rows = inputs["prompt_embeds"].shape[0]
-            return {
-                **inputs,
-                **{k: null[k].expand(rows, *null[k].shape[1:]) for k in self.generator.encode_cached("")},
-            }
+            return {**inputs, **{k: v.expand(rows, *v.shape[1:]) for k, v in null.items()}}
         if not self.text:
             labels = inputs["class_labels"]
             return {"class_labels": torch.full_like(labels, self.model.adapter.num_classes)}  # type: ignore[attr-defined]
@@ -309,8 +308,11 @@ def train_feedback(
     state = _restore(ckpt_path, config, feedback, opt, rng, gen) if resume else TrainState()
     data = data or FeedbackData(model, config.pool, config.seed, config.device, config.image_size)
     num_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
-    flow = model.scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
-    ac = None if flow else alphas_cumprod(num_train).to(device=device, dtype=dtype)
+    ac = (
+        None
+        if is_flow_model(model.scheduler_config)
+        else alphas_cumprod(num_train).to(device=device, dtype=dtype)
+    )
     schedule = NoiseSchedule(ac, num_train)
 
     while state.step < config.steps:
