@@ -48,7 +48,7 @@ def bench_plans(
 
     Plans take turns run by run (ABAB...), so that a change in machine load hits every plan alike.
     """
-    timings = getattr(generator.segments, "timings", None)  # every backend records its stage times
+    timings = generator.segments.timings  # every backend records its stage times (Segments)
     latencies: dict[str, list[float]] = {plan.name: [] for plan in plans}
     per_run: dict[str, list[dict[str, tuple[int, float]]]] = {plan.name: [] for plan in plans}
     ran = {plan.name: plan.block_forwards for plan in plans}  # as run (an adaptive plan decides)
@@ -56,8 +56,7 @@ def bench_plans(
         for plan in plans:
             if progress:
                 progress(f"{plan.name} run {index + 1}/{warmup + runs}")
-            if timings is not None:
-                timings.clear()
+            timings.clear()
             start = time.perf_counter()
             latents = generator.generate_latents(plan, request)
             generated = time.perf_counter()
@@ -67,11 +66,9 @@ def bench_plans(
             if index < warmup:
                 continue
             latencies[plan.name].append(end - start)
-            stages: dict[str, tuple[int, float]] = {}
-            if timings is not None:
-                stages = {name: (len(calls), sum(calls)) for name, calls in timings.items()}
-                in_loop = sum(s for name, (_, s) in stages.items() if name != "vae_decoder")
-                stages["scheduler + glue"] = (plan.num_steps, (generated - start) - in_loop)
+            stages = {name: (len(calls), sum(calls)) for name, calls in timings.items()}
+            in_loop = sum(s for name, (_, s) in stages.items() if name != "vae_decoder")
+            stages["scheduler + glue"] = (plan.num_steps, (generated - start) - in_loop)
             per_run[plan.name].append(stages)
     results = []
     for plan in plans:

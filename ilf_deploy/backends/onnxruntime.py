@@ -110,6 +110,10 @@ class OrtSegments(SegmentRunner):
             self._sessions[name] = OrtSession(path, self.providers, self.threads, self.session_config(name))
         return self._sessions[name]
 
+    def open_all(self) -> None:
+        for name in self.bundle.manifest.segments:
+            self.session(name)
+
     def infer_impl(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.session(name)(feeds)
 

@@ -179,6 +179,10 @@ class OvSegments(SegmentRunner):
                 self._compiled[name] = self._compile(name)
             return self._compiled[name]
 
+    def open_all(self) -> None:
+        for name in self.bundle.manifest.segments:
+            self.compiled(name)
+
     def _compile(self, name: str) -> Any:
         path = self.bundle.segment_path(name, self.variant)
         blob = self.cache_path(name) if self.cache else None

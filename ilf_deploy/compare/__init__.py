@@ -21,6 +21,7 @@ from .comparator import (
     recording,
     reference_generator,
     run_reference,
+    runner_of,
     runner_outputs,
 )
 from .metrics import Limit, Metrics, ShapeMismatch, metrics
@@ -50,5 +51,6 @@ __all__ = [
     "recording",
     "reference_generator",
     "run_reference",
+    "runner_of",
     "runner_outputs",
 ]

@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 
 from ..backends.onnxruntime import open_generator as open_ort_generator
+from ..errors import ConfigError
 from ..plan import StepPlan
 from ..runtime.bundle import Bundle
 from ..runtime.generator import Generator, Request
+from ..runtime.runner import SegmentRunner
 from .budgets import Budget
 from .metrics import Limit, Metrics, metrics
 from .recorder import TrajectoryRecorder
@@ -88,11 +90,20 @@ def recording(generator: Generator, recorder: TrajectoryRecorder | None) -> Iter
     if recorder is None:
         yield
         return
-    generator.segments.recorder = recorder  # type: ignore[attr-defined]
+    segments = runner_of(generator)
+    segments.recorder = recorder
     try:
         yield
     finally:
-        generator.segments.recorder = None  # type: ignore[attr-defined]
+        segments.recorder = None
+
+
+def runner_of(generator: Generator) -> SegmentRunner:
+    """The bundle engine under `generator`: recording feeds needs one (the torch runner runs modules,
+    not a bundle's segments)."""
+    if not isinstance(generator.segments, SegmentRunner):
+        raise ConfigError(f"{generator.backend or 'this engine'} runs no bundle segments to record")
+    return generator.segments
 
 
 def generate(generator: Generator, plan: StepPlan, request: Request) -> np.ndarray:
@@ -132,8 +143,7 @@ def run_reference(
     step_plan = bundle.plan(name)
     request = request or held_out_request(bundle)
     generator = generator or reference_generator(bundle, threads)
-    to_numpy = getattr(generator.segments, "to_numpy", np.asarray)
-    recorder = TrajectoryRecorder(bundle, max_samples, to_numpy=to_numpy)
+    recorder = TrajectoryRecorder(bundle, max_samples, to_numpy=runner_of(generator).to_numpy)
     if progress:
         progress(f"reference {name}")
     with recording(generator, recorder):

@@ -90,6 +90,9 @@ class SegmentRunner(ABC):
         """A numpy array (or an array of this backend) as this backend's array."""
         return np.asarray(value)
 
+    def open_all(self) -> None:  # noqa: B027 (a no-op unless an engine opens segments lazily)
+        """Open every segment now, not on its first call (engines that open lazily override this)."""
+
     def to_numpy(self, value: Array) -> np.ndarray:
         """This backend's array on the host, as numpy."""
         return np.asarray(value)

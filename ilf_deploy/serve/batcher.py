@@ -275,11 +275,7 @@ class Batcher:
     def _warmup(self, plan: str, request: Request) -> None:
         with self.engine_context():
             self.generator.decode(self.generator.generate_batch(self.plans[plan], [request]))
-            segments = self.generator.segments
-            session = getattr(segments, "session", None)  # ORT: open every segment's session now
-            if session is not None:
-                for name in segments.bundle.manifest.segments:  # type: ignore[attr-defined]
-                    session(name)
+            self.generator.segments.open_all()  # e.g. ORT: every session, not just this plan's
         self._drain_timings()
 
     def _run_batch(self, key: BatchKey, jobs: list[Job]) -> list[tuple[Job, Any]]:
@@ -296,7 +292,7 @@ class Batcher:
             with self.engine_context():
                 requests = [job.request for job in live]
                 latents = self.generator.generate_batch(self.plans[key.plan], requests, None, on_step)
-                ran = sum(getattr(self.generator, "last_block_forwards", []))  # adaptive: per image
+                ran = sum(self.generator.last_block_forwards)  # adaptive: per image
                 keep = [i for i, job in enumerate(live) if job.cancelled is None]
                 if not keep:
                     raise _Abort
@@ -346,8 +342,7 @@ class Batcher:
 
     def _drain_timings(self) -> None:
         """Move the segments' per-call durations into counters (the lists would grow forever)."""
-        timings: dict[str, list[float]] | None = getattr(self.generator.segments, "timings", None)
-        for name, calls in (timings or {}).items():
+        for name, calls in self.generator.segments.timings.items():
             count = len(calls)
             if count:
                 self.metrics.stage_seconds.inc(sum(calls[:count]), stage=name)

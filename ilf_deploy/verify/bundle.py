@@ -27,6 +27,7 @@ from ..compare import (
     compare_segment,
     held_out_request,
     recording,
+    runner_of,
     runner_outputs,
 )
 from ..compare.comparator import SegmentFn
@@ -110,7 +111,7 @@ def _verify_size(sides: _Sides, request: Request) -> list[Check]:
     checks: list[Check] = []
     for name in bundle.manifest.segments:
         checks += sides.segment(name, [random_inputs], "random", size)
-    to_numpy = engine.segments.to_numpy  # type: ignore[attr-defined]
+    to_numpy = runner_of(engine).to_numpy
     recorder = TrajectoryRecorder(bundle, 1, bundle.manifest.segments, all_feeds=True, to_numpy=to_numpy)
     for plan_name in bundle.plan_names:
         if sides.progress:
