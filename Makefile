@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= out/demo
 
-.PHONY: setup test lint typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp
+.PHONY: setup test lint typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp dist images
 
 setup: $(BIN)/ilf-deploy $(VENV)/triton/ilf-triton.json setup-cpp
 
@@ -14,7 +14,7 @@ $(BIN)/ilf-deploy: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The CPU build first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[onnx,serve,openvino,triton,ray,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[export,onnx,serve,openvino,triton,ray,dev]"
 	touch $@
 
 # tritonserver and its Python backend, unpacked from the nvidia-pytriton wheel into $(VENV)/triton
@@ -41,6 +41,12 @@ setup-cpp: $(BIN)/ilf-deploy
 	@if command -v cmake > /dev/null 2>&1 && command -v c++ > /dev/null 2>&1; then \
 	  $(MAKE) --no-print-directory cpp; \
 	else echo "make setup: skipping the C++ runtime (make cpp): no C++ compiler or cmake here"; fi
+
+# The wheel and sdist (README "Install") into dist/, their metadata checked by twine.
+dist: setup
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 test: setup
 	$(BIN)/python -m pytest -q

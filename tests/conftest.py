@@ -77,6 +77,16 @@ def mmdit_bundles(mmdit_dirs, tmp_path_factory) -> dict[str, Path]:
     return {name: build_bundle(mmdit_dirs[name], root / name, options) for name in MMDIT_FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory) -> Path:
+    """The embedded default model's bundle with one ILF plan and no model copy: what the wheel
+    (tests/test_dist.py) and the serving image (tests/test_images.py) run."""
+    from ilf_deploy.export.build import BuildOptions, build_bundle
+
+    out = tmp_path_factory.mktemp("default-bundle") / "bundle"
+    return build_bundle("default", out, BuildOptions(plans=("ilf-10",), copy_model=False))
+
+
 # Sana (tests/test_sana.py; the bundle and C++ tests reuse them): a tiny SanaPipeline with Gemma-2,
 # DC-AE (32x) and a random feedback module over blocks 2-4 of 6.
 SANA_SIZES = ((256, 256), (320, 192))  # latent grids 8x8 and 10x6 (the Mix-FFN sees both)

@@ -230,7 +230,7 @@ def test_the_cli_starts_without_the_optional_extras(tmp_path):
     assert "749" in plan.stdout, plan.stdout  # the second timestep of 4 DPM-Solver steps
     for args, extra in (
         (("serve", tmp_path), "pip install 'ilf-deploy[serve]'"),
-        (("build", "default", "--out", tmp_path / "bundle"), "pip install 'ilf-deploy[onnx]'"),
+        (("build", "default", "--out", tmp_path / "bundle"), "pip install 'ilf-deploy[export]'"),
     ):
         result = cli(*args)
         text = (result.stdout + result.stderr).strip()

@@ -91,6 +91,8 @@ register(
         "torch",
         "ilf_deploy.backends.pytorch",
         "the bundle's PyTorch model (the reference; any torch device)",
+        extra="export",
+        requires=("torch",),
         variants=False,
         devices=("*",),
     )

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import IlfError
 from ..runtime.bundle import strict_json
+from .extras import extras_by_module
 
 try:  # the click that typer runs on: its own copy since typer 0.2x, else click itself
     from typer._click import exceptions as click_errors
@@ -32,17 +33,7 @@ app = typer.Typer(
     add_completion=False,
 )
 # Optional dependencies -> the extra that installs them (pyproject.toml), for a one-line error.
-EXTRAS = {
-    "onnx": "onnx",
-    "onnxruntime": "onnx",
-    "fastapi": "serve",
-    "uvicorn": "serve",
-    "polygraphy": "tensorrt",
-    "tensorrt": "tensorrt",
-    "tritonclient": "triton",
-    "openvino": "openvino",
-    "nncf": "openvino",
-}
+EXTRAS = extras_by_module()
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
 
