@@ -5,9 +5,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= out/demo
 
-.PHONY: setup test lint typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp dist images
+.PHONY: setup setup-browser test lint typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp dist images
 
-setup: $(BIN)/ilf-deploy $(VENV)/triton/ilf-triton.json setup-cpp
+setup: $(BIN)/ilf-deploy $(VENV)/triton/ilf-triton.json setup-cpp setup-browser
 
 $(BIN)/ilf-deploy: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ dist: setup
 	rm -rf dist
 	$(BIN)/python -m build --no-isolation --outdir dist .
 	$(BIN)/twine check --strict dist/*
+
+# Debian's chromium and chromium-driver for the playground's browser test (tests/test_playground.py),
+# installed with apt-get where this runs as root; elsewhere one line says that test will skip.
+setup-browser:
+	@if command -v chromium > /dev/null 2>&1 && command -v chromedriver > /dev/null 2>&1; then :; \
+	elif command -v apt-get > /dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null; } \
+	  || echo "make setup: could not install chromium: tests/test_playground.py will skip"; \
+	else echo "make setup: skipping chromium (tests/test_playground.py will skip): no apt-get as root"; fi
 
 test: setup
 	$(BIN)/python -m pytest -q
