@@ -509,6 +509,7 @@ class FakeTriton:
         import onnxruntime as ort
 
         self.repo, self.calls, self._sessions, self._ort = repo, [], {}, ort
+        self.metrics: dict[tuple, float] = {}  # (name, *sorted labels) -> value
         fake = types.SimpleNamespace()
         fake.Tensor = FakeTensor
         fake.InferenceRequest = lambda **kw: FakeRequest(self, **kw)
@@ -516,7 +517,11 @@ class FakeTriton:
         fake.TritonError = FakeError
         fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
         fake.TritonModelException = type("TritonModelException", (Exception,), {})
-        fake.Logger = types.SimpleNamespace(log_error=lambda msg: self.calls.append(("log", msg)))
+        fake.Logger = types.SimpleNamespace(
+            log_error=lambda msg: self.calls.append(("log", msg)),
+            log_warn=lambda msg: self.calls.append(("warn", msg)),
+        )
+        fake.MetricFamily = type("MetricFamily", (FakeMetricFamily,), {"values": self.metrics})
         fake.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
         fake.get_output_tensor_by_name = lambda response, name: response.tensors.get(name)
         self.module = fake
@@ -538,6 +543,24 @@ class FakeTriton:
         self.calls.append(("bls", model_name))
         values = self._sessions[model_name].run(outputs, {t.name: t.array for t in inputs})
         return FakeResponse([FakeTensor(n, v) for n, v in zip(outputs, values)])
+
+
+class FakeMetricFamily:
+    """pb_utils.MetricFamily's counters, summed in the FakeTriton's `metrics`."""
+
+    COUNTER = "counter"
+    values: dict[tuple, float]
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name = name
+
+    def Metric(self, labels: dict[str, str]) -> types.SimpleNamespace:
+        key = (self.name, *sorted(labels.items()))
+
+        def increment(amount: float) -> None:
+            self.values[key] = self.values.get(key, 0) + amount
+
+        return types.SimpleNamespace(increment=increment)
 
 
 class FakeTensor:
@@ -633,8 +656,7 @@ def test_bls_layout_runs_the_same_loop_through_segment_models(bundle, tmp_path, 
         fake_request(prompt=PROMPT, seed=np.int64(8), plan="base-2"),
         fake_request(prompt=PROMPT, seed=np.int64(7), plan="nope"),
     ]
-    model.execute(requests)  # a refused request: every answer goes through its response sender
-    responses = [request.sent[0] for request in requests]
+    responses = model.execute(requests)  # one response per request, the refused one's an error
     assert responses[2].has_error() and "unknown plan 'nope'" in responses[2].error().message()
     assert responses[2].error().code == "INVALID_ARG"
     called = {name for kind, name in fake.calls if kind == "bls"}

@@ -88,8 +88,7 @@ class RayServeBatcher(Batcher):
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self.warm_up, warmup)
         except Exception as exc:  # stay up, not ready: /readyz and the health check say why
-            log.error("warm-up generation failed: %s", exc)
-            self.warmup_error = f"{type(exc).__name__}: {exc}"
+            self.warmup_failed(exc)
 
     def submit(self, jobs: list[Job]) -> None:
         super().submit(jobs)  # the queue limit (429) and the per-key queues

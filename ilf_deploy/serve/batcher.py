@@ -219,9 +219,7 @@ class Batcher:
                 elapsed = round(time.perf_counter() - started, 4)
                 log.info("ready: warm-up generation done", extra={"fields": {"engine_s": elapsed}})
             except Exception as exc:  # stay up, not ready: /readyz reports why
-                self.metrics.engine_errors.inc(reason=engine_error_reason(exc), batch="warmup")
-                log.error("warm-up generation failed, not ready: %s", exc)
-                self.warmup_error = f"{type(exc).__name__}: {exc}"
+                self.warmup_failed(exc)
         else:
             self.ready = True
         self.metrics.ready.set(1 if self.ready else 0)
@@ -245,6 +243,12 @@ class Batcher:
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
+
+    def warmup_failed(self, exc: Exception) -> None:
+        """Not ready (non-finite latents included): counted, logged, and said by /readyz."""
+        self.metrics.engine_errors.inc(reason=engine_error_reason(exc), batch="warmup")
+        log.error("warm-up generation failed, not ready: %s", exc)
+        self.warmup_error = f"{type(exc).__name__}: {exc}"
 
     async def _next_batch(self) -> tuple[BatchKey, list[Job]]:
         assert self._wakeup is not None

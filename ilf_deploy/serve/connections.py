@@ -22,7 +22,7 @@ uvicorn's own protocol through `loop.connect_accepted_socket`, wrapped in `Guard
   so recently that its first bytes may not have been read yet: a reconnect storm of slow clients
   evicts its own connections, not a normal client's. When nothing can be evicted, accepting pauses
   until a connection closes or for `EVICT_RETRY_S` (waiting connections stay in the backlog).
-- **Accept errors** are logged at most once per `LOG_INTERVAL_S`, with the count of what the line
+- **Accept errors** are logged at most once per `throttle.LOG_INTERVAL_S`, with the count of what the line
   stands for. Out of descriptors below the cap (other files open), the cap drops to what is open
   less a margin, a connection is freed as above, and accepting pauses briefly.
 
@@ -36,13 +36,13 @@ import asyncio
 import errno
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from ..throttle import Throttled
 from .schema import ApiError
 
 log = logging.getLogger("ilf_deploy.serve.connections")
@@ -51,7 +51,6 @@ ACCEPT_BATCH = 64  # accepts per readiness event of the listening socket
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RETRY_S = 0.05  # after freeing a descriptor: try accepting again this soon
 PAUSE_S = 1.0  # out of descriptors with nothing to free: this long
-LOG_INTERVAL_S = 10.0  # at most one line per kind of flood (accept errors, timeouts) this often
 MAX_CONNECTIONS = 1024  # the default cap where the descriptor limit allows it
 DESCRIPTOR_RESERVE = 64  # descriptors kept for everything but connections (engine, logs, threads)
 MIN_FREE_DESCRIPTORS = 16  # an explicit --max-connections leaves at least this many
@@ -89,31 +88,6 @@ def error_bytes(status: int, message: str) -> bytes:
     return head.encode("ascii") + body
 
 
-class Throttled:
-    """Log lines that come in floods: the first at once, then at most one per `interval_s` for
-    each kind, its `count` field saying how many events the line stands for."""
-
-    def __init__(self, logger: logging.Logger = log, interval_s: float = LOG_INTERVAL_S) -> None:
-        self.logger, self.interval_s = logger, interval_s
-        self._last: dict[str, float] = {}
-        self._pending: dict[str, tuple[int, str]] = {}
-
-    def event(self, kind: str, message: str, count: int = 1) -> None:
-        pending, _ = self._pending.get(kind, (0, message))
-        self._pending[kind] = (pending + count, message)
-        self.flush(kind)
-
-    def flush(self, kind: str | None = None) -> None:
-        now = time.monotonic()
-        for name in [kind] if kind is not None else list(self._pending):
-            count, message = self._pending.get(name, (0, ""))
-            if count and now - self._last.get(name, -math.inf) >= self.interval_s:
-                fields = {"count": count, "interval_s": self.interval_s}
-                self.logger.warning("%s", message, extra={"fields": fields})
-                self._last[name] = now
-                self._pending[name] = (0, message)
-
-
 @dataclass(eq=False)
 class Connection:
     """One accepted TCP connection: whether it is in a request, and since when it is not."""
@@ -132,7 +106,7 @@ class ConnectionTable:
 
     def __init__(self, limit: int, metrics: Any = None, throttle: Throttled | None = None) -> None:
         self.limit, self.metrics = limit, metrics
-        self.throttle = throttle or Throttled()
+        self.throttle = throttle or Throttled(log)
         self.on_release: Callable[[], None] = lambda: None  # a place came free (the listener resumes)
         self._open: dict[Connection, None] = {}  # insertion-ordered
         self._by_peer: dict[tuple[str, int], Connection] = {}

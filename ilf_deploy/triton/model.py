@@ -5,6 +5,11 @@ out. Triton's dynamic batcher hands `execute` several requests (each with one or
 rows are grouped by (plan, height, width, guided), as `serve`'s batcher groups them, and each group
 is one `Generator.generate_batch` + one `decode`. A bad row fails its request only; the model stays up.
 
+Every request gets its own response (its images, a 400 for a refusal, a 500 for an engine failure:
+non-finite latents among them), counted per request in our own `ilf_*` metrics, which Triton
+exports on its metrics port beside its `nv_*` ones (`TritonMetrics`); refusals are logged as
+warnings, at most one line per `throttle.LOG_INTERVAL_S` (`Throttled`).
+
 `IlfPythonModel` opens the bundle on any registered backend (`ilf_deploy.backends.open_generator`).
 `BlsPythonModel` runs the same `BundleGenerator` and `runtime/loop.py` on a `SegmentRunner` whose
 segment calls are BLS requests to the per-segment models of the "bls" layout.
@@ -20,16 +25,25 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import ConfigError, IlfError
+from ..errors import ConfigError, IlfError, NonFiniteError
 from ..runtime.bundle import Bundle, BundleError
 from ..runtime.generator import Generator, Request
 from ..runtime.pipeline import BundleGenerator
 from ..runtime.request import RequestContract, Size
 from ..runtime.runner import SegmentRunner
+from ..throttle import Throttled
 
 
 class RowError(IlfError):
     """A request's row that cannot be generated: answered as that request's error."""
+
+
+class EngineFailure(RuntimeError):
+    """A group's generation failed in the engine (HTTP 500); `reason` labels it in the metrics."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(f"generation failed: {type(exc).__name__}: {exc}")
+        self.reason = "non_finite" if isinstance(exc, NonFiniteError) else "error"
 
 
 class Key(NamedTuple):
@@ -100,7 +114,10 @@ class Engine:
                 if len({(r.key.height, r.key.width) for r in rows}) > 1:
                     raise RowError("a request's rows must share one image size (one output tensor)")
             except (IlfError, ValueError, TypeError) as exc:
-                results[index] = exc if isinstance(exc, IlfError) else RowError(str(exc))
+                # Without its traceback: that holds this frame, whose `inputs` (a 64 MB prompt, in
+                # the stub's shared memory) a reference cycle would keep until the next gc run.
+                refusal = exc if isinstance(exc, IlfError) else RowError(str(exc))
+                results[index] = refusal.with_traceback(None)
                 continue
             for row in rows:
                 groups[row.key].append(row)
@@ -120,7 +137,7 @@ class Engine:
                 decoded = self.generator.decode(latents)
             except Exception as exc:  # an engine failure fails this group's requests, not the model
                 for row in live:
-                    results[row.request] = RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
+                    results[row.request] = EngineFailure(exc)
                 continue
             for row, image in zip(live, decoded):
                 images[(row.request, positions[id(row)])] = image
@@ -144,10 +161,70 @@ def _bundle_path(location: str, args: dict[str, str]) -> Path:
     return path
 
 
+class TritonMetrics:
+    """Our per-request counters, on Triton's metrics port beside its own (`pb_utils.MetricFamily`).
+
+    Triton 2.51 counts a Python model's requests per execution (`nv_inference_request_success`
+    moves for every request the model answered, refusals included), so these say what happened to
+    each request: `ilf_requests_total{model, outcome}` (success, refused: 400, failed: 500),
+    `ilf_images_total{model}` (images delivered, co-batched with refusals or not) and
+    `ilf_engine_errors_total{model, reason}` (non_finite, error: per failed request)."""
+
+    def __init__(self, pb: Any, model: str) -> None:
+        family = pb.MetricFamily
+        self.model = model
+        self.families = {
+            "requests": family(
+                "ilf_requests_total", "Requests by outcome (success, refused, failed).", family.COUNTER
+            ),
+            "images": family("ilf_images_total", "Images delivered.", family.COUNTER),
+            "engine_errors": family(
+                "ilf_engine_errors_total", "Failed requests by reason (non_finite, error).", family.COUNTER
+            ),
+        }
+        self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+
+    def inc(self, name: str, amount: int = 1, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self._metrics:
+            self._metrics[key] = self.families[name].Metric(labels={"model": self.model, **labels})
+        self._metrics[key].increment(amount)
+
+    def count(self, results: list[np.ndarray | Exception]) -> None:
+        for result in results:
+            if isinstance(result, EngineFailure):
+                self.inc("requests", outcome="failed")
+                self.inc("engine_errors", reason=result.reason)
+            elif isinstance(result, Exception):
+                self.inc("requests", outcome="refused" if isinstance(result, IlfError) else "failed")
+            else:
+                self.inc("requests", outcome="success")
+                self.inc("images", len(result))
+
+    def close(self) -> None:
+        self._metrics.clear()  # Triton wants each Metric gone before its MetricFamily
+        self.families.clear()
+
+
+class _TritonWarnings:
+    """`Throttled`'s logger on Triton's log (`pb_utils.Logger.log_warn`)."""
+
+    def __init__(self, pb: Any, model: str) -> None:
+        self.pb, self.model = pb, model
+
+    def warning(self, msg: str, *args: object, extra: dict | None = None) -> None:
+        fields = (extra or {}).get("fields", {})
+        count, interval = fields.get("count", 1), fields.get("interval_s", 0)
+        text = msg % args if args else msg
+        self.pb.Logger.log_warn(f"ilf-deploy: {self.model}: {text} ({count} in {interval:g} s)")
+
+
 class _PythonModel:
     """What both layouts share: config, inputs and responses. Subclasses open the generator."""
 
     engine: Engine
+    metrics: TritonMetrics
+    warnings: Throttled
 
     def open_generator(self, bundle: Bundle, params: dict[str, str], args: dict[str, str]) -> Generator:
         raise NotImplementedError
@@ -159,6 +236,9 @@ class _PythonModel:
         config = json.loads(args["model_config"])
         params = _parameters(config)
         self.input_names = [i["name"] for i in config["input"]]
+        model = args.get("model_name", "")
+        self.metrics = TritonMetrics(pb_utils, model)
+        self.warnings = Throttled(_TritonWarnings(pb_utils, model))
         try:
             if not params.get("bundle"):
                 raise ConfigError("the model config has no 'bundle' parameter")
@@ -189,30 +269,21 @@ class _PythonModel:
         return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message, code))
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        """One response per request. Triton 2.51 counts them all as successes of this execution
+        (a Python model cannot fail one request of it), so `TritonMetrics` counts each request."""
         results = self.engine.run([self._inputs(r) for r in requests])
-        responses = [self._response(result) for result in results]
-        if not any(isinstance(result, Exception) for result in results):
-            return responses
-        return self._answer_and_fail(requests, responses)
-
-    def _answer_and_fail(self, requests: list[Any], responses: list[Any]) -> list[Any]:
-        """Every request answered (its image or its one-line error), and the call counted as failed.
-
-        Triton 2.51's Python backend records success per `execute` call, not per response: error
-        responses returned in the list count as successes (nv_inference_request_failure stays 0),
-        and raising answers every request with a 500 and a traceback. So each request gets its
-        own response through its response sender, and the list returned then holds a response for
-        a request already answered: the stub refuses to send it ("Non-decoupled model cannot send
-        more than one response", in Triton's log), answers no one twice and reports the call as
-        failed. All the call's requests count as failures: good ones batched with a refused one
-        too (they still get their images)."""
-        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        for request, response in zip(requests, responses):
-            request.get_response_sender().send(response, flags=final)
-        return [self.pb.InferenceResponse(output_tensors=[]), *[None] * (len(requests) - 1)]
+        self.metrics.count(results)
+        for result in results:
+            if isinstance(result, EngineFailure):
+                self.warnings.event("failed", f"request failed: {str(result)[:300]}")
+            elif isinstance(result, Exception):
+                reason = (str(result).splitlines() or [type(result).__name__])[0]
+                self.warnings.event("refused", f"request refused: {reason[:300]}")
+        return [self._response(result) for result in results]
 
     def finalize(self) -> None:
         self.engine = None  # type: ignore[assignment]
+        self.metrics.close()
 
 
 class IlfPythonModel(_PythonModel):
