@@ -171,6 +171,9 @@ def serve_on_ray(
     address = ray["ray_address"] or "auto"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as Ctrl-C: delete the app
     digest = deploy(str(bundle), options, ray_options, address, http)
+    # again: ray.init (in deploy) installs its own SIGTERM handler, which logs a stack trace and
+    # aborts (exit -6) after ours ran; ours alone deletes the app (the replicas drain) and exits 0
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     how = "shipped to the nodes" if ray_options.ship else "a shared path"
     low_high = ray_options.autoscale
     scale = f"{low_high[0]}..{low_high[1]}" if low_high else ray_options.replicas
