@@ -200,6 +200,43 @@ def test_a_killed_quantize_leaves_nothing_after_the_next_quantize(tiny_bundles, 
     assert unlisted(root) == []
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a tmpfs of a given size (KiB); skips where this process cannot mount one."""
+    mounts = []
+
+    def make(kib: int) -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)], capture_output=True
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        mounts.append(where)
+        return where
+
+    yield make
+    for where in mounts:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_quantize_on_a_full_disk_says_so_in_one_line(tiny_bundles, small_disk):
+    source = tiny_bundles["pixart-alpha"]
+    size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file()) // 1024
+    refused_once = False
+    for margin in (100, 300, 500):  # KiB more than the bundle: the variant does not fit
+        root = Path(shutil.copytree(source, small_disk(size + 64 + margin) / "b"))
+        before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        result = invoke("quantize", root, "--mode", "int8-dynamic")
+        if result.exit_code == 0:
+            continue
+        refused(result, "quantize: no space left on the device")
+        assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # nothing left behind
+        refused_once = True
+    assert refused_once
+
+
 def test_a_live_writers_staging_directory_is_kept(tiny_bundles, tmp_path):
     from ilf_deploy.runtime.bundle import staging
 

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <limits>
 #include <set>
 
 #include "internal.hpp"
@@ -91,11 +92,21 @@ class Check {
     if (!v.is_string()) fail(at, type_name(v) + " is not of type 'string'");
     return v.get<std::string>();
   }
-  int64_t integer(const json& v, const std::string& at, int64_t minimum = INT64_MIN) const {
+  /// Every integer is read as 64 bits and range-checked, never narrowed: beyond int64 is refused too.
+  int64_t integer(const json& v, const std::string& at, int64_t minimum = INT64_MIN,
+                  int64_t maximum = std::numeric_limits<int64_t>::max()) const {
     if (!v.is_number_integer()) fail(at, type_name(v) + " is not of type 'integer'");
+    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      fail(at, v.dump() + " is greater than the maximum of " + std::to_string(maximum));
     int64_t n = v.get<int64_t>();
     if (n < minimum) fail(at, std::to_string(n) + " is less than the minimum of " + std::to_string(minimum));
+    if (n > maximum) fail(at, std::to_string(n) + " is greater than the maximum of " + std::to_string(maximum));
     return n;
+  }
+  /// An integer this reader keeps in an `int` (block indices, sizes, ids, counts): a larger one is
+  /// refused in one line (Python, with no such limit, refuses it as out of range further on).
+  int int32(const json& v, const std::string& at, int64_t minimum) const {
+    return static_cast<int>(integer(v, at, minimum, std::numeric_limits<int>::max()));
   }
   double number(const json& v, const std::string& at) const {
     if (!v.is_number()) fail(at, type_name(v) + " is not of type 'number'");
@@ -132,7 +143,7 @@ class Check {
   std::pair<int, int> pair(const json& v, const std::string& at, int64_t minimum) const {
     array(v, at);
     if (v.size() != 2) fail(at, type_name(v) + " should have exactly 2 items");
-    return {static_cast<int>(integer(v[0], at + "/0", minimum)), static_cast<int>(integer(v[1], at + "/1", minimum))};
+    return {int32(v[0], at + "/0", minimum), int32(v[1], at + "/1", minimum)};
   }
 
  private:
@@ -217,13 +228,13 @@ Manifest parse_manifest(const json& d, const std::string& where) {
                             &m.model.patch_size,  &m.model.sample_size,      &m.model.vae_scale_factor,
                             &m.model.default_image_size};
   for (size_t i = 0; i < kModelInts.size(); ++i)
-    *ints[i] = static_cast<int>(c.integer(c.key(model, "model", kModelInts[i]), "model/" + kModelInts[i], 1));
+    *ints[i] = c.int32(c.key(model, "model", kModelInts[i]), "model/" + kModelInts[i], 1);
   const json& context = c.key(model, "model", "context_inputs");
   c.array(context, "model/context_inputs");
   for (size_t i = 0; i < context.size(); ++i)
     m.model.context_inputs.push_back(c.string(context[i], "model/context_inputs/" + std::to_string(i)));
   m.model.uses_size_conditions = c.boolean(c.key(model, "model", "uses_size_conditions"), "model/uses_size_conditions");
-  if (model.contains("num_classes")) m.model.num_classes = static_cast<int>(c.integer(model["num_classes"], "model/num_classes", 1));
+  if (model.contains("num_classes")) m.model.num_classes = c.int32(model["num_classes"], "model/num_classes", 1);
   if (model.contains("id2label")) c.object(model["id2label"], "model/id2label");
   for (auto& field : kStateFields)
     if (model.contains(field) && !v4)
@@ -266,12 +277,12 @@ Manifest parse_manifest(const json& d, const std::string& where) {
   }
   m.precision = c.string(d["precision"], "precision");
   if (m.precision != "fp32" && m.precision != "fp16") c.fail("precision", type_name(d["precision"]) + " is not one of ['fp32', 'fp16']");
-  m.max_batch = static_cast<int>(c.integer(d["max_batch"], "max_batch", 1));
+  m.max_batch = c.int32(d["max_batch"], "max_batch", 1);
   m.resolutions = parse_sizes(c, d["resolutions"], "resolutions");
   m.latent_sizes = parse_sizes(c, d["latent_sizes"], "latent_sizes");
   c.array(d["cut_points"], "cut_points");
   for (size_t i = 0; i < d["cut_points"].size(); ++i)
-    m.cut_points.push_back(static_cast<int>(c.integer(d["cut_points"][i], "cut_points/" + std::to_string(i), 0)));
+    m.cut_points.push_back(c.int32(d["cut_points"][i], "cut_points/" + std::to_string(i), 0));
   m.segments = parse_segments(c, d["segments"], "segments", 1);
 
   const json& plans = d["plans"];
@@ -285,8 +296,8 @@ Manifest parse_manifest(const json& d, const std::string& where) {
     c.closed(tokenizer, "tokenizer", {"file", "max_length", "pad_id", "openvino"});
     TokenizerSpec t;
     t.file = c.path(c.key(tokenizer, "tokenizer", "file"), "tokenizer/file");
-    t.max_length = static_cast<int>(c.integer(c.key(tokenizer, "tokenizer", "max_length"), "tokenizer/max_length", 1));
-    t.pad_id = static_cast<int>(c.integer(c.key(tokenizer, "tokenizer", "pad_id"), "tokenizer/pad_id", 0));
+    t.max_length = c.int32(c.key(tokenizer, "tokenizer", "max_length"), "tokenizer/max_length", 1);
+    t.pad_id = c.int32(c.key(tokenizer, "tokenizer", "pad_id"), "tokenizer/pad_id", 0);
     if (tokenizer.contains("openvino") && !tokenizer["openvino"].is_null())
       t.openvino = c.path(tokenizer["openvino"], "tokenizer/openvino");
     m.tokenizer = t;
@@ -305,8 +316,8 @@ Manifest parse_manifest(const json& d, const std::string& where) {
       c.closed(v, at, {"file", "max_length", "pad_id", "input"});
       TokenizerSpec t;
       t.file = c.path(v["file"], at + "/file");
-      t.max_length = static_cast<int>(c.integer(v["max_length"], at + "/max_length", 1));
-      t.pad_id = static_cast<int>(c.integer(v["pad_id"], at + "/pad_id", 0));
+      t.max_length = c.int32(v["max_length"], at + "/max_length", 1);
+      t.pad_id = c.int32(v["pad_id"], at + "/pad_id", 0);
       t.input = c.string(v["input"], at + "/input");
       m.tokenizers.push_back(t);
     }
@@ -573,8 +584,8 @@ Op parse_op(const Check& c, const json& o, const std::string& oat, int version) 
   else if (kind == "cache_adaptive" && version >= 2) op.kind = OpKind::cache_adaptive;
   else if (kind == "cache_adaptive") c.fail(oat + "/op", "'cache_adaptive' is not allowed in version 1 plans (write version 2)");
   else c.fail(oat + "/op", "'" + kind + "' is not one of ['blocks', 'ilf', 'cache_refresh', 'cache_reuse', 'cache_adaptive']");
-  op.start = static_cast<int>(c.integer(o["start"], oat + "/start", 0));
-  op.end = static_cast<int>(c.integer(o["end"], oat + "/end", 0));
+  op.start = c.int32(o["start"], oat + "/start", 0);
+  op.end = c.int32(o["end"], oat + "/end", 0);
   if (o.contains("time")) op.time = parse_time(c, o["time"], oat + "/time");
   const bool cached = op.kind == OpKind::cache_refresh || op.kind == OpKind::cache_reuse || op.kind == OpKind::cache_adaptive;
   if (cached) c.key(o, oat, "key");
@@ -588,7 +599,7 @@ Op parse_op(const Check& c, const json& o, const std::string& oat, int version) 
     c.key(o, oat, "max_reuse");
     op.threshold = c.number(o["threshold"], oat + "/threshold");
     if (op.threshold < 0) c.fail(oat + "/threshold", o["threshold"].dump() + " is less than the minimum of 0");
-    op.max_reuse = static_cast<int>(c.integer(o["max_reuse"], oat + "/max_reuse", 1));
+    op.max_reuse = c.int32(o["max_reuse"], oat + "/max_reuse", 1);
   } else {
     for (const char* k : {"threshold", "max_reuse"})
       if (o.contains(k)) c.fail(oat + "/" + k, "False schema does not allow " + type_name(o[k]));
@@ -619,6 +630,42 @@ int needed_version(const Plan& plan) {
       if (ops.size() > 1) return 2;
   }
   return 1;
+}
+
+// plan/model.py's bounds (MAX_STEPS, MAX_COEFFICIENT, MAX_TIMESTEP, MAX_HISTORY), in its words: no
+// plan can overflow the loop's arithmetic.
+constexpr size_t kMaxSteps = 1000;
+constexpr double kMaxCoefficient = 1e4, kMaxTimestep = 1e4;
+constexpr size_t kMaxHistory = 2;
+
+void check_timing_bounds(double timestep, const std::optional<double>& t_post, const Coefficients& k, size_t position,
+                         const std::string& where) {
+  const std::vector<std::pair<std::string, std::optional<double>>> times = {
+      {"timestep", timestep}, {"t_post", t_post}, {"prev_timestep", k.prev_timestep}};
+  for (auto& [name, value] : times)
+    if (value && !(std::fabs(*value) <= kMaxTimestep))  // `!(<=)`: NaN fails too
+      plan_error(where + ": " + name + " " + detail::py_float(*value) + " is outside -10000..10000");
+  std::vector<std::pair<std::string, double>> values = {{"x", k.x}, {"eps", k.eps}, {"x0_x", k.x0_x}, {"x0_eps", k.x0_eps}};
+  for (size_t i = 0; i < k.history.size(); ++i) values.emplace_back("history/" + std::to_string(i), k.history[i]);
+  for (auto& [name, value] : values)
+    if (!(std::fabs(value) <= kMaxCoefficient))
+      plan_error(where + ": coefficient " + name + " " + detail::py_float(value) + " is outside -10000..10000");
+  if (k.history.size() > std::min(kMaxHistory, position))
+    plan_error(where + ": " + std::to_string(k.history.size()) + " history coefficients; a step has at most " +
+               std::to_string(kMaxHistory) + " and no more than the steps before it (" + std::to_string(position) + ")");
+}
+
+void check_plan_bounds(const Plan& plan) {
+  if (plan.steps.size() > kMaxSteps)
+    plan_error("plan '" + plan.name + "' has " + std::to_string(plan.steps.size()) + " steps; a plan has at most " +
+               std::to_string(kMaxSteps));
+  for (size_t i = 0; i < plan.steps.size(); ++i) {
+    const Step& step = plan.steps[i];
+    const std::string where = "plan '" + plan.name + "' step " + std::to_string(step.index);
+    check_timing_bounds(step.timestep, step.t_post, step.coefficients, i, where);
+    for (auto& [_, timing] : plan.schedules)
+      if (i < timing.size()) check_timing_bounds(timing[i].timestep, timing[i].t_post, timing[i].coefficients, i, where);
+  }
 }
 
 /// StepPlan._validate_keys: a key covers the same blocks in every step, at most once a step; a reuse
@@ -676,7 +723,7 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
   Plan plan;
   plan.version = v;
   plan.name = c.string(d["name"], "name");
-  plan.num_blocks = static_cast<int>(c.integer(d["num_blocks"], "num_blocks", 1));
+  plan.num_blocks = c.int32(d["num_blocks"], "num_blocks", 1);
   plan.scheduler = c.string(d["scheduler"], "scheduler");
   if (d.contains("loop") && !d["loop"].is_null()) plan.loop = c.pair(d["loop"], "loop", 0);
   if (d.contains("settings")) c.object(d["settings"], "settings");
@@ -689,7 +736,7 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
     for (const char* k : {"index", "timestep", "ops", "coefficients"}) c.key(s, at, k);
     c.closed(s, at, {"index", "timestep", "t_post", "feedback", "block_forwards", "ops", "final_time", "coefficients"});
     Step step;
-    step.index = static_cast<int>(c.integer(s["index"], at + "/index", 0));
+    step.index = c.int32(s["index"], at + "/index", 0);
     step.timestep = c.number(s["timestep"], at + "/timestep");
     step.t_post = parse_t_post(c, s, at);
     const json& ops = s["ops"];
@@ -727,6 +774,7 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
     }
   }
   // StepPlan.validate
+  check_plan_bounds(plan);
   if (plan.loop) check_block_range(plan.loop->first, plan.loop->second, plan.num_blocks, "plan '" + plan.name + "' loop");
   for (const Step& step : plan.steps) {
     std::string at = "plan '" + plan.name + "' step " + std::to_string(step.index);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -34,6 +35,11 @@ inline std::string join(const std::vector<std::string>& items, const std::string
 
 /// A double as Python's repr prints it (shortest round-trip form).
 std::string py_float(double value);
+
+/// A message of the request contract (ilf_deploy/schemas/request-contract.json) with its fields filled:
+/// {name} and {name!r} from `text`, {name:g} from `numbers` (request.cpp).
+std::string request_message(const std::string& verdict, const std::map<std::string, std::string>& text,
+                            const std::map<std::string, double>& numbers = {});
 
 std::string read_file(const std::string& path);  // Error(bundle) naming the file
 bool is_file(const std::string& path);

@@ -4,7 +4,8 @@
 // where the CPU has AVX512_BF16 or AMX) and PERFORMANCE_HINT=LATENCY, the Python backend's config, so
 // both runtimes compile the same kernels. Compiled models are cached in BUNDLE/openvino_cache as
 // exported blobs written beside their final name and renamed into place (a crash never leaves half a
-// blob), keyed on the segment's sha256, the device, the config, OpenVINO's build and this machine.
+// blob), keyed on the segment's sha256, the device, the config, OpenVINO's build and this machine,
+// each with a sidecar (BLOB.sha256: the key and the blob's sha256) checked before the blob is imported.
 // The C++ blobs have their own names (cpp-*.blob): the Python cache key includes Python library
 // versions this runtime cannot know, so the two caches never read each other's blobs.
 #include <sys/stat.h>
@@ -14,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iostream>
 #include <mutex>
 #include <openvino/openvino.hpp>
 #include <sstream>
@@ -198,6 +200,11 @@ class OpenVinoEngine final : public Engine {
   std::string precision_for(const std::string& segment) const { return reduced(segment) ? options_.precision : "f32"; }
 
   std::string cache_path(const std::string& segment) const {
+    return detail::join_path(bundle_.path(), "openvino_cache/cpp-" + segment + "." + cache_key(segment).substr(0, 20) + ".blob");
+  }
+
+  /// The sha256 of what a blob must have been compiled from: the segment's bytes, device and options.
+  std::string cache_key(const std::string& segment) const {
     const Manifest& m = bundle_.manifest();
     std::string rel = m.segment(segment, options_.variant).file;
     std::string stem = rel.substr(0, rel.rfind('.'));
@@ -206,7 +213,29 @@ class OpenVinoEngine final : public Engine {
       if (f == rel || f.rfind(rel + ".", 0) == 0 || f == stem + ".bin") key += "|" + f + "=" + digest;
     key += "|" + options_.device + "|" + precision_for(segment) + "|LATENCY|" + std::to_string(options_.threads);
     key += "|" + openvino_version() + "|" + machine_;
-    return detail::join_path(bundle_.path(), "openvino_cache/cpp-" + segment + "." + sha256_hex(key.data(), key.size()).substr(0, 20) + ".blob");
+    return sha256_hex(key.data(), key.size());
+  }
+
+  /// A cache entry is used only if its sidecar (BLOB.sha256, written after the blob) names this
+  /// segment's key and the blob's own sha256: a blob swapped, replaced or cut short is compiled again.
+  static std::string sidecar(const std::string& key, const std::string& blob_bytes) {
+    return "ilf-cpp-cache-1 " + key + " sha256:" + sha256_hex(blob_bytes.data(), blob_bytes.size()) + "\n";
+  }
+
+  /// The verified blob's bytes, or "" (logged on stderr where an entry exists but does not match).
+  std::string verified_blob(const std::string& blob, const std::string& key) const {
+    if (!detail::is_file(blob)) return "";
+    std::string bytes, recorded;
+    try {
+      bytes = detail::read_file(blob);
+      recorded = detail::is_file(blob + ".sha256") ? detail::read_file(blob + ".sha256") : "";
+    } catch (const Error&) {
+      recorded.clear();
+    }
+    if (!bytes.empty() && recorded == sidecar(key, bytes)) return bytes;
+    std::cerr << "ilf: OpenVINO cache entry " << blob << " does not match its digest (replaced, edited or "
+              << "incomplete): compiling the segment again\n";
+    return "";
   }
 
   Compiled& compiled(const std::string& segment) {
@@ -214,12 +243,14 @@ class OpenVinoEngine final : public Engine {
     if (it != compiled_.end()) return it->second;
     const std::string path = bundle_.segment_path(segment, options_.variant);
     const std::string blob = options_.cache ? cache_path(segment) : "";
+    const std::string key = options_.cache ? cache_key(segment) : "";
     Compiled c;
     bool loaded = false;
     std::lock_guard<std::mutex> lock(core_mutex);
-    if (!blob.empty() && detail::is_file(blob)) {
+    const std::string cached = blob.empty() ? "" : verified_blob(blob, key);
+    if (!cached.empty()) {
       try {  // unreadable or stale: compile again and replace it
-        std::ifstream in(blob, std::ios::binary);
+        std::istringstream in(cached);
         c.model = core().import_model(in, options_.device, config_for(segment));
         loaded = true;
       } catch (const std::exception&) {
@@ -236,7 +267,8 @@ class OpenVinoEngine final : public Engine {
           std::ostringstream os;
           c.model.export_model(os);
           ::mkdir(detail::join_path(bundle_.path(), "openvino_cache").c_str(), 0755);
-          detail::write_atomic(blob, os.str());
+          const std::string bytes = os.str();
+          if (detail::write_atomic(blob, bytes)) detail::write_atomic(blob + ".sha256", sidecar(key, bytes));
         } catch (const std::exception&) {
         }
       }

@@ -575,6 +575,23 @@ Tensor model_output(Segments& seg, const Step& step, const Tensor& x, const Feed
   return eps;
 }
 
+/// runtime/loop.py's check_finite: stop at the first step whose latents hold NaN or Inf (an all-ones
+/// exponent), never decode them into a black image. One pass over the latents a step, branch-free.
+void check_finite(const Tensor& x, const Step& step, const Plan& plan) {
+  bool bad = false;
+  if (x.dtype() == DType::f16) {
+    const uint16_t* p = x.f16_data();
+    for (int64_t i = 0, n = x.numel(); i < n; ++i) bad |= (p[i] & 0x7c00u) == 0x7c00u;
+  } else if (x.dtype() == DType::f32) {
+    const uint32_t* p = static_cast<const uint32_t*>(x.raw());
+    for (int64_t i = 0, n = x.numel(); i < n; ++i) bad |= (p[i] & 0x7f800000u) == 0x7f800000u;
+  }
+  if (bad)
+    detail::config_error("non-finite latents after step " + std::to_string(step.index) + " of plan '" + plan.name + "' (" +
+                         std::to_string(plan.steps.size()) +
+                         " steps): NaN or Inf from the inputs, the guidance scale or the plan's coefficients");
+}
+
 }  // namespace
 
 Tensor denoise(Segments& seg, const Plan& plan, const Tensor& latents, const Feeds& inputs,
@@ -602,6 +619,7 @@ Tensor denoise(Segments& seg, const Plan& plan, const Tensor& latents, const Fee
       add_scaled(x_next, k.history[j], x0_history[x0_history.size() - 1 - j]);
     x0_history.push_back(x0);
     x = x_next;
+    check_finite(x, step, plan);
     if (on_step) on_step(step.index);
   }
   if (block_forwards) *block_forwards = cache.block_forwards;
@@ -858,6 +876,15 @@ Feeds Generator::encode_text(const std::string& prompt, const TokenIds& tokens) 
     double start = detail::now_s();
     TokenIds ids = tokenizer_->encode(preprocess_prompt(prompt));  // as the PixArt pipelines preprocess
     segments_->timings().add("tokenizer", detail::now_s() - start);
+    // The request contract refuses a prompt longer than the model reads, never truncates it; this
+    // tokenizer truncates, so a prompt that fills every position is refused (one of exactly
+    // max_length tokens too, which Python's untruncated count accepts).
+    const bool full = !ids.attention_mask.empty() &&
+                      std::all_of(ids.attention_mask.begin(), ids.attention_mask.end(), [](int64_t v) { return v != 0; });
+    if (full) {
+      const std::string most = std::to_string(ids.attention_mask.size());
+      detail::config_error(detail::request_message("tokens", {{"param", "prompt"}, {"count", "at least " + most}, {"limit", most}}));
+    }
     result = run_text_encoder(ids);
   }
   if (prompt_cache_.size() >= 256) prompt_cache_.clear();

@@ -276,6 +276,7 @@ Tensor read_npy(const std::string& path) {
   } catch (const Error& e) {
     npy_error(path, e.what());
   }
+  if (data.empty()) npy_error(path, "the file is empty");
   if (data.size() < 10 || data.compare(0, 6, "\x93NUMPY") != 0) npy_error(path, "not a .npy file");
   int major = static_cast<unsigned char>(data[6]);
   size_t header_len, offset;
@@ -306,14 +307,33 @@ Tensor read_npy(const std::string& path) {
       std::string part = inner.substr(pos, next == std::string::npos ? std::string::npos : next - pos);
       part.erase(0, part.find_first_not_of(' '));
       part.erase(part.find_last_not_of(' ') + 1);
-      if (!part.empty()) shape.push_back(std::stoll(part));
+      int64_t dim = -1;
+      auto [end, ec] = std::from_chars(part.data(), part.data() + part.size(), dim);
+      if (!part.empty() && (ec != std::errc() || end != part.data() + part.size() || dim < 0))
+        npy_error(path, "the header's shape " + shape_text + " is not a tuple of sizes");
+      if (!part.empty()) shape.push_back(dim);
       if (next == std::string::npos) break;
       pos = next + 1;
     }
   }
+  // The header's claim against what the file holds, before any allocation (a 192-byte file must not
+  // make this allocate what its header says): as runtime/npy.py checks it.
+  const size_t available = data.size() - offset - header_len;
+  const size_t itemsize = descr == "<f8" || descr == "<i8" ? 8 : descr == "<f4" || descr == "<i4" ? 4 : descr == "<f2" ? 2 : 0;
+  if (!itemsize) npy_error(path, "unsupported dtype " + descr + " (float16, float32, float64, int32 or int64)");
+  uint64_t elements = 1;
+  bool fits = true;
+  for (int64_t d : shape) {
+    if (d != 0 && elements > available / static_cast<uint64_t>(d)) fits = false;
+    elements = fits ? elements * static_cast<uint64_t>(d) : elements;
+  }
+  if (!fits || elements * itemsize != available) {
+    std::string claim = fits ? std::to_string(elements * itemsize) + " bytes" : "more bytes than any file holds";
+    npy_error(path, "its header claims " + shape_text + " " + descr + " (" + claim + ") but the file holds " +
+                        std::to_string(available));
+  }
   int64_t n = count(shape);
   const char* body = data.data() + offset + header_len;
-  size_t available = data.size() - offset - header_len;
   auto need = [&](size_t item) {
     if (available < static_cast<size_t>(n) * item) npy_error(path, "truncated data");
   };

@@ -2,7 +2,9 @@
 // --backend openvino`). Bad input is one line on stderr and exit status 2.
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cerrno>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -10,6 +12,7 @@
 #include <iostream>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "ilf/ilf.hpp"
 
@@ -54,11 +57,11 @@ Run a step plan of an ilf-deploy bundle on OpenVINO (every file's sha256 and the
 struct Args {
   std::string bundle, plan, prompt, negative_prompt, token_ids, latents_in, latents_out, out, variant, precision, device = "CPU",
       json, digest;
-  bool has_prompt = false, has_class = false, has_guidance = false, no_cache = false, quiet = false;
-  int64_t class_label = 0;
+  bool has_prompt = false, has_class = false, has_guidance = false, has_height = false, has_width = false, no_cache = false,
+       quiet = false;
+  int64_t class_label = 0, seed = 0, height = 0, width = 0;  // 64-bit until the request contract passed them
   double guidance = 0;
-  uint64_t seed = 0;
-  int height = 0, width = 0, threads = 0, runs = 1;
+  int threads = 0, runs = 1;
 };
 
 [[noreturn]] void usage_error(const std::string& message) { throw ilf::Error(ilf::Error::Kind::config, message); }
@@ -72,11 +75,36 @@ int64_t parse_int(const std::string& option, const std::string& text, int64_t mi
   return v;
 }
 
+/// A number as Python's float() reads it (nan and inf too: the request contract refuses them in its words).
 double parse_float(const std::string& option, const std::string& text) {
   char* end = nullptr;
   double v = std::strtod(text.c_str(), &end);
-  if (text.empty() || *end || !std::isfinite(v)) usage_error(option + " must be a number, got '" + text + "'");
+  if (text.empty() || *end) usage_error(option + " must be a number, got '" + text + "'");
   return v;
+}
+
+bool is_directory(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+std::string parent_dir(const std::string& path) {
+  auto slash = path.rfind('/');
+  return slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+}
+
+/// An output path checked before any work, in cli/paths.py's words: not a directory, the right
+/// ending, in an existing directory this process can write.
+void check_output(const std::string& path, const std::string& flag, const std::string& suffix) {
+  if (path.empty()) return;
+  if (is_directory(path)) usage_error(flag + " " + path + " is a directory; give a file name");
+  std::string ending = path.size() >= suffix.size() ? path.substr(path.size() - suffix.size()) : "";
+  std::transform(ending.begin(), ending.end(), ending.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (!suffix.empty() && ending != suffix) usage_error(flag + " " + path + ": the file name must end in " + suffix);
+  const std::string dir = parent_dir(path);
+  if (!is_directory(dir)) usage_error(flag + " " + path + ": directory " + dir + " does not exist");
+  if (::access(dir.c_str(), W_OK | X_OK) != 0) usage_error(flag + " " + path + ": cannot write in " + dir + " (permission denied)");
+  if (::access(path.c_str(), F_OK) == 0 && ::access(path.c_str(), W_OK) != 0) usage_error(flag + " " + path + ": the file is not writable");
 }
 
 Args parse(int argc, char** argv) {
@@ -107,9 +135,9 @@ Args parse(int argc, char** argv) {
     else if (arg == "--token-ids") a.token_ids = next();
     else if (arg == "--class-label") { a.class_label = parse_int(arg, next(), INT64_MIN); a.has_class = true; }
     else if (arg == "--guidance-scale") { a.guidance = parse_float(arg, next()); a.has_guidance = true; }
-    else if (arg == "--seed") a.seed = static_cast<uint64_t>(parse_int(arg, next(), 0));
-    else if (arg == "--height") a.height = static_cast<int>(parse_int(arg, next(), 1));
-    else if (arg == "--width") a.width = static_cast<int>(parse_int(arg, next(), 1));
+    else if (arg == "--seed") a.seed = parse_int(arg, next(), INT64_MIN);
+    else if (arg == "--height") { a.height = parse_int(arg, next(), INT64_MIN); a.has_height = true; }
+    else if (arg == "--width") { a.width = parse_int(arg, next(), INT64_MIN); a.has_width = true; }
     else if (arg == "--latents-in") a.latents_in = next();
     else if (arg == "--latents-out") a.latents_out = next();
     else if (arg == "--out" || arg == "-o") a.out = next();
@@ -134,7 +162,29 @@ Args parse(int argc, char** argv) {
   if (!a.precision.empty() && a.precision != "f32" && a.precision != "bf16")
     usage_error("--precision must be f32 or bf16, got '" + a.precision + "'");
   if (!a.digest.empty()) ilf::check_digest_option(a.digest);
+  check_output(a.latents_out, "--latents-out", ".npy");
+  check_output(a.out, "--out", ".png");  // PNG only: a .jpg name is refused, never given PNG bytes
+  check_output(a.json, "--json", "");
   return a;
+}
+
+/// The request contract (runtime/request.py), with `generate`'s option names: what it refuses, this
+/// refuses in the same words ("--guidance-scale: guidance_scale must be in 0..30, got 31").
+void check_request(const Args& a, const ilf::Manifest& m) {
+  if (a.has_prompt && a.prompt.empty()) usage_error("--prompt: prompt is required");  // as generate's ""
+  ilf::RequestFields fields;
+  if (a.has_prompt) fields.prompt = a.prompt;
+  if (!a.negative_prompt.empty()) fields.negative_prompt = a.negative_prompt;
+  if (a.has_class) fields.class_label = a.class_label;
+  if (a.has_guidance) fields.guidance_scale = a.guidance;
+  if (a.has_height) fields.height = a.height;
+  if (a.has_width) fields.width = a.width;
+  fields.seed = a.seed;
+  auto problem = ilf::request_problem(m, fields);
+  if (!problem) return;
+  std::string option = "--" + problem->param;
+  std::replace(option.begin(), option.end(), '_', '-');
+  usage_error(option + ": " + problem->message);
 }
 
 double cpu_seconds() {  // this process's user + system CPU time (steadier than wall time on a shared machine)
@@ -142,16 +192,6 @@ double cpu_seconds() {  // this process's user + system CPU time (steadier than 
   getrusage(RUSAGE_SELF, &u);
   return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
 }
-
-bool parent_exists(const std::string& path) {
-  auto slash = path.rfind('/');
-  if (slash == std::string::npos) return true;
-  std::string dir = slash == 0 ? "/" : path.substr(0, slash);
-  struct stat st {};
-  return ::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-std::string parent_of(const std::string& path) { return path.substr(0, path.rfind('/')); }
 
 std::string join(const std::vector<std::string>& items) {
   std::string out;
@@ -291,8 +331,8 @@ int run(int argc, char** argv) {
   if (!a.latents_in.empty()) initial = ilf::read_npy(a.latents_in);
   if (!initial.empty() && initial.dtype() != ilf::DType::f32)
     usage_error("cannot read latents " + a.latents_in + ": not a float array");
-  for (const std::string* path : {&a.latents_out, &a.out, &a.json})
-    if (!path->empty() && !parent_exists(*path)) usage_error("output directory " + parent_of(*path) + " does not exist");
+  if (!initial.empty() && !std::all_of(initial.f32_data(), initial.f32_data() + initial.numel(), [](float v) { return std::isfinite(v); }))
+    usage_error("--latents-in " + a.latents_in + " holds NaN or infinite values");  // generate's words
 
   double t0 = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
   auto clock = [] { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); };
@@ -307,6 +347,7 @@ int run(int argc, char** argv) {
   if (dit && !a.has_class) usage_error("DiT models need --class-label");
   if (!dit && a.has_class) usage_error(family + " models take --prompt or --token-ids, not --class-label");
   if (!dit && !a.has_prompt && a.token_ids.empty()) usage_error(family + " models need --prompt (or --token-ids)");
+  check_request(a, m);
   std::vector<std::string> inputs;  // schema 4: the text encoder's inputs, one per tokenizer
   for (auto& spec : m.tokenizers) inputs.push_back(spec.input);
   if (a.has_prompt && !inputs.empty())
@@ -327,9 +368,9 @@ int run(int argc, char** argv) {
   request.negative_prompt = a.negative_prompt;
   if (a.has_class) request.class_label = a.class_label;
   if (a.has_guidance) request.guidance_scale = a.guidance;
-  request.seed = a.seed;
-  request.height = a.height;
-  request.width = a.width;
+  request.seed = static_cast<uint64_t>(a.seed);  // the contract has held them to its ranges
+  request.height = static_cast<int>(a.height);
+  request.width = static_cast<int>(a.width);
   if (!a.token_ids.empty()) {
     auto rows = inputs.empty() ? read_token_ids(a.token_ids, m.tokenizer ? m.tokenizer->pad_id : 0)
                                : read_named_token_ids(a.token_ids, m.tokenizers);

@@ -28,6 +28,7 @@ segments they replace, and `manifest["files"]` is re-hashed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import re
@@ -285,7 +286,13 @@ def quantize_bundle(
     with staging(root, "onnx") as staged:  # renamed in just before the manifest is written
         folder = staged / "onnx" / name
         folder.mkdir(parents=True)
-        segments, counts = _write_variant(bundle, mode, name, calibrate, folder, progress)
+        try:
+            segments, counts = _write_variant(bundle, mode, name, calibrate, folder, progress)
+        except Exception as exc:
+            no_space = _no_space(exc, staged, bundle)
+            if no_space is None:
+                raise
+            raise ConfigError(no_space) from None
         entry: dict[str, Any] = {
             "mode": mode,
             "segments": segments,
@@ -301,6 +308,27 @@ def quantize_bundle(
             entry["tools"].update(_versions("openvino", "nncf"))
         _record_variant(root, name, entry, staged)
     return entry
+
+
+def _no_space(exc: BaseException, staged: Path, bundle: Bundle) -> str | None:
+    """One line where `exc` comes from a full disk, else None. ORT's writers do not always raise it:
+    a model they cut short comes back as protobuf's DecodeError when read, so a file system left with
+    less room than the bundle's largest segment counts as full too."""
+    current: BaseException | None = exc
+    said_so = False
+    for _ in range(8):  # the exception and what it was raised from
+        if current is None or said_so:
+            break
+        said_so = isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT)
+        current = current.__cause__ or current.__context__
+    free = shutil.disk_usage(staged).free
+    largest = max((p.stat().st_size for p in (bundle.path / "onnx").glob("*") if p.is_file()), default=0)
+    if not said_so and free >= max(largest, 2**20):
+        return None
+    return (
+        f"quantize: no space left on the device that holds {bundle.path} ({free / 2**20:.1f} MB free); "
+        "free some space and run it again (the bundle is unchanged)"
+    )
 
 
 def _record_variant(root: Path, name: str, entry: dict[str, Any], staged: Path | None = None) -> None:

@@ -440,6 +440,24 @@ struct Request {
   TokenIds negative_tokens;   // given: used instead of tokenising `negative_prompt`
 };
 
+/// A request's fields as a front door received them, before any narrowing (nullopt: not given).
+struct RequestFields {
+  std::optional<std::string> prompt, negative_prompt;
+  std::optional<int64_t> class_label, height, width, seed;
+  std::optional<double> guidance_scale;
+};
+
+/// A refused field and its one-line reason, e.g. {"guidance_scale", "guidance_scale must be in 0..30, got 31"}.
+struct RequestProblem {
+  std::string param, message;
+};
+
+/// The request contract (ilf_deploy/runtime/request.py, its limits and messages from
+/// ilf_deploy/schemas/request-contract.json): the first field it refuses for this bundle, or nullopt.
+/// Prompt tokens are not counted (the OpenVINO tokenizer truncates): `generate` also refuses a
+/// prompt longer than the model's max_length tokens.
+std::optional<RequestProblem> request_problem(const Manifest& manifest, const RequestFields& fields);
+
 /// The diffusers pipelines' defaults (runtime/generator.py); a model without guidance runs at 1.
 double default_guidance(const std::string& architecture, bool guidance_free = false);
 
