@@ -57,6 +57,15 @@ setup-browser:
 	  || echo "make setup: could not install chromium: tests/test_playground.py will skip"; \
 	else echo "make setup: skipping chromium (tests/test_playground.py will skip): no apt-get as root"; fi
 
+# Container images from Debian packages and PyPI (containers/build.py; README "Images"): oci-archives in
+# out/images with their digests in out/images/images.json. IMAGES=serve ray; BUNDLE=DIR bakes a bundle in.
+IMAGES ?= serve
+images: dist
+	for image in $(IMAGES); do \
+	  CONTAINERS_CONF=$(abspath containers/containers.conf) $(BIN)/python containers/build.py $$image \
+	    $(if $(BUNDLE),--bundle $(BUNDLE)) || exit 1; \
+	done
+
 test: setup
 	$(BIN)/python -m pytest -q
 

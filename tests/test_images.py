@@ -1,0 +1,168 @@
+"""The serving image (`make images`, containers/build.py), built from Debian packages and the wheel and run
+with podman: the image `ilf-deploy generate` makes, bit for bit; a drain on SIGTERM; non-root on a
+read-only root filesystem; no torch; at most 700 MiB.
+
+podman runs with containers/containers.conf (runc, the host's ulimits) and the host's network (publishing
+ports would change the host's iptables). Skipped, in one line, only where the tools are not installed
+(.ci/run installs them).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "containers" / "containers.conf"
+TOOLS = ("mmdebstrap", "buildah", "podman", "skopeo")
+MAX_MIB = 700
+SITE_PACKAGES = "/opt/ilf/lib/python3.11/site-packages"
+BUNDLE = "/opt/ilf/bundle"
+GEN = "/v1/images/generations"
+
+missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        bool(missing) or os.geteuid() != 0,
+        reason=f"images: no {', '.join(missing) or 'root'} here (apt-get install {' '.join(TOOLS)} runc)",
+    ),
+]
+
+
+def run(*args: object, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CONTAINERS_CONF": str(CONF)}
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, **kwargs)
+    if check:
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def image(default_bundle, tmp_path_factory) -> dict:
+    """Build the serving image with the default bundle baked in, load it into podman; its images.json row."""
+    work = tmp_path_factory.mktemp("image")
+    run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", work / "dist", ROOT, cwd=work)
+    (wheel,) = (work / "dist").glob("ilf_deploy-*.whl")
+    built = run(sys.executable, ROOT / "containers" / "build.py", "serve", "--bundle", default_bundle,
+                "--wheel", wheel, "--out", work / "images", timeout=900)  # fmt: skip
+    print(built.stdout.strip())
+    row = json.loads((work / "images" / "images.json").read_text())["ilf-deploy-serve"]
+    loaded = run("podman", "load", "--quiet", "--input", row["archive"]).stdout
+    row["id"] = loaded.strip().rsplit(":", 1)[-1] if "sha256:" in loaded else loaded.split()[-1]
+    row["tag"] = f"localhost/{row['tag']}"
+    yield row
+    run("podman", "rmi", "--force", row["tag"], check=False)
+
+
+class Served:
+    def __init__(self, image: dict, name: str) -> None:
+        self.port = free_port()
+        self.name = name
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = json.loads(run("podman", "image", "inspect", image["tag"]).stdout)[0]["Config"]
+        # the image's own command (the baked bundle, its digest pinned) on a port of our own
+        args = [*config["Cmd"]]
+        args[args.index("--port") + 1] = str(self.port)
+        args[args.index("--host") + 1] = "127.0.0.1"
+        run("podman", "run", "--detach", "--name", name, "--network=host", "--read-only", "--cap-drop=ALL",
+            "--security-opt=no-new-privileges", image["tag"], *args)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            state = json.loads(run("podman", "inspect", name).stdout)[0]["State"]
+            assert state["Running"], self.logs()
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.5)
+
+    def logs(self) -> str:
+        return run("podman", "logs", self.name, check=False).stdout[-3000:]
+
+
+@pytest.fixture
+def served(image):
+    name = f"ilf-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        yield Served(image, name)
+    finally:
+        run("podman", "rm", "--force", "--time", "0", name, check=False)
+
+
+def test_the_image_is_labelled_small_and_has_no_torch(image, default_bundle):
+    config = json.loads(run("podman", "image", "inspect", image["tag"]).stdout)[0]
+    labels = config["Config"]["Labels"]
+    size_mib = config["Size"] / 2**20
+    print(f"{image['tag']} {image['digest']} {size_mib:.0f} MiB")
+    assert size_mib <= MAX_MIB, f"{size_mib:.0f} MiB"
+    digest = (default_bundle / "manifest.sha256").read_text().split()[0]
+    assert labels["dev.ilf-deploy.bundle-digest"] == digest == image["bundle_digest"]
+    assert labels["org.opencontainers.image.version"] == "0.1.0"
+    assert labels["org.opencontainers.image.source"].startswith("https://")
+    assert config["Config"]["User"] == "10001:10001"
+    assert config["Config"]["Entrypoint"] == ["/opt/ilf/bin/ilf-deploy", "serve"]
+    assert config["Config"]["Cmd"][:1] == [BUNDLE] and digest in config["Config"]["Cmd"]
+    listing = run(
+        "podman", "run", "--rm", "--network=none", "--entrypoint", "ls", image["tag"], SITE_PACKAGES
+    )
+    packages = {name.lower() for name in listing.stdout.split()}
+    assert {"onnxruntime", "openvino", "fastapi", "uvicorn", "ilf_deploy"} <= packages, packages
+    assert not packages & {"torch", "diffusers", "transformers", "onnx", "nncf", "pip"}, packages
+
+
+def test_the_served_image_generates_as_the_cli_does_non_root_read_only(
+    image, served, default_bundle, tmp_path
+):
+    body = {"prompt": "a small red circle", "plan": "ilf-10", "seed": 3}
+    response = httpx.post(f"{served.url}{GEN}", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    png = base64.b64decode(response.json()["data"][0]["b64_json"])
+    cli = Path(sys.executable).parent / "ilf-deploy"
+    run(cli, "generate", default_bundle, "--plan", "ilf-10", "--prompt", body["prompt"], "--seed", "3",
+        "--out", tmp_path / "cli.png")  # fmt: skip
+    assert png == (tmp_path / "cli.png").read_bytes()
+    assert run("podman", "exec", served.name, "id", "-u").stdout.strip() == "10001"
+    refused = run("podman", "exec", served.name, "touch", "/opt/ilf/x", check=False)
+    assert refused.returncode != 0 and "Read-only file system" in refused.stderr, refused.stderr
+    labels = json.loads(run("podman", "image", "inspect", image["tag"]).stdout)[0]["Config"]["Labels"]
+    health = labels["dev.ilf-deploy.healthcheck"].replace("8000", str(served.port))  # the image's check
+    assert run("podman", "exec", served.name, "sh", "-c", health, check=False).returncode == 0
+
+
+def test_sigterm_drains_the_requests_in_flight(served):
+    responses: list[httpx.Response] = []
+    body = {"prompt": "x", "plan": "ilf-10", "n": 4, "seed": 1}
+    thread = threading.Thread(
+        target=lambda: responses.append(httpx.post(f"{served.url}{GEN}", json=body, timeout=60))
+    )
+    thread.start()
+    time.sleep(0.5)  # the request is in the engine's hands
+    signalled = time.monotonic()
+    run("podman", "kill", "--signal", "TERM", served.name)
+    code = run("podman", "wait", served.name, timeout=60).stdout.strip()
+    thread.join(60)
+    print(f"exited {code} {time.monotonic() - signalled:.1f} s after SIGTERM")
+    assert responses and responses[0].status_code == 200, responses and responses[0].text
+    assert len(responses[0].json()["data"]) == 4
+    assert code == "0", served.logs()
+    assert "Traceback" not in served.logs()
