@@ -213,3 +213,23 @@ def test_fad_training_lowers_the_loss(sana_dir, tmp_path):
     for key, value in model.adapter.transformer.state_dict().items():
         assert torch.equal(value, backbone[key]), key
     assert np.isfinite(before)
+
+
+def test_tiny_sana_is_shaped_like_the_real_pipeline(sana_model, sana_dir):
+    """make-tiny sana: the real classes, Gemma's special-token ids and bos-only template, DC-AE 32x."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    pipe = sana_model.text_pipeline
+    assert type(pipe).__name__ == "SanaPipeline" and pipe.vae_scale_factor == 32
+    assert type(pipe.text_encoder).__name__ == "Gemma2Model"
+    assert type(pipe.vae).__name__ == "AutoencoderDC"
+    tokenizer = AutoTokenizer.from_pretrained(sana_dir / "tokenizer")
+    ids = tokenizer("A red cat").input_ids
+    assert ids[0] == tokenizer.bos_token_id == 2 and len(ids) == 4  # <bos> + 3 words, no <eos>
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 3)
+    scheduler = json.loads((sana_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert {k: scheduler[k] for k in SANA_SCHEDULER_CONFIG if k != "_class_name"} == {
+        k: v for k, v in SANA_SCHEDULER_CONFIG.items() if k != "_class_name"
+    }
