@@ -233,3 +233,27 @@ def test_tiny_sana_is_shaped_like_the_real_pipeline(sana_model, sana_dir):
     assert {k: scheduler[k] for k in SANA_SCHEDULER_CONFIG if k != "_class_name"} == {
         k: v for k, v in SANA_SCHEDULER_CONFIG.items() if k != "_class_name"
     }
+
+
+@torch.no_grad()
+def test_sincos_positions_of_sana_4k_configs(sana_model):
+    """A config with `interpolation_scale` (Sana 4K) adds sin-cos positions: the adapter embeds them
+    (recomputed for a grid other than sample_size's) as PatchEmbed does."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    config = {**dict(sana_model.adapter.config), "interpolation_scale": 1, "num_layers": 2}
+    transformer = SanaTransformer2DModel.from_config(config).eval()
+    adapter = SanaAdapter(transformer)
+    assert adapter.uses_positions and not sana_model.adapter.uses_positions
+    inputs = {"prompt_embeds": torch.randn(1, 5, 32), "prompt_mask": torch.tensor([[1, 1, 1, 0, 0]])}
+    for h, w in ((8, 8), (10, 6)):
+        x = torch.randn(1, 32, h, w)
+        ref = transformer(
+            x,
+            encoder_hidden_states=inputs["prompt_embeds"],
+            encoder_attention_mask=inputs["prompt_mask"],
+            timestep=torch.tensor([300.0]),
+            return_dict=False,
+        )[0]
+        torch.testing.assert_close(adapter.forward(x, torch.tensor(300.0), inputs), ref, rtol=0, atol=1e-6)
