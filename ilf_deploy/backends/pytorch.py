@@ -7,6 +7,10 @@ carries (or the one `verify --model` names) with the bundle's request defaults.
 
 from __future__ import annotations
 
+import atexit
+import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ from ..errors import ConfigError
 from ..ilf import FeedbackModule, inner_loop, run_blocks
 from ..loading import LoadedModel, load_model, sana_prompt_format, torch_device
 from ..plan import StepPlan
-from ..runtime.bundle import Bundle, BundleError
+from ..runtime.bundle import Bundle, BundleError, sha256_file, write_atomic
 from ..runtime.generator import Generator, ModelFacts, Request
 from ..runtime.pipeline import facts_from_manifest
 from ..runtime.runner import Timings
@@ -219,6 +223,43 @@ def bundle_model(bundle: Bundle, model: str | Path | None = None) -> LoadedModel
 
 
 COMPILE_CACHE_DIR = "torch_compile_cache"  # in the bundle, beside openvino_cache/; not a manifest file
+COMPILE_CACHE_SEAL = "ilf-seal.json"  # in it: every other file's sha256, written at a clean exit
+SEAL_FORMAT = "ilf-inductor-cache-1"
+log = logging.getLogger("ilf_deploy.torch")
+_sealed_at_exit: set[Path] = set()
+
+
+def _cache_files(cache: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(cache)): sha256_file(p)
+        for p in sorted(cache.rglob("*"))
+        if p.is_file() and p.name != COMPILE_CACHE_SEAL
+    }
+
+
+def check_compile_cache(cache: Path) -> bool:
+    """Inductor imports its cached kernels by name, never checking their bytes: a cache whose files
+    are not exactly those its seal lists (a file swapped, edited or added since, or no seal: a
+    process that did not exit cleanly) is emptied, logged, and compiled again. True: kept."""
+    if not any(p.is_file() for p in cache.rglob("*")):
+        return True
+    try:
+        seal = json.loads((cache / COMPILE_CACHE_SEAL).read_text("utf-8"))
+        kept = seal == {"format": SEAL_FORMAT, "files": _cache_files(cache)}
+    except (OSError, ValueError):
+        kept = False
+    if not kept:
+        log.warning("Inductor cache %s does not match its seal: emptied, recompiling", cache)
+        shutil.rmtree(cache)
+        cache.mkdir()
+    return kept
+
+
+def seal_compile_cache(cache: Path) -> None:
+    """Record every file of the cache (at exit: Inductor writes kernels as blocks meet new shapes)."""
+    if cache.is_dir():
+        seal = {"format": SEAL_FORMAT, "files": _cache_files(cache)}
+        write_atomic(cache / COMPILE_CACHE_SEAL, json.dumps(seal, sort_keys=True).encode())
 
 
 def open_generator(
@@ -265,7 +306,11 @@ def compile_blocks(model: LoadedModel, cache: Path | None = None) -> None:
         try:
             cache.mkdir(exist_ok=True)
             if os.access(cache, os.W_OK):  # the process's Inductor cache (read on every compile)
+                check_compile_cache(cache)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache.resolve())
+                if cache.resolve() not in _sealed_at_exit:
+                    _sealed_at_exit.add(cache.resolve())
+                    atexit.register(seal_compile_cache, cache.resolve())
         except OSError:  # a read-only bundle: Inductor's default cache
             pass
     blocks = list(model.adapter.blocks) + ([model.feedback.block] if model.feedback is not None else [])
