@@ -27,8 +27,8 @@ the cache key's full sha256 and the blob's own sha256, both 64 lowercase hex dig
 renamed or swapped with another segment's (same I/O, so OpenVINO would run it), a sidecar
 missing, stale or from another key is logged and recompiled, never run. This guards against
 mix-ups and stale files, not against a writer who recomputes both hashes (the cache is outside
-the manifest; a pinned `--digest` pins the manifest's files only). The C++ runtime writes the
-same sidecar for its own `cpp-*.blob` files.
+the manifest; a pinned `--digest` pins the manifest's files only). The C++ runtime checks its own
+`cpp-*.blob` files the same way (README "The bundle format").
 """
 
 from __future__ import annotations
