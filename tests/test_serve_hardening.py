@@ -205,3 +205,16 @@ def test_a_reconnect_storm_of_slow_clients_leaves_normal_requests_answered(cappe
     assert storm.opened > 72 + 24  # the storm did reconnect: the cap evicted its connections
     assert answered >= 0.95 * len(results), results
     assert capped.process.poll() is None
+
+
+def test_a_batch_row_with_non_finite_latents_is_an_error_row_without_an_image(bundle, tmp_path):
+    """The Ray/local batch worker (scale/worker.py): the row says why, no black PNG is written."""
+    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.scale.worker import BatchWorker, job
+    from tests.test_triton_hardening import non_finite_bundle
+
+    worker = BatchWorker(non_finite_bundle(bundle, tmp_path / "nonfinite"))
+    request = worker.generator.resolve(Request("a red circle", seed=1))
+    row, png = worker.run(job(0, "base-2", request))
+    assert png is None and "sha256" not in row
+    assert row["error"].startswith("generation failed: NonFiniteError: non-finite latents after step 0")
