@@ -15,7 +15,9 @@ Each candidate is checked against ONNX Runtime fp32 by the comparator `verify-va
 held to compare.BUDGETS for its engine and precision); one that fails is timed and recorded, never
 chosen. Every candidate that opens is timed on one denoising step (the plan's
 steps up to its first feedback step: an ILF step with the inner loop), round-robin so that a
-machine's slow moments hit every candidate alike; the fastest median within budget wins. The
+machine's slow moments hit every candidate alike; the fastest median within budget wins, but a
+lossy one (int8, bf16, fp8...) only when it is compare.LOSSY_SPEEDUP times as fast as the fastest
+exact (fp32) one: accuracy is never traded for nothing. `--budget-s` bounds the whole command. The
 result goes to `BUNDLE/tuning.json` with this machine's fingerprint; `--backend auto`
 (backends/auto.py) reads it.
 """
@@ -40,7 +42,16 @@ from .backends.auto import (
     engine_label,
 )
 from .backends.machine import fingerprint
-from .compare import Budget, Check, Reference, budget, compare_to_reference, held_out_request, run_reference
+from .compare import (
+    LOSSY_SPEEDUP,
+    Budget,
+    Check,
+    Reference,
+    budget,
+    compare_to_reference,
+    held_out_request,
+    run_reference,
+)
 from .errors import ConfigError, IlfError
 from .plan import StepPlan
 from .runtime.bundle import Bundle, strict_json, write_atomic
@@ -67,6 +78,11 @@ class Candidate:
     @property
     def ok(self) -> bool:
         return self.error is None and all(f.ok for f in self.fidelity)
+
+    @property
+    def exact(self) -> bool:
+        """The reference's numerics (fp32 parity); else lossy (compare.LOSSY_SPEEDUP applies)."""
+        return self.budget is None or self.budget.exact
 
     @property
     def ms_per_step(self) -> float | None:
@@ -132,8 +148,35 @@ def candidates(bundle: Bundle) -> list[Candidate]:
 
 
 def pick_winner(found: list[Candidate]) -> Candidate:
-    """The fastest timed candidate within its budget (the reference always is: it is fp32 itself)."""
-    return min((c for c in found if c.ok and c.times), key=lambda c: c.ms_per_step or float("inf"))
+    return choose_winner(found)[0]
+
+
+def choose_winner(found: list[Candidate]) -> tuple[Candidate, str]:
+    """The fastest timed candidate within its budget, a lossy one only when it is LOSSY_SPEEDUP
+    times as fast as the fastest exact one (the reference always is exact); and why, in words."""
+    usable = [c for c in found if c.ok and c.times]
+
+    def ms(candidate: Candidate) -> float:
+        return candidate.ms_per_step or float("inf")
+
+    exact = min((c for c in usable if c.exact), key=ms)
+    lossy = min((c for c in usable if not c.exact), key=ms, default=None)
+    if lossy is None:
+        return (
+            exact,
+            f"{exact.label} is the fastest ({ms(exact):.1f} ms/step); no lossy candidate passed its budget",
+        )
+    gain = ms(exact) / ms(lossy)
+    versus = f"{gain:.2f}x the fastest exact one, {exact.label} ({ms(lossy):.1f} vs {ms(exact):.1f} ms/step)"
+    if gain >= LOSSY_SPEEDUP:
+        return (
+            lossy,
+            f"{lossy.label} (lossy) is {versus}: at least the {LOSSY_SPEEDUP:.2f}x a lossy one must gain",
+        )
+    return exact, (
+        f"{exact.label}: the fastest lossy candidate, {lossy.label}, is only {versus}; "
+        f"a lossy one must be at least {LOSSY_SPEEDUP:.2f}x as fast"
+    )
 
 
 def timing_plan(plan: StepPlan) -> StepPlan:
@@ -153,9 +196,10 @@ def tune(
 ) -> dict[str, Any]:
     """Check and time every candidate, write BUNDLE/tuning.json; returns what it wrote.
 
-    `budget_s` bounds the timing rounds (at least one round always runs), which start after the
-    fidelity runs (those also warm every engine up); `include` filters the candidates (tests,
-    benchmarks); `digest` pins the bundle (refused unless it is that one)."""
+    `budget_s` bounds the whole run: a candidate whose fidelity check would not leave time for a
+    timing round is skipped (said in its error), and timing rounds stop when the next would pass it;
+    the reference's check and one timing round always run. `include` filters the candidates
+    (tests, benchmarks); `digest` pins the bundle (refused unless it is that one)."""
     if budget_s <= 0:
         raise ConfigError(f"--budget-s must be > 0, got {budget_s:g}")
     started = time.perf_counter()
@@ -168,13 +212,16 @@ def tune(
 
     if progress:
         progress(f"{engine_label(FALLBACK_BACKEND, None)} {plan_name} (the reference)")
+    opened = time.perf_counter()
     base = open_bundle_generator(bundle, FALLBACK_BACKEND, None, **options)
     reference = run_reference(bundle, plan_name, request, generator=base)
-    generators = {0: base, **_check_fidelity(bundle, found, reference, options, progress)}
     timed = timing_plan(step_plan)
-    _time_rounds(found, generators, timed, request, budget_s, progress)
+    deadline = Deadline(started + budget_s, budget_s, time.perf_counter() - opened)
+    deadline.step_s = deadline.check_s * timed.num_steps / step_plan.num_steps
+    generators = {0: base, **_check_fidelity(bundle, found, reference, options, progress, deadline)}
+    _time_rounds(found, generators, timed, request, deadline, progress)
     reference_ms = found[0].ms_per_step
-    winner = pick_winner(found)
+    winner, reason = choose_winner(found)
     report = {
         "schema": 1,  # 2 adds the plan search (search_plans); without one, the oldest that says it
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -189,7 +236,10 @@ def tune(
             "variant": winner.variant,
             "options": winner.options,
             "label": winner.label,
+            "reason": reason,
         },
+        "lossy_speedup": LOSSY_SPEEDUP,
+        "budget_s": budget_s,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_atomic(
@@ -199,19 +249,41 @@ def tune(
     return report
 
 
+@dataclass
+class Deadline:
+    """`tune --budget-s` over the whole command, with what its steps have cost so far."""
+
+    end: float  # time.perf_counter() by which the command should be done
+    budget_s: float
+    check_s: float  # the longest fidelity check so far (opening the engine included)
+    step_s: float = 0.0  # one engine's timed steps, as the reference's check suggests
+
+    def allows(self, seconds: float) -> bool:
+        return time.perf_counter() + seconds <= self.end
+
+    def skipped(self) -> str:
+        return f"skipped: its check (about {self.check_s:.1f} s) would overrun --budget-s {self.budget_s:g}"
+
+
 def _check_fidelity(
     bundle: Bundle,
     found: list[Candidate],
     reference: Reference,
     options: dict[str, Any],
     progress: Callable[[str], None] | None,
+    deadline: Deadline,
 ) -> dict[int, Generator]:
-    """Each candidate against the reference (the comparator); returns the generators that opened,
-    by candidate index (timed even beyond budget: the table shows what they would gain)."""
+    """Each candidate against the reference (the comparator), while the deadline leaves time for
+    it and a timing round of every engine opened; returns the generators that opened, by candidate
+    index (timed even beyond budget: the table shows what they would gain)."""
     generators: dict[int, Generator] = {}
     for index, candidate in enumerate(found):
         if candidate.budget is None or candidate.error is not None:
             continue
+        if not deadline.allows(deadline.check_s + deadline.step_s * (len(generators) + 2)):
+            candidate.error = deadline.skipped()
+            continue
+        began = time.perf_counter()
         if progress:
             progress(f"{candidate.label}: fidelity on {reference.name}")
         try:
@@ -223,6 +295,8 @@ def _check_fidelity(
         except IlfError as exc:  # e.g. a variant OpenVINO cannot read
             candidate.error = str(exc)
             continue
+        finally:
+            deadline.check_s = max(deadline.check_s, time.perf_counter() - began)
         generators[index] = generator
     return generators
 
@@ -232,15 +306,17 @@ def _time_rounds(
     generators: dict[int, Generator],
     timed: StepPlan,
     request: Request,
-    budget_s: float,
+    deadline: Deadline,
     progress: Callable[[str], None] | None,
 ) -> None:
-    """Round-robin timing of `timed` on every generator until `budget_s` is spent (at least one
-    round, at most MAX_ROUNDS); each round's seconds per step go to the candidate's `times`."""
-    timing_started = time.perf_counter()  # the budget is the timing's: fidelity runs always finish
+    """Round-robin timing of `timed` on every generator while the deadline leaves time for another
+    round as long as the last (at least one round, at most MAX_ROUNDS); each round's seconds per
+    step go to the candidate's `times`."""
+    last_round_s = 0.0
     for rounds in range(MAX_ROUNDS):
-        if rounds and time.perf_counter() - timing_started > budget_s:
+        if rounds and not deadline.allows(last_round_s):
             break
+        round_started = time.perf_counter()
         order = list(generators)
         order = order[rounds % len(order) :] + order[: rounds % len(order)]  # rotate who goes first
         if progress:
@@ -250,6 +326,7 @@ def _time_rounds(
             start = time.perf_counter()
             generator.latents_to_numpy(generator.generate_latents(timed, request))
             found[index].times.append((time.perf_counter() - start) / timed.num_steps)
+        last_round_s = time.perf_counter() - round_started
 
 
 # -- plan search (`tune --search-plans`) ----------------------------------------------------------

@@ -34,7 +34,8 @@ app = typer.Typer(
 )
 # Optional dependencies -> the extra that installs them (pyproject.toml), for a one-line error.
 EXTRAS = extras_by_module()
-console = Console(stderr=True)
+# Info lines are not wrapped at 80 columns when stderr is not a terminal (logs, pipes, CI).
+console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable when piped
 
 

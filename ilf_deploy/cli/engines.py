@@ -80,8 +80,17 @@ def quantize(
         str, typer.Option(help="minmax, percentile or entropy (int8-qdq; fp8 uses ORT's distribution).")
     ] = "minmax",
     digest: Digest = None,
+    keep_failing: Annotated[
+        bool,
+        typer.Option(
+            "--keep-failing",
+            help="Keep a variant that misses its budget (exit 0); without it, such a variant is "
+            "removed again and quantize exits 1.",
+        ),
+    ] = False,
 ) -> None:
-    """Add a precision variant: the attention/FF linear layers of every block segment quantized."""
+    """Add a precision variant: the attention/FF linear layers of every block segment quantized;
+    then its end-to-end check (verify-variant's, compare.BUDGETS) says whether it is within budget."""
     pin(bundle, digest)
     from ..quantization.quantize import default_variant_name, quantize_bundle
 
@@ -98,9 +107,32 @@ def quantize(
         what = f"{len(entry['segments'])} segments in bf16, kept f32: {', '.join(kept) or 'none'}"
         for segment, why in kept.items():
             console.print(f"  {segment} stays f32: {why}")
-    console.print(
-        f"variant {variant!r}: {what}; check it with `ilf-deploy verify-variant {bundle} --variant {variant}`"
-    )
+    console.print(f"variant {variant!r}: {what}")
+    _check_new_variant(bundle, variant, keep_failing)
+
+
+def _check_new_variant(bundle: Path, variant: str, keep_failing: bool) -> None:
+    """verify-variant's checks on the new variant: one line, and exit 1 (the variant removed
+    again) when it misses its budget, unless --keep-failing."""
+    from ..quantization.quantize import miss_line, remove_variant, verify_variant
+    from ..runtime.bundle import Bundle
+
+    loaded = Bundle.load(bundle)
+    with progress() as bar:
+        task = bar.add_task("verify", total=None)
+        rows = verify_variant(loaded, variant, progress=lambda s: bar.update(task, description=s))
+    miss = miss_line(variant, rows)
+    details = f"`ilf-deploy verify-variant {bundle} --variant {variant}` shows every check"
+    if miss is None:
+        console.print(f"variant {variant!r} is within its budget ({len(rows)} checks); {details}")
+    elif keep_failing:
+        console.print(
+            f"[yellow]warning:[/yellow] {miss}; kept (--keep-failing): tune never picks it; {details}"
+        )
+    else:
+        remove_variant(loaded.path, variant)
+        console.print(f"[red]error:[/red] {miss}; removed it again (keep it with --keep-failing)")
+        raise typer.Exit(1)
 
 
 @command("verify-variant")

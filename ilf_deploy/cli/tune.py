@@ -55,7 +55,11 @@ def tune(
         typer.Option("--plans", "--plan", "-p", help="The plan to check and time (default: the ILF plan)."),
     ] = None,
     budget_s: Annotated[
-        float, typer.Option(help="Seconds for the timing rounds (at least one round runs).")
+        float,
+        typer.Option(
+            help="Seconds for the whole command: candidates whose check would overrun it are skipped "
+            "(the reference's check and one timing round always run)."
+        ),
     ] = 300.0,
     threads: Annotated[int | None, typer.Option(help="Threads per engine (default: the engine's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print tuning.json instead of the table.")] = False,
@@ -101,8 +105,12 @@ def _print_tune(bundle: Path, report: dict) -> None:
         f"{', '.join(bf16) or 'no bf16/AMX'}): one step of {report['plan']}, median of rounds"
     )
     out.print(tune_table(title, report))
-    winner = report["winner"]["label"]
-    console.print(f"wrote {Path(bundle) / TUNING_FILE}: `--backend auto` runs {winner} on this machine")
+    winner = report["winner"]
+    console.print(f"chose {winner['reason']}")
+    console.print(
+        f"wrote {Path(bundle) / TUNING_FILE}: `--backend auto` runs {winner['label']} on this machine "
+        f"({report['seconds']:g} s of --budget-s {report['budget_s']:g})"
+    )
 
 
 def _search(

@@ -8,7 +8,7 @@ Callers: `verify` (ilf_deploy.verify.bundle: a bundle vs PyTorch), `verify-varia
 
 from __future__ import annotations
 
-from .budgets import ANY_ENGINE, BUDGETS, Budget, MissingBudget, budget
+from .budgets import ANY_ENGINE, BUDGETS, LOSSY_SPEEDUP, Budget, MissingBudget, budget
 from .comparator import (
     HELD_OUT_CLASS,
     HELD_OUT_PROMPT,
@@ -34,6 +34,7 @@ __all__ = [
     "HELD_OUT_CLASS",
     "HELD_OUT_PROMPT",
     "HELD_OUT_SEED",
+    "LOSSY_SPEEDUP",
     "Budget",
     "Check",
     "Limit",

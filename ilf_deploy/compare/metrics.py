@@ -79,8 +79,12 @@ class Limit:
     def at_least(self) -> bool:
         return self.metric in HIGHER_IS_BETTER
 
+    def value(self, measured: Metrics) -> float:
+        """What this limit reads in `measured`."""
+        return getattr(measured, self.metric)
+
     def passes(self, measured: Metrics) -> bool:
-        value = getattr(measured, self.metric)
+        value = self.value(measured)
         return bool(value >= self.bound) if self.at_least else bool(value <= self.bound)
 
     def __str__(self) -> str:

@@ -346,6 +346,34 @@ def _record_variant(root: Path, name: str, entry: dict[str, Any], staged: Path |
     remove_unlisted(root, f"onnx/{name}", manifest)
 
 
+def remove_variant(root: Path, name: str) -> None:
+    """Take variant `name` out of the manifest, then delete its files (`quantize` of a variant
+    that misses its budget, without --keep-failing)."""
+
+    def mutate(manifest: dict[str, Any]) -> None:
+        manifest.get("variants", {}).pop(name, None)
+        for listed in [f for f in manifest["files"] if f.startswith(f"onnx/{name}/")]:
+            manifest["files"].pop(listed)
+
+    manifest = rewrite_manifest(root, mutate)
+    remove_unlisted(root, f"onnx/{name}", manifest)
+    folder = root / "onnx" / name
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def miss_line(variant: str, checks: list[Check]) -> str | None:
+    """One line saying how `variant` misses its budget (its worst failing check), or None."""
+    failed = [c for c in checks if not c.ok]
+    if not failed:
+        return None
+    worst = next((c for c in failed if c.kind == "end-to-end"), failed[0])
+    measured = worst.limit.value(worst.metrics)
+    others = f" (and {len(failed) - 1} more checks)" if len(failed) > 1 else ""
+    where = f"{worst.label} {worst.name}"
+    return f"variant {variant!r} misses its budget: {where} {measured:.3g}, budget {worst.limit}{others}"
+
+
 def _write_variant(
     bundle: Bundle,
     mode: str,
