@@ -415,7 +415,7 @@ BAD_ARGUMENTS = [
     ),
     (["{sigma}"], "PixArt models need --prompt (or --token-ids)"),
     (["{dit}", "--prompt", "a cat"], "DiT models take --class-label, not a prompt"),
-    (["{dit}", "--class-label", "1000"], "class label must be in 0..999, got 1000"),
+    (["{dit}", "--class-label", "1000"], "--class-label: class_label must be in 0..999, got 1000"),
     (
         ["{dit}", "--class-label", "1", "--height", "40", "--width", "40"],
         "the bundle was built for 32x32, 48x48, not 40x40",
@@ -446,7 +446,7 @@ BAD_ARGUMENTS = [
     ),
     (
         ["{sigma}", "--prompt", "x", "--out", "{tmp}/no/such/dir/x.png"],
-        "output directory {tmp}/no/such/dir does not exist",
+        "--out {tmp}/no/such/dir/x.png: directory {tmp}/no/such/dir does not exist",
     ),
     (["{nothing}", "--prompt", "x"], "is not a bundle (no manifest.json); build one with `ilf-deploy build`"),
 ]

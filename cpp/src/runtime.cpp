@@ -752,9 +752,19 @@ Request Generator::resolve(const Request& request) const {
 }
 
 void Generator::check_request(const Request& r) const {
-  // the request contract's (runtime/request.py): a negative prompt needs classifier-free guidance, a
+  // the request contract's (runtime/request.py) limits, for every caller of the library (ilf-run
+  // checks them first, naming its options); then: a negative prompt needs classifier-free guidance, a
   // guidance scale some guidance
   const Manifest& m = bundle_.manifest();
+  RequestFields fields;
+  if (r.tokens.empty() && m.architecture != "dit") fields.prompt = r.prompt;
+  if (r.negative_tokens.empty() && !r.negative_prompt.empty()) fields.negative_prompt = r.negative_prompt;
+  fields.class_label = r.class_label;
+  fields.guidance_scale = r.guidance_scale;
+  fields.seed = static_cast<int64_t>(std::min<uint64_t>(r.seed, static_cast<uint64_t>(INT64_MAX)));
+  if (r.height) fields.height = r.height;  // 0: the bundle's first size
+  if (r.width) fields.width = r.width;
+  if (auto problem = request_problem(m, fields)) detail::config_error(problem->message);
   if (m.model.guidance == "cfg") return;
   const std::string kind = m.model.guidance == "embedded"
                                ? m.architecture + " models (their guidance is embedded, not classifier-free)"

@@ -321,14 +321,11 @@ Tensor read_npy(const std::string& path) {
   const size_t available = data.size() - offset - header_len;
   const size_t itemsize = descr == "<f8" || descr == "<i8" ? 8 : descr == "<f4" || descr == "<i4" ? 4 : descr == "<f2" ? 2 : 0;
   if (!itemsize) npy_error(path, "unsupported dtype " + descr + " (float16, float32, float64, int32 or int64)");
-  uint64_t elements = 1;
+  uint64_t claimed = itemsize;  // bytes; `fits`: no overflow of 64 bits on the way
   bool fits = true;
-  for (int64_t d : shape) {
-    if (d != 0 && elements > available / static_cast<uint64_t>(d)) fits = false;
-    elements = fits ? elements * static_cast<uint64_t>(d) : elements;
-  }
-  if (!fits || elements * itemsize != available) {
-    std::string claim = fits ? std::to_string(elements * itemsize) + " bytes" : "more bytes than any file holds";
+  for (int64_t d : shape) fits = fits && !__builtin_mul_overflow(claimed, static_cast<uint64_t>(d), &claimed);
+  if (!fits || claimed != available) {
+    std::string claim = fits ? std::to_string(claimed) + " bytes" : "more bytes than 64 bits count";
     npy_error(path, "its header claims " + shape_text + " " + descr + " (" + claim + ") but the file holds " +
                         std::to_string(available));
   }

@@ -345,6 +345,56 @@ void test_plan_versions() {
                bundle, "at schedules/16/0: Additional properties are not allowed ('x' was unexpected)");
 }
 
+// Issue 31: integers read as 64 bits and range-checked, plans bounded as plan/model.py bounds them,
+// .npy headers checked against the file, the request contract's limits and words.
+void test_bounds_and_contract() {
+  const std::string plain = R"({"op": "blocks", "start": 0, "end": 3})";
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(1, step_doc(0, R"({"op": "blocks", "start": 0, "end": 4294967298})")), "big"), bundle,
+               "at steps/0/ops/0/end: 4294967298 is greater than the maximum of 2147483647");
+  CHECK(ilf::Plan::parse(plan_doc(1, step_doc(0, plain)), "ok").steps.size() == 1);
+  EXPECT_ERROR(ilf::Plan::parse(R"({"version": 1, "name": "p", "num_blocks": 18446744073709551615, "scheduler": "s", "steps": []})", "u64"),
+               bundle, "is greater than the maximum of 2147483647");
+  std::string coef = step_doc(0, plain);
+  coef.replace(coef.find(R"("x": 1.0)"), 8, R"("x": 1e308)");
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(1, coef), "coef"), config, "plan 'p' step 0: coefficient x 1e+308 is outside -10000..10000");
+  std::string history = step_doc(0, plain);
+  history.replace(history.find(R"("x0_eps": -1.0)"), 14, R"("x0_eps": -1.0, "history": [0.5])");
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(1, history), "h"), config, "1 history coefficients; a step has at most 2");
+  std::string steps;
+  for (int i = 0; i < 1001; ++i) steps += (i ? "," : "") + step_doc(i, plain);
+  EXPECT_ERROR(ilf::Plan::parse(plan_doc(1, steps), "long"), config, "plan 'p' has 1001 steps; a plan has at most 1000");
+
+  const std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4, 100000, 100000), }";
+  std::string npy = std::string("\x93NUMPY\x01\x00", 8) + static_cast<char>(header.size() + 1) + '\0' + header + "\n";
+  write(tmpdir + "/claims.npy", npy + std::string(64, '\0'));
+  EXPECT_ERROR(ilf::read_npy(tmpdir + "/claims.npy"), config, "its header claims (1, 4, 100000, 100000) <f4 (160000000000 bytes) but the file holds 64");
+  write(tmpdir + "/empty.npy", "");
+  EXPECT_ERROR(ilf::read_npy(tmpdir + "/empty.npy"), config, "the file is empty");
+
+  ilf::Manifest pixart;
+  pixart.architecture = "pixart-sigma";
+  ilf::RequestFields fields;
+  CHECK(!ilf::request_problem(pixart, fields));
+  fields.guidance_scale = 31;
+  CHECK(ilf::request_problem(pixart, fields)->message == "guidance_scale must be in 0..30, got 31");
+  fields.guidance_scale = 1e308;
+  CHECK(ilf::request_problem(pixart, fields)->message == "guidance_scale must be in 0..30, got 1e+308");
+  fields.guidance_scale.reset();
+  fields.prompt = "\t\u3000";
+  CHECK(ilf::request_problem(pixart, fields)->message == "prompt must not be empty");
+  fields.prompt = std::string("a \xed\xa0\x80 b");  // a UTF-8-encoded surrogate: not text
+  CHECK(ilf::request_problem(pixart, fields)->message == "prompt is not valid UTF-8 text");
+  fields.prompt = std::string(4001, 'a');
+  CHECK(ilf::request_problem(pixart, fields)->message == "prompt is 4001 characters long; at most 4000 are accepted");
+  fields.prompt = "a cat";
+  fields.seed = 4294967296;
+  CHECK(ilf::request_problem(pixart, fields)->message == "seed must be <= 4294967295, got 4294967296");
+  fields.seed = 0;
+  fields.height = 4294967360;
+  auto side = ilf::request_problem(pixart, fields);
+  CHECK(side->param == "height" && side->message == "height must be in 1..4096 pixels, got 4294967360");
+}
+
 void test_state_manifest() {
   // schema 4: the model's state fields and several tokenizers (an MMDiT); refused in a schema 2 manifest
   FakeBundle mmdit("mmdit");
@@ -490,6 +540,7 @@ int main(int argc, char** argv) {
   test_bundle_reader();
   test_plan_versions();
   test_state_manifest();
+  test_bounds_and_contract();
   test_preprocess_and_c_api();
   std::string cleanup = "rm -rf '" + tmpdir + "'";
   if (std::system(cleanup.c_str()) != 0) std::cerr << "could not remove " << tmpdir << "\n";
