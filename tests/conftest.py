@@ -100,3 +100,16 @@ def sana_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sana_model(sana_dir) -> LoadedModel:
     return load_model(sana_dir)
+
+
+# every plan kind of a Sana bundle (tests/test_sana_bundles.py, tests/test_cpp_sana.py)
+SANA_PLANS = ("base-4", "ilf-4", "cache-6", "ilf-4-adapt1-4t0.3m2", "base-4-adapt1-4t0.3m2")
+
+
+@pytest.fixture(scope="session")
+def sana_bundle(sana_dir, tmp_path_factory) -> Path:
+    """An fp32 bundle of the tiny Sana at both SANA_SIZES (built once for the Python and C++ tests)."""
+    from ilf_deploy.export.build import BuildOptions, build_bundle
+
+    out = tmp_path_factory.mktemp("sana-bundle") / "sana"
+    return build_bundle(sana_dir, out, BuildOptions(plans=SANA_PLANS, resolutions=SANA_SIZES))

@@ -77,12 +77,17 @@ def dim_ranges(manifest: Manifest, max_batch: int | None = None) -> dict[str, Ra
         "tokens": span(tokens),
         "latent_height": heights,
         "latent_width": widths,
+        "grid_height": span([h // patch for h, _ in sizes]),  # Sana: its state is the token grid
+        "grid_width": span([w // patch for _, w in sizes]),
         "height": (heights[0] * scale, heights[1] * scale, heights[2] * scale),
         "width": (widths[0] * scale, widths[1] * scale, widths[2] * scale),
     }
     if manifest.tokenizer is not None:
         length = manifest.tokenizer.max_length
         ranges["text_tokens"] = (1, length, length)
+        if manifest.tokenizer.instruction_max_length:  # Sana: negative prompts max_length, prompts longer
+            longest = manifest.tokenizer.instruction_max_length
+            ranges["text_tokens"] = (length, longest, longest)
     text = [t.shape[1] for s in manifest.segments.values() for t in s.inputs if t.name == "text"]
     if text and isinstance(text[0], int):  # SD3, Flux: rotary tables over text + image tokens
         length, (low, opt, high) = text[0], ranges["tokens"]

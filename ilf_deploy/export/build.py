@@ -21,7 +21,7 @@ from ..adapters import MMDIT_ARCHITECTURES, feed_name, make_adapter
 from ..errors import ConfigError, IlfError
 from ..files import UNLOCKED_GRACE_S as UNLOCKED_GRACE_S  # a build's temp dir without a lock
 from ..files import locked_tempdir, remove_dead_tempdirs
-from ..loading import LoadedModel, load_model
+from ..loading import LoadedModel, load_model, sana_prompt_format
 from ..runtime.bundle import (
     SCHEMA_VERSION,
     schema_version_for,
@@ -232,9 +232,10 @@ def _export_segments(
         module = low_specs[spec.name].module if low else spec.module
         args = tuple(cast(examples[n]) if low else examples[n] for n in spec.inputs)
         path = root / "onnx" / f"{spec.name}.onnx"
-        # SD3/Flux through torch.export (TorchScript cannot export their q/k RMSNorm): export/onnx.py
-        dynamo = model.architecture in MMDIT_ARCHITECTURES
-        export_segment(module, args, path, spec.inputs, spec.outputs, dynamo=dynamo)
+        # SD3/Flux through torch.export (TorchScript cannot export their q/k RMSNorm), Sana too (its
+        # token-grid state: named grid dims): export/onnx.py
+        dynamo, grid = model.architecture in MMDIT_ARCHITECTURES, model.architecture == "sana"
+        export_segment(module, args, path, spec.inputs, spec.outputs, dynamo=dynamo, grid=grid)
         io_in, io_out = onnx_io(path)
         segments[spec.name] = {
             "file": f"onnx/{spec.name}.onnx",
@@ -272,7 +273,9 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
     for plan in plans:
         plan.save(root / "plans" / f"{plan.name}.json")
     tokenizer, tokenizers = None, _write_tokenizers(model, root)
-    if model.tokenizer is not None:
+    if model.architecture == "sana":
+        tokenizer = _write_sana_tokenizer(model, root)
+    elif model.tokenizer is not None:
         (root / "tokenizer").mkdir()
         model.tokenizer.backend_tokenizer.save(str(root / "tokenizer" / "tokenizer.json"))
         tokenizer = {
@@ -308,11 +311,35 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
     return manifest
 
 
+def _write_sana_tokenizer(model: LoadedModel, root: Path) -> dict:
+    """Sana's Gemma tokenizer with `SanaPipeline`'s prompt format (schema 5): a prompt is the
+    instruction followed by the lower-cased prompt, padded and truncated to `instruction_max_length`;
+    a negative prompt is itself, to `max_length` (the text encoder's select-index keeps that many)."""
+    fmt = sana_prompt_format()
+    hf = model.text_pipeline.tokenizer
+    (root / "tokenizer").mkdir()
+    hf.backend_tokenizer.save(str(root / "tokenizer" / "tokenizer.json"))
+    return {
+        "file": "tokenizer/tokenizer.json",
+        "max_length": fmt.max_sequence_length,
+        "pad_id": int(hf.pad_token_id or 0),
+        "instruction": fmt.instruction,
+        "instruction_max_length": instructed_length(hf),
+    }
+
+
+def instructed_length(tokenizer) -> int:
+    """The ids an instructed Sana prompt pads and truncates to: the instruction's tokens (with <bos>)
+    + max_sequence_length - 2, as `SanaPipeline._get_gemma_prompt_embeds` computes it."""
+    fmt = sana_prompt_format()
+    return len(tokenizer.encode(fmt.instruction)) + fmt.max_sequence_length - 2
+
+
 def _write_tokenizers(model: LoadedModel, root: Path) -> list[dict]:
     """SD3/Flux: every tokenizer of the pipeline, padded to the lengths its `encode_prompt` uses by
     default (CLIP: 77; T5: the pipeline's max_sequence_length), in the text encoder's input order."""
     pipe = model.text_pipeline
-    if pipe is None:
+    if pipe is None or model.architecture == "sana":  # one tokenizer: _write_sana_tokenizer
         return []
     names = ["tokenizer", "tokenizer_2", "tokenizer_3"][: 3 if model.architecture == "sd3" else 2]
     t5_length = default_max_sequence_length(pipe)
@@ -384,6 +411,20 @@ def _pipeline_examples(model: LoadedModel, latent_hw: tuple[int, int], batch: in
     request = generator.resolve(Request(prompt="an example prompt", height=size[0], width=size[1]))
     with torch.no_grad():
         ex = dict(generator.batch_inputs([request] * batch, False, latent_hw))
+    if model.architecture == "sana":  # an instructed prompt's ids, as the bundle's tokenizer makes them
+        fmt = sana_prompt_format()
+        tokens = pipe.tokenizer(
+            fmt.instruction + "an example prompt",
+            padding="max_length",
+            max_length=instructed_length(pipe.tokenizer),
+            truncation=True,
+            return_tensors="pt",
+        )
+        ex["input_ids"], ex["attention_mask"] = (
+            tokens.input_ids.repeat(batch, 1),
+            tokens.attention_mask.repeat(batch, 1),
+        )
+        return ex
     names = ["tokenizer", "tokenizer_2", "tokenizer_3"][: 3 if model.architecture == "sd3" else 2]
     for index, (name, input_name) in enumerate(zip(names, tokenizer_inputs(len(names)), strict=True)):
         last = index == len(names) - 1
@@ -408,7 +449,7 @@ def _model_facts(model: LoadedModel) -> dict:
     facts: dict = {
         "num_blocks": adapter.num_blocks,
         "latent_channels": adapter.latent_channels,
-        "out_channels": int(adapter.transformer.out_channels),
+        "out_channels": adapter.out_channels,
         "patch_size": adapter.patch_size,
         "sample_size": adapter.sample_size,
         "vae_scale_factor": model.vae_scale_factor,

@@ -51,10 +51,26 @@ _DYNAMO_AXES: dict[str, dict[int, str]] = {
 }
 
 
-def dynamic_axes(names: Sequence[str], dynamo: bool = False) -> dict[str, dict[int, str]]:
+# Sana (dynamo too): its state is the token grid (B, h, w, D), both grid axes dynamic; the text
+# encoder's ids are as long as the prompt format makes them (an instructed prompt is longer than a
+# negative one), its outputs as long as the transformer reads (the select-index's length).
+_GRID_AXES: dict[str, dict[int, str]] = {
+    **_DYNAMO_AXES,
+    "hidden": {0: "batch", 1: "grid_height", 2: "grid_width"},
+    "hidden_out": {0: "batch", 1: "grid_height", 2: "grid_width"},
+    "feed": {0: "batch", 1: "grid_height", 2: "grid_width"},
+    "input_ids": {0: "batch", 1: "text_tokens"},
+    "attention_mask": {0: "batch", 1: "text_tokens"},
+    "prompt_mask": {0: "batch"},
+    "context": {0: "batch"},
+    "context_bias": {0: "batch"},
+}
+
+
+def dynamic_axes(names: Sequence[str], dynamo: bool = False, grid: bool = False) -> dict[str, dict[int, str]]:
     """Every tensor is dynamic in batch (but the ids: their positions); token and pixel axes as
-    `_AXES` (TorchScript) or `_DYNAMO_AXES` says."""
-    axes = _DYNAMO_AXES if dynamo else _AXES
+    `_AXES` (TorchScript), `_DYNAMO_AXES` or, for a token-grid state (Sana), `_GRID_AXES` says."""
+    axes = _GRID_AXES if grid else _DYNAMO_AXES if dynamo else _AXES
     return {name: axes.get(name, {} if name.endswith("_ids") else {0: "batch"}) for name in names}
 
 
@@ -65,8 +81,10 @@ def export_segment(
     inputs: Sequence[str],
     outputs: Sequence[str],
     dynamo: bool = False,
+    grid: bool = False,
 ) -> None:
     """Write `module(*args)` to `path`; weights go to one `path.data` file when they pass 1 GB.
+    `grid`: a token-grid model (Sana), exported with torch.export and `_GRID_AXES`.
 
     The exporter writes into a scratch directory first: for graphs over protobuf's 2 GB limit it
     leaves one file per tensor, which must not end up in (and be hashed into) the bundle.
@@ -80,17 +98,19 @@ def export_segment(
         # tracer warnings about python-int shapes are expected; the dynamo exporter prints its progress
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
+            if grid:
+                options = _grid_options(module, args, inputs)
+                module = options.pop("program")
+            elif dynamo:
+                options = _dynamo_options(module, inputs)
+            else:
+                options = _torchscript_options(inputs, outputs)
             torch.onnx.export(
-                module,
-                args,
-                str(raw),
-                input_names=list(inputs),
-                output_names=list(outputs),
-                **(_dynamo_options(module, inputs) if dynamo else _torchscript_options(inputs, outputs)),
+                module, args, str(raw), input_names=list(inputs), output_names=list(outputs), **options
             )
         model = onnx.load(str(raw))  # also reads any per-tensor files the exporter wrote
-        if dynamo:
-            _name_dims(model, [*inputs, *outputs])
+        if dynamo or grid:
+            _name_dims(model, [*inputs, *outputs], grid)
         weights = sum(len(t.raw_data) for t in model.graph.initializer)
         data = path.with_name(path.name + ".data")
         if weights > TWO_GB // 2:  # keep well clear of protobuf's 2 GB limit
@@ -118,27 +138,65 @@ def _torchscript_options(inputs: Sequence[str], outputs: Sequence[str]) -> dict:
 def _dynamo_options(module: nn.Module, inputs: Sequence[str]) -> dict:
     """torch.export, with every axis `_DYNAMO_AXES` names (and every batch axis) dynamic where the
     graph lets it be (`Dim.AUTO`: an axis the model fixes stays fixed instead of failing the export)."""
-    import inspect
     import logging
 
     axes = dynamic_axes(inputs, dynamo=True)
     flat = [{axis: torch.export.Dim.AUTO for axis in axes[name]} for name in inputs]
-    # torch.export sees `forward(a, *rest)` as (a, (rest...)): the shapes take the same structure
-    params = list(inspect.signature(module.forward).parameters.values())
-    fixed = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
-    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
-    shapes = (*flat[:fixed], tuple(flat[fixed:])) if varargs and len(flat) > fixed else tuple(flat)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     return dict(
-        dynamic_shapes=shapes, opset_version=DYNAMO_OPSET, dynamo=True, external_data=True, verbose=False
+        dynamic_shapes=_structured(module, flat),
+        opset_version=DYNAMO_OPSET,
+        dynamo=True,
+        external_data=True,
+        verbose=False,
     )
 
 
-def _name_dims(model, names: Sequence[str]) -> None:
+def _structured(module: nn.Module, flat: list[dict]) -> tuple:
+    """One dynamic-shapes entry per input, as torch.export sees `forward(a, *rest)`: (a, (rest...))."""
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters.values())
+    fixed = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    return (*flat[:fixed], tuple(flat[fixed:])) if varargs and len(flat) > fixed else tuple(flat)
+
+
+def _grid_options(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: Sequence[str]) -> dict:
+    """A token-grid model (Sana): torch.export with one named dimension per axis name, shared by every
+    input that has it. `Dim.AUTO` would give each input's batch its own symbol, and the diffusers
+    attention's `view(batch, heads, -1, ...)` of the caption mask then fails to export; the program
+    is handed to the ONNX exporter as it is, unoptimized: onnxscript's optimizer drops the `+ 1e-15`
+    of Sana's linear attention (`num / (den + 1e-15)`), and a token whose ReLU'd query is all zero
+    then divides 0 by 0 (NaN) where torch gives 0; ONNX Runtime and OpenVINO optimize the graph
+    themselves."""
+    import logging
+
+    axes = dynamic_axes(inputs, grid=True)
+    # the text length's range is the model's (Sana's select-index: at least its length; Gemma-2's
+    # sliding window: at most that): torch.export infers it
+    dims: dict[str, object] = {"text_tokens": torch.export.Dim.AUTO}
+    flat = [
+        {axis: dims.setdefault(name, torch.export.Dim(name, min=1)) for axis, name in axes[n].items()}
+        for n in inputs
+    ]
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    program = torch.export.export(module, args, dynamic_shapes=_structured(module, flat), strict=False)
+    return dict(
+        program=program,
+        opset_version=DYNAMO_OPSET,
+        dynamo=True,
+        external_data=True,
+        verbose=False,
+        optimize=False,
+    )
+
+
+def _name_dims(model, names: Sequence[str], grid: bool = False) -> None:
     """torch.export names dynamic dims s0, s1…: rename those of the graph's inputs and outputs (and
-    every use of them inside) to `_DYNAMO_AXES`' names, which the manifest records and TensorRT's
-    profiles read (backends/tensorrt.py `dim_ranges`)."""
-    axes = dynamic_axes(names, dynamo=True)
+    every use of them inside) to `_DYNAMO_AXES`' (`_GRID_AXES`') names, which the manifest records
+    and TensorRT's profiles read (backends/tensorrt.py `dim_ranges`)."""
+    axes = dynamic_axes(names, dynamo=True, grid=grid)
     graph = model.graph
     rename: dict[str, str] = {}
     for value in [*graph.input, *graph.output]:

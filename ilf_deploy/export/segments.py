@@ -167,6 +167,27 @@ class PipelineTextSegment(nn.Module):
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
 
+class SanaTextSegment(nn.Module):
+    """Sana: Gemma-2 on token ids + mask -> `prompt_embeds` and `prompt_mask` as `SanaPipeline.encode_prompt`
+    hands them to the transformer: of the hidden states and the mask, the first token and the last
+    `length - 1` (its select-index). The instruction template is the tokenizer's concern (the ids
+    carry it); a prompt without it (a negative one, `length` tokens) passes whole. The id length
+    is dynamic: an instructed prompt is longer than a negative one."""
+
+    def __init__(self, encoder: nn.Module, length: int) -> None:
+        super().__init__()
+        self.encoder, self.length = encoder, length
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.encoder(input_ids, attention_mask=attention_mask)[0]
+        last = self.length - 1
+        embeds = torch.cat([hidden[:, :1], hidden[:, -last:]], dim=1)
+        mask = torch.cat([attention_mask[:, :1], attention_mask[:, -last:]], dim=1)
+        return embeds, mask
+
+
 class VaeDecoderSegment(nn.Module):
     """Scaled latents -> images in [0, 1] (B, 3, H, W); SD3/Flux latents are also shifted."""
 
@@ -218,7 +239,14 @@ def segment_specs(model: LoadedModel, cut_points: list[int], with_feedback: bool
         inputs = (*state, *adapter.block_inputs)
         specs.append(SegmentSpec("feedback", FeedbackSegment(adapter, feedback), inputs, feeds))
     specs.append(SegmentSpec("final", FinalSegment(adapter), ("hidden", *adapter.final_inputs), ("tokens",)))
-    if model.text_pipeline is not None:  # SD3, Flux: every text encoder in one segment, fp32
+    if model.architecture == "sana":  # Gemma-2 with the pipeline's token selection, fp32
+        from ..loading import sana_prompt_format
+
+        length = sana_prompt_format().max_sequence_length
+        module = SanaTextSegment(model.text_pipeline.text_encoder, length)
+        inputs, outputs = ("input_ids", "attention_mask"), ("prompt_embeds", "prompt_mask")
+        specs.append(SegmentSpec("text_encoder", module, inputs, outputs, keep_fp32=True))
+    elif model.text_pipeline is not None:  # SD3, Flux: every text encoder in one segment, fp32
         count = 3 if model.architecture == "sd3" else 2
         module = PipelineTextSegment(model.text_pipeline, model.architecture)
         outputs = ("prompt_embeds", "pooled_prompt_embeds")

@@ -20,14 +20,19 @@ from ..schemas import problem
 SCHEMA_VERSION = 2  # what a bundle is written as unless it holds something newer (schema_version_for)
 BF16_SCHEMA_VERSION = 3  # 3 adds the "bf16" variant mode and its `precision_policy`
 STATE_SCHEMA_VERSION = 4  # 4 adds a multi-tensor state (MMDiTs: SD3, Flux) and several tokenizers
-SCHEMA_VERSIONS = (SCHEMA_VERSION, BF16_SCHEMA_VERSION, STATE_SCHEMA_VERSION)  # the versions read
+# 5 adds a prompt format (Sana: `tokenizer.instruction`; the text encoder also returns the mask it keeps)
+INSTRUCTION_SCHEMA_VERSION = 5
+SCHEMA_VERSIONS = (SCHEMA_VERSION, BF16_SCHEMA_VERSION, STATE_SCHEMA_VERSION, INSTRUCTION_SCHEMA_VERSION)
 MODEL_STATE_FIELDS = ("state", "state_init", "token_layout", "guidance", "position_ids")  # schema 4
 
 
 def schema_version_for(manifest: Mapping[str, Any]) -> int:
-    """The oldest version that says what `manifest` (the JSON) holds: 4 with a multi-tensor state or
-    several tokenizers, 3 with a bf16 variant, else 2, so every other bundle stays readable by
-    readers of 2 (the C++ runtime)."""
+    """The oldest version that says what `manifest` (the JSON) holds: 5 with a prompt format
+    (Sana's instruction), 4 with a multi-tensor state or several tokenizers, 3 with a bf16 variant,
+    else 2, so every other bundle stays readable by readers of 2 (the C++ runtime)."""
+    tokenizer = manifest.get("tokenizer") or {}
+    if "instruction" in tokenizer:
+        return INSTRUCTION_SCHEMA_VERSION
     model = manifest.get("model") or {}
     if manifest.get("tokenizers") or any(key in model for key in MODEL_STATE_FIELDS):
         return STATE_SCHEMA_VERSION
@@ -175,6 +180,19 @@ class TokenizerSpec:
     pad_id: int
     openvino: str | None = None  # the same tokenizer converted by openvino-tokenizers (the C++ runtime's)
     input: str = "input_ids"  # the text_encoder input its ids feed (schema 4 `tokenizers`)
+    # Schema 5 (Sana): a prompt is `instruction` + the prompt, padded and truncated to
+    # `instruction_max_length`; a negative prompt is itself, to `max_length`.
+    instruction: str | None = None
+    instruction_max_length: int | None = None
+
+    def text_and_length(self, prompt: str, negative: bool = False) -> tuple[str, int]:
+        """What this tokenizer encodes for `prompt` (lower-cased and stripped, as the PixArt and Sana
+        pipelines preprocess) and the length it pads and truncates to."""
+        text = prompt.lower().strip()
+        if self.instruction is None or negative:
+            return text, self.max_length
+        assert self.instruction_max_length is not None  # the schema requires both
+        return self.instruction + text, self.instruction_max_length
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ class BundleGenerator(Generator):
         self.segments = runner
         self.backend = runner.backend
         self.variant = runner.variant
-        self._tokenizer = None
 
     def array(self, value: np.ndarray) -> Any:
         return self.segments.array(value)
@@ -54,16 +53,23 @@ class BundleGenerator(Generator):
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
+        """The bundle's tokenizer, padded and truncated to its max_length."""
+        spec = self.bundle.manifest.tokenizer
+        return self._padded_tokenizer(spec.max_length if spec is not None else 0)
+
+    def _padded_tokenizer(self, length: int):
+        """The bundle's tokenizer padded and truncated to `length` (Sana's instructed prompts are longer)."""
+        padded: dict[int, Any] = self.__dict__.setdefault("_padded", {})
+        if length not in padded:
             tokenizer = self.bundle.tokenizer()
             spec = self.bundle.manifest.tokenizer
             assert spec is not None  # else bundle.tokenizer() raised
-            tokenizer.enable_truncation(spec.max_length)
+            tokenizer.enable_truncation(length)
             tokenizer.enable_padding(
-                length=spec.max_length, pad_id=spec.pad_id, pad_token=tokenizer.id_to_token(spec.pad_id)
+                length=length, pad_id=spec.pad_id, pad_token=tokenizer.id_to_token(spec.pad_id)
             )
-            self._tokenizer = tokenizer
-        return self._tokenizer
+            padded[length] = tokenizer
+        return padded[length]
 
     @property
     def tokenizers(self) -> list[tuple[str, Any]]:
@@ -80,6 +86,12 @@ class BundleGenerator(Generator):
         return self.__dict__["_tokenizers"]
 
     def encode_prompt(self, prompt: str) -> dict[str, Any]:
+        return self._encode(prompt, negative=False)
+
+    def encode_negative_prompt(self, prompt: str) -> dict[str, Any]:
+        return self._encode(prompt, negative=True)
+
+    def _encode(self, prompt: str, negative: bool) -> dict[str, Any]:
         if self.bundle.manifest.tokenizers:  # SD3, Flux: the prompt as is, through every tokenizer
             feeds = {
                 name: self.array(np.array([tokenizer.encode(prompt).ids], dtype=np.int64))
@@ -87,12 +99,18 @@ class BundleGenerator(Generator):
             }
             with self.segments.activate():
                 return dict(self.segments.run("text_encoder", feeds))
-        encoding = self.tokenizer.encode(prompt.lower().strip())  # as the PixArt pipelines preprocess
+        spec = self.bundle.manifest.tokenizer
+        if spec is None:
+            self.bundle.tokenizer()  # raises the one-line "no tokenizer" error
+        assert spec is not None
+        text, length = spec.text_and_length(prompt, negative)  # Sana: the instruction, on prompts
+        encoding = self._padded_tokenizer(length).encode(text)
         ids = self.array(np.array([encoding.ids], dtype=np.int64))
         mask = self.array(np.array([encoding.attention_mask], dtype=np.int64))
         with self.segments.activate():
-            embeds = self.segments.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
-        return {"prompt_embeds": embeds["prompt_embeds"], "prompt_mask": mask}
+            out = self.segments.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
+        # Sana's text encoder returns the mask of the tokens it keeps; PixArt's keeps them all
+        return {"prompt_embeds": out["prompt_embeds"], "prompt_mask": out.get("prompt_mask", mask)}
 
     def generate_batch(
         self,
