@@ -29,15 +29,16 @@ bool lower_hex(const std::string& s, size_t from, size_t count) {
 }
 
 const char* kManifest = "manifest.json";
-// The manifest versions this reader implements, as Python's message lists its own ("2 and 3 and 4"):
+// The manifest versions this reader implements, as Python's message lists its own ("2 and 3 and 4 and 5"):
 // 3 (a bf16 variant) is not one of them.
-const std::string kReadableSchemas = std::to_string(kSchemaVersion) + " and " + std::to_string(kStateSchemaVersion);
+const std::string kReadableSchemas = std::to_string(kSchemaVersion) + " and " + std::to_string(kStateSchemaVersion) +
+                                     " and " + std::to_string(kInstructionSchemaVersion);
 
 /// A number (never a boolean) equal to a readable version, as Python's `version in (2, 4)` decides.
 bool readable_schema(const nlohmann::ordered_json& v) {
   if (!v.is_number()) return false;
   const double n = v.get<double>();
-  return n == kSchemaVersion || n == kStateSchemaVersion;
+  return n == kSchemaVersion || n == kStateSchemaVersion || n == kInstructionSchemaVersion;
 }
 const char* kDigestFile = "manifest.sha256";
 
@@ -214,11 +215,12 @@ Manifest parse_manifest(const json& d, const std::string& where) {
   c.closed(d, "", kTopLevel);
   Manifest m;
   m.schema_version = static_cast<int>(d["schema_version"].get<double>());  // Bundle::load checked it
-  const bool v4 = m.schema_version == kStateSchemaVersion;
+  const bool v4 = m.schema_version >= kStateSchemaVersion;  // 4 and 5 (5 adds a prompt format to 4)
   m.architecture = c.string(d["architecture"], "architecture");
   if (m.architecture != "pixart-alpha" && m.architecture != "pixart-sigma" && m.architecture != "dit" &&
-      m.architecture != "sd3" && m.architecture != "flux")
-    c.fail("architecture", type_name(d["architecture"]) + " is not one of ['pixart-alpha', 'pixart-sigma', 'dit', 'sd3', 'flux']");
+      m.architecture != "sd3" && m.architecture != "flux" && m.architecture != "sana")
+    c.fail("architecture",
+           type_name(d["architecture"]) + " is not one of ['pixart-alpha', 'pixart-sigma', 'dit', 'sd3', 'flux', 'sana']");
   m.config_hash = c.string(d["config_hash"], "config_hash");
 
   const json& model = d["model"];
@@ -293,13 +295,22 @@ Manifest parse_manifest(const json& d, const std::string& where) {
   const json& tokenizer = d["tokenizer"];
   if (!tokenizer.is_null()) {
     c.object(tokenizer, "tokenizer");
-    c.closed(tokenizer, "tokenizer", {"file", "max_length", "pad_id", "openvino"});
+    c.closed(tokenizer, "tokenizer", {"file", "max_length", "pad_id", "openvino", "instruction", "instruction_max_length"});
     TokenizerSpec t;
     t.file = c.path(c.key(tokenizer, "tokenizer", "file"), "tokenizer/file");
     t.max_length = c.int32(c.key(tokenizer, "tokenizer", "max_length"), "tokenizer/max_length", 1);
     t.pad_id = c.int32(c.key(tokenizer, "tokenizer", "pad_id"), "tokenizer/pad_id", 0);
     if (tokenizer.contains("openvino") && !tokenizer["openvino"].is_null())
       t.openvino = c.path(tokenizer["openvino"], "tokenizer/openvino");
+    if (tokenizer.contains("instruction") != tokenizer.contains("instruction_max_length"))
+      c.fail("tokenizer", "'instruction' and 'instruction_max_length' go together");
+    if (tokenizer.contains("instruction")) {
+      if (m.schema_version < kInstructionSchemaVersion)
+        c.fail("tokenizer", "'instruction' is only allowed in schema_version " + std::to_string(kInstructionSchemaVersion) +
+                                " (this manifest says " + std::to_string(m.schema_version) + ")");
+      t.instruction = c.string(tokenizer["instruction"], "tokenizer/instruction");
+      t.instruction_max_length = c.int32(tokenizer["instruction_max_length"], "tokenizer/instruction_max_length", 1);
+    }
     m.tokenizer = t;
   }
   if (d.contains("tokenizers")) {

@@ -835,7 +835,9 @@ Feeds Generator::run_text_encoder(const TokenIds& tokens) {
   const int64_t n = static_cast<int64_t>(tokens.input_ids.size());
   Tensor ids = Tensor::i64({1, n}, tokens.input_ids), mask = Tensor::i64({1, n}, tokens.attention_mask);
   Feeds out = segments_->run("text_encoder", {{"input_ids", ids}, {"attention_mask", mask}});
-  return {{"prompt_embeds", output(out, "prompt_embeds", "text_encoder")}, {"prompt_mask", mask}};
+  // Sana's text encoder returns the mask of the tokens it keeps (its select-index); PixArt's keeps them all
+  auto kept = out.find("prompt_mask");
+  return {{"prompt_embeds", output(out, "prompt_embeds", "text_encoder")}, {"prompt_mask", kept == out.end() ? mask : kept->second}};
 }
 
 namespace {

@@ -32,6 +32,8 @@ Run a step plan of an ilf-deploy bundle on OpenVINO (every file's sha256 and the
                           text_encoder input they feed, each padded to its max_length, e.g.
                           {"input_ids": [...], "input_ids_2": [...]}; every input one row (the
                           prompt) or, for SD3 with guidance, two rows [negative; prompt]
+                          Sana: as PixArt's .json, the prompt's row = tokenizer.instruction + the
+                          prompt (instruction_max_length ids), a negative row its own (max_length)
   --negative-prompt TEXT  PixArt and SD3, with guidance (default "")
   --class-label N         DiT: the ImageNet class
   --guidance-scale G      guidance (default 4.5 PixArt, 4.0 DiT, 7.0 SD3: classifier-free, <= 1
@@ -215,8 +217,10 @@ nlohmann::json read_json(const std::string& path, Fail fail) {
   return d;
 }
 
-/// --token-ids: rows of (ids, mask); the mask of a .npy is 1 up to the trailing run of pad ids.
-std::vector<ilf::TokenIds> read_token_ids(const std::string& path, int pad_id) {
+/// --token-ids: rows of (ids, mask); the mask of a .npy is 1 up to the trailing run of pad ids. With a
+/// prompt format (Sana, schema 5) the prompt's row is instruction_max_length long, a negative row max_length.
+std::vector<ilf::TokenIds> read_token_ids(const std::string& path, const ilf::TokenizerSpec* spec) {
+  const int pad_id = spec ? spec->pad_id : 0;
   std::vector<ilf::TokenIds> rows;
   auto fail = [&](const std::string& why) -> void { usage_error("cannot read token ids " + path + ": " + why); };
   if (is_json(path)) {
@@ -261,8 +265,16 @@ std::vector<ilf::TokenIds> read_token_ids(const std::string& path, int pad_id) {
     }
   }
   if (rows.empty() || rows.size() > 2) fail("expected 1 row (the prompt) or 2 rows (negative; prompt)");
-  if (rows.size() == 2 && rows[0].input_ids.size() != rows[1].input_ids.size())
+  if (spec && spec->instruction) {
+    auto length = [&](size_t row, int want, const std::string& what) {
+      if (rows[row].input_ids.size() != static_cast<size_t>(want))
+        fail(what + " row must be " + std::to_string(want) + " ids long, got " + std::to_string(rows[row].input_ids.size()));
+    };
+    length(rows.size() - 1, spec->instruction_max_length, "the prompt's (instruction + prompt)");
+    if (rows.size() == 2) length(0, spec->max_length, "the negative prompt's");
+  } else if (rows.size() == 2 && rows[0].input_ids.size() != rows[1].input_ids.size()) {
     fail("both rows must have the same length");
+  }
   return rows;
 }
 
@@ -372,7 +384,7 @@ int run(int argc, char** argv) {
   request.height = static_cast<int>(a.height);
   request.width = static_cast<int>(a.width);
   if (!a.token_ids.empty()) {
-    auto rows = inputs.empty() ? read_token_ids(a.token_ids, m.tokenizer ? m.tokenizer->pad_id : 0)
+    auto rows = inputs.empty() ? read_token_ids(a.token_ids, m.tokenizer ? &*m.tokenizer : nullptr)
                                : read_named_token_ids(a.token_ids, m.tokenizers);
     request.tokens = rows.back();
     if (rows.size() == 2) request.negative_tokens = rows.front();
