@@ -281,7 +281,7 @@ def bundle_backend(
 
     guidance = gen.resolve(Request(guidance_scale=guidance_scale)).guidance_scale
     info = {"bundle": str(bundle_dir), "guidance_scale": guidance, "variant": gen.variant}
-    bundle = Bundle.load(bundle_dir, verify_hashes=False)  # open_generator checked the hashes
+    bundle = gen.opened_bundle()  # the one open_generator loaded (hashes checked)
     return EvalBackend(gen.backend, lambda spec: bundle_plan(bundle, spec, info), generate, info, gen.choice)
 
 

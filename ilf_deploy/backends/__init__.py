@@ -66,6 +66,7 @@ class Backend:
         module = importlib.import_module(self.module)
         generator = module.open_generator(bundle, variant, device, **{**self.options, **options})
         generator.backend = self.name
+        generator.bundle = bundle  # its callers read the bundle here, never load it again
         return generator
 
 
@@ -176,7 +177,8 @@ def open_generator(
     **options: Any,
 ) -> Generator:
     """A generator for the bundle at `source`: its hashes (and, if given, its pinned `digest`)
-    checked, then the named backend opened.
+    checked, then the named backend opened. `generator.bundle` is the bundle loaded here: callers
+    read it (a server's contract, plans and digest) rather than load the manifest again.
 
     `device` is where the torch backend runs; the others choose their own. Options go to the
     backend (e.g. `model=` for torch on a `--no-copy-model` bundle, `cuda_graphs=` for TensorRT)."""

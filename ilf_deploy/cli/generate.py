@@ -25,7 +25,7 @@ def open_source(
     digest: str | None = None,
 ):
     """(generator, plan resolver, architecture) for a bundle or a model directory / hub id."""
-    from ..runtime.bundle import Bundle, is_bundle
+    from ..runtime.bundle import is_bundle
 
     if is_bundle(source):
         from ..backends import open_generator
@@ -35,7 +35,7 @@ def open_source(
         announce(generator.choice, source, backend)
         from ..tuning import resolve_bundle_plan
 
-        bundle = Bundle.load(source, verify_hashes=False)  # open_generator has checked the hashes
+        bundle = generator.opened_bundle()  # the one open_generator loaded (hashes, pin checked)
         # A bundle's plans carry the schedules of the sizes it was built for.
         return generator, lambda spec, size=None: resolve_bundle_plan(bundle, spec), bundle.architecture
     if digest is not None:
@@ -92,10 +92,10 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON
 
 def request_contract(generator, source: str) -> RequestContract:
     """The limits `serve` and Triton hold requests to, for this bundle or model directory."""
-    from ..runtime.bundle import Bundle, is_bundle
+    from ..runtime.bundle import is_bundle
 
     if is_bundle(source):
-        return RequestContract.for_bundle(Bundle.load(source, verify_hashes=False), generator)
+        return RequestContract.for_bundle(generator.opened_bundle(), generator)
     model = generator.model  # a TorchGenerator: count tokens as its encode_prompt does, untruncated
     tokenizer, max_tokens = model.tokenizer, getattr(model.adapter, "max_sequence_length", 0)
     if tokenizer is None or model.architecture == "dit":

@@ -201,6 +201,11 @@ def _check_own_digest(root: Path, data: bytes) -> str:
     return digest
 
 
+def _check_pin(path: Path, actual: str, digest: str | None) -> None:
+    if digest is not None and digest != actual:
+        raise BundleError(f"{path} has digest {actual}, not the pinned --digest {digest}")
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -220,12 +225,16 @@ class Bundle:
         if isinstance(raw, dict) and raw.get("schema_version") not in SCHEMA_VERSIONS:
             Manifest.parse(raw, str(path / MANIFEST))  # the version error says how to fix it
         actual = _check_own_digest(path, data)
-        if digest is not None and digest != actual:
-            raise BundleError(f"{path} has digest {actual}, not the pinned --digest {digest}")
+        _check_pin(path, actual, digest)
         bundle = cls(path, Manifest.parse(raw, str(path / MANIFEST)), actual)
         if verify_hashes:
             bundle.verify_files()
         return bundle
+
+    def check_pin(self, digest: str | None) -> Bundle:
+        """This bundle, refused unless it is the pinned `digest` (None: any), as `load` refuses."""
+        _check_pin(self.path, self.digest, check_digest_option(digest))
+        return self
 
     def manifest_json(self) -> dict[str, Any]:
         """The manifest as JSON (for display: `inspect --json`); readers use `manifest`."""

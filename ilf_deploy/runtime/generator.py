@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..plan import StepPlan
+from .bundle import Bundle
 from .cache import CacheState
 from .loop import Segments, denoise
 
@@ -69,6 +70,9 @@ class Generator(ABC):
     backend: str = ""  # the registry name it was opened with
     variant: str | None = None  # its precision variant (or an engine precision, e.g. OpenVINO bf16)
     choice: str | None = None  # `--backend auto`: which engine it chose and why (one line)
+    # The bundle it was opened from (the backend registry sets it); None: a model run directly (the
+    # torch runner on a checkpoint). Servers and batch jobs read it, never load the bundle again.
+    bundle: Bundle | None = None
     # Per image of the last generate_batch: the block forwards that ran (an adaptive plan decides
     # them at run time; for every other plan they are the plan's `block_forwards`).
     last_block_forwards: list[int] = []  # noqa: RUF012 (replaced, never mutated)
@@ -89,6 +93,13 @@ class Generator(ABC):
 
     @abstractmethod
     def concat(self, arrays: list[Array]) -> Array: ...
+
+    def opened_bundle(self, digest: str | None = None) -> Bundle:
+        """The bundle this engine runs, refused unless it is the pinned `digest` (None: any): an
+        engine handed to a server or a batch job stands for the bundle it was opened from."""
+        if self.bundle is None:
+            raise ConfigError(f"the {self.backend or 'given'} engine runs a model, not a bundle")
+        return self.bundle.check_pin(digest)
 
     def inference_context(self) -> contextlib.AbstractContextManager:
         """The scope a server runs engine work in (the torch backend: inference mode)."""

@@ -49,11 +49,18 @@ class Prepared:
     """The driver's side of a batch: the engine it checked with, the work left, the open results."""
 
     options: BatchOptions
-    generator: Generator
-    digest: str
+    generator: Generator  # its bundle is the one the driver checked (hashes, pin): workers pin its digest
     results: Results
     jobs: list[dict[str, Any]]
     summary: Summary
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.generator.opened_bundle()
+
+    @property
+    def digest(self) -> str:
+        return self.bundle.digest
 
 
 def contract_for(bundle: Bundle, generator: Generator, plan: str | None) -> RequestContract:
@@ -92,7 +99,7 @@ def prepare(options: BatchOptions) -> Prepared:
     generator = open_generator(
         options.bundle, options.backend or AUTO, variant=options.variant, digest=options.digest
     )
-    bundle = Bundle.load(options.bundle, verify_hashes=False, digest=options.digest)
+    bundle = generator.opened_bundle()  # checked (hashes, pin) by the load that opened it
     contract = contract_for(bundle, generator, options.plan)
     lines, prompts_digest = read_prompts(options.prompts)
     identity = {
@@ -114,7 +121,7 @@ def prepare(options: BatchOptions) -> Prepared:
             summary.refused += 1
         else:
             jobs.append(work)
-    return Prepared(options, generator, bundle.digest, results, jobs, summary)
+    return Prepared(options, generator, results, jobs, summary)
 
 
 def chunks(jobs: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
@@ -187,7 +194,7 @@ def run_batch(
             cpus = cluster_cpus(options.ray_address)
             prepared.options = options = options.with_actors(cpus)
             workers = f"{options.actors} Ray actors ({cpus:g} cluster CPUs, {options.actor_cpus:g} each)"
-            outcomes = run_on_ray(options, prepared.jobs, prepared.digest)
+            outcomes = run_on_ray(options, prepared.jobs, prepared.bundle)
         if on_start is not None:
             on_start(len(prepared.jobs), workers)
         record(prepared, outcomes, on_row or (lambda: None))

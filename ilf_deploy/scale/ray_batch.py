@@ -46,8 +46,9 @@ def cluster_cpus(address: str) -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
-def run_on_ray(options: BatchOptions, jobs: list[dict[str, Any]], digest: str) -> Iterator[Outcome]:
-    """The outcomes of `jobs` as they finish, made by actors that refuse any bundle but `digest`."""
+def run_on_ray(options: BatchOptions, jobs: list[dict[str, Any]], bundle: Bundle) -> Iterator[Outcome]:
+    """The outcomes of `jobs` as they finish, made by actors that refuse any bundle but the driver's
+    (`bundle`: the one its engine was opened from, hashes and pin checked)."""
     if not jobs:
         return
     connect(options.ray_address or "auto")
@@ -60,7 +61,6 @@ def run_on_ray(options: BatchOptions, jobs: list[dict[str, Any]], digest: str) -
     context.scheduling_strategy = "SPREAD"  # actors over the nodes (Ray Data's default, said here)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-    bundle = Bundle.load(options.bundle, verify_hashes=False, digest=digest)
     items = [{"job": json.dumps(work)} for work in jobs]
     rows_per_task = options.rows_per_task(len(items))
     blocks = min(MAX_BLOCKS, -(-len(items) // rows_per_task))
@@ -70,7 +70,7 @@ def run_on_ray(options: BatchOptions, jobs: list[dict[str, Any]], digest: str) -
             "bundle": source(bundle, options.ship),
             "backend": options.backend,
             "variant": options.variant,
-            "digest": digest,
+            "digest": bundle.digest,
         },
         batch_size=rows_per_task,
         compute=ray.data.ActorPoolStrategy(size=options.actors),

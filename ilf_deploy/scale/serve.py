@@ -57,7 +57,6 @@ class RayServeBatcher(Batcher):
             batcher.max_batch,
             batcher.max_wait_s,
             batcher.max_queue,
-            batcher.engine_context,
         )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

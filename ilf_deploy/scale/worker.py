@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from ..plan import StepPlan
-from ..runtime.bundle import Bundle
 from ..runtime.generator import Generator, Request
 
 Outcome = tuple[dict[str, Any], bytes | None]  # a row's result and its image's PNG (None: failed)
@@ -66,8 +65,10 @@ class BatchWorker:
             from ..backends.auto import AUTO
 
             generator = open_generator(bundle, backend or AUTO, variant=variant, digest=digest)
+            self.bundle = generator.opened_bundle()  # hashes and pin: checked by the load above
+        else:  # the driver's engine: the bundle it was opened from must be the pinned one
+            self.bundle = generator.opened_bundle(digest)
         self.generator = generator
-        self.bundle = Bundle.load(bundle, verify_hashes=False, digest=digest)  # hashes: checked above
         self.identity = worker_identity()
         self._plans: dict[str, StepPlan] = {}
 

@@ -26,7 +26,6 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -105,11 +104,9 @@ class Batcher:
         max_batch: int,
         max_wait_s: float,
         max_queue: int,
-        engine_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         self.generator, self.plans, self.metrics = generator, plans, metrics
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
-        self.engine_context = engine_context  # e.g. torch.inference_mode for the torch backend
         self.ready = False
         self.warmup_error: str | None = None
         self._groups: dict[BatchKey, deque[Job]] = {}
@@ -277,7 +274,7 @@ class Batcher:
 
     # -- the engine thread -----------------------------------------------------------------------
     def _warmup(self, plan: str, request: Request) -> None:
-        with self.engine_context():
+        with self.generator.inference_context():  # torch: inference mode
             self.generator.decode(self.generator.generate_batch(self.plans[plan], [request]))
             self.generator.segments.open_all()  # e.g. ORT: every session, not just this plan's
         self._drain_timings()
@@ -293,7 +290,7 @@ class Batcher:
 
         started = time.perf_counter()
         try:
-            with self.engine_context():
+            with self.generator.inference_context():  # torch: inference mode
                 requests = [job.request for job in live]
                 latents = self.generator.generate_batch(self.plans[key.plan], requests, None, on_step)
                 ran = sum(self.generator.last_block_forwards)  # adaptive: per image

@@ -5,8 +5,8 @@ the metrics and the per-key limiter, built once by `ServerState.open` (routes re
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,17 +128,15 @@ class ServerState:
         if generator is None:
             from ..backends import open_generator
 
-            # the files' hashes, and the pinned digest if any
+            # the files' hashes, and the pinned digest if any: checked once, by the load that opens it
             generator = open_generator(bundle_path, options.backend, digest=options.digest)
-        bundle = Bundle.load(bundle_path, verify_hashes=False, digest=options.digest)
+            bundle = generator.opened_bundle()
+        else:  # a caller's engine stands for the bundle it was opened from: that one must be the pin
+            bundle = generator.opened_bundle(options.digest)
         contract = RequestContract.for_bundle(bundle, generator, options.max_n, options.default_plan)
         plans = {name: bundle.plan(name) for name in bundle.plan_names}
         metrics = ServerMetrics()
         max_batch = options.batch_limit(bundle)
-        # the backend's own scope for engine work (torch: inference mode); test doubles may have none
-        engine_context: Callable[[], AbstractContextManager] = getattr(
-            generator, "inference_context", nullcontext
-        )
         batcher = Batcher(
             generator,
             plans,
@@ -146,7 +144,6 @@ class ServerState:
             max_batch,
             options.max_wait_ms / 1000,
             options.max_queue,
-            engine_context,
         )
         limiter = KeyLimiter(options.max_inflight_per_key)
         return cls(

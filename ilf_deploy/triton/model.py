@@ -70,19 +70,17 @@ def _scalar_rows(array: np.ndarray, name: str, rows: int) -> list[Any]:
 class Engine:
     """A generator and its bundle's plans, behind Triton's request rows."""
 
-    def __init__(self, generator: Generator, bundle: Bundle, default_plan: str | None = None) -> None:
-        self.generator, self.bundle = generator, bundle
+    def __init__(self, generator: Generator, default_plan: str | None = None) -> None:
+        self.generator = generator
+        bundle = generator.opened_bundle()  # the one the model loaded (its digest pinned), not reread
         self.plans = {name: bundle.plan(name) for name in bundle.plan_names}
         # every row is checked by the request contract that `serve` and `generate` use
         self.contract = RequestContract.for_bundle(bundle, generator, default_plan=default_plan)
 
     def open_segments(self) -> None:
-        """Every segment's session opened now, not by the first request of a plan that uses it
-        (Triton's model_warmup, in the config, then runs one image through `execute`)."""
-        session = getattr(self.generator.segments, "session", None)  # ONNX Runtime: lazily opened
-        if session is not None:
-            for name in self.bundle.manifest.segments:
-                session(name)
+        """Every segment opened now, not by the first request of a plan that uses it (Triton's
+        model_warmup, in the config, then runs one image through `execute`)."""
+        self.generator.segments.open_all()  # e.g. ONNX Runtime: every session, lazily opened otherwise
 
     # -- one request's rows ------------------------------------------------------------------------
     def rows(self, index: int, inputs: dict[str, np.ndarray | None]) -> list[Row]:
@@ -245,7 +243,7 @@ class _PythonModel:
             # hashes checked, and the digest the repository was exported with
             bundle = Bundle.load(_bundle_path(params["bundle"], args), digest=params.get("digest") or None)
             generator = self.open_generator(bundle, params, args)
-            self.engine = Engine(generator, bundle, params.get("default_plan") or None)
+            self.engine = Engine(generator, params.get("default_plan") or None)
             self.engine.open_segments()
         except IlfError as exc:
             # One line in Triton's log; the exception makes the load fail and the model not ready.
