@@ -5,7 +5,8 @@ is computed separately so that ILF can condition the blocks after the feedback o
 Conditioning is a flat dict of tensors so that every segment can be exported as-is.
 
 What flows from block to block is the model's **state**: a dict of named tensors the adapter
-declares in `state_names`. A single-stream DiT (PixArt, DiT) carries its image tokens, `hidden`; a
+declares in `state_names`. A single-stream DiT (PixArt, DiT) carries its image tokens, `hidden`
+(B, N, D) — Sana its token grid, `hidden` (B, h, w, D), whose shape tells its blocks the grid; a
 two-stream MMDiT (SD3, Flux) carries image tokens and text tokens, `hidden` and `text`. Every
 consumer (block ranges, the ILF inner loop, the Δ-cache, the adaptive probe) treats a state as a
 whole: the same operation on each of its tensors.
