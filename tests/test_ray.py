@@ -437,8 +437,8 @@ def test_kuberay_manifests_load_into_the_kubernetes_and_ray_serve_models(bundle,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     digest = Bundle.load(bundle).digest
-    service = yaml.safe_load((tmp_path / "rayservice.yaml").read_text())
-    job_ = yaml.safe_load((tmp_path / "rayjob.yaml").read_text())
+    service = next(yaml.safe_load_all((tmp_path / "rayservice.yaml").read_text()))  # then its PDB
+    job_ = next(yaml.safe_load_all((tmp_path / "rayjob.yaml").read_text()))
     assert (service["apiVersion"], service["kind"], job_["kind"]) == ("ray.io/v1", "RayService", "RayJob")
     for document in (service, job_):
         strict_model("V1ObjectMeta", document["metadata"])
@@ -454,7 +454,7 @@ def test_kuberay_manifests_load_into_the_kubernetes_and_ray_serve_models(bundle,
             assert pod.metadata.annotations["ilf-deploy.dev/bundle-digest"] == digest
             (check,) = pod.spec.init_containers
             assert check.command == ["ilf-deploy", "inspect", f"/models/{bundle.name}", "--digest", digest]
-            assert pod.spec.volumes[0].persistent_volume_claim.claim_name == "ilf-bundles"
+            assert pod.spec.volumes[0].persistent_volume_claim.claim_name == "ilf-models"
             assert pod.spec.containers[0].image == "registry.example/ilf-ray:1"
         assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
@@ -475,6 +475,7 @@ def test_kuberay_manifests_load_into_the_kubernetes_and_ray_serve_models(bundle,
     params = command.make_context("batch", entrypoint[2:]).params  # the entrypoint parses as `batch`
     assert (params["ray_address"], params["digest"], str(params["out"])) == ("auto", digest, "/data/results")
     head_mounts = job_["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {m["mountPath"] for m in head_mounts["volumeMounts"]} == {"/models", "/data"}  # the driver's
+    mounts = {m["mountPath"] for m in head_mounts["volumeMounts"]}
+    assert mounts == {"/models", "/data", "/tmp"}  # the driver's; /tmp: the root filesystem is read-only
     bad = invoke("export-kuberay", bundle, "--out", tmp_path / "x", "--autoscale", "4")
     assert bad.exit_code == 2 and "--autoscale must be MIN:MAX" in bad.output

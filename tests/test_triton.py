@@ -722,6 +722,7 @@ def test_k8s_manifests_load_into_the_kubernetes_models(bundle, tmp_path):
         "Deployment": "V1Deployment",
         "Service": "V1Service",
         "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler",
+        "PodDisruptionBudget": "V1PodDisruptionBudget",
     }
     loaded = {o["kind"]: strict_model(kinds[o["kind"]], o) for o in objects}
     assert set(loaded) == set(kinds)
@@ -740,7 +741,7 @@ def test_k8s_manifests_load_into_the_kubernetes_models(bundle, tmp_path):
     hpa = loaded["HorizontalPodAutoscaler"]
     assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (3, 6)
     assert hpa.spec.metrics[0].pods.metric.name == "triton_queue_us_per_request"
-    (service,) = yaml.safe_load_all((tmp_path / "k8s" / "kserve.yaml").read_text())
+    (service, _budget) = yaml.safe_load_all((tmp_path / "k8s" / "kserve.yaml").read_text())
     # KServe's CRD is not in the kubernetes client: its pod parts are checked with the core models
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     strict_model("V1ObjectMeta", service["metadata"])
@@ -753,6 +754,8 @@ def test_k8s_manifests_load_into_the_kubernetes_models(bundle, tmp_path):
         "initContainers",
         "containers",
         "volumes",
+        "securityContext",  # tests/test_manifests.py checks the hardening and placement
+        "tolerations",  # --kind gpu
     }
     (check,) = strict_model("list[V1Container]", predictor["initContainers"])  # the bundle's digest
     assert check.command[:2] == ["ilf-deploy", "inspect"] and check.command[-2] == "--digest"

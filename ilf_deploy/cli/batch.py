@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
+from ..triton.k8s import CLAIM
 from . import command, console
+from .cluster import Image, Namespace, NodeSelector, PodMonitor, Tolerations, cluster
 from .options import Backend, BundleDir, Digest, Variant
 from .paths import output_dir
 
@@ -198,12 +200,19 @@ def export_kuberay(
     bundle: BundleDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for rayservice.yaml and rayjob.yaml.")],
     name: Annotated[str, typer.Option(help="Name of the RayService (the RayJob is NAME-batch).")] = "ilf",
-    claim: Annotated[
-        str | None, typer.Option(help="PersistentVolumeClaim holding the bundle (default NAME-bundles).")
+    claim: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the bundle.")] = CLAIM,
+    bundle_path: Annotated[
+        str | None,
+        typer.Option(
+            help="The bundle's path on the claim (default: its directory name; NAME/1/bundle in "
+            "an export-triton repository)."
+        ),
     ] = None,
-    image: Annotated[
-        str, typer.Option(help="A Ray image with ilf-deploy installed.")
-    ] = "ilf-deploy-ray:latest",
+    image: Image = None,
+    namespace: Namespace = "default",
+    toleration: Tolerations = None,
+    node_selector: NodeSelector = None,
+    pod_monitor: PodMonitor = False,
     workers: Annotated[int, typer.Option(help="Ray worker pods (the autoscaler's minimum).")] = 2,
     max_workers: Annotated[
         int | None, typer.Option(help="Let KubeRay's autoscaler add pods up to this many.")
@@ -242,8 +251,9 @@ def export_kuberay(
     if replicas < 1 or actors < 1 or worker_cpus < 1:
         raise ConfigError("--replicas, --actors and --worker-cpus must be >= 1")
     spec = KubeRay(
-        name=name, bundle=loaded.path.resolve().name, digest=loaded.digest, claim=claim or f"{name}-bundles",
-        image=image, workers=workers, max_workers=max_workers, worker_cpus=worker_cpus, gpu=gpu,
+        name=name, bundle=bundle_path or loaded.path.resolve().name, digest=loaded.digest, claim=claim,
+        image=image, cluster=cluster(namespace, toleration, node_selector, pod_monitor),
+        workers=workers, max_workers=max_workers, worker_cpus=worker_cpus, gpu=gpu,
         replicas=replicas, autoscale=parse_autoscale(autoscale), backend=backend or "auto",
         api_key_secret=api_key_secret, data_claim=data_claim, actors=actors,
     )  # fmt: skip

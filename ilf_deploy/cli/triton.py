@@ -13,7 +13,9 @@ from typing import Annotated
 
 import typer
 
+from ..triton.k8s import CLAIM, IMAGE, check_names
 from . import command, console
+from .cluster import Image, Namespace, NodeSelector, PodMonitor, Prometheus, Tolerations, cluster
 from .options import VARIANT_HELP, Digest, backend_help
 from .paths import output_dir
 
@@ -47,14 +49,15 @@ def export_triton(
     k8s: Annotated[
         Path | None, typer.Option(help="Also write Kubernetes and KServe manifests into this directory.")
     ] = None,
-    image: Annotated[str, typer.Option(help="Container image for --k8s (Triton + ilf-deploy).")] = (
-        "ilf-deploy-triton:latest"
-    ),
+    image: Image = None,
     replicas: Annotated[int, typer.Option(help="Replicas for --k8s (the autoscaler's minimum).")] = 1,
     max_replicas: Annotated[int, typer.Option(help="The autoscaler's maximum for --k8s.")] = 4,
-    claim: Annotated[
-        str | None, typer.Option(help="PersistentVolumeClaim holding the repository (--k8s).")
-    ] = None,
+    claim: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the repository (--k8s).")] = CLAIM,
+    namespace: Namespace = "default",
+    toleration: Tolerations = None,
+    node_selector: NodeSelector = None,
+    pod_monitor: PodMonitor = False,
+    prometheus: Prometheus = None,
     warmup: Annotated[bool, typer.Option(help="Generate one image before reporting ready.")] = True,
     force: Annotated[bool, typer.Option(help="Replace models of the same name.")] = False,
     digest: Digest = None,
@@ -72,6 +75,9 @@ def export_triton(
         )
     output_dir(out, "--out")
     output_dir(k8s, "--k8s")
+    placement = cluster(namespace, toleration, node_selector, pod_monitor, prometheus)
+    if k8s is not None:  # names refused before anything is written (check_names: never rewritten)
+        check_names(name, IMAGE if image is None else image, placement.namespace, claim=claim)
     options = ExportOptions(
         name=name,
         backend=backend,
@@ -95,9 +101,10 @@ def export_triton(
 
         written = write_manifests(
             k8s,
-            name=name.replace("_", "-").replace(".", "-").lower(),
-            claim=claim or f"{name}-model-repository".replace("_", "-").lower(),
+            name=name,
+            claim=claim,
             image=image,
+            cluster=placement,
             replicas=replicas,
             max_replicas=max_replicas,
             gpu=kind == "gpu",

@@ -10,25 +10,29 @@ mounts. The job is resumable, so RayJob's `backoffLimit` retries finish what a f
 
 Every pod checks the bundle's digest in an init container (`ilf-deploy inspect BUNDLE --digest`)
 before Ray starts, and carries it as the annotation `ilf-deploy.dev/bundle-digest` (a new bundle
-rolls the pods); the replicas and actors check it again when they open the bundle. The image is a
-Ray image with ilf-deploy installed (README "Beyond one machine").
+rolls the pods); the replicas and actors check it again when they open the bundle. The image is
+`ilf-deploy-ray` (`make images IMAGES=ray`; by digest when built here). The claim, its mount path,
+the names' checks, the pods' hardening, placement, PodDisruptionBudget and PodMonitor are the Triton
+exporter's (triton/k8s.py `Cluster`): one bundle, one claim, the same path in every manifest.
 """
 
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..triton.k8s import DIGEST_ANNOTATION, check_names
+from ..errors import ConfigError
+from ..triton.k8s import CLAIM, DIGEST_ANNOTATION, MOUNT, Cluster, check_names, default_image
 
 RAY_VERSION = "2.60.0"  # the Ray these manifests and the tests were made with
-IMAGE = "ilf-deploy-ray:latest"
-MODELS = "/models"  # where the bundle's claim is mounted
+IMAGE = "ilf-deploy-ray"
+MODELS = MOUNT  # where the bundle's claim is mounted (the Triton exporter's too)
 DATA = "/data"  # the batch's prompts and results (RayJob)
+METRICS_PORT = 8080  # Ray's metrics export port on every node (PodMonitor)
 PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
 
 
@@ -37,10 +41,11 @@ class KubeRay:
     """What the manifests describe: a bundle on a claim, a Ray cluster, and what runs on it."""
 
     name: str
-    bundle: str  # the bundle's directory name on the claim: it is at /models/BUNDLE in every pod
+    bundle: str  # the bundle's path on the claim: it is at /models/BUNDLE in every pod
     digest: str
-    claim: str
-    image: str = IMAGE
+    claim: str = CLAIM
+    image: str | None = None  # None: default_image(IMAGE)
+    cluster: Cluster = field(default_factory=Cluster)
     workers: int = 2  # worker pods (the autoscaler's minimum)
     max_workers: int | None = None  # None: a fixed number of pods; else KubeRay's autoscaler
     worker_cpus: int = 2
@@ -56,10 +61,14 @@ class KubeRay:
     actors: int = 2  # RayJob: Ray Data actors
 
     def __post_init__(self) -> None:
+        if self.image is None:
+            object.__setattr__(self, "image", default_image(IMAGE))
         check_names(
-            self.name, self.image, claim=self.claim, data_claim=self.data_claim,
+            self.name, self.image, self.cluster.namespace, claim=self.claim, data_claim=self.data_claim,
             api_key_secret=self.api_key_secret,
         )  # fmt: skip
+        if self.bundle.startswith("/") or ".." in self.bundle.split("/"):
+            raise ConfigError(f"--bundle-path {self.bundle!r}: give a path inside the claim")
 
     @property
     def bundle_path(self) -> str:
@@ -68,6 +77,10 @@ class KubeRay:
     @property
     def labels(self) -> dict[str, str]:
         return {"app.kubernetes.io/name": self.name, "app.kubernetes.io/part-of": "ilf-deploy"}
+
+    def pod_labels(self, batch: bool) -> dict[str, str]:
+        """The pods' labels: the RayService's and the RayJob's apart (each its own budget)."""
+        return {**self.labels, "app.kubernetes.io/component": "batch" if batch else "serve"}
 
 
 def _volume(name: str, claim: str, read_only: bool) -> dict[str, Any]:
@@ -90,8 +103,8 @@ def _pod(k: KubeRay, container: str, head: bool, batch: bool) -> dict[str, Any]:
         "resources": {"requests": {"cpu": cpus, "memory": memory}, "limits": limits},
         "volumeMounts": mounts,
     }
-    if head:
-        ray["ports"] = [{"name": n, "containerPort": p} for n, p in PORTS.items()]
+    ports = {**(PORTS if head else {}), "metrics": METRICS_PORT}
+    ray["ports"] = [{"name": n, "containerPort": p} for n, p in ports.items()]
     if k.api_key_secret and not batch:  # app_builder reads the keys where Serve builds it: any pod
         secret = {"name": k.api_key_secret, "key": "ILF_API_KEYS"}
         ray["env"] = [{"name": "ILF_API_KEYS", "valueFrom": {"secretKeyRef": secret}}]
@@ -99,11 +112,12 @@ def _pod(k: KubeRay, container: str, head: bool, batch: bool) -> dict[str, Any]:
         "name": "bundle-digest",
         "image": k.image,
         "command": ["ilf-deploy", "inspect", k.bundle_path, "--digest", k.digest],
-        "volumeMounts": [dict(bundle_mount)],  # a copy: YAML would write an alias for a shared one
+        "volumeMounts": [dict(bundle_mount)],
     }
+    spec = {"initContainers": [check], "containers": [ray], "volumes": volumes}
     return {
-        "metadata": {"labels": k.labels, "annotations": {DIGEST_ANNOTATION: k.digest}},
-        "spec": {"initContainers": [check], "containers": [ray], "volumes": volumes},
+        "metadata": {"labels": k.pod_labels(batch), "annotations": {DIGEST_ANNOTATION: k.digest}},
+        "spec": k.cluster.harden(spec, k.gpu and not head),
     }
 
 
@@ -114,14 +128,18 @@ def cluster_spec(k: KubeRay, batch: bool) -> dict[str, Any]:
         "replicas": k.workers,
         "minReplicas": k.workers,
         "maxReplicas": max(k.max_workers or k.workers, k.workers),
-        "rayStartParams": {},
+        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
         "template": _pod(k, "ray-worker", head=False, batch=batch),
     }
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": k.max_workers is not None,
         "headGroupSpec": {
-            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "rayStartParams": {
+                "num-cpus": "0",
+                "dashboard-host": "0.0.0.0",
+                "metrics-export-port": str(METRICS_PORT),
+            },
             "template": _pod(k, "ray-head", head=True, batch=batch),
         },
         "workerGroupSpecs": [workers],
@@ -151,9 +169,10 @@ def batch_entrypoint(k: KubeRay) -> str:
     return shlex.join(args)
 
 
-def manifests(k: KubeRay) -> dict[str, dict[str, Any]]:
-    """File name -> the object it holds."""
-    metadata = {"name": k.name, "labels": k.labels, "annotations": {DIGEST_ANNOTATION: k.digest}}
+def manifests(k: KubeRay) -> dict[str, list[dict[str, Any]]]:
+    """File name -> the objects it holds: the RayService with its pods' disruption budget (and
+    PodMonitor), the RayJob (and its PodMonitor)."""
+    metadata = k.cluster.metadata(k.name, k.labels, annotations={DIGEST_ANNOTATION: k.digest})
     service = {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -175,7 +194,15 @@ def manifests(k: KubeRay) -> dict[str, dict[str, Any]]:
             "rayClusterSpec": cluster_spec(k, batch=True),
         },
     }
-    return {"rayservice.yaml": service, "rayjob.yaml": job}
+    serve_pods, batch_pods = k.pod_labels(batch=False), k.pod_labels(batch=True)
+    return {
+        "rayservice.yaml": [
+            service,
+            k.cluster.disruption_budget(k.name, serve_pods),
+            *k.cluster.pod_monitor(k.name, serve_pods, "metrics"),
+        ],
+        "rayjob.yaml": [job, *k.cluster.pod_monitor(f"{k.name}-batch", batch_pods, "metrics")],
+    }
 
 
 class _Dumper(yaml.SafeDumper):
@@ -194,8 +221,8 @@ def write_manifests(directory: str | Path, k: KubeRay) -> list[Path]:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for file, document in manifests(k).items():
+    for file, documents in manifests(k).items():
         path = out / file
-        path.write_text(yaml.dump(document, Dumper=_Dumper, sort_keys=False))
+        path.write_text(yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False))
         written.append(path)
     return written
