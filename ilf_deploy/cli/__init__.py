@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -30,8 +31,17 @@ app = typer.Typer(
     help="Deploy diffusion transformers accelerated with Inner Loop Feedback (ILF).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
 )
+# `ilf-deploy --help` groups the commands in these panels, in this order (README "Command line").
+PANELS = {
+    "Build & check": ("make-tiny", "plan", "build", "inspect", "schema", "verify", "backends"),
+    "Run & serve": ("generate", "bench", "batch", "serve"),
+    "Optimise": ("tune", "calibrate", "quantize", "verify-variant", "build-engines", "verify-engines"),
+    "Deploy": ("export-triton", "install-triton", "export-kuberay"),
+    "Train": ("train-feedback", "train-base", "eval"),
+}
+PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names}
 # Optional dependencies -> the extra that installs them (pyproject.toml), for a one-line error.
 EXTRAS = extras_by_module()
 # Info lines are not wrapped at 80 columns when stderr is not a terminal (logs, pipes, CI).
@@ -40,7 +50,8 @@ out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readabl
 
 
 def fail(message: str) -> NoReturn:
-    """One line on stderr, exit code 2."""
+    """One line on stderr (even with --quiet), exit code 2."""
+    console.quiet = False
     # escape: messages hold brackets ("ilf-deploy[serve]", lists) that are not markup
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -66,7 +77,8 @@ def command_for(target: typer.Typer):
                         raise
                     fail(f"{name or fn.__name__} needs {exc.name}: pip install 'ilf-deploy[{extra}]'")
 
-            return target.command(name)(wrapper)
+            panel = PANEL_OF.get(name or fn.__name__.replace("_", "-"))
+            return target.command(name, rich_help_panel=panel)(wrapper)
 
         return decorate
 
@@ -98,6 +110,52 @@ def progress() -> Progress:
         console=console,
         transient=True,
     )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        out.print(f"ilf-deploy {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit."),
+    ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No progress or info lines on stderr: results and errors only."),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug log lines from ilf_deploy on stderr.")
+    ] = False,
+) -> None:
+    """Options for every command: `ilf-deploy -q COMMAND ...`."""
+    if quiet and verbose:
+        fail("--quiet and --verbose exclude each other")
+    console.quiet = quiet
+    if verbose:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        logging.getLogger("ilf_deploy").setLevel(logging.DEBUG)
+
+
+def _no_bool_metavar() -> None:
+    """Typer >= 0.2x shows `<bool>` beside every flag (--json <bool>): a flag takes no value."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx) -> str | None:
+        return None if self.is_bool_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_bool_metavar()
 
 
 class Terminated(BaseException):
@@ -138,3 +196,17 @@ if __name__ == "__main__":
 from . import batch as _batch  # noqa: E402, F401
 from . import bundles, engines, generate, plans, serve, training, triton  # noqa: E402, F401
 from . import tune as _tune  # noqa: E402, F401
+
+
+def _in_panel_order() -> None:
+    """`--help` lists panels in the order of their first command: PANELS' order, then its own."""
+    order = [name for names in PANELS.values() for name in names]
+
+    def position(info) -> int:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        return order.index(name) if name in order else len(order)
+
+    app.registered_commands.sort(key=position)
+
+
+_in_panel_order()

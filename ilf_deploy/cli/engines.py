@@ -89,8 +89,10 @@ def quantize(
         ),
     ] = False,
 ) -> None:
-    """Add a precision variant: the attention/FF linear layers of every block segment quantized;
-    then its end-to-end check (verify-variant's, compare.BUDGETS) says whether it is within budget."""
+    """Add a precision variant (every block segment's attention/FF linear layers), then check it.
+
+    The check is verify-variant's (compare.BUDGETS); a variant beyond its budget is removed again
+    and quantize exits 1, unless --keep-failing."""
     pin(bundle, digest)
     from ..quantization.quantize import default_variant_name, quantize_bundle
 
