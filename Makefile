@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= out/demo
 
-.PHONY: setup setup-browser test lint typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp dist images
+.PHONY: setup setup-browser test lint typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp dist images setup-images
 
 setup: $(BIN)/ilf-deploy $(VENV)/triton/ilf-triton.json setup-cpp setup-browser
 
@@ -57,10 +57,23 @@ setup-browser:
 	  || echo "make setup: could not install chromium: tests/test_playground.py will skip"; \
 	else echo "make setup: skipping chromium (tests/test_playground.py will skip): no apt-get as root"; fi
 
+# The container tools for `make images` and tests/test_images.py (Debian packages), installed with apt-get
+# where this runs as root; elsewhere, or when they cannot be installed, one line says the image tests skip.
+IMAGE_TOOLS := mmdebstrap buildah podman skopeo umoci runc
+setup-images:
+	@if command -v mmdebstrap > /dev/null 2>&1 && command -v buildah > /dev/null 2>&1 && command -v podman > /dev/null 2>&1 \
+	  && command -v skopeo > /dev/null 2>&1; then :; \
+	elif command -v apt-get > /dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(IMAGE_TOOLS) > /dev/null; } \
+	  || echo "make setup-images: could not install $(IMAGE_TOOLS): make images and tests/test_images.py will skip"; \
+	else echo "make setup-images: no apt-get as root: podman/buildah not installable, tests/test_images.py will skip"; fi
+
 # Container images from Debian packages and PyPI (containers/build.py; README "Images"): oci-archives in
 # out/images with their digests in out/images/images.json. IMAGES=serve ray; BUNDLE=DIR bakes a bundle in.
 IMAGES ?= serve
 images: dist
+	@if ! command -v buildah > /dev/null 2>&1 || ! command -v mmdebstrap > /dev/null 2>&1; then \
+	  echo "make images: skipped: no buildah/mmdebstrap here (make setup-images installs them as root)"; exit 0; fi; \
 	for image in $(IMAGES); do \
 	  CONTAINERS_CONF=$(abspath containers/containers.conf) $(BIN)/python containers/build.py $$image \
 	    $(if $(BUNDLE),--bundle $(BUNDLE)) || exit 1; \
