@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +51,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mmdit")
     out = {}
     for arch in MMDIT_ARCHITECTURES:
-        start = time.perf_counter()
         out[arch] = make_tiny_pipeline(arch, root / arch, feedback=False)
-        assert time.perf_counter() - start < 3.0
     return out
 
 
