@@ -11,13 +11,16 @@ from pathlib import Path
 from .plan import StepPlan
 from .runtime.generator import Generator, Request
 
+# The text encoder on a prompt not seen before (the runs reuse a cached embedding); not in latency.
+COLD_PROMPT = "text encoder (cold prompt; not in latency)"
+
 
 @dataclass
 class PlanResult:
     plan: str
     steps: int
     block_forwards: int  # as run: an adaptive plan's are decided at run time
-    latencies: list[float]  # seconds, end to end (text encoder .. VAE decode), one per measured run
+    latencies: list[float]  # seconds, end to end (cached prompt embedding .. VAE decode), one per run
     stages: dict[str, tuple[int, float]] = field(default_factory=dict)  # stage -> (calls, median seconds)
 
     @property
@@ -47,6 +50,8 @@ def bench_plans(
     """Median of `runs` runs after `warmup` for each plan; stages from the segments' own timers.
 
     Plans take turns run by run (ABAB...), so that a change in machine load hits every plan alike.
+    A run's prompt embedding is cached after the warm-up (as `serve` caches a recurring prompt), so
+    each run also encodes the prompt afresh, outside its latency: the COLD_PROMPT stage.
     """
     timings = generator.segments.timings  # every backend records its stage times (Segments)
     latencies: dict[str, list[float]] = {plan.name: [] for plan in plans}
@@ -69,6 +74,9 @@ def bench_plans(
             stages = {name: (len(calls), sum(calls)) for name, calls in timings.items()}
             in_loop = sum(s for name, (_, s) in stages.items() if name != "vae_decoder")
             stages["scheduler + glue"] = (plan.num_steps, (generated - start) - in_loop)
+            cold = _cold_prompt_seconds(generator, request)
+            if cold is not None:
+                stages[COLD_PROMPT] = (1, cold)
             per_run[plan.name].append(stages)
     results = []
     for plan in plans:
@@ -77,6 +85,16 @@ def bench_plans(
         stages = {n: (runs_stages[0][n][0], statistics.median(r[n][1] for r in runs_stages)) for n in names}
         results.append(PlanResult(plan.name, plan.num_steps, ran[plan.name], latencies[plan.name], stages))
     return results
+
+
+def _cold_prompt_seconds(generator: Generator, request: Request) -> float | None:
+    """The text encoder on the request's prompt as a new prompt costs it (no cache), tokenizer
+    included; None for models without a prompt (DiT)."""
+    if not request.prompt or generator.facts.architecture == "dit":
+        return None
+    start = time.perf_counter()
+    generator.encode_prompt(request.prompt)
+    return time.perf_counter() - start
 
 
 def baseline_of(results: list[PlanResult]) -> PlanResult | None:
