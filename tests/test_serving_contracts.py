@@ -131,3 +131,67 @@ def test_serve_runs_engine_work_in_the_engines_inference_context(bundle, generat
         response = client.post("/v1/images/generations", json={"prompt": "a red square", "plan": "base-2"})
     assert response.status_code == 200, response.text
     assert engine.entered >= 1
+
+
+# -- one batching policy: serve, Triton, Ray Serve and the CLI's defaults -----------------------------
+def test_every_server_and_flag_defaults_to_the_one_batching_policy():
+    import typer
+
+    from ilf_deploy.batching import DEFAULT_BATCHING
+    from ilf_deploy.cli import app
+    from ilf_deploy.triton.repository import ExportOptions
+
+    knobs = {"max_batch", "max_wait_ms", "max_queue", "timeout_s", "max_n"}
+    serve = ServeOptions()
+    assert {k: getattr(serve, k) for k in knobs} == {k: getattr(DEFAULT_BATCHING, k) for k in knobs}
+    triton = ExportOptions().policy
+    assert (triton.max_batch, triton.max_wait_ms, triton.max_queue) == (
+        DEFAULT_BATCHING.max_batch,
+        DEFAULT_BATCHING.max_wait_ms,
+        DEFAULT_BATCHING.max_queue,
+    )
+    commands = typer.main.get_command(app).commands
+    flags = {p.name: p.default for p in commands["serve"].params}
+    assert {k: flags[k] for k in knobs} == {k: getattr(DEFAULT_BATCHING, k) for k in knobs}
+    exported = {p.name: p.default for p in commands["export-triton"].params}
+    assert exported["max_queue_delay_us"] == DEFAULT_BATCHING.max_queue_delay_us
+    assert (exported["max_batch"], exported["max_queue"]) == (None, DEFAULT_BATCHING.max_queue)
+
+
+def test_serve_and_triton_batch_a_bundle_alike_and_refuse_alike(bundle, generator):
+    from ilf_deploy.batching import BatchingPolicy
+    from ilf_deploy.triton.repository import ExportOptions, generation_config
+
+    loaded = generator.bundle
+    for policy in [BatchingPolicy(), BatchingPolicy(max_batch=3, max_wait_ms=2.5, max_queue=5, max_n=2)]:
+        served = create_app(bundle, ServeOptions(**vars(policy), warmup=False), generator).state.ilf
+        exported = ExportOptions.serving(policy, warmup=False)
+        config = generation_config(loaded, exported, {})
+        assert f"max_batch_size: {served.max_batch}\n" in config
+        assert f"max_queue_delay_microseconds: {round(served.batcher.max_wait_s * 1e6)}\n" in config
+        assert f"max_queue_size: {served.batcher.max_queue} " in config
+    for bad, message in [
+        ({"max_batch": 0}, "--max-batch must be >= 1, got 0"),
+        ({"max_queue": 0}, "--max-queue must be >= 1, got 0"),
+        ({"max_wait_ms": 10_001}, "--max-wait-ms must be in 0..10000, got 10001"),
+    ]:
+        policy = BatchingPolicy(**bad)
+        with pytest.raises(ConfigError) as serve_error:
+            ServeOptions(**vars(policy)).check()
+        with pytest.raises(ConfigError) as triton_error:
+            ExportOptions.serving(policy).check()
+        texts = {str(serve_error.value), str(triton_error.value)}
+        assert len(texts) == 1 or "max-queue-delay-us" in str(triton_error.value), texts
+        assert message in str(serve_error.value)
+    with pytest.raises(ConfigError, match=r"--max-queue-delay-us must be in 0\.\.10000000"):
+        ExportOptions(max_queue_delay_us=10_000_001).check()
+
+
+def test_text_knobs_are_read_as_the_policys_types():
+    from ilf_deploy.batching import BatchingPolicy
+
+    values = BatchingPolicy.coerce({"max_batch": "4", "max_wait_ms": "2.5", "backend": "onnxruntime"})
+    assert values == {"max_batch": 4, "max_wait_ms": 2.5, "backend": "onnxruntime"}
+    assert BatchingPolicy(**BatchingPolicy.coerce({"max_n": "3"})).max_n == 3
+    with pytest.raises(ConfigError, match="not a number"):
+        BatchingPolicy.coerce({"max_queue": "many"})

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ..batching import DEFAULT_BATCHING, BatchingPolicy
 from ..errors import ConfigError
 from . import command, console
 from .batch import Autoscale, RayAddress, ReplicaCpus, Replicas, ShipBundle, ray_options, serve_on_ray
@@ -51,10 +53,14 @@ def serve(
     ] = None,
     max_wait_ms: Annotated[
         float, typer.Option(help="How long a batch's first image waits for others.")
-    ] = 10.0,
-    max_queue: Annotated[int, typer.Option(help="Images waiting before requests get 429.")] = 64,
-    timeout_s: Annotated[float, typer.Option(help="Per-request limit, queueing included (504).")] = 120.0,
-    max_n: Annotated[int, typer.Option(help="Largest `n` (images per request).")] = 8,
+    ] = DEFAULT_BATCHING.max_wait_ms,
+    max_queue: Annotated[
+        int, typer.Option(help="Images waiting before requests get 429.")
+    ] = DEFAULT_BATCHING.max_queue,
+    timeout_s: Annotated[
+        float, typer.Option(help="Per-request limit, queueing included (504).")
+    ] = DEFAULT_BATCHING.timeout_s,
+    max_n: Annotated[int, typer.Option(help="Largest `n` (images per request).")] = DEFAULT_BATCHING.max_n,
     default_plan: DefaultPlan = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     log_format: Annotated[str, typer.Option(help="human, or json: one JSON object per log line.")] = "human",
@@ -103,6 +109,7 @@ def serve(
         "--ssl-keyfile/--ssl-certfile": ssl_keyfile is not None or ssl_certfile is not None,
     }
     given = _given(header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s, drain_s=drain_s)
+    policy = BatchingPolicy(max_batch, max_wait_ms, max_queue, timeout_s, max_n)  # every server's batching
     if server == "triton":  # the same bundle on NVIDIA Triton Inference Server (cli/triton.py)
         from ..serve.limits import check_drain_s
         from .triton import run_triton
@@ -114,20 +121,16 @@ def serve(
             check_drain_s(drain_s)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: Triton drains, no orphan
         code = run_triton(
-            bundle, backend or "auto", host, http_port or port, grpc_port, metrics_port, max_batch,
-            max_wait_ms, max_queue, default_plan, digest=digest, drain_s=drain_s,
+            bundle, backend or "auto", host, http_port or port, grpc_port, metrics_port, policy,
+            default_plan, digest=digest, drain_s=drain_s,
         )  # fmt: skip
         raise typer.Exit(code)
     from ..serve.auth import ENV_VAR, load_keys
     from ..serve.state import ServeOptions
 
     options = ServeOptions(
+        **asdict(policy),
         backend=backend or "auto",
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        max_queue=max_queue,
-        timeout_s=timeout_s,
-        max_n=max_n,
         default_plan=default_plan,
         api_keys=load_keys(api_key_file, os.environ.get(ENV_VAR)),  # never from argv: `ps` shows it
         max_inflight_per_key=max_inflight_per_key,
@@ -220,7 +223,7 @@ def _run_http(
         raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     warning = check_exposure(host, options.api_keys, require_auth, tls["ssl_keyfile"] is not None)
     app = create_app(bundle, options)  # bundle and option errors surface before listening
-    announce(getattr(app.state.batcher.generator, "choice", None), bundle, backend)
+    announce(app.state.ilf.generator.choice, bundle, backend)
     configure_logging(log_format, uvicorn.config.LOG_LEVELS[log_level])
     if warning:
         logging.getLogger("ilf_deploy.serve").warning(warning)

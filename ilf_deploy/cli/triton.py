@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from ..batching import DEFAULT_BATCHING, BatchingPolicy
 from ..triton.k8s import CLAIM, IMAGE, check_names
 from . import command, console
 from .cluster import Image, Namespace, NodeSelector, PodMonitor, Prometheus, Tolerations, cluster
@@ -34,8 +35,10 @@ def export_triton(
     ] = None,
     max_queue_delay_us: Annotated[
         int, typer.Option(help="How long Triton holds a request to batch it with others.")
-    ] = 10_000,
-    max_queue: Annotated[int, typer.Option(help="Queued requests before Triton rejects new ones.")] = 64,
+    ] = DEFAULT_BATCHING.max_queue_delay_us,
+    max_queue: Annotated[
+        int, typer.Option(help="Queued requests before Triton rejects new ones.")
+    ] = DEFAULT_BATCHING.max_queue,
     default_plan: Annotated[
         str | None, typer.Option(help="Plan for requests without one (default: first ILF plan).")
     ] = None,
@@ -137,9 +140,7 @@ def run_triton(
     http_port: int,
     grpc_port: int,
     metrics_port: int,
-    max_batch: int | None,
-    max_wait_ms: float,
-    max_queue: int,
+    policy: BatchingPolicy,
     default_plan: str | None,
     digest: str | None = None,
     drain_s: float | None = None,
@@ -164,12 +165,10 @@ def run_triton(
     server = find_server()
     name = "ilf"
     with tempfile.TemporaryDirectory(prefix="ilf-triton-repo-") as repo:
-        options = ExportOptions(
+        options = ExportOptions.serving(  # Triton's dynamic batcher, batching as `serve` does
+            policy,
             name=name,
             backend=backend,
-            max_batch=max_batch,
-            max_queue_delay_us=int(max_wait_ms * 1000),
-            max_queue=max_queue,
             default_plan=default_plan,
             digest=digest,  # --digest: export (and so serve) only the pinned bundle
         )

@@ -26,6 +26,7 @@ from typing import Any
 
 from ray import serve
 
+from ..batching import MIN_MAX_BATCH
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle
 from ..serve.app import create_app
@@ -190,7 +191,7 @@ class IlfReplica:
 
 def deployment_options(options: ServeOptions, ray_options: RayServeOptions) -> dict[str, Any]:
     """Ray Serve's options for the deployment: replicas (or the autoscaler), CPUs, concurrency."""
-    batch = options.max_batch or 8
+    batch = options.images_per_call(MIN_MAX_BATCH)  # decided by `pinned` where a bundle was read
     deployment: dict[str, Any] = {
         "name": APP,
         "ray_actor_options": {"num_cpus": ray_options.replica_cpus},
@@ -232,15 +233,19 @@ def app_builder(args: dict[str, Any]) -> Any:
         autoscale=parse_autoscale(args.pop("autoscale", None)),
         replica_cpus=float(args.pop("replica_cpus", 1.0)),
     )
-    numbers = {"max_batch": int, "max_wait_ms": float, "max_queue": int, "timeout_s": float, "max_n": int}
-    fields = {name: numbers[name](value) if name in numbers else value for name, value in args.items()}
     try:
-        options = ServeOptions(
-            **fields, digest=bundle.digest, api_keys=load_keys(None, os.environ.get(ENV_VAR))
-        )
+        options = ServeOptions(**ServeOptions.coerce(args), api_keys=load_keys(None, os.environ.get(ENV_VAR)))
     except TypeError as exc:
         raise ConfigError(f"app_builder: {exc}") from None
-    return application(SharedPath(path), options, ray_options)
+    return application(SharedPath(path), pinned(options, bundle), ray_options)
+
+
+def pinned(options: ServeOptions, bundle: Bundle) -> ServeOptions:
+    """The options every replica gets: the bundle's digest pinned and its batch limit decided here,
+    by the policy's rule, so that the deployment's concurrency and autoscaling target match it."""
+    return replace(
+        options, digest=bundle.digest, max_batch=options.images_per_call(bundle.manifest.max_batch)
+    )
 
 
 def deploy(
@@ -249,7 +254,7 @@ def deploy(
     """Deploy the bundle on the cluster at `address` (Serve's proxies listen with `http`); returns
     the bundle's digest, which every replica has pinned. The application stays until `undeploy`."""
     bundle = Bundle.load(bundle_path, digest=options.digest)  # every file's hash, and the pin
-    options = replace(options, digest=bundle.digest)
+    options = pinned(options, bundle)
     ray_options.check()
     options.check()
     ray = connect(address)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..batching import BatchingPolicy
 from ..errors import ConfigError
 from ..plan import StepPlan
 from ..runtime.bundle import Bundle
@@ -30,13 +31,11 @@ MAX_URL_TTL_S = 86_400.0
 
 
 @dataclass(frozen=True)
-class ServeOptions:
+class ServeOptions(BatchingPolicy):
+    """The batching policy (max_batch, max_wait_ms, max_queue, timeout_s, max_n: batching.py, shared
+    with Triton and Ray Serve) and what only this server has."""
+
     backend: str = "auto"  # `ilf-deploy tune`'s winner on this machine, else ONNX Runtime fp32
-    max_batch: int | None = None  # images per engine call; None: the bundle's max_batch, at least 8
-    max_wait_ms: float = 10.0  # how long the first image of a batch waits for company
-    max_queue: int = 64  # images waiting (all requests); beyond it: 429
-    timeout_s: float = 120.0  # per request, queueing included; beyond it: 504
-    max_n: int = 8
     default_plan: str | None = None  # None: the bundle's first ILF plan, else its first plan
     warmup: bool = True
     max_body_bytes: int = 1 << 20
@@ -54,16 +53,7 @@ class ServeOptions:
     url_ttl_s: float = URL_TTL_S  # how long a `response_format: "url"` link answers
 
     def check(self) -> None:
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if not 0 <= self.max_wait_ms <= 10_000:
-            raise ConfigError(f"--max-wait-ms must be in 0..10000, got {self.max_wait_ms}")
-        if self.max_queue < 1:
-            raise ConfigError(f"--max-queue must be >= 1, got {self.max_queue}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"--timeout-s must be > 0, got {self.timeout_s}")
-        if not 1 <= self.max_n <= self.max_queue:
-            raise ConfigError(f"--max-n must be in 1..--max-queue ({self.max_queue}), got {self.max_n}")
+        self.check_batching()
         self._check_connections()
         if self.model_name is not None and not MODEL_NAME.fullmatch(self.model_name):
             raise ConfigError(
@@ -100,10 +90,6 @@ class ServeOptions:
     def connection_limit(self) -> int:
         return self.max_connections or default_max_connections()
 
-    def batch_limit(self, bundle: Bundle) -> int:
-        # ORT segments have dynamic batch axes; a bundle's max_batch matters for fixed-shape engines.
-        return self.max_batch or max(bundle.manifest.max_batch, 8)
-
 
 @dataclass
 class ServerState:
@@ -136,13 +122,13 @@ class ServerState:
         contract = RequestContract.for_bundle(bundle, generator, options.max_n, options.default_plan)
         plans = {name: bundle.plan(name) for name in bundle.plan_names}
         metrics = ServerMetrics()
-        max_batch = options.batch_limit(bundle)
+        max_batch = options.images_per_call(bundle.manifest.max_batch)
         batcher = Batcher(
             generator,
             plans,
             metrics,
             max_batch,
-            options.max_wait_ms / 1000,
+            options.max_wait_s,
             options.max_queue,
         )
         limiter = KeyLimiter(options.max_inflight_per_key)

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..batching import DEFAULT_BATCHING, MAX_WAIT_MS, BatchingPolicy
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle
 from ..runtime.manifest import SegmentSpec, TensorSpec
 
 LAYOUTS = ("python", "bls")
 KINDS = ("cpu", "gpu")
-MAX_QUEUE_DELAY_US = 10_000  # as `serve --max-wait-ms 10`
-MAX_QUEUE = 64  # as `serve --max-queue`
 WARMUP_PROMPT_FILE = "prompt"  # in NAME/warmup/, where Triton looks for model_warmup's input files
 BUNDLE_DIR = "bundle"  # --copy-bundle: the bundle's place inside the version directory
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -46,9 +45,10 @@ class ExportOptions:
     variant: str | None = None
     instances: int = 1
     kind: str = "cpu"
+    # Triton's dynamic batcher, as `serve` batches (batching.py; `policy` below):
     max_batch: int | None = None  # Triton's max_batch_size; None: the bundle's, at least 8
-    max_queue_delay_us: int = MAX_QUEUE_DELAY_US
-    max_queue: int = MAX_QUEUE
+    max_queue_delay_us: int = DEFAULT_BATCHING.max_queue_delay_us  # serve's --max-wait-ms, in µs
+    max_queue: int = DEFAULT_BATCHING.max_queue
     default_plan: str | None = None  # None: the bundle's first ILF plan
     copy_bundle: bool = False
     layout: str = "python"
@@ -65,19 +65,33 @@ class ExportOptions:
             raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.instances < 1:
             raise ConfigError(f"--instances must be >= 1, got {self.instances}")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if self.max_queue_delay_us < 0:
-            raise ConfigError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
-        if self.max_queue < 1:
-            raise ConfigError(f"--max-queue must be >= 1, got {self.max_queue}")
+        most_us = round(MAX_WAIT_MS * 1000)
+        if not 0 <= self.max_queue_delay_us <= most_us:  # the policy's --max-wait-ms bound, in µs
+            raise ConfigError(f"--max-queue-delay-us must be in 0..{most_us}, got {self.max_queue_delay_us}")
+        self.policy.check_batching()
         if self.layout == "bls" and self.backend not in ("onnxruntime", "tensorrt"):
             raise ConfigError("--layout bls runs segments in Triton's onnxruntime or tensorrt backend")
 
+    @classmethod
+    def serving(cls, policy: BatchingPolicy, **options: Any) -> ExportOptions:
+        """A repository that batches as `policy` says (`serve --server triton`)."""
+        return cls(
+            max_batch=policy.max_batch,
+            max_queue_delay_us=policy.max_queue_delay_us,
+            max_queue=policy.max_queue,
+            **options,
+        )
+
+    @property
+    def policy(self) -> BatchingPolicy:
+        """The batching policy this repository's config carries. Triton has no `n` (a request's
+        rows are bounded by max_batch_size) and no per-request deadline of ours: those stay 1 and
+        the default."""
+        return BatchingPolicy(self.max_batch, self.max_queue_delay_us / 1000, self.max_queue, max_n=1)
+
     def batch_limit(self, bundle: Bundle) -> int:
-        built = bundle.manifest.max_batch
         # ORT segments have dynamic batch axes; TensorRT engines are built for a batch range.
-        return self.max_batch or (built if self.backend == "tensorrt" else max(built, 8))
+        return self.policy.images_per_call(bundle.manifest.max_batch, self.backend == "tensorrt")
 
 
 def segment_model_name(model: str, segment: str) -> str:
