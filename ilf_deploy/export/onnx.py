@@ -109,6 +109,8 @@ def export_segment(
                 module, args, str(raw), input_names=list(inputs), output_names=list(outputs), **options
             )
         model = onnx.load(str(raw))  # also reads any per-tensor files the exporter wrote
+        if grid:
+            _fold_constants(model)
         if dynamo or grid:
             _name_dims(model, [*inputs, *outputs], grid)
         weights = sum(len(t.raw_data) for t in model.graph.initializer)
@@ -190,6 +192,16 @@ def _grid_options(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: Seq
         verbose=False,
         optimize=False,
     )
+
+
+def _fold_constants(model) -> None:
+    """Of onnxscript's optimizer, constant folding only (not its rewrites: `_grid_options`), so the
+    linear layers' weights reach their MatMuls as initializers (not through a Transpose), as
+    `quantize` finds them and the engines read them."""
+    from onnxscript import optimizer
+
+    optimizer.fold_constants(model)
+    optimizer.remove_unused_nodes(model)
 
 
 def _name_dims(model, names: Sequence[str], grid: bool = False) -> None:
