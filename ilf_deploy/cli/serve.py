@@ -24,6 +24,12 @@ KEYS_HELP = (
     "API keys, one per line (`NAME:KEY` names it in metrics and logs); also read from the "
     "ILF_API_KEYS environment variable. Clients send `Authorization: Bearer KEY`."
 )
+# The batching policy (batching.py: its defaults are the flags' defaults, for every --server).
+MaxBatch = Annotated[int | None, typer.Option(help="Images per engine call (default: the bundle's, ≥ 8).")]
+MaxWait = Annotated[float, typer.Option(help="How long a batch's first image waits for others.")]
+MaxQueue = Annotated[int, typer.Option(help="Images waiting before requests get 429.")]
+Timeout = Annotated[float, typer.Option(help="Per-request limit, queueing included (504).")]
+MaxN = Annotated[int, typer.Option(help="Largest `n` (images per request).")]
 # The connection layer and shutdown (README: Hostile clients and shutdown); None: the defaults.
 HeaderTimeout = Annotated[
     float | None, typer.Option(help="Seconds for a request's headers; then 408, closed (default 10).")
@@ -48,19 +54,11 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     backend: Backend = None,
-    max_batch: Annotated[
-        int | None, typer.Option(help="Images per engine call (default: the bundle's, ≥ 8).")
-    ] = None,
-    max_wait_ms: Annotated[
-        float, typer.Option(help="How long a batch's first image waits for others.")
-    ] = DEFAULT_BATCHING.max_wait_ms,
-    max_queue: Annotated[
-        int, typer.Option(help="Images waiting before requests get 429.")
-    ] = DEFAULT_BATCHING.max_queue,
-    timeout_s: Annotated[
-        float, typer.Option(help="Per-request limit, queueing included (504).")
-    ] = DEFAULT_BATCHING.timeout_s,
-    max_n: Annotated[int, typer.Option(help="Largest `n` (images per request).")] = DEFAULT_BATCHING.max_n,
+    max_batch: MaxBatch = DEFAULT_BATCHING.max_batch,
+    max_wait_ms: MaxWait = DEFAULT_BATCHING.max_wait_ms,
+    max_queue: MaxQueue = DEFAULT_BATCHING.max_queue,
+    timeout_s: Timeout = DEFAULT_BATCHING.timeout_s,
+    max_n: MaxN = DEFAULT_BATCHING.max_n,
     default_plan: DefaultPlan = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     log_format: Annotated[str, typer.Option(help="human, or json: one JSON object per log line.")] = "human",
