@@ -216,8 +216,11 @@ def test_auto_uses_the_winner_here_and_falls_back_elsewhere(tuned, tmp_path):
     (path / TUNING_FILE).unlink()
     generator = open_generator(path, "auto")
     assert generator.backend == "onnxruntime" and "no tuning.json" in generator.choice
-    with pytest.raises(ConfigError, match="auto picks its own"):
-        open_generator(path, "auto", variant=BROKEN)
+    # --variant with the default backend (auto): the variant on its own engine (issue 33)
+    generator = open_generator(path, "auto", variant=BROKEN)
+    assert generator.backend == "onnxruntime" and f"onnxruntime {BROKEN}" in generator.choice
+    with pytest.raises(ConfigError, match="not a variant of the bundle"):
+        open_generator(path, "auto", variant="int3")
 
 
 def test_auto_notices_a_bundle_changed_since_tune(tuned, tmp_path):

@@ -74,10 +74,15 @@ def read_tuning(bundle: Bundle) -> dict[str, Any] | None:
 
 def choose(bundle: Bundle, variant: str | None = None, device: str = "cpu") -> Choice:
     """The engine `auto` means for `bundle` on this machine (never raises for a bad tuning.json)."""
-    if variant is not None:
+    if variant is not None:  # a bundle variant runs on its own engine (VariantSpec.engine)
+        if variant in bundle.manifest.variants:
+            engine = bundle.variant_spec(variant).engine
+            return Choice(
+                engine, variant, f"auto: {engine} {variant} (--variant runs on its own engine)", False
+            )
         raise ConfigError(
-            f"--variant {variant} names a precision on one backend; --backend auto picks its own "
-            "(name the backend, or drop --variant)"
+            f"--variant {variant} is not a variant of the bundle; with --backend auto name one of its "
+            f"variants ({', '.join(bundle.manifest.variants) or 'it has none'}), or name the backend"
         )
     if device != "cpu":  # tune measures CPU engines; ONNX Runtime then says what --device is for
         return fallback(f"--device {device}: auto chooses among CPU engines only")
