@@ -63,7 +63,7 @@ def tuned(tiny_bundles, tmp_path_factory):
     """The tiny PixArt-α bundle with a broken variant, tuned (torch left out: it is slow and fp32)."""
     path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path_factory.mktemp("tune") / "bundle")
     add_broken_variant(path)
-    report = tune(path, "ilf-4", budget_s=60, include=lambda c: c.backend != "torch")  # the tiny bundle: seconds
+    report = tune(path, "ilf-4", budget_s=60, include=lambda c: c.backend != "torch")
     return path, report
 
 
