@@ -19,3 +19,20 @@ class NonFiniteError(IlfError):
     Raised by the denoising loop (runtime/loop.py) when its once-per-step check finds NaN or Inf:
     the CLI exits non-zero, servers answer 500 with the reason and count it, and a warm-up that
     raises it keeps the server not ready."""
+
+
+MAX_PORT = 65535
+
+
+def check_at_least(flag: str, value: float | None, low: float = 1) -> None:
+    """The one lower-bound check and its wording, `FLAG must be >= LOW, got VALUE` (None: not
+    given, nothing to check)."""
+    if value is not None and value < low:
+        raise ConfigError(f"{flag} must be >= {low:g}, got {value}")
+
+
+def check_port(flag: str, port: int) -> None:
+    """A TCP port to listen on, one rule for every server: 1..65535, or 0 for a free port that the
+    server picks and reports (`serve` logs it; `serve --server triton` picks before starting)."""
+    if not 0 <= port <= MAX_PORT:
+        raise ConfigError(f"{flag} must be in 0..{MAX_PORT} (0: a free port), got {port}")

@@ -195,3 +195,101 @@ def test_text_knobs_are_read_as_the_policys_types():
     assert BatchingPolicy(**BatchingPolicy.coerce({"max_n": "3"})).max_n == 3
     with pytest.raises(ConfigError, match="not a number"):
         BatchingPolicy.coerce({"max_queue": "many"})
+
+
+# -- TritonProcess: tritonserver's lifecycle beside its command line --------------------------------
+def _triton_server():
+    from ilf_deploy.triton.server import find_server
+
+    try:
+        return find_server()
+    except ConfigError:
+        return None
+
+
+needs_triton = pytest.mark.skipif(
+    _triton_server() is None,
+    reason="tritonserver is not installed: `make setup` runs `ilf-deploy install-triton`",
+)
+
+
+def test_free_ports_are_picked_distinct_and_ports_follow_one_rule(bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from ilf_deploy.cli import app
+    from ilf_deploy.triton.server import free_ports
+
+    picked = free_ports("127.0.0.1", (0, 0, 0))
+    assert len(set(picked)) == 3 and all(0 < port <= 65535 for port in picked)
+    assert free_ports("127.0.0.1", (8000, 0, 8002))[::2] == (8000, 8002)
+    runner = CliRunner()
+    for args, flag in [
+        (["--port", "70000"], "--port"),
+        (["--server", "triton", "--grpc-port", "70000"], "--grpc-port"),
+        (["--server", "triton", "--metrics-port", "-1"], "--metrics-port"),
+    ]:
+        result = runner.invoke(app, ["serve", str(bundle), *args])
+        assert result.exit_code == 2, result.output
+        assert f"{flag} must be in 0..65535 (0: a free port)" in result.output, result.output
+
+
+@needs_triton
+def test_triton_process_starts_waits_ready_drains_and_stops(bundle, tmp_path):
+    from ilf_deploy.triton.repository import ExportOptions, export_repository
+    from ilf_deploy.triton.server import TritonProcess
+
+    export_repository(bundle, tmp_path / "repo", ExportOptions(name="tiny", warmup=False))
+    with (tmp_path / "triton.log").open("w") as log:
+        triton = TritonProcess(_triton_server(), tmp_path / "repo", (0, 0, 0), "127.0.0.1", 5, output=log)
+        with triton:
+            assert triton.running and 0 not in triton.ports
+            assert triton.wait_ready("tiny", timeout_s=120), (tmp_path / "triton.log").read_text()[-2000:]
+            assert triton.ready("tiny") and not triton.ready("other")
+        assert not triton.running and triton.process.returncode == 0
+    assert "Timeout 5: Found" in (tmp_path / "triton.log").read_text()  # drained, for its exit timeout
+    assert not triton.ready("tiny")  # gone, not orphaned
+
+
+def _background_job() -> None:
+    """What a non-interactive shell does to a job it starts with `&`: SIGINT ignored."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@needs_triton
+def test_backgrounded_serve_server_triton_stops_on_sigint(bundle, tmp_path):
+    """`ilf-deploy serve B --server triton &` from a script used to ignore SIGINT (and leave
+    tritonserver running); now SIGINT drains and stops Triton as SIGTERM does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [str(Path(sys.executable).parent / "ilf-deploy"), "serve", str(bundle), "--server", "triton"]
+    command += ["--host", "127.0.0.1", "--port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+    command += ["--drain-s", "5"]  # Triton exits 1 if it cannot unload the model within it
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_background_job)
+    try:
+        deadline = time.monotonic() + 120
+        while b"ready: POST" not in log.read_bytes():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0, log.read_text()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # the old behaviour: SIGINT ignored
+            process.wait(60)
+    url = log.read_text().split("ready: POST ")[1].split()[0].replace("/infer", "/ready")
+    with pytest.raises(OSError):  # Triton itself is gone, not orphaned
+        urllib_get(url)
+
+
+def urllib_get(url: str) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return reply.status

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from ..batching import DEFAULT_BATCHING, BatchingPolicy
-from ..errors import ConfigError
+from ..errors import ConfigError, check_port
 from . import command, console
 from .batch import Autoscale, RayAddress, ReplicaCpus, Replicas, ShipBundle, ray_options, serve_on_ray
 from .generate import announce
@@ -117,7 +116,6 @@ def serve(
         _refuse_connection_options([name for name in connection if name != "drain_s"])
         if drain_s is not None:  # Triton's --exit-timeout-secs; its own default (30) otherwise
             check_drain_s(drain_s)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: Triton drains, no orphan
         code = run_triton(
             bundle, backend or "auto", host, http_port or port, grpc_port, metrics_port, policy,
             default_plan, digest=digest, drain_s=drain_s,
@@ -213,8 +211,7 @@ def _run_http(
     from ..serve.logs import LOG_FORMATS, configure_logging
 
     log_level, log_format = logs
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port must be in 0..65535, got {port}")
+    check_port("--port", port)
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     if log_format not in LOG_FORMATS:

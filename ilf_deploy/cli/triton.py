@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import math
-import signal
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -145,23 +142,16 @@ def run_triton(
     digest: str | None = None,
     drain_s: float | None = None,
 ) -> int:
-    """`serve --server triton`: export to a temporary repository and run tritonserver in the
-    foreground until it exits or is interrupted; returns its exit status. On SIGINT/SIGTERM Triton
-    serves queued and running requests for at most `drain_s` (`--drain-s`, as Triton's whole-second
-    `--exit-timeout-secs`; None: its default, 30 s), then exits."""
-    from ..errors import ConfigError
+    """`serve --server triton`: export to a temporary repository and run tritonserver there until it
+    exits or this process gets SIGINT or SIGTERM (`TritonProcess.serve`, backgrounded or not);
+    returns its exit status. Signalled, Triton serves queued and running requests for at most
+    `drain_s` (`--drain-s`, as Triton's whole-second `--exit-timeout-secs`; None: its default,
+    30 s), then exits."""
     from ..triton.repository import ExportOptions, export_repository
-    from ..triton.server import EXIT_TIMEOUT_S, find_server
+    from ..triton.server import TritonProcess, find_server
 
-    try:
-        import tritonclient.http as triton_http
-    except ImportError:
-        raise ConfigError(
-            "serve --server triton needs tritonclient: pip install 'ilf-deploy[triton]'"
-        ) from None
-    for port in (http_port, grpc_port, metrics_port):
-        if not 0 < port <= 65535:
-            raise ConfigError(f"ports must be in 1..65535, got {port}")
+    ports = (http_port, grpc_port, metrics_port)
+    TritonProcess.check_ports(ports)  # before the export
     server = find_server()
     name = "ilf"
     with tempfile.TemporaryDirectory(prefix="ilf-triton-repo-") as repo:
@@ -174,28 +164,10 @@ def run_triton(
         )
         export_repository(bundle, repo, options)
         exit_timeout_s = math.ceil(drain_s) if drain_s is not None else None
-        command = server.command(
-            Path(repo), http_port, grpc_port, metrics_port, host, exit_timeout_s=exit_timeout_s
-        )
-        process = subprocess.Popen(command, env=server.environment())
-        url = f"{'127.0.0.1' if host == '0.0.0.0' else host}:{http_port}"
-        try:
-            client = triton_http.InferenceServerClient(url)
-            while process.poll() is None:
-                try:
-                    if client.is_model_ready(name):
-                        console.print(f"ready: POST http://{url}/v2/models/{name}/infer (gRPC :{grpc_port})")
-                        break
-                except Exception:
-                    pass  # not listening yet
-                time.sleep(0.5)
-            client.close()  # an open connection would hold Triton's shutdown for its exit timeout
-            return process.wait()
-        except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)  # Triton finishes in-flight requests, then exits
-            try:
-                drain = EXIT_TIMEOUT_S if exit_timeout_s is None else exit_timeout_s
-                return process.wait(timeout=drain + 30)  # its drain, then unloading the model
-            except subprocess.TimeoutExpired:
-                process.kill()
-                return process.wait()
+        triton = TritonProcess(server, Path(repo), ports, host, exit_timeout_s)
+
+        def announce() -> None:
+            url = f"http://{triton.address}/v2/models/{name}/infer"
+            console.print(f"ready: POST {url} (gRPC :{triton.ports[1]}, metrics :{triton.ports[2]})")
+
+        return triton.serve(name, on_ready=announce)

@@ -13,22 +13,33 @@ numpy 2 changed; pytriton pins numpy<2). So the stub gets a Python environment o
 
 In NVIDIA's Triton containers `tritonserver` is on PATH with its backends in
 /opt/tritonserver/backends; `find_server` uses those when nothing was installed here.
+
+`TritonProcess` is one running server: started, waited for until a model is ready, drained
+(SIGTERM: Triton takes no new requests and serves what it holds for its exit timeout) and stopped;
+`TritonProcess.serve` runs one until it exits or this process is signalled (`serve --server triton`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
+import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_port
 
 WHEEL = "nvidia-pytriton==0.7.0"
 HOME_ENV = "ILF_TRITON_HOME"  # overrides where the server files are looked for
@@ -36,6 +47,8 @@ _SERVER = "pytriton/tritonserver/"
 _LIBS = "nvidia_pytriton.libs/"
 _STAMP = "ilf-triton.json"
 EXIT_TIMEOUT_S = 30  # tritonserver's own --exit-timeout-secs default
+UNLOAD_S = 30  # after its exit timeout, how long Triton may take to unload the models and exit
+READY_POLL_S = 0.5
 # The stub's environment: what runtime/ and the onnxruntime backend import, at this env's versions.
 STUB_PACKAGES = ("onnxruntime", "tokenizers", "jsonschema")  # what Bundle.load needs, beside numpy
 
@@ -93,6 +106,144 @@ class TritonServer:
             *exit_timeout,
             *extra,
         ]
+
+
+def free_ports(host: str, ports: tuple[int, ...]) -> tuple[int, ...]:
+    """`ports` with each 0 replaced by a port free on `host` now (all held open together while they
+    are picked, so no two are the same)."""
+    with contextlib.ExitStack() as held:
+        chosen = []
+        for port in ports:
+            if port == 0:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = held.enter_context(socket.socket(family))
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+            chosen.append(port)
+    return tuple(chosen)
+
+
+class _Signalled(Exception):
+    """SIGINT or SIGTERM while `TritonProcess.serve` runs."""
+
+
+def _raise_signalled(_signum: int, _frame: Any) -> None:
+    raise _Signalled
+
+
+class TritonProcess:
+    """One `tritonserver` over a model repository, its lifecycle in one place: `start`, `wait_ready`
+    (a model answers ready), `drain` (SIGTERM) and `stop` (drain, wait for the exit timeout and the
+    models' unloading, then kill). As a context manager it is started, and stopped on the way out."""
+
+    def __init__(
+        self,
+        server: TritonServer,
+        repository: Path,
+        ports: tuple[int, int, int] = (8000, 8001, 8002),  # HTTP, gRPC, metrics; 0: a free one
+        host: str = "0.0.0.0",
+        exit_timeout_s: int | None = None,
+        extra: tuple[str, ...] = (),
+        output: IO[Any] | None = None,  # where its log goes (None: this process's stdout/stderr)
+    ) -> None:
+        self.check_ports(ports)
+        self.ports = free_ports(host, ports)
+        self.command = server.command(
+            repository, *self.ports, host=host, extra=extra, exit_timeout_s=exit_timeout_s
+        )
+        self.environment = server.environment()
+        self.exit_timeout_s = EXIT_TIMEOUT_S if exit_timeout_s is None else exit_timeout_s
+        self.output = output
+        # where a client on this machine reaches the HTTP port (a wildcard address: loopback)
+        local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        self.address = f"[{local}]:{self.ports[0]}" if ":" in local else f"{local}:{self.ports[0]}"
+        self.process: subprocess.Popen | None = None
+
+    @staticmethod
+    def check_ports(ports: tuple[int, int, int]) -> None:
+        for flag, port in zip(("--http-port", "--grpc-port", "--metrics-port"), ports):
+            check_port(flag, port)
+
+    def start(self) -> TritonProcess:
+        stderr = None if self.output is None else subprocess.STDOUT
+        self.process = subprocess.Popen(self.command, env=self.environment, stdout=self.output, stderr=stderr)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def ready(self, model: str) -> bool:
+        """Whether `model` answers ready now (one request, its connection closed: an open one would
+        hold Triton's shutdown for its exit timeout)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.address}/v2/models/{model}/ready", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False  # not listening yet, or not ready (4xx)
+
+    def wait_ready(self, model: str, timeout_s: float | None = None) -> bool:
+        """True once `model` is ready, False if Triton exited first; TimeoutError after `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.running:
+            if self.ready(model):
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"tritonserver: model {model!r} not ready in {timeout_s:g} s")
+            time.sleep(READY_POLL_S)
+        return False
+
+    def drain(self) -> None:
+        """No new requests: Triton serves the queued and running ones for its exit timeout, then exits."""
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)  # as SIGINT for Triton; never ignored by a shell
+
+    def kill(self) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.kill()
+
+    def stop(self) -> int:
+        """Drain, wait for the exit timeout and the models' unloading, then kill; Triton's exit status."""
+        if self.process is None:
+            return 0
+        self.drain()
+        try:
+            return self.process.wait(self.exit_timeout_s + UNLOAD_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> TritonProcess:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def serve(self, model: str, on_ready: Callable[[], None] | None = None) -> int:
+        """Start Triton and keep it until it exits or this process gets SIGINT or SIGTERM, then
+        drain and stop it (a second signal kills it). SIGINT is handled even when a shell started
+        this process in the background, where it is ignored by default. Triton's exit status."""
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {number: signal.getsignal(number) for number in signals}
+        for number in signals:
+            signal.signal(number, _raise_signalled)
+        try:
+            self.start()
+            if self.wait_ready(model) and on_ready is not None:
+                on_ready()
+            assert self.process is not None
+            return self.process.wait()
+        except _Signalled:
+            for number in signals:
+                signal.signal(number, lambda *_: self.kill())  # no second drain: stop now
+            return self.stop()
+        finally:
+            if self.running:  # an error on the way: no orphaned server
+                self.kill()
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def find_server(home: Path | None = None) -> TritonServer:
