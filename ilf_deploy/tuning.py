@@ -220,8 +220,6 @@ def tune(
     deadline.step_s = deadline.check_s * timed.num_steps / step_plan.num_steps
     generators = {0: base, **_check_fidelity(bundle, found, reference, options, progress, deadline)}
     _time_rounds(found, generators, timed, request, deadline, progress)
-    reference_ms = found[0].ms_per_step
-    winner, reason = choose_winner(found)
     report = {
         "schema": 1,  # 2 adds the plan search (search_plans); without one, the oldest that says it
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -230,15 +228,7 @@ def tune(
         "plan": plan_name,
         "timed": {"plan": timed.name, "steps": timed.num_steps, "threads": threads},
         "request": dataclasses.asdict(request),
-        "candidates": [c.to_dict(reference_ms) for c in found],
-        "winner": {
-            "backend": winner.backend,
-            "variant": winner.variant,
-            "options": winner.options,
-            "label": winner.label,
-            "reason": reason,
-        },
-        "lossy_speedup": LOSSY_SPEEDUP,
+        **_outcome(found),
         "budget_s": budget_s,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -247,6 +237,17 @@ def tune(
         (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode(),
     )
     return report
+
+
+def _outcome(found: list[Candidate]) -> dict[str, Any]:
+    """tuning.json's candidates, winner (and why) and the margin a lossy one had to beat."""
+    winner, reason = choose_winner(found)
+    chosen = {"backend": winner.backend, "variant": winner.variant, "options": winner.options}
+    return {
+        "candidates": [c.to_dict(found[0].ms_per_step) for c in found],
+        "winner": {**chosen, "label": winner.label, "reason": reason},
+        "lossy_speedup": LOSSY_SPEEDUP,
+    }
 
 
 @dataclass

@@ -268,7 +268,7 @@ def test_verify_variant_produces_checks(dynamic, tmp_path):
 
 def test_tune_produces_checks_in_a_valid_tuning_json(dynamic):
     bundle = Bundle.load(dynamic)
-    report = tune(dynamic, "ilf-4", budget_s=0.1, include=lambda c: c.backend == "onnxruntime")
+    report = tune(dynamic, "ilf-4", budget_s=60, include=lambda c: c.backend == "onnxruntime")
     assert problem("tuning", report) is None
     reference, variant = report["candidates"]
     assert reference["budget"] is None and reference["fidelity"] == []

@@ -383,7 +383,7 @@ def test_int8_ov_with_bf16_for_the_rest_is_a_tune_candidate_auto_can_open(ov_bun
     )
     assert hints == {n: "bf16" if n in mixed.segments else "f32" for n in bundle.manifest.segments}
 
-    report = tune(path, "ilf-4", budget_s=1, include=lambda c: c.label == "openvino int8_ov +bf16")
+    report = tune(path, "ilf-4", budget_s=60, include=lambda c: c.label == "openvino int8_ov +bf16")
     row = report["candidates"][1]
     assert row["label"] == "openvino int8_ov +bf16" and row["fidelity"] and row["ms_per_step"] > 0
     assert row["ok"] == all(f["ok"] for f in row["fidelity"])  # judged by its budget, not assumed

@@ -39,6 +39,12 @@ BodyTimeout = Annotated[
 MaxConnections = Annotated[
     int | None, typer.Option(help="Open connections (default 1024, fewer under a low ulimit -n).")
 ]
+# OpenAI compatibility (README "OpenAI compatibility")
+ModelName = Annotated[
+    str | None,
+    typer.Option(help="The model id in /v1/models and requests' `model` (default: the bundle's name)."),
+]
+UrlTtl = Annotated[float, typer.Option(help='Seconds a `response_format: "url"` image link answers.')]
 Drain = Annotated[
     float | None,
     typer.Option(
@@ -87,13 +93,8 @@ def serve(
     autoscale: Autoscale = None,
     replica_cpus: ReplicaCpus = None,
     ship_bundle: ShipBundle = False,
-    model_name: Annotated[
-        str | None,
-        typer.Option(help="The model id in /v1/models and requests' `model` (default: the bundle's name)."),
-    ] = None,
-    url_ttl_s: Annotated[
-        float, typer.Option(help='Seconds a `response_format: "url"` image link answers.')
-    ] = 600.0,
+    model_name: ModelName = None,
+    url_ttl_s: UrlTtl = 600.0,
 ) -> None:
     """Serve a bundle over HTTP: OpenAI-style /v1/images/generations with micro-batching."""
     if server not in SERVERS:
