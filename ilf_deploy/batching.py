@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, check_at_least
 
 MIN_MAX_BATCH = 8  # images per engine call when neither the flag nor a larger bundle says more
 MAX_WAIT_MS = 10_000.0
@@ -28,12 +28,10 @@ class BatchingPolicy:
 
     def check_batching(self) -> None:
         """Each knob's bounds, as the flags name them (one line, before anything starts)."""
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
+        check_at_least("--max-batch", self.max_batch)
         if not 0 <= self.max_wait_ms <= MAX_WAIT_MS:
             raise ConfigError(f"--max-wait-ms must be in 0..{MAX_WAIT_MS:g}, got {self.max_wait_ms}")
-        if self.max_queue < 1:
-            raise ConfigError(f"--max-queue must be >= 1, got {self.max_queue}")
+        check_at_least("--max-queue", self.max_queue)
         if not self.timeout_s > 0:
             raise ConfigError(f"--timeout-s must be > 0, got {self.timeout_s}")
         if not 1 <= self.max_n <= self.max_queue:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import ATTRIBUTES, EVAL_SEED, IMAGE_SIZE, Sample, make_batch, to_tensor_range
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, check_at_least
 from .files import make_readable
 from .plan import StepPlan
 from .runtime.bundle import Bundle
@@ -353,10 +353,8 @@ def eval_prompts(n: int, offset: int = 0, seed: int = EVAL_SEED) -> list[Sample]
 def _check_eval_options(n: int, offset: int, batch_size: int, plans: Sequence[str]) -> None:
     if n < 2:
         raise ConfigError(f"--n must be >= 2 (the Fréchet distance needs a covariance), got {n}")
-    if offset < 0:
-        raise ConfigError(f"--offset must be >= 0, got {offset}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    check_at_least("--offset", offset, 0)
+    check_at_least("--batch-size", batch_size)
     if not plans:
         raise ConfigError("no plans to evaluate")
 

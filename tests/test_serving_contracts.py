@@ -293,3 +293,68 @@ def urllib_get(url: str) -> int:
 
     with urllib.request.urlopen(url, timeout=5) as reply:
         return reply.status
+
+
+# -- bounds: one mechanism and one wording --------------------------------------------------------------
+def test_check_at_least_words_every_lower_bound_alike():
+    from ilf_deploy.errors import check_at_least
+
+    check_at_least("--x", None)  # not given: nothing to check
+    check_at_least("--x", 1)
+    check_at_least("--x", 0, 0)
+    for value, low, message in [(0, 1, "--x must be >= 1, got 0"), (-1, 0, "--x must be >= 0, got -1")]:
+        with pytest.raises(ConfigError) as error:
+            check_at_least("--x", value, low)
+        assert str(error.value) == message
+    with pytest.raises(ConfigError, match=r"^--x must be >= 1, got 0\.5$"):
+        check_at_least("--x", 0.5)
+
+
+def test_lower_bounds_read_the_same_at_every_front_door(bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from ilf_deploy.cli import app
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red square"}\n')
+    runner = CliRunner()
+    for args, flag in [
+        (["plan", "--blocks", "0"], "--blocks"),
+        (["export-triton", str(bundle), "-o", str(tmp_path / "repo"), "--instances", "0"], "--instances"),
+        (["export-triton", str(bundle), "-o", str(tmp_path / "repo"), "--replicas", "0"], "--replicas"),
+        (
+            ["batch", str(bundle), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--actors", "0"],
+            "--actors",
+        ),
+        (["bench", str(bundle), "--runs", "0"], "--runs"),
+        (["serve", str(bundle), "--max-batch", "0"], "--max-batch"),
+        (["serve", str(bundle), "--server", "triton", "--max-queue", "0"], "--max-queue"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and f"{flag} must be >= 1, got 0" in result.output, (args, result.output)
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "o").exists()
+
+
+def test_hand_written_lower_bounds_do_not_come_back():
+    """`errors.check_at_least` is the bound; the few left by hand say more than a bound (a list,
+    an upper limit beside it, a reason) or are in files other work owns."""
+    import re
+
+    import ilf_deploy
+
+    allowed = {
+        "evaluation.py",  # --n >= 2, with the reason
+        "training/feedback.py",  # a list of plan steps
+        "serve/state.py",  # --max-connections: and the descriptor limit above it
+        "plan/model.py",
+        "export/build.py",
+        "cli/plans.py",  # --adaptive and --max-reuse together
+        "tuning.py",
+    }
+    root = Path(ilf_deploy.__file__).parent
+    found = {
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if path.name != "errors.py" and re.search(r"must be >= \d", path.read_text())
+    }
+    assert found <= allowed, sorted(found - allowed)

@@ -237,7 +237,7 @@ def export_kuberay(
     over the bundle on a PersistentVolumeClaim, its digest pinned and checked in every pod."""
     from ..backends import get_backend
     from ..backends.auto import AUTO
-    from ..errors import ConfigError
+    from ..errors import check_at_least
     from ..runtime.bundle import Bundle
     from ..scale.kuberay import KubeRay, write_manifests
     from ..scale.options import parse_autoscale
@@ -246,10 +246,10 @@ def export_kuberay(
     if backend not in (None, AUTO):
         get_backend(backend)  # an unknown engine is refused here, as by every other command
     loaded = Bundle.load(bundle, digest=digest)  # every file's hash: the digest must be worth pinning
-    if workers < 1 or (max_workers is not None and max_workers < workers):
-        raise ConfigError("--workers must be >= 1 and --max-workers >= --workers")
-    if replicas < 1 or actors < 1 or worker_cpus < 1:
-        raise ConfigError("--replicas, --actors and --worker-cpus must be >= 1")
+    for flag, value in [("--workers", workers), ("--replicas", replicas), ("--actors", actors)]:
+        check_at_least(flag, value)
+    check_at_least("--worker-cpus", worker_cpus)
+    check_at_least("--max-workers", max_workers, workers)  # at least --workers
     spec = KubeRay(
         name=name, bundle=bundle_path or loaded.path.resolve().name, digest=loaded.digest, claim=claim,
         image=image, cluster=cluster(namespace, toleration, node_selector, pod_monitor),

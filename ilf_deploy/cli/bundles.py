@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_at_least
 from ..runtime.generator import Request
 from . import command, console, finish_checks, out, progress
 from .generate import open_source
@@ -201,8 +201,8 @@ def bench(
     from ..runtime.bundle import Bundle
     from ..tuning import resolve_bundle_plan
 
-    if runs < 1 or warmup < 0:
-        raise ConfigError("--runs must be >= 1 and --warmup >= 0")
+    check_at_least("--runs", runs)
+    check_at_least("--warmup", warmup, 0)
     output_file(as_json, "--json", (".json",))
     output_file(plot_out, "--plot", image_suffixes())
     loaded = Bundle.load(bundle, digest=digest)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_at_least
 from . import command, console, out, tables
 from .paths import output_dir, output_file
 from .sizes import parse_resolutions
@@ -138,16 +138,14 @@ def plan_command(
 
     output_file(save, "--out", (".json",))
     for flag, value in (("--refresh-every", refresh_every), ("--baseline-steps", baseline_steps)):
-        if value is not None and value < 1:  # 0 is not "the default": it is refused as -1 is
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
+        check_at_least(flag, value)  # 0 is not "the default": it is refused as -1 is
     if block_caching is not None and not 0 <= block_caching < float("inf"):  # NaN fails too
         raise ConfigError(f"--block-caching δ must be a finite number >= 0, got {block_caching}")
     num_blocks, scheduler, model_loop, model_t_post = 28, None, None, None
     if model is not None:
         num_blocks, scheduler, model_loop, model_t_post = _model_facts(model, parse_resolutions(sizes))
     num_blocks = blocks if blocks is not None else num_blocks
-    if num_blocks < 1:
-        raise ConfigError(f"--blocks must be >= 1, got {num_blocks}")
+    check_at_least("--blocks", num_blocks)
     ilf = {"feedback": (), "loop": None, "t_post": t_post or model_t_post or "rescale"}
     if loop or feedback:
         ilf["loop"] = parse_range(loop, "--loop", num_blocks) if loop else model_loop

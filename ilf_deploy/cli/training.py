@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_at_least
 from ..training.recipe import RECIPE
 from . import command, console, out, progress
 from .options import Digest, backend_help, pin
@@ -114,11 +114,15 @@ def train_base_command(
     stages = ("vae", "latents", "transformer", "save")
     if stage not in (*stages, "all"):
         raise ConfigError(f"unknown stage {stage!r}; choose from {', '.join(stages)}, all")
-    for name, value in (("vae-steps", vae_steps), ("latents", latents), ("steps", steps)):
-        if value < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {value}")
-    if batch_size < 1 or not lr > 0:
-        raise ConfigError("--batch-size must be >= 1 and --lr > 0")
+    for flag, value in [
+        ("--vae-steps", vae_steps),
+        ("--latents", latents),
+        ("--steps", steps),
+        ("--batch-size", batch_size),
+    ]:
+        check_at_least(flag, value)
+    if not lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {lr}")
     recipe = replace(RECIPE, vae_steps=vae_steps, latents=latents, steps=steps, batch=batch_size, lr=lr)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "train.log"

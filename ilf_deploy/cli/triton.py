@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ..batching import DEFAULT_BATCHING, BatchingPolicy
+from ..errors import ConfigError, check_at_least
 from ..triton.k8s import CLAIM, IMAGE, check_names
 from . import command, console
 from .cluster import Image, Namespace, NodeSelector, PodMonitor, Prometheus, Tolerations, cluster
@@ -63,16 +64,13 @@ def export_triton(
     digest: Digest = None,
 ) -> None:
     """Write a Triton model repository that serves the bundle (Python backend, dynamic batching)."""
-    from ..errors import ConfigError
     from ..runtime.bundle import Bundle
     from ..triton.repository import BUNDLE_DIR, ExportOptions, export_repository
 
     if k8s is not None and not copy_bundle:
         raise ConfigError("--k8s needs --copy-bundle: the pods see only the repository")
-    if replicas < 1 or max_replicas < replicas:
-        raise ConfigError(
-            f"--replicas must be >= 1 and --max-replicas >= --replicas, got {replicas}, {max_replicas}"
-        )
+    check_at_least("--replicas", replicas)
+    check_at_least("--max-replicas", max_replicas, replicas)  # at least --replicas
     output_dir(out, "--out")
     output_dir(k8s, "--k8s")
     placement = cluster(namespace, toleration, node_selector, pod_monitor, prometheus)

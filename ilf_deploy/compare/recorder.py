@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import check_at_least
 from ..runtime.bundle import Bundle
 
 SKIP = ("text_encoder", "vae_decoder", "context")  # never quantized: no calibration needed
@@ -37,8 +37,7 @@ class TrajectoryRecorder:
         all_feeds: bool = False,
         to_numpy: Callable[[Any], np.ndarray] = np.asarray,
     ) -> None:
-        if max_samples < 1:
-            raise ConfigError(f"max samples must be >= 1, got {max_samples}")
+        check_at_least("max samples", max_samples)
         wanted = set(segments) if segments is not None else set(bundle.manifest.segments) - set(SKIP)
         self.inputs = {
             name: list(spec.input_names) for name, spec in bundle.manifest.segments.items() if name in wanted

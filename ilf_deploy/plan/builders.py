@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_at_least
 from ..schedulers import PIXART_SCHEDULER_CONFIG, StepCoefficients, image_tokens_of, scheduler_coefficients
 from .model import Op, OpKind, Step, StepPlan, StepTiming, TimeRef, check_block_range
 
@@ -46,13 +46,11 @@ def default_cache_range(num_blocks: int) -> tuple[int, int]:
 
 
 def _check_steps(num_steps: int) -> None:
-    if num_steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {num_steps}")
+    check_at_least("steps", num_steps)
 
 
 def _check_refresh_every(refresh_every: int) -> None:
-    if refresh_every < 1:
-        raise ConfigError(f"refresh-every must be >= 1, got {refresh_every}")
+    check_at_least("refresh-every", refresh_every)
 
 
 def _check_t_post(t_post: str) -> None:

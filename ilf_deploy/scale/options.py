@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_at_least
 
 AUTO_ROWS_PER_TASK = 8
 TASKS_PER_ACTOR = 4
@@ -27,10 +27,8 @@ class BatchOptions:
     ship: bool = False  # Ray: copy the bundle to the nodes through the object store
 
     def check(self) -> None:
-        if self.actors is not None and self.actors < 1:
-            raise ConfigError(f"--actors must be >= 1, got {self.actors}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        check_at_least("--actors", self.actors)
+        check_at_least("--batch-size", self.batch_size)
         if not self.actor_cpus > 0:
             raise ConfigError(f"--actor-cpus must be > 0, got {self.actor_cpus}")
         if self.ship and self.ray_address is None:
@@ -64,8 +62,7 @@ class RayServeOptions:
     logs: tuple[str, str] = ("human", "info")  # the replicas' --log-format and --log-level
 
     def check(self) -> None:
-        if self.replicas < 1:
-            raise ConfigError(f"--replicas must be >= 1, got {self.replicas}")
+        check_at_least("--replicas", self.replicas)
         if self.autoscale is not None:
             parse_autoscale(f"{self.autoscale[0]}:{self.autoscale[1]}")
         if not self.replica_cpus > 0:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..adapters import Adapter, Cond
 from ..backends.pytorch import TorchGenerator
 from ..data import TRAIN_SEED, make_batch, to_tensor_range
-from ..errors import ConfigError
+from ..errors import ConfigError, check_at_least
 from ..ilf import FEEDBACK_DIR, FeedbackModule, inner_loop, run_blocks
 from ..loading import LoadedModel, torch_device
 from ..plan import T_POST_MODES, ilf_plan, post_timestep, validate_loop
@@ -66,18 +66,15 @@ class FeedbackTrainConfig:
 
     def validate(self, num_blocks: int) -> None:
         validate_loop(*self.loop, num_blocks)
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        check_at_least("steps", self.steps)
+        check_at_least("batch size", self.batch_size)
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
         if self.t_post not in T_POST_MODES:
             raise ConfigError(f"unknown t_post mode {self.t_post!r}; choose from {', '.join(T_POST_MODES)}")
         if self.timesteps not in ("plan", "uniform"):
             raise ConfigError(f"unknown timestep sampling {self.timesteps!r}; choose plan or uniform")
-        if self.guidance < 0:
-            raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
+        check_at_least("guidance", self.guidance, 0)
         if not self.plan_steps or min(self.plan_steps) < 1:
             raise ConfigError(f"plan steps must be >= 1, got {self.plan_steps}")
         torch_device(self.device)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..batching import DEFAULT_BATCHING, MAX_WAIT_MS, BatchingPolicy
-from ..errors import ConfigError
+from ..errors import ConfigError, check_at_least
 from ..runtime.bundle import Bundle
 from ..runtime.manifest import SegmentSpec, TensorSpec
 
@@ -63,8 +63,7 @@ class ExportOptions:
             raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.kind not in KINDS:
             raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.instances < 1:
-            raise ConfigError(f"--instances must be >= 1, got {self.instances}")
+        check_at_least("--instances", self.instances)
         most_us = round(MAX_WAIT_MS * 1000)
         if not 0 <= self.max_queue_delay_us <= most_us:  # the policy's --max-wait-ms bound, in µs
             raise ConfigError(f"--max-queue-delay-us must be in 0..{most_us}, got {self.max_queue_delay_us}")
