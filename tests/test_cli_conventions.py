@@ -3,6 +3,7 @@ help panels, global --quiet/--verbose, no `<bool>` beside flags, no 80-column wr
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -91,3 +92,16 @@ def test_quiet_verbose_and_no_wrapping(tmp_path):
     assert both.returncode == 2 and "--quiet and --verbose" in both.stderr
     verbose = run("-v", "schema", "plan")
     assert verbose.returncode == 0 and '"$schema"' in verbose.stdout
+
+
+def test_options_from_the_environment(tmp_path):
+    """ILF_<COMMAND>_<OPTION>: what a deployment sets (a flag on the command line still wins)."""
+    made = run("make-tiny", "dit", str(tmp_path / "m"), env={"ILF_MAKE_TINY_LAYERS": "3"})
+    assert made.returncode == 0, made.stderr
+    config = json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())
+    assert config["num_layers"] == 3
+    flag = run("make-tiny", "dit", str(tmp_path / "f"), "--layers", "2", env={"ILF_MAKE_TINY_LAYERS": "3"})
+    assert json.loads((tmp_path / "f" / "transformer" / "config.json").read_text())["num_layers"] == 2
+    assert flag.returncode == 0
+    refused = run("serve", str(tmp_path / "m"), env={"ILF_SERVE_PORT": "70000"})
+    assert refused.returncode == 2 and "--port must be in 0..65535" in refused.stderr

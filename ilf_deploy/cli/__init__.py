@@ -27,11 +27,15 @@ try:  # the click that typer runs on: its own copy since typer 0.2x, else click 
 except ImportError:  # pragma: no cover - older typer
     from click import exceptions as click_errors  # type: ignore[no-redef]
 
+ENV_PREFIX = "ILF"
 app = typer.Typer(
     help="Deploy diffusion transformers accelerated with Inner Loop Feedback (ILF).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+    # Every option of every command can come from the environment: ILF_<COMMAND>_<OPTION>, e.g.
+    # ILF_SERVE_PORT=8080 or ILF_SERVE_MODEL_NAME=pixart (what a deployment sets; README "The CLI").
+    context_settings={"auto_envvar_prefix": ENV_PREFIX},
 )
 # `ilf-deploy --help` groups the commands in these panels, in this order (README "Command line").
 PANELS = {
