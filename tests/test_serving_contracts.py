@@ -103,6 +103,30 @@ def test_batch_workers_and_the_driver_load_the_manifest_once(bundle, tmp_path, l
         prepared.results.close()
 
 
+def test_bench_opens_its_engine_from_the_bundle_it_checked(bundle, loads):
+    from typer.testing import CliRunner
+
+    from ilf_deploy.cli import app
+
+    digest = Bundle.load(bundle, verify_hashes=False).digest
+    loads.clear()
+    args = [
+        "bench",
+        str(bundle),
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--backend",
+        "onnxruntime",
+        "--digest",
+        digest,
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert loads == [Path(bundle)]  # hashes and pin once; the engine runs that bundle
+
+
 def test_triton_engine_reads_the_generators_bundle(generator, loads):
     from ilf_deploy.triton.model import Engine
 

@@ -11,7 +11,7 @@ import typer
 from ..errors import ConfigError, check_at_least
 from ..runtime.generator import Request
 from . import command, console, finish_checks, out, progress
-from .generate import open_source
+from .generate import announce
 from .options import VARIANT_HELP, ChecksJson, Digest, backend_help
 from .paths import image_suffixes, output_file
 from .sizes import parse_resolutions, split_list
@@ -157,7 +157,7 @@ def verify(
     from ..verify.bundle import bundle_budget, verify_bundle
     from .engines import verify_tensorrt
 
-    output_file(as_json, "--json", (".json",))
+    output_file(as_json, "--json-out", (".json",))
     if backend == "tensorrt":
         return verify_tensorrt(bundle, variant, None, False, as_json, digest)
     if backend == "torch" or variant is not None:
@@ -192,26 +192,30 @@ def bench(
     variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
     prompt: Annotated[str, typer.Option(help="Prompt (PixArt).")] = "a small red circle on a blue background",
     class_label: Annotated[int, typer.Option(help="Class (DiT).")] = 1,
-    as_json: Annotated[Path | None, typer.Option("--json", help="Write results as JSON here.")] = None,
+    as_json: Annotated[
+        Path | None, typer.Option("--json-out", help="Write the results as JSON to this file.")
+    ] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a latency chart (PNG) here.")] = None,
     digest: Digest = None,
 ) -> None:
     """Per-stage latency of each plan, block forwards, measured vs predicted speedup, images/s."""
+    from ..backends import AUTO, open_bundle_generator
     from ..bench import bench_plans, plot, summary
     from ..runtime.bundle import Bundle
     from ..tuning import resolve_bundle_plan
 
     check_at_least("--runs", runs)
     check_at_least("--warmup", warmup, 0)
-    output_file(as_json, "--json", (".json",))
+    output_file(as_json, "--json-out", (".json",))
     output_file(plot_out, "--plot", image_suffixes())
-    loaded = Bundle.load(bundle, digest=digest)
+    loaded = Bundle.load(bundle, digest=digest)  # hashes and pin: the one the engine opens below
     names = split_list(plans) if plans else loaded.plan_names
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise ConfigError(f"--plans names {', '.join(twice)} more than once")
     step_plans = [resolve_bundle_plan(loaded, name) for name in names]  # presets its segments cover too
-    generator, _, _ = open_source(bundle, backend, variant)
+    generator = open_bundle_generator(loaded, backend or AUTO, variant)
+    announce(generator.choice, bundle, backend)
     engine = generator.backend + (f" {generator.variant}" if generator.variant else "")
     request = Request(prompt=prompt, class_label=class_label)
     with progress() as bar:
