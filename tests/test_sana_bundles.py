@@ -217,7 +217,13 @@ def test_serve_answers_a_request(sana_bundle, generators):
     generator = generators["onnxruntime"]
     with TestClient(create_app(sana_bundle, ServeOptions(max_n=1), generator)) as client:
         wait_ready(client)
-        body = {"prompt": PROMPT, "seed": 5, "plan": "ilf-4", "size": "192x320", "response_format": "b64_json"}
+        body = {
+            "prompt": PROMPT,
+            "seed": 5,
+            "plan": "ilf-4",
+            "size": "192x320",
+            "response_format": "b64_json",
+        }
         response = client.post(GEN, json=body)
         assert response.status_code == 200, response.text
         served = png(response.json()["data"][0]["b64_json"])
@@ -225,3 +231,20 @@ def test_serve_answers_a_request(sana_bundle, generators):
     request = Request(PROMPT, seed=5, height=320, width=192)
     direct = generator.decode(generator.generate_latents(plan, request))[0]
     assert served.shape == (320, 192, 3) and np.abs(served.astype(int) - direct.astype(int)).max() <= 1
+
+
+def test_a_prompt_format_needs_schema_5(sana_bundle):
+    """A manifest that says 4 but carries `tokenizer.instruction` breaks the schema (a reader of 4
+    would encode prompts without the instruction), and the instruction needs its length."""
+    from ilf_deploy.runtime.manifest import Manifest
+    from ilf_deploy.schemas import problem
+
+    raw = json.loads((sana_bundle / "manifest.json").read_text())
+    assert problem("manifest", raw) is None
+    older = {**raw, "schema_version": 4}
+    assert "tokenizer" in str(problem("manifest", older))
+    with pytest.raises(BundleError, match="manifest schema"):
+        Manifest.parse(older)
+    lengthless = json.loads(json.dumps(raw))
+    del lengthless["tokenizer"]["instruction_max_length"]
+    assert problem("manifest", lengthless) is not None
