@@ -15,6 +15,7 @@ its engine runs a linear layer (benchmarks/peaks.py).
 
     python -m benchmarks.peer [--quick] [--runs N] [--tune-budget-s S] [--rebuild] [--no-compile]
     python -m benchmarks.peer --family sd3|flux [...]   # SD3 and Flux: benchmarks/peer_mmdit.py
+    python -m benchmarks.peer --family sana [...]       # Sana: benchmarks/peer_sana.py
 """
 
 from __future__ import annotations
@@ -216,17 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)  # the child below
     parser.add_argument(
         "--family",
-        choices=("pixart", "sd3", "flux"),
+        choices=("pixart", "sd3", "flux", "sana"),
         default="pixart",
-        help="sd3, flux: benchmarks/peer_mmdit.py",
+        help="sd3, flux: benchmarks/peer_mmdit.py; sana: benchmarks/peer_sana.py",
     )
-    parser.add_argument("--steps", type=int, default=10, help="sd3, flux: base-N, ilf-N, cache-N")
+    parser.add_argument("--steps", type=int, default=10, help="sd3, flux, sana: base-N, ilf-N, cache-N")
     parser.add_argument("--flux-depth", default="2,4", help="flux: double,single blocks (Flux.1 has 19,38)")
     parser.add_argument("--sd3-depth", type=int, default=24, help="sd3: joint blocks (SD3-medium has 24)")
-    parser.add_argument("--no-fp32", action="store_true", help="sd3, flux: skip diffusers fp32")
+    parser.add_argument("--sana-depth", type=int, default=28, help="sana: blocks (Sana-600M has 28)")
+    parser.add_argument("--no-fp32", action="store_true", help="sd3, flux, sana: skip diffusers fp32")
     args = parser.parse_args(argv)
     if args.peaks:
         return measure_peaks()
+    if args.family == "sana":
+        from benchmarks import peer_sana
+
+        return peer_sana.main(args)
     if args.family != "pixart":
         from benchmarks import peer_mmdit
 
