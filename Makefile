@@ -100,7 +100,7 @@ demo: setup
 	for plan in base-20 ilf-10 cache-20; do \
 	  $(BIN)/ilf-deploy generate $(DEMO)/bundle --plan $$plan --prompt "$(PROMPT)" --out $(DEMO)/$$plan.png || exit 1; \
 	done
-	$(BIN)/ilf-deploy eval $(DEMO)/bundle --plans base-20,ilf-10,cache-20 --n 16 --grid $(DEMO)/grid.png --json $(DEMO)/eval.json
+	$(BIN)/ilf-deploy eval $(DEMO)/bundle --plans base-20,ilf-10,cache-20 --n 16 --grid $(DEMO)/grid.png --json-out $(DEMO)/eval.json
 
 # Retrain the embedded default model from scratch (about 2 hours on 2 CPU cores; README:
 # "Embedded default model"). Each stage resumes from its checkpoint in $(TRAIN_WORK).

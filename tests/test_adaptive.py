@@ -206,7 +206,7 @@ def test_build_exports_the_cut_points_composed_plans_need(composed_bundle):
 
 def test_verify_passes_on_composed_and_adaptive_plans(composed_bundle, tmp_path):
     report = tmp_path / "verify.json"
-    result = CliRunner().invoke(app, ["verify", str(composed_bundle), "--json", str(report)])
+    result = CliRunner().invoke(app, ["verify", str(composed_bundle), "--json-out", str(report)])
     assert result.exit_code == 0, result.output
     checked = " ".join(c["name"] for c in json.loads(report.read_text()) if c["kind"] == "end-to-end")
     assert all(name in checked for name in PLANS), checked
@@ -249,7 +249,7 @@ def test_generate_and_bench_report_the_block_forwards_that_ran(composed_bundle, 
             "0",
             "--prompt",
             PROMPTS[0],
-            "--json",
+            "--json-out",
             str(bench),
         ],
     )

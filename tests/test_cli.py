@@ -156,11 +156,11 @@ def test_bundle_commands(tiny_dirs, tmp_path):
     assert result.exit_code == 0 and "blocks_" in result.output and "ilf-4" in result.output
     assert json.loads(invoke("inspect", bundle, "--json").output)["architecture"] == "dit"
     report = tmp_path / "verify.json"
-    result = invoke("verify", bundle, "--json", report)
+    result = invoke("verify", bundle, "--json-out", report)
     assert result.exit_code == 0, result.output
     assert all(check["ok"] for check in json.loads(report.read_text()))
     bench_json, chart = tmp_path / "bench.json", tmp_path / "bench.png"
-    result = invoke("bench", bundle, "--runs", "1", "--json", bench_json, "--plot", chart)
+    result = invoke("bench", bundle, "--runs", "1", "--json-out", bench_json, "--plot", chart)
     assert result.exit_code == 0, result.output
     rows = {row["plan"]: row for row in json.loads(bench_json.read_text())["plans"]}
     assert rows["ilf-4"]["block_forwards"] > rows["base-4"]["block_forwards"]  # every step has feedback

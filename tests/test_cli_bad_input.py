@@ -71,9 +71,9 @@ OUTPUTS = [
     ),
     (["plan", "-o", "{place}/no/p.json"], "does not exist"),
     (["plan", "-o", "{place}/a-dir"], "is a directory"),
-    (["verify", "{bundle}", "--json", "{place}/no/v.json"], "does not exist"),
-    (["verify-variant", "{bundle}", "--variant", "x", "--json", "{place}/a-dir"], "is a directory"),
-    (["bench", "{bundle}", "--json", "{place}/b.json", "--plot", "{place}/no/b.png"], "does not exist"),
+    (["verify", "{bundle}", "--json-out", "{place}/no/v.json"], "does not exist"),
+    (["verify-variant", "{bundle}", "--variant", "x", "--json-out", "{place}/a-dir"], "is a directory"),
+    (["bench", "{bundle}", "--json-out", "{place}/b.json", "--plot", "{place}/no/b.png"], "does not exist"),
     (["bench", "{bundle}", "--plot", "{place}/b.txt"], "must end in"),
     (["export-triton", "{bundle}", "-o", "{place}/a-file"], "is a file"),
     (
@@ -83,7 +83,7 @@ OUTPUTS = [
     (["export-kuberay", "{bundle}", "-o", "{place}/a-file/k"], "is a file"),
     (["batch", "{bundle}", "--prompts", "{place}/a-file", "-o", "{place}/a-file"], "is a file"),
     (["make-tiny", "dit", "{place}/a-file/m"], "is a file"),
-    (["eval", "{bundle}", "--json", "{place}/no/e.json"], "does not exist"),
+    (["eval", "{bundle}", "--json-out", "{place}/no/e.json"], "does not exist"),
 ]
 
 

@@ -105,3 +105,22 @@ def test_options_from_the_environment(tmp_path):
     assert flag.returncode == 0
     refused = run("serve", str(tmp_path / "m"), env={"ILF_SERVE_PORT": "70000"})
     assert refused.returncode == 2 and "--port must be in 0..65535" in refused.stderr
+
+
+def test_one_meaning_per_option_name():
+    """`--json` prints JSON to stdout (a flag) on every command that has it; `--json-out FILE` writes
+    it to a file; `--prompts` is always a file of prompts (tune's count is `--prompt-count`)."""
+    seen: dict[str, set[str]] = {"--json": set(), "--json-out": set(), "--prompts": set()}
+    for name, command in COMMANDS.items():
+        for param in command.params:
+            for flag in set(param.opts) & set(seen):
+                seen[flag].add(name)
+                if flag == "--json":
+                    assert param.is_flag, name
+                else:
+                    assert not param.is_flag, (name, flag)
+                if flag == "--prompts":
+                    assert param.type_descriptor.is_path, name
+    assert {"plan", "inspect", "backends", "tune"} <= seen["--json"]
+    assert {"verify", "verify-variant", "verify-engines", "bench", "eval"} <= seen["--json-out"]
+    assert {"batch", "calibrate"} <= seen["--prompts"] and "tune" not in seen["--prompts"]

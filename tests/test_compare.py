@@ -226,7 +226,7 @@ def test_verify_produces_checks_and_refuses_a_wrong_digest(tiny_bundles, tmp_pat
     report = tmp_path / "verify.json"
     runner = CliRunner()
     result = runner.invoke(
-        app, ["verify", str(bundle.path), "--json", str(report), "--digest", bundle.digest]
+        app, ["verify", str(bundle.path), "--json-out", str(report), "--digest", bundle.digest]
     )
     assert result.exit_code == 0, result.output
     assert "rel L2 ≤ 0.0001" in " ".join(result.output.split()) and "within tolerance" in result.output
@@ -255,7 +255,7 @@ def test_verify_variant_produces_checks(dynamic, tmp_path):
     assert rows[-1].kind == "end-to-end" and rows[-1].name == "ilf-4" and rows[-1].rel_l2 > 0
     runner = CliRunner()
     report = tmp_path / "rows.json"
-    args = ["verify-variant", str(dynamic), "--variant", "cpu", "--plan", "ilf-4", "--json", str(report)]
+    args = ["verify-variant", str(dynamic), "--variant", "cpu", "--plan", "ilf-4", "--json-out", str(report)]
     result = runner.invoke(app, [*args, "--digest", bundle.digest])
     assert result.exit_code == 0, result.output
     assert "budget: segments SNR ≥ 30 dB" in " ".join(result.output.split())

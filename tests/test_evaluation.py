@@ -150,7 +150,7 @@ def test_eval_command_on_a_bundle(tiny_bundles, tmp_path):
 
     report, grid = tmp_path / "eval.json", tmp_path / "grid.png"
     args = ["eval", str(tiny_bundles["pixart-alpha"]), "--plans", "base-4,ilf-4", "--reference", "base-4"]
-    args += ["--n", "3", "--offset", "7", "--batch-size", "2", "--json", str(report), "--grid", str(grid)]
+    args += ["--n", "3", "--offset", "7", "--batch-size", "2", "--json-out", str(report), "--grid", str(grid)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "from prompt 7" in result.output and "±" in result.output

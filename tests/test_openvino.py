@@ -198,7 +198,7 @@ def test_generate_bench_verify_and_eval_run_on_openvino(ov_bundle, tmp_path):
     assert result.exit_code == 0 and image.is_file(), result.output
     report = tmp_path / "bench.json"
     args = ["bench", str(ov_bundle), "--backend", "openvino", "--variant", "int8_ov", "--plans", "ilf-4"]
-    result = runner.invoke(app, [*args, "--runs", "1", "--warmup", "0", "--json", str(report)])
+    result = runner.invoke(app, [*args, "--runs", "1", "--warmup", "0", "--json-out", str(report)])
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert (data["backend"], data["variant"]) == ("openvino", "int8_ov")

@@ -176,7 +176,9 @@ def test_quantize_and_verify_variant_commands(quantized, tmp_path):
     result = runner.invoke(_app(), ["quantize", str(path), "--mode", "int8-dynamic", "--name", "cpu"])
     assert result.exit_code == 0, result.output
     report = tmp_path / "report.json"
-    result = runner.invoke(_app(), ["verify-variant", str(path), "--variant", "cpu", "--json", str(report)])
+    result = runner.invoke(
+        _app(), ["verify-variant", str(path), "--variant", "cpu", "--json-out", str(report)]
+    )
     assert result.exit_code == 0, result.output
     assert "SNR" in result.output and "within budget" in result.output
     assert json.loads(report.read_text())[-1]["kind"] == "end-to-end"

@@ -151,7 +151,7 @@ def verify_variant_command(
     from ..quantization.quantize import variant_budget, variant_engine, verify_variant
     from ..runtime.bundle import Bundle
 
-    output_file(as_json, "--json", (".json",))
+    output_file(as_json, "--json-out", (".json",))
     loaded = Bundle.load(bundle, digest=digest)
     limits = variant_budget(loaded, variant)  # an unknown variant fails here, before the work
     with progress() as bar:
@@ -227,7 +227,7 @@ def verify_tensorrt(
     from ..runtime.bundle import Bundle
     from ..verify.engines import engines_budget, verify_engines
 
-    output_file(as_json, "--json", (".json",))
+    output_file(as_json, "--json-out", (".json",))
     loaded = Bundle.load(bundle, digest=digest)
     limits = engines_budget(loaded, variant)
     with progress() as bar:

@@ -44,7 +44,10 @@ DefaultPlan = Annotated[
 ]
 Height = Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")]
 Width = Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")]
-ChecksJson = Annotated[Path | None, typer.Option("--json", help="Also write the checks as JSON here.")]
+# `--json` prints JSON to stdout (plan, inspect, backends, tune); `--json-out FILE` writes it to a file.
+ChecksJson = Annotated[
+    Path | None, typer.Option("--json-out", help="Also write the checks as JSON to this file.")
+]
 
 
 def pin(path: str | Path, digest: str | None) -> None:

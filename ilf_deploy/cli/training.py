@@ -166,7 +166,9 @@ def eval_command(
     guidance_scale: Annotated[
         float | None, typer.Option(help="Classifier-free guidance (default: the model's, 4.5 PixArt).")
     ] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json-out", help="Write the report as JSON to this file.")
+    ] = None,
     grid: Annotated[Path | None, typer.Option(help="Write a PNG grid of samples per plan.")] = None,
     variant: Annotated[
         str | None, typer.Option(help="A bundle's precision variant (e.g. int8_dynamic) to run.")
@@ -187,7 +189,7 @@ def eval_command(
     names = [p.strip() for p in plans.split(",") if p.strip()]
     if not names:
         raise ConfigError("no plans to evaluate")
-    output_file(json_out, "--json", (".json",))
+    output_file(json_out, "--json-out", (".json",))
     output_file(grid, "--grid", image_suffixes())
     with console.status("loading model"):
         if is_bundle(model):

@@ -30,7 +30,9 @@ QualityBudgetOption = Annotated[
         "frechet=F (Fréchet rise), l2=L (latent rel L2); 'none' lifts one."
     ),
 ]
-Prompts = Annotated[int, typer.Option(help="Tuning prompts the search evaluates each plan on.")]
+PromptCount = Annotated[
+    int, typer.Option("--prompt-count", help="Tuning prompts the search evaluates each plan on.")
+]
 PromptOffset = Annotated[
     int, typer.Option(help="The first tuning prompt (the reporting prompts, 200000 on, are refused).")
 ]
@@ -42,7 +44,7 @@ ConfirmPrompts = Annotated[
     int,
     typer.Option(
         help="Then measure the plans that would beat --reference again on this many fresh tuning prompts "
-        "(those after --prompts); only one within the budget on both is chosen (0: off)."
+        "(those after --prompt-count); only one within the budget on both is chosen (0: off)."
     ),
 ]
 
@@ -66,7 +68,7 @@ def tune(
     digest: Digest = None,
     search_plans: SearchPlans = False,
     quality_budget: QualityBudgetOption = "acc=se,frechet=2",
-    prompts: Prompts = 128,
+    prompts: PromptCount = 128,
     prompt_offset: PromptOffset = 100_000,
     reference: Reference = None,
     plot: Plot = None,
