@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "detail.hpp"
 #include "ilf/ilf.hpp"
 
 namespace ilf::detail {
@@ -49,3 +50,15 @@ std::string join_path(const std::string& a, const std::string& b);
 bool write_atomic(const std::string& path, const std::string& data, std::string* why = nullptr);
 
 }  // namespace ilf::detail
+
+namespace ilf {
+// The library's sources call these unqualified, as they did when they were public.
+using detail::cpu_flags;
+using detail::cpu_has_flag;
+using detail::cpu_model;
+using detail::float_to_half;
+using detail::half_to_float;
+using detail::read_npy;
+using detail::sha256_file;
+using detail::sha256_hex;
+}  // namespace ilf

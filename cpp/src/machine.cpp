@@ -5,7 +5,7 @@
 
 #include "internal.hpp"
 
-namespace ilf {
+namespace ilf::detail {
 namespace {
 
 std::string cpuinfo_field(std::initializer_list<const char*> keys) {
@@ -61,4 +61,4 @@ bool cpu_has_flag(const std::string& flag) {
   return std::find(flags.begin(), flags.end(), flag) != flags.end();
 }
 
-}  // namespace ilf
+}  // namespace ilf::detail

@@ -49,6 +49,8 @@ void chunk(std::vector<uint8_t>& out, const char* type, const std::vector<uint8_
 
 }  // namespace
 
+namespace detail {
+
 std::vector<uint8_t> encode_png(const Image& image) {
   if (image.height <= 0 || image.width <= 0 ||
       image.rgb.size() != static_cast<size_t>(image.height) * image.width * 3)
@@ -86,12 +88,5 @@ std::vector<uint8_t> encode_png(const Image& image) {
   return out;
 }
 
-void write_png(const std::string& path, const Image& image) {
-  std::vector<uint8_t> data = encode_png(image);
-  std::ofstream f(path, std::ios::binary);
-  if (!f) detail::config_error("cannot write " + path + ": " + std::strerror(errno));
-  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
-  if (!f) detail::config_error("cannot write " + path + ": " + std::strerror(errno));
-}
-
+}  // namespace detail
 }  // namespace ilf

@@ -173,12 +173,9 @@ std::string Sha256::hex() {
   return out;
 }
 
-}  // namespace ilf::detail
-
-namespace ilf {
 
 std::string sha256_hex(const void* data, size_t size) {
-  detail::Sha256 h;
+  Sha256 h;
   h.update(data, size);
   return h.hex();
 }
@@ -186,7 +183,7 @@ std::string sha256_hex(const void* data, size_t size) {
 std::string sha256_file(const std::string& path) {
   FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) detail::bundle_error(path + " is unreadable: " + std::strerror(errno));
-  detail::Sha256 h;
+  Sha256 h;
   std::string buf(1 << 20, '\0');
   size_t n;
   while ((n = std::fread(buf.data(), 1, buf.size(), f)) > 0) h.update(buf.data(), n);
@@ -196,4 +193,4 @@ std::string sha256_file(const std::string& path) {
   return h.hex();
 }
 
-}  // namespace ilf
+}  // namespace ilf::detail

@@ -9,6 +9,8 @@
 //                             "guidance_scale": G}]}; prints the block forwards each image ran, as JSON
 //                             (tests/test_cpp_mmdit.py compares with the Python runtime's generate_batch)
 #include <ilf/ilf.hpp>
+
+#include "detail.hpp"  // cpp/src: the internals these tests check
 #include <ilf/ilf.h>
 #include <nlohmann/json.hpp>
 
@@ -61,7 +63,7 @@ void write(const std::string& path, const std::string& data) {
   f << data;
 }
 
-std::string hex_of(const std::string& s) { return ilf::sha256_hex(s.data(), s.size()); }
+std::string hex_of(const std::string& s) { return ilf::detail::sha256_hex(s.data(), s.size()); }
 
 // -- sha256 -----------------------------------------------------------------------------------------
 
@@ -72,7 +74,7 @@ void test_sha256() {
         "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
   CHECK(hex_of(std::string(1000000, 'a')) == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
   write(tmpdir + "/abc", "abc");
-  CHECK(ilf::sha256_file(tmpdir + "/abc") == hex_of("abc"));
+  CHECK(ilf::detail::sha256_file(tmpdir + "/abc") == hex_of("abc"));
   EXPECT_ERROR(ilf::check_digest_option("sha256:ABC"), config, "--digest must look like sha256:");
   ilf::check_digest_option("sha256:" + hex_of("x"));
 }
@@ -81,32 +83,32 @@ void test_sha256() {
 
 void test_npy_png() {
   ilf::Tensor t = ilf::Tensor::f32({1, 2, 3}, {0.5f, -1.f, 2.f, 3.f, 4.f, 1e-7f});
-  ilf::write_npy(tmpdir + "/t.npy", t);
-  ilf::Tensor u = ilf::read_npy(tmpdir + "/t.npy");
+  ilf::detail::write_npy(tmpdir + "/t.npy", t);
+  ilf::Tensor u = ilf::detail::read_npy(tmpdir + "/t.npy");
   CHECK(u.shape() == t.shape() && std::memcmp(u.raw(), t.raw(), t.nbytes()) == 0);
   CHECK(u.shape_string() == "(1, 2, 3)");
   ilf::Tensor ids = ilf::Tensor::i64({4}, {1, 2, 3, -4});
-  ilf::write_npy(tmpdir + "/i.npy", ids);
-  ilf::Tensor v = ilf::read_npy(tmpdir + "/i.npy");
+  ilf::detail::write_npy(tmpdir + "/i.npy", ids);
+  ilf::Tensor v = ilf::detail::read_npy(tmpdir + "/i.npy");
   CHECK(v.dtype() == ilf::DType::i64 && v.shape_string() == "(4,)" && v.i64_data()[3] == -4);
   std::ifstream f(tmpdir + "/t.npy", std::ios::binary);
   std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   CHECK(data.size() == 128 + 24);  // a 64-byte-aligned header, as numpy writes it
   write(tmpdir + "/bad.npy", "not numpy");
-  EXPECT_ERROR(ilf::read_npy(tmpdir + "/bad.npy"), config, "not a .npy file");
-  EXPECT_ERROR(ilf::read_npy(tmpdir + "/nope.npy"), config, "no such file");
+  EXPECT_ERROR(ilf::detail::read_npy(tmpdir + "/bad.npy"), config, "not a .npy file");
+  EXPECT_ERROR(ilf::detail::read_npy(tmpdir + "/nope.npy"), config, "no such file");
 
   ilf::Image img;
   img.height = 2;
   img.width = 3;
   for (int i = 0; i < 18; ++i) img.rgb.push_back(static_cast<uint8_t>(i * 14));
-  std::vector<uint8_t> png = ilf::encode_png(img);
+  std::vector<uint8_t> png = ilf::detail::encode_png(img);
   CHECK(png.size() > 8 && std::memcmp(png.data(), "\x89PNG\r\n\x1a\n", 8) == 0);
   // IHDR's CRC for a 3x2 8-bit RGB image
   CHECK(png[29] == 0x00 || true);
   ilf::write_png(tmpdir + "/img.png", img);
   img.rgb.pop_back();
-  EXPECT_ERROR(ilf::encode_png(img), config, "height x width x 3");
+  EXPECT_ERROR(ilf::detail::encode_png(img), config, "height x width x 3");
 }
 
 // -- bundles --------------------------------------------------------------------------------------
@@ -200,10 +202,10 @@ void test_bundle_reader() {
                bundle, "is not valid JSON");
   FakeBundle v3("v3");
   v3.schema_version = 3;
-  EXPECT_ERROR(ilf::Bundle::load(v3.write_all()), bundle, "bundle schema version 3 is not supported (this tool reads 2 and 4)");
-  FakeBundle v5("v5");
-  v5.schema_version = 5;
-  EXPECT_ERROR(ilf::Bundle::load(v5.write_all()), bundle, "bundle schema version 5 is not supported (this tool reads 2 and 4)");
+  EXPECT_ERROR(ilf::Bundle::load(v3.write_all()), bundle, "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5)");
+  FakeBundle v6("v6");
+  v6.schema_version = 6;
+  EXPECT_ERROR(ilf::Bundle::load(v6.write_all()), bundle, "bundle schema version 6 is not supported (this tool reads 2 and 4 and 5)");
   EXPECT_ERROR(ilf::Bundle::load(good.write_all([](const std::string& r) { std::remove((r + "/manifest.sha256").c_str()); })),
                bundle, "manifest.sha256 is missing");
   EXPECT_ERROR(ilf::Bundle::load(good.write_all([](const std::string& r) {
@@ -367,9 +369,9 @@ void test_bounds_and_contract() {
   const std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4, 100000, 100000), }";
   std::string npy = std::string("\x93NUMPY\x01\x00", 8) + static_cast<char>(header.size() + 1) + '\0' + header + "\n";
   write(tmpdir + "/claims.npy", npy + std::string(64, '\0'));
-  EXPECT_ERROR(ilf::read_npy(tmpdir + "/claims.npy"), config, "its header claims (1, 4, 100000, 100000) <f4 (160000000000 bytes) but the file holds 64");
+  EXPECT_ERROR(ilf::detail::read_npy(tmpdir + "/claims.npy"), config, "its header claims (1, 4, 100000, 100000) <f4 (160000000000 bytes) but the file holds 64");
   write(tmpdir + "/empty.npy", "");
-  EXPECT_ERROR(ilf::read_npy(tmpdir + "/empty.npy"), config, "the file is empty");
+  EXPECT_ERROR(ilf::detail::read_npy(tmpdir + "/empty.npy"), config, "the file is empty");
 
   ilf::Manifest pixart;
   pixart.architecture = "pixart-sigma";
@@ -490,10 +492,10 @@ int generate_batch(const std::string& spec_path) {
     if (r.contains("negative_tokens"))
       for (auto& [name, ids] : r["negative_tokens"].items()) request.negative_tokens.inputs[name] = ids.get<std::vector<int64_t>>();
     requests.push_back(request);
-    latents.push_back(ilf::read_npy(r.at("latents").get<std::string>()));
+    latents.push_back(ilf::detail::read_npy(r.at("latents").get<std::string>()));
   }
   ilf::Tensor out = generator.generate_batch(bundle.plan(spec.at("plan").get<std::string>()), requests, &latents);
-  ilf::write_npy(spec.at("out").get<std::string>(), out);
+  ilf::detail::write_npy(spec.at("out").get<std::string>(), out);
   std::cout << nlohmann::json(generator.last_block_forwards()).dump() << "\n";
   return 0;
 }
@@ -510,26 +512,26 @@ int main(int argc, char** argv) {
     }
   }
   if (argc == 4 && std::string(argv[1]) == "--to-half") {
-    ilf::Tensor in = ilf::read_npy(argv[2]);
+    ilf::Tensor in = ilf::detail::read_npy(argv[2]);
     ilf::Tensor half(ilf::DType::f16, in.shape()), back(ilf::DType::f32, {2, in.numel()});
     for (int64_t i = 0; i < in.numel(); ++i) {
-      half.f16_data()[i] = ilf::float_to_half(in.f32_data()[i]);
-      back.f32_data()[i] = ilf::half_to_float(half.f16_data()[i]);
+      half.f16_data()[i] = ilf::detail::float_to_half(in.f32_data()[i]);
+      back.f32_data()[i] = ilf::detail::half_to_float(half.f16_data()[i]);
       back.f32_data()[in.numel() + i] = half.value(i);
     }
-    ilf::write_npy(std::string(argv[3]) + ".f16.npy", half);
-    ilf::write_npy(argv[3], back);
+    ilf::detail::write_npy(std::string(argv[3]) + ".f16.npy", half);
+    ilf::detail::write_npy(argv[3], back);
     return 0;
   }
   if (argc > 1 && std::string(argv[1]) == "--sha-lengths") {
     std::string data;
     for (int n = 0; n <= 300; ++n) {
-      std::cout << n << " " << ilf::sha256_hex(data.data(), data.size()) << "\n";
+      std::cout << n << " " << ilf::detail::sha256_hex(data.data(), data.size()) << "\n";
       data += static_cast<char>(n % 251);
     }
     std::string big(1048593, '\0');
     for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i % 251);
-    std::cout << big.size() << " " << ilf::sha256_hex(big.data(), big.size()) << "\n";
+    std::cout << big.size() << " " << ilf::detail::sha256_hex(big.data(), big.size()) << "\n";
     return 0;
   }
   char tmpl[] = "/tmp/ilf-tests-XXXXXX";

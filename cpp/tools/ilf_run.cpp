@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "detail.hpp"  // cpp/src: read_npy, write_npy, cpu_model, cpu_flags
 #include "ilf/ilf.hpp"
 
 namespace {
@@ -250,7 +251,7 @@ std::vector<ilf::TokenIds> read_token_ids(const std::string& path, const ilf::To
       rows.push_back(t);
     }
   } else {
-    ilf::Tensor t = ilf::read_npy(path);
+    ilf::Tensor t = ilf::detail::read_npy(path);
     if (t.dtype() != ilf::DType::i64) fail("token ids must be integers");
     int64_t n = t.shape().size() == 1 ? 1 : t.dim(0), len = t.shape().empty() ? 0 : t.dim(-1);
     if (t.shape().empty() || t.shape().size() > 2 || len == 0) fail("expected a shape (L,), (1, L) or (2, L), got " + t.shape_string());
@@ -308,7 +309,7 @@ std::vector<ilf::TokenIds> read_named_token_ids(const std::string& path, const s
     for (auto& name : names)
       if (!by_input.count(name)) fail("no ids for " + name + " (this bundle's text encoder reads " + form + ")");
   } else if (specs.size() == 1) {
-    ilf::Tensor t = ilf::read_npy(path);
+    ilf::Tensor t = ilf::detail::read_npy(path);
     if (t.dtype() != ilf::DType::i64) fail("token ids must be integers");
     if (t.shape().empty() || t.shape().size() > 2 || t.dim(-1) == 0)
       fail("expected a shape (L,), (1, L) or (2, L), got " + t.shape_string());
@@ -340,7 +341,7 @@ nlohmann::json stage_table(const ilf::Timings& timings) {
 int run(int argc, char** argv) {
   Args a = parse(argc, argv);
   ilf::Tensor initial;
-  if (!a.latents_in.empty()) initial = ilf::read_npy(a.latents_in);
+  if (!a.latents_in.empty()) initial = ilf::detail::read_npy(a.latents_in);
   if (!initial.empty() && initial.dtype() != ilf::DType::f32)
     usage_error("cannot read latents " + a.latents_in + ": not a float array");
   if (!initial.empty() && !std::all_of(initial.f32_data(), initial.f32_data() + initial.numel(), [](float v) { return std::isfinite(v); }))
@@ -438,7 +439,7 @@ int run(int argc, char** argv) {
                     {"inference", infer ? stage_table(*infer) : nlohmann::json::object()}});
   }
   if (!a.latents_out.empty()) {
-    ilf::write_npy(a.latents_out, latents);
+    ilf::detail::write_npy(a.latents_out, latents);
     if (!a.quiet) std::cout << "latents → " << a.latents_out << "\n";
   }
   if (want_image) {
@@ -455,8 +456,8 @@ int run(int argc, char** argv) {
                              {"plan", plan.name},
                              {"steps", plan.steps.size()},
                              {"block_forwards", plan.block_forwards()},  // an adaptive plan's most; runs: what ran
-                             {"cpu", ilf::cpu_model()},
-                             {"cpu_flags", ilf::cpu_flags()},
+                             {"cpu", ilf::detail::cpu_model()},
+                             {"cpu_flags", ilf::detail::cpu_flags()},
                              {"load_s", loaded - t0},
                              {"open_s", opened - loaded},
                              {"runs", runs}};

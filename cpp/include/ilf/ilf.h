@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ilf/export.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -28,25 +30,25 @@ typedef struct ilf_bundle ilf_bundle;
 typedef struct ilf_generator ilf_generator;
 
 /* The library's version, e.g. "0.1.0". */
-const char* ilf_version(void);
+ILF_API const char* ilf_version(void);
 /* The last error of this thread, one line ("" when none); valid until this thread's next call. */
-const char* ilf_last_error(void);
+ILF_API const char* ilf_last_error(void);
 
 /* Open a bundle: the digest of manifest.json and every file's sha256 are checked. `digest`
  * ("sha256:<hex>") pins the bundle; NULL accepts any. Returns NULL on error. */
-ilf_bundle* ilf_bundle_open(const char* path, const char* digest);
-void ilf_bundle_free(ilf_bundle* bundle);
+ILF_API ilf_bundle* ilf_bundle_open(const char* path, const char* digest);
+ILF_API void ilf_bundle_free(ilf_bundle* bundle);
 /* Strings owned by the bundle handle. */
-const char* ilf_bundle_digest(const ilf_bundle* bundle);
-const char* ilf_bundle_architecture(const ilf_bundle* bundle);
-const char* ilf_bundle_default_plan(const ilf_bundle* bundle);
+ILF_API const char* ilf_bundle_digest(const ilf_bundle* bundle);
+ILF_API const char* ilf_bundle_architecture(const ilf_bundle* bundle);
+ILF_API const char* ilf_bundle_default_plan(const ilf_bundle* bundle);
 /* Bundles whose text encoder reads several tokenizers (SD3, Flux; none of them has an OpenVINO
  * tokenizer, so a request gives token ids): how many, and tokenizer i's text_encoder input name
  * ("input_ids", "input_ids_2", ...) and max_length (the length of its ids), in the manifest's order.
  * 0 tokenizers for PixArt (one tokenizer: token_ids below) and DiT; NULL / 0 for an i out of range. */
-size_t ilf_bundle_num_tokenizers(const ilf_bundle* bundle);
-const char* ilf_bundle_tokenizer_input(const ilf_bundle* bundle, size_t i);
-int64_t ilf_bundle_tokenizer_max_length(const ilf_bundle* bundle, size_t i);
+ILF_API size_t ilf_bundle_num_tokenizers(const ilf_bundle* bundle);
+ILF_API const char* ilf_bundle_tokenizer_input(const ilf_bundle* bundle, size_t i);
+ILF_API int64_t ilf_bundle_tokenizer_max_length(const ilf_bundle* bundle, size_t i);
 
 typedef struct ilf_openvino_options {
   const char* device;    /* "CPU" (NULL: CPU); GPU, NPU, AUTO are passed to OpenVINO, untested */
@@ -56,11 +58,11 @@ typedef struct ilf_openvino_options {
   int cache;             /* nonzero: cache compiled models in BUNDLE/openvino_cache */
 } ilf_openvino_options;
 
-void ilf_openvino_options_init(ilf_openvino_options* options);
+ILF_API void ilf_openvino_options_init(ilf_openvino_options* options);
 
 /* A generator on the OpenVINO engine; `options` may be NULL. The bundle handle may be freed after. */
-ilf_generator* ilf_generator_open(const ilf_bundle* bundle, const ilf_openvino_options* options);
-void ilf_generator_free(ilf_generator* generator);
+ILF_API ilf_generator* ilf_generator_open(const ilf_bundle* bundle, const ilf_openvino_options* options);
+ILF_API void ilf_generator_free(ilf_generator* generator);
 
 /* One tokenizer's ids for a text encoder that reads several (ilf_bundle_num_tokenizers > 0). */
 typedef struct ilf_token_ids {
@@ -88,7 +90,7 @@ typedef struct ilf_request {
   size_t num_negative_token_inputs;
 } ilf_request;
 
-void ilf_request_init(ilf_request* request);
+ILF_API void ilf_request_init(ilf_request* request);
 
 typedef struct ilf_latents {
   float* data;      /* shape[0] * shape[1] * shape[2] * shape[3] floats, C order */
@@ -103,13 +105,13 @@ typedef struct ilf_image {
 /* Run `plan` (a bundled plan's name, or a plan .json file; NULL: the bundle's default plan) for
  * `request`. `latents_in` (NULL: seeded noise) holds `latents_in_len` floats of the latent shape.
  * On success `out` holds the final latents (free with ilf_latents_free). */
-int ilf_generate(ilf_generator* generator, const char* plan, const ilf_request* request, const float* latents_in,
+ILF_API int ilf_generate(ilf_generator* generator, const char* plan, const ilf_request* request, const float* latents_in,
                  size_t latents_in_len, ilf_latents* out);
 /* Final latents -> an RGB image (the VAE decoder); free with ilf_image_free. */
-int ilf_decode(ilf_generator* generator, const ilf_latents* latents, ilf_image* out);
-int ilf_write_png(const char* path, const ilf_image* image);
-void ilf_latents_free(ilf_latents* latents);
-void ilf_image_free(ilf_image* image);
+ILF_API int ilf_decode(ilf_generator* generator, const ilf_latents* latents, ilf_image* out);
+ILF_API int ilf_write_png(const char* path, const ilf_image* image);
+ILF_API void ilf_latents_free(ilf_latents* latents);
+ILF_API void ilf_image_free(ilf_image* image);
 
 #ifdef __cplusplus
 }
