@@ -107,6 +107,11 @@ def test_style_user_and_other_documented_fields_are_accepted(client):
         quality="standard",
         response_format="b64_json",
         output_format="png",
+        complexity="high",
+        safety_identifier="user-hash",
+        frame_count=3,
+        frame_duration_ms=100,
+        svg={"model": "any"},
         extra_body={"seed": 1},
     )
     images = [decode(base64.b64decode(item.b64_json)) for item in result.data]
