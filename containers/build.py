@@ -87,9 +87,10 @@ def wheel_requirements(wheel: Path) -> list[str]:
 
 def wheelhouse(wheel: Path, image: Image) -> Path:
     """The dependencies' wheels for `image`, downloaded once per requirement set."""
-    key = hashlib.sha256(
-        json.dumps([image.extras, sys.version_info[:2], *wheel_requirements(wheel)]).encode()
-    )
+    markers = [f'extra == "{e}"' for e in image.extras.split(",")]
+    relevant = [r for r in wheel_requirements(wheel) if "extra ==" not in r or any(m in r for m in markers)]
+    key_parts = [image.extras, sys.version_info[:2], *relevant]  # a dev-only change keeps the wheelhouse
+    key = hashlib.sha256(json.dumps(key_parts).encode())
     house = ROOT / "out" / "wheelhouse" / f"{image.name}-{key.hexdigest()[:16]}"
     if not (house / ".complete").exists():
         house.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,8 @@ def wheelhouse(wheel: Path, image: Image) -> Path:
         for own in staging.glob("ilf_deploy-*.whl"):  # the app's wheel is added per build
             own.unlink()
         (staging / ".complete").touch()
-        shutil.rmtree(house, ignore_errors=True)
+        for stale in house.parent.glob(f"{image.name}-*"):  # an older requirement set's
+            shutil.rmtree(stale, ignore_errors=True)
         os.rename(staging, house)
     return house
 
