@@ -105,6 +105,9 @@ def test_options_from_the_environment(tmp_path):
     assert flag.returncode == 0
     refused = run("serve", str(tmp_path / "m"), env={"ILF_SERVE_PORT": "70000"})
     assert refused.returncode == 2 and "--port must be in 0..65535" in refused.stderr
+    # the global options are command-line only: a deployment's own ILF_VERSION or ILF_QUIET is not ours
+    schema = run("schema", "plan", env={"ILF_VERSION": "1.2.3", "ILF_QUIET": "yes please"})
+    assert schema.returncode == 0 and '"$schema"' in schema.stdout, schema.stderr
 
 
 def test_one_meaning_per_option_name():

@@ -128,14 +128,28 @@ def _version(value: bool) -> None:
 def _global_options(
     version: Annotated[
         bool,
-        typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit."),
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_version,
+            help="Print the version and exit.",
+            allow_from_autoenv=False,  # a deployment's ILF_VERSION=1.2 must not answer for every command
+        ),
     ] = False,
     quiet: Annotated[
         bool,
-        typer.Option("--quiet", "-q", help="No progress or info lines on stderr: results and errors only."),
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress or info lines on stderr: results and errors only.",
+            allow_from_autoenv=False,
+        ),
     ] = False,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Debug log lines from ilf_deploy on stderr.")
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Debug log lines from ilf_deploy on stderr.", allow_from_autoenv=False
+        ),
     ] = False,
 ) -> None:
     """Options for every command: `ilf-deploy -q COMMAND ...`."""
