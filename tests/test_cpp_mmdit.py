@@ -208,8 +208,9 @@ def test_a_batch_matches_generate_batch(bundles, mmdit_models, family, tmp_path)
 # -- the C API ------------------------------------------------------------------------------------
 
 
-class TokenInput(ctypes.Structure):
+class TokenInput(ctypes.Structure):  # ilf_token_ids: every struct of ilf.h starts with struct_size
     _fields_ = [
+        ("struct_size", ctypes.c_size_t),
         ("input", ctypes.c_char_p),
         ("ids", ctypes.POINTER(ctypes.c_int64)),
         ("num_tokens", ctypes.c_size_t),
@@ -218,6 +219,7 @@ class TokenInput(ctypes.Structure):
 
 class CRequest(ctypes.Structure):  # ilf_request, include/ilf/ilf.h
     _fields_ = [
+        ("struct_size", ctypes.c_size_t),
         ("prompt", ctypes.c_char_p),
         ("negative_prompt", ctypes.c_char_p),
         ("class_label", ctypes.c_int64),
@@ -236,7 +238,28 @@ class CRequest(ctypes.Structure):  # ilf_request, include/ilf/ilf.h
 
 
 class CLatents(ctypes.Structure):
-    _fields_ = [("data", ctypes.POINTER(ctypes.c_float)), ("shape", ctypes.c_int64 * 4)]
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("data", ctypes.POINTER(ctypes.c_float)),
+        ("shape", ctypes.c_int64 * 4),
+    ]
+
+
+class CImage(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("rgb", ctypes.POINTER(ctypes.c_uint8)),
+        ("height", ctypes.c_int),
+        ("width", ctypes.c_int),
+    ]
+
+
+class CImages(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("images", ctypes.POINTER(CImage)),
+        ("count", ctypes.c_size_t),
+    ]
 
 
 def test_the_c_api_runs_flux(ilf_run, bundles, tmp_path):
@@ -258,7 +281,9 @@ def test_the_c_api_runs_flux(ilf_run, bundles, tmp_path):
     lib.ilf_generator_open.restype = ctypes.c_void_p
     lib.ilf_generator_open.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.ilf_generator_free.argtypes = [ctypes.c_void_p]
-    lib.ilf_request_init.argtypes = [ctypes.POINTER(CRequest)]
+    lib.ilf_request_init_sized.argtypes = [ctypes.POINTER(CRequest), ctypes.c_size_t]
+    lib.ilf_decode.argtypes = [ctypes.c_void_p, ctypes.POINTER(CLatents), ctypes.POINTER(CImages)]
+    lib.ilf_images_free.argtypes = [ctypes.POINTER(CImages)]
     lib.ilf_generate.argtypes = [
         ctypes.c_void_p,
         ctypes.c_char_p,
@@ -285,22 +310,37 @@ def test_the_c_api_runs_flux(ilf_run, bundles, tmp_path):
         arrays = {name: np.ascontiguousarray(v, dtype=np.int64) for name, v in ids.items()}
         entries = (TokenInput * count)(
             *[
-                TokenInput(name.encode(), a.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), a.size)
+                TokenInput(
+                    ctypes.sizeof(TokenInput),
+                    name.encode(),
+                    a.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+                    a.size,
+                )
                 for name, a in arrays.items()
             ]
         )
         request = CRequest()
-        lib.ilf_request_init(ctypes.byref(request))
+        lib.ilf_request_init_sized(ctypes.byref(request), ctypes.sizeof(CRequest))
         request.height, request.width = 64, 32
         request.token_inputs, request.num_token_inputs = entries, count
         latents = np.random.default_rng(4).standard_normal((1, 16, 16, 8), dtype=np.float32)
-        out = CLatents()
+        out = CLatents(ctypes.sizeof(CLatents))
         pointer = latents.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         status = lib.ilf_generate(
             generator, b"ilf-4", ctypes.byref(request), pointer, latents.size, ctypes.byref(out)
         )
         assert status == 0, lib.ilf_last_error()
         got = np.ctypeslib.as_array(out.data, shape=tuple(out.shape)).copy()
+        # ilf_decode: every image of the latents, after checking their shape against the bundle
+        images = CImages(ctypes.sizeof(CImages))
+        assert lib.ilf_decode(generator, ctypes.byref(out), ctypes.byref(images)) == 0, lib.ilf_last_error()
+        assert images.count == 1 and (images.images[0].height, images.images[0].width) == (64, 32)
+        lib.ilf_images_free(ctypes.byref(images))
+        assert not images.images and images.count == 0
+        out.shape[1] = 4  # not Flux's 16 latent channels
+        assert lib.ilf_decode(generator, ctypes.byref(out), ctypes.byref(images)) == 2  # ILF_ERROR_CONFIG
+        message = lib.ilf_last_error().decode()
+        assert message.startswith("latents of shape (1, 4, 16, 8) do not fit this bundle: (B, 16, h, w)")
         lib.ilf_latents_free(ctypes.byref(out))
 
         request.negative_token_inputs, request.num_negative_token_inputs = entries, count

@@ -29,19 +29,19 @@ int main(int argc, char** argv) {
   else request.prompt = argv[2];
   request.seed = 7;
 
-  ilf_latents latents = {0};
-  ilf_image image = {0};
+  ilf_latents latents = ILF_LATENTS_INIT; /* struct_size first: the library checks it */
+  ilf_images images = ILF_IMAGES_INIT;
   int status = ilf_generate(generator, argc > 4 ? argv[4] : NULL, &request, NULL, 0, &latents);
-  if (status == ILF_OK) status = ilf_decode(generator, &latents, &image);
-  if (status == ILF_OK) status = ilf_write_png(argv[3], &image);
+  if (status == ILF_OK) status = ilf_decode(generator, &latents, &images); /* one image per latent row */
+  if (status == ILF_OK) status = ilf_write_png(argv[3], &images.images[0]);
   if (status == ILF_OK)
     printf("latents (%lld, %lld, %lld, %lld) -> %dx%d image %s\n", (long long)latents.shape[0],
-           (long long)latents.shape[1], (long long)latents.shape[2], (long long)latents.shape[3], image.height,
-           image.width, argv[3]);
+           (long long)latents.shape[1], (long long)latents.shape[2], (long long)latents.shape[3],
+           images.images[0].height, images.images[0].width, argv[3]);
   else
     fprintf(stderr, "error (%d): %s\n", status, ilf_last_error());
   ilf_latents_free(&latents);
-  ilf_image_free(&image);
+  ilf_images_free(&images);
   ilf_generator_free(generator);
   return status == ILF_OK ? 0 : 2;
 }

@@ -53,9 +53,19 @@ void require(const void* p, const char* what) {
   if (!p) ilf::detail::config_error(std::string(what) + " is NULL");
 }
 
+/// The caller's struct is the one this library was built with (ilf.h: struct_size first).
+template <class T>
+void require_size(const T* given, const char* what, const char* how) {
+  if (given->struct_size != sizeof(T))
+    ilf::detail::config_error(std::string(what) + ".struct_size is " + std::to_string(given->struct_size) + ", not " +
+                              std::to_string(sizeof(T)) + " (set it with " + how +
+                              "; a program built against another ilf.h needs that version's libilf)");
+}
+
 ilf::Request to_request(const ilf_request* r) {
   ilf::Request out;
   if (!r) return out;
+  require_size(r, "request", "ilf_request_init");
   out.prompt = r->prompt ? r->prompt : "";
   out.negative_prompt = r->negative_prompt ? r->negative_prompt : "";
   if (r->class_label >= 0) out.class_label = r->class_label;
@@ -71,6 +81,7 @@ ilf::Request to_request(const ilf_request* r) {
   auto named = [](const ilf_token_ids* given, size_t count, const char* what, ilf::TokenIds& into) {
     if (count && !given) ilf::detail::config_error(std::string(what) + " is NULL");
     for (size_t i = 0; i < count; ++i) {
+      require_size(&given[i], (std::string(what) + "[" + std::to_string(i) + "]").c_str(), "ILF_TOKEN_IDS");
       if (!given[i].input) ilf::detail::config_error(std::string(what) + "[" + std::to_string(i) + "].input is NULL");
       if (!given[i].ids && given[i].num_tokens) ilf::detail::config_error(std::string(what) + "[" + std::to_string(i) + "].ids is NULL");
       if (into.inputs.count(given[i].input))
@@ -81,6 +92,27 @@ ilf::Request to_request(const ilf_request* r) {
   named(r->token_inputs, r->num_token_inputs, "token_inputs", out.tokens);
   named(r->negative_token_inputs, r->num_negative_token_inputs, "negative_token_inputs", out.negative_tokens);
   return out;
+}
+
+/// The caller's latents as a tensor of the shape they claim, checked against the bundle first:
+/// 4 dimensions, at least one image, the model's latent channels, a latent size the bundle has.
+ilf::Tensor checked_latents(const ilf::Generator& generator, const ilf_latents& latents) {
+  const ilf::Manifest& m = generator.bundle().manifest();
+  const int64_t* s = latents.shape;
+  auto shape_text = [&] {
+    return "(" + std::to_string(s[0]) + ", " + std::to_string(s[1]) + ", " + std::to_string(s[2]) + ", " +
+           std::to_string(s[3]) + ")";
+  };
+  const int64_t factor = m.model.vae_scale_factor;
+  bool size_ok = false;
+  for (auto [h, w] : m.resolutions) size_ok = size_ok || (s[2] == h / factor && s[3] == w / factor);
+  if (s[0] < 1 || s[0] > m.max_batch || s[1] != m.model.latent_channels || !size_ok)
+    ilf::detail::config_error("latents of shape " + shape_text() + " do not fit this bundle: (B, " +
+                              std::to_string(m.model.latent_channels) + ", h, w) with B in 1.." +
+                              std::to_string(m.max_batch) + " and (h, w) one of its latent sizes");
+  ilf::Tensor x(ilf::DType::f32, ilf::Shape(s, s + 4));
+  std::memcpy(x.f32_data(), latents.data, x.nbytes());
+  return x;
 }
 
 }  // namespace
@@ -115,8 +147,9 @@ int64_t ilf_bundle_tokenizer_max_length(const ilf_bundle* b, size_t i) {
   return b && i < b->bundle.manifest().tokenizers.size() ? b->bundle.manifest().tokenizers[i].max_length : 0;
 }
 
-void ilf_openvino_options_init(ilf_openvino_options* o) {
+void ilf_openvino_options_init_sized(ilf_openvino_options* o, size_t struct_size) {
   if (!o) return;
+  o->struct_size = struct_size;
   o->device = nullptr;
   o->precision = nullptr;
   o->variant = nullptr;
@@ -130,6 +163,7 @@ ilf_generator* ilf_generator_open(const ilf_bundle* bundle, const ilf_openvino_o
     require(bundle, "bundle");
     ilf::OpenVinoOptions options;
     if (o) {
+      require_size(o, "options", "ilf_openvino_options_init");
       if (o->device) options.device = o->device;
       if (o->precision) options.precision = o->precision;
       if (o->variant) options.variant = o->variant;
@@ -145,9 +179,13 @@ ilf_generator* ilf_generator_open(const ilf_bundle* bundle, const ilf_openvino_o
 
 void ilf_generator_free(ilf_generator* generator) { delete generator; }
 
-void ilf_request_init(ilf_request* r) {
-  if (!r) return;
+void ilf_request_init_sized(ilf_request* r, size_t struct_size) {
+  if (!r || struct_size != sizeof *r) {  // a struct of another ilf.h: ilf_generate says so
+    if (r && struct_size >= sizeof r->struct_size) r->struct_size = struct_size;
+    return;
+  }
   std::memset(r, 0, sizeof *r);
+  r->struct_size = struct_size;
   r->class_label = -1;
   r->guidance_scale = std::nan("");
 }
@@ -157,6 +195,7 @@ int ilf_generate(ilf_generator* g, const char* plan, const ilf_request* request,
   return guard([&] {
     require(g, "generator");
     require(out, "out");
+    require_size(out, "out", "ILF_LATENTS_INIT");
     out->data = nullptr;
     ilf::Generator& gen = *g->generator;
     std::string name = plan ? plan : gen.bundle().default_plan();
@@ -184,24 +223,31 @@ int ilf_generate(ilf_generator* g, const char* plan, const ilf_request* request,
   });
 }
 
-int ilf_decode(ilf_generator* g, const ilf_latents* latents, ilf_image* out) {
+int ilf_decode(ilf_generator* g, const ilf_latents* latents, ilf_images* out) {
   return guard([&] {
     require(g, "generator");
     require(latents, "latents");
+    require_size(latents, "latents", "ILF_LATENTS_INIT");
     require(latents->data, "latents->data");
     require(out, "out");
-    out->rgb = nullptr;
-    ilf::Shape shape(latents->shape, latents->shape + 4);
-    ilf::Tensor x(ilf::DType::f32, shape);
-    std::memcpy(x.f32_data(), latents->data, x.nbytes());
-    auto images = g->generator->decode(x);
-    const ilf::Image& img = images.at(0);
-    auto* rgb = static_cast<uint8_t*>(std::malloc(img.rgb.size()));
-    if (!rgb) throw std::bad_alloc();
-    std::memcpy(rgb, img.rgb.data(), img.rgb.size());
-    out->rgb = rgb;
-    out->height = img.height;
-    out->width = img.width;
+    require_size(out, "out", "ILF_IMAGES_INIT");
+    out->images = nullptr;
+    out->count = 0;
+    const ilf::Tensor x = checked_latents(*g->generator, *latents);
+    std::vector<ilf::Image> images = g->generator->decode(x);
+    auto* list = static_cast<ilf_image*>(std::calloc(images.size(), sizeof(ilf_image)));
+    if (!list) throw std::bad_alloc();
+    ilf_images result = {sizeof(ilf_images), list, 0};
+    for (const ilf::Image& img : images) {
+      auto* rgb = static_cast<uint8_t*>(std::malloc(img.rgb.size()));
+      if (!rgb) {
+        ilf_images_free(&result);
+        throw std::bad_alloc();
+      }
+      std::memcpy(rgb, img.rgb.data(), img.rgb.size());
+      list[result.count++] = ilf_image{sizeof(ilf_image), rgb, img.height, img.width};
+    }
+    *out = result;
   });
 }
 
@@ -209,6 +255,7 @@ int ilf_write_png(const char* path, const ilf_image* image) {
   return guard([&] {
     require(path, "path");
     require(image, "image");
+    require_size(image, "image", "ILF_IMAGE_INIT");
     require(image->rgb, "image->rgb");
     if (image->height <= 0 || image->width <= 0) ilf::detail::config_error("image height and width must be positive");
     ilf::Image img;
@@ -226,11 +273,12 @@ void ilf_latents_free(ilf_latents* latents) {
   }
 }
 
-void ilf_image_free(ilf_image* image) {
-  if (image) {
-    std::free(image->rgb);
-    image->rgb = nullptr;
-  }
+void ilf_images_free(ilf_images* images) {
+  if (!images || images->struct_size != sizeof *images) return;  // not one ilf_decode filled
+  for (size_t i = 0; images->images && i < images->count; ++i) std::free(images->images[i].rgb);
+  std::free(images->images);
+  images->images = nullptr;
+  images->count = 0;
 }
 
 }  // extern "C"

@@ -469,11 +469,29 @@ void test_preprocess_and_c_api() {
   ilf_bundle_free(b);
   ilf_request r;
   ilf_request_init(&r);
-  CHECK(r.class_label == -1 && std::isnan(r.guidance_scale) && r.prompt == nullptr);
+  CHECK(r.struct_size == sizeof r && r.class_label == -1 && std::isnan(r.guidance_scale) && r.prompt == nullptr);
   CHECK(ilf_generate(nullptr, nullptr, &r, nullptr, 0, nullptr) == ILF_ERROR_CONFIG);
   CHECK(std::string(ilf_last_error()) == "generator is NULL");
-  ilf_image img = {nullptr, 0, 0};
+  ilf_image img = ILF_IMAGE_INIT;
   CHECK(ilf_write_png((tmpdir + "/x.png").c_str(), &img) == ILF_ERROR_CONFIG);
+  CHECK(std::string(ilf_last_error()) == "image->rgb is NULL");
+  // versioned structs: a struct_size this library does not know is refused, not read past
+  uint8_t rgb[3] = {1, 2, 3};
+  ilf_image old_image = {sizeof(ilf_image) - 8, rgb, 1, 1};
+  CHECK(ilf_write_png((tmpdir + "/x.png").c_str(), &old_image) == ILF_ERROR_CONFIG);
+  CHECK(std::string(ilf_last_error()).find("image.struct_size is " + std::to_string(sizeof(ilf_image) - 8) + ", not " +
+                                           std::to_string(sizeof(ilf_image)) + " (set it with ILF_IMAGE_INIT") == 0);
+  ilf_image one_pixel = {sizeof(ilf_image), rgb, 1, 1};
+  CHECK(ilf_write_png((tmpdir + "/x.png").c_str(), &one_pixel) == ILF_OK);
+  ilf_request bigger;
+  ilf_request_init_sized(&bigger, sizeof bigger + 8);  // as a program built against a newer ilf.h
+  CHECK(bigger.struct_size == sizeof bigger + 8);
+  ilf_openvino_options options;
+  ilf_openvino_options_init(&options);
+  CHECK(options.struct_size == sizeof options && options.cache == 1 && options.device == nullptr);
+  ilf_images none = ILF_IMAGES_INIT;
+  ilf_images_free(&none);  // nothing decoded: nothing to free
+  CHECK(none.images == nullptr && none.count == 0);
 }
 
 int generate_batch(const std::string& spec_path) {
