@@ -237,3 +237,17 @@ def test_kserve_autoscaling_names_prometheus_and_counts_only_this_service(writte
     assert source["backend"] == "prometheus" and source["serverAddress"].startswith("http")
     scope = 'namespace="ml",pod=~"ilf-predictor-.*"'
     assert source["query"].count(scope) == 2, source["query"]  # both series, this service's pods only
+
+
+def test_export_kuberay_replaces_manifests_only_with_force(bundle, tmp_path):
+    out = tmp_path / "k"
+    assert invoke("export-kuberay", bundle, "--out", out).exit_code == 0
+    one_replica = (out / "rayservice.yaml").read_text()
+    (out / "rayjob.yaml").write_text("# edited by hand\n")
+    again = invoke("export-kuberay", bundle, "--out", out, "--replicas", "3")
+    assert again.exit_code == 2 and "--force" in again.output and len(again.output.splitlines()) == 1
+    assert (out / "rayjob.yaml").read_text() == "# edited by hand\n"  # nothing was written
+    forced = invoke("export-kuberay", bundle, "--out", out, "--replicas", "3", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert (out / "rayservice.yaml").read_text() != one_replica  # --replicas 3 is in it now
+    assert (out / "rayjob.yaml").read_text() != "# edited by hand\n"

@@ -22,6 +22,10 @@ ACTORS_HELP = (
     "Workers: processes here (default 1: one engine already uses every core), or Ray Data actors "
     "(default: the cluster's CPUs / --actor-cpus)."
 )
+BUNDLE_PATH_HELP = (
+    "The bundle's path on the claim (default: its directory name; NAME/1/bundle in an export-triton "
+    "repository)."
+)
 SHIP_HELP = (
     "Ray: copy the bundle to the nodes through the object store (default: the same path on every node)."
 )
@@ -201,13 +205,7 @@ def export_kuberay(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for rayservice.yaml and rayjob.yaml.")],
     name: Annotated[str, typer.Option(help="Name of the RayService (the RayJob is NAME-batch).")] = "ilf",
     claim: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the bundle.")] = CLAIM,
-    bundle_path: Annotated[
-        str | None,
-        typer.Option(
-            help="The bundle's path on the claim (default: its directory name; NAME/1/bundle in "
-            "an export-triton repository)."
-        ),
-    ] = None,
+    bundle_path: Annotated[str | None, typer.Option(help=BUNDLE_PATH_HELP)] = None,
     image: Image = None,
     namespace: Namespace = "default",
     toleration: Tolerations = None,
@@ -232,6 +230,7 @@ def export_kuberay(
     ] = "ilf-batch-data",
     actors: Annotated[int, typer.Option(help="RayJob: Ray Data actors.")] = 2,
     digest: Digest = None,
+    force: Annotated[bool, typer.Option(help="Replace manifests already in --out.")] = False,
 ) -> None:
     """Write KubeRay manifests: a RayService (`serve --server ray`) and a RayJob (`batch` on Ray Data)
     over the bundle on a PersistentVolumeClaim, its digest pinned and checked in every pod."""
@@ -257,5 +256,5 @@ def export_kuberay(
         replicas=replicas, autoscale=parse_autoscale(autoscale), backend=backend or "auto",
         api_key_secret=api_key_secret, data_claim=data_claim, actors=actors,
     )  # fmt: skip
-    for path in write_manifests(out, spec):
+    for path in write_manifests(out, spec, force):
         console.print(f"wrote {path}", highlight=False)

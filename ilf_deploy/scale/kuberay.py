@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..runtime.bundle import write_atomic
 from ..triton.k8s import CLAIM, DIGEST_ANNOTATION, MOUNT, Cluster, check_names, default_image
 
 RAY_VERSION = "2.60.0"  # the Ray these manifests and the tests were made with
@@ -217,12 +218,13 @@ def _text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _text)
 
 
-def write_manifests(directory: str | Path, k: KubeRay) -> list[Path]:
+def write_manifests(directory: str | Path, k: KubeRay, force: bool = False) -> list[Path]:
+    """Write every manifest (each file atomically); existing ones are replaced only with `force`."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for file, documents in manifests(k).items():
-        path = out / file
-        path.write_text(yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False))
-        written.append(path)
-    return written
+    documents = {out / file: docs for file, docs in manifests(k).items()}
+    existing = [path.name for path in documents if path.exists()]
+    if existing and not force:
+        raise ConfigError(f"{out} already holds {', '.join(existing)}; pass --force to replace them")
+    for path, docs in documents.items():
+        write_atomic(path, yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False).encode())
+    return list(documents)
