@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= out/demo
 
-.PHONY: setup setup-browser test lint typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp dist images setup-images
+.PHONY: setup setup-browser test lint typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp dist images docs setup-images
 
 setup: $(BIN)/ilf-deploy $(VENV)/triton/ilf-triton.json setup-cpp setup-browser
 
@@ -82,6 +82,10 @@ images: dist
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The docs site into docs/_build/html (docs/conf.py says why Sphinx); warnings are errors.
+docs: setup
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
 lint: setup
 	$(BIN)/ruff check ilf_deploy tests experiments benchmarks
 	$(BIN)/ruff format --check ilf_deploy tests experiments benchmarks
@@ -124,7 +128,7 @@ typecheck-trt: setup
 	$(BIN)/python -m ilf_deploy.backends.stubs .mypy-stubs
 	MYPYPATH=.mypy-stubs $(BIN)/mypy --config-file .mypy-stubs/mypy.ini ilf_deploy/backends/tensorrt.py
 
-# On an NVIDIA GPU with TensorRT 10/11 (README: "TensorRT on H100"). Never run in CI. The default
+# On an NVIDIA GPU with TensorRT 10/11 (docs/tensorrt.md: "TensorRT on H100"). Never run in CI. The default
 # model is PixArt-XL-2 with random weights (benchmarks/backbone.py); GPU_MODEL=... for a real one.
 GPU_OUT   ?= out/gpu
 GPU_MODEL ?= $(GPU_OUT)/model

@@ -332,7 +332,7 @@ def _time_rounds(
 
 # -- plan search (`tune --search-plans`) ----------------------------------------------------------
 
-SEARCH_OFFSET = 100_000  # the tuning prompts start here (the dev range; README "Evaluation")
+SEARCH_OFFSET = 100_000  # the tuning prompts start here (the dev range; docs/default-model.md ("Evaluation"))
 REPORTING_OFFSET = 200_000  # the reporting prompts start here: a search never reads them
 PLAN_SEARCH_PLOT = "plan_search.png"  # beside tuning.json in the bundle; not a manifest file
 

@@ -1,7 +1,7 @@
 """The docs site: built with warnings as errors, and every shell and Python example on its pages run.
 
-Examples are the fenced blocks whose language is `bash` or `python`; `console`, `text` and the like
-are shown, not run (a page says why: `make setup` is what the suite runs in). Each page's examples
+Examples are the fenced blocks whose language is `bash` or `python`; `console`, `text`, plain
+fences (usage synopses, outputs) and `py` (a sketch to fill in) are shown, not run. Each page's examples
 run in order as one bash script in a fresh directory, with this environment's `bin` first on PATH,
 so a page reads as one session: a server started in one block is stopped in a later one.
 """

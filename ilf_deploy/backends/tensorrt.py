@@ -183,7 +183,7 @@ def _trt() -> Any:
     if not tensorrt_available():
         raise ConfigError(
             "TensorRT is not installed; on an NVIDIA machine install the project's `tensorrt` extra "
-            "(TensorRT 10/11 and Polygraphy; see README, 'TensorRT on H100')"
+            "(TensorRT 10/11 and Polygraphy; see docs/tensorrt.md, 'TensorRT on H100')"
         )
     import tensorrt as trt_module
 

@@ -133,7 +133,7 @@ def plan_command(
 
     ILF feedback steps (--loop/--feedback) compose with one caching method on the other steps
     (--cache [--adaptive], --delta-dit or --block-caching): each feedback step refreshes the cache
-    of every range it recomputes (README "Composed and adaptive plans")."""
+    of every range it recomputes (docs/plans.md ("Composed and adaptive plans"))."""
     from ..plan import parse_range
 
     output_file(save, "--out", (".json",))
