@@ -51,7 +51,7 @@ class FeedbackModule(nn.Module):
 
     On a model whose state has several tensors (an MMDiT's image and text streams) the feedback
     block is a block of the backbone's class, so f_feed is a whole state: every stream is fed back,
-    with one shared scale s_i per inner block (the paper is silent here; docs/how-a-step-runs.md ("How a step runs")).
+    with one shared scale s_i per inner block (the paper is silent here; docs/how-a-step-runs.md).
     """
 
     def __init__(self, block: nn.Module, config: FeedbackConfig) -> None:

@@ -1,5 +1,5 @@
 """`verify-engines`: TensorRT engines against ONNX Runtime fp32 (never run in this project's CI:
-no GPU or TensorRT here; see docs/tensorrt.md, "TensorRT on H100"). Budgets: compare.BUDGETS ("tensorrt", …)."""
+no GPU or TensorRT here; see docs/tensorrt.md). Budgets: compare.BUDGETS ("tensorrt", …)."""
 
 from __future__ import annotations
 
