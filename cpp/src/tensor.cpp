@@ -79,6 +79,7 @@ size_t Tensor::nbytes() const noexcept { return static_cast<size_t>(numel()) * i
 
 float* Tensor::f32_data() {
   if (dtype_ != DType::f32) detail::config_error("tensor is not float32");
+  detach();
   return reinterpret_cast<float*>(storage_.get());
 }
 const float* Tensor::f32_data() const {
@@ -87,6 +88,7 @@ const float* Tensor::f32_data() const {
 }
 int64_t* Tensor::i64_data() {
   if (dtype_ != DType::i64) detail::config_error("tensor is not int64");
+  detach();
   return reinterpret_cast<int64_t*>(storage_.get());
 }
 const int64_t* Tensor::i64_data() const {
@@ -96,12 +98,25 @@ const int64_t* Tensor::i64_data() const {
 
 uint16_t* Tensor::f16_data() {
   if (dtype_ != DType::f16) detail::config_error("tensor is not float16");
+  detach();
   return reinterpret_cast<uint16_t*>(storage_.get());
 }
 const uint16_t* Tensor::f16_data() const {
   if (dtype_ != DType::f16) detail::config_error("tensor is not float16");
   return reinterpret_cast<const uint16_t*>(storage_.get());
 }
+void* Tensor::raw() {
+  detach();
+  return storage_.get();
+}
+
+void Tensor::detach() {
+  if (!storage_ || storage_.use_count() == 1) return;
+  auto own = allocate(nbytes(), false);
+  std::memcpy(own.get(), storage_.get(), nbytes());
+  storage_ = std::move(own);
+}
+
 float Tensor::value(int64_t i) const {
   if (dtype_ == DType::f32) return f32_data()[i];
   if (dtype_ == DType::f16) return half_to_float(f16_data()[i]);

@@ -24,6 +24,7 @@
 #include <string>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -80,6 +81,28 @@ void test_sha256() {
 }
 
 // -- npy and png ------------------------------------------------------------------------------------
+
+void test_tensor_values() {
+  // copies are copies: writing one (or a reshaped one) leaves the others as they were
+  ilf::Tensor a = ilf::Tensor::f32({2, 2}, {1.f, 2.f, 3.f, 4.f});
+  ilf::Tensor b = a;
+  ilf::Tensor r = a.reshaped({4});
+  b.f32_data()[0] = 10.f;
+  r.f32_data()[3] = 40.f;
+  CHECK(a.f32_data()[0] == 1.f && a.f32_data()[3] == 4.f);
+  CHECK(b.f32_data()[0] == 10.f && b.f32_data()[3] == 4.f);
+  CHECK(r.f32_data()[0] == 1.f && r.f32_data()[3] == 40.f);
+  const ilf::Tensor c = a;  // reading a shared tensor does not copy it
+  CHECK(c.f32_data() == std::as_const(a).f32_data());
+  ilf::Tensor d = a;
+  d.f32_data();  // a write access: storage of its own
+  CHECK(std::as_const(d).f32_data() != std::as_const(a).f32_data() && d.f32_data()[2] == 3.f);
+  ilf::Tensor e(ilf::DType::i64, {3});
+  ilf::Tensor f = e;
+  e.i64_data()[1] = 7;
+  static_cast<int64_t*>(f.raw())[2] = 9;
+  CHECK(e.i64_data()[1] == 7 && e.i64_data()[2] == 0 && f.i64_data()[1] == 0 && f.i64_data()[2] == 9);
+}
 
 void test_npy_png() {
   ilf::Tensor t = ilf::Tensor::f32({1, 2, 3}, {0.5f, -1.f, 2.f, 3.f, 4.f, 1e-7f});
@@ -556,6 +579,7 @@ int main(int argc, char** argv) {
   if (!mkdtemp(tmpl)) return 2;
   tmpdir = tmpl;
   test_sha256();
+  test_tensor_values();
   test_npy_png();
   test_bundle_reader();
   test_plan_versions();

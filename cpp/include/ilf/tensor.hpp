@@ -19,8 +19,10 @@ enum class DType { f32, i64, f16 };
 using Shape = std::vector<int64_t>;
 
 
-/// A dense, C-ordered host tensor. Copies share their storage (like numpy views); every operation
-/// of the runtime makes a new tensor instead of writing into an input.
+/// A dense, C-ordered host tensor, a value: a copy (or a reshaped() one) never sees another's writes.
+/// Copies share storage until one is written (copy on write): the non-const data accessors first give
+/// the tensor storage of its own where another copy shares it, so copying is cheap. A pointer from a
+/// non-const accessor writes this tensor only while it is not copied (take the pointer after copying).
 class ILF_API Tensor {
  public:
   Tensor() = default;
@@ -43,16 +45,17 @@ class ILF_API Tensor {
   uint16_t* f16_data();
   const uint16_t* f16_data() const;
   float value(int64_t i) const;  // element i of a float32 or float16 tensor, as float
-  void* raw() noexcept { return storage_.get(); }
+  void* raw();  // as the non-const accessors above: storage of its own first
   const void* raw() const noexcept { return storage_.get(); }
 
-  Tensor reshaped(Shape shape) const;  // shares storage
-  Tensor clone() const;
+  Tensor reshaped(Shape shape) const;  // the same values in another shape (storage shared until written)
+  Tensor clone() const;                // storage of its own now
   std::string shape_string() const;  // "(1, 4, 8, 8)", as numpy prints shapes
 
  private:
   DType dtype_ = DType::f32;
   Shape shape_;
+  void detach();  // storage of its own, the values kept
   std::shared_ptr<unsigned char[]> storage_;
 };
 
