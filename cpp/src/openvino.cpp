@@ -8,6 +8,7 @@
 // each with a sidecar (BLOB.sha256: the key and the blob's sha256) checked before the blob is imported.
 // The C++ blobs have their own names (cpp-*.blob): the Python cache key includes Python library
 // versions this runtime cannot know, so the two caches never read each other's blobs.
+#include <dlfcn.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -22,10 +23,6 @@
 #include <type_traits>
 
 #include "internal.hpp"
-
-#ifndef ILF_OPENVINO_TOKENIZERS_LIB
-#define ILF_OPENVINO_TOKENIZERS_LIB ""
-#endif
 
 namespace ilf {
 namespace {
@@ -301,11 +298,22 @@ class OpenVinoEngine final : public Engine {
 std::once_flag extension_once;
 std::string extension_error;
 
+/// The openvino-tokenizers wheel's library beside the openvino wheel this process runs (both in one
+/// site-packages: openvino/libs/libopenvino.so.* and openvino_tokenizers/lib/), found at run time
+/// from where libopenvino was loaded: no path is compiled in, so a moved environment still finds it.
+std::string tokenizers_beside_openvino() {
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<void*>(&ov::get_openvino_version), &info) || !info.dli_fname) return "";
+  std::string libs = info.dli_fname;
+  libs = libs.substr(0, libs.find_last_of('/') == std::string::npos ? 0 : libs.find_last_of('/'));
+  return libs + "/../../openvino_tokenizers/lib/libopenvino_tokenizers.so";
+}
+
 void load_tokenizers_extension() {
   std::call_once(extension_once, [] {
     std::vector<std::string> candidates;
     if (const char* env = std::getenv("ILF_OPENVINO_TOKENIZERS"); env && *env) candidates.push_back(env);
-    if (*ILF_OPENVINO_TOKENIZERS_LIB) candidates.push_back(ILF_OPENVINO_TOKENIZERS_LIB);
+    if (std::string beside = tokenizers_beside_openvino(); !beside.empty()) candidates.push_back(beside);
     candidates.push_back("libopenvino_tokenizers.so");
     std::string last;
     for (auto& path : candidates) {
