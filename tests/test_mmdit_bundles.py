@@ -109,6 +109,32 @@ def test_flux_refuses_what_it_lacks(mmdit_bundles, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_prompt_longer_than_t5_reads_is_refused_not_truncated(mmdit_bundles, family, tmp_path):
+    """The CLIP encoders read a prompt's first 77 tokens (as in diffusers); what T5 would drop is refused."""
+    from ilf_deploy.runtime.request import bundle_token_limit
+
+    bundle = Bundle.load(mmdit_bundles[family])
+    count, limit = bundle_token_limit(bundle)
+    assert count is not None and limit == max(t.max_length for t in bundle.manifest.tokenizers)
+    clip = min(t.max_length for t in bundle.manifest.tokenizers)
+    words = "a red circle on a blue square".split()
+    fits = " ".join(words[i % len(words)] for i in range(4 * limit))
+    while count(fits) > limit:  # the longest prompt T5 reads whole: past CLIP's length if T5's is longer
+        fits = fits.rsplit(" ", 1)[0]
+    assert count(fits) > clip or clip == limit
+    out = tmp_path / "x.png"
+    ok = CliRunner().invoke(
+        app, ["generate", str(bundle.path), "--prompt", fits, "--plan", "base-4", "-o", str(out)]
+    )
+    assert ok.exit_code == 0, ok.output
+    refused = CliRunner().invoke(
+        app, ["generate", str(bundle.path), "--prompt", fits + " red red", "-o", str(out)]
+    )
+    assert refused.exit_code == 2 and "prompt" in refused.output and "token" in refused.output, refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_tensorrt_profiles_cover_every_segment(mmdit_bundles, family):
     """The TensorRT layer's optimization profiles (never run here: no GPU, no TensorRT) know every
     dimension an MMDiT bundle declares: batch, image tokens, rotary tokens = text + image tokens."""

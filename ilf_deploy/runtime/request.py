@@ -174,15 +174,26 @@ def check_choice(param: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def bundle_token_counter(bundle: Bundle) -> Callable[[str], int] | None:
-    """A prompt's length in the bundle tokenizer's tokens, as `BundleGenerator.encode_prompt` sees
-    it before truncation; None for class-conditional bundles (no tokenizer)."""
-    if bundle.manifest.tokenizer is None:
-        return None
-    tokenizer = bundle.tokenizer()
+def bundle_token_limit(bundle: Bundle) -> tuple[Callable[[str], int] | None, int]:
+    """(a prompt's length in tokens as `BundleGenerator.encode_prompt` sees it before truncation, the
+    most tokens the text encoder reads); (None, 0) for class-conditional bundles (no tokenizer).
+
+    PixArt and Sana: the bundle's tokenizer, on the lower-cased prompt. SD3 and Flux (several
+    tokenizers): the one that reads the most (T5), on the prompt as is; the CLIP encoders read its
+    first 77 tokens, as in diffusers' pipelines, so only what T5 would drop is refused."""
+    manifest = bundle.manifest
+    if manifest.tokenizer is not None:
+        spec, lower = manifest.tokenizer, True
+    elif manifest.tokenizers:
+        spec, lower = max(manifest.tokenizers, key=lambda t: t.max_length), False
+    else:
+        return None, 0
+    tokenizer = bundle.tokenizer(spec)
     tokenizer.no_truncation()  # the count must see what truncation would drop
     tokenizer.no_padding()
-    return lambda text: len(tokenizer.encode(text.lower().strip()).ids)  # as encode_prompt encodes
+    if lower:
+        return (lambda text: len(tokenizer.encode(text.lower().strip()).ids)), spec.max_length
+    return (lambda text: len(tokenizer.encode(text).ids)), spec.max_length
 
 
 def nullable_schema(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -244,14 +255,12 @@ class RequestContract:
             raise ConfigError(
                 f"default plan {default_plan!r} is not in the bundle (it has: {', '.join(bundle.plan_names)})"
             )
-        tokenizer = bundle.manifest.tokenizer
         contract = cls.for_generator(
             generator,
             tuple(bundle.plan_names),
             default_plan or bundle.default_plan,
             max_n,
-            bundle_token_counter(bundle),
-            tokenizer.max_length if tokenizer is not None else 0,
+            *bundle_token_limit(bundle),
         )
         forwards = tuple(bundle.plan(name).block_forwards for name in bundle.plan_names)
         return replace(contract, plan_forwards=forwards)
