@@ -18,7 +18,7 @@ $(BIN)/ilf-deploy: pyproject.toml
 	touch $@
 
 # tritonserver and its Python backend, unpacked from the nvidia-pytriton wheel into $(VENV)/triton
-# (the wheel is not installed: it pins numpy<2); README "Triton Inference Server".
+# (the wheel is not installed: it pins numpy<2); docs/triton.md ("Triton Inference Server").
 $(VENV)/triton/ilf-triton.json: $(BIN)/ilf-deploy
 	$(BIN)/ilf-deploy install-triton
 	touch $@
@@ -37,9 +37,16 @@ cpp:
 	cmake --install $(CPP_BUILD)
 
 # `make setup` builds it where a C++ compiler and cmake exist, and says in one line when it skips.
+# libilf's SHA-256 and PNG deflate come from OpenSSL and zlib: Debian's -dev packages, installed here
+# where we are root (CI) and they are missing.
+CPP_DEV_HEADERS = /usr/include/openssl/evp.h /usr/include/zlib.h
 setup-cpp: $(BIN)/ilf-deploy
 	@if command -v cmake > /dev/null 2>&1 && command -v c++ > /dev/null 2>&1; then \
-	  $(MAKE) --no-print-directory cpp; \
+	  if ! ls $(CPP_DEV_HEADERS) > /dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then \
+	    apt-get install -y -qq libssl-dev zlib1g-dev > /dev/null 2>&1 || \
+	    { apt-get update -qq > /dev/null 2>&1 && apt-get install -y -qq libssl-dev zlib1g-dev > /dev/null 2>&1; }; fi; \
+	  if ls $(CPP_DEV_HEADERS) > /dev/null 2>&1; then $(MAKE) --no-print-directory cpp; \
+	  else echo "make setup: skipping the C++ runtime (make cpp): it needs libssl-dev and zlib1g-dev (apt-get install them)"; fi; \
 	else echo "make setup: skipping the C++ runtime (make cpp): no C++ compiler or cmake here"; fi
 
 # The wheel and sdist (README "Install") into dist/, their metadata checked by twine.
@@ -68,7 +75,7 @@ setup-images:
 	  || echo "make setup-images: could not install $(IMAGE_TOOLS): make images and tests/test_images.py will skip"; \
 	else echo "make setup-images: no apt-get as root: podman/buildah not installable, tests/test_images.py will skip"; fi
 
-# Container images from Debian packages and PyPI (containers/build.py; README "Images"): oci-archives in
+# Container images from Debian packages and PyPI (containers/build.py; docs/deploy.md ("Images")): oci-archives in
 # out/images with their digests in out/images/images.json. IMAGES=serve ray; BUNDLE=DIR bakes a bundle in.
 IMAGES ?= serve
 images: dist

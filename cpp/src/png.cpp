@@ -1,39 +1,15 @@
-// PNG writer: 8-bit RGB, filter 0, zlib stream of stored (uncompressed) deflate blocks.
+// PNG writer: 8-bit RGB, filter 0, the rows compressed by zlib (its CRC-32 for the chunks too).
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 
+#include <zlib.h>
+
 #include "internal.hpp"
 
 namespace ilf {
 namespace {
-
-uint32_t crc_table_entry(uint32_t n) {
-  for (int k = 0; k < 8; ++k) n = (n & 1) ? 0xedb88320u ^ (n >> 1) : n >> 1;
-  return n;
-}
-
-uint32_t crc32(const unsigned char* data, size_t size, uint32_t crc = 0) {
-  static uint32_t table[256];
-  static bool ready = [] {
-    for (uint32_t n = 0; n < 256; ++n) table[n] = crc_table_entry(n);
-    return true;
-  }();
-  (void)ready;
-  crc = ~crc;
-  for (size_t i = 0; i < size; ++i) crc = table[(crc ^ data[i]) & 0xff] ^ (crc >> 8);
-  return ~crc;
-}
-
-uint32_t adler32(const unsigned char* data, size_t size) {
-  uint32_t a = 1, b = 0;
-  for (size_t i = 0; i < size; ++i) {
-    a = (a + data[i]) % 65521;
-    b = (b + a) % 65521;
-  }
-  return (b << 16) | a;
-}
 
 void put32(std::vector<uint8_t>& out, uint32_t v) {
   for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<uint8_t>(v >> shift));
@@ -44,7 +20,7 @@ void chunk(std::vector<uint8_t>& out, const char* type, const std::vector<uint8_
   size_t start = out.size();
   out.insert(out.end(), type, type + 4);
   out.insert(out.end(), body.begin(), body.end());
-  put32(out, crc32(out.data() + start, out.size() - start));
+  put32(out, static_cast<uint32_t>(::crc32(0L, out.data() + start, static_cast<uInt>(out.size() - start))));
 }
 
 }  // namespace
@@ -62,20 +38,12 @@ std::vector<uint8_t> encode_png(const Image& image) {
     raw.push_back(0);  // filter: none
     raw.insert(raw.end(), image.rgb.begin() + y * row, image.rgb.begin() + (y + 1) * row);
   }
-  std::vector<uint8_t> z = {0x78, 0x01};  // deflate, 32K window, no preset dictionary
-  size_t pos = 0;
-  do {
-    size_t len = std::min<size_t>(65535, raw.size() - pos);
-    bool last = pos + len == raw.size();
-    z.push_back(last ? 1 : 0);  // BFINAL, BTYPE=00 (stored)
-    z.push_back(len & 0xff);
-    z.push_back(len >> 8);
-    z.push_back(~len & 0xff);
-    z.push_back((~len >> 8) & 0xff);
-    z.insert(z.end(), raw.begin() + pos, raw.begin() + pos + len);
-    pos += len;
-  } while (pos < raw.size());
-  put32(z, adler32(raw.data(), raw.size()));
+  // zlib at its default level (6), as PIL and libpng write by default
+  uLongf z_size = compressBound(static_cast<uLong>(raw.size()));
+  std::vector<uint8_t> z(z_size);
+  if (compress2(z.data(), &z_size, raw.data(), static_cast<uLong>(raw.size()), Z_DEFAULT_COMPRESSION) != Z_OK)
+    throw std::bad_alloc();  // Z_MEM_ERROR (the buffer is compressBound's: never Z_BUF_ERROR)
+  z.resize(z_size);
 
   std::vector<uint8_t> out = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
   std::vector<uint8_t> ihdr;

@@ -2,7 +2,7 @@
 //   ilf-tests                 run every test; exit 1 on a failure
 //   ilf-tests --to-half IN OUT  float32 .npy -> float16 .npy and back -> OUT (pytest compares with numpy)
 //   ilf-tests --sha-lengths   print sha256 of bytes(i % 251 for i in range(n)) for n in 0..300 and 2^20+17
-//                             (pytest compares them with hashlib, with and without ILF_SHA256_PORTABLE=1)
+//                             (pytest compares them with hashlib)
 //   ilf-tests --batch SPEC.json  Generator::generate_batch on OpenVINO f32 (which ilf-run, one request a
 //                             run, cannot do): {"bundle", "plan", "height", "width", "out" (.npy), "requests":
 //                             [{"latents": .npy, "tokens": {input: ids}, "negative_tokens": {...},
@@ -13,6 +13,7 @@
 #include "detail.hpp"  // cpp/src: the internals these tests check
 #include <ilf/ilf.h>
 #include <nlohmann/json.hpp>
+#include <zlib.h>
 
 #include <cmath>
 #include <cstdio>
@@ -127,8 +128,14 @@ void test_npy_png() {
   for (int i = 0; i < 18; ++i) img.rgb.push_back(static_cast<uint8_t>(i * 14));
   std::vector<uint8_t> png = ilf::detail::encode_png(img);
   CHECK(png.size() > 8 && std::memcmp(png.data(), "\x89PNG\r\n\x1a\n", 8) == 0);
-  // IHDR's CRC for a 3x2 8-bit RGB image
-  CHECK(png[29] == 0x00 || true);
+  // IHDR's CRC for a 3x2 8-bit RGB image (zlib.crc32 of b"IHDR" + its 13 bytes), then IDAT's rows back
+  CHECK(png[29] == 0x12 && png[30] == 0x16 && png[31] == 0xf1 && png[32] == 0x4d);
+  const uint32_t idat = (png[33] << 24) | (png[34] << 16) | (png[35] << 8) | png[36];
+  CHECK(std::memcmp(png.data() + 37, "IDAT", 4) == 0);
+  std::vector<uint8_t> rows(2 * (1 + 9));
+  uLongf rows_size = rows.size();
+  CHECK(uncompress(rows.data(), &rows_size, png.data() + 41, idat) == Z_OK && rows_size == rows.size());
+  CHECK(rows[0] == 0 && rows[10] == 0 && rows[1] == 0 && rows[9] == 8 * 14 && rows[19] == 17 * 14);
   ilf::write_png(tmpdir + "/img.png", img);
   img.rgb.pop_back();
   EXPECT_ERROR(ilf::detail::encode_png(img), config, "height x width x 3");
