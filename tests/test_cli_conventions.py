@@ -38,7 +38,7 @@ def test_version():
 
 
 def test_completion_script_and_completions():
-    """The scripts `--install-completion` installs, for any shell (README: Command line)."""
+    """The scripts `--install-completion` installs, for any shell (docs/cli-guide.md)."""
     bash = run(env={"_ILF_DEPLOY_COMPLETE": "source_bash"})
     assert bash.returncode == 0 and "_ILF_DEPLOY_COMPLETE=complete_bash" in bash.stdout
     assert "complete -o default -F _ilf_deploy_completion ilf-deploy" in bash.stdout

@@ -185,7 +185,7 @@ def test_sigterm_drains_the_requests_in_flight(served):
 
 
 # The Ray image takes ~4 min to build (1.2 GiB: Ray, pyarrow, pandas) and a minute to start: opt-in,
-# outside the default run (README "Images").
+# outside the default run (docs/deploy.md ("Images")).
 @pytest.mark.skipif(
     not os.environ.get("ILF_TEST_RAY_IMAGE"), reason="ILF_TEST_RAY_IMAGE=1 builds the Ray image"
 )

@@ -44,7 +44,7 @@ GEN = "/v1/images/generations"
 PROMPT = "a small red circle on a blue background"
 AT_LIMIT = "circle " * 119  # 119 words + </s>: 120 tokens, the tiny model's limit
 OVER = "circle " * 120
-README = Path(__file__).resolve().parent.parent / "README.md"
+LIMITS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "serving.md"  # "Request limits"
 S, T, G = "serve", "triton", "generate"  # the front doors a row goes to
 ALL = (S, T, G)
 
@@ -374,9 +374,9 @@ def test_the_blank_pattern_is_pythons_whitespace():
     assert [c for c in spaces + "a\x00\u200b\ufeff" if re.fullmatch(NOT_BLANK, c) is None] == list(spaces)
 
 
-def test_readme_lists_every_limit_message():
-    """README "Request limits" has one row per verdict, its message as the contract writes it."""
-    text = README.read_text()
+def test_the_docs_list_every_limit_message():
+    """docs/serving.md "Request limits" has one row per verdict, its message as the contract writes it."""
+    text = LIMITS_PAGE.read_text()
     for verdict, template in MESSAGES.items():
         shown = re.sub(r"\{(\w+)(![rsa])?(:[^}]*)?\}", r"{\1}", template)
         assert f"`{shown}`" in text, (verdict, shown)
@@ -386,7 +386,7 @@ def test_readme_lists_every_limit_message():
 @needs_server
 def test_triton_counts_a_refused_request_as_refused(triton):
     """In our own `ilf_requests_total` (Triton 2.51 counts a Python model's requests per execution:
-    its `nv_inference_request_success` moves for refusals too; README "Triton Inference Server")."""
+    its `nv_inference_request_success` moves for refusals too; docs/triton.md ("Triton Inference Server"))."""
     from tritonclient.utils import InferenceServerException
 
     server, http, client = triton

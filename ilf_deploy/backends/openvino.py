@@ -28,7 +28,7 @@ renamed or swapped with another segment's (same I/O, so OpenVINO would run it), 
 missing, stale or from another key is logged and recompiled, never run. This guards against
 mix-ups and stale files, not against a writer who recomputes both hashes (the cache is outside
 the manifest; a pinned `--digest` pins the manifest's files only). The C++ runtime checks its own
-`cpp-*.blob` files the same way (README "The bundle format").
+`cpp-*.blob` files the same way (docs/bundles.md ("The bundle format")).
 """
 
 from __future__ import annotations

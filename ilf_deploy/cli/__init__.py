@@ -34,10 +34,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     # Every option of every command can come from the environment: ILF_<COMMAND>_<OPTION>, e.g.
-    # ILF_SERVE_PORT=8080 or ILF_SERVE_MODEL_NAME=pixart (what a deployment sets; README "The CLI").
+    # ILF_SERVE_PORT=8080 or ILF_SERVE_MODEL_NAME=pixart (what a deployment sets; docs/cli-guide.md).
     context_settings={"auto_envvar_prefix": ENV_PREFIX},
 )
-# `ilf-deploy --help` groups the commands in these panels, in this order (README "Command line").
+# `ilf-deploy --help` groups the commands in these panels, in this order (docs/cli-guide.md).
 PANELS = {
     "Build & check": ("make-tiny", "plan", "build", "inspect", "schema", "verify", "backends"),
     "Run & serve": ("generate", "bench", "batch", "serve"),

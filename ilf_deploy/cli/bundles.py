@@ -86,7 +86,7 @@ def schema(
 ) -> None:
     """Print a published JSON Schema (2020-12) of the bundle format: manifest, plan or tuning.
 
-    Every reader (this tool, the C++ runtime) implements these; README "The bundle format"."""
+    Every reader (this tool, the C++ runtime) implements these; docs/bundles.md ("The bundle format")."""
     from ..schemas import schema as published
 
     print(json.dumps(published(name), indent=2))

@@ -151,7 +151,7 @@ def generate(
 ) -> None:
     """Generate an image by running a step plan (ONNX Runtime for bundles, PyTorch for models).
 
-    The request is held to the limits `serve` and Triton apply (README "Request limits"): what they
+    The request is held to the limits `serve` and Triton apply (docs/serving.md ("Request limits")): what they
     refuse, this refuses too, in the same words."""
     import numpy as np
 

@@ -29,7 +29,7 @@ MaxWait = Annotated[float, typer.Option(help="How long a batch's first image wai
 MaxQueue = Annotated[int, typer.Option(help="Images waiting before requests get 429.")]
 Timeout = Annotated[float, typer.Option(help="Per-request limit, queueing included (504).")]
 MaxN = Annotated[int, typer.Option(help="Largest `n` (images per request).")]
-# The connection layer and shutdown (README: Hostile clients and shutdown); None: the defaults.
+# The connection layer and shutdown (docs/serving.md); None: the defaults.
 HeaderTimeout = Annotated[
     float | None, typer.Option(help="Seconds for a request's headers; then 408, closed (default 10).")
 ]
@@ -39,7 +39,7 @@ BodyTimeout = Annotated[
 MaxConnections = Annotated[
     int | None, typer.Option(help="Open connections (default 1024, fewer under a low ulimit -n).")
 ]
-# OpenAI compatibility (README "OpenAI compatibility")
+# OpenAI compatibility (docs/serving.md ("OpenAI compatibility"))
 ModelName = Annotated[
     str | None,
     typer.Option(help="The model id in /v1/models and requests' `model` (default: the bundle's name)."),
@@ -138,7 +138,7 @@ def serve(
         **given,
     )
     tls = _tls_files(ssl_keyfile, ssl_certfile)
-    if server == "ray":  # the same app in Ray Serve replicas (cli/batch.py; README "Beyond one machine")
+    if server == "ray":  # the same app in Ray Serve replicas (cli/batch.py; docs/scale.md)
         unused = [*given, *(["max_connections"] if max_connections is not None else [])]
         serve_on_ray(bundle, options, (host, port, tls), require_auth, (log_format, log_level), ray, unused)
         return
@@ -168,7 +168,7 @@ def _given(**values: Any) -> dict[str, Any]:
 
 
 def _refuse_connection_options(used: list[str]) -> None:
-    """Triton's HTTP server has none of these limits (README, Hostile clients and shutdown)."""
+    """Triton's HTTP server has none of these limits (docs/serving.md)."""
     if used:
         flags = ", ".join("--" + name.replace("_", "-") for name in used)
         raise ConfigError(

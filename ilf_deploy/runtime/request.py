@@ -3,7 +3,7 @@
 Every front door (`ilf-deploy generate`, `serve`'s HTTP API, the Triton model, any later one) hands
 the fields it received, as raw values, to `RequestContract.check`. It returns the engine `Request`s,
 or raises a `RequestError` (its `param` and `message`) for the first bad field, with the same text
-whatever the front door (templates in `MESSAGES`; README "Request limits" lists them all). Defaults
+whatever the front door (templates in `MESSAGES`; docs/serving.md ("Request limits") lists them all). Defaults
 (size, guidance) are `Generator.resolve`'s; a missing seed is drawn at random in 0..MAX_SEED.
 
 Cheap checks come first: a prompt's characters are counted before it is tokenised, and tokens are
@@ -60,7 +60,7 @@ FIELDS = (
 TEXT_FIELDS = ("prompt", "negative_prompt")
 NULLABLE = frozenset({"size", "plan", "quality", "guidance_scale", "seed"})  # null: as if omitted
 AUTO_SIZE = "auto"  # OpenAI's "let the model choose": the bundle's default size
-# OpenAI's `quality` -> which of the bundle's plans (README "OpenAI compatibility"): "cheapest" and
+# OpenAI's `quality` -> which of the bundle's plans (docs/serving.md ("OpenAI compatibility")): "cheapest" and
 # "dearest" by block forwards (ties: the first in the bundle), "default" the server's default plan.
 # An explicit `plan` wins over `quality`.
 QUALITY_PLANS = {
@@ -74,7 +74,7 @@ QUALITY_PLANS = {
     "max": "dearest",
 }
 
-# The verdicts, one message each; `{param}` is the field. README "Request limits" shows every one.
+# The verdicts, one message each; `{param}` is the field. docs/serving.md ("Request limits") shows every one.
 MESSAGES: dict[str, str] = CONTRACT["messages"]
 
 

@@ -2,7 +2,7 @@
 Serve (`serve --server ray`) and the KubeRay manifests that run both on Kubernetes.
 
 Ray (the `ray` extra) is imported only by the modules that need it (`ray_batch`, `ship`, `serve`,
-`sandbox`), so a local batch runs without it. README "Beyond one machine".
+`sandbox`), so a local batch runs without it. docs/scale.md ("Beyond one machine").
 """
 
 from __future__ import annotations

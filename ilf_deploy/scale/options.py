@@ -46,7 +46,7 @@ class BatchOptions:
     def rows_per_task(self, rows: int) -> int:
         """--batch-size, else as many rows a task as keeps TASKS_PER_ACTOR tasks for every actor (so
         the last tasks still spread over them), at most AUTO_ROWS_PER_TASK: a Ray Data task costs
-        about 10 ms of its own (README "Beyond one machine"), which 8 rows make small beside even a
+        about 10 ms of its own (docs/scale.md ("Beyond one machine")), which 8 rows make small beside even a
         10 ms image, and which a task of one image that takes seconds does not notice."""
         if self.batch_size is not None:
             return self.batch_size

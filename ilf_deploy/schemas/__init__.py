@@ -2,7 +2,7 @@
 
 They are the contract every reader implements (this package's runtime, the C++ runtime in `cpp/`):
 `ilf-deploy schema NAME` prints them, `Bundle.load` and `StepPlan.load` validate with them, and the
-tests check every bundle the suite builds against them. README: "The bundle format".
+tests check every bundle the suite builds against them. docs/bundles.md: "The bundle format".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Generated images as a response carries them: encoded (PNG, WebP or JPEG) and, for
 `response_format: "url"`, kept in memory for a bounded time and size behind unguessable links
-(`GET /v1/images/files/{id}`), as OpenAI's expiring links are (README "OpenAI compatibility")."""
+(`GET /v1/images/files/{id}`), as OpenAI's expiring links are (docs/serving.md ("OpenAI compatibility"))."""
 
 from __future__ import annotations
 

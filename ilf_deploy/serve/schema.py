@@ -83,7 +83,7 @@ class ImagesResponse(BaseModel):
 
 
 # -- requests --------------------------------------------------------------------------------------
-# OpenAI's image-generation fields beyond the request contract's (README "OpenAI compatibility"):
+# OpenAI's image-generation fields beyond the request contract's (docs/serving.md ("OpenAI compatibility")):
 # each is checked (a bad value is a 400 naming it), then either shapes the response (`ResponseForm`)
 # or is ignored as OpenAI documents for models that lack it. None of them is ever an unknown field.
 _STRING, _INTEGER, _BOOLEAN = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}

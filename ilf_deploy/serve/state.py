@@ -48,7 +48,7 @@ class ServeOptions(BatchingPolicy):
     body_timeout_s: float = 30.0  # a request's body, from its headers on: 408
     max_connections: int | None = None  # None: connections.default_max_connections (below ulimit -n)
     drain_s: float = DRAIN_S  # on SIGTERM, how long the batch in the engine may still run
-    # OpenAI compatibility (README "OpenAI compatibility"):
+    # OpenAI compatibility (docs/serving.md ("OpenAI compatibility")):
     model_name: str | None = None  # the id in /v1/models and `model`; None: the bundle directory's name
     url_ttl_s: float = URL_TTL_S  # how long a `response_format: "url"` link answers
 
