@@ -31,7 +31,7 @@ TRANSFORMER_ARCHITECTURES = {
     "SanaTransformer2DModel": "sana",
 }
 # Two-stream families: their state is image and text tokens (adapters/mmdit.py). Bundles (ONNX
-# export) do not carry them yet: the torch runner runs them (README "Families").
+# export) do not carry them yet: the torch runner runs them (docs/families.md).
 MMDIT_ARCHITECTURES = ("sd3", "flux")
 
 
