@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= out/demo
 
-.PHONY: setup setup-browser test lint typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp dist images docs setup-images
+.PHONY: setup setup-browser test lint lint-cpp typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp dist images docs setup-images
 
 setup: $(BIN)/ilf-deploy $(VENV)/triton/ilf-triton.json setup-cpp setup-browser
 
@@ -37,9 +37,16 @@ cpp:
 	cmake --install $(CPP_BUILD)
 
 # `make setup` builds it where a C++ compiler and cmake exist, and says in one line when it skips.
+# libilf's SHA-256 and PNG deflate come from OpenSSL and zlib: Debian's -dev packages, installed here
+# where we are root (CI) and they are missing.
+CPP_DEV_HEADERS = /usr/include/openssl/evp.h /usr/include/zlib.h
 setup-cpp: $(BIN)/ilf-deploy
 	@if command -v cmake > /dev/null 2>&1 && command -v c++ > /dev/null 2>&1; then \
-	  $(MAKE) --no-print-directory cpp; \
+	  if ! ls $(CPP_DEV_HEADERS) > /dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then \
+	    apt-get install -y -qq libssl-dev zlib1g-dev > /dev/null 2>&1 || \
+	    { apt-get update -qq > /dev/null 2>&1 && apt-get install -y -qq libssl-dev zlib1g-dev > /dev/null 2>&1; }; fi; \
+	  if ls $(CPP_DEV_HEADERS) > /dev/null 2>&1; then $(MAKE) --no-print-directory cpp; \
+	  else echo "make setup: skipping the C++ runtime (make cpp): it needs libssl-dev and zlib1g-dev (apt-get install them)"; fi; \
 	else echo "make setup: skipping the C++ runtime (make cpp): no C++ compiler or cmake here"; fi
 
 # The wheel and sdist (README "Install") into dist/, their metadata checked by twine.
@@ -91,6 +98,18 @@ lint: setup
 	$(BIN)/ruff format --check ilf_deploy tests experiments benchmarks
 	# the layer contracts in pyproject.toml: no upward import, no import circle
 	$(BIN)/lint-imports
+	$(MAKE) --no-print-directory lint-cpp
+
+# cppcheck on cpp/ (Debian's; apt-get-installed here where we are root and it is missing, as setup-cpp
+# does for OpenSSL and zlib): any warning fails the build. False positives are suppressed inline, with why.
+CPPCHECK = cppcheck -q --enable=warning,performance,portability --std=c++17 --inline-suppr --error-exitcode=1 \
+  -I cpp/include -I cpp/src -I $(CPP_BUILD)/generated -I $(CPP_BUILD)/generated/include --suppress=missingIncludeSystem
+lint-cpp:
+	@if ! command -v cppcheck > /dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then \
+	  apt-get install -y -qq cppcheck > /dev/null 2>&1 || \
+	  { apt-get update -qq > /dev/null 2>&1 && apt-get install -y -qq cppcheck > /dev/null 2>&1; }; fi
+	@if command -v cppcheck > /dev/null 2>&1; then $(CPPCHECK) cpp/src cpp/tools cpp/tests cpp/examples; \
+	else echo "make lint: skipping cppcheck on cpp/: not installed here (apt-get install cppcheck)"; fi
 
 PROMPT ?= a small red circle on a blue background
 

@@ -184,7 +184,7 @@ void ilf_request_init_sized(ilf_request* r, size_t struct_size) {
     if (r && struct_size >= sizeof r->struct_size) r->struct_size = struct_size;
     return;
   }
-  std::memset(r, 0, sizeof *r);
+  *r = ilf_request{};  // every pointer NULL, every number 0
   r->struct_size = struct_size;
   r->class_label = -1;
   r->guidance_scale = std::nan("");

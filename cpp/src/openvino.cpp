@@ -53,7 +53,7 @@ std::string upper(std::string s) {
 std::string ov_device(const std::string& device) {
   std::string name = upper(device);
   std::string family = name.substr(0, name.find(':'));
-  family = family.substr(0, family.find('.'));
+  if (size_t dot = family.find('.'); dot != std::string::npos) family.resize(dot);
   static const std::vector<std::string> families = {"CPU", "GPU", "NPU", "AUTO", "HETERO", "MULTI", "BATCH"};
   if (std::find(families.begin(), families.end(), family) == families.end())
     detail::config_error("--device " + device +
@@ -305,7 +305,7 @@ std::string tokenizers_beside_openvino() {
   Dl_info info{};
   if (!dladdr(reinterpret_cast<void*>(&ov::get_openvino_version), &info) || !info.dli_fname) return "";
   std::string libs = info.dli_fname;
-  libs = libs.substr(0, libs.find_last_of('/') == std::string::npos ? 0 : libs.find_last_of('/'));
+  libs.resize(libs.find_last_of('/') == std::string::npos ? 0 : libs.find_last_of('/'));
   return libs + "/../../openvino_tokenizers/lib/libopenvino_tokenizers.so";
 }
 

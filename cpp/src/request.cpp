@@ -66,7 +66,7 @@ std::string detail::request_message(const std::string& verdict, const std::map<s
     }
     std::string field = tpl.substr(i + 1, close - i - 1), spec;
     size_t mark = field.find_first_of("!:");
-    if (mark != std::string::npos) spec = field.substr(mark), field = field.substr(0, mark);
+    if (mark != std::string::npos) spec = field.substr(mark), field.resize(mark);
     if (spec == ":g") out += format_g(numbers.at(field));
     else if (spec == "!r") out += "'" + text.at(field) + "'";
     else out += text.at(field);

@@ -641,7 +641,7 @@ namespace {
 
 // xoshiro256** seeded through splitmix64: a documented, portable stream (not numpy's PCG64).
 struct Rng {
-  uint64_t s[4];
+  uint64_t s[4] = {};
   explicit Rng(uint64_t seed) {
     for (auto& v : s) {
       seed += 0x9e3779b97f4a7c15ULL;

@@ -118,7 +118,7 @@ Args parse(int argc, char** argv) {
     bool inline_value = false;
     if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos) {
       value = arg.substr(arg.find('=') + 1);
-      arg = arg.substr(0, arg.find('='));
+      arg.resize(arg.find('='));
       inline_value = true;
     }
     auto next = [&]() -> std::string {
