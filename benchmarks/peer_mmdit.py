@@ -109,17 +109,25 @@ def build_model_dir(out: Path, family: str, quick: bool, depth: tuple[int, ...])
 def prepare(work: Path, family: str, steps: int, quick: bool, depth, modes: list[str]) -> tuple[Path, Path]:
     """The model directory and its bundle (base-N, ilf-N, cache-N at 256 px, fp32, with the torch
     model for tune's torch candidates) and variants; each made once and reused."""
+    return prepare_dirs(work, lambda out: build_model_dir(out, family, quick, depth), steps, SIZE, modes)
+
+
+def prepare_dirs(
+    work: Path, write_model: Callable[[Path], Any], steps: int, size: int, modes: list[str]
+) -> tuple[Path, Path]:
+    """`work/model` (by `write_model`) and `work/bundle` (base/ilf/cache-`steps` at `size` px) with
+    the `modes` variants, each made once and reused."""
     from ilf_deploy.export.build import BuildOptions, build_bundle
 
     work.mkdir(parents=True, exist_ok=True)
     model_dir, bundle_dir = work / "model", work / "bundle"
     if not (model_dir / "model_index.json").is_file():
         log(f"writing {model_dir}")
-        build_model_dir(model_dir, family, quick, depth)
+        write_model(model_dir)
     if not (bundle_dir / "manifest.json").is_file():
         log(f"exporting {bundle_dir}")
         plans = tuple(f"{kind}-{steps}" for kind in ("base", "ilf", "cache"))
-        options = BuildOptions(plans=plans, resolutions=[(SIZE, SIZE)], force=True, copy_model=True)
+        options = BuildOptions(plans=plans, resolutions=[(size, size)], force=True, copy_model=True)
         build_bundle(model_dir, bundle_dir, options)
     make_variants(bundle_dir, modes, f"ilf-{steps}")
     return model_dir, bundle_dir
@@ -150,10 +158,10 @@ def diffusers_runner(model_dir: Path, family: str, steps: int, dtype: Any, compi
     return run
 
 
-def ours_runner(generator: Any, plan: Any, family: str) -> Callable[[], np.ndarray]:
+def ours_runner(generator: Any, plan: Any, guidance: float, size: int = SIZE) -> Callable[[], np.ndarray]:
     from ilf_deploy.runtime.generator import Request
 
-    request = Request(prompt=PROMPT, seed=SEED, guidance_scale=GUIDANCE[family], height=SIZE, width=SIZE)
+    request = Request(prompt=PROMPT, seed=SEED, guidance_scale=guidance, height=size, width=size)
 
     def run() -> np.ndarray:
         generator.__dict__.pop("_prompt_cache", None)  # the text encoders run every time, as diffusers'
@@ -189,6 +197,27 @@ def main(args: Any) -> int:
     subprocess.run(child, check=True)
     model_dir, bundle_dir = prepare(work, family, steps, quick, depth, modes)
 
+    return measure(
+        args, family, "quick" if quick else "full width", model_dir, bundle_dir, runs,
+        lambda dtype, compile=False: diffusers_runner(model_dir, family, steps, dtype, compile),
+        lambda generator, plan: ours_runner(generator, plan, GUIDANCE[family]),
+    )  # fmt: skip
+
+
+def measure(
+    args: Any,
+    family: str,
+    depth: str,
+    model_dir: Path,
+    bundle_dir: Path,
+    runs: int,
+    theirs: Callable[..., Callable[[], np.ndarray]],
+    ours_for: Callable[[Any, Any], Callable[[], np.ndarray]],
+    size: int = SIZE,
+) -> int:
+    """tune, then diffusers' pipeline (`theirs(dtype, compile=)`) and ours (`ours_for(generator, plan)`)
+    on base/ilf/cache plans, interleaved; the table, the headline and the JSON (peer_FAMILY.json)."""
+    steps, quick = args.steps, args.quick
     import torch
 
     from ilf_deploy.backends import open_generator
@@ -208,15 +237,15 @@ def main(args: Any) -> int:
     eager_bf16, compiled_bf16 = f"diffusers bf16 {base}", f"diffusers bf16 + torch.compile {base}"
     engines: dict[str, Callable[[], np.ndarray]] = {}
     if not args.no_fp32:
-        engines[f"diffusers fp32 {base}"] = diffusers_runner(model_dir, family, steps, torch.float32)
-    engines[eager_bf16] = diffusers_runner(model_dir, family, steps, torch.bfloat16)
+        engines[f"diffusers fp32 {base}"] = theirs(torch.float32)
+    engines[eager_bf16] = theirs(torch.bfloat16)
     if not args.no_compile:
-        engines[compiled_bf16] = diffusers_runner(model_dir, family, steps, torch.bfloat16, compile=True)
+        engines[compiled_bf16] = theirs(torch.bfloat16, compile=True)
     label = (auto.choice or "auto").split("(")[0].removeprefix("auto: ").strip()
     plans = {kind: bundle.plan(f"{kind}-{steps}") for kind in ("base", "ilf", "cache")}
     ours = {kind: f"ilf-deploy auto ({label}) {plan.name}" for kind, plan in plans.items()}
     for kind, plan in plans.items():
-        engines[ours[kind]] = ours_runner(auto, plan, family)
+        engines[ours[kind]] = ours_for(auto, plan)
 
     log(f"warm-up, then {runs} interleaved runs of each engine (text encoders + denoising, one image)")
     outputs, times, warmup = interleave(engines, runs)
@@ -237,14 +266,14 @@ def main(args: Any) -> int:
     result = {
         "family": family,
         "model": json.loads((model_dir / "transformer" / "config.json").read_text()),
-        "size": SIZE, "steps": steps, "runs": runs, "machine": machine, "seconds": seconds,
+        "size": size, "steps": steps, "runs": runs, "machine": machine, "seconds": seconds,
         "samples_s": times, "warmup_s": warmup, "auto_choice": auto.choice,
         "tune": {"winner": report["winner"], "candidates": report["candidates"]},
         "headline": {**headline, "met": ratio >= TARGET}, "compiled_ratio": compiled,
         "plans": plan_rows,
     }  # fmt: skip
     flags = [f for f in machine["flags"] if f.startswith(("avx512", "amx", "avx_vnni", "avx2", "fma"))]
-    print(f"\nPeer benchmark, {family} ({'quick' if quick else 'full width'}), {SIZE} px, {steps} steps")
+    print(f"\nPeer benchmark, {family} ({depth}), {size} px, {steps} steps")
     print(f"  machine: {machine['cpu']}, {machine['cores']} cores; {' '.join(flags)}")
     for name, s in seconds.items():
         print(f"  {name:<64}{s:>9.2f} s{seconds[eager_bf16] / s:>8.2f}x vs {eager_bf16}")
