@@ -23,7 +23,7 @@ $(VENV)/triton/ilf-triton.json: $(BIN)/ilf-deploy
 	$(BIN)/ilf-deploy install-triton
 	touch $@
 
-# The C++ runtime (cpp/, README "Embedding in C++"): libilf and ilf-run, built against the C++ SDK
+# The C++ runtime (cpp/, docs/cpp.md): libilf and ilf-run, built against the C++ SDK
 # inside the openvino wheel and installed into $(VENV) (bin/ilf-run, lib/libilf.so, include/ilf,
 # lib/cmake/ilf for find_package(ilf)). Ninja from PyPI; a rebuild compiles only what changed.
 CPP_BUILD ?= cpp/build

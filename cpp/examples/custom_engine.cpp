@@ -1,6 +1,6 @@
 // Another engine behind ilf::Engine: run one segment by name, named tensors in, named tensors out,
 // then hand it to ilf::Generator. This one wraps the OpenVINO engine and counts the calls; a
-// TensorRT engine would run BUNDLE/engines/NAME.plan per segment instead (README "Embedding in C++").
+// TensorRT engine would run BUNDLE/engines/NAME.plan per segment instead (docs/cpp.md).
 //   ilf-example-engine BUNDLE PROMPT|CLASS [PLAN]
 #include <ilf/ilf.hpp>
 

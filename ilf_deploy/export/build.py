@@ -284,7 +284,7 @@ def _export_all(model, plans, resolutions, options, root: Path, progress) -> dic
             "pad_id": int(model.tokenizer.pad_token_id or 0),
         }
         converted = _openvino_tokenizer(model.tokenizer, tokenizer, root)
-        if converted is not None:  # the C++ runtime's tokenizer (cpp/, README "Embedding in C++")
+        if converted is not None:  # the C++ runtime's tokenizer (cpp/, docs/cpp.md)
             tokenizer["openvino"] = converted
     if options.copy_model and model.path is not None:
         shutil.copytree(model.path, root / "model", ignore=shutil.ignore_patterns(".*"))

@@ -1,4 +1,4 @@
-// ilf::Error: the one exception type of the library (README "Embedding in C++").
+// ilf::Error: the one exception type of the library (docs/cpp.md).
 #pragma once
 
 #include <stdexcept>

@@ -1,4 +1,4 @@
-/* ilf: the C API of the ilf-deploy bundle runtime (README "Embedding in C++").
+/* ilf: the C API of the ilf-deploy bundle runtime (docs/cpp.md).
  *
  * Opaque handles, integer status codes and a per-thread error string; no C++ exception crosses this
  * API. Every function returning int returns ILF_OK (0) or an ILF_ERROR_* code, and then

@@ -1,4 +1,4 @@
-// ilf: the C++ runtime for ilf-deploy bundles (https://github.com/.../ilf-deploy, README "Embedding in C++").
+// ilf: the C++ runtime for ilf-deploy bundles (https://github.com/.../ilf-deploy, docs/cpp.md).
 //
 // A bundle (manifest.json + manifest.sha256 + plans/ + onnx/ + positions/ + tokenizer/) is read per the
 // published schemas (ilf_deploy/schemas/*.schema.json, schema_version 2, and 4 for the two-stream
