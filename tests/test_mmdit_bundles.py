@@ -77,10 +77,16 @@ def test_bundle_format_says_what_it_holds(mmdit_bundles):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_verify_passes_and_an_edited_bundle_is_refused(mmdit_bundles, family, tmp_path):
-    result = CliRunner().invoke(app, ["verify", str(mmdit_bundles[family])])
+    verify_passes_and_an_edit_is_refused(mmdit_bundles[family], "feedback.onnx", tmp_path)
+
+
+def verify_passes_and_an_edit_is_refused(bundle, segment_file: str, tmp_path) -> None:
+    """`verify` passes; a byte appended to `onnx/SEGMENT_FILE` is refused by the engine and by
+    `generate`, in one line (every family: SD3, Flux here, Sana in test_sana_bundles.py)."""
+    result = CliRunner().invoke(app, ["verify", str(bundle)])
     assert result.exit_code == 0, result.output
-    edited = shutil.copytree(mmdit_bundles[family], tmp_path / "edited")
-    with (edited / "onnx" / "feedback.onnx").open("ab") as f:
+    edited = shutil.copytree(bundle, tmp_path / "edited")
+    with (edited / "onnx" / segment_file).open("ab") as f:
         f.write(b"\0")
     with pytest.raises(BundleError, match="sha256"):
         open_generator(edited, "onnxruntime")

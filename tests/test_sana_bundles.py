@@ -22,6 +22,7 @@ from ilf_deploy.runtime.bundle import Bundle, BundleError
 from ilf_deploy.runtime.generator import Request
 
 from .conftest import SANA_PLANS, SANA_SIZES
+from .test_mmdit_bundles import verify_passes_and_an_edit_is_refused
 
 PROMPT = "a small red circle at the top left on a blue background"
 ENGINES = ("torch", "onnxruntime", "openvino")
@@ -134,17 +135,7 @@ def test_bundle_refuses_a_size_it_was_not_built_for(generators):
 
 
 def test_verify_passes_and_an_edited_bundle_is_refused(sana_bundle, tmp_path):
-    result = CliRunner().invoke(app, ["verify", str(sana_bundle)])
-    assert result.exit_code == 0, result.output
-    edited = shutil.copytree(sana_bundle, tmp_path / "edited")
-    with (edited / "onnx" / "text_encoder.onnx").open("ab") as f:
-        f.write(b"\0")
-    with pytest.raises(BundleError, match="sha256"):
-        open_generator(edited, "onnxruntime")
-    result = CliRunner().invoke(
-        app, ["generate", str(edited), "--prompt", "x", "-o", str(tmp_path / "x.png")]
-    )
-    assert result.exit_code != 0 and "sha256" in result.output and "Traceback" not in result.output
+    verify_passes_and_an_edit_is_refused(sana_bundle, "text_encoder.onnx", tmp_path)
 
 
 def test_generate_cli_writes_an_image(sana_bundle, tmp_path):
