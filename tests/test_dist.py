@@ -63,6 +63,22 @@ def test_the_wheel_holds_the_schemas_and_the_default_model(wheel):
     assert {"serve", "openvino", "onnx", "triton", "ray", "export"} <= extras, extras
 
 
+def test_the_wheel_names_the_project_urls(wheel):
+    """`[project.urls]`: what PyPI and `pip show` link to; the source is the one the OCI labels name."""
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata_name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = Parser().parsestr(archive.read(metadata_name).decode())
+    urls = dict(line.split(", ", 1) for line in metadata.get_all("Project-URL") or [])
+    assert set(urls) == {"Homepage", "Source", "Documentation", "Changelog", "Issues"}, urls
+    source = re.search(r'^SOURCE = "(.+)"$', (ROOT / "containers" / "build.py").read_text(), re.M)
+    assert source and urls["Source"] == urls["Homepage"] == source.group(1)
+    assert all(
+        url.startswith(source.group(1) + "/")
+        for name, url in urls.items()
+        if name not in {"Homepage", "Source"}
+    )
+
+
 def test_the_cli_names_the_extras_the_wheel_declares(wheel_env):
     code = "from ilf_deploy.cli import EXTRAS as e; print(e['torch'], e['onnxruntime'], e['fastapi'])"
     table = run(wheel_env / "bin" / "python", "-c", code).stdout.split()
