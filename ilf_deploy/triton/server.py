@@ -51,6 +51,7 @@ UNLOAD_S = 30  # after its exit timeout, how long Triton may take to unload the 
 READY_POLL_S = 0.5
 # The stub's environment: what runtime/ and the onnxruntime backend import, at this env's versions.
 STUB_PACKAGES = ("onnxruntime", "tokenizers", "jsonschema")  # what Bundle.load needs, beside numpy
+STUB_NUMPY = "numpy>=1.26,<2"  # the stub's numpy (module docstring: why not 2)
 
 
 def default_home() -> Path:
@@ -330,9 +331,9 @@ def _stub_environment(path: Path, pins: list[str]) -> None:
     import ilf_deploy
 
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-    install = [str(path / "bin" / "python"), "-m", "pip", "install", "--quiet", "numpy>=1.26,<2", *pins]
+    install = [str(path / "bin" / "python"), "-m", "pip", "install", "--quiet", STUB_NUMPY, *pins]
     if subprocess.run(install).returncode != 0:
-        raise ConfigError(f"pip could not install {', '.join(['numpy<2', *pins])} for the Triton stub")
+        raise ConfigError(f"pip could not install {', '.join([STUB_NUMPY, *pins])} for the Triton stub")
     # ilf_deploy itself by a link: an editable checkout stays live, and nothing else of ours comes along.
     source = path / "src"
     source.mkdir()
