@@ -15,6 +15,7 @@
 #include <set>
 
 #include "internal.hpp"
+#include "schema.hpp"
 
 namespace ilf {
 
@@ -729,6 +730,8 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
   if (!v)
     detail::config_error("unsupported plan version " + (version ? type_name(*version) : std::string("None")) +
                          " (this tool reads 1, 2, 3); rebuild the plan or bundle with this version of ilf-deploy");
+  if (auto found = detail::schema_problem(detail::SchemaName::plan, d))
+    detail::bundle_error("plan " + where + " does not follow the plan schema " + *found);
   for (const char* k : {"name", "num_blocks", "scheduler", "steps"}) c.key(d, "", k);  // the rest has defaults
   c.closed(d, "", {"version", "name", "num_blocks", "num_steps", "scheduler", "loop", "block_forwards", "settings", "steps",
                    "schedules"});
@@ -903,6 +906,8 @@ Bundle Bundle::load(const std::string& given, const LoadOptions& options) {
   if (!raw.is_object())
     detail::bundle_error(manifest_path + ": bundle schema version None is not supported (this tool reads " +
                          kReadableSchemas + "); rebuild the bundle with this version of ilf-deploy");
+  if (auto found = detail::schema_problem(detail::SchemaName::manifest, raw))
+    detail::bundle_error(manifest_path + " does not follow the manifest schema " + *found);
   auto d = std::make_shared<Data>();
   d->path = root;
   d->manifest = parse_manifest(raw, manifest_path);
