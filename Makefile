@@ -141,10 +141,10 @@ bench: setup
 	$(BIN)/python -m benchmarks.run
 
 # mypy over the TensorRT backend against tensorrt-stubs (no TensorRT needed: the stubs are installed
-# without their dependency, TensorRT itself; ilf_deploy.backends.stubs repairs them for mypy).
+# without their dependency, TensorRT itself; tests/support/trt_stubs.py repairs them for mypy).
 typecheck-trt: setup
 	$(BIN)/python -m pip install --quiet --no-deps "tensorrt-stubs==10.13.0.35.1" "polygraphy>=0.49"
-	$(BIN)/python -m ilf_deploy.backends.stubs .mypy-stubs
+	$(BIN)/python -m tests.support.trt_stubs .mypy-stubs
 	MYPYPATH=.mypy-stubs $(BIN)/mypy --config-file .mypy-stubs/mypy.ini ilf_deploy/backends/tensorrt.py
 
 # On an NVIDIA GPU with TensorRT 10/11 (docs/tensorrt.md: "TensorRT on H100"). Never run in CI. The default

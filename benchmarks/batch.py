@@ -11,7 +11,7 @@
    on 2 cores two actors cannot be faster than one (each engine already uses every core), so this
    shows the overhead of a second actor, not scaling.
 
-Ray runs in `ilf_deploy.scale.sandbox`'s private network namespace (Ray binds to the interface
+Ray runs in `tests/support/ray_sandbox.py`'s private network namespace (Ray binds to the interface
 address), and so does every driver here, local ones too (the same process start-up for both).
 
     python -m benchmarks.batch [--quick] [--rows 64] [--rounds 2] [--xl-rows 2] [--xl-bundle DIR] [--no-xl]
@@ -128,7 +128,7 @@ def overhead(
 ) -> dict[str, Any]:
     """Local vs Ray with one actor, interleaved; Ray's extra time per image as a fraction of local's
     (`batch_size`: batch's --batch-size, rows per task handed to a worker)."""
-    from ilf_deploy.scale.sandbox import ADDRESS
+    from tests.support.ray_sandbox import ADDRESS
 
     runs: dict[str, list[dict[str, Any]]] = {"local": [], "ray": []}
     for round_ in range(rounds):
@@ -156,7 +156,7 @@ def overhead(
 def scaling(
     sandbox: Any, bundle: Path, plan: str, rows: int, batch_size: int | None = None
 ) -> dict[str, Any]:
-    from ilf_deploy.scale.sandbox import ADDRESS
+    from tests.support.ray_sandbox import ADDRESS
 
     result = {}
     for actors in (1, 2):
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rows, args.rounds, args.no_xl = 32, 1, True
     from ilf_deploy.backends.machine import cpu_count, fingerprint
-    from ilf_deploy.scale.sandbox import Sandbox, unavailable
+    from tests.support.ray_sandbox import Sandbox, unavailable
 
     reason = unavailable()
     if reason is not None:

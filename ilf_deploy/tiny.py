@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 
 from .adapters import make_adapter
 from .errors import ConfigError
-from .files import make_readable
+from .files import make_readable, staged_directory
 from .ilf import FEEDBACK_DIR, FeedbackModule
 from .loading import quiet_huggingface
 from .plan import default_loop, validate_loop
@@ -151,8 +150,7 @@ def make_tiny_pipeline(
         raise ConfigError(f"output directory {out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     quiet_huggingface()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:  # renamed into place only when complete
         # fork_rng: seed locally without disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -168,13 +166,6 @@ def make_tiny_pipeline(
             module.save(tmp / FEEDBACK_DIR)
         _save_tokenizers(tmp, arch, pipe)
         make_readable(tmp)  # safetensors writes 0600
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ilf_deploy.errors import ConfigError
-from ilf_deploy.export.build import UNLOCKED_GRACE_S, BuildOptions, _workspace, build_bundle, clean_leftovers
+from ilf_deploy.export.build import BuildOptions, build_bundle
+from ilf_deploy.files import UNLOCKED_GRACE_S, staged_directory, sweep_staged
 from ilf_deploy.tiny import make_tiny_pipeline
 
 PLANS = ("base-2", "ilf-2")
@@ -71,7 +72,7 @@ def test_a_killed_build_leaves_nothing_after_the_next_build(tiny_dit, tmp_path):
 
 
 def test_a_force_build_killed_between_its_renames_gives_the_previous_bundle_back(tiny_dit, tmp_path):
-    """`_replace` renames NAME to .NAME.old, then the new bundle to NAME: a kill in between leaves
+    """A --force build renames NAME to .NAME.old, then the new bundle to NAME: a kill in between leaves
     no NAME. The next build renames the previous bundle back (never deletes it), then replaces it
     only with --force."""
     out = tmp_path / "bundle"
@@ -94,8 +95,8 @@ def test_a_force_build_killed_between_its_renames_gives_the_previous_bundle_back
 def hold_workspace(out: Path) -> tuple[subprocess.Popen, Path]:
     """Another process in the middle of a build of `out`: it holds its temp dir until killed."""
     code = (
-        "import sys, time\nfrom pathlib import Path\nfrom ilf_deploy.export.build import _workspace\n"
-        "with _workspace(Path(sys.argv[1])) as tmp:\n    print(tmp, flush=True)\n    time.sleep(600)\n"
+        "import sys, time\nfrom pathlib import Path\nfrom ilf_deploy.files import staged_directory\n"
+        "with staged_directory(Path(sys.argv[1])) as tmp:\n    print(tmp, flush=True)\n    time.sleep(600)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     return process, Path(process.stdout.readline().strip())
@@ -119,7 +120,7 @@ def test_a_running_builds_temp_dir_is_kept(tmp_path):
         other = tmp_path / ".other.tmp-x"  # another --out's
         other.mkdir()
 
-        assert sorted(p.name for p in clean_leftovers(out)) == [".bundle.tmp-dead", ".bundle.tmp-stale"]
+        assert sorted(p.name for p in sweep_staged(out)) == [".bundle.tmp-dead", ".bundle.tmp-stale"]
         assert running.is_dir() and (tmp_path / f"{running.name}.lock").is_file()
         assert old.is_dir() and unlocked_young.is_dir() and other.is_dir()
         assert not (tmp_path / ".bundle.tmp-dead.lock").exists()
@@ -127,11 +128,11 @@ def test_a_running_builds_temp_dir_is_kept(tmp_path):
         process.send_signal(signal.SIGKILL)  # now it is a killed build
         process.wait(30)
         shutil.rmtree(unlocked_young)
-        assert {p.name for p in clean_leftovers(out)} == {running.name}
+        assert {p.name for p in sweep_staged(out)} == {running.name}
         assert sorted(os.listdir(tmp_path)) == [".other.tmp-x", "bundle"]  # .bundle.old given back
         (tmp_path / "bundle").rename(old)
         (tmp_path / "bundle").mkdir()  # with a bundle in place, .bundle.old is a leftover
-        assert {p.name for p in clean_leftovers(out)} == {".bundle.old"}
+        assert {p.name for p in sweep_staged(out)} == {".bundle.old"}
     finally:
         if process.poll() is None:
             process.kill()
@@ -141,8 +142,9 @@ def test_a_running_builds_temp_dir_is_kept(tmp_path):
 
 def test_this_process_workspace_is_kept_and_removed_after(tmp_path):
     out = tmp_path / "bundle"
-    with _workspace(out) as tmp:
-        assert clean_leftovers(out) == [] and tmp.is_dir()
+    with pytest.raises(KeyboardInterrupt), staged_directory(out) as tmp:
+        assert sweep_staged(out) == [] and tmp.is_dir()
+        raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
 
 

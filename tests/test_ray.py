@@ -2,7 +2,7 @@
 Ray nodes, the KubeRay manifests, and Ray Serve's batching in front of our engine.
 
 The cluster (one per module, ~1 GiB): a head with 2 CPUs and a second node process with 1 CPU,
-started by `ilf_deploy.scale.sandbox` inside a private network and PID namespace (Ray binds to the
+started by `tests/support/ray_sandbox.py` inside a private network and PID namespace (Ray binds to the
 machine's interface address even when told 127.0.0.1), so every driver and HTTP client of these tests
 runs in the namespace too; nodes and drivers are stopped by their PIDs, the namespace by its first
 process. The tests that need it skip, saying why, where `unshare` is not permitted (CI runs as root).
@@ -35,10 +35,10 @@ from ilf_deploy.errors import ConfigError, IlfError
 from ilf_deploy.export.build import BuildOptions, build_bundle
 from ilf_deploy.runtime.bundle import Bundle
 from ilf_deploy.runtime.generator import Request
-from ilf_deploy.scale.sandbox import ADDRESS, BIN, Sandbox, unavailable
 from ilf_deploy.scale.ship import CACHE_ENV
 from ilf_deploy.scale.worker import BatchWorker, job
 from ilf_deploy.tiny import make_tiny_pipeline
+from tests.support.ray_sandbox import ADDRESS, BIN, Sandbox, unavailable
 from tests.test_batch import generate_png
 
 pytest.importorskip("ray", reason="the ray extra is not installed (make setup installs it)")

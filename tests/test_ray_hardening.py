@@ -1,7 +1,7 @@
 """Issue 31, item 7: `serve --server ray` probed as `serve` was: bad bodies get our JSON 400/413
 through Ray Serve's proxy, slow clients do not keep normal ones out, and SIGTERM with requests in
 flight answers them all and exits 0. One Ray node (2 CPUs) in a private network and PID namespace
-(`ilf_deploy.scale.sandbox`, as tests/test_ray.py)."""
+(`tests/support/ray_sandbox.py`, as tests/test_ray.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.scale.sandbox import ADDRESS, BIN, Sandbox, unavailable
 from ilf_deploy.tiny import make_tiny_pipeline
+from tests.support.ray_sandbox import ADDRESS, BIN, Sandbox, unavailable
 
 pytest.importorskip("ray", reason="the ray extra is not installed (make setup installs it)")
 REASON = unavailable()

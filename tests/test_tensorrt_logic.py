@@ -182,3 +182,54 @@ def test_a_failed_rebuild_leaves_the_bundle_and_its_engines_as_they_were(tiny_bu
     build_engines(path, force=True)
     rebuilt = {p.relative_to(path): p.read_bytes() for p in (path / "engines").rglob("*") if p.is_file()}
     assert Bundle.load(path) and rebuilt != before and set(rebuilt) == set(before)
+
+
+def test_build_with_tensorrt_builds_the_engines_inside_its_workspace(tiny_dirs, tmp_path, monkeypatch):
+    """`build --backend tensorrt` renames the bundle into place once, complete with its engines and
+    the manifest that lists them: an engine that fails leaves no bundle (and, with --force, the
+    previous one as it was), never a bundle without engines or one edited after its rename."""
+    import os
+
+    from ilf_deploy.backends import tensorrt
+    from ilf_deploy.export.build import BuildOptions, build_bundle
+
+    out = tmp_path / "bundle"
+    options = BuildOptions(plans=("base-2",), copy_model=False, backend="tensorrt")
+    renamed = []
+    real_rename = os.rename
+    wrote_manifest_in = []
+    real_rewrite = tensorrt.rewrite_manifest
+
+    def rename(src, dst):
+        renamed.append((str(src), str(dst)))
+        return real_rename(src, dst)
+
+    def rewrite(path, *args, **kwargs):
+        wrote_manifest_in.append(path)
+        return real_rewrite(path, *args, **kwargs)
+
+    monkeypatch.setattr(tensorrt, "rewrite_manifest", rewrite)
+    monkeypatch.setattr("ilf_deploy.files.os.rename", rename)
+    calls = _fake_builds(monkeypatch, fail_at=1)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        build_bundle(tiny_dirs["dit"], out, options)
+    assert calls and os.listdir(tmp_path) == []  # nothing at --out, no staging left
+
+    calls = _fake_builds(monkeypatch)
+    renamed.clear()
+    build_bundle(tiny_dirs["dit"], out, options)
+    bundle = Bundle.load(out)  # every hash checked, the engines' too
+    assert sorted(calls) == sorted(bundle.manifest.segments)
+    assert set(bundle.manifest.engines) == {tensorrt.BASE}
+    assert all(
+        (out / e["file"]).is_file() for e in bundle.manifest.engines[tensorrt.BASE]["segments"].values()
+    )
+    into_place = [(src, dst) for src, dst in renamed if dst == str(out)]
+    assert len(into_place) == 1 and ".bundle.tmp-" in into_place[0][0]  # renamed in once
+    assert [p.parent for p in wrote_manifest_in] == [tmp_path] and wrote_manifest_in[-1] != out
+    before = (out / "manifest.json").read_bytes()
+
+    _fake_builds(monkeypatch, fail_at=0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        build_bundle(tiny_dirs["dit"], out, dataclasses.replace(options, force=True))
+    assert (out / "manifest.json").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["bundle"]

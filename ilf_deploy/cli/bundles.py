@@ -48,13 +48,6 @@ def build(
     """Export every segment the plans need, the text encoder and the VAE decoder to ONNX, as a bundle."""
     from ..export.build import BuildOptions, build_bundle
 
-    if backend not in ("onnxruntime", "tensorrt"):
-        raise ConfigError(f"--backend must be onnxruntime or tensorrt, got {backend!r}")
-    if backend == "tensorrt":  # fail before the export, not after it
-        from ..backends.tensorrt import current_environment
-
-        current_environment()
-
     options = BuildOptions(
         plans=split_list(plans),
         precision=precision,
@@ -62,6 +55,7 @@ def build(
         resolutions=parse_resolutions(resolutions, height, width),
         copy_model=copy_model,
         force=force,
+        backend=backend,  # tensorrt: engines built inside the build's workspace, renamed in with it
     )
     with progress() as bar:
         task = bar.add_task("export", total=None)
@@ -70,13 +64,6 @@ def build(
             bar.update(task, description=f"export {name}", completed=index, total=total)
 
         path = build_bundle(model, out, options, report)
-        if backend == "tensorrt":
-            from ..backends.tensorrt import build_engines
-
-            def engines(name: str, index: int, total: int) -> None:
-                bar.update(task, description=f"engine {name}", completed=index, total=total)
-
-            build_engines(path, progress=engines)
     console.print(f"bundle → {path}")
 
 

@@ -8,8 +8,6 @@ comparator records a reference run's feeds to replay them on a candidate (`verif
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import check_at_least
+from ..files import atomic_file
 from ..runtime.bundle import Bundle
 
 SKIP = ("text_encoder", "vae_decoder", "context")  # never quantized: no calibration needed
@@ -119,14 +118,6 @@ class TrajectoryRecorder:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """`np.savez_compressed`, atomically (a temporary beside it, then renamed), mode 0644."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`np.savez_compressed`, atomically (files.atomic_file), mode 0644."""
+    with atomic_file(path) as tmp, tmp.open("wb") as f:  # a file object: numpy adds no ".npz"
+        np.savez_compressed(f, **arrays)

@@ -6,11 +6,9 @@ import contextlib
 import copy
 import dataclasses
 import errno
-import glob
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +17,9 @@ import torch
 
 from ..adapters import MMDIT_ARCHITECTURES, feed_name, make_adapter
 from ..errors import ConfigError, IlfError
-from ..files import UNLOCKED_GRACE_S as UNLOCKED_GRACE_S  # a build's temp dir without a lock
-from ..files import locked_tempdir, remove_dead_tempdirs
+from ..files import staged_directory, sweep_staged
 from ..loading import LoadedModel, load_model, sana_prompt_format
+from ..plan import StepPlan
 from ..runtime.bundle import (
     SCHEMA_VERSION,
     schema_version_for,
@@ -34,12 +32,8 @@ from ..runtime.request import MAX_SIDE
 from .onnx import export_segment, onnx_io
 from .segments import segment_specs, tokenizer_inputs
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: leftovers of killed builds are not cleaned there
-    fcntl = None  # type: ignore[assignment]
-
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+BACKENDS = ("onnxruntime", "tensorrt")  # tensorrt: TensorRT engines too, built inside the workspace
 DEFAULT_PLANS = ("base-20", "ilf-10", "cache-20")
 
 
@@ -51,6 +45,7 @@ class BuildOptions:
     resolutions: Sequence[tuple[int, int]] = ()  # (height, width) in pixels; default: the model's
     copy_model: bool = True  # keep the source pipeline inside, for the torch backend and `verify`
     force: bool = False
+    backend: str = "onnxruntime"
 
 
 def build_bundle(
@@ -59,47 +54,38 @@ def build_bundle(
     options: BuildOptions = BuildOptions(),
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
-    """Export into a temporary directory and rename it into place only when everything succeeded."""
-    if options.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
-    if options.max_batch < 1:
-        raise ConfigError(f"max batch must be >= 1, got {options.max_batch}")
+    """Export into a staging directory beside `out` (with `backend="tensorrt"`, build the TensorRT
+    engines there too) and rename it into place once, only when everything succeeded."""
+    _check_options(options)
     out = Path(out)
-    if out.parent.is_dir():
-        with contextlib.suppress(OSError):
-            clean_leftovers(out)
+    with contextlib.suppress(OSError):
+        sweep_staged(out)  # a killed --force build's previous bundle is given back first
     if out.exists() and not options.force and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists; choose another --out or pass --force to replace it")
     if not out.parent.is_dir():
         raise ConfigError(f"output directory {out.parent} does not exist")
+    if options.backend == "tensorrt":  # no GPU or no TensorRT: said before the export, not after it
+        from ..backends.tensorrt import current_environment
+
+        current_environment()
     model = load_model(source)
     texts = model.text_encoder is not None or model.text_pipeline is not None
     if model.vae is None or (model.architecture != "dit" and not texts):
         raise ConfigError(
             f"{source} is not a full pipeline directory (a bundle needs the text encoder and VAE)"
         )
-    loop = model.feedback.loop if model.feedback else None
     resolutions = list(options.resolutions) or [(model.default_image_size,) * 2]
     _check_resolutions(model, resolutions)
-    # a schedule that depends on the size (Flux-dev) is tabulated for every bundle resolution
-    plans = [model.resolve_plan(p, resolutions) for p in options.plans]
-    if len({p.name for p in plans}) != len(plans):
-        raise ConfigError("two plans have the same name")
-    for plan in plans:
-        if plan.feedback_steps and (model.feedback is None or plan.loop != loop):
-            raise ConfigError(
-                f"plan {plan.name!r} needs the feedback module for loop {plan.loop}; the model has {loop}"
-            )
-
+    plans = _resolve_plans(model, options.plans, resolutions)
     try:
-        with _workspace(out) as tmp:
+        with staged_directory(out, replace=options.force) as tmp:
             manifest = _export_all(model, plans, resolutions, options, tmp, progress)
             manifest["files"] = {
                 str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
             }
             write_manifest(tmp, manifest)
-            tmp.chmod(0o755)
-            _replace(tmp, out)
+            if options.backend == "tensorrt":
+                _build_engines(tmp, progress)
     except Exception as exc:
         os_error = _os_error(exc)
         if os_error is None:
@@ -108,31 +94,45 @@ def build_bundle(
     return out
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = _old_path(out)
-    _remove(old)
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        old.rename(out)  # the previous bundle stays
-        raise
-    _remove(old)
+def _check_options(options: BuildOptions) -> None:
+    if options.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+    if options.max_batch < 1:
+        raise ConfigError(f"max batch must be >= 1, got {options.max_batch}")
+    if options.backend not in BACKENDS:
+        raise ConfigError(f"--backend must be {' or '.join(BACKENDS)}, got {options.backend!r}")
 
 
-def _remove(path: Path) -> None:
-    """What --force replaces: a directory (a bundle), or a file or link."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+def _resolve_plans(
+    model: LoadedModel, specs: Sequence[str], resolutions: list[tuple[int, int]]
+) -> list[StepPlan]:
+    """The bundle's plans; a schedule that depends on the size (Flux-dev) is tabulated for every
+    bundle resolution."""
+    loop = model.feedback.loop if model.feedback else None
+    plans = [model.resolve_plan(p, resolutions) for p in specs]
+    if len({p.name for p in plans}) != len(plans):
+        raise ConfigError("two plans have the same name")
+    for plan in plans:
+        if plan.feedback_steps and (model.feedback is None or plan.loop != loop):
+            raise ConfigError(
+                f"plan {plan.name!r} needs the feedback module for loop {plan.loop}; the model has {loop}"
+            )
+    return plans
 
 
-# -- hygiene: what killed builds leave, and file-system errors --------------------------------
+def _build_engines(workspace: Path, progress: Callable[[str, int, int], None] | None) -> None:
+    """TensorRT engines for the bundle being built, in its workspace: the bundle is renamed into
+    place once, with its engines and the manifest that lists them."""
+    from ..backends.tensorrt import build_engines
+
+    def report(name: str, index: int, total: int) -> None:
+        if progress:
+            progress(f"{name} engine", index, total)
+
+    build_engines(workspace, progress=report)
+
+
+# -- file-system errors: one line ------------------------------------------------------------------
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -140,36 +140,6 @@ _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 class BuildError(IlfError):
     """A build the file system stopped (a full disk, no permission); it left nothing behind."""
-
-
-def _old_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.old")
-
-
-@contextmanager
-def _workspace(out: Path) -> Iterator[Path]:
-    """A temporary directory beside `out` (`.NAME.tmp-XXXX`), locked for this build's lifetime by the
-    flock on `.NAME.tmp-XXXX.lock`, and removed on the way out unless it was renamed into place."""
-    with locked_tempdir(out.parent, f".{out.name}.tmp-") as tmp:
-        yield tmp
-
-
-def clean_leftovers(out: Path) -> list[Path]:
-    """Remove the temp dirs (and `.NAME.old`) that killed builds of `out` left beside it; the temp
-    dir of a build that is still running is kept, and so is `.NAME.old` while one runs. A `.NAME.old`
-    without `NAME` is the previous bundle of a `--force` build killed between its two renames
-    (`_replace`): it is renamed back, as if that build had never started."""
-    if fcntl is None:
-        return []
-    removed, running = remove_dead_tempdirs(out.parent, f".{glob.escape(out.name)}.tmp-*")
-    old = _old_path(out)
-    if not running and old.is_dir() and not old.is_symlink():
-        if out.exists() or out.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-            removed.append(old)
-        else:
-            old.rename(out)
-    return removed
 
 
 def _os_error(exc: BaseException) -> OSError | None:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..files import locked_tempdir, remove_dead_tempdirs
+from ..files import remove_dead_staging, staging_workspace
+from ..files import write_atomic as write_atomic  # its writers import it from here
 from ..plan import StepPlan
 from .manifest import (
     SCHEMA_VERSION,  # noqa: F401  (export.build writes it: a new bundle is version 2)
@@ -145,11 +145,11 @@ def rewrite_manifest(
 @contextlib.contextmanager
 def staging(bundle_path: Path, name: str) -> Iterator[Path]:
     """A directory inside the bundle (`.NAME.tmp-XXXX`) to write new files into, laid out as they
-    will be in the bundle, for `rewrite_manifest(..., staged=)`; removed on the way out. It is locked
-    while its writer lives: the staging directories of writers killed earlier (any writer's) are
-    removed first (files.remove_dead_tempdirs)."""
-    remove_dead_tempdirs(Path(bundle_path), ".*.tmp-*")
-    with locked_tempdir(Path(bundle_path), f".{name}.tmp-") as staged:
+    will be in the bundle, for `rewrite_manifest(..., staged=)`; removed on the way out. It is the
+    staging of every writer (files.staging_workspace: locked while its writer lives); what writers
+    killed earlier (any writer's) left in the bundle is removed first (files.remove_dead_staging)."""
+    remove_dead_staging(Path(bundle_path))
+    with staging_workspace(Path(bundle_path), name) as staged:
         yield staged
 
 
@@ -158,20 +158,6 @@ def remove_unlisted(bundle_path: Path, folder: str, manifest: dict[str, Any]) ->
     for path in (Path(bundle_path) / folder).glob("*"):
         if path.is_file() and str(path.relative_to(bundle_path)) not in manifest["files"]:
             path.unlink(missing_ok=True)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_manifest_bytes(root: Path) -> bytes:

@@ -1,8 +1,8 @@
 """Beyond one machine: offline batches (`ilf-deploy batch`, locally or on Ray Data), serving on Ray
 Serve (`serve --server ray`) and the KubeRay manifests that run both on Kubernetes.
 
-Ray (the `ray` extra) is imported only by the modules that need it (`ray_batch`, `ship`, `serve`,
-`sandbox`), so a local batch runs without it. docs/scale.md ("Beyond one machine").
+Ray (the `ray` extra) is imported only by the modules that need it (`ray_batch`, `ship`, `serve`),
+so a local batch runs without it. docs/scale.md ("Beyond one machine").
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ refuses to run.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..files import DestinationExists, staged_directory
 from ..runtime.bundle import DIGEST_FILE, MANIFEST, Bundle, BundleError
 
 CACHE_ENV = "ILF_BUNDLE_CACHE"
@@ -69,20 +69,17 @@ class Shipped:
         import ray
 
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name[:16]}.", dir=root))
         try:
-            for relative, ref in self.files:
-                path = staging / self.name / relative
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(ray.get(ref))
-            try:
-                os.rename(staging, final)
-            except OSError:  # there is one already: another worker's (use it), or a stale one
-                if not self._complete(target):
-                    shutil.rmtree(final)
-                    os.rename(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone already when a rename won
+            # a copy already there is replaced only when it is not complete (damaged, an older one)
+            with staged_directory(
+                final, replace=lambda there: not self._complete(there / self.name)
+            ) as staged:
+                for relative, ref in self.files:
+                    path = staged / self.name / relative
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(ray.get(ref))
+        except DestinationExists:
+            pass  # another worker of this node renamed its complete copy in first: use it
         return target
 
     def _complete(self, target: Path) -> bool:

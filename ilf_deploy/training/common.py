@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..files import atomic_file
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -48,11 +49,9 @@ class NoiseSchedule:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: write then rename, so that a kill mid-save keeps the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic (files.atomic_file): a kill mid-save keeps the previous checkpoint."""
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

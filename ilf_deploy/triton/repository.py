@@ -20,6 +20,7 @@ from typing import Any
 
 from ..batching import DEFAULT_BATCHING, MAX_WAIT_MS, BatchingPolicy
 from ..errors import ConfigError, check_at_least
+from ..files import staged_directory
 from ..runtime.bundle import Bundle
 from ..runtime.manifest import SegmentSpec, TensorSpec
 
@@ -229,18 +230,12 @@ def export_repository(bundle_path: str | Path, out: str | Path, options: ExportO
     repo.mkdir(parents=True, exist_ok=True)
     written = []
     for name, source in models.items():
-        staging = repo / f".{name}.partial"  # Triton ignores hidden directories
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
+        # staged under a hidden name (Triton passes it by), renamed into place when complete
+        with staged_directory(repo / name, replace=options.force) as staged:
             if source is None:
-                _write_generation_model(bundle, staging, options)
+                _write_generation_model(bundle, staged, options)
             else:
-                _write_segment_model(staging, name, *source, options)
-            shutil.rmtree(repo / name, ignore_errors=True)
-            staging.rename(repo / name)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+                _write_segment_model(staged, name, *source, options)
         written.append(repo / name)
     return written
 

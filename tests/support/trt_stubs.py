@@ -1,4 +1,4 @@
-"""Prepare `tensorrt-stubs` for mypy: `python -m ilf_deploy.backends.stubs DIR`, then
+"""Prepare `tensorrt-stubs` for mypy: `python -m tests.support.trt_stubs DIR`, then
 `MYPYPATH=DIR mypy --config-file DIR/mypy.ini ilf_deploy/backends/tensorrt.py`.
 
 tensorrt-stubs 10.13 installs `tensorrt/__init__.pyi` without a py.typed marker (mypy then skips
