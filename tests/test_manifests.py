@@ -3,14 +3,18 @@ check: images by digest when built here, pulled if absent; hardened pods; resour
 /dev/shm for Triton; GPU placement; a PodDisruptionBudget; a PodMonitor on request; one namespace; one
 claim and bundle path across exporters; names refused, never rewritten; KEDA's Prometheus address and a
 query scoped to the service. Every object that the kubernetes client models is loaded into them
-strictly (unknown or mistyped fields are errors); the CRDs' pod templates likewise."""
+strictly (unknown or mistyped fields are errors); the CRDs' pod templates likewise, and the KServe and
+KubeRay resources validate against those CRDs' own schemas (tests/schemas, vendored from upstream: its
+README), strictly: an unknown field is an error, as in `kubectl apply` (strict field validation)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -28,6 +32,12 @@ MODELS = {  # kind -> the kubernetes client's model
     "PodDisruptionBudget": "V1PodDisruptionBudget",
 }
 DIGEST = "sha256:" + "ab" * 32
+SCHEMAS = Path(__file__).parent / "schemas"
+CRDS = {  # (apiVersion, kind) -> the CRD's schema, vendored (tests/schemas/README.md)
+    ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice.json",
+    ("ray.io/v1", "RayService"): "rayservice.json",
+    ("ray.io/v1", "RayJob"): "rayjob.json",
+}
 
 
 def invoke(*args: Any):
@@ -79,6 +89,36 @@ def pods(files: dict[str, list[dict]]) -> list[tuple[str, dict]]:
     return found
 
 
+def strict_schema(node: Any, path: str = "") -> Any:
+    """A CRD's structural schema as the API server's strict field validation applies it: an object
+    takes only its `properties` unless it says `additionalProperties` or
+    `x-kubernetes-preserve-unknown-fields`; an int-or-string is an integer or a string. The root's
+    `metadata` is the API server's ObjectMeta (checked against the kubernetes client's model)."""
+    if isinstance(node, list):
+        return [strict_schema(item, path) for item in node]
+    if not isinstance(node, dict):
+        return node
+    strict = {key: strict_schema(value, f"{path}/{key}") for key, value in node.items()}
+    if node.get("x-kubernetes-int-or-string") and "anyOf" not in node:
+        strict["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    unknown_allowed = "additionalProperties" in node or node.get("x-kubernetes-preserve-unknown-fields")
+    if node.get("type") == "object" and not unknown_allowed and path != "/properties/metadata":
+        strict["additionalProperties"] = False
+    return strict
+
+
+def crd_validator(api_version: str, kind: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((SCHEMAS / CRDS[(api_version, kind)]).read_text())
+    schema.pop("x-vendored-from")
+    return jsonschema.Draft202012Validator(strict_schema(schema))
+
+
+def crd_errors(o: dict) -> list[str]:
+    """What the object's CRD schema refuses in it, one line each (path: message)."""
+    errors = crd_validator(o["apiVersion"], o["kind"]).iter_errors(o)
+    return [f"{'.'.join(str(p) for p in e.absolute_path) or '$'}: {e.message}" for e in errors]
+
+
 def containers(spec: dict) -> list[dict]:
     return [*spec.get("initContainers", []), *spec["containers"]]
 
@@ -94,10 +134,91 @@ def test_every_object_validates_strictly(written):
                 strict_model("V1ObjectMeta", o["metadata"])
     for where, spec in pods(written):
         strict_model("V1PodSpec", spec), where
+    for objects in written.values():
+        for o in objects:
+            if (o["apiVersion"], o["kind"]) in CRDS:
+                assert not crd_errors(o), (o["kind"], crd_errors(o))
     assert sorted(kinds) == sorted(
         ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "InferenceService",
          "PodDisruptionBudget", "RayService", "PodDisruptionBudget", "RayJob"]
     )  # fmt: skip
+
+
+def test_every_option_s_manifests_validate_against_the_crds(bundle, tmp_path):
+    """The optional fields too: KubeRay's autoscaler, Serve's, an API key Secret, GPUs, PodMonitors."""
+    triton = invoke("export-triton", bundle, "--out", tmp_path / "repo", "--copy-bundle", "--k8s", tmp_path,
+                    "--replicas", "2", "--max-replicas", "5", "--pod-monitor", "--prometheus", "http://prom:9090",
+                    "--kind", "gpu", "--toleration", "spot:NoExecute")  # fmt: skip
+    assert triton.exit_code == 0, triton.output
+    ray = invoke("export-kuberay", bundle, "--out", tmp_path, "--bundle-path", "ilf/1/bundle", "--gpu",
+                 "--max-workers", "6", "--autoscale", "1:3", "--api-key-secret", "ilf-keys",
+                 "--pod-monitor")  # fmt: skip
+    assert ray.exit_code == 0, ray.output
+    checked = []
+    for file in sorted(tmp_path.glob("*.yaml")):
+        for o in yaml.safe_load_all(file.read_text()):
+            if (o["apiVersion"], o["kind"]) in CRDS:
+                assert not crd_errors(o), (file.name, crd_errors(o))
+                checked.append(o["kind"])
+    assert sorted(checked) == ["InferenceService", "RayJob", "RayService"]
+
+
+def test_the_crd_schemas_refuse_unknown_pruned_and_mistyped_fields(written):
+    """The strict validation can fail: what the API server would refuse, it refuses."""
+    (service, *_) = written["rayservice.yaml"]
+    (inference, *_) = written["kserve.yaml"]
+    (job, *_) = written["rayjob.yaml"]
+    edits = [
+        (service, ["spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0],
+         "imagePolicy", "Always", "Additional properties are not allowed ('imagePolicy'"),
+        (service, ["spec", "rayClusterConfig", "workerGroupSpecs", 0], "replicas", "two",
+         "is not of type 'integer'"),
+        (job, ["spec"], "submitterPodTemplate", {}, "Additional properties"),  # pruned: we never write it
+        (inference, ["spec", "predictor"], "sklearn", {"storageUri": "s3://x"}, "Additional properties"),
+        (inference, ["spec", "predictor", "autoScaling", "metrics", 0, "external", "metric"], "backend",
+         "prom", "'prom' is not one of ['prometheus', 'graphite']"),
+        (inference, ["spec", "predictor", "containers", 0, "resources", "limits"], "memory", "8 GB",
+         "does not match"),
+    ]  # fmt: skip
+    for o, path, key, value, message in edits:
+        edited = copy.deepcopy(o)
+        node = edited
+        for step in path:
+            node = node[step]
+        node[key] = value
+        errors = crd_errors(edited)
+        assert any(message in e for e in errors), (o["kind"], key, errors)
+
+
+def test_the_crd_rules_not_checked_here_are_on_fields_we_never_write(written):
+    """The CRDs' CEL rules (x-kubernetes-validations) are not evaluated by jsonschema: every one sits
+    on a field our manifests leave out, so none can refuse them."""
+    rules: dict[str, list[list[str]]] = {}
+
+    def walk(node: Any, path: list[str], file: str) -> None:
+        if isinstance(node, dict):
+            if "x-kubernetes-validations" in node:
+                rules.setdefault(file, []).append(path)
+            for key, child in node.get("properties", {}).items():
+                walk(child, [*path, key], file)
+            if "items" in node:
+                walk(node["items"], [*path, "*"], file)
+
+    for file in CRDS.values():
+        walk(json.loads((SCHEMAS / file).read_text()), [], file)
+    assert rules, "the vendored CRDs have CEL rules: this test looks at them"
+
+    def present(value: Any, path: list[str]) -> bool:
+        if not path:
+            return True
+        if path[0] == "*":
+            return isinstance(value, list) and any(present(v, path[1:]) for v in value)
+        return isinstance(value, dict) and path[0] in value and present(value[path[0]], path[1:])
+
+    for objects in written.values():
+        for o in objects:
+            for path in rules.get(CRDS.get((o["apiVersion"], o["kind"]), ""), []):
+                assert not present(o, path), (o["kind"], ".".join(path))
 
 
 def test_images_by_digest_when_built_here_and_pulled_only_if_absent(bundle, tmp_path, monkeypatch):
