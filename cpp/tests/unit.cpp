@@ -1,4 +1,5 @@
-// Unit tests of the reader and the file formats (run by ctest and by tests/test_cpp.py).
+// Unit tests of the reader, the file formats and (loop.cpp) the step loop through a fake engine (run
+// by ctest and by tests/test_cpp.py).
 //   ilf-tests                 run every test; exit 1 on a failure
 //   ilf-tests --to-half IN OUT  float32 .npy -> float16 .npy and back -> OUT (pytest compares with numpy)
 //   ilf-tests --sha-lengths   print sha256 of bytes(i % 251 for i in range(n)) for n in 0..300 and 2^20+17
@@ -10,6 +11,7 @@
 //                             (tests/test_cpp_mmdit.py compares with the Python runtime's generate_batch)
 #include <ilf/ilf.hpp>
 
+#include "check.hpp"
 #include "detail.hpp"  // cpp/src: the internals these tests check
 #include <ilf/ilf.h>
 #include <nlohmann/json.hpp>
@@ -30,33 +32,8 @@
 
 namespace {
 
-int failures = 0, checks = 0;
-
-#define CHECK(cond)                                                                   \
-  do {                                                                                \
-    ++checks;                                                                         \
-    if (!(cond)) {                                                                    \
-      ++failures;                                                                     \
-      std::cerr << __FILE__ << ":" << __LINE__ << ": CHECK(" #cond ") failed\n";      \
-    }                                                                                 \
-  } while (0)
-
-/// `body` throws an ilf::Error of `kind` whose message contains `part`, on one line.
-void expect_error(const std::function<void()>& body, ilf::Error::Kind kind, const std::string& part, int line) {
-  ++checks;
-  try {
-    body();
-  } catch (const ilf::Error& e) {
-    std::string m = e.what();
-    if (e.kind() == kind && m.find(part) != std::string::npos && m.find('\n') == std::string::npos) return;
-    std::cerr << __FILE__ << ":" << line << ": wrong error: " << m << " (wanted \"" << part << "\")\n";
-    ++failures;
-    return;
-  }
-  std::cerr << __FILE__ << ":" << line << ": no error (wanted \"" << part << "\")\n";
-  ++failures;
-}
-#define EXPECT_ERROR(body, kind, part) expect_error([&] { body; }, ilf::Error::Kind::kind, part, __LINE__)
+using ilf_tests::checks;
+using ilf_tests::failures;
 
 std::string tmpdir;
 
@@ -593,6 +570,7 @@ int main(int argc, char** argv) {
   test_state_manifest();
   test_bounds_and_contract();
   test_preprocess_and_c_api();
+  ilf_tests::test_denoise(tmpdir);
   std::string cleanup = "rm -rf '" + tmpdir + "'";
   if (std::system(cleanup.c_str()) != 0) std::cerr << "could not remove " << tmpdir << "\n";
   std::cout << checks - failures << "/" << checks << " checks passed\n";
