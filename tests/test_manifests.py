@@ -4,8 +4,9 @@ check: images by digest when built here, pulled if absent; hardened pods; resour
 claim and bundle path across exporters; names refused, never rewritten; KEDA's Prometheus address and a
 query scoped to the service. Every object that the kubernetes client models is loaded into them
 strictly (unknown or mistyped fields are errors); the CRDs' pod templates likewise, and the KServe and
-KubeRay resources validate against those CRDs' own schemas (tests/schemas, vendored from upstream: its
-README), strictly: an unknown field is an error, as in `kubectl apply` (strict field validation)."""
+KubeRay resources (and the Prometheus Operator's PodMonitors) validate against those CRDs' own schemas
+(tests/schemas, vendored from upstream: its README), strictly: an unknown field is an error, as in
+`kubectl apply` (strict field validation)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ CRDS = {  # (apiVersion, kind) -> the CRD's schema, vendored (tests/schemas/READ
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice.json",
     ("ray.io/v1", "RayService"): "rayservice.json",
     ("ray.io/v1", "RayJob"): "rayjob.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor.json",
 }
 
 
@@ -160,7 +162,7 @@ def test_every_option_s_manifests_validate_against_the_crds(bundle, tmp_path):
             if (o["apiVersion"], o["kind"]) in CRDS:
                 assert not crd_errors(o), (file.name, crd_errors(o))
                 checked.append(o["kind"])
-    assert sorted(checked) == ["InferenceService", "RayJob", "RayService"]
+    assert sorted(checked) == ["InferenceService", *["PodMonitor"] * 4, "RayJob", "RayService"]
 
 
 def test_the_crd_schemas_refuse_unknown_pruned_and_mistyped_fields(written):

@@ -1,6 +1,6 @@
 """Regenerate the vendored CRD schemas (tests/schemas/README.md) from checkouts of their repositories:
 
-    python tests/schemas/vendor.py KSERVE_CHECKOUT KUBERAY_CHECKOUT
+    python tests/schemas/vendor.py KSERVE_CHECKOUT KUBERAY_CHECKOUT PROMETHEUS_OPERATOR_CHECKOUT
 
 Each file is the `openAPIV3Schema` of the CRD version our exporters write, as upstream has it, less
 `status` (the controllers write it, we never do), `description`s (they do not validate) and the
@@ -26,6 +26,10 @@ SOURCES = {
     ),
     "rayservice.json": ("ray-project/kuberay", "ray-operator/config/crd/bases/ray.io_rayservices.yaml", "v1"),
     "rayjob.json": ("ray-project/kuberay", "ray-operator/config/crd/bases/ray.io_rayjobs.yaml", "v1"),
+    "podmonitor.json": (
+        "prometheus-operator/prometheus-operator",
+        "example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml", "v1",
+    ),
 }  # fmt: skip
 PRUNED = {  # file -> property paths (from the schema's root) removed
     "inferenceservice.json": [
@@ -37,6 +41,7 @@ PRUNED = {  # file -> property paths (from the schema's root) removed
     ],
     "rayservice.json": [],
     "rayjob.json": ["spec.submitterPodTemplate"],
+    "podmonitor.json": [],
 }  # fmt: skip
 
 
@@ -62,7 +67,8 @@ def trimmed(crd: dict[str, Any], version: str, pruned: list[str]) -> dict[str, A
 
 
 def main() -> None:
-    checkouts = {"kserve/kserve": Path(sys.argv[1]), "ray-project/kuberay": Path(sys.argv[2])}
+    repositories = ("kserve/kserve", "ray-project/kuberay", "prometheus-operator/prometheus-operator")
+    checkouts = {repo: Path(path) for repo, path in zip(repositories, sys.argv[1:4], strict=True)}
     for file, (repo, path, version) in SOURCES.items():
         git = ["git", "-C", str(checkouts[repo])]
         commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
