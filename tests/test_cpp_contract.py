@@ -195,6 +195,71 @@ def test_values_out_of_range_are_refused_by_both(
         assert words in py[1] and words in cpp[1], (py, cpp)
 
 
+# -- the published JSON Schemas (manifest.schema.json, plan.schema.json), checked by a schema library -
+
+
+def set_num_blocks_text(manifest):
+    manifest["model"]["num_blocks"] = str(manifest["model"]["num_blocks"])
+
+
+def drop_config_hash(manifest):
+    del manifest["config_hash"]
+
+
+def add_model_field(manifest):
+    manifest["model"]["surprise"] = 1
+
+
+def escape_segment(manifest):
+    manifest["segments"]["final"]["file"] = "../final.onnx"
+
+
+def set_tool_version_number(manifest):
+    manifest["tools"]["onnx"] = 1.23  # the old hand-written reader checked only that `tools` is an object
+
+
+def empty_input_name(manifest):
+    manifest["segments"]["final"]["inputs"][0]["name"] = ""  # minLength, which no hand check had
+
+
+def set_op_name(plan):
+    plan["steps"][0]["ops"][0]["op"] = "skip"
+
+
+@pytest.mark.parametrize(
+    ("plan_edit", "manifest_edit", "words"),
+    [
+        (None, set_num_blocks_text, "does not follow the manifest schema at model/num_blocks: "),
+        (None, drop_config_hash, "does not follow the manifest schema at (top level): "),
+        (None, add_model_field, "does not follow the manifest schema at model: "),
+        (None, escape_segment, "does not follow the manifest schema at segments/final/file: "),
+        (None, set_tool_version_number, "does not follow the manifest schema at tools/onnx: "),
+        (None, empty_input_name, "does not follow the manifest schema at segments/final/inputs/0/name: "),
+        (set_op_name, None, "at steps/0/ops/0/op: "),
+    ],
+    ids=["type", "required", "closed object", "pattern", "tools", "min length", "plan enum"],
+)
+def test_schema_violations_are_refused_by_both_at_the_same_place(
+    ilf_run, tiny_bundles, tmp_path, plan_edit, manifest_edit, words
+):
+    """Edits the published schema forbids, every hash redone (reseal): both runtimes refuse in one line
+    naming the same place, the C++ one through valijson (cpp/src/schema.cpp), not a hand copy."""
+    copy = Path(shutil.copytree(tiny_bundles["pixart-sigma"], tmp_path / "b"))
+    reseal(copy, manifest_edit, plan_edit)
+    args = ["--plan", "base-4", "--prompt", "a cat"]
+    py = python_verdict([copy, *args, "-o", tmp_path / "py.png"])
+    result = subprocess.run(
+        [str(ilf_run), str(copy), *args, "-o", str(tmp_path / "cpp.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert py[0] == 2 and words in py[1] and words in lines[0], (py, lines)
+    assert not (tmp_path / "cpp.png").exists() and not (tmp_path / "py.png").exists()
+
+
 # -- .npy, latents, outputs --------------------------------------------------------------------------
 
 
