@@ -37,16 +37,17 @@ cpp:
 	cmake --install $(CPP_BUILD)
 
 # `make setup` builds it where a C++ compiler and cmake exist, and says in one line when it skips.
-# libilf's SHA-256 and PNG deflate come from OpenSSL and zlib: Debian's -dev packages, installed here
-# where we are root (CI) and they are missing.
-CPP_DEV_HEADERS = /usr/include/openssl/evp.h /usr/include/zlib.h
+# libilf's SHA-256 and PNG deflate come from OpenSSL and zlib, its JSON Schema checks from valijson
+# (header-only): Debian's -dev packages, installed here where we are root (CI) and they are missing.
+CPP_DEV_PACKAGES = libssl-dev zlib1g-dev libvalijson-dev
+CPP_DEV_HEADERS = /usr/include/openssl/evp.h /usr/include/zlib.h /usr/include/valijson/validator.hpp
 setup-cpp: $(BIN)/ilf-deploy
 	@if command -v cmake > /dev/null 2>&1 && command -v c++ > /dev/null 2>&1; then \
 	  if ! ls $(CPP_DEV_HEADERS) > /dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then \
-	    apt-get install -y -qq libssl-dev zlib1g-dev > /dev/null 2>&1 || \
-	    { apt-get update -qq > /dev/null 2>&1 && apt-get install -y -qq libssl-dev zlib1g-dev > /dev/null 2>&1; }; fi; \
+	    apt-get install -y -qq $(CPP_DEV_PACKAGES) > /dev/null 2>&1 || \
+	    { apt-get update -qq > /dev/null 2>&1 && apt-get install -y -qq $(CPP_DEV_PACKAGES) > /dev/null 2>&1; }; fi; \
 	  if ls $(CPP_DEV_HEADERS) > /dev/null 2>&1; then $(MAKE) --no-print-directory cpp; \
-	  else echo "make setup: skipping the C++ runtime (make cpp): it needs libssl-dev and zlib1g-dev (apt-get install them)"; fi; \
+	  else echo "make setup: skipping the C++ runtime (make cpp): it needs $(CPP_DEV_PACKAGES) (apt-get install them)"; fi; \
 	else echo "make setup: skipping the C++ runtime (make cpp): no C++ compiler or cmake here"; fi
 
 # The wheel and sdist (README "Install") into dist/, their metadata checked by twine.
