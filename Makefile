@@ -77,8 +77,9 @@ setup-images:
 	else echo "make setup-images: no apt-get as root: podman/buildah not installable, tests/test_images.py will skip"; fi
 
 # Container images from Debian packages and PyPI (containers/build.py; docs/deploy.md ("Images")): oci-archives in
-# out/images with their digests in out/images/images.json. IMAGES=serve ray; BUNDLE=DIR bakes a bundle in.
-IMAGES ?= serve
+# out/images with their digests in out/images/images.json. serve and triton (~2.5 min each on 2 cores; ray
+# ~4 min: IMAGES="serve triton ray"); BUNDLE=DIR bakes a bundle in (serve, triton).
+IMAGES ?= serve triton
 images: dist
 	@if ! command -v buildah > /dev/null 2>&1 || ! command -v mmdebstrap > /dev/null 2>&1; then \
 	  echo "make images: skipped: no buildah/mmdebstrap here (make setup-images installs them as root)"; exit 0; fi; \

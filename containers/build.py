@@ -13,6 +13,10 @@
    written to out/images/images.json (read by the Kubernetes exporters: `--images`).
 
 The serving image has no torch: ONNX Runtime, OpenVINO and the server (`ilf-deploy[onnx,openvino,serve]`).
+The Triton image (`ilf-deploy[onnx]`, no torch either) adds what `ilf-deploy install-triton` unpacks from
+the nvidia-pytriton wheel (tritonserver, its libraries, the Python backend and the stub's numpy<2
+environment), run in the root filesystem from the same wheelhouse; `tritonserver` on PATH
+(containers/tritonserver) is what the Kubernetes manifests run.
 Runs as root (mmdebstrap and buildah need it); podman/buildah read containers/containers.conf.
 """
 
@@ -33,20 +37,30 @@ from dataclasses import dataclass
 from email.parser import Parser
 from pathlib import Path
 
+from ilf_deploy.triton.k8s import PORTS
+from ilf_deploy.triton.server import STUB_NUMPY
+from ilf_deploy.triton.server import WHEEL as TRITON_WHEEL
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "https://github.com/ilf-deploy/ilf-deploy"
 SUITE = "bookworm"  # Debian 12: python3.11, the same CPython minor as the wheelhouse is resolved for
+DEBIAN_PYTHON = "3.11"
 PACKAGES = ("python3", "python3-venv", "ca-certificates", "libstdc++6")
 UID = 10001
 VENV = "/opt/ilf"
 BUNDLE = "/opt/ilf/bundle"  # a baked bundle; a mounted one goes to /models/bundle (the manifests' path)
 MOUNTED = "/models/bundle"
 PORT = 8000
-# What `podman healthcheck`, docker and the manifests' probes ask: the server's readiness.
-HEALTHCHECK = (
-    f'{VENV}/bin/python -c "import sys, urllib.request; '
-    f"sys.exit(urllib.request.urlopen('http://127.0.0.1:{PORT}/readyz', timeout=3).status != 200)\""
-)
+
+
+def healthcheck(path: str) -> str:
+    """What `podman healthcheck`, docker and the manifests' probes ask: the server's readiness at `path`."""
+    return (
+        f'{VENV}/bin/python -c "import sys, urllib.request; '
+        f"sys.exit(urllib.request.urlopen('http://127.0.0.1:{PORT}{path}', timeout=3).status != 200)\""
+    )
+
+
 UNNEEDED = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "var/cache/apt",
             "var/lib/apt/lists")  # fmt: skip
 
@@ -57,6 +71,12 @@ class Image:
     extras: str
     entrypoint: tuple[str, ...]
     summary: str
+    server: tuple[str, ...] = ()  # `ilf-deploy serve` options after the bundle (the image's command)
+    readiness: str = "/readyz"  # the health check's path on PORT
+    ports: tuple[int, ...] = (PORT,)
+    packages: tuple[str, ...] = ()  # Debian packages beside PACKAGES
+    downloads: tuple[str, ...] = ()  # wheels beside the extras' (`pip download --no-deps`)
+    triton: bool = False  # `ilf-deploy install-triton` from the wheelhouse, and containers/tritonserver
 
 
 IMAGES = {
@@ -65,6 +85,19 @@ IMAGES = {
         "onnx,openvino,serve",
         (f"{VENV}/bin/ilf-deploy", "serve"),
         "ilf-deploy's server on ONNX Runtime and OpenVINO (no torch)",
+        server=("--host", "0.0.0.0", "--port", str(PORT)),
+    ),
+    "triton": Image(
+        "ilf-deploy-triton",
+        "onnx",
+        (f"{VENV}/bin/ilf-deploy", "serve"),
+        "NVIDIA Triton Inference Server (CPU) with ilf-deploy's Python-backend model (no torch)",
+        server=("--server", "triton", "--host", "0.0.0.0", "--port", str(PORT)),
+        readiness="/v2/health/ready",
+        ports=tuple(PORTS.values()),
+        packages=(f"libpython{DEBIAN_PYTHON}",),  # the Python backend's stub links libpython
+        downloads=(TRITON_WHEEL, STUB_NUMPY),
+        triton=True,
     ),
     "ray": Image(
         "ilf-deploy-ray",
@@ -89,7 +122,7 @@ def wheelhouse(wheel: Path, image: Image) -> Path:
     """The dependencies' wheels for `image`, downloaded once per requirement set."""
     markers = [f'extra == "{e}"' for e in image.extras.split(",")]
     relevant = [r for r in wheel_requirements(wheel) if "extra ==" not in r or any(m in r for m in markers)]
-    key_parts = [image.extras, sys.version_info[:2], *relevant]  # a dev-only change keeps the wheelhouse
+    key_parts = [image.extras, sys.version_info[:2], *relevant, *image.downloads]  # not a dev-only change
     key = hashlib.sha256(json.dumps(key_parts).encode())
     house = ROOT / "out" / "wheelhouse" / f"{image.name}-{key.hexdigest()[:16]}"
     if not (house / ".complete").exists():
@@ -97,6 +130,9 @@ def wheelhouse(wheel: Path, image: Image) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=house.parent))
         run(sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
             "--only-binary=:all:", "--dest", staging, f"{wheel}[{image.extras}]")  # fmt: skip
+        if image.downloads:
+            run(sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                "--only-binary=:all:", "--no-deps", "--dest", staging, *image.downloads)  # fmt: skip
         for own in staging.glob("ilf_deploy-*.whl"):  # the app's wheel is added per build
             own.unlink()
         (staging / ".complete").touch()
@@ -104,6 +140,21 @@ def wheelhouse(wheel: Path, image: Image) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         os.rename(staging, house)
     return house
+
+
+def triton_hooks(house: Path) -> list[str]:
+    """`ilf-deploy install-triton` in the root filesystem (the server, its libraries and the stub's
+    environment in /opt/ilf/triton), from the wheelhouse; `tritonserver` on PATH as the manifests run it."""
+    (pytriton,) = house.glob("nvidia_pytriton-*.whl")
+    offline = "PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wheels PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1"
+    stub_python = f"{VENV}/triton/python/bin/python"  # install_server's environment for the stub
+    return [
+        f'chroot "$1" env -i PATH=/usr/bin:/bin {offline} {VENV}/bin/ilf-deploy install-triton '
+        f"--wheel /tmp/wheels/{pytriton.name}",
+        f'chroot "$1" {stub_python} -m pip uninstall --quiet --yes pip setuptools',
+        f"copy-in {ROOT / 'containers' / 'tritonserver'} /usr/local/bin",
+        'chmod 755 "$1/usr/local/bin/tritonserver"',
+    ]
 
 
 def rootfs(wheel: Path, house: Path, image: Image, bundle: Path | None, tarball: Path) -> None:
@@ -117,6 +168,7 @@ def rootfs(wheel: Path, house: Path, image: Image, bundle: Path | None, tarball:
         # env -i: the host's pip settings (indexes, find-links, constraints) are not the image's
         f'chroot "$1" env -i PATH=/usr/bin:/bin {VENV}/bin/pip install --quiet --no-index --no-cache-dir '
         f"--disable-pip-version-check --find-links /tmp/wheels {shlex.quote(requirement)}",
+        *(triton_hooks(house) if image.triton else []),
         f'chroot "$1" {VENV}/bin/pip uninstall --quiet --yes pip setuptools',
         'rm -rf "$1/tmp/wheels" ' + " ".join(f'"$1/{p}"' for p in UNNEEDED),
         f'echo "ilf:x:{UID}:{UID}:ilf-deploy:/home/ilf:/usr/sbin/nologin" >> "$1/etc/passwd"',
@@ -125,7 +177,8 @@ def rootfs(wheel: Path, house: Path, image: Image, bundle: Path | None, tarball:
     ]
     if bundle is not None:
         hooks += [f'mkdir -p "$1{BUNDLE}"', f"sync-in {bundle} {BUNDLE}", f'chmod -R a+rX,go-w "$1{BUNDLE}"']
-    args = ["mmdebstrap", "--quiet", "--variant=essential", f"--include={','.join(PACKAGES)}"]
+    packages = ",".join([*PACKAGES, *image.packages])
+    args = ["mmdebstrap", "--quiet", "--variant=essential", f"--include={packages}"]
     args += [f"--customize-hook={hook}" for hook in hooks]
     run(*args, SUITE, tarball)
 
@@ -142,12 +195,11 @@ def commit(image: Image, version: str, tarball: Path, bundle: Path | None, archi
         "org.opencontainers.image.version": version,
         "org.opencontainers.image.source": SOURCE,
         "org.opencontainers.image.licenses": "Apache-2.0",
-        "dev.ilf-deploy.healthcheck": HEALTHCHECK,
+        "dev.ilf-deploy.healthcheck": healthcheck(image.readiness),
     }
     command: list[str] = []
-    if image.name == IMAGES["serve"].name:
-        served = BUNDLE if bundle is not None else MOUNTED
-        command = [served, "--host", "0.0.0.0", "--port", str(PORT)]
+    if image.server:  # `ilf-deploy serve` on the baked bundle, else on the one mounted
+        command = [BUNDLE if bundle is not None else MOUNTED, *image.server]
     if bundle is not None:
         digest = bundle_digest(bundle)
         labels["dev.ilf-deploy.bundle-digest"] = digest
@@ -155,7 +207,8 @@ def commit(image: Image, version: str, tarball: Path, bundle: Path | None, archi
     container = run("buildah", "from", "scratch", capture_output=True, text=True).stdout.strip()
     try:
         run("buildah", "add", "--quiet", container, tarball, "/", stdout=subprocess.DEVNULL)
-        config = ["--user", f"{UID}:{UID}", "--workingdir", "/home/ilf", "--port", str(PORT)]
+        config = ["--user", f"{UID}:{UID}", "--workingdir", "/home/ilf"]
+        config += [arg for port in image.ports for arg in ("--port", str(port))]
         config += ["--env", f"PATH={VENV}/bin:/usr/local/bin:/usr/bin:/bin", "--env", "HOME=/home/ilf"]
         config += ["--env", "PYTHONDONTWRITEBYTECODE=1", "--entrypoint", json.dumps(list(image.entrypoint))]
         config += ["--cmd", json.dumps(command)] if command else []

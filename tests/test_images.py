@@ -1,6 +1,8 @@
 """The serving image (`make images`, containers/build.py), built from Debian packages and the wheel and run
 with podman: the image `ilf-deploy generate` makes, bit for bit; a drain on SIGTERM; non-root on a
-read-only root filesystem; no torch; at most 700 MiB.
+read-only root filesystem; no torch; at most 700 MiB. The Triton image: tritonserver run as the
+Kubernetes manifests run it, over an exported repository, and its own `serve --server triton`, each
+answering one request with generate's pixels.
 
 podman runs with containers/containers.conf (runc, the host's ulimits) and the host's network (publishing
 ports would change the host's iptables). Skipped, in one line, only where the tools are not installed
@@ -10,6 +12,7 @@ ports would change the host's iptables). Skipped, in one line, only where the to
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -21,13 +24,19 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
+
+from ilf_deploy.triton.server import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "containers" / "containers.conf"
 TOOLS = ("mmdebstrap", "buildah", "podman", "skopeo")
 MAX_MIB = 700
 SITE_PACKAGES = "/opt/ilf/lib/python3.11/site-packages"
+STUB_SITE_PACKAGES = "/opt/ilf/triton/python/lib/python3.11/site-packages"  # the Triton stub's
 BUNDLE = "/opt/ilf/bundle"
 GEN = "/v1/images/generations"
 
@@ -220,3 +229,135 @@ def test_the_ray_image_serves_on_ray_and_stops_on_sigterm(wheel, default_bundle,
     finally:
         run("podman", "rm", "--force", "--time", "0", name, check=False)
         run("podman", "rmi", "--force", row["tag"], check=False)
+
+
+@pytest.fixture(scope="module")
+def triton_image(wheel, tmp_path_factory):
+    """The Triton image as `make images` builds it (no bundle baked in: the manifests mount one)."""
+    row = build_image("triton", wheel, tmp_path_factory.mktemp("images"))
+    yield row
+    run("podman", "rmi", "--force", row["tag"], check=False)
+
+
+def shared(path: Path) -> Path:
+    """`path` readable by the image's user (pytest's directories are root's only)."""
+    for item in [path, *path.rglob("*")]:
+        item.chmod(0o755 if item.is_dir() else 0o644)
+    return path
+
+
+def triton_pixels(url: str, prompt: str, seed: int) -> np.ndarray:
+    """One image from Triton's v2 HTTP API (docs/triton.md, "Clients")."""
+    inputs = [
+        {"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": [prompt]},
+        {"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [seed]},
+        {"name": "plan", "shape": [1, 1], "datatype": "BYTES", "data": ["ilf-10"]},
+    ]
+    response = httpx.post(f"{url}/v2/models/ilf/infer", json={"inputs": inputs}, timeout=120)
+    assert response.status_code == 200, response.text
+    (image,) = response.json()["outputs"]
+    return np.array(image["data"], dtype=np.uint8).reshape(image["shape"])[0]
+
+
+def run_triton(image: dict, name: str, ports: tuple[int, ...], mount: str, *args: object) -> str:
+    """Start the image (podman's options as the manifests' pod: read-only, no capabilities, a
+    /dev/shm for the Python backend) and wait until Triton is ready; its URL."""
+    run("podman", "run", "--detach", "--name", name, "--network=host", "--read-only", "--cap-drop=ALL",
+        "--security-opt=no-new-privileges", "--shm-size=1g", "-v", mount, *args)  # fmt: skip
+    url = f"http://127.0.0.1:{ports[0]}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        logs = run("podman", "logs", name, check=False)
+        state = json.loads(run("podman", "inspect", name).stdout)[0]["State"]
+        assert state["Running"] and time.monotonic() < deadline, (logs.stdout + logs.stderr)[-3000:]
+        time.sleep(1)
+
+
+def stop_cleanly(name: str) -> None:
+    """SIGTERM: Triton drains, unloads the model and exits 0."""
+    run("podman", "stop", "--time", "60", name)
+    code = run("podman", "inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+    logs = run("podman", "logs", name, check=False)
+    assert code == "0", (logs.stdout + logs.stderr)[-3000:]
+
+
+def test_the_triton_image_is_labelled_non_root_and_has_no_torch(triton_image):
+    config = json.loads(run("podman", "image", "inspect", triton_image["tag"]).stdout)[0]
+    print(f"{triton_image['tag']} {triton_image['digest']} {config['Size'] / 2**20:.0f} MiB")
+    labels = config["Config"]["Labels"]
+    assert labels["org.opencontainers.image.title"] == "ilf-deploy-triton"
+    assert labels["org.opencontainers.image.version"] == "0.1.0"
+    assert "/v2/health/ready" in labels["dev.ilf-deploy.healthcheck"]  # the manifests' readiness probe
+    assert config["Config"]["User"] == "10001:10001"
+    assert config["Config"]["Entrypoint"] == ["/opt/ilf/bin/ilf-deploy", "serve"]
+    assert config["Config"]["Cmd"][:3] == ["/models/bundle", "--server", "triton"]
+    for site in (SITE_PACKAGES, STUB_SITE_PACKAGES):
+        listing = run(
+            "podman", "run", "--rm", "--network=none", "--entrypoint", "ls", triton_image["tag"], site
+        )
+        packages = {name.lower() for name in listing.stdout.split()}
+        assert {"onnxruntime", "numpy", "tokenizers"} <= packages, (site, packages)
+        assert not packages & {"torch", "diffusers", "transformers", "pip"}, (site, packages)
+
+
+def test_the_triton_image_runs_the_manifests_command_on_an_exported_repository(
+    triton_image, default_bundle, tmp_path
+):
+    """The Deployment's container as `export-triton --k8s` writes it: tritonserver over the repository
+    at /models (read-only), answering generate's pixels; the image's health check agrees."""
+    cli = Path(sys.executable).parent / "ilf-deploy"
+    run(cli, "export-triton", default_bundle, "--out", tmp_path / "repo", "--copy-bundle",
+        "--k8s", tmp_path / "k8s")  # fmt: skip
+    (deployment, *_) = yaml.safe_load_all((tmp_path / "k8s" / "triton.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    ports = free_ports("127.0.0.1", (0, 0, 0))
+    addresses = [f"--{kind}-{key}={value}" for kind, port in zip(("http", "grpc", "metrics"), ports)
+                 for key, value in (("address", "127.0.0.1"), ("port", port))]  # fmt: skip
+    name = f"ilf-test-triton-{os.getpid()}"
+    try:
+        url = run_triton(
+            triton_image, name, ports, f"{shared(tmp_path / 'repo')}:/models:ro",
+            "--entrypoint", container["command"][0], triton_image["tag"], *container["args"], *addresses,
+        )  # fmt: skip
+        pixels = triton_pixels(url, "a small red circle", 3)
+        png = cli_png(default_bundle, "a small red circle", 3, tmp_path / "cli.png")
+        assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+        assert run("podman", "exec", name, "id", "-u").stdout.strip() == "10001"
+        labels = json.loads(run("podman", "image", "inspect", triton_image["tag"]).stdout)[0]["Config"][
+            "Labels"
+        ]
+        health = labels["dev.ilf-deploy.healthcheck"].replace("8000", str(ports[0]))
+        assert run("podman", "exec", name, "sh", "-c", health, check=False).returncode == 0
+        stop_cleanly(name)
+    finally:
+        run("podman", "rm", "--force", "--time", "0", name, check=False)
+
+
+def test_the_triton_image_serves_a_mounted_bundle_with_its_own_command(
+    triton_image, default_bundle, tmp_path
+):
+    """`podman run IMAGE` with a bundle at /models/bundle: `ilf-deploy serve --server triton`."""
+    config = json.loads(run("podman", "image", "inspect", triton_image["tag"]).stdout)[0]["Config"]
+    ports = free_ports("127.0.0.1", (0, 0, 0))
+    args = [*config["Cmd"]]  # the image's command on ports of our own
+    args[args.index("--host") + 1] = "127.0.0.1"
+    args[args.index("--port") + 1] = str(ports[0])
+    args += ["--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    bundle = shutil.copytree(default_bundle, tmp_path / "bundle")
+    name = f"ilf-test-triton-serve-{os.getpid()}"
+    try:
+        url = run_triton(
+            triton_image, name, ports, f"{shared(bundle)}:/models/bundle:ro", triton_image["tag"], *args
+        )
+        pixels = triton_pixels(url, "a small red circle", 3)
+        png = cli_png(default_bundle, "a small red circle", 3, tmp_path / "cli.png")
+        assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+        stop_cleanly(name)
+    finally:
+        run("podman", "rm", "--force", "--time", "0", name, check=False)
