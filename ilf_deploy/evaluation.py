@@ -286,17 +286,15 @@ def bundle_backend(
 
 
 def bundle_plan(bundle: Bundle, spec: str, info: dict[str, Any] | None = None) -> StepPlan:
-    """A bundled plan, a plan file, a preset the bundle's segments cover, or `auto` (the plan
-    `tune --search-plans` chose here, else the default plan; `info["auto_plan"]` says which)."""
-    from .backends.auto import choose_plan
-    from .tuning import resolve_bundle_plan
+    """The plan `spec` names (backends.plans: a bundled plan, auto, a plan file, a preset the
+    bundle's segments cover); `info["auto_plan"]` says which plan `auto` chose, and why."""
+    from .backends.plans import resolve_bundle_plan
 
-    if spec != "auto":
-        return resolve_bundle_plan(bundle, spec)
-    choice = choose_plan(bundle)
-    if info is not None:
-        info["auto_plan"] = choice.reason
-    return choice.plan or bundle.plan(bundle.default_plan)
+    def say(reason: str) -> None:
+        if info is not None:
+            info["auto_plan"] = reason
+
+    return resolve_bundle_plan(bundle, spec, say)
 
 
 # -- the evaluation ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "feedback/*"]
 TEXT_PIPELINE_ARCHITECTURES = ("sd3", "flux", "sana")
 # The VAE's downsampling where a bare transformer directory has none: Sana's DC-AE 32x, else 8x.
 _DEFAULT_VAE_SCALE = {"sana": 32}
+AUTO_PLAN = "auto"  # `--plan auto` (backends.plans.AUTO_PLAN, for bundles: the plan search's choice)
+MODEL_AUTO_PLAN = "ilf-10"  # what `auto` means for a model directory
 
 
 def torch_device(name: str | torch.device) -> torch.device:
@@ -114,10 +116,17 @@ class LoadedModel:
         factor = self.vae_scale_factor * self.adapter.patch_size
         return (height // factor) * (width // factor)
 
-    def resolve_plan(self, spec: str, sizes: Sequence[tuple[int, int]] = ()) -> StepPlan:
+    def resolve_plan(
+        self, spec: str, sizes: Sequence[tuple[int, int]] = (), say: Callable[[str], None] | None = None
+    ) -> StepPlan:
         """A plan file or preset for this model: depth, scheduler, and the feedback's loop and t_post.
         Where the schedule depends on the image size (Flux-dev), it is made for each of `sizes`
-        (height, width in pixels; default: the model's default size)."""
+        (height, width in pixels; default: the model's default size). `auto` is ilf-10 here (a model
+        has no plan search; `say` gets why): bundles resolve specs in backends.plans."""
+        if spec == AUTO_PLAN:
+            if say is not None:
+                say(f"auto plan: {MODEL_AUTO_PLAN} (a model has no plan search; build a bundle and tune it)")
+            spec = MODEL_AUTO_PLAN
         fb = self.feedback.config if self.feedback is not None else None
         loop, t_post = (fb.loop, fb.t_post) if fb is not None else (None, "rescale")
         size = self.default_image_size

@@ -42,6 +42,7 @@ from .backends.auto import (
     engine_label,
 )
 from .backends.machine import fingerprint
+from .backends.plans import resolve_bundle_plan
 from .compare import (
     LOSSY_SPEEDUP,
     Budget,
@@ -205,7 +206,7 @@ def tune(
     started = time.perf_counter()
     bundle = Bundle.load(bundle_path, digest=digest)
     plan_name = plan or bundle.default_plan
-    step_plan = bundle.plan(plan_name)
+    step_plan = resolve_bundle_plan(bundle, plan_name)
     request = held_out_request(bundle)
     found = [c for c in candidates(bundle) if include is None or include(c) or c.budget is None]
     options = {"threads": threads} if threads else {}
@@ -399,33 +400,6 @@ class QualityBudget:
 # delta_acc_se, frechet, latent_l2, acc, block_forwards (the mean that ran); the real one is
 # evaluation.plan_quality (`eval` on those prompts, paired against the reference).
 QualityFn = Callable[[dict[str, StepPlan], str, int, int], dict[str, dict[str, float]]]
-
-
-def bundle_plan_facts(bundle: Bundle) -> tuple[int, dict[str, Any], tuple[int, int] | None, str]:
-    """(blocks, scheduler config, feedback loop, t_post rule of its ILF plans) to build plans with."""
-    rules = [bundle.plan(name).settings.get("t_post") for name in bundle.plan_names if name.startswith("ilf")]
-    t_post = next((r for r in rules if isinstance(r, str)), "rescale")
-    return bundle.model.num_blocks, dict(bundle.manifest.scheduler), bundle.loop, t_post
-
-
-def resolve_bundle_plan(bundle: Bundle, spec: str) -> StepPlan:
-    """A bundled plan, a plan file, or a preset built for this bundle, where its segments allow."""
-    from .plan import resolve_plan
-
-    if spec in bundle.plan_names or spec.endswith(".json"):
-        return bundle.plan(spec)
-    blocks, scheduler, loop, t_post = bundle_plan_facts(bundle)
-    plan = resolve_plan(spec, blocks, scheduler, loop, t_post)
-    missing = sorted(set(plan.cut_points) - set(bundle.manifest.cut_points))
-    absent = f"plan {plan.name!r} is not in this bundle (it has: {', '.join(bundle.plan_names)})"
-    if missing:
-        raise ConfigError(
-            f"{absent}, and as a preset it cuts the model at block(s) {missing} where the bundle has no "
-            f"segment boundary (it has {list(bundle.manifest.cut_points)}); rebuild with the plan in --plans"
-        )
-    if plan.feedback_steps and bundle.loop is None:
-        raise ConfigError(f"{absent}, and as a preset it needs a feedback module, which the bundle has not")
-    return plan
 
 
 def cache_ranges(bundle: Bundle) -> list[tuple[int, int]]:

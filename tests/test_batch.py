@@ -216,7 +216,7 @@ def test_a_progress_bar_counts_the_rows_with_an_eta(bundle, tmp_path, monkeypatc
         (["--actors", "0"], "--actors must be >= 1"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--ship-bundle"], "--ship-bundle is for Ray"),
-        (["--plan", "nope"], "--plan: default plan 'nope' is not in the bundle"),
+        (["--plan", "nope"], "--plan: unknown plan 'nope'; this bundle has: base-2, ilf-4"),
         (["--digest", "sha256:" + "0" * 64], "not the pinned --digest"),
     ],
 )

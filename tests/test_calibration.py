@@ -90,8 +90,8 @@ def test_dit_calibrates_on_class_labels(tiny_bundles, tmp_path):
 
 
 def test_calibration_errors(calibrated, tiny_bundles):
-    with pytest.raises(BundleError, match="not in this bundle"):
-        collect_calibration(calibrated[0], "base-99")
+    with pytest.raises(ConfigError, match="unknown plan 'nope'"):
+        collect_calibration(calibrated[0], "nope")
     with pytest.raises(ConfigError, match="non-empty"):
         collect_calibration(calibrated[0], prompts=["  "])
     with pytest.raises(BundleError, match="ilf-deploy calibrate"):

@@ -150,7 +150,7 @@ INVALID = [
     ({"prompt": "   "}, "prompt"),
     ({"prompt": 3}, "prompt"),
     ({"n": 1}, "prompt"),
-    ({"prompt": "x", "plan": "base-20"}, "plan"),
+    ({"prompt": "x", "plan": "base-0"}, "plan"),
     ({"prompt": "x", "plan": "plans/base-2.json"}, "plan"),  # names only, never paths
     ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "x", "guidance_scale": 31}, "guidance_scale"),
@@ -445,7 +445,7 @@ def test_serve_command_reports_bad_input_in_one_line(bundle, tmp_path):
         ([str(tmp_path)], "not a bundle"),
         ([str(bundle), "--max-queue", "0"], "--max-queue"),
         ([str(bundle), "--max-n", "100"], "--max-n"),
-        ([str(bundle), "--default-plan", "base-20"], "base-20"),
+        ([str(bundle), "--default-plan", "nope"], "--default-plan: unknown plan 'nope'"),
         ([str(bundle), "--backend", "bogus"], "unknown backend"),
         ([str(bundle), "--backend", "tensorrt"], "TensorRT is not installed"),
         ([str(bundle), "--port", "70000"], "--port"),

@@ -10,7 +10,7 @@ import typer
 from ..triton.k8s import CLAIM
 from . import command, console
 from .cluster import Image, Namespace, NodeSelector, PodMonitor, Tolerations, cluster
-from .options import Backend, BundleDir, Digest, Variant
+from .options import Backend, BundleDir, Digest, Variant, load_bundle
 from .paths import output_dir
 
 ROWS_HELP = (
@@ -76,7 +76,7 @@ def batch(
     prompts: Annotated[Path, typer.Option(help=ROWS_HELP)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: images/<index>.png, results.jsonl.")],
     plan: Annotated[
-        str | None, typer.Option(help="A bundled plan for lines without one (default: first ILF plan).")
+        str | None, typer.Option(help="Plan for lines without one (any plan spec; default: first ILF plan).")
     ] = None,
     backend: Backend = None,
     variant: Variant = None,
@@ -237,14 +237,13 @@ def export_kuberay(
     from ..backends import get_backend
     from ..backends.auto import AUTO
     from ..errors import check_at_least
-    from ..runtime.bundle import Bundle
     from ..scale.kuberay import KubeRay, write_manifests
     from ..scale.options import parse_autoscale
 
     output_dir(out, "--out")
     if backend not in (None, AUTO):
         get_backend(backend)  # an unknown engine is refused here, as by every other command
-    loaded = Bundle.load(bundle, digest=digest)  # every file's hash: the digest must be worth pinning
+    loaded = load_bundle(bundle, digest)  # every file's hash: the digest must be worth pinning
     for flag, value in [("--workers", workers), ("--replicas", replicas), ("--actors", actors)]:
         check_at_least(flag, value)
     check_at_least("--worker-cpus", worker_cpus)

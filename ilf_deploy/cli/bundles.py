@@ -10,9 +10,10 @@ import typer
 
 from ..errors import ConfigError, check_at_least
 from ..runtime.generator import Request
+from ..runtime.request import RequestError
 from . import command, console, finish_checks, out, progress
-from .generate import announce
-from .options import VARIANT_HELP, ChecksJson, Digest, backend_help
+from .generate import announce, say
+from .options import VARIANT_HELP, ChecksJson, Digest, backend_help, load_bundle
 from .paths import image_suffixes, output_file
 from .sizes import parse_resolutions, split_list
 from .tables import bench_table, bundle_tables, checks_table, stage_table
@@ -86,9 +87,8 @@ def inspect(
     digest: Digest = None,
 ) -> None:
     """Show a bundle's digest, model, plans, segments and their I/O (every file's hash checked)."""
-    from ..runtime.bundle import Bundle
 
-    loaded = Bundle.load(bundle, digest=digest)
+    loaded = load_bundle(bundle, digest)
     m = loaded.manifest
     if as_json:
         print(json.dumps({"digest": loaded.digest, **loaded.manifest_json()}, indent=2))
@@ -140,7 +140,6 @@ def verify(
     at every resolution the bundle was built for."""
     from ..backends import get_backend
     from ..compare import held_out_request
-    from ..runtime.bundle import Bundle
     from ..verify.bundle import bundle_budget, verify_bundle
     from .engines import verify_tensorrt
 
@@ -153,7 +152,7 @@ def verify(
         )
     get_backend(backend)  # an unknown name fails before the work
 
-    loaded = Bundle.load(bundle, digest=digest)
+    loaded = load_bundle(bundle, digest)
     limits = bundle_budget(loaded, backend)
     with progress() as bar:
         task = bar.add_task("verify", total=None)
@@ -172,7 +171,10 @@ def verify(
 @command()
 def bench(
     bundle: Annotated[str, typer.Argument(help="Bundle directory.")],
-    plans: Annotated[str | None, typer.Option(help="Comma-separated bundled plans (default: all).")] = None,
+    plans: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated plans: bundled, auto, .json files, presets (default: bundled)."),
+    ] = None,
     runs: Annotated[int, typer.Option(help="Measured runs per plan (the median is reported).")] = 3,
     warmup: Annotated[int, typer.Option(help="Unmeasured runs first.")] = 1,
     backend: Annotated[str | None, typer.Option(help=backend_help("auto"))] = None,
@@ -187,20 +189,22 @@ def bench(
 ) -> None:
     """Per-stage latency of each plan, block forwards, measured vs predicted speedup, images/s."""
     from ..backends import AUTO, open_bundle_generator
+    from ..backends.plans import resolve_bundle_plan
     from ..bench import bench_plans, plot, summary
-    from ..runtime.bundle import Bundle
-    from ..tuning import resolve_bundle_plan
 
     check_at_least("--runs", runs)
     check_at_least("--warmup", warmup, 0)
     output_file(as_json, "--json-out", (".json",))
     output_file(plot_out, "--plot", image_suffixes())
-    loaded = Bundle.load(bundle, digest=digest)  # hashes and pin: the one the engine opens below
+    loaded = load_bundle(bundle, digest)  # hashes and pin: the one the engine opens below
     names = split_list(plans) if plans else loaded.plan_names
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise ConfigError(f"--plans names {', '.join(twice)} more than once")
-    step_plans = [resolve_bundle_plan(loaded, name) for name in names]  # presets its segments cover too
+    try:  # the one resolver: bundled plans, auto, plan files, presets its segments cover
+        step_plans = [resolve_bundle_plan(loaded, name, say) for name in names]
+    except RequestError as exc:
+        raise ConfigError(f"--plans: {exc.message}") from None
     generator = open_bundle_generator(loaded, backend or AUTO, variant)
     announce(generator.choice, bundle, backend)
     engine = generator.backend + (f" {generator.variant}" if generator.variant else "")

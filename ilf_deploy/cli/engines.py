@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from . import command, console, finish_checks, out, progress
-from .options import ChecksJson, Digest, pin
+from .options import ChecksJson, Digest, load_bundle, pin
 from .paths import output_file
 from .tables import checks_table
 
@@ -117,9 +117,8 @@ def _check_new_variant(bundle: Path, variant: str, keep_failing: bool) -> None:
     """verify-variant's checks on the new variant: one line, and exit 1 (the variant removed
     again) when it misses its budget, unless --keep-failing."""
     from ..quantization.quantize import miss_line, remove_variant, verify_variant
-    from ..runtime.bundle import Bundle
 
-    loaded = Bundle.load(bundle)
+    loaded = load_bundle(bundle)
     with progress() as bar:
         task = bar.add_task("verify", total=None)
         rows = verify_variant(loaded, variant, progress=lambda s: bar.update(task, description=s))
@@ -149,10 +148,9 @@ def verify_variant_command(
 
     Exits 1 when a check is beyond the budget of the variant's mode on its engine (compare.BUDGETS)."""
     from ..quantization.quantize import variant_budget, variant_engine, verify_variant
-    from ..runtime.bundle import Bundle
 
     output_file(as_json, "--json-out", (".json",))
-    loaded = Bundle.load(bundle, digest=digest)
+    loaded = load_bundle(bundle, digest)
     limits = variant_budget(loaded, variant)  # an unknown variant fails here, before the work
     with progress() as bar:
         task = bar.add_task("verify", total=None)
@@ -224,11 +222,10 @@ def verify_tensorrt(
     digest: str | None = None,
 ) -> None:
     """`verify-engines` (and `verify --backend tensorrt`): print the table, exit 1 beyond budget."""
-    from ..runtime.bundle import Bundle
     from ..verify.engines import engines_budget, verify_engines
 
     output_file(as_json, "--json-out", (".json",))
-    loaded = Bundle.load(bundle, digest=digest)
+    loaded = load_bundle(bundle, digest)
     limits = engines_budget(loaded, variant)
     with progress() as bar:
         task = bar.add_task("verify", total=None)

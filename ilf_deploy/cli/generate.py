@@ -33,11 +33,12 @@ def open_source(
 
         generator = open_generator(source, backend or AUTO, variant=variant, device=device, digest=digest)
         announce(generator.choice, source, backend)
-        from ..tuning import resolve_bundle_plan
+        from ..backends.plans import resolve_bundle_plan
 
         bundle = generator.opened_bundle()  # the one open_generator loaded (hashes, pin checked)
         # A bundle's plans carry the schedules of the sizes it was built for.
-        return generator, lambda spec, size=None: resolve_bundle_plan(bundle, spec), bundle.architecture
+        resolve = lambda spec, size=None: resolve_bundle_plan(bundle, spec, say)  # noqa: E731
+        return generator, resolve, bundle.architecture
     if digest is not None:
         raise ConfigError(f"--digest pins a bundle; {source} is a model (build a bundle of it first)")
     if backend not in (None, "torch"):
@@ -50,8 +51,13 @@ def open_source(
     with console.status("loading model"):
         loaded = load_model(source)
     # (height, width): a schedule that depends on the image size (Flux) is made for the request's.
-    resolve = lambda spec, size=None: loaded.resolve_plan(spec, [size] if size else ())  # noqa: E731
+    resolve = lambda spec, size=None: loaded.resolve_plan(spec, [size] if size else (), say)  # noqa: E731
     return TorchGenerator(loaded, device), resolve, loaded.architecture
+
+
+def say(line: str) -> None:
+    """A one-line note on stderr (`--plan auto`'s choice), printed as is."""
+    console.print(line, highlight=False, markup=False)
 
 
 def announce(choice: str | None, source: str | Path, backend: str | None) -> None:
@@ -109,10 +115,9 @@ OPTIONS = {"size": "--height/--width", "height": "--height", "width": "--width"}
 
 
 PLAN_HELP = (
-    PRESET_HELP[0].upper() + PRESET_HELP[1:] + ". For bundles: a bundled plan, or auto (the plan "
-    "`tune --search-plans` chose on this machine, else the bundle's default plan)."
+    PRESET_HELP[0].upper() + PRESET_HELP[1:] + "; or auto (the plan `tune --search-plans` chose on "
+    "this machine, else the bundle's default plan; ilf-10 for a model). For bundles also a bundled plan."
 )
-AUTO_PLAN = "auto"  # the plan `tune --search-plans` chose here (backends.auto.choose_plan)
 NEGATIVE_HELP = "Negative prompt (PixArt, SD3: the models with classifier-free guidance)."
 GUIDANCE_HELP = (
     "Guidance scale (default: the model's: 4.5 PixArt, 4.0 DiT, 7.0 SD3, classifier-free, <=1 "
@@ -175,7 +180,10 @@ def generate(
         raise ConfigError(f"{option}: {exc.message}") from None
     request = checked.requests[0]  # resolved: size and guidance are the generator's (Generator.resolve)
     size = (request.height, request.width)
-    step_plan = resolve_plan_spec(model, lambda spec: resolve(spec, size), plan)
+    try:  # the one resolver (backends.plans): bundled plans, auto, plan files, presets
+        step_plan = resolve(plan, size)
+    except RequestError as exc:
+        raise ConfigError(f"--plan: {exc.message}") from None
     with progress() as bar:
         task = bar.add_task(f"{step_plan.name}", total=step_plan.num_steps)
         latents = generator.generate_latents(
@@ -197,22 +205,6 @@ def ran_block_forwards(generator, plan) -> str:
     """'N block forwards' as they ran (the first image's; an adaptive plan says its most too)."""
     ran = (generator.last_block_forwards or [plan.block_forwards])[0]
     return f"{ran} block forwards" + (f" (at most {plan.block_forwards})" if plan.adaptive else "")
-
-
-def resolve_plan_spec(source: str, resolve, spec: str):
-    """A plan by the resolver, or `auto`: the plan `tune --search-plans` chose for this bundle on
-    this machine, else (saying why, on stderr) the bundle's default plan, or ilf-10 for a model."""
-    if spec != AUTO_PLAN:
-        return resolve(spec)
-    from ..backends.auto import choose_plan
-    from ..runtime.bundle import Bundle, is_bundle
-
-    if not is_bundle(source):
-        console.print("auto plan: ilf-10 (a model directory has no plan search; build a bundle and tune it)")
-        return resolve("ilf-10")
-    choice = choose_plan(Bundle.load(source, verify_hashes=False))
-    console.print(choice.reason, highlight=False, markup=False)
-    return choice.plan or resolve(Bundle.load(source, verify_hashes=False).default_plan)
 
 
 def _read_latents(path: Path):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from ..runtime.bundle import Bundle
 
 Digest = Annotated[
     str | None,
@@ -40,7 +43,8 @@ Backend = Annotated[
 ]
 Variant = Annotated[str | None, typer.Option(help=VARIANT_HELP)]
 DefaultPlan = Annotated[
-    str | None, typer.Option(help="Plan for requests without one (default: first ILF plan).")
+    str | None,
+    typer.Option(help="Plan for requests without one: bundled, auto, a file, a preset (default: first ILF)."),
 ]
 Height = Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")]
 Width = Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")]
@@ -50,15 +54,24 @@ ChecksJson = Annotated[
 ]
 
 
+def load_bundle(path: str | Path, digest: str | None = None, verify_hashes: bool = True) -> Bundle:
+    """The bundle a command was given: manifest, files' hashes (unless `verify_hashes=False`) and the
+    pinned `digest` checked, each refusal one line. The CLI's one way to open a bundle: a command
+    loads it once and hands the `Bundle` on (to open_bundle_generator, the plan resolver...)."""
+    from ..runtime.bundle import Bundle
+
+    return Bundle.load(path, verify_hashes, digest=digest)
+
+
 def pin(path: str | Path, digest: str | None) -> None:
     """Refuse the bundle at `path` before any work unless its digest is `digest` (None: no pin).
 
     For the commands that hand a path to the library (calibrate, quantize, build-engines, eval)."""
     from ..errors import ConfigError
-    from ..runtime.bundle import Bundle, is_bundle
+    from ..runtime.bundle import is_bundle
 
     if digest is None:
         return
     if not is_bundle(path):
         raise ConfigError(f"--digest pins a bundle; {path} is not one")
-    Bundle.load(path, verify_hashes=False, digest=digest)  # the files are checked by the command
+    load_bundle(path, digest, verify_hashes=False)  # the files are checked by the command

@@ -15,7 +15,7 @@ from ..errors import ConfigError, check_at_least
 from ..triton.k8s import CLAIM, IMAGE, check_names
 from . import command, console
 from .cluster import Image, Namespace, NodeSelector, PodMonitor, Prometheus, Tolerations, cluster
-from .options import VARIANT_HELP, Digest, backend_help
+from .options import VARIANT_HELP, Digest, backend_help, load_bundle
 from .paths import output_dir
 
 
@@ -64,7 +64,6 @@ def export_triton(
     digest: Digest = None,
 ) -> None:
     """Write a Triton model repository that serves the bundle (Python backend, dynamic batching)."""
-    from ..runtime.bundle import Bundle
     from ..triton.repository import BUNDLE_DIR, ExportOptions, export_repository
 
     if k8s is not None and not copy_bundle:
@@ -106,7 +105,7 @@ def export_triton(
             replicas=replicas,
             max_replicas=max_replicas,
             gpu=kind == "gpu",
-            digest=Bundle.load(bundle, verify_hashes=False).digest,  # the one just exported
+            digest=load_bundle(bundle, verify_hashes=False).digest,  # the one just exported
             bundle=f"{name}/1/{BUNDLE_DIR}",
         )
         for path in written:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.onnxruntime import open_generator as open_ort_generator
+from ..backends.plans import resolve_bundle_plan
 from ..errors import ConfigError
 from ..plan import StepPlan
 from ..runtime.bundle import Bundle
@@ -140,7 +141,7 @@ def run_reference(
     """Run the reference (`generator`, default ONNX Runtime fp32 CPU) on the bundle's `plan` (default:
     its ILF plan) and the held-out `request`, recording up to `max_samples` feeds per segment."""
     name = plan or bundle.default_plan
-    step_plan = bundle.plan(name)
+    step_plan = resolve_bundle_plan(bundle, name)  # the one resolver: a name, auto, a file, a preset
     request = request or held_out_request(bundle)
     generator = generator or reference_generator(bundle, threads)
     recorder = TrajectoryRecorder(bundle, max_samples, to_numpy=runner_of(generator).to_numpy)

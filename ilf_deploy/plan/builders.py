@@ -525,8 +525,9 @@ PRESET_HELP = (
     "composed with a Δ-cache: ...-cacheB-ErK (blocks B..E, refreshed every K-th step) or "
     "...-adaptB-EtTmM (adaptive: reused while the input changed by at most T, at most M times in a row)"
 )
+# base-N / ilf-N, optionally composed with one cache (fixed or adaptive); or cache-N (nothing composed)
 PRESET = re.compile(
-    r"(base|ilf|cache)-(\d+)(?:-(?:cache(\d+)-(\d+)r(\d+)|adapt(\d+)-(\d+)t([0-9.]+)m(\d+)))?"
+    r"(?:(base|ilf)-(\d+)(?:-(?:cache(\d+)-(\d+)r(\d+)|adapt(\d+)-(\d+)t([0-9.]+)m(\d+)))?|cache-(\d+))"
 )
 
 
@@ -553,12 +554,10 @@ def _preset(
     loop: tuple[int, int] | None,
     t_post: str,
 ) -> StepPlan:
+    if m.group(10) is not None:
+        return cache_plan(int(m.group(10)), num_blocks, None, 3, scheduler_config)
     kind, steps = m.group(1), int(m.group(2))
     fixed, adaptive = m.group(3, 4, 5), m.group(6, 7, 8, 9)
-    if kind == "cache":
-        if fixed[0] is not None or adaptive[0] is not None:
-            raise ConfigError(f"unknown plan {m.group(0)!r}: cache-N takes no second cache")
-        return cache_plan(steps, num_blocks, None, 3, scheduler_config)
     if fixed[0] is None and adaptive[0] is None:
         if kind == "base":
             return baseline_plan(steps, num_blocks, scheduler_config)

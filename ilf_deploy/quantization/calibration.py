@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.onnxruntime import open_generator
+from ..backends.plans import resolve_bundle_plan
 from ..compare.recorder import DEFAULT_MAX_SAMPLES, TrajectoryRecorder
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle, BundleError, remove_unlisted, rewrite_manifest, staging
@@ -53,7 +54,7 @@ def collect_calibration(
     """
 
     bundle = Bundle.load(bundle_path)
-    step_plan = bundle.plan(plan or bundle.default_plan)
+    step_plan = resolve_bundle_plan(bundle, plan or bundle.default_plan)  # the one plan resolver
     requests = calibration_requests(bundle, prompts, class_labels, guidance_scale)
     generator = open_generator(bundle)
     recorder = TrajectoryRecorder(bundle, max_samples)

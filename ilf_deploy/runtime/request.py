@@ -220,6 +220,9 @@ class RequestContract:
     count_tokens: Callable[[str], int] | None = None
     guidance: str = "cfg"  # ModelFacts.guidance: "cfg", "embedded" (Flux.1-dev) or "none" (schnell)
     plan_forwards: tuple[int, ...] = ()  # each plan's block forwards (`quality` picks by them)
+    # A spec that is not one of `plans`: the front door's plan resolver (backends.plans.PlanBook.check)
+    # decides, raising its one-line RequestError; None: only `plans`.
+    check_plan: Callable[[str], None] | None = None
 
     @classmethod
     def for_generator(
@@ -248,10 +251,16 @@ class RequestContract:
 
     @classmethod
     def for_bundle(
-        cls, bundle: Bundle, generator: Generator, max_n: int = 1, default_plan: str | None = None
+        cls,
+        bundle: Bundle,
+        generator: Generator,
+        max_n: int = 1,
+        default_plan: str | None = None,
+        check_plan: Callable[[str], None] | None = None,
     ) -> RequestContract:
-        """The bundle's plans (default: `default_plan`, else `Bundle.default_plan`), sizes and tokenizer."""
-        if default_plan is not None and default_plan not in bundle.plan_names:
+        """The bundle's plans (default: `default_plan`, else `Bundle.default_plan`), sizes and tokenizer;
+        with `check_plan` (the plan resolver), any spec it accepts too, `default_plan` included."""
+        if default_plan is not None and default_plan not in bundle.plan_names and check_plan is None:
             raise ConfigError(
                 f"default plan {default_plan!r} is not in the bundle (it has: {', '.join(bundle.plan_names)})"
             )
@@ -263,7 +272,7 @@ class RequestContract:
             *bundle_token_limit(bundle),
         )
         forwards = tuple(bundle.plan(name).block_forwards for name in bundle.plan_names)
-        return replace(contract, plan_forwards=forwards)
+        return replace(contract, plan_forwards=forwards, check_plan=check_plan)
 
     @property
     def is_dit(self) -> bool:
@@ -381,8 +390,10 @@ class RequestContract:
                 return self.default_plan
             return self.quality_plan(check_choice("quality", quality, tuple(QUALITY_PLANS)))
         plan = check_text("plan", value, 256)
-        if self.plans is not None and plan not in self.plans:
-            raise RequestError("plan", "plan", value=plan, plans=", ".join(self.plans))
+        if self.plans is not None and plan not in self.plans and plan != self.default_plan:
+            if self.check_plan is None:
+                raise RequestError("plan", "plan", value=plan, plans=", ".join(self.plans))
+            self.check_plan(plan)
         return plan
 
     def _guidance(self, value: Any) -> float | None:
@@ -428,10 +439,14 @@ class RequestContract:
             if self.sizes
             else {"pattern": f"^([0-9]{{1,5}}x[0-9]{{1,5}}|{AUTO_SIZE})$"}
         )
-        plans = {"enum": list(self.plans)} if self.plans is not None else {}
+        plans = {"enum": list(self.plans)} if self.plans is not None and self.check_plan is None else {}
         optional = {
             "size": (sizes, "WIDTHxHEIGHT, one the bundle was built for; auto or default: the first"),
-            "plan": (plans, f"A bundled step plan (default {self.default_plan})"),
+            "plan": (
+                plans,
+                f"A bundled step plan (default {self.default_plan})"
+                + (", auto, or a preset (base-N, ilf-N, cache-N, ...)" if self.check_plan else ""),
+            ),
             "quality": (
                 {"enum": list(QUALITY_PLANS)},
                 "OpenAI's quality, mapped to a plan: low the fewest block forwards, high/hd/xhigh/max "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..backends.plans import PlanBook
 from ..runtime.bundle import Bundle
 from ..runtime.generator import Generator
 from ..runtime.request import RequestContract, RequestError
@@ -53,6 +53,12 @@ class Prepared:
     results: Results
     jobs: list[dict[str, Any]]
     summary: Summary
+    book: PlanBook  # the plans the jobs name, resolved by the driver
+
+    @property
+    def plans(self) -> dict[str, dict[str, Any]]:
+        """Each plan the jobs name, as data for the workers: they run the driver's plans."""
+        return {spec: self.book[spec].to_dict() for spec in {work["plan"] for work in self.jobs}}
 
     @property
     def bundle(self) -> Bundle:
@@ -63,11 +69,9 @@ class Prepared:
         return self.bundle.digest
 
 
-def contract_for(bundle: Bundle, generator: Generator, plan: str | None) -> RequestContract:
-    try:
-        return RequestContract.for_bundle(bundle, generator, max_n=1, default_plan=plan)
-    except ConfigError as exc:
-        raise ConfigError(f"--plan: {exc}") from None
+def contract_for(bundle: Bundle, generator: Generator, book: PlanBook) -> RequestContract:
+    """The request contract, its plans `book`'s: a row's `plan` is any spec the resolver takes."""
+    return RequestContract.for_bundle(bundle, generator, 1, book.default, book.check)
 
 
 def check_line(contract: RequestContract, line: Line) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -100,7 +104,8 @@ def prepare(options: BatchOptions) -> Prepared:
         options.bundle, options.backend or AUTO, variant=options.variant, digest=options.digest
     )
     bundle = generator.opened_bundle()  # checked (hashes, pin) by the load that opened it
-    contract = contract_for(bundle, generator, options.plan)
+    book = PlanBook(bundle, options.plan, "--plan", files=True)  # a bad --plan: one line, before any output
+    contract = contract_for(bundle, generator, book)
     lines, prompts_digest = read_prompts(options.prompts)
     identity = {
         "prompts": prompts_digest,
@@ -121,7 +126,7 @@ def prepare(options: BatchOptions) -> Prepared:
             summary.refused += 1
         else:
             jobs.append(work)
-    return Prepared(options, generator, results, jobs, summary)
+    return Prepared(options, generator, results, jobs, summary, book)
 
 
 def chunks(jobs: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
@@ -132,12 +137,13 @@ def run_local(prepared: Prepared) -> Iterator[Outcome]:
     """This process (one actor: the driver's own engine), or a pool of spawned processes."""
     options = prepared.options
     assert options.actors is not None  # decided by run_batch (BatchOptions.with_actors)
+    plans = prepared.plans
     if options.actors == 1:
-        worker = BatchWorker(options.bundle, digest=prepared.digest, generator=prepared.generator)
+        worker = BatchWorker(options.bundle, None, None, prepared.digest, prepared.generator, plans)
         for work in prepared.jobs:
             yield worker.run(work)
         return
-    args = (str(options.bundle), options.backend, options.variant, prepared.digest)
+    args = (str(options.bundle), options.backend, options.variant, prepared.digest, plans)
     context = multiprocessing.get_context("spawn")  # no engine state forked from the driver
     with ProcessPoolExecutor(options.actors, context, initializer=_pool_open, initargs=args) as pool:
         tasks = chunks(prepared.jobs, options.rows_per_task(len(prepared.jobs)))
@@ -149,9 +155,11 @@ def run_local(prepared: Prepared) -> Iterator[Outcome]:
 _POOL_WORKER: BatchWorker | None = None
 
 
-def _pool_open(bundle: str, backend: str | None, variant: str | None, digest: str) -> None:
+def _pool_open(
+    bundle: str, backend: str | None, variant: str | None, digest: str, plans: dict[str, dict[str, Any]]
+) -> None:
     global _POOL_WORKER
-    _POOL_WORKER = BatchWorker(bundle, backend, variant, digest)
+    _POOL_WORKER = BatchWorker(bundle, backend, variant, digest, plans=plans)
 
 
 def _pool_run(works: list[dict[str, Any]]) -> list[Outcome]:
@@ -194,7 +202,7 @@ def run_batch(
             cpus = cluster_cpus(options.ray_address)
             prepared.options = options = options.with_actors(cpus)
             workers = f"{options.actors} Ray actors ({cpus:g} cluster CPUs, {options.actor_cpus:g} each)"
-            outcomes = run_on_ray(options, prepared.jobs, prepared.bundle)
+            outcomes = run_on_ray(options, prepared.jobs, prepared.bundle, prepared.plans)
         if on_start is not None:
             on_start(len(prepared.jobs), workers)
         record(prepared, outcomes, on_row or (lambda: None))

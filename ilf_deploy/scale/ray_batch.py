@@ -28,9 +28,14 @@ class BatchActor:
     """A Ray Data callable class: one per actor, so the bundle is opened once per actor."""
 
     def __init__(
-        self, bundle: SharedPath | Shipped, backend: str | None, variant: str | None, digest: str
+        self,
+        bundle: SharedPath | Shipped,
+        backend: str | None,
+        variant: str | None,
+        digest: str,
+        plans: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        self.worker = BatchWorker(bundle.materialize(), backend, variant, digest)
+        self.worker = BatchWorker(bundle.materialize(), backend, variant, digest, plans=plans)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         outcomes = self.worker.run_many([json.loads(work) for work in batch["job"]])
@@ -46,9 +51,15 @@ def cluster_cpus(address: str) -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
-def run_on_ray(options: BatchOptions, jobs: list[dict[str, Any]], bundle: Bundle) -> Iterator[Outcome]:
+def run_on_ray(
+    options: BatchOptions,
+    jobs: list[dict[str, Any]],
+    bundle: Bundle,
+    plans: dict[str, dict[str, Any]] | None = None,
+) -> Iterator[Outcome]:
     """The outcomes of `jobs` as they finish, made by actors that refuse any bundle but the driver's
-    (`bundle`: the one its engine was opened from, hashes and pin checked)."""
+    (`bundle`: the one its engine was opened from, hashes and pin checked), running the driver's
+    resolved `plans` (by spec: an `auto` or a preset is the driver's plan on every node)."""
     if not jobs:
         return
     connect(options.ray_address or "auto")
@@ -71,6 +82,7 @@ def run_on_ray(options: BatchOptions, jobs: list[dict[str, Any]], bundle: Bundle
             "backend": options.backend,
             "variant": options.variant,
             "digest": bundle.digest,
+            "plans": plans,
         },
         batch_size=rows_per_task,
         compute=ray.data.ActorPoolStrategy(size=options.actors),

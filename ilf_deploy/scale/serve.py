@@ -26,6 +26,7 @@ from typing import Any
 
 from ray import serve
 
+from ..backends.plans import PlanBook
 from ..batching import MIN_MAX_BATCH
 from ..errors import ConfigError
 from ..runtime.bundle import Bundle
@@ -242,7 +243,9 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 def pinned(options: ServeOptions, bundle: Bundle) -> ServeOptions:
     """The options every replica gets: the bundle's digest pinned and its batch limit decided here,
-    by the policy's rule, so that the deployment's concurrency and autoscaling target match it."""
+    by the policy's rule, so that the deployment's concurrency and autoscaling target match it.
+    A `default_plan` no replica could resolve is refused here, in one line, before any deploys."""
+    PlanBook(bundle, options.default_plan)
     return replace(
         options, digest=bundle.digest, max_batch=options.images_per_call(bundle.manifest.max_batch)
     )

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..backends.plans import resolve_bundle_plan
 from ..plan import StepPlan
 from ..runtime.generator import Generator, Request
 
@@ -59,7 +60,10 @@ class BatchWorker:
         variant: str | None = None,
         digest: str | None = None,
         generator: Generator | None = None,
+        plans: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """`plans`: the driver's resolved plans by spec (StepPlan.to_dict), so that `auto`, a plan
+        file or a preset is the plan the driver checked, whichever node runs the row."""
         if generator is None:
             from ..backends import open_generator
             from ..backends.auto import AUTO
@@ -70,12 +74,12 @@ class BatchWorker:
             self.bundle = generator.opened_bundle(digest)
         self.generator = generator
         self.identity = worker_identity()
-        self._plans: dict[str, StepPlan] = {}
+        self._plans = {spec: StepPlan.from_dict(data) for spec, data in (plans or {}).items()}
 
-    def plan(self, name: str) -> StepPlan:
-        if name not in self._plans:
-            self._plans[name] = self.bundle.plan(name)
-        return self._plans[name]
+    def plan(self, spec: str) -> StepPlan:
+        if spec not in self._plans:
+            self._plans[spec] = resolve_bundle_plan(self.bundle, spec)  # the one resolver
+        return self._plans[spec]
 
     def run(self, work: dict[str, Any]) -> Outcome:
         """({index, sha256, seconds, finished, worker, error}, the PNG or None) for one job."""

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..backends.plans import PlanBook
 from ..batching import BatchingPolicy
 from ..errors import ConfigError
-from ..plan import StepPlan
 from ..runtime.bundle import Bundle
 from ..runtime.generator import Generator, Request
 from ..runtime.request import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, CheckedRequest, RequestContract
@@ -36,7 +36,7 @@ class ServeOptions(BatchingPolicy):
     with Triton and Ray Serve) and what only this server has."""
 
     backend: str = "auto"  # `ilf-deploy tune`'s winner on this machine, else ONNX Runtime fp32
-    default_plan: str | None = None  # None: the bundle's first ILF plan, else its first plan
+    default_plan: str | None = None  # any plan spec (backends.plans); None: the bundle's Bundle.default_plan
     warmup: bool = True
     max_body_bytes: int = 1 << 20
     # No keys: no authentication (the default, for loopback use).
@@ -97,7 +97,7 @@ class ServerState:
     bundle: Bundle
     generator: Generator
     contract: RequestContract
-    plans: dict[str, StepPlan]
+    plans: PlanBook  # the bundle's, the default (any spec form) and those requests name
     metrics: ServerMetrics
     batcher: Batcher
     limiter: KeyLimiter
@@ -119,8 +119,8 @@ class ServerState:
             bundle = generator.opened_bundle()
         else:  # a caller's engine stands for the bundle it was opened from: that one must be the pin
             bundle = generator.opened_bundle(options.digest)
-        contract = RequestContract.for_bundle(bundle, generator, options.max_n, options.default_plan)
-        plans = {name: bundle.plan(name) for name in bundle.plan_names}
+        plans = PlanBook(bundle, options.default_plan)  # the one resolver; `auto` decided here, once
+        contract = RequestContract.for_bundle(bundle, generator, options.max_n, plans.default, plans.check)
         metrics = ServerMetrics()
         max_batch = options.images_per_call(bundle.manifest.max_batch)
         batcher = Batcher(
@@ -184,8 +184,8 @@ class ServerState:
             "owned_by": "ilf-deploy",
             "architecture": contract.architecture,
             "plans": [
-                {"name": p.name, "steps": p.num_steps, "block_forwards": p.block_forwards}
-                for p in self.plans.values()
+                {"name": spec, "steps": p.num_steps, "block_forwards": p.block_forwards}
+                for spec, p in self.plans.pinned.items()  # a spec a request can send in `plan`
             ],
             "default_plan": contract.default_plan,
             "sizes": list(contract.size_names),

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..backends.plans import PlanBook
 from ..errors import ConfigError, IlfError, NonFiniteError
 from ..runtime.bundle import Bundle, BundleError
 from ..runtime.generator import Generator, Request
@@ -73,9 +74,12 @@ class Engine:
     def __init__(self, generator: Generator, default_plan: str | None = None) -> None:
         self.generator = generator
         bundle = generator.opened_bundle()  # the one the model loaded (its digest pinned), not reread
-        self.plans = {name: bundle.plan(name) for name in bundle.plan_names}
+        # the one plan resolver (serve's too): the bundle's plans, the default (any form), presets
+        self.plans = PlanBook(bundle, default_plan, "default_plan")
         # every row is checked by the request contract that `serve` and `generate` use
-        self.contract = RequestContract.for_bundle(bundle, generator, default_plan=default_plan)
+        self.contract = RequestContract.for_bundle(
+            bundle, generator, default_plan=self.plans.default, check_plan=self.plans.check
+        )
 
     def open_segments(self) -> None:
         """Every segment opened now, not by the first request of a plan that uses it (Triton's

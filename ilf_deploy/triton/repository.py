@@ -206,20 +206,16 @@ from ilf_deploy.triton.model import {cls} as TritonPythonModel  # noqa: F401
 def export_repository(bundle_path: str | Path, out: str | Path, options: ExportOptions) -> list[Path]:
     """Write the model(s) into the repository `out`; returns their directories."""
     from ..backends import AUTO, get_backend
+    from ..backends.plans import PlanBook
 
     options.check()
     bundle = Bundle.load(bundle_path, digest=options.digest)  # an edited or other bundle: one line
-    for name in bundle.plan_names:  # read as every runtime reads them (the model loads them all)
-        bundle.plan(name)
     if options.backend != AUTO:
         get_backend(options.backend)  # an unknown backend is a one-line error listing the known ones
     if options.variant is not None:
         bundle.segment_spec("embed", options.variant)
-    if options.default_plan is not None and options.default_plan not in bundle.plan_names:
-        raise ConfigError(
-            f"--default-plan {options.default_plan!r} is not in the bundle "
-            f"(it has: {', '.join(bundle.plan_names)})"
-        )
+    # every plan read as the model reads them, and the default: any spec the model resolves, else one line
+    PlanBook(bundle, options.default_plan)
     repo = Path(out)
     models: dict[str, Any] = {options.name: None}
     if options.layout == "bls":
