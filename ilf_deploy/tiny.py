@@ -133,8 +133,10 @@ def make_tiny_pipeline(
     resolution_conditions: bool = False,
     loop: tuple[int, int] | None = None,
     feedback: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Write a seeded random-weight `arch` pipeline to `out_dir` (safetensors) and return it.
+    """Write a seeded random-weight `arch` pipeline to `out_dir` (safetensors) and return it; with
+    `force`, one that is there already is replaced (only once the new one is complete).
 
     With `feedback`, also a random ILF feedback module in `out_dir/feedback` over `loop` (default:
     the paper's 8-19 of 28 scaled to `num_layers`); its scales are small random numbers rather
@@ -146,11 +148,11 @@ def make_tiny_pipeline(
     """
     _check_request(arch, num_layers, resolution_conditions, loop if feedback else None, feedback)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output directory {out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     quiet_huggingface()
-    with staged_directory(out) as tmp:  # renamed into place only when complete
+    with staged_directory(out, replace=force) as tmp:  # renamed into place only when complete
         # fork_rng: seed locally without disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -224,3 +224,26 @@ def test_every_writer_stages_through_files_py():
             found[path.relative_to(PACKAGE)] = count
     assert found == {}
     assert len(RENAMES.findall((PACKAGE / "runtime" / "bundle.py").read_text())) == 1
+
+
+def test_a_tiny_model_replaced_with_force_is_swapped_whole(tmp_path, monkeypatch):
+    """make_tiny_pipeline(force=True) stages beside the old model and swaps it only when complete."""
+    from ilf_deploy import tiny
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    real = tiny._save_tokenizers
+    monkeypatch.setattr(tiny, "_save_tokenizers", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        tiny.make_tiny_pipeline("dit", out, num_layers=1, force=True)
+    assert sorted(os.listdir(out)) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["model"]
+
+    monkeypatch.setattr(tiny, "_save_tokenizers", real)
+    tiny.make_tiny_pipeline("dit", out, num_layers=1, force=True)
+    assert (out / "model_index.json").is_file() and not (out / "keep.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["model"]
