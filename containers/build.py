@@ -91,7 +91,7 @@ IMAGES = {
         "ilf-deploy-triton",
         "onnx",
         (f"{VENV}/bin/ilf-deploy", "serve"),
-        "NVIDIA Triton Inference Server (CPU) with ilf-deploy's Python-backend model (no torch)",
+        "NVIDIA Triton Inference Server (nvidia-pytriton's) and ilf-deploy's Python-backend model, no torch",
         server=("--server", "triton", "--host", "0.0.0.0", "--port", str(PORT)),
         readiness="/v2/health/ready",
         ports=tuple(PORTS.values()),
@@ -122,7 +122,8 @@ def wheelhouse(wheel: Path, image: Image) -> Path:
     """The dependencies' wheels for `image`, downloaded once per requirement set."""
     markers = [f'extra == "{e}"' for e in image.extras.split(",")]
     relevant = [r for r in wheel_requirements(wheel) if "extra ==" not in r or any(m in r for m in markers)]
-    key_parts = [image.extras, sys.version_info[:2], *relevant, *image.downloads]  # not a dev-only change
+    # what the image installs: a change to other extras (dev) keeps the wheelhouse
+    key_parts = [image.extras, sys.version_info[:2], *relevant, *image.downloads]
     key = hashlib.sha256(json.dumps(key_parts).encode())
     house = ROOT / "out" / "wheelhouse" / f"{image.name}-{key.hexdigest()[:16]}"
     if not (house / ".complete").exists():
