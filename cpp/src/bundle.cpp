@@ -4,12 +4,13 @@
 //
 // The checks and their one-line messages are runtime/bundle.py's and runtime/manifest.py's: the
 // schema version first (its message says how to fix it), then the manifest's own digest, a pinned
-// --digest, the manifest's structure (every field this reader uses, typed; the closed top level),
-// the references a schema cannot express, and last every file's sha256.
+// --digest, the published JSON Schema (manifest.schema.json, plan.schema.json: schema.cpp, by a schema
+// library), then what the schema does not say: integers that must fit an `int`, the references
+// between fields, and last every file's sha256. The readers below trust the structure the schema
+// checked; their typed reads still refuse (never misread) a value of another type.
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -43,19 +44,6 @@ bool readable_schema(const nlohmann::ordered_json& v) {
 }
 const char* kDigestFile = "manifest.sha256";
 
-const std::set<std::string> kTopLevel = {
-    "schema_version", "architecture", "config_hash", "model",   "feedback", "precision",
-    "max_batch",      "resolutions",  "latent_sizes", "cut_points", "segments", "plans",
-    "tokenizer",      "scheduler",    "torch_model",  "tools",   "files",    "calibration",
-    "variants",       "engines",      "tokenizers"};
-const std::set<std::string> kModelKeys = {"num_blocks",      "latent_channels",    "out_channels",
-                                          "patch_size",      "sample_size",        "vae_scale_factor",
-                                          "default_image_size", "context_inputs", "uses_size_conditions",
-                                          "num_classes",     "id2label",           "state",
-                                          "state_init",      "token_layout",       "guidance",
-                                          "position_ids"};
-// Schema 4 only (manifest.py MODEL_STATE_FIELDS); a schema 2 manifest has one state tensor, one tokenizer.
-const std::vector<std::string> kStateFields = {"state", "state_init", "token_layout", "guidance", "position_ids"};
 const std::vector<std::string> kModelInts = {"num_blocks", "latent_channels", "out_channels", "patch_size",
                                              "sample_size", "vae_scale_factor", "default_image_size"};
 
@@ -67,7 +55,8 @@ std::string type_name(const json& v) {
   return s.size() > 60 ? s.substr(0, 60) + "…" : s;
 }
 
-/// Structural checks with the schema's vocabulary: "at segments/embed/file: 3 is not of type 'string'".
+/// Typed reads of a document the schema checked, in the schema's vocabulary ("at segments/embed/file:
+/// 3 is not of type 'string'"), and the reader's own integer ranges (stricter than the schema's).
 class Check {
  public:
   Check(std::string where, std::string schema) : where_(std::move(where)), schema_(std::move(schema)) {}
@@ -86,9 +75,8 @@ class Check {
   void object(const json& v, const std::string& at) const {
     if (!v.is_object()) fail(at, type_name(v) + " is not of type 'object'");
   }
-  void array(const json& v, const std::string& at, size_t min_items = 0) const {
+  void array(const json& v, const std::string& at) const {
     if (!v.is_array()) fail(at, type_name(v) + " is not of type 'array'");
-    if (v.size() < min_items) fail(at, type_name(v) + " should be non-empty");
   }
   std::string string(const json& v, const std::string& at) const {
     if (!v.is_string()) fail(at, type_name(v) + " is not of type 'string'");
@@ -118,30 +106,6 @@ class Check {
     if (!v.is_boolean()) fail(at, type_name(v) + " is not of type 'boolean'");
     return v.get<bool>();
   }
-  void closed(const json& obj, const std::string& at, const std::set<std::string>& allowed) const {
-    for (auto& [k, _] : obj.items())
-      if (!allowed.count(k)) fail(at, "Additional properties are not allowed ('" + k + "' was unexpected)");
-  }
-  std::string path(const json& v, const std::string& at) const {
-    std::string p = string(v, at);
-    bool bad = p.empty() || p[0] == '/' || p.find('\\') != std::string::npos;
-    size_t start = 0;
-    while (!bad && start <= p.size()) {
-      size_t end = p.find('/', start);
-      if (p.substr(start, end == std::string::npos ? std::string::npos : end - start) == "..") bad = true;
-      if (end == std::string::npos) break;
-      start = end + 1;
-    }
-    if (bad) fail(at, "'" + p + "' is not a relative path inside the bundle");
-    return p;
-  }
-  std::string name(const std::string& n, const std::string& at) const {
-    bool ok = !n.empty() && std::all_of(n.begin(), n.end(), [](char ch) {
-      return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '.' || ch == '-';
-    });
-    if (!ok) fail(at, "'" + n + "' does not match '^[A-Za-z0-9_.-]+$'");
-    return n;
-  }
   std::pair<int, int> pair(const json& v, const std::string& at, int64_t minimum) const {
     array(v, at);
     if (v.size() != 2) fail(at, type_name(v) + " should have exactly 2 items");
@@ -153,8 +117,6 @@ class Check {
 };
 
 TensorSpec parse_tensor(const Check& c, const json& v, const std::string& at) {
-  c.object(v, at);
-  c.closed(v, at, {"name", "shape", "dtype"});
   TensorSpec t;
   t.name = c.string(c.key(v, at, "name"), at + "/name");
   const json& shape = c.key(v, at, "shape");
@@ -173,16 +135,14 @@ TensorSpec parse_tensor(const Check& c, const json& v, const std::string& at) {
 }
 
 SegmentSpec parse_segment(const Check& c, const std::string& name, const json& v, const std::string& at) {
-  c.object(v, at);
-  c.closed(v, at, {"file", "inputs", "outputs", "blocks"});
   SegmentSpec s;
   s.name = name;
-  s.file = c.path(c.key(v, at, "file"), at + "/file");
+  s.file = c.string(c.key(v, at, "file"), at + "/file");
   const json& inputs = c.key(v, at, "inputs");
   c.array(inputs, at + "/inputs");
   for (size_t i = 0; i < inputs.size(); ++i) s.inputs.push_back(parse_tensor(c, inputs[i], at + "/inputs/" + std::to_string(i)));
   const json& outputs = c.key(v, at, "outputs");
-  c.array(outputs, at + "/outputs", 1);
+  c.array(outputs, at + "/outputs");
   for (size_t i = 0; i < outputs.size(); ++i)
     s.outputs.push_back(parse_tensor(c, outputs[i], at + "/outputs/" + std::to_string(i)));
   const json& blocks = c.key(v, at, "blocks");
@@ -190,17 +150,15 @@ SegmentSpec parse_segment(const Check& c, const std::string& name, const json& v
   return s;
 }
 
-std::map<std::string, SegmentSpec> parse_segments(const Check& c, const json& v, const std::string& at,
-                                                  size_t min_properties) {
+std::map<std::string, SegmentSpec> parse_segments(const Check& c, const json& v, const std::string& at) {
   c.object(v, at);
-  if (v.size() < min_properties) c.fail(at, "{} should be non-empty");
   std::map<std::string, SegmentSpec> out;
-  for (auto& [name, spec] : v.items()) out[c.name(name, at)] = parse_segment(c, name, spec, at + "/" + name);
+  for (auto& [name, spec] : v.items()) out[name] = parse_segment(c, name, spec, at + "/" + name);
   return out;
 }
 
 std::vector<std::pair<int, int>> parse_sizes(const Check& c, const json& v, const std::string& at) {
-  c.array(v, at, 1);
+  c.array(v, at);
   std::vector<std::pair<int, int>> out;
   for (size_t i = 0; i < v.size(); ++i) out.push_back(c.pair(v[i], at + "/" + std::to_string(i), 1));
   return out;
@@ -208,25 +166,13 @@ std::vector<std::pair<int, int>> parse_sizes(const Check& c, const json& v, cons
 
 Manifest parse_manifest(const json& d, const std::string& where) {
   Check c(where, "manifest");
-  c.object(d, "");
-  for (const char* k : {"schema_version", "architecture", "config_hash", "model", "feedback", "precision",
-                        "max_batch", "resolutions", "latent_sizes", "cut_points", "segments", "plans", "tokenizer",
-                        "scheduler", "torch_model", "tools", "files"})
-    c.key(d, "", k);
-  c.closed(d, "", kTopLevel);
   Manifest m;
-  m.schema_version = static_cast<int>(d["schema_version"].get<double>());  // Bundle::load checked it
-  const bool v4 = m.schema_version >= kStateSchemaVersion;  // 4 and 5 (5 adds a prompt format to 4)
-  m.architecture = c.string(d["architecture"], "architecture");
-  if (m.architecture != "pixart-alpha" && m.architecture != "pixart-sigma" && m.architecture != "dit" &&
-      m.architecture != "sd3" && m.architecture != "flux" && m.architecture != "sana")
-    c.fail("architecture",
-           type_name(d["architecture"]) + " is not one of ['pixart-alpha', 'pixart-sigma', 'dit', 'sd3', 'flux', 'sana']");
-  m.config_hash = c.string(d["config_hash"], "config_hash");
+  m.schema_version = static_cast<int>(c.key(d, "", "schema_version").get<double>());  // Bundle::load checked it
+  m.architecture = c.string(c.key(d, "", "architecture"), "architecture");
+  m.config_hash = c.string(c.key(d, "", "config_hash"), "config_hash");
 
-  const json& model = d["model"];
+  const json& model = c.key(d, "", "model");
   c.object(model, "model");
-  c.closed(model, "model", kModelKeys);
   std::vector<int*> ints = {&m.model.num_blocks,  &m.model.latent_channels,  &m.model.out_channels,
                             &m.model.patch_size,  &m.model.sample_size,      &m.model.vae_scale_factor,
                             &m.model.default_image_size};
@@ -238,130 +184,85 @@ Manifest parse_manifest(const json& d, const std::string& where) {
     m.model.context_inputs.push_back(c.string(context[i], "model/context_inputs/" + std::to_string(i)));
   m.model.uses_size_conditions = c.boolean(c.key(model, "model", "uses_size_conditions"), "model/uses_size_conditions");
   if (model.contains("num_classes")) m.model.num_classes = c.int32(model["num_classes"], "model/num_classes", 1);
-  if (model.contains("id2label")) c.object(model["id2label"], "model/id2label");
-  for (auto& field : kStateFields)
-    if (model.contains(field) && !v4)
-      c.fail("model", "'" + field + "' is only allowed in schema_version " + std::to_string(kStateSchemaVersion) +
-                          " (this manifest says " + std::to_string(m.schema_version) + ")");
-  if (model.contains("state")) {
+  if (model.contains("state")) {  // schema 4 and 5 only, as state_init, token_layout, guidance, position_ids
     const json& state = model["state"];
-    c.array(state, "model/state", 1);
+    c.array(state, "model/state");
     m.model.state.clear();
-    for (size_t i = 0; i < state.size(); ++i) {
-      std::string at = "model/state/" + std::to_string(i);
-      std::string name = c.string(state[i], at);
-      if (name.empty() || !std::all_of(name.begin(), name.end(), [](char ch) { return (ch >= 'a' && ch <= 'z') || ch == '_'; }))
-        c.fail(at, "'" + name + "' does not match '^[a-z_]+$'");
-      m.model.state.push_back(name);
-    }
+    for (size_t i = 0; i < state.size(); ++i) m.model.state.push_back(c.string(state[i], "model/state/" + std::to_string(i)));
   }
   if (model.contains("state_init")) {
     c.object(model["state_init"], "model/state_init");
     for (auto& [name, entry] : model["state_init"].items())
       m.model.state_init[name] = c.string(entry, "model/state_init/" + name);
   }
-  if (model.contains("token_layout")) {
-    m.model.token_layout = c.string(model["token_layout"], "model/token_layout");
-    if (m.model.token_layout != "patch" && m.model.token_layout != "packed")
-      c.fail("model/token_layout", type_name(model["token_layout"]) + " is not one of ['patch', 'packed']");
-  }
-  if (model.contains("guidance")) {
-    m.model.guidance = c.string(model["guidance"], "model/guidance");
-    if (m.model.guidance != "cfg" && m.model.guidance != "embedded" && m.model.guidance != "none")
-      c.fail("model/guidance", type_name(model["guidance"]) + " is not one of ['cfg', 'embedded', 'none']");
-  }
+  if (model.contains("token_layout")) m.model.token_layout = c.string(model["token_layout"], "model/token_layout");
+  if (model.contains("guidance")) m.model.guidance = c.string(model["guidance"], "model/guidance");
   if (model.contains("position_ids")) m.model.position_ids = c.boolean(model["position_ids"], "model/position_ids");
 
-  const json& feedback = d["feedback"];
+  const json& feedback = c.key(d, "", "feedback");
   if (!feedback.is_null()) {
     c.object(feedback, "feedback");
-    c.closed(feedback, "feedback", {"loop"});
     m.loop = c.pair(c.key(feedback, "feedback", "loop"), "feedback/loop", 0);
   }
-  m.precision = c.string(d["precision"], "precision");
-  if (m.precision != "fp32" && m.precision != "fp16") c.fail("precision", type_name(d["precision"]) + " is not one of ['fp32', 'fp16']");
-  m.max_batch = c.int32(d["max_batch"], "max_batch", 1);
-  m.resolutions = parse_sizes(c, d["resolutions"], "resolutions");
-  m.latent_sizes = parse_sizes(c, d["latent_sizes"], "latent_sizes");
-  c.array(d["cut_points"], "cut_points");
-  for (size_t i = 0; i < d["cut_points"].size(); ++i)
-    m.cut_points.push_back(c.int32(d["cut_points"][i], "cut_points/" + std::to_string(i), 0));
-  m.segments = parse_segments(c, d["segments"], "segments", 1);
+  m.precision = c.string(c.key(d, "", "precision"), "precision");
+  m.max_batch = c.int32(c.key(d, "", "max_batch"), "max_batch", 1);
+  m.resolutions = parse_sizes(c, c.key(d, "", "resolutions"), "resolutions");
+  m.latent_sizes = parse_sizes(c, c.key(d, "", "latent_sizes"), "latent_sizes");
+  const json& cut_points = c.key(d, "", "cut_points");
+  c.array(cut_points, "cut_points");
+  for (size_t i = 0; i < cut_points.size(); ++i)
+    m.cut_points.push_back(c.int32(cut_points[i], "cut_points/" + std::to_string(i), 0));
+  m.segments = parse_segments(c, c.key(d, "", "segments"), "segments");
 
-  const json& plans = d["plans"];
+  const json& plans = c.key(d, "", "plans");
   c.object(plans, "plans");
-  if (plans.empty()) c.fail("plans", "{} should be non-empty");
-  for (auto& [name, file] : plans.items()) m.plans.emplace_back(c.name(name, "plans"), c.path(file, "plans/" + name));
+  for (auto& [name, file] : plans.items()) m.plans.emplace_back(name, c.string(file, "plans/" + name));
 
-  const json& tokenizer = d["tokenizer"];
+  const json& tokenizer = c.key(d, "", "tokenizer");
   if (!tokenizer.is_null()) {
     c.object(tokenizer, "tokenizer");
-    c.closed(tokenizer, "tokenizer", {"file", "max_length", "pad_id", "openvino", "instruction", "instruction_max_length"});
     TokenizerSpec t;
-    t.file = c.path(c.key(tokenizer, "tokenizer", "file"), "tokenizer/file");
+    t.file = c.string(c.key(tokenizer, "tokenizer", "file"), "tokenizer/file");
     t.max_length = c.int32(c.key(tokenizer, "tokenizer", "max_length"), "tokenizer/max_length", 1);
     t.pad_id = c.int32(c.key(tokenizer, "tokenizer", "pad_id"), "tokenizer/pad_id", 0);
     if (tokenizer.contains("openvino") && !tokenizer["openvino"].is_null())
-      t.openvino = c.path(tokenizer["openvino"], "tokenizer/openvino");
-    if (tokenizer.contains("instruction") != tokenizer.contains("instruction_max_length"))
-      c.fail("tokenizer", "'instruction' and 'instruction_max_length' go together");
-    if (tokenizer.contains("instruction")) {
-      if (m.schema_version < kInstructionSchemaVersion)
-        c.fail("tokenizer", "'instruction' is only allowed in schema_version " + std::to_string(kInstructionSchemaVersion) +
-                                " (this manifest says " + std::to_string(m.schema_version) + ")");
+      t.openvino = c.string(tokenizer["openvino"], "tokenizer/openvino");
+    if (tokenizer.contains("instruction")) {  // schema 5, with instruction_max_length
       t.instruction = c.string(tokenizer["instruction"], "tokenizer/instruction");
-      t.instruction_max_length = c.int32(tokenizer["instruction_max_length"], "tokenizer/instruction_max_length", 1);
+      t.instruction_max_length =
+          c.int32(c.key(tokenizer, "tokenizer", "instruction_max_length"), "tokenizer/instruction_max_length", 1);
     }
     m.tokenizer = t;
   }
-  if (d.contains("tokenizers")) {
-    if (!v4)
-      c.fail("", "'tokenizers' is only allowed in schema_version " + std::to_string(kStateSchemaVersion) +
-                     " (this manifest says " + std::to_string(m.schema_version) + ")");
+  if (d.contains("tokenizers")) {  // schema 4 and 5
     const json& tokenizers = d["tokenizers"];
     c.array(tokenizers, "tokenizers");
     for (size_t i = 0; i < tokenizers.size(); ++i) {
       std::string at = "tokenizers/" + std::to_string(i);
       const json& v = tokenizers[i];
       c.object(v, at);
-      for (const char* k : {"file", "max_length", "pad_id", "input"}) c.key(v, at, k);
-      c.closed(v, at, {"file", "max_length", "pad_id", "input"});
       TokenizerSpec t;
-      t.file = c.path(v["file"], at + "/file");
-      t.max_length = c.int32(v["max_length"], at + "/max_length", 1);
-      t.pad_id = c.int32(v["pad_id"], at + "/pad_id", 0);
-      t.input = c.string(v["input"], at + "/input");
+      t.file = c.string(c.key(v, at, "file"), at + "/file");
+      t.max_length = c.int32(c.key(v, at, "max_length"), at + "/max_length", 1);
+      t.pad_id = c.int32(c.key(v, at, "pad_id"), at + "/pad_id", 0);
+      t.input = c.string(c.key(v, at, "input"), at + "/input");
       m.tokenizers.push_back(t);
     }
   }
-  c.object(d["scheduler"], "scheduler");
-  if (!d["torch_model"].is_null()) c.path(d["torch_model"], "torch_model");
-  c.object(d["tools"], "tools");
-
-  const json& files = d["files"];
+  const json& files = c.key(d, "", "files");
   c.object(files, "files");
-  if (files.empty()) c.fail("files", "{} should be non-empty");
-  for (auto& [name, digest] : files.items()) {
-    c.path(name, "files");
-    std::string h = c.string(digest, "files/" + name);
-    if (!lower_hex(h, 0, 64)) c.fail("files/" + name, "'" + h + "' does not match '^[0-9a-f]{64}$'");
-    m.files[name] = h;
-  }
+  for (auto& [name, digest] : files.items()) m.files[name] = c.string(digest, "files/" + name);
 
   if (d.contains("variants")) {
     const json& variants = d["variants"];
     c.object(variants, "variants");
     for (auto& [name, v] : variants.items()) {
-      std::string at = "variants/" + c.name(name, "variants");
+      std::string at = "variants/" + name;
       c.object(v, at);
       VariantSpec spec;
       spec.name = name;
-      spec.mode = c.string(c.key(v, at, "mode"), at + "/mode");
-      if (spec.engines().empty())
-        c.fail(at + "/mode", type_name(v["mode"]) + " is not one of ['int8-dynamic', 'int8-qdq', 'fp8-qdq', 'int8-ov', 'bf16']");
-      if (spec.mode == "bf16" && !v4)  // schema 3's, which this reader refuses; 4 may hold one
-        c.fail(at + "/mode", "'bf16' is only allowed in schema_version 3 and " + std::to_string(kStateSchemaVersion));
-      spec.segments = parse_segments(c, c.key(v, at, "segments"), at + "/segments", 1);
+      spec.mode = c.string(c.key(v, at, "mode"), at + "/mode");  // bf16: not in schema 2 (the schema says)
+      spec.segments = parse_segments(c, c.key(v, at, "segments"), at + "/segments");
       m.variants[name] = spec;
     }
   }
@@ -562,15 +463,13 @@ namespace {
 
 Coefficients parse_coefficients(const Check& c, const json& k, const std::string& kat) {
   c.object(k, kat);
-  for (const char* name : {"timestep", "prev_timestep", "x", "eps", "x0_x", "x0_eps"}) c.key(k, kat, name);
-  c.closed(k, kat, {"timestep", "prev_timestep", "x", "eps", "x0_x", "x0_eps", "history"});
   Coefficients co;
-  co.timestep = c.number(k["timestep"], kat + "/timestep");
-  co.prev_timestep = c.number(k["prev_timestep"], kat + "/prev_timestep");
-  co.x = c.number(k["x"], kat + "/x");
-  co.eps = c.number(k["eps"], kat + "/eps");
-  co.x0_x = c.number(k["x0_x"], kat + "/x0_x");
-  co.x0_eps = c.number(k["x0_eps"], kat + "/x0_eps");
+  co.timestep = c.number(c.key(k, kat, "timestep"), kat + "/timestep");
+  co.prev_timestep = c.number(c.key(k, kat, "prev_timestep"), kat + "/prev_timestep");
+  co.x = c.number(c.key(k, kat, "x"), kat + "/x");
+  co.eps = c.number(c.key(k, kat, "eps"), kat + "/eps");
+  co.x0_x = c.number(c.key(k, kat, "x0_x"), kat + "/x0_x");
+  co.x0_eps = c.number(c.key(k, kat, "x0_eps"), kat + "/x0_eps");
   if (k.contains("history")) {
     const json& history = k["history"];
     c.array(history, kat + "/history");
@@ -585,37 +484,28 @@ std::optional<double> parse_t_post(const Check& c, const json& s, const std::str
 }
 
 Op parse_op(const Check& c, const json& o, const std::string& oat, int version) {
+  // The schema decided the rest: the op names (cache_adaptive from version 2), a key on cached ops, an
+  // adaptive op's rule and no rule on another op.
   c.object(o, oat);
-  for (const char* k : {"op", "start", "end"}) c.key(o, oat, k);
-  c.closed(o, oat, {"op", "start", "end", "time", "key", "threshold", "max_reuse"});
   Op op;
-  std::string kind = c.string(o["op"], oat + "/op");
+  std::string kind = c.string(c.key(o, oat, "op"), oat + "/op");
   if (kind == "blocks") op.kind = OpKind::blocks;
   else if (kind == "ilf") op.kind = OpKind::ilf;
   else if (kind == "cache_refresh") op.kind = OpKind::cache_refresh;
   else if (kind == "cache_reuse") op.kind = OpKind::cache_reuse;
-  else if (kind == "cache_adaptive" && version >= 2) op.kind = OpKind::cache_adaptive;
-  else if (kind == "cache_adaptive") c.fail(oat + "/op", "'cache_adaptive' is not allowed in version 1 plans (write version 2)");
-  else c.fail(oat + "/op", "'" + kind + "' is not one of ['blocks', 'ilf', 'cache_refresh', 'cache_reuse', 'cache_adaptive']");
-  op.start = c.int32(o["start"], oat + "/start", 0);
-  op.end = c.int32(o["end"], oat + "/end", 0);
+  else if (kind == "cache_adaptive") op.kind = OpKind::cache_adaptive;
+  else c.fail(oat + "/op", "'" + kind + "' is not an op this reader knows");
+  op.start = c.int32(c.key(o, oat, "start"), oat + "/start", 0);
+  op.end = c.int32(c.key(o, oat, "end"), oat + "/end", 0);
   if (o.contains("time")) op.time = parse_time(c, o["time"], oat + "/time");
-  const bool cached = op.kind == OpKind::cache_refresh || op.kind == OpKind::cache_reuse || op.kind == OpKind::cache_adaptive;
-  if (cached) c.key(o, oat, "key");
   if (o.contains("key")) {
     op.key = c.string(o["key"], oat + "/key");
     op.keyed = !(version == 1 && op.kind == OpKind::ilf);  // version 1 never stored a Δ from the inner loop
     if (!op.keyed) op.key.clear();
   }
   if (op.kind == OpKind::cache_adaptive) {
-    c.key(o, oat, "threshold");
-    c.key(o, oat, "max_reuse");
-    op.threshold = c.number(o["threshold"], oat + "/threshold");
-    if (op.threshold < 0) c.fail(oat + "/threshold", o["threshold"].dump() + " is less than the minimum of 0");
-    op.max_reuse = c.int32(o["max_reuse"], oat + "/max_reuse", 1);
-  } else {
-    for (const char* k : {"threshold", "max_reuse"})
-      if (o.contains(k)) c.fail(oat + "/" + k, "False schema does not allow " + type_name(o[k]));
+    op.threshold = c.number(c.key(o, oat, "threshold"), oat + "/threshold");
+    op.max_reuse = c.int32(c.key(o, oat, "max_reuse"), oat + "/max_reuse", 1);
   }
   return op;
 }
@@ -732,57 +622,45 @@ Plan Plan::parse(const std::string& text, const std::string& where) {
                          " (this tool reads 1, 2, 3); rebuild the plan or bundle with this version of ilf-deploy");
   if (auto found = detail::schema_problem(detail::SchemaName::plan, d))
     detail::bundle_error("plan " + where + " does not follow the plan schema " + *found);
-  for (const char* k : {"name", "num_blocks", "scheduler", "steps"}) c.key(d, "", k);  // the rest has defaults
-  c.closed(d, "", {"version", "name", "num_blocks", "num_steps", "scheduler", "loop", "block_forwards", "settings", "steps",
-                   "schedules"});
   Plan plan;
   plan.version = v;
-  plan.name = c.string(d["name"], "name");
-  plan.num_blocks = c.int32(d["num_blocks"], "num_blocks", 1);
-  plan.scheduler = c.string(d["scheduler"], "scheduler");
+  plan.name = c.string(c.key(d, "", "name"), "name");
+  plan.num_blocks = c.int32(c.key(d, "", "num_blocks"), "num_blocks", 1);
+  plan.scheduler = c.string(c.key(d, "", "scheduler"), "scheduler");
   if (d.contains("loop") && !d["loop"].is_null()) plan.loop = c.pair(d["loop"], "loop", 0);
-  if (d.contains("settings")) c.object(d["settings"], "settings");
-  const json& steps = d["steps"];
-  c.array(steps, "steps", 1);
+  const json& steps = c.key(d, "", "steps");
+  c.array(steps, "steps");
   for (size_t i = 0; i < steps.size(); ++i) {
     std::string at = "steps/" + std::to_string(i);
     const json& s = steps[i];
     c.object(s, at);
-    for (const char* k : {"index", "timestep", "ops", "coefficients"}) c.key(s, at, k);
-    c.closed(s, at, {"index", "timestep", "t_post", "feedback", "block_forwards", "ops", "final_time", "coefficients"});
     Step step;
-    step.index = c.int32(s["index"], at + "/index", 0);
-    step.timestep = c.number(s["timestep"], at + "/timestep");
+    step.index = c.int32(c.key(s, at, "index"), at + "/index", 0);
+    step.timestep = c.number(c.key(s, at, "timestep"), at + "/timestep");
     step.t_post = parse_t_post(c, s, at);
-    const json& ops = s["ops"];
-    c.array(ops, at + "/ops", 1);
+    const json& ops = c.key(s, at, "ops");
+    c.array(ops, at + "/ops");
     for (size_t j = 0; j < ops.size(); ++j) step.ops.push_back(parse_op(c, ops[j], at + "/ops/" + std::to_string(j), v));
     if (s.contains("final_time")) step.final_time = parse_time(c, s["final_time"], at + "/final_time");
-    step.coefficients = parse_coefficients(c, s["coefficients"], at + "/coefficients");
+    step.coefficients = parse_coefficients(c, c.key(s, at, "coefficients"), at + "/coefficients");
     plan.steps.push_back(step);
   }
-  if (d.contains("schedules")) {
-    if (v != 3) c.fail("", "'schedules' is only allowed in version 3 plans");
+  if (d.contains("schedules")) {  // version 3; keys as '^[1-9][0-9]*$' (the schema)
     const json& schedules = d["schedules"];
     c.object(schedules, "schedules");
     for (auto& [tokens, timing] : schedules.items()) {
       std::string at = "schedules/" + tokens;
-      bool digits = !tokens.empty() && tokens[0] != '0' &&
-                    std::all_of(tokens.begin(), tokens.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
-      if (!digits) c.fail("schedules", "'" + tokens + "' does not match '^[1-9][0-9]*$'");
       if (tokens.size() > 18) c.fail("schedules", "'" + tokens + "' is more image tokens than this tool counts");
-      c.array(timing, at, 1);
+      c.array(timing, at);
       std::vector<StepTiming> entries;
       for (size_t i = 0; i < timing.size(); ++i) {
         std::string eat = at + "/" + std::to_string(i);
         const json& e = timing[i];
         c.object(e, eat);
-        for (const char* k : {"timestep", "coefficients"}) c.key(e, eat, k);
-        c.closed(e, eat, {"timestep", "t_post", "coefficients"});
         StepTiming t;
-        t.timestep = c.number(e["timestep"], eat + "/timestep");
+        t.timestep = c.number(c.key(e, eat, "timestep"), eat + "/timestep");
         t.t_post = parse_t_post(c, e, eat);
-        t.coefficients = parse_coefficients(c, e["coefficients"], eat + "/coefficients");
+        t.coefficients = parse_coefficients(c, c.key(e, eat, "coefficients"), eat + "/coefficients");
         entries.push_back(t);
       }
       plan.schedules[std::stoll(tokens)] = entries;
