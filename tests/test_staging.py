@@ -247,3 +247,35 @@ def test_a_tiny_model_replaced_with_force_is_swapped_whole(tmp_path, monkeypatch
     tiny.make_tiny_pipeline("dit", out, num_layers=1, force=True)
     assert (out / "model_index.json").is_file() and not (out / "keep.txt").exists()
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_a_shipped_bundle_is_written_once_per_node_and_a_damaged_copy_replaced(
+    tiny_bundles, tmp_path, monkeypatch
+):
+    """Shipped.materialize (Ray's object store stood in for by the bytes themselves): workers of one
+    node racing write one copy (the losers use the winner's), and a damaged copy is replaced whole."""
+    import threading
+    import types
+
+    from ilf_deploy.runtime.bundle import Bundle
+    from ilf_deploy.scale.ship import CACHE_ENV, Shipped, bundle_files
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get=lambda ref: ref))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    bundle = Bundle.load(tiny_bundles["dit"])
+    shipped = Shipped(
+        "b", bundle.digest, tuple((n, (bundle.path / n).read_bytes()) for n in bundle_files(bundle))
+    )
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(shipped.materialize())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    final = tmp_path / "cache" / bundle.digest.removeprefix("sha256:")
+    assert results == [final / "b"] * 4 and os.listdir(tmp_path / "cache") == [final.name]
+    assert Bundle.load(final / "b", digest=bundle.digest)
+
+    (final / "b" / "manifest.sha256").write_text("sha256:" + "0" * 64 + "\n")  # damaged
+    assert shipped.materialize() == final / "b"
+    assert Bundle.load(final / "b", digest=bundle.digest) and os.listdir(tmp_path / "cache") == [final.name]
