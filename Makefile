@@ -135,8 +135,8 @@ DEFAULT_MODEL := ilf_deploy/default_model
 # t_post (rescale's n/m = 8/3 jump on the first steps hurt this model: README).
 FEEDBACK_RECIPE := --loop 3:5 --steps 800 --batch-size 32 --lr 1e-3 --t-post uniform
 default-model: setup
-	$(BIN)/ilf-deploy train-base all --work $(TRAIN_WORK) --out $(DEFAULT_MODEL)
-	$(BIN)/ilf-deploy train-feedback $(DEFAULT_MODEL) $(FEEDBACK_RECIPE)
+	$(BIN)/ilf-deploy train-base all --work $(TRAIN_WORK) --out $(DEFAULT_MODEL) --force
+	$(BIN)/ilf-deploy train-feedback $(DEFAULT_MODEL) $(FEEDBACK_RECIPE) --force
 	rm -f $(DEFAULT_MODEL)/feedback/fad_checkpoint.pt
 
 bench: setup

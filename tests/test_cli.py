@@ -138,7 +138,7 @@ def test_make_tiny_and_help(tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "dit" / "feedback" / "ilf_config.json").read_text())
     assert (config["loop_start"], config["loop_end"], config["num_blocks"]) == (1, 2, 4)
-    assert_one_line_error(invoke("make-tiny", "dit", tmp_path / "dit"), "not empty")
+    assert_one_line_error(invoke("make-tiny", "dit", tmp_path / "dit"), "exists; pass --force")
     assert_one_line_error(
         invoke("make-tiny", "dit", tmp_path / "x", "--layers", "4", "--loop", "1:9"), "out of range"
     )
@@ -172,9 +172,8 @@ def test_bundle_commands(tiny_dirs, tmp_path):
     result = invoke("generate", bundle, "--plan", "ilf-4", "--class-label", "2", "--out", image)
     assert result.exit_code == 0, result.output
     assert Image.open(image).size == (32, 32)
-    result = invoke(
-        "generate", bundle, "--plan", "ilf-4", "--class-label", "2", "--backend", "torch", "--out", image
-    )
+    torch_args = ("generate", bundle, "--plan", "ilf-4", "--class-label", "2", "--backend", "torch")
+    result = invoke(*torch_args, "--out", image, "--force")  # the same file again: replaced
     assert result.exit_code == 0, result.output
 
 

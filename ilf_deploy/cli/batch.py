@@ -97,7 +97,7 @@ def batch(
     from ..scale.batch import run_batch
     from ..scale.options import BatchOptions
 
-    output_dir(out, "--out")
+    output_dir(out, "--out", force=False, files=())  # no --force: a re-run resumes (docs/cli-guide.md)
     options = BatchOptions(
         bundle, prompts, out, plan, backend, variant, digest, ray_address, actors, batch_size, actor_cpus,
         ship_bundle,
@@ -240,7 +240,7 @@ def export_kuberay(
     from ..scale.kuberay import KubeRay, write_manifests
     from ..scale.options import parse_autoscale
 
-    output_dir(out, "--out")
+    output_dir(out, "--out", force=force, files=())  # write_manifests checks the files it writes
     if backend not in (None, AUTO):
         get_backend(backend)  # an unknown engine is refused here, as by every other command
     loaded = load_bundle(bundle, digest)  # every file's hash: the digest must be worth pinning

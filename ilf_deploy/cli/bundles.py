@@ -13,8 +13,8 @@ from ..runtime.generator import Request
 from ..runtime.request import RequestError
 from . import command, console, finish_checks, out, progress
 from .generate import announce, say
-from .options import VARIANT_HELP, ChecksJson, Digest, backend_help, load_bundle
-from .paths import image_suffixes, output_file
+from .options import VARIANT_HELP, ChecksJson, Digest, Force, backend_help, load_bundle
+from .paths import image_suffixes, output_file, refuse_existing
 from .sizes import parse_resolutions, split_list
 from .tables import bench_table, bundle_tables, checks_table, stage_table
 
@@ -49,6 +49,8 @@ def build(
     """Export every segment the plans need, the text encoder and the VAE decoder to ONNX, as a bundle."""
     from ..export.build import BuildOptions, build_bundle
 
+    taken = out.exists() and not (out.is_dir() and not any(out.iterdir()))  # a file too (--force: replaced)
+    refuse_existing("--out", [out] if taken else [], force)  # before the export; build_bundle checks again
     options = BuildOptions(
         plans=split_list(plans),
         precision=precision,
@@ -135,6 +137,7 @@ def verify(
         ),
     ] = None,
     digest: Digest = None,
+    force: Force = False,
 ) -> None:
     """Check every segment against PyTorch (random and trajectory inputs), then every plan end to end,
     at every resolution the bundle was built for."""
@@ -143,9 +146,9 @@ def verify(
     from ..verify.bundle import bundle_budget, verify_bundle
     from .engines import verify_tensorrt
 
-    output_file(as_json, "--json-out", (".json",))
+    output_file(as_json, "--json-out", (".json",), force=force)
     if backend == "tensorrt":
-        return verify_tensorrt(bundle, variant, None, False, as_json, digest)
+        return verify_tensorrt(bundle, variant, None, False, as_json, digest, force=force)
     if backend == "torch" or variant is not None:
         raise ConfigError(
             "verify checks a bundle engine (no variant) or tensorrt; for variants: verify-variant"
@@ -186,6 +189,7 @@ def bench(
     ] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a latency chart (PNG) here.")] = None,
     digest: Digest = None,
+    force: Force = False,
 ) -> None:
     """Per-stage latency of each plan, block forwards, measured vs predicted speedup, images/s."""
     from ..backends import AUTO, open_bundle_generator
@@ -194,8 +198,8 @@ def bench(
 
     check_at_least("--runs", runs)
     check_at_least("--warmup", warmup, 0)
-    output_file(as_json, "--json-out", (".json",))
-    output_file(plot_out, "--plot", image_suffixes())
+    output_file(as_json, "--json-out", (".json",), force=force)
+    output_file(plot_out, "--plot", image_suffixes(), force=force)
     loaded = load_bundle(bundle, digest)  # hashes and pin: the one the engine opens below
     names = split_list(plans) if plans else loaded.plan_names
     twice = sorted({name for name in names if names.count(name) > 1})

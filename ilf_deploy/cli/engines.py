@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 
 from . import command, console, finish_checks, out, progress
-from .options import ChecksJson, Digest, load_bundle, pin
-from .paths import output_file
+from .options import ChecksJson, Digest, Force, load_bundle, pin
+from .paths import output_file, refuse_existing
 from .tables import checks_table
 
 
@@ -30,11 +30,15 @@ def calibrate(
         int, typer.Option(help="Samples kept per segment and conditioning (t, t_post).")
     ] = 32,
     digest: Digest = None,
+    force: Annotated[bool, typer.Option(help="Replace the bundle's calibration record.")] = False,
 ) -> None:
     """Record every transformer segment's inputs along real trajectories (for int8/fp8 Q/DQ)."""
     pin(bundle, digest)
     from ..errors import ConfigError
-    from ..quantization.calibration import collect_calibration
+    from ..quantization.calibration import CALIBRATION_DIR, collect_calibration
+
+    if _in_bundle(bundle).manifest.calibration is not None:
+        refuse_existing("BUNDLE", [Path(bundle) / CALIBRATION_DIR], force)
 
     texts = None
     if prompts is not None:
@@ -88,6 +92,7 @@ def quantize(
             "removed again and quantize exits 1.",
         ),
     ] = False,
+    force: Annotated[bool, typer.Option(help="Replace a variant of the same name.")] = False,
 ) -> None:
     """Add a precision variant (every block segment's attention/FF linear layers), then check it.
 
@@ -95,6 +100,9 @@ def quantize(
     and quantize exits 1, unless --keep-failing."""
     pin(bundle, digest)
     from ..quantization.quantize import default_variant_name, quantize_bundle
+
+    if (name or default_variant_name(mode)) in _in_bundle(bundle).manifest.variants:
+        refuse_existing("--name", [f"{name or default_variant_name(mode)} (a variant of {bundle})"], force)
 
     with progress() as bar:
         task = bar.add_task("quantize", total=None)
@@ -111,6 +119,13 @@ def quantize(
             console.print(f"  {segment} stays f32: {why}")
     console.print(f"variant {variant!r}: {what}")
     _check_new_variant(bundle, variant, keep_failing)
+
+
+def _in_bundle(path: Path):
+    """The bundle at `path` as far as the --force rule needs it (its manifest); the command then
+    loads it whole."""
+
+    return load_bundle(path, verify_hashes=False)
 
 
 def _check_new_variant(bundle: Path, variant: str, keep_failing: bool) -> None:
@@ -143,13 +158,14 @@ def verify_variant_command(
     plan: Annotated[str | None, typer.Option("--plan", "-p", help="Plan (default: the ILF plan).")] = None,
     as_json: ChecksJson = None,
     digest: Digest = None,
+    force: Force = False,
 ) -> None:
     """Per-segment SNR/cosine on a held-out trajectory and end-to-end latents vs fp32 (ORT CPU).
 
     Exits 1 when a check is beyond the budget of the variant's mode on its engine (compare.BUDGETS)."""
     from ..quantization.quantize import variant_budget, variant_engine, verify_variant
 
-    output_file(as_json, "--json-out", (".json",))
+    output_file(as_json, "--json-out", (".json",), force=force)
     loaded = load_bundle(bundle, digest)
     limits = variant_budget(loaded, variant)  # an unknown variant fails here, before the work
     with progress() as bar:
@@ -206,11 +222,12 @@ def verify_engines_command(
     cuda_graphs: Annotated[bool, typer.Option(help="Run the TensorRT side with CUDA graphs.")] = False,
     as_json: ChecksJson = None,
     digest: Digest = None,
+    force: Force = False,
 ) -> None:
     """TensorRT vs ONNX Runtime (fp32): each segment on trajectory feeds, then the plan end to end.
 
     Needs an NVIDIA GPU and TensorRT. Never run in CI. Exits 1 beyond the budget."""
-    verify_tensorrt(bundle, variant, plan, cuda_graphs, as_json, digest)
+    verify_tensorrt(bundle, variant, plan, cuda_graphs, as_json, digest, force=force)
 
 
 def verify_tensorrt(
@@ -220,11 +237,13 @@ def verify_tensorrt(
     cuda_graphs: bool,
     as_json: Path | None,
     digest: str | None = None,
+    *,
+    force: bool,
 ) -> None:
     """`verify-engines` (and `verify --backend tensorrt`): print the table, exit 1 beyond budget."""
     from ..verify.engines import engines_budget, verify_engines
 
-    output_file(as_json, "--json-out", (".json",))
+    output_file(as_json, "--json-out", (".json",), force=force)
     loaded = load_bundle(bundle, digest)
     limits = engines_budget(loaded, variant)
     with progress() as bar:

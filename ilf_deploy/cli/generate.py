@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..plan import PRESET_HELP
 from ..runtime.request import RequestContract, RequestError, Size
 from . import command, console, progress
-from .options import BACKEND_HELP, VARIANT_HELP, Digest
+from .options import BACKEND_HELP, VARIANT_HELP, Digest, Force
 from .paths import image_suffixes, output_file
 
 # -- generate --------------------------------------------------------------------------------
@@ -153,6 +153,7 @@ def generate(
     variant: Annotated[str | None, typer.Option(help=VARIANT_HELP)] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     digest: Digest = None,
+    force: Force = False,
 ) -> None:
     """Generate an image by running a step plan (ONNX Runtime for bundles, PyTorch for models).
 
@@ -161,9 +162,9 @@ def generate(
     import numpy as np
 
     initial = _read_latents(latents_in) if latents_in is not None else None
-    output_file(latents_out, "--latents-out", (".npy",))  # np.save would add .npy to any other name
+    output_file(latents_out, "--latents-out", (".npy",), force=force)  # np.save adds .npy to other names
     if image_out is not None or latents_out is None:
-        image_out = output_file(image_out or Path("image.png"), "--out", image_suffixes())
+        image_out = output_file(image_out or Path("image.png"), "--out", image_suffixes(), force=force)
     generator, resolve, _ = open_source(model, backend, variant, device, digest)
     given = {
         "prompt": prompt or None,

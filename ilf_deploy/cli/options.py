@@ -52,6 +52,8 @@ Width = Annotated[int | None, typer.Option(help="Image width in pixels (default:
 ChecksJson = Annotated[
     Path | None, typer.Option("--json-out", help="Also write the checks as JSON to this file.")
 ]
+# Every command that writes an output path has it (cli/paths.py: an existing output is refused without).
+Force = Annotated[bool, typer.Option("--force", help="Replace outputs that exist (refused without it).")]
 
 
 def load_bundle(path: str | Path, digest: str | None = None, verify_hashes: bool = True) -> Bundle:

@@ -10,7 +10,8 @@ import typer
 
 from ..errors import ConfigError, check_at_least
 from . import command, console, out, tables
-from .paths import output_dir, output_file
+from .options import Force
+from .paths import output_dir, output_file, replacing_dir
 from .sizes import parse_resolutions
 
 # -- plan ------------------------------------------------------------------------------------
@@ -128,6 +129,7 @@ def plan_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan itself as JSON.")] = False,
     save: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the plan JSON here.")] = None,
     sizes: Annotated[str | None, typer.Option(help=SIZES_HELP)] = None,
+    force: Force = False,
 ) -> None:
     """Build a step plan and print its per-step table, block forwards and predicted speedup.
 
@@ -136,7 +138,7 @@ def plan_command(
     of every range it recomputes (docs/plans.md ("Composed and adaptive plans"))."""
     from ..plan import parse_range
 
-    output_file(save, "--out", (".json",))
+    output_file(save, "--out", (".json",), force=force)
     for flag, value in (("--refresh-every", refresh_every), ("--baseline-steps", baseline_steps)):
         check_at_least(flag, value)  # 0 is not "the default": it is refused as -1 is
     if block_caching is not None and not 0 <= block_caching < float("inf"):  # NaN fails too
@@ -283,7 +285,7 @@ def make_tiny_command(
         str,
         typer.Argument(help="pixart-alpha, pixart-sigma, dit, sd3, sd3.5, flux (dev), flux-schnell or sana."),
     ],
-    out_dir: Annotated[Path, typer.Argument(help="Directory to create (must not exist or be empty).")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to create (empty or absent, or --force).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     layers: Annotated[
         int, typer.Option(help="Number of transformer blocks (Flux: double + single, at least 2).")
@@ -292,21 +294,22 @@ def make_tiny_command(
     resolution_conditions: Annotated[
         bool, typer.Option(help="PixArt-α 1024-style resolution/aspect-ratio conditions.")
     ] = False,
+    force: Force = False,
 ) -> None:
     """Write a tiny random-weight diffusers pipeline (+ random ILF feedback) for tests and demos."""
     from ..plan import parse_range
     from ..tiny import make_tiny_pipeline
 
-    output_dir(out_dir, "OUT_DIR")
+    output_dir(out_dir, "OUT_DIR", force=force)
 
     ilf_loop = parse_range(loop, "--loop", layers if layers >= 1 else None) if loop else None
-    with console.status(f"writing tiny {architecture}"):
-        path = make_tiny_pipeline(
+    with console.status(f"writing tiny {architecture}"), replacing_dir(out_dir) as target:
+        make_tiny_pipeline(
             architecture,
-            out_dir,
+            target,
             seed=seed,
             num_layers=layers,
             loop=ilf_loop,
             resolution_conditions=resolution_conditions,
         )
-    console.print(f"tiny {architecture} pipeline → {path}")
+    console.print(f"tiny {architecture} pipeline → {out_dir}")

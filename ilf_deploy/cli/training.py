@@ -10,8 +10,8 @@ import typer
 from ..errors import ConfigError, check_at_least
 from ..training.recipe import RECIPE
 from . import command, console, out, progress
-from .options import Digest, backend_help, pin
-from .paths import image_suffixes, output_file
+from .options import Digest, Force, backend_help, pin
+from .paths import image_suffixes, output_dir, output_file
 from .tables import eval_table
 
 DEFAULT_EVAL_PLANS = "base-20,base-12,base-10,cache-20,ilf-10,ilf-12"
@@ -46,14 +46,20 @@ def train_feedback_command(
     device: Annotated[
         str, typer.Option(help="Where to train: cpu, cuda, cuda:N (default: cuda if present).")
     ] = "auto",
+    force: Force = False,
 ) -> None:
     """Fast Approximate Distillation: the student (backbone + ILF) at t vs the frozen teacher at t/2."""
     import torch
 
+    from ..ilf import FEEDBACK_DIR
     from ..loading import load_model
     from ..plan import default_loop, parse_range
     from ..training.feedback import FeedbackTrainConfig, default_out_dir, summary, train_feedback
 
+    if out_dir is None and Path(model).is_dir():  # MODEL/feedback, checked before the model loads
+        out_dir = Path(model) / FEEDBACK_DIR
+    if not resume:  # --resume continues the checkpoint there; a new training replaces it
+        output_dir(out_dir, "--out", force=force)
     with console.status("loading model"):
         loaded = load_model(model, with_feedback=False)  # MODEL/feedback may be our own checkpoint
     chosen = parse_range(loop) if loop else default_loop(loaded.adapter.num_blocks)
@@ -102,6 +108,7 @@ def train_base_command(
     minutes: Annotated[
         float | None, typer.Option(help="Stop a training stage after this long (it checkpoints).")
     ] = None,
+    force: Force = False,
 ) -> None:
     """Train the shapes text-to-image PixArt (VAE, frozen T5, transformer) from scratch on CPU.
 
@@ -123,6 +130,8 @@ def train_base_command(
         check_at_least(flag, value)
     if not lr > 0:
         raise ConfigError(f"--lr must be > 0, got {lr}")
+    if stage in ("save", "all"):  # before hours of training, not after (--work resumes: no rule)
+        output_dir(out_dir, "--out", force=force)
     recipe = replace(RECIPE, vae_steps=vae_steps, latents=latents, steps=steps, batch=batch_size, lr=lr)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "train.log"
@@ -180,6 +189,7 @@ def eval_command(
         str | None, typer.Option(help=backend_help("auto for bundles, torch for model directories"))
     ] = None,
     digest: Digest = None,
+    force: Force = False,
 ) -> None:
     """Prompt adherence (attribute classifier), Fréchet distance and fidelity of each plan."""
     pin(model, digest)
@@ -189,8 +199,8 @@ def eval_command(
     names = [p.strip() for p in plans.split(",") if p.strip()]
     if not names:
         raise ConfigError("no plans to evaluate")
-    output_file(json_out, "--json-out", (".json",))
-    output_file(grid, "--grid", image_suffixes())
+    output_file(json_out, "--json-out", (".json",), force=force)
+    output_file(grid, "--grid", image_suffixes(), force=force)
     with console.status("loading model"):
         if is_bundle(model):
             from ..backends.auto import AUTO

@@ -12,7 +12,7 @@ import typer
 
 from ..batching import DEFAULT_BATCHING, BatchingPolicy
 from ..errors import ConfigError, check_at_least
-from ..triton.k8s import CLAIM, IMAGE, check_names
+from ..triton.k8s import CLAIM, IMAGE, MANIFEST_FILES, check_names
 from . import command, console
 from .cluster import Image, Namespace, NodeSelector, PodMonitor, Prometheus, Tolerations, cluster
 from .options import VARIANT_HELP, Digest, backend_help, load_bundle
@@ -60,7 +60,9 @@ def export_triton(
     pod_monitor: PodMonitor = False,
     prometheus: Prometheus = None,
     warmup: Annotated[bool, typer.Option(help="Generate one image before reporting ready.")] = True,
-    force: Annotated[bool, typer.Option(help="Replace models of the same name.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace models of the same name (and --k8s's manifests).")
+    ] = False,
     digest: Digest = None,
 ) -> None:
     """Write a Triton model repository that serves the bundle (Python backend, dynamic batching)."""
@@ -70,8 +72,8 @@ def export_triton(
         raise ConfigError("--k8s needs --copy-bundle: the pods see only the repository")
     check_at_least("--replicas", replicas)
     check_at_least("--max-replicas", max_replicas, replicas)  # at least --replicas
-    output_dir(out, "--out")
-    output_dir(k8s, "--k8s")
+    output_dir(out, "--out", force=force, files=())  # a repository: export_repository checks its models
+    output_dir(k8s, "--k8s", force=force, files=MANIFEST_FILES)
     placement = cluster(namespace, toleration, node_selector, pod_monitor, prometheus)
     if k8s is not None:  # names refused before anything is written (check_names: never rewritten)
         check_names(name, IMAGE if image is None else image, placement.namespace, claim=claim)

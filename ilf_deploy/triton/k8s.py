@@ -373,6 +373,9 @@ def _inference_service(d: Deployment) -> dict[str, Any]:
     }
 
 
+MANIFEST_FILES = ("triton.yaml", "kserve.yaml")  # what `manifests` writes (export-triton --k8s --force)
+
+
 def manifests(**kwargs: Any) -> dict[str, list[dict[str, Any]]]:
     """File name -> the objects it holds (`kwargs`: the fields of `Deployment`)."""
     d = Deployment(**kwargs)
