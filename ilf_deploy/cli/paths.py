@@ -6,11 +6,8 @@ refused, naming it and --force, unless the command was given --force; then it is
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -78,25 +75,6 @@ def output_dir(
         raise ConfigError(f"{flag} {path}: {existing} is a file, not a directory")
     _writable_dir(existing, flag, path)
     return path
-
-
-@contextlib.contextmanager
-def replacing_dir(path: Path) -> Iterator[Path]:
-    """Where to write the directory `path` (--force given): `path` itself when it is empty or
-    absent, else a new sibling that replaces it when the block succeeds; a failure leaves `path`
-    as it was."""
-    if not path.is_dir() or not any(path.iterdir()):
-        yield path
-        return
-    staged = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield staged
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        path.rename(old / path.name)
-        staged.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)  # gone already when it was renamed into place
 
 
 def image_suffixes() -> tuple[str, ...]:

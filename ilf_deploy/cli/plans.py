@@ -11,7 +11,7 @@ import typer
 from ..errors import ConfigError, check_at_least
 from . import command, console, out, tables
 from .options import Force
-from .paths import output_dir, output_file, replacing_dir
+from .paths import output_dir, output_file
 from .sizes import parse_resolutions
 
 # -- plan ------------------------------------------------------------------------------------
@@ -303,13 +303,14 @@ def make_tiny_command(
     output_dir(out_dir, "OUT_DIR", force=force)
 
     ilf_loop = parse_range(loop, "--loop", layers if layers >= 1 else None) if loop else None
-    with console.status(f"writing tiny {architecture}"), replacing_dir(out_dir) as target:
+    with console.status(f"writing tiny {architecture}"):  # staged, and swapped in whole with --force
         make_tiny_pipeline(
             architecture,
-            target,
+            out_dir,
             seed=seed,
             num_layers=layers,
             loop=ilf_loop,
             resolution_conditions=resolution_conditions,
+            force=force,
         )
     console.print(f"tiny {architecture} pipeline → {out_dir}")
