@@ -120,7 +120,8 @@ std::optional<std::string> schema_problem(SchemaName name, const nlohmann::order
   valijson::ValidationResults results;
   valijson::adapters::NlohmannJsonAdapter adapter(document);
   if (validator.validate(compiled(name), adapter, &results)) return std::nullopt;
-  // The deepest error, the most telling of those (jsonschema's best_match prefers them too)
+  // valijson lists the broken rule and every ancestor that failed because of it: the deepest error is
+  // the rule; among errors as deep (a oneOf's branches), the most telling
   const valijson::ValidationResults::Error* best = nullptr;
   for (const auto& error : results)
     if (!best || error.context.size() > best->context.size() ||
