@@ -221,9 +221,8 @@ def test_build_with_tensorrt_builds_the_engines_inside_its_workspace(tiny_dirs, 
     bundle = Bundle.load(out)  # every hash checked, the engines' too
     assert sorted(calls) == sorted(bundle.manifest.segments)
     assert set(bundle.manifest.engines) == {tensorrt.BASE}
-    assert all(
-        (out / e["file"]).is_file() for e in bundle.manifest.engines[tensorrt.BASE]["segments"].values()
-    )
+    engines = bundle.manifest.engines[tensorrt.BASE].segments
+    assert engines and all((out / e["file"]).is_file() for e in engines.values())
     into_place = [(src, dst) for src, dst in renamed if dst == str(out)]
     assert len(into_place) == 1 and ".bundle.tmp-" in into_place[0][0]  # renamed in once
     assert [p.parent for p in wrote_manifest_in] == [tmp_path] and wrote_manifest_in[-1] != out

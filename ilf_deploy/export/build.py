@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..adapters import MMDIT_ARCHITECTURES, feed_name, make_adapter
-from ..errors import ConfigError, IlfError
+from ..errors import ConfigError, IlfError, check_at_least
 from ..files import staged_directory, sweep_staged
 from ..loading import LoadedModel, load_model, sana_prompt_format
 from ..plan import StepPlan
@@ -97,8 +97,7 @@ def build_bundle(
 def _check_options(options: BuildOptions) -> None:
     if options.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
-    if options.max_batch < 1:
-        raise ConfigError(f"max batch must be >= 1, got {options.max_batch}")
+    check_at_least("max batch", options.max_batch)
     if options.backend not in BACKENDS:
         raise ConfigError(f"--backend must be {' or '.join(BACKENDS)}, got {options.backend!r}")
 
