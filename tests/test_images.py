@@ -259,9 +259,10 @@ def triton_pixels(url: str, prompt: str, seed: int) -> np.ndarray:
     return np.array(image["data"], dtype=np.uint8).reshape(image["shape"])[0]
 
 
-def run_triton(image: dict, name: str, ports: tuple[int, ...], mount: str, *args: object) -> str:
-    """Start the image (podman's options as the manifests' pod: read-only, no capabilities, a
-    /dev/shm for the Python backend) and wait until Triton is ready; its URL."""
+def run_triton(name: str, ports: tuple[int, ...], mount: str, *args: object) -> str:
+    """`podman run` with `mount` (a volume) and `args` (the image and its command), as the manifests'
+    pod runs (read-only, no capabilities, a /dev/shm for the Python backend); waits until Triton on
+    `ports[0]` is ready; its URL."""
     run("podman", "run", "--detach", "--name", name, "--network=host", "--read-only", "--cap-drop=ALL",
         "--security-opt=no-new-privileges", "--shm-size=1g", "-v", mount, *args)  # fmt: skip
     url = f"http://127.0.0.1:{ports[0]}"
@@ -308,31 +309,35 @@ def test_the_triton_image_is_labelled_non_root_and_has_no_torch(triton_image):
 def test_the_triton_image_runs_the_manifests_command_on_an_exported_repository(
     triton_image, default_bundle, tmp_path
 ):
-    """The Deployment's container as `export-triton --k8s` writes it: tritonserver over the repository
-    at /models (read-only), answering generate's pixels; the image's health check agrees."""
+    """The Deployment's containers as `export-triton --k8s` writes them: the digest check, then
+    tritonserver over the repository at /models (read-only), answering generate's pixels; the image's
+    health check agrees."""
     cli = Path(sys.executable).parent / "ilf-deploy"
     run(cli, "export-triton", default_bundle, "--out", tmp_path / "repo", "--copy-bundle",
         "--k8s", tmp_path / "k8s")  # fmt: skip
     (deployment, *_) = yaml.safe_load_all((tmp_path / "k8s" / "triton.yaml").read_text())
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    repository = f"{shared(tmp_path / 'repo')}:/models:ro"
+    (check,) = pod["initContainers"]  # the bundle's digest, checked before Triton starts
+    run("podman", "run", "--rm", "--network=none", "--read-only", "--cap-drop=ALL", "-v", repository,
+        "--entrypoint", check["command"][0], triton_image["tag"], *check["command"][1:])  # fmt: skip
     ports = free_ports("127.0.0.1", (0, 0, 0))
     addresses = [f"--{kind}-{key}={value}" for kind, port in zip(("http", "grpc", "metrics"), ports)
                  for key, value in (("address", "127.0.0.1"), ("port", port))]  # fmt: skip
     name = f"ilf-test-triton-{os.getpid()}"
     try:
         url = run_triton(
-            triton_image, name, ports, f"{shared(tmp_path / 'repo')}:/models:ro",
+            name, ports, repository,
             "--entrypoint", container["command"][0], triton_image["tag"], *container["args"], *addresses,
         )  # fmt: skip
         pixels = triton_pixels(url, "a small red circle", 3)
         png = cli_png(default_bundle, "a small red circle", 3, tmp_path / "cli.png")
         assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
         assert run("podman", "exec", name, "id", "-u").stdout.strip() == "10001"
-        labels = json.loads(run("podman", "image", "inspect", triton_image["tag"]).stdout)[0]["Config"][
-            "Labels"
-        ]
-        health = labels["dev.ilf-deploy.healthcheck"].replace("8000", str(ports[0]))
+        config = json.loads(run("podman", "image", "inspect", triton_image["tag"]).stdout)[0]["Config"]
+        health = config["Labels"]["dev.ilf-deploy.healthcheck"].replace("8000", str(ports[0]))
         assert run("podman", "exec", name, "sh", "-c", health, check=False).returncode == 0
         stop_cleanly(name)
     finally:
@@ -352,9 +357,7 @@ def test_the_triton_image_serves_a_mounted_bundle_with_its_own_command(
     bundle = shutil.copytree(default_bundle, tmp_path / "bundle")
     name = f"ilf-test-triton-serve-{os.getpid()}"
     try:
-        url = run_triton(
-            triton_image, name, ports, f"{shared(bundle)}:/models/bundle:ro", triton_image["tag"], *args
-        )
+        url = run_triton(name, ports, f"{shared(bundle)}:/models/bundle:ro", triton_image["tag"], *args)
         pixels = triton_pixels(url, "a small red circle", 3)
         png = cli_png(default_bundle, "a small red circle", 3, tmp_path / "cli.png")
         assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
