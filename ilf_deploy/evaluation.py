@@ -256,7 +256,7 @@ def torch_backend(
 
 
 def bundle_backend(
-    bundle_dir: str | Path,
+    bundle_dir: str | Path | Bundle,
     guidance_scale: float | None = None,  # None: the model's default (Generator.resolve)
     negative_prompt: str = "",
     variant: str | None = None,
@@ -280,8 +280,8 @@ def bundle_backend(
         return _generated(gen, gen.generate_batch(plan, requests))
 
     guidance = gen.resolve(Request(guidance_scale=guidance_scale)).guidance_scale
-    info = {"bundle": str(bundle_dir), "guidance_scale": guidance, "variant": gen.variant}
-    bundle = gen.opened_bundle()  # the one open_generator loaded (hashes checked)
+    bundle = gen.opened_bundle()  # the one open_generator loaded (hashes checked), or was handed
+    info = {"bundle": str(bundle.path), "guidance_scale": guidance, "variant": gen.variant}
     return EvalBackend(gen.backend, lambda spec: bundle_plan(bundle, spec, info), generate, info, gen.choice)
 
 
@@ -457,7 +457,7 @@ def evaluate(
 
 
 def plan_quality(
-    bundle_dir: str | Path,
+    bundle_dir: str | Path | Bundle,
     backend: str = "auto",
     batch_size: int = 16,
     classifier: AttributeClassifier | None = None,

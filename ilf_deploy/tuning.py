@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .backends import REGISTRY, open_bundle_generator
+from .backends import REGISTRY, as_bundle, open_bundle_generator
 from .backends.auto import (
     FALLBACK_BACKEND,
     TUNING_FILE,
@@ -187,7 +187,7 @@ def timing_plan(plan: StepPlan) -> StepPlan:
 
 
 def tune(
-    bundle_path: str | Path,
+    bundle_path: str | Path | Bundle,
     plan: str | None = None,
     budget_s: float = 300.0,
     threads: int | None = None,
@@ -204,7 +204,7 @@ def tune(
     if budget_s <= 0:
         raise ConfigError(f"--budget-s must be > 0, got {budget_s:g}")
     started = time.perf_counter()
-    bundle = Bundle.load(bundle_path, digest=digest)
+    bundle = as_bundle(bundle_path, digest=digest)  # a Bundle the caller loaded: not read again
     plan_name = plan or bundle.default_plan
     step_plan = resolve_bundle_plan(bundle, plan_name)
     request = held_out_request(bundle)
@@ -464,7 +464,7 @@ def check_tuning_prompts(first: int, count: int) -> tuple[int, int]:
 
 
 def search_plans(
-    bundle_path: str | Path,
+    bundle_path: str | Path | Bundle,
     quality: QualityFn,
     budget: QualityBudget | None = None,
     reference: str | None = None,
@@ -489,7 +489,7 @@ def search_plans(
     first, count = check_tuning_prompts(*prompts)
     if confirm:
         check_tuning_prompts(first + count, confirm)  # the confirming prompts follow: the same rule
-    bundle = Bundle.load(bundle_path)
+    bundle = as_bundle(bundle_path)
     data = read_tuning(bundle)
     if not data or data.get("bundle_digest") != bundle_digest(bundle):
         raise ConfigError(

@@ -186,7 +186,7 @@ def test_presets_and_files(tmp_path):
         resolve_plan(str(path), 28)
     with pytest.raises(ConfigError, match="unknown plan"):
         resolve_plan("turbo-3")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="no such plan file"):
         resolve_plan(str(tmp_path / "missing.json"))
 
 

@@ -48,6 +48,8 @@ BAD = {
     "base-0": "plan 'base-0': steps must be >= 1, got 0",
     "base-4-cache0-2r2": "as a preset, it cuts the model at block(s) [3] where this bundle",
     WRONG_DEPTH: "it is for 8 blocks; this model has 6",
+    # longer than a file name may be: refused as unknown, never an OSError from the filesystem
+    "x" * 256: f"unknown plan {'x' * 256!r}; this bundle has: base-4, ilf-4, cache-6",
 }
 
 
@@ -184,7 +186,7 @@ def test_a_good_spec_is_the_same_plan_at_every_front_door(bundle, files, generat
         assert at_triton(generator, path) == expected
 
 
-@pytest.mark.parametrize("spec", list(BAD))
+@pytest.mark.parametrize("spec", list(BAD), ids=lambda spec: spec[:24])
 def test_a_bad_spec_is_the_same_one_line_refusal_at_every_front_door(
     bundle, files, generator, client, tmp_path, spec
 ):
@@ -258,3 +260,26 @@ def test_batch_default_plan_takes_every_form_and_workers_run_the_drivers_plan(bu
         prepared.results.close()
         assert [w["plan"] for w in prepared.jobs] == [spec]
         assert prepared.plans[spec] == resolve_bundle_plan(Bundle.load(bundle), spec).to_dict()
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[Path]:
+    """Every `Bundle.load` from now on, by path."""
+    seen: list[Path] = []
+    original = Bundle.load.__func__
+
+    def counting(cls, path, *args, **kwargs):
+        seen.append(Path(path))
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(Bundle, "load", classmethod(counting))
+    return seen
+
+
+def test_generate_plan_auto_reads_the_bundle_once(bundle, tmp_path, loads):
+    """`generate --plan auto` used to parse the manifest up to 5 times: now the engine's load is all."""
+    args = ["generate", str(bundle), "--prompt", PROMPT, "--plan", "auto", "--out", str(tmp_path / "x.png")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "auto plan: ilf-4 (no tuning.json" in result.output and "ilf-4: " in result.output
+    assert loads == [bundle]

@@ -168,7 +168,7 @@ def open_bundle_generator(
 
 
 def open_generator(
-    source: str | Path,
+    source: str | Path | Bundle,
     backend: str = "onnxruntime",
     verify_hashes: bool = True,
     variant: str | None = None,
@@ -184,5 +184,13 @@ def open_generator(
     backend (e.g. `model=` for torch on a `--no-copy-model` bundle, `cuda_graphs=` for TensorRT)."""
     if backend != AUTO:
         get_backend(backend)  # an unknown name fails before the hashes are read
-    bundle = Bundle.load(source, verify_hashes, digest=digest)
+    bundle = as_bundle(source, verify_hashes, digest)
     return open_bundle_generator(bundle, backend, variant, device, **options)
+
+
+def as_bundle(source: str | Path | Bundle, verify_hashes: bool = True, digest: str | None = None) -> Bundle:
+    """`source` loaded (its hashes and the pinned `digest` checked), or, already a `Bundle`, as is but
+    for the pin: a caller that holds the bundle hands it on rather than have it read again."""
+    if isinstance(source, Bundle):
+        return source.check_pin(digest)
+    return Bundle.load(source, verify_hashes, digest=digest)

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from ..errors import ConfigError
 from ..plan import StepPlan, resolve_plan
-from ..plan.builders import PRESET
+from ..plan.builders import PRESET, is_plan_file, load_plan_file
 from ..runtime.bundle import Bundle
 from ..runtime.request import RequestError
 from .auto import AUTO, choose_plan
@@ -41,10 +40,6 @@ class PlanError(RequestError):
 
 def _refused(spec: str, reason: str) -> PlanError:
     return PlanError("plan_refused", value=spec, reason=reason)
-
-
-def _is_file_spec(spec: str) -> bool:
-    return spec.endswith(".json") or Path(spec).is_file()
 
 
 def bundle_plan_facts(bundle: Bundle) -> tuple[int, dict, tuple[int, int] | None, str]:
@@ -81,18 +76,13 @@ def resolve_bundle_plan(
         if say is not None:
             say(choice.reason)
         return choice.plan or bundle.plan(bundle.default_plan)
-    if _is_file_spec(spec):
-        if not files:
-            raise _refused(spec, "plan files are read from the command line only, not from a request")
-        if not Path(spec).is_file():
-            raise _refused(spec, "no such plan file")
+    if not files and spec.endswith(".json"):  # a request's spec never reaches the filesystem
+        raise _refused(spec, "plan files are read from the command line only, not from a request")
+    if files and is_plan_file(spec):
         try:
-            plan = StepPlan.load(Path(spec))
+            plan = load_plan_file(spec, bundle.model.num_blocks)
         except ConfigError as exc:
             raise _refused(spec, str(exc)) from None
-        if plan.num_blocks != bundle.model.num_blocks:
-            blocks = bundle.model.num_blocks
-            raise _refused(spec, f"it is for {plan.num_blocks} blocks; this model has {blocks}")
         return _runnable(bundle, spec, plan, preset=False)
     if not PRESET.fullmatch(spec.strip().lower()):
         # the contract's words (the C++ runtime's too); the other forms are in --help and docs/plans.md

@@ -9,10 +9,9 @@ from typing import Annotated
 
 import typer
 
-from ..runtime.bundle import strict_json
+from ..runtime.bundle import Bundle, strict_json
 from . import command, console, out, progress
-from .options import Digest, Force
-from .paths import image_suffixes, output_file
+from .options import Digest, load_bundle
 from .tables import plan_search_table, tune_table
 
 SearchPlans = Annotated[
@@ -74,7 +73,6 @@ def tune(
     reference: Reference = None,
     plot: Plot = None,
     confirm_prompts: ConfirmPrompts = 0,
-    force: Force = False,
 ) -> None:
     """Check every installed engine x precision against ONNX Runtime fp32, time one denoising step
     of each, and write BUNDLE/tuning.json for `--backend auto` (a failing one is never chosen)."""
@@ -82,19 +80,17 @@ def tune(
     from ..tuning import tune as run_tune
 
     budget = QualityBudget.parse(quality_budget)  # bad options fail before any work
-    output_file(plot, "--plot", image_suffixes(), force=force)  # BUNDLE/tuning.json is tune's to rewrite
     check_tuning_prompts(prompt_offset, prompts)
     if confirm_prompts:
         check_tuning_prompts(prompt_offset + prompts, confirm_prompts)
+    loaded = load_bundle(bundle, digest)  # hashes and pin once: tune, the plan search and its eval share it
     with progress() as bar:
         task = bar.add_task("tune", total=None)
-        report = run_tune(
-            bundle, plan, budget_s, threads, lambda s: bar.update(task, description=s), digest=digest
-        )
+        report = run_tune(loaded, plan, budget_s, threads, lambda s: bar.update(task, description=s))
     if not as_json:
         _print_tune(bundle, report)
     if search_plans:
-        search = _search(bundle, budget, reference, (prompt_offset, prompts), plot, as_json, confirm_prompts)
+        search = _search(loaded, budget, reference, (prompt_offset, prompts), plot, as_json, confirm_prompts)
         report = {**report, "schema": plan_search_schema(search), "plan_search": search}  # as written
     if as_json:
         print(json.dumps(strict_json(report), indent=2, allow_nan=False))
@@ -119,7 +115,7 @@ def _print_tune(bundle: Path, report: dict) -> None:
 
 
 def _search(
-    bundle: Path, budget, reference: str | None, prompts: tuple[int, int], plot, quiet: bool, confirm: int
+    bundle: Bundle, budget, reference: str | None, prompts: tuple[int, int], plot, quiet: bool, confirm: int
 ) -> dict:
     """`--search-plans`: the search, its Pareto table, and what `--plan auto` now runs."""
     from ..evaluation import plan_quality
@@ -151,6 +147,6 @@ def _search(
             console.print(
                 f"confirmed on {search['confirm']['n']} more prompts: {name}: {miss or 'within the budget'}"
             )
-        where = plot or Path(bundle) / PLAN_SEARCH_PLOT
+        where = plot or bundle.path / PLAN_SEARCH_PLOT
         console.print(f"Pareto plot → {where}; `--plan auto` runs {search['chosen']['name']} on this machine")
     return search

@@ -581,6 +581,30 @@ def _preset(
     )
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL: no file of that name
+        return False
+
+
+def is_plan_file(spec: str) -> bool:
+    """Whether `spec` names a plan file (it ends in .json, or a file of that name exists), not a preset."""
+    return spec.endswith(".json") or _is_file(Path(spec))
+
+
+def load_plan_file(spec: str, num_blocks: int) -> StepPlan:
+    """The plan in the file `spec`, for a model of `num_blocks` blocks; else a ConfigError whose
+    message is the reason alone (the caller names the spec: `plan 'SPEC': REASON`)."""
+    path = Path(spec)
+    if not _is_file(path):
+        raise ConfigError("no such plan file")
+    plan = StepPlan.load(path)
+    if plan.num_blocks != num_blocks:
+        raise ConfigError(f"it is for {plan.num_blocks} blocks; this model has {num_blocks}")
+    return plan
+
+
 def resolve_plan(
     spec: str,
     num_blocks: int = 28,
@@ -591,14 +615,11 @@ def resolve_plan(
     """A plan from a JSON file path or a preset name (see PRESET_HELP).
 
     `loop` and `t_post` are a trained feedback's own (ilf-N presets follow them)."""
-    path = Path(spec)
-    if spec.endswith(".json") or path.is_file():
-        if not path.is_file():
-            raise ConfigError(f"plan file {spec} does not exist")
-        plan = StepPlan.load(path)
-        if plan.num_blocks != num_blocks:
-            raise ConfigError(f"plan {spec} is for {plan.num_blocks} blocks; this model has {num_blocks}")
-        return plan
+    if is_plan_file(spec):
+        try:
+            return load_plan_file(spec, num_blocks)
+        except ConfigError as exc:
+            raise ConfigError(f"plan {spec!r}: {exc}") from None
     m = PRESET.fullmatch(spec.strip().lower())
     if not m:
         raise ConfigError(f"unknown plan {spec!r}: expected {PRESET_HELP}")

@@ -275,14 +275,11 @@ class Bundle:
                 f"cannot load the tokenizer {self.path / spec.file}: {reason}; rebuild the bundle"
             ) from None
 
-    def plan(self, spec: str) -> StepPlan:
-        """A bundled plan by name, or a plan JSON file whose segments the bundle has."""
-        if spec in self.manifest.plans:
-            plan = StepPlan.load(self.path / self.manifest.plans[spec])
-        elif spec.endswith(".json") and Path(spec).is_file():
-            plan = StepPlan.load(Path(spec))
-        else:
-            raise BundleError(f"plan {spec!r} is not in this bundle (it has: {', '.join(self.plan_names)})")
+    def plan(self, name: str) -> StepPlan:
+        """A bundled plan by name. Plan specs (auto, files, presets) are backends.plans' to resolve."""
+        if name not in self.manifest.plans:
+            raise BundleError(f"plan {name!r} is not in this bundle (it has: {', '.join(self.plan_names)})")
+        plan = StepPlan.load(self.path / self.manifest.plans[name])
         missing = sorted(set(plan.cut_points) - set(self.manifest.cut_points))
         if missing:
             raise BundleError(
