@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapters import MMDIT_ARCHITECTURES, feed_name, make_adapter
+from ..adapters import feed_name, make_adapter
 from ..errors import ConfigError, IlfError, check_at_least
 from ..files import staged_directory, sweep_staged
 from ..loading import LoadedModel, load_model, sana_prompt_format
@@ -201,10 +201,7 @@ def _export_segments(
         module = low_specs[spec.name].module if low else spec.module
         args = tuple(cast(examples[n]) if low else examples[n] for n in spec.inputs)
         path = root / "onnx" / f"{spec.name}.onnx"
-        # SD3/Flux through torch.export (TorchScript cannot export their q/k RMSNorm), Sana too (its
-        # token-grid state: named grid dims): export/onnx.py
-        dynamo, grid = model.architecture in MMDIT_ARCHITECTURES, model.architecture == "sana"
-        export_segment(module, args, path, spec.inputs, spec.outputs, dynamo=dynamo, grid=grid)
+        export_segment(module, args, path, spec.inputs, spec.outputs, model.architecture)
         io_in, io_out = onnx_io(path)
         segments[spec.name] = {
             "file": f"onnx/{spec.name}.onnx",

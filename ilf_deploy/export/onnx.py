@@ -1,15 +1,17 @@
 """Export segments to ONNX, then check and shape-infer them.
 
-Two exporters: TorchScript (`dynamo=False`, opset 17) for PixArt and DiT, whose bundles it has
-always written; torch.export (`dynamo=True`, opset 20, onnxscript) for SD3 and Flux, whose
-blocks TorchScript cannot export (`aten::rms_norm`, SD3.5/Flux's q/k norm). Moving PixArt/DiT to
-the dynamo exporter too is left for later (their bundles verify as they are).
+Every segment of every family goes through torch.export (`torch.onnx.export(dynamo=True)`, opset
+20, onnxscript). The TorchScript exporter (`dynamo=False`, opset 17), which wrote PixArt and DiT
+bundles before and cannot export SD3.5's or Flux's q/k `rms_norm`, is no longer used: no segment
+needs it (docs/bundles.md). Three tables of dynamic axes, by the family's state (`axes_kind`):
+single-stream token sequences (PixArt, DiT), two streams (SD3, Flux), a token grid (Sana).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -18,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-OPSET = 17
+from ..adapters import MMDIT_ARCHITECTURES
+
 DYNAMO_OPSET = 20
 TWO_GB = 2**31 - 1
 
@@ -38,7 +41,7 @@ _AXES: dict[str, dict[int, str]] = {
     "attention_mask": {0: "batch", 1: "text_tokens"},
     "images": {0: "batch", 2: "height", 3: "width"},
 }
-# The dynamo exporter (SD3, Flux): the text length is fixed per bundle (every tokenizer pads to its
+# SD3, Flux: the text length is fixed per bundle (every tokenizer pads to its
 # max_length), so only the batch, the image tokens and what follows from them are dynamic.
 _DYNAMO_AXES: dict[str, dict[int, str]] = {
     **_AXES,
@@ -51,7 +54,7 @@ _DYNAMO_AXES: dict[str, dict[int, str]] = {
 }
 
 
-# Sana (dynamo too): its state is the token grid (B, h, w, D), both grid axes dynamic; the text
+# Sana: its state is the token grid (B, h, w, D), both grid axes dynamic; the text
 # encoder's ids are as long as the prompt format makes them (an instructed prompt is longer than a
 # negative one), its outputs as long as the transformer reads (the select-index's length).
 _GRID_AXES: dict[str, dict[int, str]] = {
@@ -67,10 +70,16 @@ _GRID_AXES: dict[str, dict[int, str]] = {
 }
 
 
-def dynamic_axes(names: Sequence[str], dynamo: bool = False, grid: bool = False) -> dict[str, dict[int, str]]:
+def axes_kind(architecture: str) -> str:
+    """Which table of dynamic axes a family's segments use: "tokens" (PixArt, DiT: `_AXES`),
+    "mmdit" (SD3, Flux: `_DYNAMO_AXES`) or "grid" (Sana: `_GRID_AXES`)."""
+    return "mmdit" if architecture in MMDIT_ARCHITECTURES else "grid" if architecture == "sana" else "tokens"
+
+
+def dynamic_axes(names: Sequence[str], kind: str = "tokens") -> dict[str, dict[int, str]]:
     """Every tensor is dynamic in batch (but the ids: their positions); token and pixel axes as
-    `_AXES` (TorchScript), `_DYNAMO_AXES` or, for a token-grid state (Sana), `_GRID_AXES` says."""
-    axes = _GRID_AXES if grid else _DYNAMO_AXES if dynamo else _AXES
+    the table of `kind` (`axes_kind`) says."""
+    axes = {"tokens": _AXES, "mmdit": _DYNAMO_AXES, "grid": _GRID_AXES}[kind]
     return {name: axes.get(name, {} if name.endswith("_ids") else {0: "batch"}) for name in names}
 
 
@@ -80,39 +89,41 @@ def export_segment(
     path: Path,
     inputs: Sequence[str],
     outputs: Sequence[str],
-    dynamo: bool = False,
-    grid: bool = False,
+    architecture: str = "pixart-alpha",
 ) -> None:
-    """Write `module(*args)` to `path`; weights go to one `path.data` file when they pass 1 GB.
-    `grid`: a token-grid model (Sana), exported with torch.export and `_GRID_AXES`.
+    """Write `module(*args)` of an `architecture` model to `path`; weights go to one `path.data`
+    file when they pass 1 GB.
 
     The exporter writes into a scratch directory first: for graphs over protobuf's 2 GB limit it
     leaves one file per tensor, which must not end up in (and be hashed into) the bundle.
     """
     import onnx
 
+    kind = axes_kind(architecture)
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
         raw = Path(scratch) / path.name
-        # tracer warnings about python-int shapes are expected; the dynamo exporter prints its progress
+        # torch.export logs its progress and warns about what it specializes
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            if grid:
-                options = _grid_options(module, args, inputs)
-                module = options.pop("program")
-            elif dynamo:
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            if kind == "mmdit":
                 options = _dynamo_options(module, inputs)
             else:
-                options = _torchscript_options(inputs, outputs)
-            torch.onnx.export(
+                options = _program_options(module, args, inputs, kind)
+                module = options.pop("program")
+            program = torch.onnx.export(
                 module, args, str(raw), input_names=list(inputs), output_names=list(outputs), **options
             )
         model = onnx.load(str(raw))  # also reads any per-tensor files the exporter wrote
-        if grid:
+        if kind != "mmdit":
+            _name_passthroughs(model, inputs)
+            _constants_from_torch(model, program.exported_program)
             _fold_constants(model)
-        if dynamo or grid:
-            _name_dims(model, [*inputs, *outputs], grid)
+        if kind == "tokens":  # as the TorchScript exporter wrote these bundles: used inputs only
+            _drop_unused_inputs(model)
+        _name_dims(model, [*inputs, *outputs], kind)
         weights = sum(len(t.raw_data) for t in model.graph.initializer)
         data = path.with_name(path.name + ".data")
         if weights > TWO_GB // 2:  # keep well clear of protobuf's 2 GB limit
@@ -128,23 +139,12 @@ def export_segment(
     onnx.shape_inference.infer_shapes_path(str(path))
 
 
-def _torchscript_options(inputs: Sequence[str], outputs: Sequence[str]) -> dict:
-    return dict(
-        dynamic_axes=dynamic_axes([*inputs, *outputs]),
-        opset_version=OPSET,
-        do_constant_folding=True,
-        dynamo=False,
-    )
-
-
 def _dynamo_options(module: nn.Module, inputs: Sequence[str]) -> dict:
-    """torch.export, with every axis `_DYNAMO_AXES` names (and every batch axis) dynamic where the
-    graph lets it be (`Dim.AUTO`: an axis the model fixes stays fixed instead of failing the export)."""
-    import logging
-
-    axes = dynamic_axes(inputs, dynamo=True)
+    """SD3, Flux: torch.export, with every axis `_DYNAMO_AXES` names (and every batch axis) dynamic
+    where the graph lets it be (`Dim.AUTO`: an axis the model fixes stays fixed instead of failing
+    the export); onnxscript's optimizer on (its rewrites drop a scalar add below 1e-8: `_program_options`)."""
+    axes = dynamic_axes(inputs, "mmdit")
     flat = [{axis: torch.export.Dim.AUTO for axis in axes[name]} for name in inputs]
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     return dict(
         dynamic_shapes=_structured(module, flat),
         opset_version=DYNAMO_OPSET,
@@ -164,25 +164,34 @@ def _structured(module: nn.Module, flat: list[dict]) -> tuple:
     return (*flat[:fixed], tuple(flat[fixed:])) if varargs and len(flat) > fixed else tuple(flat)
 
 
-def _grid_options(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: Sequence[str]) -> dict:
-    """A token-grid model (Sana): torch.export with one named dimension per axis name, shared by every
-    input that has it. `Dim.AUTO` would give each input's batch its own symbol, and the diffusers
-    attention's `view(batch, heads, -1, ...)` of the caption mask then fails to export; the program
-    is handed to the ONNX exporter as it is, unoptimized: onnxscript's optimizer drops the `+ 1e-15`
-    of Sana's linear attention (`num / (den + 1e-15)`), and a token whose ReLU'd query is all zero
-    then divides 0 by 0 (NaN) where torch gives 0; ONNX Runtime and OpenVINO optimize the graph
-    themselves."""
-    import logging
+def _program_options(
+    module: nn.Module, args: tuple[torch.Tensor, ...], inputs: Sequence[str], kind: str
+) -> dict:
+    """PixArt, DiT ("tokens") and Sana ("grid"): the module through `torch.export.export` first, the
+    program then to the ONNX exporter. Exported inside `torch.onnx.export`, whose capture defers
+    shape checks to run time, the diffusers attention's `view(batch, heads, -1, text)` of the
+    caption mask cannot be proven to divide and the export fails; here it exports.
 
-    axes = dynamic_axes(inputs, grid=True)
-    # the text length's range is the model's (Sana's select-index: at least its length; Gemma-2's
-    # sliding window: at most that): torch.export infers it
-    dims: dict[str, object] = {"text_tokens": torch.export.Dim.AUTO}
-    flat = [
-        {axis: dims.setdefault(name, torch.export.Dim(name, min=1)) for axis, name in axes[n].items()}
-        for n in inputs
-    ]
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    Dims: "tokens" with `Dim.AUTO` on each axis (torch.export works out that the image tokens are
+    the latent grid's over the patch); "grid" with one named dimension per axis name, shared by every
+    input that has it (`Dim.AUTO` would give each input's batch its own symbol, and the caption
+    mask's `view` then fails), but the text length, whose range is the model's (Sana's select-index:
+    at least its length; Gemma-2's sliding window: at most that).
+
+    The program goes to ONNX unoptimized (`_fold_constants` folds its constants only): onnxscript's
+    optimizer rewrites `x + c` to `x` for any scalar |c| < 1e-8 (its `add_0` rule's tolerance), which
+    drops the `+ 1e-15` of Sana's linear attention (`num / (den + 1e-15)`): a token whose ReLU'd
+    query is all zero then divides 0 by 0 (NaN) where torch gives 0. ONNX Runtime and OpenVINO
+    optimize the graph themselves."""
+    axes = dynamic_axes(inputs, kind)
+    if kind == "grid":
+        dims: dict[str, object] = {"text_tokens": torch.export.Dim.AUTO}
+        flat = [
+            {axis: dims.setdefault(name, torch.export.Dim(name, min=1)) for axis, name in axes[n].items()}
+            for n in inputs
+        ]
+    else:
+        flat = [{axis: torch.export.Dim.AUTO for axis in axes[name]} for name in inputs]
     program = torch.export.export(module, args, dynamic_shapes=_structured(module, flat), strict=False)
     return dict(
         program=program,
@@ -194,8 +203,33 @@ def _grid_options(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: Seq
     )
 
 
+def _constants_from_torch(model, program: torch.export.ExportedProgram) -> None:
+    """Every value of the graph that depends on no input and no weight (the sinusoid frequencies
+    of a timestep embedding: `exp(-log(10000) * arange(d) / d)`), computed by torch and written in
+    as an initializer, so that `_fold_constants` does not compute it with numpy: one ulp off torch's
+    `exp` there, multiplied by a timestep up to 1000 inside `sin`, put 3e-6 (rel. L2) into PixArt's
+    timestep embedding, 15x the error of the rest of the segment. The exporter names each value
+    after the node of the (decomposed) program that computes it."""
+    import onnx
+
+    constants: dict[str, torch.Tensor] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or any(n.name not in constants for n in node.all_input_nodes):
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: constants[n.name])
+        value = node.target(*args, **kwargs)
+        if isinstance(value, torch.Tensor):
+            constants[node.name] = value
+    computed = {name for node in model.graph.node for name in node.output}
+    for name in computed & constants.keys():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(constants[name].detach().numpy(), name))
+    kept = [node for node in model.graph.node if not set(node.output) <= constants.keys()]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
 def _fold_constants(model) -> None:
-    """Of onnxscript's optimizer, constant folding only (not its rewrites: `_grid_options`), so the
+    """Of onnxscript's optimizer, constant folding only (not its rewrites: `_program_options`), so the
     linear layers' weights reach their MatMuls as initializers (not through a Transpose), as
     `quantize` finds them and the engines read them."""
     from onnxscript import optimizer
@@ -204,11 +238,33 @@ def _fold_constants(model) -> None:
     optimizer.remove_unused_nodes(model)
 
 
-def _name_dims(model, names: Sequence[str], grid: bool = False) -> None:
+def _name_passthroughs(model, inputs: Sequence[str]) -> None:
+    """An output that is an input as it is (DiT's `context` and `time` pass the class labels and
+    the timestep through) is one value to the exporter, named after the output: give the input its
+    name back and the output an Identity, as the TorchScript exporter wrote it."""
+    from onnx import helper
+
+    for value, name in zip(model.graph.input, inputs, strict=True):
+        if value.name != name:
+            model.graph.node.append(helper.make_node("Identity", [name], [value.name], name=f"pass_{name}"))
+            value.name = name
+
+
+def _drop_unused_inputs(model) -> None:
+    """Graph inputs no node reads (PixArt-α's size conditions in the `context` segment): the
+    TorchScript exporter left them out, and the manifests of PixArt and DiT bundles never listed them."""
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {output.name for output in model.graph.output}
+    unused = [value for value in model.graph.input if value.name not in used]
+    for value in unused:
+        model.graph.input.remove(value)
+
+
+def _name_dims(model, names: Sequence[str], kind: str) -> None:
     """torch.export names dynamic dims s0, s1…: rename those of the graph's inputs and outputs (and
-    every use of them inside) to `_DYNAMO_AXES`' (`_GRID_AXES`') names, which the manifest records
-    and TensorRT's profiles read (backends/tensorrt.py `dim_ranges`)."""
-    axes = dynamic_axes(names, dynamo=True, grid=grid)
+    every use of them inside) to the names of `kind`'s table, which the manifest records and
+    TensorRT's profiles read (backends/tensorrt.py `dim_ranges`)."""
+    axes = dynamic_axes(names, kind)
     graph = model.graph
     rename: dict[str, str] = {}
     for value in [*graph.input, *graph.output]:
