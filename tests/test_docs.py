@@ -1,9 +1,12 @@
-"""The docs site: built with warnings as errors, and every shell and Python example on its pages run.
+"""The docs site: built with warnings as errors, and every shell and Python example on its pages (and
+the README's) run.
 
 Examples are the fenced blocks whose language is `bash` or `python`; `console`, `text`, plain
-fences (usage synopses, outputs) and `py` (a sketch to fill in) are shown, not run. Each page's examples
-run in order as one bash script in a fresh directory, with this environment's `bin` first on PATH,
-so a page reads as one session: a server started in one block is stopped in a later one.
+fences (usage synopses, outputs) and `py` (a sketch to fill in) are shown, not run, and so is an
+`sh` block, which says in its first line why (a GPU, root and podman, a cluster, minutes). Each
+page's examples run in order as one bash script in a fresh directory, with this environment's
+`bin` first on PATH, so a page reads as one session: a server started in one block is stopped in a
+later one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ DOCS = ROOT / "docs"
 BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 RUNNABLE = ("bash", "python")
-PAGES = sorted(p for p in DOCS.glob("*.md"))
+PAGES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
 
 
 def examples(page: Path) -> list[tuple[str, str, int]]:
@@ -53,6 +56,17 @@ def test_the_example_parser_finds_what_the_pages_hold():
     assert [lang for lang, _, _ in found["python-api.md"]] == ["python", "python"]
     shown = FENCE.findall((DOCS / "getting-started.md").read_text())
     assert any(lang == "console" for lang, _ in shown)  # `make setup`: shown, not run
+
+
+def test_every_shell_block_runs_or_says_why_not():
+    """No shell example is shown without being run unless its fence is `sh` and it says why."""
+    for page in PAGES:
+        text = page.read_text()
+        for match in FENCE.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            assert match.group(1) not in ("shell", "zsh"), f"{page.name}:{line}: bash (run) or sh (why not)"
+            if match.group(1) == "sh":
+                assert match.group(2).startswith("# "), f"{page.name}:{line}: say why it is not run"
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if examples(p)], ids=lambda p: p.name)
