@@ -11,7 +11,8 @@ import typer
 
 from ..runtime.bundle import Bundle, strict_json
 from . import command, console, out, progress
-from .options import Digest, load_bundle
+from .options import Digest, Force, load_bundle
+from .paths import image_suffixes, output_file
 from .tables import plan_search_table, tune_table
 
 SearchPlans = Annotated[
@@ -73,6 +74,7 @@ def tune(
     reference: Reference = None,
     plot: Plot = None,
     confirm_prompts: ConfirmPrompts = 0,
+    force: Force = False,
 ) -> None:
     """Check every installed engine x precision against ONNX Runtime fp32, time one denoising step
     of each, and write BUNDLE/tuning.json for `--backend auto` (a failing one is never chosen)."""
@@ -80,6 +82,7 @@ def tune(
     from ..tuning import tune as run_tune
 
     budget = QualityBudget.parse(quality_budget)  # bad options fail before any work
+    output_file(plot, "--plot", image_suffixes(), force=force)  # BUNDLE/tuning.json is tune's to rewrite
     check_tuning_prompts(prompt_offset, prompts)
     if confirm_prompts:
         check_tuning_prompts(prompt_offset + prompts, confirm_prompts)
