@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= out/demo
 
-.PHONY: setup setup-browser test lint lint-cpp typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp dist images docs setup-images
+.PHONY: setup setup-browser test lint lint-cpp typecheck-trt demo default-model bench gpu-check clean cpp setup-cpp valijson dist images docs setup-images
 
 setup: $(BIN)/ilf-deploy $(VENV)/triton/ilf-triton.json setup-cpp setup-browser
 
@@ -32,23 +32,39 @@ cpp:
 	$(BIN)/python -m pip install --quiet "nlohmann-json>=3.11,<4" "ninja>=1.11"
 	gen=""; if [ -x $(BIN)/ninja ]; then gen="-G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja"; fi; \
 	cmake -S cpp -B $(CPP_BUILD) $$gen -DCMAKE_BUILD_TYPE=Release -DILF_PYTHON=$(abspath $(BIN))/python \
-	  -DCMAKE_INSTALL_PREFIX=$(abspath $(VENV)) -DCMAKE_INSTALL_MESSAGE=NEVER > /dev/null
+	  -DCMAKE_INSTALL_PREFIX=$(abspath $(VENV)) -DCMAKE_INSTALL_MESSAGE=NEVER \
+	  $(if $(wildcard $(VALIJSON_LOCAL)/valijson/validator.hpp),-DILF_VALIJSON_INCLUDE_DIR=$(abspath $(VALIJSON_LOCAL))) > /dev/null
 	cmake --build $(CPP_BUILD)
 	cmake --install $(CPP_BUILD)
 
 # `make setup` builds it where a C++ compiler and cmake exist, and says in one line when it skips.
-# libilf's SHA-256 and PNG deflate come from OpenSSL and zlib, its JSON Schema checks from valijson
-# (header-only): Debian's -dev packages, installed here where we are root (CI) and they are missing.
-CPP_DEV_PACKAGES = libssl-dev zlib1g-dev libvalijson-dev
-CPP_DEV_HEADERS = /usr/include/openssl/evp.h /usr/include/zlib.h /usr/include/valijson/validator.hpp
+# libilf's SHA-256 and PNG deflate come from OpenSSL and zlib: Debian's -dev packages, installed here
+# where we are root (CI) and they are missing. Its JSON Schema checks use valijson (header-only): its
+# headers are used from /usr/include, or unpacked from Debian's libvalijson-dev into $(VALIJSON_LOCAL)
+# (`apt-get download`, no root; installing the package would pull Qt, POCO and five JSON libraries).
+CPP_DEV_PACKAGES = libssl-dev zlib1g-dev
+CPP_DEV_HEADERS = /usr/include/openssl/evp.h /usr/include/zlib.h
+VALIJSON_LOCAL = .cache/valijson/usr/include
 setup-cpp: $(BIN)/ilf-deploy
 	@if command -v cmake > /dev/null 2>&1 && command -v c++ > /dev/null 2>&1; then \
 	  if ! ls $(CPP_DEV_HEADERS) > /dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then \
 	    apt-get install -y -qq $(CPP_DEV_PACKAGES) > /dev/null 2>&1 || \
 	    { apt-get update -qq > /dev/null 2>&1 && apt-get install -y -qq $(CPP_DEV_PACKAGES) > /dev/null 2>&1; }; fi; \
-	  if ls $(CPP_DEV_HEADERS) > /dev/null 2>&1; then $(MAKE) --no-print-directory cpp; \
-	  else echo "make setup: skipping the C++ runtime (make cpp): it needs $(CPP_DEV_PACKAGES) (apt-get install them)"; fi; \
+	  $(MAKE) --no-print-directory valijson; \
+	  if ls $(CPP_DEV_HEADERS) > /dev/null 2>&1 && { [ -f /usr/include/valijson/validator.hpp ] || [ -f $(VALIJSON_LOCAL)/valijson/validator.hpp ]; }; \
+	  then $(MAKE) --no-print-directory cpp; \
+	  else echo "make setup: skipping the C++ runtime (make cpp): it needs $(CPP_DEV_PACKAGES) libvalijson-dev (apt-get install them)"; fi; \
 	else echo "make setup: skipping the C++ runtime (make cpp): no C++ compiler or cmake here"; fi
+
+# valijson's headers from Debian's package, unpacked without its dependencies (where they are not in
+# /usr/include): `apt-get download` needs no root; one line where the package cannot be had.
+valijson:
+	@if [ ! -f /usr/include/valijson/validator.hpp ] && [ ! -f $(VALIJSON_LOCAL)/valijson/validator.hpp ]; then \
+	  mkdir -p .cache/valijson && cd .cache/valijson && \
+	  { apt-get download libvalijson-dev > /dev/null 2>&1 || \
+	    { [ "$$(id -u)" = 0 ] && apt-get update -qq > /dev/null 2>&1 && apt-get download libvalijson-dev > /dev/null 2>&1; }; } && \
+	  dpkg-deb -x libvalijson-dev_*.deb . && rm -f libvalijson-dev_*.deb || \
+	  echo "make setup: could not fetch valijson's headers (apt-get download libvalijson-dev)"; fi
 
 # The wheel and sdist (README "Install") into dist/, their metadata checked by twine.
 dist: setup
