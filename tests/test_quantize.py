@@ -15,7 +15,7 @@ from ilf_deploy.compare import budget
 from ilf_deploy.errors import ConfigError
 from ilf_deploy.export.build import BuildOptions, build_bundle
 from ilf_deploy.quantization.calibration import collect_calibration
-from ilf_deploy.quantization.quantize import LINEAR_NODE, quantize_bundle, verify_variant
+from ilf_deploy.quantization.quantize import LINEAR_NODE, node_scope, quantize_bundle, verify_variant
 from ilf_deploy.runtime.bundle import Bundle, BundleError
 from ilf_deploy.runtime.generator import Request
 
@@ -66,8 +66,9 @@ def test_qdq_models_are_what_tensorrt_accepts(quantized, mode):
                 assert scale.shape == (inits[node.input[0]].dims[1],)
             if node.op_type == "DequantizeLinear":  # everything dequantized feeds an attn/FF linear
                 user = consumers[node.output[0]]
-                assert user.op_type in ("MatMul", "Gemm") and LINEAR_NODE.search(user.name), user.name
-                assert "attn2/to_q" not in user.name  # PixArt's cross-attn query stays in float
+                scope = node_scope(user)  # the module path, as the quantizer reads it
+                assert user.op_type in ("MatMul", "Gemm") and LINEAR_NODE.search(scope), scope
+                assert "attn2/to_q" not in scope  # PixArt's cross-attn query stays in float
         assert weights > 0, name
 
 
