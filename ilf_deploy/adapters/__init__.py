@@ -30,8 +30,8 @@ TRANSFORMER_ARCHITECTURES = {
     "FluxTransformer2DModel": "flux",
     "SanaTransformer2DModel": "sana",
 }
-# Two-stream families: their state is image and text tokens (adapters/mmdit.py). Bundles (ONNX
-# export) do not carry them yet: the torch runner runs them (docs/families.md).
+# Two-stream families: their state is image and text tokens (adapters/mmdit.py); their segments
+# export with fixed-length text (export/onnx.py `axes_kind`).
 MMDIT_ARCHITECTURES = ("sd3", "flux")
 
 
