@@ -29,7 +29,7 @@ from ..runtime.bundle import (
     write_manifest,
 )
 from ..runtime.request import MAX_SIDE
-from .onnx import export_segment, onnx_io
+from .onnx import EXPORTERS, export_segment, onnx_io, uses_torchscript
 from .segments import segment_specs, tokenizer_inputs
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
@@ -46,6 +46,7 @@ class BuildOptions:
     copy_model: bool = True  # keep the source pipeline inside, for the torch backend and `verify`
     force: bool = False
     backend: str = "onnxruntime"
+    exporter: str = "auto"  # export/onnx.py EXPORTERS: auto = TorchScript for PixArt/DiT, else torch.export
 
 
 def build_bundle(
@@ -69,6 +70,7 @@ def build_bundle(
 
         current_environment()
     model = load_model(source)
+    uses_torchscript(model.architecture, options.exporter)  # a family it cannot export: refused now
     texts = model.text_encoder is not None or model.text_pipeline is not None
     if model.vae is None or (model.architecture != "dit" and not texts):
         raise ConfigError(
@@ -100,6 +102,8 @@ def _check_options(options: BuildOptions) -> None:
     check_at_least("max batch", options.max_batch)
     if options.backend not in BACKENDS:
         raise ConfigError(f"--backend must be {' or '.join(BACKENDS)}, got {options.backend!r}")
+    if options.exporter not in EXPORTERS:
+        raise ConfigError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {options.exporter!r}")
 
 
 def _resolve_plans(
@@ -201,7 +205,7 @@ def _export_segments(
         module = low_specs[spec.name].module if low else spec.module
         args = tuple(cast(examples[n]) if low else examples[n] for n in spec.inputs)
         path = root / "onnx" / f"{spec.name}.onnx"
-        export_segment(module, args, path, spec.inputs, spec.outputs, model.architecture)
+        export_segment(module, args, path, spec.inputs, spec.outputs, model.architecture, options.exporter)
         io_in, io_out = onnx_io(path)
         segments[spec.name] = {
             "file": f"onnx/{spec.name}.onnx",

@@ -1,10 +1,12 @@
 """Export segments to ONNX, then check and shape-infer them.
 
-Every segment of every family goes through torch.export (`torch.onnx.export(dynamo=True)`, opset
-20, onnxscript). The TorchScript exporter (`dynamo=False`, opset 17), which wrote PixArt and DiT
-bundles before and cannot export SD3.5's or Flux's q/k `rms_norm`, is no longer used: no segment
-needs it (docs/bundles.md). Three tables of dynamic axes, by the family's state (`axes_kind`):
-single-stream token sequences (PixArt, DiT), two streams (SD3, Flux), a token grid (Sana).
+Two exporters (`exporter`): torch.export (`torch.onnx.export(dynamo=True)`, opset 20, onnxscript)
+exports every segment of every family; the TorchScript exporter (`dynamo=False`, opset 17) exports
+PixArt's and DiT's (not SD3.5's or Flux's q/k `rms_norm`). `auto`, the default, takes TorchScript
+for PixArt and DiT: the same manifests and the same parity with torch (~1e-7) in a fifth of the
+time (docs/bundles.md); `dynamo` takes torch.export for them too. Three tables of dynamic axes, by
+the family's state (`axes_kind`): single-stream token sequences (PixArt, DiT), two streams (SD3,
+Flux), a token grid (Sana).
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import torch
 from torch import nn
 
 from ..adapters import MMDIT_ARCHITECTURES
+from ..errors import ConfigError
 
+OPSET = 17  # the TorchScript exporter's
 DYNAMO_OPSET = 20
+EXPORTERS = ("auto", "dynamo", "torchscript")
 TWO_GB = 2**31 - 1
 
 # Dynamic axes by tensor name: batch (guidance doubles it), image tokens, text tokens, pixels.
@@ -83,6 +88,17 @@ def dynamic_axes(names: Sequence[str], kind: str = "tokens") -> dict[str, dict[i
     return {name: axes.get(name, {} if name.endswith("_ids") else {0: "batch"}) for name in names}
 
 
+def uses_torchscript(architecture: str, exporter: str = "auto") -> bool:
+    """Whether `exporter` (`EXPORTERS`) exports an `architecture` model's segments with TorchScript;
+    a family TorchScript cannot export is refused in one line."""
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    tokens = axes_kind(architecture) == "tokens"
+    if exporter == "torchscript" and not tokens:
+        raise ConfigError(f"--exporter torchscript cannot export {architecture} (PixArt, DiT only): use auto")
+    return tokens and exporter != "dynamo"
+
+
 def export_segment(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -90,9 +106,10 @@ def export_segment(
     inputs: Sequence[str],
     outputs: Sequence[str],
     architecture: str = "pixart-alpha",
+    exporter: str = "auto",
 ) -> None:
-    """Write `module(*args)` of an `architecture` model to `path`; weights go to one `path.data`
-    file when they pass 1 GB.
+    """Write `module(*args)` of an `architecture` model to `path` with `exporter` (`EXPORTERS`);
+    weights go to one `path.data` file when they pass 1 GB.
 
     The exporter writes into a scratch directory first: for graphs over protobuf's 2 GB limit it
     leaves one file per tensor, which must not end up in (and be hashed into) the bundle.
@@ -100,6 +117,7 @@ def export_segment(
     import onnx
 
     kind = axes_kind(architecture)
+    torchscript = uses_torchscript(architecture, exporter)
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
@@ -108,7 +126,9 @@ def export_segment(
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            if kind == "mmdit":
+            if torchscript:
+                options = _torchscript_options(inputs, outputs)
+            elif kind == "mmdit":
                 options = _dynamo_options(module, inputs)
             else:
                 options = _program_options(module, args, inputs, kind)
@@ -117,13 +137,14 @@ def export_segment(
                 module, args, str(raw), input_names=list(inputs), output_names=list(outputs), **options
             )
         model = onnx.load(str(raw))  # also reads any per-tensor files the exporter wrote
-        if kind != "mmdit":
-            _name_passthroughs(model, inputs)
-            _constants_from_torch(model, program.exported_program)
-            _fold_constants(model)
-        if kind == "tokens":  # as the TorchScript exporter wrote these bundles: used inputs only
-            _drop_unused_inputs(model)
-        _name_dims(model, [*inputs, *outputs], kind)
+        if not torchscript:
+            if kind != "mmdit":
+                _name_passthroughs(model, inputs)
+                _constants_from_torch(model, program.exported_program)
+                _fold_constants(model)
+            if kind == "tokens":  # as the TorchScript exporter writes these bundles: used inputs only
+                _drop_unused_inputs(model)
+            _name_dims(model, [*inputs, *outputs], kind)
         weights = sum(len(t.raw_data) for t in model.graph.initializer)
         data = path.with_name(path.name + ".data")
         if weights > TWO_GB // 2:  # keep well clear of protobuf's 2 GB limit
@@ -137,6 +158,15 @@ def export_segment(
             file.chmod(0o644)  # readable by a server running as another user
     onnx.checker.check_model(str(path))
     onnx.shape_inference.infer_shapes_path(str(path))
+
+
+def _torchscript_options(inputs: Sequence[str], outputs: Sequence[str]) -> dict:
+    return dict(
+        dynamic_axes=dynamic_axes([*inputs, *outputs]),
+        opset_version=OPSET,
+        do_constant_folding=True,
+        dynamo=False,
+    )
 
 
 def _dynamo_options(module: nn.Module, inputs: Sequence[str]) -> dict:
