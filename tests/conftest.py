@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from ilf_deploy.loading import LoadedModel, load_model
+from ilf_deploy.runtime.bundle import Bundle
 from ilf_deploy.tiny import make_tiny_pipeline
 
 # (architecture, resolution conditions): PixArt-α 512, PixArt-α 1024-style, PixArt-Σ, DiT
@@ -113,3 +114,17 @@ def sana_bundle(sana_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("sana-bundle") / "sana"
     return build_bundle(sana_dir, out, BuildOptions(plans=SANA_PLANS, resolutions=SANA_SIZES))
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[Path]:
+    """Every `Bundle.load` from now on, by path."""
+    seen: list[Path] = []
+    original = Bundle.load.__func__
+
+    def counting(cls, path, *args, **kwargs):
+        seen.append(Path(path))
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(Bundle, "load", classmethod(counting))
+    return seen

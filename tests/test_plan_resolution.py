@@ -212,33 +212,13 @@ def assert_no_files_from_requests(client: TestClient, generator, path: str) -> N
 
 
 def test_generate_runs_a_composed_preset_and_refuses_a_bad_spec_in_one_line(bundle, tmp_path):
-    good = CliRunner().invoke(
-        cli,
-        [
-            "generate",
-            str(bundle),
-            "--prompt",
-            PROMPT,
-            "--plan",
-            "ilf-4-cache1-4r2",
-            "--out",
-            str(tmp_path / "a.png"),
-        ],
-    )
+    def generate(spec: str, out: str):
+        args = ["generate", str(bundle), "--prompt", PROMPT, "--plan", spec, "--out", str(tmp_path / out)]
+        return CliRunner().invoke(cli, args)
+
+    good = generate("ilf-4-cache1-4r2", "a.png")
     assert good.exit_code == 0 and "ilf-4-cache1-4r2:" in good.output, good.output
-    bad = CliRunner().invoke(
-        cli,
-        [
-            "generate",
-            str(bundle),
-            "--prompt",
-            PROMPT,
-            "--plan",
-            "base-4-cache0-2r2",
-            "--out",
-            str(tmp_path / "b.png"),
-        ],
-    )
+    bad = generate("base-4-cache0-2r2", "b.png")
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1, bad.output
     assert (
         "--plan: plan 'base-4-cache0-2r2': not in this bundle (it has: base-4, ilf-4, cache-6); "
@@ -260,20 +240,6 @@ def test_batch_default_plan_takes_every_form_and_workers_run_the_drivers_plan(bu
         prepared.results.close()
         assert [w["plan"] for w in prepared.jobs] == [spec]
         assert prepared.plans[spec] == resolve_bundle_plan(Bundle.load(bundle), spec).to_dict()
-
-
-@pytest.fixture
-def loads(monkeypatch) -> list[Path]:
-    """Every `Bundle.load` from now on, by path."""
-    seen: list[Path] = []
-    original = Bundle.load.__func__
-
-    def counting(cls, path, *args, **kwargs):
-        seen.append(Path(path))
-        return original(cls, path, *args, **kwargs)
-
-    monkeypatch.setattr(Bundle, "load", classmethod(counting))
-    return seen
 
 
 def test_generate_plan_auto_reads_the_bundle_once(bundle, tmp_path, loads):

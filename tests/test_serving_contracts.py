@@ -36,20 +36,6 @@ def generator(bundle):
     return open_generator(bundle)
 
 
-@pytest.fixture
-def loads(monkeypatch) -> list[Path]:
-    """Every `Bundle.load` from now on, by path."""
-    seen: list[Path] = []
-    original = Bundle.load.__func__
-
-    def counting(cls, path, *args, **kwargs):
-        seen.append(Path(path))
-        return original(cls, path, *args, **kwargs)
-
-    monkeypatch.setattr(Bundle, "load", classmethod(counting))
-    return seen
-
-
 def test_open_generator_hands_back_the_bundle_it_loaded(bundle, generator):
     assert isinstance(generator.bundle, Bundle) and generator.bundle.path == Path(bundle)
     assert generator.bundle.digest == Bundle.load(bundle, verify_hashes=False).digest
