@@ -163,7 +163,7 @@ bench: setup
 typecheck-trt: setup
 	$(BIN)/python -m pip install --quiet --no-deps "tensorrt-stubs==10.13.0.35.1" "polygraphy>=0.49"
 	$(BIN)/python -m tests.support.trt_stubs .mypy-stubs
-	MYPYPATH=.mypy-stubs $(BIN)/mypy --config-file .mypy-stubs/mypy.ini ilf_deploy/backends/tensorrt.py
+	MYPYPATH=.mypy-stubs $(BIN)/mypy --config-file .mypy-stubs/mypy.ini ilf_deploy/engines/backends/tensorrt.py
 
 # On an NVIDIA GPU with TensorRT 10/11 (docs/tensorrt.md: "TensorRT on H100"). Never run in CI. The default
 # model is PixArt-XL-2 with random weights (benchmarks/backbone.py); GPU_MODEL=... for a real one.

@@ -67,7 +67,7 @@ def log(message: str) -> None:
 
 
 def build_model_dir(out: Path, size: Size, seed: int = 0) -> Path:
-    """A PixArt-α pipeline directory as `ilf_deploy.tiny` writes one, with a real-sized transformer,
+    """A PixArt-α pipeline directory as `ilf_deploy.model.tiny` writes one, with a real-sized transformer,
     a tiny T5 of width `caption_channels`, a small VAE with downsampling factor 8 and random feedback."""
     from diffusers import (
         AutoencoderKL,
@@ -76,11 +76,17 @@ def build_model_dir(out: Path, size: Size, seed: int = 0) -> Path:
         PixArtTransformer2DModel,
     )
 
-    from ilf_deploy.adapters import make_adapter
-    from ilf_deploy.ilf import FEEDBACK_DIR, FeedbackModule
-    from ilf_deploy.loading import quiet_huggingface
-    from ilf_deploy.plan import default_loop
-    from ilf_deploy.tiny import _MAX_LENGTH, _T5, PIXART_SCHEDULER, _portable_tokenizer, word_text_encoder
+    from ilf_deploy.core.plan import default_loop
+    from ilf_deploy.model.adapters import make_adapter
+    from ilf_deploy.model.ilf import FEEDBACK_DIR, FeedbackModule
+    from ilf_deploy.model.loading import quiet_huggingface
+    from ilf_deploy.model.tiny import (
+        _MAX_LENGTH,
+        _T5,
+        PIXART_SCHEDULER,
+        _portable_tokenizer,
+        word_text_encoder,
+    )
 
     quiet_huggingface()
     tmp = out.with_name(out.name + ".tmp")
@@ -170,7 +176,7 @@ def model_and_bundle(
     """`work/model` (the config at `size`, random weights) and its fp32 bundle of `plans` at
     RESOLUTION px (with the torch model only if `copy_model`: `tune`'s torch candidates need it),
     each written once and reused by later runs."""
-    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
 
     model_dir, bundle_dir = work / "model", work / "bundle"
     if not (model_dir / "model_index.json").is_file():
@@ -212,10 +218,10 @@ def probe_inputs(adapter: Any, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def prepare(work: Path, size: Size, rebuild: bool, need_torch: bool) -> dict[str, Any]:
     """Model dir, bundle (base-20 + ilf-10 at 256 px, fp32), monolith and probe ONNX; reused when present."""
-    from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.export.onnx import export_segment
-    from ilf_deploy.export.segments import BlocksSegment
-    from ilf_deploy.loading import load_model
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.export.onnx import export_segment
+    from ilf_deploy.build.export.segments import BlocksSegment
+    from ilf_deploy.model.loading import load_model
 
     facts: dict[str, Any] = {}
     stamp = work / "size.json"
@@ -338,7 +344,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def ort_session(path: Path, threads: int) -> Any:
-    from ilf_deploy.backends.onnxruntime import OrtSession
+    from ilf_deploy.engines.backends.onnxruntime import OrtSession
 
     return OrtSession(path, ["CPUExecutionProvider"], threads)
 
@@ -364,7 +370,7 @@ def no_spin_sessions() -> None:
 
 
 def run_p3(model: Any, probe: Path, size: Size, threads: int, runs: int) -> dict[str, Any]:
-    from ilf_deploy.export.segments import BlocksSegment
+    from ilf_deploy.build.export.segments import BlocksSegment
 
     adapter = model.adapter
     inputs = probe_inputs(adapter)
@@ -418,7 +424,7 @@ def run_p3(model: Any, probe: Path, size: Size, threads: int, runs: int) -> dict
 
 def step_inputs(generator: Any) -> dict[str, np.ndarray]:
     """The conditioning a base step sees for one guided request, through the bundle's own segments."""
-    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.core.runtime.generator import Request
 
     request = Request(prompt="a small red circle on a blue background", height=RESOLUTION, width=RESOLUTION)
     h, w = generator.latent_size(request)
@@ -474,8 +480,8 @@ def run_p2(generator: Any, monolith: Path, threads: int, runs: int) -> dict[str,
 
 
 def run_p1(generator: Any, runs: int) -> dict[str, Any]:
-    from ilf_deploy.plan import resolve_plan
-    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.core.plan import resolve_plan
+    from ilf_deploy.core.runtime.generator import Request
 
     bundle = generator.bundle
     base, ilf = bundle.plan("base-20"), bundle.plan("ilf-10")
@@ -601,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()  # the torch model (2.4 GB at full size) is not needed by P1/P2
 
     if parts & {"p1", "p2"}:
-        from ilf_deploy.backends import open_generator
+        from ilf_deploy.engines.backends import open_generator
 
         generator = open_generator(prep["bundle"], providers=["CPUExecutionProvider"], threads=args.threads)
         if "p2" in parts:

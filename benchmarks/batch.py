@@ -36,8 +36,8 @@ PROMPT = "a small red circle on a blue background"
 
 
 def tiny_bundle(root: Path) -> Path:
-    from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.tiny import make_tiny_pipeline
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    from ilf_deploy.model.tiny import make_tiny_pipeline
 
     model = make_tiny_pipeline("pixart-alpha", root / "model", num_layers=4)
     return build_bundle(model, root / "bundle", BuildOptions(plans=("base-4", "ilf-4"), copy_model=False))
@@ -55,8 +55,8 @@ def xl_bundle(given: Path | None) -> Path:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One batch in this process (the driver): when its rows were finished, by the workers' clocks
     (one machine here, so the driver's clock too), from the driver's start; the engine's per image."""
-    from ilf_deploy.scale.batch import run_batch
-    from ilf_deploy.scale.options import BatchOptions
+    from ilf_deploy.serving.scale.batch import run_batch
+    from ilf_deploy.serving.scale.options import BatchOptions
 
     started = time.time()
     options = BatchOptions(
@@ -144,7 +144,7 @@ def overhead(
     per_image_s = median("per_image_s")
     ratio = per_image_s["ray"] / per_image_s["local"] - 1
     target = TARGETS[name]
-    from ilf_deploy.scale.options import BatchOptions
+    from ilf_deploy.serving.scale.options import BatchOptions
 
     rows_per_task = BatchOptions(bundle, bundle, bundle, batch_size=batch_size).rows_per_task(rows)
     return {"plan": plan, "rows": rows, "batch_size": batch_size, "rows_per_task": rows_per_task,
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.rounds, args.no_xl = 32, 1, True
-    from ilf_deploy.backends.machine import cpu_count, fingerprint
+    from ilf_deploy.engines.backends.machine import cpu_count, fingerprint
     from tests.support.ray_sandbox import Sandbox, unavailable
 
     reason = unavailable()

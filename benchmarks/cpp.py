@@ -50,8 +50,8 @@ def ilf_run_binary() -> Path:
 
 
 def tiny_bundle(work: Path) -> Path:
-    from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.tiny import make_tiny_pipeline
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    from ilf_deploy.model.tiny import make_tiny_pipeline
 
     bundle = work / "bundle"
     if not (bundle / "manifest.json").is_file():
@@ -90,8 +90,8 @@ class TimedInfer:
 
 
 def python_runner(bundle: Path, plan_name: str, threads: int | None):
-    from ilf_deploy.backends import open_generator
-    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.core.runtime.generator import Request
+    from ilf_deploy.engines.backends import open_generator
 
     generator = open_generator(bundle, "openvino", variant="f32", threads=threads)
     segments, infer_s = generator.segments, {}
@@ -178,7 +178,7 @@ def compare(
     work.mkdir(parents=True, exist_ok=True)
     generator, plan, python_once = python_runner(bundle, plan_name, threads)
     rng = np.random.default_rng(0)
-    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.core.runtime.generator import Request
 
     latents = rng.standard_normal((1, 4, *generator.latent_size(Request(prompt=PROMPT))), dtype=np.float32)
     np.save(work / "in.npy", latents)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts <= {"overhead", "ilf10"}:
         parser.error(f"unknown parts {sorted(parts - {'overhead', 'ilf10'})}")
-    from ilf_deploy.backends.machine import fingerprint
+    from ilf_deploy.engines.backends.machine import fingerprint
 
     binary = ilf_run_binary()
     version = subprocess.run(

@@ -1,4 +1,4 @@
-"""The denoising loop's finite check (runtime/loop.py `check_finite`, issue 31): its cost per step
+"""The denoising loop's finite check (core/runtime/loop.py `check_finite`, issue 31): its cost per step
 against a whole step on the tiny PixArt-Σ model (ONNX Runtime fp32), where a step is cheapest and the
 check's share largest. Target: <= 1 % of a step.
 
@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 9)
 
-    from ilf_deploy.backends import open_generator
-    from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.runtime import loop
-    from ilf_deploy.runtime.generator import Request
-    from ilf_deploy.tiny import make_tiny_pipeline
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    from ilf_deploy.core.runtime import loop
+    from ilf_deploy.core.runtime.generator import Request
+    from ilf_deploy.engines.backends import open_generator
+    from ilf_deploy.model.tiny import make_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_pipeline("pixart-sigma", Path(tmp) / "model", seed=7, num_layers=6)

@@ -2,7 +2,8 @@
 
 The model is PixArt-XL-2's block shape (1152 wide, 16 heads, real caption width) with random
 weights and fewer layers (8 by default), at 256 px (256 tokens) and batch 2 (guidance), built by
-`benchmarks.backbone.build_model_dir`. Variants are made with `ilf_deploy.quantization.quantize` exactly as
+`benchmarks.backbone.build_model_dir`. Variants are made with
+`ilf_deploy.build.quantization.quantize` exactly as
 `ilf-deploy quantize` makes them:
 
 - int8-dynamic (the CPU path; target: one full step ≥ 2.0× faster than fp32)
@@ -49,9 +50,9 @@ def prepare(work: Path, layers: int, heads: int, rebuild: bool) -> Path:
 
 
 def ensure_variant(bundle_dir: Path, mode: str, prompts: int, requantize: bool) -> str:
-    from ilf_deploy.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
-    from ilf_deploy.quantization.quantize import default_variant_name, quantize_bundle
-    from ilf_deploy.runtime.bundle import Bundle
+    from ilf_deploy.build.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
+    from ilf_deploy.build.quantization.quantize import default_variant_name, quantize_bundle
+    from ilf_deploy.core.runtime.bundle import Bundle
 
     name = default_variant_name(mode)
     bundle = Bundle.load(bundle_dir, verify_hashes=False)
@@ -81,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
     from benchmarks.backbone import interleaved, med, step_inputs
-    from ilf_deploy.compare import metrics
-    from ilf_deploy.quantization.quantize import variant_generator
-    from ilf_deploy.runtime.bundle import Bundle
-    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.build.quantization.quantize import variant_generator
+    from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.core.runtime.generator import Request
+    from ilf_deploy.engines.compare import metrics
 
     work = OUT / "int8" / f"l{layers}-h{args.heads}"  # --quick does not wipe the default model
     bundle_dir = prepare(work, layers, args.heads, args.rebuild)

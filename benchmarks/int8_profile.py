@@ -60,7 +60,7 @@ def category(op: str) -> str:
 
 def recorded_feeds(bundle: Any) -> dict[str, np.ndarray]:
     """The block segment's inputs from a reference run (ORT fp32) of the bundle's base plan."""
-    from ilf_deploy.compare import run_reference
+    from ilf_deploy.engines.compare import run_reference
 
     reference = run_reference(bundle, "base-10", max_samples=1)
     return reference.recorder.feeds(SEGMENT)[0]
@@ -70,7 +70,7 @@ def ort_profile(bundle: Any, variant: str | None, feeds: dict[str, np.ndarray], 
     """Per-category ms per call of the segment on ONNX Runtime, as OrtSegments opens it."""
     import onnxruntime as ort
 
-    from ilf_deploy.backends.onnxruntime import OrtSegments
+    from ilf_deploy.engines.backends.onnxruntime import OrtSegments
 
     segments = OrtSegments(bundle, variant)
     options = ort.SessionOptions()
@@ -105,7 +105,7 @@ def ov_profile(
     bundle: Any, variant: str | None, precision: str, feeds: dict[str, np.ndarray], runs: int
 ) -> dict:
     """Per-category ms per call of the segment on OpenVINO, compiled as OvSegments compiles it."""
-    from ilf_deploy.backends.openvino import core, open_generator
+    from ilf_deploy.engines.backends.openvino import core, open_generator
 
     segments = open_generator(bundle, variant, precision=precision, cache=False).segments
     config = {**segments.config_for(SEGMENT), "PERF_COUNT": "YES"}
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.backbone import Size, block_flops
     from benchmarks.int8_cpu import ensure_variant, prepare
-    from ilf_deploy.backends.machine import fingerprint
-    from ilf_deploy.runtime.bundle import Bundle
+    from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.engines.backends.machine import fingerprint
 
     size = Size(layers=LAYERS)
     bundle_dir = prepare(OUT / "int8_profile", LAYERS, size.heads, args.rebuild)

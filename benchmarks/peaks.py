@@ -62,7 +62,7 @@ def linear_peak(backend: str, mode: str | None, precision: str = "f32", n: int =
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from ilf_deploy.quantization.quantize import quantize_segment
+    from ilf_deploy.build.quantization.quantize import quantize_segment
 
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
@@ -88,7 +88,7 @@ def linear_peak(backend: str, mode: str | None, precision: str = "f32", n: int =
             path = Path(tmp) / ("q.xml" if mode == "int8-ov" else "q.onnx")
             quantize_segment(source, path, mode, [{"x": x}, {"x": x * 0.5}])
         if backend == "openvino":
-            from ilf_deploy.backends.openvino import core
+            from ilf_deploy.engines.backends.openvino import core
 
             config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
             request = core().compile_model(core().read_model(str(path)), "CPU", config).create_infer_request()
@@ -97,7 +97,7 @@ def linear_peak(backend: str, mode: str | None, precision: str = "f32", n: int =
                 return request.infer({0: x})
 
         else:
-            from ilf_deploy.backends.onnxruntime import OrtSession
+            from ilf_deploy.engines.backends.onnxruntime import OrtSession
 
             session = OrtSession(path, ["CPUExecutionProvider"], None)
 

@@ -63,9 +63,9 @@ def prepare(work: Path, quick: bool, rebuild: bool, modes: list[str]) -> tuple[P
 
 def make_variants(bundle_dir: Path, modes: list[str], plan: str) -> None:
     """Each precision variant of `modes` the bundle lacks, calibrated on 2 trajectories of `plan`."""
-    from ilf_deploy.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
-    from ilf_deploy.quantization.quantize import default_variant_name, quantize_bundle
-    from ilf_deploy.runtime.bundle import Bundle
+    from ilf_deploy.build.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
+    from ilf_deploy.build.quantization.quantize import default_variant_name, quantize_bundle
+    from ilf_deploy.core.runtime.bundle import Bundle
 
     for mode in modes:
         name = default_variant_name(mode)
@@ -86,7 +86,7 @@ def diffusers_runner(model_dir: Path, dtype: Any, compile: bool = False) -> Call
     import torch
     from diffusers import PixArtAlphaPipeline
 
-    from ilf_deploy.loading import quiet_huggingface
+    from ilf_deploy.model.loading import quiet_huggingface
 
     quiet_huggingface()
     pipe = PixArtAlphaPipeline.from_pretrained(model_dir, torch_dtype=dtype)
@@ -115,7 +115,7 @@ def diffusers_runner(model_dir: Path, dtype: Any, compile: bool = False) -> Call
 
 
 def ours_runner(generator: Any, plan: Any) -> Callable[[], np.ndarray]:
-    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.core.runtime.generator import Request
 
     request = Request(
         prompt=PROMPT, negative_prompt="", seed=SEED, guidance_scale=GUIDANCE, height=256, width=256
@@ -159,7 +159,7 @@ def block_peaks(report: dict[str, Any], bundle: Any, size: Any, quick: bool) -> 
     the peaks measured now, the way each engine runs its matmuls."""
     from benchmarks import peaks
     from benchmarks.backbone import block_flops
-    from ilf_deploy.tuning import timing_plan
+    from ilf_deploy.checks.tuning import timing_plan
 
     timed = timing_plan(bundle.plan(report["plan"]))
     flops_per_step = block_flops(size) * timed.block_forwards / timed.num_steps
@@ -242,11 +242,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ilf_deploy.backends import REGISTRY, open_generator
-    from ilf_deploy.backends.machine import fingerprint
-    from ilf_deploy.compare import metrics
-    from ilf_deploy.runtime.bundle import Bundle
-    from ilf_deploy.tuning import tune
+    from ilf_deploy.checks.tuning import tune
+    from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.engines.backends import REGISTRY, open_generator
+    from ilf_deploy.engines.backends.machine import fingerprint
+    from ilf_deploy.engines.compare import metrics
 
     if "openvino" in REGISTRY and REGISTRY["openvino"].missing():
         modes = [m for m in modes if m != "int8-ov"]

@@ -64,10 +64,10 @@ def build_model_dir(out: Path, family: str, quick: bool, depth: tuple[int, ...])
     import diffusers
     import torch
 
-    from ilf_deploy.adapters import make_adapter
-    from ilf_deploy.ilf import FEEDBACK_DIR, FeedbackModule
-    from ilf_deploy.plan import default_loop
-    from ilf_deploy.tiny import _VAE_SCALE_SHIFT, make_tiny_pipeline
+    from ilf_deploy.core.plan import default_loop
+    from ilf_deploy.model.adapters import make_adapter
+    from ilf_deploy.model.ilf import FEEDBACK_DIR, FeedbackModule
+    from ilf_deploy.model.tiny import _VAE_SCALE_SHIFT, make_tiny_pipeline
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -117,7 +117,7 @@ def prepare_dirs(
 ) -> tuple[Path, Path]:
     """`work/model` (by `write_model`) and `work/bundle` (base/ilf/cache-`steps` at `size` px) with
     the `modes` variants, each made once and reused."""
-    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
 
     work.mkdir(parents=True, exist_ok=True)
     model_dir, bundle_dir = work / "model", work / "bundle"
@@ -137,7 +137,7 @@ def diffusers_runner(model_dir: Path, family: str, steps: int, dtype: Any, compi
     import diffusers
     import torch
 
-    from ilf_deploy.loading import quiet_huggingface
+    from ilf_deploy.model.loading import quiet_huggingface
 
     quiet_huggingface()
     cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
@@ -159,7 +159,7 @@ def diffusers_runner(model_dir: Path, family: str, steps: int, dtype: Any, compi
 
 
 def ours_runner(generator: Any, plan: Any, guidance: float, size: int = SIZE) -> Callable[[], np.ndarray]:
-    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.core.runtime.generator import Request
 
     request = Request(prompt=PROMPT, seed=SEED, guidance_scale=guidance, height=size, width=size)
 
@@ -220,11 +220,11 @@ def measure(
     steps, quick = args.steps, args.quick
     import torch
 
-    from ilf_deploy.backends import open_generator
-    from ilf_deploy.backends.machine import fingerprint
-    from ilf_deploy.compare import metrics
-    from ilf_deploy.runtime.bundle import Bundle
-    from ilf_deploy.tuning import tune
+    from ilf_deploy.checks.tuning import tune
+    from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.engines.backends import open_generator
+    from ilf_deploy.engines.backends.machine import fingerprint
+    from ilf_deploy.engines.compare import metrics
 
     base = f"base-{steps}"
     log("ilf-deploy tune")

@@ -51,10 +51,10 @@ def build_model_dir(out: Path, quick: bool, depth: int) -> Path:
     import diffusers
     import torch
 
-    from ilf_deploy.adapters import make_adapter
-    from ilf_deploy.ilf import FEEDBACK_DIR, FeedbackModule
-    from ilf_deploy.plan import default_loop
-    from ilf_deploy.tiny import make_tiny_pipeline
+    from ilf_deploy.core.plan import default_loop
+    from ilf_deploy.model.adapters import make_adapter
+    from ilf_deploy.model.ilf import FEEDBACK_DIR, FeedbackModule
+    from ilf_deploy.model.tiny import make_tiny_pipeline
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -88,7 +88,7 @@ def diffusers_runner(model_dir: Path, steps: int, dtype: Any, compile: bool = Fa
     import diffusers
     import torch
 
-    from ilf_deploy.loading import quiet_huggingface
+    from ilf_deploy.model.loading import quiet_huggingface
 
     quiet_huggingface()
     pipe = diffusers.SanaPipeline.from_pretrained(model_dir, dtype=dtype)

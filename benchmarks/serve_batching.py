@@ -25,8 +25,8 @@ OUT = Path("out/bench")
 
 
 def tiny_bundle(root: Path) -> Path:
-    from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.tiny import make_tiny_pipeline
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    from ilf_deploy.model.tiny import make_tiny_pipeline
 
     model = make_tiny_pipeline("pixart-alpha", root / "model", num_layers=4)
     return build_bundle(model, root / "bundle", BuildOptions(plans=("base-4", "ilf-4")))
@@ -54,8 +54,8 @@ async def closed_loop(url: str, clients: int, requests: int, plan: str) -> tuple
 def measure(bundle: Path, generator, max_batch: int, args: argparse.Namespace) -> float:
     import httpx
 
-    from ilf_deploy.serve import ServeOptions, create_app
-    from ilf_deploy.serve.background import background_server
+    from ilf_deploy.serving.serve import ServeOptions, create_app
+    from ilf_deploy.serving.serve.background import background_server
 
     options = ServeOptions(max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=4 * args.clients)
     with background_server(create_app(bundle, options, generator)) as url:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.requests < args.clients:
         parser.error("--clients must be >= 1 and --requests >= --clients")
 
-    from ilf_deploy.backends import open_generator
+    from ilf_deploy.engines.backends import open_generator
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or tiny_bundle(Path(tmp))

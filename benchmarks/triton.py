@@ -34,8 +34,8 @@ PROMPT = "a small red circle on a blue background"
 
 
 def tiny_bundle(root: Path) -> Path:
-    from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.tiny import make_tiny_pipeline
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    from ilf_deploy.model.tiny import make_tiny_pipeline
 
     model = make_tiny_pipeline("pixart-alpha", root / "model", num_layers=4)
     return build_bundle(model, root / "bundle", BuildOptions(plans=("base-4", "ilf-4")))
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.requests < args.clients or args.rounds < 1:
         parser.error("--clients and --rounds must be >= 1 and --requests >= --clients")
 
-    from ilf_deploy.triton.repository import ExportOptions, export_repository
-    from ilf_deploy.triton.server import find_server
+    from ilf_deploy.serving.triton.repository import ExportOptions, export_repository
+    from ilf_deploy.serving.triton.server import find_server
 
     server = find_server()  # a one-line error when `ilf-deploy install-triton` has not run
     bin_dir = Path(sys.executable).parent

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from email.parser import Parser
 from pathlib import Path
 
-from ilf_deploy.triton.k8s import PORTS
-from ilf_deploy.triton.server import STUB_NUMPY
-from ilf_deploy.triton.server import WHEEL as TRITON_WHEEL
+from ilf_deploy.serving.triton.k8s import PORTS
+from ilf_deploy.serving.triton.server import STUB_NUMPY
+from ilf_deploy.serving.triton.server import WHEEL as TRITON_WHEEL
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "https://github.com/ilf-deploy/ilf-deploy"

@@ -1,7 +1,7 @@
 """Sweep Fast Approximate Distillation settings for the default model's feedback (issue 4).
 
 Each variant trains a feedback module from scratch on `--device` and is scored on dev prompts
-(`--offset`, never the held-out range the README reports) by `ilf_deploy.evaluation.evaluate`:
+(`--offset`, never the held-out range the README reports) by `ilf_deploy.checks.evaluation.evaluate`:
 ILF-10's accuracy against base-12 (paired, same prompts and seeds) and its Fréchet distance.
 
     python -m experiments.fad_sweep --device cuda --n 2048 --json out/sweep.json [VARIANT ...]
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from ilf_deploy.evaluation import AttributeClassifier, evaluate, torch_backend
-from ilf_deploy.loading import load_model
-from ilf_deploy.training.feedback import FeedbackTrainConfig, train_feedback
+from ilf_deploy.build.training.feedback import FeedbackTrainConfig, train_feedback
+from ilf_deploy.checks.evaluation import AttributeClassifier, evaluate, torch_backend
+from ilf_deploy.model.loading import load_model
 
 # The committed recipe (Makefile FEEDBACK_RECIPE) and the changes each variant makes to it.
 RECIPE = FeedbackTrainConfig(loop=(3, 5), steps=800, batch_size=32, lr=1e-3, t_post="uniform")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.manifest import SegmentSpec
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.manifest import SegmentSpec
 
 
 def dummy_feeds(spec: SegmentSpec, sizes: dict[str, int]) -> dict[str, np.ndarray]:

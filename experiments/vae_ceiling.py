@@ -11,9 +11,9 @@ import argparse
 import numpy as np
 import torch
 
-from ilf_deploy.data import EVAL_SEED, make_batch, to_tensor_range
-from ilf_deploy.evaluation import AttributeClassifier, attribute_accuracy
-from ilf_deploy.loading import load_model
+from ilf_deploy.checks.evaluation import AttributeClassifier, attribute_accuracy
+from ilf_deploy.model.data import EVAL_SEED, make_batch, to_tensor_range
+from ilf_deploy.model.loading import load_model
 
 
 @torch.no_grad()

@@ -26,21 +26,21 @@ __version__ = "0.1.0"
 
 # name -> module that defines it (imported on first attribute access: PEP 562)
 _PUBLIC = {
-    "open_generator": "ilf_deploy.backends",
-    "Bundle": "ilf_deploy.runtime.bundle",
-    "StepPlan": "ilf_deploy.plan",
-    "Request": "ilf_deploy.runtime.generator",
-    "Generator": "ilf_deploy.runtime.generator",
-    "IlfError": "ilf_deploy.errors",
+    "open_generator": "ilf_deploy.engines.backends",
+    "Bundle": "ilf_deploy.core.runtime.bundle",
+    "StepPlan": "ilf_deploy.core.plan",
+    "Request": "ilf_deploy.core.runtime.generator",
+    "Generator": "ilf_deploy.core.runtime.generator",
+    "IlfError": "ilf_deploy.core.errors",
 }
 __all__ = ["Bundle", "Generator", "IlfError", "Request", "StepPlan", "__version__", "open_generator"]
 
 if TYPE_CHECKING:
-    from .backends import open_generator
-    from .errors import IlfError
-    from .plan import StepPlan
-    from .runtime.bundle import Bundle
-    from .runtime.generator import Generator, Request
+    from ilf_deploy.core.errors import IlfError
+    from ilf_deploy.core.plan import StepPlan
+    from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.core.runtime.generator import Generator, Request
+    from ilf_deploy.engines.backends import open_generator
 
 
 assert set(__all__) == {"__version__", *_PUBLIC}

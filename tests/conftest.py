@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ilf_deploy.loading import LoadedModel, load_model
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.model.loading import LoadedModel, load_model
+from ilf_deploy.model.tiny import make_tiny_pipeline
 
 # (architecture, resolution conditions): PixArt-α 512, PixArt-α 1024-style, PixArt-Σ, DiT
 VARIANTS = {
@@ -36,7 +36,7 @@ def tiny_models(tiny_dirs) -> dict[str, LoadedModel]:
 @pytest.fixture(scope="session")
 def tiny_bundles(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     """fp32 bundles of the tiny models with a plain, an ILF and a caching plan."""
-    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
 
     root = tmp_path_factory.mktemp("bundles")
     options = BuildOptions(plans=("base-4", "ilf-4", "cache-6"))
@@ -71,7 +71,7 @@ MMDIT_PLANS = ("base-4", "ilf-4", "cache-6", "ilf-4-adapt1-4t0.3m2", "base-4-ada
 def mmdit_bundles(mmdit_dirs, tmp_path_factory) -> dict[str, Path]:
     """fp32 bundles of the tiny MMDiTs at two sizes (built once: tests/test_mmdit_bundles.py and
     tests/test_cpp_mmdit.py share them)."""
-    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
 
     root = tmp_path_factory.mktemp("mmdit-bundles")
     options = BuildOptions(plans=MMDIT_PLANS, resolutions=MMDIT_SIZES)
@@ -82,7 +82,7 @@ def mmdit_bundles(mmdit_dirs, tmp_path_factory) -> dict[str, Path]:
 def default_bundle(tmp_path_factory) -> Path:
     """The embedded default model's bundle with one ILF plan and no model copy: what the wheel
     (tests/test_dist.py) and the serving image (tests/test_images.py) run."""
-    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
 
     out = tmp_path_factory.mktemp("default-bundle") / "bundle"
     return build_bundle("default", out, BuildOptions(plans=("ilf-10",), copy_model=False))
@@ -110,7 +110,7 @@ SANA_PLANS = ("base-4", "ilf-4", "cache-6", "ilf-4-adapt1-4t0.3m2", "base-4-adap
 @pytest.fixture(scope="session")
 def sana_bundle(sana_dir, tmp_path_factory) -> Path:
     """An fp32 bundle of the tiny Sana at both SANA_SIZES (built once for the Python and C++ tests)."""
-    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
 
     out = tmp_path_factory.mktemp("sana-bundle") / "sana"
     return build_bundle(sana_dir, out, BuildOptions(plans=SANA_PLANS, resolutions=SANA_SIZES))

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from ilf_deploy.backends.onnxruntime import OrtSegments
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.pipeline import BundleGenerator
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.pipeline import BundleGenerator
+from ilf_deploy.engines.backends.onnxruntime import OrtSegments
 
 CALLS: Counter[str] = Counter()
 

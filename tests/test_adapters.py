@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ilf_deploy.ilf import run_blocks
+from ilf_deploy.model.ilf import run_blocks
 
 from .conftest import VARIANTS
 

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.backends.pytorch import TorchGenerator
 from ilf_deploy.cli import app
-from ilf_deploy.plan import CacheSpec, Op, Step, StepPlan, compose_plan, ilf_plan
-from ilf_deploy.runtime import cache as cache_module
-from ilf_deploy.runtime.cache import CacheState, mix, take
-from ilf_deploy.runtime.generator import Request
-from ilf_deploy.runtime.loop import denoise
-from ilf_deploy.schedulers import PIXART_SCHEDULER_CONFIG, scheduler_coefficients
-from ilf_deploy.schemas import problem
+from ilf_deploy.core.plan import CacheSpec, Op, Step, StepPlan, compose_plan, ilf_plan
+from ilf_deploy.core.runtime import cache as cache_module
+from ilf_deploy.core.runtime.cache import CacheState, mix, take
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.core.runtime.loop import denoise
+from ilf_deploy.core.schedulers import PIXART_SCHEDULER_CONFIG, scheduler_coefficients
+from ilf_deploy.core.schemas import problem
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.engines.backends.pytorch import TorchGenerator
 
 LOOP = (2, 4)  # the tiny models' feedback loop (6 blocks)
 PROMPTS = ["a small red circle at the top left", "a big blue square on green", "a yellow triangle"]
@@ -188,7 +188,7 @@ PLANS = ("base-4", "ilf-6", "ilf-6-cache1-4r2", "ilf-6-adapt1-4t0.3m1")
 
 @pytest.fixture(scope="module")
 def composed_bundle(tiny_dirs, tmp_path_factory):
-    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
 
     return build_bundle(
         tiny_dirs["pixart-alpha"], tmp_path_factory.mktemp("composed") / "bundle", BuildOptions(plans=PLANS)
@@ -261,7 +261,7 @@ def test_generate_and_bench_report_the_block_forwards_that_ran(composed_bundle, 
 def test_serve_counts_the_block_forwards_that_ran(composed_bundle):
     from fastapi.testclient import TestClient
 
-    from ilf_deploy.serve import ServeOptions, create_app
+    from ilf_deploy.serving.serve import ServeOptions, create_app
 
     plan = "ilf-6-adapt1-4t0.3m1"
     with TestClient(create_app(composed_bundle, ServeOptions(warmup=False))) as client:

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ilf_deploy import backends
-from ilf_deploy.backends import Backend, backend_names, open_generator, register
-from ilf_deploy.bench import bench_plans
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.checks.bench import bench_plans
+from ilf_deploy.checks.verify.bundle import verify_bundle
 from ilf_deploy.cli import app
-from ilf_deploy.compare import ShapeMismatch, metrics
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.runtime.bundle import Bundle, BundleError
-from ilf_deploy.runtime.generator import Request
-from ilf_deploy.tiny import make_tiny_pipeline
-from ilf_deploy.verify.bundle import verify_bundle
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.runtime.bundle import Bundle, BundleError
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines import backends
+from ilf_deploy.engines.backends import Backend, backend_names, open_generator, register
+from ilf_deploy.engines.compare import ShapeMismatch, metrics
+from ilf_deploy.model.tiny import make_tiny_pipeline
 
 SIZES = [(48, 48), (48, 32)]
 SIZES_1024 = [(96, 96), (96, 64)]  # the 1024-style tiny model patches 2x2 latents: multiples of 32
@@ -214,7 +214,7 @@ def test_backends_command_lists_the_registry():
     assert list(rows) == backend_names()
     assert rows["onnxruntime"]["installed"] is True
     assert rows["onnxruntime"]["install"] == "pip install 'ilf-deploy[onnx]'"
-    from ilf_deploy.backends.tensorrt import tensorrt_available
+    from ilf_deploy.engines.backends.tensorrt import tensorrt_available
 
     assert rows["tensorrt"]["installed"] is tensorrt_available()  # the stubs alone do not count
 
@@ -226,7 +226,7 @@ def test_the_compiled_torch_engine_matches_eager(tiny_bundles, tmp_path):
 
     import torch
 
-    from ilf_deploy.backends.pytorch import COMPILE_CACHE_DIR
+    from ilf_deploy.engines.backends.pytorch import COMPILE_CACHE_DIR
 
     path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "bundle")
     plan, request = Bundle.load(path).plan("ilf-4"), Request(prompt="a red circle", seed=3)

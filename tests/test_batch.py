@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
 from ilf_deploy.cli import app
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.scale.rows import Results
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.model.tiny import make_tiny_pipeline
+from ilf_deploy.serving.scale.rows import Results
 
 runner = CliRunner()
 PROMPT = "a small red circle on a blue background"
@@ -151,7 +151,7 @@ def test_a_directory_of_another_batch_is_refused(bundle, tmp_path):
 def test_a_local_pool_makes_the_same_images(bundle, tmp_path, monkeypatch):
     from concurrent.futures import ProcessPoolExecutor
 
-    from ilf_deploy.scale import batch as scale_batch
+    from ilf_deploy.serving.scale import batch as scale_batch
 
     pools = []
 
@@ -178,7 +178,7 @@ def test_a_local_pool_makes_the_same_images(bundle, tmp_path, monkeypatch):
 
 
 def test_rows_per_task_defaults_to_up_to_8_while_every_actor_gets_4_tasks():
-    from ilf_deploy.scale.options import BatchOptions
+    from ilf_deploy.serving.scale.options import BatchOptions
 
     def rows_per_task(rows: int, actors: int = 1, batch_size: int | None = None) -> int:
         options = BatchOptions(Path("b"), Path("p"), Path("o"), actors=actors, batch_size=batch_size)

@@ -3,10 +3,10 @@ embedding, so the stage table has a row for what a new prompt costs, outside the
 
 from __future__ import annotations
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.bench import COLD_PROMPT, bench_plans
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.generator import Request
+from ilf_deploy.checks.bench import COLD_PROMPT, bench_plans
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
 
 
 def test_the_cold_prompt_row(tiny_bundles):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.files import UNLOCKED_GRACE_S, staged_directory, sweep_staged
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.files import UNLOCKED_GRACE_S, staged_directory, sweep_staged
+from ilf_deploy.model.tiny import make_tiny_pipeline
 
 PLANS = ("base-2", "ilf-2")
 CLI = "import sys\nfrom ilf_deploy.cli import main\nsys.argv[0] = 'ilf-deploy'\nmain()\n"
@@ -95,7 +95,7 @@ def test_a_force_build_killed_between_its_renames_gives_the_previous_bundle_back
 def hold_workspace(out: Path) -> tuple[subprocess.Popen, Path]:
     """Another process in the middle of a build of `out`: it holds its temp dir until killed."""
     code = (
-        "import sys, time\nfrom pathlib import Path\nfrom ilf_deploy.files import staged_directory\n"
+        "import sys, time\nfrom pathlib import Path\nfrom ilf_deploy.core.files import staged_directory\n"
         "with staged_directory(Path(sys.argv[1])) as tmp:\n    print(tmp, flush=True)\n    time.sleep(600)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)

@@ -10,17 +10,17 @@ import sys
 import numpy as np
 import pytest
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.backends.plans import resolve_bundle_plan
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.export import build as build_module
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.plan import baseline_plan
-from ilf_deploy.runtime.bundle import Bundle, BundleError
-from ilf_deploy.runtime.generator import Request
-from ilf_deploy.runtime.manifest import SCHEMA_VERSION
-from ilf_deploy.runtime.pipeline import BundleGenerator
-from ilf_deploy.verify.bundle import verify_bundle
+from ilf_deploy.build.export import build as build_module
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.checks.verify.bundle import verify_bundle
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.plan import baseline_plan
+from ilf_deploy.core.runtime.bundle import Bundle, BundleError
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.core.runtime.manifest import SCHEMA_VERSION
+from ilf_deploy.core.runtime.pipeline import BundleGenerator
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.engines.backends.plans import resolve_bundle_plan
 
 VARIANTS = ["pixart-alpha", "pixart-alpha-1024", "pixart-sigma", "dit"]
 REQUEST = Request(prompt="a red circle at the top left", negative_prompt="blurry", class_label=5, seed=2)
@@ -175,8 +175,8 @@ def test_plans_and_sizes_outside_the_bundle_are_refused(tiny_bundles, tmp_path):
 def test_runtime_generates_without_diffusers_or_transformers(tiny_bundles):
     code = (
         "import sys\n"
-        "from ilf_deploy.backends import open_generator\n"
-        "from ilf_deploy.runtime.generator import Request\n"
+        "from ilf_deploy.engines.backends import open_generator\n"
+        "from ilf_deploy.core.runtime.generator import Request\n"
         f"g = open_generator({str(tiny_bundles['pixart-alpha'])!r})\n"
         "g.decode(g.generate_latents(g.bundle.plan('ilf-4'), Request(prompt='a cat')))\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')]\n"
@@ -199,7 +199,7 @@ def test_builds_are_deterministic(tiny_dirs, tiny_bundles, tmp_path):
 
 
 def test_large_segments_use_external_data(tiny_dirs, tmp_path, monkeypatch):
-    from ilf_deploy.export import onnx as onnx_module
+    from ilf_deploy.build.export import onnx as onnx_module
 
     monkeypatch.setattr(onnx_module, "TWO_GB", 2 * 1024)  # treat anything over 1 KiB as "large"
     path = build_bundle(tiny_dirs["dit"], tmp_path / "ext", BuildOptions(plans=("base-2",)))

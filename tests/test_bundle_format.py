@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from ilf_deploy.runtime.bundle import DIGEST_FILE, MANIFEST, Bundle, BundleError, rewrite_manifest
-from ilf_deploy.runtime.manifest import SCHEMA_VERSION, VARIANT_ENGINES, Manifest
-from ilf_deploy.schemas import NAMES, problem, schema
+from ilf_deploy.core.runtime.bundle import DIGEST_FILE, MANIFEST, Bundle, BundleError, rewrite_manifest
+from ilf_deploy.core.runtime.manifest import SCHEMA_VERSION, VARIANT_ENGINES, Manifest
+from ilf_deploy.core.schemas import NAMES, problem, schema
 
 from .test_cli import assert_one_line_error, invoke
 
@@ -187,7 +187,7 @@ def test_schema_errors_name_the_field(tiny_bundles):
 
 
 def test_a_variants_engines_are_decided_by_its_mode_alone():
-    from ilf_deploy.quantization.quantize import MODES
+    from ilf_deploy.build.quantization.quantize import MODES
 
     assert set(VARIANT_ENGINES) == set(MODES)
     modes = schema("manifest")["$defs"]["variant"]["properties"]["mode"]["enum"]
@@ -199,7 +199,7 @@ def test_a_variants_engines_are_decided_by_its_mode_alone():
 def test_a_bf16_variant_and_only_it_makes_a_manifest_version_3(tiny_bundles, tmp_path):
     """Writers write the oldest version that says what the file holds: 3 with a bf16 variant (the
     C++ runtime, which reads 2, refuses it in one line), 2 again once it is gone; 2 cannot hold one."""
-    from ilf_deploy.runtime.manifest import BF16_SCHEMA_VERSION, SCHEMA_VERSIONS
+    from ilf_deploy.core.runtime.manifest import BF16_SCHEMA_VERSION, SCHEMA_VERSIONS
 
     path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "bundle")
     bundle = Bundle.load(path)

@@ -9,9 +9,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.quantization.calibration import collect_calibration, load_calibration
-from ilf_deploy.runtime.bundle import Bundle, BundleError
+from ilf_deploy.build.quantization.calibration import collect_calibration, load_calibration
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.runtime.bundle import Bundle, BundleError
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_an_interrupted_recalibration_leaves_the_old_samples(calibrated, tmp_pat
     """New samples are hashed where they were written and renamed over the old ones just before the
     manifest that lists them: Ctrl-C while hashing leaves a bundle that loads, with its old samples
     (before, they were overwritten first, and the bundle then refused itself)."""
-    import ilf_deploy.runtime.bundle as bundle_module
+    import ilf_deploy.core.runtime.bundle as bundle_module
 
     path = shutil.copytree(calibrated[0], tmp_path / "again")
     before = {p.name: p.read_bytes() for p in (path / "calibration").iterdir()}

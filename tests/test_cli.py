@@ -50,7 +50,7 @@ def test_plan_from_model_reads_depth_and_loop(tiny_dirs, tmp_path):
 
 
 def test_plan_follows_the_default_models_feedback():
-    from ilf_deploy.loading import load_model
+    from ilf_deploy.model.loading import load_model
 
     feedback = load_model("default").feedback.config
     data = json.loads(

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ilf_deploy.cli import app
-from ilf_deploy.runtime.bundle import Bundle, rewrite_manifest
+from ilf_deploy.core.runtime.bundle import Bundle, rewrite_manifest
 
 runner = CliRunner()
 

@@ -199,8 +199,8 @@ def test_every_path_parameter_is_an_input_an_output_or_a_listed_exception():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     """A 2-block DiT and its bundle (one plan): what every writer below runs on."""
-    from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.tiny import make_tiny_pipeline
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    from ilf_deploy.model.tiny import make_tiny_pipeline
 
     root = tmp_path_factory.mktemp("force")
     model = make_tiny_pipeline("dit", root / "model", num_layers=2)

@@ -1,4 +1,4 @@
-"""One comparator (ilf_deploy.compare): the metrics, the budget table, the result row, the recorder,
+"""One comparator (ilf_deploy.engines.compare): the metrics, the budget table, the result row, the recorder,
 and `verify`, `verify-variant` and `tune` all producing that one row (issue: "One comparator")."""
 
 from __future__ import annotations
@@ -12,8 +12,16 @@ import pytest
 from jsonschema import Draft202012Validator
 from typer.testing import CliRunner
 
+from ilf_deploy.build.quantization.calibration import DEFAULT_CLASS_LABELS, DEFAULT_PROMPTS
+from ilf_deploy.build.quantization.quantize import quantize_bundle, verify_variant
+from ilf_deploy.checks.tuning import tune
+from ilf_deploy.checks.verify.bundle import verify_bundle
 from ilf_deploy.cli import app
-from ilf_deploy.compare import (
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.runtime.bundle import Bundle, BundleError
+from ilf_deploy.core.runtime.manifest import VARIANT_ENGINES
+from ilf_deploy.core.schemas import problem, schema
+from ilf_deploy.engines.compare import (
     ANY_ENGINE,
     BUDGETS,
     HELD_OUT_PROMPT,
@@ -32,14 +40,6 @@ from ilf_deploy.compare import (
     reference_generator,
     run_reference,
 )
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.quantization.calibration import DEFAULT_CLASS_LABELS, DEFAULT_PROMPTS
-from ilf_deploy.quantization.quantize import quantize_bundle, verify_variant
-from ilf_deploy.runtime.bundle import Bundle, BundleError
-from ilf_deploy.runtime.manifest import VARIANT_ENGINES
-from ilf_deploy.schemas import problem, schema
-from ilf_deploy.tuning import tune
-from ilf_deploy.verify.bundle import verify_bundle
 
 WRONG_DIGEST = "sha256:" + "0" * 64
 

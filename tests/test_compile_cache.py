@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from ilf_deploy.backends.pytorch import COMPILE_CACHE_SEAL, check_compile_cache, seal_compile_cache
+from ilf_deploy.engines.backends.pytorch import COMPILE_CACHE_SEAL, check_compile_cache, seal_compile_cache
 
 
 def _cache(tmp_path):

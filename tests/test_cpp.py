@@ -24,11 +24,11 @@ pytest.importorskip("openvino")
 
 from PIL import Image
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.plan import block_caching_plan, delta_dit_plan
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.generator import Request
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.core.plan import block_caching_plan, delta_dit_plan
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = Path(sys.executable).parent.parent  # `make cpp` installs into the venv
@@ -222,7 +222,7 @@ def test_the_generate_cli_and_ilf_run_agree(ilf_run, bundles, tmp_path):
 
 def test_bf16_matches_the_python_backends_bf16(ilf_run, bundles, tmp_path):
     """Same precision rule as the Python backend: bf16 for the blocks and the feedback, f32 elsewhere."""
-    from ilf_deploy.backends.openvino import cpu_has_bf16
+    from ilf_deploy.engines.backends.openvino import cpu_has_bf16
 
     bundle = bundles["pixart-sigma"]
     args = [
@@ -253,8 +253,8 @@ def test_an_int8_ov_variant_matches_and_an_ort_only_variant_is_refused(ilf_run, 
     """--variant: an int8-ov variant (NNCF IR) as the Python backend runs it; int8-dynamic (ORT's own
     operators) refused in one line, as the Python backend refuses it."""
     pytest.importorskip("nncf")
-    from ilf_deploy.quantization.calibration import collect_calibration
-    from ilf_deploy.quantization.quantize import quantize_bundle
+    from ilf_deploy.build.quantization.calibration import collect_calibration
+    from ilf_deploy.build.quantization.quantize import quantize_bundle
 
     bundle = sigma_copy()
     collect_calibration(bundle, "ilf-4", ["a red circle", "a blue square on grass"], max_samples=4)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ilf_deploy.export.build import BuildOptions, build_bundle
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
 
 PREFIX = Path(sys.executable).parent.parent  # `make cpp` installs into the venv
 LIBRARY = PREFIX / "lib" / "libilf.so"

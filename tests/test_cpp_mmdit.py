@@ -28,9 +28,9 @@ pytest.importorskip("openvino")
 from PIL import Image
 from tokenizers import Tokenizer
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.generator import Request
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
 
 from .conftest import MMDIT_FAMILIES, MMDIT_PLANS, MMDIT_SIZES
 from .test_cpp import UNIT_TESTS, _binary, one_line_error, rel_l2, run
@@ -59,7 +59,8 @@ def bundles(mmdit_bundles) -> dict[str, Path]:
 
 def token_ids(bundle: Path, text: str) -> dict[str, list[int]]:
     """Each tokenizer's ids by its text_encoder input, from the bundle's tokenizer files with the
-    `tokenizers` library, padded and truncated to max_length as runtime/pipeline.py does (no lower-casing)."""
+    `tokenizers` library, padded and truncated to max_length as core/runtime/pipeline.py does (no
+    lower-casing)."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     ids = {}
     for spec in manifest["tokenizers"]:
@@ -450,7 +451,7 @@ def test_a_schema_4_manifest_is_checked_as_such(ilf_run, bundles, tmp_path):
 
 
 def test_what_the_model_does_not_take_is_refused(ilf_run, bundles, tmp_path):
-    """The request contract's words (runtime/request.py), as `ilf-deploy generate` says them."""
+    """The request contract's words (core/runtime/request.py), as `ilf-deploy generate` says them."""
     flux, schnell = bundles["flux"], bundles["flux-schnell"]
     flux_ids = ids_file(flux, tmp_path / "flux.json")
     schnell_ids = ids_file(schnell, tmp_path / "schnell.json")

@@ -20,8 +20,8 @@ pytest.importorskip("openvino")
 
 from tokenizers import Tokenizer
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.runtime.generator import Request
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
 
 from .conftest import SANA_PLANS, SANA_SIZES
 from .test_cpp import _binary, one_line_error, png_pixels, rel_l2, run
@@ -37,7 +37,7 @@ def ilf_run() -> Path:
 
 def token_row(bundle: Path, text: str, negative: bool) -> dict[str, list[int]]:
     """One --token-ids row from the bundle's tokenizer file with the `tokenizers` library, as
-    runtime/pipeline.py makes it (lower-cased; the instruction before a prompt, not a negative one)."""
+    core/runtime/pipeline.py makes it (lower-cased; the instruction before a prompt, not a negative one)."""
     spec = json.loads((bundle / "manifest.json").read_text())["tokenizer"]
     text = text.lower().strip()
     length = spec["max_length"] if negative else spec["instruction_max_length"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ilf_deploy.data import ATTRIBUTES, RGB, TEMPLATES, make_batch, make_item, vocabulary, where
-from ilf_deploy.tokenizer import DEFAULT_VOCAB, build_word_tokenizer
+from ilf_deploy.model.data import ATTRIBUTES, RGB, TEMPLATES, make_batch, make_item, vocabulary, where
+from ilf_deploy.model.tokenizer import DEFAULT_VOCAB, build_word_tokenizer
 
 
 def test_items_are_deterministic_and_seed_dependent():

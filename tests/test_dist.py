@@ -52,7 +52,7 @@ def test_the_wheel_holds_the_schemas_and_the_default_model(wheel):
         (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = Parser().parsestr(archive.read(metadata_name).decode())
     for schema in ("manifest", "plan", "tuning"):
-        assert f"ilf_deploy/schemas/{schema}.schema.json" in names
+        assert f"ilf_deploy/core/schemas/{schema}.schema.json" in names
     for part in ("model_index.json", "transformer/config.json", "tokenizer/tokenizer.json"):
         assert f"ilf_deploy/default_model/{part}" in names
     assert not [n for n in names if n.startswith("tests/")]

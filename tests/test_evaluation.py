@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ilf_deploy.data import EVAL_SEED, make_batch
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.evaluation import (
+from ilf_deploy.checks.evaluation import (
     CLASSIFIER_DIR,
     AttributeClassifier,
     EvalBackend,
@@ -27,6 +25,8 @@ from ilf_deploy.evaluation import (
     save_json,
     torch_backend,
 )
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.model.data import EVAL_SEED, make_batch
 
 DEFAULT_MODEL = CLASSIFIER_DIR.parent
 
@@ -123,7 +123,7 @@ def test_accuracy_standard_error_is_that_of_a_proportion():
 
 
 def test_default_model_loads_and_classifier_reads_real_data():
-    from ilf_deploy.loading import load_model
+    from ilf_deploy.model.loading import load_model
 
     model = load_model(DEFAULT_MODEL)
     assert model.architecture == "pixart-alpha" and model.default_image_size == 64

@@ -1,4 +1,4 @@
-"""The exporters (export/onnx.py): torch.export (`--exporter dynamo`) writes PixArt's and DiT's
+"""The exporters (build/export/onnx.py): torch.export (`--exporter dynamo`) writes PixArt's and DiT's
 segments as TorchScript (`auto`'s choice for them) does: the same inputs and outputs, the same parity
 with torch, a bundle whose plans give the same latents; a family TorchScript cannot export is refused."""
 
@@ -11,12 +11,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.export.build import BuildOptions, build_bundle, example_tensors
-from ilf_deploy.export.onnx import export_segment, onnx_io, uses_torchscript
-from ilf_deploy.export.segments import segment_specs
-from ilf_deploy.runtime.generator import Request
+from ilf_deploy.build.export.build import BuildOptions, build_bundle, example_tensors
+from ilf_deploy.build.export.onnx import export_segment, onnx_io, uses_torchscript
+from ilf_deploy.build.export.segments import segment_specs
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
 
 EXPORTERS = ("torchscript", "dynamo")
 

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from ilf_deploy.errors import ConfigError, ModelLoadError
-from ilf_deploy.ilf import FeedbackModule, inner_loop, run_blocks
-from ilf_deploy.plan import validate_loop
+from ilf_deploy.core.errors import ConfigError, ModelLoadError
+from ilf_deploy.core.plan import validate_loop
+from ilf_deploy.model.ilf import FeedbackModule, inner_loop, run_blocks
 
 from .test_adapters import adapter_inputs
 

@@ -29,7 +29,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ilf_deploy.triton.server import free_ports
+from ilf_deploy.serving.triton.server import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "containers" / "containers.conf"

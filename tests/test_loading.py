@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from ilf_deploy import loading
-from ilf_deploy.errors import ModelLoadError
-from ilf_deploy.loading import detect_architecture, load_model
+from ilf_deploy.core.errors import ModelLoadError
+from ilf_deploy.model import loading
+from ilf_deploy.model.loading import detect_architecture, load_model
 
 
 def test_pipeline_dir_loads_every_part(tiny_models):
@@ -79,8 +79,8 @@ def test_corrupt_weights_give_a_clear_error(tmp_path, tiny_dirs):
 def test_torch_device_names_are_checked():
     import torch
 
-    from ilf_deploy.errors import ConfigError
-    from ilf_deploy.loading import torch_device
+    from ilf_deploy.core.errors import ConfigError
+    from ilf_deploy.model.loading import torch_device
 
     assert torch_device("cpu") == torch.device("cpu")
     for name, message in (("gpu0", "unknown device"), ("meta", "only cpu and cuda")):

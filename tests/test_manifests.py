@@ -20,10 +20,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
 from ilf_deploy.cli import app
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.model.tiny import make_tiny_pipeline
 from tests.test_triton import strict_model
 
 MODELS = {  # kind -> the kubernetes client's model

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from ilf_deploy.adapters.mmdit import pack, unpack
-from ilf_deploy.backends.pytorch import Request, TorchGenerator
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.ilf import FeedbackModule, inner_loop, run_blocks
-from ilf_deploy.loading import load_model
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.engines.backends.pytorch import Request, TorchGenerator
+from ilf_deploy.model.adapters.mmdit import pack, unpack
+from ilf_deploy.model.ilf import FeedbackModule, inner_loop, run_blocks
+from ilf_deploy.model.loading import load_model
 
 from .conftest import MMDIT_FAMILIES as FAMILIES
 
@@ -67,7 +67,7 @@ def test_flux_dev_plans_carry_one_schedule_per_size(mmdit_models):
     a, b = plan.for_image_tokens(small), plan.for_image_tokens(large)
     assert [s.timestep for s in a.steps] != [s.timestep for s in b.steps]  # a larger image: more shift
     assert a.steps[0].ops == b.steps[0].ops
-    from ilf_deploy.plan import StepPlan
+    from ilf_deploy.core.plan import StepPlan
 
     assert StepPlan.from_dict(plan.to_dict()) == plan
     with pytest.raises(ConfigError, match="was made for images of"):
@@ -154,8 +154,8 @@ def fad_lowers_the_loss(model, tmp_path, image_size: int | None = None) -> None:
     family: SD3, Flux here, Sana in test_sana.py)."""
     import random
 
-    from ilf_deploy.training.common import NoiseSchedule
-    from ilf_deploy.training.feedback import (
+    from ilf_deploy.build.training.common import NoiseSchedule
+    from ilf_deploy.build.training.feedback import (
         FeedbackData,
         FeedbackTrainConfig,
         draw_timesteps,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.backends.pytorch import TorchGenerator
 from ilf_deploy.cli import app
-from ilf_deploy.runtime.bundle import Bundle, BundleError
-from ilf_deploy.runtime.generator import Request
+from ilf_deploy.core.runtime.bundle import Bundle, BundleError
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.engines.backends.pytorch import TorchGenerator
 
 from .conftest import MMDIT_FAMILIES, MMDIT_SIZES
 from .test_mmdit import PROMPT, diffusers_latents, relative_l2
@@ -117,7 +117,7 @@ def test_flux_refuses_what_it_lacks(mmdit_bundles, tmp_path):
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_a_prompt_longer_than_t5_reads_is_refused_not_truncated(mmdit_bundles, family, tmp_path):
     """The CLIP encoders read a prompt's first 77 tokens (as in diffusers); what T5 would drop is refused."""
-    from ilf_deploy.runtime.request import bundle_token_limit
+    from ilf_deploy.core.runtime.request import bundle_token_limit
 
     bundle = Bundle.load(mmdit_bundles[family])
     count, limit = bundle_token_limit(bundle)
@@ -144,7 +144,7 @@ def test_a_prompt_longer_than_t5_reads_is_refused_not_truncated(mmdit_bundles, f
 def test_tensorrt_profiles_cover_every_segment(mmdit_bundles, family):
     """The TensorRT layer's optimization profiles (never run here: no GPU, no TensorRT) know every
     dimension an MMDiT bundle declares: batch, image tokens, rotary tokens = text + image tokens."""
-    from ilf_deploy.backends.tensorrt import input_profile
+    from ilf_deploy.engines.backends.tensorrt import input_profile
 
     manifest = Bundle.load(mmdit_bundles[family]).manifest
     for spec in manifest.segments.values():
@@ -159,8 +159,8 @@ def test_tensorrt_profiles_cover_every_segment(mmdit_bundles, family):
 def test_int8_variants_stay_within_their_budgets(mmdit_bundles, family, tmp_path):
     """int8-dynamic (ONNX Runtime) and int8-ov (OpenVINO, calibrated on plan trajectories) find the
     MMDiT linear layers (the dynamo exporter's module scopes) and pass verify-variant."""
-    from ilf_deploy.quantization.calibration import collect_calibration
-    from ilf_deploy.quantization.quantize import quantize_bundle, verify_variant
+    from ilf_deploy.build.quantization.calibration import collect_calibration
+    from ilf_deploy.build.quantization.quantize import quantize_bundle, verify_variant
 
     path = shutil.copytree(mmdit_bundles[family], tmp_path / "bundle")
     collect_calibration(path, "ilf-4", ["a red circle", "a blue square on grass"], max_samples=4)

@@ -14,15 +14,15 @@ from typer.testing import CliRunner
 
 pytest.importorskip("openvino")
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.backends.openvino import CACHE_DIR, cpu_has_bf16
+from ilf_deploy.build.quantization.calibration import collect_calibration
+from ilf_deploy.build.quantization.quantize import verify_variant
 from ilf_deploy.cli import app
-from ilf_deploy.compare import budget, compare_to_reference, run_reference
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.quantization.calibration import collect_calibration
-from ilf_deploy.quantization.quantize import verify_variant
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.generator import Request
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.engines.backends.openvino import CACHE_DIR, cpu_has_bf16
+from ilf_deploy.engines.compare import budget, compare_to_reference, run_reference
 
 PROMPT = Request(prompt="a green triangle", seed=5)
 SEGMENT_TOLERANCE, END_TO_END_TOLERANCE = 1e-4, 1e-3  # verify's fp32 budgets (rel. L2)
@@ -31,7 +31,7 @@ SEGMENT_TOLERANCE, END_TO_END_TOLERANCE = 1e-4, 1e-3  # verify's fp32 budgets (r
 @pytest.fixture(scope="module")
 def ov_bundle(tiny_bundles, tmp_path_factory):
     """The tiny PixArt-α bundle, calibrated on 2 prompts (4 samples per segment), with an int8-ov variant."""
-    from ilf_deploy.quantization.quantize import quantize_bundle
+    from ilf_deploy.build.quantization.quantize import quantize_bundle
 
     path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path_factory.mktemp("ov") / "bundle")
     collect_calibration(path, "ilf-4", ["a red circle", "a blue square on grass"], max_samples=4)
@@ -110,7 +110,7 @@ def test_int8_variant_is_within_its_budget_and_runs_only_on_openvino(ov_bundle):
 
 def test_ort_only_variants_are_refused_with_one_line(ov_bundle, tmp_path):
     path = shutil.copytree(ov_bundle, tmp_path / "bundle")
-    from ilf_deploy.quantization.quantize import quantize_bundle
+    from ilf_deploy.build.quantization.quantize import quantize_bundle
 
     quantize_bundle(path, "int8-dynamic")
     with pytest.raises(ConfigError, match=r"\(int8-dynamic\) runs on --backend onnxruntime, not openvino"):
@@ -137,7 +137,7 @@ def test_bf16_is_within_the_variant_budget(ov_bundle):
 
 
 def test_bf16_keeps_the_conditioning_segments_in_f32(ov_bundle):
-    from ilf_deploy.backends.openvino import OvSegments
+    from ilf_deploy.engines.backends.openvino import OvSegments
 
     bundle = Bundle.load(ov_bundle)
     segments = OvSegments(bundle, precision="bf16", cache=False)
@@ -149,7 +149,7 @@ def test_bf16_keeps_the_conditioning_segments_in_f32(ov_bundle):
 
 
 def test_compiled_models_are_cached_in_the_bundle_outside_its_manifest(ov_bundle, tmp_path, monkeypatch):
-    from ilf_deploy.backends import openvino as backend
+    from ilf_deploy.engines.backends import openvino as backend
 
     path = shutil.copytree(ov_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(CACHE_DIR))
     plan = Bundle.load(path).plan("ilf-4")
@@ -206,7 +206,7 @@ def test_generate_bench_verify_and_eval_run_on_openvino(ov_bundle, tmp_path):
     result = runner.invoke(app, ["verify", str(ov_bundle), "--backend", "openvino"])
     assert result.exit_code == 0, result.output
 
-    from ilf_deploy.evaluation import bundle_backend
+    from ilf_deploy.checks.evaluation import bundle_backend
 
     evaluated = bundle_backend(ov_bundle, backend="openvino")
     assert evaluated.name == "openvino"
@@ -250,7 +250,7 @@ def test_serve_runs_openvino_and_auto(ov_bundle, tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from ilf_deploy.serve import ServeOptions, create_app
+    from ilf_deploy.serving.serve import ServeOptions, create_app
 
     for backend in ("openvino", "auto"):
         with TestClient(create_app(ov_bundle, ServeOptions(backend=backend, max_n=2))) as client:
@@ -275,8 +275,8 @@ def precision_hints(generator) -> dict[str, str]:
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="needs AVX512_BF16 or AMX (OpenVINO bf16)")
 def test_bf16_variant_records_its_policy_and_openvino_runs_exactly_it(ov_bundle, tmp_path):
-    from ilf_deploy.quantization.quantize import quantize_bundle
-    from ilf_deploy.runtime.manifest import BF16_SCHEMA_VERSION
+    from ilf_deploy.build.quantization.quantize import quantize_bundle
+    from ilf_deploy.core.runtime.manifest import BF16_SCHEMA_VERSION
 
     path = shutil.copytree(ov_bundle, tmp_path / "bundle")
     files = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file() and "cache" not in str(p))
@@ -310,10 +310,10 @@ def test_bf16_variant_records_its_policy_and_openvino_runs_exactly_it(ov_bundle,
 def test_a_segment_beyond_its_bf16_budget_on_its_own_stays_f32(ov_bundle, tmp_path, monkeypatch):
     """A segment budget between the segments' measured bf16 SNRs: those below it miss on their own
     and must stay f32 (in the manifest and in what OpenVINO compiles); a budget none meets is refused."""
-    from ilf_deploy.compare import Budget, Limit
-    from ilf_deploy.quantization import bf16
-    from ilf_deploy.quantization.quantize import quantize_bundle
-    from ilf_deploy.tuning import candidates
+    from ilf_deploy.build.quantization import bf16
+    from ilf_deploy.build.quantization.quantize import quantize_bundle
+    from ilf_deploy.checks.tuning import candidates
+    from ilf_deploy.engines.compare import Budget, Limit
 
     path = shutil.copytree(ov_bundle, tmp_path / "bundle")
     measured: dict[str, float] = {}
@@ -354,7 +354,7 @@ def test_a_segment_beyond_its_bf16_budget_on_its_own_stays_f32(ov_bundle, tmp_pa
 
 
 def test_quantize_bf16_is_one_line_without_bf16_hardware(ov_bundle, tmp_path, monkeypatch):
-    from ilf_deploy.backends import openvino as backend
+    from ilf_deploy.engines.backends import openvino as backend
 
     monkeypatch.setattr(backend, "cpu_has_bf16", lambda: False)
     result = CliRunner().invoke(app, ["quantize", str(ov_bundle), "--mode", "bf16"])
@@ -366,9 +366,9 @@ def test_quantize_bf16_is_one_line_without_bf16_hardware(ov_bundle, tmp_path, mo
 def test_int8_ov_with_bf16_for_the_rest_is_a_tune_candidate_auto_can_open(ov_bundle, tmp_path):
     """int8-ov's segments with bf16 (not f32) for the ops NNCF left unquantised: a `tune` candidate
     held to the variant's int8-ov budget, compiled with the bf16 hint on exactly those segments."""
-    from ilf_deploy.backends import open_bundle_generator
-    from ilf_deploy.backends.auto import TUNING_FILE
-    from ilf_deploy.tuning import candidates, tune
+    from ilf_deploy.checks.tuning import candidates, tune
+    from ilf_deploy.engines.backends import open_bundle_generator
+    from ilf_deploy.engines.backends.auto import TUNING_FILE
 
     path = shutil.copytree(ov_bundle, tmp_path / "bundle")
     bundle = Bundle.load(path)

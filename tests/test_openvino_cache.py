@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 pytest.importorskip("openvino")
 
-from ilf_deploy.backends.openvino import CACHE_DIR, SIDECAR_SUFFIX
 from ilf_deploy.cli import app
-from ilf_deploy.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.engines.backends.openvino import CACHE_DIR, SIDECAR_SUFFIX
 
 
 def _generate(bundle, out, digest: str) -> np.ndarray:

@@ -7,8 +7,8 @@ import torch
 from diffusers import DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from ilf_deploy.backends.pytorch import Request, TorchGenerator
-from ilf_deploy.plan import baseline_plan
+from ilf_deploy.core.plan import baseline_plan
+from ilf_deploy.engines.backends.pytorch import Request, TorchGenerator
 
 PIPELINES = {"pixart-alpha": PixArtAlphaPipeline, "pixart-sigma": PixArtSigmaPipeline, "dit": DiTPipeline}
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.plan import (
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.plan import (
     CacheSpec,
     StepPlan,
     baseline_plan,
@@ -26,9 +26,9 @@ from ilf_deploy.plan import (
     preset_name,
     resolve_plan,
 )
-from ilf_deploy.plan.model import key_groups
-from ilf_deploy.schedulers import DIT_SCHEDULER_CONFIG
-from ilf_deploy.schemas import problem
+from ilf_deploy.core.plan.model import key_groups
+from ilf_deploy.core.schedulers import DIT_SCHEDULER_CONFIG
+from ilf_deploy.core.schemas import problem
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.backends.plans import PlanError, resolve_bundle_plan
 from ilf_deploy.cli import app as cli
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.plan import resolve_plan
-from ilf_deploy.runtime.bundle import Bundle
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.plan import resolve_plan
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.engines.backends.plans import PlanError, resolve_bundle_plan
 
 PROMPT = "a small red circle"
 FILE = "@file"  # the table's stand-in for a plan JSON file of the bundle (written by the fixture)
@@ -56,8 +56,8 @@ BAD = {
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A 6-block PixArt bundle: cut points 0, 1, 2, 5, 6 (cache-6's range 1-4, ILF loop 2-4)."""
-    from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.tiny import make_tiny_pipeline
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    from ilf_deploy.model.tiny import make_tiny_pipeline
 
     root = tmp_path_factory.mktemp("plan-resolution")
     model = make_tiny_pipeline("pixart-alpha", root / "model", seed=7, num_layers=6)
@@ -107,15 +107,15 @@ def at_serve_request(client: TestClient, spec: str) -> str:
 
 
 def at_serve_default(bundle: Path, generator, spec: str) -> str:
-    from ilf_deploy.serve.app import create_app
-    from ilf_deploy.serve.state import ServeOptions
+    from ilf_deploy.serving.serve.app import create_app
+    from ilf_deploy.serving.serve.state import ServeOptions
 
     state = create_app(bundle, ServeOptions(default_plan=spec, warmup=False), generator).state.ilf
     return data(state.plans[state.contract.default_plan])
 
 
 def at_triton(generator, spec: str) -> str:
-    from ilf_deploy.triton.model import Engine
+    from ilf_deploy.serving.triton.model import Engine
 
     engine = Engine(generator)
     row = engine.rows(
@@ -130,9 +130,9 @@ def at_triton(generator, spec: str) -> str:
 
 def at_batch(bundle: Path, specs: list[str], tmp_path: Path, default: str | None = None) -> dict[str, Any]:
     """Each spec as one row of a local batch: its plan as the worker runs it, or the row's error."""
-    from ilf_deploy.scale.batch import prepare
-    from ilf_deploy.scale.options import BatchOptions
-    from ilf_deploy.scale.worker import BatchWorker
+    from ilf_deploy.serving.scale.batch import prepare
+    from ilf_deploy.serving.scale.options import BatchOptions
+    from ilf_deploy.serving.scale.worker import BatchWorker
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": PROMPT, "plan": s, "seed": 0}) + "\n" for s in specs))
@@ -164,8 +164,8 @@ def message(value: Any) -> str:
 
 @pytest.fixture(scope="module")
 def client(bundle, generator):
-    from ilf_deploy.serve.app import create_app
-    from ilf_deploy.serve.state import ServeOptions
+    from ilf_deploy.serving.serve.app import create_app
+    from ilf_deploy.serving.serve.state import ServeOptions
 
     with TestClient(create_app(bundle, ServeOptions(warmup=False), generator)) as client:
         yield client
@@ -229,8 +229,8 @@ def test_generate_runs_a_composed_preset_and_refuses_a_bad_spec_in_one_line(bund
 
 def test_batch_default_plan_takes_every_form_and_workers_run_the_drivers_plan(bundle, files, tmp_path):
     """--plan auto / a file / a preset: rows without a plan get it, resolved once by the driver."""
-    from ilf_deploy.scale.batch import prepare
-    from ilf_deploy.scale.options import BatchOptions
+    from ilf_deploy.serving.scale.batch import prepare
+    from ilf_deploy.serving.scale.options import BatchOptions
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": PROMPT, "seed": 0}) + "\n")

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.generator import Request
-from ilf_deploy.serve import ServeOptions, create_app
-from ilf_deploy.serve.auth import ApiKeys
-from ilf_deploy.serve.background import background_server
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.model.tiny import make_tiny_pipeline
+from ilf_deploy.serving.serve import ServeOptions, create_app
+from ilf_deploy.serving.serve.auth import ApiKeys
+from ilf_deploy.serving.serve.background import background_server
 
 webdriver = pytest.importorskip("selenium.webdriver")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

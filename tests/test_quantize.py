@@ -10,14 +10,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.compare import budget
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.quantization.calibration import collect_calibration
-from ilf_deploy.quantization.quantize import LINEAR_NODE, node_scope, quantize_bundle, verify_variant
-from ilf_deploy.runtime.bundle import Bundle, BundleError
-from ilf_deploy.runtime.generator import Request
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.build.quantization.calibration import collect_calibration
+from ilf_deploy.build.quantization.quantize import LINEAR_NODE, node_scope, quantize_bundle, verify_variant
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.runtime.bundle import Bundle, BundleError
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.engines.compare import budget
 
 MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq")
 
@@ -129,7 +129,7 @@ def test_an_interrupted_requantize_leaves_the_variant_as_it_was(quantized, tmp_p
     """The new files are hashed where they were written and renamed into place just before the
     manifest that lists them: Ctrl-C while hashing (seconds on a large bundle; before, the old files
     were already replaced then, under the old manifest) leaves a loadable bundle and the old files."""
-    import ilf_deploy.runtime.bundle as bundle_module
+    import ilf_deploy.core.runtime.bundle as bundle_module
 
     path = shutil.copytree(quantized, tmp_path / "b")
     folder = path / "onnx" / "int8_qdq"

@@ -8,10 +8,10 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from ilf_deploy.build.quantization import quantize as quantize_module
 from ilf_deploy.cli import app
-from ilf_deploy.compare import Check, Limit, Metrics
-from ilf_deploy.quantization import quantize as quantize_module
-from ilf_deploy.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.engines.compare import Check, Limit, Metrics
 
 
 @pytest.fixture

@@ -30,14 +30,14 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
 from ilf_deploy.cli import app
-from ilf_deploy.errors import ConfigError, IlfError
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.generator import Request
-from ilf_deploy.scale.ship import CACHE_ENV
-from ilf_deploy.scale.worker import BatchWorker, job
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.core.errors import ConfigError, IlfError
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.model.tiny import make_tiny_pipeline
+from ilf_deploy.serving.scale.ship import CACHE_ENV
+from ilf_deploy.serving.scale.worker import BatchWorker, job
 from tests.support.ray_sandbox import ADDRESS, BIN, Sandbox, unavailable
 from tests.test_batch import generate_png
 
@@ -214,8 +214,8 @@ def serve_400(bundle: Path, body: dict, keys: str | None = None, key: str | None
     """What `ilf-deploy serve` (our server, this process; `keys` as ILF_API_KEYS) answers."""
     from fastapi.testclient import TestClient
 
-    from ilf_deploy.serve import ServeOptions, create_app
-    from ilf_deploy.serve.auth import load_keys
+    from ilf_deploy.serving.serve import ServeOptions, create_app
+    from ilf_deploy.serving.serve.auth import load_keys
 
     options = ServeOptions(warmup=False, api_keys=load_keys(None, keys))
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -331,8 +331,8 @@ def test_ray_serve_batching_runs_our_engine_in_batches(bundle, monkeypatch):
     from fastapi.testclient import TestClient
     from ray import serve
 
-    from ilf_deploy.scale.serve import RayServeBatcher
-    from ilf_deploy.serve import ServeOptions, create_app
+    from ilf_deploy.serving.scale.serve import RayServeBatcher
+    from ilf_deploy.serving.serve import ServeOptions, create_app
 
     replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=100))
     monkeypatch.setattr(serve, "get_replica_context", lambda: replica)
@@ -370,7 +370,7 @@ def test_ray_serve_batching_runs_our_engine_in_batches(bundle, monkeypatch):
 def test_app_builder_pins_the_bundle_and_refuses_unknown_args(bundle):
     from ray.serve.schema import ServeDeploySchema
 
-    from ilf_deploy.scale.serve import app_builder
+    from ilf_deploy.serving.scale.serve import app_builder
 
     application = app_builder({"bundle": str(bundle), "replicas": 2, "max_batch": "4"})
     deployment = application._bound_deployment
@@ -387,16 +387,16 @@ def test_app_builder_pins_the_bundle_and_refuses_unknown_args(bundle):
     autoscaling = scaled._deployment_config.autoscaling_config  # Ray Serve's autoscaler, not N replicas
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
     ServeDeploySchema.model_validate(
-        {"applications": [{"import_path": "ilf_deploy.scale.serve:app_builder"}]}
+        {"applications": [{"import_path": "ilf_deploy.serving.scale.serve:app_builder"}]}
     )
 
 
 def test_every_replica_opens_the_bundle_with_the_digest_pinned(bundle):
     """A node whose copy at the shared path is another bundle: its replica refuses to start."""
-    from ilf_deploy.scale.options import RayServeOptions
-    from ilf_deploy.scale.serve import application
-    from ilf_deploy.scale.ship import SharedPath
-    from ilf_deploy.serve import ServeOptions
+    from ilf_deploy.serving.scale.options import RayServeOptions
+    from ilf_deploy.serving.scale.serve import application
+    from ilf_deploy.serving.scale.ship import SharedPath
+    from ilf_deploy.serving.serve import ServeOptions
 
     elsewhere = ServeOptions(warmup=False, digest="sha256:" + "0" * 64)  # the driver's bundle's digest
     bound = application(SharedPath(str(bundle)), elsewhere, RayServeOptions())._bound_deployment
@@ -459,7 +459,7 @@ def test_kuberay_manifests_load_into_the_kubernetes_and_ray_serve_models(bundle,
         assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     (application,) = config.applications
-    assert application.import_path == "ilf_deploy.scale.serve:app_builder"
+    assert application.import_path == "ilf_deploy.serving.scale.serve:app_builder"
     assert application.args == {
         "bundle": f"/models/{bundle.name}", "digest": digest, "backend": "auto", "autoscale": "1:4"
     }  # fmt: skip

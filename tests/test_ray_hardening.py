@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.model.tiny import make_tiny_pipeline
 from tests.support.ray_sandbox import ADDRESS, BIN, Sandbox, unavailable
 
 pytest.importorskip("ray", reason="the ray extra is not installed (make setup installs it)")

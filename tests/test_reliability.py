@@ -20,11 +20,11 @@ import pytest
 from typer.testing import CliRunner
 
 from ilf_deploy.cli import app
-from ilf_deploy.errors import ConfigError, NonFiniteError
-from ilf_deploy.plan import StepPlan
-from ilf_deploy.plan.model import MAX_STEPS
-from ilf_deploy.runtime.bundle import Bundle, rewrite_manifest
-from ilf_deploy.runtime.generator import Request
+from ilf_deploy.core.errors import ConfigError, NonFiniteError
+from ilf_deploy.core.plan import StepPlan
+from ilf_deploy.core.plan.model import MAX_STEPS
+from ilf_deploy.core.runtime.bundle import Bundle, rewrite_manifest
+from ilf_deploy.core.runtime.generator import Request
 
 runner = CliRunner()
 
@@ -76,7 +76,7 @@ def test_huge_latents_stop_the_loop_with_one_line_and_no_image(bundle, tmp_path)
 
 
 def test_the_loop_names_the_step_where_latents_turned_non_finite(bundle):
-    from ilf_deploy.backends import open_generator
+    from ilf_deploy.engines.backends import open_generator
 
     generator = open_generator(bundle, "onnxruntime")
     plan = StepPlan.from_dict(plan_dict(bundle))
@@ -179,7 +179,7 @@ def test_a_killed_quantize_leaves_nothing_after_the_next_quantize(tiny_bundles, 
     root = Path(shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "b"))
     assert unlisted(root) == []
     code = (
-        "import sys, ilf_deploy.quantization.quantize as q\n"
+        "import sys, ilf_deploy.build.quantization.quantize as q\n"
         "real = q.quantize_segment\n"
         "def slow(*a, **k):\n"
         "    n = real(*a, **k); print('wrote', flush=True); import time; time.sleep(600); return n\n"
@@ -238,7 +238,7 @@ def test_quantize_on_a_full_disk_says_so_in_one_line(tiny_bundles, small_disk):
 
 
 def test_a_live_writers_staging_directory_is_kept(tiny_bundles, tmp_path):
-    from ilf_deploy.runtime.bundle import staging
+    from ilf_deploy.core.runtime.bundle import staging
 
     root = Path(shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "b"))
     with staging(root, "onnx") as mine:

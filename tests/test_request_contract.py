@@ -1,5 +1,5 @@
 """One request contract for every front door: `serve`, the real `tritonserver` and `generate` give
-the same verdict on the same request, in the same words (ilf_deploy/runtime/request.py).
+the same verdict on the same request, in the same words (ilf_deploy/core/runtime/request.py).
 
 A table of good and bad requests goes to `serve` (FastAPI TestClient) and to Triton (the real
 server on 127.0.0.1 with free ports, stopped by its PID; skipped without it); `generate` refuses
@@ -22,11 +22,10 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from ilf_deploy.backends import open_generator
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
 from ilf_deploy.cli import app as cli
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.request import (
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.request import (
     MAX_SEED,
     MESSAGES,
     NOT_BLANK,
@@ -35,9 +34,10 @@ from ilf_deploy.runtime.request import (
     RequestError,
     Size,
 )
-from ilf_deploy.serve import ServeOptions, create_app
-from ilf_deploy.tiny import make_tiny_pipeline
-from ilf_deploy.triton.repository import ExportOptions, export_repository
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.model.tiny import make_tiny_pipeline
+from ilf_deploy.serving.serve import ServeOptions, create_app
+from ilf_deploy.serving.triton.repository import ExportOptions, export_repository
 from tests.test_triton import SERVER, free_port, needs_server, start_server, stop
 
 GEN = "/v1/images/generations"
@@ -106,7 +106,7 @@ PIXART = [
         "plan",
         {"prompt": PROMPT, "plan": "nope"},
         "unknown plan 'nope'; this bundle has: base-2, ilf-4",
-        ALL,  # one plan resolver (backends/plans.py): generate says it in the same words
+        ALL,  # one plan resolver (engines/backends/plans.py): generate says it in the same words
     ),
     (
         "size",
@@ -302,11 +302,21 @@ def test_generate_verdicts(bundles, tmp_path, model, fields, verdict):
 
 
 def test_generate_and_serve_pin_the_bundle_digest(bundles, generators, tmp_path):
-    from ilf_deploy.runtime.manifest import BundleError
+    from ilf_deploy.core.runtime.manifest import BundleError
 
     bundle, other = bundles["pixart"], "sha256:" + "0" * 64
     digest = Bundle.load(bundle, verify_hashes=False).digest
-    args = ["generate", str(bundle), "--prompt", PROMPT, "--plan", "base-2", "--out", str(tmp_path / "x.png")]
+    args = [
+        "generate",
+        str(bundle),
+        "--prompt",
+        PROMPT,
+        "--plan",
+        "base-2",
+        "--out",
+        str(tmp_path / "x.png"),
+        "--force",
+    ]
     assert CliRunner().invoke(cli, [*args, "--digest", digest]).exit_code == 0
     refused = CliRunner().invoke(cli, [*args, "--digest", other])
     assert (
@@ -418,9 +428,9 @@ def test_schemathesis_all_checks_against_serve(bundles, generators):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from ilf_deploy.runtime.request import PROMPT_FORMAT
-    from ilf_deploy.serve.background import background_server
-    from ilf_deploy.tokenizer import DEFAULT_VOCAB
+    from ilf_deploy.core.runtime.request import PROMPT_FORMAT
+    from ilf_deploy.model.tokenizer import DEFAULT_VOCAB
+    from ilf_deploy.serving.serve.background import background_server
 
     # What the prompt format means (the model's token limit): words of the vocabulary and others.
     words = st.sampled_from([*DEFAULT_VOCAB[:80], "ünïcödé", "🎨", "zzyzx"])

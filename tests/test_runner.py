@@ -8,10 +8,8 @@ import sys
 import pytest
 import torch
 
-from ilf_deploy.backends.pytorch import Request, TorchGenerator, TorchSegments, profile_block_changes
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.ilf import FeedbackModule
-from ilf_deploy.plan import (
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.plan import (
     baseline_plan,
     block_caching_plan,
     cache_plan,
@@ -19,6 +17,8 @@ from ilf_deploy.plan import (
     ilf_plan,
     resolve_plan,
 )
+from ilf_deploy.engines.backends.pytorch import Request, TorchGenerator, TorchSegments, profile_block_changes
+from ilf_deploy.model.ilf import FeedbackModule
 
 PROMPT = Request(prompt="a green square on a white background", guidance_scale=4.5, seed=3)
 
@@ -114,7 +114,7 @@ def test_decode_gives_uint8_images(tiny_models):
 
 def test_runtime_loop_imports_no_diffusers_or_transformers():
     code = (
-        "import sys, ilf_deploy.runtime.loop, ilf_deploy.plan\n"
+        "import sys, ilf_deploy.core.runtime.loop, ilf_deploy.core.plan\n"
         "bad = [m for m in ('diffusers', 'transformers') if m in sys.modules]\n"
         "sys.exit(1 if bad else 0)"
     )
@@ -122,7 +122,7 @@ def test_runtime_loop_imports_no_diffusers_or_transformers():
 
 
 def test_torch_generator_refuses_unknown_or_missing_devices(tiny_dirs):
-    from ilf_deploy.loading import load_model
+    from ilf_deploy.model.loading import load_model
 
     model = load_model(tiny_dirs["pixart-alpha"])
     with pytest.raises(ConfigError, match="unknown device"):
@@ -137,7 +137,7 @@ def test_torch_generator_refuses_unknown_or_missing_devices(tiny_dirs):
 @pytest.mark.parametrize("variant", ["pixart-alpha", "pixart-sigma", "dit"])
 def test_torch_generator_on_cuda_matches_cpu(tiny_dirs, variant):
     """Same seeded noise, same plan: CUDA and CPU latents agree to float tolerance, images decode."""
-    from ilf_deploy.loading import load_model
+    from ilf_deploy.model.loading import load_model
 
     request = Request(prompt="a red circle", class_label=1, guidance_scale=3.0, seed=5)
     out = {}

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ilf_deploy.adapters import SanaAdapter
-from ilf_deploy.backends.pytorch import Request, TorchGenerator
-from ilf_deploy.errors import ConfigError, ModelLoadError
-from ilf_deploy.ilf import FeedbackModule, inner_loop, run_blocks
-from ilf_deploy.loading import load_model, sana_prompt_format
-from ilf_deploy.schedulers import SANA_SCHEDULER_CONFIG, scheduler_coefficients
+from ilf_deploy.core.errors import ConfigError, ModelLoadError
+from ilf_deploy.core.schedulers import SANA_SCHEDULER_CONFIG, scheduler_coefficients
+from ilf_deploy.engines.backends.pytorch import Request, TorchGenerator
+from ilf_deploy.model.adapters import SanaAdapter
+from ilf_deploy.model.ilf import FeedbackModule, inner_loop, run_blocks
+from ilf_deploy.model.loading import load_model, sana_prompt_format
 
 from .conftest import SANA_SIZES
 from .test_mmdit import fad_lowers_the_loss

@@ -14,12 +14,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.backends.pytorch import TorchGenerator
 from ilf_deploy.cli import app
-from ilf_deploy.loading import sana_prompt_format
-from ilf_deploy.runtime.bundle import Bundle, BundleError
-from ilf_deploy.runtime.generator import Request
+from ilf_deploy.core.runtime.bundle import Bundle, BundleError
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.engines.backends.pytorch import TorchGenerator
+from ilf_deploy.model.loading import sana_prompt_format
 
 from .conftest import SANA_PLANS, SANA_SIZES
 from .test_mmdit_bundles import verify_passes_and_an_edit_is_refused
@@ -168,7 +168,7 @@ def test_tensorrt_profiles_cover_every_segment(sana_bundle):
     """The TensorRT layer's optimization profiles (never run here) know every dimension a Sana bundle
     declares: batch, the token grid's height and width, the text encoder's ids (a negative prompt's
     max_length .. an instructed prompt's length)."""
-    from ilf_deploy.backends.tensorrt import input_profile
+    from ilf_deploy.engines.backends.tensorrt import input_profile
 
     manifest = Bundle.load(sana_bundle).manifest
     for spec in manifest.segments.values():
@@ -185,8 +185,8 @@ def test_tensorrt_profiles_cover_every_segment(sana_bundle):
 def test_int8_variants_stay_within_their_budgets(sana_bundle, mode, tmp_path):
     """int8-dynamic (ONNX Runtime) and int8-ov (OpenVINO, calibrated on plan trajectories) find
     Sana's linear layers and pass verify-variant."""
-    from ilf_deploy.quantization.calibration import collect_calibration
-    from ilf_deploy.quantization.quantize import quantize_bundle, verify_variant
+    from ilf_deploy.build.quantization.calibration import collect_calibration
+    from ilf_deploy.build.quantization.quantize import quantize_bundle, verify_variant
 
     path = shutil.copytree(sana_bundle, tmp_path / "bundle")
     if mode == "int8-ov":
@@ -201,7 +201,7 @@ def test_serve_answers_a_request(sana_bundle, generators):
     """`serve` on a Sana bundle: a 320x192 generation, the pixels the engine computes directly."""
     from fastapi.testclient import TestClient
 
-    from ilf_deploy.serve import ServeOptions, create_app
+    from ilf_deploy.serving.serve import ServeOptions, create_app
 
     from .test_serve import GEN, png, wait_ready
 
@@ -227,8 +227,8 @@ def test_serve_answers_a_request(sana_bundle, generators):
 def test_a_prompt_format_needs_schema_5(sana_bundle):
     """A manifest that says 4 but carries `tokenizer.instruction` breaks the schema (a reader of 4
     would encode prompts without the instruction), and the instruction needs its length."""
-    from ilf_deploy.runtime.manifest import Manifest
-    from ilf_deploy.schemas import problem
+    from ilf_deploy.core.runtime.manifest import Manifest
+    from ilf_deploy.core.schemas import problem
 
     raw = json.loads((sana_bundle / "manifest.json").read_text())
     assert problem("manifest", raw) is None

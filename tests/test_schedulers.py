@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ilf_deploy import schedulers
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.schedulers import (
+from ilf_deploy.core import schedulers
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.schedulers import (
     DIT_SCHEDULER_CONFIG,
     FLUX_DEV_SCHEDULER_CONFIG,
     FLUX_SCHNELL_SCHEDULER_CONFIG,

@@ -10,13 +10,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from ilf_deploy.backends.auto import TUNING_FILE, choose_plan
-from ilf_deploy.cli import app
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.evaluation import AttributeClassifier, bundle_plan, plan_quality
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.schemas import problem
-from ilf_deploy.tuning import (
+from ilf_deploy.checks.evaluation import AttributeClassifier, bundle_plan, plan_quality
+from ilf_deploy.checks.tuning import (
     PLAN_SEARCH_PLOT,
     QualityBudget,
     check_tuning_prompts,
@@ -25,6 +20,11 @@ from ilf_deploy.tuning import (
     search_plans,
     tune,
 )
+from ilf_deploy.cli import app
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.schemas import problem
+from ilf_deploy.engines.backends.auto import TUNING_FILE, choose_plan
 
 BAD = "base-1"  # one step: by far the fastest candidate, and far from the reference's images
 OTHERS = ("ilf-6-cache1-4r2", "ilf-6-adapt1-4t0.3m1")

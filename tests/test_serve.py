@@ -20,13 +20,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.generator import Request
-from ilf_deploy.serve import ServeOptions, create_app
-from ilf_deploy.serve.background import background_server
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.model.tiny import make_tiny_pipeline
+from ilf_deploy.serving.serve import ServeOptions, create_app
+from ilf_deploy.serving.serve.background import background_server
 
 GEN = "/v1/images/generations"
 
@@ -261,7 +261,7 @@ def test_dit_bundle_checks_class_labels(tmp_path):
 
 
 def test_key_limiter_alone():
-    from ilf_deploy.serve.limiter import KeyLimiter, OverLimit
+    from ilf_deploy.serving.serve.limiter import KeyLimiter, OverLimit
 
     limiter = KeyLimiter(3)
     limiter.acquire("alice", 2)

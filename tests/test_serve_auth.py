@@ -20,14 +20,14 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.serve import ServeOptions, auth, create_app
-from ilf_deploy.serve.auth import ApiKeys, check_exposure, load_keys
-from ilf_deploy.serve.background import background_server
-from ilf_deploy.serve.logs import HumanFormatter, JsonFormatter
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.model.tiny import make_tiny_pipeline
+from ilf_deploy.serving.serve import ServeOptions, auth, create_app
+from ilf_deploy.serving.serve.auth import ApiKeys, check_exposure, load_keys
+from ilf_deploy.serving.serve.background import background_server
+from ilf_deploy.serving.serve.logs import HumanFormatter, JsonFormatter
 from tests.test_serve import SlowGenerator, metric, png, wait_ready
 
 GEN = "/v1/images/generations"
@@ -272,14 +272,18 @@ def test_json_log_lines_parse_and_never_hold_a_key(client, captured_logs):
     for secret in SECRETS:
         assert secret not in text and secret not in captured_logs["human"].getvalue()
     (access,) = [
-        line for line in lines if line["logger"] == "ilf_deploy.serve.access" and line["request_id"] == rid
+        line
+        for line in lines
+        if line["logger"] == "ilf_deploy.serving.serve.access" and line["request_id"] == rid
     ]
     assert access["key"] == "alice" and access["status"] == 200 and access["method"] == "POST"
     assert access["path"] == GEN and access["plan"] == "base-2" and access["size"] == "32x32"
     assert access["n"] == 2 and access["queue_wait_s"] >= 0 and access["engine_s"] > 0
     assert access["duration_s"] >= access["engine_s"] and access["level"] == "info"
     batches = [
-        line for line in lines if line["logger"] == "ilf_deploy.serve.batch" and rid in line["request_ids"]
+        line
+        for line in lines
+        if line["logger"] == "ilf_deploy.serving.serve.batch" and rid in line["request_ids"]
     ]
     assert batches and sum(batch["n"] for batch in batches) == 2
     for batch in batches:
@@ -309,10 +313,10 @@ def test_log_lines_inside_a_request_carry_its_id(bundle, generator, keys, captur
     assert response.status_code == 500 and response.headers["x-request-id"] == "r-500"
     assert "engine on fire" in response.json()["error"]["message"]
     lines = [json.loads(line) for line in captured_logs["json"].getvalue().splitlines()]
-    (batch,) = [line for line in lines if line["logger"] == "ilf_deploy.serve.batch"]
+    (batch,) = [line for line in lines if line["logger"] == "ilf_deploy.serving.serve.batch"]
     assert batch["status"] == "error" and batch["request_ids"] == ["r-500"] and batch["keys"] == ["bob"]
     assert batch["level"] == "error" and "engine on fire" in batch["exception"]
-    (access,) = [line for line in lines if line["logger"] == "ilf_deploy.serve.access"]
+    (access,) = [line for line in lines if line["logger"] == "ilf_deploy.serving.serve.access"]
     assert access["request_id"] == "r-500" and access["status"] == 500 and access["level"] == "warning"
 
 
@@ -372,7 +376,7 @@ def cli(monkeypatch):
     from typer.testing import CliRunner
 
     from ilf_deploy.cli import app
-    from ilf_deploy.serve import server
+    from ilf_deploy.serving.serve import server
 
     names = ("ilf_deploy", "uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
     saved = {

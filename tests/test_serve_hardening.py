@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.serve import ServeOptions, create_app
-from ilf_deploy.serve.connections import EVICT_GRACE_S, STALLED_S, Connection, ConnectionTable
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.model.tiny import make_tiny_pipeline
+from ilf_deploy.serving.serve import ServeOptions, create_app
+from ilf_deploy.serving.serve.connections import EVICT_GRACE_S, STALLED_S, Connection, ConnectionTable
 from tests.test_serve_robustness import GEN, HOST, served
 
 
@@ -208,9 +208,9 @@ def test_a_reconnect_storm_of_slow_clients_leaves_normal_requests_answered(cappe
 
 
 def test_a_batch_row_with_non_finite_latents_is_an_error_row_without_an_image(bundle, tmp_path):
-    """The Ray/local batch worker (scale/worker.py): the row says why, no black PNG is written."""
-    from ilf_deploy.runtime.generator import Request
-    from ilf_deploy.scale.worker import BatchWorker, job
+    """The Ray/local batch worker (serving/scale/worker.py): the row says why, no black PNG is written."""
+    from ilf_deploy.core.runtime.generator import Request
+    from ilf_deploy.serving.scale.worker import BatchWorker, job
     from tests.test_triton_hardening import non_finite_bundle
 
     worker = BatchWorker(non_finite_bundle(bundle, tmp_path / "nonfinite"))

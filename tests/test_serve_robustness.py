@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.model.tiny import make_tiny_pipeline
 
 GEN = "/v1/images/generations"
 HOST = "127.0.0.1"  # loopback only, never any other address
@@ -272,7 +272,7 @@ def test_descriptor_limited_server_serves_and_keeps_its_log_small(bundle, tmp_pa
         text = log.read_text()
     assert grown < 20_000, f"the log grew by {grown} bytes:\n{text[-3000:]}"
     assert "Traceback" not in text and "out of system resource" not in text
-    assert text.count("ilf_deploy.serve.connections") <= 4, text[-3000:]  # throttled: one line a kind
+    assert text.count("ilf_deploy.serving.serve.connections") <= 4, text[-3000:]  # throttled: one line a kind
 
 
 # -- framing and bodies --------------------------------------------------------------------------------
@@ -362,8 +362,8 @@ def test_sigterm_with_queued_work_answers_everyone_and_exits(bundle, tmp_path):
 def test_serve_server_triton_stops_tritonserver_on_sigterm(bundle, tmp_path):
     """SIGTERM used to kill the CLI and leave tritonserver running; now it drains Triton first, for
     --drain-s (Triton's --exit-timeout-secs, which it logs as it waits: `Timeout 3: Found ...`)."""
-    from ilf_deploy.errors import ConfigError
-    from ilf_deploy.triton.server import find_server
+    from ilf_deploy.core.errors import ConfigError
+    from ilf_deploy.serving.triton.server import find_server
 
     try:
         find_server()
@@ -401,7 +401,7 @@ def test_serve_server_triton_stops_tritonserver_on_sigterm(bundle, tmp_path):
 def test_draining_server_is_not_ready_and_answers_503(bundle):
     from fastapi.testclient import TestClient
 
-    from ilf_deploy.serve import ServeOptions, create_app
+    from ilf_deploy.serving.serve import ServeOptions, create_app
 
     with TestClient(create_app(bundle, ServeOptions(warmup=False))) as client:
         assert client.get("/readyz").status_code == 200
@@ -418,9 +418,9 @@ def test_draining_server_is_not_ready_and_answers_503(bundle):
 def test_a_handler_cancelled_at_shutdown_is_answered_json_503():
     """uvicorn cancels what still runs after its grace period; the client gets our 503, not a
     plain-text 500, and uvicorn sees a request that ended (no traceback)."""
-    from ilf_deploy.serve.app import _Observe
-    from ilf_deploy.serve.auth import ApiKeys
-    from ilf_deploy.serve.metrics import ServerMetrics
+    from ilf_deploy.serving.serve.app import _Observe
+    from ilf_deploy.serving.serve.auth import ApiKeys
+    from ilf_deploy.serving.serve.metrics import ServerMetrics
 
     async def forever(scope, receive, send) -> None:
         await asyncio.Event().wait()
@@ -449,8 +449,8 @@ def test_a_handler_cancelled_at_shutdown_is_answered_json_503():
 
 
 def test_accept_errors_log_once_per_interval_and_lower_the_cap(caplog):
-    from ilf_deploy.serve.connections import ConnectionTable, Listener
-    from ilf_deploy.serve.metrics import ServerMetrics
+    from ilf_deploy.serving.serve.connections import ConnectionTable, Listener
+    from ilf_deploy.serving.serve.metrics import ServerMetrics
 
     class Exhausted:
         """A listening socket with a connection waiting whose accept() is out of descriptors."""
@@ -475,7 +475,7 @@ def test_accept_errors_log_once_per_interval_and_lower_the_cap(caplog):
             await listener.wait_closed()
             return exhausted, table
 
-    logger = logging.getLogger("ilf_deploy.serve.connections")
+    logger = logging.getLogger("ilf_deploy.serving.serve.connections")
     logger.addHandler(caplog.handler)  # whatever an earlier test did to the package's propagation
     try:
         exhausted, table = asyncio.run(scenario())
@@ -489,7 +489,7 @@ def test_accept_errors_log_once_per_interval_and_lower_the_cap(caplog):
 
 
 def test_connection_limits_follow_the_descriptor_limit():
-    from ilf_deploy.serve.connections import default_max_connections
+    from ilf_deploy.serving.serve.connections import default_max_connections
 
     assert default_max_connections(256) == 192
     assert default_max_connections(1024) == 896

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.runtime.bundle import Bundle
-from ilf_deploy.runtime.manifest import BundleError
-from ilf_deploy.scale.batch import prepare
-from ilf_deploy.scale.options import BatchOptions
-from ilf_deploy.scale.worker import BatchWorker
-from ilf_deploy.serve import ServeOptions, create_app
-from ilf_deploy.tiny import make_tiny_pipeline
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.core.runtime.manifest import BundleError
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.model.tiny import make_tiny_pipeline
+from ilf_deploy.serving.scale.batch import prepare
+from ilf_deploy.serving.scale.options import BatchOptions
+from ilf_deploy.serving.scale.worker import BatchWorker
+from ilf_deploy.serving.serve import ServeOptions, create_app
 
 OTHER = "sha256:" + "0" * 64
 
@@ -114,7 +114,7 @@ def test_bench_opens_its_engine_from_the_bundle_it_checked(bundle, loads):
 
 
 def test_triton_engine_reads_the_generators_bundle(generator, loads):
-    from ilf_deploy.triton.model import Engine
+    from ilf_deploy.serving.triton.model import Engine
 
     engine = Engine(generator, "base-2")
     assert loads == [] and engine.contract.default_plan == "base-2"
@@ -147,9 +147,9 @@ def test_serve_runs_engine_work_in_the_engines_inference_context(bundle, generat
 def test_every_server_and_flag_defaults_to_the_one_batching_policy():
     import typer
 
-    from ilf_deploy.batching import DEFAULT_BATCHING
     from ilf_deploy.cli import app
-    from ilf_deploy.triton.repository import ExportOptions
+    from ilf_deploy.core.batching import DEFAULT_BATCHING
+    from ilf_deploy.serving.triton.repository import ExportOptions
 
     knobs = {"max_batch", "max_wait_ms", "max_queue", "timeout_s", "max_n"}
     serve = ServeOptions()
@@ -169,8 +169,8 @@ def test_every_server_and_flag_defaults_to_the_one_batching_policy():
 
 
 def test_serve_and_triton_batch_a_bundle_alike_and_refuse_alike(bundle, generator):
-    from ilf_deploy.batching import BatchingPolicy
-    from ilf_deploy.triton.repository import ExportOptions, generation_config
+    from ilf_deploy.core.batching import BatchingPolicy
+    from ilf_deploy.serving.triton.repository import ExportOptions, generation_config
 
     loaded = generator.bundle
     for policy in [BatchingPolicy(), BatchingPolicy(max_batch=3, max_wait_ms=2.5, max_queue=5, max_n=2)]:
@@ -198,7 +198,7 @@ def test_serve_and_triton_batch_a_bundle_alike_and_refuse_alike(bundle, generato
 
 
 def test_text_knobs_are_read_as_the_policys_types():
-    from ilf_deploy.batching import BatchingPolicy
+    from ilf_deploy.core.batching import BatchingPolicy
 
     values = BatchingPolicy.coerce({"max_batch": "4", "max_wait_ms": "2.5", "backend": "onnxruntime"})
     assert values == {"max_batch": 4, "max_wait_ms": 2.5, "backend": "onnxruntime"}
@@ -209,7 +209,7 @@ def test_text_knobs_are_read_as_the_policys_types():
 
 # -- TritonProcess: tritonserver's lifecycle beside its command line --------------------------------
 def _triton_server():
-    from ilf_deploy.triton.server import find_server
+    from ilf_deploy.serving.triton.server import find_server
 
     try:
         return find_server()
@@ -227,7 +227,7 @@ def test_free_ports_are_picked_distinct_and_ports_follow_one_rule(bundle, tmp_pa
     from typer.testing import CliRunner
 
     from ilf_deploy.cli import app
-    from ilf_deploy.triton.server import free_ports
+    from ilf_deploy.serving.triton.server import free_ports
 
     picked = free_ports("127.0.0.1", (0, 0, 0))
     assert len(set(picked)) == 3 and all(0 < port <= 65535 for port in picked)
@@ -245,8 +245,8 @@ def test_free_ports_are_picked_distinct_and_ports_follow_one_rule(bundle, tmp_pa
 
 @needs_triton
 def test_triton_process_starts_waits_ready_drains_and_stops(bundle, tmp_path):
-    from ilf_deploy.triton.repository import ExportOptions, export_repository
-    from ilf_deploy.triton.server import TritonProcess
+    from ilf_deploy.serving.triton.repository import ExportOptions, export_repository
+    from ilf_deploy.serving.triton.server import TritonProcess
 
     export_repository(bundle, tmp_path / "repo", ExportOptions(name="tiny", warmup=False))
     with (tmp_path / "triton.log").open("w") as log:
@@ -307,7 +307,7 @@ def urllib_get(url: str) -> int:
 
 # -- bounds: one mechanism and one wording --------------------------------------------------------------
 def test_check_at_least_words_every_lower_bound_alike():
-    from ilf_deploy.errors import check_at_least
+    from ilf_deploy.core.errors import check_at_least
 
     check_at_least("--x", None)  # not given: nothing to check
     check_at_least("--x", 1)
@@ -353,13 +353,13 @@ def test_hand_written_lower_bounds_do_not_come_back():
     import ilf_deploy
 
     allowed = {
-        "evaluation.py",  # --n >= 2, with the reason
-        "training/feedback.py",  # a list of plan steps
-        "serve/state.py",  # --max-connections: and the descriptor limit above it
-        "plan/model.py",
-        "export/build.py",
+        "checks/evaluation.py",  # --n >= 2, with the reason
+        "build/training/feedback.py",  # a list of plan steps
+        "serving/serve/state.py",  # --max-connections: and the descriptor limit above it
+        "core/plan/model.py",
+        "build/export/build.py",
         "cli/plans.py",  # --adaptive and --max-reuse together
-        "tuning.py",
+        "checks/tuning.py",
     }
     root = Path(ilf_deploy.__file__).parent
     found = {

@@ -1,4 +1,4 @@
-"""One staging mechanism (ilf_deploy.files): a directory or a file is written aside under a hidden
+"""One staging mechanism (ilf_deploy.core.files): a directory or a file is written aside under a hidden
 name and renamed into place only when complete; a failure leaves the destination as it was; what a
 killed writer (kill -9) left is removed by the next writer, never a live writer's."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ilf_deploy import files
-from ilf_deploy.files import (
+from ilf_deploy.core import files
+from ilf_deploy.core.files import (
     UNLOCKED_FILE_GRACE_S,
     DestinationExists,
     atomic_file,
@@ -25,7 +25,7 @@ from ilf_deploy.files import (
     write_atomic,
 )
 
-PACKAGE = Path(files.__file__).parent
+PACKAGE = Path(files.__file__).parents[1]  # ilf_deploy
 
 
 def write_tree(directory: Path, text: str) -> None:
@@ -124,18 +124,18 @@ def test_the_previous_destination_stays_when_the_final_rename_fails(tmp_path, mo
 # -- what a kill -9 leaves ------------------------------------------------------------------------
 
 HOLD_DIRECTORY = (
-    "import sys, time\nfrom pathlib import Path\nfrom ilf_deploy.files import staged_directory\n"
+    "import sys, time\nfrom pathlib import Path\nfrom ilf_deploy.core.files import staged_directory\n"
     "with staged_directory(Path(sys.argv[1])) as tmp:\n"
     "    (tmp / 'half').write_text('x')\n    print(tmp, flush=True)\n    time.sleep(600)\n"
 )
 HOLD_FILE = (
-    "import sys, time\nfrom pathlib import Path\nfrom ilf_deploy.files import atomic_file\n"
+    "import sys, time\nfrom pathlib import Path\nfrom ilf_deploy.core.files import atomic_file\n"
     "with atomic_file(Path(sys.argv[1])) as tmp:\n"
     "    tmp.write_bytes(b'half')\n    print(tmp, flush=True)\n    time.sleep(600)\n"
 )
 
 WRITE = (
-    "import sys, pathlib\nfrom ilf_deploy.files import write_atomic\n"
+    "import sys, pathlib\nfrom ilf_deploy.core.files import write_atomic\n"
     "write_atomic(pathlib.Path(sys.argv[1]), b'{}')\n"
 )
 
@@ -214,21 +214,21 @@ RENAMES = re.compile(r"os\.rename\(|os\.replace\(|\.rename\(|mkdtemp\(|mkstemp\(
 
 
 def test_every_writer_stages_through_files_py():
-    """Renames into place and temp dirs beside a destination happen in files.py (and rewrite_manifest,
+    """Renames into place and temp dirs beside a destination happen in core/files.py (and rewrite_manifest,
     which renames a bundle's staged files in just before its manifest)."""
-    allowed = {PACKAGE / "files.py": None, PACKAGE / "runtime" / "bundle.py": 1}
+    allowed = {PACKAGE / "core" / "files.py": None, PACKAGE / "core" / "runtime" / "bundle.py": 1}
     found: dict[Path, int] = {}
     for path in PACKAGE.rglob("*.py"):
         count = len(RENAMES.findall(path.read_text()))
         if count and path not in allowed:
             found[path.relative_to(PACKAGE)] = count
     assert found == {}
-    assert len(RENAMES.findall((PACKAGE / "runtime" / "bundle.py").read_text())) == 1
+    assert len(RENAMES.findall((PACKAGE / "core" / "runtime" / "bundle.py").read_text())) == 1
 
 
 def test_a_tiny_model_replaced_with_force_is_swapped_whole(tmp_path, monkeypatch):
     """make_tiny_pipeline(force=True) stages beside the old model and swaps it only when complete."""
-    from ilf_deploy import tiny
+    from ilf_deploy.model import tiny
 
     out = tmp_path / "model"
     out.mkdir()
@@ -257,8 +257,8 @@ def test_a_shipped_bundle_is_written_once_per_node_and_a_damaged_copy_replaced(
     import threading
     import types
 
-    from ilf_deploy.runtime.bundle import Bundle
-    from ilf_deploy.scale.ship import CACHE_ENV, Shipped, bundle_files
+    from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.serving.scale.ship import CACHE_ENV, Shipped, bundle_files
 
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get=lambda ref: ref))
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))

@@ -2,7 +2,7 @@
 
 Skipped without an NVIDIA GPU and TensorRT (i.e. always in this project's CI, which has neither:
 NEVER RUN HERE). Run with `make gpu-check` on an H100 (or any GPU; FP8 needs compute capability
->= 8.9). Budgets: ilf_deploy.compare.BUDGETS ("tensorrt", ...) (vs ONNX Runtime fp32 on CPU).
+>= 8.9). Budgets: ilf_deploy.engines.compare.BUDGETS ("tensorrt", ...) (vs ONNX Runtime fp32 on CPU).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ilf_deploy.backends.tensorrt import tensorrt_available
+from ilf_deploy.engines.backends.tensorrt import tensorrt_available
 
 
 def _gpu() -> bool:
@@ -38,10 +38,10 @@ def _capability() -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def engine_bundles(tiny_bundles, tiny_dirs, tmp_path_factory):
     """fp32 (base + int8/fp8 variants) and fp16 bundles of the tiny PixArt-α, with engines."""
-    from ilf_deploy.backends.tensorrt import build_engines
-    from ilf_deploy.export.build import BuildOptions, build_bundle
-    from ilf_deploy.quantization.calibration import collect_calibration
-    from ilf_deploy.quantization.quantize import quantize_bundle
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.quantization.calibration import collect_calibration
+    from ilf_deploy.build.quantization.quantize import quantize_bundle
+    from ilf_deploy.engines.backends.tensorrt import build_engines
 
     root = tmp_path_factory.mktemp("trt")
     fp32 = shutil.copytree(tiny_bundles["pixart-alpha"], root / "fp32")
@@ -65,7 +65,7 @@ def test_engines_are_recorded_with_their_environment(engine_bundles):
     import tensorrt as trt
     import torch
 
-    from ilf_deploy.runtime.bundle import Bundle
+    from ilf_deploy.core.runtime.bundle import Bundle
 
     bundle = Bundle.load(engine_bundles["fp32"])  # hashes of engines and timing cache verify
     record = bundle.manifest.engines["base"]
@@ -81,8 +81,8 @@ def test_engines_are_recorded_with_their_environment(engine_bundles):
     [("fp32", None), ("fp16", None), ("dit", None), ("fp32", "int8_qdq"), ("fp32", "fp8_qdq")],
 )
 def test_tensorrt_matches_onnxruntime_per_segment_and_end_to_end(engine_bundles, bundle, variant):
-    from ilf_deploy.runtime.bundle import Bundle
-    from ilf_deploy.verify.engines import verify_engines
+    from ilf_deploy.checks.verify.engines import verify_engines
+    from ilf_deploy.core.runtime.bundle import Bundle
 
     if variant == "fp8_qdq" and _capability() < (8, 9):
         pytest.skip("FP8 needs compute capability >= 8.9 (Ada, Hopper)")
@@ -94,9 +94,9 @@ def test_tensorrt_matches_onnxruntime_per_segment_and_end_to_end(engine_bundles,
 
 
 def test_cuda_graph_replay_equals_eager(engine_bundles):
-    from ilf_deploy.backends.tensorrt import open_generator as open_trt_generator
-    from ilf_deploy.runtime.bundle import Bundle
-    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.core.runtime.generator import Request
+    from ilf_deploy.engines.backends.tensorrt import open_generator as open_trt_generator
 
     bundle = Bundle.load(engine_bundles["fp32"])
     plan, request = bundle.plan("ilf-4"), Request(prompt="a red circle", seed=4)
@@ -111,9 +111,9 @@ def test_cuda_graph_replay_equals_eager(engine_bundles):
 
 
 def test_engines_from_another_environment_are_refused(engine_bundles, tmp_path):
-    from ilf_deploy.backends.tensorrt import EngineMismatch
-    from ilf_deploy.backends.tensorrt import open_generator as open_trt_generator
-    from ilf_deploy.runtime.bundle import Bundle, rewrite_manifest
+    from ilf_deploy.core.runtime.bundle import Bundle, rewrite_manifest
+    from ilf_deploy.engines.backends.tensorrt import EngineMismatch
+    from ilf_deploy.engines.backends.tensorrt import open_generator as open_trt_generator
 
     path = shutil.copytree(engine_bundles["dit"], tmp_path / "moved")
 
@@ -127,11 +127,11 @@ def test_engines_from_another_environment_are_refused(engine_bundles, tmp_path):
 
 def test_bench_table(engine_bundles, capsys):
     """Prints the per-plan latency table for TensorRT (eager and CUDA graphs) and ONNX Runtime."""
-    from ilf_deploy.backends import open_generator
-    from ilf_deploy.backends.tensorrt import open_generator as open_trt_generator
-    from ilf_deploy.bench import bench_plans, summary
-    from ilf_deploy.runtime.bundle import Bundle
-    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.checks.bench import bench_plans, summary
+    from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.core.runtime.generator import Request
+    from ilf_deploy.engines.backends import open_generator
+    from ilf_deploy.engines.backends.tensorrt import open_generator as open_trt_generator
 
     bundle = Bundle.load(engine_bundles["fp32"])
     plans = [bundle.plan(p) for p in bundle.plan_names]

@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
-from ilf_deploy.backends.tensorrt import (
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.runtime.bundle import Bundle, BundleError
+from ilf_deploy.core.runtime.manifest import Manifest, SegmentSpec, TensorSpec
+from ilf_deploy.engines.backends.tensorrt import (
     EngineMismatch,
     check_engine_record,
     dim_ranges,
@@ -18,9 +21,6 @@ from ilf_deploy.backends.tensorrt import (
     input_profile,
     tensorrt_available,
 )
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.runtime.bundle import Bundle, BundleError
-from ilf_deploy.runtime.manifest import Manifest, SegmentSpec, TensorSpec
 
 
 def _manifest(tiny_bundles, name: str) -> Manifest:
@@ -108,8 +108,8 @@ def test_bundles_without_engines_say_how_to_build_them(tiny_bundles):
 def test_without_tensorrt_the_backend_says_so(tiny_bundles):
     if tensorrt_available():
         pytest.skip("TensorRT is installed here")
-    from ilf_deploy.backends.tensorrt import build_engines
-    from ilf_deploy.backends.tensorrt import open_generator as open_trt_generator
+    from ilf_deploy.engines.backends.tensorrt import build_engines
+    from ilf_deploy.engines.backends.tensorrt import open_generator as open_trt_generator
 
     with pytest.raises(ConfigError, match="TensorRT is not installed"):
         build_engines(tiny_bundles["dit"])
@@ -120,7 +120,7 @@ def test_without_tensorrt_the_backend_says_so(tiny_bundles):
 def test_importing_the_backend_needs_neither_tensorrt_nor_polygraphy():
     code = (
         "import sys, json\n"
-        "import ilf_deploy.backends.tensorrt\n"
+        "import ilf_deploy.engines.backends.tensorrt\n"
         "print(json.dumps([m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'polygraphy')]))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -130,7 +130,7 @@ def test_importing_the_backend_needs_neither_tensorrt_nor_polygraphy():
 def _fake_builds(monkeypatch, fail_at: int | None = None) -> list[str]:
     """build_engines with TensorRT's parts replaced: each 'engine' is a few bytes written where the
     real one would be, and the timing cache grows with each, as TensorRT's does."""
-    from ilf_deploy.backends import tensorrt
+    from ilf_deploy.engines.backends import tensorrt
 
     calls: list[str] = []
 
@@ -162,7 +162,7 @@ def test_a_failed_rebuild_leaves_the_bundle_and_its_engines_as_they_were(tiny_bu
     rewritten in place: a failure minutes later left a bundle that refused itself)."""
     import shutil
 
-    from ilf_deploy.backends.tensorrt import TIMING_CACHE, build_engines
+    from ilf_deploy.engines.backends.tensorrt import TIMING_CACHE, build_engines
 
     path = shutil.copytree(tiny_bundles["dit"], tmp_path / "bundle")
     calls = _fake_builds(monkeypatch)
@@ -190,8 +190,8 @@ def test_build_with_tensorrt_builds_the_engines_inside_its_workspace(tiny_dirs, 
     previous one as it was), never a bundle without engines or one edited after its rename."""
     import os
 
-    from ilf_deploy.backends import tensorrt
-    from ilf_deploy.export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    from ilf_deploy.engines.backends import tensorrt
 
     out = tmp_path / "bundle"
     options = BuildOptions(plans=("base-2",), copy_model=False, backend="tensorrt")
@@ -209,7 +209,7 @@ def test_build_with_tensorrt_builds_the_engines_inside_its_workspace(tiny_dirs, 
         return real_rewrite(path, *args, **kwargs)
 
     monkeypatch.setattr(tensorrt, "rewrite_manifest", rewrite)
-    monkeypatch.setattr("ilf_deploy.files.os.rename", rename)
+    monkeypatch.setattr("ilf_deploy.core.files.os.rename", rename)
     calls = _fake_builds(monkeypatch, fail_at=1)
     with pytest.raises(RuntimeError, match="out of memory"):
         build_bundle(tiny_dirs["dit"], out, options)

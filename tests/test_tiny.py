@@ -9,9 +9,9 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.tiny import TINY_ARCHITECTURES, TINY_IMAGE_SIZE, make_tiny_pipeline, tiny_image_size
-from ilf_deploy.tokenizer import DEFAULT_VOCAB, build_word_tokenizer, save_tokenizer_dir
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.model.tiny import TINY_ARCHITECTURES, TINY_IMAGE_SIZE, make_tiny_pipeline, tiny_image_size
+from ilf_deploy.model.tokenizer import DEFAULT_VOCAB, build_word_tokenizer, save_tokenizer_dir
 
 EOS_ID, PAD_ID, UNK_ID = 1, 0, 2
 

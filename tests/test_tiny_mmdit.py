@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.tiny import (
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.model.tiny import (
     CLIP_MAX_LENGTH,
     MMDIT_ARCHITECTURES,
     MMDIT_T5_MAX_LENGTH,

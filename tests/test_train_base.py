@@ -6,10 +6,10 @@ import json
 
 from typer.testing import CliRunner
 
+from ilf_deploy.build.training.common import load_checkpoint
+from ilf_deploy.build.training.recipe import RECIPE
 from ilf_deploy.cli import app
-from ilf_deploy.loading import load_model
-from ilf_deploy.training.common import load_checkpoint
-from ilf_deploy.training.recipe import RECIPE
+from ilf_deploy.model.loading import load_model
 
 runner = CliRunner()
 

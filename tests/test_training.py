@@ -7,12 +7,8 @@ import random
 import pytest
 import torch
 
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.ilf import FeedbackModule
-from ilf_deploy.loading import load_model
-from ilf_deploy.plan import default_loop
-from ilf_deploy.training.common import add_noise, alphas_cumprod
-from ilf_deploy.training.feedback import (
+from ilf_deploy.build.training.common import add_noise, alphas_cumprod
+from ilf_deploy.build.training.feedback import (
     FeedbackData,
     FeedbackTrainConfig,
     draw_timesteps,
@@ -21,6 +17,10 @@ from ilf_deploy.training.feedback import (
     teacher_forward,
     train_feedback,
 )
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.plan import default_loop
+from ilf_deploy.model.ilf import FeedbackModule
+from ilf_deploy.model.loading import load_model
 
 
 def _fixed_loss(model, feedback, data, seed: int = 123) -> float:
@@ -117,7 +117,7 @@ def test_an_interrupted_run_resumes_from_the_cli(tiny_dirs, tmp_path):
     from typer.testing import CliRunner
 
     from ilf_deploy.cli import app
-    from ilf_deploy.ilf import CONFIG_FILE
+    from ilf_deploy.model.ilf import CONFIG_FILE
 
     model = tmp_path / "model"
     shutil.copytree(tiny_dirs["pixart-alpha"], model)

@@ -29,12 +29,12 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
 from ilf_deploy.cli import app
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.tiny import make_tiny_pipeline
-from ilf_deploy.triton.repository import ExportOptions, export_repository, segment_model_name
-from ilf_deploy.triton.server import find_server
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.model.tiny import make_tiny_pipeline
+from ilf_deploy.serving.triton.repository import ExportOptions, export_repository, segment_model_name
+from ilf_deploy.serving.triton.server import find_server
 
 runner = CliRunner()
 PROMPT = "a small red circle on a blue background"
@@ -161,7 +161,7 @@ def server(repository, tmp_path_factory) -> Iterator[Server]:
 
 # -- clients -------------------------------------------------------------------------------------
 def inputs(module, prompt: str = PROMPT, seed: int = 0, **extra: Any) -> list:
-    """InferInputs of one row each: prompt, seed and any of plan/height/width/guidance_scale."""
+    """InferInputs of one row each: prompt, seed and any of core/plan/height/width/guidance_scale."""
     values: dict[str, Any] = {"prompt": prompt, "seed": seed, **extra}
     kinds = {
         "prompt": ("BYTES", object),
@@ -270,8 +270,8 @@ def test_default_plan_is_the_bundles_ilf_plan(server, bundle, tmp_path):
 
 @needs_server
 def test_concurrent_requests_are_batched_and_keep_their_seeds(server, bundle):
-    from ilf_deploy.backends import open_generator
-    from ilf_deploy.runtime.generator import Request
+    from ilf_deploy.core.runtime.generator import Request
+    from ilf_deploy.engines.backends import open_generator
 
     generator = open_generator(bundle)
     plan = generator.bundle.plan("ilf-4")
@@ -492,7 +492,7 @@ def test_install_triton_refuses_what_is_not_the_server_wheel(tmp_path, monkeypat
     other = tmp_path / "other-1.0-py3-none-any.whl"
     with zipfile.ZipFile(other, "w") as archive:
         archive.writestr("pytriton/tritonserver/README", "no binary")
-    from ilf_deploy.triton.server import install_server
+    from ilf_deploy.serving.triton.server import install_server
 
     with pytest.raises(ConfigError, match="holds no tritonserver"):
         install_server(tmp_path / "home", wheel=other)
@@ -610,7 +610,7 @@ class FakeResponse:
 
 def load_model(repo: Path, name: str, fake: FakeTriton, monkeypatch):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
-    from ilf_deploy.triton import model as triton_model
+    from ilf_deploy.serving.triton import model as triton_model
 
     config = parse_config(repo / name / "config.pbtxt")
     from google.protobuf import json_format

@@ -22,10 +22,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from ilf_deploy.export.build import BuildOptions, build_bundle
-from ilf_deploy.runtime.bundle import rewrite_manifest
-from ilf_deploy.tiny import make_tiny_pipeline
-from ilf_deploy.triton.repository import ExportOptions, export_repository
+from ilf_deploy.build.export.build import BuildOptions, build_bundle
+from ilf_deploy.core.runtime.bundle import rewrite_manifest
+from ilf_deploy.model.tiny import make_tiny_pipeline
+from ilf_deploy.serving.triton.repository import ExportOptions, export_repository
 from tests.test_triton import (
     SERVER,
     FakeTensor,

@@ -12,15 +12,15 @@ import pytest
 from onnx import helper
 from typer.testing import CliRunner
 
-from ilf_deploy.backends import open_generator
-from ilf_deploy.backends.auto import TUNING_FILE, choose
-from ilf_deploy.backends.machine import fingerprint
+from ilf_deploy.checks.tuning import Candidate, candidates, pick_winner, timing_plan, tune
 from ilf_deploy.cli import app
-from ilf_deploy.compare import Check, Limit, Metrics, budget
-from ilf_deploy.errors import ConfigError
-from ilf_deploy.runtime.bundle import Bundle, rewrite_manifest
-from ilf_deploy.runtime.generator import Request
-from ilf_deploy.tuning import Candidate, candidates, pick_winner, timing_plan, tune
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.runtime.bundle import Bundle, rewrite_manifest
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.engines.backends import open_generator
+from ilf_deploy.engines.backends.auto import TUNING_FILE, choose
+from ilf_deploy.engines.backends.machine import fingerprint
+from ilf_deploy.engines.compare import Check, Limit, Metrics, budget
 
 BROKEN = "broken"
 
@@ -142,7 +142,7 @@ def test_tune_runs_the_compiled_torch_engine_and_auto_opens_it(tiny_bundles, tmp
     against its budget and timed; as the winner, its options go through tuning.json to `auto`."""
     import torch
 
-    from ilf_deploy.backends.pytorch import COMPILE_CACHE_DIR
+    from ilf_deploy.engines.backends.pytorch import COMPILE_CACHE_DIR
 
     path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "bundle")
     compiled_bf16 = lambda c: c.options == {"dtype": "bf16", "compile": True}  # noqa: E731

@@ -9,9 +9,9 @@ import types
 import numpy as np
 import pytest
 
-from ilf_deploy import tuning
-from ilf_deploy.compare import LOSSY_SPEEDUP, budget
-from ilf_deploy.tuning import MAX_ROUNDS, Candidate, choose_winner
+from ilf_deploy.checks import tuning
+from ilf_deploy.checks.tuning import MAX_ROUNDS, Candidate, choose_winner
+from ilf_deploy.engines.compare import LOSSY_SPEEDUP, budget
 
 
 def timed(backend: str, precision: str, ms: float, variant: str | None = None) -> Candidate:

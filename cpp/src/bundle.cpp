@@ -2,7 +2,7 @@
 // multi-tensor state and several tokenizers: SD3, Flux), its digest in manifest.sha256, the sha256 of
 // every other file, and step plans (plan.schema.json, versions 1, 2 and 3).
 //
-// The checks and their one-line messages are runtime/bundle.py's and runtime/manifest.py's: the
+// The checks and their one-line messages are core/runtime/bundle.py's and core/runtime/manifest.py's: the
 // schema version first (its message says how to fix it), then the manifest's own digest, a pinned
 // --digest, the published JSON Schema (manifest.schema.json, plan.schema.json: schema.cpp, by a schema
 // library), then what the schema does not say: integers that must fit an `int`, the references
@@ -510,7 +510,7 @@ Op parse_op(const Check& c, const json& o, const std::string& oat, int version) 
   return op;
 }
 
-/// The step's cached ranges: runs of consecutive ops with one key (a keyed ilf counts): plan/model.py.
+/// The step's cached ranges: runs of consecutive ops with one key (a keyed ilf counts): core/plan/model.py.
 std::vector<std::pair<std::string, std::vector<const Op*>>> key_groups(const std::vector<Op>& ops) {
   std::vector<std::pair<std::string, std::vector<const Op*>>> groups;
   for (const Op& op : ops) {
@@ -535,7 +535,7 @@ int needed_version(const Plan& plan) {
   return 1;
 }
 
-// plan/model.py's bounds (MAX_STEPS, MAX_COEFFICIENT, MAX_TIMESTEP, MAX_HISTORY), in its words: no
+// core/plan/model.py's bounds (MAX_STEPS, MAX_COEFFICIENT, MAX_TIMESTEP, MAX_HISTORY), in its words: no
 // plan can overflow the loop's arithmetic.
 constexpr size_t kMaxSteps = 1000;
 constexpr double kMaxCoefficient = 1e4, kMaxTimestep = 1e4;

@@ -84,7 +84,7 @@ Tensor read_npy(const std::string& path) {
     }
   }
   // The header's claim against what the file holds, before any allocation (a 192-byte file must not
-  // make this allocate what its header says): as runtime/npy.py checks it.
+  // make this allocate what its header says): as core/runtime/npy.py checks it.
   const size_t available = data.size() - offset - header_len;
   const size_t itemsize = descr == "<f8" || descr == "<i8" ? 8 : descr == "<f4" || descr == "<i4" ? 4 : descr == "<f2" ? 2 : 0;
   if (!itemsize) npy_error(path, "unsupported dtype " + descr + " (float16, float32, float64, int32 or int64)");

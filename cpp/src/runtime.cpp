@@ -1,5 +1,5 @@
 // The denoising loop and generation: ports of ilf_deploy/runtime/runner.py (SegmentRunner),
-// runtime/loop.py (model_output, denoise) and runtime/generator.py + pipeline.py (Generator,
+// core/runtime/loop.py (model_output, denoise) and core/runtime/generator.py + pipeline.py (Generator,
 // BundleGenerator). Array arithmetic is float32 element by element in numpy's order of operations
 // (a Python float times a float32 array is a float32 product), built without FMA contraction, so
 // the glue between segment calls computes what numpy computes, bit for bit.
@@ -132,7 +132,7 @@ void add_scaled(Tensor& a, double c, const Tensor& b) {
 }
 
 /// uncond + g * (text - uncond) over [uncond; text] rows; one g (a Python float) or one per image
-/// (a float32 array, so a float16 eps is promoted to float32), as runtime/loop.py writes it.
+/// (a float32 array, so a float16 eps is promoted to float32), as core/runtime/loop.py writes it.
 Tensor guide(const Tensor& eps, int64_t n, const std::vector<float>& guidance) {
   const int64_t per = eps.numel() / (2 * n);
   Shape shape = eps.shape();
@@ -178,7 +178,7 @@ const Tensor& state_at(const State& state, const std::string& name) {
   return it->second;
 }
 
-// -- the state as a whole (ilf_deploy/state.py) and rows of it (runtime/cache.py) -------------------
+// -- the state as a whole (ilf_deploy/state.py) and rows of it (core/runtime/cache.py) -------------------
 
 /// a + b, tensor by tensor (`b` may cover fewer names).
 State add_state(const State& a, const State& b) {
@@ -221,14 +221,14 @@ Tensor slice_rows(const Tensor& x, int64_t first, int64_t last) {
   return out;
 }
 
-/// Rows `rows` (sorted) of `x` (runtime/cache.py take).
+/// Rows `rows` (sorted) of `x` (core/runtime/cache.py take).
 Tensor take_rows(const Tensor& x, const std::vector<int64_t>& rows) {
   std::vector<Tensor> parts;
   for (auto [a, b] : row_runs(rows)) parts.push_back(slice_rows(x, a, b));
   return parts.size() == 1 ? parts[0] : concat0(parts);
 }
 
-/// `whole` with rows `rows` (sorted) replaced by `part`'s rows, in order (runtime/cache.py mix).
+/// `whole` with rows `rows` (sorted) replaced by `part`'s rows, in order (core/runtime/cache.py mix).
 Tensor mix_rows(const std::vector<int64_t>& rows, const Tensor& part, const Tensor& whole) {
   std::vector<Tensor> parts;
   int64_t position = 0, done = 0;
@@ -248,7 +248,7 @@ State mix_state(const std::vector<int64_t>& rows, const State& part, const State
   return out;
 }
 
-/// Σ|x| of each row (dim 0), in float64 (runtime/cache.py row_l1).
+/// Σ|x| of each row (dim 0), in float64 (core/runtime/cache.py row_l1).
 std::vector<double> row_l1(const Tensor& x) {
   const int64_t rows = x.dim(0), per = rows ? x.numel() / rows : 0;
   std::vector<double> out(static_cast<size_t>(rows), 0.0);
@@ -262,7 +262,7 @@ std::vector<double> row_l1(const Tensor& x) {
 
 }  // namespace
 
-// -- Segments (runtime/runner.py) -----------------------------------------------------------------
+// -- Segments (core/runtime/runner.py) -----------------------------------------------------------------
 
 Segments::Segments(Bundle bundle, Engine& engine)
     : bundle_(std::move(bundle)),
@@ -296,7 +296,7 @@ Feeds Segments::run(const std::string& name, const Feeds& feeds) {
 Feeds Segments::context(const Feeds& inputs) {
   // The inputs the time segment reads (size conditions, a pooled prompt, Flux's guidance) stay visible;
   // no other: every entry left has the batch as its first axis, or one row for all (Flux's rotary
-  // tables), which the adaptive cache's row picking relies on (as runtime/runner.py).
+  // tables), which the adaptive cache's row picking relies on (as core/runtime/runner.py).
   Feeds merged;
   for (const std::string& name : bundle_.manifest().segment("time").input_names()) {
     auto it = inputs.find(name);
@@ -413,7 +413,7 @@ Tensor Segments::final(const State& state, const Feeds& cond, int64_t height, in
   return out;
 }
 
-// -- the loop (runtime/loop.py) -------------------------------------------------------------------
+// -- the loop (core/runtime/loop.py) -------------------------------------------------------------------
 
 void check_plan(const Plan& plan, const Segments& segments) {
   if (!plan.schedules.empty())  // the caller picks the image size's schedule (Plan::for_image_tokens)
@@ -436,7 +436,7 @@ void check_plan(const Plan& plan, const Segments& segments) {
 
 namespace {
 
-/// One batch's Δ-cache while its plan runs (runtime/cache.py CacheState): stored Δs, probes, reuses in
+/// One batch's Δ-cache while its plan runs (core/runtime/cache.py CacheState): stored Δs, probes, reuses in
 /// a row, and the block forwards each image ran. Images are rows [uncond_1..n; cond_1..n] when guided.
 class CacheState {
  public:
@@ -466,7 +466,7 @@ class CacheState {
     return add_state(state, it->second);
   }
 
-  /// cache_adaptive: per image, reuse the Δ or run blocks start..end (runtime/cache.py).
+  /// cache_adaptive: per image, reuse the Δ or run blocks start..end (core/runtime/cache.py).
   State adaptive(Segments& seg, const Op& op, const State& state, const Feeds& cond, int step) {
     const std::string& key = op.key;
     std::vector<bool> reuse(static_cast<size_t>(images_), false);
@@ -575,7 +575,7 @@ Tensor model_output(Segments& seg, const Step& step, const Tensor& x, const Feed
   return eps;
 }
 
-/// runtime/loop.py's check_finite: stop at the first step whose latents hold NaN or Inf (an all-ones
+/// core/runtime/loop.py's check_finite: stop at the first step whose latents hold NaN or Inf (an all-ones
 /// exponent), never decode them into a black image. One pass over the latents a step, branch-free.
 void check_finite(const Tensor& x, const Step& step, const Plan& plan) {
   bool bad = false;
@@ -626,7 +626,7 @@ Tensor denoise(Segments& seg, const Plan& plan, const Tensor& latents, const Fee
   return x;
 }
 
-// -- generation (runtime/generator.py, runtime/pipeline.py) ---------------------------------------
+// -- generation (core/runtime/generator.py, core/runtime/pipeline.py) ---------------------------------------
 
 // The diffusers pipelines' defaults: PixArt 4.5, DiT 4.0, SD3 7.0, Flux.1-dev 3.5 (embedded guidance).
 double default_guidance(const std::string& architecture, bool guidance_free) {
@@ -752,7 +752,7 @@ Request Generator::resolve(const Request& request) const {
 }
 
 void Generator::check_request(const Request& r) const {
-  // the request contract's (runtime/request.py) limits, for every caller of the library (ilf-run
+  // the request contract's (core/runtime/request.py) limits, for every caller of the library (ilf-run
   // checks them first, naming its options); then: a negative prompt needs classifier-free guidance, a
   // guidance scale some guidance
   const Manifest& m = bundle_.manifest();

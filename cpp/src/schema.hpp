@@ -1,5 +1,5 @@
 // The bundle format's published JSON Schemas (ilf_deploy/schemas/*.schema.json, embedded at build
-// time), checked with valijson: what runtime/schemas' problem() does with the jsonschema library.
+// time), checked with valijson: what core/runtime/schemas' problem() does with the jsonschema library.
 #pragma once
 
 #include <nlohmann/json.hpp>

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..errors import IlfError
-from ..runtime.bundle import strict_json
-from .extras import extras_by_module
+from ilf_deploy.cli.extras import extras_by_module
+from ilf_deploy.core.errors import IlfError
+from ilf_deploy.core.runtime.bundle import strict_json
 
 try:  # the click that typer runs on: its own copy since typer 0.2x, else click itself
     from typer._click import exceptions as click_errors
@@ -118,7 +118,7 @@ def progress() -> Progress:
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from ilf_deploy import __version__
 
         out.print(f"ilf-deploy {__version__}", highlight=False)
         raise typer.Exit()
@@ -211,9 +211,9 @@ if __name__ == "__main__":
 
 
 # Each module declares its commands at import with `@command` (they need `app` and `command` above).
-from . import batch as _batch  # noqa: E402, F401
-from . import bundles, engines, generate, plans, serve, training, triton  # noqa: E402, F401
-from . import tune as _tune  # noqa: E402, F401
+from ilf_deploy.cli import batch as _batch  # noqa: E402, F401
+from ilf_deploy.cli import bundles, engines, generate, plans, serve, training, triton  # noqa: E402, F401
+from ilf_deploy.cli import tune as _tune  # noqa: E402, F401
 
 
 def _in_panel_order() -> None:

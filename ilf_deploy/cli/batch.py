@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from ..triton.k8s import CLAIM
-from . import command, console
-from .cluster import Image, Namespace, NodeSelector, PodMonitor, Tolerations, cluster
-from .options import Backend, BundleDir, Digest, Variant, load_bundle
-from .paths import output_dir
+from ilf_deploy.cli import command, console
+from ilf_deploy.cli.cluster import Image, Namespace, NodeSelector, PodMonitor, Tolerations, cluster
+from ilf_deploy.cli.options import Backend, BundleDir, Digest, Variant, load_bundle
+from ilf_deploy.cli.paths import output_dir
+from ilf_deploy.serving.triton.k8s import CLAIM
 
 ROWS_HELP = (
     "One request per line, a JSON object: prompt (or class_label), seed (default 0, as `generate`), "
@@ -94,8 +94,8 @@ def batch(
 
     Each image is the one `ilf-deploy generate` makes from the same fields, bit for bit; a refused or
     failed line gets an error row and the others go on."""
-    from ..scale.batch import run_batch
-    from ..scale.options import BatchOptions
+    from ilf_deploy.serving.scale.batch import run_batch
+    from ilf_deploy.serving.scale.options import BatchOptions
 
     output_dir(out, "--out", force=False, files=())  # no --force: a re-run resumes (docs/cli-guide.md)
     options = BatchOptions(
@@ -116,7 +116,7 @@ def batch(
 
 def ray_options(server: str, address, replicas, autoscale, replica_cpus, ship: bool) -> dict:
     """`serve`'s Ray options, refused for the other servers rather than ignored."""
-    from ..errors import ConfigError
+    from ilf_deploy.core.errors import ConfigError
 
     given = {
         "ray_address": address,
@@ -131,7 +131,7 @@ def ray_options(server: str, address, replicas, autoscale, replica_cpus, ship: b
 
 
 def _ray_serve_options(ray: dict, logs: tuple[str, str]):
-    from ..scale.options import RayServeOptions, parse_autoscale
+    from ilf_deploy.serving.scale.options import RayServeOptions, parse_autoscale
 
     return RayServeOptions(
         replicas=1 if ray["replicas"] is None else ray["replicas"],
@@ -158,9 +158,9 @@ def serve_on_ray(
 
     from rich.markup import escape
 
-    from ..errors import ConfigError
-    from ..scale.serve import deploy, undeploy
-    from ..serve.auth import check_exposure
+    from ilf_deploy.core.errors import ConfigError
+    from ilf_deploy.serving.scale.serve import deploy, undeploy
+    from ilf_deploy.serving.serve.auth import check_exposure
 
     unused = [name for name in unused if name != "body_timeout_s"]  # the replicas' app keeps that one
     if unused:
@@ -234,11 +234,11 @@ def export_kuberay(
 ) -> None:
     """Write KubeRay manifests: a RayService (`serve --server ray`) and a RayJob (`batch` on Ray Data)
     over the bundle on a PersistentVolumeClaim, its digest pinned and checked in every pod."""
-    from ..backends import get_backend
-    from ..backends.auto import AUTO
-    from ..errors import check_at_least
-    from ..scale.kuberay import KubeRay, write_manifests
-    from ..scale.options import parse_autoscale
+    from ilf_deploy.core.errors import check_at_least
+    from ilf_deploy.engines.backends import get_backend
+    from ilf_deploy.engines.backends.auto import AUTO
+    from ilf_deploy.serving.scale.kuberay import KubeRay, write_manifests
+    from ilf_deploy.serving.scale.options import parse_autoscale
 
     output_dir(out, "--out", force=force, files=())  # write_manifests checks the files it writes
     if backend not in (None, AUTO):

@@ -8,15 +8,15 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ConfigError, check_at_least
-from ..runtime.generator import Request
-from ..runtime.request import RequestError
-from . import command, console, finish_checks, out, progress
-from .generate import announce, say
-from .options import VARIANT_HELP, ChecksJson, Digest, Force, backend_help, load_bundle
-from .paths import image_suffixes, output_file, refuse_existing
-from .sizes import parse_resolutions, split_list
-from .tables import bench_table, bundle_tables, checks_table, stage_table
+from ilf_deploy.cli import command, console, finish_checks, out, progress
+from ilf_deploy.cli.generate import announce, say
+from ilf_deploy.cli.options import VARIANT_HELP, ChecksJson, Digest, Force, backend_help, load_bundle
+from ilf_deploy.cli.paths import image_suffixes, output_file, refuse_existing
+from ilf_deploy.cli.sizes import parse_resolutions, split_list
+from ilf_deploy.cli.tables import bench_table, bundle_tables, checks_table, stage_table
+from ilf_deploy.core.errors import ConfigError, check_at_least
+from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.core.runtime.request import RequestError
 
 # -- bundles ---------------------------------------------------------------------------------
 EXPORTER_HELP = (
@@ -52,7 +52,7 @@ def build(
     exporter: Annotated[str, typer.Option(help=EXPORTER_HELP)] = "auto",
 ) -> None:
     """Export every segment the plans need, the text encoder and the VAE decoder to ONNX, as a bundle."""
-    from ..export.build import BuildOptions, build_bundle
+    from ilf_deploy.build.export.build import BuildOptions, build_bundle
 
     taken = out.exists() and not (out.is_dir() and not any(out.iterdir()))  # a file too (--force: replaced)
     refuse_existing("--out", [out] if taken else [], force)  # before the export; build_bundle checks again
@@ -83,7 +83,7 @@ def schema(
     """Print a published JSON Schema (2020-12) of the bundle format: manifest, plan or tuning.
 
     Every reader (this tool, the C++ runtime) implements these; docs/bundles.md ("The bundle format")."""
-    from ..schemas import schema as published
+    from ilf_deploy.core.schemas import schema as published
 
     print(json.dumps(published(name), indent=2))
 
@@ -147,10 +147,10 @@ def verify(
 ) -> None:
     """Check every segment against PyTorch (random and trajectory inputs), then every plan end to end,
     at every resolution the bundle was built for."""
-    from ..backends import get_backend
-    from ..compare import held_out_request
-    from ..verify.bundle import bundle_budget, verify_bundle
-    from .engines import verify_tensorrt
+    from ilf_deploy.checks.verify.bundle import bundle_budget, verify_bundle
+    from ilf_deploy.cli.engines import verify_tensorrt
+    from ilf_deploy.engines.backends import get_backend
+    from ilf_deploy.engines.compare import held_out_request
 
     output_file(as_json, "--json-out", (".json",), force=force)
     if backend == "tensorrt":
@@ -198,9 +198,9 @@ def bench(
     force: Force = False,
 ) -> None:
     """Per-stage latency of each plan, block forwards, measured vs predicted speedup, images/s."""
-    from ..backends import AUTO, open_bundle_generator
-    from ..backends.plans import resolve_bundle_plan
-    from ..bench import bench_plans, plot, summary
+    from ilf_deploy.checks.bench import bench_plans, plot, summary
+    from ilf_deploy.engines.backends import AUTO, open_bundle_generator
+    from ilf_deploy.engines.backends.plans import resolve_bundle_plan
 
     check_at_least("--runs", runs)
     check_at_least("--warmup", warmup, 0)

@@ -1,5 +1,5 @@
 """Where the Kubernetes exporters' pods run (`export-triton --k8s`, `export-kuberay`): options declared
-once, read into one `Cluster` (triton/k8s.py)."""
+once, read into one `Cluster` (serving/triton/k8s.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def cluster(
     pod_monitor: bool,
     prometheus: str | None = None,
 ):
-    from ..triton.k8s import PROMETHEUS, Cluster, parse_node_selector, parse_toleration
+    from ilf_deploy.serving.triton.k8s import PROMETHEUS, Cluster, parse_node_selector, parse_toleration
 
     return Cluster(
         namespace=namespace,

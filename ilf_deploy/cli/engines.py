@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
-from . import command, console, finish_checks, out, progress
-from .options import ChecksJson, Digest, Force, load_bundle, pin
-from .paths import output_file, refuse_existing
-from .tables import checks_table
+from ilf_deploy.cli import command, console, finish_checks, out, progress
+from ilf_deploy.cli.options import ChecksJson, Digest, Force, load_bundle, pin
+from ilf_deploy.cli.paths import output_file, refuse_existing
+from ilf_deploy.cli.tables import checks_table
 
 
 @command("calibrate")
@@ -34,8 +34,8 @@ def calibrate(
 ) -> None:
     """Record every transformer segment's inputs along real trajectories (for int8/fp8 Q/DQ)."""
     pin(bundle, digest)
-    from ..errors import ConfigError
-    from ..quantization.calibration import CALIBRATION_DIR, collect_calibration
+    from ilf_deploy.build.quantization.calibration import CALIBRATION_DIR, collect_calibration
+    from ilf_deploy.core.errors import ConfigError
 
     if _in_bundle(bundle).manifest.calibration is not None:
         refuse_existing("BUNDLE", [Path(bundle) / CALIBRATION_DIR], force)
@@ -99,7 +99,7 @@ def quantize(
     The check is verify-variant's (compare.BUDGETS); a variant beyond its budget is removed again
     and quantize exits 1, unless --keep-failing."""
     pin(bundle, digest)
-    from ..quantization.quantize import default_variant_name, quantize_bundle
+    from ilf_deploy.build.quantization.quantize import default_variant_name, quantize_bundle
 
     if (name or default_variant_name(mode)) in _in_bundle(bundle).manifest.variants:
         refuse_existing("--name", [f"{name or default_variant_name(mode)} (a variant of {bundle})"], force)
@@ -131,7 +131,7 @@ def _in_bundle(path: Path):
 def _check_new_variant(bundle: Path, variant: str, keep_failing: bool) -> None:
     """verify-variant's checks on the new variant: one line, and exit 1 (the variant removed
     again) when it misses its budget, unless --keep-failing."""
-    from ..quantization.quantize import miss_line, remove_variant, verify_variant
+    from ilf_deploy.build.quantization.quantize import miss_line, remove_variant, verify_variant
 
     loaded = load_bundle(bundle)
     with progress() as bar:
@@ -163,7 +163,7 @@ def verify_variant_command(
     """Per-segment SNR/cosine on a held-out trajectory and end-to-end latents vs fp32 (ORT CPU).
 
     Exits 1 when a check is beyond the budget of the variant's mode on its engine (compare.BUDGETS)."""
-    from ..quantization.quantize import variant_budget, variant_engine, verify_variant
+    from ilf_deploy.build.quantization.quantize import variant_budget, variant_engine, verify_variant
 
     output_file(as_json, "--json-out", (".json",), force=force)
     loaded = load_bundle(bundle, digest)
@@ -198,7 +198,7 @@ def build_engines_command(
 
     Needs an NVIDIA GPU, TensorRT 10/11 and Polygraphy (the `tensorrt` extra). Never run in CI."""
     pin(bundle, digest)
-    from ..backends.tensorrt import build_engines
+    from ilf_deploy.engines.backends.tensorrt import build_engines
 
     names = [s.strip() for s in segments.split(",") if s.strip()] if segments else None
     with progress() as bar:
@@ -241,7 +241,7 @@ def verify_tensorrt(
     force: bool,
 ) -> None:
     """`verify-engines` (and `verify --backend tensorrt`): print the table, exit 1 beyond budget."""
-    from ..verify.engines import engines_budget, verify_engines
+    from ilf_deploy.checks.verify.engines import engines_budget, verify_engines
 
     output_file(as_json, "--json-out", (".json",), force=force)
     loaded = load_bundle(bundle, digest)

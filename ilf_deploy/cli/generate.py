@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ConfigError
-from ..plan import PRESET_HELP
-from ..runtime.request import RequestContract, RequestError, Size
-from . import command, console, progress
-from .options import BACKEND_HELP, VARIANT_HELP, Digest, Force
-from .paths import image_suffixes, output_file
+from ilf_deploy.cli import command, console, progress
+from ilf_deploy.cli.options import BACKEND_HELP, VARIANT_HELP, Digest, Force
+from ilf_deploy.cli.paths import image_suffixes, output_file
+from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.plan import PRESET_HELP
+from ilf_deploy.core.runtime.request import RequestContract, RequestError, Size
 
 # -- generate --------------------------------------------------------------------------------
 
@@ -25,15 +25,15 @@ def open_source(
     digest: str | None = None,
 ):
     """(generator, plan resolver, architecture) for a bundle or a model directory / hub id."""
-    from ..runtime.bundle import is_bundle
+    from ilf_deploy.core.runtime.bundle import is_bundle
 
     if is_bundle(source):
-        from ..backends import open_generator
-        from ..backends.auto import AUTO
+        from ilf_deploy.engines.backends import open_generator
+        from ilf_deploy.engines.backends.auto import AUTO
 
         generator = open_generator(source, backend or AUTO, variant=variant, device=device, digest=digest)
         announce(generator.choice, source, backend)
-        from ..backends.plans import resolve_bundle_plan
+        from ilf_deploy.engines.backends.plans import resolve_bundle_plan
 
         bundle = generator.opened_bundle()  # the one open_generator loaded (hashes, pin checked)
         # A bundle's plans carry the schedules of the sizes it was built for.
@@ -45,8 +45,8 @@ def open_source(
         raise ConfigError(
             f"{source} is a model, not a bundle: build one with `ilf-deploy build` for {backend}"
         )
-    from ..backends.pytorch import TorchGenerator
-    from ..loading import load_model
+    from ilf_deploy.engines.backends.pytorch import TorchGenerator
+    from ilf_deploy.model.loading import load_model
 
     with console.status("loading model"):
         loaded = load_model(source)
@@ -63,7 +63,7 @@ def say(line: str) -> None:
 def announce(choice: str | None, source: str | Path, backend: str | None) -> None:
     """`--backend auto`'s choice, one line on stderr: always when asked for by name, and for the
     default only where the bundle has a tuning.json (without one it is ONNX Runtime fp32, as before)."""
-    from ..backends.auto import TUNING_FILE
+    from ilf_deploy.engines.backends.auto import TUNING_FILE
 
     if choice and (backend is not None or (Path(source) / TUNING_FILE).is_file()):
         console.print(choice, highlight=False, markup=False)
@@ -74,9 +74,9 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON
     """The registered engines (--backend), whether this machine can run them, and what installs them."""
     import json
 
-    from ..backends import REGISTRY
-    from . import out
-    from .tables import backends_table
+    from ilf_deploy.cli import out
+    from ilf_deploy.cli.tables import backends_table
+    from ilf_deploy.engines.backends import REGISTRY
 
     rows = []
     for backend in REGISTRY.values():
@@ -98,7 +98,7 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON
 
 def request_contract(generator, source: str) -> RequestContract:
     """The limits `serve` and Triton hold requests to, for this bundle or model directory."""
-    from ..runtime.bundle import is_bundle
+    from ilf_deploy.core.runtime.bundle import is_bundle
 
     if is_bundle(source):
         return RequestContract.for_bundle(generator.opened_bundle(), generator)
@@ -211,7 +211,7 @@ def ran_block_forwards(generator, plan) -> str:
 def _read_latents(path: Path):
     import numpy as np
 
-    from ..runtime.npy import read_npy
+    from ilf_deploy.core.runtime.npy import read_npy
 
     latents = read_npy(path, "latents").astype(np.float32)  # one line for any bad file (exit 2)
     if not np.isfinite(latents).all():  # NaN or inf would only come out as a garbage image

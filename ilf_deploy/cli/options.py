@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from ..runtime.bundle import Bundle
+    from ilf_deploy.core.runtime.bundle import Bundle
 
 Digest = Annotated[
     str | None,
@@ -23,7 +23,7 @@ Digest = Annotated[
 
 def backend_help(default: str = "auto for bundles, torch for model directories") -> str:
     """The registry's backends, for --backend's help (a new backend shows up by itself)."""
-    from ..backends import REGISTRY
+    from ilf_deploy.engines.backends import REGISTRY
 
     names = ", ".join(f"{b.name} ({b.summary})" for b in REGISTRY.values())
     return (
@@ -60,7 +60,7 @@ def load_bundle(path: str | Path, digest: str | None = None, verify_hashes: bool
     """The bundle a command was given: manifest, files' hashes (unless `verify_hashes=False`) and the
     pinned `digest` checked, each refusal one line. The CLI's one way to open a bundle: a command
     loads it once and hands the `Bundle` on (to open_bundle_generator, the plan resolver...)."""
-    from ..runtime.bundle import Bundle
+    from ilf_deploy.core.runtime.bundle import Bundle
 
     return Bundle.load(path, verify_hashes, digest=digest)
 
@@ -69,8 +69,8 @@ def pin(path: str | Path, digest: str | None) -> None:
     """Refuse the bundle at `path` before any work unless its digest is `digest` (None: no pin).
 
     For the commands that hand a path to the library (calibrate, quantize, build-engines, eval)."""
-    from ..errors import ConfigError
-    from ..runtime.bundle import is_bundle
+    from ilf_deploy.core.errors import ConfigError
+    from ilf_deploy.core.runtime.bundle import is_bundle
 
     if digest is None:
         return

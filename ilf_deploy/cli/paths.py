@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import ConfigError
+from ilf_deploy.core.errors import ConfigError
 
 
 def refuse_existing(flag: str, there: Iterable[str | Path], force: bool) -> None:

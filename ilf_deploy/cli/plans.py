@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import ConfigError, check_at_least
-from . import command, console, out, tables
-from .options import Force
-from .paths import output_dir, output_file
-from .sizes import parse_resolutions
+from ilf_deploy.cli import command, console, out, tables
+from ilf_deploy.cli.options import Force
+from ilf_deploy.cli.paths import output_dir, output_file
+from ilf_deploy.cli.sizes import parse_resolutions
+from ilf_deploy.core.errors import ConfigError, check_at_least
 
 # -- plan ------------------------------------------------------------------------------------
 
@@ -22,9 +22,9 @@ def _model_facts(
 ) -> tuple[int, dict[str, Any], tuple[int, int] | None, str | None]:
     """(num_blocks, scheduler config, feedback loop and t_post) from a model directory's JSON only;
     a size-dependent schedule is made for `sizes` (height, width in pixels)."""
-    from ..ilf import CONFIG_FILE, FEEDBACK_DIR, FeedbackConfig
-    from ..loading import default_scheduler_config, detect_architecture, resolve_source
-    from ..schedulers import for_image_tokens, for_pipeline
+    from ilf_deploy.core.schedulers import for_image_tokens, for_pipeline
+    from ilf_deploy.model.ilf import CONFIG_FILE, FEEDBACK_DIR, FeedbackConfig
+    from ilf_deploy.model.loading import default_scheduler_config, detect_architecture, resolve_source
 
     path = resolve_source(model)
     architecture, is_pipeline = detect_architecture(path)
@@ -47,7 +47,7 @@ def _model_facts(
 
 
 def plan_table(plan, baseline_steps: int) -> Any:
-    from ..plan import predicted_speedup
+    from ilf_deploy.core.plan import predicted_speedup
 
     most = "at most " if plan.adaptive else ""  # adaptive ops decide per image at run time
     title = (
@@ -136,7 +136,7 @@ def plan_command(
     ILF feedback steps (--loop/--feedback) compose with one caching method on the other steps
     (--cache [--adaptive], --delta-dit or --block-caching): each feedback step refreshes the cache
     of every range it recomputes (docs/plans.md ("Composed and adaptive plans"))."""
-    from ..plan import parse_range
+    from ilf_deploy.core.plan import parse_range
 
     output_file(save, "--out", (".json",), force=force)
     for flag, value in (("--refresh-every", refresh_every), ("--baseline-steps", baseline_steps)):
@@ -187,7 +187,7 @@ class PlanRequest:
         return self.plain()
 
     def plain(self):
-        from ..plan import baseline_plan, ilf_plan
+        from ilf_deploy.core.plan import baseline_plan, ilf_plan
 
         if not self.ilf["feedback"]:
             return baseline_plan(self.steps, self.num_blocks, self.scheduler, self.name)
@@ -195,8 +195,15 @@ class PlanRequest:
         return ilf_plan(self.steps, self.num_blocks, loop, feedback, rule, self.scheduler, self.name)
 
     def cache(self, cache: str | None, adaptive: float | None, max_reuse: int):
-        from ..plan import CacheSpec, cache_plan, compose_plan, default_cache_range, parse_range, preset_name
-        from ..plan.builders import default_feedback, parse_step_set
+        from ilf_deploy.core.plan import (
+            CacheSpec,
+            cache_plan,
+            compose_plan,
+            default_cache_range,
+            parse_range,
+            preset_name,
+        )
+        from ilf_deploy.core.plan.builders import default_feedback, parse_step_set
 
         start, end = (
             parse_range(cache, "--cache", self.num_blocks) if cache else default_cache_range(self.num_blocks)
@@ -228,7 +235,7 @@ class PlanRequest:
         )
 
     def delta_dit(self, num_cached: int, boundary: int | None):
-        from ..plan import delta_dit_plan
+        from ilf_deploy.core.plan import delta_dit_plan
 
         every = self.refresh_every or 2
         return delta_dit_plan(
@@ -245,7 +252,7 @@ class PlanRequest:
         )
 
     def block_caching(self, delta: float, model: Path | None):
-        from ..plan import baseline_plan, block_caching_plan
+        from ilf_deploy.core.plan import baseline_plan, block_caching_plan
 
         if model is None:
             raise ConfigError("--block-caching profiles a model's blocks: give --model")
@@ -263,10 +270,10 @@ class PlanRequest:
 
 def _profile(model: Path, plan) -> Any:
     """Block Caching's profile (eq. 6) of `model` over `plan`, on four training-split captions."""
-    from ..backends.pytorch import TorchGenerator, profile_block_changes
-    from ..data import make_batch
-    from ..loading import load_model
-    from ..runtime.generator import Request
+    from ilf_deploy.core.runtime.generator import Request
+    from ilf_deploy.engines.backends.pytorch import TorchGenerator, profile_block_changes
+    from ilf_deploy.model.data import make_batch
+    from ilf_deploy.model.loading import load_model
 
     with console.status("profiling block changes"):
         loaded = load_model(model)
@@ -297,8 +304,8 @@ def make_tiny_command(
     force: Force = False,
 ) -> None:
     """Write a tiny random-weight diffusers pipeline (+ random ILF feedback) for tests and demos."""
-    from ..plan import parse_range
-    from ..tiny import make_tiny_pipeline
+    from ilf_deploy.core.plan import parse_range
+    from ilf_deploy.model.tiny import make_tiny_pipeline
 
     output_dir(out_dir, "OUT_DIR", force=force)
 

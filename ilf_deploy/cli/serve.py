@@ -10,12 +10,20 @@ from typing import Annotated, Any
 
 import typer
 
-from ..batching import DEFAULT_BATCHING, BatchingPolicy
-from ..errors import ConfigError, check_port
-from . import command, console
-from .batch import Autoscale, RayAddress, ReplicaCpus, Replicas, ShipBundle, ray_options, serve_on_ray
-from .generate import announce
-from .options import Backend, BundleDir, DefaultPlan, Digest
+from ilf_deploy.cli import command, console
+from ilf_deploy.cli.batch import (
+    Autoscale,
+    RayAddress,
+    ReplicaCpus,
+    Replicas,
+    ShipBundle,
+    ray_options,
+    serve_on_ray,
+)
+from ilf_deploy.cli.generate import announce
+from ilf_deploy.cli.options import Backend, BundleDir, DefaultPlan, Digest
+from ilf_deploy.core.batching import DEFAULT_BATCHING, BatchingPolicy
+from ilf_deploy.core.errors import ConfigError, check_port
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 SERVERS = ("ilf", "triton", "ray")
@@ -23,7 +31,7 @@ KEYS_HELP = (
     "API keys, one per line (`NAME:KEY` names it in metrics and logs); also read from the "
     "ILF_API_KEYS environment variable. Clients send `Authorization: Bearer KEY`."
 )
-# The batching policy (batching.py: its defaults are the flags' defaults, for every --server).
+# The batching policy (core/batching.py: its defaults are the flags' defaults, for every --server).
 MaxBatch = Annotated[int | None, typer.Option(help="Images per engine call (default: the bundle's, ≥ 8).")]
 MaxWait = Annotated[float, typer.Option(help="How long a batch's first image waits for others.")]
 MaxQueue = Annotated[int, typer.Option(help="Images waiting before requests get 429.")]
@@ -109,8 +117,8 @@ def serve(
     given = _given(header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s, drain_s=drain_s)
     policy = BatchingPolicy(max_batch, max_wait_ms, max_queue, timeout_s, max_n)  # every server's batching
     if server == "triton":  # the same bundle on NVIDIA Triton Inference Server (cli/triton.py)
-        from ..serve.limits import check_drain_s
-        from .triton import run_triton
+        from ilf_deploy.cli.triton import run_triton
+        from ilf_deploy.serving.serve.limits import check_drain_s
 
         _refuse_security_options(security, host)
         connection = [*given, *(["max_connections"] if max_connections is not None else [])]
@@ -122,8 +130,8 @@ def serve(
             default_plan, digest=digest, drain_s=drain_s,
         )  # fmt: skip
         raise typer.Exit(code)
-    from ..serve.auth import ENV_VAR, load_keys
-    from ..serve.state import ServeOptions
+    from ilf_deploy.serving.serve.auth import ENV_VAR, load_keys
+    from ilf_deploy.serving.serve.state import ServeOptions
 
     options = ServeOptions(
         **asdict(policy),
@@ -147,7 +155,7 @@ def serve(
 
 def _refuse_security_options(given: dict[str, bool], host: str) -> None:
     """Triton answers without our keys, TLS or per-key limits: never ignore them silently."""
-    from ..serve.auth import ENV_VAR, ApiKeys, check_exposure
+    from ilf_deploy.serving.serve.auth import ENV_VAR, ApiKeys, check_exposure
 
     used = [name for name, on in {**given, ENV_VAR: bool(os.environ.get(ENV_VAR))}.items() if on]
     if used:
@@ -199,17 +207,17 @@ def _run_http(
     tls: dict[str, str | None],
     backend: str | None,
 ) -> None:
-    """Our FastAPI server (uvicorn behind serve/server.py's connection layer), after every check
+    """Our FastAPI server (uvicorn behind serving/serve/server.py's connection layer), after every check
     that can fail before listening."""
     try:
         import uvicorn
 
-        from ..serve.app import create_app
-        from ..serve.server import run_server
+        from ilf_deploy.serving.serve.app import create_app
+        from ilf_deploy.serving.serve.server import run_server
     except ImportError as exc:  # the serve extra is optional
         raise ConfigError(f"serving needs {exc.name}: pip install 'ilf-deploy[serve]'") from None
-    from ..serve.auth import check_exposure
-    from ..serve.logs import LOG_FORMATS, configure_logging
+    from ilf_deploy.serving.serve.auth import check_exposure
+    from ilf_deploy.serving.serve.logs import LOG_FORMATS, configure_logging
 
     log_level, log_format = logs
     check_port("--port", port)
@@ -222,5 +230,5 @@ def _run_http(
     announce(app.state.ilf.generator.choice, bundle, backend)
     configure_logging(log_format, uvicorn.config.LOG_LEVELS[log_level])
     if warning:
-        logging.getLogger("ilf_deploy.serve").warning(warning)
+        logging.getLogger("ilf_deploy.serving.serve").warning(warning)
     run_server(app, host=host, port=port, log_level=log_level, **tls)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ilf_deploy.core.errors import ConfigError
 
 
 def split_list(text: str) -> list[str]:

@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ConfigError, check_at_least
-from ..training.recipe import RECIPE
-from . import command, console, out, progress
-from .options import Digest, Force, backend_help, pin
-from .paths import image_suffixes, output_dir, output_file
-from .tables import eval_table
+from ilf_deploy.build.training.recipe import RECIPE
+from ilf_deploy.cli import command, console, out, progress
+from ilf_deploy.cli.options import Digest, Force, backend_help, pin
+from ilf_deploy.cli.paths import image_suffixes, output_dir, output_file
+from ilf_deploy.cli.tables import eval_table
+from ilf_deploy.core.errors import ConfigError, check_at_least
 
 DEFAULT_EVAL_PLANS = "base-20,base-12,base-10,cache-20,ilf-10,ilf-12"
 
@@ -51,10 +51,15 @@ def train_feedback_command(
     """Fast Approximate Distillation: the student (backbone + ILF) at t vs the frozen teacher at t/2."""
     import torch
 
-    from ..ilf import FEEDBACK_DIR
-    from ..loading import load_model
-    from ..plan import default_loop, parse_range
-    from ..training.feedback import FeedbackTrainConfig, default_out_dir, summary, train_feedback
+    from ilf_deploy.build.training.feedback import (
+        FeedbackTrainConfig,
+        default_out_dir,
+        summary,
+        train_feedback,
+    )
+    from ilf_deploy.core.plan import default_loop, parse_range
+    from ilf_deploy.model.ilf import FEEDBACK_DIR
+    from ilf_deploy.model.loading import load_model
 
     if out_dir is None and Path(model).is_dir():  # MODEL/feedback, checked before the model loads
         out_dir = Path(model) / FEEDBACK_DIR
@@ -116,7 +121,7 @@ def train_base_command(
     """
     from dataclasses import replace
 
-    from ..training import base
+    from ilf_deploy.build.training import base
 
     stages = ("vae", "latents", "transformer", "save")
     if stage not in (*stages, "all"):
@@ -193,8 +198,15 @@ def eval_command(
 ) -> None:
     """Prompt adherence (attribute classifier), Fréchet distance and fidelity of each plan."""
     pin(model, digest)
-    from ..evaluation import bundle_backend, evaluate, format_table, save_grid, save_json, torch_backend
-    from ..runtime.bundle import is_bundle
+    from ilf_deploy.checks.evaluation import (
+        bundle_backend,
+        evaluate,
+        format_table,
+        save_grid,
+        save_json,
+        torch_backend,
+    )
+    from ilf_deploy.core.runtime.bundle import is_bundle
 
     names = [p.strip() for p in plans.split(",") if p.strip()]
     if not names:
@@ -203,8 +215,8 @@ def eval_command(
     output_file(grid, "--grid", image_suffixes(), force=force)
     with console.status("loading model"):
         if is_bundle(model):
-            from ..backends.auto import AUTO
-            from .generate import announce
+            from ilf_deploy.cli.generate import announce
+            from ilf_deploy.engines.backends.auto import AUTO
 
             runner = bundle_backend(
                 model, guidance_scale, variant=variant, device=device, backend=backend or AUTO

@@ -10,13 +10,21 @@ from typing import Annotated
 
 import typer
 
-from ..batching import DEFAULT_BATCHING, BatchingPolicy
-from ..errors import ConfigError, check_at_least
-from ..triton.k8s import CLAIM, IMAGE, MANIFEST_FILES, check_names
-from . import command, console
-from .cluster import Image, Namespace, NodeSelector, PodMonitor, Prometheus, Tolerations, cluster
-from .options import VARIANT_HELP, Digest, backend_help, load_bundle
-from .paths import output_dir
+from ilf_deploy.cli import command, console
+from ilf_deploy.cli.cluster import (
+    Image,
+    Namespace,
+    NodeSelector,
+    PodMonitor,
+    Prometheus,
+    Tolerations,
+    cluster,
+)
+from ilf_deploy.cli.options import VARIANT_HELP, Digest, backend_help, load_bundle
+from ilf_deploy.cli.paths import output_dir
+from ilf_deploy.core.batching import DEFAULT_BATCHING, BatchingPolicy
+from ilf_deploy.core.errors import ConfigError, check_at_least
+from ilf_deploy.serving.triton.k8s import CLAIM, IMAGE, MANIFEST_FILES, check_names
 
 
 @command("export-triton")
@@ -66,7 +74,7 @@ def export_triton(
     digest: Digest = None,
 ) -> None:
     """Write a Triton model repository that serves the bundle (Python backend, dynamic batching)."""
-    from ..triton.repository import BUNDLE_DIR, ExportOptions, export_repository
+    from ilf_deploy.serving.triton.repository import BUNDLE_DIR, ExportOptions, export_repository
 
     if k8s is not None and not copy_bundle:
         raise ConfigError("--k8s needs --copy-bundle: the pods see only the repository")
@@ -96,7 +104,7 @@ def export_triton(
     for path in export_repository(bundle, out, options):
         console.print(f"model → {path}")
     if k8s is not None:
-        from ..triton.k8s import write_manifests
+        from ilf_deploy.serving.triton.k8s import write_manifests
 
         written = write_manifests(
             k8s,
@@ -123,7 +131,7 @@ def install_triton(
 ) -> None:
     """Unpack tritonserver and its Python backend from the nvidia-pytriton wheel into this
     environment (the wheel itself is not installed: it would downgrade numpy)."""
-    from ..triton.server import find_server, install_server
+    from ilf_deploy.serving.triton.server import find_server, install_server
 
     home = install_server(wheel=wheel, force=force)
     console.print(f"tritonserver → {find_server(home).binary}")
@@ -146,8 +154,8 @@ def run_triton(
     returns its exit status. Signalled, Triton serves queued and running requests for at most
     `drain_s` (`--drain-s`, as Triton's whole-second `--exit-timeout-secs`; None: its default,
     30 s), then exits."""
-    from ..triton.repository import ExportOptions, export_repository
-    from ..triton.server import TritonProcess, find_server
+    from ilf_deploy.serving.triton.repository import ExportOptions, export_repository
+    from ilf_deploy.serving.triton.server import TritonProcess, find_server
 
     ports = (http_port, grpc_port, metrics_port)
     TritonProcess.check_ports(ports)  # before the export

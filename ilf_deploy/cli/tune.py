@@ -9,11 +9,11 @@ from typing import Annotated
 
 import typer
 
-from ..runtime.bundle import Bundle, strict_json
-from . import command, console, out, progress
-from .options import Digest, Force, load_bundle
-from .paths import image_suffixes, output_file
-from .tables import plan_search_table, tune_table
+from ilf_deploy.cli import command, console, out, progress
+from ilf_deploy.cli.options import Digest, Force, load_bundle
+from ilf_deploy.cli.paths import image_suffixes, output_file
+from ilf_deploy.cli.tables import plan_search_table, tune_table
+from ilf_deploy.core.runtime.bundle import Bundle, strict_json
 
 SearchPlans = Annotated[
     bool,
@@ -78,8 +78,8 @@ def tune(
 ) -> None:
     """Check every installed engine x precision against ONNX Runtime fp32, time one denoising step
     of each, and write BUNDLE/tuning.json for `--backend auto` (a failing one is never chosen)."""
-    from ..tuning import QualityBudget, check_tuning_prompts, plan_search_schema
-    from ..tuning import tune as run_tune
+    from ilf_deploy.checks.tuning import QualityBudget, check_tuning_prompts, plan_search_schema
+    from ilf_deploy.checks.tuning import tune as run_tune
 
     budget = QualityBudget.parse(quality_budget)  # bad options fail before any work
     output_file(plot, "--plot", image_suffixes(), force=force)  # BUNDLE/tuning.json is tune's to rewrite
@@ -100,7 +100,7 @@ def tune(
 
 
 def _print_tune(bundle: Path, report: dict) -> None:
-    from ..backends.auto import TUNING_FILE
+    from ilf_deploy.engines.backends.auto import TUNING_FILE
 
     machine = report["fingerprint"]
     bf16 = [f for f in machine["flags"] if "bf16" in f or f.startswith("amx")]
@@ -121,8 +121,8 @@ def _search(
     bundle: Bundle, budget, reference: str | None, prompts: tuple[int, int], plot, quiet: bool, confirm: int
 ) -> dict:
     """`--search-plans`: the search, its Pareto table, and what `--plan auto` now runs."""
-    from ..evaluation import plan_quality
-    from ..tuning import PLAN_SEARCH_PLOT, search_plans
+    from ilf_deploy.checks.evaluation import plan_quality
+    from ilf_deploy.checks.tuning import PLAN_SEARCH_PLOT, search_plans
 
     with progress() as bar:
         task = bar.add_task("plan search", total=None)

@@ -1,5 +1,5 @@
 """Prepare `tensorrt-stubs` for mypy: `python -m tests.support.trt_stubs DIR`, then
-`MYPYPATH=DIR mypy --config-file DIR/mypy.ini ilf_deploy/backends/tensorrt.py`.
+`MYPYPATH=DIR mypy --config-file DIR/mypy.ini ilf_deploy/engines/backends/tensorrt.py`.
 
 tensorrt-stubs 10.13 installs `tensorrt/__init__.pyi` without a py.typed marker (mypy then skips
 it as untyped) and its generated stubs have a few syntax errors (a parameter named `in`, a required

@@ -77,10 +77,10 @@ struct ILF_API RequestProblem {
 /// prompt longer than the model's max_length tokens.
 ILF_API std::optional<RequestProblem> request_problem(const Manifest& manifest, const RequestFields& fields);
 
-/// The diffusers pipelines' defaults (runtime/generator.py); a model without guidance runs at 1.
+/// The diffusers pipelines' defaults (core/runtime/generator.py); a model without guidance runs at 1.
 ILF_API double default_guidance(const std::string& architecture, bool guidance_free = false);
 
-/// Request -> latents -> images on one engine: the port of runtime/generator.py + pipeline.py.
+/// Request -> latents -> images on one engine: the port of core/runtime/generator.py + pipeline.py.
 class ILF_API Generator {
  public:
   Generator(Bundle bundle, std::unique_ptr<Engine> engine);

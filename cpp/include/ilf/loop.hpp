@@ -20,9 +20,9 @@ namespace ilf {
 /// manifest's model.state names them (ilf_deploy/state.py).
 using State = std::map<std::string, Tensor>;
 
-/// A bundle's segments on one engine: the port of runtime/runner.py's SegmentRunner (input
+/// A bundle's segments on one engine: the port of core/runtime/runner.py's SegmentRunner (input
 /// selection and checks, timings, conditioning, embedding, block ranges, the ILF inner loop, the
-/// final layer) and so the `Segments` of runtime/loop.py.
+/// final layer) and so the `Segments` of core/runtime/loop.py.
 class ILF_API Segments {
  public:
   Segments(Bundle bundle, Engine& engine);

@@ -1,0 +1,1 @@
+"""Making artifacts: export to a bundle, quantized variants, feedback training."""

@@ -1,0 +1,68 @@
+"""`int8-ov`: NNCF post-training quantization of a segment's linear layers, as an OpenVINO IR.
+
+NNCF (OpenVINO's quantizer) calibrates on the bundle's recorded trajectories (`ilf-deploy
+calibrate`), inserts FakeQuantize before the attention and feed-forward MatMuls that `quantize.py`
+selects (the same layers as the ORT static modes) and stores int8 weights; OpenVINO's CPU plugin
+then runs those MatMuls with int8 kernels (VNNI/AMX where the CPU has them). Activations: per
+tensor, asymmetric (NNCF's `mixed` preset); weights: per output channel, symmetric. SmoothQuant and
+fast bias correction are NNCF's defaults for transformers and stay on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """NNCF logs every skipped node and draws progress bars."""
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def quantize_segment_openvino(
+    source: Path, target: Path, samples: list[dict[str, np.ndarray]], nodes: list[str]
+) -> int:
+    """Write `source` with the linear layers `nodes` (ONNX node names) quantized to `target` (.xml,
+    its weights beside it in .bin); returns how many layers were quantized."""
+    import nncf
+    import openvino as ov
+
+    from ilf_deploy.engines.backends.openvino import core
+
+    model = core().read_model(str(source))
+    wanted = set(nodes)
+    # OpenVINO keeps the ONNX node names; every other MatMul (attention BMMs, adaLN, the cross-attn
+    # query that static scales cannot span) stays in float.
+    matmuls = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    ignored = [name for name in matmuls if name not in wanted]
+    found = len(matmuls) - len(ignored)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not found:
+        ov.save_model(model, str(target), compress_to_fp16=False)
+        return 0
+    feeds: list[dict[str, Any]] = [dict(sample) for sample in samples]
+    with _quiet():
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(feeds),
+            preset=nncf.QuantizationPreset.MIXED,
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(feeds),
+            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+        )
+    ov.save_model(quantized, str(target), compress_to_fp16=False)
+    return found

@@ -1,0 +1,1 @@
+"""Checking and measuring: verify, bench, tune, eval."""

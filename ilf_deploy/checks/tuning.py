@@ -1,0 +1,675 @@
+"""`ilf-deploy tune`: the fastest engine x precision on this machine whose output stays within budget.
+
+Candidates: every installed CPU backend with every precision it can run on the bundle: ONNX
+Runtime fp32 (the reference) and the bundle's ORT variants (int8-dynamic, int8-qdq, fp8-qdq);
+OpenVINO f32, bf16 (only where the CPU has AVX512_BF16 or AMX; the bundle's bf16 variant, its
+precision policy per segment, instead where it has one), the bundle's int8-ov variants (there also
+with bf16 for the ops left unquantised in its segments) and
+its int8-qdq (Q/DQ ONNX that OpenVINO also reads); the bundle's PyTorch model in fp32 and bf16,
+eager and compiled (`torch.compile` per block, Inductor; the winner's options, `compile` included,
+go to tuning.json and `--backend auto` opens the same engine), when the bundle carries it. TensorRT
+is a GPU engine: not a candidate here.
+
+Each candidate is checked against ONNX Runtime fp32 by the comparator `verify-variant` uses
+(ilf_deploy.engines.compare: its segments on a held-out trajectory's feeds, then the end-to-end latents,
+held to compare.BUDGETS for its engine and precision); one that fails is timed and recorded, never
+chosen. Every candidate that opens is timed on one denoising step (the plan's
+steps up to its first feedback step: an ILF step with the inner loop), round-robin so that a
+machine's slow moments hit every candidate alike; the fastest median within budget wins, but a
+lossy one (int8, bf16, fp8...) only when it is compare.LOSSY_SPEEDUP times as fast as the fastest
+exact (fp32) one: accuracy is never traded for nothing. `--budget-s` bounds the whole command. The
+result goes to `BUNDLE/tuning.json` with this machine's fingerprint; `--backend auto`
+(engines/backends/auto.py) reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ilf_deploy.core.errors import ConfigError, IlfError
+from ilf_deploy.core.plan import StepPlan
+from ilf_deploy.core.runtime.bundle import Bundle, strict_json, write_atomic
+from ilf_deploy.core.runtime.generator import Generator, Request
+from ilf_deploy.engines.backends import REGISTRY, as_bundle, open_bundle_generator
+from ilf_deploy.engines.backends.auto import FALLBACK_BACKEND, TUNING_FILE, bundle_digest, engine_label
+from ilf_deploy.engines.backends.machine import fingerprint
+from ilf_deploy.engines.backends.plans import resolve_bundle_plan
+from ilf_deploy.engines.compare import (
+    LOSSY_SPEEDUP,
+    Budget,
+    Check,
+    Reference,
+    budget,
+    compare_to_reference,
+    held_out_request,
+    run_reference,
+)
+
+MAX_ROUNDS = 7
+
+
+@dataclass
+class Candidate:
+    backend: str
+    variant: str | None  # a bundle variant, or an engine precision (OpenVINO "bf16")
+    budget: Budget | None  # None: the reference itself
+    segments: list[str] = field(default_factory=list)  # compared segment by segment
+    fidelity: list[Check] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # seconds per step, one per round
+    error: str | None = None  # why it was not measured (not installed, did not open...)
+    options: dict[str, Any] = field(default_factory=dict)  # the backend's (torch: dtype)
+
+    @property
+    def label(self) -> str:
+        return engine_label(self.backend, self.variant, self.options)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(f.ok for f in self.fidelity)
+
+    @property
+    def exact(self) -> bool:
+        """The reference's numerics (fp32 parity); else lossy (compare.LOSSY_SPEEDUP applies)."""
+        return self.budget is None or self.budget.exact
+
+    @property
+    def ms_per_step(self) -> float | None:
+        return 1000 * statistics.median(self.times) if self.times else None
+
+    def to_dict(self, reference_ms: float | None) -> dict[str, Any]:
+        ms = self.ms_per_step
+        return {
+            "backend": self.backend,
+            "variant": self.variant,
+            "options": self.options,
+            "label": self.label,
+            "ms_per_step": ms,
+            "speedup": reference_ms / ms if ms and reference_ms else None,
+            "rounds": len(self.times),
+            "budget": self.budget.to_dict() if self.budget else None,
+            "fidelity": [f.to_dict() for f in self.fidelity],
+            "ok": self.ok,
+            "error": self.error,
+        }
+
+
+def candidates(bundle: Bundle) -> list[Candidate]:
+    """Every backend x precision that could run `bundle` here (uninstalled ones carry an error);
+    each with the budget of compare.BUDGETS for its engine and precision."""
+    all_segments = list(bundle.manifest.segments)
+    variants = bundle.manifest.variants
+    own = bundle.manifest.precision  # the precision of the bundle's own graphs
+
+    def variant(backend: str, name: str) -> Candidate:
+        entry = variants[name]
+        return Candidate(backend, name, budget(backend, entry.mode), list(entry.segments))
+
+    found = [Candidate(FALLBACK_BACKEND, None, None)]
+    found += [variant("onnxruntime", n) for n, e in variants.items() if "onnxruntime" in e.engines]
+    if "openvino" in REGISTRY:
+        missing = REGISTRY["openvino"].missing()
+        ov = [Candidate("openvino", None, budget("openvino", own), all_segments)]
+        bf16 = False
+        if missing is None:
+            from ilf_deploy.engines.backends.openvino import cpu_has_bf16
+
+            bf16 = cpu_has_bf16()
+            # a bf16 variant (quantize --mode bf16: its policy per segment) replaces the engine's bf16
+            if bf16 and not any(e.mode == "bf16" for e in variants.values()):
+                ov.append(Candidate("openvino", "bf16", budget("openvino", "bf16"), all_segments))
+        ov += [variant("openvino", n) for n, e in variants.items() if "openvino" in e.engines]
+        for name in (n for n, e in variants.items() if e.mode == "int8-ov" and bf16):
+            # int8 GEMMs, and bf16 (not f32) for the ops NNCF left unquantised in those segments:
+            # AMX has tiles for both; held to the variant's own int8-ov budget
+            ov.append(dataclasses.replace(variant("openvino", name), options={"precision": "bf16"}))
+        for candidate in ov:
+            if missing is not None:
+                candidate.error = f"not installed: pip install 'ilf-deploy[{REGISTRY['openvino'].extra}]'"
+        found += ov
+    if bundle.manifest.torch_model and "torch" in REGISTRY:  # no segment calls: end to end only
+        for compiled in ({}, {"compile": True}):  # eager, then torch.compile (Inductor) per block
+            found.append(Candidate("torch", None, budget("torch", own), options={**compiled}))
+            found.append(
+                Candidate("torch", None, budget("torch", "bf16"), options={"dtype": "bf16", **compiled})
+            )
+    return found
+
+
+def pick_winner(found: list[Candidate]) -> Candidate:
+    return choose_winner(found)[0]
+
+
+def choose_winner(found: list[Candidate]) -> tuple[Candidate, str]:
+    """The fastest timed candidate within its budget, a lossy one only when it is LOSSY_SPEEDUP
+    times as fast as the fastest exact one (the reference always is exact); and why, in words."""
+    usable = [c for c in found if c.ok and c.times]
+
+    def ms(candidate: Candidate) -> float:
+        return candidate.ms_per_step or float("inf")
+
+    exact = min((c for c in usable if c.exact), key=ms)
+    lossy = min((c for c in usable if not c.exact), key=ms, default=None)
+    if lossy is None:
+        return (
+            exact,
+            f"{exact.label} is the fastest ({ms(exact):.1f} ms/step); no lossy candidate passed its budget",
+        )
+    gain = ms(exact) / ms(lossy)
+    versus = f"{gain:.2f}x the fastest exact one, {exact.label} ({ms(lossy):.1f} vs {ms(exact):.1f} ms/step)"
+    if gain >= LOSSY_SPEEDUP:
+        return (
+            lossy,
+            f"{lossy.label} (lossy) is {versus}: at least the {LOSSY_SPEEDUP:.2f}x a lossy one must gain",
+        )
+    return exact, (
+        f"{exact.label}: the fastest lossy candidate, {lossy.label}, is only {versus}; "
+        f"a lossy one must be at least {LOSSY_SPEEDUP:.2f}x as fast"
+    )
+
+
+def timing_plan(plan: StepPlan) -> StepPlan:
+    """The plan's steps up to its first feedback step (all of them for a plan without one)."""
+    first = next((i for i, step in enumerate(plan.steps) if step.feedback), len(plan.steps) - 1)
+    return dataclasses.replace(plan, name=f"{plan.name}[:{first + 1}]", steps=plan.steps[: first + 1])
+
+
+def tune(
+    bundle_path: str | Path | Bundle,
+    plan: str | None = None,
+    budget_s: float = 300.0,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    include: Callable[[Candidate], bool] | None = None,
+    digest: str | None = None,
+) -> dict[str, Any]:
+    """Check and time every candidate, write BUNDLE/tuning.json; returns what it wrote.
+
+    `budget_s` bounds the whole run: a candidate whose fidelity check would not leave time for a
+    timing round is skipped (said in its error), and timing rounds stop when the next would pass it;
+    the reference's check and one timing round always run. `include` filters the candidates
+    (tests, benchmarks); `digest` pins the bundle (refused unless it is that one)."""
+    if budget_s <= 0:
+        raise ConfigError(f"--budget-s must be > 0, got {budget_s:g}")
+    started = time.perf_counter()
+    bundle = as_bundle(bundle_path, digest=digest)  # a Bundle the caller loaded: not read again
+    plan_name = plan or bundle.default_plan
+    step_plan = resolve_bundle_plan(bundle, plan_name)
+    request = held_out_request(bundle)
+    found = [c for c in candidates(bundle) if include is None or include(c) or c.budget is None]
+    options = {"threads": threads} if threads else {}
+
+    if progress:
+        progress(f"{engine_label(FALLBACK_BACKEND, None)} {plan_name} (the reference)")
+    opened = time.perf_counter()
+    base = open_bundle_generator(bundle, FALLBACK_BACKEND, None, **options)
+    reference = run_reference(bundle, plan_name, request, generator=base)
+    timed = timing_plan(step_plan)
+    deadline = Deadline(started + budget_s, budget_s, time.perf_counter() - opened)
+    deadline.step_s = deadline.check_s * timed.num_steps / step_plan.num_steps
+    generators = {0: base, **_check_fidelity(bundle, found, reference, options, progress, deadline)}
+    _time_rounds(found, generators, timed, request, deadline, progress)
+    report = {
+        "schema": 1,  # 2 adds the plan search (search_plans); without one, the oldest that says it
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint(),
+        "bundle_digest": bundle_digest(bundle),
+        "plan": plan_name,
+        "timed": {"plan": timed.name, "steps": timed.num_steps, "threads": threads},
+        "request": dataclasses.asdict(request),
+        **_outcome(found),
+        "budget_s": budget_s,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_atomic(
+        bundle.path / TUNING_FILE,
+        (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode(),
+    )
+    return report
+
+
+def _outcome(found: list[Candidate]) -> dict[str, Any]:
+    """tuning.json's candidates, winner (and why) and the margin a lossy one had to beat."""
+    winner, reason = choose_winner(found)
+    chosen = {"backend": winner.backend, "variant": winner.variant, "options": winner.options}
+    return {
+        "candidates": [c.to_dict(found[0].ms_per_step) for c in found],
+        "winner": {**chosen, "label": winner.label, "reason": reason},
+        "lossy_speedup": LOSSY_SPEEDUP,
+    }
+
+
+@dataclass
+class Deadline:
+    """`tune --budget-s` over the whole command, with what its steps have cost so far."""
+
+    end: float  # time.perf_counter() by which the command should be done
+    budget_s: float
+    check_s: float  # the longest fidelity check so far (opening the engine included)
+    step_s: float = 0.0  # one engine's timed steps, as the reference's check suggests
+
+    def allows(self, seconds: float) -> bool:
+        return time.perf_counter() + seconds <= self.end
+
+    def skipped(self) -> str:
+        return f"skipped: its check (about {self.check_s:.1f} s) would overrun --budget-s {self.budget_s:g}"
+
+
+def _check_fidelity(
+    bundle: Bundle,
+    found: list[Candidate],
+    reference: Reference,
+    options: dict[str, Any],
+    progress: Callable[[str], None] | None,
+    deadline: Deadline,
+) -> dict[int, Generator]:
+    """Each candidate against the reference (the comparator), while the deadline leaves time for
+    it and a timing round of every engine opened; returns the generators that opened, by candidate
+    index (timed even beyond budget: the table shows what they would gain)."""
+    generators: dict[int, Generator] = {}
+    for index, candidate in enumerate(found):
+        if candidate.budget is None or candidate.error is not None:
+            continue
+        if not deadline.allows(deadline.check_s + deadline.step_s * (len(generators) + 2)):
+            candidate.error = deadline.skipped()
+            continue
+        began = time.perf_counter()
+        if progress:
+            progress(f"{candidate.label}: fidelity on {reference.name}")
+        try:
+            engine_options = {**candidate.options, **(options if candidate.backend != "torch" else {})}
+            generator = open_bundle_generator(bundle, candidate.backend, candidate.variant, **engine_options)
+            candidate.fidelity = compare_to_reference(
+                generator, reference, candidate.segments, candidate.budget
+            )
+        except IlfError as exc:  # e.g. a variant OpenVINO cannot read
+            candidate.error = str(exc)
+            continue
+        finally:
+            deadline.check_s = max(deadline.check_s, time.perf_counter() - began)
+        generators[index] = generator
+    return generators
+
+
+def _time_rounds(
+    found: list[Candidate],
+    generators: dict[int, Generator],
+    timed: StepPlan,
+    request: Request,
+    deadline: Deadline,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Round-robin timing of `timed` on every generator while the deadline leaves time for another
+    round as long as the last (at least one round, at most MAX_ROUNDS); each round's seconds per
+    step go to the candidate's `times`."""
+    last_round_s = 0.0
+    for rounds in range(MAX_ROUNDS):
+        if rounds and not deadline.allows(last_round_s):
+            break
+        round_started = time.perf_counter()
+        order = list(generators)
+        order = order[rounds % len(order) :] + order[: rounds % len(order)]  # rotate who goes first
+        if progress:
+            progress(f"timing round {rounds + 1} of at most {MAX_ROUNDS}")
+        for index in order:
+            generator = generators[index]
+            start = time.perf_counter()
+            generator.latents_to_numpy(generator.generate_latents(timed, request))
+            found[index].times.append((time.perf_counter() - start) / timed.num_steps)
+        last_round_s = time.perf_counter() - round_started
+
+
+# -- plan search (`tune --search-plans`) ----------------------------------------------------------
+
+SEARCH_OFFSET = 100_000  # the tuning prompts start here (the dev range; docs/default-model.md ("Evaluation"))
+REPORTING_OFFSET = 200_000  # the reporting prompts start here: a search never reads them
+PLAN_SEARCH_PLOT = "plan_search.png"  # beside tuning.json in the bundle; not a manifest file
+
+
+@dataclass(frozen=True)
+class QualityBudget:
+    """How much worse than the reference plan a candidate may be, on the tuning prompts.
+
+    `acc`: the most drop of paired all-attribute accuracy (a number, or "se": one paired standard
+    error of the candidate's own difference); `frechet`: the most rise of the Fréchet distance;
+    `latent_l2`: the most mean relative L2 of the final latents to the reference's. None: no limit."""
+
+    acc: float | str | None = "se"
+    frechet: float | None = 2.0
+    latent_l2: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> QualityBudget:
+        """'acc=se,frechet=2,l2=0.2' (any subset; 'none' lifts a limit; unnamed ones keep the default)."""
+        limits: dict[str, Any] = {}
+        names = {"acc": "acc", "frechet": "frechet", "l2": "latent_l2"}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, _, value = part.partition("=")
+            if name.strip() not in names or not value.strip():
+                raise ConfigError(
+                    f"--quality-budget {text!r}: expected acc=VALUE|se, frechet=VALUE, l2=VALUE"
+                )
+            value = value.strip().lower()
+            try:
+                limit = (
+                    None if value == "none" else value if value == "se" and name == "acc" else float(value)
+                )
+            except ValueError:
+                raise ConfigError(f"--quality-budget {part!r}: {value!r} is not a number") from None
+            if isinstance(limit, float) and not 0 <= limit < float("inf"):
+                raise ConfigError(f"--quality-budget {part!r}: a limit must be >= 0")
+            limits[names[name.strip()]] = limit
+        return cls(**limits)
+
+    @property
+    def text(self) -> str:
+        parts = [f"Δacc >= -{'1 se' if self.acc == 'se' else self.acc}" if self.acc is not None else ""]
+        parts += [f"Fréchet <= reference + {self.frechet:g}" if self.frechet is not None else ""]
+        parts += [f"latent rel L2 <= {self.latent_l2:g}" if self.latent_l2 is not None else ""]
+        return ", ".join(p for p in parts if p) or "no limit"
+
+    def miss(self, quality: dict[str, float], reference: dict[str, float]) -> str | None:
+        """Why `quality` (a `QualityFn` row) is outside the budget, or None when it is inside."""
+        if self.acc is not None:
+            allowed = quality["delta_acc_se"] if self.acc == "se" else float(self.acc)
+            if quality["delta_acc"] < -allowed:
+                return f"Δacc {quality['delta_acc']:+.3f} < -{allowed:.3f}"
+        if self.frechet is not None and quality["frechet"] > reference["frechet"] + self.frechet:
+            return f"Fréchet {quality['frechet']:.2f} > {reference['frechet']:.2f} + {self.frechet:g}"
+        if self.latent_l2 is not None and quality["latent_l2"] > self.latent_l2:
+            return f"latent rel L2 {quality['latent_l2']:.3f} > {self.latent_l2:g}"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"acc": self.acc, "frechet": self.frechet, "latent_l2": self.latent_l2, "text": self.text}
+
+
+# (candidate plans by name, the reference's name, first prompt, prompts) -> per name: delta_acc,
+# delta_acc_se, frechet, latent_l2, acc, block_forwards (the mean that ran); the real one is
+# evaluation.plan_quality (`eval` on those prompts, paired against the reference).
+QualityFn = Callable[[dict[str, StepPlan], str, int, int], dict[str, dict[str, float]]]
+
+
+def cache_ranges(bundle: Bundle) -> list[tuple[int, int]]:
+    """The block ranges the bundle's own plans cache, and its ILF loop: ranges its segments cover."""
+    ranges = {
+        (op.start, op.end)
+        for name in bundle.plan_names
+        for step in bundle.plan(name).steps
+        for op in step.ops
+        if op.kind in ("cache_refresh", "cache_reuse", "cache_adaptive")
+    }
+    if bundle.loop is not None:
+        ranges.add(tuple(bundle.loop))  # type: ignore[arg-type]
+    return sorted(ranges)
+
+
+def plan_candidates(
+    bundle: Bundle,
+    steps: list[int] | None = None,
+    refresh: tuple[int, ...] = (2, 3),
+    thresholds: tuple[float, ...] = (0.05, 0.1, 0.2),
+    max_reuse: int = 2,
+) -> dict[str, StepPlan]:
+    """The bundle's plans, and each ILF plan's step count (or `steps`) composed with a Δ-cache over
+    each of `cache_ranges` (refreshed every k-th step, or adaptive at each threshold): every one
+    within the bundle's cut points."""
+    from ilf_deploy.core.plan import CacheSpec, preset_name
+
+    found = {name: bundle.plan(name) for name in bundle.plan_names}
+    counts = steps or sorted({p.num_steps for p in found.values() if p.feedback_steps})
+    specs = [CacheSpec(a, b, "cache", k) for a, b in cache_ranges(bundle) for k in refresh]
+    specs += [
+        CacheSpec(a, b, "cache", threshold=t, max_reuse=max_reuse)
+        for a, b in cache_ranges(bundle)
+        for t in thresholds
+    ]
+    seen = {json.dumps([step.to_dict() for step in plan.steps]) for plan in found.values()}
+    for count in counts:
+        for spec in specs:
+            try:
+                plan = resolve_bundle_plan(bundle, preset_name(count, bundle.loop is not None, spec))
+            except ConfigError:  # e.g. a cached range that cuts the loop in part
+                continue
+            steps = json.dumps([step.to_dict() for step in plan.steps])
+            cached = any(
+                op.kind in ("cache_reuse", "cache_adaptive") for step in plan.steps for op in step.ops
+            )
+            if cached and steps not in seen:  # feedback on every step leaves nothing to cache
+                seen.add(steps)
+                found[plan.name] = plan
+    return found
+
+
+def check_tuning_prompts(first: int, count: int) -> tuple[int, int]:
+    """Tuning prompts first..first+count-1: at least 2, and never the reporting prompts."""
+    if first < 0 or count < 2 or first + count > REPORTING_OFFSET:
+        raise ConfigError(
+            f"tuning prompts {first}..{first + count - 1} must be 2 or more and end before the "
+            f"reporting prompts ({REPORTING_OFFSET} on)"
+        )
+    return first, count
+
+
+def search_plans(
+    bundle_path: str | Path | Bundle,
+    quality: QualityFn,
+    budget: QualityBudget | None = None,
+    reference: str | None = None,
+    prompts: tuple[int, int] = (SEARCH_OFFSET, 128),
+    candidates: dict[str, StepPlan] | None = None,
+    rounds: int = 3,
+    progress: Callable[[str], None] | None = None,
+    plot: Path | None = None,
+    confirm: int = 0,
+) -> dict[str, Any]:
+    """Measure every candidate plan's quality (`quality`, on the tuning prompts `prompts` = (first,
+    count), never the reporting ones) and time (batch 1 on the engine `--backend auto` runs here),
+    then record in BUNDLE/tuning.json (schema 2; `tune` has written it) the fastest plan within
+    `budget` of `reference` (the bundle's default plan), which `--plan auto` then runs. With
+    `confirm` > 0, every candidate that would beat the reference is measured again on the next
+    `confirm` tuning prompts and must stay within the budget there too (schema 3): a choice made on
+    one sample of prompts is biased towards the luckiest candidate. Returns the `plan_search`
+    section; also draws the Pareto plot (default BUNDLE/plan_search.png)."""
+    from ilf_deploy.engines.backends.auto import read_tuning
+
+    budget = budget or QualityBudget()
+    first, count = check_tuning_prompts(*prompts)
+    if confirm:
+        check_tuning_prompts(first + count, confirm)  # the confirming prompts follow: the same rule
+    bundle = as_bundle(bundle_path)
+    data = read_tuning(bundle)
+    if not data or data.get("bundle_digest") != bundle_digest(bundle):
+        raise ConfigError(
+            f"run `ilf-deploy tune {bundle.path}` first: the plan search times plans on its winner"
+        )
+    found = dict(candidates or plan_candidates(bundle))
+    reference = reference or bundle.default_plan
+    found.setdefault(reference, resolve_bundle_plan(bundle, reference))
+    if progress:
+        progress(f"quality of {len(found)} plans on prompts {first}..{first + count - 1}")
+    measured = quality(found, reference, first, count)
+    seconds, engine = _time_plans(bundle, found, first, rounds, progress)
+    rows = _search_rows(found, measured, seconds, budget, reference)
+    inside = sorted((r for r in rows if r["ok"]), key=lambda r: (r["seconds_per_image"], r["block_forwards"]))
+    search: dict[str, Any] = {
+        "reference": reference,
+        "budget": budget.to_dict(),
+        "prompts": {"offset": first, "n": count},
+        "engine": engine,
+        "rounds": max(rounds, 1),
+        "candidates": rows,
+    }
+    if confirm:
+        checked = _confirm(inside, found, quality, budget, reference, (first + count, confirm), progress)
+        search["confirm"] = {"offset": first + count, "n": confirm, "checked": checked}
+        inside = [r for r in inside if r["name"] == reference or checked.get(r["name"], "") is None]
+    chosen = inside[0]  # the reference is always inside: a plan is always chosen
+    chosen["chosen"] = True
+    search["chosen"] = {
+        **{k: chosen[k] for k in ("name", "seconds_per_image")},
+        "plan": found[chosen["name"]].to_dict(),
+    }
+    report = {**data, "schema": plan_search_schema(search), "plan_search": search}
+    write_atomic(
+        bundle.path / TUNING_FILE,
+        (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode(),
+    )
+    pareto_plot(rows, plot or bundle.path / PLAN_SEARCH_PLOT, f"{bundle.path.name}: {engine}, {budget.text}")
+    return search
+
+
+def plan_search_schema(search: dict[str, Any]) -> int:
+    """The tuning.json schema a plan search is written as: 3 with a confirmation, else 2 (the oldest
+    that says what the file holds)."""
+    return 3 if "confirm" in search else 2
+
+
+def _confirm(
+    inside: list[dict[str, Any]],
+    plans: dict[str, StepPlan],
+    quality: QualityFn,
+    budget: QualityBudget,
+    reference: str,
+    prompts: tuple[int, int],
+    progress: Callable[[str], None] | None,
+) -> dict[str, str | None]:
+    """The candidates within budget that are faster than the reference, measured again (with the
+    reference) on fresh tuning prompts: name -> why it misses the budget there, or None."""
+    faster = []
+    for row in inside:  # fastest first
+        if row["name"] == reference:
+            break
+        faster.append(row["name"])
+    if not faster:
+        return {}
+    first, count = prompts
+    if progress:
+        progress(f"confirming {len(faster)} plans on prompts {first}..{first + count - 1}")
+    measured = quality({name: plans[name] for name in [*faster, reference]}, reference, first, count)
+    return {name: budget.miss(measured[name], measured[reference]) for name in faster}
+
+
+def _time_plans(
+    bundle: Bundle,
+    plans: dict[str, StepPlan],
+    first: int,
+    rounds: int,
+    progress: Callable[[str], None] | None,
+) -> tuple[dict[str, float], str]:
+    """Median seconds per image (batch 1, two tuning prompts, latents only) of every plan, round-robin
+    on `--backend auto`'s engine; and that engine's label."""
+    from ilf_deploy.engines.backends.auto import AUTO
+    from ilf_deploy.model.data import EVAL_SEED, make_batch
+
+    generator = open_bundle_generator(bundle, AUTO)
+    requests = [
+        Request(prompt=s.caption(0), seed=first + i)
+        for i, s in enumerate(make_batch(range(first, first + 2), EVAL_SEED).samples)
+    ]
+    names = list(plans)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(max(rounds, 1) + 1):  # round 0 warms every plan up (and is not kept)
+        if progress:
+            progress(f"timing plans, round {index} of {rounds}" if index else "timing plans: warm-up")
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            start = time.perf_counter()
+            for request in requests:
+                generator.latents_to_numpy(generator.generate_latents(plans[name], request))
+            if index:
+                times[name].append((time.perf_counter() - start) / len(requests))
+    engine = engine_label(generator.backend, generator.variant, {})
+    return {name: statistics.median(t) for name, t in times.items()}, engine
+
+
+def _search_rows(
+    plans: dict[str, StepPlan],
+    measured: dict[str, dict[str, float]],
+    seconds: dict[str, float],
+    budget: QualityBudget,
+    reference: str,
+) -> list[dict[str, Any]]:
+    """One row per plan: block forwards, seconds, quality, inside the budget or why not, Pareto."""
+    rows = []
+    for name, plan in plans.items():
+        miss = None if name == reference else budget.miss(measured[name], measured[reference])
+        rows.append(
+            {
+                "name": name,
+                "block_forwards": plan.block_forwards,
+                "block_forwards_ran": measured[name]["block_forwards"],
+                "adaptive": plan.adaptive,
+                "seconds_per_image": seconds[name],
+                **{
+                    k: measured[name][k] for k in ("acc", "delta_acc", "delta_acc_se", "frechet", "latent_l2")
+                },
+                "ok": miss is None,
+                "miss": miss,
+                "pareto": False,
+                "chosen": False,
+            }
+        )
+    for row in rows:  # not dominated: nothing at least as fast, as accurate and as realistic, and better
+        row["pareto"] = not any(_dominates(other, row) for other in rows)
+    return rows
+
+
+def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    at_least = (
+        a["seconds_per_image"] <= b["seconds_per_image"]
+        and a["delta_acc"] >= b["delta_acc"]
+        and a["frechet"] <= b["frechet"]
+    )
+    better = (
+        a["seconds_per_image"] < b["seconds_per_image"]
+        or a["delta_acc"] > b["delta_acc"]
+        or a["frechet"] < b["frechet"]
+    )
+    return at_least and better
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Seconds per image (x) against Δ acc all vs the reference (y, ± its paired standard error):
+    green inside the budget, red outside, a ring on the Pareto front, a blue square on the chosen
+    plan, labels with the block forwards that ran; drawn with Pillow (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    width, height, pad = 900, 560, 70
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    xs = [r["seconds_per_image"] for r in rows]
+    ys = [r["delta_acc"] + s * r["delta_acc_se"] for r in rows for s in (-1, 1)]
+    x0, x1 = min(xs) * 0.95, max(xs) * 1.05
+    y0, y1 = min(*ys, 0.0) - 0.01, max(*ys, 0.0) + 0.01
+    px = lambda x: pad + (width - 2 * pad) * (x - x0) / max(x1 - x0, 1e-12)  # noqa: E731
+    py = lambda y: height - pad - (height - 2 * pad) * (y - y0) / max(y1 - y0, 1e-12)  # noqa: E731
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    draw.line([pad, py(0.0), width - pad, py(0.0)], fill=(160, 160, 160))
+    ascii_only = str.maketrans({"Δ": "d", "é": "e", "≤": "<=", "≥": ">="})  # Pillow's default font
+    draw.text((pad, 20), title.translate(ascii_only), fill="black")
+    draw.text((width // 2 - 60, height - 30), "seconds per image (batch 1)", fill="black")
+    draw.text((8, pad - 20), "d acc all vs reference (paired, +- 1 se)", fill="black")
+    for value, y in ((y0, height - pad), (y1, pad)):
+        draw.text((8, y - 6), f"{value:+.3f}", fill="black")
+    for value, x in ((x0, pad), (x1, width - pad)):
+        draw.text((x - 20, height - pad + 6), f"{value:.3f}", fill="black")
+    for r in rows:
+        x, y, se = px(r["seconds_per_image"]), py(r["delta_acc"]), r["delta_acc_se"]
+        colour = (40, 150, 60) if r["ok"] else (200, 50, 50)
+        draw.line([x, py(r["delta_acc"] - se), x, py(r["delta_acc"] + se)], fill=colour)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+        if r["pareto"]:
+            draw.ellipse([x - 8, y - 8, x + 8, y + 8], outline="black")
+        if r["chosen"]:
+            draw.rectangle([x - 11, y - 11, x + 11, y + 11], outline=(30, 60, 200), width=3)
+        label = f"{r['name']} ({r['block_forwards_ran']:.0f})" + (" <- chosen" if r["chosen"] else "")
+        draw.text((x + 10, y - 6), label, fill="black" if r["chosen"] or r["pareto"] else (110, 110, 110))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)

@@ -1,0 +1,3 @@
+"""Engines behind one contract (`backends`: ONNX Runtime, OpenVINO, PyTorch, TensorRT) and comparing
+them (`compare`).
+"""

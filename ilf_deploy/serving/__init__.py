@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-style server, NVIDIA Triton, Ray and Kubernetes."""
