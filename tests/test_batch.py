@@ -199,10 +199,13 @@ def test_a_progress_bar_counts_the_rows_with_an_eta(bundle, tmp_path, monkeypatc
 
     from rich.console import Console
 
+    import ilf_deploy.cli as cli_root
     from ilf_deploy.cli import batch as cli_batch
 
     screen = io.StringIO()
-    monkeypatch.setattr(cli_batch, "console", Console(file=screen, force_terminal=True, width=120))
+    console = Console(file=screen, force_terminal=True, width=120)
+    monkeypatch.setattr(cli_batch, "console", console)
+    monkeypatch.setattr(cli_root, "console", console)  # the one progress bar's
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     assert invoke("batch", bundle, "--prompts", prompts, "--out", tmp_path / "out").exit_code == 0
     shown = screen.getvalue()

@@ -260,7 +260,7 @@ def test_verify_variant_produces_checks(dynamic, tmp_path):
     assert result.exit_code == 0, result.output
     assert "budget: segments SNR ≥ 30 dB" in " ".join(result.output.split())
     assert [r["name"] for r in json.loads(report.read_text())] == [r.name for r in rows]
-    result = runner.invoke(app, [*args, "--digest", WRONG_DIGEST])
+    result = runner.invoke(app, [*args, "--force", "--digest", WRONG_DIGEST])  # the report exists
     assert result.exit_code == 2 and "not the pinned --digest" in result.output
     result = runner.invoke(app, ["verify-engines", str(dynamic), "--digest", WRONG_DIGEST])
     assert result.exit_code == 2 and "not the pinned --digest" in result.output

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ilf_deploy.core.errors import ConfigError, ModelLoadError, check_at_least
-from ilf_deploy.core.files import make_readable
+from ilf_deploy.core.files import make_readable, write_report
 from ilf_deploy.core.plan import StepPlan
 from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.model.data import ATTRIBUTES, EVAL_SEED, IMAGE_SIZE, Sample, make_batch, to_tensor_range
@@ -536,7 +536,7 @@ def format_table(report: EvalReport) -> list[list[str]]:
 
 def save_json(report: EvalReport, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    write_report(path, report.to_dict())
 
 
 def save_grid(report: EvalReport, path: Path, columns: int = 8) -> None:

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ilf_deploy.core.errors import ConfigError, IlfError
+from ilf_deploy.core.files import write_report
 from ilf_deploy.core.plan import StepPlan
-from ilf_deploy.core.runtime.bundle import Bundle, strict_json, write_atomic
+from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.core.runtime.generator import Generator, Request
 from ilf_deploy.engines.backends import REGISTRY, as_bundle, open_bundle_generator
 from ilf_deploy.engines.backends.auto import FALLBACK_BACKEND, TUNING_FILE, bundle_digest, engine_label
@@ -228,10 +229,7 @@ def tune(
         "budget_s": budget_s,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_atomic(
-        bundle.path / TUNING_FILE,
-        (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode(),
-    )
+    write_report(bundle.path / TUNING_FILE, report)
     return report
 
 
@@ -518,10 +516,7 @@ def search_plans(
         "plan": found[chosen["name"]].to_dict(),
     }
     report = {**data, "schema": plan_search_schema(search), "plan_search": search}
-    write_atomic(
-        bundle.path / TUNING_FILE,
-        (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode(),
-    )
+    write_report(bundle.path / TUNING_FILE, report)
     pareto_plot(rows, plot or bundle.path / PLAN_SEARCH_PLOT, f"{bundle.path.name}: {engine}, {budget.text}")
     return search
 

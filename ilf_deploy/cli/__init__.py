@@ -6,7 +6,6 @@ The app and its error handling live here; each module below declares its command
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import signal
 import sys
@@ -16,11 +15,18 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from ilf_deploy.cli.extras import extras_by_module
 from ilf_deploy.core.errors import IlfError
-from ilf_deploy.core.runtime.bundle import strict_json
+from ilf_deploy.core.files import write_report
 
 try:  # the click that typer runs on: its own copy since typer 0.2x, else click itself
     from typer._click import exceptions as click_errors
@@ -96,8 +102,7 @@ def finish_checks(checks: list, as_json: Path | None, limit: str = "budget") -> 
     """The end of every check command: the rows as JSON if asked, then exit 1 if any is beyond its
     `limit` (a budget or a tolerance)."""
     if as_json is not None:
-        rows = strict_json([c.to_dict() for c in checks])  # an exact match is inf dB: strict JSON
-        as_json.write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n")
+        write_report(as_json, [c.to_dict() for c in checks])  # an exact match is inf dB: strict JSON
     failed = [c for c in checks if not c.ok]
     if failed:
         console.print(f"[red]{len(failed)} check(s) beyond {limit}[/red]")
@@ -105,12 +110,15 @@ def finish_checks(checks: list, as_json: Path | None, limit: str = "budget") -> 
     console.print(f"all {len(checks)} checks within {limit}")
 
 
-def progress() -> Progress:
+def progress(eta: bool = False) -> Progress:
+    """Every command's progress bar (on stderr, gone when done); `eta` adds the time left."""
+    remaining = (TextColumn("eta"), TimeRemainingColumn()) if eta else ()
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        *remaining,
         console=console,
         transient=True,
     )

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ilf_deploy.cli import command, console
+from ilf_deploy.cli import command, console, progress
 from ilf_deploy.cli.cluster import Image, Namespace, NodeSelector, PodMonitor, Tolerations, cluster
 from ilf_deploy.cli.options import Backend, BundleDir, Digest, Variant, load_bundle
 from ilf_deploy.cli.paths import output_dir
@@ -48,28 +48,6 @@ def started(bar, task, total: int, workers: str) -> None:
     bar.update(task, total=total)
 
 
-def _progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-
-
 @command("batch")
 def batch(
     bundle: BundleDir,
@@ -102,7 +80,7 @@ def batch(
         bundle, prompts, out, plan, backend, variant, digest, ray_address, actors, batch_size, actor_cpus,
         ship_bundle,
     )  # fmt: skip
-    with _progress() as bar:
+    with progress(eta=True) as bar:
         task = bar.add_task("batch", total=None)
         summary = run_batch(
             options,

@@ -15,6 +15,7 @@ from ilf_deploy.cli.paths import image_suffixes, output_file, refuse_existing
 from ilf_deploy.cli.sizes import parse_resolutions, split_list
 from ilf_deploy.cli.tables import bench_table, bundle_tables, checks_table, stage_table
 from ilf_deploy.core.errors import ConfigError, check_at_least
+from ilf_deploy.core.files import write_report
 from ilf_deploy.core.runtime.generator import Request
 from ilf_deploy.core.runtime.request import RequestError
 
@@ -232,6 +233,6 @@ def bench(
     out.print(table)
     if as_json is not None:
         report = {"backend": generator.backend, "variant": generator.variant, "runs": runs, "plans": rows}
-        as_json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(as_json, report)
     if plot_out is not None:
         plot(results, plot_out)

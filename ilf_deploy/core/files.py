@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
+import math
 import os
 import shutil
 import socket
@@ -13,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 try:
     import fcntl
@@ -258,6 +261,23 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through `atomic_file`: readers never see half a file."""
     with atomic_file(path) as tmp, tmp.open("wb") as f:
         f.write(data)
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with non-finite floats as the strings "inf", "-inf", "nan": a manifest is strict JSON
+    (RFC 8259), readable by any parser (diffusers' DPM scheduler config has lambda_min_clipped=-inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def write_report(path: Path, value: Any) -> None:
+    """Every JSON report (`--json-out`, tuning.json, eval's): strict JSON, written atomically."""
+    write_atomic(path, (json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n").encode())
 
 
 _swept_dirs: set[str] = set()  # once per directory per process: a batch writes thousands of files

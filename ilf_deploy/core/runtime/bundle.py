@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ import numpy as np
 
 from ilf_deploy.core.errors import ConfigError
 from ilf_deploy.core.files import remove_dead_staging, staging_workspace
+from ilf_deploy.core.files import strict_json as strict_json  # its callers import it from here
 from ilf_deploy.core.files import write_atomic as write_atomic  # its writers import it from here
 from ilf_deploy.core.plan import StepPlan
 from ilf_deploy.core.runtime.manifest import (
@@ -68,18 +68,6 @@ def check_digest_option(digest: str | None) -> str | None:
     if digest is not None and not DIGEST_PATTERN.fullmatch(digest):
         raise BundleError(f"--digest must look like sha256:<64 lowercase hex digits>, got {digest!r}")
     return digest
-
-
-def strict_json(value: Any) -> Any:
-    """`value` with non-finite floats as the strings "inf", "-inf", "nan": a manifest is strict JSON
-    (RFC 8259), readable by any parser (diffusers' DPM scheduler config has lambda_min_clipped=-inf)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict_json(v) for v in value]
-    return value
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
