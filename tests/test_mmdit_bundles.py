@@ -134,7 +134,7 @@ def test_a_prompt_longer_than_t5_reads_is_refused_not_truncated(mmdit_bundles, f
     )
     assert ok.exit_code == 0, ok.output
     refused = CliRunner().invoke(
-        app, ["generate", str(bundle.path), "--prompt", fits + " red red", "-o", str(out)]
+        app, ["generate", str(bundle.path), "--prompt", fits + " red red", "-o", str(tmp_path / "y.png")]
     )
     assert refused.exit_code == 2 and "prompt" in refused.output and "token" in refused.output, refused.output
     assert len(refused.output.strip().splitlines()) == 1
