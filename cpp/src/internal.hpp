@@ -37,7 +37,7 @@ inline std::string join(const std::vector<std::string>& items, const std::string
 /// A double as Python's repr prints it (shortest round-trip form).
 std::string py_float(double value);
 
-/// A message of the request contract (ilf_deploy/schemas/request-contract.json) with its fields filled:
+/// A message of the request contract (ilf_deploy/core/schemas/request-contract.json) with its fields filled:
 /// {name} and {name!r} from `text`, {name:g} from `numbers` (request.cpp).
 std::string request_message(const std::string& verdict, const std::map<std::string, std::string>& text,
                             const std::map<std::string, double>& numbers = {});

@@ -1,4 +1,4 @@
-// What this machine is: CPU model and instruction-set flags (as ilf_deploy/backends/machine.py reads them).
+// What this machine is: CPU model and instruction-set flags (as ilf_deploy/engines/backends/machine.py reads them).
 #include <algorithm>
 #include <fstream>
 #include <sstream>

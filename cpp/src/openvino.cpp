@@ -1,4 +1,4 @@
-// The OpenVINO engine and tokenizer: ports of ilf_deploy/backends/openvino.py.
+// The OpenVINO engine and tokenizer: ports of ilf_deploy/engines/backends/openvino.py.
 //
 // Precision is pinned with INFERENCE_PRECISION_HINT (f32 by default: OpenVINO's CPU default is bf16
 // where the CPU has AVX512_BF16 or AMX) and PERFORMANCE_HINT=LATENCY, the Python backend's config, so

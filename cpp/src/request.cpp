@@ -1,5 +1,5 @@
-// The request contract (ilf_deploy/runtime/request.py): the limits and one-line messages of
-// ilf_deploy/schemas/request-contract.json, embedded at build time (CMakeLists.txt), so that ilf-run
+// The request contract (ilf_deploy/core/runtime/request.py): the limits and one-line messages of
+// ilf_deploy/core/schemas/request-contract.json, embedded at build time (CMakeLists.txt), so that ilf-run
 // and every Python front door refuse the same requests in the same words.
 #include <nlohmann/json.hpp>
 

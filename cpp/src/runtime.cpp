@@ -1,4 +1,4 @@
-// The denoising loop and generation: ports of ilf_deploy/runtime/runner.py (SegmentRunner),
+// The denoising loop and generation: ports of ilf_deploy/core/runtime/runner.py (SegmentRunner),
 // core/runtime/loop.py (model_output, denoise) and core/runtime/generator.py + pipeline.py (Generator,
 // BundleGenerator). Array arithmetic is float32 element by element in numpy's order of operations
 // (a Python float times a float32 array is a float32 product), built without FMA contraction, so
@@ -178,7 +178,7 @@ const Tensor& state_at(const State& state, const std::string& name) {
   return it->second;
 }
 
-// -- the state as a whole (ilf_deploy/state.py) and rows of it (core/runtime/cache.py) -------------------
+// -- the state as a whole (ilf_deploy/core/state.py) and rows of it (core/runtime/cache.py) -------------------
 
 /// a + b, tensor by tensor (`b` may cover fewer names).
 State add_state(const State& a, const State& b) {

@@ -1,4 +1,4 @@
-// The bundle format's published JSON Schemas (ilf_deploy/schemas/*.schema.json, embedded at build
+// The bundle format's published JSON Schemas (ilf_deploy/core/schemas/*.schema.json, embedded at build
 // time), checked with valijson: what core/runtime/schemas' problem() does with the jsonschema library.
 #pragma once
 

@@ -58,7 +58,7 @@ struct ILF_API ModelSpec {
 };
 
 /// A block segment's output for state tensor `state` (NAME_out), and its ILF feed (`feed` for
-/// `hidden`, NAME_feed otherwise): ilf_deploy/state.py.
+/// `hidden`, NAME_feed otherwise): ilf_deploy/core/state.py.
 ILF_API std::string state_output_name(const std::string& state);
 ILF_API std::string state_feed_name(const std::string& state);
 

@@ -71,8 +71,8 @@ struct ILF_API RequestProblem {
   std::string param, message;
 };
 
-/// The request contract (ilf_deploy/runtime/request.py, its limits and messages from
-/// ilf_deploy/schemas/request-contract.json): the first field it refuses for this bundle, or nullopt.
+/// The request contract (ilf_deploy/core/runtime/request.py, its limits and messages from
+/// ilf_deploy/core/schemas/request-contract.json): the first field it refuses for this bundle, or nullopt.
 /// Prompt tokens are not counted (the OpenVINO tokenizer truncates): `generate` also refuses a
 /// prompt longer than the model's max_length tokens.
 ILF_API std::optional<RequestProblem> request_problem(const Manifest& manifest, const RequestFields& fields);

@@ -1,10 +1,10 @@
 // ilf: the C++ runtime for ilf-deploy bundles (https://github.com/.../ilf-deploy, docs/cpp.md).
 //
 // A bundle (manifest.json + manifest.sha256 + plans/ + onnx/ + positions/ + tokenizer/) is read per the
-// published schemas (ilf_deploy/schemas/*.schema.json, schema_version 2, and 4 for the two-stream
+// published schemas (ilf_deploy/core/schemas/*.schema.json, schema_version 2, and 4 for the two-stream
 // MMDiTs SD3 and Flux.1): every file's sha256 and the manifest's digest are checked before anything
 // runs. A step plan (plans/NAME.json, version 1, 2 or 3) is then executed exactly as
-// ilf_deploy/runtime/loop.py does: segment calls on the model's state (the named tensors between
+// ilf_deploy/core/runtime/loop.py does: segment calls on the model's state (the named tensors between
 // blocks: image tokens, and an MMDiT's text tokens), the ILF inner loop with t_post conditioning, the
 // Δ-cache (refresh/reuse, keyed ranges over several ops, adaptive reuse decided per image),
 // classifier-free or embedded guidance and the plan's precomputed scheduler coefficients (multistep

@@ -17,7 +17,7 @@ namespace ilf {
 // -- the loop -----------------------------------------------------------------------------------
 
 /// The model's state between blocks: named tensors (`hidden`; an MMDiT's `text` too), as the
-/// manifest's model.state names them (ilf_deploy/state.py).
+/// manifest's model.state names them (ilf_deploy/core/state.py).
 using State = std::map<std::string, Tensor>;
 
 /// A bundle's segments on one engine: the port of core/runtime/runner.py's SegmentRunner (input
