@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ilf_deploy.build.export.onnx import EXPORTERS, export_segment, onnx_io, uses_torchscript
+from ilf_deploy.build.export.onnx import check_exporter, export_segment, onnx_io, uses_torchscript
 from ilf_deploy.build.export.segments import segment_specs, tokenizer_inputs
 from ilf_deploy.core.errors import ConfigError, IlfError, check_at_least
 from ilf_deploy.core.files import staged_directory, sweep_staged
@@ -102,8 +102,7 @@ def _check_options(options: BuildOptions) -> None:
     check_at_least("max batch", options.max_batch)
     if options.backend not in BACKENDS:
         raise ConfigError(f"--backend must be {' or '.join(BACKENDS)}, got {options.backend!r}")
-    if options.exporter not in EXPORTERS:
-        raise ConfigError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {options.exporter!r}")
+    check_exporter(options.exporter)
 
 
 def _resolve_plans(

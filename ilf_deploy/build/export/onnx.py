@@ -88,11 +88,15 @@ def dynamic_axes(names: Sequence[str], kind: str = "tokens") -> dict[str, dict[i
     return {name: axes.get(name, {} if name.endswith("_ids") else {0: "batch"}) for name in names}
 
 
+def check_exporter(exporter: str) -> None:
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+
+
 def uses_torchscript(architecture: str, exporter: str = "auto") -> bool:
     """Whether `exporter` (`EXPORTERS`) exports an `architecture` model's segments with TorchScript;
     a family TorchScript cannot export is refused in one line."""
-    if exporter not in EXPORTERS:
-        raise ConfigError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    check_exporter(exporter)
     tokens = axes_kind(architecture) == "tokens"
     if exporter == "torchscript" and not tokens:
         raise ConfigError(f"--exporter torchscript cannot export {architecture} (PixArt, DiT only): use auto")
