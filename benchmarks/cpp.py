@@ -95,10 +95,11 @@ def python_runner(bundle: Path, plan_name: str, threads: int | None):
 
     generator = open_generator(bundle, "openvino", variant="f32", threads=threads)
     segments, infer_s = generator.segments, {}
+    segments.static_shapes = 0  # the C++ runtime compiles the dynamic-shape models: the same ones here
     original = segments._request
 
-    def timed_request(name: str) -> Any:
-        return TimedInfer(original(name), name, infer_s)
+    def timed_request(name: str, shapes: Any = None) -> Any:
+        return TimedInfer(original(name, shapes), name, infer_s)
 
     segments._request = timed_request
     plan = generator.bundle.plan(plan_name)

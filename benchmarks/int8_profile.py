@@ -15,7 +15,11 @@ Node times are summed by category (GEMMs, quantize/dequantize, attention, norms,
 over the measured runs and reported per block call, beside the block's matmul GFLOP/s. The figures
 are shares within one engine's run: other work on the machine stretches them all alike.
 
-    python -m benchmarks.int8_profile [--runs 10] [--rebuild]
+`--ab ROUNDS`: instead, an interleaved A/B of the int8-ov block (bf16 hint) compiled with the
+exported dynamic shapes against the static shapes `OvSegments` now compiles for (round-robin, 3
+calls each per round; medians and quartiles), for a machine shared with other work.
+
+    python -m benchmarks.int8_profile [--runs 10] [--rebuild] [--ab ROUNDS]
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ilf_deploy.engines.backends.machine import fingerprint
 
 OUT = Path("out/bench")
 SEGMENT = "blocks_00_00"  # one PixArt-XL block
@@ -109,9 +115,8 @@ def ov_profile(
 
     segments = open_generator(bundle, variant, precision=precision, cache=False).segments
     config = {**segments.config_for(SEGMENT), "PERF_COUNT": "YES"}
-    compiled = core().compile_model(
-        core().read_model(str(bundle.segment_path(SEGMENT, variant))), "CPU", config
-    )
+    model = segments.read_model(SEGMENT, segments.shapes_for(SEGMENT, feeds))  # as infer() runs it
+    compiled = core().compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     names = {port.get_any_name() for port in compiled.inputs}
     inputs = {k: v for k, v in feeds.items() if k in names}
@@ -130,6 +135,48 @@ def ov_profile(
     return summary(totals, ops, runs, wall)
 
 
+def shapes_ab(bundle: Any, variant: str, feeds: dict[str, np.ndarray], rounds: int) -> dict:
+    """Interleaved ms per call of the int8-ov block compiled with dynamic vs static input shapes."""
+    from ilf_deploy.engines.backends.openvino import core, open_generator
+
+    segments = open_generator(bundle, variant, precision="bf16", cache=False).segments
+    config = segments.config_for(SEGMENT)
+    shapes = segments.shapes_for(SEGMENT, feeds)
+    requests = {}
+    for label, chosen in (("dynamic shapes", None), ("static shapes", shapes)):
+        compiled = core().compile_model(segments.read_model(SEGMENT, chosen), "CPU", config)
+        names = {port.get_any_name() for port in compiled.inputs}
+        requests[label] = (compiled.create_infer_request(), {k: v for k, v in feeds.items() if k in names})
+        requests[label][0].infer(requests[label][1])  # warm-up
+    times: dict[str, list[float]] = {label: [] for label in requests}
+    for _ in range(rounds):
+        for label, (request, inputs) in requests.items():
+            for _ in range(3):
+                start = time.perf_counter()
+                request.infer(inputs)
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return {
+        label: {
+            "median_ms": float(np.median(ms)),
+            "p25_ms": float(np.percentile(ms, 25)),
+            "p75_ms": float(np.percentile(ms, 75)),
+            "calls": len(ms),
+        }
+        for label, ms in times.items()
+    }
+
+
+def print_ab(ab: dict[str, dict]) -> None:
+    base = ab["dynamic shapes"]["median_ms"]
+    for label, r in ab.items():
+        spread = f"quartiles {r['p25_ms']:.2f}-{r['p75_ms']:.2f}, {r['calls']} calls"
+        print(f"  {label:<16} {r['median_ms']:7.2f} ms ({spread}) {base / r['median_ms']:.3f}x")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "int8_profile_ab.json").write_text(
+        json.dumps({"machine": fingerprint(), "ab": ab}, indent=2) + "\n"
+    )
+
+
 def summary(totals: dict[str, float], ops: dict[str, float], calls: int, wall: list[float]) -> dict:
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
     return {
@@ -144,12 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=10, help="profiled calls per engine")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the model, bundle and variants")
+    parser.add_argument("--ab", type=int, metavar="ROUNDS", help="only the dynamic/static-shape A/B")
     args = parser.parse_args(argv)
 
     from benchmarks.backbone import Size, block_flops
     from benchmarks.int8_cpu import ensure_variant, prepare
     from ilf_deploy.core.runtime.bundle import Bundle
-    from ilf_deploy.engines.backends.machine import fingerprint
 
     size = Size(layers=LAYERS)
     bundle_dir = prepare(OUT / "int8_profile", LAYERS, size.heads, args.rebuild)
@@ -161,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     feeds = recorded_feeds(bundle)
     start, end = bundle.manifest.segment(SEGMENT).blocks
     flops = block_flops(size) * (end - start + 1)
+    if args.ab:
+        log(f"A/B: dynamic vs static shapes, {args.ab} rounds")
+        print_ab(shapes_ab(bundle, variants["int8-ov"], feeds, args.ab))
+        return 0
     engines = {
         "onnxruntime fp32": lambda: ort_profile(bundle, None, feeds, args.runs),
         "onnxruntime int8-dynamic": lambda: ort_profile(bundle, variants["int8-dynamic"], feeds, args.runs),

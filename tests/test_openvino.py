@@ -214,6 +214,41 @@ def test_generate_bench_verify_and_eval_run_on_openvino(ov_bundle, tmp_path):
     assert samples[0].image.shape[-1] == 3
 
 
+def test_segments_run_compiled_for_their_call_shapes_up_to_a_cap(ov_bundle):
+    from ilf_deploy.engines.backends import openvino as backend
+
+    bundle = Bundle.load(ov_bundle)
+    plan = bundle.plan("ilf-4")
+    first = FirstFeeds()
+    generator = backend.open_generator(bundle, cache=False)
+    generator.segments.recorder = first
+    static = generator.generate_latents(plan, PROMPT)
+    feeds = first.feeds["blocks_00_00"]
+    shapes = generator.segments.shapes_for("blocks_00_00", feeds)
+    assert shapes == tuple((k, feeds[k].shape) for k in bundle.segment_spec("blocks_00_00").input_names)
+    compiled = generator.segments.compiled("blocks_00_00", shapes)
+    assert all(port.get_partial_shape().is_static for port in compiled.inputs)
+    assert not all(
+        port.get_partial_shape().is_static for port in generator.segments.compiled("blocks_00_00").inputs
+    )
+
+    dynamic_only = backend.open_generator(bundle, cache=False)
+    dynamic_only.segments.static_shapes = 0  # every call on the dynamic-shape model: the same math
+    dynamic = dynamic_only.generate_latents(plan, PROMPT)
+    assert rel_l2(static, dynamic) < SEGMENT_TOLERANCE
+
+    segments = backend.open_generator(bundle, cache=False).segments
+    segments.static_shapes = 1  # a second batch size runs on the dynamic model
+    segments.infer_impl("blocks_00_00", feeds)
+    doubled = {k: np.concatenate([v, v]) for k, v in feeds.items()}
+    assert segments.shapes_for("blocks_00_00", feeds) == shapes
+    assert segments.shapes_for("blocks_00_00", doubled) is None
+    out = segments.infer_impl("blocks_00_00", doubled)
+    single = segments.infer_impl("blocks_00_00", feeds)
+    for key, value in single.items():
+        assert rel_l2(out[key][: len(value)], value) < SEGMENT_TOLERANCE
+
+
 def test_openvino_device_names(ov_bundle):
     with pytest.raises(ConfigError, match="not an OpenVINO device"):
         open_generator(ov_bundle, "openvino", device="cuda")

@@ -13,6 +13,12 @@ any other `--variant` is a bundle variant OpenVINO can read (int8-ov, int8-qdq's
 Devices: `cpu`/`CPU` here; `GPU`, `NPU`, `AUTO`... are passed to OpenVINO unchanged (Intel iGPU/NPU
 machines; never run in this project).
 
+Shapes: each segment is compiled for the input shapes it is called with (the ONNX graphs are
+exported with dynamic batch and token dimensions), up to `STATIC_SHAPES` shape sets a segment; more
+run on the dynamic-shape model. Static shapes let the CPU plugin pick its kernels and blocking
+for the real sizes: an int8-ov PixArt-XL-2 block at 256 px, batch 2, ran 1.13-1.20x faster,
+interleaved A/B on the AMX Xeon (benchmarks/README.md, "`int8_profile`").
+
 Compiled models are cached in the bundle, in `openvino_cache/`, so a second start skips
 compilation. The cache is written with `export_model` and `runtime.bundle.write_atomic` rather than
 OpenVINO's own `CACHE_DIR`, which writes its blobs in place: a crash must never leave half a blob
@@ -50,11 +56,16 @@ from ilf_deploy.core.runtime.pipeline import BundleGenerator
 from ilf_deploy.core.runtime.runner import SegmentRunner
 from ilf_deploy.engines.backends.machine import fingerprint, has_any_flag
 
+Shapes = tuple[tuple[str, tuple[int, ...]], ...]  # (input name, shape) in the segment's input order
+
 PRECISIONS = ("f32", "bf16")  # INFERENCE_PRECISION_HINT values, also accepted as --variant names
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CACHE_DIR = "openvino_cache"
 SIDECAR_SUFFIX = ".sha256"  # X.blob -> X.blob.sha256
 SIDECAR_TAG = "ilf-ov-cache-1"
+# Static-shape compiles per segment (a run sees one set: its batch and resolution; serve's micro-batch
+# sizes a few more); beyond them, the dynamic-shape model, so a stream of new shapes never recompiles.
+STATIC_SHAPES = 4
 log = logging.getLogger("ilf_deploy.openvino")
 # Variant modes OpenVINO cannot read: com.microsoft ops (int8-dynamic), FP8 Q/DQ.
 _DEVICE_FAMILIES = ("CPU", "GPU", "NPU", "AUTO", "HETERO", "MULTI", "BATCH")
@@ -141,8 +152,9 @@ class OvSegments(SegmentRunner):
         self.config: dict[str, str] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = str(threads)
-        self._compiled: dict[str, Any] = {}
-        self._ports: dict[str, Any] = {}
+        self.static_shapes = STATIC_SHAPES  # 0: every call on the dynamic-shape model
+        self._compiled: dict[tuple[str, Shapes | None], Any] = {}
+        self._ports: dict[tuple[str, Shapes | None], Any] = {}
         self._machine = fingerprint() if cache else None
         self._local = threading.local()  # an infer request is not thread-safe: one per thread
         self._lock = threading.Lock()
@@ -156,8 +168,9 @@ class OvSegments(SegmentRunner):
             return self.config
         return {**self.config, "INFERENCE_PRECISION_HINT": "f32"}
 
-    def cache_path(self, name: str) -> Path:
-        """Where segment `name`'s compiled blob lives: keyed on everything that changes it."""
+    def cache_path(self, name: str, shapes: Shapes | None = None) -> Path:
+        """Where segment `name`'s compiled blob (for `shapes`, None: dynamic) lives: keyed on
+        everything that changes it."""
         import openvino as ov
 
         rel = str(self.bundle.segment_path(name, self.variant).relative_to(self.bundle.path))
@@ -167,31 +180,66 @@ class OvSegments(SegmentRunner):
             f: d for f, d in files.items() if f == rel or f.startswith(rel + ".") or f == stem + ".bin"
         }
         key = json.dumps(
-            [digests, self.device, self.config_for(name), ov.__version__, self._machine],
+            [digests, self.device, self.config_for(name), ov.__version__, self._machine]
+            + ([] if shapes is None else [[list(item) for item in shapes]]),
             sort_keys=True,
             default=str,
         )
         return self.bundle.path / CACHE_DIR / f"{name}.{hashlib.sha256(key.encode()).hexdigest()}.blob"
 
-    def compiled(self, name: str) -> Any:
+    def compiled(self, name: str, shapes: Shapes | None = None) -> Any:
+        """Segment `name` compiled for input `shapes` (None: dynamic shapes)."""
         with self._lock:
-            if name not in self._compiled:
-                self._compiled[name] = self._compile(name)
-            return self._compiled[name]
+            if (name, shapes) not in self._compiled:
+                self._compiled[name, shapes] = self._compile(name, shapes)
+            return self._compiled[name, shapes]
 
     def open_all(self) -> None:
+        """Compile the segments not run yet (dynamic shapes: theirs are not known until called)."""
         for name in self.bundle.manifest.segments:
-            self.compiled(name)
+            if not any(segment == name for segment, _ in self._compiled):
+                self.compiled(name)
 
-    def _compile(self, name: str) -> Any:
+    def shapes_for(self, name: str, feeds: dict[str, np.ndarray]) -> Shapes | None:
+        """The static shapes to run `feeds` with: theirs, unless the segment already has
+        `static_shapes` other shape sets compiled (then None: the dynamic model)."""
+        inputs = self.bundle.segment_spec(name, self.variant).input_names
+        shapes = tuple((key, tuple(int(d) for d in np.shape(feeds[key]))) for key in inputs)
+        with self._lock:
+            seen = sum(1 for segment, static in self._compiled if segment == name and static is not None)
+            known = (name, shapes) in self._compiled
+        return shapes if known or seen < self.static_shapes else None
+
+    def read_model(self, name: str, shapes: Shapes | None = None) -> Any:
+        """Segment `name`'s graph as OpenVINO reads it, reshaped to `shapes` when given."""
+        import openvino as ov
+
+        path = str(self.bundle.segment_path(name, self.variant))
+        model = core().read_model(path)
+        if shapes is not None:
+            wanted = dict(shapes)
+            static = {
+                port: ov.PartialShape(list(wanted[key]))
+                for port in model.inputs
+                for key in wanted
+                if key in port.get_names()
+            }
+            try:
+                model.reshape(static)
+            except Exception as exc:  # a graph that does not reshape runs with its dynamic shapes
+                log.warning("OpenVINO cannot reshape %s to %s (%s): dynamic shapes", name, shapes, exc)
+                model = core().read_model(path)
+        return model
+
+    def _compile(self, name: str, shapes: Shapes | None) -> Any:
         path = self.bundle.segment_path(name, self.variant)
-        blob = self.cache_path(name) if self.cache else None
+        blob = self.cache_path(name, shapes) if self.cache else None
         data = read_cached_blob(blob) if blob is not None else None
         if data is not None:
             with contextlib.suppress(Exception):  # unreadable by this OpenVINO: compile again, replace it
                 return core().import_model(data, self.device, self.config_for(name))
         try:
-            compiled = core().compile_model(core().read_model(str(path)), self.device, self.config_for(name))
+            compiled = core().compile_model(self.read_model(name, shapes), self.device, self.config_for(name))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses for graphs and devices
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BundleError(f"OpenVINO cannot compile {path} for {self.device}: {message}") from None
@@ -201,17 +249,19 @@ class OvSegments(SegmentRunner):
                 write_cached_blob(blob, compiled.export_model().getvalue())
         return compiled
 
-    def _request(self, name: str) -> Any:
+    def _request(self, name: str, shapes: Shapes | None = None) -> Any:
         requests = self._local.__dict__.setdefault("requests", {})
-        if name not in requests:
-            requests[name] = self.compiled(name).create_infer_request()
-        return requests[name]
+        if (name, shapes) not in requests:
+            requests[name, shapes] = self.compiled(name, shapes).create_infer_request()
+        return requests[name, shapes]
 
-    def ports(self, name: str) -> tuple[Any, list[tuple[str, Any, np.dtype]], list[tuple[str, Any]]]:
+    def ports(
+        self, name: str, shapes: Shapes | None = None
+    ) -> tuple[Any, list[tuple[str, Any, np.dtype]], list[tuple[str, Any]]]:
         """The compiled segment, its inputs (name, port, dtype) and outputs (name, port), named as the
         manifest declares them (a compiled port can carry several tensor names)."""
-        if name not in self._ports:
-            compiled = self.compiled(name)
+        if (name, shapes) not in self._ports:
+            compiled = self.compiled(name, shapes)
             spec = self.bundle.segment_spec(name, self.variant)
             declared = [*spec.input_names, *spec.output_names]
 
@@ -220,13 +270,14 @@ class OvSegments(SegmentRunner):
                 return next((n for n in declared if n in names), port.get_any_name())
 
             inputs = [(named(p), p, p.get_element_type().to_dtype()) for p in compiled.inputs]
-            self._ports[name] = (compiled, inputs, [(named(p), p) for p in compiled.outputs])
-        return self._ports[name]
+            self._ports[name, shapes] = (compiled, inputs, [(named(p), p) for p in compiled.outputs])
+        return self._ports[name, shapes]
 
     def infer_impl(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        _, inputs, outputs = self.ports(name)
+        shapes = self.shapes_for(name, feeds)
+        _, inputs, outputs = self.ports(name, shapes)
         cast = {port: np.ascontiguousarray(feeds[key], dtype=dtype) for key, port, dtype in inputs}
-        result = self._request(name).infer(cast)  # outputs are copies (share_outputs=False)
+        result = self._request(name, shapes).infer(cast)  # outputs are copies (share_outputs=False)
         return {key: result[port] for key, port in outputs}
 
 
