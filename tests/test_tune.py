@@ -3,8 +3,10 @@ winner used only on the machine that measured it, ONNX Runtime fp32 (with a mess
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 
 import numpy as np
 import onnx
@@ -12,11 +14,13 @@ import pytest
 from onnx import helper
 from typer.testing import CliRunner
 
-from ilf_deploy.checks.tuning import Candidate, candidates, pick_winner, timing_plan, tune
+from ilf_deploy.checks import tuning
+from ilf_deploy.checks.tuning import GIB, Candidate, MemoryGauge, candidates, pick_winner, timing_plan, tune
 from ilf_deploy.cli import app
 from ilf_deploy.core.errors import ConfigError
 from ilf_deploy.core.runtime.bundle import Bundle, rewrite_manifest
 from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.core.schemas import problem
 from ilf_deploy.engines.backends import open_generator
 from ilf_deploy.engines.backends.auto import TUNING_FILE, choose
 from ilf_deploy.engines.backends.machine import fingerprint
@@ -72,6 +76,9 @@ def test_tune_writes_a_valid_tuning_json(tuned):
     data = json.loads((path / TUNING_FILE).read_text())
     assert data == json.loads(json.dumps(report))
     assert data["schema"] == 1 and data["plan"] == "ilf-4" and data["fingerprint"] == fingerprint()
+    assert problem("tuning", data) is None
+    # a tiny model: every engine fits at once, all timed together (Room), as before there was a choice
+    assert data["timed"]["memory"]["mode"] == "interleaved" and data["timed"]["memory"]["groups"] == 1
     assert data["fingerprint"]["cores"] >= 1 and data["fingerprint"]["versions"]["onnxruntime"]
     labels = [c["label"] for c in data["candidates"]]
     assert labels[0] == "onnxruntime fp32" and f"onnxruntime {BROKEN}" in labels
@@ -280,3 +287,105 @@ def test_timed_generation_is_deterministic_per_request(tiny_bundles):
     np.testing.assert_array_equal(
         generator.generate_latents(plan, request), generator.generate_latents(plan, request)
     )
+
+
+class OpenEngines:
+    """Counts the engines `tune` opens and holds (until they are garbage: dropping the last reference
+    is what closes an engine), and plays a machine of `total` bytes on which each one takes 1 GiB."""
+
+    def __init__(self, monkeypatch, total: float = 0.0) -> None:
+        self.open = self.most = self.opened = 0
+        self.gauge = FakeMemory(self, int(total))
+        real = tuning.open_bundle_generator
+
+        def opening(*args, **kwargs):
+            generator = real(*args, **kwargs)
+            self.open += 1
+            self.opened += 1
+            self.most = max(self.most, self.open)
+            weakref.finalize(generator, self.closed)
+            return generator
+
+        monkeypatch.setattr(tuning, "open_bundle_generator", opening)
+
+    def closed(self) -> None:
+        self.open -= 1
+
+
+class FakeMemory(MemoryGauge):
+    def __init__(self, engines: OpenEngines, total: int) -> None:
+        self.engines, self.total_bytes = engines, total
+
+    def total(self) -> int:
+        return self.total_bytes
+
+    def available(self) -> int:  # the rest of the process takes 1 GiB too
+        return self.total_bytes - (self.engines.open + 1) * GIB
+
+    def resident(self) -> int:
+        return (self.engines.open + 1) * GIB
+
+
+NO_COMPILE = lambda c: c.backend != "torch" or c.options == {}  # noqa: E731 (torch fp32 eager: fast)
+
+
+def test_tune_keeps_what_memory_holds_open_and_times_the_rest_in_groups(tuned, tmp_path, monkeypatch):
+    """5 GiB, 1 GiB each, 1 GiB kept free: the process, the reference and two more. The candidates
+    are timed in groups of at most 3 engines, each with the reference, the closed ones given back."""
+    path = shutil.copytree(tuned[0], tmp_path / "bundle")
+    engines = OpenEngines(monkeypatch, total=5 * GIB)
+    report = tune(path, "ilf-4", budget_s=120, include=NO_COMPILE, memory=engines.gauge)
+    assert engines.most == 3 and engines.opened >= 4, (engines.most, engines.opened)
+    gc.collect()
+    assert engines.open == 0  # nothing kept an engine once tune returned
+    data = json.loads((path / TUNING_FILE).read_text())
+    assert data == json.loads(json.dumps(report)) and problem("tuning", data) is None
+    memory = data["timed"]["memory"]
+    assert memory["mode"] == "groups" and memory["most_open"] == 3 and memory["max_open"] is None
+    assert memory["groups"] >= 2 and memory["largest_engine_bytes"] == GIB
+    assert memory["released_bytes"] == [2 * GIB] * (memory["groups"] - 1)  # two candidates closed each time
+    groups = {}
+    for row in data["candidates"][1:]:
+        assert (row["error"] is None) == (row["ms_per_step"] is not None), row  # timed, or why not
+        if row["error"] is None:
+            groups.setdefault(row["group"], []).append(row)
+    assert sorted(groups) == list(range(1, memory["groups"] + 1))
+    assert all(len(rows) <= 2 for rows in groups.values())
+    reference = data["candidates"][0]
+    assert reference["rounds"] >= memory["groups"]  # timed in every group
+    # each speedup is against the reference timed beside it, not its median over all groups
+    assert any(
+        row["speedup"] != pytest.approx(reference["ms_per_step"] / row["ms_per_step"], rel=1e-9)
+        for rows in groups.values()
+        for row in rows
+    )
+    winner = next(c for c in data["candidates"] if c["label"] == data["winner"]["label"])
+    assert winner["ok"] and winner["ms_per_step"]
+
+
+def test_tune_skips_what_does_not_fit_beside_the_reference(tiny_bundles, tmp_path, monkeypatch):
+    path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "bundle")
+    engines = OpenEngines(monkeypatch, total=3.5 * GIB)  # 0.5 GiB left beside the reference
+    report = tune(path, "ilf-4", budget_s=60, include=NO_COMPILE, memory=engines.gauge)
+    assert engines.opened == 1  # the reference only
+    reference, *others = report["candidates"]
+    assert reference["ms_per_step"] and report["winner"]["label"] == "onnxruntime fp32"
+    assert others and all("would not fit beside the reference" in c["error"] for c in others), others
+    assert problem("tuning", report) is None
+
+
+def test_cli_tune_max_open(tuned, tmp_path, monkeypatch):
+    """`--max-open 2`: the reference and one candidate at a time, whatever the memory."""
+    path = shutil.copytree(tuned[0], tmp_path / "bundle")
+    engines = OpenEngines(monkeypatch)
+    runner = CliRunner()
+    args = ["tune", str(path), "--plans", "ilf-4", "--budget-s", "120", "--max-open"]
+    result = runner.invoke(app, [*args, "1"])
+    assert result.exit_code == 2 and "--max-open must be >= 2" in result.output, result.output
+    monkeypatch.setattr(tuning, "candidates", lambda b: [c for c in candidates(b) if NO_COMPILE(c)])
+    result = runner.invoke(app, [*args, "2"])
+    assert result.exit_code == 0, result.output
+    assert engines.most == 2 and engines.opened >= 3
+    memory = json.loads((path / TUNING_FILE).read_text())["timed"]["memory"]
+    assert memory["max_open"] == 2 and memory["most_open"] == 2 and memory["mode"] == "groups"
+    assert f"timed in {memory['groups']} groups of at most 2 engines" in result.output

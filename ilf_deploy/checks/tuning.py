@@ -17,18 +17,24 @@ chosen. Every candidate that opens is timed on one denoising step (the plan's
 steps up to its first feedback step: an ILF step with the inner loop), round-robin so that a
 machine's slow moments hit every candidate alike; the fastest median within budget wins, but a
 lossy one (int8, bf16, fp8...) only when it is compare.LOSSY_SPEEDUP times as fast as the fastest
-exact (fp32) one: accuracy is never traded for nothing. `--budget-s` bounds the whole command. The
+exact (fp32) one: accuracy is never traded for nothing. Every engine stays open, so that all are
+timed together, while memory allows; on a model too large for that, the open ones are timed as a
+group (the reference always among them) and closed before the next opens (`Room`; `--max-open`
+caps it). `--budget-s` bounds the whole command. The
 result goes to `BUNDLE/tuning.json` with this machine's fingerprint; `--backend auto`
 (engines/backends/auto.py) reads it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,6 +73,9 @@ class Candidate:
     times: list[float] = field(default_factory=list)  # seconds per step, one per round
     error: str | None = None  # why it was not measured (not installed, did not open...)
     options: dict[str, Any] = field(default_factory=dict)  # the backend's (torch: dtype)
+    resident_bytes: int | None = None  # the memory opening and checking its engine took (Room)
+    group: int | None = None  # the group it was timed in (1 unless memory split them; the reference: in all)
+    reference_ms: float | None = None  # the reference's median in its group's rounds
 
     @property
     def label(self) -> str:
@@ -85,6 +94,15 @@ class Candidate:
     def ms_per_step(self) -> float | None:
         return 1000 * statistics.median(self.times) if self.times else None
 
+    def comparable_ms(self, reference_ms: float | None) -> float | None:
+        """Its ms per step on the scale of the reference's median over all rounds: scaled by how fast
+        the reference ran beside it, so that groups timed at different moments compare (Room); with
+        one group, its own median."""
+        ms = self.ms_per_step
+        if ms is None or not self.reference_ms or not reference_ms:
+            return ms
+        return ms * reference_ms / self.reference_ms
+
     def to_dict(self, reference_ms: float | None) -> dict[str, Any]:
         ms = self.ms_per_step
         return {
@@ -93,8 +111,10 @@ class Candidate:
             "options": self.options,
             "label": self.label,
             "ms_per_step": ms,
-            "speedup": reference_ms / ms if ms and reference_ms else None,
+            "speedup": (self.reference_ms or reference_ms) / ms if ms and reference_ms else None,
             "rounds": len(self.times),
+            "group": self.group,
+            "resident_bytes": self.resident_bytes,
             "budget": self.budget.to_dict() if self.budget else None,
             "fidelity": [f.to_dict() for f in self.fidelity],
             "ok": self.ok,
@@ -150,11 +170,13 @@ def pick_winner(found: list[Candidate]) -> Candidate:
 
 def choose_winner(found: list[Candidate]) -> tuple[Candidate, str]:
     """The fastest timed candidate within its budget, a lossy one only when it is LOSSY_SPEEDUP
-    times as fast as the fastest exact one (the reference always is exact); and why, in words."""
+    times as fast as the fastest exact one (the reference always is exact); and why, in words.
+    Compared on `Candidate.comparable_ms`: each one's speed relative to the reference timed beside it."""
     usable = [c for c in found if c.ok and c.times]
+    reference_ms = next((c.ms_per_step for c in found if c.budget is None), None)
 
     def ms(candidate: Candidate) -> float:
-        return candidate.ms_per_step or float("inf")
+        return candidate.comparable_ms(reference_ms) or float("inf")
 
     exact = min((c for c in usable if c.exact), key=ms)
     lossy = min((c for c in usable if not c.exact), key=ms, default=None)
@@ -190,15 +212,21 @@ def tune(
     progress: Callable[[str], None] | None = None,
     include: Callable[[Candidate], bool] | None = None,
     digest: str | None = None,
+    max_open: int | None = None,
+    memory: MemoryGauge | None = None,
 ) -> dict[str, Any]:
     """Check and time every candidate, write BUNDLE/tuning.json; returns what it wrote.
 
     `budget_s` bounds the whole run: a candidate whose fidelity check would not leave time for a
     timing round is skipped (said in its error), and timing rounds stop when the next would pass it;
-    the reference's check and one timing round always run. `include` filters the candidates
-    (tests, benchmarks); `digest` pins the bundle (refused unless it is that one)."""
+    the reference's check and one timing round always run. `max_open` caps the engines open at once
+    (the reference included; default: as many as `memory`, this machine's, holds: see `Room`).
+    `include` filters the candidates (tests, benchmarks); `digest` pins the bundle (refused unless
+    it is that one)."""
     if budget_s <= 0:
         raise ConfigError(f"--budget-s must be > 0, got {budget_s:g}")
+    if max_open is not None and max_open < 2:
+        raise ConfigError(f"--max-open must be >= 2 (the reference and one candidate), got {max_open}")
     started = time.perf_counter()
     bundle = as_bundle(bundle_path, digest=digest)  # a Bundle the caller loaded: not read again
     plan_name = plan or bundle.default_plan
@@ -206,24 +234,27 @@ def tune(
     request = held_out_request(bundle)
     found = [c for c in candidates(bundle) if include is None or include(c) or c.budget is None]
     options = {"threads": threads} if threads else {}
+    room = Room.here(memory or MemoryGauge(), max_open)
 
     if progress:
         progress(f"{engine_label(FALLBACK_BACKEND, None)} {plan_name} (the reference)")
     opened = time.perf_counter()
-    base = open_bundle_generator(bundle, FALLBACK_BACKEND, None, **options)
-    reference = run_reference(bundle, plan_name, request, generator=base)
+    with room.measured(found[0]):
+        base = open_bundle_generator(bundle, FALLBACK_BACKEND, None, **options)
+        reference = run_reference(bundle, plan_name, request, generator=base)
     timed = timing_plan(step_plan)
     deadline = Deadline(started + budget_s, budget_s, time.perf_counter() - opened)
     deadline.step_s = deadline.check_s * timed.num_steps / step_plan.num_steps
-    generators = {0: base, **_check_fidelity(bundle, found, reference, options, progress, deadline)}
-    _time_rounds(found, generators, timed, request, deadline, progress)
+    run = _Run(bundle, found, reference, options, timed, request, deadline, room, progress)
+    run.check_and_time(base)
+    del base, reference, run  # the engines go before the report is written
     report = {
         "schema": 1,  # 2 adds the plan search (search_plans); without one, the oldest that says it
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fingerprint(),
         "bundle_digest": bundle_digest(bundle),
         "plan": plan_name,
-        "timed": {"plan": timed.name, "steps": timed.num_steps, "threads": threads},
+        "timed": {"plan": timed.name, "steps": timed.num_steps, "threads": threads, "memory": room.to_dict()},
         "request": dataclasses.asdict(request),
         **_outcome(found),
         "budget_s": budget_s,
@@ -260,68 +291,225 @@ class Deadline:
         return f"skipped: its check (about {self.check_s:.1f} s) would overrun --budget-s {self.budget_s:g}"
 
 
-def _check_fidelity(
-    bundle: Bundle,
-    found: list[Candidate],
-    reference: Reference,
-    options: dict[str, Any],
-    progress: Callable[[str], None] | None,
-    deadline: Deadline,
-) -> dict[int, Generator]:
-    """Each candidate against the reference (the comparator), while the deadline leaves time for
-    it and a timing round of every engine opened; returns the generators that opened, by candidate
-    index (timed even beyond budget: the table shows what they would gain)."""
-    generators: dict[int, Generator] = {}
-    for index, candidate in enumerate(found):
-        if candidate.budget is None or candidate.error is not None:
-            continue
-        if not deadline.allows(deadline.check_s + deadline.step_s * (len(generators) + 2)):
-            candidate.error = deadline.skipped()
-            continue
-        began = time.perf_counter()
-        if progress:
-            progress(f"{candidate.label}: fidelity on {reference.name}")
+# -- memory: how many engines stay open at once -----------------------------------------------------
+
+GIB = 1 << 30
+
+
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a /proc file, in bytes; None where there is none (not Linux)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class MemoryGauge:
+    """This machine's available memory and this process's anonymous resident memory (what an open
+    engine holds: its weights, arenas and compiled kernels; file-backed pages, such as an mmap'd IR,
+    are page cache the kernel can drop, counted as available), from /proc; None where it cannot
+    tell (not Linux): then memory bounds nothing and every engine stays open, as before."""
+
+    def available(self) -> int | None:
+        return _proc_bytes("/proc/meminfo", "MemAvailable")
+
+    def total(self) -> int | None:
+        return _proc_bytes("/proc/meminfo", "MemTotal")
+
+    def resident(self) -> int | None:
+        return _proc_bytes("/proc/self/status", "RssAnon") or _proc_bytes("/proc/self/status", "VmRSS")
+
+    def release(self) -> None:
+        """Give closed engines' memory back: collect the cycles ORT/OpenVINO/torch objects sit in, and
+        have glibc return its freed heap to the system (else MemAvailable would not see it)."""
+        gc.collect()
+        with suppress(OSError, AttributeError):  # not glibc: freed memory stays with the process, reused
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@dataclass
+class Room:
+    """How many engines `tune` keeps open at once.
+
+    Interleaved timing (every engine open, timed round-robin) is the fair default: a slow moment of
+    the machine hits every candidate alike. It needs every engine in memory at once, which a large
+    model does not allow (SD3-medium at full depth: about 8 GB per fp32 engine, 24 GiB ran out).
+    So the candidates are checked in order, each kept open while one more engine as large as the
+    largest so far (measured: the resident growth of opening and checking it; the fp32 reference is
+    normally the largest, so the guess errs on the safe side) still fits in the available memory
+    less a margin (a tenth of the machine, at least 1 GiB: transient peaks such as OpenVINO's
+    compilation, other processes); or while fewer than `max_open` are open. When the next would not
+    fit, the engines open so far are timed round-robin as one group, the reference among them,
+    closed, and the next group starts: every candidate is still timed interleaved with the reference,
+    and picked by its speed relative to the reference timed beside it (`Candidate.reference_ms`), so
+    groups timed at different moments stay comparable. Nothing is re-opened; one group (everything
+    fits) is exactly the interleaved timing. A candidate that does not fit even beside the reference
+    alone is skipped, saying so."""
+
+    gauge: MemoryGauge
+    max_open: int | None  # `tune --max-open`: at most this many engines at once, the reference included
+    margin: int  # bytes left free
+    available_at_start: int | None
+    largest: int = 0  # the most resident memory one engine took so far
+    groups: int = 1
+    most_open: int = 1
+    released: list[int] = field(default_factory=list)  # bytes each closed group gave back
+
+    @classmethod
+    def here(cls, gauge: MemoryGauge, max_open: int | None) -> Room:
+        return cls(gauge, max_open, max(GIB, (gauge.total() or 0) // 10), gauge.available())
+
+    @contextmanager
+    def measured(self, candidate: Candidate) -> Iterator[None]:
+        """Record the resident memory that opening and checking `candidate`'s engine took."""
+        before = self.gauge.resident()
         try:
-            engine_options = {**candidate.options, **(options if candidate.backend != "torch" else {})}
-            generator = open_bundle_generator(bundle, candidate.backend, candidate.variant, **engine_options)
-            candidate.fidelity = compare_to_reference(
-                generator, reference, candidate.segments, candidate.budget
-            )
+            yield
+        finally:
+            after = self.gauge.resident()
+            if before is not None and after is not None:
+                candidate.resident_bytes = max(after - before, 0)
+                self.largest = max(self.largest, candidate.resident_bytes)
+
+    def fits(self, open_now: int) -> bool:
+        """Whether one more engine (as large as the largest so far) fits beside `open_now` open ones."""
+        if self.max_open is not None and open_now >= self.max_open:
+            return False
+        available = self.gauge.available()
+        return available is None or available - self.margin >= self.largest
+
+    def why_not(self) -> str:
+        available = (self.gauge.available() or 0) / GIB
+        return (
+            f"skipped: about {self.largest / GIB:.1f} GiB (the largest engine so far) would not fit beside "
+            f"the reference: {available:.1f} GiB available, {self.margin / GIB:.1f} GiB kept free"
+        )
+
+    def close(self, group: dict[int, Generator]) -> None:
+        """Close every engine of `group` but the reference's (index 0), and give their memory back."""
+        before = self.gauge.resident()
+        for index in [i for i in group if i]:
+            del group[index]
+        self.gauge.release()
+        after = self.gauge.resident()
+        if before is not None and after is not None:
+            self.released.append(before - after)
+        self.groups += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": "interleaved" if self.groups == 1 else "groups",
+            "groups": self.groups,
+            "most_open": self.most_open,
+            "max_open": self.max_open,
+            "available_bytes": self.available_at_start,
+            "margin_bytes": self.margin,
+            "largest_engine_bytes": self.largest,
+            "released_bytes": self.released,
+        }
+
+
+@dataclass
+class _Run:
+    """One `tune`: the candidates' checks and timing rounds, group by group (`Room`)."""
+
+    bundle: Bundle
+    found: list[Candidate]
+    reference: Reference
+    options: dict[str, Any]
+    timed: StepPlan
+    request: Request
+    deadline: Deadline
+    room: Room
+    progress: Callable[[str], None] | None
+
+    def say(self, message: str) -> None:
+        if self.progress:
+            self.progress(message)
+
+    def check_and_time(self, base: Generator) -> None:
+        """Each candidate against the reference while the deadline leaves time for it and a timing
+        round of every engine open; the open ones timed group by group as memory allows (`Room`)."""
+        group: dict[int, Generator] = {0: base}
+        for index, candidate in enumerate(self.found):
+            if candidate.budget is None or candidate.error is not None:
+                continue
+            if not self.deadline.allows(self.deadline.check_s + self.deadline.step_s * (len(group) + 2)):
+                candidate.error = self.deadline.skipped()
+                continue
+            if len(group) > 1 and not self.room.fits(len(group)):
+                self.say(f"memory: {len(group)} engines open, no room for {candidate.label}: timing them")
+                self._time_rounds(group, self._reserve_s(index), grouped=True)
+                self.room.close(group)
+            if not self.room.fits(len(group)):
+                candidate.error = self.room.why_not()
+                continue
+            generator = self._open_checked(candidate)
+            if generator is not None:
+                group[index] = generator
+                self.room.most_open = max(self.room.most_open, len(group))
+            del generator  # the group holds it, or nothing does
+        if len(group) > 1 or not self.found[0].times:
+            self._time_rounds(group, 0.0, grouped=self.room.groups > 1)
+
+    def _open_checked(self, candidate: Candidate) -> Generator | None:
+        """The candidate's engine, checked against the reference (the comparator); None (and its
+        error) where it did not open."""
+        began = time.perf_counter()
+        self.say(f"{candidate.label}: fidelity on {self.reference.name}")
+        torch = candidate.backend == "torch"
+        try:
+            with self.room.measured(candidate):
+                engine_options = {**candidate.options, **({} if torch else self.options)}
+                generator = open_bundle_generator(
+                    self.bundle, candidate.backend, candidate.variant, **engine_options
+                )
+                candidate.fidelity = compare_to_reference(
+                    generator, self.reference, candidate.segments, candidate.budget
+                )
         except IlfError as exc:  # e.g. a variant OpenVINO cannot read
             candidate.error = str(exc)
-            continue
+            return None
         finally:
-            deadline.check_s = max(deadline.check_s, time.perf_counter() - began)
-        generators[index] = generator
-    return generators
+            self.deadline.check_s = max(self.deadline.check_s, time.perf_counter() - began)
+        candidate.group = self.room.groups
+        return generator
 
+    def _reserve_s(self, index: int) -> float:
+        """Seconds to keep for the candidates after `index`: a check and a timing round each."""
+        left = sum(1 for c in self.found[index:] if c.budget is not None and c.error is None)
+        return left * (self.deadline.check_s + 2 * self.deadline.step_s)
 
-def _time_rounds(
-    found: list[Candidate],
-    generators: dict[int, Generator],
-    timed: StepPlan,
-    request: Request,
-    deadline: Deadline,
-    progress: Callable[[str], None] | None,
-) -> None:
-    """Round-robin timing of `timed` on every generator while the deadline leaves time for another
-    round as long as the last (at least one round, at most MAX_ROUNDS); each round's seconds per
-    step go to the candidate's `times`."""
-    last_round_s = 0.0
-    for rounds in range(MAX_ROUNDS):
-        if rounds and not deadline.allows(last_round_s):
-            break
-        round_started = time.perf_counter()
-        order = list(generators)
-        order = order[rounds % len(order) :] + order[: rounds % len(order)]  # rotate who goes first
-        if progress:
-            progress(f"timing round {rounds + 1} of at most {MAX_ROUNDS}")
-        for index in order:
-            generator = generators[index]
-            start = time.perf_counter()
-            generator.latents_to_numpy(generator.generate_latents(timed, request))
-            found[index].times.append((time.perf_counter() - start) / timed.num_steps)
-        last_round_s = time.perf_counter() - round_started
+    def _time_rounds(self, group: dict[int, Generator], reserve_s: float, grouped: bool) -> None:
+        """Round-robin timing of `timed` on the group's engines while the deadline leaves time for
+        another round as long as the last and `reserve_s` after it (at least one round, at most
+        MAX_ROUNDS); each round's seconds per step go to the candidate's `times`, and the reference's
+        median over these rounds to each one's `reference_ms`."""
+        reference = self.found[0]
+        first_reference_round = len(reference.times)
+        named = f" (group {self.room.groups}: {len(group)} engines)" if grouped else ""
+        last_round_s = 0.0
+        for rounds in range(MAX_ROUNDS):
+            if rounds and not self.deadline.allows(last_round_s + reserve_s):
+                break
+            round_started = time.perf_counter()
+            order = list(group)
+            order = order[rounds % len(order) :] + order[: rounds % len(order)]  # rotate who goes first
+            self.say(f"timing round {rounds + 1} of at most {MAX_ROUNDS}{named}")
+            for index in order:
+                generator = group[index]
+                start = time.perf_counter()
+                generator.latents_to_numpy(generator.generate_latents(self.timed, self.request))
+                self.found[index].times.append((time.perf_counter() - start) / self.timed.num_steps)
+            last_round_s = time.perf_counter() - round_started
+        beside = 1000 * statistics.median(reference.times[first_reference_round:])
+        for index in group:
+            if index:
+                self.found[index].reference_ms = beside
 
 
 # -- plan search (`tune --search-plans`) ----------------------------------------------------------

@@ -65,6 +65,13 @@ def tune(
         ),
     ] = 300.0,
     threads: Annotated[int | None, typer.Option(help="Threads per engine (default: the engine's).")] = None,
+    max_open: Annotated[
+        int | None,
+        typer.Option(
+            help="At most this many engines open at once, the reference included; more are timed in "
+            "groups, each with the reference (default: as many as the available memory holds)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print tuning.json instead of the table.")] = False,
     digest: Digest = None,
     search_plans: SearchPlans = False,
@@ -89,7 +96,9 @@ def tune(
     loaded = load_bundle(bundle, digest)  # hashes and pin once: tune, the plan search and its eval share it
     with progress() as bar:
         task = bar.add_task("tune", total=None)
-        report = run_tune(loaded, plan, budget_s, threads, lambda s: bar.update(task, description=s))
+        report = run_tune(
+            loaded, plan, budget_s, threads, lambda s: bar.update(task, description=s), max_open=max_open
+        )
     if not as_json:
         _print_tune(bundle, report)
     if search_plans:
@@ -111,6 +120,12 @@ def _print_tune(bundle: Path, report: dict) -> None:
     out.print(tune_table(title, report))
     winner = report["winner"]
     console.print(f"chose {winner['reason']}")
+    memory = report["timed"]["memory"]
+    if memory["mode"] != "interleaved":
+        console.print(
+            f"memory: timed in {memory['groups']} groups of at most {memory['most_open']} engines, each with "
+            "the reference (memory or --max-open); speedups are against the reference timed beside each"
+        )
     console.print(
         f"wrote {Path(bundle) / TUNING_FILE}: `--backend auto` runs {winner['label']} on this machine "
         f"({report['seconds']:g} s of --budget-s {report['budget_s']:g})"
