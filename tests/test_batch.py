@@ -177,14 +177,15 @@ def test_a_local_pool_makes_the_same_images(bundle, tmp_path, monkeypatch):
     assert pools == [2] and os.getpid() not in pids and 1 <= len(pids) <= 2, (pools, pids)
 
 
-def test_rows_per_task_defaults_to_up_to_8_while_every_actor_gets_4_tasks():
+def test_rows_per_task_defaults_to_up_to_16_while_every_actor_gets_4_tasks():
     from ilf_deploy.serving.scale.options import BatchOptions
 
     def rows_per_task(rows: int, actors: int = 1, batch_size: int | None = None) -> int:
         options = BatchOptions(Path("b"), Path("p"), Path("o"), actors=actors, batch_size=batch_size)
         return options.rows_per_task(rows)
 
-    assert rows_per_task(64) == 8 and rows_per_task(10_000, actors=16) == 8  # a task's cost amortised
+    assert rows_per_task(64) == 16 and rows_per_task(10_000, actors=16) == 16  # a task's cost amortised
+    assert rows_per_task(32) == 8 and rows_per_task(128, actors=2) == 16  # 4 tasks an actor, then the cap
     assert rows_per_task(16) == 4 and rows_per_task(64, actors=4) == 4  # 4 tasks an actor
     assert rows_per_task(10, actors=4) == 1 and rows_per_task(1) == 1  # few rows: one a task
     assert rows_per_task(10, actors=4, batch_size=5) == 5  # --batch-size decides when given

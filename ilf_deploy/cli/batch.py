@@ -11,6 +11,7 @@ from ilf_deploy.cli import command, console, progress
 from ilf_deploy.cli.cluster import Image, Namespace, NodeSelector, PodMonitor, Tolerations, cluster
 from ilf_deploy.cli.options import Backend, BundleDir, Digest, Variant, load_bundle
 from ilf_deploy.cli.paths import output_dir
+from ilf_deploy.serving.scale.options import AUTO_ROWS_PER_TASK, TASKS_PER_ACTOR
 from ilf_deploy.serving.triton.k8s import CLAIM
 
 ROWS_HELP = (
@@ -62,7 +63,10 @@ def batch(
     actors: Annotated[int | None, typer.Option(help=ACTORS_HELP, show_default=False)] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option(help="Rows per task handed to a worker (default: up to 8, 4 tasks an actor at least)."),
+        typer.Option(
+            help=f"Rows per task handed to a worker (default: up to {AUTO_ROWS_PER_TASK}, "
+            f"{TASKS_PER_ACTOR} tasks an actor at least)."
+        ),
     ] = None,
     actor_cpus: Annotated[float, typer.Option(help="Ray CPUs per actor (whole CPUs are safest).")] = 1.0,
     ship_bundle: ShipBundle = False,

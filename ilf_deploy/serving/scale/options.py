@@ -7,7 +7,11 @@ from pathlib import Path
 
 from ilf_deploy.core.errors import ConfigError, check_at_least
 
-AUTO_ROWS_PER_TASK = 8
+# A Ray Data task costs 8-12 ms of its own (the actor waits that long for its next task; its own Python
+# per task is ~1 %: py-spy, benchmarks/README.md `batch`): 1.3 ms a row at 8 rows a task, 0.6 at 16,
+# measured on the tiny bundle (10 ms an image). 16 keeps a slow bundle's task (37 s an image on the
+# PixArt-XL config) short enough that the driver still writes rows every few minutes.
+AUTO_ROWS_PER_TASK = 16
 TASKS_PER_ACTOR = 4
 
 
@@ -46,8 +50,8 @@ class BatchOptions:
     def rows_per_task(self, rows: int) -> int:
         """--batch-size, else as many rows a task as keeps TASKS_PER_ACTOR tasks for every actor (so
         the last tasks still spread over them), at most AUTO_ROWS_PER_TASK: a Ray Data task costs
-        about 10 ms of its own (docs/scale.md ("Beyond one machine")), which 8 rows make small beside even a
-        10 ms image, and which a task of one image that takes seconds does not notice."""
+        about 10 ms of its own (docs/scale.md, "Cost"), which 16 rows make small beside even a 10 ms
+        image, and which a task of one image that takes seconds does not notice."""
         if self.batch_size is not None:
             return self.batch_size
         return max(1, min(AUTO_ROWS_PER_TASK, rows // (TASKS_PER_ACTOR * (self.actors or 1))))
