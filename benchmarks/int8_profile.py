@@ -121,6 +121,7 @@ def ov_profile(
     names = {port.get_any_name() for port in compiled.inputs}
     inputs = {k: v for k, v in feeds.items() if k in names}
     request.infer(inputs)  # warm-up
+    mha = snippet_attention(compiled)
     totals: dict[str, float] = defaultdict(float)
     ops: dict[str, float] = defaultdict(float)
     wall = []
@@ -130,9 +131,22 @@ def ov_profile(
         wall.append(time.perf_counter() - start)
         for info in request.get_profiling_info():  # the last inference's per-node times
             ms = info.real_time.total_seconds() * 1e3
-            totals[category(info.node_type)] += ms
-            ops[f"{info.node_type} ({info.exec_type})"] += ms
+            node_type = "Subgraph:MHA" if info.node_name in mha else info.node_type
+            totals["attention" if info.node_name in mha else category(node_type)] += ms
+            ops[f"{node_type} ({info.exec_type})"] += ms
     return summary(totals, ops, runs, wall)
+
+
+def snippet_attention(compiled: Any) -> set[str]:
+    """The compiled model's snippet `Subgraph` nodes that hold an attention (MatMul, Softmax, MatMul):
+    PERF_COUNT reports them as `Subgraph`, like the fused element-wise chains."""
+    names = set()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        fused = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+        if info["layerType"].astype(str) == "Subgraph" and "Softmax" in fused:
+            names.add(op.get_friendly_name())
+    return names
 
 
 def shapes_ab(bundle: Any, variant: str, feeds: dict[str, np.ndarray], rounds: int) -> dict:
