@@ -15,9 +15,11 @@ machines; never run in this project).
 
 Shapes: each segment is compiled for the input shapes it is called with (the ONNX graphs are
 exported with dynamic batch and token dimensions), up to `STATIC_SHAPES` shape sets a segment; more
-run on the dynamic-shape model. Static shapes let the CPU plugin pick its kernels and blocking
-for the real sizes: an int8-ov PixArt-XL-2 block at 256 px, batch 2, ran 1.13-1.20x faster,
-interleaved A/B on the AMX Xeon (benchmarks/README.md, "`int8_profile`").
+run on the dynamic-shape model. With static shapes the CPU plugin folds the shape-derived attention
+scale into the Q/K GEMMs and fuses each adaLN modulation / gate / residual chain with the next
+quantize into one snippet: an int8-ov PixArt-XL-2 block at 256 px, batch 2, ran 1.10-1.20x faster
+(interleaved A/B on the AMX Xeon, benchmarks/README.md, "`int8_profile`"). Each shape set is its
+own compiled model (~80 MB more per XL int8 block), hence the cap.
 
 Compiled models are cached in the bundle, in `openvino_cache/`, so a second start skips
 compilation. The cache is written with `export_model` and `runtime.bundle.write_atomic` rather than
@@ -63,9 +65,9 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CACHE_DIR = "openvino_cache"
 SIDECAR_SUFFIX = ".sha256"  # X.blob -> X.blob.sha256
 SIDECAR_TAG = "ilf-ov-cache-1"
-# Static-shape compiles per segment (a run sees one set: its batch and resolution; serve's micro-batch
-# sizes a few more); beyond them, the dynamic-shape model, so a stream of new shapes never recompiles.
-STATIC_SHAPES = 4
+# Static-shape compiles per segment (a run sees one set: its batch and resolution; serve's micro-batches
+# one more); beyond them, the dynamic-shape model: new shapes never recompile, memory stays bounded.
+STATIC_SHAPES = 2
 log = logging.getLogger("ilf_deploy.openvino")
 # Variant modes OpenVINO cannot read: com.microsoft ops (int8-dynamic), FP8 Q/DQ.
 _DEVICE_FAMILIES = ("CPU", "GPU", "NPU", "AUTO", "HETERO", "MULTI", "BATCH")
