@@ -9,8 +9,8 @@ from ilf_deploy.core.errors import ConfigError, check_at_least
 
 # A Ray Data task costs 8-12 ms of its own (the actor waits that long for its next task; its own Python
 # per task is ~1 %: py-spy, benchmarks/README.md `batch`): 1.3 ms a row at 8 rows a task, 0.6 at 16,
-# measured on the tiny bundle (10 ms an image). 16 keeps a slow bundle's task (37 s an image on the
-# PixArt-XL config) short enough that the driver still writes rows every few minutes.
+# measured on the tiny bundle (10 ms an image). Not more: the driver writes a task's rows when it
+# ends, and 16 images of the PixArt-XL config (37 s each) already take 10 min.
 AUTO_ROWS_PER_TASK = 16
 TASKS_PER_ACTOR = 4
 
