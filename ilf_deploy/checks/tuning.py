@@ -239,7 +239,7 @@ def tune(
     if progress:
         progress(f"{engine_label(FALLBACK_BACKEND, None)} {plan_name} (the reference)")
     opened = time.perf_counter()
-    with room.measured(found[0]):
+    with room.measured(found[0], weight_bytes(bundle, found[0])):
         base = open_bundle_generator(bundle, FALLBACK_BACKEND, None, **options)
         reference = run_reference(bundle, plan_name, request, generator=base)
     timed = timing_plan(step_plan)
@@ -308,6 +308,24 @@ def _proc_bytes(path: str, key: str) -> int | None:
     return None
 
 
+def weight_bytes(bundle: Bundle, candidate: Candidate) -> int:
+    """The bytes of the files `candidate`'s engine loads: every segment (its variant's where that
+    replaced one) with the files beside it that share its stem (ONNX external data, an IR's .bin),
+    or the torch model's directory. `Room` scales its memory estimates by it."""
+    if candidate.backend == "torch":
+        root = bundle.path / (bundle.manifest.torch_model or "")
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    variant = candidate.variant if candidate.variant in bundle.manifest.variants else None
+    stems = {_stem(bundle.segment_spec(name, variant).file) for name in bundle.manifest.segments}
+    return sum((bundle.path / f).stat().st_size for f in bundle.manifest.files if _stem(f) in stems)
+
+
+def _stem(file: str) -> str:
+    """onnx/blocks_00_00.onnx.data -> onnx/blocks_00_00"""
+    name = file.rsplit("/", 1)[-1]
+    return file[: len(file) - len(name)] + name.split(".", 1)[0]
+
+
 class MemoryGauge:
     """This machine's available memory and this process's anonymous resident memory (what an open
     engine holds: its weights, arenas and compiled kernels; file-backed pages, such as an mmap'd IR,
@@ -338,11 +356,13 @@ class Room:
     Interleaved timing (every engine open, timed round-robin) is the fair default: a slow moment of
     the machine hits every candidate alike. It needs every engine in memory at once, which a large
     model does not allow (SD3-medium at full depth: about 8 GB per fp32 engine, 24 GiB ran out).
-    So the candidates are checked in order, each kept open while one more engine as large as the
-    largest so far (measured: the resident growth of opening and checking it; the fp32 reference is
-    normally the largest, so the guess errs on the safe side) still fits in the available memory
-    less a margin (a tenth of the machine, at least 1 GiB: transient peaks such as OpenVINO's
-    compilation, other processes); or while fewer than `max_open` are open. When the next would not
+    So the candidates are checked in order, each opened only while its estimate still fits in the
+    available memory less a margin (a tenth of the machine, at least 1 GiB: transient peaks such as
+    OpenVINO's compilation, other processes), and while fewer than `max_open` are open. The estimate:
+    the bytes of the files it loads (`weight_bytes`: an int8 variant's are about a quarter of fp32's)
+    times the most resident memory per such byte an engine took so far (measured: the growth of
+    opening and checking it, the fp32 reference's first), so that a small int8 engine still fits
+    where another fp32 one would not. When the next would not
     fit, the engines open so far are timed round-robin as one group, the reference among them,
     closed, and the next group starts: every candidate is still timed interleaved with the reference,
     and picked by its speed relative to the reference timed beside it (`Candidate.reference_ms`), so
@@ -355,6 +375,7 @@ class Room:
     margin: int  # bytes left free
     available_at_start: int | None
     largest: int = 0  # the most resident memory one engine took so far
+    per_weight_byte: float = 0.0  # the most resident memory per byte of its files an engine took
     groups: int = 1
     most_open: int = 1
     released: list[int] = field(default_factory=list)  # bytes each closed group gave back
@@ -364,8 +385,9 @@ class Room:
         return cls(gauge, max_open, max(GIB, (gauge.total() or 0) // 10), gauge.available())
 
     @contextmanager
-    def measured(self, candidate: Candidate) -> Iterator[None]:
-        """Record the resident memory that opening and checking `candidate`'s engine took."""
+    def measured(self, candidate: Candidate, weights: int) -> Iterator[None]:
+        """Record the resident memory that opening and checking `candidate`'s engine (`weights`
+        bytes of files) took."""
         before = self.gauge.resident()
         try:
             yield
@@ -374,19 +396,26 @@ class Room:
             if before is not None and after is not None:
                 candidate.resident_bytes = max(after - before, 0)
                 self.largest = max(self.largest, candidate.resident_bytes)
+                if weights:
+                    self.per_weight_byte = max(self.per_weight_byte, candidate.resident_bytes / weights)
 
-    def fits(self, open_now: int) -> bool:
-        """Whether one more engine (as large as the largest so far) fits beside `open_now` open ones."""
+    def need(self, weights: int) -> float:
+        """The memory an engine loading `weights` bytes of files is expected to take."""
+        return self.per_weight_byte * weights if self.per_weight_byte and weights else self.largest
+
+    def fits(self, open_now: int, need: float) -> bool:
+        """Whether one more engine, expected to take `need` bytes, fits beside `open_now` open ones."""
         if self.max_open is not None and open_now >= self.max_open:
             return False
         available = self.gauge.available()
-        return available is None or available - self.margin >= self.largest
+        return available is None or available - self.margin >= need
 
-    def why_not(self) -> str:
+    def why_not(self, need: float) -> str:
         available = (self.gauge.available() or 0) / GIB
         return (
-            f"skipped: about {self.largest / GIB:.1f} GiB (the largest engine so far) would not fit beside "
-            f"the reference: {available:.1f} GiB available, {self.margin / GIB:.1f} GiB kept free"
+            f"skipped: about {need / GIB:.1f} GiB (as the engines so far took per byte of their files) "
+            f"would not fit beside the reference: {available:.1f} GiB available, "
+            f"{self.margin / GIB:.1f} GiB kept free"
         )
 
     def close(self, group: dict[int, Generator]) -> None:
@@ -441,14 +470,16 @@ class _Run:
             if not self.deadline.allows(self.deadline.check_s + self.deadline.step_s * (len(group) + 2)):
                 candidate.error = self.deadline.skipped()
                 continue
-            if len(group) > 1 and not self.room.fits(len(group)):
+            weights = weight_bytes(self.bundle, candidate)
+            need = self.room.need(weights)
+            if len(group) > 1 and not self.room.fits(len(group), need):
                 self.say(f"memory: {len(group)} engines open, no room for {candidate.label}: timing them")
                 self._time_rounds(group, self._reserve_s(index), grouped=True)
                 self.room.close(group)
-            if not self.room.fits(len(group)):
-                candidate.error = self.room.why_not()
+            if not self.room.fits(len(group), need):
+                candidate.error = self.room.why_not(need)
                 continue
-            generator = self._open_checked(candidate)
+            generator = self._open_checked(candidate, weights)
             if generator is not None:
                 group[index] = generator
                 self.room.most_open = max(self.room.most_open, len(group))
@@ -456,14 +487,14 @@ class _Run:
         if len(group) > 1 or not self.found[0].times:
             self._time_rounds(group, 0.0, grouped=self.room.groups > 1)
 
-    def _open_checked(self, candidate: Candidate) -> Generator | None:
+    def _open_checked(self, candidate: Candidate, weights: int) -> Generator | None:
         """The candidate's engine, checked against the reference (the comparator); None (and its
         error) where it did not open."""
         began = time.perf_counter()
         self.say(f"{candidate.label}: fidelity on {self.reference.name}")
         torch = candidate.backend == "torch"
         try:
-            with self.room.measured(candidate):
+            with self.room.measured(candidate, weights):
                 engine_options = {**candidate.options, **({} if torch else self.options)}
                 generator = open_bundle_generator(
                     self.bundle, candidate.backend, candidate.variant, **engine_options
