@@ -33,11 +33,23 @@ def _run(path, names, args) -> list[np.ndarray]:
     return session.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True) if n in wanted})
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-def test_the_timestep_embedding_matches_torch(tiny_models, tmp_path, exporter):
-    """torch.export: the sinusoid frequencies are computed by torch, not folded with numpy's exp (one
-    ulp off: 3e-6 rel. L2 after sin(1000 f)); TorchScript's segment is at ~2e-7."""
-    model = tiny_models["pixart-alpha"]
+@pytest.mark.parametrize(
+    ("family", "exporter"),
+    [
+        ("pixart-alpha", "torchscript"),
+        ("pixart-alpha", "dynamo"),
+        ("sd3", "auto"),
+        ("flux", "auto"),
+        ("flux-schnell", "auto"),
+    ],
+)
+def test_the_timestep_embedding_matches_torch(request, tmp_path, family, exporter):
+    """torch.export, every family: the sinusoid frequencies are computed by torch, not folded with
+    numpy's exp (one ulp off, after sin(1000 f): PixArt 3e-6 rel. L2, SD3 3.8e-6, Flux-dev 1.7e-5,
+    Flux-schnell 2.2e-6), and the graph is not rewritten by onnxscript's optimizer. Measured: PixArt
+    2.0e-7 (as TorchScript), SD3 1.6e-7, Flux-dev 2.9e-7 (with its guidance embedding)."""
+    models = request.getfixturevalue("tiny_models" if family.startswith("pixart") else "mmdit_models")
+    model = models[family]
     spec = _segment(model, "time")
     examples = example_tensors(model, (model.default_image_size,) * 2)
     args = (torch.tensor([999.0, 500.3]), *(examples[n] for n in spec.inputs[1:]))
@@ -46,7 +58,7 @@ def test_the_timestep_embedding_matches_torch(tiny_models, tmp_path, exporter):
     with torch.no_grad():
         want = spec.module(*args)
     for got, ref in zip(_run(path, spec.inputs, args), want, strict=True):
-        assert np.linalg.norm(got - ref.numpy()) / np.linalg.norm(ref.numpy()) < 1e-6
+        assert np.linalg.norm(got - ref.numpy()) / np.linalg.norm(ref.numpy()) < 5e-7
 
 
 def test_both_exporters_write_the_same_inputs_and_outputs(tiny_models, tmp_path):

@@ -6,7 +6,8 @@ PixArt's and DiT's (not SD3.5's or Flux's q/k `rms_norm`). `auto`, the default, 
 for PixArt and DiT: the same manifests and the same parity with torch (~1e-7) in a fifth of the
 time (docs/bundles.md); `dynamo` takes torch.export for them too. Three tables of dynamic axes, by
 the family's state (`axes_kind`): single-stream token sequences (PixArt, DiT), two streams (SD3,
-Flux), a token grid (Sana).
+Flux), a token grid (Sana). torch.export takes one path for every family (`_program_options`): the
+program unoptimized, its input-free values computed by torch, its constants folded.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ _AXES: dict[str, dict[int, str]] = {
 }
 # SD3, Flux: the text length is fixed per bundle (every tokenizer pads to its
 # max_length), so only the batch, the image tokens and what follows from them are dynamic.
-_DYNAMO_AXES: dict[str, dict[int, str]] = {
+_MMDIT_AXES: dict[str, dict[int, str]] = {
     **_AXES,
     "input_ids": {0: "batch"},
     "prompt_embeds": {0: "batch"},
@@ -63,7 +64,7 @@ _DYNAMO_AXES: dict[str, dict[int, str]] = {
 # encoder's ids are as long as the prompt format makes them (an instructed prompt is longer than a
 # negative one), its outputs as long as the transformer reads (the select-index's length).
 _GRID_AXES: dict[str, dict[int, str]] = {
-    **_DYNAMO_AXES,
+    **_MMDIT_AXES,
     "hidden": {0: "batch", 1: "grid_height", 2: "grid_width"},
     "hidden_out": {0: "batch", 1: "grid_height", 2: "grid_width"},
     "feed": {0: "batch", 1: "grid_height", 2: "grid_width"},
@@ -77,14 +78,14 @@ _GRID_AXES: dict[str, dict[int, str]] = {
 
 def axes_kind(architecture: str) -> str:
     """Which table of dynamic axes a family's segments use: "tokens" (PixArt, DiT: `_AXES`),
-    "mmdit" (SD3, Flux: `_DYNAMO_AXES`) or "grid" (Sana: `_GRID_AXES`)."""
+    "mmdit" (SD3, Flux: `_MMDIT_AXES`) or "grid" (Sana: `_GRID_AXES`)."""
     return "mmdit" if architecture in MMDIT_ARCHITECTURES else "grid" if architecture == "sana" else "tokens"
 
 
 def dynamic_axes(names: Sequence[str], kind: str = "tokens") -> dict[str, dict[int, str]]:
     """Every tensor is dynamic in batch (but the ids: their positions); token and pixel axes as
     the table of `kind` (`axes_kind`) says."""
-    axes = {"tokens": _AXES, "mmdit": _DYNAMO_AXES, "grid": _GRID_AXES}[kind]
+    axes = {"tokens": _AXES, "mmdit": _MMDIT_AXES, "grid": _GRID_AXES}[kind]
     return {name: axes.get(name, {} if name.endswith("_ids") else {0: "batch"}) for name in names}
 
 
@@ -132,8 +133,6 @@ def export_segment(
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             if torchscript:
                 options = _torchscript_options(inputs, outputs)
-            elif kind == "mmdit":
-                options = _dynamo_options(module, inputs)
             else:
                 options = _program_options(module, args, inputs, kind)
                 module = options.pop("program")
@@ -142,10 +141,9 @@ def export_segment(
             )
         model = onnx.load(str(raw))  # also reads any per-tensor files the exporter wrote
         if not torchscript:
-            if kind != "mmdit":
-                _name_passthroughs(model, inputs)
-                _constants_from_torch(model, program.exported_program)
-                _fold_constants(model)
+            _name_passthroughs(model, inputs)
+            _constants_from_torch(model, program.exported_program)
+            _fold_constants(model)
             if kind == "tokens":  # as the TorchScript exporter writes these bundles: used inputs only
                 _drop_unused_inputs(model)
             _name_dims(model, [*inputs, *outputs], kind)
@@ -173,21 +171,6 @@ def _torchscript_options(inputs: Sequence[str], outputs: Sequence[str]) -> dict:
     )
 
 
-def _dynamo_options(module: nn.Module, inputs: Sequence[str]) -> dict:
-    """SD3, Flux: torch.export, with every axis `_DYNAMO_AXES` names (and every batch axis) dynamic
-    where the graph lets it be (`Dim.AUTO`: an axis the model fixes stays fixed instead of failing
-    the export); onnxscript's optimizer on (its rewrites drop a scalar add below 1e-8: `_program_options`)."""
-    axes = dynamic_axes(inputs, "mmdit")
-    flat = [{axis: torch.export.Dim.AUTO for axis in axes[name]} for name in inputs]
-    return dict(
-        dynamic_shapes=_structured(module, flat),
-        opset_version=DYNAMO_OPSET,
-        dynamo=True,
-        external_data=True,
-        verbose=False,
-    )
-
-
 def _structured(module: nn.Module, flat: list[dict]) -> tuple:
     """One dynamic-shapes entry per input, as torch.export sees `forward(a, *rest)`: (a, (rest...))."""
     import inspect
@@ -201,13 +184,15 @@ def _structured(module: nn.Module, flat: list[dict]) -> tuple:
 def _program_options(
     module: nn.Module, args: tuple[torch.Tensor, ...], inputs: Sequence[str], kind: str
 ) -> dict:
-    """PixArt, DiT ("tokens") and Sana ("grid"): the module through `torch.export.export` first, the
-    program then to the ONNX exporter. Exported inside `torch.onnx.export`, whose capture defers
-    shape checks to run time, the diffusers attention's `view(batch, heads, -1, text)` of the
-    caption mask cannot be proven to divide and the export fails; here it exports.
+    """Every family (PixArt, DiT: "tokens"; SD3, Flux: "mmdit"; Sana: "grid"): the module through
+    `torch.export.export` first, the program then to the ONNX exporter. Exported inside
+    `torch.onnx.export`, whose capture defers shape checks to run time, the diffusers attention's
+    `view(batch, heads, -1, text)` of PixArt's caption mask cannot be proven to divide and the
+    export fails; here it exports.
 
-    Dims: "tokens" with `Dim.AUTO` on each axis (torch.export works out that the image tokens are
-    the latent grid's over the patch); "grid" with one named dimension per axis name, shared by every
+    Dims: "tokens" and "mmdit" with `Dim.AUTO` on each axis (torch.export works out that the image
+    tokens are the latent grid's over the patch, the rotary tokens text + image tokens, and keeps
+    fixed an axis the model fixes); "grid" with one named dimension per axis name, shared by every
     input that has it (`Dim.AUTO` would give each input's batch its own symbol, and the caption
     mask's `view` then fails), but the text length, whose range is the model's (Sana's select-index:
     at least its length; Gemma-2's sliding window: at most that).
@@ -215,8 +200,8 @@ def _program_options(
     The program goes to ONNX unoptimized (`_fold_constants` folds its constants only): onnxscript's
     optimizer rewrites `x + c` to `x` for any scalar |c| < 1e-8 (its `add_0` rule's tolerance), which
     drops the `+ 1e-15` of Sana's linear attention (`num / (den + 1e-15)`): a token whose ReLU'd
-    query is all zero then divides 0 by 0 (NaN) where torch gives 0. ONNX Runtime and OpenVINO
-    optimize the graph themselves."""
+    query is all zero then divides 0 by 0 (NaN) where torch gives 0; its rules also drop `x * c` and
+    `x / c` for c within 1e-5 of 1. ONNX Runtime and OpenVINO optimize the graph themselves."""
     axes = dynamic_axes(inputs, kind)
     if kind == "grid":
         dims: dict[str, object] = {"text_tokens": torch.export.Dim.AUTO}
@@ -275,12 +260,16 @@ def _fold_constants(model) -> None:
 def _name_passthroughs(model, inputs: Sequence[str]) -> None:
     """An output that is an input as it is (DiT's `context` and `time` pass the class labels and
     the timestep through) is one value to the exporter, named after the output: give the input its
-    name back and the output an Identity, as the TorchScript exporter wrote it."""
+    name back and the output an Identity, as the TorchScript exporter wrote it. The Identity goes
+    first: other nodes may read the value too (SD3's last, `context_pre_only` block reads the text
+    tokens it passes through)."""
     from onnx import helper
 
     for value, name in zip(model.graph.input, inputs, strict=True):
         if value.name != name:
-            model.graph.node.append(helper.make_node("Identity", [name], [value.name], name=f"pass_{name}"))
+            model.graph.node.insert(
+                0, helper.make_node("Identity", [name], [value.name], name=f"pass_{name}")
+            )
             value.name = name
 
 
