@@ -214,7 +214,7 @@ def test_a_bf16_variant_and_only_it_makes_a_manifest_version_3(tiny_bundles, tmp
     }
     rewrite_manifest(path, lambda m: m.setdefault("variants", {}).update(bf16=entry))
     raw = json.loads((path / MANIFEST).read_text())
-    assert raw["schema_version"] == BF16_SCHEMA_VERSION == 3 and SCHEMA_VERSIONS == (2, 3, 4, 5)
+    assert raw["schema_version"] == BF16_SCHEMA_VERSION == 3 and SCHEMA_VERSIONS == (2, 3, 4, 5, 6)
     assert problem("manifest", raw) is None
     assert Bundle.load(path).variant_spec("bf16").precision_policy["plan"] == "ilf-4"
     with pytest.raises(BundleError, match="at variants/bf16"):  # version 2 cannot say "bf16"

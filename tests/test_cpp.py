@@ -391,7 +391,7 @@ def test_an_unknown_schema_version_is_refused(ilf_run, sigma_copy):
     (bundle / "manifest.sha256").write_text(f"sha256:{hashlib.sha256(data).hexdigest()}\n")
     one_line_error(
         run(ilf_run, bundle, "--prompt", "x", check=False),
-        "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5)",
+        "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5 and 6)",
     )
 
 

@@ -4,7 +4,9 @@ latents and the same token ids: every plan kind of the bundle (base, ILF, Δ-cac
 cached range, adaptive) at both sizes (Flux-dev: two schedules of a version 3 plan), a batch whose
 images decide the adaptive cache differently (`ilf-tests --batch`), the C API through ctypes, and
 the refusals in one line (a size or schedule the bundle lacks, an edited bundle, guidance the model
-has not, a prompt without token ids).
+has not, a prompt without token ids). Prompts: the tokenizers converted by openvino-tokenizers (schema 6)
+give the Python runtime's ids, and ilf-run --prompt its latents; a bundle without them (schema 4), or
+with some missing, refuses a prompt pointing to --token-ids.
 
 `make cpp` builds and installs the binary; these tests skip where it is absent and cannot be built,
 as tests/test_cpp.py does.
@@ -30,6 +32,7 @@ from tokenizers import Tokenizer
 
 from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.core.runtime.manifest import schema_version_for
 from ilf_deploy.engines.backends import open_generator
 
 from .conftest import MMDIT_FAMILIES, MMDIT_PLANS, MMDIT_SIZES
@@ -99,6 +102,20 @@ def edited_copy(bundle: Path, folder: Path, edit) -> Path:
     return copy
 
 
+def without_converted_tokenizers(bundle: Path, folder: Path, inputs: tuple[str, ...] | None = None) -> Path:
+    """A copy whose tokenizers feeding `inputs` (None: all) lose their OpenVINO conversion (the
+    manifest then schema 4 where none is left, as `ilf-deploy build` writes it without one)."""
+
+    def edit(manifest: dict) -> None:
+        for spec in manifest["tokenizers"]:
+            if inputs is None or spec["input"] in inputs:
+                spec.pop("openvino", None)
+        manifest["schema_version"] = schema_version_for(manifest)
+
+    folder.mkdir()
+    return edited_copy(bundle, folder, edit)
+
+
 # -- what the bundles hold --------------------------------------------------------------------------
 
 
@@ -115,6 +132,35 @@ def test_the_bundles_hold_every_plan_kind(bundles):
         assert "cache_adaptive" in kinds["base-4-adapt1-4t0.3m2"]
         versions = {json.loads((bundles[name] / "plans" / f"{p}.json").read_text())["version"] for p in PLANS}
         assert versions == ({3} if name == "flux" else {1, 2}), name  # Flux-dev: a schedule per size, all
+
+
+# Prompts the converted tokenizers must tokenise as `tokenizers` does: cases, punctuation and
+# whitespace CLIP's normalizer cleans up, words none of them knows, and one longer than every max_length
+# (truncated keeping CLIP's end-of-text and T5's </s>).
+TOKENIZER_PROMPTS = (
+    PROMPT,
+    "",
+    "  Two BLUE squares,\tat the bottom-right!  ",
+    "xyzzy über café",
+    "red " * 600,
+)
+
+
+def test_the_converted_tokenizers_give_the_python_ids(bundles):
+    """Each family's every tokenizer has its OpenVINO conversion (schema 6), and OpenVINO running it
+    (with the openvino_tokenizers extension, as ilf-run does) gives the Python runtime's ids."""
+    openvino = pytest.importorskip("openvino")
+    pytest.importorskip("openvino_tokenizers")  # registers the tokenizer operations with OpenVINO
+    core = openvino.Core()
+    for name in FAMILIES:
+        manifest = json.loads((bundles[name] / "manifest.json").read_text())
+        assert manifest["schema_version"] == 6, name
+        for spec in manifest["tokenizers"]:
+            assert spec["openvino"] == spec["file"].replace("tokenizer.json", "openvino_tokenizer.xml"), name
+            compiled = core.compile_model(str(bundles[name] / spec["openvino"]), "CPU")
+            for text in TOKENIZER_PROMPTS:
+                got = compiled([np.array([text])])["input_ids"].tolist()
+                assert got == [token_ids(bundles[name], text)[spec["input"]]], (name, spec["input"], text)
 
 
 # -- parity with the Python runtime -----------------------------------------------------------------
@@ -161,6 +207,41 @@ def test_final_latents_and_images_match_the_python_runtime(ilf_run, bundles, fam
             assert json.loads(report.read_text())["runs"][0]["block_forwards"] == ran, (family, plan)
             assert np.array_equal(png_pixels(png), image), (family, plan, height, width)
     print(f"{family}: largest relative L2 {worst:.3g}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prompt_gives_the_latents_of_the_python_runtime(ilf_run, bundles, family, tmp_path):
+    """ilf-run --prompt (and SD3's --negative-prompt, classifier-free) through the converted tokenizers
+    vs the Python OpenVINO f32 runtime tokenising with `tokenizers`, from the same latents."""
+    path = bundles[family]
+    generator = open_generator(path, "openvino", variant="f32")
+    bundle = generator.bundle
+    height, width = SIZES[0]
+    negatives = ("", "Blue squares, blurry") if family.startswith("sd3") else ("",)
+    for index, negative in enumerate(negatives):
+        request = Request(prompt=PROMPT, negative_prompt=negative, height=height, width=width)
+        shape = (1, bundle.model.latent_channels, *generator.latent_size(request))
+        latents = np.random.default_rng(5 + index).standard_normal(shape, dtype=np.float32)
+        np.save(tmp_path / "in.npy", latents)
+        want = generator.latents_to_numpy(generator.generate_latents(bundle.plan("ilf-4"), request, latents))
+        args = ["--plan", "ilf-4", "--prompt", PROMPT, "--height", height, "--width", width]
+        if negative:
+            args += ["--negative-prompt", negative]
+        run(
+            ilf_run,
+            path,
+            *args,
+            "--latents-in",
+            tmp_path / "in.npy",
+            "--latents-out",
+            tmp_path / "out.npy",
+            "-q",
+        )
+        error = rel_l2(np.load(tmp_path / "out.npy"), want)
+        assert error <= TOLERANCE, (family, negative, error)
+    one_line_error(  # longer than T5 reads: refused, as the request contract refuses it in Python
+        run(ilf_run, path, "--prompt", "red " * 600, check=False), "prompt"
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -429,7 +510,7 @@ def test_a_schema_4_manifest_is_checked_as_such(ilf_run, bundles, tmp_path):
     )
     refused(
         lambda m: m.update(schema_version=3),
-        "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5)",
+        "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5 and 6)",
     )
     refused(
         lambda m: m["model"].update(guidance="cfg2"),
@@ -438,6 +519,10 @@ def test_a_schema_4_manifest_is_checked_as_such(ilf_run, bundles, tmp_path):
     refused(
         lambda m: m["model"].update(state=["Hidden"]),
         "at model/state/0: Failed to match regex specified by 'pattern' constraint (got 'Hidden')",
+    )
+    refused(  # converted tokenizers are schema 6's
+        lambda m: m.update(schema_version=4),
+        "at tokenizers/0: Target should not validate against schema specified in 'not' constraint",
     )
     refused(
         lambda m: m["tokenizers"][0].update(extra=1),
@@ -491,12 +576,26 @@ def test_what_the_model_does_not_take_is_refused(ilf_run, bundles, tmp_path):
 
 
 def test_token_ids_are_required_and_checked(ilf_run, bundles, tmp_path):
-    """No converted tokenizers: a prompt says to pass --token-ids; ids by input, each of its length."""
+    """No converted tokenizers (or not every one): a prompt says to pass --token-ids; ids by input,
+    each of its length."""
     sd3, flux = bundles["sd3"], bundles["flux"]
+    none = without_converted_tokenizers(sd3, tmp_path / "none")
+    assert json.loads((none / "manifest.json").read_text())["schema_version"] == 4
     one_line_error(
-        run(ilf_run, sd3, "--prompt", PROMPT, check=False),
+        run(ilf_run, none, "--prompt", PROMPT, check=False),
         "this bundle has no OpenVINO tokenizer (its text encoder reads 3 tokenizers' ids: input_ids, "
         "input_ids_2, input_ids_3); pass --token-ids FILE",
+    )
+    one_line_error(
+        run(
+            ilf_run,
+            without_converted_tokenizers(sd3, tmp_path / "t5", ("input_ids_3",)),
+            "--prompt",
+            PROMPT,
+            check=False,
+        ),
+        "this bundle has no OpenVINO tokenizer for input_ids_3 (its text encoder reads 3 tokenizers' ids: "
+        "input_ids, input_ids_2, input_ids_3); pass --token-ids FILE",
     )
     one_line_error(run(ilf_run, sd3, check=False), "sd3 models need --prompt (or --token-ids)")
     prompt = token_ids(sd3, PROMPT)

@@ -2,7 +2,10 @@
 encoder returns the mask it keeps) against the Python runtime on the same engine (OpenVINO, f32
 pinned), from the same latents and the same token ids (--token-ids: the prompt's row with the
 instruction, instruction_max_length long; the negative prompt's without, max_length long): every plan
-kind at both sizes, and the refusals in one line.
+kind at both sizes, and the refusals in one line. Prompts: the Gemma tokenizer converted by
+openvino-tokenizers (padded to instruction_max_length; a negative prompt's ids are its first
+max_length) gives the Python runtime's ids, and ilf-run --prompt its latents; a bundle without it
+refuses a prompt pointing to --token-ids.
 
 `make cpp` builds and installs the binary; these tests skip where it is absent and cannot be built,
 as tests/test_cpp.py does.
@@ -25,6 +28,7 @@ from ilf_deploy.engines.backends import open_generator
 
 from .conftest import SANA_PLANS, SANA_SIZES
 from .test_cpp import _binary, one_line_error, png_pixels, rel_l2, run
+from .test_cpp_mmdit import edited_copy
 
 PROMPT = "a small red circle at the top left on a blue background"
 TOLERANCE = 1e-5  # relative L2 of the final latents
@@ -121,3 +125,55 @@ def test_rows_of_the_wrong_length_are_one_line(ilf_run, sana_bundle, tmp_path):
     short.write_text(json.dumps({"input_ids": [prompt["ids"][:10], prompt["ids"]]}))
     result = run(ilf_run, sana_bundle, "--token-ids", short, "--out", tmp_path / "x.png", check=False)
     one_line_error(result, f"must be {manifest['max_length']} ids long")
+
+
+def test_the_converted_tokenizer_gives_the_python_ids(sana_bundle):
+    """The manifest's `tokenizer.openvino`, run by OpenVINO with the openvino_tokenizers extension (as
+    ilf-run does): an instructed prompt's ids and mask in full, a negative prompt's in its first
+    max_length, equal to the Python runtime's."""
+    openvino = pytest.importorskip("openvino")
+    pytest.importorskip("openvino_tokenizers")  # registers the tokenizer operations with OpenVINO
+    spec = json.loads((sana_bundle / "manifest.json").read_text())["tokenizer"]
+    compiled = openvino.Core().compile_model(str(sana_bundle / spec["openvino"]), "CPU")
+    for text in (PROMPT, "", "  Two BLUE squares,\tat the bottom-right!  ", "xyzzy über café", "red " * 600):
+        for negative in (False, True):
+            want = token_row(sana_bundle, text, negative)
+            prompt = text.lower().strip() if negative else spec["instruction"] + text.lower().strip()
+            got = compiled([np.array([prompt])])
+            size = len(want["ids"])
+            assert got["input_ids"][0, :size].tolist() == want["ids"], (text, negative)
+            assert got["attention_mask"][0, :size].tolist() == want["mask"], (text, negative)
+
+
+def test_a_prompt_gives_the_latents_of_the_python_runtime(ilf_run, sana_bundle, tmp_path):
+    """ilf-run --prompt and --negative-prompt through the converted tokenizer vs the Python OpenVINO
+    f32 runtime from the same latents; a prompt longer than the model reads refused in one line; a
+    bundle without the converted tokenizer refuses a prompt pointing to --token-ids."""
+    generator = open_generator(sana_bundle, "openvino", variant="f32")
+    negative = "Blurry, LOW quality"
+    request = Request(prompt=PROMPT, negative_prompt=negative)
+    latents = np.random.default_rng(3).standard_normal((1, 32, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "in.npy", latents)
+    want = generator.latents_to_numpy(
+        generator.generate_latents(generator.bundle.plan("ilf-4"), request, latents)
+    )
+    out = tmp_path / "out.npy"
+    args = ["--plan", "ilf-4", "--prompt", PROMPT, "--negative-prompt", negative, "-q"]
+    run(
+        ilf_run,
+        sana_bundle,
+        *args,
+        "--latents-in",
+        tmp_path / "in.npy",
+        "--latents-out",
+        out,
+        "--out",
+        tmp_path / "x.png",
+    )
+    assert rel_l2(np.load(out), want) <= TOLERANCE
+    long = run(ilf_run, sana_bundle, "--prompt", "red " * 600, "--out", tmp_path / "y.png", check=False)
+    one_line_error(long, "prompt")
+    (tmp_path / "copy").mkdir()
+    unconverted = edited_copy(sana_bundle, tmp_path / "copy", lambda m: m["tokenizer"].pop("openvino"))
+    result = run(ilf_run, unconverted, "--prompt", PROMPT, "--out", tmp_path / "z.png", check=False)
+    one_line_error(result, "this bundle has no OpenVINO tokenizer (manifest tokenizer.openvino")

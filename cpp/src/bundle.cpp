@@ -31,16 +31,18 @@ bool lower_hex(const std::string& s, size_t from, size_t count) {
 }
 
 const char* kManifest = "manifest.json";
-// The manifest versions this reader implements, as Python's message lists its own ("2 and 3 and 4 and 5"):
-// 3 (a bf16 variant) is not one of them.
+// The manifest versions this reader implements, as Python's message lists its own ("2 and 3 and 4 and 5
+// and 6"): 3 (a bf16 variant) is not one of them.
 const std::string kReadableSchemas = std::to_string(kSchemaVersion) + " and " + std::to_string(kStateSchemaVersion) +
-                                     " and " + std::to_string(kInstructionSchemaVersion);
+                                     " and " + std::to_string(kInstructionSchemaVersion) + " and " +
+                                     std::to_string(kConvertedTokenizersSchemaVersion);
 
 /// A number (never a boolean) equal to a readable version, as Python's `version in (2, 4)` decides.
 bool readable_schema(const nlohmann::ordered_json& v) {
   if (!v.is_number()) return false;
   const double n = v.get<double>();
-  return n == kSchemaVersion || n == kStateSchemaVersion || n == kInstructionSchemaVersion;
+  return n == kSchemaVersion || n == kStateSchemaVersion || n == kInstructionSchemaVersion ||
+         n == kConvertedTokenizersSchemaVersion;
 }
 const char* kDigestFile = "manifest.sha256";
 
@@ -184,7 +186,7 @@ Manifest parse_manifest(const json& d, const std::string& where) {
     m.model.context_inputs.push_back(c.string(context[i], "model/context_inputs/" + std::to_string(i)));
   m.model.uses_size_conditions = c.boolean(c.key(model, "model", "uses_size_conditions"), "model/uses_size_conditions");
   if (model.contains("num_classes")) m.model.num_classes = c.int32(model["num_classes"], "model/num_classes", 1);
-  if (model.contains("state")) {  // schema 4 and 5 only, as state_init, token_layout, guidance, position_ids
+  if (model.contains("state")) {  // schema 4 to 6 only, as state_init, token_layout, guidance, position_ids
     const json& state = model["state"];
     c.array(state, "model/state");
     m.model.state.clear();
@@ -234,7 +236,7 @@ Manifest parse_manifest(const json& d, const std::string& where) {
     }
     m.tokenizer = t;
   }
-  if (d.contains("tokenizers")) {  // schema 4 and 5
+  if (d.contains("tokenizers")) {  // schema 4 to 6
     const json& tokenizers = d["tokenizers"];
     c.array(tokenizers, "tokenizers");
     for (size_t i = 0; i < tokenizers.size(); ++i) {
@@ -246,6 +248,7 @@ Manifest parse_manifest(const json& d, const std::string& where) {
       t.max_length = c.int32(c.key(v, at, "max_length"), at + "/max_length", 1);
       t.pad_id = c.int32(c.key(v, at, "pad_id"), at + "/pad_id", 0);
       t.input = c.string(c.key(v, at, "input"), at + "/input");
+      if (v.contains("openvino")) t.openvino = c.string(v["openvino"], at + "/openvino");  // schema 6
       m.tokenizers.push_back(t);
     }
   }
@@ -283,7 +286,10 @@ Manifest parse_manifest(const json& d, const std::string& where) {
     named.push_back(m.tokenizer->file);
     if (m.tokenizer->openvino) named.push_back(*m.tokenizer->openvino);
   }
-  for (auto& t : m.tokenizers) named.push_back(t.file);
+  for (auto& t : m.tokenizers) {
+    named.push_back(t.file);
+    if (t.openvino) named.push_back(*t.openvino);
+  }
   if (d.contains("calibration") && d["calibration"].is_object() && d["calibration"].contains("segments") &&
       d["calibration"]["segments"].is_object())
     for (auto& [_, e] : d["calibration"]["segments"].items())

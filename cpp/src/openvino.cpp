@@ -336,18 +336,14 @@ void load_tokenizers_extension() {
   if (!extension_error.empty()) detail::config_error(extension_error);
 }
 
+/// One converted tokenizer (`spec.openvino`, which the caller checked is there): ids `spec.max_length`
+/// long, Sana's `instruction_max_length` (what an instructed prompt pads to).
 class OvTokenizer final : public Tokenizer {
  public:
-  explicit OvTokenizer(const Bundle& bundle) {
-    const auto& spec = bundle.manifest().tokenizer;
-    if (!spec) detail::config_error("this bundle has no tokenizer (class-conditional model); pass --class-label");
-    if (!spec->openvino)
-      detail::config_error(
-          "this bundle has no OpenVINO tokenizer (manifest tokenizer.openvino: `ilf-deploy build` adds it where "
-          "openvino-tokenizers is installed and converts the tokenizer exactly); pass --token-ids FILE");
-    max_length_ = spec->max_length;
+  OvTokenizer(const Bundle& bundle, const TokenizerSpec& spec)
+      : max_length_(spec.instruction ? spec.instruction_max_length : spec.max_length) {
     load_tokenizers_extension();
-    std::string path = detail::join_path(bundle.path(), *spec->openvino);
+    std::string path = detail::join_path(bundle.path(), spec.openvino.value());
     try {
       std::lock_guard<std::mutex> lock(core_mutex);
       model_ = core().compile_model(path, "CPU");
@@ -371,7 +367,7 @@ class OvTokenizer final : public Tokenizer {
     out.attention_mask = row(request_.get_tensor("attention_mask"));
     if (static_cast<int>(out.input_ids.size()) != max_length_ || out.attention_mask.size() != out.input_ids.size())
       detail::engine_error("the OpenVINO tokenizer gave " + std::to_string(out.input_ids.size()) + " ids, not the " +
-                           std::to_string(max_length_) + " of the manifest's max_length");
+                           std::to_string(max_length_) + " the manifest says it pads to");
     return out;
   }
 
@@ -384,6 +380,44 @@ class OvTokenizer final : public Tokenizer {
   int max_length_ = 0;
   ov::CompiledModel model_;
   ov::InferRequest request_;
+};
+
+/// SD3, Flux (schema 6 `tokenizers`): every converted tokenizer on the same text, ids by the
+/// text_encoder input they feed (`inputs`); the attention mask is that of the one that reads the most
+/// (T5), the one whose count the request contract limits (core/runtime/request.py bundle_token_limit).
+class OvTokenizers final : public Tokenizer {
+ public:
+  explicit OvTokenizers(const Bundle& bundle) {
+    const auto& specs = bundle.manifest().tokenizers;
+    std::vector<std::string> names, missing;
+    for (auto& spec : specs) {
+      names.push_back(spec.input);
+      if (!spec.openvino) missing.push_back(spec.input);
+    }
+    if (!missing.empty())  // `ilf-deploy build` converts each tokenizer where that is exact (docs/cpp.md)
+      detail::config_error("this bundle has no OpenVINO tokenizer " +
+                           (missing.size() < names.size() ? "for " + detail::join(missing, ", ") + " " : std::string()) +
+                           "(its text encoder reads " + std::to_string(names.size()) + " tokenizers' ids: " +
+                           detail::join(names, ", ") + "); pass --token-ids FILE with the ids of each");
+    for (auto& spec : specs) {
+      if (spec.max_length > specs[longest_].max_length) longest_ = parts_.size();
+      parts_.emplace_back(spec.input, std::make_unique<OvTokenizer>(bundle, spec));
+    }
+  }
+
+  TokenIds encode(const std::string& text) override {
+    TokenIds out;
+    for (size_t i = 0; i < parts_.size(); ++i) {
+      TokenIds one = parts_[i].second->encode(text);
+      if (i == longest_) out.attention_mask = one.attention_mask;
+      out.inputs[parts_[i].first] = std::move(one.input_ids);
+    }
+    return out;
+  }
+
+ private:
+  std::vector<std::pair<std::string, std::unique_ptr<OvTokenizer>>> parts_;  // by text_encoder input
+  size_t longest_ = 0;
 };
 
 }  // namespace
@@ -421,6 +455,15 @@ std::unique_ptr<Engine> make_openvino_engine(const Bundle& bundle, const OpenVin
   return std::make_unique<OpenVinoEngine>(bundle, options);
 }
 
-std::unique_ptr<Tokenizer> make_openvino_tokenizer(const Bundle& bundle) { return std::make_unique<OvTokenizer>(bundle); }
+std::unique_ptr<Tokenizer> make_openvino_tokenizer(const Bundle& bundle) {
+  const Manifest& m = bundle.manifest();
+  if (!m.tokenizers.empty()) return std::make_unique<OvTokenizers>(bundle);
+  if (!m.tokenizer) detail::config_error("this bundle has no tokenizer (class-conditional model); pass --class-label");
+  if (!m.tokenizer->openvino)
+    detail::config_error(
+        "this bundle has no OpenVINO tokenizer (manifest tokenizer.openvino: `ilf-deploy build` adds it where "
+        "openvino-tokenizers is installed and converts the tokenizer exactly); pass --token-ids FILE");
+  return std::make_unique<OvTokenizer>(bundle, *m.tokenizer);
+}
 
 }  // namespace ilf

@@ -859,9 +859,43 @@ std::pair<Tensor, Tensor> Generator::encode_prompt(const std::string& prompt) {
   return embeddings_and_mask(bundle_, encode_text(prompt));
 }
 
-Feeds Generator::encode_text(const std::string& prompt, const TokenIds& tokens) {
+namespace {
+
+/// The request contract refuses a prompt longer than the model reads, never truncates it; the
+/// OpenVINO tokenizer truncates, so a prompt that fills every position is refused (one of exactly
+/// max_length tokens too, which Python's untruncated count accepts).
+void refuse_a_full_prompt(const std::vector<int64_t>& mask) {
+  if (mask.empty() || !std::all_of(mask.begin(), mask.end(), [](int64_t v) { return v != 0; })) return;
+  const std::string most = std::to_string(mask.size());
+  detail::config_error(detail::request_message("tokens", {{"param", "prompt"}, {"count", "at least " + most}, {"limit", most}}));
+}
+
+}  // namespace
+
+TokenIds Generator::tokenize(const std::string& prompt, bool negative) {
   const Manifest& m = bundle_.manifest();
-  std::string key = "p:" + prompt;
+  if (!tokenizer_) tokenizer_ = make_openvino_tokenizer(bundle_);  // SD3, Flux: one per text_encoder input
+  if (!m.tokenizers.empty()) {  // SD3, Flux: the prompt as given; the limit is T5's (the mask encode gives)
+    TokenIds ids = tokenizer_->encode(prompt);
+    refuse_a_full_prompt(ids.attention_mask);
+    return ids;
+  }
+  const std::string text = preprocess_prompt(prompt);  // as the PixArt and Sana pipelines preprocess
+  TokenIds alone = tokenizer_->encode(text);
+  const auto& spec = m.tokenizer.value();  // make_openvino_tokenizer refused a bundle without
+  if (spec.instruction) {  // Sana: padded to instruction_max_length; alone, its first max_length are its ids
+    alone.input_ids.resize(spec.max_length);
+    alone.attention_mask.resize(spec.max_length);
+  }
+  refuse_a_full_prompt(alone.attention_mask);  // the limit counts the prompt alone (request.py)
+  if (!spec.instruction || negative) return alone;
+  return tokenizer_->encode(*spec.instruction + text);  // Sana: a prompt follows the instruction
+}
+
+Feeds Generator::encode_text(const std::string& prompt, const TokenIds& tokens, bool negative) {
+  const Manifest& m = bundle_.manifest();
+  // Sana tokenises a negative prompt without the instruction; every other model the same way
+  std::string key = (negative && m.tokenizer && m.tokenizer->instruction ? "n:" : "p:") + prompt;
   if (!tokens.empty()) {
     key = "t:";
     for (size_t i = 0; i < tokens.input_ids.size(); ++i)
@@ -877,26 +911,9 @@ Feeds Generator::encode_text(const std::string& prompt, const TokenIds& tokens) 
   if (!tokens.empty()) {
     result = run_text_encoder(tokens);
   } else {
-    if (!m.tokenizers.empty()) {
-      std::vector<std::string> names;
-      for (auto& spec : m.tokenizers) names.push_back(spec.input);
-      detail::config_error("this bundle has no OpenVINO tokenizer (its text encoder reads " + std::to_string(names.size()) +
-                           " tokenizers' ids: " + detail::join(names, ", ") + "); pass --token-ids FILE with the ids of each");
-    }
-    if (!m.tokenizer) detail::config_error("this bundle has no tokenizer (class-conditional model); pass --class-label");
-    if (!tokenizer_) tokenizer_ = make_openvino_tokenizer(bundle_);
     double start = detail::now_s();
-    TokenIds ids = tokenizer_->encode(preprocess_prompt(prompt));  // as the PixArt pipelines preprocess
+    TokenIds ids = tokenize(prompt, negative);
     segments_->timings().add("tokenizer", detail::now_s() - start);
-    // The request contract refuses a prompt longer than the model reads, never truncates it; this
-    // tokenizer truncates, so a prompt that fills every position is refused (one of exactly
-    // max_length tokens too, which Python's untruncated count accepts).
-    const bool full = !ids.attention_mask.empty() &&
-                      std::all_of(ids.attention_mask.begin(), ids.attention_mask.end(), [](int64_t v) { return v != 0; });
-    if (full) {
-      const std::string most = std::to_string(ids.attention_mask.size());
-      detail::config_error(detail::request_message("tokens", {{"param", "prompt"}, {"count", "at least " + most}, {"limit", most}}));
-    }
     result = run_text_encoder(ids);
   }
   if (prompt_cache_.size() >= 256) prompt_cache_.clear();
@@ -920,7 +937,7 @@ Feeds Generator::batch_inputs(const std::vector<Request>& requests, bool guided,
   }
   std::vector<Feeds> encoded_rows;
   if (guided)
-    for (auto& r : requests) encoded_rows.push_back(encode_text(r.negative_prompt, r.negative_tokens));
+    for (auto& r : requests) encoded_rows.push_back(encode_text(r.negative_prompt, r.negative_tokens, true));
   for (auto& r : requests) encoded_rows.push_back(encode_text(r.prompt, r.tokens));
   Feeds out;
   for (auto& [name, _] : encoded_rows.front()) {

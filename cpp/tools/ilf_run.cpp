@@ -24,8 +24,8 @@ const char* kUsage = R"(usage: ilf-run BUNDLE [--plan P] (--prompt TEXT | --toke
 Run a step plan of an ilf-deploy bundle on OpenVINO (every file's sha256 and the digest checked first).
 
   --plan, -p P            a bundled plan (default: the first ILF plan) or a plan .json file
-  --prompt TEXT           PixArt: the prompt (the bundle's OpenVINO tokenizer; SD3 and Flux bundles
-                          have none: pass --token-ids)
+  --prompt TEXT           the prompt, tokenised by the bundle's OpenVINO tokenizer (SD3, Flux: one per
+                          tokenizer); a bundle built without them: pass --token-ids
   --token-ids FILE        token ids instead of --prompt. PixArt: a .npy of integers shaped (L,), (1, L)
                           or (2, L) = [negative; prompt] (mask: up to the trailing padding), or a .json
                           {"input_ids": [...], "attention_mask": [...]} with the same rows.
@@ -35,7 +35,7 @@ Run a step plan of an ilf-deploy bundle on OpenVINO (every file's sha256 and the
                           prompt) or, for SD3 with guidance, two rows [negative; prompt]
                           Sana: as PixArt's .json, the prompt's row = tokenizer.instruction + the
                           prompt (instruction_max_length ids), a negative row its own (max_length)
-  --negative-prompt TEXT  PixArt and SD3, with guidance (default "")
+  --negative-prompt TEXT  PixArt, SD3 and Sana, with guidance (default "")
   --class-label N         DiT: the ImageNet class
   --guidance-scale G      guidance (default 4.5 PixArt, 4.0 DiT, 7.0 SD3: classifier-free, <= 1
                           disables; 3.5 Flux.1-dev: embedded in the model; Flux.1-schnell has none)
@@ -194,12 +194,6 @@ double cpu_seconds() {  // this process's user + system CPU time (steadier than 
   rusage u {};
   getrusage(RUSAGE_SELF, &u);
   return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
-}
-
-std::string join(const std::vector<std::string>& items) {
-  std::string out;
-  for (size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + items[i];
-  return out;
 }
 
 bool is_json(const std::string& path) { return path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0; }
@@ -363,9 +357,7 @@ int run(int argc, char** argv) {
   check_request(a, m);
   std::vector<std::string> inputs;  // schema 4: the text encoder's inputs, one per tokenizer
   for (auto& spec : m.tokenizers) inputs.push_back(spec.input);
-  if (a.has_prompt && !inputs.empty())
-    usage_error("this bundle has no OpenVINO tokenizer (its text encoder reads " + std::to_string(inputs.size()) +
-                " tokenizers' ids: " + join(inputs) + "); pass --token-ids FILE with the ids of each");
+  // a prompt without the converted tokenizers: the generator refuses it (ilf::make_openvino_tokenizer)
   // the request contract (runtime/request.py): a negative prompt needs classifier-free guidance, a
   // guidance scale some guidance
   const std::string kind = m.model.guidance == "embedded"

@@ -19,6 +19,7 @@ namespace ilf {
 constexpr int kSchemaVersion = 2;       // manifest.schema.json: what a bundle without the below is
 constexpr int kStateSchemaVersion = 4;  // 4: a multi-tensor state (SD3, Flux) and several tokenizers
 constexpr int kInstructionSchemaVersion = 5;  // 5: a prompt format (Sana: tokenizer.instruction)
+constexpr int kConvertedTokenizersSchemaVersion = 6;  // 6: schema 4's `tokenizers` with `openvino`
 constexpr int kPlanVersion = 3;         // plan.schema.json: the newest version read (1, 2 and 3 are)
 
 struct ILF_API Dim {
@@ -66,7 +67,7 @@ struct ILF_API TokenizerSpec {
   std::string file;  // tokenizer/tokenizer.json (the `tokenizers` library's)
   int max_length = 0;
   int pad_id = 0;
-  std::optional<std::string> openvino;  // the same tokenizer converted by openvino-tokenizers (.xml)
+  std::optional<std::string> openvino;  // the same tokenizer converted by openvino-tokenizers (.xml; schema 6 in `tokenizers`)
   std::string input = "input_ids";      // the text_encoder input its ids feed (schema 4 `tokenizers`)
   // Schema 5 (Sana): a prompt's ids are the instruction's + the prompt's, instruction_max_length long; a
   // negative prompt's are its own, max_length long (the text encoder keeps max_length of them either way)

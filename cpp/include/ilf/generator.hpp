@@ -37,9 +37,11 @@ class ILF_API Tokenizer {
 };
 
 /// The bundle's tokenizer as converted by openvino-tokenizers at build time (manifest
-/// tokenizer.openvino), run by OpenVINO with the openvino_tokenizers extension library
-/// (ILF_OPENVINO_TOKENIZERS, else the path found at build time). Error(config) where the bundle
-/// has none: pass token ids instead.
+/// tokenizer.openvino; Sana's pads to instruction_max_length), run by OpenVINO with the openvino_tokenizers extension library
+/// (ILF_OPENVINO_TOKENIZERS, else the path found at build time). SD3 and Flux (schema 6): every
+/// tokenizer of `tokenizers` converted, one encode giving each one's ids in `TokenIds::inputs` and the
+/// longest one's mask. Error(config) where the bundle has none (or not one per input): pass token
+/// ids instead.
 ILF_API std::unique_ptr<Tokenizer> make_openvino_tokenizer(const Bundle& bundle);
 
 /// As the PixArt pipelines preprocess a prompt before tokenising: lower case, surrounding
@@ -108,8 +110,9 @@ class ILF_API Generator {
   std::pair<Tensor, Tensor> encode_tokens(const TokenIds& tokens);
   /// Any text model: one row of the model's text inputs by name (PixArt `prompt_embeds`,
   /// `prompt_mask`; SD3 and Flux the text encoder's outputs, `prompt_embeds` and
-  /// `pooled_prompt_embeds`), from `tokens` when given, else from `prompt`; cached.
-  Feeds encode_text(const std::string& prompt, const TokenIds& tokens = {});
+  /// `pooled_prompt_embeds`), from `tokens` when given, else from `prompt` (`negative`: a negative
+  /// prompt, which Sana tokenises without its instruction); cached.
+  Feeds encode_text(const std::string& prompt, const TokenIds& tokens = {}, bool negative = false);
   /// Per image of the last generate_batch: the block forwards that ran.
   const std::vector<int>& last_block_forwards() const { return last_block_forwards_; }
 
@@ -121,6 +124,8 @@ class ILF_API Generator {
  private:
   Feeds batch_inputs(const std::vector<Request>& requests, bool guided, std::pair<int, int> latent_hw);
   Feeds run_text_encoder(const TokenIds& tokens);
+  /// `prompt` through the bundle's OpenVINO tokenizer(s), as core/runtime/pipeline.py tokenises it.
+  TokenIds tokenize(const std::string& prompt, bool negative);
   void check_request(const Request& request) const;
 
   Bundle bundle_;

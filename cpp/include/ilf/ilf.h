@@ -86,8 +86,8 @@ typedef struct ilf_token_ids {
 
 typedef struct ilf_request {
   size_t struct_size;          /* sizeof(ilf_request): ilf_request_init sets it */
-  const char* prompt;          /* PixArt (NULL: "") */
-  const char* negative_prompt; /* PixArt and SD3, with guidance (NULL: "") */
+  const char* prompt;          /* PixArt, SD3, Flux, Sana: tokenised by the bundle's OpenVINO tokenizer(s) (NULL: "") */
+  const char* negative_prompt; /* PixArt, SD3 and Sana, with guidance (NULL: "") */
   int64_t class_label;         /* DiT; -1: none */
   double guidance_scale;       /* NaN: the default (4.5 PixArt, 4.0 DiT, 7.0 SD3, 3.5 Flux.1-dev: embedded;
                                   Flux.1-schnell: none, only 1 is accepted); classifier-free: <= 1 disables */

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import itertools
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -288,13 +289,17 @@ def _write_sana_tokenizer(model: LoadedModel, root: Path) -> dict:
     hf = model.text_pipeline.tokenizer
     (root / "tokenizer").mkdir()
     hf.backend_tokenizer.save(str(root / "tokenizer" / "tokenizer.json"))
-    return {
+    spec = {
         "file": "tokenizer/tokenizer.json",
         "max_length": fmt.max_sequence_length,
         "pad_id": int(hf.pad_token_id or 0),
         "instruction": fmt.instruction,
         "instruction_max_length": instructed_length(hf),
     }
+    converted = _openvino_tokenizer(hf, spec, root)
+    if converted is not None:  # the C++ runtime's tokenizer (cpp/, docs/cpp.md)
+        spec["openvino"] = converted
+    return spec
 
 
 def instructed_length(tokenizer) -> int:
@@ -306,7 +311,8 @@ def instructed_length(tokenizer) -> int:
 
 def _write_tokenizers(model: LoadedModel, root: Path) -> list[dict]:
     """SD3/Flux: every tokenizer of the pipeline, padded to the lengths its `encode_prompt` uses by
-    default (CLIP: 77; T5: the pipeline's max_sequence_length), in the text encoder's input order."""
+    default (CLIP: 77; T5: the pipeline's max_sequence_length), in the text encoder's input order,
+    each with its OpenVINO conversion where that is exact (`_openvino_tokenizer`)."""
     pipe = model.text_pipeline
     if pipe is None or model.architecture == "sana":  # one tokenizer: _write_sana_tokenizer
         return []
@@ -320,9 +326,16 @@ def _write_tokenizers(model: LoadedModel, root: Path) -> list[dict]:
         last = index == len(names) - 1  # the T5 tokenizer
         length = t5_length if last else int(pipe.tokenizer_max_length)
         pad = hf.pad_token_id if hf.pad_token_id is not None else 0
-        specs.append(
-            {"file": f"{name}/tokenizer.json", "max_length": length, "pad_id": int(pad), "input": input_name}
-        )
+        spec = {
+            "file": f"{name}/tokenizer.json",
+            "max_length": length,
+            "pad_id": int(pad),
+            "input": input_name,
+        }
+        converted = _openvino_tokenizer(hf, spec, root)
+        if converted is not None:  # the C++ runtime's tokenizer for this input (schema 6)
+            spec["openvino"] = converted
+        specs.append(spec)
     return specs
 
 
@@ -452,35 +465,42 @@ _TOKENIZER_PROBES = (
 
 
 def _openvino_tokenizer(hf_tokenizer, spec: dict, root: Path) -> str | None:
-    """The tokenizer converted by openvino-tokenizers (tokenizer/openvino_tokenizer.xml, what the C++
-    runtime in cpp/ runs) where that package is installed and the conversion reproduces the runtime's
-    `tokenizers` ids, padding to max_length and attention mask on _TOKENIZER_PROBES; else None (the
-    C++ runtime then takes --token-ids)."""
+    """The tokenizer of `spec` converted by openvino-tokenizers (openvino_tokenizer.xml beside its
+    tokenizer.json, what the C++ runtime in cpp/ runs) where that package is installed and the
+    conversion reproduces the runtime's `tokenizers` ids, padding and attention mask on
+    _TOKENIZER_PROBES, as given and lower-cased (PixArt and Sana lower-case, SD3 and Flux do not); else
+    None (the C++ runtime then takes --token-ids). With Sana's instruction (schema 5) it pads to
+    instruction_max_length: instructed prompts must match there, and a prompt alone (a negative prompt)
+    in its first max_length ids, which C++ keeps (Gemma appends nothing, so truncation keeps a prefix)."""
     try:
         import openvino as ov
         from openvino_tokenizers import convert_tokenizer
         from tokenizers import Tokenizer
     except ImportError:
         return None
-    folder = root / "tokenizer"
-    reference = Tokenizer.from_file(str(folder / "tokenizer.json"))  # as runtime.pipeline sets it up
-    reference.enable_truncation(spec["max_length"])
-    pad_token = reference.id_to_token(spec["pad_id"])
-    reference.enable_padding(length=spec["max_length"], pad_id=spec["pad_id"], pad_token=pad_token)
+    instruction = spec.get("instruction")
+    length = spec.get("instruction_max_length", spec["max_length"])
+    checks = [(instruction or "", length)]  # (text before the probe, ids compared)
+    if instruction is not None:
+        checks.append(("", spec["max_length"]))
+    references = {}
+    for _, size in checks:  # as runtime.pipeline sets them up
+        references[size] = Tokenizer.from_file(str(root / spec["file"]))
+        references[size].enable_truncation(size)
+        pad_token = references[size].id_to_token(spec["pad_id"])
+        references[size].enable_padding(length=size, pad_id=spec["pad_id"], pad_token=pad_token)
     try:
-        model = convert_tokenizer(
-            hf_tokenizer, max_length=spec["max_length"], use_max_padding=True, truncation=True
-        )
+        model = convert_tokenizer(hf_tokenizer, max_length=length, use_max_padding=True, truncation=True)
         compiled = ov.Core().compile_model(model, "CPU")
         for prompt in _TOKENIZER_PROBES:
-            for text in {prompt, prompt.lower().strip()}:
-                want = reference.encode(text)
-                got = compiled([np.array([text])])
-                if got["input_ids"].tolist() != [want.ids] or got["attention_mask"].tolist() != [
-                    want.attention_mask
-                ]:
+            for text, (prefix, size) in itertools.product({prompt, prompt.lower().strip()}, checks):
+                want = references[size].encode(prefix + text)
+                got = compiled([np.array([prefix + text])])
+                ids, mask = got["input_ids"][0, :size].tolist(), got["attention_mask"][0, :size].tolist()
+                if (ids, mask) != (want.ids, want.attention_mask):
                     return None
     except Exception:  # a tokenizer (or a version) openvino-tokenizers does not convert
         return None
+    folder = (root / spec["file"]).parent
     ov.save_model(model, str(folder / "openvino_tokenizer.xml"))
-    return "tokenizer/openvino_tokenizer.xml"
+    return f"{folder.relative_to(root).as_posix()}/openvino_tokenizer.xml"

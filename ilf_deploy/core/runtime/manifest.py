@@ -22,15 +22,26 @@ BF16_SCHEMA_VERSION = 3  # 3 adds the "bf16" variant mode and its `precision_pol
 STATE_SCHEMA_VERSION = 4  # 4 adds a multi-tensor state (MMDiTs: SD3, Flux) and several tokenizers
 # 5 adds a prompt format (Sana: `tokenizer.instruction`; the text encoder also returns the mask it keeps)
 INSTRUCTION_SCHEMA_VERSION = 5
-SCHEMA_VERSIONS = (SCHEMA_VERSION, BF16_SCHEMA_VERSION, STATE_SCHEMA_VERSION, INSTRUCTION_SCHEMA_VERSION)
+# 6 adds converted tokenizers to schema 4's `tokenizers` (each `openvino`: the C++ runtime's, SD3/Flux)
+CONVERTED_TOKENIZERS_SCHEMA_VERSION = 6
+SCHEMA_VERSIONS = (
+    SCHEMA_VERSION,
+    BF16_SCHEMA_VERSION,
+    STATE_SCHEMA_VERSION,
+    INSTRUCTION_SCHEMA_VERSION,
+    CONVERTED_TOKENIZERS_SCHEMA_VERSION,
+)
 MODEL_STATE_FIELDS = ("state", "state_init", "token_layout", "guidance", "position_ids")  # schema 4
 
 
 def schema_version_for(manifest: Mapping[str, Any]) -> int:
-    """The oldest version that says what `manifest` (the JSON) holds: 5 with a prompt format
-    (Sana's instruction), 4 with a multi-tensor state or several tokenizers, 3 with a bf16 variant,
-    else 2, so every other bundle stays readable by readers of 2 (the C++ runtime)."""
+    """The oldest version that says what `manifest` (the JSON) holds: 6 with several tokenizers of
+    which one is converted for OpenVINO, 5 with a prompt format (Sana's instruction), 4 with a
+    multi-tensor state or several tokenizers, 3 with a bf16 variant, else 2, so every other bundle
+    stays readable by readers of 2 (the C++ runtime)."""
     tokenizer = manifest.get("tokenizer") or {}
+    if any("openvino" in spec for spec in manifest.get("tokenizers") or ()):
+        return CONVERTED_TOKENIZERS_SCHEMA_VERSION
     if "instruction" in tokenizer:
         return INSTRUCTION_SCHEMA_VERSION
     model = manifest.get("model") or {}
