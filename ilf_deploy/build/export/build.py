@@ -496,6 +496,8 @@ def _openvino_tokenizer(hf_tokenizer, spec: dict, root: Path) -> str | None:
             for text, (prefix, size) in itertools.product({prompt, prompt.lower().strip()}, checks):
                 want = references[size].encode(prefix + text)
                 got = compiled([np.array([prefix + text])])
+                if got["input_ids"].shape != (1, length) or got["attention_mask"].shape != (1, length):
+                    return None  # C++ expects exactly `length` ids (openvino.cpp)
                 ids, mask = got["input_ids"][0, :size].tolist(), got["attention_mask"][0, :size].tolist()
                 if (ids, mask) != (want.ids, want.attention_mask):
                     return None
