@@ -95,7 +95,6 @@ def python_runner(bundle: Path, plan_name: str, threads: int | None):
 
     generator = open_generator(bundle, "openvino", variant="f32", threads=threads)
     segments, infer_s = generator.segments, {}
-    segments.static_shapes = 0  # the C++ runtime compiles the dynamic-shape models: the same ones here
     original = segments._request
 
     def timed_request(name: str, shapes: Any = None) -> Any:

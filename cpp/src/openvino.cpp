@@ -4,7 +4,8 @@
 // where the CPU has AVX512_BF16 or AMX) and PERFORMANCE_HINT=LATENCY, the Python backend's config, so
 // both runtimes compile the same kernels. Compiled models are cached in BUNDLE/openvino_cache as
 // exported blobs written beside their final name and renamed into place (a crash never leaves half a
-// blob), keyed on the segment's sha256, the device, the config, OpenVINO's build and this machine,
+// blob), keyed on the segment's sha256, the device, the config, OpenVINO's build, this machine and
+// the input shapes (each segment is compiled for the shapes it is called with, as the Python backend),
 // each with a sidecar (BLOB.sha256: the key and the blob's sha256) checked before the blob is imported.
 // The C++ blobs have their own names (cpp-*.blob): the Python cache key includes Python library
 // versions this runtime cannot know, so the two caches never read each other's blobs.
@@ -19,6 +20,7 @@
 #include <iostream>
 #include <mutex>
 #include <openvino/openvino.hpp>
+#include <optional>
 #include <sstream>
 #include <type_traits>
 
@@ -87,6 +89,24 @@ struct Compiled {
   ov::InferRequest request;
   std::vector<Port> inputs, outputs;
 };
+
+/// (input name, dims) of a segment's declared inputs, in order, as fed; nullopt: the dynamic model.
+using Shapes = std::optional<std::vector<std::pair<std::string, Shape>>>;
+
+/// Static-shape compiles per segment, as openvino.py's STATIC_SHAPES: the CPU plugin fuses more with
+/// static shapes (int8 1.10-1.20x, the Python backend's docstring), and both runtimes must compile the
+/// same models to stay bit-identical. Beyond them the dynamic model: memory stays bounded.
+constexpr size_t kStaticShapes = 2;
+
+std::string shapes_text(const Shapes& shapes) {
+  if (!shapes) return "dynamic";
+  std::string text;
+  for (const auto& [name, dims] : *shapes) {
+    text += (text.empty() ? "" : ",") + name + ":";
+    for (size_t i = 0; i < dims.size(); ++i) text += (i ? "x" : "") + std::to_string(dims[i]);
+  }
+  return text;
+}
 
 ov::Tensor to_ov(const Tensor& t, const ov::element::Type& type, const std::string& segment, const std::string& name) {
   ov::Shape shape(t.shape().begin(), t.shape().end());
@@ -164,7 +184,7 @@ class OpenVinoEngine final : public Engine {
   Timings* inference_timings() override { return &infer_; }
 
   Feeds run(const std::string& segment, const Feeds& inputs) override {
-    Compiled& c = compiled(segment);
+    Compiled& c = compiled(segment, shapes_for(segment, inputs));
     for (const Port& p : c.inputs) {
       auto it = inputs.find(p.name);
       if (it == inputs.end()) detail::engine_error("segment " + segment + " needs input '" + p.name + "'");
@@ -196,21 +216,57 @@ class OpenVinoEngine final : public Engine {
   const ov::AnyMap& config_for(const std::string& segment) const { return reduced(segment) ? config_ : f32_config_; }
   std::string precision_for(const std::string& segment) const { return reduced(segment) ? options_.precision : "f32"; }
 
-  std::string cache_path(const std::string& segment) const {
-    return detail::join_path(bundle_.path(), "openvino_cache/cpp-" + segment + "." + cache_key(segment).substr(0, 20) + ".blob");
+  /// The shapes to compile `segment` for: those of `inputs`, unless the segment already has
+  /// kStaticShapes other shape sets compiled (then the dynamic model), as openvino.py's shapes_for.
+  Shapes shapes_for(const std::string& segment, const Feeds& inputs) const {
+    Shapes shapes{std::in_place};
+    for (const std::string& name : bundle_.manifest().segment(segment, options_.variant).input_names()) {
+      auto it = inputs.find(name);
+      if (it == inputs.end()) detail::engine_error("segment " + segment + " needs input '" + name + "'");
+      shapes->emplace_back(name, it->second.shape());
+    }
+    if (compiled_.count({segment, shapes})) return shapes;
+    const auto seen = std::count_if(compiled_.begin(), compiled_.end(),
+                                    [&](const auto& entry) { return entry.first.first == segment && entry.first.second; });
+    return static_cast<size_t>(seen) < kStaticShapes ? shapes : std::nullopt;
   }
 
-  /// The sha256 of what a blob must have been compiled from: the segment's bytes, device and options.
-  std::string cache_key(const std::string& segment) const {
+  std::string cache_path(const std::string& segment, const Shapes& shapes) const {
+    return detail::join_path(bundle_.path(),
+                             "openvino_cache/cpp-" + segment + "." + cache_key(segment, shapes).substr(0, 20) + ".blob");
+  }
+
+  /// The sha256 of what a blob must have been compiled from: the segment's bytes, device, options and
+  /// input shapes (none: the dynamic model).
+  std::string cache_key(const std::string& segment, const Shapes& shapes) const {
     const Manifest& m = bundle_.manifest();
     std::string rel = m.segment(segment, options_.variant).file;
     std::string stem = rel.substr(0, rel.rfind('.'));
-    std::string key = "ilf-cpp-cache-1";
+    std::string key = "ilf-cpp-cache-2";
     for (auto& [f, digest] : m.files)  // the graph and its external data / IR weights
       if (f == rel || f.rfind(rel + ".", 0) == 0 || f == stem + ".bin") key += "|" + f + "=" + digest;
     key += "|" + options_.device + "|" + precision_for(segment) + "|LATENCY|" + std::to_string(options_.threads);
-    key += "|" + openvino_version() + "|" + machine_;
+    key += "|" + openvino_version() + "|" + machine_ + "|" + shapes_text(shapes);
     return sha256_hex(key.data(), key.size());
+  }
+
+  /// Segment `segment`'s graph, reshaped to `shapes` where given; a graph that does not reshape runs
+  /// with its dynamic shapes (one line on stderr), as openvino.py's read_model.
+  std::shared_ptr<ov::Model> read_model(const std::string& segment, const std::string& path, const Shapes& shapes) {
+    std::shared_ptr<ov::Model> model = core().read_model(path);
+    if (!shapes) return model;
+    std::map<ov::Output<ov::Node>, ov::PartialShape> fixed;
+    for (const ov::Output<ov::Node>& port : model->inputs())
+      for (const auto& [name, dims] : *shapes)
+        if (port.get_names().count(name)) fixed.emplace(port, ov::PartialShape(dims));
+    try {
+      model->reshape(fixed);
+    } catch (const std::exception& e) {
+      std::cerr << "ilf: OpenVINO cannot reshape " << segment << " to " << shapes_text(shapes) << " (" << first_line(e.what())
+                << "): dynamic shapes\n";
+      model = core().read_model(path);
+    }
+    return model;
   }
 
   /// A cache entry is used only if its sidecar (BLOB.sha256, written after the blob) names this
@@ -235,12 +291,13 @@ class OpenVinoEngine final : public Engine {
     return "";
   }
 
-  Compiled& compiled(const std::string& segment) {
-    auto it = compiled_.find(segment);
+  /// Segment `segment` compiled for `shapes` (one infer request each).
+  Compiled& compiled(const std::string& segment, const Shapes& shapes) {
+    auto it = compiled_.find({segment, shapes});
     if (it != compiled_.end()) return it->second;
     const std::string path = bundle_.segment_path(segment, options_.variant);
-    const std::string blob = options_.cache ? cache_path(segment) : "";
-    const std::string key = options_.cache ? cache_key(segment) : "";
+    const std::string blob = options_.cache ? cache_path(segment, shapes) : "";
+    const std::string key = options_.cache ? cache_key(segment, shapes) : "";
     Compiled c;
     bool loaded = false;
     std::lock_guard<std::mutex> lock(core_mutex);
@@ -255,7 +312,7 @@ class OpenVinoEngine final : public Engine {
     }
     if (!loaded) {
       try {
-        c.model = core().compile_model(core().read_model(path), options_.device, config_for(segment));
+        c.model = core().compile_model(read_model(segment, path, shapes), options_.device, config_for(segment));
       } catch (const std::exception& e) {
         detail::bundle_error("OpenVINO cannot compile " + path + " for " + options_.device + ": " + first_line(e.what()));
       }
@@ -282,14 +339,14 @@ class OpenVinoEngine final : public Engine {
     for (auto& p : c.model.inputs()) c.inputs.push_back({named(p), p, p.get_element_type()});
     for (auto& p : c.model.outputs()) c.outputs.push_back({named(p), p, p.get_element_type()});
     c.request = c.model.create_infer_request();
-    return compiled_.emplace(segment, std::move(c)).first->second;
+    return compiled_.emplace(std::make_pair(segment, shapes), std::move(c)).first->second;
   }
 
   Bundle bundle_;
   OpenVinoOptions options_;
   ov::AnyMap config_, f32_config_;
   std::string machine_;
-  std::map<std::string, Compiled> compiled_;
+  std::map<std::pair<std::string, Shapes>, Compiled> compiled_;  // by segment and shapes
   Timings infer_;
 };
 
