@@ -341,9 +341,15 @@ def test_bad_row_fails_only_its_request_in_a_shared_batch(server):
 
 @needs_server
 def test_full_queue_rejects_at_once(server):
-    http, client = http_client(server)
+    import tritonclient.http as http
+
+    # one connection per request, all sent before any is read: a few ms of inference each must not
+    # drain the queue (1 running + 1 waiting) between arrivals, as 12 requests over 16 connections once did
+    burst = 48
+    client = http.InferenceServerClient(server.http, concurrency=burst, network_timeout=120)
+    server.clients.append(client)
     started = time.monotonic()
-    pending = [client.async_infer("tiny_q", inputs(http, seed=s, plan="ilf-4")) for s in range(12)]
+    pending = [client.async_infer("tiny_q", inputs(http, seed=s, plan="ilf-4")) for s in range(burst)]
     outcomes = []
     for p in pending:
         try:
