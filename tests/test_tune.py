@@ -136,6 +136,11 @@ def test_timing_plan_is_the_first_steps_up_to_a_feedback_step(tiny_bundles):
     timed = timing_plan(plan)
     assert timed.steps[-1].feedback and not any(s.feedback for s in timed.steps[:-1])
     assert timed.steps == plan.steps[: timed.num_steps]
+    # a plan without feedback: its first step (each step costs the same; all of them made a round
+    # of full-depth Flux a minute long, and the budget then skipped the last candidate)
+    base = Bundle.load(tiny_bundles["pixart-alpha"]).plan("base-4")
+    assert not any(s.feedback for s in base.steps)
+    assert timing_plan(base).steps == base.steps[:1]
 
 
 def test_candidates_cover_the_installed_engines(tuned):

@@ -14,7 +14,8 @@ Each candidate is checked against ONNX Runtime fp32 by the comparator `verify-va
 (ilf_deploy.engines.compare: its segments on a held-out trajectory's feeds, then the end-to-end latents,
 held to compare.BUDGETS for its engine and precision); one that fails is timed and recorded, never
 chosen. Every candidate that opens is timed on one denoising step (the plan's
-steps up to its first feedback step: an ILF step with the inner loop), round-robin so that a
+steps up to its first feedback step: an ILF step with the inner loop; the first step of a plan
+without one), round-robin so that a
 machine's slow moments hit every candidate alike; the fastest median within budget wins, but a
 lossy one (int8, bf16, fp8...) only when it is compare.LOSSY_SPEEDUP times as fast as the fastest
 exact (fp32) one: accuracy is never traded for nothing. Every engine stays open, so that all are
@@ -199,8 +200,10 @@ def choose_winner(found: list[Candidate]) -> tuple[Candidate, str]:
 
 
 def timing_plan(plan: StepPlan) -> StepPlan:
-    """The plan's steps up to its first feedback step (all of them for a plan without one)."""
-    first = next((i for i, step in enumerate(plan.steps) if step.feedback), len(plan.steps) - 1)
+    """The plan's steps up to its first feedback step; its first step where it has none (every
+    step then runs the same segments on the same shapes: timing them all made a round of a large
+    model cost minutes, and the budget skipped the last candidates)."""
+    first = next((i for i, step in enumerate(plan.steps) if step.feedback), 0)
     return dataclasses.replace(plan, name=f"{plan.name}[:{first + 1}]", steps=plan.steps[: first + 1])
 
 
