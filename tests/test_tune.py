@@ -143,6 +143,19 @@ def test_timing_plan_is_the_first_steps_up_to_a_feedback_step(tiny_bundles):
     assert timing_plan(base).steps == base.steps[:1]
 
 
+@pytest.mark.parametrize("spec", ["base-4", "ilf-4"])
+def test_tune_on_a_size_dependent_schedule(mmdit_bundles, spec, tmp_path):
+    """Flux's plans carry a schedule per image size: the timed steps are cut at every size (a
+    timed prefix once kept one size's full schedule and `generate` refused the plan)."""
+    path = tmp_path / "flux"
+    shutil.copytree(mmdit_bundles["flux"], path)
+    plan = timing_plan(Bundle.load(path).plan(spec))
+    assert plan.schedules and all(len(t) == plan.num_steps for t in plan.schedules.values())
+    report = tune(path, spec, budget_s=120, include=lambda c: c.backend == "openvino" and c.variant is None)
+    timed = [c for c in report["candidates"] if c["ms_per_step"]]
+    assert len(timed) == 2 and report["timed"]["steps"] == 1, report["candidates"]
+
+
 def test_candidates_cover_the_installed_engines(tuned):
     path, _ = tuned
     found = {c.label: c for c in candidates(Bundle.load(path))}

@@ -204,7 +204,7 @@ def timing_plan(plan: StepPlan) -> StepPlan:
     step then runs the same segments on the same shapes: timing them all made a round of a large
     model cost minutes, and the budget skipped the last candidates)."""
     first = next((i for i, step in enumerate(plan.steps) if step.feedback), 0)
-    return dataclasses.replace(plan, name=f"{plan.name}[:{first + 1}]", steps=plan.steps[: first + 1])
+    return plan.first_steps(first + 1, f"{plan.name}[:{first + 1}]")
 
 
 def tune(

@@ -250,6 +250,11 @@ class StepPlan:
         )
         return replace(self, steps=steps, schedules={})
 
+    def first_steps(self, count: int, name: str) -> StepPlan:
+        """The plan's first `count` steps (at every image size it has a schedule for), as `name`."""
+        schedules = {tokens: timing[:count] for tokens, timing in self.schedules.items()}
+        return replace(self, name=name, steps=self.steps[:count], schedules=schedules)
+
     @property
     def num_steps(self) -> int:
         return len(self.steps)
