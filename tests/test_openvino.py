@@ -3,13 +3,18 @@ compiled-model cache, the CLI commands on it, and the one-line error without the
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 pytest.importorskip("openvino")
@@ -428,3 +433,58 @@ def test_int8_ov_with_bf16_for_the_rest_is_a_tune_candidate_auto_can_open(ov_bun
         generator = open_bundle_generator(Bundle.load(path), "auto")
         assert generator.choice.startswith("auto: openvino int8_ov +bf16 (")
         assert precision_hints(generator) == hints
+
+
+class OvLog(logging.Handler):
+    """OpenVINO's DEBUG lines: its compiles (segment, shapes) and its dynamic-shape calls."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.compiles: list[tuple[str, object]] = []
+        self.dynamic_calls = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "OpenVINO compiles %s for %s":
+            self.compiles.append(record.args)
+        elif record.msg == "OpenVINO runs %s on its dynamic-shape model":
+            self.dynamic_calls += 1
+
+
+@pytest.fixture
+def ov_log():
+    logger = logging.getLogger("ilf_deploy.openvino")
+    handler, level = OvLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_serve_compiles_every_batch_bucket_static_in_its_warm_up_shapes(ov_bundle, ov_log):
+    from fastapi.testclient import TestClient
+
+    from ilf_deploy.serving.serve import ServeOptions, create_app
+
+    generator = open_generator(ov_bundle, "openvino", cache=False)
+    options = ServeOptions(max_batch=4, max_wait_ms=100)
+    with TestClient(create_app(ov_bundle, options, generator)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.05)
+        assert generator.segments.static_shapes == 3  # buckets 1, 2, 4
+        block_rows = sorted(shapes[0][1][0] for name, shapes in ov_log.compiles if name == "blocks_00_00")
+        assert block_rows == [2, 4, 8]  # guided: [uncond; cond] rows of batches 1, 2 and 4
+        assert ov_log.dynamic_calls == 0
+        ov_log.compiles.clear()
+        body = {"prompt": "a red circle", "seed": 50, "response_format": "b64_json"}
+        served = [client.post("/v1/images/generations", json={**body, "n": n}) for n in (1, 2, 3, 4)]
+    assert all(r.status_code == 200 for r in served), [r.text for r in served]
+    assert ov_log.compiles == [] and ov_log.dynamic_calls == 0  # every call on a warmed static shape
+    plan = generator.bundle.plan(generator.bundle.default_plan)
+    for response in served:
+        for seed, item in enumerate(response.json()["data"], start=50):
+            alone = generator.decode(generator.generate_batch(plan, [Request("a red circle", seed=seed)]))[0]
+            image = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
+            assert np.abs(image.astype(int) - alone.astype(int)).max() <= 1  # batched == alone

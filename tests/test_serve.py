@@ -56,6 +56,7 @@ class SlowGenerator:
     def __init__(self, inner, step_s: float = 0.0, gate: threading.Event | None = None) -> None:
         self.inner, self.step_s, self.gate = inner, step_s, gate
         self.steps = 0
+        self.sizes: list[int] = []  # each engine call's batch size
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -63,6 +64,7 @@ class SlowGenerator:
     def generate_batch(self, plan, requests, latents=None, on_step=None):
         if self.gate is not None:
             assert self.gate.wait(30), "the test never opened the gate"
+        self.sizes.append(len(requests))
 
         def step(index: int) -> None:
             self.steps += 1
@@ -294,8 +296,37 @@ def test_ready_only_after_the_warm_up_generation(bundle, generator):
         assert metric(test_client.get("/metrics").text, "ilf_ready") == 0
         gate.set()
         wait_ready(test_client, timeout=20)
-        assert slow.steps == 4  # the warm-up ran the default plan (ilf-4) to the end
+        assert test_client.app.state.ilf.max_batch == 8
+        assert slow.sizes == [1, 2, 4, 8]  # one warm-up batch per bucket: each shape compiled before ready
+        assert slow.steps == 4 * 4  # each ran the default plan (ilf-4) to the end
         assert metric(test_client.get("/metrics").text, "ilf_ready") == 1
+
+
+def test_batch_buckets_cut_waiting_images_without_padding():
+    from ilf_deploy.core.batching import batch_buckets, bucket_chunks, bucket_for
+
+    buckets = [(1,), (1, 2), (1, 2, 3), (1, 2, 4, 6), (1, 2, 4, 8)]
+    assert [batch_buckets(n) for n in (1, 2, 3, 6, 8)] == buckets
+    assert [bucket_for(n, (1, 2, 4, 8)) for n in range(1, 10)] == [1, 2, 2, 4, 4, 4, 4, 8, 8]
+    chunks = bucket_chunks(list(range(19)), (1, 2, 4, 8))
+    assert [len(c) for c in chunks] == [8, 8, 2, 1] and [i for c in chunks for i in c] == list(range(19))
+
+
+def test_micro_batches_run_at_bucket_sizes_with_the_images_of_single_runs(bundle, generator):
+    slow = SlowGenerator(generator)
+    options = ServeOptions(max_batch=4, max_wait_ms=100, warmup=False)
+    body = {"prompt": "a red circle", "seed": 40, "plan": "base-2", "response_format": "b64_json"}
+    with TestClient(create_app(bundle, options, slow)) as test_client:
+        three = test_client.post(GEN, json={**body, "n": 3})
+        four = test_client.post(GEN, json={**body, "n": 4})
+    assert three.status_code == four.status_code == 200, (three.text, four.text)
+    assert slow.sizes == [2, 1, 4]  # 3 waiting: a bucket of 2, then 1 (never padded to 4)
+    step_plan = Bundle.load(bundle, verify_hashes=False).plan("base-2")
+    for response in (three, four):
+        for seed, item in enumerate(response.json()["data"], start=40):
+            single = generator.generate_batch(step_plan, [Request("a red circle", seed=seed)])
+            alone = generator.decode(single)
+            assert np.abs(png(item["b64_json"]).astype(int) - alone[0].astype(int)).max() <= 1
 
 
 def test_timeout_is_504_and_stops_the_batch(bundle, generator):

@@ -121,6 +121,32 @@ def test_triton_engine_reads_the_generators_bundle(generator, loads):
     assert set(engine.plans) == set(generator.bundle.plan_names)
 
 
+def test_triton_engine_runs_serves_batch_buckets(generator):
+    import numpy as np
+
+    from ilf_deploy.serving.triton.model import Engine
+
+    class Recording:
+        """The real engine; records each generate_batch's batch size."""
+
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        def __getattr__(self, name):
+            return getattr(generator, name)
+
+        def generate_batch(self, plan, requests, *args):
+            self.sizes.append(len(requests))
+            return generator.generate_batch(plan, requests, *args)
+
+    recording = Recording()
+    engine = Engine(recording, "base-2", max_batch=4)
+    engine.open_segments()
+    prompts = np.array([[b"a red circle"], [b"a blue square"], [b"a green dot"]], dtype=object)
+    (images,) = engine.run([{"prompt": prompts}])
+    assert recording.sizes == [2, 1] and images.shape[0] == 3  # 3 rows: buckets 2 + 1, not one call of 3
+
+
 def test_serve_runs_engine_work_in_the_engines_inference_context(bundle, generator):
     class Recording:
         """The real engine; counts the scopes the server enters around engine work."""

@@ -8,11 +8,13 @@ whichever server runs it. Below serve and triton in the layers: Triton's model i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from ilf_deploy.core.errors import ConfigError, check_at_least
 
+T = TypeVar("T")
 MIN_MAX_BATCH = 8  # images per engine call when neither the flag nor a larger bundle says more
 MAX_WAIT_MS = 10_000.0
 
@@ -68,3 +70,32 @@ class BatchingPolicy:
 
 
 DEFAULT_BATCHING = BatchingPolicy()
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The micro-batch sizes a server runs: the powers of two below `max_batch`, and `max_batch`
+    (8: 1, 2, 4, 8; 6: 1, 2, 4, 6). An engine that compiles a model per input shape (OpenVINO)
+    keeps one static compile per bucket, made during the warm-up; any other size would run on its
+    slower dynamic-shape model or compile in the middle of a request (docs/serving.md)."""
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+    return (*(1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch), max_batch)
+
+
+def bucket_for(count: int, buckets: tuple[int, ...]) -> int:
+    """How many of `count` waiting images the next call takes: the largest bucket <= `count`.
+    Rounding down, not padding up: on a CPU an image's cost grows ~linearly with rows, so a padded
+    row costs its full share (3 -> 4: +33 %) while the rest simply runs next (4 + 2 + 1 for 7,
+    the first four answered sooner), and no padded row can touch a real one's result."""
+    return max(size for size in buckets if size <= count)
+
+
+def bucket_chunks(items: Sequence[T], buckets: tuple[int, ...]) -> list[Sequence[T]]:
+    """`items` cut into engine calls of bucket sizes, largest first (7 with 1, 2, 4, 8: 4, 2, 1):
+    for servers handed a whole batch at once (Triton's dynamic batcher, Ray Serve's @serve.batch)."""
+    chunks: list[Sequence[T]] = []
+    while len(items):
+        size = bucket_for(len(items), buckets)
+        chunks.append(items[:size])
+        items = items[size:]
+    return chunks

@@ -247,3 +247,16 @@ class Generator(ABC):
         latents_out = denoise(self.segments, plan, x, inputs, guidance if guided else 1.0, on_step, cache)
         self.last_block_forwards = cache.block_forwards
         return latents_out
+
+
+def warm_up(generator: Generator, plan: StepPlan, request: Request, batch_sizes: tuple[int, ...]) -> None:
+    """A server's warm-up, before it says ready: `request` run to the image once at each micro-batch
+    size it will form (core/batching.py's buckets), so that an engine which compiles per input shape
+    has every one compiled (kept static: `Segments.keep_static_shapes`) before the first request,
+    then every other segment opened (`Segments.open_all`). Called on the server's own generator
+    object, so that a wrapper's `generate_batch` runs too."""
+    generator.segments.keep_static_shapes(len(batch_sizes))
+    with generator.inference_context():  # torch: inference mode
+        for size in batch_sizes:
+            generator.decode(generator.generate_batch(plan, [request] * size))
+        generator.segments.open_all()  # e.g. ORT: every session, not just this plan's

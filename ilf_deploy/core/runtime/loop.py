@@ -40,6 +40,10 @@ class Segments(Protocol):
     def open_all(self) -> None:
         """Open (load, compile) every segment now, not on its first call: a server's warm-up."""
 
+    def keep_static_shapes(self, count: int) -> None:
+        """How many input-shape sets a segment an engine that compiles per shape keeps static: a
+        server's micro-batch buckets (core/batching.py), compiled by its warm-up. Others: a no-op."""
+
 
 def check_plan(plan: StepPlan, segments: Segments) -> None:
     if plan.schedules:  # the caller picks the image size's schedule (StepPlan.for_image_tokens)

@@ -278,6 +278,13 @@ class RequestContract:
     def is_dit(self) -> bool:
         return self.architecture == "dit"
 
+    def warmup_request(self) -> tuple[str, Request]:
+        """A server's warm-up image (`generator.warm_up`): the default plan and size, guided as by
+        default (the common batch shape)."""
+        request = Request(prompt="" if self.is_dit else "warm up", class_label=0 if self.is_dit else None)
+        assert self.default_plan is not None
+        return self.default_plan, self.resolve(request)
+
     @property
     def fields(self) -> tuple[str, ...]:
         """The fields this model takes: DiT has class labels, the text models prompts; a negative

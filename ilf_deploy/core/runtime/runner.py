@@ -93,6 +93,11 @@ class SegmentRunner(ABC):
     def open_all(self) -> None:  # noqa: B027 (a no-op unless an engine opens segments lazily)
         """Open every segment now, not on its first call (engines that open lazily override this)."""
 
+    def keep_static_shapes(self, count: int) -> None:  # noqa: B027 (a no-op unless an engine compiles per shape)
+        """Keep up to `count` input-shape sets a segment compiled for their static shapes (OpenVINO
+        overrides this); engines with one model for every shape (ONNX Runtime, TensorRT's profiles)
+        ignore it."""
+
     def to_numpy(self, value: Array) -> np.ndarray:
         """This backend's array on the host, as numpy."""
         return np.asarray(value)

@@ -14,12 +14,18 @@ Devices: `cpu`/`CPU` here; `GPU`, `NPU`, `AUTO`... are passed to OpenVINO unchan
 machines; never run in this project).
 
 Shapes: each segment is compiled for the input shapes it is called with (the ONNX graphs are
-exported with dynamic batch and token dimensions), up to `STATIC_SHAPES` shape sets a segment; more
-run on the dynamic-shape model. With static shapes the CPU plugin folds the shape-derived attention
-scale into the Q/K GEMMs and fuses each adaLN modulation / gate / residual chain with the next
-quantize into one snippet: an int8-ov PixArt-XL-2 block at 256 px, batch 2, ran 1.10-1.20x faster
-(interleaved A/B on the AMX Xeon, benchmarks/README.md, "`int8_profile`"). Each shape set is its
-own compiled model (~80 MB more per XL int8 block), hence the cap.
+exported with dynamic batch and token dimensions), up to `static_shapes` shape sets a segment
+(`STATIC_SHAPES` = 2 by default: a run's batch and resolution, and one more); more run on the
+dynamic-shape model (compiled once, on first need), so memory stays bounded. With static shapes the
+CPU plugin folds the shape-derived attention scale into the Q/K GEMMs and fuses each adaLN
+modulation / gate / residual chain with the next quantize into one snippet: an int8-ov PixArt-XL-2
+block at 256 px, batch 2, ran 1.10-1.20x faster (interleaved A/B on the AMX Xeon,
+benchmarks/README.md, "`int8_profile`"). Each shape set is its own compiled model (~80 MB more per
+XL int8 block), hence the cap. A server sets it to its number of micro-batch buckets
+(`keep_static_shapes`, part of the engine contract; core/batching.py) and its warm-up compiles each
+bucket at the default plan and size, so those batches never compile during a request (seconds on a
+real-size bundle); other sizes, unguided batches and an adaptive plan's partial batches of a
+non-bucket size run on the dynamic model.
 
 Compiled models are cached in the bundle, in `openvino_cache/`, so a second start skips
 compilation. The cache is written with `export_model` and `runtime.bundle.write_atomic` rather than
@@ -65,8 +71,9 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CACHE_DIR = "openvino_cache"
 SIDECAR_SUFFIX = ".sha256"  # X.blob -> X.blob.sha256
 SIDECAR_TAG = "ilf-ov-cache-1"
-# Static-shape compiles per segment (a run sees one set: its batch and resolution; serve's micro-batches
-# one more); beyond them, the dynamic-shape model: new shapes never recompile, memory stays bounded.
+# Static-shape compiles per segment by default (a run sees one set: its batch and resolution; one
+# more); beyond them, the dynamic-shape model: new shapes never recompile, memory stays bounded. A
+# server raises it to its batch buckets' count (`OvSegments.keep_static_shapes`).
 STATIC_SHAPES = 2
 log = logging.getLogger("ilf_deploy.openvino")
 # Variant modes OpenVINO cannot read: com.microsoft ops (int8-dynamic), FP8 Q/DQ.
@@ -143,6 +150,7 @@ class OvSegments(SegmentRunner):
         precision: str = "f32",
         threads: int | None = None,
         cache: bool = True,
+        static_shapes: int = STATIC_SHAPES,
     ) -> None:
         super().__init__(bundle, variant)
         policy = bundle.variant_spec(variant) if variant is not None else None
@@ -154,7 +162,7 @@ class OvSegments(SegmentRunner):
         self.config: dict[str, str] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = str(threads)
-        self.static_shapes = STATIC_SHAPES  # 0: every call on the dynamic-shape model
+        self.static_shapes = static_shapes  # 0: every call on the dynamic-shape model
         self._compiled: dict[tuple[str, Shapes | None], Any] = {}
         self._ports: dict[tuple[str, Shapes | None], Any] = {}
         self._machine = fingerprint() if cache else None
@@ -202,6 +210,11 @@ class OvSegments(SegmentRunner):
             if not any(segment == name for segment, _ in self._compiled):
                 self.compiled(name)
 
+    def keep_static_shapes(self, count: int) -> None:
+        """Up to `count` shape sets a segment compiled static (a server: one per batch bucket, each
+        a compiled model of its own: ~80 MB per XL int8 block); shape sets compiled already stay."""
+        self.static_shapes = count
+
     def shapes_for(self, name: str, feeds: dict[str, np.ndarray]) -> Shapes | None:
         """The static shapes to run `feeds` with: theirs, unless the segment already has
         `static_shapes` other shape sets compiled (then None: the dynamic model)."""
@@ -237,6 +250,7 @@ class OvSegments(SegmentRunner):
         path = self.bundle.segment_path(name, self.variant)
         blob = self.cache_path(name, shapes) if self.cache else None
         data = read_cached_blob(blob) if blob is not None else None
+        log.debug("OpenVINO compiles %s for %s", name, shapes or "dynamic shapes")
         if data is not None:
             with contextlib.suppress(Exception):  # unreadable by this OpenVINO: compile again, replace it
                 return core().import_model(data, self.device, self.config_for(name))
@@ -277,6 +291,8 @@ class OvSegments(SegmentRunner):
 
     def infer_impl(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shapes = self.shapes_for(name, feeds)
+        if shapes is None:
+            log.debug("OpenVINO runs %s on its dynamic-shape model", name)
         _, inputs, outputs = self.ports(name, shapes)
         cast = {port: np.ascontiguousarray(feeds[key], dtype=dtype) for key, port, dtype in inputs}
         result = self._request(name, shapes).infer(cast)  # outputs are copies (share_outputs=False)

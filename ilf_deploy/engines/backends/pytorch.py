@@ -76,6 +76,9 @@ class TorchSegments:
     def open_all(self) -> None:
         """The modules are loaded already."""
 
+    def keep_static_shapes(self, count: int) -> None:
+        """Eager modules run every shape as it comes."""
+
 
 class TorchGenerator(Generator):
     """Prompt -> conditioning -> plan -> latents -> image, all in PyTorch, on `device` (cpu, cuda...).

@@ -26,7 +26,7 @@ from typing import Any
 
 from ray import serve
 
-from ilf_deploy.core.batching import MIN_MAX_BATCH
+from ilf_deploy.core.batching import MIN_MAX_BATCH, bucket_chunks
 from ilf_deploy.core.errors import ConfigError
 from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.engines.backends.plans import PlanBook
@@ -68,12 +68,16 @@ class RayServeBatcher(Batcher):
         self._tasks: set[asyncio.Task] = set()
 
     def warm_up(self, warmup: tuple[str, Any] | None) -> None:
-        """One generation now, in the replica's constructor (a failure fails the replica)."""
+        """The warm-up generations (one per batch bucket) now, in the replica's constructor (a
+        failure fails the replica)."""
         if warmup is not None:
             started = time.perf_counter()
             self._warmup(*warmup)
             elapsed = round(time.perf_counter() - started, 4)
-            log.info("ready: warm-up generation done", extra={"fields": {"engine_s": elapsed}})
+            fields = {"engine_s": elapsed, "batch_sizes": list(self.buckets)}
+            log.info("ready: warm-up generations done", extra={"fields": fields})
+        else:  # shapes compile on first use, still one static set per bucket at most
+            self.generator.segments.keep_static_shapes(len(self.buckets))
         self.ready, self.warmup_error = True, None
         self.metrics.ready.set(1)
 
@@ -130,9 +134,15 @@ class RayServeBatcher(Batcher):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # set per server in __init__
     async def _batched(self, jobs: list[Job]) -> list[None]:
-        """One Ray Serve batch: one engine call per group, on the engine thread."""
+        """One Ray Serve batch: engine calls of bucket sizes per group (core/batching.py: each a
+        warmed shape), on the engine thread."""
         loop = asyncio.get_running_loop()
-        for key, group in self._take(jobs).items():
+        calls = [
+            (key, list(chunk))
+            for key, group in self._take(jobs).items()
+            for chunk in bucket_chunks(group, self.buckets)
+        ]
+        for key, group in calls:
             self._running = group
             started = time.perf_counter()
             results = await loop.run_in_executor(self._executor, self._run_batch, key, group)

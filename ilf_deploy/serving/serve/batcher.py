@@ -7,6 +7,13 @@ oldest image waited longest, waits for the batch to fill up to `max_wait_s` afte
 arrived, then runs up to `max_batch` images as one `generate_batch` + one `decode`. While the
 engine is busy new images pile up, so under load batches fill without any waiting.
 
+Batch sizes: a call takes the largest bucket (1, 2, 4, ..., `max_batch`: core/batching.py) that
+the waiting images fill; the rest stay first in line for the next call (7 waiting: 4, then 2 and 1,
+or more with the images that arrived meanwhile). Nothing is padded, so no row but the request's own
+ever runs beside it for nothing. The warm-up (before /readyz says ready) runs one batch of each
+bucket, so an engine that compiles per input shape (OpenVINO) has all of them compiled, static,
+before traffic: `Segments.keep_static_shapes`, core/runtime/generator.py's `warm_up`.
+
 Cancellation: a request that times out or whose client disconnects marks its images cancelled.
 Queued images are removed at once. In a running batch the rows cannot be cut out mid-denoise
 (the loop owns the arrays), so the batch runs on for the others and skips decoding the cancelled
@@ -30,8 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ilf_deploy.core.batching import batch_buckets, bucket_for
 from ilf_deploy.core.errors import NonFiniteError
-from ilf_deploy.core.runtime.generator import Generator, Request
+from ilf_deploy.core.runtime.generator import Generator, Request, warm_up
 from ilf_deploy.engines.backends.plans import PlanBook
 from ilf_deploy.serving.serve.metrics import ServerMetrics
 
@@ -107,6 +115,7 @@ class Batcher:
     ) -> None:
         self.generator, self.plans, self.metrics = generator, plans, metrics
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self.buckets = batch_buckets(max_batch)  # the only batch sizes an engine call gets
         self.ready = False
         self.warmup_error: str | None = None
         self._groups: dict[BatchKey, deque[Job]] = {}
@@ -127,6 +136,8 @@ class Batcher:
         # One engine thread: segments are not called concurrently, and batching replaces concurrency.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ilf-engine")
         self._wakeup = asyncio.Event()
+        if warmup is None:  # shapes compile on first use, still one static set per bucket at most
+            self.generator.segments.keep_static_shapes(len(self.buckets))
         self._task = asyncio.get_running_loop().create_task(self._run(warmup), name="ilf-batcher")
 
     def drain(self) -> None:
@@ -214,7 +225,8 @@ class Batcher:
                 await loop.run_in_executor(self._executor, self._warmup, *warmup)
                 self.ready = True
                 elapsed = round(time.perf_counter() - started, 4)
-                log.info("ready: warm-up generation done", extra={"fields": {"engine_s": elapsed}})
+                fields = {"engine_s": elapsed, "batch_sizes": list(self.buckets)}
+                log.info("ready: warm-up generations done", extra={"fields": fields})
             except Exception as exc:  # stay up, not ready: /readyz reports why
                 self.warmup_failed(exc)
         else:
@@ -263,7 +275,7 @@ class Batcher:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 continue
-            jobs = [group.popleft() for _ in range(min(self.max_batch, len(group)))]
+            jobs = [group.popleft() for _ in range(bucket_for(min(self.max_batch, len(group)), self.buckets))]
             self._set_queued(self._queued - len(jobs))
             now = time.monotonic()
             self._batches += 1
@@ -274,9 +286,7 @@ class Batcher:
 
     # -- the engine thread -----------------------------------------------------------------------
     def _warmup(self, plan: str, request: Request) -> None:
-        with self.generator.inference_context():  # torch: inference mode
-            self.generator.decode(self.generator.generate_batch(self.plans[plan], [request]))
-            self.generator.segments.open_all()  # e.g. ORT: every session, not just this plan's
+        warm_up(self.generator, self.plans[plan], request, self.buckets)  # one batch per bucket
         self._drain_timings()
 
     def _run_batch(self, key: BatchKey, jobs: list[Job]) -> list[tuple[Job, Any]]:

@@ -161,13 +161,8 @@ class ServerState:
         return BatchKey(checked.plan, first.height, first.width, checked.guided)
 
     def warmup_request(self) -> tuple[str, Request] | None:
-        """One image of the default plan and size, guided as by default (the common batch shape)."""
-        if not self.options.warmup:
-            return None
-        dit = self.contract.is_dit
-        request = Request(prompt="" if dit else "warm up", class_label=0 if dit else None)
-        assert self.contract.default_plan is not None
-        return self.contract.default_plan, self.generator.resolve(request)
+        """The default plan and size, guided as by default (the contract's), or None: no warm-up."""
+        return self.contract.warmup_request() if self.options.warmup else None
 
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:

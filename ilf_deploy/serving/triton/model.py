@@ -3,7 +3,11 @@
 `Engine` is the part that knows nothing of Triton: rows of tensors in, images or one-line errors
 out. Triton's dynamic batcher hands `execute` several requests (each with one or more rows); the
 rows are grouped by (plan, height, width, guided), as `serve`'s batcher groups them, and each group
-is one `Generator.generate_batch` + one `decode`. A bad row fails its request only; the model stays up.
+is cut into engine calls of `serve`'s batch buckets (1, 2, 4, ..., max_batch_size: core/batching.py),
+each one `Generator.generate_batch` + one `decode`. The config's `model_warmup` has one sample per
+bucket (repository.py), so an engine that compiles per input shape (OpenVINO: one static shape set
+a segment per bucket, `Segments.keep_static_shapes`) has them all compiled before Triton calls the
+model ready, as `serve`'s warm-up. A bad row fails its request only; the model stays up.
 
 Every request gets its own response (its images, a 400 for a refusal, a 500 for an engine failure:
 non-finite latents among them), counted per request in our own `ilf_*` metrics, which Triton
@@ -25,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ilf_deploy.core.batching import MIN_MAX_BATCH, batch_buckets, bucket_chunks
 from ilf_deploy.core.errors import ConfigError, IlfError, NonFiniteError
 from ilf_deploy.core.runtime.bundle import Bundle, BundleError
 from ilf_deploy.core.runtime.generator import Generator, Request
@@ -71,8 +76,11 @@ def _scalar_rows(array: np.ndarray, name: str, rows: int) -> list[Any]:
 class Engine:
     """A generator and its bundle's plans, behind Triton's request rows."""
 
-    def __init__(self, generator: Generator, default_plan: str | None = None) -> None:
+    def __init__(
+        self, generator: Generator, default_plan: str | None = None, max_batch: int = MIN_MAX_BATCH
+    ) -> None:
         self.generator = generator
+        self.buckets = batch_buckets(max(max_batch, 1))  # the engine calls' sizes (Triton: max_batch_size)
         bundle = generator.opened_bundle()  # the one the model loaded (its digest pinned), not reread
         # the one plan resolver (serve's too): the bundle's plans, the default (any form), presets
         self.plans = PlanBook(bundle, default_plan, "default_plan")
@@ -82,8 +90,10 @@ class Engine:
         )
 
     def open_segments(self) -> None:
-        """Every segment opened now, not by the first request of a plan that uses it (Triton's
-        model_warmup, in the config, then runs one image through `execute`)."""
+        """Every segment opened now, not by the first request of a plan that uses it, and one static
+        shape set a segment kept per bucket (Triton's model_warmup, in the config, then runs one
+        batch of each bucket through `execute`)."""
+        self.generator.segments.keep_static_shapes(len(self.buckets))
         self.generator.segments.open_all()  # e.g. ONNX Runtime: every session, lazily opened otherwise
 
     # -- one request's rows ------------------------------------------------------------------------
@@ -130,10 +140,12 @@ class Engine:
             for row in rows:
                 positions[id(row)] = counters[row.request]
                 counters[row.request] += 1
-        for key, rows in groups.items():
-            live = [r for r in rows if results[r.request] is None]
-            if not live:
-                continue
+        calls = [
+            (key, list(chunk))
+            for key, rows in groups.items()
+            for chunk in bucket_chunks([r for r in rows if results[r.request] is None], self.buckets)
+        ]
+        for key, live in calls:
             try:
                 latents = self.generator.generate_batch(self.plans[key.plan], [r.value for r in live])
                 decoded = self.generator.decode(latents)
@@ -247,7 +259,8 @@ class _PythonModel:
             # hashes checked, and the digest the repository was exported with
             bundle = Bundle.load(_bundle_path(params["bundle"], args), digest=params.get("digest") or None)
             generator = self.open_generator(bundle, params, args)
-            self.engine = Engine(generator, params.get("default_plan") or None)
+            batch = config.get("max_batch_size") or 1  # 0: Triton batches nothing
+            self.engine = Engine(generator, params.get("default_plan") or None, batch)
             self.engine.open_segments()
         except IlfError as exc:
             # One line in Triton's log; the exception makes the load fail and the model not ready.
