@@ -53,6 +53,7 @@ class EngineEvents(logging.Handler):
         super().__init__(logging.DEBUG)
         self.compiles, self.dynamic, self.batches = 0, 0, Counter[int]()
         loggers = {"ilf_deploy.openvino": logging.DEBUG, "ilf_deploy.serving.serve.batch": logging.INFO}
+        logging.getLogger("ilf_deploy.serving.serve.access").setLevel(logging.ERROR)  # /readyz 503s
         for name, level in loggers.items():
             logging.getLogger(name).setLevel(level)
             logging.getLogger(name).addHandler(self)
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = fingerprint()
     flags = [f for f in machine["flags"] if f.startswith(("avx512", "amx", "avx_vnni", "avx2"))]
     print(f"serve throughput, {args.clients} clients, plan {args.plan}, {args.requests} requests a round,")
-    print(f"  {generator.choice or 'auto'}; {machine['cpu']}, {machine['cores']} cores; {' '.join(flags)}")
+    engine_name = generator.choice or args.backend
+    print(f"  {engine_name}; {machine['cpu']}, {machine['cores']} cores; {' '.join(flags)}")
     for size in args.sizes:
         per_image = rate[1] / rate[size]  # time per image vs batch-1's
         print(f"  max batch {size:<3} {rate[size]:8.3f} images/s   time per image {per_image:.3f}x batch-1's")
@@ -184,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"P5 max batch {largest} / batch-1 = {ratio:.2f}x (target >= {TARGET}x): {verdict}")
     OUT.mkdir(parents=True, exist_ok=True)
     result = {
-        "bundle": str(args.bundle or "tiny pixart-alpha (4 blocks)"), "engine": generator.choice,
+        "bundle": str(args.bundle or "tiny pixart-alpha (4 blocks)"), "engine": engine_name,
         "clients": args.clients, "requests": args.requests, "rounds": args.rounds, "plan": args.plan,
-        "max_wait_ms": args.max_wait_ms, "images_per_s": rate, "samples": samples, "engine_events": engine,
+        "max_wait_ms": args.max_wait_ms, "images_per_s": rate, "samples": samples,
+        "engine_events": engine,
         "ratio_largest_vs_batch1": ratio, "target": TARGET, "machine": machine,
     }  # fmt: skip
     (OUT / "serve_batching.json").write_text(json.dumps(result, indent=2) + "\n")
