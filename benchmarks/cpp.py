@@ -139,6 +139,7 @@ def cpp_runs(
         str(runs + 1),
         "--json",
         str(report),
+        "--force",  # every round writes the same report and latents
     ]
     command += ["--latents-out", str(work / "cpp.npy"), "-q"] + (
         ["--out", str(work / "cpp.png")] if decode else []

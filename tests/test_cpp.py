@@ -158,7 +158,7 @@ def test_final_latents_and_images_match_the_python_runtime(ilf_run, bundles, nam
         for plan in PLANS:
             want = generator.latents_to_numpy(generator.generate_latents(bundle.plan(plan), request, latents))
             image = generator.decode(want)[0]
-            out, png = tmp_path / f"{plan}.npy", tmp_path / f"{plan}.png"
+            out, png = tmp_path / f"{plan}-{height}x{width}.npy", tmp_path / f"{plan}-{height}x{width}.png"
             run(
                 ilf_run,
                 bundle.path,
@@ -279,8 +279,8 @@ def test_an_int8_ov_variant_matches_and_an_ort_only_variant_is_refused(ilf_run, 
     ]
     result = run(ilf_run, bundle, *args, "--variant", "int8_ov")
     assert rel_l2(np.load(tmp_path / "y.npy"), want) <= TOLERANCE and "variant int8_ov" in result.stdout
-    one_line_error(
-        run(ilf_run, bundle, *args, "--variant", "int8_dynamic", check=False),
+    one_line_error(  # --force: y.npy exists (above), and this refusal is the variant's
+        run(ilf_run, bundle, *args, "--variant", "int8_dynamic", "--force", check=False),
         "variant 'int8_dynamic' (int8-dynamic) runs on --backend onnxruntime, not openvino",
     )
 
@@ -476,7 +476,7 @@ def test_token_ids_in_every_accepted_form(ilf_run, bundles, tmp_path):
     common = ["--plan", "base-4", "--latents-in", tmp_path / "in.npy", "-q"]
 
     def latents(*args) -> np.ndarray:
-        run(ilf_run, bundle, *common, *args, "--latents-out", tmp_path / "out.npy")
+        run(ilf_run, bundle, *common, *args, "--latents-out", tmp_path / "out.npy", "--force")
         return np.load(tmp_path / "out.npy")
 
     unguided = latents("--prompt", PROMPT, "--guidance-scale", 1)
@@ -527,6 +527,57 @@ def test_one_row_of_ids_with_guidance_needs_a_tokenizer(ilf_run, sigma_copy, tmp
     )
 
 
+# -- the --force rule (docs/cli-guide.md "Outputs and --force") --------------------------------------
+
+
+def test_an_output_that_exists_is_refused_without_force(ilf_run, bundles, tmp_path):
+    """--out, --latents-out, --json and the default image.png: an existing file is refused before any
+    work, in one line (generate's words, exit 2), and left as it was; --force replaces it whole."""
+    from typer.testing import CliRunner
+
+    from ilf_deploy.cli import app
+
+    bundle = Path(
+        shutil.copytree(bundles["dit"], tmp_path / "dit", ignore=shutil.ignore_patterns("openvino_cache"))
+    )
+    args = [bundle, "--class-label", 1, "--plan", "cache-6", "-q"]
+    old = b"an earlier output"
+    for flag, name, fresh in (
+        ("--out", "x.png", []),
+        ("--latents-out", "x.npy", []),
+        ("--json", "t.json", ["--latents-out", tmp_path / "fresh.npy"]),  # the only output that exists
+    ):
+        path = tmp_path / name
+        path.write_bytes(old)
+        one_line_error(
+            run(ilf_run, *args, *fresh, flag, path, check=False),
+            f"{flag} {path} exists; pass --force to replace it",
+        )
+        assert path.read_bytes() == old and not (tmp_path / "fresh.npy").exists(), flag
+    assert not (bundle / "openvino_cache").exists()  # refused before the engine compiled anything
+    (tmp_path / "image.png").write_bytes(old)  # the default --out, where neither output is given
+    default = subprocess.run([str(ilf_run), *map(str, args)], capture_output=True, text=True, cwd=tmp_path)
+    one_line_error(default, "--out image.png exists; pass --force to replace it")
+    assert (tmp_path / "image.png").read_bytes() == old
+    python = CliRunner().invoke(
+        app, ["generate", str(bundle), "--class-label", "1", "--out", str(tmp_path / "x.png")]
+    )
+    cpp = run(ilf_run, bundle, "--class-label", 1, "--out", tmp_path / "x.png", check=False).stderr
+    assert python.exit_code == 2 and " ".join(cpp.split()) in " ".join(python.output.split()), (
+        cpp,
+        python.output,
+    )
+
+    run(ilf_run, *args, "--latents-out", tmp_path / "want.npy", "--out", tmp_path / "want.png")
+    run(ilf_run, *args, "--latents-out", tmp_path / "x.npy", "--out", tmp_path / "x.png", "--json",
+        tmp_path / "t.json", "--force")  # fmt: skip
+    assert np.array_equal(np.load(tmp_path / "x.npy"), np.load(tmp_path / "want.npy"))
+    assert np.array_equal(png_pixels(tmp_path / "x.png"), png_pixels(tmp_path / "want.png"))
+    assert json.loads((tmp_path / "t.json").read_text())["plan"] == "cache-6"
+    assert not [p.name for p in tmp_path.glob(".*")]  # written beside the output and renamed: no leftovers
+    assert "--force" in run(ilf_run, "--help").stdout
+
+
 # -- the compiled-model cache, timings, the unit tests, the C API and find_package(ilf) ---------------
 
 
@@ -558,6 +609,88 @@ def test_compiled_models_are_cached_outside_the_hashed_files(ilf_run, sigma_copy
     )
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "c.npy"))
+
+
+def unreshapeable(bundle: Path, segment: str) -> None:
+    """Make `segment`'s graph one that OpenVINO cannot reshape to static shapes but that runs as before
+    on its dynamic ones, and rehash it in the manifest: its first output goes through an If whose other
+    branch reshapes it to (P, -1), P a prime larger than any of its sizes. Static shape inference
+    checks both branches and refuses that one (P divides no size); on dynamic shapes it cannot tell,
+    and the branch never runs (its condition, max(output) > inf, is false)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ilf_deploy.core.runtime.bundle import rewrite_manifest
+
+    rel = Bundle.load(bundle).manifest.segments[segment].file
+    model = onnx.load(str(bundle / rel))
+    graph = model.graph
+    output = graph.output[0]
+    assert output.type.tensor_type.elem_type == TensorProto.FLOAT, (segment, output)
+    inner = output.name + "_before_if"
+    for node in graph.node:
+        node.output[:] = [inner if name == output.name else name for name in node.output]
+        node.input[:] = [inner if name == output.name else name for name in node.input]
+
+    def constant(name: str, value) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, *value))
+
+    reshaped = helper.make_graph(
+        [
+            constant("p_shape", (TensorProto.INT64, [2], [1_000_003, -1])),
+            helper.make_node("Reshape", [inner, "p_shape"], ["by_p"]),
+            helper.make_node("Shape", [inner], ["own_shape"]),
+            helper.make_node("Reshape", ["by_p", "own_shape"], ["then_out"]),
+        ],
+        "reshaped",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)],
+    )
+    unchanged = helper.make_graph(
+        [helper.make_node("Identity", [inner], ["else_out"])],
+        "unchanged",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)],
+    )
+    graph.node.extend(
+        [
+            helper.make_node("ReduceMax", [inner], ["largest"], keepdims=0),
+            constant("infinity", (TensorProto.FLOAT, [], [float("inf")])),
+            helper.make_node("Greater", ["largest", "infinity"], ["never"]),
+            helper.make_node("If", ["never"], [output.name], then_branch=reshaped, else_branch=unchanged),
+        ]
+    )
+    onnx.save(model, str(bundle / rel))
+    rewrite_manifest(bundle, lambda manifest: manifest["files"].update({rel: ""}))  # rehashed there
+
+
+def test_a_segment_that_cannot_reshape_runs_on_its_dynamic_shapes(ilf_run, sigma_copy, tmp_path, caplog):
+    """openvino.cpp's fallback: a graph that does not reshape to its call shapes is compiled with its
+    dynamic shapes, with one line on stderr per segment, and gives the latents it gives reshaped, as
+    the Python backend (which falls back alike) does."""
+    original, edited = sigma_copy(), sigma_copy()
+    for segment in ("embed", "final"):
+        unreshapeable(edited, segment)
+    np.save(tmp_path / "in.npy", np.random.default_rng(12).standard_normal((1, 4, 12, 12), dtype=np.float32))
+    args = ["--plan", "ilf-4", "--prompt", PROMPT, "--latents-in", tmp_path / "in.npy", "--no-cache", "-q"]
+    static = run(ilf_run, original, *args, "--latents-out", tmp_path / "static.npy")
+    assert "cannot reshape" not in static.stderr, static.stderr
+    fallback = run(ilf_run, edited, *args, "--latents-out", tmp_path / "dynamic.npy")
+    lines = [line for line in fallback.stderr.splitlines() if "cannot reshape" in line]
+    assert sorted(line.split()[4] for line in lines) == ["embed", "final"], fallback.stderr  # once each
+    for line in lines:
+        assert line.startswith("ilf: OpenVINO cannot reshape ") and line.endswith("): dynamic shapes"), line
+    got = np.load(tmp_path / "dynamic.npy")
+    assert rel_l2(got, np.load(tmp_path / "static.npy")) <= TOLERANCE
+    with caplog.at_level("WARNING", logger="ilf_deploy.openvino"):
+        generator = open_generator(edited, "openvino", variant="f32")
+        want = generator.latents_to_numpy(
+            generator.generate_latents(
+                generator.bundle.plan("ilf-4"), Request(prompt=PROMPT), np.load(tmp_path / "in.npy")
+            )
+        )
+    assert sum("cannot reshape" in r.getMessage() for r in caplog.records) == 2, caplog.text
+    assert rel_l2(got, want) <= TOLERANCE
 
 
 def test_timings_json(ilf_run, bundles, tmp_path):
@@ -649,13 +782,13 @@ def test_an_fp16_bundle_computes_between_segments_as_numpy_does(ilf_run, tiny_di
             "--latents-in",
             tmp_path / "in.npy",
             "--latents-out",
-            tmp_path / "y.npy",
+            tmp_path / f"{plan}.npy",
             "--out",
-            tmp_path / "y.png",
+            tmp_path / f"{plan}.png",
             "-q",
         )
-        assert rel_l2(np.load(tmp_path / "y.npy"), want) <= TOLERANCE, plan
-        assert np.array_equal(png_pixels(tmp_path / "y.png"), generator.decode(want)[0]), plan
+        assert rel_l2(np.load(tmp_path / f"{plan}.npy"), want) <= TOLERANCE, plan
+        assert np.array_equal(png_pixels(tmp_path / f"{plan}.png"), generator.decode(want)[0]), plan
 
 
 def test_the_c_and_cpp_examples_build_with_find_package(ilf_run, bundles, tmp_path):

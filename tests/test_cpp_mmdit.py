@@ -185,7 +185,8 @@ def test_final_latents_and_images_match_the_python_runtime(ilf_run, bundles, fam
             want = generator.latents_to_numpy(generator.generate_latents(bundle.plan(plan), request, latents))
             ran = generator.last_block_forwards
             image = generator.decode(want)[0]
-            out, png, report = tmp_path / f"{plan}.npy", tmp_path / f"{plan}.png", tmp_path / "report.json"
+            name = f"{plan}-{height}x{width}"
+            out, png, report = tmp_path / f"{name}.npy", tmp_path / f"{name}.png", tmp_path / f"{name}.json"
             args = ["--plan", plan, "--token-ids", ids, "--height", height, "--width", width]
             args += [
                 "--latents-in",
@@ -234,10 +235,10 @@ def test_a_prompt_gives_the_latents_of_the_python_runtime(ilf_run, bundles, fami
             "--latents-in",
             tmp_path / "in.npy",
             "--latents-out",
-            tmp_path / "out.npy",
+            tmp_path / f"out{index}.npy",
             "-q",
         )
-        error = rel_l2(np.load(tmp_path / "out.npy"), want)
+        error = rel_l2(np.load(tmp_path / f"out{index}.npy"), want)
         assert error <= TOLERANCE, (family, negative, error)
     one_line_error(  # longer than T5 reads: refused, as the request contract refuses it in Python
         run(ilf_run, path, "--prompt", "red " * 600, check=False), "prompt"

@@ -84,7 +84,8 @@ def test_final_latents_and_images_match_the_python_runtime(ilf_run, sana_bundle,
             want = generator.latents_to_numpy(generator.generate_latents(bundle.plan(plan), request, latents))
             ran = generator.last_block_forwards
             image = generator.decode(want)[0]
-            out, png, report = tmp_path / f"{plan}.npy", tmp_path / f"{plan}.png", tmp_path / "report.json"
+            name = f"{plan}-{height}x{width}"
+            out, png, report = tmp_path / f"{name}.npy", tmp_path / f"{name}.png", tmp_path / f"{name}.json"
             args = ["--plan", plan, "--token-ids", ids, "--height", height, "--width", width]
             args += ["--latents-in", tmp_path / "in.npy", "--latents-out", out, "--out", png]
             run(ilf_run, sana_bundle, *args, "--json", report, "-q")

@@ -25,6 +25,10 @@ void write_npy(const std::string& path, const Tensor& tensor);
 /// An 8-bit RGB PNG (zlib stored blocks: no compression, any viewer opens it).
 std::vector<uint8_t> encode_png(const Image& image);
 
+/// Write `data` to a temporary file beside `path`, then rename it into place (an output replaced
+/// whole or not at all); false, with the reason in `why`, where it could not.
+bool write_atomic(const std::string& path, const std::string& data, std::string* why = nullptr);
+
 std::string sha256_hex(const void* data, size_t size);
 std::string sha256_file(const std::string& path);  // Error(bundle) where unreadable
 

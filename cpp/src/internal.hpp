@@ -46,8 +46,6 @@ std::string read_file(const std::string& path);  // Error(bundle) naming the fil
 bool is_file(const std::string& path);
 bool is_dir(const std::string& path);
 std::string join_path(const std::string& a, const std::string& b);
-/// Write `data` to a temporary file beside `path`, then rename it into place.
-bool write_atomic(const std::string& path, const std::string& data, std::string* why = nullptr);
 
 }  // namespace ilf::detail
 

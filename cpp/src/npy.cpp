@@ -159,10 +159,8 @@ void write_npy(const std::string& path, const Tensor& tensor) {
   out += static_cast<char>(header.size() >> 8);
   out += header;
   out.append(static_cast<const char*>(tensor.raw()), tensor.nbytes());
-  std::ofstream f(path, std::ios::binary);
-  if (!f) detail::config_error("cannot write " + path + ": " + std::strerror(errno));
-  f.write(out.data(), static_cast<std::streamsize>(out.size()));
-  if (!f) detail::config_error("cannot write " + path + ": " + std::strerror(errno));
+  std::string why;
+  if (!write_atomic(path, out, &why)) detail::config_error("cannot write " + path + ": " + why);
 }
 
 }  // namespace ilf::detail

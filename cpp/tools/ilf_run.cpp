@@ -52,6 +52,8 @@ Run a step plan of an ilf-deploy bundle on OpenVINO (every file's sha256 and the
   --no-cache              do not cache compiled models in BUNDLE/openvino_cache
   --digest sha256:HEX     refuse any bundle but this one
   --json FILE             write timings (per run, step, segment) as JSON
+  --force                 replace the outputs (--out, --latents-out, --json) where they exist; without
+                          it an output that exists is refused before any work
   --runs N                generate N times in this process (timings per run; default 1)
   --quiet, -q             print nothing on success
   --version, --help, -h
@@ -61,7 +63,7 @@ struct Args {
   std::string bundle, plan, prompt, negative_prompt, token_ids, latents_in, latents_out, out, variant, precision, device = "CPU",
       json, digest;
   bool has_prompt = false, has_class = false, has_guidance = false, has_height = false, has_width = false, no_cache = false,
-       quiet = false;
+       quiet = false, force = false;
   int64_t class_label = 0, seed = 0, height = 0, width = 0;  // 64-bit until the request contract passed them
   double guidance = 0;
   int threads = 0, runs = 1;
@@ -97,8 +99,9 @@ std::string parent_dir(const std::string& path) {
 }
 
 /// An output path checked before any work, in cli/paths.py's words: not a directory, the right
-/// ending, in an existing directory this process can write.
-void check_output(const std::string& path, const std::string& flag, const std::string& suffix) {
+/// ending, in an existing directory this process can write; one that exists only with --force
+/// (`force`: the project's --force rule, docs/cli-guide.md "Outputs and --force").
+void check_output(const std::string& path, const std::string& flag, const std::string& suffix, bool force) {
   if (path.empty()) return;
   if (is_directory(path)) usage_error(flag + " " + path + " is a directory; give a file name");
   std::string ending = path.size() >= suffix.size() ? path.substr(path.size() - suffix.size()) : "";
@@ -107,6 +110,9 @@ void check_output(const std::string& path, const std::string& flag, const std::s
   const std::string dir = parent_dir(path);
   if (!is_directory(dir)) usage_error(flag + " " + path + ": directory " + dir + " does not exist");
   if (::access(dir.c_str(), W_OK | X_OK) != 0) usage_error(flag + " " + path + ": cannot write in " + dir + " (permission denied)");
+  struct stat st {};
+  if (!force && ::lstat(path.c_str(), &st) == 0)  // a dangling link too: it would be replaced as a file
+    usage_error(flag + " " + path + " exists; pass --force to replace it");
   if (::access(path.c_str(), F_OK) == 0 && ::access(path.c_str(), W_OK) != 0) usage_error(flag + " " + path + ": the file is not writable");
 }
 
@@ -153,9 +159,10 @@ Args parse(int argc, char** argv) {
     else if (arg == "--runs") a.runs = static_cast<int>(parse_int(arg, next(), 1));
     else if (arg == "--no-cache") a.no_cache = true;
     else if (arg == "--quiet" || arg == "-q") a.quiet = true;
+    else if (arg == "--force") a.force = true;
     else if (arg.size() > 1 && arg[0] == '-') usage_error("unknown option " + arg + " (see ilf-run --help)");
     else positional.push_back(arg);
-    if (inline_value && (arg == "--no-cache" || arg == "--quiet")) usage_error(arg + " takes no value");
+    if (inline_value && (arg == "--no-cache" || arg == "--quiet" || arg == "--force")) usage_error(arg + " takes no value");
   }
   if (positional.empty()) usage_error("missing BUNDLE (see ilf-run --help)");
   if (positional.size() > 1) usage_error("one BUNDLE only, got also '" + positional[1] + "'");
@@ -165,9 +172,10 @@ Args parse(int argc, char** argv) {
   if (!a.precision.empty() && a.precision != "f32" && a.precision != "bf16")
     usage_error("--precision must be f32 or bf16, got '" + a.precision + "'");
   if (!a.digest.empty()) ilf::check_digest_option(a.digest);
-  check_output(a.latents_out, "--latents-out", ".npy");
-  check_output(a.out, "--out", ".png");  // PNG only: a .jpg name is refused, never given PNG bytes
-  check_output(a.json, "--json", "");
+  if (a.out.empty() && a.latents_out.empty()) a.out = "image.png";  // generate's default, checked as given
+  check_output(a.latents_out, "--latents-out", ".npy", a.force);
+  check_output(a.out, "--out", ".png", a.force);  // PNG only: a .jpg name is refused, never given PNG bytes
+  check_output(a.json, "--json", "", a.force);
   return a;
 }
 
@@ -404,7 +412,7 @@ int run(int argc, char** argv) {
   nlohmann::json runs = nlohmann::json::array();
   ilf::Tensor latents;
   std::vector<ilf::Image> images;
-  const bool want_image = !a.out.empty() || a.latents_out.empty();
+  const bool want_image = !a.out.empty();
   for (int r = 0; r < a.runs; ++r) {
     generator.timings().clear();
     ilf::Timings* infer = generator.engine().inference_timings();
@@ -435,9 +443,8 @@ int run(int argc, char** argv) {
     if (!a.quiet) std::cout << "latents → " << a.latents_out << "\n";
   }
   if (want_image) {
-    std::string out = a.out.empty() ? "image.png" : a.out;
-    ilf::write_png(out, images.at(0));
-    if (!a.quiet) std::cout << "image → " << out << "\n";
+    ilf::write_png(a.out, images.at(0));
+    if (!a.quiet) std::cout << "image → " << a.out << "\n";
   }
   if (!a.json.empty()) {
     nlohmann::json report = {{"ilf_run", ilf::version()},
@@ -453,9 +460,8 @@ int run(int argc, char** argv) {
                              {"load_s", loaded - t0},
                              {"open_s", opened - loaded},
                              {"runs", runs}};
-    std::ofstream f(a.json);
-    f << report.dump(2) << "\n";
-    if (!f) usage_error("cannot write " + a.json);
+    std::string why;
+    if (!ilf::detail::write_atomic(a.json, report.dump(2) + "\n", &why)) usage_error("cannot write " + a.json + ": " + why);
   }
   if (!a.quiet) {
     const auto& ran = generator.last_block_forwards();  // an adaptive plan decides them as it runs
