@@ -51,14 +51,18 @@ def prepare(work: Path, layers: int, heads: int, rebuild: bool) -> Path:
 
 def ensure_variant(bundle_dir: Path, mode: str, prompts: int, requantize: bool) -> str:
     from ilf_deploy.build.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
-    from ilf_deploy.build.quantization.quantize import default_variant_name, quantize_bundle
+    from ilf_deploy.build.quantization.quantize import (
+        CALIBRATION_FREE_MODES,
+        default_variant_name,
+        quantize_bundle,
+    )
     from ilf_deploy.core.runtime.bundle import Bundle
 
     name = default_variant_name(mode)
     bundle = Bundle.load(bundle_dir, verify_hashes=False)
     if name in bundle.variants and not requantize:
         return name
-    if mode != "int8-dynamic" and bundle.manifest.calibration is None:
+    if mode not in CALIBRATION_FREE_MODES and bundle.manifest.calibration is None:
         log(f"calibrating on {prompts} {PLAN} trajectories")
         collect_calibration(bundle_dir, PLAN, DEFAULT_PROMPTS[:prompts], max_samples=8)
     log(f"quantizing: {mode}")

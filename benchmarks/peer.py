@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,34 +46,23 @@ def log(message: str) -> None:
 
 def prepare(work: Path, quick: bool, rebuild: bool, modes: list[str]) -> tuple[Path, Path, Any]:
     """Model directory, bundle (base-20 + ilf-10 at 256 px, fp32, with its torch model for tune's
-    torch candidates, eager and compiled) and its variants; reused."""
-    from benchmarks.backbone import QUICK, Size, model_and_bundle
+    torch candidates, eager and compiled) and its variants, one stage per process
+    (benchmarks/stages.py); reused."""
+    from benchmarks import stages
+    from benchmarks.backbone import QUICK, RESOLUTION, Size
 
-    size = QUICK if quick else Size()
-    if rebuild:
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir, bundle_dir = model_and_bundle(work, size, ("base-20", OURS_PLAN), copy_model=True)
-    make_variants(bundle_dir, modes, OURS_PLAN)
-    return model_dir, bundle_dir, size
+    model_dir, bundle_dir = stages.prepare(
+        work, "benchmarks.peer:write_model", {"quick": quick}, ("base-20", OURS_PLAN), RESOLUTION, modes,
+        OURS_PLAN, rebuild,
+    )  # fmt: skip
+    return model_dir, bundle_dir, QUICK if quick else Size()
 
 
-def make_variants(bundle_dir: Path, modes: list[str], plan: str) -> None:
-    """Each precision variant of `modes` the bundle lacks, calibrated on 2 trajectories of `plan`."""
-    from ilf_deploy.build.quantization.calibration import DEFAULT_PROMPTS, collect_calibration
-    from ilf_deploy.build.quantization.quantize import default_variant_name, quantize_bundle
-    from ilf_deploy.core.runtime.bundle import Bundle
+def write_model(out: Path, quick: bool) -> None:
+    """The model directory stage (benchmarks/stages.py): the backbone's PixArt-XL-2 config."""
+    from benchmarks.backbone import QUICK, Size, build_model_dir
 
-    for mode in modes:
-        name = default_variant_name(mode)
-        bundle = Bundle.load(bundle_dir, verify_hashes=False)
-        if name in bundle.variants:
-            continue
-        if mode != "int8-dynamic" and bundle.manifest.calibration is None:
-            log(f"calibrating on 2 {plan} trajectories")
-            collect_calibration(bundle_dir, plan, DEFAULT_PROMPTS[:2], max_samples=8)
-        log(f"quantizing: {mode}")
-        quantize_bundle(bundle_dir, mode, name)
+    build_model_dir(out, QUICK if quick else Size())
 
 
 def diffusers_runner(model_dir: Path, dtype: Any, compile: bool = False) -> Callable[[], np.ndarray]:
@@ -214,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rebuild", action="store_true", help="rebuild the model, bundle and variants")
     parser.add_argument("--peaks", action="store_true", help="only measure the GEMM peaks of each dtype")
-    parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)  # the child below
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="prepare the model, bundle and variants, then stop"
+    )
     parser.add_argument(
         "--family",
         choices=("pixart", "sd3", "flux", "sana"),
@@ -244,23 +232,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from ilf_deploy.checks.tuning import tune
     from ilf_deploy.core.runtime.bundle import Bundle
-    from ilf_deploy.engines.backends import REGISTRY, open_generator
+    from ilf_deploy.engines.backends import open_generator
     from ilf_deploy.engines.backends.machine import fingerprint
     from ilf_deploy.engines.compare import metrics
 
-    if "openvino" in REGISTRY and REGISTRY["openvino"].missing():
-        modes = [m for m in modes if m != "int8-ov"]
     work = OUT / "peer" / ("quick" if args.quick else "full")
+    # Each stage in a child process (benchmarks/stages.py): this one stays fresh for timing torch.
+    model_dir, bundle_dir, size = prepare(work, args.quick, args.rebuild, modes)
     if args.prepare_only:
-        prepare(work, args.quick, args.rebuild, modes)
         return 0
-    # Build, calibrate and quantize in a child process: in a process that had just done them, torch
-    # ran ~20x slower (measured here: torch fp32 3.6 s/step in tune, 0.15 s in a fresh process; the
-    # cause was not isolated), which would flatter every ratio against torch and diffusers.
-    child = [sys.executable, "-m", "benchmarks.peer", "--prepare-only", "--modes", ",".join(modes)]
-    child += ["--quick"] * args.quick + ["--rebuild"] * args.rebuild
-    subprocess.run(child, check=True)
-    model_dir, bundle_dir, size = prepare(work, args.quick, False, modes)  # all there now: nothing runs
     log("ilf-deploy tune")
     budget = args.tune_budget_s or (60.0 if args.quick else 300.0)
     eager_only = (lambda c: not c.options.get("compile")) if args.no_compile else None

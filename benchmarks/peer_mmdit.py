@@ -22,15 +22,13 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.peer import interleave, log, make_variants
+from benchmarks.peer import interleave, log
 
 OUT = Path("out/bench")
 TARGET = 1.5  # auto base-N vs diffusers bf16 eager base-N
@@ -106,31 +104,27 @@ def build_model_dir(out: Path, family: str, quick: bool, depth: tuple[int, ...])
     return out
 
 
-def prepare(work: Path, family: str, steps: int, quick: bool, depth, modes: list[str]) -> tuple[Path, Path]:
+def prepare(
+    work: Path, family: str, args: Any, depth: tuple[int, ...], modes: list[str]
+) -> tuple[Path, Path]:
     """The model directory and its bundle (base-N, ilf-N, cache-N at 256 px, fp32, with the torch
     model for tune's torch candidates) and variants; each made once and reused."""
-    return prepare_dirs(work, lambda out: build_model_dir(out, family, quick, depth), steps, SIZE, modes)
+    model_kwargs = {"family": family, "quick": args.quick, "depth": list(depth)}
+    return prepare_dirs(work, "benchmarks.peer_mmdit:build_model_dir", model_kwargs, args, SIZE, modes)
 
 
 def prepare_dirs(
-    work: Path, write_model: Callable[[Path], Any], steps: int, size: int, modes: list[str]
+    work: Path, write_model: str, model_kwargs: dict, args: Any, size: int, modes: list[str]
 ) -> tuple[Path, Path]:
-    """`work/model` (by `write_model`) and `work/bundle` (base/ilf/cache-`steps` at `size` px) with
-    the `modes` variants, each made once and reused."""
-    from ilf_deploy.build.export.build import BuildOptions, build_bundle
+    """`work/model` (by `write_model(out, **model_kwargs)`) and `work/bundle` (base/ilf/cache-N at
+    `size` px) with the `modes` variants, one stage per process (benchmarks/stages.py), each made
+    once and reused (`--rebuild`: anew)."""
+    from benchmarks import stages
 
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir, bundle_dir = work / "model", work / "bundle"
-    if not (model_dir / "model_index.json").is_file():
-        log(f"writing {model_dir}")
-        write_model(model_dir)
-    if not (bundle_dir / "manifest.json").is_file():
-        log(f"exporting {bundle_dir}")
-        plans = tuple(f"{kind}-{steps}" for kind in ("base", "ilf", "cache"))
-        options = BuildOptions(plans=plans, resolutions=[(size, size)], force=True, copy_model=True)
-        build_bundle(model_dir, bundle_dir, options)
-    make_variants(bundle_dir, modes, f"ilf-{steps}")
-    return model_dir, bundle_dir
+    plans = [f"{kind}-{args.steps}" for kind in ("base", "ilf", "cache")]
+    return stages.prepare(
+        work, write_model, model_kwargs, plans, size, modes, f"ilf-{args.steps}", args.rebuild
+    )
 
 
 def diffusers_runner(model_dir: Path, family: str, steps: int, dtype: Any, compile: bool = False):
@@ -176,27 +170,10 @@ def main(args: Any) -> int:
     runs = args.runs or (2 if quick else 3)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     work = OUT / f"peer-{family}" / ("quick" if quick else "-".join(map(str, depth)))
-    if args.rebuild:
-        shutil.rmtree(work, ignore_errors=True)
+    # Each stage in a child process (benchmarks/stages.py): this one stays fresh for timing torch.
+    model_dir, bundle_dir = prepare(work, family, args, depth, modes)
     if args.prepare_only:
-        prepare(work, family, steps, quick, depth, modes)
         return 0
-    # Build, calibrate and quantize in a child process (benchmarks/peer.py says why).
-    child = [
-        sys.executable,
-        "-m",
-        "benchmarks.peer",
-        "--family",
-        family,
-        "--prepare-only",
-        "--modes",
-        ",".join(modes),
-    ]
-    child += ["--steps", str(steps), "--flux-depth", args.flux_depth, "--sd3-depth", str(args.sd3_depth)]
-    child += ["--quick"] * quick
-    subprocess.run(child, check=True)
-    model_dir, bundle_dir = prepare(work, family, steps, quick, depth, modes)
-
     return measure(
         args, family, "quick" if quick else "full width", model_dir, bundle_dir, runs,
         lambda dtype, compile=False: diffusers_runner(model_dir, family, steps, dtype, compile),

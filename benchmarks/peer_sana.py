@@ -19,8 +19,6 @@ interleaved, medians; targets: auto base-N >= 1.5x diffusers bf16 eager base-N; 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +76,12 @@ def build_model_dir(out: Path, quick: bool, depth: int) -> Path:
     return out
 
 
-def prepare(work: Path, steps: int, quick: bool, depth: int, modes: list[str]) -> tuple[Path, Path]:
+def prepare(work: Path, args: Any, modes: list[str]) -> tuple[Path, Path]:
     """The model directory and its bundle (base-N, ilf-N, cache-N at 512 px, fp32, with the torch
     model for tune's torch candidates) and variants; each made once and reused."""
-    return peer_mmdit.prepare_dirs(work, lambda out: build_model_dir(out, quick, depth), steps, SIZE, modes)
+    model_kwargs = {"quick": args.quick, "depth": args.sana_depth}
+    write_model = "benchmarks.peer_sana:build_model_dir"
+    return peer_mmdit.prepare_dirs(work, write_model, model_kwargs, args, SIZE, modes)
 
 
 def diffusers_runner(model_dir: Path, steps: int, dtype: Any, compile: bool = False):
@@ -113,17 +113,10 @@ def main(args: Any) -> int:
     runs = args.runs or 2
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     work = OUT / "peer-sana" / ("quick" if quick else str(depth))
-    if args.rebuild:
-        shutil.rmtree(work, ignore_errors=True)
+    # Each stage in a child process (benchmarks/stages.py): this one stays fresh for timing torch.
+    model_dir, bundle_dir = prepare(work, args, modes)
     if args.prepare_only:
-        prepare(work, steps, quick, depth, modes)
         return 0
-    # Build, calibrate and quantize in a child process (benchmarks/peer.py says why).
-    child = [sys.executable, "-m", "benchmarks.peer", "--family", "sana", "--prepare-only"]
-    child += ["--modes", ",".join(modes), "--steps", str(steps), "--sana-depth", str(depth)]
-    child += ["--quick"] * quick
-    subprocess.run(child, check=True)
-    model_dir, bundle_dir = prepare(work, steps, quick, depth, modes)
     return peer_mmdit.measure(
         args, "sana", "quick" if quick else f"{depth} of 28 blocks, full width", model_dir, bundle_dir, runs,
         lambda dtype, compile=False: diffusers_runner(model_dir, steps, dtype, compile),

@@ -64,6 +64,7 @@ from ilf_deploy.engines.compare import (
 )
 
 MODES = ("int8-dynamic", "int8-qdq", "fp8-qdq", "int8-ov", "bf16")
+CALIBRATION_FREE_MODES = ("int8-dynamic", "bf16")  # the others need the bundle's calibration samples
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 # Linear layers of attention (attn1 self, attn2 cross; MMDiT attn with its context projections),
 # feed-forward (ff; MMDiT ff_context) and Flux's single-stream MLP (proj_mlp, proj_out), by module
@@ -286,7 +287,7 @@ def quantize_bundle(
             f"quantize an fp32 bundle (this one is {bundle.manifest.precision}): ORT's quantizer "
             "calibrates and rewrites fp32 graphs"
         )
-    if mode not in ("int8-dynamic", "bf16") and bundle.manifest.calibration is None:
+    if mode not in CALIBRATION_FREE_MODES and bundle.manifest.calibration is None:
         raise BundleError(f"{mode} needs calibration data; run `ilf-deploy calibrate {bundle.path}` first")
     if mode == "bf16":  # no new files: the segments that stay in budget in bf16 (build/quantization/bf16.py)
         from ilf_deploy.build.quantization.bf16 import bf16_entry
