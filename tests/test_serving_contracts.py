@@ -121,7 +121,7 @@ def test_triton_engine_reads_the_generators_bundle(generator, loads):
     assert set(engine.plans) == set(generator.bundle.plan_names)
 
 
-def test_triton_engine_runs_serves_batch_buckets(generator):
+def test_triton_engine_warms_and_runs_serves_batch_buckets(generator):
     import numpy as np
 
     from ilf_deploy.serving.triton.model import Engine
@@ -141,7 +141,9 @@ def test_triton_engine_runs_serves_batch_buckets(generator):
 
     recording = Recording()
     engine = Engine(recording, "base-2", max_batch=4)
-    engine.open_segments()
+    engine.open_segments(warm=True)
+    assert recording.sizes == [1, 2, 4]  # one warm-up batch per bucket, as serve's
+    recording.sizes.clear()
     prompts = np.array([[b"a red circle"], [b"a blue square"], [b"a green dot"]], dtype=object)
     (images,) = engine.run([{"prompt": prompts}])
     assert recording.sizes == [2, 1] and images.shape[0] == 3  # 3 rows: buckets 2 + 1, not one call of 3

@@ -214,7 +214,7 @@ def test_a_warm_up_with_non_finite_latents_leaves_the_model_not_ready(server):
     _, client = http_client(server)
     with pytest.raises(InferenceServerException) as error:
         client.load_model("nonfinite_warm")
-    assert "failed to run warmup sample" in error.value.message()
+    # the warm-up of every batch bucket, in `initialize`, or Triton's own sample
     assert "non-finite latents after step 0" in error.value.message()
     assert not client.is_model_ready("nonfinite_warm")
 

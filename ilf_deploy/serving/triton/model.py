@@ -4,10 +4,12 @@
 out. Triton's dynamic batcher hands `execute` several requests (each with one or more rows); the
 rows are grouped by (plan, height, width, guided), as `serve`'s batcher groups them, and each group
 is cut into engine calls of `serve`'s batch buckets (1, 2, 4, ..., max_batch_size: core/batching.py),
-each one `Generator.generate_batch` + one `decode`. The config's `model_warmup` has one sample per
-bucket (repository.py), so an engine that compiles per input shape (OpenVINO: one static shape set
-a segment per bucket, `Segments.keep_static_shapes`) has them all compiled before Triton calls the
-model ready, as `serve`'s warm-up. A bad row fails its request only; the model stays up.
+each one `Generator.generate_batch` + one `decode`. With a `model_warmup` in the config, `initialize`
+first runs one batch of each bucket, as `serve`'s warm-up, so an engine that compiles per input shape
+(OpenVINO: one static shape set a segment per bucket, `Segments.keep_static_shapes`) has them all
+compiled before the model is ready; a warm-up that fails fails the load. (Not one `model_warmup`
+sample per bucket: tritonserver 2.51 died of signal 11 after such a warm-up's sample failed.) A bad
+row fails its request only; the model stays up.
 
 Every request gets its own response (its images, a 400 for a refusal, a 500 for an engine failure:
 non-finite latents among them), counted per request in our own `ilf_*` metrics, which Triton
@@ -32,7 +34,7 @@ import numpy as np
 from ilf_deploy.core.batching import MIN_MAX_BATCH, batch_buckets, bucket_chunks
 from ilf_deploy.core.errors import ConfigError, IlfError, NonFiniteError
 from ilf_deploy.core.runtime.bundle import Bundle, BundleError
-from ilf_deploy.core.runtime.generator import Generator, Request
+from ilf_deploy.core.runtime.generator import Generator, Request, warm_up
 from ilf_deploy.core.runtime.pipeline import BundleGenerator
 from ilf_deploy.core.runtime.request import RequestContract, Size
 from ilf_deploy.core.runtime.runner import SegmentRunner
@@ -89,12 +91,16 @@ class Engine:
             bundle, generator, default_plan=self.plans.default, check_plan=self.plans.check
         )
 
-    def open_segments(self) -> None:
-        """Every segment opened now, not by the first request of a plan that uses it, and one static
-        shape set a segment kept per bucket (Triton's model_warmup, in the config, then runs one
-        batch of each bucket through `execute`)."""
-        self.generator.segments.keep_static_shapes(len(self.buckets))
-        self.generator.segments.open_all()  # e.g. ONNX Runtime: every session, lazily opened otherwise
+    def open_segments(self, warm: bool = False) -> None:
+        """Every segment opened now, not by the first request of a plan that uses it; `warm` (the
+        config has a model_warmup, which then runs one image through `execute`): first one batch of
+        each bucket, as `serve`'s warm-up."""
+        if warm:
+            plan, request = self.contract.warmup_request()
+            warm_up(self.generator, self.plans[plan], request, self.buckets)
+        else:
+            self.generator.segments.keep_static_shapes(len(self.buckets))
+            self.generator.segments.open_all()  # e.g. ONNX Runtime: every session, lazily opened otherwise
 
     # -- one request's rows ------------------------------------------------------------------------
     def rows(self, index: int, inputs: dict[str, np.ndarray | None]) -> list[Row]:
@@ -261,7 +267,7 @@ class _PythonModel:
             generator = self.open_generator(bundle, params, args)
             batch = config.get("max_batch_size") or 1  # 0: Triton batches nothing
             self.engine = Engine(generator, params.get("default_plan") or None, batch)
-            self.engine.open_segments()
+            self.engine.open_segments(warm=bool(config.get("model_warmup")))
         except IlfError as exc:
             # One line in Triton's log; the exception makes the load fail and the model not ready.
             pb_utils.Logger.log_error(f"ilf-deploy: {args.get('model_name', '')}: {exc}")

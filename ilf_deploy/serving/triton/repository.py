@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ilf_deploy.core.batching import DEFAULT_BATCHING, MAX_WAIT_MS, BatchingPolicy, batch_buckets
+from ilf_deploy.core.batching import DEFAULT_BATCHING, MAX_WAIT_MS, BatchingPolicy
 from ilf_deploy.core.errors import ConfigError, check_at_least
 from ilf_deploy.core.files import staged_directory
 from ilf_deploy.core.runtime.bundle import Bundle
@@ -159,21 +159,19 @@ def generation_config(bundle: Bundle, options: ExportOptions, parameters: dict[s
         f"  default_queue_policy {{ timeout_action: REJECT max_queue_size: {options.max_queue} }}\n"
         "}\n" + _parameters(parameters)
     )
-    if options.warmup:  # guided images at the default size before Triton calls the model ready
+    if options.warmup:  # one guided image at the default size before Triton calls the model ready
         first = (
             '    inputs { key: "class_label" value { data_type: TYPE_INT64 dims: [ 1 ] zero_data: true } }\n'
             if bundle.architecture == "dit"
             else f'    inputs {{ key: "prompt" value {{ data_type: TYPE_STRING dims: [ 1 ] '
             f"input_data_file: {quote(WARMUP_PROMPT_FILE)} }} }}\n"
         )
-        seed = '    inputs { key: "seed" value { data_type: TYPE_INT64 dims: [ 1 ] zero_data: true } }\n'
-        # one sample per batch bucket: the model runs each size as one engine call (model.py), so an
-        # engine that compiles per input shape (OpenVINO) has every one compiled before it is ready
-        samples = [
-            f'  {{\n    name: "batch of {size}"\n    batch_size: {size}\n' + first + seed + "  }"
-            for size in batch_buckets(batch)
-        ]
-        text += "model_warmup [\n" + ",\n".join(samples) + "\n]\n"
+        text += (
+            'model_warmup [\n  {\n    name: "one image"\n    batch_size: 1\n'
+            + first
+            + '    inputs { key: "seed" value { data_type: TYPE_INT64 dims: [ 1 ] zero_data: true } }\n'
+            "  }\n]\n"
+        )
     return text
 
 
