@@ -29,6 +29,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from typing import Any
 
 from benchmarks.peer import log
 
+PEAK_FILE_ENV = "ILF_STAGE_PEAK_FILE"  # where a stage's child writes its own peak RSS (KiB)
 STAGES = "benchmarks.stages"  # this module, by the name its children import it by (not __main__)
 CALIBRATION_PROMPTS, CALIBRATION_SAMPLES = 2, 8  # 2 trajectories, at most 8 samples per segment
 CHILD_GRACE_S = 30.0  # after a Ctrl-C, how long a stage may take to remove its staging
@@ -143,9 +145,14 @@ def size_text(size: int) -> str:
 def run_child(stage: Stage) -> tuple[float, int, int]:
     """Run `stage` in a child process: (seconds, the child's peak RSS in KiB, its exit code; minus
     the signal that killed it)."""
+    # The child writes its own VmHWM: the kernel's ru_maxrss of a child that was forked from this
+    # process keeps this process's RSS at the fork (across exec), so a small stage reported ours.
+    descriptor, name = tempfile.mkstemp(prefix="ilf-stage-peak-")
+    os.close(descriptor)
+    peak_file = Path(name)
     argv = [sys.executable, "-m", STAGES, stage.function, str(stage.path), json.dumps(stage.kwargs)]
     start = time.perf_counter()
-    child = subprocess.Popen(argv)
+    child = subprocess.Popen(argv, env={**os.environ, PEAK_FILE_ENV: str(peak_file)})
     try:
         _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not all children's
     except BaseException:  # Ctrl-C: the child had it too; let it clean up, then do not leave it running
@@ -156,7 +163,10 @@ def run_child(stage: Stage) -> tuple[float, int, int]:
             child.wait()
         raise
     child.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - start, usage.ru_maxrss, child.returncode
+    text = peak_file.read_text().strip()
+    peak_file.unlink()
+    # killed before it could write: the kernel's figure, an upper bound (ours at the fork included)
+    return time.perf_counter() - start, int(text) if text else usage.ru_maxrss, child.returncode
 
 
 # -- the stages (each runs in its child process) ----------------------------------------------------
@@ -222,6 +232,10 @@ def main(argv: list[str]) -> int:
     module, name = target.split(":")
     function = reduce(getattr, name.split("."), importlib.import_module(module))  # "Class.method" too
     function(Path(path), **json.loads(kwargs))
+    if PEAK_FILE_ENV in os.environ:  # this process's own peak RSS, for run_child
+        status = Path("/proc/self/status").read_text()
+        peak_kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+        Path(os.environ[PEAK_FILE_ENV]).write_text(peak_kib)
     return 0
 
 
