@@ -77,8 +77,7 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     (8: 1, 2, 4, 8; 6: 1, 2, 4, 6). An engine that compiles a model per input shape (OpenVINO)
     keeps one static compile per bucket, made during the warm-up; any other size would run on its
     slower dynamic-shape model or compile in the middle of a request (docs/serving.md)."""
-    if max_batch < 1:
-        raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+    check_at_least("max_batch", max_batch)
     return (*(1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch), max_batch)
 
 
