@@ -4,7 +4,8 @@ The user's alternatives are diffusers eager, fp32 and bf16, and bf16 with `torch
 transformer (what a diligent user does), at the model's usual 20 steps (`base-20`); ours is ILF-10
 on ONNX Runtime fp32 and on `--backend auto` after `ilf-deploy tune` (the fastest engine x precision
 x compiled within its fidelity budget on this machine). Same model (the PixArt-XL-2-512x512
-transformer config from benchmarks/backbone.py, random weights, tiny T5 and VAE), 256 px
+transformer config from benchmarks/backbone.py, random weights, tiny T5 and VAE), 256 px (or
+`--resolution 512`: 1024 tokens, the paper's setting; in `out/bench/peer/full-512`, `peer_512.json`)
 (`use_resolution_binning=False`: without it diffusers renders 512 px when asked for 256), same
 prompt, seed and guidance (4.5), one image; timed: text encoder + denoising (latents out, no VAE
 decode), interleaved in one process (ABAB...; the compiled engines compile in the warm-up, whose
@@ -14,6 +15,7 @@ tune candidate's block throughput against the peak of its dtype, measured in the
 its engine runs a linear layer (benchmarks/peaks.py).
 
     python -m benchmarks.peer [--quick] [--runs N] [--tune-budget-s S] [--rebuild] [--no-compile]
+                              [--resolution 256|512]
     python -m benchmarks.peer --family sd3|flux [...]   # SD3 and Flux: benchmarks/peer_mmdit.py
     python -m benchmarks.peer --family sana [...]       # Sana: benchmarks/peer_sana.py
 """
@@ -44,15 +46,17 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def prepare(work: Path, quick: bool, rebuild: bool, modes: list[str]) -> tuple[Path, Path, Any]:
-    """Model directory, bundle (base-20 + ilf-10 at 256 px, fp32, with its torch model for tune's
+def prepare(
+    work: Path, quick: bool, rebuild: bool, modes: list[str], resolution: int
+) -> tuple[Path, Path, Any]:
+    """Model directory, bundle (base-20 + ilf-10 at `resolution` px, fp32, with its torch model for tune's
     torch candidates, eager and compiled) and its variants, one stage per process
     (benchmarks/stages.py); reused."""
     from benchmarks import stages
-    from benchmarks.backbone import QUICK, RESOLUTION, Size
+    from benchmarks.backbone import QUICK, Size
 
     model_dir, bundle_dir = stages.prepare(
-        work, "benchmarks.peer:write_model", {"quick": quick}, ("base-20", OURS_PLAN), RESOLUTION, modes,
+        work, "benchmarks.peer:write_model", {"quick": quick}, ("base-20", OURS_PLAN), resolution, modes,
         OURS_PLAN, rebuild,
     )  # fmt: skip
     return model_dir, bundle_dir, QUICK if quick else Size()
@@ -65,9 +69,12 @@ def write_model(out: Path, quick: bool) -> None:
     build_model_dir(out, QUICK if quick else Size())
 
 
-def diffusers_runner(model_dir: Path, dtype: Any, compile: bool = False) -> Callable[[], np.ndarray]:
-    """diffusers' pipeline in `dtype`; `compile`: its transformer under `torch.compile` (Inductor,
-    default mode), as diffusers' docs suggest (max-autotune takes far longer to compile on a CPU).
+def diffusers_runner(
+    model_dir: Path, dtype: Any, resolution: int, compile: bool = False
+) -> Callable[[], np.ndarray]:
+    """diffusers' pipeline in `dtype` at `resolution` px; `compile`: its transformer under
+    `torch.compile` (Inductor, default mode), as diffusers' docs suggest (max-autotune takes far
+    longer to compile on a CPU).
     It compiles on the first call, the warm-up."""
     import torch
     from diffusers import PixArtAlphaPipeline
@@ -87,8 +94,8 @@ def diffusers_runner(model_dir: Path, dtype: Any, compile: bool = False) -> Call
                 negative_prompt="",
                 num_inference_steps=THEIR_STEPS,
                 guidance_scale=GUIDANCE,
-                height=256,
-                width=256,
+                height=resolution,
+                width=resolution,
                 generator=torch.Generator().manual_seed(SEED),
                 output_type="latent",
                 use_resolution_binning=False,
@@ -100,11 +107,16 @@ def diffusers_runner(model_dir: Path, dtype: Any, compile: bool = False) -> Call
     return run
 
 
-def ours_runner(generator: Any, plan: Any) -> Callable[[], np.ndarray]:
+def ours_runner(generator: Any, plan: Any, resolution: int) -> Callable[[], np.ndarray]:
     from ilf_deploy.core.runtime.generator import Request
 
     request = Request(
-        prompt=PROMPT, negative_prompt="", seed=SEED, guidance_scale=GUIDANCE, height=256, width=256
+        prompt=PROMPT,
+        negative_prompt="",
+        seed=SEED,
+        guidance_scale=GUIDANCE,
+        height=resolution,
+        width=resolution,
     )
 
     def run() -> np.ndarray:
@@ -140,7 +152,12 @@ def interleave(engines: dict[str, Callable[[], np.ndarray]], runs: int) -> tuple
     return outputs, times, warmup
 
 
-def block_peaks(report: dict[str, Any], bundle: Any, size: Any, quick: bool) -> dict[str, Any]:
+def image_tokens(resolution: int) -> int:
+    """Image tokens at `resolution` px: the VAE's 8x down, then 2x2 patches."""
+    return (resolution // 16) ** 2
+
+
+def block_peaks(report: dict[str, Any], bundle: Any, size: Any, quick: bool, tokens: int) -> dict[str, Any]:
     """Every tune candidate's block throughput against the peak of its dtype (benchmarks/peaks.py),
     the peaks measured now, the way each engine runs its matmuls."""
     from benchmarks import peaks
@@ -148,7 +165,7 @@ def block_peaks(report: dict[str, Any], bundle: Any, size: Any, quick: bool) -> 
     from ilf_deploy.checks.tuning import timing_plan
 
     timed = timing_plan(bundle.plan(report["plan"]))
-    flops_per_step = block_flops(size) * timed.block_forwards / timed.num_steps
+    flops_per_step = block_flops(size, tokens=tokens) * timed.block_forwards / timed.num_steps
     modes = {name: spec.mode for name, spec in bundle.manifest.variants.items()}
     n, reps = (1024, 2) if quick else (peaks.N, 5)
     measured = peaks.measure_peaks(peaks.peak_keys(report["candidates"], modes), n, reps)
@@ -162,7 +179,7 @@ def block_peaks(report: dict[str, Any], bundle: Any, size: Any, quick: bool) -> 
 
 
 def hardware_limit(
-    gemm: dict[str, Any], size: Any, ours_forwards: int, theirs_seconds: float, ratio: float
+    gemm: dict[str, Any], size: Any, tokens: int, ours_forwards: int, theirs_seconds: float, ratio: float
 ) -> dict[str, Any] | None:
     """The speed-up over diffusers that this machine allows, and how much of it we reach (one number):
     the plan's fewer block forwards x blocks at LIMIT_PEAK_SHARE of the best int8 peak measured now,
@@ -175,7 +192,7 @@ def hardware_limit(
     if not best_int8:
         return None
     theirs_forwards = THEIR_STEPS * size.layers
-    theirs_gflops = block_flops(size) * theirs_forwards / theirs_seconds / 1e9
+    theirs_gflops = block_flops(size, tokens=tokens) * theirs_forwards / theirs_seconds / 1e9
     forwards_ratio = theirs_forwards / ours_forwards
     limit = forwards_ratio * LIMIT_PEAK_SHARE * best_int8 / theirs_gflops
     return {
@@ -194,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="interleaved measured runs per engine")
     parser.add_argument("--tune-budget-s", type=float, default=None, help="`tune`'s timing budget")
     parser.add_argument("--modes", default="int8-dynamic,int8-ov", help="variants to build before tune")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        choices=(256, 512),
+        default=256,
+        help="pixart: image size (256: 256 tokens; 512: 1024, the paper's); 512 in out/bench/peer/*-512",
+    )
     parser.add_argument("--no-bf16", action="store_true", help="skip diffusers bf16 (slow without bf16 hw)")
     parser.add_argument(
         "--no-compile", action="store_true", help="skip torch.compile: diffusers' and tune's compiled torch"
@@ -217,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.peaks:
         return measure_peaks()
+    if args.family != "pixart" and args.resolution != 256:
+        parser.error("--resolution is the PixArt comparison's; each other family has its own fixed size")
     if args.family == "sana":
         from benchmarks import peer_sana
 
@@ -236,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     from ilf_deploy.engines.backends.machine import fingerprint
     from ilf_deploy.engines.compare import metrics
 
-    work = OUT / "peer" / ("quick" if args.quick else "full")
+    tokens = image_tokens(args.resolution)
+    suffix = "" if args.resolution == 256 else f"-{args.resolution}"  # 256: the directories of before
+    work = OUT / "peer" / (("quick" if args.quick else "full") + suffix)
     # Each stage in a child process (benchmarks/stages.py): this one stays fresh for timing torch.
-    model_dir, bundle_dir, size = prepare(work, args.quick, args.rebuild, modes)
+    model_dir, bundle_dir, size = prepare(work, args.quick, args.rebuild, modes, args.resolution)
     if args.prepare_only:
         return 0
     log("ilf-deploy tune")
@@ -257,16 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     log(auto.choice or "")
     eager_bf16, compiled_bf16 = "diffusers bf16 base-20", "diffusers bf16 + torch.compile base-20"
     engines: dict[str, Callable[[], np.ndarray]] = {
-        "diffusers fp32 base-20": diffusers_runner(model_dir, torch.float32),
+        "diffusers fp32 base-20": diffusers_runner(model_dir, torch.float32, args.resolution),
     }
     if not args.no_bf16:
-        engines[eager_bf16] = diffusers_runner(model_dir, torch.bfloat16)
+        engines[eager_bf16] = diffusers_runner(model_dir, torch.bfloat16, args.resolution)
         if not args.no_compile:
-            engines[compiled_bf16] = diffusers_runner(model_dir, torch.bfloat16, compile=True)
+            engines[compiled_bf16] = diffusers_runner(
+                model_dir, torch.bfloat16, args.resolution, compile=True
+            )
     ours_fp32 = f"ilf-deploy onnxruntime fp32 {OURS_PLAN}"
-    engines[ours_fp32] = ours_runner(open_generator(bundle_dir, "onnxruntime"), plan)
+    engines[ours_fp32] = ours_runner(open_generator(bundle_dir, "onnxruntime"), plan, args.resolution)
     auto_name = f"ilf-deploy auto ({auto.choice.split('(')[0].removeprefix('auto: ').strip()}) {OURS_PLAN}"
-    engines[auto_name] = ours_runner(auto, plan)
+    engines[auto_name] = ours_runner(auto, plan, args.resolution)
 
     log(f"warm-up, then {runs} interleaved runs of each engine (text encoder + denoising, one image)")
     outputs, times, warmup = interleave(engines, runs)
@@ -280,12 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         ratios[f"vs {compiled_bf16}"] = seconds[compiled_bf16] / seconds[auto_name]
     targets = {f"vs {fastest_theirs} (eager)": TARGET, f"vs {compiled_bf16}": TARGET_COMPILED}
     log("block throughput of every tune candidate against its dtype's peak")
-    gemm = block_peaks(report, bundle, size, args.quick)
+    gemm = block_peaks(report, bundle, size, args.quick, tokens)
 
-    limit = hardware_limit(gemm, size, plan.block_forwards, seconds[fastest_theirs], ratio)
+    limit = hardware_limit(gemm, size, tokens, plan.block_forwards, seconds[fastest_theirs], ratio)
     machine = fingerprint()
     result: dict[str, Any] = {
-        "model": f"PixArt-XL-2-512 config ({size.tag}), random weights, 256 px, guidance {GUIDANCE}",
+        "model": f"PixArt-XL-2-512 config ({size.tag}), random weights, {args.resolution} px "
+        f"({tokens} tokens), guidance {GUIDANCE}",
         "timed": "text encoder + denoising (latents; no VAE decode), interleaved, median",
         "machine": machine,
         "runs": runs,
@@ -315,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report_result(result, seconds, fastest_theirs)
     OUT.mkdir(parents=True, exist_ok=True)
-    name = "peer_quick.json" if args.quick else "peer.json"
+    name = ("peer_quick" if args.quick else "peer") + suffix.replace("-", "_") + ".json"
     (OUT / name).write_text(json.dumps(result, indent=2, default=str) + "\n")
     log(f"results → {OUT / name}")
     return 0
