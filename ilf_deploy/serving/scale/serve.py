@@ -76,8 +76,6 @@ class RayServeBatcher(Batcher):
             elapsed = round(time.perf_counter() - started, 4)
             fields = {"engine_s": elapsed, "batch_sizes": list(self.buckets)}
             log.info("ready: warm-up generations done", extra={"fields": fields})
-        else:  # shapes compile on first use, still one static set per bucket at most
-            self.generator.segments.keep_static_shapes(len(self.buckets))
         self.ready, self.warmup_error = True, None
         self.metrics.ready.set(1)
 

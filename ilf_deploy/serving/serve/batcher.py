@@ -116,6 +116,8 @@ class Batcher:
         self.generator, self.plans, self.metrics = generator, plans, metrics
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self.buckets = batch_buckets(max_batch)  # the only batch sizes an engine call gets
+        # one static shape set a segment per bucket (OpenVINO), compiled by the warm-up or on first use
+        generator.segments.keep_static_shapes(len(self.buckets))
         self.ready = False
         self.warmup_error: str | None = None
         self._groups: dict[BatchKey, deque[Job]] = {}
@@ -136,8 +138,6 @@ class Batcher:
         # One engine thread: segments are not called concurrently, and batching replaces concurrency.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ilf-engine")
         self._wakeup = asyncio.Event()
-        if warmup is None:  # shapes compile on first use, still one static set per bucket at most
-            self.generator.segments.keep_static_shapes(len(self.buckets))
         self._task = asyncio.get_running_loop().create_task(self._run(warmup), name="ilf-batcher")
 
     def drain(self) -> None:
