@@ -40,6 +40,26 @@ SEED, GUIDANCE = 7, 4.5
 OURS_PLAN, THEIR_STEPS = "ilf-10", 20
 # The hardware's limit assumes blocks at this share of the best int8 GEMM peak measured in the run.
 LIMIT_PEAK_SHARE = 0.85
+# `tune --budget-s` for every family (--tune-budget-s overrides): it bounds the whole command, and at
+# 120 s on the 2-core EPYC it checked only ONNX Runtime's two candidates (~1 min each), so `auto`
+# missed OpenVINO; 900 s checks all ten on the PixArt-XL config there at 256 tokens. A check runs
+# the whole plan, so it scales with the tokens: at 1024 (512 px) 900 s checked three.
+TUNE_BUDGET_S, TUNE_BUDGET_QUICK_S = 900.0, 60.0
+
+
+def tune_budget(given: float | None, quick: bool, tokens: int = 256) -> float:
+    return given or (TUNE_BUDGET_QUICK_S if quick else TUNE_BUDGET_S * max(1.0, tokens / 256))
+
+
+def tune_filter(backends: str | None, no_compile: bool) -> Callable[[Any], bool] | None:
+    """`tune`'s candidates: `--tune-backends` only (the reference always runs), eager only with
+    `--no-compile`. Leaving engines out can only make ours slower."""
+    from ilf_deploy.checks.tuning import only_backends
+
+    keep = only_backends([b.strip() for b in backends.split(",") if b.strip()]) if backends else None
+    if keep is None and not no_compile:
+        return None
+    return lambda c: (keep is None or keep(c)) and not (no_compile and c.options.get("compile"))
 
 
 def log(message: str) -> None:
@@ -213,7 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         "--tune-budget-s",
         type=float,
         default=None,
-        help="`tune`'s budget for the whole tune (default 900 s; 60 with --quick)",
+        help=f"`tune`'s budget for the whole tune (default {TUNE_BUDGET_S:.0f} s, 4x at --resolution 512; "
+        f"{TUNE_BUDGET_QUICK_S:.0f} with --quick)",
+    )
+    parser.add_argument(
+        "--tune-backends",
+        default=None,
+        help="`tune --backends`: only these engines besides the reference (e.g. openvino: at 512 px "
+        "each check takes ~4 min on 2 cores); default: every installed one",
     )
     parser.add_argument("--modes", default="int8-dynamic,int8-ov", help="variants to build before tune")
     parser.add_argument(
@@ -275,11 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_only:
         return 0
     log("ilf-deploy tune")
-    # `tune --budget-s` bounds the whole command: at 120 s on the 2-core EPYC it checked only ONNX
-    # Runtime's two candidates (~1 min each) and `auto` missed OpenVINO; 900 s checks all ten.
-    budget = args.tune_budget_s or (60.0 if args.quick else 900.0)
-    eager_only = (lambda c: not c.options.get("compile")) if args.no_compile else None
-    report = tune(bundle_dir, OURS_PLAN, budget_s=budget, progress=log, include=eager_only)
+    budget = tune_budget(args.tune_budget_s, args.quick, tokens)
+    include = tune_filter(args.tune_backends, args.no_compile)
+    report = tune(bundle_dir, OURS_PLAN, budget_s=budget, progress=log, include=include)
     for c in report["candidates"]:
         ms = f"{c['ms_per_step']:.0f} ms/step" if c["ms_per_step"] else "-"
         e2e = [f["metrics"]["rel_l2"] for f in c["fidelity"] if f["kind"] == "end-to-end"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.peer import interleave, log
+from benchmarks.peer import interleave, log, tune_budget, tune_filter
 
 OUT = Path("out/bench")
 TARGET = 1.5  # auto base-N vs diffusers bf16 eager base-N
@@ -205,9 +205,14 @@ def measure(
 
     base = f"base-{steps}"
     log("ilf-deploy tune")
-    budget = args.tune_budget_s or (60.0 if quick else 300.0)
-    eager_only = (lambda c: not c.options.get("compile")) if args.no_compile else None
-    report = tune(bundle_dir, base, budget_s=budget, progress=log, include=eager_only)
+    budget = tune_budget(args.tune_budget_s, quick)
+    report = tune(
+        bundle_dir,
+        base,
+        budget_s=budget,
+        progress=log,
+        include=tune_filter(args.tune_backends, args.no_compile),
+    )
     bundle = Bundle.load(bundle_dir)
     auto = open_generator(bundle_dir, "auto")
     log(auto.choice or "")

@@ -23,8 +23,9 @@ from ilf_deploy.build.quantization.calibration import collect_calibration
 from ilf_deploy.build.quantization.quantize import verify_variant
 from ilf_deploy.cli import app
 from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.memory import GIB, MemoryGauge
 from ilf_deploy.core.runtime.bundle import Bundle
-from ilf_deploy.core.runtime.generator import Request
+from ilf_deploy.core.runtime.generator import Request, warm_up
 from ilf_deploy.engines.backends import open_generator
 from ilf_deploy.engines.backends.openvino import CACHE_DIR, cpu_has_bf16
 from ilf_deploy.engines.compare import budget, compare_to_reference, run_reference
@@ -488,3 +489,65 @@ def test_serve_compiles_every_batch_bucket_static_in_its_warm_up_shapes(ov_bundl
             alone = generator.decode(generator.generate_batch(plan, [Request("a red circle", seed=seed)]))[0]
             image = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
             assert np.abs(image.astype(int) - alone.astype(int)).max() <= 1  # batched == alone
+
+
+class ScriptedMemory(MemoryGauge):
+    """A machine of `total` bytes where each warm-up generation leaves `per_size` more resident:
+    `warm_up` reads `resident()` before and after each size, so every second read has grown."""
+
+    def __init__(self, total: int, per_size: int) -> None:
+        self.total_bytes, self.per_size, self.held, self.reads = total, per_size, 0, 0
+
+    def total(self) -> int:
+        return self.total_bytes
+
+    def available(self) -> int:
+        return self.total_bytes - self.held
+
+    def resident(self) -> int:
+        self.reads += 1
+        if self.reads % 2 == 0:
+            self.held += self.per_size
+        return self.held
+
+
+def test_warm_up_keeps_the_batch_sizes_memory_holds_and_serves_larger_batches_in_their_chunks(
+    ov_bundle, ov_log, monkeypatch, caplog
+):
+    """10 GiB, 1 GiB kept free, 3.5 GiB a compiled batch size: sizes 1 and 2 fit, 4 would not (2 GiB
+    left beyond the margin), so the server runs batches of at most 2, on static shapes, and says so."""
+    from fastapi.testclient import TestClient
+
+    from ilf_deploy.core.runtime import generator as generator_module
+    from ilf_deploy.serving.serve import ServeOptions, create_app
+
+    monkeypatch.setattr(generator_module, "MemoryGauge", lambda: ScriptedMemory(10 * GIB, 7 * GIB // 2))
+    generator = open_generator(ov_bundle, "openvino", cache=False)
+    options = ServeOptions(max_batch=4, max_wait_ms=300)
+    with (
+        caplog.at_level(logging.WARNING, "ilf_deploy.runtime"),
+        TestClient(create_app(ov_bundle, options, generator)) as client,
+    ):
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.05)
+        assert generator.segments.static_shapes == 2  # buckets 1, 2 kept; 4 not compiled
+        block_rows = sorted(shapes[0][1][0] for name, shapes in ov_log.compiles if name == "blocks_00_00")
+        assert block_rows == [2, 4]
+        assert client.get("/v1/models").json()["data"][0]["max_batch"] == 2
+        ov_log.compiles.clear()
+        body = {"prompt": "a red circle", "seed": 50, "response_format": "b64_json", "n": 4}
+        served = client.post("/v1/images/generations", json=body)
+    assert served.status_code == 200, served.text
+    assert len(served.json()["data"]) == 4
+    assert ov_log.compiles == [] and ov_log.dynamic_calls == 0  # 4 images as two static batches of 2
+    assert "batches of at most 2 images, not 4" in caplog.text
+
+
+def test_warm_up_ignores_memory_on_an_engine_with_one_model_for_every_shape(ov_bundle):
+    """ONNX Runtime does not compile per shape: every size is warmed whatever the gauge says."""
+    generator = open_generator(ov_bundle, "onnxruntime")
+    plan = generator.bundle.plan(generator.bundle.default_plan)
+    warmed = warm_up(generator, plan, Request("a red circle"), (1, 2, 4), ScriptedMemory(10 * GIB, 3 * GIB))
+    assert warmed == (1, 2, 4)

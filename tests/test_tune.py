@@ -448,3 +448,20 @@ def test_cli_tune_max_open(tuned, tmp_path, monkeypatch):
     memory = json.loads((path / TUNING_FILE).read_text())["timed"]["memory"]
     assert memory["max_open"] == 2 and memory["most_open"] == 2 and memory["mode"] == "groups"
     assert f"timed in {memory['groups']} groups of at most 2 engines" in result.output
+
+
+def test_cli_tune_backends_checks_only_those_engines_besides_the_reference(tuned, tmp_path):
+    """`--backends onnxruntime`: the reference and ONNX Runtime's variants, no other engine opened;
+    an unknown name is a one-line usage error before any work."""
+    path = shutil.copytree(tuned[0], tmp_path / "bundle")
+    runner = CliRunner()
+    args = ["tune", str(path), "--plans", "ilf-4", "--budget-s", "120", "--backends"]
+    result = runner.invoke(app, [*args, "onnxruntime", "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)["candidates"]
+    assert {c["backend"] for c in found} == {"onnxruntime"} and len(found) >= 2  # + its int8 variants
+    assert found[0]["label"] == "onnxruntime fp32"
+    for bad in ("tensorrtx", ","):
+        result = runner.invoke(app, [*args, bad])
+        assert result.exit_code == 2 and "--backends" in result.output and "choose from" in result.output
+        assert "Traceback" not in result.output

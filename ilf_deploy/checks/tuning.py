@@ -28,14 +28,12 @@ result goes to `BUNDLE/tuning.json` with this machine's fingerprint; `--backend 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,10 +41,11 @@ from typing import Any
 
 from ilf_deploy.core.errors import ConfigError, IlfError
 from ilf_deploy.core.files import write_report
+from ilf_deploy.core.memory import GIB, MemoryGauge
 from ilf_deploy.core.plan import StepPlan
 from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.core.runtime.generator import Generator, Request
-from ilf_deploy.engines.backends import REGISTRY, as_bundle, open_bundle_generator
+from ilf_deploy.engines.backends import REGISTRY, as_bundle, backend_names, open_bundle_generator
 from ilf_deploy.engines.backends.auto import FALLBACK_BACKEND, TUNING_FILE, bundle_digest, engine_label
 from ilf_deploy.engines.backends.machine import fingerprint
 from ilf_deploy.engines.backends.plans import resolve_bundle_plan
@@ -163,6 +162,17 @@ def candidates(bundle: Bundle) -> list[Candidate]:
                 Candidate("torch", None, budget("torch", "bf16"), options={"dtype": "bf16", **compiled})
             )
     return found
+
+
+def only_backends(names: list[str]) -> Callable[[Candidate], bool]:
+    """`tune --backends`: the candidates of these engines only (the reference, ONNX Runtime fp32,
+    always runs). Leaving engines out can only leave `auto` slower, never pick a worse answer."""
+    unknown = [name for name in names if name not in backend_names()]
+    if unknown or not names:
+        raise ConfigError(
+            f"--backends {','.join(names)}: choose from {', '.join(backend_names())} (comma-separated)"
+        )
+    return lambda candidate: candidate.backend in names
 
 
 def pick_winner(found: list[Candidate]) -> Candidate:
@@ -296,20 +306,6 @@ class Deadline:
 
 # -- memory: how many engines stay open at once -----------------------------------------------------
 
-GIB = 1 << 30
-
-
-def _proc_bytes(path: str, key: str) -> int | None:
-    """A `key: N kB` line of a /proc file, in bytes; None where there is none (not Linux)."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name == key:
-                return int(value.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
 
 def weight_bytes(bundle: Bundle, candidate: Candidate) -> int:
     """The bytes of the files `candidate`'s engine loads: every segment (its variant's where that
@@ -327,29 +323,6 @@ def _stem(file: str) -> str:
     """onnx/blocks_00_00.onnx.data -> onnx/blocks_00_00"""
     name = file.rsplit("/", 1)[-1]
     return file[: len(file) - len(name)] + name.split(".", 1)[0]
-
-
-class MemoryGauge:
-    """This machine's available memory and this process's anonymous resident memory (what an open
-    engine holds: its weights, arenas and compiled kernels; file-backed pages, such as an mmap'd IR,
-    are page cache the kernel can drop, counted as available), from /proc; None where it cannot
-    tell (not Linux): then memory bounds nothing and every engine stays open, as before."""
-
-    def available(self) -> int | None:
-        return _proc_bytes("/proc/meminfo", "MemAvailable")
-
-    def total(self) -> int | None:
-        return _proc_bytes("/proc/meminfo", "MemTotal")
-
-    def resident(self) -> int | None:
-        return _proc_bytes("/proc/self/status", "RssAnon") or _proc_bytes("/proc/self/status", "VmRSS")
-
-    def release(self) -> None:
-        """Give closed engines' memory back: collect the cycles ORT/OpenVINO/torch objects sit in, and
-        have glibc return its freed heap to the system (else MemAvailable would not see it)."""
-        gc.collect()
-        with suppress(OSError, AttributeError):  # not glibc: freed memory stays with the process, reused
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
@@ -385,7 +358,7 @@ class Room:
 
     @classmethod
     def here(cls, gauge: MemoryGauge, max_open: int | None) -> Room:
-        return cls(gauge, max_open, max(GIB, (gauge.total() or 0) // 10), gauge.available())
+        return cls(gauge, max_open, gauge.margin(), gauge.available())
 
     @contextmanager
     def measured(self, candidate: Candidate, weights: int) -> Iterator[None]:

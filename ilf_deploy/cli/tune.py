@@ -12,6 +12,7 @@ import typer
 from ilf_deploy.cli import command, console, out, progress
 from ilf_deploy.cli.options import Digest, Force, load_bundle
 from ilf_deploy.cli.paths import image_suffixes, output_file
+from ilf_deploy.cli.sizes import split_list
 from ilf_deploy.cli.tables import plan_search_table, tune_table
 from ilf_deploy.core.runtime.bundle import Bundle, strict_json
 
@@ -72,6 +73,13 @@ def tune(
             "groups, each with the reference (default: as many as the available memory holds)."
         ),
     ] = None,
+    backends: Annotated[
+        str | None,
+        typer.Option(
+            help="Only these engines, comma-separated (e.g. openvino): fewer checks within --budget-s on "
+            "a large model or image size; ONNX Runtime fp32, the reference, always runs."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print tuning.json instead of the table.")] = False,
     digest: Digest = None,
     search_plans: SearchPlans = False,
@@ -85,10 +93,16 @@ def tune(
 ) -> None:
     """Check every installed engine x precision against ONNX Runtime fp32, time one denoising step
     of each, and write BUNDLE/tuning.json for `--backend auto` (a failing one is never chosen)."""
-    from ilf_deploy.checks.tuning import QualityBudget, check_tuning_prompts, plan_search_schema
+    from ilf_deploy.checks.tuning import (
+        QualityBudget,
+        check_tuning_prompts,
+        only_backends,
+        plan_search_schema,
+    )
     from ilf_deploy.checks.tuning import tune as run_tune
 
     budget = QualityBudget.parse(quality_budget)  # bad options fail before any work
+    include = only_backends(split_list(backends)) if backends is not None else None
     output_file(plot, "--plot", image_suffixes(), force=force)  # BUNDLE/tuning.json is tune's to rewrite
     check_tuning_prompts(prompt_offset, prompts)
     if confirm_prompts:
@@ -97,7 +111,13 @@ def tune(
     with progress() as bar:
         task = bar.add_task("tune", total=None)
         report = run_tune(
-            loaded, plan, budget_s, threads, lambda s: bar.update(task, description=s), max_open=max_open
+            loaded,
+            plan,
+            budget_s,
+            threads,
+            lambda s: bar.update(task, description=s),
+            include,
+            max_open=max_open,
         )
     if not as_json:
         _print_tune(bundle, report)

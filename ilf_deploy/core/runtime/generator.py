@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -11,10 +12,13 @@ from typing import Any
 import numpy as np
 
 from ilf_deploy.core.errors import ConfigError
+from ilf_deploy.core.memory import GIB, MemoryGauge
 from ilf_deploy.core.plan import StepPlan
 from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.core.runtime.cache import CacheState
 from ilf_deploy.core.runtime.loop import Segments, denoise
+
+log = logging.getLogger("ilf_deploy.runtime")
 
 Array = Any  # a torch tensor or a numpy array, whichever the backend computes with
 
@@ -249,14 +253,45 @@ class Generator(ABC):
         return latents_out
 
 
-def warm_up(generator: Generator, plan: StepPlan, request: Request, batch_sizes: tuple[int, ...]) -> None:
+def warm_up(
+    generator: Generator,
+    plan: StepPlan,
+    request: Request,
+    batch_sizes: tuple[int, ...],
+    memory: MemoryGauge | None = None,
+) -> tuple[int, ...]:
     """A server's warm-up, before it says ready: `request` run to the image once at each micro-batch
     size it will form (core/batching.py's buckets), so that an engine which compiles per input shape
     has every one compiled (kept static: `Segments.keep_static_shapes`) before the first request,
     then every other segment opened (`Segments.open_all`). Called on the server's own generator
-    object, so that a wrapper's `generate_batch` runs too."""
+    object, so that a wrapper's `generate_batch` runs too.
+
+    Returns the sizes warmed, which the server then forms its engine calls of. Where each size is
+    a compiled model of its own (`Segments.compiles_per_shape`: OpenVINO, ~2.3 GB a size for the
+    PixArt-XL int8 blocks), a size stops the warm-up, with every larger one, when the most memory an
+    earlier size took would not fit in what is available less the margin (core/memory.py): a larger
+    batch then runs as chunks of the sizes warmed, instead of the server being killed for memory."""
+    memory = memory or MemoryGauge()
+    warmed: list[int] = []
+    most = 0  # the most resident memory one size's warm-up took
     generator.segments.keep_static_shapes(len(batch_sizes))
     with generator.inference_context():  # torch: inference mode
         for size in batch_sizes:
+            if warmed and generator.segments.compiles_per_shape and not memory.room_for(most):
+                log.warning(
+                    "batches of at most %d images, not %d: a batch size is compiled on its own and one "
+                    "took %.1f GiB, more than is left free (%.1f GiB available, %.1f GiB kept free); "
+                    "larger batches run as chunks of %s (--max-batch %d says so up front)",
+                    warmed[-1], batch_sizes[-1], most / GIB, (memory.available() or 0) / GIB,
+                    memory.margin() / GIB, ", ".join(map(str, warmed)), warmed[-1],
+                )  # fmt: skip
+                generator.segments.keep_static_shapes(len(warmed))
+                break
+            before = memory.resident()
             generator.decode(generator.generate_batch(plan, [request] * size))
+            after = memory.resident()
+            if before is not None and after is not None:
+                most = max(most, after - before)
+            warmed.append(size)
         generator.segments.open_all()  # e.g. ORT: every session, not just this plan's
+    return tuple(warmed)

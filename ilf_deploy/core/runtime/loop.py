@@ -29,6 +29,7 @@ class Segments(Protocol):
     num_blocks: int
     loop: tuple[int, int] | None  # the inner loop the feedback module was trained for, if any
     timings: dict[str, list[float]]  # seconds per call, by stage (bench, serve metrics)
+    compiles_per_shape: bool  # each input-shape set its own compiled model (OpenVINO): memory per batch size
 
     def context(self, inputs: dict[str, Array]) -> Cond: ...
     def conditioning(self, timestep: float, context: Cond) -> Cond: ...

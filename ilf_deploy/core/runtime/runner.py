@@ -50,6 +50,7 @@ class SegmentRunner(ABC):
 
     backend = ""  # the registry name, e.g. "onnxruntime"
     timed = True  # False where a per-call time would need a device sync (TensorRT without profiling)
+    compiles_per_shape = False  # True: each shape set kept static is a compiled model (OpenVINO)
 
     def __init__(self, bundle: Bundle, variant: str | None = None) -> None:
         if variant is not None:

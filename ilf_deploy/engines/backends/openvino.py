@@ -141,6 +141,7 @@ class OvSegments(SegmentRunner):
     """The bundle's segments (or a variant's) compiled by OpenVINO on first use."""
 
     backend = "openvino"
+    compiles_per_shape = True
 
     def __init__(
         self,

@@ -30,6 +30,8 @@ from ilf_deploy.model.loading import LoadedModel, load_model, sana_prompt_format
 class TorchSegments:
     """The `Segments` of runtime.loop, backed by the torch modules."""
 
+    compiles_per_shape = False  # eager modules run every shape as it comes
+
     def __init__(
         self, adapter: Adapter, feedback: FeedbackModule | None = None, device: torch.device | None = None
     ) -> None:

@@ -286,7 +286,9 @@ class Batcher:
 
     # -- the engine thread -----------------------------------------------------------------------
     def _warmup(self, plan: str, request: Request) -> None:
-        warm_up(self.generator, self.plans[plan], request, self.buckets)  # one batch per bucket
+        # one batch per bucket; fewer buckets where memory holds fewer compiled batch sizes
+        self.buckets = warm_up(self.generator, self.plans[plan], request, self.buckets)
+        self.max_batch = self.buckets[-1]
         self._drain_timings()
 
     def _run_batch(self, key: BatchKey, jobs: list[Job]) -> list[tuple[Job, Any]]:

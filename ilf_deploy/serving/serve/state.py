@@ -195,7 +195,7 @@ class ServerState:
             "default_plan": contract.default_plan,
             "sizes": list(contract.size_names),
             "max_n": contract.max_n,
-            "max_batch": self.max_batch,
+            "max_batch": self.batcher.max_batch,  # fewer where memory held fewer compiled sizes
             "max_prompt_tokens": contract.max_tokens,
             "max_prompt_chars": MAX_PROMPT_CHARS,
             "max_seed": MAX_SEED,

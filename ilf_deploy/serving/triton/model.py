@@ -97,7 +97,7 @@ class Engine:
         each bucket, as `serve`'s warm-up."""
         if warm:
             plan, request = self.contract.warmup_request()
-            warm_up(self.generator, self.plans[plan], request, self.buckets)
+            self.buckets = warm_up(self.generator, self.plans[plan], request, self.buckets)
         else:
             self.generator.segments.keep_static_shapes(len(self.buckets))
             self.generator.segments.open_all()  # e.g. ONNX Runtime: every session, lazily opened otherwise
