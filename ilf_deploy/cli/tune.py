@@ -50,6 +50,28 @@ ConfirmPrompts = Annotated[
     ),
 ]
 
+BudgetSeconds = Annotated[
+    float,
+    typer.Option(
+        help="Seconds for the whole command: candidates whose check would overrun it are skipped "
+        "(the reference's check and one timing round always run)."
+    ),
+]
+MaxOpen = Annotated[
+    int | None,
+    typer.Option(
+        help="At most this many engines open at once, the reference included; more are timed in "
+        "groups, each with the reference (default: as many as the available memory holds)."
+    ),
+]
+Backends = Annotated[
+    str | None,
+    typer.Option(
+        help="Only these engines, comma-separated (e.g. openvino): fewer checks within --budget-s on "
+        "a large model or image size; ONNX Runtime fp32, the reference, always runs."
+    ),
+]
+
 
 @command()
 def tune(
@@ -58,28 +80,10 @@ def tune(
         str | None,
         typer.Option("--plans", "--plan", "-p", help="The plan to check and time (default: the ILF plan)."),
     ] = None,
-    budget_s: Annotated[
-        float,
-        typer.Option(
-            help="Seconds for the whole command: candidates whose check would overrun it are skipped "
-            "(the reference's check and one timing round always run)."
-        ),
-    ] = 300.0,
+    budget_s: BudgetSeconds = 300.0,
     threads: Annotated[int | None, typer.Option(help="Threads per engine (default: the engine's).")] = None,
-    max_open: Annotated[
-        int | None,
-        typer.Option(
-            help="At most this many engines open at once, the reference included; more are timed in "
-            "groups, each with the reference (default: as many as the available memory holds)."
-        ),
-    ] = None,
-    backends: Annotated[
-        str | None,
-        typer.Option(
-            help="Only these engines, comma-separated (e.g. openvino): fewer checks within --budget-s on "
-            "a large model or image size; ONNX Runtime fp32, the reference, always runs."
-        ),
-    ] = None,
+    max_open: MaxOpen = None,
+    backends: Backends = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print tuning.json instead of the table.")] = False,
     digest: Digest = None,
     search_plans: SearchPlans = False,
@@ -110,15 +114,8 @@ def tune(
     loaded = load_bundle(bundle, digest)  # hashes and pin once: tune, the plan search and its eval share it
     with progress() as bar:
         task = bar.add_task("tune", total=None)
-        report = run_tune(
-            loaded,
-            plan,
-            budget_s,
-            threads,
-            lambda s: bar.update(task, description=s),
-            include,
-            max_open=max_open,
-        )
+        progressed = lambda s: bar.update(task, description=s)  # noqa: E731 (the progress bar's callback)
+        report = run_tune(loaded, plan, budget_s, threads, progressed, include, max_open=max_open)
     if not as_json:
         _print_tune(bundle, report)
     if search_plans:
