@@ -383,8 +383,7 @@ class Room:
         """Whether one more engine, expected to take `need` bytes, fits beside `open_now` open ones."""
         if self.max_open is not None and open_now >= self.max_open:
             return False
-        available = self.gauge.available()
-        return available is None or available - self.margin >= need
+        return self.gauge.room_for(need)
 
     def why_not(self, need: float) -> str:
         available = (self.gauge.available() or 0) / GIB

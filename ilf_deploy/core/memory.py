@@ -45,7 +45,7 @@ class MemoryGauge:
         OpenVINO's compilation, other processes)."""
         return max(GIB, (self.total() or 0) // 10)
 
-    def room_for(self, need: int) -> bool:
+    def room_for(self, need: float) -> bool:
         """Whether `need` more bytes fit in the available memory less the margin (yes where the
         gauge cannot tell)."""
         available = self.available()
