@@ -172,6 +172,49 @@ def test_candidates_cover_the_installed_engines(tuned):
         assert ("openvino", BROKEN) in found  # Q/DQ ONNX: OpenVINO reads it too
 
 
+def test_candidates_are_checked_likeliest_winner_first(tuned):
+    """A budget too short for every check leaves out the last candidates: those are the least likely
+    to win (the order every tune table measured so far gives; the timing still decides)."""
+
+    def make(backend, mode, **options):
+        return Candidate(backend, mode, budget(backend, mode), precision=mode, options=options)
+
+    shuffled = [
+        make("torch", "fp32"),
+        make("onnxruntime", "fp8-qdq"),
+        make("openvino", "fp32"),
+        make("torch", "bf16", dtype="bf16"),
+        make("onnxruntime", "int8-dynamic"),
+        make("torch", "bf16", dtype="bf16", compile=True),
+        make("openvino", "bf16"),
+        make("onnxruntime", "fp32"),
+        make("openvino", "int8-ov"),
+        make("openvino", "int8-ov", precision="bf16"),
+    ]
+    order = [c.label for c in tuning.likeliest_first(shuffled, bf16=True)]
+    assert order == [
+        "openvino int8-ov +bf16",
+        "openvino int8-ov",
+        "onnxruntime int8-dynamic",
+        "openvino bf16",
+        "torch bf16 compiled",
+        "torch bf16",
+        "openvino fp32",
+        "onnxruntime fp32",
+        "torch fp32",
+        "onnxruntime fp8-qdq",
+    ], order
+    # without bf16 hardware, bf16 is emulated: after fp32 (the mixed int8 candidate then is not made)
+    order = [c.label for c in tuning.likeliest_first(shuffled[:-1], bf16=False)]
+    assert order[:2] == ["openvino int8-ov", "onnxruntime int8-dynamic"], order
+    assert order.index("openvino bf16") > order.index("torch fp32"), order
+    # the real list: the reference first, every int8 candidate before any fp32 one
+    found = candidates(Bundle.load(tuned[0]))
+    assert found[0].label == "onnxruntime fp32" and found[0].budget is None
+    tiers = [c.precision.startswith("int8") for c in found[1:]]
+    assert tiers == sorted(tiers, reverse=True) and any(tiers), [c.label for c in found]
+
+
 def test_tune_runs_the_compiled_torch_engine_and_auto_opens_it(tiny_bundles, tmp_path):
     """The compiled torch bf16 candidate really compiles (Inductor, cached in the bundle), is checked
     against its budget and timed; as the winner, its options go through tuning.json to `auto`."""

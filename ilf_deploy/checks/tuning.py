@@ -21,7 +21,8 @@ lossy one (int8, bf16, fp8...) only when it is compare.LOSSY_SPEEDUP times as fa
 exact (fp32) one: accuracy is never traded for nothing. Every engine stays open, so that all are
 timed together, while memory allows; on a model too large for that, the open ones are timed as a
 group (the reference always among them) and closed before the next opens (`Room`; `--max-open`
-caps it). `--budget-s` bounds the whole command. The
+caps it). `--budget-s` bounds the whole command; the candidates are checked likeliest winner first
+(`likeliest_first`), so that a budget too short for all of them leaves out the least likely. The
 result goes to `BUNDLE/tuning.json` with this machine's fingerprint; `--backend auto`
 (engines/backends/auto.py) reads it.
 """
@@ -47,7 +48,7 @@ from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.core.runtime.generator import Generator, Request
 from ilf_deploy.engines.backends import REGISTRY, as_bundle, backend_names, open_bundle_generator
 from ilf_deploy.engines.backends.auto import FALLBACK_BACKEND, TUNING_FILE, bundle_digest, engine_label
-from ilf_deploy.engines.backends.machine import fingerprint
+from ilf_deploy.engines.backends.machine import cpu_has_bf16, fingerprint
 from ilf_deploy.engines.backends.plans import resolve_bundle_plan
 from ilf_deploy.engines.compare import (
     LOSSY_SPEEDUP,
@@ -69,6 +70,7 @@ class Candidate:
     variant: str | None  # a bundle variant, or an engine precision (OpenVINO "bf16")
     budget: Budget | None  # None: the reference itself
     segments: list[str] = field(default_factory=list)  # compared segment by segment
+    precision: str = "fp32"  # what its GEMMs compute in: a variant's mode, or the engine's precision
     fidelity: list[Check] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # seconds per step, one per round
     error: str | None = None  # why it was not measured (not installed, did not open...)
@@ -124,30 +126,27 @@ class Candidate:
 
 def candidates(bundle: Bundle) -> list[Candidate]:
     """Every backend x precision that could run `bundle` here (uninstalled ones carry an error);
-    each with the budget of compare.BUDGETS for its engine and precision."""
+    each with the budget of compare.BUDGETS for its engine and precision; the reference first, then
+    the likeliest winners (`likeliest_first`)."""
     all_segments = list(bundle.manifest.segments)
     variants = bundle.manifest.variants
     own = bundle.manifest.precision  # the precision of the bundle's own graphs
+    bf16 = cpu_has_bf16()
 
     def variant(backend: str, name: str) -> Candidate:
         entry = variants[name]
-        return Candidate(backend, name, budget(backend, entry.mode), list(entry.segments))
+        return Candidate(backend, name, budget(backend, entry.mode), list(entry.segments), entry.mode)
 
-    found = [Candidate(FALLBACK_BACKEND, None, None)]
+    found = [Candidate(FALLBACK_BACKEND, None, None, precision=own)]
     found += [variant("onnxruntime", n) for n, e in variants.items() if "onnxruntime" in e.engines]
     if "openvino" in REGISTRY:
         missing = REGISTRY["openvino"].missing()
-        ov = [Candidate("openvino", None, budget("openvino", own), all_segments)]
-        bf16 = False
-        if missing is None:
-            from ilf_deploy.engines.backends.openvino import cpu_has_bf16
-
-            bf16 = cpu_has_bf16()
-            # a bf16 variant (quantize --mode bf16: its policy per segment) replaces the engine's bf16
-            if bf16 and not any(e.mode == "bf16" for e in variants.values()):
-                ov.append(Candidate("openvino", "bf16", budget("openvino", "bf16"), all_segments))
+        ov = [Candidate("openvino", None, budget("openvino", own), all_segments, own)]
+        # a bf16 variant (quantize --mode bf16: its policy per segment) replaces the engine's bf16
+        if bf16 and missing is None and not any(e.mode == "bf16" for e in variants.values()):
+            ov.append(Candidate("openvino", "bf16", budget("openvino", "bf16"), all_segments, "bf16"))
         ov += [variant("openvino", n) for n, e in variants.items() if "openvino" in e.engines]
-        for name in (n for n, e in variants.items() if e.mode == "int8-ov" and bf16):
+        for name in (n for n, e in variants.items() if e.mode == "int8-ov" and bf16 and missing is None):
             # int8 GEMMs, and bf16 (not f32) for the ops NNCF left unquantised in those segments:
             # AMX has tiles for both; held to the variant's own int8-ov budget
             ov.append(dataclasses.replace(variant("openvino", name), options={"precision": "bf16"}))
@@ -157,11 +156,45 @@ def candidates(bundle: Bundle) -> list[Candidate]:
         found += ov
     if bundle.manifest.torch_model and "torch" in REGISTRY:  # no segment calls: end to end only
         for compiled in ({}, {"compile": True}):  # eager, then torch.compile (Inductor) per block
-            found.append(Candidate("torch", None, budget("torch", own), options={**compiled}))
+            found.append(Candidate("torch", None, budget("torch", own), precision=own, options={**compiled}))
             found.append(
-                Candidate("torch", None, budget("torch", "bf16"), options={"dtype": "bf16", **compiled})
+                Candidate(
+                    "torch",
+                    None,
+                    budget("torch", "bf16"),
+                    precision="bf16",
+                    options={"dtype": "bf16", **compiled},
+                )
             )
-    return found
+    return [found[0], *likeliest_first(found[1:], bf16)]
+
+
+# The order `tune` checks candidates in, so that a --budget-s too short for all of them leaves out
+# the ones least likely to win (ordering only: the timing decides). Every tune table measured so far
+# ranks so (docs/engines.md: AVX-512 VNNI Xeon, AVX512_BF16 EPYC, AMX Xeon): int8 GEMMs first (int8
+# with bf16 for the rest before int8 with f32), bf16 where the CPU has it in hardware, then fp32;
+# precisions a CPU only emulates (fp8, fp16; bf16 without hardware) last. Within a precision:
+# OpenVINO, ONNX Runtime, torch compiled, torch eager.
+_ENGINE_ORDER = ("openvino", "onnxruntime", "torch")
+
+
+def likeliest_first(found: list[Candidate], bf16: bool) -> list[Candidate]:
+    def rank(candidate: Candidate) -> tuple[int, int, int]:
+        mode = candidate.precision
+        if mode.startswith("int8"):
+            tier = 0 if bf16 and candidate.options.get("precision") == "bf16" else 1
+        elif mode == "bf16":
+            tier = 2 if bf16 else 4
+        else:
+            tier = 3 if mode == "fp32" else 4
+        engine = (
+            _ENGINE_ORDER.index(candidate.backend)
+            if candidate.backend in _ENGINE_ORDER
+            else len(_ENGINE_ORDER)
+        )
+        return tier, engine, 0 if candidate.options.get("compile") else 1
+
+    return sorted(found, key=rank)  # stable: a variant's place in the manifest breaks ties
 
 
 def only_backends(names: list[str]) -> Callable[[Candidate], bool]:

@@ -20,6 +20,7 @@ from typing import Any
 _ISA_FLAG = re.compile(r"^(sse4_[12]|ssse3|avx\w*|fma|f16c|amx\w*|asimd\w*|sve\w*|sme\w*|neon)$")
 # The engines' libraries: another version may have other kernels.
 VERSIONED = ("ilf-deploy", "numpy", "onnxruntime", "openvino", "nncf", "torch")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 dot products in hardware (else engines emulate bf16)
 
 
 @functools.cache
@@ -44,6 +45,10 @@ def cpu_flags() -> tuple[str, ...]:
 
 def has_any_flag(*flags: str) -> bool:
     return any(flag in cpu_flags() for flag in flags)
+
+
+def cpu_has_bf16() -> bool:
+    return has_any_flag(*BF16_FLAGS)
 
 
 def cpu_count() -> int:

@@ -62,12 +62,11 @@ from ilf_deploy.core.errors import ConfigError
 from ilf_deploy.core.runtime.bundle import Bundle, BundleError, write_atomic
 from ilf_deploy.core.runtime.pipeline import BundleGenerator
 from ilf_deploy.core.runtime.runner import SegmentRunner
-from ilf_deploy.engines.backends.machine import fingerprint, has_any_flag
+from ilf_deploy.engines.backends.machine import cpu_has_bf16, fingerprint
 
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]  # (input name, shape) in the segment's input order
 
 PRECISIONS = ("f32", "bf16")  # INFERENCE_PRECISION_HINT values, also accepted as --variant names
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CACHE_DIR = "openvino_cache"
 SIDECAR_SUFFIX = ".sha256"  # X.blob -> X.blob.sha256
 SIDECAR_TAG = "ilf-ov-cache-1"
@@ -85,10 +84,6 @@ def core() -> Any:
     import openvino as ov
 
     return ov.Core()
-
-
-def cpu_has_bf16() -> bool:
-    return has_any_flag(*BF16_FLAGS)
 
 
 def ov_device(device: str) -> str:
