@@ -6,7 +6,9 @@
    rows' `finished`): what start-up costs (connecting, starting the actor, opening the bundle) is
    left out and reported apart, and so is the engine's own time per image (the rows' `seconds`).
    Targets: Ray <= 10 % slower per image on the tiny bundle, <= 2 % on the PixArt-XL config
-   (benchmarks/backbone.py's bundle).
+   (benchmarks/backbone.py's bundle). Over the same window, the cores each kind of process used
+   (/proc): Ray's actor, the driver, Ray's other processes, the rest of the machine; on a machine
+   whose engine uses every core, what the others take is what Ray's overhead is made of.
 2. **Images/s at 1 and 2 actors** (Ray, one node with this machine's CPUs), beside the core count:
    on 2 cores two actors cannot be faster than one (each engine already uses every core), so this
    shows the overhead of a second actor, not scaling.
@@ -71,11 +73,80 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "first_row_s": rows[0]["finished"] - started,
         "last_row_s": rows[-1]["finished"] - started,
-        "engine_s": statistics.median(r["seconds"] for r in rows),  # the worker's own time per image
+        # the worker's own time per image over the rows the window spans: the first row's includes
+        # the engine's first calls (its arenas), which made this exceed the time per image at 2 rows
+        "engine_s": statistics.median(r["seconds"] for r in rows[1:] or rows),
         # the engine's mean over the rows the window spans (all but the first): per image minus this
         # is what handing rows over costs a row (Ray: mostly the actor waiting for its next task)
         "engine_window_s": statistics.mean(r["seconds"] for r in rows[1:]),
     }
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process's command line and CPU seconds so far (user + system), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        found[int(entry.name)] = (command, (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+KINDS = ("actor", "driver", "ray", "other")
+
+
+def cores_line(cores: dict[str, float] | None) -> str:
+    if not cores:
+        return "not sampled"
+    return ", ".join(f"{kind} {cores[kind]:.2f}" for kind in KINDS)
+
+
+def cpu_beside(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float, driver: set[int]
+) -> dict[str, float]:
+    """Cores each kind of process used over `wall` seconds: Ray's actor (the engine, on Ray), the
+    driver (the engine, locally; Ray Data's executor and the rows' writing, on Ray), Ray's other
+    processes (raylet, GCS, Ray Data's own actors...) and the rest of the machine."""
+    cores = dict.fromkeys(KINDS, 0.0)
+    for pid, (command, seconds) in after.items():
+        started = pid not in before or before[pid][0] != command  # in the window: all of it counts
+        used = seconds - (0.0 if started else before[pid][1])
+        if command.startswith("ray::MapWorker"):
+            kind = "actor"
+        elif pid in driver:
+            kind = "driver"
+        elif command.startswith("ray::") or "/ray/" in command or "ray.util" in command:
+            kind = "ray"
+        else:
+            kind = "other"
+        cores[kind] += used / wall
+    return cores
+
+
+def watch(process: Any, results: Path, rows: int) -> dict[str, float] | None:
+    """Wait for `process` (a batch of `rows`); the cores each kind of process used (`cpu_beside`)
+    from the first row written to the last: the steady part the time per image is taken from."""
+    from tests.support.ray_sandbox import descendants
+
+    first = last = None
+    while process.poll() is None:
+        written = results.read_bytes().count(b"\n") if results.exists() else 0
+        if written and first is None:
+            first = (time.monotonic(), cpu_seconds())
+        if written >= rows and last is None:
+            last = (time.monotonic(), cpu_seconds())
+            driver = {process.pid, *descendants(process.pid)}
+        time.sleep(0.1)
+    if first is None or last is None or last[0] - first[0] <= 0:
+        return None
+    return cpu_beside(first[1], last[1], last[0] - first[0], driver)
 
 
 def run(
@@ -94,12 +165,15 @@ def run(
         spec = {"bundle": str(bundle), "prompts": str(prompts), "out": f"{tmp}/out", "address": address}
         spec.update(actors=actors, rows=rows, batch_size=batch_size)
         code = "import json, sys; from benchmarks.batch import child; print(json.dumps(child(json.loads(sys.argv[1]))))"  # noqa: E501
-        done = sandbox.run(
-            [sys.executable, "-c", code, json.dumps(spec)], Path.cwd(), capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"the batch failed:\n{done.stderr[-3000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        with stdout.open("w") as out, stderr.open("w") as err:  # files: Ray's logs could fill a pipe
+            process = sandbox.popen(
+                [sys.executable, "-c", code, json.dumps(spec)], Path.cwd(), stdout=out, stderr=err
+            )
+            cores = watch(process, Path(spec["out"]) / "results.jsonl", rows)
+        if process.returncode != 0:
+            raise SystemExit(f"the batch failed:\n{stderr.read_text()[-3000:]}")
+        return {**json.loads(stdout.read_text().strip().splitlines()[-1]), "cores": cores}
 
 
 def per_image(
@@ -126,6 +200,7 @@ def per_image(
         "engine_s": result["engine_s"],
         "handoff_s": seconds - result["engine_window_s"],
         "load_1min": load,
+        "cores": result["cores"],  # what each kind of process used in that window (cpu_beside)
         "batch": result,
     }
 
@@ -145,11 +220,17 @@ def overhead(
             print(f"  {name} round {round_ + 1} {kind}: {last['per_image_s'] * 1000:.1f} ms/image "
                   f"(handing over {last['handoff_s'] * 1000:.2f} ms), start-up {last['startup_s']:.1f} s, "
                   f"load {last['load_1min']:.1f}", flush=True)  # fmt: skip
+            print(f"    cores used meanwhile: {cores_line(last['cores'])}", flush=True)
 
     def median(key: str) -> dict[str, float]:
         return {kind: statistics.median(r[key] for r in results) for kind, results in runs.items()}
 
     per_image_s = median("per_image_s")
+    cores = {
+        kind: {k: statistics.median(r["cores"][k] for r in results) for k in KINDS}
+        for kind, results in runs.items()
+        if all(r["cores"] for r in results)
+    }
     ratio = per_image_s["ray"] / per_image_s["local"] - 1
     target = TARGETS[name]
     from ilf_deploy.serving.scale.options import BatchOptions
@@ -158,7 +239,7 @@ def overhead(
     return {"plan": plan, "rows": rows, "batch_size": batch_size, "rows_per_task": rows_per_task,
             "runs": runs, "per_image_s": per_image_s,
             "startup_s": median("startup_s"), "engine_s": median("engine_s"),
-            "handoff_s": median("handoff_s"), "ray_overhead": ratio,
+            "handoff_s": median("handoff_s"), "cores": cores, "ray_overhead": ratio,
             "target": target, "met": ratio <= target}  # fmt: skip
 
 
@@ -196,6 +277,8 @@ def report(results: dict[str, Any]) -> None:
                   f"in the Ray actor {engine['ray']:.1f} ms (Ray's processes share these cores); handing "
                   f"rows over (per image minus the engine's mean): local {handoff['local']:.2f} ms (the "
                   f"driver writes each row between images), Ray {handoff['ray']:.2f} ms")  # fmt: skip
+            for kind, used in r["cores"].items():  # beside the engine: what Ray's overhead is made of
+                print(f"  cores used, {kind} (medians): {cores_line(used)}")
     scale = results["actors_images_per_s"]
     print(f"tiny, Ray: {scale['1']:.1f} images/s with 1 actor, {scale['2']:.1f} with 2, on "
           f"{machine['cores']} cores (2 cores cannot show scaling: each engine uses them all)")  # fmt: skip

@@ -133,6 +133,7 @@ def test_batch_on_two_nodes_is_the_local_batch(cluster, bundle, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "23 rows to make on 3 Ray actors (3 cluster CPUs, 1 each)" in done.stderr, done.stderr[-2000:]
     assert "24 rows: 23 images, 1 refused, 0 failed" in done.stderr, done.stderr[-2000:]
+    assert "Warning" not in done.stderr, done.stderr[-3000:]  # e.g. Ray Data's deprecated settings
     rows = read_rows(out)
     assert sorted(r["index"] for r in rows) == list(range(24))  # every index once
     bad = next(r for r in rows if r["index"] == 7)
