@@ -82,8 +82,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """Every process's command line and CPU seconds so far (user + system), from /proc."""
+def cpu_seconds() -> dict[int, tuple[str, int, float]]:
+    """Every process's command line, start time (ticks since boot: a pid is reused, and Ray retitles
+    its workers with each task) and CPU seconds so far (user + system), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     found = {}
     for entry in Path("/proc").iterdir():
@@ -95,7 +96,7 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
         except OSError:  # ended meanwhile
             continue
         fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        found[int(entry.name)] = (command, (int(fields[11]) + int(fields[12])) / tick)
+        found[int(entry.name)] = (command, int(fields[19]), (int(fields[11]) + int(fields[12])) / tick)
     return found
 
 
@@ -109,15 +110,18 @@ def cores_line(cores: dict[str, float] | None) -> str:
 
 
 def cpu_beside(
-    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float, driver: set[int]
+    before: dict[int, tuple[str, int, float]],
+    after: dict[int, tuple[str, int, float]],
+    wall: float,
+    driver: set[int],
 ) -> dict[str, float]:
     """Cores each kind of process used over `wall` seconds: Ray's actor (the engine, on Ray), the
     driver (the engine, locally; Ray Data's executor and the rows' writing, on Ray), Ray's other
     processes (raylet, GCS, Ray Data's own actors...) and the rest of the machine."""
     cores = dict.fromkeys(KINDS, 0.0)
-    for pid, (command, seconds) in after.items():
-        started = pid not in before or before[pid][0] != command  # in the window: all of it counts
-        used = seconds - (0.0 if started else before[pid][1])
+    for pid, (command, start, seconds) in after.items():
+        started = pid not in before or before[pid][1] != start  # in the window: all of it counts
+        used = seconds - (0.0 if started else before[pid][2])
         if command.startswith("ray::MapWorker"):
             kind = "actor"
         elif pid in driver:
