@@ -112,8 +112,8 @@ docs: setup
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 lint: setup
-	$(BIN)/ruff check ilf_deploy tests experiments benchmarks
-	$(BIN)/ruff format --check ilf_deploy tests experiments benchmarks
+	$(BIN)/ruff check ilf_deploy tests experiments benchmarks scripts
+	$(BIN)/ruff format --check ilf_deploy tests experiments benchmarks scripts
 	# the layer contracts in pyproject.toml: no upward import, no import circle
 	$(BIN)/lint-imports
 	$(MAKE) --no-print-directory lint-cpp

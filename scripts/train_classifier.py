@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ilf_deploy.model.data import EVAL_SEED, make_batch
 from ilf_deploy.checks.evaluation import CLASSIFIER_DIR, attribute_accuracy, train_classifier
+from ilf_deploy.model.data import EVAL_SEED, make_batch
 
 
 def main() -> None:
