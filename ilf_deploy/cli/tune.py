@@ -53,8 +53,9 @@ ConfirmPrompts = Annotated[
 BudgetSeconds = Annotated[
     float,
     typer.Option(
-        help="Seconds for the whole command: candidates whose check would overrun it are skipped "
-        "(the reference's check and one timing round always run)."
+        help="Seconds for the whole command: candidates are checked likeliest winner first (int8, "
+        "bf16, fp32) and those whose check would overrun it are skipped (the reference's check and "
+        "one timing round always run)."
     ),
 ]
 MaxOpen = Annotated[
