@@ -138,3 +138,12 @@ def test_a_tiny_budget_still_checks_the_reference_and_times_it_once(faked):
     reference, *others = report["candidates"]
     assert reference["rounds"] == 1 and all(c["error"].startswith("skipped") for c in others)
     assert report["winner"]["label"] == "onnxruntime fp32"
+    # the table says why once (it read "skipped: skipped: its check ...")
+    from rich.console import Console
+
+    from ilf_deploy.cli.tables import tune_table
+
+    console = Console(width=250, record=True)
+    console.print(tune_table("tune", report))
+    text = console.export_text()
+    assert "skipped: its check" in text and "skipped: skipped" not in text, text

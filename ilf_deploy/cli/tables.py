@@ -128,7 +128,8 @@ def tune_table(title: str, report: dict[str, Any]) -> Table:
         segments = [f["metrics"]["snr_db"] for f in row["fidelity"] if f["kind"] == "segment"]
         e2e = [f["metrics"]["rel_l2"] for f in row["fidelity"] if f["kind"] == "end-to-end"]
         if row["error"]:
-            status = f"[yellow]skipped[/yellow]: {row['error']}"
+            why = row["error"].removeprefix("skipped: ")  # the budget's and memory's say it already
+            status = f"[yellow]skipped[/yellow]: {why}"
         elif not row["ok"]:
             status = "[red]beyond budget[/red]"
         else:
