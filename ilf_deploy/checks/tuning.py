@@ -188,12 +188,8 @@ def likeliest_first(found: list[Candidate], bf16: bool) -> list[Candidate]:
             tier = 2 if bf16 else 4
         else:
             tier = 3 if mode == "fp32" else 4
-        engine = (
-            _ENGINE_ORDER.index(candidate.backend)
-            if candidate.backend in _ENGINE_ORDER
-            else len(_ENGINE_ORDER)
-        )
-        return tier, engine, 1 if candidate.options.get("compile") else 0
+        compiled = 1 if candidate.options.get("compile") else 0
+        return tier, _ENGINE_ORDER.index(candidate.backend), compiled  # candidates() makes only these
 
     return sorted(found, key=rank)  # stable: a variant's place in the manifest breaks ties
 
