@@ -17,6 +17,7 @@ Ray runs in `tests/support/ray_sandbox.py`'s private network namespace (Ray bind
 address), and so does every driver here, local ones too (the same process start-up for both).
 
     python -m benchmarks.batch [--quick] [--rows 64] [--rounds 2] [--xl-rows 2] [--xl-bundle DIR] [--no-xl]
+                               [--no-tiny] [--worker-niceness N ...]
 
 Writes out/bench/batch.json.
 """
@@ -24,6 +25,7 @@ Writes out/bench/batch.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -122,7 +124,8 @@ def cpu_beside(
     for pid, (command, start, seconds) in after.items():
         started = pid not in before or before[pid][1] != start  # in the window: all of it counts
         used = seconds - (0.0 if started else before[pid][2])
-        if command.startswith("ray::MapWorker"):
+        titles = (command, before[pid][0] if pid in before and not started else "")
+        if any(title.startswith("ray::MapWorker") for title in titles):  # Ray retitles it per task
             kind = "actor"
         elif pid in driver:
             kind = "driver"
@@ -210,15 +213,24 @@ def per_image(
 
 
 def overhead(
-    sandbox: Any, name: str, bundle: Path, plan: str, rows: int, rounds: int, batch_size: int | None = None
+    clusters: dict[str, Any],
+    name: str,
+    bundle: Path,
+    plan: str,
+    rows: int,
+    rounds: int,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Local vs Ray with one actor, interleaved; Ray's extra time per image as a fraction of local's
-    (`batch_size`: batch's --batch-size, rows per task handed to a worker)."""
+    (`batch_size`: batch's --batch-size, rows per task handed to a worker). `clusters`: a sandbox per
+    Ray mode (`ray`: Ray's defaults; `ray nice N`: workers at nice N), the first one also runs local."""
     from tests.support.ray_sandbox import ADDRESS
 
-    runs: dict[str, list[dict[str, Any]]] = {"local": [], "ray": []}
+    modes = [("local", next(iter(clusters.values())), None)]
+    modes += [(kind, sandbox, ADDRESS) for kind, sandbox in clusters.items()]
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind, _, _ in modes}
     for round_ in range(rounds):
-        for kind, address in (("local", None), ("ray", ADDRESS)):
+        for kind, sandbox, address in modes:
             runs[kind].append(per_image(sandbox, bundle, plan, rows, address, batch_size=batch_size))
             last = runs[kind][-1]
             print(f"  {name} round {round_ + 1} {kind}: {last['per_image_s'] * 1000:.1f} ms/image "
@@ -235,7 +247,8 @@ def overhead(
         for kind, results in runs.items()
         if all(r["cores"] for r in results)
     }
-    ratio = per_image_s["ray"] / per_image_s["local"] - 1
+    overheads = {kind: per_image_s[kind] / per_image_s["local"] - 1 for kind in clusters}
+    ratio = overheads["ray"]
     target = TARGETS[name]
     from ilf_deploy.serving.scale.options import BatchOptions
 
@@ -244,7 +257,7 @@ def overhead(
             "runs": runs, "per_image_s": per_image_s,
             "startup_s": median("startup_s"), "engine_s": median("engine_s"),
             "handoff_s": median("handoff_s"), "cores": cores, "ray_overhead": ratio,
-            "target": target, "met": ratio <= target}  # fmt: skip
+            "ray_overheads": overheads, "target": target, "met": ratio <= target}  # fmt: skip
 
 
 def scaling(
@@ -281,11 +294,32 @@ def report(results: dict[str, Any]) -> None:
                   f"in the Ray actor {engine['ray']:.1f} ms (Ray's processes share these cores); handing "
                   f"rows over (per image minus the engine's mean): local {handoff['local']:.2f} ms (the "
                   f"driver writes each row between images), Ray {handoff['ray']:.2f} ms")  # fmt: skip
+            for kind, extra in r.get("ray_overheads", {}).items():
+                if kind != "ray":
+                    print(f"  {kind}: {r['per_image_s'][kind] * 1000:.1f} ms/image: overhead {extra:+.1%}")
             for kind, used in r["cores"].items():  # beside the engine: what Ray's overhead is made of
                 print(f"  cores used, {kind} (medians): {cores_line(used)}")
-    scale = results["actors_images_per_s"]
+    scale = results.get("actors_images_per_s")
+    if scale is None:
+        return
     print(f"tiny, Ray: {scale['1']:.1f} images/s with 1 actor, {scale['2']:.1f} with 2, on "
           f"{machine['cores']} cores (2 cores cannot show scaling: each engine uses them all)")  # fmt: skip
+
+
+def start_clusters(stack: contextlib.ExitStack, niceness: list[int]) -> dict[str, Any]:
+    """A one-node cluster with Ray's defaults (`ray`), and one per worker niceness (`ray nice N`):
+    Ray starts its workers at nice 15, so every wake-up of its daemons preempts one of the engine's
+    threads and the other waits for it at the next barrier."""
+    from ilf_deploy.engines.backends.machine import cpu_count
+    from tests.support.ray_sandbox import Sandbox
+
+    clusters = {"ray": stack.enter_context(Sandbox())}
+    for nice in niceness:
+        clusters[f"ray nice {nice}"] = stack.enter_context(Sandbox(env={"RAY_worker_niceness": str(nice)}))
+    for sandbox in clusters.values():
+        sandbox.add_node(cpu_count(), head=True)
+        sandbox.wait()
+    return clusters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--xl-bundle", type=Path, help="a PixArt-XL-config bundle (default: backbone's)")
     parser.add_argument("--no-xl", action="store_true", help="skip the PixArt-XL config")
+    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny bundle")
+    parser.add_argument(
+        "--worker-niceness", type=int, nargs="*", default=[],
+        help="also Ray with its workers at these niceness values (RAY_worker_niceness; Ray's is 15), "
+        "a cluster each, interleaved with the rest",
+    )  # fmt: skip
     parser.add_argument(
         "--batch-size", type=int, help="batch's --batch-size (rows per task; default: batch's own default)"
     )
@@ -305,22 +345,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rows, args.rounds, args.no_xl = 32, 1, True
     from ilf_deploy.engines.backends.machine import cpu_count, fingerprint
-    from tests.support.ray_sandbox import Sandbox, unavailable
+    from tests.support.ray_sandbox import unavailable
 
     reason = unavailable()
     if reason is not None:
         raise SystemExit(f"benchmarks.batch needs a Ray sandbox: {reason}")
     results: dict[str, Any] = {"machine": {**fingerprint(), "cores": cpu_count()}}
-    with tempfile.TemporaryDirectory(prefix="ilf-bench-") as tmp, Sandbox() as sandbox:
-        sandbox.add_node(cpu_count(), head=True)
-        sandbox.wait()
-        tiny = tiny_bundle(Path(tmp))
-        results["tiny"] = overhead(sandbox, "tiny", tiny, "ilf-4", args.rows, args.rounds, args.batch_size)
-        results["actors_images_per_s"] = scaling(sandbox, tiny, "ilf-4", args.rows, args.batch_size)
+    with tempfile.TemporaryDirectory(prefix="ilf-bench-") as tmp, contextlib.ExitStack() as stack:
+        clusters = start_clusters(stack, args.worker_niceness)
+        if not args.no_tiny:
+            tiny, size = tiny_bundle(Path(tmp)), args.batch_size
+            results["tiny"] = overhead(clusters, "tiny", tiny, "ilf-4", args.rows, args.rounds, size)
+            results["actors_images_per_s"] = scaling(clusters["ray"], tiny, "ilf-4", args.rows, size)
         if not args.no_xl:
             xl = xl_bundle(args.xl_bundle)
             results["pixart-xl"] = overhead(
-                sandbox, "pixart-xl", xl, "ilf-10", args.xl_rows, args.rounds, args.batch_size
+                clusters, "pixart-xl", xl, "ilf-10", args.xl_rows, args.rounds, args.batch_size
             )
     report(results)
     OUT.mkdir(parents=True, exist_ok=True)
