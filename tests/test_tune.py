@@ -33,7 +33,7 @@ from ilf_deploy.core.runtime.generator import Request
 from ilf_deploy.core.schemas import problem
 from ilf_deploy.engines.backends import open_generator
 from ilf_deploy.engines.backends.auto import TUNING_FILE, choose
-from ilf_deploy.engines.backends.machine import fingerprint
+from ilf_deploy.engines.backends.machine import cpu_has_int8_dot, fingerprint
 from ilf_deploy.engines.compare import Check, Limit, Metrics, budget
 
 BROKEN = "broken"
@@ -208,11 +208,16 @@ def test_candidates_are_checked_likeliest_winner_first(tuned):
     order = [c.label for c in tuning.likeliest_first(shuffled[:-1], bf16=False)]
     assert order[:2] == ["openvino int8-ov", "onnxruntime int8-dynamic"], order
     assert order.index("openvino bf16") > order.index("torch fp32"), order
-    # the real list: the reference first, every int8 candidate before any fp32 one
+    # without 8-bit dot products (AVX2 only) int8 is no faster than fp32: after it, before emulation
+    order = [c.label for c in tuning.likeliest_first(shuffled[:-1], bf16=False, int8_dot=False)]
+    assert order[:3] == ["openvino fp32", "onnxruntime fp32", "torch fp32"], order
+    assert order[3:5] == ["openvino int8-ov", "onnxruntime int8-dynamic"], order
+    # the real list: the reference first, int8 before fp32 where this CPU has 8-bit dot products
     found = candidates(Bundle.load(tuned[0]))
     assert found[0].label == "onnxruntime fp32" and found[0].budget is None
-    tiers = [c.precision.startswith("int8") for c in found[1:]]
-    assert tiers == sorted(tiers, reverse=True) and any(tiers), [c.label for c in found]
+    int8_fp32 = [c for c in found[1:] if c.precision == "fp32" or c.precision.startswith("int8")]
+    tiers = [c.precision.startswith("int8") for c in int8_fp32]
+    assert tiers == sorted(tiers, reverse=cpu_has_int8_dot()) and any(tiers), [c.label for c in found]
 
 
 def test_tune_runs_the_compiled_torch_engine_and_auto_opens_it(tiny_bundles, tmp_path):
@@ -414,14 +419,19 @@ def proportional(path) -> Callable[..., float]:
 
 def test_tune_keeps_what_memory_holds_open_and_times_the_rest_in_groups(tuned, tmp_path, monkeypatch):
     """Room for 2 GiB of candidates beside the process, the reference (1 GiB each) and the 1 GiB kept
-    free: the OpenVINO fp32 engines take 1 GiB, the broken variants 0.74, torch 0.93. They are timed
+    free: the OpenVINO fp32 engine takes 1 GiB, the broken variants 0.74, torch 0.93. They are timed
     in groups of at most 3 engines, each with the reference, the closed ones given back."""
     pytest.importorskip("openvino")  # enough candidates for groups of 3
+    # the same candidates in the same order on every CPU: the groups follow the check order, int8
+    # (the broken variants) first as where the CPU has 8-bit dot products; no OpenVINO bf16 (made
+    # only where the CPU has bf16)
+    monkeypatch.setattr(tuning, "cpu_has_int8_dot", lambda: True)
     path = shutil.copytree(tuned[0], tmp_path / "bundle")
     total = 5 * GIB
     engines = OpenEngines(monkeypatch, total=total, charge=proportional(path))
-    report = tune(path, "ilf-4", budget_s=120, include=NO_COMPILE, memory=engines.gauge)
-    assert engines.most == 3 and engines.opened == 6, (engines.most, engines.opened)
+    include = lambda c: NO_COMPILE(c) and c.label != "openvino bf16"  # noqa: E731
+    report = tune(path, "ilf-4", budget_s=120, include=include, memory=engines.gauge)
+    assert engines.most == 3 and engines.opened == 5, (engines.most, engines.opened)
     assert engines.peak <= total - GIB  # never into the margin
     gc.collect()
     assert engines.open == 0  # nothing kept an engine once tune returned
@@ -429,13 +439,13 @@ def test_tune_keeps_what_memory_holds_open_and_times_the_rest_in_groups(tuned, t
     assert data == json.loads(json.dumps(report)) and problem("tuning", data) is None
     memory = data["timed"]["memory"]
     assert memory["mode"] == "groups" and memory["most_open"] == 3 and memory["max_open"] is None
-    assert memory["groups"] == 3 and memory["largest_engine_bytes"] == GIB
+    assert memory["groups"] == 2 and memory["largest_engine_bytes"] == GIB
     reference, *rows = data["candidates"]
     assert all(row["error"] is None and row["ms_per_step"] for row in rows), rows  # all timed
     groups = {g: [r for r in rows if r["group"] == g] for g in range(1, memory["groups"] + 1)}
-    assert [len(members) for members in groups.values()] == [2, 2, 1]
-    # each closed group gave back what its engines took
-    took = [sum(r["resident_bytes"] for r in groups[g]) for g in (1, 2)]
+    assert [len(members) for members in groups.values()] == [2, 2]  # the broken ones, then fp32
+    # the closed group gave back what its engines took
+    took = [sum(r["resident_bytes"] for r in groups[g]) for g in (1,)]
     assert memory["released_bytes"] == pytest.approx(took, abs=2)
     assert reference["rounds"] >= memory["groups"]  # timed in every group
     # each speedup is against the reference timed beside it, not its median over all groups
@@ -458,6 +468,7 @@ def test_tune_skips_what_does_not_fit_beside_the_reference(tiny_bundles, tmp_pat
 def test_a_small_engine_fits_where_a_large_one_does_not(tiny_bundles, tmp_path, monkeypatch):
     """Memory is estimated per engine from the files it loads: the broken variant (Identity blocks:
     no block weights) fits beside the reference where the torch model (more weights) does not."""
+    monkeypatch.setattr(tuning, "cpu_has_int8_dot", lambda: True)  # the broken (int8) variant first
     path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "bundle")
     add_broken_variant(path)
     bundle = Bundle.load(path)

@@ -48,7 +48,7 @@ from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.core.runtime.generator import Generator, Request
 from ilf_deploy.engines.backends import REGISTRY, as_bundle, backend_names, open_bundle_generator
 from ilf_deploy.engines.backends.auto import FALLBACK_BACKEND, TUNING_FILE, bundle_digest, engine_label
-from ilf_deploy.engines.backends.machine import cpu_has_bf16, fingerprint
+from ilf_deploy.engines.backends.machine import cpu_has_bf16, cpu_has_int8_dot, fingerprint
 from ilf_deploy.engines.backends.plans import resolve_bundle_plan
 from ilf_deploy.engines.compare import (
     LOSSY_SPEEDUP,
@@ -166,28 +166,31 @@ def candidates(bundle: Bundle) -> list[Candidate]:
                     options={"dtype": "bf16", **compiled},
                 )
             )
-    return [found[0], *likeliest_first(found[1:], bf16)]
+    return [found[0], *likeliest_first(found[1:], bf16, cpu_has_int8_dot())]
 
 
 # The order `tune` checks candidates in, so that a --budget-s too short for all of them leaves out
 # the ones least likely to win (ordering only: the timing decides). Every tune table measured so far
-# ranks so (docs/engines.md: AVX-512 VNNI Xeon, AVX512_BF16 EPYC, AMX Xeon): int8 GEMMs first (int8
-# with bf16 for the rest before int8 with f32), bf16 where the CPU has it in hardware, then fp32;
-# precisions a CPU only emulates (fp8, fp16; bf16 without hardware) last. Within a precision:
-# OpenVINO, ONNX Runtime, torch eager, torch compiled (a few per cent faster than eager where measured,
-# but its check compiles first: 25 s on the default model, which the deadline cannot foresee).
+# ranks so (docs/engines.md: AVX-512 VNNI Xeon, AVX512_BF16 EPYC, AMX Xeon, AVX2-only EPYC): int8 GEMMs
+# first (int8 with bf16 for the rest before int8 with f32) where the CPU has 8-bit dot products, bf16
+# where it has it in hardware, then fp32; int8 without 8-bit dot products (AVX2 only: no faster than
+# fp32 on ORT, 0.55x on OpenVINO) after fp32; precisions a CPU only emulates (fp8, fp16; bf16 without
+# hardware) last. Within a precision: OpenVINO, ONNX Runtime, torch eager, torch compiled (a few per
+# cent faster than eager where measured, but its check compiles first: 25 s on the default model,
+# which the deadline cannot foresee).
 _ENGINE_ORDER = ("openvino", "onnxruntime", "torch")
 
 
-def likeliest_first(found: list[Candidate], bf16: bool) -> list[Candidate]:
+def likeliest_first(found: list[Candidate], bf16: bool, int8_dot: bool = True) -> list[Candidate]:
     def rank(candidate: Candidate) -> tuple[int, int, int]:
         mode = candidate.precision
         if mode.startswith("int8"):
             tier = 0 if bf16 and candidate.options.get("precision") == "bf16" else 1
+            tier += 0 if int8_dot else 4  # after fp32 (3), before the emulated precisions (6)
         elif mode == "bf16":
-            tier = 2 if bf16 else 4
+            tier = 2 if bf16 else 6
         else:
-            tier = 3 if mode == "fp32" else 4
+            tier = 3 if mode == "fp32" else 6
         compiled = 1 if candidate.options.get("compile") else 0
         return tier, _ENGINE_ORDER.index(candidate.backend), compiled  # candidates() makes only these
 

@@ -21,6 +21,9 @@ _ISA_FLAG = re.compile(r"^(sse4_[12]|ssse3|avx\w*|fma|f16c|amx\w*|asimd\w*|sve\w
 # The engines' libraries: another version may have other kernels.
 VERSIONED = ("ilf-deploy", "numpy", "onnxruntime", "openvino", "nncf", "torch")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 dot products in hardware (else engines emulate bf16)
+# 8-bit dot products in hardware: without them (AVX2 only) int8 GEMMs widen through 16-bit sums,
+# and int8 ran no faster than fp32 (ORT) or slower (OpenVINO) on the PixArt-XL config (docs/engines.md)
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
 @functools.cache
@@ -49,6 +52,12 @@ def has_any_flag(*flags: str) -> bool:
 
 def cpu_has_bf16() -> bool:
     return has_any_flag(*BF16_FLAGS)
+
+
+def cpu_has_int8_dot() -> bool:
+    if not cpu_flags():
+        return True  # no /proc/cpuinfo (not Linux): trust the engines' kernels
+    return has_any_flag(*INT8_DOT_FLAGS)
 
 
 def cpu_count() -> int:

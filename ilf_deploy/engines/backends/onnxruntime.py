@@ -10,22 +10,15 @@ from ilf_deploy.core.errors import ConfigError
 from ilf_deploy.core.runtime.bundle import Bundle, BundleError
 from ilf_deploy.core.runtime.pipeline import BundleGenerator
 from ilf_deploy.core.runtime.runner import SegmentRunner
-from ilf_deploy.engines.backends.machine import cpu_flags, has_any_flag
+from ilf_deploy.engines.backends.machine import cpu_has_int8_dot
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 # ORT session config: no QDQ fusion, so Q/DQ runs emulated (ORT CPU has no FP8 QLinearMatMul).
 EMULATED_QDQ_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
-# CPU flags with 8-bit dot products. Without them (AVX2 only, e.g. the AMD EPYC CI runs on) ORT's
-# fused int8 kernels saturate 16-bit pair sums: int8-qdq segments fell to ~29 dB SNR, so there the
-# variant runs emulated like FP8 (same Q/DQ numerics, which is what TensorRT computes).
-_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
-
-
-def cpu_has_int8_dot() -> bool:
-    if not cpu_flags():
-        return True  # no /proc/cpuinfo (not Linux): trust ORT's kernels
-    return has_any_flag(*_INT8_DOT_FLAGS)
+# Without 8-bit dot products (machine.cpu_has_int8_dot: AVX2 only, e.g. an AMD EPYC the CI ran on)
+# ORT's fused int8 kernels saturate 16-bit pair sums: int8-qdq segments fell to ~29 dB SNR, so there
+# the variant runs emulated like FP8 (same Q/DQ numerics, which is what TensorRT computes).
 
 
 def available_providers() -> list[str]:
