@@ -551,3 +551,51 @@ def test_warm_up_ignores_memory_on_an_engine_with_one_model_for_every_shape(ov_b
     plan = generator.bundle.plan(generator.bundle.default_plan)
     warmed = warm_up(generator, plan, Request("a red circle"), (1, 2, 4), ScriptedMemory(10 * GIB, 3 * GIB))
     assert warmed == (1, 2, 4)
+
+
+@pytest.mark.parametrize("int8_dot", [True, False])
+def test_int8_ov_weights_take_half_the_range_where_the_cpu_has_no_int8_dot_products(
+    int8_dot, tmp_path, monkeypatch
+):
+    """Without 8-bit dot products (AVX2 only) OpenVINO's int8 kernels saturate 16-bit pair sums: there
+    every weight is quantized to half the 8-bit range (NNCF's overflow fix); elsewhere NNCF's default
+    (a model's first convolutions only), so these MatMuls use the full range."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ilf_deploy.build.quantization import openvino as ov_quantization
+    from ilf_deploy.build.quantization.openvino import quantize_segment_openvino
+    from ilf_deploy.engines.backends import machine
+    from ilf_deploy.engines.backends.openvino import core
+
+    monkeypatch.setattr(machine, "cpu_has_int8_dot", lambda: int8_dot)
+    rng = np.random.default_rng(0)
+    names = ["/blocks.0/ff/net.0/proj/MatMul", "/blocks.0/ff/net.2/MatMul"]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"], name=names[0]),
+        helper.make_node("MatMul", ["h", "w1"], ["z"], name=names[1]),
+        helper.make_node("Identity", ["z"], ["y"], name="/out/Identity"),  # else OpenVINO names it "y"
+    ]
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}") for i in (0, 1)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ff",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64])],
+        weights,
+    )
+    source = tmp_path / "ff.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    samples = [{"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(4)]
+    assert quantize_segment_openvino(source, tmp_path / "ff.xml", samples, names) == 2
+    model = core().read_model(str(tmp_path / "ff.xml"))
+    int8 = [op.get_data() for op in model.get_ordered_ops() if op.get_type_name() == "Constant"]
+    int8 = [np.abs(data.astype(np.int32)).max() for data in int8 if data.dtype == np.int8]
+    assert len(int8) == 2, int8  # both layers' weights stored as int8
+    if int8_dot:
+        assert max(int8) > 64, int8  # the second layer in the full range
+    else:
+        assert max(int8) <= 64, int8
+    assert ov_quantization.overflow_fix().value == ("first_layer_only" if int8_dot else "enable")
