@@ -124,7 +124,7 @@ def cpu_beside(
     for pid, (command, start, seconds) in after.items():
         started = pid not in before or before[pid][1] != start  # in the window: all of it counts
         used = seconds - (0.0 if started else before[pid][2])
-        titles = (command, before[pid][0] if pid in before and not started else "")
+        titles = (command, "" if started else before[pid][0])
         if any(title.startswith("ray::MapWorker") for title in titles):  # Ray retitles it per task
             kind = "actor"
         elif pid in driver:
