@@ -1,4 +1,4 @@
-"""Issue 21: `ilf-deploy batch` here vs on Ray Data (run by `make bench`, not CI).
+"""Issue 21: `ilf-deploy batch` here vs on a Ray actor pool (run by `make bench`, not CI).
 
 1. **Ray's overhead per image**: the local batch (this process's engine) vs the Ray batch on one node
    with one actor, same bundle and rows, interleaved (local, Ray, local, Ray, ...; medians). An image's
@@ -118,14 +118,14 @@ def cpu_beside(
     driver: set[int],
 ) -> dict[str, float]:
     """Cores each kind of process used over `wall` seconds: Ray's actor (the engine, on Ray), the
-    driver (the engine, locally; Ray Data's executor and the rows' writing, on Ray), Ray's other
-    processes (raylet, GCS, Ray Data's own actors...) and the rest of the machine."""
+    driver (the engine, locally; handing out tasks and writing the rows, on Ray), Ray's other
+    processes (raylet, GCS, the dashboard agent...) and the rest of the machine."""
     cores = dict.fromkeys(KINDS, 0.0)
     for pid, (command, start, seconds) in after.items():
         started = pid not in before or before[pid][1] != start  # in the window: all of it counts
         used = seconds - (0.0 if started else before[pid][2])
         titles = (command, "" if started else before[pid][0])
-        if any(title.startswith("ray::MapWorker") for title in titles):  # Ray retitles it per task
+        if any(title.startswith("ray::BatchActor") for title in titles):  # Ray retitles it per task
             kind = "actor"
         elif pid in driver:
             kind = "driver"

@@ -192,7 +192,7 @@ REASON = unavailable()
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[Sandbox]:
     """A one-node Ray cluster (a head with 2 CPUs) in the sandbox: test_ray.py's two nodes and node
-    loss are PixArt's; here each family's rows go through Ray Data's actors once."""
+    loss are PixArt's; here each family's rows go through Ray's actors once."""
     if REASON is not None:
         pytest.skip(f"no Ray sandbox: {REASON}")
     pytest.importorskip("ray", reason="the ray extra is not installed (make setup installs it)")

@@ -1,4 +1,4 @@
-"""Ray: `batch --ray-address` (Ray Data) and `serve --server ray` (Ray Serve) on a real cluster of two
+"""Ray: `batch --ray-address` (a Ray actor pool) and `serve --server ray` (Ray Serve) on a real cluster of two
 Ray nodes, the KubeRay manifests, and Ray Serve's batching in front of our engine.
 
 The cluster (one per module, ~1 GiB): a head with 2 CPUs and a second node process with 1 CPU,
@@ -121,7 +121,7 @@ def wait_for_rows(out: Path, process, enough) -> list[dict]:
         time.sleep(0.02)
 
 
-# -- batch on Ray Data -----------------------------------------------------------------------------
+# -- batch on Ray actors ---------------------------------------------------------------------------
 @needs_cluster
 def test_batch_on_two_nodes_is_the_local_batch(cluster, bundle, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 24, bad=7)
@@ -133,7 +133,7 @@ def test_batch_on_two_nodes_is_the_local_batch(cluster, bundle, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "23 rows to make on 3 Ray actors (3 cluster CPUs, 1 each)" in done.stderr, done.stderr[-2000:]
     assert "24 rows: 23 images, 1 refused, 0 failed" in done.stderr, done.stderr[-2000:]
-    assert "Warning" not in done.stderr, done.stderr[-3000:]  # e.g. Ray Data's deprecated settings
+    assert "Warning" not in done.stderr, done.stderr[-3000:]  # e.g. Ray's deprecated settings
     rows = read_rows(out)
     assert sorted(r["index"] for r in rows) == list(range(24))  # every index once
     bad = next(r for r in rows if r["index"] == 7)
@@ -172,6 +172,32 @@ def test_a_killed_driver_is_resumed_without_duplicates(cluster, bundle, tmp_path
     rows = read_rows(out)
     assert rows[: len(before)] == before  # nothing redone
     assert sorted(r["index"] for r in rows) == list(range(40)) and not any(r["error"] for r in rows)
+
+
+UNOPENED = """
+import shutil, sys
+from ilf_deploy.core.runtime.bundle import Bundle
+from ilf_deploy.serving.scale.options import BatchOptions
+from ilf_deploy.serving.scale.ray_batch import run_on_ray
+bundle = Bundle.load(sys.argv[1])
+shutil.rmtree(sys.argv[1])  # gone from the shared path after the driver opened it
+options = BatchOptions(bundle.path, None, None, ray_address=sys.argv[2], actors=2)
+try:
+    list(run_on_ray(options, [{"index": 0, "plan": "ilf-4", "request": {"prompt": "x"}}], bundle))
+except Exception as exc:
+    sys.exit(f"{type(exc).__name__}: {exc}")
+"""
+
+
+@needs_cluster
+def test_actors_that_cannot_open_the_bundle_fail_the_batch_at_once_in_one_line(cluster, bundle, tmp_path):
+    copy = shutil.copytree(bundle, tmp_path / "bundle")
+    done = cluster.sandbox.run(
+        [sys.executable, "-c", UNOPENED, copy, ADDRESS], capture_output=True, text=True, timeout=120
+    )
+    expected = f"ConfigError: the Ray batch failed: {copy} is not a bundle on node"
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(expected), done.stderr
+    assert "Traceback" not in done.stdout + done.stderr  # not retried: Ray prints each retry's traceback
 
 
 # -- serve on Ray Serve ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`batch` (many images: here or on Ray Data) and `export-kuberay` (the same on Kubernetes)."""
+"""`batch` (many images: here or on Ray actors) and `export-kuberay` (the same on Kubernetes)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ROWS_HELP = (
 )
 ADDRESS_HELP = "Run on this Ray cluster (`auto`: the one this machine belongs to); default: this machine."
 ACTORS_HELP = (
-    "Workers: processes here (default 1: one engine already uses every core), or Ray Data actors "
+    "Workers: processes here (default 1: one engine already uses every core), or Ray actors "
     "(default: the cluster's CPUs / --actor-cpus)."
 )
 BUNDLE_PATH_HELP = (
@@ -210,11 +210,11 @@ def export_kuberay(
     data_claim: Annotated[
         str, typer.Option(help="RayJob: the claim with prompts.jsonl; results go to results/ there.")
     ] = "ilf-batch-data",
-    actors: Annotated[int, typer.Option(help="RayJob: Ray Data actors.")] = 2,
+    actors: Annotated[int, typer.Option(help="RayJob: Ray actors of the batch.")] = 2,
     digest: Digest = None,
     force: Annotated[bool, typer.Option(help="Replace manifests already in --out.")] = False,
 ) -> None:
-    """Write KubeRay manifests: a RayService (`serve --server ray`) and a RayJob (`batch` on Ray Data)
+    """Write KubeRay manifests: a RayService (`serve --server ray`) and a RayJob (`batch` on Ray actors)
     over the bundle on a PersistentVolumeClaim, its digest pinned and checked in every pod."""
     from ilf_deploy.core.errors import check_at_least
     from ilf_deploy.engines.backends import get_backend

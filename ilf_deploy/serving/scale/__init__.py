@@ -1,4 +1,4 @@
-"""Beyond one machine: offline batches (`ilf-deploy batch`, locally or on Ray Data), serving on Ray
+"""Beyond one machine: offline batches (`ilf-deploy batch`, locally or on Ray actors), serving on Ray
 Serve (`serve --server ray`) and the KubeRay manifests that run both on Kubernetes.
 
 Ray (the `ray` extra) is imported only by the modules that need it (`ray_batch`, `ship`, `serve`),

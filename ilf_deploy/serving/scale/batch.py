@@ -3,7 +3,7 @@
 The driver (this process) opens the bundle (its hashes, and the pinned digest if any), checks every
 line with the one request contract (`core/runtime/request.py`: a refused line gets the message `serve`'s
 400 would carry), writes refused lines as error rows at once and hands the rest to workers: this
-process, a local process pool (`--actors N`), or a Ray Data actor pool (`--ray-address`; ray_batch.py).
+process, a local process pool (`--actors N`), or a pool of Ray actors (`--ray-address`; ray_batch.py).
 Workers get the bundle's digest (the one given, else the driver's) and refuse any other bundle. Every
 row is written by the driver, once (rows/Results).
 """

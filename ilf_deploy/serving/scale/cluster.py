@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from typing import Any
 
@@ -10,6 +11,7 @@ from ilf_deploy.core.errors import ConfigError, IlfError
 from ilf_deploy.serving.scale import require_ray
 
 PROBE_S = 5.0  # how long a cluster address may take to accept a connection
+OUR_ERROR = re.compile(r"^ilf_deploy(?:\.\w+)+Error: (.+)$")  # "ilf_deploy.core.errors.ConfigError: ..."
 
 
 def check_reachable(address: str) -> None:
@@ -52,5 +54,7 @@ def cause(exc: BaseException) -> str:
             return str(seen)
         inner = getattr(seen, "cause", None)
         seen = inner if isinstance(inner, BaseException) and inner is not seen else seen.__cause__
-    lines = [line for line in str(exc).splitlines() if "Error: " in line]
-    return (lines[-1] if lines else str(exc).splitlines()[0]).strip()
+    lines = [line.strip() for line in str(exc).splitlines() if "Error: " in line]
+    ours = [OUR_ERROR.match(line) for line in lines]  # ours, raised in a worker: only its text came back
+    message = next((match.group(1) for match in ours if match), None)
+    return message or (lines[-1] if lines else str(exc).splitlines()[0].strip())

@@ -1,4 +1,4 @@
-"""KubeRay manifests (`ilf-deploy export-kuberay`): the same Ray Serve deployment and Ray Data batch
+"""KubeRay manifests (`ilf-deploy export-kuberay`): the same Ray Serve deployment and Ray batch
 on Kubernetes, beside the Triton/KServe ones (serving/triton/k8s.py).
 
 `rayservice.yaml`: a RayService whose `serveConfigV2` deploys `ilf_deploy.serving.scale.serve:app_builder`
@@ -59,7 +59,7 @@ class KubeRay:
     data_claim: str = "ilf-batch-data"  # RayJob: prompts and results
     prompts: str = "prompts.jsonl"  # on the data claim
     results: str = "results"  # on the data claim
-    actors: int = 2  # RayJob: Ray Data actors
+    actors: int = 2  # RayJob: Ray actors of `batch`
 
     def __post_init__(self) -> None:
         if self.image is None:

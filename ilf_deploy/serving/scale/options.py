@@ -7,10 +7,10 @@ from pathlib import Path
 
 from ilf_deploy.core.errors import ConfigError, check_at_least
 
-# A Ray Data task costs 8-12 ms of its own (the actor waits that long for its next task; its own Python
-# per task is ~1 %: py-spy, benchmarks/README.md `batch`): 1.3 ms a row at 8 rows a task, 0.6 at 16,
-# measured on the tiny bundle (10 ms an image). Not more: the driver writes a task's rows when it
-# ends, and 16 images of the PixArt-XL config (37 s each) already take 10 min.
+# A Ray task costs about 0.5 ms of its own (the next one is already queued on the actor: ray_batch.py;
+# it was 8-12 ms on Ray Data), measured on the tiny bundle (10 ms an image; benchmarks/README.md
+# `batch`): 16 rows a task make it 0.03 ms a row. Not more: the driver writes a task's rows when it
+# ends, and 16 images of the PixArt-XL config (40 s each) already take 10 min.
 AUTO_ROWS_PER_TASK = 16
 TASKS_PER_ACTOR = 4
 
@@ -25,7 +25,7 @@ class BatchOptions:
     variant: str | None = None
     digest: str | None = None  # pin the bundle; None: the driver's bundle, pinned for every worker
     ray_address: str | None = None  # None: this machine
-    actors: int | None = None  # workers: processes here, or Ray Data actors; None: `with_actors`
+    actors: int | None = None  # workers: processes here, or Ray actors; None: `with_actors`
     batch_size: int | None = None  # rows per task handed to a worker; None: rows_per_task decides
     actor_cpus: float = 1.0  # Ray's CPUs per actor
     ship: bool = False  # Ray: copy the bundle to the nodes through the object store
@@ -49,8 +49,8 @@ class BatchOptions:
 
     def rows_per_task(self, rows: int) -> int:
         """--batch-size, else as many rows a task as keeps TASKS_PER_ACTOR tasks for every actor (so
-        the last tasks still spread over them), at most AUTO_ROWS_PER_TASK: a Ray Data task costs
-        about 10 ms of its own (docs/scale.md, "Cost"), which 16 rows make small beside even a 10 ms
+        the last tasks still spread over them), at most AUTO_ROWS_PER_TASK: a Ray task costs about
+        0.5 ms of its own (docs/scale.md, "Cost"), which 16 rows make small beside even a 10 ms
         image, and which a task of one image that takes seconds does not notice."""
         if self.batch_size is not None:
             return self.batch_size

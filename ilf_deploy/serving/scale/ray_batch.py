@@ -1,16 +1,24 @@
-"""`batch --ray-address`: the rows on a Ray Data actor pool; the driver writes what comes back.
+"""`batch --ray-address`: the rows on a pool of Ray actors; the driver writes what comes back.
 
 Each actor opens the bundle once (a shared path, or shipped: ship.py) with the driver's digest pinned,
 then makes the images of the rows it is handed, one at a time, as `generate` does (worker.py). Actors
-are spread over the nodes (`SPREAD`) and take whole CPUs by default: fractional-CPU actors can leave
-no CPU for Ray Data's own tasks. Ray Data restarts an actor lost with its node and re-runs the rows it
-had in flight; the driver writes each index once whatever comes back twice.
+are spread over the nodes (`SPREAD`) and take `--actor-cpus` CPUs each. The driver hands each actor a
+task of `rows_per_task` rows and keeps TASKS_IN_FLIGHT of them queued on it, so an actor never waits
+for its next rows; it then blocks in `ray.wait` until a task ends: no polling beside the engines.
+Ray restarts an actor lost with its node (elsewhere, where CPUs are free) and re-runs the tasks it
+had in flight there (`max_restarts`, `max_task_retries`); the driver writes each index once whatever
+comes back twice. Rows are handed out once every actor's constructor has run: one that cannot open
+the bundle fails the batch at once, in one line (its error), not after Ray's retries, each of which
+prints a traceback on the driver's terminal.
+
+Plain actors, not Ray Data: Ray Data's executor polls its tasks (100 Hz) and runs three helper actors
+beside a batch, 4 % of a core in all while one image of the PixArt-XL config takes 40 s, which on a
+2-core node made an image 2-3 % slower than locally (benchmarks/README.md, `batch`).
 """
 
 from __future__ import annotations
 
-import json
-import logging
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,11 +29,11 @@ from ilf_deploy.serving.scale.options import BatchOptions
 from ilf_deploy.serving.scale.ship import SharedPath, Shipped, source
 from ilf_deploy.serving.scale.worker import BatchWorker, Outcome
 
-MAX_BLOCKS = 2000  # Ray Data blocks the rows are cut into (each is one actor task)
+TASKS_IN_FLIGHT = 2  # per actor: the one it runs and the next, already there when it ends
 
 
 class BatchActor:
-    """A Ray Data callable class: one per actor, so the bundle is opened once per actor."""
+    """A Ray actor: the bundle opened once, then the rows of each task it is handed."""
 
     def __init__(
         self,
@@ -37,12 +45,8 @@ class BatchActor:
     ) -> None:
         self.worker = BatchWorker(bundle.materialize(), backend, variant, digest, plans=plans)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        outcomes = self.worker.run_many([json.loads(work) for work in batch["job"]])
-        return {
-            "result": [json.dumps(result) for result, _ in outcomes],
-            "png": [png or b"" for _, png in outcomes],
-        }
+    def run_many(self, works: list[dict[str, Any]]) -> list[Outcome]:
+        return self.worker.run_many(works)
 
 
 def cluster_cpus(address: str) -> float:
@@ -62,39 +66,33 @@ def run_on_ray(
     resolved `plans` (by spec: an `auto` or a preset is the driver's plan on every node)."""
     if not jobs:
         return
-    connect(options.ray_address or "auto")
-    import ray
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    # actors go over the nodes: Ray Data's default scheduling, SPREAD (setting it warns in Ray 2.60)
-    # Every 30 s Ray Data warned that an actor uses GBs beside a 0 B memory request (its engine's
-    # weights, by design), advising a `memory=` that `batch` has no option for: a wall of text per
-    # half minute of a batch that hours of rows do not need. Actors are sized by CPUs (--actor-cpus).
-    context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-    items = [{"job": json.dumps(work)} for work in jobs]
-    rows_per_task = options.rows_per_task(len(items))
-    blocks = min(MAX_BLOCKS, -(-len(items) // rows_per_task))
-    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        BatchActor,
-        fn_constructor_kwargs={
-            "bundle": source(bundle, options.ship),
-            "backend": options.backend,
-            "variant": options.variant,
-            "digest": bundle.digest,
-            "plans": plans,
-        },
-        batch_size=rows_per_task,
-        compute=ray.data.ActorPoolStrategy(size=options.actors),
-        num_cpus=options.actor_cpus,
+    ray = connect(options.ray_address or "auto")
+    actor_class = ray.remote(BatchActor).options(
+        num_cpus=options.actor_cpus, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD"
     )
+    arguments = (source(bundle, options.ship), options.backend, options.variant, bundle.digest, plans)
+    actors = [actor_class.remote(*arguments) for _ in range(options.actors or 1)]
+    size = options.rows_per_task(len(jobs))
+    tasks = deque(jobs[start : start + size] for start in range(0, len(jobs), size))
+    running: dict[Any, Any] = {}  # a task's result (ObjectRef) -> the actor it runs on
+
+    def hand(actor: Any) -> None:
+        if tasks:
+            running[actor.run_many.remote(tasks.popleft())] = actor
+
     try:
-        for item in dataset.iter_rows():
-            png = bytes(item["png"])
-            yield json.loads(item["result"]), png or None
+        # every actor's constructor first, as Ray Data did: rows spread over all of them from the start
+        opening = [actor.__ray_ready__.options(max_task_retries=0).remote() for actor in actors]
+        while opening:
+            (done,), opening = ray.wait(opening, num_returns=1)
+            ray.get(done)  # raises what the constructor raised
+        for _ in range(TASKS_IN_FLIGHT):
+            for actor in actors:
+                hand(actor)
+        while running:
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            hand(running.pop(done))
+            yield from ray.get(done)
     except ray.exceptions.RayError as exc:
         raise ConfigError(f"the Ray batch failed: {cause(exc)}") from None
+    # the actors end with their handles, when this generator does

@@ -1,4 +1,4 @@
-"""What makes a batch's images, wherever it runs (this process, a local pool, a Ray Data actor).
+"""What makes a batch's images, wherever it runs (this process, a local pool, a Ray actor).
 
 A worker opens the bundle once (its files' hashes and the pinned digest checked) and makes each
 image exactly as `ilf-deploy generate` does: one request, one `generate_latents` + `decode`, the PNG
