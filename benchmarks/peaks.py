@@ -4,8 +4,9 @@ engine runs it, and every `tune` candidate's block throughput against the peak o
 Peaks, measured in the same run as what they judge:
 - fp32: torch `mm` (oneDNN/MKL) and numpy, the best of both; ONNX Runtime and OpenVINO f32 on one
   2048² linear layer (the way their fp32 candidates run a block's matmuls);
-- bf16: torch `mm` on bfloat16 (oneDNN: AVX512_BF16 or AMX tiles where the CPU has them; what
-  torch bf16, eager or compiled, runs) and OpenVINO's linear layer under the bf16 precision hint;
+- bf16: torch's `linear` on bfloat16 (oneDNN: AVX512_BF16 or AMX tiles where the CPU has them; what
+  torch bf16, eager or compiled, runs) and OpenVINO's linear layer under the bf16 precision hint
+  (which OpenVINO runs in f32 on a CPU without bf16: that peak then counts as fp32);
 - int8: the same linear layer quantized like each int8 variant mode (quantize.quantize_segment)
   and run on its engine: `int8-ov` on OpenVINO (VNNI or AMX-INT8), `int8-dynamic` on ONNX Runtime.
 
@@ -134,6 +135,16 @@ def measure_engine_peak(key: str, n: int, reps: int) -> float | None:
     return None
 
 
+def arithmetic(key: str) -> str:
+    """The dtype a measured peak (`engine_peak_key`) really runs in: OpenVINO ignores its bf16 hint
+    on a CPU without bf16 (f32 kernels), which made an f32 figure the "best bf16" there."""
+    from ilf_deploy.engines.backends.machine import cpu_has_bf16
+
+    backend, mode = key.split(" ", 1)
+    dtype = dtype_of("fp32" if mode == "f32" else mode)
+    return "fp32" if dtype == "bf16" and backend == "openvino" and not cpu_has_bf16() else dtype
+
+
 def measure_peaks(keys: list[str], n: int = N, reps: int = 5) -> dict[str, float]:
     """FLOP/s of torch's GEMMs and of every engine peak in `keys`, plus each dtype's best
     ("best fp32", "best bf16", "best int8")."""
@@ -145,8 +156,7 @@ def measure_peaks(keys: list[str], n: int = N, reps: int = 5) -> dict[str, float
                 peaks[key] = value
     by_dtype: dict[str, list[float]] = {}
     for key, value in peaks.items():
-        mode = key.split(" ", 1)[1]
-        by_dtype.setdefault(dtype_of("fp32" if mode == "f32" else mode), []).append(value)
+        by_dtype.setdefault(arithmetic(key), []).append(value)
     return {**peaks, **{f"best {dtype}": max(values) for dtype, values in by_dtype.items()}}
 
 
