@@ -189,6 +189,9 @@ def test_rows_per_task_defaults_to_up_to_16_while_every_actor_gets_4_tasks():
     assert rows_per_task(16) == 4 and rows_per_task(64, actors=4) == 4  # 4 tasks an actor
     assert rows_per_task(10, actors=4) == 1 and rows_per_task(1) == 1  # few rows: one a task
     assert rows_per_task(10, actors=4, batch_size=5) == 5  # --batch-size decides when given
+    jobs = [{"index": i} for i in range(7)]
+    tasks = BatchOptions(Path("b"), Path("p"), Path("o"), batch_size=3).tasks(jobs)
+    assert tasks == [jobs[0:3], jobs[3:6], jobs[6:7]]  # every row once, in order, the last task short
     unset = BatchOptions(Path("b"), Path("p"), Path("o"), actor_cpus=2.0)
     assert unset.with_actors(None).actors == 1  # here: one process, its engine on every core
     assert unset.with_actors(9.0).actors == 4 and unset.with_actors(1.0).actors == 1  # Ray: CPUs / 2

@@ -129,10 +129,6 @@ def prepare(options: BatchOptions) -> Prepared:
     return Prepared(options, generator, results, jobs, summary, book)
 
 
-def chunks(jobs: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
-    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
-
-
 def run_local(prepared: Prepared) -> Iterator[Outcome]:
     """This process (one actor: the driver's own engine), or a pool of spawned processes."""
     options = prepared.options
@@ -146,8 +142,7 @@ def run_local(prepared: Prepared) -> Iterator[Outcome]:
     args = (str(options.bundle), options.backend, options.variant, prepared.digest, plans)
     context = multiprocessing.get_context("spawn")  # no engine state forked from the driver
     with ProcessPoolExecutor(options.actors, context, initializer=_pool_open, initargs=args) as pool:
-        tasks = chunks(prepared.jobs, options.rows_per_task(len(prepared.jobs)))
-        futures = [pool.submit(_pool_run, works) for works in tasks]
+        futures = [pool.submit(_pool_run, works) for works in options.tasks(prepared.jobs)]
         for future in as_completed(futures):
             yield from future.result()
 

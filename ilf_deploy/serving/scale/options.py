@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ilf_deploy.core.errors import ConfigError, check_at_least
 
@@ -55,6 +56,11 @@ class BatchOptions:
         if self.batch_size is not None:
             return self.batch_size
         return max(1, min(AUTO_ROWS_PER_TASK, rows // (TASKS_PER_ACTOR * (self.actors or 1))))
+
+    def tasks(self, jobs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """`jobs` cut into the tasks handed to the workers, `rows_per_task` rows each."""
+        size = self.rows_per_task(len(jobs))
+        return [jobs[start : start + size] for start in range(0, len(jobs), size)]
 
 
 @dataclass(frozen=True)

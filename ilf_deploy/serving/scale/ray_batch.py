@@ -72,8 +72,7 @@ def run_on_ray(
     )
     arguments = (source(bundle, options.ship), options.backend, options.variant, bundle.digest, plans)
     actors = [actor_class.remote(*arguments) for _ in range(options.actors or 1)]
-    size = options.rows_per_task(len(jobs))
-    tasks = deque(jobs[start : start + size] for start in range(0, len(jobs), size))
+    tasks = deque(options.tasks(jobs))
     running: dict[Any, Any] = {}  # a task's result (ObjectRef) -> the actor it runs on
 
     def hand(actor: Any) -> None:
