@@ -5,6 +5,7 @@ item 3). Inductor imports cached kernels by name without checking their bytes.""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -53,3 +54,21 @@ def test_an_empty_cache_needs_no_seal(tmp_path):
     cache = tmp_path / "torch_compile_cache"
     cache.mkdir()
     assert check_compile_cache(cache)
+
+
+def test_a_second_compiled_engine_in_the_same_process_keeps_the_first_ones_kernels(
+    tmp_path, caplog, monkeypatch
+):
+    """`tune` opens torch bf16 compiled, then torch fp32 compiled: the kernels the first wrote are
+    this process's own (sealed at its exit), not an unsealed leftover to empty."""
+    from ilf_deploy.engines.backends.pytorch import use_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")
+    cache = tmp_path / "torch_compile_cache"  # a new bundle's: empty, no seal yet
+    with caplog.at_level(logging.WARNING, logger="ilf_deploy.torch"):
+        use_compile_cache(cache)
+        (cache / "ab").mkdir()
+        (cache / "ab" / "cab3.py").write_text("def kernel(): return 3\n")  # the first engine's compile
+        use_compile_cache(cache)
+    assert (cache / "ab" / "cab3.py").is_file() and not caplog.text
+    assert str(cache.resolve()) == os.environ["TORCHINDUCTOR_CACHE_DIR"]

@@ -267,6 +267,26 @@ def seal_compile_cache(cache: Path) -> None:
         write_atomic(cache / COMPILE_CACHE_SEAL, json.dumps(seal, sort_keys=True).encode())
 
 
+def use_compile_cache(cache: Path) -> None:
+    """Make `cache` the process's Inductor cache (read on every compile) where it is writable, checked
+    against its seal on the process's first use only: what is added after that is this process's own
+    kernels (a second compiled engine, e.g. `tune`'s torch fp32 after its bf16), sealed at exit. A
+    read-only bundle leaves Inductor's default cache."""
+    import os
+
+    try:
+        cache.mkdir(exist_ok=True)
+        if not os.access(cache, os.W_OK):
+            return
+        if cache.resolve() not in _sealed_at_exit:
+            check_compile_cache(cache)
+            _sealed_at_exit.add(cache.resolve())
+            atexit.register(seal_compile_cache, cache.resolve())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache.resolve())
+    except OSError:
+        pass
+
+
 def open_generator(
     bundle: Bundle,
     variant: str | None = None,
@@ -305,19 +325,8 @@ def compile_blocks(model: LoadedModel, cache: Path | None = None) -> None:
     writable (Inductor's FX graph cache: a second process skips most of the work), else in
     Inductor's default directory. The whole backbone is not compiled as one graph: plans call block
     ranges, so one graph per block serves every plan."""
-    import os
-
     if cache is not None:
-        try:
-            cache.mkdir(exist_ok=True)
-            if os.access(cache, os.W_OK):  # the process's Inductor cache (read on every compile)
-                check_compile_cache(cache)
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache.resolve())
-                if cache.resolve() not in _sealed_at_exit:
-                    _sealed_at_exit.add(cache.resolve())
-                    atexit.register(seal_compile_cache, cache.resolve())
-        except OSError:  # a read-only bundle: Inductor's default cache
-            pass
+        use_compile_cache(cache)
     blocks = list(model.adapter.blocks) + ([model.feedback.block] if model.feedback is not None else [])
     for block in blocks:
         block.compile(dynamic=None)  # static shapes first, dynamic after a second shape
