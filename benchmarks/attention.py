@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,12 +44,12 @@ def ov_attention(tokens: int, fused_op: bool) -> Any:
 
 
 def runners(tokens: int, threads: int) -> dict[str, Callable[[], Any]]:
-    import openvino as ov
     import torch
+
+    from ilf_deploy.engines.backends.openvino import core
 
     rng = np.random.default_rng(0)
     qkv = [rng.standard_normal((BATCH, HEADS, tokens, HEAD_DIM), dtype=np.float32) for _ in range(3)]
-    core = ov.Core()
     config = {
         "INFERENCE_PRECISION_HINT": "bf16",
         "PERFORMANCE_HINT": "LATENCY",
@@ -61,7 +60,7 @@ def runners(tokens: int, threads: int) -> dict[str, Callable[[], Any]]:
         for snippets in (True, False):
             name = f"openvino {'SDPA op' if fused_op else 'exported'}{'' if snippets else ', no snippets'}"
             extra = {} if snippets else {"SNIPPETS_MODE": "DISABLE"}
-            compiled = core.compile_model(ov_attention(tokens, fused_op), "CPU", {**config, **extra})
+            compiled = core().compile_model(ov_attention(tokens, fused_op), "CPU", {**config, **extra})
             request = compiled.create_infer_request()
             found[name] = lambda r=request: r.infer(qkv)
     torch.set_num_threads(threads)
@@ -70,29 +69,18 @@ def runners(tokens: int, threads: int) -> dict[str, Callable[[], Any]]:
     return found
 
 
-def interleave(found: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in found}
-    for run in found.values():
-        for _ in range(3):
-            run()
-    for _ in range(rounds):
-        for name, run in found.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
+    from benchmarks.backbone import interleaved
     from ilf_deploy.engines.backends.machine import cpu_count, fingerprint
 
     results: dict[str, Any] = {"machine": fingerprint(), "rounds": args.rounds}
     for tokens in TOKENS:
         flops = 2 * 2 * BATCH * HEADS * tokens * tokens * HEAD_DIM  # Q·Kᵀ and P·V
-        medians = interleave(runners(tokens, cpu_count()), args.rounds)
+        times = interleaved(runners(tokens, cpu_count()), args.rounds, warmup=3)
+        medians = {name: statistics.median(samples) for name, samples in times.items()}
         results[str(tokens)] = {n: {"ms": s * 1e3, "gflops": flops / s / 1e9} for n, s in medians.items()}
         for name, row in results[str(tokens)].items():
             print(f"  {tokens:5d} tokens  {name:34s} {row['ms']:8.2f} ms  {row['gflops']:6.0f} GFLOP/s")

@@ -213,10 +213,11 @@ def hardware_limit(
     if not best_int8:
         return None
     theirs_forwards = THEIR_STEPS * size.layers
-    theirs_gflops = block_flops(size, tokens=tokens) * theirs_forwards / theirs_seconds / 1e9
+    gflop = block_flops(size, tokens=tokens) / 1e9
+    theirs_gflops = gflop * theirs_forwards / theirs_seconds
     forwards_ratio = theirs_forwards / ours_forwards
     limit = forwards_ratio * LIMIT_PEAK_SHARE * best_int8 / theirs_gflops
-    ours_gflops = block_flops(size, tokens=tokens) * ours_forwards / (theirs_seconds / ratio) / 1e9
+    ours_gflops = gflop * ours_forwards / (theirs_seconds / ratio)
     return {
         "block_forwards_ratio": forwards_ratio,
         "best_int8_peak_gflops": best_int8,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from diffusers import PixArtTransformer2DModel
 
-    from benchmarks.backbone import TEXT_TOKENS, Size, block_flops
+    from benchmarks.backbone import TEXT_TOKENS, Size, block_flops, interleaved
     from ilf_deploy.engines.backends.machine import cpu_count
 
     torch.set_num_threads(cpu_count())
@@ -83,22 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         "encoder_hidden_states": torch.randn(2, TEXT_TOKENS, width, generator=g),
         "timestep": torch.randn(2, 6 * width, generator=g) * 0.1,  # adaLN-single: 6 modulations
     }
-    times: dict[str, list[float]] = {}
     with torch.no_grad():
         reference = block(x, **kwargs)
         runs = engines(block, x, kwargs)
-        for name, run in runs.items():
-            out = run().float()
-            print(
-                f"  {name}: rel L2 to fp32 eager {((out - reference).norm() / reference.norm()).item():.1e}"
-            )
-            run(), run()
-            times[name] = []
-        for _ in range(args.rounds):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+        for name, run in runs.items():  # the first call compiles
+            error = ((run().float() - reference).norm() / reference.norm()).item()
+            print(f"  {name}: rel L2 to fp32 eager {error:.1e}")
+        times = interleaved(runs, args.rounds, warmup=2)
     flops = block_flops(Size(), tokens=args.tokens)
     for name, samples in times.items():
         median = statistics.median(samples)
