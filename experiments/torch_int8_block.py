@@ -6,9 +6,11 @@ int8 through torchao's PT2E flow (X86InductorQuantizer: static per-tensor activa
 weights; Inductor with freezing lowers the quantized linears to oneDNN, AMX-INT8 where the CPU has
 it), the rest fp32 or bf16 under autocast (so the attention runs on torch's flash SDPA kernel).
 Calibrated on three scalings of the timed input only: a speed probe, not an accuracy claim. Needs
-`pip install torchao==0.18.0` (not a dependency of ilf-deploy).
+`pip install torchao==0.18.0` (not a dependency of ilf-deploy). `--openvino BUNDLE` adds, interleaved
+in the same rounds, what `auto` runs on that bundle: its first blocks segment from the `int8_ov`
+variant with the bf16 hint, compiled static as `OvSegments` compiles it, per block (÷ its blocks).
 
-    python -m experiments.torch_int8_block [--tokens 256|1024] [--rounds 10]
+    python -m experiments.torch_int8_block [--tokens 256|1024] [--rounds 10] [--openvino BUNDLE]
 """
 
 from __future__ import annotations
@@ -64,10 +66,43 @@ def engines(block: torch.nn.Module, x: torch.Tensor, kwargs: dict) -> dict[str, 
     }
 
 
+def openvino_block(bundle_dir: str, tokens: int, variant: str = "int8_ov") -> tuple[Callable[[], Any], int]:
+    """One call of the bundle's first blocks segment (`variant`, bf16 hint) on random inputs shaped as
+    the timed block's, and how many blocks it holds."""
+    import numpy as np
+
+    from benchmarks.backbone import TEXT_TOKENS
+    from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.engines.backends.openvino import open_generator
+
+    bundle = Bundle.load(bundle_dir)
+    segments = open_generator(bundle, variant, precision="bf16", cache=False).segments
+    name = next(n for n in bundle.manifest.segments if n.startswith("blocks_"))
+    first, last = (int(part) for part in name.split("_")[1:3])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for port in segments.read_model(name).inputs:  # dynamic axes: batch 2, image or text tokens
+        key = next(n for n in bundle.segment_spec(name, variant).input_names if n in port.get_names())
+        long = tokens if key in ("hidden", "feed") else TEXT_TOKENS
+        shape = [
+            d.get_length() if d.is_static else (2 if i == 0 else long)
+            for i, d in enumerate(port.get_partial_shape())
+        ]
+        feeds[key] = (
+            np.zeros(shape, np.float32)
+            if "bias" in key
+            else rng.standard_normal(shape).astype(np.float32) * 0.1
+        )
+    return (lambda: segments.infer_impl(name, feeds)), last - first + 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--openvino", metavar="BUNDLE", help="also time this bundle's int8_ov block, bf16 hint"
+    )
     args = parser.parse_args(argv)
     from diffusers import PixArtTransformer2DModel
 
@@ -88,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in runs.items():  # the first call compiles
             error = ((run().float() - reference).norm() / reference.norm()).item()
             print(f"  {name}: rel L2 to fp32 eager {error:.1e}")
+        per_call = dict.fromkeys(runs, 1)
+        if args.openvino:
+            label = "OpenVINO int8_ov, bf16 hint (per block)"
+            runs[label], per_call[label] = openvino_block(args.openvino, args.tokens)
         times = interleaved(runs, args.rounds, warmup=2)
     flops = block_flops(Size(), tokens=args.tokens)
     for name, samples in times.items():
-        median = statistics.median(samples)
+        median = statistics.median(samples) / per_call[name]
         print(
             f"  {args.tokens} tokens  {name:38s} {median * 1e3:8.2f} ms  {flops / median / 1e9:6.0f} GFLOP/s"
         )
