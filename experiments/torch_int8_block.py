@@ -69,9 +69,8 @@ def engines(block: torch.nn.Module, x: torch.Tensor, kwargs: dict) -> dict[str, 
 def openvino_block(bundle_dir: str, tokens: int, variant: str = "int8_ov") -> tuple[Callable[[], Any], int]:
     """One call of the bundle's first blocks segment (`variant`, bf16 hint) on random inputs shaped as
     the timed block's, and how many blocks it holds."""
-    import numpy as np
-
     from benchmarks.backbone import TEXT_TOKENS
+    from experiments.int8_attention import random_feeds
     from ilf_deploy.core.runtime.bundle import Bundle
     from ilf_deploy.engines.backends.openvino import open_generator
 
@@ -79,20 +78,8 @@ def openvino_block(bundle_dir: str, tokens: int, variant: str = "int8_ov") -> tu
     segments = open_generator(bundle, variant, precision="bf16", cache=False).segments
     name = next(n for n in bundle.manifest.segments if n.startswith("blocks_"))
     first, last = (int(part) for part in name.split("_")[1:3])
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for port in segments.read_model(name).inputs:  # dynamic axes: batch 2, image or text tokens
-        key = next(n for n in bundle.segment_spec(name, variant).input_names if n in port.get_names())
-        long = tokens if key in ("hidden", "feed") else TEXT_TOKENS
-        shape = [
-            d.get_length() if d.is_static else (2 if i == 0 else long)
-            for i, d in enumerate(port.get_partial_shape())
-        ]
-        feeds[key] = (
-            np.zeros(shape, np.float32)
-            if "bias" in key
-            else rng.standard_normal(shape).astype(np.float32) * 0.1
-        )
+    inputs = bundle.segment_spec(name, variant).input_names
+    feeds = random_feeds(segments.read_model(name), inputs, tokens, TEXT_TOKENS)
     return (lambda: segments.infer_impl(name, feeds)), last - first + 1
 
 

@@ -82,6 +82,55 @@ def test_f32_segments_match_onnxruntime_within_the_segment_budget(ov_bundle):
     assert ov.segments.timings["feedback"], "stage times for bench/serve"
 
 
+def _fed_by_fake_quantize(op) -> bool:
+    """An op whose inputs all come from a FakeQuantize, through layout-only ops."""
+
+    def quantized(node) -> bool:
+        while node.get_type_name() in ("Transpose", "Reshape", "Convert", "Squeeze", "Unsqueeze"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "FakeQuantize"
+
+    return all(quantized(value.get_node()) for value in op.input_values())
+
+
+def test_int8_ov_runs_the_attention_in_int8_where_the_cpu_has_8bit_dot_products(ov_bundle):
+    """`int8-ov` hands the attention BMMs to NNCF beside the linear layers where the CPU has 8-bit dot
+    products: NNCF quantizes Q·Kᵀ (both inputs; its transformer pattern leaves the softmax output and
+    so P·V in float) and OpenVINO runs its fused attention in int8; without them (AVX2 only) the
+    attention stays in float."""
+    import onnx
+    import openvino as ov
+
+    from ilf_deploy.build.quantization.quantize import attention_bmms, linear_nodes
+    from ilf_deploy.engines.backends.machine import cpu_has_int8_dot
+
+    bundle = Bundle.load(ov_bundle)
+    entry = bundle.variant_spec("int8_ov")
+    for name, spec in entry.segments.items():
+        graph = onnx.load(str(bundle.segment_path(name)), load_external_data=False)
+        bmms = set(attention_bmms(graph))
+        first, last = bundle.manifest.segments[name].blocks or (0, 0)
+        assert len(bmms) == 4 * (last - first + 1), name  # self and cross attention: Q·Kᵀ, P·V each
+        want = len(linear_nodes(graph, static=True)) + (len(bmms) if cpu_has_int8_dot() else 0)
+        assert entry.quantized_layers[name] == want, name
+        model = ov.Core().read_model(str(bundle.path / spec.file))
+        fed = {
+            op.get_friendly_name()
+            for op in model.get_ops()
+            if op.get_friendly_name() in bmms and _fed_by_fake_quantize(op)
+        }
+        scores = {n for n in bmms if n.endswith("/MatMul")}  # Q·Kᵀ; P·V is `…/MatMul_1`
+        assert fed == (scores if cpu_has_int8_dot() else set()) and len(scores) == len(bmms) // 2, name
+        runtime = ov.Core().compile_model(model, "CPU").get_runtime_model()
+        infos = [op.get_rt_info() for op in runtime.get_ordered_ops()]
+        precisions = {  # of the fused attentions (snippet subgraphs holding a Softmax)
+            info["runtimePrecision"].astype(str)
+            for info in infos
+            if "originalLayersNames" in info and "Softmax" in info["originalLayersNames"].astype(str)
+        }
+        assert ("i8" in precisions or "u8" in precisions) == cpu_has_int8_dot(), (name, precisions)
+
+
 def test_int8_variant_is_within_its_budget_and_runs_only_on_openvino(ov_bundle):
     import openvino as ov
 

@@ -111,7 +111,7 @@ def quantize(
         )
     layers = sum(entry["quantized_layers"].values())
     variant = name or default_variant_name(mode)
-    what = f"{layers} linear layers in {len(entry['segments'])} segments ({mode})"
+    what = f"{layers} MatMuls quantized in {len(entry['segments'])} segments ({mode})"
     if mode == "bf16":
         kept = entry["precision_policy"]["f32"]
         what = f"{len(entry['segments'])} segments in bf16, kept f32: {', '.join(kept) or 'none'}"

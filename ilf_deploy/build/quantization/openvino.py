@@ -2,8 +2,9 @@
 
 NNCF (OpenVINO's quantizer) calibrates on the bundle's recorded trajectories (`ilf-deploy
 calibrate`), inserts FakeQuantize before the attention and feed-forward MatMuls that `quantize.py`
-selects (the same layers as the ORT static modes) and stores int8 weights; OpenVINO's CPU plugin
-then runs those MatMuls with int8 kernels (VNNI/AMX where the CPU has them). Activations: per
+selects (the same layers as the ORT static modes and, where the CPU has 8-bit dot products, the
+attention's two BMMs) and stores int8 weights; OpenVINO's CPU plugin then runs those MatMuls (and its
+fused attention) with int8 kernels (VNNI/AMX where the CPU has them). Activations: per
 tensor, asymmetric (NNCF's `mixed` preset); weights: per output channel, symmetric. SmoothQuant and
 fast bias correction are NNCF's defaults for transformers and stay on. On a CPU without 8-bit dot
 products (AVX2 only) OpenVINO's int8 kernels saturate 16-bit pair sums, as ONNX Runtime's do: there
@@ -49,8 +50,8 @@ def overflow_fix() -> Any:
 def quantize_segment_openvino(
     source: Path, target: Path, samples: list[dict[str, np.ndarray]], nodes: list[str]
 ) -> int:
-    """Write `source` with the linear layers `nodes` (ONNX node names) quantized to `target` (.xml,
-    its weights beside it in .bin); returns how many layers were quantized."""
+    """Write `source` with the MatMuls `nodes` (ONNX node names) quantized to `target` (.xml, its
+    weights beside it in .bin); returns how many were quantized."""
     import nncf
     import openvino as ov
 
@@ -58,8 +59,8 @@ def quantize_segment_openvino(
 
     model = core().read_model(str(source))
     wanted = set(nodes)
-    # OpenVINO keeps the ONNX node names; every other MatMul (attention BMMs, adaLN, the cross-attn
-    # query that static scales cannot span) stays in float.
+    # OpenVINO keeps the ONNX node names; every other MatMul (adaLN, the cross-attn query that static
+    # scales cannot span, the attention BMMs without 8-bit dot products) stays in float.
     matmuls = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
     ignored = [name for name in matmuls if name not in wanted]
     found = len(matmuls) - len(ignored)
