@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = Bundle.load(args.bundle)
     name = next(n for n in bundle.manifest.segments if n.startswith("blocks_"))
-    first, last = (int(part) for part in name.split("_")[1:3])
+    first, last = bundle.manifest.segments[name].blocks  # inclusive block range
     source, inputs = bundle.segment_path(name), bundle.segment_spec(name).input_names
     graph = onnx.load(str(source), load_external_data=False)
     samples = load_calibration(bundle, name)
@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         paths[label] = work / f"{len(paths)}.xml"
         quantize_segment_openvino(source, paths[label], samples[:cut], nodes)
         print(f"  {label}: rel. L2 to fp32 {relative_error(source, paths[label], samples[cut:]):.4f}")
+    exported = core().read_model(str(source))  # its ports, for the random inputs
     for tokens in (256, 1024):
-        feeds = random_feeds(core().read_model(str(source)), inputs, tokens, TEXT_TOKENS)
+        feeds = random_feeds(exported, inputs, tokens, TEXT_TOKENS)
         shapes = {key: value.shape for key, value in feeds.items()}
         requests = {label: compiled(path, shapes, "bf16") for label, path in paths.items()}
         runs = {label: (lambda r=request, f=feeds: r.infer(f)) for label, request in requests.items()}

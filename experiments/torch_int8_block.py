@@ -77,7 +77,7 @@ def openvino_block(bundle_dir: str, tokens: int, variant: str = "int8_ov") -> tu
     bundle = Bundle.load(bundle_dir)
     segments = open_generator(bundle, variant, precision="bf16", cache=False).segments
     name = next(n for n in bundle.manifest.segments if n.startswith("blocks_"))
-    first, last = (int(part) for part in name.split("_")[1:3])
+    first, last = bundle.manifest.segments[name].blocks  # inclusive block range
     inputs = bundle.segment_spec(name, variant).input_names
     feeds = random_feeds(segments.read_model(name), inputs, tokens, TEXT_TOKENS)
     return (lambda: segments.infer_impl(name, feeds)), last - first + 1
