@@ -310,11 +310,15 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def block_flops(size: Size, batch: int = 2, tokens: int = 256, text: int = TEXT_TOKENS) -> float:
-    """Multiply-add FLOPs (2 per MAC) of one PixArt block's matmuls: self-attn, cross-attn, MLP."""
+def block_flops(
+    size: Size, batch: int = 2, tokens: int = 256, text: int = TEXT_TOKENS, caption_kv: bool = True
+) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one PixArt block's matmuls: self-attn, cross-attn, MLP;
+    without the caption's K/V projections where a `cross_kv` segment does them once per image."""
     d, b, n, m = size.hidden, batch, tokens, text
     self_attn = 2 * b * n * d * d * 4 + 2 * 2 * b * n * n * d  # q, k, v, out projections + QK^T, AV
-    cross = 2 * b * n * d * d * 2 + 2 * b * m * d * d * 2 + 2 * 2 * b * n * m * d  # q, out; k, v; attn
+    kv = 2 * b * m * d * d * 2 if caption_kv else 0
+    cross = 2 * b * n * d * d * 2 + kv + 2 * 2 * b * n * m * d  # q, out; k, v; attn
     mlp = 2 * b * n * d * 4 * d * 2
     return float(self_attn + cross + mlp)
 

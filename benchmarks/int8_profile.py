@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.backbone import Size, block_flops
     from benchmarks.int8_cpu import ensure_variant, prepare
     from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.core.runtime.manifest import CROSS_KV_SEGMENT
 
     size = Size(layers=LAYERS)
     bundle_dir = prepare(OUT / "int8_profile", LAYERS, size.heads, args.rebuild)
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     log("recording the block's inputs")
     feeds = recorded_feeds(bundle)
     start, end = bundle.manifest.segment(SEGMENT).blocks
-    flops = block_flops(size) * (end - start + 1)
+    caption_kv = CROSS_KV_SEGMENT not in bundle.manifest.segments  # else projected once per image
+    flops = block_flops(size, caption_kv=caption_kv) * (end - start + 1)
     if args.ab:
         log(f"A/B: dynamic vs static shapes, {args.ab} rounds")
         print_ab(shapes_ab(bundle, variants["int8-ov"], feeds, args.ab))

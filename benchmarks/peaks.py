@@ -10,9 +10,10 @@ Peaks, measured in the same run as what they judge:
 - int8: the same linear layer quantized like each int8 variant mode (quantize.quantize_segment)
   and run on its engine: `int8-ov` on OpenVINO (VNNI or AMX-INT8), `int8-dynamic` on ONNX Runtime.
 
-A candidate's block throughput is the blocks' analytic matmul FLOPs (backbone.block_flops) times
-the block forwards of one timed step, over tune's measured ms/step: a lower bound (the step also
-runs the timestep, embedding and final segments), reported against its own engine's peak and the
+A candidate's block throughput is the blocks' analytic matmul FLOPs (backbone.block_flops: those
+the bundle's blocks do, without the caption K/V of a `cross_kv` bundle) times the block forwards of
+one timed step, over tune's measured ms/step: a lower bound (the step also runs the timestep,
+embedding and final segments), reported against its own engine's peak and the
 best peak of its dtype.
 
     python -m benchmarks.peaks [--quick]   # the peaks alone (also `python -m benchmarks.peer --peaks`)

@@ -63,23 +63,26 @@ def prepare(
     modes: Sequence[str],
     calibration_plan: str,
     rebuild: bool = False,
+    bundle_name: str = "bundle",
+    build_options: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """`work/model` (by `write_model`, "module:function" called as function(out, **model_kwargs),
     which writes the directory and renames it into place) and `work/bundle` (`plans` at `resolution`
     px, fp32, with the model's files linked in) with the `modes` variants, calibrated where a mode
     needs it on CALIBRATION_PROMPTS trajectories of `calibration_plan`; each stage in a process of
-    its own, skipped when its output is there. `rebuild`: everything is made anew."""
+    its own, skipped when its output is there. `rebuild`: everything is made anew. `bundle_name`
+    and `build_options` (BuildOptions fields, JSON): another bundle of the same model, built so."""
     from ilf_deploy.build.quantization.quantize import CALIBRATION_FREE_MODES, default_variant_name
 
     if rebuild:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    model, bundle = work / "model", work / "bundle"
+    model, bundle = work / "model", work / bundle_name
     stages = [
         Stage("model", write_model, model, (model / "model_index.json").is_file, model_kwargs),
         Stage(
             "bundle", f"{STAGES}:build", bundle, partial(_written, bundle, "torch_model"),
-            {"model": str(model), "plans": list(plans), "resolution": resolution},
+            {"model": str(model), "plans": list(plans), "resolution": resolution, **(build_options or {})},
         ),
     ]  # fmt: skip
     modes = _buildable(modes)
@@ -172,11 +175,11 @@ def run_child(stage: Stage) -> tuple[float, int, int]:
 # -- the stages (each runs in its child process) ----------------------------------------------------
 
 
-def build(bundle: Path, model: str, plans: list[str], resolution: int) -> None:
+def build(bundle: Path, model: str, plans: list[str], resolution: int, **fields: Any) -> None:
     from ilf_deploy.build.export.build import BuildOptions, build_bundle
 
     options = BuildOptions(
-        plans=tuple(plans), resolutions=[(resolution, resolution)], force=True, copy_model=True
+        plans=tuple(plans), resolutions=[(resolution, resolution)], force=True, copy_model=True, **fields
     )
     build_bundle(Path(model), bundle, options)
 

@@ -17,7 +17,7 @@ from ilf_deploy.core.errors import ConfigError
 from ilf_deploy.core.plan import baseline_plan
 from ilf_deploy.core.runtime.bundle import Bundle, BundleError
 from ilf_deploy.core.runtime.generator import Request
-from ilf_deploy.core.runtime.manifest import SCHEMA_VERSION
+from ilf_deploy.core.runtime.manifest import CROSS_KV_SCHEMA_VERSION
 from ilf_deploy.core.runtime.pipeline import BundleGenerator
 from ilf_deploy.engines.backends import open_generator
 from ilf_deploy.engines.backends.plans import resolve_bundle_plan
@@ -71,7 +71,7 @@ def test_fp16_bundle_verifies_within_its_budget(tiny_dirs, tmp_path):
 def test_manifest_describes_the_bundle(tiny_bundles):
     bundle = Bundle.load(tiny_bundles["pixart-alpha"])
     m = bundle.manifest
-    assert bundle.manifest_json()["schema_version"] == SCHEMA_VERSION
+    assert bundle.manifest_json()["schema_version"] == CROSS_KV_SCHEMA_VERSION  # its `cross_kv` segment
     assert m.architecture == "pixart-alpha" and len(m.config_hash) == 64
     assert set(m.plans) == {"base-4", "ilf-4", "cache-6"}
     assert m.cut_points[0] == 0 and m.cut_points[-1] == m.model.num_blocks

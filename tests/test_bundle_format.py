@@ -13,7 +13,12 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from ilf_deploy.core.runtime.bundle import DIGEST_FILE, MANIFEST, Bundle, BundleError, rewrite_manifest
-from ilf_deploy.core.runtime.manifest import SCHEMA_VERSION, VARIANT_ENGINES, Manifest
+from ilf_deploy.core.runtime.manifest import (
+    CROSS_KV_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    VARIANT_ENGINES,
+    Manifest,
+)
 from ilf_deploy.core.schemas import NAMES, problem, schema
 
 from .test_cli import assert_one_line_error, invoke
@@ -33,9 +38,9 @@ def test_published_schemas_are_valid_2020_12_and_printed_by_the_cli(name):
 
 
 def test_every_bundle_and_plan_the_suite_builds_follows_the_schemas(tiny_bundles):
-    for path in tiny_bundles.values():
-        raw = json.loads((path / MANIFEST).read_text())
-        assert raw["schema_version"] == SCHEMA_VERSION
+    for name, path in tiny_bundles.items():
+        raw = json.loads((path / MANIFEST).read_text())  # PixArt's caption K/V segment: 7; DiT: 2
+        assert raw["schema_version"] == (SCHEMA_VERSION if name == "dit" else CROSS_KV_SCHEMA_VERSION)
         assert problem("manifest", raw) is None
         for plan_file in raw["plans"].values():
             assert problem("plan", json.loads((path / plan_file).read_text())) is None, plan_file
@@ -201,7 +206,7 @@ def test_a_bf16_variant_and_only_it_makes_a_manifest_version_3(tiny_bundles, tmp
     C++ runtime, which reads 2, refuses it in one line), 2 again once it is gone; 2 cannot hold one."""
     from ilf_deploy.core.runtime.manifest import BF16_SCHEMA_VERSION, SCHEMA_VERSIONS
 
-    path = shutil.copytree(tiny_bundles["pixart-alpha"], tmp_path / "bundle")
+    path = shutil.copytree(tiny_bundles["dit"], tmp_path / "bundle")  # a version 2 bundle
     bundle = Bundle.load(path)
     first = bundle.manifest.reduced_precision_segments[0]
     entry = {
@@ -214,7 +219,7 @@ def test_a_bf16_variant_and_only_it_makes_a_manifest_version_3(tiny_bundles, tmp
     }
     rewrite_manifest(path, lambda m: m.setdefault("variants", {}).update(bf16=entry))
     raw = json.loads((path / MANIFEST).read_text())
-    assert raw["schema_version"] == BF16_SCHEMA_VERSION == 3 and SCHEMA_VERSIONS == (2, 3, 4, 5, 6)
+    assert raw["schema_version"] == BF16_SCHEMA_VERSION == 3 and SCHEMA_VERSIONS == (2, 3, 4, 5, 6, 7)
     assert problem("manifest", raw) is None
     assert Bundle.load(path).variant_spec("bf16").precision_policy["plan"] == "ilf-4"
     with pytest.raises(BundleError, match="at variants/bf16"):  # version 2 cannot say "bf16"

@@ -120,6 +120,7 @@ def sigma_copy(bundles, tmp_path_factory):
 def test_the_extra_plans_exercise_every_op_kind(bundles, name):
     bundle = Bundle.load(bundles[name])
     assert [tuple(r) for r in bundle.manifest.resolutions] == SIZES[name]  # two sizes, as built
+    assert ("cross_kv" in bundle.manifest.segments) == (name != "dit")  # PixArt's caption K/V, once
     kinds = {p: {op.kind for s in bundle.plan(p).steps for op in s.ops} for p in PLANS}
     assert kinds["base-4"] == {"blocks"}
     assert kinds["ilf-4"] >= {"ilf", "blocks"}
@@ -391,7 +392,7 @@ def test_an_unknown_schema_version_is_refused(ilf_run, sigma_copy):
     (bundle / "manifest.sha256").write_text(f"sha256:{hashlib.sha256(data).hexdigest()}\n")
     one_line_error(
         run(ilf_run, bundle, "--prompt", "x", check=False),
-        "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5 and 6)",
+        "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5 and 6 and 7)",
     )
 
 
@@ -836,5 +837,6 @@ def test_the_c_and_cpp_examples_build_with_find_package(ilf_run, bundles, tmp_pa
     assert counted.stdout.startswith("counting openvino CPU f32, ilf-4 (40 block forwards):")
     calls = {k: int(v) for k, v in (item.split("=") for item in counted.stdout.split(":")[-1].split())}
     # ilf-4 has feedback on all 4 steps, so `time` runs at t and at t_post; two prompts (guidance)
-    want = {"text_encoder": 2, "context": 1, "time": 8, "embed": 4, "feedback": 4, "final": 4}
+    # `cross_kv`: every block's caption K/V once per generation
+    want = {"text_encoder": 2, "context": 1, "cross_kv": 1, "time": 8, "embed": 4, "feedback": 4, "final": 4}
     assert {k: calls[k] for k in want} == want

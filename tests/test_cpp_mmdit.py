@@ -511,7 +511,7 @@ def test_a_schema_4_manifest_is_checked_as_such(ilf_run, bundles, tmp_path):
     )
     refused(
         lambda m: m.update(schema_version=3),
-        "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5 and 6)",
+        "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5 and 6 and 7)",
     )
     refused(
         lambda m: m["model"].update(guidance="cfg2"),

@@ -26,6 +26,7 @@ from ilf_deploy.core.errors import ConfigError
 from ilf_deploy.core.memory import GIB, MemoryGauge
 from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.core.runtime.generator import Request, warm_up
+from ilf_deploy.core.runtime.manifest import CROSS_KV_SCHEMA_VERSION, CROSS_KV_SEGMENT
 from ilf_deploy.engines.backends import open_generator
 from ilf_deploy.engines.backends.openvino import CACHE_DIR, cpu_has_bf16
 from ilf_deploy.engines.compare import budget, compare_to_reference, run_reference
@@ -197,7 +198,10 @@ def test_bf16_keeps_the_conditioning_segments_in_f32(ov_bundle):
     bundle = Bundle.load(ov_bundle)
     segments = OvSegments(bundle, precision="bf16", cache=False)
     reduced = set(bundle.manifest.reduced_precision_segments)
-    assert reduced == {n for n, s in bundle.manifest.segments.items() if s.blocks or n == "feedback"}
+    assert CROSS_KV_SEGMENT in reduced  # the caption's K/V projections: bf16 like the blocks
+    assert reduced == {
+        n for n, s in bundle.manifest.segments.items() if s.blocks or n in ("feedback", CROSS_KV_SEGMENT)
+    }
     for name in bundle.manifest.segments:
         want = "bf16" if name in reduced else "f32"
         assert segments.config_for(name)["INFERENCE_PRECISION_HINT"] == want, name
@@ -212,7 +216,7 @@ def test_compiled_models_are_cached_in_the_bundle_outside_its_manifest(ov_bundle
     cache = path / CACHE_DIR
     blobs = sorted(cache.iterdir())
     names = {b.name.split(".")[0] for b in blobs}
-    assert names == {"text_encoder", "context", "time", "embed", "feedback", "final"} | {
+    assert names == {"text_encoder", "context", CROSS_KV_SEGMENT, "time", "embed", "feedback", "final"} | {
         n for n in Bundle.load(path).manifest.segments if n.startswith("blocks_")
     }
     assert not any(b.name.startswith(".") for b in blobs)  # no temporary file left behind
@@ -383,7 +387,8 @@ def test_bf16_variant_records_its_policy_and_openvino_runs_exactly_it(ov_bundle,
         assert segment.file == bundle.manifest.segments[name].file
     after = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file() and "cache" not in str(p))
     assert after == files  # no new files (manifest.json and its digest rewritten in place)
-    assert bundle.manifest_json()["schema_version"] == BF16_SCHEMA_VERSION
+    # a bf16 variant needs 3; this PixArt bundle's `cross_kv` segment already made it 7, which holds it
+    assert bundle.manifest_json()["schema_version"] == CROSS_KV_SCHEMA_VERSION > BF16_SCHEMA_VERSION
 
     generator = open_generator(path, "openvino", variant="bf16", cache=False)
     assert generator.variant == "bf16"
@@ -465,9 +470,11 @@ def test_int8_ov_with_bf16_for_the_rest_is_a_tune_candidate_auto_can_open(ov_bun
     found = {c.label: c for c in candidates(bundle)}
     mixed = found["openvino int8_ov +bf16"]
     assert mixed.variant == "int8_ov" and mixed.options == {"precision": "bf16"}
-    assert mixed.budget == budget("openvino", "int8-ov") and mixed.segments == list(
-        bundle.variant_spec("int8_ov").segments
-    )
+    # compared: the variant's segments and `cross_kv`, which the bf16 hint also reaches
+    assert mixed.budget == budget("openvino", "int8-ov") and mixed.segments == [
+        *bundle.variant_spec("int8_ov").segments,
+        CROSS_KV_SEGMENT,
+    ]
     hints = precision_hints(
         open_generator(path, "openvino", variant="int8_ov", precision="bf16", cache=False)
     )

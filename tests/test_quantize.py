@@ -41,9 +41,8 @@ def _qdq_nodes(model):
 def test_qdq_models_are_what_tensorrt_accepts(quantized, mode):
     bundle = Bundle.load(quantized)
     variant = bundle.variant_spec(mode.replace("-", "_"))
-    assert set(variant.segments) == {
-        n for n, s in bundle.manifest.segments.items() if s.blocks or n == "feedback"
-    }
+    assert set(variant.segments) == set(bundle.manifest.quantizable_segments)
+    assert "cross_kv" not in variant.segments and "cross_kv" in bundle.manifest.segments  # stays float
     zero_type = onnx.TensorProto.INT8 if mode == "int8-qdq" else onnx.TensorProto.FLOAT8E4M3FN
     for name, spec in variant.segments.items():
         model = onnx.load(str(bundle.path / spec.file))

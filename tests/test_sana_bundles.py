@@ -108,7 +108,7 @@ def test_decoder_matches_the_vae(sana_model, generators):
 
 def test_bundle_format_says_what_it_holds(sana_bundle):
     manifest = json.loads((sana_bundle / "manifest.json").read_text())
-    assert manifest["schema_version"] == 5 and manifest["architecture"] == "sana"
+    assert manifest["schema_version"] == 7 and manifest["architecture"] == "sana"  # 5, and `cross_kv`
     fmt = sana_prompt_format()
     tokenizer = manifest["tokenizer"]
     assert tokenizer["instruction"] == fmt.instruction and tokenizer["max_length"] == 300

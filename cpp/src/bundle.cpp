@@ -32,17 +32,18 @@ bool lower_hex(const std::string& s, size_t from, size_t count) {
 
 const char* kManifest = "manifest.json";
 // The manifest versions this reader implements, as Python's message lists its own ("2 and 3 and 4 and 5
-// and 6"): 3 (a bf16 variant) is not one of them.
+// and 6 and 7"): 3 (a bf16 variant) is not one of them.
 const std::string kReadableSchemas = std::to_string(kSchemaVersion) + " and " + std::to_string(kStateSchemaVersion) +
                                      " and " + std::to_string(kInstructionSchemaVersion) + " and " +
-                                     std::to_string(kConvertedTokenizersSchemaVersion);
+                                     std::to_string(kConvertedTokenizersSchemaVersion) + " and " +
+                                     std::to_string(kCrossKvSchemaVersion);
 
 /// A number (never a boolean) equal to a readable version, as Python's `version in (2, 4)` decides.
 bool readable_schema(const nlohmann::ordered_json& v) {
   if (!v.is_number()) return false;
   const double n = v.get<double>();
   return n == kSchemaVersion || n == kStateSchemaVersion || n == kInstructionSchemaVersion ||
-         n == kConvertedTokenizersSchemaVersion;
+         n == kConvertedTokenizersSchemaVersion || n == kCrossKvSchemaVersion;
 }
 const char* kDigestFile = "manifest.sha256";
 

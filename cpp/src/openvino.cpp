@@ -203,15 +203,15 @@ class OpenVinoEngine final : public Engine {
   }
 
  private:
-  /// The requested precision for the blocks and the feedback block, where nearly all FLOPs are
-  /// (Manifest.reduced_precision_segments); f32 for the rest (the timestep's sinusoidal embedding
+  /// The requested precision for the blocks, the feedback block and the caption K/V projections,
+  /// where nearly all FLOPs are (Manifest.reduced_precision_segments); f32 for the rest (the timestep's sinusoidal embedding
   /// loses its phase in bf16), as the Python backend's config_for.
   bool reduced(const std::string& segment) const {
     const Manifest& m = bundle_.manifest();
     if (!options_.variant.empty() && m.variant(options_.variant).mode == "bf16")  // it names its bf16 segments
       return m.variant(options_.variant).segments.count(segment) > 0;
     const SegmentSpec& spec = m.segment(segment);
-    return spec.blocks.has_value() || segment == "feedback";
+    return spec.blocks.has_value() || segment == "feedback" || segment == kCrossKvSegment;
   }
   const ov::AnyMap& config_for(const std::string& segment) const { return reduced(segment) ? config_ : f32_config_; }
   std::string precision_for(const std::string& segment) const { return reduced(segment) ? options_.precision : "f32"; }

@@ -303,6 +303,8 @@ Feeds Segments::context(const Feeds& inputs) {
     if (it != inputs.end()) merged[name] = it->second;
   }
   for (auto& [k, v] : run("context", inputs)) merged[k] = v;
+  if (bundle_.manifest().segments.count(kCrossKvSegment))  // every block's caption K/V, once per generation
+    for (auto& [k, v] : run(kCrossKvSegment, merged)) merged[k] = v;
   return merged;
 }
 

@@ -209,10 +209,10 @@ void test_bundle_reader() {
                bundle, "is not valid JSON");
   FakeBundle v3("v3");
   v3.schema_version = 3;
-  EXPECT_ERROR(ilf::Bundle::load(v3.write_all()), bundle, "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5 and 6)");
-  FakeBundle v7("v7");
-  v7.schema_version = 7;
-  EXPECT_ERROR(ilf::Bundle::load(v7.write_all()), bundle, "bundle schema version 7 is not supported (this tool reads 2 and 4 and 5 and 6)");
+  EXPECT_ERROR(ilf::Bundle::load(v3.write_all()), bundle, "bundle schema version 3 is not supported (this tool reads 2 and 4 and 5 and 6 and 7)");
+  FakeBundle v8("v8");
+  v8.schema_version = 8;
+  EXPECT_ERROR(ilf::Bundle::load(v8.write_all()), bundle, "bundle schema version 8 is not supported (this tool reads 2 and 4 and 5 and 6 and 7)");
   EXPECT_ERROR(ilf::Bundle::load(good.write_all([](const std::string& r) { std::remove((r + "/manifest.sha256").c_str()); })),
                bundle, "manifest.sha256 is missing");
   EXPECT_ERROR(ilf::Bundle::load(good.write_all([](const std::string& r) {

@@ -147,9 +147,14 @@ def candidates(bundle: Bundle) -> list[Candidate]:
             ov.append(Candidate("openvino", "bf16", budget("openvino", "bf16"), all_segments, "bf16"))
         ov += [variant("openvino", n) for n, e in variants.items() if "openvino" in e.engines]
         for name in (n for n, e in variants.items() if e.mode == "int8-ov" and bf16 and missing is None):
-            # int8 GEMMs, and bf16 (not f32) for the ops NNCF left unquantised in those segments:
-            # AMX has tiles for both; held to the variant's own int8-ov budget
-            ov.append(dataclasses.replace(variant("openvino", name), options={"precision": "bf16"}))
+            # int8 GEMMs, and bf16 (not f32) for the ops NNCF left unquantised in those segments and
+            # for the other reduced-precision ones (`cross_kv`): AMX has tiles for both; held to the
+            # variant's own int8-ov budget, every segment that runs in reduced precision compared
+            mixed = variant("openvino", name)
+            mixed.segments += [
+                n for n in bundle.manifest.reduced_precision_segments if n not in mixed.segments
+            ]
+            ov.append(dataclasses.replace(mixed, options={"precision": "bf16"}))
         for candidate in ov:
             if missing is not None:
                 candidate.error = f"not installed: pip install 'ilf-deploy[{REGISTRY['openvino'].extra}]'"

@@ -51,6 +51,13 @@ def build(
         str, typer.Option(help="onnxruntime, or tensorrt to also build TensorRT engines (NVIDIA GPU).")
     ] = "onnxruntime",
     exporter: Annotated[str, typer.Option(help=EXPORTER_HELP)] = "auto",
+    cache_cross_kv: Annotated[
+        bool,
+        typer.Option(
+            help="Compute each block's caption cross-attention keys and values once per image, not "
+            "in every block forward (PixArt, Sana; others have none)."
+        ),
+    ] = True,
 ) -> None:
     """Export every segment the plans need, the text encoder and the VAE decoder to ONNX, as a bundle."""
     from ilf_deploy.build.export.build import BuildOptions, build_bundle
@@ -66,6 +73,7 @@ def build(
         force=force,
         backend=backend,  # tensorrt: engines built inside the build's workspace, renamed in with it
         exporter=exporter,
+        cache_cross_kv=cache_cross_kv,
     )
     with progress() as bar:
         task = bar.add_task("export", total=None)

@@ -20,6 +20,10 @@ constexpr int kSchemaVersion = 2;       // manifest.schema.json: what a bundle w
 constexpr int kStateSchemaVersion = 4;  // 4: a multi-tensor state (SD3, Flux) and several tokenizers
 constexpr int kInstructionSchemaVersion = 5;  // 5: a prompt format (Sana: tokenizer.instruction)
 constexpr int kConvertedTokenizersSchemaVersion = 6;  // 6: schema 4's `tokenizers` with `openvino`
+constexpr int kCrossKvSchemaVersion = 7;  // 7: a `cross_kv` segment, run after `context` (kCrossKvSegment)
+// Every block's caption cross-attention K/V, computed once per generation from `context`'s outputs;
+// its outputs join the conditioning the block segments read (build/export/cross_kv.py).
+constexpr const char* kCrossKvSegment = "cross_kv";
 constexpr int kPlanVersion = 3;         // plan.schema.json: the newest version read (1, 2 and 3 are)
 
 struct ILF_API Dim {

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ilf_deploy.build.export.cross_kv import cached_attentions, project_kv
 from ilf_deploy.build.export.onnx import check_exporter, export_segment, onnx_io, uses_torchscript
 from ilf_deploy.build.export.segments import segment_specs, tokenizer_inputs
 from ilf_deploy.core.errors import ConfigError, IlfError, check_at_least
@@ -48,6 +49,9 @@ class BuildOptions:
     force: bool = False
     backend: str = "onnxruntime"
     exporter: str = "auto"  # export/onnx.py EXPORTERS: auto = TorchScript for PixArt/DiT, else torch.export
+    cache_cross_kv: bool = (
+        True  # caption cross-attention K/V once per image (PixArt, Sana: export/cross_kv.py)
+    )
 
 
 def build_bundle(
@@ -194,9 +198,10 @@ def _export_segments(
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if t.is_floating_point() else t
 
-    specs = segment_specs(model, cut_points, with_feedback)
+    kv = options.cache_cross_kv
+    specs = segment_specs(model, cut_points, with_feedback, kv)
     if dtype != torch.float32:  # one low-precision copy of the backbone; the model stays fp32
-        low_specs = {s.name: s for s in segment_specs(_cast(model, dtype), cut_points, with_feedback)}
+        low_specs = {s.name: s for s in segment_specs(_cast(model, dtype), cut_points, with_feedback, kv)}
     segments = {}
     for index, spec in enumerate(specs):
         if progress:
@@ -375,6 +380,9 @@ def example_tensors(model: LoadedModel, resolution: tuple[int, int]) -> dict[str
         context = adapter.context({k: ex[k] for k in adapter.context_inputs})
         cond = adapter.conditioning(torch.tensor([500.0]), context)
         ex.update(cond)
+        feedback = model.feedback.block if model.feedback is not None else None
+        for name, attention in cached_attentions(adapter, feedback).items():  # cached K/V (cross_kv.py)
+            ex[name] = project_kv(attention, cond[adapter.cross_context])
         state = adapter.embed(ex["latents"], cond)
         ex.update(state)
         for name, value in state.items():

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ilf_deploy.build.export.cross_kv import is_kv_name
 from ilf_deploy.core.errors import ConfigError
 from ilf_deploy.model.adapters import MMDIT_ARCHITECTURES
 
@@ -86,7 +87,11 @@ def dynamic_axes(names: Sequence[str], kind: str = "tokens") -> dict[str, dict[i
     """Every tensor is dynamic in batch (but the ids: their positions); token and pixel axes as
     the table of `kind` (`axes_kind`) says."""
     axes = {"tokens": _AXES, "mmdit": _MMDIT_AXES, "grid": _GRID_AXES}[kind]
-    return {name: axes.get(name, {} if name.endswith("_ids") else {0: "batch"}) for name in names}
+
+    def table_name(name: str) -> str:  # a block's cached caption K/V has the caption's axes
+        return "context" if is_kv_name(name) else name
+
+    return {name: axes.get(table_name(name), {} if name.endswith("_ids") else {0: "batch"}) for name in names}
 
 
 def check_exporter(exporter: str) -> None:

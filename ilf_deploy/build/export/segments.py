@@ -13,6 +13,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ilf_deploy.build.export.cross_kv import (
+    FEEDBACK,
+    KVProjection,
+    block_cond_names,
+    cached_attentions,
+    kv_name,
+    reading_cached_kv,
+    with_kv,
+)
+from ilf_deploy.core.runtime.manifest import CROSS_KV_SEGMENT
 from ilf_deploy.core.state import add_scaled
 from ilf_deploy.model.adapters import Adapter, feed_name, output_name
 from ilf_deploy.model.ilf import FeedbackModule
@@ -57,6 +67,34 @@ class ContextSegment(nn.Module):
         return tuple(out[name] for name in self.adapter.context_outputs)
 
 
+class _BlockKV(nn.Module):
+    """Stands where a block stands (`blocks.N`) with its attention's K/V projection under the
+    attention's name, so that the exported nodes carry the block's scope."""
+
+    def __init__(self, name: str, attention: nn.Module) -> None:
+        super().__init__()
+        self.name = name
+        self.add_module(name, KVProjection(attention))
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule(self.name)(context)
+
+
+class CrossKVSegment(nn.Module):
+    """The projected caption -> every block's cross-attention [K | V] (export/cross_kv.py), in the
+    order of `attentions` (entry name -> attention). The graph's nodes are scoped as the blocks'
+    own (`/blocks.3/attn2/to_k/MatMul`), so quantization selects and treats these projections as it
+    does inside the blocks (quantize.LINEAR_NODE)."""
+
+    def __init__(self, adapter: Adapter, attentions: dict[str, nn.Module]) -> None:
+        super().__init__()
+        assert adapter.cross_attention is not None  # cached_attentions found some
+        self.blocks = nn.ModuleList(_BlockKV(adapter.cross_attention, a) for a in attentions.values())
+
+    def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(block(context) for block in self.blocks)
+
+
 class TimeSegment(nn.Module):
     def __init__(self, adapter: Adapter) -> None:
         super().__init__()
@@ -72,12 +110,25 @@ class TimeSegment(nn.Module):
 class BlocksSegment(nn.Module):
     """Blocks start..end on the model's state (one tensor per `Adapter.state_names`). Inside the ILF
     loop it also takes a feed per state tensor: block i sees h + s_i * feed (eqs. 2–3), and feed = 0
-    gives the plain first pass, so one graph serves both passes."""
+    gives the plain first pass, so one graph serves both passes. With `cached_kv` its blocks read
+    their caption [K | V] from the context segment's entries (export/cross_kv.py)."""
 
-    def __init__(self, adapter: Adapter, start: int, end: int, feedback: FeedbackModule | None) -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        start: int,
+        end: int,
+        feedback: FeedbackModule | None,
+        cached_kv: bool = False,
+    ) -> None:
         super().__init__()
         self.adapter, self.start, self.end = adapter, start, end
-        self.blocks = nn.ModuleList(adapter.blocks[start : end + 1])
+        blocks = list(adapter.blocks[start : end + 1])
+        self.kv_names = tuple(kv_name(i) for i in range(start, end + 1)) if cached_kv else ()
+        if cached_kv:
+            blocks = [reading_cached_kv(adapter, block) for block in blocks]
+        self.blocks = nn.ModuleList(blocks)
+        self.cond_names = block_cond_names(adapter, self.kv_names)
         self.scales = None
         if feedback is not None:
             b, _ = feedback.loop
@@ -88,25 +139,31 @@ class BlocksSegment(nn.Module):
         state, args = dict(zip(names, args[: len(names)], strict=True)), args[len(names) :]
         if self.scales is not None:
             feed, args = dict(zip(names, args[: len(names)], strict=True)), args[len(names) :]
-        cond = dict(zip(self.adapter.block_inputs, args, strict=True))
+        cond = dict(zip(self.cond_names, args, strict=True))
         for i, block in enumerate(self.blocks):
             if self.scales is not None:
                 state = add_scaled(state, self.scales[i], feed)
-            state = self.adapter.run_block(block, state, cond)
+            block_cond = with_kv(self.adapter, cond, self.kv_names[i]) if self.kv_names else cond
+            state = self.adapter.run_block(block, state, block_cond)
         return _outputs(state, names)
 
 
 class FeedbackSegment(nn.Module):
     """The feedback block on the loop's output state -> f_feed, one tensor per state tensor."""
 
-    def __init__(self, adapter: Adapter, feedback: FeedbackModule) -> None:
+    def __init__(self, adapter: Adapter, feedback: FeedbackModule, cached_kv: bool = False) -> None:
         super().__init__()
-        self.adapter, self.block = adapter, feedback.block
+        self.adapter = adapter
+        self.block = reading_cached_kv(adapter, feedback.block) if cached_kv else feedback.block
+        self.kv_names = (kv_name(FEEDBACK),) if cached_kv else ()
+        self.cond_names = block_cond_names(adapter, self.kv_names)
 
     def forward(self, *args: torch.Tensor) -> Outputs:
         names = self.adapter.state_names
         state = dict(zip(names, args[: len(names)], strict=True))
-        cond = dict(zip(self.adapter.block_inputs, args[len(names) :], strict=True))
+        cond = dict(zip(self.cond_names, args[len(names) :], strict=True))
+        if self.kv_names:
+            cond = with_kv(self.adapter, cond, self.kv_names[0])
         return _outputs(self.adapter.run_block(self.block, state, cond), names)
 
 
@@ -215,14 +272,19 @@ def tokenizer_inputs(count: int) -> tuple[str, ...]:
     return tuple("input_ids" if i == 0 else f"input_ids_{i + 1}" for i in range(count))
 
 
-def segment_specs(model: LoadedModel, cut_points: list[int], with_feedback: bool) -> list[SegmentSpec]:
-    """Every segment of a bundle cut at `cut_points`, in export order."""
+def segment_specs(
+    model: LoadedModel, cut_points: list[int], with_feedback: bool, cache_cross_kv: bool = False
+) -> list[SegmentSpec]:
+    """Every segment of a bundle cut at `cut_points`, in export order; `cache_cross_kv`: the caption
+    cross-attentions' K and V from the context segment, where the model has them (export/cross_kv.py)."""
     adapter, feedback = model.adapter, model.feedback if with_feedback else None
     loop = feedback.loop if feedback else None
     state = adapter.state_names
     outputs = tuple(output_name(n) for n in state)
     feeds = tuple(feed_name(n) for n in state)
     embed_inputs = ("latents", "pos_embed") if adapter.uses_positions else ("latents",)
+    attentions = cached_attentions(adapter, feedback.block if feedback else None) if cache_cross_kv else {}
+    cached = bool(attentions)
     specs = [
         SegmentSpec("embed", EmbedSegment(adapter), embed_inputs, ("hidden",)),
         SegmentSpec("context", ContextSegment(adapter), adapter.context_inputs, adapter.context_outputs),
@@ -230,14 +292,17 @@ def segment_specs(model: LoadedModel, cut_points: list[int], with_feedback: bool
             "time", TimeSegment(adapter), ("timestep", *adapter.time_context_inputs), adapter.time_outputs
         ),
     ]
+    if cached:
+        module = CrossKVSegment(adapter, attentions)
+        specs.append(SegmentSpec(CROSS_KV_SEGMENT, module, (adapter.cross_context,), tuple(attentions)))
     for start, end in block_ranges(cut_points):
         inside = loop is not None and loop[0] <= start and end <= loop[1]
-        module = BlocksSegment(adapter, start, end, feedback if inside else None)
-        names = (*state, *feeds, *adapter.block_inputs) if inside else (*state, *adapter.block_inputs)
+        module = BlocksSegment(adapter, start, end, feedback if inside else None, cached)
+        names = (*state, *feeds, *module.cond_names) if inside else (*state, *module.cond_names)
         specs.append(SegmentSpec(f"blocks_{start:02d}_{end:02d}", module, names, outputs, (start, end)))
     if feedback is not None:
-        inputs = (*state, *adapter.block_inputs)
-        specs.append(SegmentSpec("feedback", FeedbackSegment(adapter, feedback), inputs, feeds))
+        module = FeedbackSegment(adapter, feedback, cached)
+        specs.append(SegmentSpec("feedback", module, (*state, *module.cond_names), feeds))
     specs.append(SegmentSpec("final", FinalSegment(adapter), ("hidden", *adapter.final_inputs), ("tokens",)))
     if model.architecture == "sana":  # Gemma-2 with the pipeline's token selection, fp32
         from ilf_deploy.model.loading import sana_prompt_format

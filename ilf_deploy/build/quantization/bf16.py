@@ -1,6 +1,6 @@
 """`quantize --mode bf16`: a precision policy per segment, recorded in the manifest.
 
-Start from `Manifest.reduced_precision_segments` (the blocks and the feedback block: nearly all
+Start from `Manifest.reduced_precision_segments` (the blocks, the feedback block and `cross_kv`: nearly all
 FLOPs; the timestep, conditioning, embedding and final segments always stay f32), run each one ON
 ITS OWN in bf16 on OpenVINO (its bf16 precision hint) on the held-out trajectory's feeds recorded
 by ONNX Runtime fp32, with the one comparator (ilf_deploy.engines.compare, as `verify-variant` does), and

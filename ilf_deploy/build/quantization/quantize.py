@@ -444,7 +444,7 @@ def _write_variant(
     suffix = ".xml" if mode == "int8-ov" else ".onnx"  # OpenVINO IR (weights in the .bin beside it)
     segments: dict[str, Any] = {}
     counts: dict[str, int] = {}
-    for segment in bundle.manifest.reduced_precision_segments:
+    for segment in bundle.manifest.quantizable_segments:
         if progress:
             progress(f"{mode} {segment}")
         samples = None if mode == "int8-dynamic" else load_calibration(bundle, segment)

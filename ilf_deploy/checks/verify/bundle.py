@@ -20,6 +20,7 @@ from ilf_deploy.build.export.build import example_tensors
 from ilf_deploy.build.export.segments import segment_specs
 from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.core.runtime.generator import Generator, Request
+from ilf_deploy.core.runtime.manifest import CROSS_KV_SEGMENT
 from ilf_deploy.core.runtime.pipeline import facts_from_manifest
 from ilf_deploy.engines.backends import open_bundle_generator
 from ilf_deploy.engines.backends.pytorch import TorchGenerator, bundle_model
@@ -69,7 +70,10 @@ class _Sides:
 
     def __post_init__(self) -> None:
         manifest = self.bundle.manifest
-        specs = segment_specs(self.loaded, list(manifest.cut_points), "feedback" in manifest.segments)
+        cached_kv = CROSS_KV_SEGMENT in manifest.segments  # as the bundle was built
+        specs = segment_specs(
+            self.loaded, list(manifest.cut_points), "feedback" in manifest.segments, cached_kv
+        )
         self.ours = runner_outputs(self.engine.segments)
         self.theirs = torch_outputs({s.name: s for s in specs})
 

@@ -24,21 +24,30 @@ STATE_SCHEMA_VERSION = 4  # 4 adds a multi-tensor state (MMDiTs: SD3, Flux) and 
 INSTRUCTION_SCHEMA_VERSION = 5
 # 6 adds converted tokenizers to schema 4's `tokenizers` (each `openvino`: the C++ runtime's, SD3/Flux)
 CONVERTED_TOKENIZERS_SCHEMA_VERSION = 6
+# 7 adds the `cross_kv` segment, which a reader runs after `context` (below)
+CROSS_KV_SCHEMA_VERSION = 7
 SCHEMA_VERSIONS = (
     SCHEMA_VERSION,
     BF16_SCHEMA_VERSION,
     STATE_SCHEMA_VERSION,
     INSTRUCTION_SCHEMA_VERSION,
     CONVERTED_TOKENIZERS_SCHEMA_VERSION,
+    CROSS_KV_SCHEMA_VERSION,
 )
+# The segment that projects the caption into every block's cross-attention keys and values once per
+# generation (build/export/cross_kv.py): it runs after `context` on its outputs, and its outputs join
+# the conditioning the block segments read.
+CROSS_KV_SEGMENT = "cross_kv"
 MODEL_STATE_FIELDS = ("state", "state_init", "token_layout", "guidance", "position_ids")  # schema 4
 
 
 def schema_version_for(manifest: Mapping[str, Any]) -> int:
-    """The oldest version that says what `manifest` (the JSON) holds: 6 with several tokenizers of
-    which one is converted for OpenVINO, 5 with a prompt format (Sana's instruction), 4 with a
-    multi-tensor state or several tokenizers, 3 with a bf16 variant, else 2, so every other bundle
-    stays readable by readers of 2 (the C++ runtime)."""
+    """The oldest version that says what `manifest` (the JSON) holds: 7 with a `cross_kv` segment,
+    6 with several tokenizers of which one is converted for OpenVINO, 5 with a prompt format (Sana's
+    instruction), 4 with a multi-tensor state or several tokenizers, 3 with a bf16 variant, else 2,
+    so every other bundle stays readable by readers of 2 (the C++ runtime)."""
+    if CROSS_KV_SEGMENT in (manifest.get("segments") or {}):
+        return CROSS_KV_SCHEMA_VERSION
     tokenizer = manifest.get("tokenizer") or {}
     if any("openvino" in spec for spec in manifest.get("tokenizers") or ()):
         return CONVERTED_TOKENIZERS_SCHEMA_VERSION
@@ -394,9 +403,17 @@ class Manifest:
 
     @property
     def reduced_precision_segments(self) -> tuple[str, ...]:
-        """The segments a reduced precision applies to (quantized variants, an engine's bf16): the
-        blocks and the feedback block, where nearly all FLOPs are. The rest (text encoder, timestep
-        and conditioning, embedding, final layer, VAE) stays f32."""
+        """The segments an engine's bf16 applies to (OpenVINO's hint, the bf16 policy): the
+        quantizable ones and the caption K/V projections (`cross_kv`), where nearly all FLOPs are.
+        The rest (text encoder, timestep and conditioning, embedding, final layer, VAE) stays f32."""
+        return (*self.quantizable_segments, *(n for n in self.segments if n == CROSS_KV_SEGMENT))
+
+    @property
+    def quantizable_segments(self) -> tuple[str, ...]:
+        """The segments a quantized variant (int8, fp8) replaces: the blocks and the feedback block.
+        Not `cross_kv`: it runs once per image, so int8 would buy nothing there, and its raw K/V
+        fall below the int8 segment budget (24.5 dB against 30 on the tiny PixArt) where the blocks
+        that read them, as a whole, do not."""
         return tuple(n for n, s in self.segments.items() if s.blocks or n == "feedback")
 
     @property

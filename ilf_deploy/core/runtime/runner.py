@@ -23,6 +23,7 @@ import numpy as np
 
 from ilf_deploy.core.errors import ConfigError
 from ilf_deploy.core.runtime.bundle import Bundle, BundleError
+from ilf_deploy.core.runtime.manifest import CROSS_KV_SEGMENT
 from ilf_deploy.core.state import State, feed_name, output_name
 
 Array = Any  # the backend's array type
@@ -144,7 +145,10 @@ class SegmentRunner(ABC):
         # visible; no other: every entry left has the batch as its first axis, or one row for all
         # (Flux's rotary tables), which is what the adaptive cache's row picking relies on (cache.py).
         passed = {name: inputs[name] for name in self.input_names("time") if name in inputs}
-        return {**passed, **self.run("context", inputs)}
+        context = {**passed, **self.run("context", inputs)}
+        if CROSS_KV_SEGMENT in self.bundle.manifest.segments:  # every block's caption K/V, once
+            context.update(self.run(CROSS_KV_SEGMENT, context))
+        return context
 
     def conditioning(self, timestep: float, context: Feeds) -> Feeds:
         batch = max(value.shape[0] for value in context.values() if len(value.shape))

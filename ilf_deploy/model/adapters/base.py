@@ -51,6 +51,10 @@ class Adapter(ABC):
     # "packed" (C, 2, 2) as Flux packs its latents.
     token_layout = "patch"
     uses_positions = True  # embed reads a host-computed positional table (`pos_embed`, positions/)
+    # The block attribute holding a cross-attention whose K and V project only the conditioning entry
+    # `cross_context` (a caption): a bundle computes them once per image (build/export/cross_kv.py).
+    cross_attention: str | None = None
+    cross_context = "context"
 
     def __init__(self, transformer: nn.Module) -> None:
         self.transformer = transformer

@@ -18,6 +18,7 @@ class PixArtAdapter(Adapter):
 
     architecture = "pixart"
     block_inputs = ("context", "context_bias", "temb")
+    cross_attention = "attn2"  # the caption cross-attention (build/export/cross_kv.py)
     final_inputs = ("temb_final",)
     time_outputs = ("temb", "temb_final")
 

@@ -34,6 +34,7 @@ class SanaAdapter(Adapter):
     time_context_inputs = ()
     time_outputs = ("temb", "temb_final")
     block_inputs = ("context", "context_bias", "temb")
+    cross_attention = "attn2"  # the caption cross-attention (build/export/cross_kv.py)
     final_inputs = ("temb_final",)
 
     def __init__(self, transformer: nn.Module) -> None:
