@@ -1,6 +1,6 @@
 """The caption's K/V once per image (`cross_kv` segment) against in every block forward, end to end.
 
-    python -m benchmarks.cross_kv [--rounds 6] [--resolution 256] [--quick]
+    python -m benchmarks.cross_kv [--rounds 6] [--resolution 256] [--quick] [--prepare-only]
 
 One PixArt-XL-2 model (the peer benchmark's config, random weights), two bundles of it (`build`,
 and `build --no-cache-cross-kv`), each calibrated and quantized `int8-ov` (whose `quantize` checks
@@ -39,7 +39,7 @@ def prepare(work: Path, quick: bool, resolution: int) -> dict[str, Path]:
     return paths
 
 
-def engines(paths: dict[str, Path], resolution: int) -> dict[str, Any]:
+def engines(paths: dict[str, Path], resolution: int, fp32: bool = True) -> dict[str, Any]:
     from ilf_deploy.core.runtime.bundle import Bundle
     from ilf_deploy.engines.backends import open_generator
     from ilf_deploy.engines.backends.openvino import cpu_has_bf16
@@ -50,10 +50,30 @@ def engines(paths: dict[str, Path], resolution: int) -> dict[str, Any]:
         plan = Bundle.load(path).plan(OURS_PLAN)
         ov = open_generator(path, "openvino", variant="int8_ov", precision=precision)
         runners[f"openvino int8_ov +{precision}, {name}"] = ours_runner(ov, plan, resolution)
-        runners[f"onnxruntime fp32, {name}"] = ours_runner(
-            open_generator(path, "onnxruntime"), plan, resolution
-        )
+        if fp32:
+            ort = open_generator(path, "onnxruntime")
+            runners[f"onnxruntime fp32, {name}"] = ours_runner(ort, plan, resolution)
     return runners
+
+
+def segment_ab(paths: dict[str, Path], rounds: int, segment: str = "blocks_08_19") -> dict[str, float]:
+    """Ms per call of one block segment of each bundle's int8_ov variant (OpenVINO, bf16 hint,
+    compiled for its calibration feeds' static shapes, as `OvSegments` compiles it), interleaved:
+    the blocks' own cost, apart from the text encoder, the other segments and `cross_kv`."""
+    from benchmarks.backbone import interleaved
+    from experiments.int8_attention import compiled
+    from ilf_deploy.build.quantization.calibration import load_calibration
+    from ilf_deploy.core.runtime.bundle import Bundle
+
+    calls = {}
+    for name, path in paths.items():
+        bundle = Bundle.load(path)
+        feeds = load_calibration(bundle, segment)[0]
+        spec = bundle.segment_spec(segment, "int8_ov")
+        request = compiled(bundle.path / spec.file, {k: v.shape for k, v in feeds.items()}, "bf16")
+        calls[name] = lambda request=request, feeds=feeds: request.infer(feeds)
+    times = interleaved(calls, rounds, warmup=2)
+    return {name: 1e3 * statistics.median(samples) for name, samples in times.items()}
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,18 +85,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the peer's quick model (8 narrow layers)")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (one image each)")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--prepare-only", action="store_true", help="make the bundles, time nothing")
+    parser.add_argument("--no-fp32", action="store_true", help="only OpenVINO int8_ov (no ORT fp32)")
+    parser.add_argument(
+        "--segment-rounds", type=int, metavar="N", help="only time one int8_ov block segment, N rounds"
+    )
     args = parser.parse_args(argv)
 
     from ilf_deploy.engines.backends.machine import fingerprint
 
     work = OUT / "cross_kv" / (("quick" if args.quick else "full") + f"-{args.resolution}")
     paths = prepare(work, args.quick, args.resolution)
-    runners = engines(paths, args.resolution)
+    if args.prepare_only:
+        return 0
+    if args.segment_rounds:
+        ms = segment_ab(paths, args.segment_rounds)
+        for name, value in ms.items():
+            print(f"  blocks_08_19 int8_ov +bf16, {name:<12} {value:7.2f} ms/call (12 blocks)")
+        print(f"  cross_kv: {ms['every block'] / ms['cross_kv']:.3f}x per block segment call")
+        return 0
+    runners = engines(paths, args.resolution, fp32=not args.no_fp32)
     log(f"warm-up, then {args.rounds} interleaved rounds of each (text encoder + denoising, one image)")
     outputs, times, _ = interleave(runners, args.rounds)
     seconds = {name: statistics.median(samples) for name, samples in times.items()}
     pairs = {}
-    for engine in ("openvino", "onnxruntime"):
+    for engine in sorted({name.split()[0] for name in runners}):
         cached, plain = (next(n for n in runners if n.startswith(engine) and n.endswith(b)) for b in BUNDLES)
         pairs[engine] = {
             "speed-up": seconds[plain] / seconds[cached],
