@@ -1,6 +1,7 @@
 """The caption's K/V once per image (`cross_kv` segment) against in every block forward, end to end.
 
-    python -m benchmarks.cross_kv [--rounds 6] [--resolution 256] [--quick] [--prepare-only]
+    python -m benchmarks.cross_kv [--rounds 6] [--resolution 256] [--quick] [--prepare-only] [--no-fp32]
+    python -m benchmarks.cross_kv --segment-rounds 20 [--text-tokens 300]   # one block segment only
 
 One PixArt-XL-2 model (the peer benchmark's config, random weights), two bundles of it (`build`,
 and `build --no-cache-cross-kv`), each calibrated and quantized `int8-ov` (whose `quantize` checks
@@ -56,10 +57,27 @@ def engines(paths: dict[str, Path], resolution: int, fp32: bool = True) -> dict[
     return runners
 
 
-def segment_ab(paths: dict[str, Path], rounds: int, segment: str = "blocks_08_19") -> dict[str, float]:
+def with_text_tokens(feeds: dict[str, np.ndarray], spec: Any, tokens: int | None) -> dict[str, np.ndarray]:
+    """`feeds` with every `text_tokens` axis (the segment's declared dims) repeated to `tokens`
+    long: a longer caption's shapes (PixArt-Σ, Sana: 300) from a 120-token trajectory."""
+    if tokens is None:
+        return feeds
+    out = dict(feeds)
+    for tensor in spec.inputs:
+        if "text_tokens" in tensor.shape:
+            axis = tensor.shape.index("text_tokens")
+            reps = -(-tokens // feeds[tensor.name].shape[axis])
+            out[tensor.name] = np.repeat(feeds[tensor.name], reps, axis=axis).take(range(tokens), axis=axis)
+    return out
+
+
+def segment_ab(
+    paths: dict[str, Path], rounds: int, segment: str = "blocks_08_19", text_tokens: int | None = None
+) -> dict[str, float]:
     """Ms per call of one block segment of each bundle's int8_ov variant (OpenVINO, bf16 hint,
     compiled for its calibration feeds' static shapes, as `OvSegments` compiles it), interleaved:
-    the blocks' own cost, apart from the text encoder, the other segments and `cross_kv`."""
+    the blocks' own cost, apart from the text encoder, the other segments and `cross_kv`;
+    `text_tokens`: the caption axis repeated to that length."""
     from benchmarks.backbone import interleaved
     from experiments.int8_attention import compiled
     from ilf_deploy.build.quantization.calibration import load_calibration
@@ -68,8 +86,8 @@ def segment_ab(paths: dict[str, Path], rounds: int, segment: str = "blocks_08_19
     calls = {}
     for name, path in paths.items():
         bundle = Bundle.load(path)
-        feeds = load_calibration(bundle, segment)[0]
         spec = bundle.segment_spec(segment, "int8_ov")
+        feeds = with_text_tokens(load_calibration(bundle, segment)[0], spec, text_tokens)
         request = compiled(bundle.path / spec.file, {k: v.shape for k, v in feeds.items()}, "bf16")
         calls[name] = lambda request=request, feeds=feeds: request.infer(feeds)
     times = interleaved(calls, rounds, warmup=2)
@@ -86,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (one image each)")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels")
     parser.add_argument("--prepare-only", action="store_true", help="make the bundles, time nothing")
+    parser.add_argument("--text-tokens", type=int, help="--segment-rounds with a caption this long")
     parser.add_argument("--no-fp32", action="store_true", help="only OpenVINO int8_ov (no ORT fp32)")
     parser.add_argument(
         "--segment-rounds", type=int, metavar="N", help="only time one int8_ov block segment, N rounds"
@@ -99,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_only:
         return 0
     if args.segment_rounds:
-        ms = segment_ab(paths, args.segment_rounds)
+        ms = segment_ab(paths, args.segment_rounds, text_tokens=args.text_tokens)
         for name, value in ms.items():
             print(f"  blocks_08_19 int8_ov +bf16, {name:<12} {value:7.2f} ms/call (12 blocks)")
         print(f"  cross_kv: {ms['every block'] / ms['cross_kv']:.3f}x per block segment call")
+        report = {"machine": fingerprint(), "text_tokens": args.text_tokens, "ms_per_call": ms}
+        (OUT / "cross_kv_segment.json").write_text(json.dumps(report, indent=2) + "\n")
         return 0
     runners = engines(paths, args.resolution, fp32=not args.no_fp32)
     log(f"warm-up, then {args.rounds} interleaved rounds of each (text encoder + denoising, one image)")
