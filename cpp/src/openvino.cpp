@@ -204,8 +204,8 @@ class OpenVinoEngine final : public Engine {
 
  private:
   /// The requested precision for the blocks, the feedback block and the caption K/V projections,
-  /// where nearly all FLOPs are (Manifest.reduced_precision_segments); f32 for the rest (the timestep's sinusoidal embedding
-  /// loses its phase in bf16), as the Python backend's config_for.
+  /// where nearly all FLOPs are (Manifest.reduced_precision_segments); f32 for the rest (the
+  /// timestep's sinusoidal embedding loses its phase in bf16), as the Python backend's config_for.
   bool reduced(const std::string& segment) const {
     const Manifest& m = bundle_.manifest();
     if (!options_.variant.empty() && m.variant(options_.variant).mode == "bf16")  // it names its bf16 segments
