@@ -13,6 +13,9 @@ bf16 hint as `OvSegments` compiles `auto`'s winner, then:
   samples held out from calibration (the last quarter; calibrated on the rest), rel. L2;
 - speed: per block, interleaved, on random inputs at 256 and 1024 tokens (CFG batch 2).
 
+A third variant adds the cross-attention query, scaled per token (`scale_per_token`): what `int8-ov`
+quantizes now.
+
     python -m experiments.int8_attention [BUNDLE] [--rounds 10]
 """
 
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from ilf_deploy.build.quantization.openvino import quantize_segment_openvino
     from ilf_deploy.build.quantization.quantize import attention_bmms, linear_nodes
     from ilf_deploy.core.runtime.bundle import Bundle
+    from ilf_deploy.core.runtime.manifest import CROSS_KV_SEGMENT
     from ilf_deploy.engines.backends.openvino import core
 
     bundle = Bundle.load(args.bundle)
@@ -97,11 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: {len(linear)} linear layers, {len(bmms)} attention BMMs; {cut} samples calibrate, "
           f"{len(samples) - cut} held out")  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="int8_attention_"))
-    variants = {"int8-ov (linear layers)": linear, "int8-ov + attention BMMs": linear + bmms}
+    query = sorted(set(linear_nodes(graph)) - set(linear))  # the cross-attention query: per token
+    variants = {
+        "int8-ov (linear layers)": (linear, []),
+        "int8-ov + attention BMMs": (linear + bmms, []),
+        "+ query per token (now)": (linear + bmms + query, query),
+    }
     paths = {}
-    for label, nodes in variants.items():
+    for label, (nodes, per_token) in variants.items():
         paths[label] = work / f"{len(paths)}.xml"
-        quantize_segment_openvino(source, paths[label], samples[:cut], nodes)
+        quantize_segment_openvino(source, paths[label], samples[:cut], nodes, per_token)
         print(f"  {label}: rel. L2 to fp32 {relative_error(source, paths[label], samples[cut:]):.4f}")
     exported = core().read_model(str(source))  # its ports, for the random inputs
     for tokens in (256, 1024):
@@ -110,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         requests = {label: compiled(path, shapes, "bf16") for label, path in paths.items()}
         runs = {label: (lambda r=request, f=feeds: r.infer(f)) for label, request in requests.items()}
         times = interleaved(runs, args.rounds, warmup=2)
-        flops = block_flops(Size(), tokens=tokens)
+        flops = block_flops(
+            Size(), tokens=tokens, caption_kv=CROSS_KV_SEGMENT not in bundle.manifest.segments
+        )
         for label, samples_s in times.items():
             per_block = statistics.median(samples_s) / (last - first + 1)
             rate = flops / per_block / 1e9

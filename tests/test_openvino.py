@@ -112,7 +112,7 @@ def test_int8_ov_runs_the_attention_in_int8_where_the_cpu_has_8bit_dot_products(
         bmms = set(attention_bmms(graph))
         first, last = bundle.manifest.segments[name].blocks or (0, 0)
         assert len(bmms) == 4 * (last - first + 1), name  # self and cross attention: Q·Kᵀ, P·V each
-        want = len(linear_nodes(graph, static=True)) + (len(bmms) if cpu_has_int8_dot() else 0)
+        want = len(linear_nodes(graph)) + (len(bmms) if cpu_has_int8_dot() else 0)  # the query too
         assert entry.quantized_layers[name] == want, name
         model = ov.Core().read_model(str(bundle.path / spec.file))
         fed = {
@@ -655,3 +655,44 @@ def test_int8_ov_weights_take_half_the_range_where_the_cpu_has_no_int8_dot_produ
     else:
         assert max(int8) <= 64, int8
     assert ov_quantization.overflow_fix().value == ("first_layer_only" if int8_dot else "enable")
+
+
+def test_int8_ov_scales_the_cross_attention_query_per_token(tmp_path):
+    """PixArt's cross-attention query reads the residual stream, whose range grows ~100x over a
+    trajectory: a static per-tensor scale calibrated on the late steps leaves an early step's input a
+    few int8 steps wide. `int8-ov` divides each token by its max |x| before the quantized MatMul and
+    multiplies it back after (`scale_per_token`): the same product, on an input in [-1, 1]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ilf_deploy.build.quantization.openvino import quantize_segment_openvino
+    from ilf_deploy.engines.backends.openvino import core
+
+    rng = np.random.default_rng(0)
+    name = "/blocks.0/attn2/to_q/MatMul"
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["q"], name=name),
+            helper.make_node("Identity", ["q"], ["y"], name="/out/Identity"),
+        ],
+        "query",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16, 64])],
+        [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) / 8, "w")],
+    )
+    source = tmp_path / "query.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    scales = (0.01, 0.1, 1.0, 1.0)  # an early step's residual stream is ~100x smaller than a late one's
+    samples = [{"x": rng.standard_normal((2, 16, 64)).astype(np.float32) * s} for s in scales]
+    early = samples[0]["x"]
+    want = early @ numpy_helper.to_array(graph.initializer[0])
+    snr = {}
+    for label, per_token in (("static", ()), ("per token", (name,))):
+        target = tmp_path / f"{label}.xml"
+        assert quantize_segment_openvino(source, target, samples, [name], per_token) == 1
+        model = core().read_model(str(target))
+        types = {op.get_type_name() for op in model.get_ordered_ops()}
+        assert "FakeQuantize" in types and ("Divide" in types) == bool(per_token), (label, types)
+        got = core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({"x": early})[0]
+        snr[label] = 10 * np.log10(np.sum(want**2) / np.sum((got - want) ** 2))
+    assert snr["per token"] >= 35 > 20 >= snr["static"], snr

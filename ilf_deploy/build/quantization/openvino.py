@@ -10,6 +10,11 @@ fast bias correction are NNCF's defaults for transformers and stay on. On a CPU 
 products (AVX2 only) OpenVINO's int8 kernels saturate 16-bit pair sums, as ONNX Runtime's do: there
 every weight gets half the 8-bit range (NNCF's overflow fix, as `int8-dynamic`'s 7-bit weights), or
 the tiny model's int8-ov missed its budget (end-to-end rel. L2 0.056 > 0.05 on an AVX2 EPYC).
+
+PixArt's cross-attention query reads the un-normalised residual stream, whose range grows ~100x over
+a trajectory, so one static per-tensor scale cannot span it (the ORT static modes leave it in float,
+`quantize.STATIC_EXCLUDE`). Here it is quantized all the same, scaled per token first
+(`scale_per_token`): the last float GEMM of the block, on OpenVINO's int8 kernels too.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +52,41 @@ def overflow_fix() -> Any:
     return OverflowFix.FIRST_LAYER if cpu_has_int8_dot() else OverflowFix.ENABLE
 
 
+def scale_per_token(model: Any, names: set[str]) -> int:
+    """Rewrite each linear MatMul `x·Wᵀ` named in `names` as `s ⊙ ((x / s)·Wᵀ)`, s = max |x| over the
+    features of each token ([B, S, 1]): the same product, but the MatMul's input now lies in [-1, 1]
+    at every step of a trajectory, which a static per-tensor scale spans. The MatMul keeps its name
+    (NNCF's scope); returns how many were rewritten."""
+    from openvino import opset13 as ops
+
+    rewritten = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul" or op.get_friendly_name() not in names:
+            continue
+        consumers = list(op.output(0).get_target_inputs())
+        features = op.input_value(0)  # [B, S, C]
+        scale = ops.maximum(  # [B, S, 1]; an all-zero token keeps 0 / tiny = 0
+            ops.reduce_max(ops.abs(features), np.array([-1]), True), np.array(1e-12, np.float32)
+        )
+        op.input(0).replace_source_output(ops.divide(features, scale).output(0))
+        restored = ops.multiply(op.output(0), scale)
+        for consumer in consumers:
+            consumer.replace_source_output(restored.output(0))
+        rewritten += 1
+    model.validate_nodes_and_infer_types()
+    return rewritten
+
+
 def quantize_segment_openvino(
-    source: Path, target: Path, samples: list[dict[str, np.ndarray]], nodes: list[str]
+    source: Path,
+    target: Path,
+    samples: list[dict[str, np.ndarray]],
+    nodes: list[str],
+    per_token: Sequence[str] = (),
 ) -> int:
     """Write `source` with the MatMuls `nodes` (ONNX node names) quantized to `target` (.xml, its
-    weights beside it in .bin); returns how many were quantized."""
+    weights beside it in .bin), those of them in `per_token` scaled per token first
+    (`scale_per_token`); returns how many were quantized."""
     import nncf
     import openvino as ov
 
@@ -59,8 +94,9 @@ def quantize_segment_openvino(
 
     model = core().read_model(str(source))
     wanted = set(nodes)
-    # OpenVINO keeps the ONNX node names; every other MatMul (adaLN, the cross-attn query that static
-    # scales cannot span, the attention BMMs without 8-bit dot products) stays in float.
+    scale_per_token(model, wanted & set(per_token))
+    # OpenVINO keeps the ONNX node names; every other MatMul (adaLN, the attention BMMs without 8-bit
+    # dot products) stays in float.
     matmuls = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
     ignored = [name for name in matmuls if name not in wanted]
     found = len(matmuls) - len(ignored)

@@ -75,7 +75,8 @@ LINEAR_NODE = re.compile(r"/(attn\d*|ff|ff_context|proj_mlp|proj_out)/")
 ATTENTION_NODE = re.compile(r"/attn\d*/")
 # Static modes also keep PixArt's cross-attention query in float: it reads the un-normalised residual
 # stream, whose range grows ~100x over a trajectory (measured on the tiny model), so one static
-# per-tensor scale cannot span it (1 dB SNR). Dynamic quantization scales per call and keeps it.
+# per-tensor scale cannot span it (1 dB SNR). Dynamic quantization scales per call and keeps it;
+# `int8-ov` scales its input per token first (openvino.scale_per_token) and quantizes it too.
 STATIC_EXCLUDE = re.compile(r"/attn2/to_q/")
 
 
@@ -225,7 +226,9 @@ def quantize_segment(
         from ilf_deploy.build.quantization.openvino import quantize_segment_openvino
 
         attention = attention_bmms(graph) if cpu_has_int8_dot() else []
-        return quantize_segment_openvino(source, target, samples or [], nodes + attention)
+        per_token = sorted(set(linear_nodes(graph)) - set(nodes))  # what static scales cannot span
+        wanted = nodes + per_token + attention
+        return quantize_segment_openvino(source, target, samples or [], wanted, per_token)
     if not nodes:
         shutil.copyfile(source, target)  # nothing to quantize (e.g. an empty block range)
         return 0
