@@ -11,9 +11,9 @@ products (AVX2 only) OpenVINO's int8 kernels saturate 16-bit pair sums, as ONNX 
 every weight gets half the 8-bit range (NNCF's overflow fix, as `int8-dynamic`'s 7-bit weights), or
 the tiny model's int8-ov missed its budget (end-to-end rel. L2 0.056 > 0.05 on an AVX2 EPYC).
 
-PixArt's cross-attention query reads the un-normalised residual stream, whose range grows ~100x over
-a trajectory, so one static per-tensor scale cannot span it (the ORT static modes leave it in float,
-`quantize.STATIC_EXCLUDE`). Here it is quantized all the same, scaled per token first
+PixArt's and Sana's cross-attention query reads the un-normalised residual stream, whose range grows
+~100x over a trajectory, so one static per-tensor scale cannot span it (the ORT static modes leave it
+in float, `quantize.STATIC_EXCLUDE`). Here it is quantized all the same, scaled per token first
 (`scale_per_token`): the last float GEMM of the block, on OpenVINO's int8 kernels too.
 """
 
