@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.backbone import TEXT_TOKENS, Size, block_flops, interleaved
     from ilf_deploy.build.quantization.calibration import load_calibration
     from ilf_deploy.build.quantization.openvino import quantize_segment_openvino
-    from ilf_deploy.build.quantization.quantize import attention_bmms, linear_nodes
+    from ilf_deploy.build.quantization.quantize import attention_bmms, linear_nodes, per_token_nodes
     from ilf_deploy.core.runtime.bundle import Bundle
     from ilf_deploy.core.runtime.manifest import CROSS_KV_SEGMENT
     from ilf_deploy.engines.backends.openvino import core
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: {len(linear)} linear layers, {len(bmms)} attention BMMs; {cut} samples calibrate, "
           f"{len(samples) - cut} held out")  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="int8_attention_"))
-    query = sorted(set(linear_nodes(graph)) - set(linear))  # the cross-attention query: per token
+    query = per_token_nodes(graph)  # the cross-attention query
     variants = {
         "int8-ov (linear layers)": (linear, []),
         "int8-ov + attention BMMs": (linear + bmms, []),

@@ -52,14 +52,13 @@ def overflow_fix() -> Any:
     return OverflowFix.FIRST_LAYER if cpu_has_int8_dot() else OverflowFix.ENABLE
 
 
-def scale_per_token(model: Any, names: set[str]) -> int:
-    """Rewrite each linear MatMul `x·Wᵀ` named in `names` as `s ⊙ ((x / s)·Wᵀ)`, s = max |x| over the
+def scale_per_token(model: Any, names: set[str]) -> None:
+    """Rewrite each linear MatMul `x·W` named in `names` as `s ⊙ ((x / s)·W)`, s = max |x| over the
     features of each token ([B, S, 1]): the same product, but the MatMul's input now lies in [-1, 1]
     at every step of a trajectory, which a static per-tensor scale spans. The MatMul keeps its name
-    (NNCF's scope); returns how many were rewritten."""
+    (NNCF's scope)."""
     from openvino import opset13 as ops
 
-    rewritten = 0
     for op in model.get_ordered_ops():
         if op.get_type_name() != "MatMul" or op.get_friendly_name() not in names:
             continue
@@ -72,9 +71,7 @@ def scale_per_token(model: Any, names: set[str]) -> int:
         restored = ops.multiply(op.output(0), scale)
         for consumer in consumers:
             consumer.replace_source_output(restored.output(0))
-        rewritten += 1
     model.validate_nodes_and_infer_types()
-    return rewritten
 
 
 def quantize_segment_openvino(

@@ -111,6 +111,12 @@ def linear_nodes(model: Any, static: bool = False) -> list[str]:
     ]
 
 
+def per_token_nodes(model: Any) -> list[str]:
+    """The linear layers static modes leave in float (STATIC_EXCLUDE), which `int8-ov` quantizes
+    after scaling their input per token (openvino.scale_per_token)."""
+    return sorted(set(linear_nodes(model)) - set(linear_nodes(model, static=True)))
+
+
 def attention_bmms(model: Any) -> list[str]:
     """The softmax attentions' MatMuls of two activations (Q·Kᵀ, whose scores reach a Softmax, and
     P·V, which reads one), which `int8-ov` hands to NNCF too where the CPU has 8-bit dot products:
@@ -226,7 +232,7 @@ def quantize_segment(
         from ilf_deploy.build.quantization.openvino import quantize_segment_openvino
 
         attention = attention_bmms(graph) if cpu_has_int8_dot() else []
-        per_token = sorted(set(linear_nodes(graph)) - set(nodes))  # what static scales cannot span
+        per_token = per_token_nodes(graph)
         wanted = nodes + per_token + attention
         return quantize_segment_openvino(source, target, samples or [], wanted, per_token)
     if not nodes:
