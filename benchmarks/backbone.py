@@ -218,17 +218,15 @@ def probe_inputs(adapter: Any, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def prepare(work: Path, size: Size, rebuild: bool, need_torch: bool) -> dict[str, Any]:
     """Model dir, bundle (base-20 + ilf-10 at 256 px, fp32), monolith and probe ONNX; reused when present."""
+    from benchmarks.reuse import reuse_or_clear
     from ilf_deploy.build.export.build import BuildOptions, build_bundle
     from ilf_deploy.build.export.onnx import export_segment
     from ilf_deploy.build.export.segments import BlocksSegment
     from ilf_deploy.model.loading import load_model
 
     facts: dict[str, Any] = {}
-    stamp = work / "size.json"
-    if rebuild or not stamp.is_file() or json.loads(stamp.read_text()) != asdict(size):
-        shutil.rmtree(work, ignore_errors=True)
+    reuse_or_clear(work, asdict(size), rebuild)  # made anew by other code or another size
     work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(asdict(size)) + "\n")
     model_dir, bundle_dir = work / "model", work / "bundle"
     mono_path, probe_path = work / "monolith" / "backbone.onnx", work / "probe" / "blocks4.onnx"
     if not (model_dir / "model_index.json").is_file():

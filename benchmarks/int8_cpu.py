@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -39,13 +38,11 @@ def log(message: str) -> None:
 def prepare(work: Path, layers: int, heads: int, rebuild: bool) -> Path:
     """Model directory and fp32 bundle (base-10, ilf-10 at 256 px), reused when present."""
     from benchmarks.backbone import Size, model_and_bundle
+    from benchmarks.reuse import reuse_or_clear
 
     size = Size(layers=layers, heads=heads)
-    stamp = work / "size.json"
-    if rebuild or not stamp.is_file() or json.loads(stamp.read_text()) != {"layers": layers, "heads": heads}:
-        shutil.rmtree(work, ignore_errors=True)
+    reuse_or_clear(work, {"layers": layers, "heads": heads}, rebuild)  # anew by other code or sizes
     work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"layers": layers, "heads": heads}) + "\n")
     return model_and_bundle(work, size, ("base-10", PLAN))[1]
 
 

@@ -7,10 +7,11 @@ calibration / int8-ov), and one process doing them all kept what the earlier one
 killed; so each runs in a child process of its own, and one whose output is there is skipped: an
 interrupted prepare resumes where it stopped. Each output is complete or absent: the model writers
 rename their directory into place, `build` stages the bundle, `calibrate` and `quantize` rename their
-files in just before the manifest that lists them. The parent runs none of them: in a process that
-had just built, calibrated and quantized, torch ran ~20x slower (torch fp32 3.6 s/step in tune,
-0.15 s in a fresh process; the cause was not isolated), which would flatter every ratio against
-torch and diffusers. It prints each stage's seconds and peak RSS.
+files in just before the manifest that lists them. The model directory and each bundle are reused
+only while their stamps (benchmarks/reuse.py) match this code and these settings. The parent runs
+none of them: in a process that had just built, calibrated and quantized, torch ran ~20x slower
+(torch fp32 3.6 s/step in tune, 0.15 s in a fresh process; the cause was not isolated), which would
+flatter every ratio against torch and diffusers. It prints each stage's seconds and peak RSS.
 
 The bundle's copy of the model is replaced by hard links to the model directory's identical files
 (checked against the bundle manifest's hashes), so the benchmark stores the weights once; `build`
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.peer import log
+from benchmarks.reuse import reuse_or_clear
 
 PEAK_FILE_ENV = "ILF_STAGE_PEAK_FILE"  # where a stage's child writes its own peak RSS (KiB)
 STAGES = "benchmarks.stages"  # this module, by the name its children import it by (not __main__)
@@ -70,7 +72,8 @@ def prepare(
     which writes the directory and renames it into place) and `work/bundle` (`plans` at `resolution`
     px, fp32, with the model's files linked in) with the `modes` variants, calibrated where a mode
     needs it on CALIBRATION_PROMPTS trajectories of `calibration_plan`; each stage in a process of
-    its own, skipped when its output is there. `rebuild`: everything is made anew. `bundle_name`
+    its own, skipped when its output is there and was made by this code with these settings
+    (benchmarks/reuse.py; else made anew). `rebuild`: everything is made anew. `bundle_name`
     and `build_options` (BuildOptions fields, JSON): another bundle of the same model, built so."""
     from ilf_deploy.build.quantization.quantize import CALIBRATION_FREE_MODES, default_variant_name
 
@@ -78,11 +81,14 @@ def prepare(
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     model, bundle = work / "model", work / bundle_name
+    bundle_options = {"plans": list(plans), "resolution": resolution, **(build_options or {})}
+    made_by = reuse_or_clear(model, {"function": write_model, **model_kwargs})
+    reuse_or_clear(bundle, {"model": made_by, **bundle_options, "calibration_plan": calibration_plan})
     stages = [
         Stage("model", write_model, model, (model / "model_index.json").is_file, model_kwargs),
         Stage(
             "bundle", f"{STAGES}:build", bundle, partial(_written, bundle, "torch_model"),
-            {"model": str(model), "plans": list(plans), "resolution": resolution, **(build_options or {})},
+            {"model": str(model), **bundle_options},
         ),
     ]  # fmt: skip
     modes = _buildable(modes)

@@ -1,6 +1,7 @@
 """The peer benchmarks prepare their model and bundle one stage per child process (benchmarks/stages.py):
 a stage whose output is there is skipped, a failed one ends the run with one line, each reports its
-peak RSS; the bundle's model copy is hard-linked to the model directory and still verifies."""
+peak RSS; the bundle's model copy is hard-linked to the model directory and still verifies. Outputs
+made by other code or settings are made anew (benchmarks/reuse.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import stages
+from benchmarks import reuse, stages
 from ilf_deploy.core.runtime.bundle import Bundle
 from ilf_deploy.model.tiny import TINY_IMAGE_SIZE, make_tiny_pipeline
 
@@ -52,15 +53,21 @@ def write_tiny(out: Path) -> None:
     make_tiny_pipeline("pixart-alpha", out, seed=3, num_layers=2)
 
 
-def test_prepare_resumes_and_stores_the_model_once(tmp_path, monkeypatch):
-    ran: list[str] = []
+@pytest.fixture
+def ran(monkeypatch) -> list[str]:
+    """The names of the stages run, each in this process (not in a child)."""
+    names: list[str] = []
 
-    def in_process(stage: stages.Stage) -> tuple[float, int, int]:  # the stages, without the children
-        ran.append(stage.name)
+    def in_process(stage: stages.Stage) -> tuple[float, int, int]:
+        names.append(stage.name)
         stages.main([stage.function, str(stage.path), json.dumps(stage.kwargs)])
         return 0.0, 1, 0
 
     monkeypatch.setattr(stages, "run_child", in_process)
+    return names
+
+
+def test_prepare_resumes_and_stores_the_model_once(tmp_path, ran):
     size = TINY_IMAGE_SIZE["pixart-alpha"]
     args = (f"{__name__}:write_tiny", {}, ["base-2"], size, ["int8-dynamic"], "base-2")
     model, bundle = stages.prepare(tmp_path / "work", *args)
@@ -83,3 +90,44 @@ def test_prepare_resumes_and_stores_the_model_once(tmp_path, monkeypatch):
     assert unlinked.samefile(model / unlinked.relative_to(bundle / "model"))
     assert not changed.samefile(model / "model_index.json")
     Bundle.load(bundle, verify_hashes=True)  # its hashes still hold
+
+
+def test_outputs_made_by_other_code_or_settings_are_made_anew(tmp_path, ran, monkeypatch, capsys):
+    size = TINY_IMAGE_SIZE["pixart-alpha"]
+    work = tmp_path / "work"
+    args = (f"{__name__}:write_tiny", {}, ["base-2"], size, [], "base-2")
+    stages.prepare(work, *args)
+    assert ran == ["model", "bundle"]
+
+    ran.clear()  # another resolution: the bundle anew, the model kept
+    stages.prepare(work, *args[:3], size * 2, *args[4:])
+    assert ran == ["bundle"] and "bundle: made with other settings; making it anew" in capsys.readouterr().out
+
+    ran.clear()  # ilf_deploy's sources changed since: both anew
+    other = {**reuse.code_fingerprint(), "ilf_deploy": "0" * 16}
+    monkeypatch.setattr(reuse, "code_fingerprint", lambda: other)
+    stages.prepare(work, *args)
+    assert ran == ["model", "bundle"]
+    assert "made by other code (ilf_deploy changed); making it anew" in capsys.readouterr().out
+
+    ran.clear()  # a bundle from before the stamps (none beside it): anew, the model kept
+    reuse.stamp_path(work / "bundle").unlink()
+    stages.prepare(work, *args)
+    assert ran == ["bundle"] and "made by code that kept no stamp" in capsys.readouterr().out
+    ran.clear()
+    stages.prepare(work, *args)
+    assert ran == []
+
+
+def test_the_source_digest_follows_the_sources_not_their_caches(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    first = reuse.source_digest(tmp_path)
+    (tmp_path / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0cache")
+    assert reuse.source_digest(tmp_path) == first
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert reuse.source_digest(tmp_path) != first
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "a.py").rename(tmp_path / "pkg" / "b.py")  # the same bytes, another module
+    assert reuse.source_digest(tmp_path) != first

@@ -12,6 +12,7 @@ import functools
 import os
 import platform
 import re
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,10 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def library_versions() -> dict[str, str | None]:
+def library_versions(packages: Sequence[str] = VERSIONED) -> dict[str, str | None]:
+    """Each of `packages`' installed version (None: absent)."""
     versions: dict[str, str | None] = {}
-    for package in VERSIONED:
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
