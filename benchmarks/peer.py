@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.reuse import stamp_path
+    from benchmarks.reuse import made_by
     from ilf_deploy.checks.tuning import tune
     from ilf_deploy.core.runtime.bundle import Bundle
     from ilf_deploy.engines.backends import open_generator
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({tokens} tokens), guidance {GUIDANCE}",
         "timed": "text encoder + denoising (latents; no VAE decode), interleaved, median",
         "machine": machine,
-        "code": json.loads(stamp_path(bundle_dir).read_text())["code"],  # what built the bundle measured
+        "code": made_by(bundle_dir),  # what built the bundle measured
         "runs": runs,
         "seconds": seconds,
         "samples_s": times,

@@ -197,6 +197,7 @@ def measure(
     steps, quick = args.steps, args.quick
     import torch
 
+    from benchmarks.reuse import made_by
     from ilf_deploy.checks.tuning import tune
     from ilf_deploy.core.runtime.bundle import Bundle
     from ilf_deploy.engines.backends import open_generator
@@ -248,7 +249,8 @@ def measure(
     result = {
         "family": family,
         "model": json.loads((model_dir / "transformer" / "config.json").read_text()),
-        "size": size, "steps": steps, "runs": runs, "machine": machine, "seconds": seconds,
+        "size": size, "steps": steps, "runs": runs, "machine": machine, "code": made_by(bundle_dir),
+        "seconds": seconds,
         "samples_s": times, "warmup_s": warmup, "auto_choice": auto.choice,
         "tune": {"winner": report["winner"], "candidates": report["candidates"]},
         "headline": {**headline, "met": ratio >= TARGET}, "compiled_ratio": compiled,

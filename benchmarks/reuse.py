@@ -46,6 +46,12 @@ def stamp_path(output: Path) -> Path:
     return output.with_name(output.name + ".stamp.json")
 
 
+def made_by(output: Path) -> dict[str, str] | None:
+    """The code `output`'s stamp records (None: no stamp), for a benchmark's results."""
+    path = stamp_path(output)
+    return json.loads(path.read_text())["code"] if path.is_file() else None
+
+
 def reuse_or_clear(output: Path, recipe: dict[str, Any], rebuild: bool = False) -> dict[str, Any]:
     """Remove `output` unless its stamp records `recipe` and this code (or `rebuild`); then stamp it
     with them, before it is (re)made: a stage that dies half-way leaves its output absent, and the
