@@ -27,10 +27,9 @@ SOURCE_SUFFIXES = (".py", ".json")
 
 
 @cache
-def code_fingerprint() -> dict[str, str]:
-    """{"ilf_deploy": digest of its sources, library: version, …} for this process's installation."""
-    versions = {name: version or "absent" for name, version in library_versions(LIBRARIES).items()}
-    return {"ilf_deploy": source_digest(Path(ilf_deploy.__file__).parent), **versions}
+def code_fingerprint() -> dict[str, str | None]:
+    """{"ilf_deploy": digest of its sources, library: version (None: absent), …} for this installation."""
+    return {"ilf_deploy": source_digest(Path(ilf_deploy.__file__).parent), **library_versions(LIBRARIES)}
 
 
 def source_digest(root: Path) -> str:
@@ -46,7 +45,7 @@ def stamp_path(output: Path) -> Path:
     return output.with_name(output.name + ".stamp.json")
 
 
-def made_by(output: Path) -> dict[str, str] | None:
+def made_by(output: Path) -> dict[str, str | None] | None:
     """The code `output`'s stamp records (None: no stamp), for a benchmark's results."""
     path = stamp_path(output)
     return json.loads(path.read_text())["code"] if path.is_file() else None

@@ -82,8 +82,8 @@ def prepare(
     work.mkdir(parents=True, exist_ok=True)
     model, bundle = work / "model", work / bundle_name
     bundle_options = {"plans": list(plans), "resolution": resolution, **(build_options or {})}
-    made_by = reuse_or_clear(model, {"function": write_model, **model_kwargs})
-    reuse_or_clear(bundle, {"model": made_by, **bundle_options, "calibration_plan": calibration_plan})
+    model_stamp = reuse_or_clear(model, {"function": write_model, **model_kwargs})  # a new model: new bundles
+    reuse_or_clear(bundle, {"model": model_stamp, **bundle_options, "calibration_plan": calibration_plan})
     stages = [
         Stage("model", write_model, model, (model / "model_index.json").is_file, model_kwargs),
         Stage(
