@@ -104,10 +104,10 @@ images: dist
 	    $(if $(BUNDLE),--bundle $(BUNDLE)) || exit 1; \
 	done
 
-# One worker per core: most tests are one Python process waiting on another (a CLI, a server), and
-# alone they left a core idle; tests/conftest.py keeps each file (and each slow fixture) on one worker.
+# One pytest-xdist worker per core: most tests are one Python process waiting on another (a CLI, a
+# server), and one at a time they left a core idle. Each worker builds the session fixtures it needs.
 test: setup
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+	$(BIN)/python -m pytest -q -n auto
 
 # The docs site into docs/_build/html (docs/conf.py says why Sphinx); warnings are errors.
 docs: setup

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random-weight pipelines, written once per test session (per worker where
-`make test` runs the suite on several: see `pytest_collection_modifyitems`)."""
+"""Shared fixtures: tiny random-weight pipelines, written once per test session (once per worker:
+`make test` runs the suite on one pytest-xdist worker per core)."""
 
 from __future__ import annotations
 
@@ -129,23 +129,3 @@ def loads(monkeypatch) -> list[Path]:
 
     monkeypatch.setattr(Bundle, "load", classmethod(counting))
     return seen
-
-
-# The session fixtures that take minutes to build (the MMDiT bundles: 4 families x 11 exported
-# segments), by the group whose tests run on one worker under `pytest -n N --dist loadgroup`
-# (`make test`), so that each is built once; every other test stays with its file's, so that module
-# fixtures are built once too.
-BUILT_ONCE = {
-    "mmdit_bundles": "mmdit",
-    "mmdit_models": "mmdit",
-    "sana_bundle": "sana",
-    "default_bundle": "default",
-}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        group = next((BUILT_ONCE[name] for name in item.fixturenames if name in BUILT_ONCE), None)
-        item.add_marker(pytest.mark.xdist_group(group or item.nodeid.split("::", 1)[0]))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import ray_sandbox
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 BIN = Path(sys.executable).parent
@@ -69,12 +71,23 @@ def test_every_shell_block_runs_or_says_why_not():
                 assert match.group(2).startswith("# "), f"{page.name}:{line}: say why it is not run"
 
 
+# The pages' servers listen on the fixed ports a reader would type (8765, 8766, …): each page runs in a
+# network namespace of its own where one can be made (root, as in CI), so that no other test's server
+# (`make test` runs two at once) or the machine's holds them.
+OWN_LOOPBACK = (
+    []
+    if ray_sandbox.unavailable()
+    else ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "-"]
+)
+
+
 @pytest.mark.parametrize("page", [p for p in PAGES if examples(p)], ids=lambda p: p.name)
 def test_every_example_on_the_page_runs(page: Path, tmp_path):
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "COLUMNS": "100", "NO_COLOR": "1"}
     done = subprocess.run(
-        ["bash", "-c", script(page)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+        [*OWN_LOOPBACK, "bash", "-c", script(page)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, f"{page.name}: exit {done.returncode}\n{done.stderr[-4000:]}"
     assert done.stderr.count(f"--- {page.name}:") == len(examples(page))  # every block ran
 
